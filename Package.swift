@@ -1,0 +1,45 @@
+// swift-tools-version: 6.0
+// stasis: checkpoint/restore for GPU process trees. One package, small libraries, a thin command on top.
+//
+//   StasisCore    leaf: errors, the manifest schema, formatting
+//   StasisOS      every syscall, /proc read, file write and process spawn
+//   StasisCRIU    CRIU through `criu swrk` RPC (generated protobuf code committed under Generated/)
+//   StasisGPU     the GPU driver (dlopen'd at run time) and the per-process device steps
+//   StasisImage   the checkpoint directory: staging, manifest, hashing, verification, atomic publish
+//   StasisEngine  dump / restore / check / inspect / verify, built from the modules above
+//   stasis        the command line
+//   stasis-workload  C test workloads that build state and verify it themselves after a restore
+import PackageDescription
+
+let package = Package(
+    name: "stasis",
+    products: [
+        .executable(name: "stasis", targets: ["stasis"]),
+        .executable(name: "stasis-workload", targets: ["stasis-workload"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-protobuf", from: "1.28.0"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "4.0.0"),
+    ],
+    targets: [
+        .target(name: "StasisCore"),
+        .target(name: "StasisOS", dependencies: [
+            "StasisCore",
+            .product(name: "Crypto", package: "swift-crypto"),
+        ]),
+        .target(name: "StasisCRIU", dependencies: [
+            "StasisCore", "StasisOS",
+            .product(name: "SwiftProtobuf", package: "swift-protobuf"),
+        ], exclude: ["Proto"]),
+        .target(name: "StasisGPU", dependencies: ["StasisCore", "StasisOS"]),
+        .target(name: "StasisImage", dependencies: ["StasisCore", "StasisOS"]),
+        .target(name: "StasisEngine", dependencies: ["StasisCore", "StasisOS", "StasisCRIU", "StasisGPU", "StasisImage"]),
+        .executableTarget(name: "stasis", dependencies: [
+            "StasisEngine", "StasisCore",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+        .executableTarget(name: "stasis-workload", path: "Workloads/cpu"),
+        .testTarget(name: "StasisTests", dependencies: ["StasisCore", "StasisOS", "StasisImage", "StasisEngine", "StasisCRIU"]),
+    ]
+)

@@ -1,0 +1,57 @@
+import Foundation
+import Glibc
+import StasisCore
+import StasisOS
+
+/// The criu executable this stasis drives, and its version.
+public struct CRIUBinary: Sendable {
+    public static let minimumMajor = 4
+    public static let installHint = "install CRIU >= 4.0: run scripts/install-criu.sh from the stasis source tree as root " +
+        "(it uses the distribution's package when new enough, else builds Debian's source package), or set STASIS_CRIU to its path"
+
+    public var path: String
+    public var version: String
+
+    /// Finds criu: $STASIS_CRIU, then PATH, then the sbin directories a non-login shell may lack from PATH.
+    public static func locate(environment: [String: String] = ProcessInfo.processInfo.environment) throws -> CRIUBinary {
+        let path: String
+        if let explicit = environment["STASIS_CRIU"], !explicit.isEmpty {
+            guard access(explicit, X_OK) == 0 else {
+                throw StasisError(.criuMissing, "STASIS_CRIU=\(explicit) is not an executable file", hint: installHint)
+            }
+            path = explicit
+        } else if let found = Spawn.which("criu", path: environment["PATH"])
+                    ?? ["/usr/local/sbin/criu", "/usr/sbin/criu", "/sbin/criu"].first(where: { access($0, X_OK) == 0 }) {
+            path = found
+        } else {
+            throw StasisError(.criuMissing, "CRIU was not found (looked in PATH, /usr/local/sbin, /usr/sbin)", hint: installHint)
+        }
+        let version = try Self.version(of: path)
+        guard let major = Int(version.split(separator: ".").first ?? ""), major >= minimumMajor else {
+            throw StasisError(.criuTooOld, "CRIU at \(path) is version \(version); stasis needs 4.0 or newer", hint: installHint)
+        }
+        return CRIUBinary(path: path, version: version)
+    }
+
+    /// Runs `criu --version` and returns "4.1.1" from "Version: 4.1.1".
+    static func version(of path: String) throws -> String {
+        var pipeEnds: [Int32] = [0, 0]
+        guard pipe(&pipeEnds) == 0 else { throw systemError("cannot create a pipe for", path) }
+        for fd in pipeEnds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        let pid: pid_t
+        do {
+            pid = try Spawn.start(path, ["--version"], descriptors: [pipeEnds[1]: 1])
+        } catch {
+            close(pipeEnds[0]); close(pipeEnds[1])
+            throw StasisError(.criuMissing, "cannot run \(path): \(error)", hint: installHint)
+        }
+        close(pipeEnds[1])
+        let output = FileHandle(fileDescriptor: pipeEnds[0], closeOnDealloc: true).readDataToEndOfFile()
+        Spawn.wait(pid)
+        let text = String(decoding: output, as: UTF8.self)
+        for line in text.split(separator: "\n") where line.hasPrefix("Version:") {
+            return line.dropFirst("Version:".count).trimmingCharacters(in: .whitespaces)
+        }
+        throw StasisError(.criuMissing, "\(path) --version printed no version (got: \(text.prefix(200)))", hint: installHint)
+    }
+}

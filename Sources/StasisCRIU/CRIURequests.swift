@@ -1,0 +1,89 @@
+import Foundation
+import StasisCore
+import StasisOS
+
+/// The requests stasis sends, built in one place so dump and restore agree on the options they share.
+extension CRIUService {
+    public struct ProcessOptions: Sendable {
+        public var tcpEstablished = false
+        public var shellJob = false
+        public var logLevel: Int32 = 4
+        public init(tcpEstablished: Bool = false, shellJob: Bool = false, logLevel: Int32 = 4) {
+            self.tcpEstablished = tcpEstablished
+            self.shellJob = shellJob
+            self.logLevel = logLevel
+        }
+    }
+
+    public static let dumpLogName = "criu-dump.log"
+    public static let restoreLogName = "criu-restore.log"
+
+    /// How CRIU locks the network around established TCP connections: iptables when the binary exists,
+    /// else nftables through CRIU's built-in libnftables (no binary needed).
+    static func networkLock() -> criu_network_lock_method {
+        Spawn.which("iptables") != nil || Spawn.which("iptables-legacy") != nil ? .iptables : .nftables
+    }
+
+    static func baseOptions(_ options: ProcessOptions, imagesDirectoryFD: Int32, logFile: String) -> criu_opts {
+        var opts = criu_opts()
+        opts.imagesDirFd = imagesDirectoryFD
+        opts.logFile = logFile
+        opts.logLevel = options.logLevel
+        opts.shellJob = options.shellJob
+        opts.notifyScripts = true
+        if options.tcpEstablished {
+            opts.tcpEstablished = true
+            opts.networkLock = networkLock()
+        }
+        return opts
+    }
+
+    /// Dumps the tree rooted at `pid` into the directory open as `imagesDirectory`.
+    public func dump(pid: Int32, imagesDirectory: Int32, options: ProcessOptions, leaveRunning: Bool,
+                     onNotify: (Notification) throws -> Void) throws -> criu_resp {
+        var request = criu_req()
+        request.type = .dump
+        request.opts = Self.baseOptions(options, imagesDirectoryFD: imagesDirectory, logFile: Self.dumpLogName)
+        request.opts.pid = pid
+        request.opts.leaveRunning = leaveRunning
+        return try call(request, onNotify: onNotify)
+    }
+
+    /// Restores from `imagesDirectory`; CRIU's log and statistics go to `workDirectory`.
+    public func restore(imagesDirectory: Int32, workDirectory: Int32, options: ProcessOptions,
+                        onNotify: (Notification) throws -> Void) throws -> criu_resp {
+        var request = criu_req()
+        request.type = .restore
+        request.opts = Self.baseOptions(options, imagesDirectoryFD: imagesDirectory, logFile: Self.restoreLogName)
+        request.opts.workDirFd = workDirectory
+        return try call(request, onNotify: onNotify)
+    }
+
+    /// CRIU's own "criu check": whether this kernel supports what a dump needs. The log goes to `workDirectory`.
+    public func check(workDirectory: Int32) throws -> criu_resp {
+        var request = criu_req()
+        request.type = .check
+        request.opts = Self.baseOptions(ProcessOptions(), imagesDirectoryFD: workDirectory, logFile: "criu-check.log")
+        return try call(request)
+    }
+
+    public func features() throws -> criu_features {
+        var request = criu_req()
+        request.type = .featureCheck
+        request.features.memTrack = true
+        request.features.lazyPages = true
+        request.features.pidfdStore = true
+        return try call(request).features
+    }
+
+    /// Describes a failed response: errno and message when CRIU gives them.
+    /// CRIU's cr_errmsg is its *first* error, which can be a harmless one; the log excerpt says more.
+    public static func describe(_ response: criu_resp) -> String {
+        var parts: [String] = []
+        if response.hasCrErrmsg, !response.crErrmsg.isEmpty, !CRIULog.harmless.contains(where: response.crErrmsg.contains) {
+            parts.append(response.crErrmsg.trimmingCharacters(in: .whitespacesAndNewlines))
+        }
+        if response.hasCrErrno, response.crErrno != 0 { parts.append("errno \(response.crErrno): \(String(cString: strerror(response.crErrno)))") }
+        return parts.isEmpty ? "CRIU reported failure" : parts.joined(separator: "; ")
+    }
+}

@@ -1,0 +1,219 @@
+import Foundation
+
+/// `manifest.json`: what a checkpoint directory holds. The schema is documented in docs/FORMAT.md; every
+/// change that an older stasis could misread bumps `formatVersion`.
+public struct Manifest: Codable, Sendable, Equatable {
+    public static let formatName = "stasis.checkpoint"
+    /// The newest format this build reads and the one it writes.
+    public static let currentVersion = 1
+    public static let fileName = "manifest.json"
+
+    public var format: String = Manifest.formatName
+    public var formatVersion: Int = Manifest.currentVersion
+    public var id: String
+    public var createdAt: Date
+    public var tool: Tool
+    public var host: Host
+    public var criu: CRIUInfo
+    public var options: DumpOptions
+    public var processTree: ProcessTree
+    public var memory: Memory
+    public var timings: Timings
+    public var gpu: GPUSection
+    /// Every file of the checkpoint but the manifest itself, sorted by path.
+    public var files: [FileEntry]
+
+    public init(id: String, createdAt: Date, tool: Tool, host: Host, criu: CRIUInfo, options: DumpOptions,
+                processTree: ProcessTree, memory: Memory, timings: Timings, gpu: GPUSection, files: [FileEntry]) {
+        self.id = id
+        self.createdAt = createdAt
+        self.tool = tool
+        self.host = host
+        self.criu = criu
+        self.options = options
+        self.processTree = processTree
+        self.memory = memory
+        self.timings = timings
+        self.gpu = gpu
+        self.files = files
+    }
+
+    public struct Tool: Codable, Sendable, Equatable {
+        public var name: String
+        public var version: String
+        public init(name: String, version: String) { self.name = name; self.version = version }
+    }
+
+    /// Facts about the machine that matter when restoring somewhere else.
+    public struct Host: Codable, Sendable, Equatable {
+        public var hostname: String
+        public var kernel: String
+        public var machine: String
+        public var cpuModel: String
+        /// Instruction-set flags from /proc/cpuinfo (only those user code can depend on; see HostFacts).
+        public var cpuFlags: [String]
+        public var pageSize: Int
+        public init(hostname: String, kernel: String, machine: String, cpuModel: String, cpuFlags: [String], pageSize: Int) {
+            self.hostname = hostname
+            self.kernel = kernel
+            self.machine = machine
+            self.cpuModel = cpuModel
+            self.cpuFlags = cpuFlags
+            self.pageSize = pageSize
+        }
+    }
+
+    public struct CRIUInfo: Codable, Sendable, Equatable {
+        public var version: String
+        public var logFile: String
+        public init(version: String, logFile: String) { self.version = version; self.logFile = logFile }
+    }
+
+    /// Options the dump was taken with. Those CRIU needs again at restore (tcp, shell job) are replayed.
+    public struct DumpOptions: Codable, Sendable, Equatable {
+        public var leaveRunning: Bool
+        public var tcpEstablished: Bool
+        public var shellJob: Bool
+        public init(leaveRunning: Bool, tcpEstablished: Bool, shellJob: Bool) {
+            self.leaveRunning = leaveRunning
+            self.tcpEstablished = tcpEstablished
+            self.shellJob = shellJob
+        }
+    }
+
+    public struct ProcessTree: Codable, Sendable, Equatable {
+        public var rootPID: Int32
+        public var processes: [Process]
+        public init(rootPID: Int32, processes: [Process]) { self.rootPID = rootPID; self.processes = processes }
+    }
+
+    public struct Process: Codable, Sendable, Equatable {
+        public var pid: Int32
+        public var ppid: Int32
+        public var command: String
+        public var arguments: [String]
+        public var threads: Int
+        public var residentBytes: UInt64
+        public init(pid: Int32, ppid: Int32, command: String, arguments: [String], threads: Int, residentBytes: UInt64) {
+            self.pid = pid
+            self.ppid = ppid
+            self.command = command
+            self.arguments = arguments
+            self.threads = threads
+            self.residentBytes = residentBytes
+        }
+    }
+
+    public struct Memory: Codable, Sendable, Equatable {
+        /// Sum of VmRSS over the tree just before the dump.
+        public var residentBytes: UInt64
+        /// Pages CRIU wrote (from its dump statistics) times the page size.
+        public var dumpedBytes: UInt64
+        /// Total size of the checkpoint's files.
+        public var imageBytes: UInt64
+        public init(residentBytes: UInt64, dumpedBytes: UInt64, imageBytes: UInt64) {
+            self.residentBytes = residentBytes
+            self.dumpedBytes = dumpedBytes
+            self.imageBytes = imageBytes
+        }
+    }
+
+    /// Seconds per phase. freeze/memoryDump/memoryWrite come from CRIU's own statistics.
+    public struct Timings: Codable, Sendable, Equatable {
+        public var freeze: Double
+        public var frozen: Double
+        public var memoryDump: Double
+        public var memoryWrite: Double
+        public var criu: Double
+        public var devices: Double
+        public var hash: Double
+        public var total: Double
+        public init(freeze: Double = 0, frozen: Double = 0, memoryDump: Double = 0, memoryWrite: Double = 0,
+                    criu: Double = 0, devices: Double = 0, hash: Double = 0, total: Double = 0) {
+            self.freeze = freeze
+            self.frozen = frozen
+            self.memoryDump = memoryDump
+            self.memoryWrite = memoryWrite
+            self.criu = criu
+            self.devices = devices
+            self.hash = hash
+            self.total = total
+        }
+    }
+
+    /// Device state per process. Empty until the GPU steps land; readers must accept an empty list.
+    public struct GPUSection: Codable, Sendable, Equatable {
+        public var driverVersion: String?
+        public var processes: [GPUProcess]
+        public init(driverVersion: String? = nil, processes: [GPUProcess] = []) {
+            self.driverVersion = driverVersion
+            self.processes = processes
+        }
+    }
+
+    public struct GPUProcess: Codable, Sendable, Equatable {
+        public var pid: Int32
+        public var devices: [String]
+        public var deviceMemoryBytes: UInt64
+        public init(pid: Int32, devices: [String], deviceMemoryBytes: UInt64) {
+            self.pid = pid
+            self.devices = devices
+            self.deviceMemoryBytes = deviceMemoryBytes
+        }
+    }
+
+    public struct FileEntry: Codable, Sendable, Equatable {
+        public var path: String
+        public var size: UInt64
+        public var sha256: String
+        public init(path: String, size: UInt64, sha256: String) { self.path = path; self.size = size; self.sha256 = sha256 }
+    }
+}
+
+extension Manifest {
+    public static func encoder() -> JSONEncoder {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        encoder.dateEncodingStrategy = .iso8601
+        return encoder
+    }
+
+    public static func decoder() -> JSONDecoder {
+        let decoder = JSONDecoder()
+        decoder.dateDecodingStrategy = .iso8601
+        return decoder
+    }
+
+    /// Parses a manifest, telling apart "not JSON" (truncated, corrupt), "not ours", and "too new" before
+    /// trying the full schema, so each gets its own clear error.
+    public static func decode(_ data: Data, path: String) throws -> Manifest {
+        struct Header: Decodable { var format: String?; var formatVersion: Int? }
+        let header: Header
+        do {
+            header = try decoder().decode(Header.self, from: data)
+        } catch {
+            throw StasisError(.manifestInvalid, "\(path) is not valid JSON (truncated or corrupt)",
+                              hint: "the checkpoint is damaged; take a new one or restore from a copy")
+        }
+        guard header.format == formatName, let version = header.formatVersion else {
+            throw StasisError(.notACheckpoint, "\(path) is not a stasis checkpoint manifest (format \(header.format.map { "'\($0)'" } ?? "missing"))")
+        }
+        guard version <= currentVersion else {
+            throw StasisError(.manifestVersion,
+                              "\(path) has format version \(version); this stasis reads versions up to \(currentVersion)",
+                              hint: "use a newer stasis to read this checkpoint")
+        }
+        guard version >= 1 else {
+            throw StasisError(.manifestInvalid, "\(path) has an invalid format version \(version)")
+        }
+        do {
+            return try decoder().decode(Manifest.self, from: data)
+        } catch let DecodingError.keyNotFound(key, context) {
+            throw StasisError(.manifestInvalid, "\(path) lacks the field '\((context.codingPath + [key]).map(\.stringValue).joined(separator: "."))'")
+        } catch let DecodingError.typeMismatch(_, context) {
+            throw StasisError(.manifestInvalid, "\(path) has a field of the wrong type at '\(context.codingPath.map(\.stringValue).joined(separator: "."))'")
+        } catch {
+            throw StasisError(.manifestInvalid, "\(path) does not match the manifest schema: \(error)")
+        }
+    }
+}

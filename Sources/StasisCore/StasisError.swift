@@ -1,0 +1,65 @@
+/// The one error type every stasis module throws.
+///
+/// A user who hits it must learn what was being done, to what (PID, file), what went wrong and what to do
+/// next. `code` lets callers (and tests) tell failures apart without parsing text; new codes can be added
+/// without breaking anyone, as with containerization's `ContainerizationError`.
+public struct StasisError: Error, Sendable, CustomStringConvertible {
+    public struct Code: RawRepresentable, Hashable, Sendable, CustomStringConvertible {
+        public let rawValue: String
+        public init(rawValue: String) { self.rawValue = rawValue }
+        public var description: String { rawValue }
+
+        public static let invalidArgument = Code(rawValue: "invalid-argument")
+        public static let processNotFound = Code(rawValue: "process-not-found")
+        public static let directoryNotEmpty = Code(rawValue: "directory-not-empty")
+        public static let criuMissing = Code(rawValue: "criu-missing")
+        public static let criuTooOld = Code(rawValue: "criu-too-old")
+        public static let criuFailed = Code(rawValue: "criu-failed")
+        public static let manifestInvalid = Code(rawValue: "manifest-invalid")
+        public static let manifestVersion = Code(rawValue: "manifest-version")
+        public static let notACheckpoint = Code(rawValue: "not-a-checkpoint")
+        public static let integrity = Code(rawValue: "integrity")
+        public static let pidInUse = Code(rawValue: "pid-in-use")
+        public static let hostMismatch = Code(rawValue: "host-mismatch")
+        public static let noSpace = Code(rawValue: "no-space")
+        public static let permission = Code(rawValue: "permission")
+        public static let io = Code(rawValue: "io")
+        public static let gpu = Code(rawValue: "gpu")
+        public static let interrupted = Code(rawValue: "interrupted")
+    }
+
+    public var code: Code
+    /// What failed, in one sentence that names the PID or file.
+    public var message: String
+    /// What the user can do about it.
+    public var hint: String?
+    /// Lines quoted from a log (CRIU's), most relevant last.
+    public var logExcerpt: [String]
+    /// Where the full log is, when there is one.
+    public var logPath: String?
+
+    public init(_ code: Code, _ message: String, hint: String? = nil, logExcerpt: [String] = [], logPath: String? = nil) {
+        self.code = code
+        self.message = message
+        self.hint = hint
+        self.logExcerpt = logExcerpt
+        self.logPath = logPath
+    }
+
+    public var description: String {
+        var text = message
+        if !logExcerpt.isEmpty {
+            text += "\n" + logExcerpt.map { "  | " + $0 }.joined(separator: "\n")
+        }
+        if let logPath { text += "\n  full log: \(logPath)" }
+        if let hint { text += "\n  hint: \(hint)" }
+        return text
+    }
+
+    /// The same error with more context in front of its message ("dump of PID 42: ...").
+    public func prefixed(_ context: String) -> StasisError {
+        var copy = self
+        copy.message = "\(context): \(message)"
+        return copy
+    }
+}

@@ -1,0 +1,162 @@
+import Foundation
+import Glibc
+import StasisCRIU
+import StasisCore
+import StasisGPU
+import StasisImage
+import StasisOS
+
+/// `stasis restore`: bring a checkpointed tree back, with the same PIDs, detached from stasis.
+///
+/// Everything that can refuse the restore runs before CRIU starts anything: the manifest, the integrity of
+/// every file, the host's CPU, the device check and free PIDs. After CRIU, a failing device step kills the
+/// restored tree, so no half-restored process is left behind.
+public struct RestoreOperation {
+    public struct Options: Sendable {
+        public var directory: String
+        /// Where CRIU's restore log and statistics go (default: a new directory under /var/lib/stasis/restore).
+        public var workDirectory: String?
+        public var skipCPUCheck = false
+        /// How long to wait for a checkpointed PID that is still exiting (a zombie, or reaped slowly by init).
+        public var pidWaitSeconds = 5.0
+        public var logLevel: Int32 = 4
+        public var progress: ProgressHandler?
+        public init(directory: String) { self.directory = directory }
+    }
+
+    public struct Report: Codable, Sendable {
+        public var directory: String
+        public var rootPID: Int32
+        public var processes: Int
+        public var logFile: String
+        public var timings: Timings
+    }
+
+    public struct Timings: Codable, Sendable {
+        public var verify: Double
+        public var criu: Double
+        public var forking: Double
+        public var restore: Double
+        public var devices: Double
+        public var total: Double
+    }
+
+    public static let defaultWorkRoot = "/var/lib/stasis/restore"
+
+    let options: Options
+    let device: DeviceStep
+
+    public init(_ options: Options, device: DeviceStep = NoDeviceStep()) {
+        self.options = options
+        self.device = device
+    }
+
+    public func run() throws -> Report {
+        let total = Stopwatch()
+        let directory = URL(fileURLWithPath: options.directory).standardizedFileURL.path
+        let manifest = try Checkpoint.readManifest(directory)
+        let criu = try CRIUBinary.locate()
+        if !options.skipCPUCheck { try Self.checkCPU(manifest.host) }
+        try device.checkRestorable(section: manifest.gpu)
+
+        let verifyWatch = Stopwatch()
+        let imageBytes = manifest.files.reduce(0) { $0 + $1.size }
+        let counter = ByteCounter()
+        let progress = options.progress
+        let ticker = ProgressTicker(progress.map { report in
+            { @Sendable in report(Progress(phase: "verifying", bytes: counter.value, totalBytes: imageBytes)) }
+        })
+        do {
+            _ = try Checkpoint.verify(directory, manifest: manifest) { counter.add($0) }
+            ticker?.stop()
+        } catch {
+            ticker?.stop()
+            throw (error as? StasisError ?? StasisError(.io, "\(error)")).prefixed("restore refused")
+        }
+        let verifySeconds = verifyWatch.seconds
+        try waitForFreePIDs(manifest.processTree)
+
+        let workDirectory = try options.workDirectory ?? Self.makeWorkDirectory()
+        try FileSystem.makePrivateDirectory(workDirectory)
+        let imagesFD = try FileSystem.openDirectory(directory)
+        defer { close(imagesFD) }
+        let workFD = try FileSystem.openDirectory(workDirectory)
+        defer { close(workFD) }
+        let logPath = workDirectory + "/" + CRIUService.restoreLogName
+
+        let criuWatch = Stopwatch()
+        let processOptions = CRIUService.ProcessOptions(tcpEstablished: manifest.options.tcpEstablished,
+                                                        shellJob: manifest.options.shellJob, logLevel: options.logLevel)
+        let response = try CRIUService(binary: criu).restore(imagesDirectory: imagesFD, workDirectory: workFD,
+                                                             options: processOptions) { _ in }
+        let criuSeconds = criuWatch.seconds
+        guard response.success else {
+            throw DumpOperation.criuFailure("CRIU could not restore \(directory)", response: response, log: logPath)
+                .prefixed("restore failed")
+        }
+        let rootPID = response.restore.pid
+        let deviceWatch = Stopwatch()
+        do {
+            try FaultInjection.check("after-restore")
+            try device.afterRestore(section: manifest.gpu)
+        } catch {
+            // Never leave a half-restored tree: the restored processes are ours to stop.
+            for process in manifest.processTree.processes.reversed() { kill(process.pid, SIGKILL) }
+            let failure = (error as? StasisError) ?? StasisError(.gpu, "\(error)")
+            throw failure.prefixed("restore of \(directory) failed after CRIU restored PID \(rootPID); the restored tree was stopped")
+        }
+        let stats = CRIUStats.read(workDirectory + "/stats-restore")?.restore
+        _ = try? FileSystem.makePrivate(tree: workDirectory)
+        return Report(directory: directory, rootPID: rootPID, processes: manifest.processTree.processes.count, logFile: logPath,
+                      timings: Timings(verify: verifySeconds, criu: criuSeconds,
+                                       forking: Double(stats?.forkingTime ?? 0) / 1e6, restore: Double(stats?.restoreTime ?? 0) / 1e6,
+                                       devices: deviceWatch.seconds, total: total.seconds))
+    }
+
+    /// The checkpoint's PIDs must be free. A PID whose process is exiting (a zombie, or one the init of a
+    /// VM reaps slowly) is waited for briefly; a live one is refused with its command line.
+    func waitForFreePIDs(_ tree: Manifest.ProcessTree) throws {
+        for process in tree.processes where ProcFS.exists(process.pid) {
+            let deadline = Stopwatch()
+            while let stat = ProcFS.stat(process.pid), deadline.seconds < options.pidWaitSeconds {
+                guard stat.state == "Z" || stat.state == "X" else { break }
+                usleep(20_000)
+            }
+            if let stat = ProcFS.stat(process.pid) {
+                let state = stat.state == "Z" ? "a zombie not yet reaped" : "'\(ProcFS.arguments(process.pid).joined(separator: " ").prefix(120))'"
+                throw StasisError(.pidInUse, "restore refused: PID \(process.pid) (\(process.command) in the checkpoint) is in use by \(state)",
+                                  hint: "restored processes keep their PIDs; stop PID \(process.pid) first (if it is the original, it may still be running: use --leave-running dumps only after it exits)")
+            }
+        }
+    }
+
+    /// Refuses a CPU that lacks instruction-set extensions the checkpoint's host had.
+    static func checkCPU(_ recorded: Manifest.Host) throws {
+        let here = HostFacts.current()
+        guard recorded.machine == here.machine else {
+            throw StasisError(.hostMismatch, "the checkpoint was taken on \(recorded.machine); this machine is \(here.machine)")
+        }
+        let missing = Set(recorded.cpuFlags).subtracting(here.cpuFlags).sorted()
+        guard missing.isEmpty else {
+            throw StasisError(.hostMismatch, "this CPU lacks \(missing.joined(separator: ", ")), which the checkpoint's host (\(recorded.cpuModel)) had",
+                              hint: "the program may use these instructions and crash after restore; pass --skip-cpu-check to restore anyway")
+        }
+    }
+
+    static func makeWorkDirectory() throws -> String {
+        let formatter = DateFormatter()
+        formatter.dateFormat = "yyyyMMdd-HHmmss"
+        formatter.locale = Locale(identifier: "en_US_POSIX")
+        let path = "\(defaultWorkRoot)/\(formatter.string(from: Date()))-\(getpid())"
+        try FileSystem.makePrivateDirectory(path)
+        return path
+    }
+}
+
+/// A byte count shared between hashing threads and a progress ticker.
+final class ByteCounter: @unchecked Sendable {
+    private let lock = NSLock()
+    private var total: UInt64 = 0
+    func add(_ bytes: UInt64) { lock.withLock { total += bytes } }
+    var value: UInt64 { lock.withLock { total } }
+}

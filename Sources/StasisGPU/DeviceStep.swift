@@ -1,0 +1,34 @@
+import StasisCore
+
+/// The per-process device work around a CRIU dump and restore: the seam where GPU support plugs in.
+///
+/// Order on dump: `beforeFreeze` (before CRIU seizes the tree), CRIU dump, then `afterDump` once CRIU has
+/// finished (the tree runs again there only with --leave-running). When anything after `beforeFreeze`
+/// fails, `rollback` must put every touched process back as it was. On restore: CRIU restore, then
+/// `afterRestore` for the restored PIDs.
+public protocol DeviceStep: Sendable {
+    var name: String { get }
+    /// Prepares the tree's devices for the freeze; returns the manifest's GPU section.
+    func beforeFreeze(pids: [Int32]) throws -> Manifest.GPUSection
+    func afterDump(section: Manifest.GPUSection, leaveRunning: Bool) throws
+    func rollback(section: Manifest.GPUSection)
+    /// Checked before anything is restored: can this machine take the checkpoint's devices?
+    func checkRestorable(section: Manifest.GPUSection) throws
+    func afterRestore(section: Manifest.GPUSection) throws
+}
+
+/// The device step for trees that use no device: CPU-only processes, and every process until the GPU
+/// steps land.
+public struct NoDeviceStep: DeviceStep {
+    public init() {}
+    public var name: String { "none" }
+    public func beforeFreeze(pids: [Int32]) throws -> Manifest.GPUSection { Manifest.GPUSection() }
+    public func afterDump(section: Manifest.GPUSection, leaveRunning: Bool) throws {}
+    public func rollback(section: Manifest.GPUSection) {}
+    public func checkRestorable(section: Manifest.GPUSection) throws {
+        guard section.processes.isEmpty else {
+            throw StasisError(.gpu, "the checkpoint holds GPU state for \(section.processes.count) process(es), which this build cannot restore")
+        }
+    }
+    public func afterRestore(section: Manifest.GPUSection) throws {}
+}

@@ -1,0 +1,59 @@
+import Foundation
+import Glibc
+import StasisCore
+import StasisOS
+
+/// Reading a published checkpoint directory: its manifest and the integrity of its files.
+public enum Checkpoint {
+    /// Reads and validates DIR/manifest.json with an error for each way it can be wrong.
+    public static func readManifest(_ directory: String) throws -> Manifest {
+        guard FileSystem.exists(directory) else {
+            throw StasisError(.notACheckpoint, "\(directory) does not exist")
+        }
+        guard FileSystem.isDirectory(directory) else {
+            throw StasisError(.notACheckpoint, "\(directory) is not a directory")
+        }
+        let path = directory + "/" + Manifest.fileName
+        guard FileSystem.exists(path) else {
+            throw StasisError(.notACheckpoint, "\(directory) has no \(Manifest.fileName): it is not a stasis checkpoint, or one that never finished")
+        }
+        return try Manifest.decode(try FileSystem.readFile(path), path: path)
+    }
+
+    public struct VerifyReport: Codable, Sendable {
+        public var directory: String
+        public var files: Int
+        public var bytes: UInt64
+        public var seconds: Double
+    }
+
+    /// Checks every file against the manifest: the set of files first (missing, unexpected), then sizes,
+    /// then SHA-256 in parallel. The first problem found is thrown, naming the file.
+    public static func verify(_ directory: String, manifest: Manifest,
+                              progress: (@Sendable (UInt64) -> Void)? = nil) throws -> VerifyReport {
+        let watch = Stopwatch()
+        let expected = Dictionary(manifest.files.map { ($0.path, $0) }, uniquingKeysWith: { first, _ in first })
+        let present = Set(try FileSystem.regularFiles(under: directory)).subtracting([Manifest.fileName])
+        for entry in manifest.files where !present.contains(entry.path) {
+            throw StasisError(.integrity, "\(directory)/\(entry.path) is missing (the manifest lists it, \(entry.size) bytes)",
+                              hint: "the checkpoint is incomplete; restore from another copy")
+        }
+        if let extra = present.subtracting(expected.keys).sorted().first {
+            throw StasisError(.integrity, "\(directory)/\(extra) is not in the manifest",
+                              hint: "a file was added to the checkpoint after it was taken; remove it or take a new checkpoint")
+        }
+        for entry in manifest.files {
+            let size = FileSystem.size(directory + "/" + entry.path) ?? 0
+            if size != entry.size {
+                throw StasisError(.integrity, "\(directory)/\(entry.path) has \(size) bytes; the manifest says \(entry.size) (truncated or overwritten)",
+                                  hint: "the checkpoint is damaged; restore from another copy")
+            }
+        }
+        let results = try ParallelHasher.hash(manifest.files.map(\.path), under: directory, progress: progress)
+        for result in results where result.sha256 != expected[result.path]?.sha256 {
+            throw StasisError(.integrity, "\(directory)/\(result.path) does not match its SHA-256 in the manifest (content changed or corrupt)",
+                              hint: "the checkpoint is damaged; restore from another copy")
+        }
+        return VerifyReport(directory: directory, files: results.count, bytes: results.reduce(0) { $0 + $1.size }, seconds: watch.seconds)
+    }
+}

@@ -1,0 +1,152 @@
+import Foundation
+import Glibc
+import StasisCore
+
+/// Files and directories, with the permissions and durability a checkpoint needs: process memory may hold
+/// secrets, so directories are 0700 and files 0600; what must survive a crash is fsync'd before it counts.
+public enum FileSystem {
+    public static func exists(_ path: String) -> Bool {
+        var st = stat()
+        return lstat(path, &st) == 0
+    }
+
+    public static func isDirectory(_ path: String) -> Bool {
+        var st = stat()
+        return stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR
+    }
+
+    /// True when `path` does not exist or is an empty directory.
+    public static func isMissingOrEmptyDirectory(_ path: String) throws -> Bool {
+        guard exists(path) else { return true }
+        guard isDirectory(path) else { return false }
+        guard let entries = try? FileManager.default.contentsOfDirectory(atPath: path) else {
+            throw systemError("cannot read directory", path)
+        }
+        return entries.isEmpty
+    }
+
+    public static func size(_ path: String) -> UInt64? {
+        var st = stat()
+        guard stat(path, &st) == 0 else { return nil }
+        return UInt64(st.st_size)
+    }
+
+    /// Creates `path` (mode 0700) and any missing parents (mode 0700 too; existing ones are left alone).
+    public static func makePrivateDirectory(_ path: String) throws {
+        var prefix = path.hasPrefix("/") ? "" : "."
+        for component in path.split(separator: "/") {
+            prefix += "/" + component
+            if mkdir(prefix, 0o700) != 0 && errno != EEXIST { throw systemError("cannot create directory", prefix) }
+        }
+        guard isDirectory(path) else { throw StasisError(.io, "\(path) exists and is not a directory") }
+    }
+
+    /// A fresh 0700 directory next to `path`, named so that nobody takes it for a finished checkpoint.
+    public static func makeStagingSibling(of path: String, owner: Int32) throws -> String {
+        let url = URL(fileURLWithPath: path).standardizedFileURL
+        let parent = url.deletingLastPathComponent().path
+        try makePrivateDirectory(parent)
+        var template = Array("\(parent)/.\(url.lastPathComponent).partial-\(owner)-XXXXXX".utf8CString)
+        let made = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
+        guard made != nil else { throw systemError("cannot create a staging directory in", parent) }
+        let staging = String(nulTerminated: template)
+        guard chmod(staging, 0o700) == 0 else { throw systemError("cannot set mode 0700 on", staging) }
+        return staging
+    }
+
+    /// Opens a directory for use as a descriptor (for CRIU's images_dir_fd, or for fsync).
+    public static func openDirectory(_ path: String) throws -> Int32 {
+        let fd = retryingEINTR { open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC) }
+        guard fd >= 0 else { throw systemError("cannot open directory", path) }
+        return fd
+    }
+
+    public static func fsync(path: String) throws {
+        let fd = retryingEINTR { open(path, O_RDONLY | O_CLOEXEC) }
+        guard fd >= 0 else { throw systemError("cannot open", path) }
+        defer { close(fd) }
+        guard Glibc.fsync(fd) == 0 else { throw systemError("cannot fsync", path) }
+    }
+
+    /// Writes `data` to `path` through a temporary file, fsync and rename, so readers see all or nothing.
+    public static func writeAtomically(_ data: Data, to path: String, mode: mode_t = 0o600) throws {
+        let temporary = path + ".tmp-\(getpid())"
+        let fd = retryingEINTR { open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode) }
+        guard fd >= 0 else { throw systemError("cannot create", temporary) }
+        var failure: StasisError?
+        data.withUnsafeBytes { raw in
+            var offset = 0
+            while offset < raw.count {
+                let written = retryingEINTR { write(fd, raw.baseAddress! + offset, raw.count - offset) }
+                if written < 0 { failure = systemError("cannot write", temporary); return }
+                offset += written
+            }
+        }
+        if failure == nil, fchmod(fd, mode) != 0 { failure = systemError("cannot set mode on", temporary) }
+        if failure == nil, Glibc.fsync(fd) != 0 { failure = systemError("cannot fsync", temporary) }
+        close(fd)
+        if failure == nil, rename(temporary, path) != 0 { failure = systemError("cannot rename \(temporary) to", path) }
+        if let failure {
+            unlink(temporary)
+            throw failure
+        }
+    }
+
+    /// Renames `source` to `destination` (an empty directory there is replaced), then fsyncs the parent so
+    /// the new name is durable.
+    public static func publish(_ source: String, as destination: String) throws {
+        if isDirectory(destination) { rmdir(destination) }
+        guard rename(source, destination) == 0 else {
+            throw systemError("cannot rename \(source) to", destination)
+        }
+        try fsync(path: URL(fileURLWithPath: destination).deletingLastPathComponent().path)
+    }
+
+    /// Regular files below `root`, as sorted paths relative to it.
+    public static func regularFiles(under root: String) throws -> [String] {
+        guard let walker = FileManager.default.enumerator(atPath: root) else {
+            throw systemError("cannot read directory", root)
+        }
+        var files: [String] = []
+        while let relative = walker.nextObject() as? String {
+            var st = stat()
+            if lstat(root + "/" + relative, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG {
+                files.append(relative)
+            }
+        }
+        return files.sorted()
+    }
+
+    /// Makes every directory below and including `root` 0700 and every file 0600.
+    public static func makePrivate(tree root: String) throws {
+        guard chmod(root, 0o700) == 0 else { throw systemError("cannot set mode 0700 on", root) }
+        guard let walker = FileManager.default.enumerator(atPath: root) else { return }
+        while let relative = walker.nextObject() as? String {
+            let path = root + "/" + relative
+            var st = stat()
+            guard lstat(path, &st) == 0 else { continue }
+            switch st.st_mode & S_IFMT {
+            case S_IFDIR: if chmod(path, 0o700) != 0 { throw systemError("cannot set mode 0700 on", path) }
+            case S_IFREG: if chmod(path, 0o600) != 0 { throw systemError("cannot set mode 0600 on", path) }
+            default: break
+            }
+        }
+    }
+
+    public static func removeTree(_ path: String) {
+        try? FileManager.default.removeItem(atPath: path)
+    }
+
+    /// Free bytes for an unprivileged writer on the filesystem holding `path`.
+    public static func availableBytes(at path: String) -> UInt64? {
+        var info = statvfs()
+        guard statvfs(path, &info) == 0 else { return nil }
+        return UInt64(info.f_bavail) * UInt64(info.f_frsize)
+    }
+
+    public static func readFile(_ path: String) throws -> Data {
+        guard let handle = FileHandle(forReadingAtPath: path) else { throw systemError("cannot open", path) }
+        defer { try? handle.close() }
+        do { return try handle.readToEnd() ?? Data() } catch { throw systemError("cannot read", path) }
+    }
+}

@@ -1,0 +1,91 @@
+import Foundation
+import Glibc
+import StasisCore
+
+/// What /proc tells about processes. Reads are racy by nature (a process may exit between two reads), so
+/// every reader returns nil for a process that vanished instead of throwing.
+public enum ProcFS {
+    public struct Stat: Sendable {
+        public var pid: Int32
+        public var command: String
+        /// R, S, D, Z, T, ...
+        public var state: Character
+        public var ppid: Int32
+    }
+
+    /// Parses /proc/PID/stat. The command sits in parentheses and may itself contain ") ", so the fields
+    /// after it are taken from the last ')'.
+    public static func stat(_ pid: Int32) -> Stat? {
+        guard let text = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+              let open = text.firstIndex(of: "("), let close = text.lastIndex(of: ")") else { return nil }
+        let command = String(text[text.index(after: open)..<close])
+        let rest = text[text.index(close, offsetBy: 2)...].split(separator: " ")
+        guard rest.count > 2, let state = rest[0].first, let ppid = Int32(rest[1]) else { return nil }
+        return Stat(pid: pid, command: command, state: state, ppid: ppid)
+    }
+
+    /// True while /proc/PID exists, zombies included.
+    public static func exists(_ pid: Int32) -> Bool {
+        access("/proc/\(pid)", F_OK) == 0
+    }
+
+    /// True for a process that runs (or sleeps): not missing and not a zombie.
+    public static func isLive(_ pid: Int32) -> Bool {
+        guard let stat = stat(pid) else { return false }
+        return stat.state != "Z" && stat.state != "X"
+    }
+
+    public static func arguments(_ pid: Int32) -> [String] {
+        guard let data = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") else { return [] }
+        return data.split(separator: 0, omittingEmptySubsequences: true).map { String(decoding: $0, as: UTF8.self) }
+    }
+
+    /// Fields of /proc/PID/status as raw strings ("VmRSS" -> "1234 kB").
+    public static func status(_ pid: Int32) -> [String: String] {
+        guard let text = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8) else { return [:] }
+        var fields: [String: String] = [:]
+        for line in text.split(separator: "\n") {
+            guard let colon = line.firstIndex(of: ":") else { continue }
+            fields[String(line[..<colon])] = line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)
+        }
+        return fields
+    }
+
+    /// A "1234 kB" status value in bytes.
+    public static func kilobytes(_ value: String?) -> UInt64 {
+        guard let value, let number = UInt64(value.split(separator: " ").first ?? "") else { return 0 }
+        return number * 1024
+    }
+
+    public static func allPIDs() -> [Int32] {
+        guard let names = try? FileManager.default.contentsOfDirectory(atPath: "/proc") else { return [] }
+        return names.compactMap { Int32($0) }
+    }
+
+    /// The tree rooted at `root`, root first then breadth-first, from one scan of every process's parent.
+    public static func tree(root: Int32) -> [Stat] {
+        guard let rootStat = stat(root) else { return [] }
+        var children: [Int32: [Stat]] = [:]
+        for pid in allPIDs() where pid != root {
+            // Threads do not appear in /proc's listing, so each entry is a process.
+            if let entry = stat(pid) { children[entry.ppid, default: []].append(entry) }
+        }
+        var ordered = [rootStat]
+        var index = 0
+        while index < ordered.count {
+            ordered += (children[ordered[index].pid] ?? []).sorted { $0.pid < $1.pid }
+            index += 1
+        }
+        return ordered
+    }
+
+    /// Waits until /proc/PID is gone (the process exited and was reaped), up to `timeout` seconds.
+    public static func waitGone(_ pid: Int32, timeout: Double) -> Bool {
+        let watch = Stopwatch()
+        while exists(pid) {
+            if watch.seconds > timeout { return false }
+            usleep(20_000)
+        }
+        return true
+    }
+}

@@ -1,0 +1,49 @@
+import Foundation
+import Glibc
+import StasisCore
+
+/// Starting and reaping child processes.
+public enum Spawn {
+    /// Starts `executable` with `arguments`. `descriptors` maps a descriptor of ours to the number it gets in
+    /// the child (dup2 clears close-on-exec there); everything else of ours stays close-on-exec as opened.
+    public static func start(_ executable: String, _ arguments: [String], descriptors: [Int32: Int32] = [:],
+                             environment: [String: String]? = nil) throws -> pid_t {
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        for (ours, theirs) in descriptors.sorted(by: { $0.key < $1.key }) {
+            posix_spawn_file_actions_adddup2(&actions, ours, theirs)
+        }
+        let argv = ([executable] + arguments).map { strdup($0) } + [nil]
+        defer { argv.forEach { free($0) } }
+        let env = environment.map { $0.map { strdup("\($0.key)=\($0.value)") } + [nil] }
+        defer { env?.forEach { free($0) } }
+        var pid: pid_t = 0
+        let result: Int32 = env.map { envp in posix_spawn(&pid, executable, &actions, nil, argv, envp) }
+            ?? posix_spawn(&pid, executable, &actions, nil, argv, environ)
+        guard result == 0 else { throw systemError("cannot start", executable, errno: result) }
+        return pid
+    }
+
+    /// Waits for a child and returns its exit status (128+signal when it was killed).
+    @discardableResult
+    public static func wait(_ pid: pid_t) -> Int32 {
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0 {
+            if errno != EINTR { return -1 }
+        }
+        if status & 0x7f == 0 { return (status >> 8) & 0xff }
+        return 128 + (status & 0x7f)
+    }
+
+    /// Finds `name` in PATH (and in the sbin directories, which a non-login root shell may lack).
+    public static func which(_ name: String, path: String? = ProcessInfo.processInfo.environment["PATH"]) -> String? {
+        if name.contains("/") { return access(name, X_OK) == 0 ? name : nil }
+        let directories = (path ?? "").split(separator: ":").map(String.init)
+        for directory in directories where !directory.isEmpty {
+            let candidate = directory + "/" + name
+            if access(candidate, X_OK) == 0, !FileSystem.isDirectory(candidate) { return candidate }
+        }
+        return nil
+    }
+}

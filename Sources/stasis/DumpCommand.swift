@@ -1,0 +1,56 @@
+import ArgumentParser
+import StasisCore
+import StasisEngine
+
+struct DumpCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "dump",
+        abstract: "Checkpoint the process tree rooted at PID into a new directory.",
+        discussion: """
+        Without --leave-running the tree is gone afterwards, as with `criu dump`. If any step fails, the tree \
+        keeps running as it was and no checkpoint directory appears.
+        """)
+
+    @Argument(help: "The root of the process tree to checkpoint.")
+    var pid: Int32
+
+    @Option(name: [.customShort("D"), .customLong("images-dir")], help: "The checkpoint directory to create (must not exist or be empty).")
+    var directory: String
+
+    @Flag(name: .long, help: "Leave the tree running after the checkpoint.")
+    var leaveRunning = false
+
+    @Flag(name: .long, help: "Checkpoint established TCP connections (restore replays this).")
+    var tcpEstablished = false
+
+    @Flag(name: .long, help: "Allow a tree attached to a terminal session (restore replays this).")
+    var shellJob = false
+
+    @Option(name: .long, help: "CRIU log level, 0-4.")
+    var logLevel: Int32 = 4
+
+    @OptionGroup var output: OutputOptions
+
+    func validate() throws {
+        guard pid > 0 else { throw ValidationError("PID must be a positive number") }
+        guard (0...4).contains(logLevel) else { throw ValidationError("--log-level must be between 0 and 4") }
+    }
+
+    func run() throws {
+        try Output.run(json: output.json) {
+            var options = DumpOperation.Options(pid: pid, directory: directory)
+            options.leaveRunning = leaveRunning
+            options.process = .init(tcpEstablished: tcpEstablished, shellJob: shellJob, logLevel: logLevel)
+            options.progress = output.json ? nil : Output.progressHandler()
+            let report = try DumpOperation(options).run()
+            Output.clearProgress()
+            if output.json { return Output.json(report) }
+            let t = report.timings
+            print("checkpointed PID \(report.rootPID) (\(report.processes) process\(report.processes == 1 ? "" : "es"), \(report.threads) threads) into \(report.directory)")
+            print("  memory: \(Format.bytes(report.memory.residentBytes)) resident, \(Format.bytes(report.memory.dumpedBytes)) dumped; image \(Format.bytes(report.memory.imageBytes))")
+            print("  time:   freeze \(Format.seconds(t.freeze)), memory dump \(Format.seconds(t.memoryDump)), memory write \(Format.seconds(t.memoryWrite)), " +
+                  "frozen \(Format.seconds(t.frozen)); hash+sync \(Format.seconds(t.hash)); total \(Format.seconds(t.total))")
+            print("  tree:   \(report.leaveRunning ? "left running" : "stopped")")
+        }
+    }
+}

@@ -1,0 +1,45 @@
+import ArgumentParser
+import Foundation
+import StasisCore
+import StasisImage
+
+struct InspectCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "inspect",
+        abstract: "Describe a checkpoint: when and where it was taken, its process tree, memory, size and GPU section.")
+
+    @Argument(help: "The checkpoint directory.")
+    var directory: String
+
+    @OptionGroup var output: OutputOptions
+
+    func run() throws {
+        try Output.run(json: output.json) {
+            let manifest = try Checkpoint.readManifest(directory)
+            if output.json { return Output.json(manifest) }
+            let formatter = ISO8601DateFormatter()
+            print("checkpoint \(manifest.id) (format \(manifest.formatVersion))")
+            print("  taken:    \(formatter.string(from: manifest.createdAt)) on \(manifest.host.hostname) (kernel \(manifest.host.kernel), \(manifest.host.machine), \(manifest.host.cpuModel))")
+            print("  tools:    stasis \(manifest.tool.version), CRIU \(manifest.criu.version)")
+            let options = manifest.options
+            print("  options:  leave-running \(options.leaveRunning), tcp-established \(options.tcpEstablished), shell-job \(options.shellJob)")
+            print("  memory:   \(Format.bytes(manifest.memory.residentBytes)) resident, \(Format.bytes(manifest.memory.dumpedBytes)) dumped")
+            print("  image:    \(Format.bytes(manifest.memory.imageBytes)) in \(manifest.files.count) files")
+            let t = manifest.timings
+            print("  timings:  freeze \(Format.seconds(t.freeze)), memory dump \(Format.seconds(t.memoryDump)), memory write \(Format.seconds(t.memoryWrite)), frozen \(Format.seconds(t.frozen)), total \(Format.seconds(t.total))")
+            print("  processes (root \(manifest.processTree.rootPID)):")
+            for process in manifest.processTree.processes {
+                let command = process.arguments.isEmpty ? process.command : process.arguments.joined(separator: " ")
+                print("    \(process.pid) (parent \(process.ppid)) \(process.threads) thread\(process.threads == 1 ? "" : "s"), \(Format.bytes(process.residentBytes)): \(command.prefix(100))")
+            }
+            if manifest.gpu.processes.isEmpty {
+                print("  gpu:      none")
+            } else {
+                print("  gpu:      driver \(manifest.gpu.driverVersion ?? "?")")
+                for process in manifest.gpu.processes {
+                    print("    \(process.pid): \(Format.bytes(process.deviceMemoryBytes)) on \(process.devices.joined(separator: ", "))")
+                }
+            }
+        }
+    }
+}

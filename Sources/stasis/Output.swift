@@ -1,0 +1,53 @@
+import ArgumentParser
+import Foundation
+import Glibc
+import StasisCore
+import StasisEngine
+
+/// Options every reporting command shares.
+struct OutputOptions: ParsableArguments {
+    @Flag(name: .long, help: "Print the result as JSON on standard output.")
+    var json = false
+}
+
+enum Output {
+    static func json<T: Encodable>(_ value: T) {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        encoder.dateEncodingStrategy = .iso8601
+        if let data = try? encoder.encode(value) { print(String(decoding: data, as: UTF8.self)) }
+    }
+
+    /// Runs a command body; a StasisError becomes a clear message (or a JSON error object) and exit code 1.
+    static func run(json: Bool, _ body: () throws -> Void) throws {
+        do {
+            try body()
+        } catch let error as StasisError {
+            if json {
+                struct Failure: Encodable {
+                    var error: String; var code: String; var hint: String?; var log: [String]; var logFile: String?
+                }
+                Output.json(Failure(error: error.message, code: error.code.rawValue, hint: error.hint,
+                                    log: error.logExcerpt, logFile: error.logPath))
+            }
+            FileHandle.standardError.write(Data("stasis: error: \(error.description)\n".utf8))
+            throw ExitCode.failure
+        }
+    }
+
+    /// A progress line redrawn in place, only when standard error is a terminal.
+    static func progressHandler() -> ProgressHandler? {
+        guard isatty(STDERR_FILENO) == 1 else { return nil }
+        return { progress in
+            var line = "\r\u{1B}[K\(progress.phase): \(Format.bytes(progress.bytes))"
+            if let total = progress.totalBytes, total > 0 {
+                line += String(format: " of %@ (%.0f%%)", Format.bytes(total), Double(progress.bytes) * 100 / Double(total))
+            }
+            FileHandle.standardError.write(Data(line.utf8))
+        }
+    }
+
+    static func clearProgress() {
+        if isatty(STDERR_FILENO) == 1 { FileHandle.standardError.write(Data("\r\u{1B}[K".utf8)) }
+    }
+}

@@ -1,0 +1,48 @@
+import ArgumentParser
+import StasisCore
+import StasisEngine
+
+struct RestoreCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "restore",
+        abstract: "Restore a checkpoint; returns once the tree runs again and prints its root PID.",
+        discussion: """
+        Every file is verified against the manifest before anything starts. Restored processes keep their \
+        PIDs, so the original tree must be gone. The restored tree does not depend on stasis.
+        """)
+
+    @Option(name: [.customShort("D"), .customLong("images-dir")], help: "The checkpoint directory.")
+    var directory: String
+
+    @Option(name: [.customShort("W"), .customLong("work-dir")], help: "Where CRIU's restore log goes (default: a new directory under \(RestoreOperation.defaultWorkRoot)).")
+    var workDirectory: String?
+
+    @Flag(name: .long, help: "Restore even when this CPU lacks instruction-set extensions the checkpoint's host had.")
+    var skipCPUCheck = false
+
+    @Option(name: .long, help: "CRIU log level, 0-4.")
+    var logLevel: Int32 = 4
+
+    @OptionGroup var output: OutputOptions
+
+    func validate() throws {
+        guard (0...4).contains(logLevel) else { throw ValidationError("--log-level must be between 0 and 4") }
+    }
+
+    func run() throws {
+        try Output.run(json: output.json) {
+            var options = RestoreOperation.Options(directory: directory)
+            options.workDirectory = workDirectory
+            options.skipCPUCheck = skipCPUCheck
+            options.logLevel = logLevel
+            options.progress = output.json ? nil : Output.progressHandler()
+            let report = try RestoreOperation(options).run()
+            Output.clearProgress()
+            if output.json { return Output.json(report) }
+            let t = report.timings
+            print("restored \(report.directory): root PID \(report.rootPID) (\(report.processes) process\(report.processes == 1 ? "" : "es"))")
+            print("  time: verify \(Format.seconds(t.verify)), CRIU \(Format.seconds(t.criu)) (forking \(Format.seconds(t.forking)), restore \(Format.seconds(t.restore))); total \(Format.seconds(t.total))")
+            print("  log:  \(report.logFile)")
+        }
+    }
+}

@@ -1,31 +1,33 @@
 #!/usr/bin/env bash
-# Installs CRIU >= 4.0 when it is missing or too old.
+# Installs CRIU when it is missing or too old for stasis.
+#
+# stasis runs with CRIU >= 4.0, but this script wants 4.2: on kernels >= 6.16, CRIU 4.1 cannot dump any
+# INET socket (it asks for SO_PASSCRED, which those kernels refuse on non-UNIX sockets: "Can't get 1:16 opt:
+# Operation not supported"); 4.2 asks only UNIX and netlink sockets.
 #
 # Order of preference:
 #   1. a criu already on PATH (or in /usr/local/sbin) whose version is new enough: nothing to do;
 #   2. the distribution's package, when its candidate version is new enough;
-#   3. a build of Debian's source package (trixie carries 4.1.1) with build dependencies from the
-#      distribution, installed under /usr/local (make install), about 30 s on 2 cores.
+#   3. a build of Debian's source package (forky carries 4.2.1) with build dependencies from the
+#      distribution, installed into /usr/local/sbin; about 30 s on 2 cores.
 # Debian 12's criu 3.17.1 fails on recent kernels ("kerndat_vdso_fill_symtable failed"), hence 3.
 set -euo pipefail
 
-MIN_MAJOR=4
+WANT_VERSION=${CRIU_WANT_VERSION:-4.2}
 PREFIX=${CRIU_PREFIX:-/usr/local}
 WORK=${CRIU_BUILD_DIR:-/var/tmp/stasis-criu-build}
-SRC_SUITE=${CRIU_SRC_SUITE:-trixie}
+SRC_SUITE=${CRIU_SRC_SUITE:-forky}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 
 log() { printf 'install-criu: %s\n' "$*" >&2; }
 
-# Prints the major version of the criu binary given, or nothing when it does not run.
-criu_major() {
-    "$1" --version 2>/dev/null | sed -n 's/^Version: *\([0-9]*\)\..*/\1/p' | head -n1
+# True when version $1 (X.Y[.Z...]) is at least $WANT_VERSION.
+version_ok() {
+    [[ -n "$1" ]] && [[ "$(printf '%s\n%s\n' "$WANT_VERSION" "$1" | sort -V | head -n1)" == "$WANT_VERSION" ]]
 }
 
 is_new_enough() {
-    local major
-    major=$(criu_major "$1")
-    [[ -n "$major" && "$major" -ge "$MIN_MAJOR" ]]
+    version_ok "$("$1" --version 2>/dev/null | sed -n 's/^Version: *//p' | head -n1)"
 }
 
 for candidate in "$(command -v criu 2>/dev/null || true)" "$PREFIX/sbin/criu"; do
@@ -36,11 +38,11 @@ for candidate in "$(command -v criu 2>/dev/null || true)" "$PREFIX/sbin/criu"; d
 done
 
 if [[ $(id -u) -ne 0 ]]; then
-    log "CRIU >= $MIN_MAJOR.0 is missing and installing it needs root; rerun as root"
+    log "CRIU >= $WANT_VERSION is missing and installing it needs root; rerun as root"
     exit 1
 fi
 if ! command -v apt-get >/dev/null; then
-    log "CRIU >= $MIN_MAJOR.0 is missing and this is not a Debian-like system; install criu >= $MIN_MAJOR.0 from your distribution or from criu.org"
+    log "CRIU >= $WANT_VERSION is missing and this is not a Debian-like system; install it from your distribution or from criu.org"
     exit 1
 fi
 
@@ -52,8 +54,8 @@ apt_update_once() {
 
 # 2. The distribution's own package, when new enough.
 apt_update_once
-candidate_version=$(apt-cache policy criu 2>/dev/null | sed -n 's/^ *Candidate: *\([0-9]*\)\..*/\1/p')
-if [[ -n "$candidate_version" && "$candidate_version" != "(none)" && "$candidate_version" -ge "$MIN_MAJOR" ]]; then
+candidate_version=$(apt-cache policy criu 2>/dev/null | sed -n 's/^ *Candidate: *\([0-9.]*\).*/\1/p')
+if version_ok "$candidate_version"; then
     log "installing the distribution's criu package"
     apt-get install -y -qq criu
     exit 0

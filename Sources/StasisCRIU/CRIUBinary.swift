@@ -12,7 +12,7 @@ public struct CRIUBinary: Sendable {
     public var path: String
     public var version: String
 
-    /// Finds criu: $STASIS_CRIU, then PATH, then the sbin directories a non-login shell may lack from PATH.
+    /// Finds criu: $STASIS_CRIU when set, else the first criu on PATH (as runc and podman look for it).
     public static func locate(environment: [String: String] = ProcessInfo.processInfo.environment) throws -> CRIUBinary {
         let path: String
         if let explicit = environment["STASIS_CRIU"], !explicit.isEmpty {
@@ -20,11 +20,11 @@ public struct CRIUBinary: Sendable {
                 throw StasisError(.criuMissing, "STASIS_CRIU=\(explicit) is not an executable file", hint: installHint)
             }
             path = explicit
-        } else if let found = Spawn.which("criu", path: environment["PATH"])
-                    ?? ["/usr/local/sbin/criu", "/usr/sbin/criu", "/sbin/criu"].first(where: { access($0, X_OK) == 0 }) {
+        } else if let found = Spawn.which("criu", path: environment["PATH"]) {
             path = found
         } else {
-            throw StasisError(.criuMissing, "CRIU was not found (looked in PATH, /usr/local/sbin, /usr/sbin)", hint: installHint)
+            throw StasisError(.criuMissing, "CRIU was not found on PATH (\(environment["PATH"] ?? ""))",
+                              hint: installHint + "; scripts/install-criu.sh puts it in /usr/local/sbin, which must be on PATH")
         }
         let version = try Self.version(of: path)
         guard let major = Int(version.split(separator: ".").first ?? ""), major >= minimumMajor else {

@@ -36,7 +36,7 @@ public enum Spawn {
         return 128 + (status & 0x7f)
     }
 
-    /// Finds `name` in PATH (and in the sbin directories, which a non-login root shell may lack).
+    /// Finds `name` in PATH.
     public static func which(_ name: String, path: String? = ProcessInfo.processInfo.environment["PATH"]) -> String? {
         if name.contains("/") { return access(name, X_OK) == 0 ? name : nil }
         let directories = (path ?? "").split(separator: ":").map(String.init)

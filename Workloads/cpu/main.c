@@ -447,8 +447,8 @@ static void daemonize(void) {
     dup2(null, 0);
     dup2(out, 1);
     dup2(out, 2);
-    close(null);
-    close(out);
+    // Keep nothing else of the caller's: an inherited pipe end would keep its reader waiting forever.
+    for (int fd = 3; fd < 1024; fd++) close(fd);
     if (chdir("/") != 0) _exit(2);
 }
 
@@ -477,9 +477,14 @@ int main(int argc, char **argv) {
     dir = strdup(resolved);
     if (detach) daemonize();
 
+    // The caller may have blocked SIGUSR1 (Foundation's Process does for its children); threads inherit this.
     struct sigaction sa = {.sa_handler = on_usr1};
     sigemptyset(&sa.sa_mask);
     sigaction(SIGUSR1, &sa, NULL);
+    sigset_t usr1;
+    sigemptyset(&usr1);
+    sigaddset(&usr1, SIGUSR1);
+    sigprocmask(SIG_UNBLOCK, &usr1, NULL);
 
     if (!strcmp(mode, "counter")) run_counter();
     else if (!strcmp(mode, "threads")) run_threads();

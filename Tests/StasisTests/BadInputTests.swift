@@ -1,0 +1,193 @@
+import Foundation
+import Glibc
+import StasisCore
+import StasisOS
+import Testing
+
+/// Every bad input gives a clear error and a non-zero exit; none crashes, hangs, loses the running job or
+/// leaves a half-restored process.
+extension Integration {
+@Suite struct BadInput {
+    /// A finished checkpoint of a counter whose original is gone, ready to be damaged.
+    func checkpointOfStoppedWorkload() throws -> (Workload, String) {
+        let workload = try Workload("counter", ["--mem", "8"])
+        let checkpoint = Harness.scratch("bad") + "/image"
+        let dump = try Harness.stasis("dump", "\(workload.pid)", "-D", checkpoint)
+        #expect(dump.succeeded, "\(dump.stderr)")
+        #expect(Harness.waitGone(workload.pid))
+        return (workload, checkpoint)
+    }
+
+    @Test func pidThatDoesNotExist() throws {
+        let checkpoint = Harness.scratch("bad") + "/image"
+        let result = try Harness.stasis("dump", "4000000", "-D", checkpoint)
+        #expect(result.status == 1)
+        #expect(result.stderr.contains("no running process with PID 4000000"))
+        #expect(!FileSystem.exists(checkpoint))
+    }
+
+    @Test func existingNonEmptyDirectoryIsRefused() throws {
+        let workload = try Workload("counter")
+        defer { workload.stop() }
+        let checkpoint = Harness.scratch("bad")
+        try "keep me".write(toFile: checkpoint + "/precious", atomically: true, encoding: .utf8)
+        let result = try Harness.stasis("dump", "\(workload.pid)", "-D", checkpoint)
+        #expect(result.status == 1)
+        #expect(result.stderr.contains("already exists and is not empty"))
+        #expect(try String(contentsOfFile: checkpoint + "/precious", encoding: .utf8) == "keep me")
+        #expect(workload.verify().hasPrefix("PASS"))
+    }
+
+    @Test func flippedByteInMemoryImage() throws {
+        let (workload, checkpoint) = try checkpointOfStoppedWorkload()
+        defer { workload.stop() }
+        let pages = try #require(try FileManager.default.contentsOfDirectory(atPath: checkpoint).first { $0.hasPrefix("pages-") })
+        let handle = try #require(FileHandle(forUpdatingAtPath: checkpoint + "/" + pages))
+        try handle.seek(toOffset: 4096 + 17)
+        let byte = try handle.read(upToCount: 1)!.first!
+        try handle.seek(toOffset: 4096 + 17)
+        try handle.write(contentsOf: Data([byte ^ 0x01]))
+        try handle.close()
+
+        let verify = try Harness.stasis("verify", checkpoint)
+        #expect(verify.status == 1)
+        #expect(verify.stderr.contains(pages) && verify.stderr.contains("SHA-256"))
+        let restore = try Harness.stasis("restore", "-D", checkpoint)
+        #expect(restore.status == 1)
+        #expect(restore.stderr.contains("restore refused") && restore.stderr.contains(pages))
+        #expect(!ProcFS.exists(workload.pid), "nothing was started")
+    }
+
+    @Test func truncatedImageIsNamed() throws {
+        let (workload, checkpoint) = try checkpointOfStoppedWorkload()
+        defer { workload.stop() }
+        let pages = try #require(try FileManager.default.contentsOfDirectory(atPath: checkpoint).first { $0.hasPrefix("pages-") })
+        #expect(truncate(checkpoint + "/" + pages, 4096) == 0)
+        let verify = try Harness.stasis("verify", checkpoint)
+        #expect(verify.status == 1)
+        #expect(verify.stderr.contains(pages) && verify.stderr.contains("truncated"))
+    }
+
+    @Test func truncatedManifest() throws {
+        let (workload, checkpoint) = try checkpointOfStoppedWorkload()
+        defer { workload.stop() }
+        let manifest = checkpoint + "/manifest.json"
+        #expect(truncate(manifest, Int(FileSystem.size(manifest)! / 2)) == 0)
+        for command in [["verify", checkpoint], ["inspect", checkpoint], ["restore", "-D", checkpoint]] {
+            let result = try Harness.stasis(command)
+            #expect(result.status == 1, "\(command)")
+            #expect(result.stderr.contains("manifest.json is not valid JSON"), "\(command): \(result.stderr)")
+        }
+        #expect(!ProcFS.exists(workload.pid))
+    }
+
+    @Test func manifestOfUnknownFormatVersion() throws {
+        let (workload, checkpoint) = try checkpointOfStoppedWorkload()
+        defer { workload.stop() }
+        let path = checkpoint + "/manifest.json"
+        let text = try String(contentsOfFile: path, encoding: .utf8)
+            .replacingOccurrences(of: "\"formatVersion\" : \(Manifest.currentVersion)", with: "\"formatVersion\" : 99")
+        try text.write(toFile: path, atomically: true, encoding: .utf8)
+        let result = try Harness.stasis("restore", "-D", checkpoint)
+        #expect(result.status == 1)
+        #expect(result.stderr.contains("format version 99") && result.stderr.contains("newer stasis"))
+    }
+
+    @Test func directoryThatIsNotACheckpoint() throws {
+        let empty = Harness.scratch("bad")
+        let result = try Harness.stasis("restore", "-D", empty)
+        #expect(result.status == 1)
+        #expect(result.stderr.contains("no manifest.json"))
+    }
+
+    @Test func noCRIUOnPath() throws {
+        let workload = try Workload("counter")
+        defer { workload.stop() }
+        let checkpoint = Harness.scratch("bad") + "/image"
+        let environment: [String: String?] = ["PATH": "/usr/bin:/bin", "STASIS_CRIU": nil]
+        let dump = try Harness.stasis("dump", "\(workload.pid)", "-D", checkpoint, environment: environment)
+        #expect(dump.status == 1)
+        #expect(dump.stderr.contains("CRIU was not found") && dump.stderr.contains("install-criu.sh"))
+        #expect(!FileSystem.exists(checkpoint))
+        let check = try Harness.stasis("check", environment: environment)
+        #expect(check.status == 1)
+        #expect(check.stdout.contains("criu:    missing") && check.stdout.contains("install-criu.sh"))
+        #expect(workload.verify().hasPrefix("PASS"))
+    }
+
+    @Test func failureInsideTheDumpLeavesTheJobRunning() throws {
+        let workload = try Workload("tree", ["--count", "2"])
+        defer { workload.stop() }
+        let checkpoint = Harness.scratch("bad") + "/image"
+        let result = try Harness.stasis("dump", "\(workload.pid)", "-D", checkpoint, environment: ["STASIS_FAULT": "post-dump"])
+        #expect(result.status == 1)
+        #expect(result.stderr.contains("fault injected at post-dump"))
+        #expect(result.stderr.contains("still running"))
+        #expect(!FileSystem.exists(checkpoint))
+        let leftovers = try FileManager.default.contentsOfDirectory(atPath: (checkpoint as NSString).deletingLastPathComponent)
+        #expect(leftovers.allSatisfy { !$0.contains(".partial-") }, "\(leftovers)")
+        #expect(workload.treePIDs.count == 3)
+        #expect(workload.verify().hasPrefix("PASS"), "the job runs on as it was")
+    }
+
+    @Test func failureAfterCRIURestoreLeavesNoHalfRestoredTree() throws {
+        let workload = try Workload("tree", ["--count", "2"])
+        defer { workload.stop() }
+        let pids = workload.treePIDs
+        let checkpoint = Harness.scratch("bad") + "/image"
+        #expect(try Harness.stasis("dump", "\(workload.pid)", "-D", checkpoint).succeeded)
+        for pid in pids { #expect(Harness.waitGone(pid)) }
+        let result = try Harness.stasis("restore", "-D", checkpoint, environment: ["STASIS_FAULT": "after-restore"])
+        #expect(result.status == 1)
+        #expect(result.stderr.contains("the restored tree was stopped"))
+        for pid in pids { #expect(Harness.waitGone(pid), "PID \(pid) must not be left running") }
+        // The checkpoint itself is intact and restores.
+        let again = try Harness.stasis("restore", "-D", checkpoint)
+        #expect(again.succeeded, "\(again.stderr)")
+        #expect(workload.verify().hasPrefix("PASS"))
+    }
+
+    @Test func killedDumpLeavesNothingThatLooksFinished() throws {
+        let workload = try Workload("memory", ["--mem", "768"])
+        defer { workload.stop() }
+        let checkpoint = Harness.scratch("bad") + "/image"
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: Harness.stasis)
+        process.arguments = ["dump", "\(workload.pid)", "-D", checkpoint]
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        // Kill stasis while CRIU is writing memory.
+        let parent = (checkpoint as NSString).deletingLastPathComponent
+        let deadline = Date().addingTimeInterval(20)
+        while Date() < deadline {
+            let staging = (try? FileManager.default.contentsOfDirectory(atPath: parent))?.first { $0.contains(".partial-") }
+            if let staging, (try? FileManager.default.contentsOfDirectory(atPath: parent + "/" + staging))?.contains(where: { $0.hasPrefix("pages-") }) == true { break }
+            usleep(2_000)
+        }
+        kill(process.processIdentifier, SIGKILL)
+        process.waitUntilExit()
+        usleep(500_000)
+
+        let verify = try Harness.stasis("verify", checkpoint)
+        let restore = try Harness.stasis("restore", "-D", checkpoint)
+        if FileSystem.exists(checkpoint + "/manifest.json") {
+            // stasis was killed after publishing: then the checkpoint is whole.
+            #expect(verify.succeeded)
+        } else {
+            #expect(!verify.succeeded && !restore.succeeded)
+        }
+        // CRIU loses its peer and thaws the tree: the job runs on.
+        let alive = Date().addingTimeInterval(10)
+        while !workload.isLive, Date() < alive { usleep(50_000) }
+        #expect(workload.isLive)
+        #expect(workload.verify(timeout: 60).hasPrefix("PASS"))
+        // A new dump to the same place works and clears the dead dump's staging directory.
+        try? FileManager.default.removeItem(atPath: checkpoint)
+        let dump = try Harness.stasis("dump", "\(workload.pid)", "-D", checkpoint, "--leave-running")
+        #expect(dump.succeeded, "\(dump.stderr)")
+        let leftovers = try FileManager.default.contentsOfDirectory(atPath: parent)
+        #expect(leftovers.allSatisfy { !$0.contains(".partial-") }, "\(leftovers)")
+    }
+}
+}

@@ -1,0 +1,122 @@
+import Foundation
+import Glibc
+import StasisCore
+import StasisOS
+import Testing
+
+/// Real workloads, real CRIU: each builds state, is checkpointed, killed, restored, and checks itself.
+/// Serialized: restores reuse PIDs and share the machine's two cores.
+extension Integration {
+@Suite struct CheckpointRestore {
+    /// Dumps the workload (which ends it), restores it, and returns the checkpoint directory.
+    func roundTrip(_ workload: Workload, dumpArguments: [String] = []) throws -> String {
+        let checkpoint = Harness.scratch("ckpt") + "/image"
+        let pidsBefore = workload.treePIDs
+        let descriptorsBefore = workload.descriptorSignature
+        #expect(workload.verify().hasPrefix("PASS"), "the workload must be healthy before the dump")
+
+        let dump = try Harness.stasis(["dump", "\(workload.pid)", "-D", checkpoint] + dumpArguments)
+        #expect(dump.succeeded, "dump failed: \(dump.stderr)")
+        #expect(Harness.waitGone(workload.pid), "without --leave-running the tree is gone after the dump")
+
+        let restore = try Harness.stasis(["restore", "-D", checkpoint])
+        #expect(restore.succeeded, "restore failed: \(restore.stderr)")
+        #expect(restore.stdout.contains("root PID \(workload.pid)"))
+        #expect(workload.isLive)
+        #expect(workload.treePIDs == pidsBefore, "restored processes keep their PIDs")
+        #expect(workload.descriptorSignature == descriptorsBefore, "the same descriptors, of the same kinds")
+        let verdict = workload.verify()
+        #expect(verdict.hasPrefix("PASS"), "after restore: \(verdict)")
+        return checkpoint
+    }
+
+    @Test func counterWithAnOpenFile() throws {
+        let workload = try Workload("counter", ["--file", "/tmp/stasis-test-counter-\(getpid()).txt", "--mem", "32"])
+        defer { workload.stop(); unlink("/tmp/stasis-test-counter-\(getpid()).txt") }
+        let checkpoint = try roundTrip(workload)
+
+        // The checkpoint is private and complete.
+        var st = stat()
+        #expect(stat(checkpoint, &st) == 0 && st.st_mode & 0o777 == 0o700)
+        for file in try FileManager.default.contentsOfDirectory(atPath: checkpoint) {
+            #expect(stat(checkpoint + "/" + file, &st) == 0 && st.st_mode & 0o777 == 0o600, "\(file) must be 0600")
+        }
+        let inspect = try Harness.stasis("inspect", checkpoint, "--json")
+        let manifest = try Manifest.decode(Data(inspect.stdout.utf8), path: "inspect output")
+        #expect(manifest.processTree.rootPID == workload.pid)
+        #expect(manifest.memory.dumpedBytes >= 32 << 20)
+        #expect(manifest.files.contains { $0.path.hasPrefix("pages-") })
+        #expect(manifest.files.contains { $0.path == "criu-dump.log" })
+        let verify = try Harness.stasis("verify", checkpoint)
+        #expect(verify.succeeded, "\(verify.stderr)")
+    }
+
+    @Test func multiThreadedProcess() throws {
+        let workload = try Workload("threads", ["--count", "6", "--mem", "24"])
+        defer { workload.stop() }
+        _ = try roundTrip(workload)
+        #expect(ProcFS.status(workload.pid)["Threads"] == "7")
+    }
+
+    @Test func treeOfProcessesWithPipes() throws {
+        let workload = try Workload("tree", ["--count", "3"])
+        defer { workload.stop() }
+        #expect(workload.treePIDs.count == 4)
+        let checkpoint = try roundTrip(workload)
+        let manifest = try Manifest.decode(try Data(contentsOf: URL(fileURLWithPath: checkpoint + "/manifest.json")), path: "m")
+        #expect(manifest.processTree.processes.map(\.pid) == workload.treePIDs)
+    }
+
+    @Test func unixSocketPair() throws {
+        let workload = try Workload("unix")
+        defer { workload.stop() }
+        _ = try roundTrip(workload)
+    }
+
+    @Test func establishedTCPConnection() throws {
+        let workload = try Workload("tcp")
+        defer { workload.stop() }
+        let checkpoint = try roundTrip(workload, dumpArguments: ["--tcp-established"])
+        let inspect = try Harness.stasis("inspect", checkpoint)
+        #expect(inspect.stdout.contains("tcp-established true"))
+    }
+
+    @Test func leaveRunningThenRestoreOnceTheOriginalIsGone() throws {
+        let workload = try Workload("counter", ["--mem", "8"])
+        defer { workload.stop() }
+        let checkpoint = Harness.scratch("ckpt") + "/image"
+        let dump = try Harness.stasis("dump", "\(workload.pid)", "-D", checkpoint, "--leave-running", "--json")
+        #expect(dump.succeeded, "\(dump.stderr)")
+        #expect(dump.stdout.contains("\"leaveRunning\" : true"))
+        #expect(workload.isLive)
+        #expect(workload.verify().hasPrefix("PASS"), "the original keeps running")
+
+        // While the original runs, its PID is taken: the restore is refused, and the original is untouched.
+        let refused = try Harness.stasis("restore", "-D", checkpoint)
+        #expect(!refused.succeeded)
+        #expect(refused.stderr.contains("PID \(workload.pid)") && refused.stderr.contains("in use"))
+        #expect(workload.verify().hasPrefix("PASS"))
+
+        kill(workload.pid, SIGKILL)
+        #expect(Harness.waitGone(workload.pid))
+        let restore = try Harness.stasis("restore", "-D", checkpoint)
+        #expect(restore.succeeded, "\(restore.stderr)")
+        #expect(workload.verify().hasPrefix("PASS"))
+    }
+
+    @Test func restoredTreeOutlivesStasisAndIsNotItsChild() throws {
+        let workload = try Workload("counter")
+        defer { workload.stop() }
+        let checkpoint = Harness.scratch("ckpt") + "/image"
+        #expect(try Harness.stasis("dump", "\(workload.pid)", "-D", checkpoint).succeeded)
+        #expect(Harness.waitGone(workload.pid))
+        #expect(try Harness.stasis("restore", "-D", checkpoint).succeeded)
+        // stasis has exited; the tree runs on, parented by init (or a subreaper), not by a stasis process.
+        let parent = ProcFS.stat(workload.pid)?.ppid ?? 0
+        let parentCommand = ProcFS.stat(parent)?.command ?? ""
+        #expect(parentCommand != "stasis" && parentCommand != "criu")
+        usleep(300_000)
+        #expect(workload.verify().hasPrefix("PASS"))
+    }
+}
+}

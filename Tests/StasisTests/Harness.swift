@@ -1,0 +1,143 @@
+import Foundation
+import Glibc
+import StasisOS
+import Testing
+
+/// The suites that run real processes through real CRIU, one test at a time: restores reuse PIDs, and the
+/// machine has two cores. Unit suites run in parallel beside them.
+@Suite(.serialized) enum Integration {}
+
+/// Runs the built `stasis` and `stasis-workload` binaries as real processes, the way a user would.
+enum Harness {
+    /// The build products directory: the test bundle lives in it.
+    static let productsDirectory: String = {
+        if let explicit = ProcessInfo.processInfo.environment["STASIS_PRODUCTS"] { return explicit }
+        var path = URL(fileURLWithPath: (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? "")
+        while path.path != "/" {
+            path.deleteLastPathComponent()
+            if FileManager.default.isExecutableFile(atPath: path.path + "/stasis") { return path.path }
+        }
+        return FileManager.default.currentDirectoryPath + "/.build/debug"
+    }()
+
+    static var stasis: String { productsDirectory + "/stasis" }
+    static var workload: String { productsDirectory + "/stasis-workload" }
+
+    struct Result {
+        var status: Int32
+        var stdout: String
+        var stderr: String
+        var succeeded: Bool { status == 0 }
+    }
+
+    /// Runs a command to completion, with an optional environment change, and a timeout that kills it.
+    @discardableResult
+    static func run(_ executable: String, _ arguments: [String], environment: [String: String?] = [:], timeout: Double = 120) throws -> Result {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = arguments
+        var env = ProcessInfo.processInfo.environment
+        for (key, value) in environment { env[key] = value }
+        process.environment = env
+        let out = Pipe(), err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        process.standardInput = FileHandle.nullDevice
+        try process.run()
+        let outData = ReadAll(out.fileHandleForReading), errData = ReadAll(err.fileHandleForReading)
+        let deadline = Date().addingTimeInterval(timeout)
+        while process.isRunning {
+            if Date() > deadline { process.terminate(); kill(process.processIdentifier, SIGKILL) }
+            usleep(10_000)
+        }
+        return Result(status: process.terminationStatus, stdout: outData.wait(), stderr: errData.wait())
+    }
+
+    static func stasis(_ arguments: String..., environment: [String: String?] = [:]) throws -> Result {
+        try run(stasis, arguments, environment: environment)
+    }
+
+    static func stasis(_ arguments: [String], environment: [String: String?] = [:]) throws -> Result {
+        try run(stasis, arguments, environment: environment)
+    }
+
+    /// A fresh 0700 scratch directory, removed by the caller.
+    static func scratch(_ name: String) -> String {
+        let path = "/tmp/stasis-test-\(name)-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        try? FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+        return path
+    }
+
+    static func waitGone(_ pid: Int32, timeout: Double = 10) -> Bool { ProcFS.waitGone(pid, timeout: timeout) }
+}
+
+/// Reads a pipe to its end on a background thread, so a chatty child cannot block on a full pipe.
+final class ReadAll: @unchecked Sendable {
+    private var data = Data()
+    private let done = DispatchSemaphore(value: 0)
+    init(_ handle: FileHandle) {
+        Thread { [self] in
+            data = handle.readDataToEndOfFile()
+            done.signal()
+        }.start()
+    }
+    func wait() -> String {
+        done.wait()
+        return String(decoding: data, as: UTF8.self)
+    }
+}
+
+/// A running test workload: started detached, it verifies its own state when asked.
+final class Workload {
+    let mode: String
+    let directory: String
+    let pid: Int32
+
+    init(_ mode: String, _ extra: [String] = []) throws {
+        self.mode = mode
+        directory = Harness.scratch("workload-\(mode)")
+        let result = try Harness.run(Harness.workload, [mode, "--dir", directory, "--daemon"] + extra, timeout: 60)
+        guard result.succeeded, let pid = Int32(result.stdout.trimmingCharacters(in: .whitespacesAndNewlines)) else {
+            throw WorkloadError(text: "stasis-workload \(mode) did not start: \(result.stderr)")
+        }
+        self.pid = pid
+    }
+
+    struct WorkloadError: Error, CustomStringConvertible { var text: String; var description: String { text } }
+
+    var isLive: Bool { ProcFS.isLive(pid) }
+
+    /// Asks the workload to check itself and returns its verdict ("PASS ..." or "FAIL ...").
+    func verify(timeout: Double = 20) -> String {
+        let result = directory + "/result"
+        unlink(result)
+        guard kill(pid, SIGUSR1) == 0 else { return "FAIL PID \(pid) is not running" }
+        let deadline = Date().addingTimeInterval(timeout)
+        while Date() < deadline {
+            if let text = try? String(contentsOfFile: result, encoding: .utf8) { return text.trimmingCharacters(in: .whitespacesAndNewlines) }
+            usleep(20_000)
+        }
+        return "FAIL no result within \(timeout) s"
+    }
+
+    /// The tree's PIDs, root first.
+    var treePIDs: [Int32] { ProcFS.tree(root: pid).map(\.pid) }
+
+    /// What the outside sees of the root's descriptors: fd number and kind ("pipe", "socket", or the path).
+    /// Inode numbers are left out, as a restore creates new pipes and sockets.
+    var descriptorSignature: [String] {
+        let fdDirectory = "/proc/\(pid)/fd"
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: fdDirectory)) ?? []
+        return names.compactMap { name -> String? in
+            guard let target = try? FileManager.default.destinationOfSymbolicLink(atPath: fdDirectory + "/" + name) else { return nil }
+            let kind = target.split(separator: ":").first.map(String.init) ?? target
+            return "\(name)->\(target.hasPrefix("/") ? target : kind)"
+        }.sorted()
+    }
+
+    func stop() {
+        for member in treePIDs.reversed() { kill(member, SIGKILL) }
+        _ = Harness.waitGone(pid, timeout: 5)
+        try? FileManager.default.removeItem(atPath: directory)
+    }
+}

@@ -1,0 +1,82 @@
+import Foundation
+import StasisCore
+import StasisCRIU
+import StasisOS
+import Testing
+
+@Suite struct ManifestDecoding {
+    func sample() -> Manifest {
+        Manifest(id: "x", createdAt: Date(timeIntervalSince1970: 0), tool: .init(name: "stasis", version: "0"),
+                 host: .init(hostname: "h", kernel: "k", machine: "x86_64", cpuModel: "c", cpuFlags: ["avx2"], pageSize: 4096),
+                 criu: .init(version: "4.1.1", logFile: "criu-dump.log"),
+                 options: .init(leaveRunning: false, tcpEstablished: false, shellJob: false),
+                 processTree: .init(rootPID: 1, processes: []), memory: .init(residentBytes: 0, dumpedBytes: 0, imageBytes: 0),
+                 timings: .init(), gpu: .init(), files: [.init(path: "a", size: 1, sha256: "00")])
+    }
+
+    @Test func roundTrips() throws {
+        let data = try Manifest.encoder().encode(sample())
+        #expect(try Manifest.decode(data, path: "m") == sample())
+    }
+
+    @Test func truncatedIsInvalid() throws {
+        let data = try Manifest.encoder().encode(sample())
+        let error = #expect(throws: StasisError.self) { try Manifest.decode(data.prefix(data.count / 2), path: "m") }
+        #expect(error?.code == .manifestInvalid)
+    }
+
+    @Test func newerVersionIsRefusedByNumber() throws {
+        var manifest = sample()
+        manifest.formatVersion = Manifest.currentVersion + 1
+        let error = #expect(throws: StasisError.self) { try Manifest.decode(try Manifest.encoder().encode(manifest), path: "m") }
+        #expect(error?.code == .manifestVersion)
+        #expect(error?.message.contains("format version \(Manifest.currentVersion + 1)") == true)
+    }
+
+    @Test func foreignJSONIsNotACheckpoint() {
+        let error = #expect(throws: StasisError.self) { try Manifest.decode(Data(#"{"hello": 1}"#.utf8), path: "m") }
+        #expect(error?.code == .notACheckpoint)
+    }
+
+    @Test func missingFieldIsNamed() throws {
+        var object = try JSONSerialization.jsonObject(with: try Manifest.encoder().encode(sample())) as! [String: Any]
+        object.removeValue(forKey: "processTree")
+        let error = #expect(throws: StasisError.self) { try Manifest.decode(try JSONSerialization.data(withJSONObject: object), path: "m") }
+        #expect(error?.message.contains("processTree") == true)
+    }
+}
+
+@Suite struct SmallPieces {
+    @Test func formatsBytes() {
+        #expect(Format.bytes(512) == "512 B")
+        #expect(Format.bytes(3 << 30) == "3.00 GiB")
+    }
+
+    @Test func logExcerptSkipsHarmlessLinesAndKeepsErrors() throws {
+        let path = "/tmp/stasis-unit-\(getpid()).log"
+        defer { unlink(path) }
+        try """
+        (00.01) starting
+        (00.02) Error (criu/util.c:1533): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted
+        (00.03) about to fail
+        (00.04) Error (criu/pstree.c:300): The root process 1 is not a session leader.
+        (00.05) Error (criu/cr-dump.c:2111): Dumping FAILED.
+        """.write(toFile: path, atomically: true, encoding: .utf8)
+        let lines = CRIULog.excerpt(path: path)
+        #expect(lines.count == 3)
+        #expect(lines[0].contains("about to fail"))
+        #expect(lines[1].contains("session leader"))
+    }
+
+    @Test func procStatParsesCommandsWithParentheses() {
+        let me = ProcFS.stat(getpid())
+        #expect(me?.pid == getpid())
+        #expect(me?.ppid == getppid())
+    }
+
+    @Test func hostFactsKeepOnlyInstructionSetFlags() {
+        let host = HostFacts.current()
+        #expect(!host.cpuFlags.isEmpty)
+        #expect(host.cpuFlags.allSatisfy(HostFacts.instructionSetFlags.contains))
+    }
+}

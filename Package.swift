@@ -2,7 +2,7 @@
 // stasis: checkpoint/restore for GPU process trees. One package, small libraries, a thin command on top.
 //
 //   StasisCore    leaf: errors, the manifest schema, formatting
-//   StasisOS      every syscall, /proc read, file write and process spawn
+//   StasisOS      every syscall, /proc read, file write and process spawn (CStasisLinux: its C shims)
 //   StasisCRIU    CRIU through `criu swrk` RPC (generated protobuf code committed under Generated/)
 //   StasisGPU     the GPU driver (dlopen'd at run time) and the per-process device steps
 //   StasisImage   the checkpoint directory: staging, manifest, hashing, verification, atomic publish
@@ -24,8 +24,9 @@ let package = Package(
     ],
     targets: [
         .target(name: "StasisCore"),
+        .target(name: "CStasisLinux"),
         .target(name: "StasisOS", dependencies: [
-            "StasisCore",
+            "StasisCore", "CStasisLinux",
             .product(name: "Crypto", package: "swift-crypto"),
         ]),
         .target(name: "StasisCRIU", dependencies: [

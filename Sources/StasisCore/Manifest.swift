@@ -126,10 +126,13 @@ public struct Manifest: Codable, Sendable, Equatable {
         public var memoryWrite: Double
         public var criu: Double
         public var devices: Double
+        /// Finishing the image hashes after CRIU wrote the memory (most is hashed while it writes).
         public var hash: Double
+        /// fsync of every image before the checkpoint counts as taken.
+        public var sync: Double
         public var total: Double
         public init(freeze: Double = 0, frozen: Double = 0, memoryDump: Double = 0, memoryWrite: Double = 0,
-                    criu: Double = 0, devices: Double = 0, hash: Double = 0, total: Double = 0) {
+                    criu: Double = 0, devices: Double = 0, hash: Double = 0, sync: Double = 0, total: Double = 0) {
             self.freeze = freeze
             self.frozen = frozen
             self.memoryDump = memoryDump
@@ -137,6 +140,7 @@ public struct Manifest: Codable, Sendable, Equatable {
             self.criu = criu
             self.devices = devices
             self.hash = hash
+            self.sync = sync
             self.total = total
         }
     }
@@ -162,11 +166,19 @@ public struct Manifest: Codable, Sendable, Equatable {
         }
     }
 
+    /// One file of the checkpoint. `sha256` is the plain SHA-256 of a file up to 64 MiB; for a longer file
+    /// it is the SHA-256 of its 64 MiB segments' digests, which `segments` lists (see docs/FORMAT.md).
     public struct FileEntry: Codable, Sendable, Equatable {
         public var path: String
         public var size: UInt64
         public var sha256: String
-        public init(path: String, size: UInt64, sha256: String) { self.path = path; self.size = size; self.sha256 = sha256 }
+        public var segments: [String]?
+        public init(path: String, size: UInt64, sha256: String, segments: [String]? = nil) {
+            self.path = path
+            self.size = size
+            self.sha256 = sha256
+            self.segments = segments
+        }
     }
 }
 

@@ -131,6 +131,7 @@ public struct DumpOperation {
         try device.afterDump(section: gpu, leaveRunning: options.leaveRunning)
         timings.devices += deviceWatch.seconds
         timings.hash = manifest.timings.hash
+        timings.sync = manifest.timings.sync
         timings.total = total.seconds
         manifest.timings = timings
         try Self.addLateFiles(to: &manifest, in: destination)
@@ -145,10 +146,12 @@ public struct DumpOperation {
         let watch = Stopwatch()
         let names = try FileSystem.regularFiles(under: staging.path).filter { $0 != CRIUService.dumpLogName }
         let hashed = try ParallelHasher.hash(names, under: staging.path, started: partial)
-        for name in names { try FileSystem.fsync(path: staging.path + "/" + name) }
         var timings = timings
         timings.hash = watch.seconds
-        let files = hashed.map { Manifest.FileEntry(path: $0.path, size: $0.size, sha256: $0.sha256) }
+        let syncWatch = Stopwatch()
+        for name in names { try FileSystem.fsync(path: staging.path + "/" + name) }
+        timings.sync = syncWatch.seconds
+        let files = hashed.map { Manifest.FileEntry(path: $0.path, size: $0.size, sha256: $0.sha256, segments: $0.segments) }
         let manifest = Manifest(
             id: UUID().uuidString.lowercased(), createdAt: Date(),
             tool: .init(name: "stasis", version: StasisVersion.current), host: HostFacts.current(),
@@ -171,7 +174,7 @@ public struct DumpOperation {
         do {
             try FileSystem.makePrivate(tree: directory)
             let hashed = try ParallelHasher.hash(late, under: directory)
-            manifest.files = (manifest.files + hashed.map { Manifest.FileEntry(path: $0.path, size: $0.size, sha256: $0.sha256) })
+            manifest.files = (manifest.files + hashed.map { Manifest.FileEntry(path: $0.path, size: $0.size, sha256: $0.sha256, segments: $0.segments) })
                 .sorted { $0.path < $1.path }
             manifest.memory.imageBytes = manifest.files.reduce(0) { $0 + $1.size }
             try FileSystem.writeAtomically(try Manifest.encoder().encode(manifest), to: directory + "/" + Manifest.fileName)

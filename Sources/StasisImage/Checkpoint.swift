@@ -50,8 +50,16 @@ public enum Checkpoint {
             }
         }
         let results = try ParallelHasher.hash(manifest.files.map(\.path), under: directory, progress: progress)
-        for result in results where result.sha256 != expected[result.path]?.sha256 {
-            throw StasisError(.integrity, "\(directory)/\(result.path) does not match its SHA-256 in the manifest (content changed or corrupt)",
+        for result in results {
+            guard let entry = expected[result.path], result.sha256 != entry.sha256 else { continue }
+            // Place the damage: the first 64 MiB segment whose digest differs.
+            var place = ""
+            if let want = entry.segments, let got = result.segments,
+               let bad = zip(want, got).enumerated().first(where: { $0.element.0 != $0.element.1 })?.offset {
+                let start = UInt64(bad) * SegmentedDigest.segmentSize
+                place = " in bytes \(start)..<\(min(entry.size, start + SegmentedDigest.segmentSize))"
+            }
+            throw StasisError(.integrity, "\(directory)/\(result.path) does not match its SHA-256 in the manifest\(place) (content changed or corrupt)",
                               hint: "the checkpoint is damaged; restore from another copy")
         }
         return VerifyReport(directory: directory, files: results.count, bytes: results.reduce(0) { $0 + $1.size }, seconds: watch.seconds)

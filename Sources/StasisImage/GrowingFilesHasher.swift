@@ -49,7 +49,8 @@ public final class GrowingFilesHasher: @unchecked Sendable {
                     return created
                 }
                 // A read error here is not fatal: ParallelHasher retries the file and reports it properly.
-                if let got = try? hasher.advance(buffer: buffer), got > 0 {
+                // A bounded step, so stop() never waits for a whole file to be read on this one thread.
+                if let got = try? hasher.advance(buffer: buffer, limit: 64 << 20, startWriteback: true), got > 0 {
                     lock.withLock { bytes += got }
                     progressed = true
                 }

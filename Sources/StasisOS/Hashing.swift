@@ -1,116 +1,219 @@
+import CStasisLinux
 import Crypto
 import Foundation
 import Glibc
 import StasisCore
 
-/// SHA-256 of a file that may still be growing. `advance()` hashes what has been appended since the last
-/// call, so a caller can hash CRIU's images while CRIU is still writing them (they are written front to
-/// back); `finish()` hashes the rest and returns the digest. Hashing a finished file is `finish()` alone.
+/// How stasis fingerprints a file: SHA-256 over fixed 64 MiB segments, so one big file can be hashed (and
+/// verified) on every core at once and a mismatch can be placed at an offset. A file of one segment (up to
+/// 64 MiB, or empty) has the plain SHA-256 of its content as its digest, the same as `sha256sum` prints; a
+/// longer one has SHA-256 over its segments' 32-byte digests, in order.
+public enum SegmentedDigest {
+    public static let segmentSize: UInt64 = 64 << 20
+
+    public static func combine(_ segments: [SHA256.Digest]) -> String {
+        if segments.count == 1 { return hex(segments[0]) }
+        var outer = SHA256()
+        for digest in segments { digest.withUnsafeBytes { outer.update(bufferPointer: $0) } }
+        return hex(outer.finalize())
+    }
+
+    public static func hex<D: Sequence>(_ digest: D) -> String where D.Element == UInt8 {
+        let table = Array("0123456789abcdef".utf8)
+        var out = [UInt8]()
+        out.reserveCapacity(64)
+        for byte in digest {
+            out.append(table[Int(byte >> 4)])
+            out.append(table[Int(byte & 0xf)])
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    public static func segmentCount(size: UInt64) -> Int { max(1, Int((size + segmentSize - 1) / segmentSize)) }
+}
+
+/// Hashes a file that may still be growing, front to back: `advance()` hashes what was appended since the
+/// last call, so the images CRIU is writing can be hashed while it writes them. `ParallelHasher` takes over
+/// what it has done and finishes the rest on all cores.
 public final class IncrementalFileHash {
     public let path: String
     public private(set) var offset: UInt64 = 0
-    private var hasher = SHA256()
+    fileprivate var completed: [SHA256.Digest] = []
+    fileprivate var current = SHA256()
     private var fd: Int32 = -1
-    private static let bufferSize = 4 << 20
 
     public init(path: String) { self.path = path }
     deinit { if fd >= 0 { close(fd) } }
 
-    /// Hashes the bytes appended since the last call; returns how many.
+    /// Hashes the bytes appended since the last call, at most `limit` of them; returns how many. With
+    /// `startWriteback`, each hashed range is also handed to the kernel's writeback, so the fsync that makes
+    /// the checkpoint durable finds little left to write.
     @discardableResult
-    public func advance(buffer: UnsafeMutableRawBufferPointer) throws -> UInt64 {
+    public func advance(buffer: UnsafeMutableRawBufferPointer, limit: UInt64 = .max, startWriteback: Bool = false) throws -> UInt64 {
         if fd < 0 {
             fd = retryingEINTR { open(path, O_RDONLY | O_CLOEXEC) }
             guard fd >= 0 else { throw systemError("cannot open", path) }
-            posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL)
         }
         var total: UInt64 = 0
-        while true {
-            let got = retryingEINTR { pread(fd, buffer.baseAddress, buffer.count, off_t(offset)) }
+        let start = offset
+        defer { if startWriteback, total > 0 { _ = stasis_start_writeback(fd, Int64(start), Int64(total)) } }
+        while total < limit {
+            // Never read across a segment boundary, so each segment is finalised exactly at its end.
+            let room = Int(min(UInt64(buffer.count), SegmentedDigest.segmentSize - offset % SegmentedDigest.segmentSize))
+            let got = retryingEINTR { pread(fd, buffer.baseAddress, room, off_t(offset)) }
             guard got >= 0 else { throw systemError("cannot read", path) }
             if got == 0 { return total }
-            hasher.update(bufferPointer: UnsafeRawBufferPointer(rebasing: buffer[0..<got]))
+            current.update(bufferPointer: UnsafeRawBufferPointer(rebasing: buffer[0..<got]))
             offset += UInt64(got)
             total += UInt64(got)
+            if offset % SegmentedDigest.segmentSize == 0 {
+                completed.append(current.finalize())
+                current = SHA256()
+            }
         }
+        return total
     }
 
-    /// Hashes the rest of the file and returns the hex digest and the size hashed.
-    public func finish(buffer: UnsafeMutableRawBufferPointer) throws -> (sha256: String, size: UInt64) {
-        try advance(buffer: buffer)
+    fileprivate func closeFile() {
         if fd >= 0 { close(fd); fd = -1 }
-        return (Self.hex(hasher.finalize()), offset)
     }
 
-    public static func hex<D: Sequence>(_ digest: D) -> String where D.Element == UInt8 {
-        digest.map { String(format: "%02x", $0) }.joined()
-    }
+    static let bufferSize = 4 << 20
 
-    /// A read buffer sized for these hashers; the caller owns and frees it.
+    /// A read buffer sized for hashing; the caller owns and frees it.
     public static func makeBuffer() -> UnsafeMutableRawBufferPointer {
         UnsafeMutableRawBufferPointer.allocate(byteCount: bufferSize, alignment: 4096)
     }
 }
 
-/// Hashes many files on several threads, the largest first so one big file does not finish last.
+/// Hashes many files on several threads, one 64 MiB segment per work item, so a single large image uses
+/// every core. Partial hashes begun while the files were written are resumed, not redone.
 public enum ParallelHasher {
     public struct Result: Sendable {
         public var path: String
         public var size: UInt64
         public var sha256: String
+        /// The per-segment digests, for files of more than one segment.
+        public var segments: [String]?
     }
 
-    /// Hashes `relativePaths` under `root`, resuming any partial hashes in `started`.
     public static func hash(_ relativePaths: [String], under root: String, started: [String: IncrementalFileHash] = [:],
                             threads: Int = ProcessInfo.processInfo.activeProcessorCount,
                             progress: (@Sendable (UInt64) -> Void)? = nil) throws -> [Result] {
-        let order = relativePaths.sorted { (FileSystem.size(root + "/" + $0) ?? 0) > (FileSystem.size(root + "/" + $1) ?? 0) }
-        let state = HashState(count: order.count)
-        let workers = max(1, min(threads, order.count))
-        nonisolated(unsafe) let jobs = order.map { started[$0] ?? IncrementalFileHash(path: root + "/" + $0) }
+        // Plan: for each file, the digests already known and a work item for every segment still to hash.
+        var plans: [FilePlan] = []
+        var items: [WorkItem] = []
+        for (fileIndex, relative) in relativePaths.enumerated() {
+            let path = root + "/" + relative
+            guard let size = FileSystem.size(path) else { throw systemError("cannot stat", path) }
+            let count = SegmentedDigest.segmentCount(size: size)
+            var known = [SHA256.Digest?](repeating: nil, count: count)
+            var firstToHash = 0
+            if let partial = started[relative] {
+                partial.closeFile()
+                for (index, digest) in partial.completed.enumerated() where index < count { known[index] = digest }
+                firstToHash = partial.completed.count
+                // The segment in progress resumes from the partial state when it is not yet finished.
+                if firstToHash < count, partial.offset > UInt64(firstToHash) * SegmentedDigest.segmentSize {
+                    items.append(WorkItem(file: fileIndex, segment: firstToHash, from: partial.offset, state: partial.current))
+                    firstToHash += 1
+                }
+            }
+            for segment in firstToHash..<count where known[segment] == nil {
+                items.append(WorkItem(file: fileIndex, segment: segment, from: UInt64(segment) * SegmentedDigest.segmentSize, state: SHA256()))
+            }
+            plans.append(FilePlan(path: path, relative: relative, size: size, digests: known))
+        }
+        let state = HashState(plans: plans, items: items)
+        let workers = max(1, min(threads, items.count))
         DispatchQueue.concurrentPerform(iterations: workers) { _ in
             let buffer = IncrementalFileHash.makeBuffer()
             defer { buffer.deallocate() }
-            while let index = state.next() {
+            while let (index, item) = state.next() {
                 do {
-                    let (digest, size) = try jobs[index].finish(buffer: buffer)
-                    state.store(index, Result(path: order[index], size: size, sha256: digest))
-                    progress?(size)
+                    let plan = state.plan(item.file)
+                    let end = min(plan.size, UInt64(item.segment + 1) * SegmentedDigest.segmentSize)
+                    let digest = try hashRange(plan.path, from: item.from, to: end, state: item.state, buffer: buffer)
+                    state.store(item, index: index, digest: digest)
+                    progress?(end - item.from)
                 } catch let error as StasisError {
                     state.fail(error)
                 } catch {
-                    state.fail(StasisError(.io, "hashing \(order[index]): \(error)"))
+                    state.fail(StasisError(.io, "hashing \(state.plan(item.file).path): \(error)"))
                 }
             }
         }
-        return try state.results().sorted { $0.path < $1.path }
+        return try state.results()
     }
+
+    static func hashRange(_ path: String, from: UInt64, to end: UInt64, state: SHA256,
+                          buffer: UnsafeMutableRawBufferPointer) throws -> SHA256.Digest {
+        let fd = retryingEINTR { open(path, O_RDONLY | O_CLOEXEC) }
+        guard fd >= 0 else { throw systemError("cannot open", path) }
+        defer { close(fd) }
+        var hasher = state
+        var offset = from
+        while offset < end {
+            let want = Int(min(UInt64(buffer.count), end - offset))
+            let got = retryingEINTR { pread(fd, buffer.baseAddress, want, off_t(offset)) }
+            guard got >= 0 else { throw systemError("cannot read", path) }
+            guard got > 0 else {
+                throw StasisError(.integrity, "\(path) ended at byte \(offset) while being hashed (expected \(end) bytes)")
+            }
+            hasher.update(bufferPointer: UnsafeRawBufferPointer(rebasing: buffer[0..<got]))
+            offset += UInt64(got)
+        }
+        return hasher.finalize()
+    }
+}
+
+private struct FilePlan {
+    var path: String
+    var relative: String
+    var size: UInt64
+    var digests: [SHA256.Digest?]
+}
+
+private struct WorkItem {
+    var file: Int
+    var segment: Int
+    var from: UInt64
+    var state: SHA256
 }
 
 /// Work queue and results shared by the hashing threads.
 private final class HashState: @unchecked Sendable {
     private let lock = NSLock()
+    private var plans: [FilePlan]
+    private let items: [WorkItem]
     private var nextIndex = 0
-    private var slots: [ParallelHasher.Result?]
     private var failure: StasisError?
 
-    init(count: Int) { slots = Array(repeating: nil, count: count) }
+    init(plans: [FilePlan], items: [WorkItem]) {
+        self.plans = plans
+        self.items = items
+    }
 
-    func next() -> Int? {
+    func next() -> (Int, WorkItem)? {
         lock.withLock {
-            guard failure == nil, nextIndex < slots.count else { return nil }
+            guard failure == nil, nextIndex < items.count else { return nil }
             defer { nextIndex += 1 }
-            return nextIndex
+            return (nextIndex, items[nextIndex])
         }
     }
 
-    func store(_ index: Int, _ result: ParallelHasher.Result) { lock.withLock { slots[index] = result } }
+    func plan(_ index: Int) -> FilePlan { lock.withLock { plans[index] } }
+    func store(_ item: WorkItem, index: Int, digest: SHA256.Digest) { lock.withLock { plans[item.file].digests[item.segment] = digest } }
     func fail(_ error: StasisError) { lock.withLock { if failure == nil { failure = error } } }
 
     func results() throws -> [ParallelHasher.Result] {
         try lock.withLock {
             if let failure { throw failure }
-            return slots.compactMap { $0 }
+            return plans.map { plan in
+                let digests = plan.digests.map { $0! }
+                return ParallelHasher.Result(path: plan.relative, size: plan.size, sha256: SegmentedDigest.combine(digests),
+                                             segments: digests.count > 1 ? digests.map { SegmentedDigest.hex($0) } : nil)
+            }.sorted { $0.path < $1.path }
         }
     }
 }

@@ -49,7 +49,7 @@ struct DumpCommand: ParsableCommand {
             print("checkpointed PID \(report.rootPID) (\(report.processes) process\(report.processes == 1 ? "" : "es"), \(report.threads) threads) into \(report.directory)")
             print("  memory: \(Format.bytes(report.memory.residentBytes)) resident, \(Format.bytes(report.memory.dumpedBytes)) dumped; image \(Format.bytes(report.memory.imageBytes))")
             print("  time:   freeze \(Format.seconds(t.freeze)), memory dump \(Format.seconds(t.memoryDump)), memory write \(Format.seconds(t.memoryWrite)), " +
-                  "frozen \(Format.seconds(t.frozen)); hash+sync \(Format.seconds(t.hash)); total \(Format.seconds(t.total))")
+                  "frozen \(Format.seconds(t.frozen)); hash \(Format.seconds(t.hash)), sync \(Format.seconds(t.sync)); total \(Format.seconds(t.total))")
             print("  tree:   \(report.leaveRunning ? "left running" : "stopped")")
         }
     }

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The whole test suite: installs CRIU if needed, builds everything, runs unit and integration tests
+# (real CRIU, real processes; needs root). .ci/run calls exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/install-criu.sh
+export PATH="/usr/local/sbin:$PATH"
+swift build --build-tests
+swift test --skip-build

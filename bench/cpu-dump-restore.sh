@@ -45,7 +45,7 @@ stasis_round() {
     local t; t=$(now)
     "$BIN/stasis" dump "$pid" -D "$work/ckpt" --json >"$work/dump.json"
     stasis_dump+=("$(elapsed "$t")")
-    stasis_hash+=("$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["timings"]["hash"])' "$work/dump.json")")
+    stasis_hash+=("$(python3 -c 'import json,sys; t=json.load(open(sys.argv[1]))["timings"]; print(t["hash"] + t["sync"])' "$work/dump.json")")
     wait_gone "$pid"
     t=$(now)
     "$BIN/stasis" restore -D "$work/ckpt" -W "$work/restore-work" --json >"$work/restore.json"

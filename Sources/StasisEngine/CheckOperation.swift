@@ -20,6 +20,7 @@ public struct CheckOperation {
             public var pidfdStore: Bool?
             public var problem: String?
             public var hint: String?
+            public var warnings: [String] = []
         }
         public var kernel: String
         public var root: Bool
@@ -39,6 +40,7 @@ public struct CheckOperation {
             criu.found = true
             criu.path = binary.path
             criu.version = binary.version
+            criu.warnings += Self.knownIncompatibilities(criu: binary.version, kernel: host.kernel)
             let service = CRIUService(binary: binary)
             let scratch = try FileSystem.makeStagingSibling(of: NSTemporaryDirectory() + "stasis-check", owner: getpid())
             defer { FileSystem.removeTree(scratch) }
@@ -68,5 +70,18 @@ public struct CheckOperation {
         }
         return Report(kernel: host.kernel, root: root, criu: criu, gpu: GPUReport.probe(),
                       ready: criu.found && criu.kernelCheck == true && root)
+    }
+
+    /// Combinations of CRIU and kernel known to fail on some processes, from what we saw.
+    static func knownIncompatibilities(criu: String, kernel: String) -> [String] {
+        func numbers(_ text: String) -> [Int] {
+            text.split(whereSeparator: { !$0.isNumber }).prefix(2).compactMap { Int($0) }
+        }
+        let c = numbers(criu), k = numbers(kernel)
+        guard c.count == 2, k.count == 2 else { return [] }
+        if (c[0], c[1]) < (4, 2), (k[0], k[1]) >= (6, 16) {
+            return ["CRIU \(criu) cannot dump INET (TCP/UDP) sockets on kernel \(kernel) (\"Can't get 1:16 opt\": SO_PASSCRED is refused on non-UNIX sockets since 6.16); CRIU 4.2 fixes it (scripts/install-criu.sh installs it)"]
+        }
+        return []
     }
 }

@@ -78,8 +78,9 @@ public struct DumpOperation {
             follower = hasher
             let progress = options.progress
             let stagingPath = staging.path
+            let resident = processes.reduce(0) { $0 + $1.residentBytes }
             let ticker = ProgressTicker(progress.map { report in
-                { @Sendable in report(Progress(phase: "dumping memory", bytes: Self.pageBytes(in: stagingPath), totalBytes: nil)) }
+                { @Sendable in report(Progress(phase: "dumping memory", bytes: Self.pageBytes(in: stagingPath), totalBytes: resident)) }
             })
             defer { ticker?.stop() }
 

@@ -25,6 +25,7 @@ struct CheckCommand: ParsableCommand {
             } else {
                 print("criu:    missing")
             }
+            for warning in criu.warnings { print("         warning: \(warning)") }
             if let problem = criu.problem { print("         problem: \(problem)") }
             if let hint = criu.hint { print("         fix: \(hint)") }
             let gpu = report.gpu

@@ -13,7 +13,7 @@ struct OutputOptions: ParsableArguments {
 enum Output {
     static func json<T: Encodable>(_ value: T) {
         let encoder = JSONEncoder()
-        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
         encoder.dateEncodingStrategy = .iso8601
         if let data = try? encoder.encode(value) { print(String(decoding: data, as: UTF8.self)) }
     }

@@ -1,6 +1,7 @@
 import Foundation
 import StasisCore
 import StasisCRIU
+@testable import StasisEngine
 import StasisOS
 import Testing
 
@@ -78,5 +79,13 @@ import Testing
         let host = HostFacts.current()
         #expect(!host.cpuFlags.isEmpty)
         #expect(host.cpuFlags.allSatisfy(HostFacts.instructionSetFlags.contains))
+    }
+}
+
+@Suite struct CheckAdvice {
+    @Test func warnsAboutCRIUBefore42OnKernel616AndLater() {
+        #expect(CheckOperation.knownIncompatibilities(criu: "4.1.1", kernel: "6.18.44-fc-v669").count == 1)
+        #expect(CheckOperation.knownIncompatibilities(criu: "4.2.1", kernel: "6.18.44").isEmpty)
+        #expect(CheckOperation.knownIncompatibilities(criu: "4.1", kernel: "6.1.0-18-amd64").isEmpty)
     }
 }

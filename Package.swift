@@ -4,7 +4,8 @@
 //   StasisCore    leaf: errors, the manifest schema, formatting
 //   StasisOS      every syscall, /proc read, file write and process spawn (CStasisLinux: its C shims)
 //   StasisCRIU    CRIU through `criu swrk` RPC (generated protobuf code committed under Generated/)
-//   StasisGPU     the GPU driver (dlopen'd at run time) and the per-process device steps
+//   StasisGPU     the GPU driver (dlopen'd at run time) and the per-process device steps; the driver's
+//                 checkpoint steps themselves are C (CStasisCUDA), shared with the CRIU plugin
 //   StasisImage   the checkpoint directory: staging, manifest, hashing, verification, atomic publish
 //   StasisEngine  dump / restore / check / inspect / verify, built from the modules above
 //   stasis        the command line
@@ -33,7 +34,8 @@ let package = Package(
             "StasisCore", "StasisOS",
             .product(name: "SwiftProtobuf", package: "swift-protobuf"),
         ], exclude: ["Proto"]),
-        .target(name: "StasisGPU", dependencies: ["StasisCore", "StasisOS"]),
+        .target(name: "CStasisCUDA"),
+        .target(name: "StasisGPU", dependencies: ["StasisCore", "StasisOS", "CStasisCUDA"]),
         .target(name: "StasisImage", dependencies: ["StasisCore", "StasisOS"]),
         .target(name: "StasisEngine", dependencies: ["StasisCore", "StasisOS", "StasisCRIU", "StasisGPU", "StasisImage"]),
         .executableTarget(name: "stasis", dependencies: [

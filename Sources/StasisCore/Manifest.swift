@@ -145,18 +145,36 @@ public struct Manifest: Codable, Sendable, Equatable {
         }
     }
 
-    /// Device state per process. Empty until the GPU steps land; readers must accept an empty list.
+    /// Device state: the GPUs the tree used and, per CUDA process, which of them and how much memory.
+    /// Empty (no devices, no processes) for a tree that uses no GPU.
     public struct GPUSection: Codable, Sendable, Equatable {
+        /// The driver API version, "13.0".
         public var driverVersion: String?
+        public var devices: [GPUDevice]
         public var processes: [GPUProcess]
-        public init(driverVersion: String? = nil, processes: [GPUProcess] = []) {
+        public init(driverVersion: String? = nil, devices: [GPUDevice] = [], processes: [GPUProcess] = []) {
             self.driverVersion = driverVersion
+            self.devices = devices
             self.processes = processes
+        }
+    }
+
+    public struct GPUDevice: Codable, Sendable, Equatable {
+        public var index: Int
+        public var uuid: String
+        public var name: String
+        public var memoryBytes: UInt64
+        public init(index: Int, uuid: String, name: String, memoryBytes: UInt64) {
+            self.index = index
+            self.uuid = uuid
+            self.name = name
+            self.memoryBytes = memoryBytes
         }
     }
 
     public struct GPUProcess: Codable, Sendable, Equatable {
         public var pid: Int32
+        /// UUIDs of the GPUs the process had memory on.
         public var devices: [String]
         public var deviceMemoryBytes: UInt64
         public init(pid: Int32, devices: [String], deviceMemoryBytes: UInt64) {

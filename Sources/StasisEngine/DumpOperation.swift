@@ -29,6 +29,7 @@ public struct DumpOperation {
         public var leaveRunning: Bool
         public var memory: Manifest.Memory
         public var timings: Manifest.Timings
+        public var gpu: Manifest.GPUSection
         public var criuVersion: String
     }
 
@@ -137,7 +138,7 @@ public struct DumpOperation {
         manifest.timings = timings
         try Self.addLateFiles(to: &manifest, in: destination)
         return Report(directory: destination, rootPID: pid, processes: processes.count, threads: processes.reduce(0) { $0 + $1.threads },
-                      leaveRunning: options.leaveRunning, memory: manifest.memory, timings: timings, criuVersion: criu.version)
+                      leaveRunning: options.leaveRunning, memory: manifest.memory, timings: timings, gpu: gpu, criuVersion: criu.version)
     }
 
     /// Hashes every image (completing the hashes begun while CRIU wrote), syncs them to disk and writes the

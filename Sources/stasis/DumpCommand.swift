@@ -1,6 +1,7 @@
 import ArgumentParser
 import StasisCore
 import StasisEngine
+import StasisGPU
 
 struct DumpCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -29,11 +30,15 @@ struct DumpCommand: ParsableCommand {
     @Option(name: .long, help: "CRIU log level, 0-4.")
     var logLevel: Int32 = 4
 
+    @Option(name: .long, help: "Seconds to wait for each CUDA process to reach a point where it can be locked.")
+    var lockTimeout: Double = 10
+
     @OptionGroup var output: OutputOptions
 
     func validate() throws {
         guard pid > 0 else { throw ValidationError("PID must be a positive number") }
         guard (0...4).contains(logLevel) else { throw ValidationError("--log-level must be between 0 and 4") }
+        guard lockTimeout > 0, lockTimeout < 86_400 else { throw ValidationError("--lock-timeout must be between 0 and 86400 seconds") }
     }
 
     func run() throws {
@@ -42,7 +47,8 @@ struct DumpCommand: ParsableCommand {
             options.leaveRunning = leaveRunning
             options.process = .init(tcpEstablished: tcpEstablished, shellJob: shellJob, logLevel: logLevel)
             options.progress = output.json ? nil : Output.progressHandler()
-            let report = try DumpOperation(options).run()
+            let device = CUDADeviceStep(lockTimeoutMilliseconds: UInt32(lockTimeout * 1000))
+            let report = try DumpOperation(options, device: device).run()
             Output.clearProgress()
             if output.json { return Output.json(report) }
             let t = report.timings
@@ -50,6 +56,9 @@ struct DumpCommand: ParsableCommand {
             print("  memory: \(Format.bytes(report.memory.residentBytes)) resident, \(Format.bytes(report.memory.dumpedBytes)) dumped; image \(Format.bytes(report.memory.imageBytes))")
             print("  time:   freeze \(Format.seconds(t.freeze)), memory dump \(Format.seconds(t.memoryDump)), memory write \(Format.seconds(t.memoryWrite)), " +
                   "frozen \(Format.seconds(t.frozen)); hash \(Format.seconds(t.hash)), sync \(Format.seconds(t.sync)); total \(Format.seconds(t.total))")
+            if !report.gpu.processes.isEmpty {
+                print("  gpu:    \(report.gpu.processes.count) CUDA process(es), \(Format.bytes(report.gpu.processes.reduce(0) { $0 + $1.deviceMemoryBytes })) device memory; driver checkpoint \(Format.seconds(t.devices))")
+            }
             print("  tree:   \(report.leaveRunning ? "left running" : "stopped")")
         }
     }

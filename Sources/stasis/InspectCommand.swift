@@ -35,7 +35,10 @@ struct InspectCommand: ParsableCommand {
             if manifest.gpu.processes.isEmpty {
                 print("  gpu:      none")
             } else {
-                print("  gpu:      driver \(manifest.gpu.driverVersion ?? "?")")
+                print("  gpu:      driver API \(manifest.gpu.driverVersion ?? "?")")
+                for device in manifest.gpu.devices {
+                    print("    GPU \(device.index) \(device.uuid) \(device.name), \(Format.bytes(device.memoryBytes))")
+                }
                 for process in manifest.gpu.processes {
                     print("    \(process.pid): \(Format.bytes(process.deviceMemoryBytes)) on \(process.devices.joined(separator: ", "))")
                 }

@@ -1,6 +1,7 @@
 import ArgumentParser
 import StasisCore
 import StasisEngine
+import StasisGPU
 
 struct RestoreCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -23,10 +24,28 @@ struct RestoreCommand: ParsableCommand {
     @Option(name: .long, help: "CRIU log level, 0-4.")
     var logLevel: Int32 = 4
 
+    @Option(name: .long, help: "Restore GPUs onto other GPUs: OLD=NEW[,OLD=NEW...], each a UUID (GPU-...) or an index. Default: the same UUID, else the same index.")
+    var gpuMap: String?
+
     @OptionGroup var output: OutputOptions
 
     func validate() throws {
         guard (0...4).contains(logLevel) else { throw ValidationError("--log-level must be between 0 and 4") }
+        _ = try parsedGPUMap()
+    }
+
+    func parsedGPUMap() throws -> [String: String] {
+        guard let gpuMap else { return [:] }
+        var map: [String: String] = [:]
+        for pair in gpuMap.split(separator: ",") {
+            let sides = pair.split(separator: "=", omittingEmptySubsequences: false).map { $0.trimmingCharacters(in: .whitespaces) }
+            guard sides.count == 2, !sides[0].isEmpty, !sides[1].isEmpty else {
+                throw ValidationError("--gpu-map takes OLD=NEW pairs separated by commas; got '\(pair)'")
+            }
+            guard map[sides[0]] == nil else { throw ValidationError("--gpu-map maps \(sides[0]) twice") }
+            map[sides[0]] = sides[1]
+        }
+        return map
     }
 
     func run() throws {
@@ -36,7 +55,8 @@ struct RestoreCommand: ParsableCommand {
             options.skipCPUCheck = skipCPUCheck
             options.logLevel = logLevel
             options.progress = output.json ? nil : Output.progressHandler()
-            let report = try RestoreOperation(options).run()
+            let device = CUDADeviceStep(gpuMap: try parsedGPUMap())
+            let report = try RestoreOperation(options, device: device).run()
             Output.clearProgress()
             if output.json { return Output.json(report) }
             let t = report.timings

@@ -1,0 +1,179 @@
+import Foundation
+import Glibc
+import StasisCore
+import StasisOS
+
+/// The device step for CUDA processes, through the driver's process checkpoint API.
+///
+/// Dump: find the tree's processes that hold NVIDIA device files, refuse what the driver cannot checkpoint
+/// (MPS clients, processes the driver does not know), then lock them all and checkpoint them all in
+/// parallel; the driver moves their device memory into their host memory, which CRIU then dumps. Any
+/// failure puts every touched process back to running. Restore: after CRIU, restore (remapping GPUs) and
+/// unlock every CUDA process in parallel.
+public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
+    public var name: String { "cuda" }
+    let lockTimeoutMilliseconds: UInt32
+    /// --gpu-map: checkpoint GPU (UUID or index) to this machine's GPU (UUID or index).
+    let gpuMap: [String: String]
+    private let lock = NSLock()
+    private var remapping: [(old: [UInt8], new: [UInt8])] = []
+
+    public init(lockTimeoutMilliseconds: UInt32 = 10_000, gpuMap: [String: String] = [:]) {
+        self.lockTimeoutMilliseconds = lockTimeoutMilliseconds
+        self.gpuMap = gpuMap
+    }
+
+    /// True when the process holds a /dev/nvidia* descriptor.
+    static func usesNvidiaDevice(_ pid: Int32) -> Bool {
+        let directory = "/proc/\(pid)/fd"
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []
+        return names.contains { name in
+            (try? FileManager.default.destinationOfSymbolicLink(atPath: directory + "/" + name))?.hasPrefix("/dev/nvidia") == true
+        }
+    }
+
+    /// MPS clients talk to a daemon whose state the driver's checkpoint cannot carry.
+    static func mpsProblem(_ pid: Int32) -> String? {
+        let environment = (FileManager.default.contents(atPath: "/proc/\(pid)/environ") ?? Data())
+            .split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
+        if environment.contains(where: { $0.hasPrefix("CUDA_MPS_PIPE_DIRECTORY=") }) {
+            return "PID \(pid) is an MPS client (CUDA_MPS_PIPE_DIRECTORY is set)"
+        }
+        if ProcFS.allPIDs().contains(where: { ProcFS.stat($0)?.command.hasPrefix("nvidia-cuda-mps") == true }) {
+            return "an MPS control daemon runs on this machine, and PID \(pid) may be its client"
+        }
+        return nil
+    }
+
+    /// Runs `body` for every PID at once; returns the errors, by PID.
+    static func parallel(_ pids: [Int32], _ body: @Sendable (Int32) throws -> Void) -> [Int32: Error] {
+        let errors = ErrorBag()
+        DispatchQueue.concurrentPerform(iterations: pids.count) { index in
+            do { try body(pids[index]) } catch { errors.add(pids[index], error) }
+        }
+        return errors.all
+    }
+
+    static func describe(_ errors: [Int32: Error]) -> String {
+        errors.sorted { $0.key < $1.key }.map { "\($0.value)" }.joined(separator: "; ")
+    }
+
+    public func beforeFreeze(pids: [Int32]) throws -> Manifest.GPUSection {
+        let users = pids.filter(Self.usesNvidiaDevice)
+        guard !users.isEmpty else { return Manifest.GPUSection() }
+        try CheckpointDriver.load()
+        // Refusals first: nothing has been touched yet.
+        for pid in users {
+            if let problem = Self.mpsProblem(pid) {
+                throw StasisError(.gpu, "cannot checkpoint: \(problem); the driver cannot checkpoint MPS clients", hint: "run the job without MPS")
+            }
+            guard let state = CheckpointDriver.state(pid) else {
+                throw StasisError(.gpu, "PID \(pid) (\(ProcFS.stat(pid)?.command ?? "?")) holds NVIDIA device files but the CUDA driver does not know it as a CUDA process",
+                                  hint: "only CUDA processes can be checkpointed (not OpenGL/Vulkan users or MPS servers)")
+            }
+            guard state == .running else {
+                throw StasisError(.gpu, "PID \(pid) is \(state) in the CUDA driver, not running; another checkpoint may be in progress")
+            }
+        }
+        let inventory = GPUInventory.read()
+        let timeout = lockTimeoutMilliseconds
+        var errors = Self.parallel(users) { try CheckpointDriver.lock($0, timeoutMilliseconds: timeout) }
+        if errors.isEmpty {
+            errors = Self.parallel(users) { try CheckpointDriver.checkpoint($0) }
+        }
+        guard errors.isEmpty else {
+            let problems = Self.parallel(users) { pid in
+                let left = CheckpointDriver.resume(pid)
+                if !left.isEmpty { throw StasisError(.gpu, left.joined(separator: "; ")) }
+            }
+            var message = "GPU checkpoint failed: \(Self.describe(errors)); every CUDA process was put back to running"
+            if !problems.isEmpty { message = "GPU checkpoint failed: \(Self.describe(errors)); putting processes back also failed: \(Self.describe(problems))" }
+            throw StasisError(.gpu, message, hint: errors.values.contains { "\($0)".contains("NOT_SUPPORTED") }
+                              ? "the driver cannot checkpoint something these processes use (managed memory, CUDA IPC, ...)" : nil)
+        }
+        let used = Set(inventory.processes.filter { users.contains($0.pid) }.map(\.gpuUUID))
+        return Manifest.GPUSection(
+            driverVersion: CheckpointDriver.versionString,
+            devices: inventory.gpus.filter { used.isEmpty || used.contains($0.uuid) }.map {
+                Manifest.GPUDevice(index: $0.index, uuid: $0.uuid, name: $0.name, memoryBytes: $0.memoryTotalBytes)
+            },
+            processes: users.map { pid in
+                let uses = inventory.processes.filter { $0.pid == pid }
+                return Manifest.GPUProcess(pid: pid, devices: uses.map(\.gpuUUID), deviceMemoryBytes: uses.reduce(0) { $0 + $1.memoryBytes })
+            })
+    }
+
+    public func afterDump(section: Manifest.GPUSection, leaveRunning: Bool) throws {
+        guard leaveRunning, !section.processes.isEmpty else { return }
+        let errors = Self.parallel(section.processes.map(\.pid)) { pid in
+            try CheckpointDriver.restore(pid)
+            try CheckpointDriver.unlock(pid)
+        }
+        guard errors.isEmpty else {
+            throw StasisError(.gpu, "the checkpoint is complete, but resuming the GPU of the running tree failed: \(Self.describe(errors))")
+        }
+    }
+
+    public func rollback(section: Manifest.GPUSection) {
+        _ = Self.parallel(section.processes.map(\.pid)) { _ = CheckpointDriver.resume($0) }
+    }
+
+    /// Matches the checkpoint's GPUs to this machine's: --gpu-map first, then by UUID, then by index. Refuses a
+    /// GPU of another model or with less free memory than its processes had, before anything is restored.
+    public func checkRestorable(section: Manifest.GPUSection) throws {
+        guard !section.processes.isEmpty else { return }
+        try CheckpointDriver.load()
+        let here = GPUInventory.read().gpus
+        guard !here.isEmpty else { throw StasisError(.gpu, "the checkpoint holds GPU state but this machine lists no GPU (nvidia-smi)") }
+        func find(_ key: String, in gpus: [GPUInventory.GPU]) -> GPUInventory.GPU? {
+            gpus.first { $0.uuid == key } ?? Int(key).flatMap { index in gpus.first { $0.index == index } }
+        }
+        var pairs: [(old: [UInt8], new: [UInt8])] = []
+        for device in section.devices {
+            let target: GPUInventory.GPU?
+            if let mapped = gpuMap[device.uuid] ?? gpuMap[String(device.index)] {
+                guard let found = find(mapped, in: here) else {
+                    throw StasisError(.gpu, "--gpu-map names GPU \(mapped), which this machine does not have (it has \(here.map { "\($0.index): \($0.uuid)" }.joined(separator: ", ")))")
+                }
+                target = found
+            } else {
+                target = here.first { $0.uuid == device.uuid } ?? here.first { $0.index == device.index }
+            }
+            guard let target else {
+                throw StasisError(.gpu, "no GPU here matches the checkpoint's GPU \(device.index) (\(device.uuid), \(device.name))", hint: "map it with --gpu-map \(device.uuid)=NEW")
+            }
+            guard target.name == device.name else {
+                throw StasisError(.gpu, "GPU \(target.index) here is a \(target.name); the checkpoint's GPU \(device.uuid) was a \(device.name)",
+                                  hint: "restore onto the same GPU model (map another one with --gpu-map)")
+            }
+            let needed = section.processes.filter { $0.devices.contains(device.uuid) }.reduce(0) { $0 + $1.deviceMemoryBytes }
+            guard target.memoryFreeBytes >= needed else {
+                throw StasisError(.gpu, "GPU \(target.index) (\(target.uuid)) has \(Format.bytes(target.memoryFreeBytes)) free; the checkpoint needs \(Format.bytes(needed)) on it")
+            }
+            if target.uuid != device.uuid, let old = GPUInventory.uuidBytes(device.uuid), let new = GPUInventory.uuidBytes(target.uuid) {
+                pairs.append((old, new))
+            }
+        }
+        for key in gpuMap.keys where !section.devices.contains(where: { $0.uuid == key || String($0.index) == key }) {
+            throw StasisError(.gpu, "--gpu-map names GPU \(key), which the checkpoint did not use (it used \(section.devices.map { "\($0.index): \($0.uuid)" }.joined(separator: ", ")))")
+        }
+        lock.withLock { remapping = pairs }
+    }
+
+    public func afterRestore(section: Manifest.GPUSection) throws {
+        guard !section.processes.isEmpty else { return }
+        let pairs = lock.withLock { remapping }
+        let errors = Self.parallel(section.processes.map(\.pid)) { pid in
+            try CheckpointDriver.restore(pid, remapping: pairs)
+            try CheckpointDriver.unlock(pid)
+        }
+        guard errors.isEmpty else { throw StasisError(.gpu, "GPU restore failed: \(Self.describe(errors))") }
+    }
+}
+
+private final class ErrorBag: @unchecked Sendable {
+    private let lock = NSLock()
+    private var errors: [Int32: Error] = [:]
+    func add(_ pid: Int32, _ error: Error) { lock.withLock { errors[pid] = error } }
+    var all: [Int32: Error] { lock.withLock { errors } }
+}

@@ -8,6 +8,7 @@
 //                 checkpoint steps themselves are C (CStasisCUDA), shared with the CRIU plugin
 //   StasisImage   the checkpoint directory: staging, manifest, hashing, verification, atomic publish
 //   StasisEngine  dump / restore / check / inspect / verify, built from the modules above
+//   StasisCRIUPlugin  the same driver steps as a CRIU plugin, for plain criu, runc and podman
 //   stasis        the command line
 //   stasis-workload  C test workloads that build state and verify it themselves after a restore
 import PackageDescription
@@ -17,6 +18,8 @@ let package = Package(
     products: [
         .executable(name: "stasis", targets: ["stasis"]),
         .executable(name: "stasis-workload", targets: ["stasis-workload"]),
+        // The CRIU plugin: libstasis_cuda_plugin.so, loaded by `criu -L DIR`.
+        .library(name: "stasis_cuda_plugin", type: .dynamic, targets: ["StasisCRIUPlugin"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -35,6 +38,7 @@ let package = Package(
             .product(name: "SwiftProtobuf", package: "swift-protobuf"),
         ], exclude: ["Proto"]),
         .target(name: "CStasisCUDA"),
+        .target(name: "StasisCRIUPlugin", dependencies: ["CStasisCUDA"]),
         .target(name: "StasisGPU", dependencies: ["StasisCore", "StasisOS", "CStasisCUDA"]),
         .target(name: "StasisImage", dependencies: ["StasisCore", "StasisOS"]),
         .target(name: "StasisEngine", dependencies: ["StasisCore", "StasisOS", "StasisCRIU", "StasisGPU", "StasisImage"]),

@@ -34,7 +34,11 @@ public final class CRIUService {
         // CRIU's stdout (where `check` prints "Looks good.") goes to our stderr, keeping --json output clean.
         let pid: pid_t
         do {
-            pid = try Spawn.start(binary.path, ["swrk", "3"], descriptors: [theirs: 3, STDERR_FILENO: STDOUT_FILENO])
+            // stasis drives the GPU itself: its CRIU plugin, if installed in CRIU's plugin directory, stands aside.
+            var environment = ProcessInfo.processInfo.environment
+            environment["STASIS_CRIU_PLUGIN"] = "off"
+            pid = try Spawn.start(binary.path, ["swrk", "3"], descriptors: [theirs: 3, STDERR_FILENO: STDOUT_FILENO],
+                                  environment: environment)
         } catch {
             close(theirs)
             throw StasisError(.criuMissing, "cannot start \(binary.path) swrk: \(error)", hint: CRIUBinary.installHint)

@@ -131,7 +131,8 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
         var pairs: [(old: [UInt8], new: [UInt8])] = []
         for device in section.devices {
             let target: GPUInventory.GPU?
-            if let mapped = gpuMap[device.uuid] ?? gpuMap[String(device.index)] {
+            let mapped = gpuMap[device.uuid] ?? gpuMap[String(device.index)]
+            if let mapped {
                 guard let found = find(mapped, in: here) else {
                     throw StasisError(.gpu, "--gpu-map names GPU \(mapped), which this machine does not have (it has \(here.map { "\($0.index): \($0.uuid)" }.joined(separator: ", ")))")
                 }
@@ -150,7 +151,8 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
             guard target.memoryFreeBytes >= needed else {
                 throw StasisError(.gpu, "GPU \(target.index) (\(target.uuid)) has \(Format.bytes(target.memoryFreeBytes)) free; the checkpoint needs \(Format.bytes(needed)) on it")
             }
-            if target.uuid != device.uuid, let old = GPUInventory.uuidBytes(device.uuid), let new = GPUInventory.uuidBytes(target.uuid) {
+            // An explicit mapping is always handed to the driver, even onto the same GPU.
+            if target.uuid != device.uuid || mapped != nil, let old = GPUInventory.uuidBytes(device.uuid), let new = GPUInventory.uuidBytes(target.uuid) {
                 pairs.append((old, new))
             }
         }

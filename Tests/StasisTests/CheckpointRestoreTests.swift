@@ -120,3 +120,27 @@ extension Integration {
     }
 }
 }
+
+extension Integration {
+    /// The CRIU plugin with plain criu: it loads, registers its device hooks, and stays out of the way of a
+    /// process that uses no GPU (on a machine without a driver it switches itself off).
+    @Suite struct CRIUPlugin {
+        @Test func loadsIntoPlainCRIUAndStandsAsideForCPUProcesses() throws {
+            let plugins = Harness.scratch("plugins")
+            try FileManager.default.copyItem(atPath: Harness.productsDirectory + "/libstasis_cuda_plugin.so",
+                                             toPath: plugins + "/libstasis_cuda_plugin.so")
+            let workload = try Workload("counter")
+            defer { workload.stop() }
+            let images = Harness.scratch("plugin-images")
+            let criu = try #require(Spawn.which("criu"))
+            let dump = try Harness.run(criu, ["dump", "-t", "\(workload.pid)", "-D", images, "-L", plugins, "-v4", "-o", "dump.log"])
+            #expect(dump.succeeded, "\(dump.stderr)")
+            let log = try String(contentsOfFile: images + "/dump.log", encoding: .utf8)
+            #expect(log.contains("Plugin \"stasis_cuda\""))
+            #expect(Harness.waitGone(workload.pid))
+            let restore = try Harness.run(criu, ["restore", "-D", images, "-L", plugins, "-d", "-v4", "-o", "restore.log"])
+            #expect(restore.succeeded, "\(restore.stderr)")
+            #expect(workload.verify().hasPrefix("PASS"))
+        }
+    }
+}

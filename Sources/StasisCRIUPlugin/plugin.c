@@ -1,0 +1,182 @@
+// stasis's CRIU plugin: CUDA processes for plain `criu`, runc and podman, through the same driver steps as
+// the stasis command (CStasisCUDA). Load it with `criu ... -L DIR` or install it in CRIU's plugin directory.
+//
+// Dump: PAUSE_DEVICES runs for each task before CRIU seizes it, while it still runs; there the plugin locks
+// the CUDA process and checkpoints it (its device memory moves into its host memory, which CRIU dumps). The
+// process's restore thread runs freely at that point, so no ptrace of CRIU's tasks is needed.
+// CHECKPOINT_DEVICES only confirms the state. Restore: RESUME_DEVICES_LATE restores and unlocks each CUDA
+// process once CRIU has resumed it.
+//
+// When a dump fails, or succeeds with --leave-running, the tasks CRIU froze get their GPU back: CRIU calls
+// the exit hook while they are still frozen, and the driver's restore needs them to run, so the hook leaves
+// a small detached helper that waits until CRIU has let each process go and then restores and unlocks it
+// (a process CRIU killed after a good dump is simply gone).
+//
+// Not the plugin's business: processes that are not CUDA processes (-ENOTSUP, as CRIU expects), and runs
+// where stasis drives the GPU itself (STASIS_CRIU_PLUGIN=off in CRIU's environment).
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdarg.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "CStasisCUDA.h"
+#include "stasis_criu_plugin_abi.h"
+
+#define MAX_TOUCHED 1024
+
+static int enabled;
+static int touched[MAX_TOUCHED];
+static int touched_count;
+
+static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void say(const char *fmt, ...) {
+    // CRIU keeps the plugin's stderr in its log when logging to a file.
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "stasis-cuda-plugin: ");
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+}
+
+static unsigned int lock_timeout_ms(void) {
+    const char *value = getenv("STASIS_CUDA_LOCK_TIMEOUT_MS");
+    return value ? (unsigned int)strtoul(value, NULL, 10) : 10000;
+}
+
+static int plugin_init(int stage) {
+    const char *switch_ = getenv("STASIS_CRIU_PLUGIN");
+    if (switch_ && !strcmp(switch_, "off")) return 0;  // stasis drives the GPU itself
+    char error[256];
+    if (stasis_cuda_load(error, sizeof error) != 0 || !stasis_cuda_has_checkpoint_api()) {
+        (void)stage;
+        return 0;  // no driver, or one without the API: nothing for us here, stay quiet
+    }
+    enabled = 1;
+    return 0;
+}
+
+static int pause_devices(int pid) {
+    int state;
+    if (!enabled || stasis_cuda_get_state(pid, &state) != 0) return -ENOTSUP;
+    if (state != STASIS_CUDA_RUNNING) {
+        say("PID %d is in CUDA state %d, not running", pid, state);
+        return -1;
+    }
+    if (touched_count == MAX_TOUCHED) {
+        say("more than %d CUDA processes", MAX_TOUCHED);
+        return -1;
+    }
+    touched[touched_count++] = pid;
+    int result = stasis_cuda_lock(pid, lock_timeout_ms());
+    if (result == 0) result = stasis_cuda_checkpoint(pid);
+    if (result != 0) {
+        say("checkpoint of PID %d failed: %s (%d)", pid, stasis_cuda_error_name(result), result);
+        return -1;
+    }
+    say("PID %d: device state checkpointed", pid);
+    return 0;
+}
+
+static int checkpoint_devices(int pid) {
+    int state;
+    if (!enabled || stasis_cuda_get_state(pid, &state) != 0) return -ENOTSUP;
+    return state == STASIS_CUDA_CHECKPOINTED ? 0 : -1;
+}
+
+// Restore and unlock, from whatever state the steps left the process in.
+static int resume_process(int pid) {
+    int state, result = 0;
+    if (stasis_cuda_get_state(pid, &state) != 0) return -ENOTSUP;
+    if (state == STASIS_CUDA_CHECKPOINTED) {
+        result = stasis_cuda_restore(pid, NULL, 0);
+        if (result != 0) {
+            say("restore of PID %d failed: %s (%d)", pid, stasis_cuda_error_name(result), result);
+            return -1;
+        }
+        state = STASIS_CUDA_LOCKED;
+    }
+    if (state == STASIS_CUDA_LOCKED) {
+        result = stasis_cuda_unlock(pid);
+        if (result != 0) {
+            say("unlock of PID %d failed: %s (%d)", pid, stasis_cuda_error_name(result), result);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int resume_devices_late(int pid) {
+    const char *switch_ = getenv("STASIS_CRIU_PLUGIN");
+    if (switch_ && !strcmp(switch_, "off")) return -ENOTSUP;
+    char error[256];
+    if (stasis_cuda_load(error, sizeof error) != 0) return -ENOTSUP;
+    return resume_process(pid);
+}
+
+// True while CRIU still traces (holds) the process.
+static int traced(int pid) {
+    char path[64], line[256];
+    snprintf(path, sizeof path, "/proc/%d/status", pid);
+    FILE *f = fopen(path, "r");
+    if (!f) return 0;
+    int tracer = 0;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "TracerPid: %d", &tracer) == 1) break;
+    fclose(f);
+    return tracer != 0;
+}
+
+// Leaves a detached helper that gives each touched process its GPU back once CRIU has released it.
+static void resume_later(void) {
+    pid_t first = fork();
+    if (first < 0) {
+        say("cannot fork to resume CUDA processes: %s", strerror(errno));
+        return;
+    }
+    if (first > 0) {
+        waitpid(first, NULL, 0);
+        return;
+    }
+    if (fork() != 0) _exit(0);
+    setsid();
+    for (int fd = 3; fd < 1024; fd++) close(fd);
+    for (int i = 0; i < touched_count; i++) {
+        int pid = touched[i];
+        // CRIU releases the tasks right after this hook; give it a minute at most.
+        for (int waited = 0; waited < 60000 && kill(pid, 0) == 0 && traced(pid); waited += 10) {
+            struct timespec ts = {0, 10 * 1000 * 1000};
+            nanosleep(&ts, NULL);
+        }
+        if (kill(pid, 0) == 0 && !traced(pid)) resume_process(pid);
+    }
+    _exit(0);
+}
+
+static void plugin_exit(int stage, int ret) {
+    (void)ret;
+    // After a dump, touched processes that still exist need their GPU back: that covers a failed dump and
+    // --leave-running; after a good dump without it, CRIU kills them and the helper finds them gone.
+    if (enabled && stage == STASIS_STAGE_DUMP && touched_count > 0) resume_later();
+}
+
+stasis_cr_plugin_desc_t CR_PLUGIN_DESC = {
+    .name = "stasis_cuda",
+    .init = plugin_init,
+    .exit = plugin_exit,
+    .version = STASIS_CRIU_PLUGIN_VERSION,
+    .max_hooks = STASIS_HOOK_MAX,
+    .hooks =
+        {
+            [STASIS_HOOK_RESUME_DEVICES_LATE] = (void *)resume_devices_late,
+            [STASIS_HOOK_PAUSE_DEVICES] = (void *)pause_devices,
+            [STASIS_HOOK_CHECKPOINT_DEVICES] = (void *)checkpoint_devices,
+        },
+};

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Builds what a device run needs into .device/ (ignored by git, carried by the device tool): a stasis built
+# with the Swift runtime linked in (the GPU machine has no Swift), xz-compressed to fit the carry limit; the
+# C workloads; a CRIU 4.2 binary built here; and the CRIU library packages from ../shared/device/criu-debs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/install-criu.sh
+swift build -c release --static-swift-stdlib --scratch-path .build-static 2>&1 | tail -n 1
+swift build -c release --static-swift-stdlib --scratch-path .build-static --product stasis_cuda_plugin 2>&1 | tail -n 1
+rm -rf .device && mkdir -p .device/criu-debs
+strip -o .device/stasis .build-static/release/stasis
+xz -T0 -3 -f .device/stasis
+cp .build-static/release/stasis-workload .device/
+mkdir -p .device/criu-plugins && cp .build-static/release/libstasis_cuda_plugin.so .device/criu-plugins/
+cp "$(command -v criu)" .device/criu
+cp ../shared/device/criu-debs/*.deb .device/criu-debs/
+du -sh .device

@@ -1,0 +1,226 @@
+#!/usr/bin/env bash
+# GPU acceptance tests, run on the GPU machine from the repository root, after scripts/device-pack.sh has
+# filled .device/ here (the device tool carries it). Prints a PASS/FAIL line per case and a summary; logs go
+# to $OUT (the device tool brings that folder back).
+#
+#   scripts/device-test.sh [SECTION...]     sections: cuda refuse gpumap infer bert (default: all of them)
+#
+# Every workload verifies itself after the restore: the CUDA programs check their device memory, streams,
+# events, graphs and pools; BERT's per-step losses must equal an uninterrupted run's byte for byte; the
+# inference server must give the same answers.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT=${OUT:-/tmp/stasis-device-out}
+mkdir -p "$OUT"
+LOGS=$(mktemp -d /tmp/stasis-device-logs.XXXXXX)
+SECTIONS=(${@:-cuda refuse gpumap infer bert})
+results=()
+pass() { echo "PASS $1"; results+=("PASS $1"); }
+fail() { echo "FAIL $1: $2"; results+=("FAIL $1: $2"); }
+
+# ---- setup ---------------------------------------------------------------------------------------------
+setup() {
+    export PATH="/usr/local/nvidia/bin:/usr/local/cuda/bin:$PATH"
+    export LD_LIBRARY_PATH="/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}"
+    mkdir -p /opt/criu /opt/stasis/bin
+    for f in .device/criu-debs/*.deb; do dpkg -x "$f" /opt/criu; done
+    local libs=/opt/criu/usr/lib/x86_64-linux-gnu:/opt/criu/lib/x86_64-linux-gnu
+    # CRIU 4.2 built on the development machine, with the libraries of the packages; 4.1 from them as fallback.
+    printf '#!/bin/sh\nLD_LIBRARY_PATH=%s exec %s "$@"\n' "$libs" "$ROOT/.device/criu" >/opt/stasis/bin/criu
+    chmod +x /opt/stasis/bin/criu
+    if ! /opt/stasis/bin/criu --version >/dev/null 2>&1; then
+        echo "note: the carried CRIU 4.2 does not run here; using the packaged CRIU"
+        printf '#!/bin/sh\nLD_LIBRARY_PATH=%s exec /opt/criu/usr/sbin/criu "$@"\n' "$libs" >/opt/stasis/bin/criu
+    fi
+    export PATH="/opt/stasis/bin:$PATH"
+    xz -dc .device/stasis.xz >/opt/stasis/bin/stasis && chmod +x /opt/stasis/bin/stasis
+    cp .device/stasis-workload /opt/stasis/bin/
+    STASIS=/opt/stasis/bin/stasis
+    criu --version | head -n 1
+    criu check 2>&1 | tail -n 1
+    $STASIS check >"$LOGS/check.txt" 2>&1 && pass "stasis check" || fail "stasis check" "$(tail -n 3 "$LOGS/check.txt")"
+    cat "$LOGS/check.txt"
+    GPU_UUID=$(nvidia-smi --query-gpu=uuid --format=csv,noheader | head -n 1)
+    nvcc -O2 -arch=sm_90 -o /opt/stasis/bin/cuda-workload Workloads/cuda/cuda-workload.cu -lcuda >"$LOGS/nvcc.txt" 2>&1 \
+        && pass "nvcc cuda-workload" || fail "nvcc cuda-workload" "$(head -n 20 "$LOGS/nvcc.txt")"
+    # Our declarations of the checkpoint API's argument structures against the real cuda.h.
+    gcc -I/usr/local/cuda/include -ISources/CStasisCUDA/include -o /tmp/layout-check scripts/device/layout-check.c \
+        Sources/CStasisCUDA/cuda_steps.c >"$LOGS/layout.txt" 2>&1 && /tmp/layout-check >>"$LOGS/layout.txt" 2>&1 \
+        && pass "checkpoint API layout matches cuda.h" || fail "checkpoint API layout" "$(cat "$LOGS/layout.txt")"
+}
+
+# ---- helpers -------------------------------------------------------------------------------------------
+wait_gone() { for _ in $(seq 1000); do [[ -e /proc/$1 ]] || return 0; sleep 0.01; done; return 1; }
+tree_pids() { echo "$1"; ps -o pid= --ppid "$1" 2>/dev/null | tr -d ' '; }
+kill_tree() { for p in $(tree_pids "$1"); do kill -9 "$p" 2>/dev/null; done; wait_gone "$1"; }
+
+# Asks a workload in DIR to verify itself; prints its verdict.
+verify() {
+    local pid=$1 dir=$2
+    rm -f "$dir/result"
+    kill -USR1 "$pid" 2>/dev/null || { echo "FAIL not running"; return; }
+    for _ in $(seq 600); do [[ -e $dir/result ]] && break; sleep 0.05; done
+    cat "$dir/result" 2>/dev/null || echo "FAIL no answer"
+}
+
+# dump (which ends the tree) + restore + verify, for a running workload.
+round_trip() {
+    local name=$1 pid=$2 dir=$3; shift 3
+    local pids; pids=$(tree_pids "$pid")
+    if ! $STASIS dump "$pid" -D "$dir/ckpt" "$@" >"$dir/dump.txt" 2>&1; then fail "$name" "dump: $(tail -n 8 "$dir/dump.txt")"; return 1; fi
+    for p in $pids; do wait_gone "$p" || { fail "$name" "PID $p still there after the dump"; return 1; }; done
+    if ! $STASIS restore -D "$dir/ckpt" >"$dir/restore.txt" 2>&1; then fail "$name" "restore: $(tail -n 8 "$dir/restore.txt")"; return 1; fi
+    local verdict; verdict=$(verify "$pid" "$dir")
+    [[ $verdict == PASS* ]] || { fail "$name" "after restore: $verdict"; return 1; }
+    return 0
+}
+
+start_cuda() {  # MODE DIR [ARGS...] -> prints PID
+    local mode=$1 dir=$2; shift 2
+    /opt/stasis/bin/cuda-workload "$mode" --dir "$dir" --daemon "$@"
+}
+
+keep_logs() { cp "$1"/*.txt "$LOGS/" 2>/dev/null; for f in "$1"/*.txt; do [[ -e $f ]] && mv "$LOGS/$(basename "$f")" "$LOGS/$2-$(basename "$f")"; done; cp "$1/log" "$LOGS/$2-workload.log" 2>/dev/null; true; }
+
+# ---- sections ------------------------------------------------------------------------------------------
+section_cuda() {
+    for mode in buffers streams events graph vmm pool pinned threads tree; do
+        local dir; dir=$(mktemp -d /tmp/stasis-cuda-$mode.XXXXXX)
+        local pid; pid=$(start_cuda "$mode" "$dir") || { fail "cuda $mode" "did not start: $(tail -n 5 "$dir/log")"; continue; }
+        local before; before=$(verify "$pid" "$dir")
+        if [[ $before != PASS* ]]; then fail "cuda $mode" "before the dump: $before"
+        elif round_trip "cuda $mode" "$pid" "$dir"; then pass "cuda $mode: $(grep -h 'gpu:' "$dir/dump.txt" | sed 's/^ *//')"; fi
+        keep_logs "$dir" "cuda-$mode"
+        kill_tree "$pid"
+    done
+
+    # --leave-running, and two checkpoints of one process; then restore the first one.
+    local dir; dir=$(mktemp -d /tmp/stasis-cuda-leave.XXXXXX)
+    local pid; pid=$(start_cuda buffers "$dir" --mem 1024)
+    if $STASIS dump "$pid" -D "$dir/one" --leave-running >"$dir/dump1.txt" 2>&1 && [[ $(verify "$pid" "$dir") == PASS* ]] \
+        && $STASIS dump "$pid" -D "$dir/two" --leave-running >"$dir/dump2.txt" 2>&1 && [[ $(verify "$pid" "$dir") == PASS* ]]; then
+        pass "cuda --leave-running twice, process keeps running"
+        kill_tree "$pid"
+        if $STASIS restore -D "$dir/two" >"$dir/restore2.txt" 2>&1 && [[ $(verify "$pid" "$dir") == PASS* ]]; then
+            kill_tree "$pid"
+            $STASIS restore -D "$dir/one" >"$dir/restore1.txt" 2>&1 && [[ $(verify "$pid" "$dir") == PASS* ]] \
+                && pass "cuda restore of each of two checkpoints" || fail "cuda restore of the first checkpoint" "$(tail -n 5 "$dir/restore1.txt")"
+        else
+            fail "cuda restore of the second checkpoint" "$(tail -n 5 "$dir/restore2.txt")"
+        fi
+    else
+        fail "cuda --leave-running" "$(tail -n 5 "$dir"/dump*.txt)"
+    fi
+    keep_logs "$dir" "cuda-leave"
+    kill_tree "$pid"
+}
+
+section_refuse() {
+    for mode in managed ipc; do
+        local dir; dir=$(mktemp -d /tmp/stasis-refuse-$mode.XXXXXX)
+        local pid; pid=$(start_cuda "$mode" "$dir") || { fail "refuse $mode" "did not start"; continue; }
+        if $STASIS dump "$pid" -D "$dir/ckpt" >"$dir/dump.txt" 2>&1; then
+            # The driver took it: then the restore must work too.
+            wait_gone "$pid"
+            if $STASIS restore -D "$dir/ckpt" >"$dir/restore.txt" 2>&1 && [[ $(verify "$pid" "$dir") == PASS* ]]; then
+                fail "refuse $mode" "not refused: the driver checkpointed and restored it correctly (so stasis need not refuse it)"
+            else
+                fail "refuse $mode" "not refused, and the restore failed: $(tail -n 5 "$dir/restore.txt")"
+            fi
+        else
+            local verdict; verdict=$(verify "$pid" "$dir")
+            [[ $verdict == PASS* ]] && [[ ! -e $dir/ckpt ]] \
+                && pass "refuse $mode: $(grep -m1 'error' "$dir/dump.txt" | cut -c1-200); process still running and verified" \
+                || fail "refuse $mode" "refused but the process is not well: $verdict"
+        fi
+        keep_logs "$dir" "refuse-$mode"
+        kill_tree "$pid"
+    done
+}
+
+section_gpumap() {
+    local dir; dir=$(mktemp -d /tmp/stasis-gpumap.XXXXXX)
+    local pid; pid=$(start_cuda buffers "$dir")
+    $STASIS dump "$pid" -D "$dir/ckpt" >"$dir/dump.txt" 2>&1 || fail "gpu-map" "dump: $(tail -n 5 "$dir/dump.txt")"
+    wait_gone "$pid"
+    # A GPU this machine does not have: refused before anything is restored.
+    if $STASIS restore -D "$dir/ckpt" --gpu-map "$GPU_UUID=GPU-00000000-1111-2222-3333-444444444444" >"$dir/bad.txt" 2>&1; then
+        fail "gpu-map unknown target" "accepted"
+    else
+        [[ ! -e /proc/$pid ]] && pass "gpu-map unknown target refused: $(grep -m1 error "$dir/bad.txt" | cut -c1-160)" \
+            || fail "gpu-map unknown target" "refused, but PID $pid exists"
+    fi
+    if $STASIS restore -D "$dir/ckpt" --gpu-map "GPU-00000000-1111-2222-3333-444444444444=0" >"$dir/bad2.txt" 2>&1; then
+        fail "gpu-map unknown source" "accepted"
+    else
+        [[ ! -e /proc/$pid ]] && pass "gpu-map unknown source refused: $(grep -m1 error "$dir/bad2.txt" | cut -c1-160)" \
+            || fail "gpu-map unknown source" "refused, but PID $pid exists"
+    fi
+    # The device's own UUID: the remapping table goes to the driver.
+    if $STASIS restore -D "$dir/ckpt" --gpu-map "$GPU_UUID=$GPU_UUID" >"$dir/restore.txt" 2>&1 && [[ $(verify "$pid" "$dir") == PASS* ]]; then
+        pass "gpu-map onto the same UUID"
+    else
+        fail "gpu-map onto the same UUID" "$(tail -n 5 "$dir/restore.txt")"
+    fi
+    keep_logs "$dir" "gpumap"
+    kill_tree "$pid"
+}
+
+section_infer() {
+    local dir; dir=$(mktemp -d /tmp/stasis-infer.XXXXXX)
+    local srv=Workloads/torch/infer_server.py
+    local pid; pid=$(python3 $srv serve --dir "$dir" --daemon) || { fail "inference server" "did not start: $(tail -n 5 "$dir/log")"; return; }
+    local a1 b1; a1=$(python3 $srv ask --dir "$dir" --name a1 --tokens "101 7592 2088 102") ; b1=$(python3 $srv ask --dir "$dir" --name b1 --tokens "101 2023 2003 1037 3231 102")
+    if $STASIS dump "$pid" -D "$dir/ckpt" >"$dir/dump.txt" 2>&1 && wait_gone "$pid" && $STASIS restore -D "$dir/ckpt" >"$dir/restore.txt" 2>&1; then
+        local a2 b2; a2=$(python3 $srv ask --dir "$dir" --name a2 --tokens "101 7592 2088 102"); b2=$(python3 $srv ask --dir "$dir" --name b2 --tokens "101 2023 2003 1037 3231 102")
+        [[ -n $a1 && $a1 == "$a2" && $b1 == "$b2" ]] && pass "inference server: same answers after restore ($(grep -h 'gpu:' "$dir/dump.txt" | sed 's/^ *//'))" \
+            || fail "inference server" "answers differ: '${a1:0:60}' vs '${a2:0:60}'"
+    else
+        fail "inference server" "$(tail -n 5 "$dir"/dump.txt "$dir"/restore.txt 2>/dev/null)"
+    fi
+    keep_logs "$dir" "infer"
+    kill_tree "$pid"
+}
+
+section_bert() {
+    for size in base large; do
+        local steps=30 pause=15
+        local ref; ref=$(mktemp -d /tmp/stasis-bert-ref-$size.XXXXXX)
+        local run; run=$(mktemp -d /tmp/stasis-bert-run-$size.XXXXXX)
+        CUBLAS_WORKSPACE_CONFIG=:4096:8 python3 Workloads/torch/bert_train.py --dir "$ref" --size $size --steps $steps >"$ref/out.txt" 2>&1 \
+            || { fail "bert-$size reference run" "$(tail -n 5 "$ref/out.txt" "$ref/log" 2>/dev/null)"; continue; }
+        local pid; pid=$(CUBLAS_WORKSPACE_CONFIG=:4096:8 python3 Workloads/torch/bert_train.py --dir "$run" --size $size --steps $steps --pause-at $pause --daemon) \
+            || { fail "bert-$size" "did not start: $(tail -n 5 "$run/log")"; continue; }
+        if $STASIS dump "$pid" -D "$run/ckpt" >"$run/dump.txt" 2>&1 && wait_gone "$pid" && $STASIS restore -D "$run/ckpt" >"$run/restore.txt" 2>&1; then
+            touch "$run/go"
+            for _ in $(seq 1200); do [[ -e $run/done ]] && break; sleep 0.1; done
+            if cmp -s "$ref/losses.txt" "$run/losses.txt"; then
+                pass "bert-$size: $(wc -l <"$run/losses.txt") losses identical to an uninterrupted run; $(grep -h 'gpu:\|time:' "$run/dump.txt" | sed 's/^ *//' | tr '\n' ' ')"
+            else
+                fail "bert-$size" "losses differ (or the run did not finish): $(diff "$ref/losses.txt" "$run/losses.txt" | head -n 4 | tr '\n' ' ')"
+            fi
+        else
+            fail "bert-$size" "$(tail -n 6 "$run"/dump.txt "$run"/restore.txt 2>/dev/null)"
+        fi
+        cp "$run/dump.txt" "$LOGS/bert-$size-dump.txt" 2>/dev/null; cp "$run/restore.txt" "$LOGS/bert-$size-restore.txt" 2>/dev/null
+        cp "$run/log" "$LOGS/bert-$size-workload.log" 2>/dev/null
+        [[ -e /proc/$pid ]] && kill_tree "$pid"
+        rm -rf "$run/ckpt"
+    done
+}
+
+setup
+for section in "${SECTIONS[@]}"; do
+    echo "== $section"
+    "section_$section"
+done
+
+echo
+echo "== summary"
+printf '%s\n' "${results[@]}" | tee "$OUT/summary.txt"
+passed=$(printf '%s\n' "${results[@]}" | grep -c '^PASS')
+failed=$(printf '%s\n' "${results[@]}" | grep -c '^FAIL')
+echo "$passed passed, $failed failed" | tee -a "$OUT/summary.txt"
+tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . 2>/dev/null
+[[ $failed -eq 0 ]]

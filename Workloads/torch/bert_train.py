@@ -18,8 +18,9 @@ prints the workload's PID and exits once DIR/ready or DIR/done exists.
 """
 import argparse
 import os
-import sys
 import time
+
+from workload_protocol import daemonize, write_file
 
 SIZES = {
     # hidden size, layers, attention heads, intermediate size
@@ -33,59 +34,6 @@ MODEL_SEED = 0
 DATA_SEED = 1234
 LEARNING_RATE = 1e-4
 READY_TIMEOUT_S = 600  # the daemon waits this long for step K: loading torch and training up to it
-
-
-def write_file(path, text):
-    """Writes path atomically: readers see the whole text or nothing."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.rename(tmp, path)
-
-
-def daemonize(directory, signals):
-    """Detaches (double fork, then setsid). The calling process waits until one of the files `signals` exists in
-    directory, prints the workload's PID and exits; only the detached workload returns."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    report_r, report_w = os.pipe()
-    first = os.fork()
-    if first > 0:
-        os.close(report_w)
-        with os.fdopen(report_r) as report:
-            pid_text = report.read()
-        os.waitpid(first, 0)
-        if not pid_text:
-            sys.exit("bert_train: the workload did not start")
-        pid = int(pid_text)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while not any(os.path.exists(os.path.join(directory, name)) for name in signals):
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                sys.exit(f"bert_train: PID {pid} exited before it was ready; see {directory}/log")
-            if time.monotonic() > deadline:
-                sys.exit(f"bert_train: PID {pid} never became ready; see {directory}/log")
-            time.sleep(0.05)
-        print(pid, flush=True)
-        os._exit(0)
-    os.close(report_r)
-    if os.fork() > 0:
-        os._exit(0)
-    # The workload leads its own session, as CRIU wants of a tree's root (else it needs --shell-job).
-    os.setsid()
-    os.write(report_w, str(os.getpid()).encode())
-    os.close(report_w)
-    null = os.open(os.devnull, os.O_RDONLY)
-    log = os.open(os.path.join(directory, "log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.dup2(null, 0)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
-    # Keep nothing else of the caller's: an inherited pipe end would keep its reader waiting forever.
-    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
-    sys.stdout.reconfigure(line_buffering=True)
-    sys.stderr.reconfigure(line_buffering=True)
-    os.chdir("/")
 
 
 def parse_args():
@@ -124,7 +72,7 @@ def main():
             pass
     if args.daemon:
         # Before torch is imported: forking a process that has started CUDA or torch's threads is unsafe.
-        daemonize(args.dir, ("ready", "done"))
+        daemonize(args.dir, ("ready", "done"), "bert_train", READY_TIMEOUT_S)
 
     # cuBLAS reads this when it creates its handle; without it deterministic mode refuses cuBLAS matmuls.
     os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"

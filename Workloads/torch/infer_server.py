@@ -23,6 +23,8 @@ import re
 import sys
 import time
 
+from workload_protocol import daemonize, write_file
+
 VOCAB = 30522
 MAX_TOKENS = 512  # BERT's position embeddings
 MODEL_SEED = 0
@@ -31,60 +33,6 @@ POLL_S = 0.01
 ASK_TIMEOUT_S = 60
 READY_TIMEOUT_S = 300  # the daemon waits this long for torch, CUDA and the model to load
 NAME = re.compile(r"[A-Za-z0-9_-]+")
-
-
-def write_file(path, text):
-    """Writes path atomically: readers see the whole text or nothing. The temporary name does not end in
-    .req or .resp, so the server and the client never pick up a half-written file."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.rename(tmp, path)
-
-
-def daemonize(directory, signals):
-    """Detaches (double fork, then setsid). The calling process waits until one of the files `signals` exists in
-    directory, prints the workload's PID and exits; only the detached workload returns."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    report_r, report_w = os.pipe()
-    first = os.fork()
-    if first > 0:
-        os.close(report_w)
-        with os.fdopen(report_r) as report:
-            pid_text = report.read()
-        os.waitpid(first, 0)
-        if not pid_text:
-            sys.exit("infer_server: the server did not start")
-        pid = int(pid_text)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while not any(os.path.exists(os.path.join(directory, name)) for name in signals):
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                sys.exit(f"infer_server: PID {pid} exited before it was ready; see {directory}/log")
-            if time.monotonic() > deadline:
-                sys.exit(f"infer_server: PID {pid} never became ready; see {directory}/log")
-            time.sleep(0.05)
-        print(pid, flush=True)
-        os._exit(0)
-    os.close(report_r)
-    if os.fork() > 0:
-        os._exit(0)
-    # The server leads its own session, as CRIU wants of a tree's root (else it needs --shell-job).
-    os.setsid()
-    os.write(report_w, str(os.getpid()).encode())
-    os.close(report_w)
-    null = os.open(os.devnull, os.O_RDONLY)
-    log = os.open(os.path.join(directory, "log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.dup2(null, 0)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
-    # Keep nothing else of the caller's: an inherited pipe end would keep its reader waiting forever.
-    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
-    sys.stdout.reconfigure(line_buffering=True)
-    sys.stderr.reconfigure(line_buffering=True)
-    os.chdir("/")
 
 
 def parse_tokens(text):
@@ -109,7 +57,7 @@ def serve(args):
         pass
     if args.daemon:
         # Before torch is imported: forking a process that has started CUDA or torch's threads is unsafe.
-        daemonize(args.dir, ("ready",))
+        daemonize(args.dir, ("ready",), "infer_server", READY_TIMEOUT_S)
 
     # cuBLAS reads this when it creates its handle; without it deterministic mode refuses cuBLAS matmuls.
     os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"

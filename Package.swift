@@ -18,8 +18,6 @@ let package = Package(
     products: [
         .executable(name: "stasis", targets: ["stasis"]),
         .executable(name: "stasis-workload", targets: ["stasis-workload"]),
-        // The CRIU plugin: libstasis_cuda_plugin.so, loaded by `criu -L DIR`.
-        .library(name: "stasis_cuda_plugin", type: .dynamic, targets: ["StasisCRIUPlugin"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -38,6 +36,7 @@ let package = Package(
             .product(name: "SwiftProtobuf", package: "swift-protobuf"),
         ], exclude: ["Proto"]),
         .target(name: "CStasisCUDA"),
+        // Compiled here as a check; the loadable libstasis_cuda_plugin.so comes from scripts/build-criu-plugin.sh.
         .target(name: "StasisCRIUPlugin", dependencies: ["CStasisCUDA"]),
         .target(name: "StasisGPU", dependencies: ["StasisCore", "StasisOS", "CStasisCUDA"]),
         .target(name: "StasisImage", dependencies: ["StasisCore", "StasisOS"]),

@@ -6,12 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-criu.sh
 swift build -c release --static-swift-stdlib --scratch-path .build-static 2>&1 | tail -n 1
-swift build -c release --static-swift-stdlib --scratch-path .build-static --product stasis_cuda_plugin 2>&1 | tail -n 1
 rm -rf .device && mkdir -p .device/criu-debs
 strip -o .device/stasis .build-static/release/stasis
 xz -T0 -3 -f .device/stasis
 cp .build-static/release/stasis-workload .device/
-mkdir -p .device/criu-plugins && cp .build-static/release/libstasis_cuda_plugin.so .device/criu-plugins/
+./scripts/build-criu-plugin.sh .device/criu-plugins >/dev/null
 cp "$(command -v criu)" .device/criu
 cp ../shared/device/criu-debs/*.deb .device/criu-debs/
 du -sh .device

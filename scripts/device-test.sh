@@ -3,7 +3,8 @@
 # filled .device/ here (the device tool carries it). Prints a PASS/FAIL line per case and a summary; logs go
 # to $OUT (the device tool brings that folder back).
 #
-#   scripts/device-test.sh [SECTION...]     sections: cuda refuse gpumap plugin infer bert (default: all)
+#   scripts/device-test.sh [SECTION...]     sections: cuda refuse gpumap plugin infer bert (default: all),
+#                                           and bench (the GPU benchmark; only when named)
 #
 # Every workload verifies itself after the restore: the CUDA programs check their device memory, streams,
 # events, graphs and pools; BERT's per-step losses must equal an uninterrupted run's byte for byte; the
@@ -233,6 +234,11 @@ section_bert() {
         [[ -e /proc/$pid ]] && kill_tree "$pid"
         rm -rf "$run/ckpt"
     done
+}
+
+# Not a test: the baseline-against-stasis benchmark (bench/gpu-dump-restore.sh), when asked for by name.
+section_bench() {
+    STASIS=/opt/stasis/bin/stasis bench/gpu-dump-restore.sh 2>&1 | tee "$OUT/bench.txt"
 }
 
 setup

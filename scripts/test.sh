@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 ./scripts/install-criu.sh
 export PATH="/usr/local/sbin:$PATH"
 swift build --build-tests
+./scripts/build-criu-plugin.sh >/dev/null
 swift test --skip-build

@@ -1,5 +1,6 @@
 // stasis's CRIU plugin: CUDA processes for plain `criu`, runc and podman, through the same driver steps as
-// the stasis command (CStasisCUDA). Load it with `criu ... -L DIR` or install it in CRIU's plugin directory.
+// the stasis command (CStasisCUDA). Built by scripts/build-criu-plugin.sh into libstasis_cuda_plugin.so; load
+// it with `criu ... -L DIR` or install it in CRIU's plugin directory.
 //
 // Dump: PAUSE_DEVICES runs for each task before CRIU seizes it, while it still runs; there the plugin locks
 // the CUDA process and checkpoints it (its device memory moves into its host memory, which CRIU dumps). The
@@ -167,7 +168,7 @@ static void plugin_exit(int stage, int ret) {
     if (enabled && stage == STASIS_STAGE_DUMP && touched_count > 0) resume_later();
 }
 
-stasis_cr_plugin_desc_t CR_PLUGIN_DESC = {
+__attribute__((visibility("default"))) stasis_cr_plugin_desc_t CR_PLUGIN_DESC = {
     .name = "stasis_cuda",
     .init = plugin_init,
     .exit = plugin_exit,

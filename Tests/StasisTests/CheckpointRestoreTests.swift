@@ -127,7 +127,10 @@ extension Integration {
     @Suite struct CRIUPlugin {
         @Test func loadsIntoPlainCRIUAndStandsAsideForCPUProcesses() throws {
             let plugins = Harness.scratch("plugins")
-            try FileManager.default.copyItem(atPath: Harness.productsDirectory + "/libstasis_cuda_plugin.so",
+            // Built by scripts/build-criu-plugin.sh (scripts/test.sh runs it) into .build/criu-plugins.
+            let built = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+                .deletingLastPathComponent().path + "/.build/criu-plugins/libstasis_cuda_plugin.so"
+            try FileManager.default.copyItem(atPath: built,
                                              toPath: plugins + "/libstasis_cuda_plugin.so")
             let workload = try Workload("counter")
             defer { workload.stop() }

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# GPU checkpoint and restore: the baseline (the driver's checkpoint API + plain CRIU, as CRIU's cuda plugin
+# does it) against stasis, in one run on the GPU machine, after scripts/device-test.sh's setup.
+#
+#   bench/gpu-dump-restore.sh          (run by scripts/device-test.sh bench)
+#
+# Workloads: cuda-workload buffers holding 8 and 32 GiB of device memory, and BERT-large training paused
+# mid-run. Images go to /dev/shm. Each row: lock, device checkpoint, CRIU dump, image size, the process's
+# host memory once checkpointed (the driver copies device memory into it), CRIU restore, device restore.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+STASIS=${STASIS:-/opt/stasis/bin/stasis}
+CKPT=/opt/stasis/bin/cuda-ckpt
+gcc -O2 -ISources/CStasisCUDA/include -o $CKPT bench/cuda-ckpt.c Sources/CStasisCUDA/cuda_steps.c || exit 1
+IMG=/dev/shm/stasis-bench
+now() { date +%s.%N; }
+since() { echo "$(now) - $1" | bc -l | xargs printf '%.2f'; }
+wait_gone() { for _ in $(seq 1000); do [[ -e /proc/$1 ]] || return 0; sleep 0.01; done; return 1; }
+rss_gib() { awk '/VmRSS/ { printf "%.1f", $2 / 1048576 }' /proc/$1/status; }
+json() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {}, d))' "$@"; }
+
+rows=()
+baseline() {  # NAME PID
+    local name=$1 pid=$2 t
+    rm -rf $IMG; mkdir -p $IMG
+    t=$(now); $CKPT lock "$pid" || return 1; local lock; lock=$(since "$t")
+    t=$(now); $CKPT checkpoint "$pid" || return 1; local ck; ck=$(since "$t")
+    local rss; rss=$(rss_gib "$pid")
+    t=$(now); criu dump -t "$pid" -D $IMG -v4 -o dump.log 2>/dev/null || { tail -n 5 $IMG/dump.log; return 1; }; local dump; dump=$(since "$t")
+    local size; size=$(du -sb $IMG | awk '{ printf "%.1f", $1 / 1073741824 }')
+    wait_gone "$pid"
+    t=$(now); criu restore -D $IMG -d -v4 -o restore.log 2>/dev/null || { tail -n 5 $IMG/restore.log; return 1; }; local rst; rst=$(since "$t")
+    t=$(now); $CKPT restore "$pid" && $CKPT unlock "$pid" || return 1; local drst; drst=$(since "$t")
+    rows+=("| $name | baseline | $lock | $ck | $dump | $(echo "$lock + $ck + $dump" | bc -l | xargs printf '%.2f') | $size GiB | $rss GiB | $rst | $drst | $(echo "$rst + $drst" | bc -l | xargs printf '%.2f') |")
+    rm -rf $IMG
+}
+with_stasis() {  # NAME PID
+    local name=$1 pid=$2
+    rm -rf $IMG
+    $STASIS dump "$pid" -D $IMG --json >/tmp/bench-dump.json || return 1
+    local size; size=$(du -sb $IMG | awk '{ printf "%.1f", $1 / 1073741824 }')
+    wait_gone "$pid"
+    $STASIS restore -D $IMG --json >/tmp/bench-restore.json || return 1
+    local d=/tmp/bench-dump.json r=/tmp/bench-restore.json
+    rows+=("| $name | stasis | $(json $d "'%.2f' % timings['devices']") (lock+ckpt) | | $(json $d "'%.2f' % timings['criu']") (hash+sync $(json $d "'%.2f' % (timings['hash'] + timings['sync'])")) | $(json $d "'%.2f' % timings['total']") | $size GiB | | $(json $r "'%.2f' % (timings['criu'])") (verify $(json $r "'%.2f' % timings['verify']")) | $(json $r "'%.2f' % timings['devices']") | $(json $r "'%.2f' % timings['total']") |")
+    rm -rf $IMG
+}
+verify() {
+    rm -f "$2/result"; kill -USR1 "$1"
+    for _ in $(seq 600); do [[ -e $2/result ]] && break; sleep 0.05; done
+    cat "$2/result" 2>/dev/null || echo "FAIL no answer"
+}
+
+for gib in 8 32; do
+    dir=$(mktemp -d); pid=$(/opt/stasis/bin/cuda-workload buffers --dir "$dir" --daemon --mem $((gib * 1024)))
+    baseline "buffers ${gib} GiB" "$pid" || echo "baseline failed for $gib GiB"
+    echo "after baseline: $(verify "$pid" "$dir")"
+    with_stasis "buffers ${gib} GiB" "$pid" || echo "stasis failed for $gib GiB"
+    echo "after stasis: $(verify "$pid" "$dir")"
+    kill -9 "$pid"; wait_gone "$pid"
+done
+
+run=$(mktemp -d)
+pid=$(CUBLAS_WORKSPACE_CONFIG=:4096:8 python3 Workloads/torch/bert_train.py --dir "$run" --size large --steps 8 --pause-at 4 --daemon)
+baseline "BERT-large training" "$pid" || echo "baseline failed for BERT-large"
+with_stasis "BERT-large training" "$pid" || echo "stasis failed for BERT-large"
+touch "$run/go"; for _ in $(seq 600); do [[ -e $run/done ]] && break; sleep 0.1; done
+echo "BERT-large after both: $( [[ -e $run/done ]] && echo "finished $(wc -l <"$run/losses.txt") steps" || echo "did not finish")"
+kill -9 "$pid" 2>/dev/null
+
+echo
+echo "| workload | path | lock (s) | device checkpoint (s) | CRIU dump (s) | checkpoint total (s) | image | host RSS after device checkpoint | CRIU restore (s) | device restore (s) | restore total (s) |"
+echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+printf '%s\n' "${rows[@]}"
+echo
+echo "date: $(date -u +%Y-%m-%dT%H:%MZ); $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader); $(nproc) cores; $(criu --version | head -n1); images in /dev/shm"

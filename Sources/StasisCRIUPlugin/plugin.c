@@ -13,6 +13,10 @@
 // a small detached helper that waits until CRIU has let each process go and then restores and unlocks it
 // (a process CRIU killed after a good dump is simply gone).
 //
+// The driver is never initialised inside CRIU's own process: CRIU forks the restored tasks, and a process that
+// has called cuInit must not fork. Every driver step runs in a short-lived child of CRIU (as CRIU's own cuda
+// plugin runs the cuda-checkpoint binary), which reports the driver's answer through a pipe.
+//
 // Not the plugin's business: processes that are not CUDA processes (-ENOTSUP, as CRIU expects), and runs
 // where stasis drives the GPU itself (STASIS_CRIU_PLUGIN=off in CRIU's environment).
 #define _GNU_SOURCE
@@ -23,6 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/types.h>
+#include <sys/wait.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -52,21 +57,80 @@ static unsigned int lock_timeout_ms(void) {
     return value ? (unsigned int)strtoul(value, NULL, 10) : 10000;
 }
 
-static int plugin_init(int stage) {
-    const char *switch_ = getenv("STASIS_CRIU_PLUGIN");
-    if (switch_ && !strcmp(switch_, "off")) return 0;  // stasis drives the GPU itself
-    char error[256];
-    if (stasis_cuda_load(error, sizeof error) != 0 || !stasis_cuda_has_checkpoint_api()) {
-        (void)stage;
-        return 0;  // no driver, or one without the API: nothing for us here, stay quiet
-    }
-    enabled = 1;
+enum step { STEP_PROBE, STEP_STATE, STEP_LOCK_AND_CHECKPOINT, STEP_RESUME };
+
+struct answer {
+    int result;  // a CUresult, or STASIS_CUDA_ERROR_NO_DRIVER
+    int state;   // STEP_STATE: the process's CUDA state
+};
+
+// Restore and unlock, from whatever state the steps left the process in. Runs in a step child.
+static int resume_process(int pid) {
+    int state, result;
+    if ((result = stasis_cuda_get_state(pid, &state)) != 0) return result;
+    if (state == STASIS_CUDA_CHECKPOINTED && (result = stasis_cuda_restore(pid, NULL, 0)) != 0) return result;
+    if (state == STASIS_CUDA_CHECKPOINTED || state == STASIS_CUDA_LOCKED) return stasis_cuda_unlock(pid);
     return 0;
 }
 
+// Runs one driver step for PID in a child process and returns the driver's answer.
+static struct answer run_step(enum step step, int pid) {
+    struct answer answer = {STASIS_CUDA_ERROR_NO_DRIVER, -1};
+    int ends[2];
+    if (pipe(ends) != 0) return answer;
+    pid_t child = fork();
+    if (child < 0) {
+        close(ends[0]);
+        close(ends[1]);
+        return answer;
+    }
+    if (child == 0) {
+        close(ends[0]);
+        struct answer mine = {STASIS_CUDA_ERROR_NO_DRIVER, -1};
+        char error[256];
+        if (stasis_cuda_load(error, sizeof error) == 0 && stasis_cuda_has_checkpoint_api()) {
+            switch (step) {
+            case STEP_PROBE: mine.result = 0; break;
+            case STEP_STATE: mine.result = stasis_cuda_get_state(pid, &mine.state); break;
+            case STEP_LOCK_AND_CHECKPOINT:
+                mine.result = stasis_cuda_lock(pid, lock_timeout_ms());
+                if (mine.result == 0) mine.result = stasis_cuda_checkpoint(pid);
+                break;
+            case STEP_RESUME: mine.result = resume_process(pid); break;
+            }
+        }
+        if (write(ends[1], &mine, sizeof mine) != sizeof mine) _exit(1);
+        _exit(0);
+    }
+    close(ends[1]);
+    if (read(ends[0], &answer, sizeof answer) != sizeof answer) answer.result = STASIS_CUDA_ERROR_NO_DRIVER;
+    close(ends[0]);
+    while (waitpid(child, NULL, 0) < 0 && errno == EINTR) {}
+    return answer;
+}
+
+static int switched_off(void) {
+    const char *value = getenv("STASIS_CRIU_PLUGIN");
+    return value && !strcmp(value, "off");  // stasis drives the GPU itself
+}
+
+static int plugin_init(int stage) {
+    (void)stage;
+    // No driver, or one without the checkpoint API: nothing for us here, stay quiet.
+    enabled = !switched_off() && run_step(STEP_PROBE, 0).result == 0;
+    return 0;
+}
+
+// The process's CUDA state, or -1 for a process the driver does not know (not a CUDA process).
+static int cuda_state(int pid) {
+    struct answer answer = run_step(STEP_STATE, pid);
+    return answer.result == 0 ? answer.state : -1;
+}
+
 static int pause_devices(int pid) {
-    int state;
-    if (!enabled || stasis_cuda_get_state(pid, &state) != 0) return -ENOTSUP;
+    if (!enabled) return -ENOTSUP;
+    int state = cuda_state(pid);
+    if (state < 0) return -ENOTSUP;
     if (state != STASIS_CUDA_RUNNING) {
         say("PID %d is in CUDA state %d, not running", pid, state);
         return -1;
@@ -76,10 +140,9 @@ static int pause_devices(int pid) {
         return -1;
     }
     touched[touched_count++] = pid;
-    int result = stasis_cuda_lock(pid, lock_timeout_ms());
-    if (result == 0) result = stasis_cuda_checkpoint(pid);
-    if (result != 0) {
-        say("checkpoint of PID %d failed: %s (%d)", pid, stasis_cuda_error_name(result), result);
+    struct answer answer = run_step(STEP_LOCK_AND_CHECKPOINT, pid);
+    if (answer.result != 0) {
+        say("checkpoint of PID %d failed: CUresult %d", pid, answer.result);
         return -1;
     }
     say("PID %d: device state checkpointed", pid);
@@ -87,39 +150,21 @@ static int pause_devices(int pid) {
 }
 
 static int checkpoint_devices(int pid) {
-    int state;
-    if (!enabled || stasis_cuda_get_state(pid, &state) != 0) return -ENOTSUP;
+    if (!enabled) return -ENOTSUP;
+    int state = cuda_state(pid);
+    if (state < 0) return -ENOTSUP;
     return state == STASIS_CUDA_CHECKPOINTED ? 0 : -1;
 }
 
-// Restore and unlock, from whatever state the steps left the process in.
-static int resume_process(int pid) {
-    int state, result = 0;
-    if (stasis_cuda_get_state(pid, &state) != 0) return -ENOTSUP;
-    if (state == STASIS_CUDA_CHECKPOINTED) {
-        result = stasis_cuda_restore(pid, NULL, 0);
-        if (result != 0) {
-            say("restore of PID %d failed: %s (%d)", pid, stasis_cuda_error_name(result), result);
-            return -1;
-        }
-        state = STASIS_CUDA_LOCKED;
-    }
-    if (state == STASIS_CUDA_LOCKED) {
-        result = stasis_cuda_unlock(pid);
-        if (result != 0) {
-            say("unlock of PID %d failed: %s (%d)", pid, stasis_cuda_error_name(result), result);
-            return -1;
-        }
-    }
-    return 0;
+static int resume_in_child(int pid) {
+    struct answer answer = run_step(STEP_RESUME, pid);
+    if (answer.result != 0) say("resuming the GPU of PID %d failed: CUresult %d", pid, answer.result);
+    return answer.result == 0 ? 0 : -1;
 }
 
 static int resume_devices_late(int pid) {
-    const char *switch_ = getenv("STASIS_CRIU_PLUGIN");
-    if (switch_ && !strcmp(switch_, "off")) return -ENOTSUP;
-    char error[256];
-    if (stasis_cuda_load(error, sizeof error) != 0) return -ENOTSUP;
-    return resume_process(pid);
+    if (switched_off() || cuda_state(pid) < 0) return -ENOTSUP;
+    return resume_in_child(pid);
 }
 
 // True while CRIU still traces (holds) the process.
@@ -156,7 +201,7 @@ static void resume_later(void) {
             struct timespec ts = {0, 10 * 1000 * 1000};
             nanosleep(&ts, NULL);
         }
-        if (kill(pid, 0) == 0 && !traced(pid)) resume_process(pid);
+        if (kill(pid, 0) == 0 && !traced(pid)) resume_in_child(pid);
     }
     _exit(0);
 }

@@ -61,7 +61,7 @@ struct RestoreCommand: ParsableCommand {
             if output.json { return Output.json(report) }
             let t = report.timings
             print("restored \(report.directory): root PID \(report.rootPID) (\(report.processes) process\(report.processes == 1 ? "" : "es"))")
-            print("  time: verify \(Format.seconds(t.verify)), CRIU \(Format.seconds(t.criu)) (forking \(Format.seconds(t.forking)), restore \(Format.seconds(t.restore))); total \(Format.seconds(t.total))")
+            print("  time: verify \(Format.seconds(t.verify)), CRIU \(Format.seconds(t.criu)) (forking \(Format.seconds(t.forking)), restore \(Format.seconds(t.restore))), devices \(Format.seconds(t.devices)); total \(Format.seconds(t.total))")
             print("  log:  \(report.logFile)")
         }
     }

@@ -39,51 +39,16 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "../common/workload_protocol.h"
+
 #define MAX_CHILDREN 16
 #define MAX_THREADS 64
 #define PROGRESS_TIMEOUT_MS 10000
 
-static const char *dir = ".";
 static const char *log_file_path = NULL;
 static size_t mem_bytes = 16u << 20;
 static int count = 4;
 static int fill_zero = 0;
-
-static volatile sig_atomic_t verify_requested = 0;
-
-static void on_usr1(int sig) { (void)sig; verify_requested = 1; }
-
-static uint64_t now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
-
-static void sleep_ms(long ms) {
-    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {}
-}
-
-static void die(const char *what) {
-    fprintf(stderr, "stasis-workload: %s: %s\n", what, strerror(errno));
-    exit(2);
-}
-
-// Writes DIR/NAME atomically: readers see the whole text or nothing.
-static void write_file(const char *name, const char *fmt, ...) {
-    char path[4096], tmp[4200], text[4096];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(text, sizeof text, fmt, ap);
-    va_end(ap);
-    snprintf(path, sizeof path, "%s/%s", dir, name);
-    snprintf(tmp, sizeof tmp, "%s.tmp.%d", path, (int)getpid());
-    FILE *f = fopen(tmp, "w");
-    if (!f) die(tmp);
-    fputs(text, f);
-    fclose(f);
-    if (rename(tmp, path) != 0) die(path);
-}
 
 // The pattern: word i of a buffer seeded s is splitmix64(s ^ i), so it can be checked without a copy.
 static uint64_t splitmix64(uint64_t x) {
@@ -409,50 +374,8 @@ static void run_memory(void) {
 
 // ---- start-up -----------------------------------------------------------------------------------------
 
-// Detaches (double fork, then setsid): the caller's process waits for the workload's ready file, prints the workload's PID and exits.
-static void daemonize(void) {
-    char ready[4096];
-    snprintf(ready, sizeof ready, "%s/ready", dir);
-    unlink(ready);
-    int report[2];
-    if (pipe(report) != 0) die("pipe");
-    pid_t first = fork();
-    if (first < 0) die("fork");
-    if (first > 0) {
-        close(report[1]);
-        int pid = 0;
-        ssize_t got = read(report[0], &pid, sizeof pid);
-        waitpid(first, NULL, 0);
-        if (got != sizeof pid) { fprintf(stderr, "stasis-workload: the workload did not start\n"); exit(2); }
-        for (uint64_t deadline = now_ms() + 60000; access(ready, F_OK) != 0; sleep_ms(10)) {
-            if (now_ms() > deadline || kill(pid, 0) != 0) { fprintf(stderr, "stasis-workload: PID %d never became ready\n", pid); exit(2); }
-        }
-        printf("%d\n", pid);
-        exit(0);
-    }
-    close(report[0]);
-    pid_t second = fork();
-    if (second < 0) die("fork");
-    if (second > 0) _exit(0);
-    // The workload leads its own session, as CRIU wants of a tree's root (else it needs --shell-job).
-    setsid();
-    int me = (int)getpid();
-    if (write(report[1], &me, sizeof me) != sizeof me) _exit(2);
-    close(report[1]);
-    char log[4096];
-    snprintf(log, sizeof log, "%s/log", dir);
-    int null = open("/dev/null", O_RDONLY);
-    int out = open(log, O_WRONLY | O_CREAT | O_APPEND, 0600);
-    if (null < 0 || out < 0) _exit(2);
-    dup2(null, 0);
-    dup2(out, 1);
-    dup2(out, 2);
-    // Keep nothing else of the caller's: an inherited pipe end would keep its reader waiting forever.
-    for (int fd = 3; fd < 1024; fd++) close(fd);
-    if (chdir("/") != 0) _exit(2);
-}
-
 int main(int argc, char **argv) {
+    program_name = "stasis-workload";
     if (argc < 2) {
         fprintf(stderr, "usage: stasis-workload counter|threads|tree|unix|tcp|memory --dir DIR [--daemon] [--mem MIB] [--count N] [--file PATH] [--fill random|zero]\n");
         return 2;
@@ -477,14 +400,7 @@ int main(int argc, char **argv) {
     dir = strdup(resolved);
     if (detach) daemonize();
 
-    // The caller may have blocked SIGUSR1 (Foundation's Process does for its children); threads inherit this.
-    struct sigaction sa = {.sa_handler = on_usr1};
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGUSR1, &sa, NULL);
-    sigset_t usr1;
-    sigemptyset(&usr1);
-    sigaddset(&usr1, SIGUSR1);
-    sigprocmask(SIG_UNBLOCK, &usr1, NULL);
+    listen_for_verify_requests();
 
     if (!strcmp(mode, "counter")) run_counter();
     else if (!strcmp(mode, "threads")) run_threads();

@@ -51,6 +51,8 @@
 #include <mutex>
 #include <vector>
 
+#include "../common/workload_protocol.h"
+
 #define MAX_LOOPS 64
 #define PROGRESS_TIMEOUT_MS 10000
 // Below the test harness's 20 s wait for DIR/result, so that the tree's root always answers.
@@ -58,54 +60,14 @@
 // What one loop step checks of a buffer: 1 MiB of 64-bit words.
 #define SLICE_WORDS ((size_t)128 << 10)
 
-static const char *dir = ".";
 static size_t mem_bytes = (size_t)256 << 20;
 static int count = 4;
-
-static volatile sig_atomic_t verify_requested = 0;
-
-static void on_usr1(int sig) { (void)sig; verify_requested = 1; }
-
-static uint64_t now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
-
-static void sleep_ms(long ms) {
-    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {}
-}
-
-static void die(const char *what) {
-    fprintf(stderr, "cuda-workload: %s: %s\n", what, strerror(errno));
-    exit(2);
-}
 
 // Gives up before ready. _exit, not exit: loop threads may be inside the CUDA runtime, whose exit-time
 // teardown could then hang.
 [[noreturn]] static void give_up(const char *why) {
     fprintf(stderr, "cuda-workload: %s\n", why);
     _exit(2);
-}
-
-static void path_in_dir(char *path, size_t len, const char *name) { snprintf(path, len, "%s/%s", dir, name); }
-
-// Writes DIR/NAME atomically: readers see the whole text or nothing.
-static void write_file(const char *name, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void write_file(const char *name, const char *fmt, ...) {
-    char path[4096], tmp[4200], text[4096];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(text, sizeof text, fmt, ap);
-    va_end(ap);
-    path_in_dir(path, sizeof path, name);
-    snprintf(tmp, sizeof tmp, "%s.tmp.%d", path, (int)getpid());
-    FILE *f = fopen(tmp, "w");
-    if (!f) die(tmp);
-    fputs(text, f);
-    fclose(f);
-    if (rename(tmp, path) != 0) die(path);
 }
 
 // ---- failures ------------------------------------------------------------------------------------------
@@ -829,7 +791,7 @@ static void verify(Workload &w, char *text, size_t len) {
 // The tree's root: forwards the request to the child, verifies itself meanwhile, and passes only if both pass.
 static void verify_tree(Workload &w, pid_t child, char *text, size_t len) {
     char path[4096], own[1024], theirs[1024] = "";
-    path_in_dir(path, sizeof path, "result-child");
+    snprintf(path, sizeof path, "%s/result-child", dir);
     unlink(path);
     int status;
     if (waitpid(child, &status, WNOHANG) != 0 || kill(child, SIGUSR1) != 0) {
@@ -874,7 +836,7 @@ static bool start(Workload &w) {
         if (!wait_progress(loops[i].ticks, 3)) give_up(loop_failed.load() ? loop_failure : "a loop did not start");
     if (child > 0) {
         char path[4096];
-        path_in_dir(path, sizeof path, "ready-child");
+        snprintf(path, sizeof path, "%s/ready-child", dir);
         for (uint64_t deadline = now_ms() + 60000; access(path, F_OK) != 0; sleep_ms(10)) {
             int status;
             if (now_ms() > deadline || waitpid(child, &status, WNOHANG) != 0) give_up("the child never became ready");
@@ -897,9 +859,9 @@ static bool start(Workload &w) {
 // not survive a fork.
 [[noreturn]] static void run_tree(void) {
     char path[4096];
-    path_in_dir(path, sizeof path, "ready-child");
+    snprintf(path, sizeof path, "%s/ready-child", dir);
     unlink(path);
-    path_in_dir(path, sizeof path, "result-child");
+    snprintf(path, sizeof path, "%s/result-child", dir);
     unlink(path);
     pid_t root = getpid(), pid = fork();
     if (pid < 0) die("fork");
@@ -930,51 +892,8 @@ static Workload *workload_for(const char *mode) {
 
 // ---- start-up ------------------------------------------------------------------------------------------
 
-// Detaches (double fork, then setsid): the caller's process waits for the workload's ready file, prints the
-// workload's PID and exits. It runs before any CUDA call, as CUDA state does not survive a fork.
-static void daemonize(void) {
-    char ready[4096];
-    path_in_dir(ready, sizeof ready, "ready");
-    unlink(ready);
-    int report[2];
-    if (pipe(report) != 0) die("pipe");
-    pid_t first = fork();
-    if (first < 0) die("fork");
-    if (first > 0) {
-        close(report[1]);
-        int pid = 0;
-        ssize_t got = read(report[0], &pid, sizeof pid);
-        waitpid(first, NULL, 0);
-        if (got != sizeof pid) { fprintf(stderr, "cuda-workload: the workload did not start\n"); exit(2); }
-        for (uint64_t deadline = now_ms() + 60000; access(ready, F_OK) != 0; sleep_ms(10)) {
-            if (now_ms() > deadline || kill(pid, 0) != 0) { fprintf(stderr, "cuda-workload: PID %d never became ready\n", pid); exit(2); }
-        }
-        printf("%d\n", pid);
-        exit(0);
-    }
-    close(report[0]);
-    pid_t second = fork();
-    if (second < 0) die("fork");
-    if (second > 0) _exit(0);
-    // The workload leads its own session, as CRIU wants of a tree's root (else it needs --shell-job).
-    setsid();
-    int me = (int)getpid();
-    if (write(report[1], &me, sizeof me) != sizeof me) _exit(2);
-    close(report[1]);
-    char log[4096];
-    path_in_dir(log, sizeof log, "log");
-    int null = open("/dev/null", O_RDONLY);
-    int out = open(log, O_WRONLY | O_CREAT | O_APPEND, 0600);
-    if (null < 0 || out < 0) _exit(2);
-    dup2(null, 0);
-    dup2(out, 1);
-    dup2(out, 2);
-    // Keep nothing else of the caller's: an inherited pipe end would keep its reader waiting forever.
-    for (int fd = 3; fd < 1024; fd++) close(fd);
-    if (chdir("/") != 0) _exit(2);
-}
-
 int main(int argc, char **argv) {
+    program_name = "cuda-workload";
     if (argc < 2) {
         fprintf(stderr, "usage: cuda-workload buffers|streams|events|graph|vmm|pool|pinned|threads|tree|managed|ipc --dir DIR [--daemon] [--mem MIB] [--count N]\n");
         return 2;
@@ -1001,17 +920,7 @@ int main(int argc, char **argv) {
     dir = strdup(resolved);
     if (detach) daemonize();
 
-    // The caller may have blocked SIGUSR1 (Foundation's Process does for its children); threads inherit this.
-    // SA_RESTART: the CUDA runtime's own threads may take the signal too.
-    struct sigaction sa = {};
-    sa.sa_handler = on_usr1;
-    sa.sa_flags = SA_RESTART;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGUSR1, &sa, NULL);
-    sigset_t usr1;
-    sigemptyset(&usr1);
-    sigaddset(&usr1, SIGUSR1);
-    sigprocmask(SIG_UNBLOCK, &usr1, NULL);
+    listen_for_verify_requests();
 
     if (!workload) run_tree();
     serve(*workload, "ready", "result", 0);

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The main job, end to end: install CRIU if needed, build stasis (release), start a workload that builds
-# state, checkpoint it, make sure it is gone, restore it, and have it verify its own state.
+# state, checkpoint it, make sure it is gone, restore it, and have it verify its own state. On a machine with
+# an NVIDIA GPU and nvcc the workload is a CUDA program holding device memory; elsewhere a CPU process.
 # Needs root. Usage: scripts/demo.sh [MEMORY_MIB]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MEM_MIB=${1:-512}
 
 ./scripts/install-criu.sh
-export PATH="/usr/local/sbin:$PATH"
+export PATH="/usr/local/sbin:$PATH:/usr/local/cuda/bin"
 echo "== building stasis (release)"
 swift build -c release 2>&1 | tail -n 1
 BIN=$(swift build -c release --show-bin-path)
@@ -21,17 +22,27 @@ trap cleanup EXIT
 echo "== stasis check"
 "$STASIS" check
 
-echo "== starting a workload: a counter appending to an open file, over $MEM_MIB MiB of patterned memory"
-pid=$("$BIN/stasis-workload" counter --dir "$work" --daemon --mem "$MEM_MIB" --file "$work/counter.txt")
-sleep 1
-before=$(tail -n 1 "$work/counter.txt")
-echo "   PID $pid, counter at $before"
+gpu=0
+if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1 && command -v nvcc >/dev/null; then gpu=1; fi
+if [[ $gpu == 1 ]]; then
+    echo "== building the CUDA workload"
+    nvcc -O2 -o "$work/cuda-workload" Workloads/cuda/cuda-workload.cu -lcuda
+    echo "== starting a CUDA workload: $MEM_MIB MiB of patterned device memory, kernels checking it in a loop"
+    pid=$("$work/cuda-workload" buffers --dir "$work" --daemon --mem "$MEM_MIB")
+    echo "   PID $pid"
+else
+    echo "== starting a workload: a counter appending to an open file, over $MEM_MIB MiB of patterned memory"
+    pid=$("$BIN/stasis-workload" counter --dir "$work" --daemon --mem "$MEM_MIB" --file "$work/counter.txt")
+    sleep 1
+    before=$(tail -n 1 "$work/counter.txt")
+    echo "   PID $pid, counter at $before"
+fi
 
 echo "== stasis dump $pid -D $work/checkpoint"
 "$STASIS" dump "$pid" -D "$work/checkpoint"
 for _ in $(seq 100); do [[ -e /proc/$pid ]] || break; sleep 0.05; done
 if [[ -e /proc/$pid ]]; then echo "   PID $pid still exists (waiting for init to reap it)"; else echo "   PID $pid is gone"; fi
-at_dump=$(tail -n 1 "$work/counter.txt")
+[[ $gpu == 1 ]] || at_dump=$(tail -n 1 "$work/counter.txt")
 
 echo "== stasis inspect / verify"
 "$STASIS" inspect "$work/checkpoint"
@@ -45,9 +56,13 @@ rm -f "$work/result"
 kill -USR1 "$pid"
 for _ in $(seq 200); do [[ -e "$work/result" ]] && break; sleep 0.05; done
 verdict=$(cat "$work/result" 2>/dev/null || echo "FAIL no answer")
+echo "   workload says: $verdict"
+if [[ $gpu == 1 ]]; then
+    [[ $verdict == PASS* ]] && { echo "DEMO PASSED: the CUDA process continued from its checkpoint with its device memory intact"; exit 0; }
+    echo "DEMO FAILED"; exit 1
+fi
 after=$(tail -n 1 "$work/counter.txt")
 echo "   counter: $before before the dump, $at_dump at the dump, $after now"
-echo "   workload says: $verdict"
 if [[ $verdict == PASS* && $after -gt $at_dump ]]; then
     echo "DEMO PASSED: the process continued from its checkpoint with its memory, file and counter intact"
 else

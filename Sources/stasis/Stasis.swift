@@ -5,11 +5,12 @@ import StasisEngine
 struct Stasis: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "stasis",
-        abstract: "Checkpoint and restore process trees (GPU processes in a later release) through CRIU.",
+        abstract: "Checkpoint and restore process trees, CUDA processes included, through CRIU and the GPU driver.",
         discussion: """
         A checkpoint is a directory: CRIU's images plus manifest.json, which records the host, the process \
-        tree and the size and SHA-256 of every file. It is written to a hidden sibling and renamed into place \
-        only when complete. Run as root.
+        tree, the GPUs and the size and SHA-256 of every file. It is written to a hidden sibling and renamed \
+        into place only when complete. CUDA processes are checkpointed through the NVIDIA driver's process \
+        checkpoint API (driver >= 570). Run as root.
         """,
         version: StasisVersion.current,
         subcommands: [CheckCommand.self, DumpCommand.self, RestoreCommand.self, InspectCommand.self, VerifyCommand.self]

@@ -191,3 +191,41 @@ extension Integration {
     }
 }
 }
+
+extension Integration {
+    /// GPU paths that CI can reach without a GPU.
+    @Suite struct GPUWithoutDriver {
+        @Test func checkpointWithGPUStateIsRefusedBeforeAnythingIsRestored() throws {
+            let workload = try Workload("counter")
+            defer { workload.stop() }
+            let checkpoint = Harness.scratch("gpu") + "/image"
+            #expect(try Harness.stasis("dump", "\(workload.pid)", "-D", checkpoint).succeeded)
+            #expect(Harness.waitGone(workload.pid))
+            // Give the checkpoint a GPU section, as a dump on a GPU machine writes it.
+            let path = checkpoint + "/manifest.json"
+            var manifest = try Manifest.decode(try Data(contentsOf: URL(fileURLWithPath: path)), path: path)
+            manifest.gpu = .init(driverVersion: "13.0",
+                                 devices: [.init(index: 0, uuid: "GPU-f11ae0fe-3cf1-c82a-81c8-c19640ddf9e0", name: "NVIDIA H200", memoryBytes: 150_000_000_000)],
+                                 processes: [.init(pid: workload.pid, devices: ["GPU-f11ae0fe-3cf1-c82a-81c8-c19640ddf9e0"], deviceMemoryBytes: 1 << 30)])
+            try Manifest.encoder().encode(manifest).write(to: URL(fileURLWithPath: path))
+            let inspect = try Harness.stasis("inspect", checkpoint)
+            #expect(inspect.stdout.contains("GPU 0 GPU-f11ae0fe-3cf1-c82a-81c8-c19640ddf9e0 NVIDIA H200"))
+            let restore = try Harness.stasis("restore", "-D", checkpoint)
+            #expect(restore.status == 1)
+            #expect(restore.stderr.contains("no GPU driver"), "\(restore.stderr)")
+            #expect(!ProcFS.exists(workload.pid), "nothing was restored")
+        }
+
+        @Test func badGPUMapIsAUsageError() throws {
+            let result = try Harness.stasis("restore", "-D", "/nonexistent", "--gpu-map", "GPU-1")
+            #expect(result.status == 64)
+            #expect(result.stderr.contains("OLD=NEW"))
+        }
+
+        @Test func checkReportsNoDriverAsANormalAnswer() throws {
+            let result = try Harness.stasis("check", "--json")
+            #expect(result.succeeded, "\(result.stderr)")
+            #expect(result.stdout.contains("\"driverLoaded\" : false") || result.stdout.contains("\"driverLoaded\" : true"))
+        }
+    }
+}

@@ -113,7 +113,8 @@ public struct DumpOperation {
             device.rollback(section: gpu)
             let keptLog = staging.discard(keeping: CRIUService.dumpLogName)
             var failure = (error as? StasisError) ?? StasisError(.io, "\(error)")
-            if failure.logPath != nil || failure.code == .interrupted { failure.logPath = keptLog }
+            // The staging directory is gone: point at the copy of CRIU's log kept beside it, if CRIU ran.
+            failure.logPath = keptLog
             if ProcFS.isLive(pid) {
                 failure.message += " (PID \(pid) is still running, as it was before the dump)"
             }
@@ -163,6 +164,7 @@ public struct DumpOperation {
             memory: .init(residentBytes: processes.reduce(0) { $0 + $1.residentBytes }, dumpedBytes: Self.pageBytes(in: staging.path),
                           imageBytes: files.reduce(0) { $0 + $1.size }),
             timings: timings, gpu: gpu, files: files)
+        try FaultInjection.check("publish")
         try FileSystem.writeAtomically(try Manifest.encoder().encode(manifest), to: staging.path + "/" + Manifest.fileName)
         try FileSystem.fsync(path: staging.path)
         return manifest

@@ -41,7 +41,8 @@ final class ProgressTicker: @unchecked Sendable {
 
 /// Switches for reaching failure paths in tests: STASIS_FAULT=point[,point...]. Each named point throws
 /// where `FaultInjection.check` is called with it. Points: "post-dump" (inside CRIU's post-dump step, while
-/// the tree is frozen), "after-restore" (after CRIU restored the tree, before it is handed over).
+/// the tree is frozen), "publish" (the same step, after the images were hashed and synced, before the
+/// manifest is written), "after-restore" (after CRIU restored the tree, before it is handed over).
 public enum FaultInjection {
     static func check(_ point: String) throws {
         let points = (ProcessInfo.processInfo.environment["STASIS_FAULT"] ?? "").split(separator: ",")

@@ -27,10 +27,14 @@ public final class GrowingFilesHasher: @unchecked Sendable {
     /// Bytes hashed so far (for progress reports).
     public var hashedBytes: UInt64 { lock.withLock { bytes } }
 
-    /// Stops following and returns the partial hashes, keyed by file name.
+    /// Stops following (waiting for the thread's current step) and returns the partial hashes, keyed by file
+    /// name. Calling it again returns the same hashes at once.
     public func stop() -> [String: IncrementalFileHash] {
-        lock.withLock { running = false }
-        finished.wait()
+        let first = lock.withLock { () -> Bool in
+            defer { running = false }
+            return running
+        }
+        if first { finished.wait() }
         return lock.withLock { hashers }
     }
 

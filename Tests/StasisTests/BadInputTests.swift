@@ -115,13 +115,14 @@ extension Integration {
         #expect(workload.verify().hasPrefix("PASS"))
     }
 
-    @Test func failureInsideTheDumpLeavesTheJobRunning() throws {
+    @Test(arguments: ["post-dump", "publish"])
+    func failureInsideTheDumpLeavesTheJobRunning(point: String) throws {
         let workload = try Workload("tree", ["--count", "2"])
         defer { workload.stop() }
         let checkpoint = Harness.scratch("bad") + "/image"
-        let result = try Harness.stasis("dump", "\(workload.pid)", "-D", checkpoint, environment: ["STASIS_FAULT": "post-dump"])
+        let result = try Harness.stasis("dump", "\(workload.pid)", "-D", checkpoint, environment: ["STASIS_FAULT": point])
         #expect(result.status == 1)
-        #expect(result.stderr.contains("fault injected at post-dump"))
+        #expect(result.stderr.contains("fault injected at \(point)"))
         #expect(result.stderr.contains("still running"))
         #expect(!FileSystem.exists(checkpoint))
         let leftovers = try FileManager.default.contentsOfDirectory(atPath: (checkpoint as NSString).deletingLastPathComponent)

@@ -110,12 +110,14 @@ public struct DumpOperation {
             }
         } catch {
             _ = follower?.stop()
-            device.rollback(section: gpu)
+            let leftBehind = device.rollback(section: gpu)
             let keptLog = staging.discard(keeping: CRIUService.dumpLogName)
             var failure = (error as? StasisError) ?? StasisError(.io, "\(error)")
             // The staging directory is gone: point at the copy of CRIU's log kept beside it, if CRIU ran.
             failure.logPath = keptLog
-            if ProcFS.isLive(pid) {
+            if !leftBehind.isEmpty {
+                failure.message += "; giving the GPU back also failed: \(leftBehind.joined(separator: "; "))"
+            } else if ProcFS.isLive(pid) {
                 failure.message += " (PID \(pid) is still running, as it was before the dump)"
             }
             throw failure.prefixed("dump of PID \(pid) failed")

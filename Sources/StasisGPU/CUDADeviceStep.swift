@@ -114,8 +114,12 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
         }
     }
 
-    public func rollback(section: Manifest.GPUSection) {
-        _ = Self.parallel(section.processes.map(\.pid)) { _ = CheckpointDriver.resume($0) }
+    public func rollback(section: Manifest.GPUSection) -> [String] {
+        let errors = Self.parallel(section.processes.map(\.pid)) { pid in
+            let left = CheckpointDriver.resume(pid)
+            if !left.isEmpty { throw StasisError(.gpu, "PID \(pid): " + left.joined(separator: "; ")) }
+        }
+        return errors.sorted { $0.key < $1.key }.map { "\($0.value)" }
     }
 
     /// Matches the checkpoint's GPUs to this machine's: --gpu-map first, then by UUID, then by index. Refuses a

@@ -11,7 +11,8 @@ public protocol DeviceStep: Sendable {
     /// Prepares the tree's devices for the freeze; returns the manifest's GPU section.
     func beforeFreeze(pids: [Int32]) throws -> Manifest.GPUSection
     func afterDump(section: Manifest.GPUSection, leaveRunning: Bool) throws
-    func rollback(section: Manifest.GPUSection)
+    /// Returns what could not be put back (empty when every process runs as before).
+    func rollback(section: Manifest.GPUSection) -> [String]
     /// Checked before anything is restored: can this machine take the checkpoint's devices?
     func checkRestorable(section: Manifest.GPUSection) throws
     func afterRestore(section: Manifest.GPUSection) throws
@@ -24,7 +25,7 @@ public struct NoDeviceStep: DeviceStep {
     public var name: String { "none" }
     public func beforeFreeze(pids: [Int32]) throws -> Manifest.GPUSection { Manifest.GPUSection() }
     public func afterDump(section: Manifest.GPUSection, leaveRunning: Bool) throws {}
-    public func rollback(section: Manifest.GPUSection) {}
+    public func rollback(section: Manifest.GPUSection) -> [String] { [] }
     public func checkRestorable(section: Manifest.GPUSection) throws {
         guard section.processes.isEmpty else {
             throw StasisError(.gpu, "the checkpoint holds GPU state for \(section.processes.count) process(es), which this build cannot restore")

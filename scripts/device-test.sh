@@ -176,14 +176,14 @@ section_plugin() {
     local dir; dir=$(mktemp -d /tmp/stasis-plugin.XXXXXX)
     local pid; pid=$(start_cuda buffers "$dir" --mem 512)
     mkdir -p "$dir/img" "$dir/img2"
-    if criu dump -t "$pid" -D "$dir/img" -L /opt/stasis/criu-plugins -v4 -o dump.log >"$dir/criu.txt" 2>&1 && wait_gone "$pid" \
-        && criu restore -D "$dir/img" -L /opt/stasis/criu-plugins -d -v4 -o restore.log >>"$dir/criu.txt" 2>&1 \
+    if timeout 60 criu dump -t "$pid" -D "$dir/img" -L /opt/stasis/criu-plugins -v4 -o dump.log >"$dir/criu.txt" 2>&1 && wait_gone "$pid" \
+        && timeout 60 criu restore -D "$dir/img" -L /opt/stasis/criu-plugins -d -v4 -o restore.log >>"$dir/criu.txt" 2>&1 \
         && [[ $(verify "$pid" "$dir") == PASS* ]]; then
         pass "plain criu + stasis plugin: dump and restore of a CUDA process"
     else
         fail "plain criu + stasis plugin" "$(tail -n 5 "$dir/criu.txt"; grep -h 'Error\|stasis-cuda' "$dir"/img/*.log | tail -n 8)"
     fi
-    if criu dump -t "$pid" -D "$dir/img2" -L /opt/stasis/criu-plugins --leave-running -v4 -o dump.log >"$dir/criu2.txt" 2>&1 \
+    if timeout 60 criu dump -t "$pid" -D "$dir/img2" -L /opt/stasis/criu-plugins --leave-running -v4 -o dump.log >"$dir/criu2.txt" 2>&1 \
         && [[ $(verify "$pid" "$dir") == PASS* ]]; then
         pass "plain criu + stasis plugin: --leave-running, the process keeps its GPU"
     else

@@ -20,7 +20,7 @@ import argparse
 import os
 import time
 
-from workload_protocol import daemonize, write_file
+from workload_protocol import daemonize, deterministic_torch, write_file
 
 SIZES = {
     # hidden size, layers, attention heads, intermediate size
@@ -74,19 +74,8 @@ def main():
         # Before torch is imported: forking a process that has started CUDA or torch's threads is unsafe.
         daemonize(args.dir, ("ready", "done"), "bert_train", READY_TIMEOUT_S)
 
-    # cuBLAS reads this when it creates its handle; without it deterministic mode refuses cuBLAS matmuls.
-    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
-    # The model is built from a config, never downloaded, and the GPU machine has no network anyway.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
+    torch = deterministic_torch()
     from transformers import BertConfig, BertForMaskedLM
-
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-    # TF32 would make results depend on the GPU generation; full float32 keeps runs comparable.
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
 
     hidden, layers, heads, intermediate = SIZES[args.size]
     config = BertConfig(

@@ -23,7 +23,7 @@ import re
 import sys
 import time
 
-from workload_protocol import daemonize, write_file
+from workload_protocol import daemonize, deterministic_torch, write_file
 
 VOCAB = 30522
 MAX_TOKENS = 512  # BERT's position embeddings
@@ -59,18 +59,8 @@ def serve(args):
         # Before torch is imported: forking a process that has started CUDA or torch's threads is unsafe.
         daemonize(args.dir, ("ready",), "infer_server", READY_TIMEOUT_S)
 
-    # cuBLAS reads this when it creates its handle; without it deterministic mode refuses cuBLAS matmuls.
-    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
-    # The model is built from a config, never downloaded, and the GPU machine has no network anyway.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
+    torch = deterministic_torch()
     from transformers import BertConfig, BertModel
-
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
 
     config = BertConfig(
         vocab_size=VOCAB,

@@ -57,3 +57,21 @@ def daemonize(directory, signals, name, timeout_s):
     sys.stdout.reconfigure(line_buffering=True)
     sys.stderr.reconfigure(line_buffering=True)
     os.chdir("/")
+
+
+def deterministic_torch():
+    """Imports torch set up for bit-identical runs and returns it. Call it after daemonize: forking a process
+    that has started CUDA or torch's threads is unsafe."""
+    # cuBLAS reads this when it creates its handle; without it deterministic mode refuses cuBLAS matmuls.
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    # Models are built from a config, never downloaded, and the GPU machine has no network anyway.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    # TF32 would make results depend on the GPU generation; full float32 keeps runs comparable.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return torch

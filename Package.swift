@@ -46,6 +46,6 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "stasis-workload", path: "Workloads/cpu"),
-        .testTarget(name: "StasisTests", dependencies: ["StasisCore", "StasisOS", "StasisImage", "StasisEngine", "StasisCRIU"]),
+        .testTarget(name: "StasisTests", dependencies: ["StasisCore", "StasisOS", "StasisImage", "StasisEngine", "StasisCRIU", "StasisGPU"]),
     ]
 )

@@ -122,29 +122,38 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
         return errors.sorted { $0.key < $1.key }.map { "\($0.value)" }
     }
 
-    /// Matches the checkpoint's GPUs to this machine's: --gpu-map first, then by UUID, then by index. Refuses a
-    /// GPU of another model or with less free memory than its processes had, before anything is restored.
+    /// Matches the checkpoint's GPUs to this machine's before anything is restored; see `remapping(for:on:map:)`.
     public func checkRestorable(section: Manifest.GPUSection) throws {
         guard !section.processes.isEmpty else { return }
         try CheckpointDriver.load()
-        let here = GPUInventory.read().gpus
+        let pairs = try Self.remapping(for: section, on: GPUInventory.read().gpus, map: gpuMap)
+        lock.withLock { remapping = pairs }
+    }
+
+    /// The (old UUID, new UUID) table for the driver's restore: --gpu-map first, then the same UUID, then the
+    /// same index. Refuses a map naming a GPU the checkpoint did not use or this machine does not have, a GPU of
+    /// another model, and one with less free memory than the checkpoint's processes had on it.
+    static func remapping(for section: Manifest.GPUSection, on here: [GPUInventory.GPU],
+                          map gpuMap: [String: String]) throws -> [(old: [UInt8], new: [UInt8])] {
         guard !here.isEmpty else { throw StasisError(.gpu, "the checkpoint holds GPU state but this machine lists no GPU (nvidia-smi)") }
-        func find(_ key: String, in gpus: [GPUInventory.GPU]) -> GPUInventory.GPU? {
-            gpus.first { $0.uuid == key } ?? Int(key).flatMap { index in gpus.first { $0.index == index } }
+        for key in gpuMap.keys.sorted() where !section.devices.contains(where: { $0.uuid == key || String($0.index) == key }) {
+            throw StasisError(.gpu, "--gpu-map names GPU \(key), which the checkpoint did not use (it used \(section.devices.map { "\($0.index): \($0.uuid)" }.joined(separator: ", ")))")
+        }
+        func find(_ key: String) -> GPUInventory.GPU? {
+            here.first { $0.uuid == key } ?? Int(key).flatMap { index in here.first { $0.index == index } }
         }
         var pairs: [(old: [UInt8], new: [UInt8])] = []
         for device in section.devices {
-            let target: GPUInventory.GPU?
             let mapped = gpuMap[device.uuid] ?? gpuMap[String(device.index)]
+            let target: GPUInventory.GPU
             if let mapped {
-                guard let found = find(mapped, in: here) else {
+                guard let found = find(mapped) else {
                     throw StasisError(.gpu, "--gpu-map names GPU \(mapped), which this machine does not have (it has \(here.map { "\($0.index): \($0.uuid)" }.joined(separator: ", ")))")
                 }
                 target = found
+            } else if let found = here.first(where: { $0.uuid == device.uuid }) ?? here.first(where: { $0.index == device.index }) {
+                target = found
             } else {
-                target = here.first { $0.uuid == device.uuid } ?? here.first { $0.index == device.index }
-            }
-            guard let target else {
                 throw StasisError(.gpu, "no GPU here matches the checkpoint's GPU \(device.index) (\(device.uuid), \(device.name))", hint: "map it with --gpu-map \(device.uuid)=NEW")
             }
             guard target.name == device.name else {
@@ -160,10 +169,7 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
                 pairs.append((old, new))
             }
         }
-        for key in gpuMap.keys where !section.devices.contains(where: { $0.uuid == key || String($0.index) == key }) {
-            throw StasisError(.gpu, "--gpu-map names GPU \(key), which the checkpoint did not use (it used \(section.devices.map { "\($0.index): \($0.uuid)" }.joined(separator: ", ")))")
-        }
-        lock.withLock { remapping = pairs }
+        return pairs
     }
 
     public func afterRestore(section: Manifest.GPUSection) throws {

@@ -2,6 +2,7 @@ import Foundation
 import StasisCore
 import StasisCRIU
 @testable import StasisEngine
+@testable import StasisGPU
 import StasisOS
 import Testing
 
@@ -87,5 +88,47 @@ import Testing
         #expect(CheckOperation.knownIncompatibilities(criu: "4.1.1", kernel: "6.18.44-fc-v669").count == 1)
         #expect(CheckOperation.knownIncompatibilities(criu: "4.2.1", kernel: "6.18.44").isEmpty)
         #expect(CheckOperation.knownIncompatibilities(criu: "4.1", kernel: "6.1.0-18-amd64").isEmpty)
+    }
+}
+
+/// How a checkpoint's GPUs are matched to a machine's, without a GPU: the rules --gpu-map and restore follow.
+@Suite struct GPUMatching {
+    let a = "GPU-f11ae0fe-3cf1-c82a-81c8-c19640ddf9e0", b = "GPU-c8369dfc-8558-4fdf-0349-cad29f425bcb"
+    func section(_ uuid: String, index: Int = 0, name: String = "NVIDIA H200", needs: UInt64 = 10 << 30) -> Manifest.GPUSection {
+        .init(driverVersion: "13.0", devices: [.init(index: index, uuid: uuid, name: name, memoryBytes: 140 << 30)],
+              processes: [.init(pid: 42, devices: [uuid], deviceMemoryBytes: needs)])
+    }
+    func gpu(_ uuid: String, index: Int = 0, name: String = "NVIDIA H200", free: UInt64 = 100 << 30) -> GPUInventory.GPU {
+        .init(index: index, uuid: uuid, name: name, memoryTotalBytes: 140 << 30, memoryFreeBytes: free)
+    }
+
+    @Test func sameUUIDNeedsNoRemapping() throws {
+        #expect(try CUDADeviceStep.remapping(for: section(a), on: [gpu(b, index: 1), gpu(a, index: 0)], map: [:]).isEmpty)
+    }
+
+    @Test func otherUUIDAtTheSameIndexIsRemapped() throws {
+        let pairs = try CUDADeviceStep.remapping(for: section(a), on: [gpu(b)], map: [:])
+        #expect(pairs.count == 1)
+        #expect(pairs[0].old == GPUInventory.uuidBytes(a) && pairs[0].new == GPUInventory.uuidBytes(b))
+    }
+
+    @Test func explicitMapOntoTheSameGPUIsStillHandedToTheDriver() throws {
+        #expect(try CUDADeviceStep.remapping(for: section(a), on: [gpu(a)], map: [a: a]).count == 1)
+        #expect(try CUDADeviceStep.remapping(for: section(a), on: [gpu(a), gpu(b, index: 1)], map: ["0": "1"]).first?.new == GPUInventory.uuidBytes(b))
+    }
+
+    @Test func refusals() {
+        let cases: [(Manifest.GPUSection, [GPUInventory.GPU], [String: String], String)] = [
+            (section(a), [gpu(a)], ["GPU-00000000-0000-0000-0000-000000000000": a], "did not use"),
+            (section(a), [gpu(a)], [a: "GPU-00000000-0000-0000-0000-000000000000"], "does not have"),
+            (section(a), [gpu(a, name: "NVIDIA H100 80GB HBM3")], [:], "was a NVIDIA H200"),
+            (section(a, needs: 120 << 30), [gpu(a)], [:], "free; the checkpoint needs"),
+            (section(a, index: 3), [gpu(b)], [:], "no GPU here matches"),
+            (section(a), [], [:], "lists no GPU"),
+        ]
+        for (checkpoint, here, map, message) in cases {
+            let error = #expect(throws: StasisError.self) { try CUDADeviceStep.remapping(for: checkpoint, on: here, map: map) }
+            #expect(error?.message.contains(message) == true, "\(message): \(error?.message ?? "no error")")
+        }
     }
 }

@@ -35,6 +35,11 @@ typedef int (*version_fn)(int *);
 typedef int (*error_name_fn)(int, const char **);
 typedef int (*pid_int_fn)(int, int *);
 typedef int (*pid_args_fn)(int, void *);
+typedef int (*count_fn)(int *);
+typedef int (*device_get_fn)(int *, int);
+typedef int (*device_name_fn)(char *, int, int);
+typedef int (*device_uuid_fn)(uint8_t *, int);
+typedef int (*device_memory_fn)(size_t *, int);
 
 static struct {
     void *handle;
@@ -45,6 +50,11 @@ static struct {
     pid_int_fn get_state;
     pid_int_fn get_restore_thread;
     pid_args_fn lock, checkpoint, restore, unlock;
+    count_fn device_count;
+    device_get_fn device_get;
+    device_name_fn device_name;
+    device_uuid_fn device_uuid;
+    device_memory_fn device_memory;
     char error[256];
     int loaded;  // 1 loaded, -1 failed
 } driver;
@@ -67,6 +77,12 @@ static void load(void) {
     driver.checkpoint = (pid_args_fn)dlsym(driver.handle, "cuCheckpointProcessCheckpoint");
     driver.restore = (pid_args_fn)dlsym(driver.handle, "cuCheckpointProcessRestore");
     driver.unlock = (pid_args_fn)dlsym(driver.handle, "cuCheckpointProcessUnlock");
+    driver.device_count = (count_fn)dlsym(driver.handle, "cuDeviceGetCount");
+    driver.device_get = (device_get_fn)dlsym(driver.handle, "cuDeviceGet");
+    driver.device_name = (device_name_fn)dlsym(driver.handle, "cuDeviceGetName");
+    driver.device_uuid = (device_uuid_fn)dlsym(driver.handle, "cuDeviceGetUuid_v2");
+    if (!driver.device_uuid) driver.device_uuid = (device_uuid_fn)dlsym(driver.handle, "cuDeviceGetUuid");
+    driver.device_memory = (device_memory_fn)dlsym(driver.handle, "cuDeviceTotalMem_v2");
     if (!driver.init || !driver.driver_version) {
         snprintf(driver.error, sizeof driver.error, "libcuda.so.1 lacks cuInit or cuDriverGetVersion");
         driver.loaded = -1;
@@ -89,6 +105,11 @@ int stasis_cuda_load(char *error, size_t length) {
     if (driver.loaded == 1) return 0;
     if (error && length) snprintf(error, length, "%s", driver.error);
     return -1;
+}
+
+int stasis_cuda_library_loaded(void) {
+    stasis_cuda_load(NULL, 0);
+    return driver.handle != NULL;
 }
 
 int stasis_cuda_driver_version(void) { return stasis_cuda_load(NULL, 0) == 0 ? driver.version : -1; }
@@ -147,6 +168,22 @@ int stasis_cuda_unlock(int pid) {
     plain_args args;
     memset(&args, 0, sizeof args);
     return driver.unlock(pid, &args);
+}
+
+int stasis_cuda_device_count(int *count) {
+    if (stasis_cuda_load(NULL, 0) != 0 || !driver.device_count) return STASIS_CUDA_ERROR_NO_DRIVER;
+    return driver.device_count(count);
+}
+
+int stasis_cuda_device_info(int index, char *name, size_t name_length, uint8_t uuid[16], size_t *total_bytes) {
+    if (stasis_cuda_load(NULL, 0) != 0 || !driver.device_get || !driver.device_name || !driver.device_uuid ||
+        !driver.device_memory)
+        return STASIS_CUDA_ERROR_NO_DRIVER;
+    int device, result;
+    if ((result = driver.device_get(&device, index)) != 0) return result;
+    if ((result = driver.device_name(name, (int)name_length, device)) != 0) return result;
+    if ((result = driver.device_uuid(uuid, device)) != 0) return result;
+    return driver.device_memory(total_bytes, device);
 }
 
 size_t stasis_cuda_restore_args_size(void) { return sizeof(restore_args); }

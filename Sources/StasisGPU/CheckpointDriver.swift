@@ -1,6 +1,7 @@
 import CStasisCUDA
 import Foundation
 import StasisCore
+import StasisOS
 
 /// The driver's process checkpoint API (cuCheckpointProcess*), through CStasisCUDA. Each call names the
 /// process and the step in its error, with the driver's error name.
@@ -14,8 +15,8 @@ public enum CheckpointDriver {
     public static func load() throws {
         var buffer = [CChar](repeating: 0, count: 512)
         guard stasis_cuda_load(&buffer, buffer.count) == 0 else {
-            throw StasisError(.gpu, "no GPU driver: \(String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self))",
-                              hint: "install the NVIDIA driver (>= 570) on this machine")
+            throw StasisError(.gpu, "no GPU driver: \(String(nulTerminated: buffer))",
+                              hint: "install the NVIDIA driver (>= 570 for checkpointing) or run on a machine with a GPU")
         }
         guard stasis_cuda_has_checkpoint_api() == 1 else {
             throw StasisError(.gpu, "the GPU driver (API \(versionString)) has no process checkpoint API", hint: "install NVIDIA driver >= 570")

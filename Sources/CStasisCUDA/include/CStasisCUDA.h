@@ -43,6 +43,9 @@ typedef struct {
 /// writes why into `error` (NUL-terminated, at most `length` bytes) and returns -1.
 int stasis_cuda_load(char *error, size_t length);
 
+/// 1 when libcuda.so.1 could be loaded (even if cuInit then failed).
+int stasis_cuda_library_loaded(void);
+
 /// The driver API version (1000 * major + 10 * minor), or -1.
 int stasis_cuda_driver_version(void);
 
@@ -61,6 +64,12 @@ int stasis_cuda_checkpoint(int pid);
 /// STASIS_CUDA_ERROR_NOT_SUPPORTED for a remap).
 int stasis_cuda_restore(int pid, const stasis_cuda_gpu_pair *pairs, unsigned int count);
 int stasis_cuda_unlock(int pid);
+
+/// The number of GPUs the driver sees; a CUresult.
+int stasis_cuda_device_count(int *count);
+
+/// Name (NUL-terminated, at most `name_length` bytes), 16-byte UUID and total memory of GPU `index`; a CUresult.
+int stasis_cuda_device_info(int index, char *name, size_t name_length, uint8_t uuid[16], size_t *total_bytes);
 
 /// Size in bytes of our CUcheckpointRestoreArgs, for a layout check against cuda.h where it exists.
 size_t stasis_cuda_restore_args_size(void);

@@ -12,7 +12,6 @@ public final class GrowingFilesHasher: @unchecked Sendable {
     private let lock = NSLock()
     private var running = true
     private var hashers: [String: IncrementalFileHash] = [:]
-    private var bytes: UInt64 = 0
     private let finished = DispatchSemaphore(value: 0)
 
     /// Starts following the files of `directory` whose names satisfy `matches`.
@@ -23,9 +22,6 @@ public final class GrowingFilesHasher: @unchecked Sendable {
         thread.name = "stasis-hash-follow"
         thread.start()
     }
-
-    /// Bytes hashed so far (for progress reports).
-    public var hashedBytes: UInt64 { lock.withLock { bytes } }
 
     /// Stops following (waiting for the thread's current step) and returns the partial hashes, keyed by file
     /// name. Calling it again returns the same hashes at once.
@@ -55,7 +51,6 @@ public final class GrowingFilesHasher: @unchecked Sendable {
                 // A read error here is not fatal: ParallelHasher retries the file and reports it properly.
                 // A bounded step, so stop() never waits for a whole file to be read on this one thread.
                 if let got = try? hasher.advance(buffer: buffer, limit: 64 << 20, startWriteback: true), got > 0 {
-                    lock.withLock { bytes += got }
                     progressed = true
                 }
             }

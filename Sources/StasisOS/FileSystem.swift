@@ -137,13 +137,6 @@ public enum FileSystem {
         try? FileManager.default.removeItem(atPath: path)
     }
 
-    /// Free bytes for an unprivileged writer on the filesystem holding `path`.
-    public static func availableBytes(at path: String) -> UInt64? {
-        var info = statvfs()
-        guard statvfs(path, &info) == 0 else { return nil }
-        return UInt64(info.f_bavail) * UInt64(info.f_frsize)
-    }
-
     public static func readFile(_ path: String) throws -> Data {
         guard let handle = FileHandle(forReadingAtPath: path) else { throw systemError("cannot open", path) }
         defer { try? handle.close() }

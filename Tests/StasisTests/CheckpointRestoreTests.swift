@@ -31,8 +31,8 @@ extension Integration {
     }
 
     @Test func counterWithAnOpenFile() throws {
-        let workload = try Workload("counter", ["--file", "/tmp/stasis-test-counter-\(getpid()).txt", "--mem", "32"])
-        defer { workload.stop(); unlink("/tmp/stasis-test-counter-\(getpid()).txt") }
+        let workload = try Workload("counter", ["--file", Harness.scratch("counter") + "/counter.txt", "--mem", "32"])
+        defer { workload.stop() }
         let checkpoint = try roundTrip(workload)
 
         // The checkpoint is private and complete.

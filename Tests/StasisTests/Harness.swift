@@ -61,9 +61,23 @@ enum Harness {
         try run(stasis, arguments, environment: environment)
     }
 
-    /// A fresh 0700 scratch directory, removed by the caller.
+    /// This run's scratch root, /tmp/stasis-test-PID. Roots left by earlier runs (their PID gone) are removed
+    /// first, so leftovers never outlive the next run.
+    static let scratchRoot: String = {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: "/tmp")) ?? []
+        for name in names where name.hasPrefix("stasis-test-") {
+            if let owner = Int32(name.dropFirst("stasis-test-".count)), !ProcFS.isLive(owner) {
+                try? FileManager.default.removeItem(atPath: "/tmp/" + name)
+            }
+        }
+        let root = "/tmp/stasis-test-\(getpid())"
+        try? FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
+        return root
+    }()
+
+    /// A fresh scratch directory under this run's root.
     static func scratch(_ name: String) -> String {
-        let path = "/tmp/stasis-test-\(name)-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        let path = "\(scratchRoot)/\(name)-\(UInt32.random(in: 0...UInt32.max))"
         try? FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
         return path
     }

@@ -194,8 +194,13 @@ public struct DumpOperation {
         return names.filter { $0.hasPrefix("pages-") }.reduce(0) { $0 + (FileSystem.size(directory + "/" + $1) ?? 0) }
     }
 
-    /// A CRIU failure with the relevant lines of its log quoted.
+    /// A CRIU failure with the relevant lines of its log quoted; a full filesystem gets its own code and hint.
     static func criuFailure(_ what: String, response: criu_resp, log: String) -> StasisError {
-        StasisError(.criuFailed, "\(what): \(CRIUService.describe(response))", logExcerpt: CRIULog.excerpt(path: log), logPath: log)
+        let excerpt = CRIULog.excerpt(path: log)
+        if excerpt.contains(where: { $0.contains("No space left on device") }) {
+            return StasisError(.noSpace, "\(what): the filesystem ran out of space", hint: "free space there or write the checkpoint elsewhere",
+                               logExcerpt: excerpt, logPath: log)
+        }
+        return StasisError(.criuFailed, "\(what): \(CRIUService.describe(response))", logExcerpt: excerpt, logPath: log)
     }
 }

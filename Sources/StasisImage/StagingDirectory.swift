@@ -30,14 +30,15 @@ public final class StagingDirectory {
     }
 
     /// Drops an unfinished checkpoint. A log worth keeping is first copied beside the destination
-    /// (DEST.dump-failed.log) and that path returned.
+    /// (DEST.dump-failed.log), or to the temporary directory when that filesystem is full, and that path returned.
     @discardableResult
     public func discard(keeping logName: String? = nil) -> String? {
         guard !published else { return nil }
         var kept: String?
         if let logName, let data = FileManager.default.contents(atPath: path + "/" + logName) {
-            let target = destination + ".dump-failed.log"
-            if (try? FileSystem.writeAtomically(data, to: target)) != nil { kept = target }
+            for target in [destination + ".dump-failed.log", NSTemporaryDirectory() + "stasis-dump-failed-\(getpid()).log"] {
+                if (try? FileSystem.writeAtomically(data, to: target)) != nil { kept = target; break }
+            }
         }
         FileSystem.removeTree(path)
         return kept

@@ -230,3 +230,23 @@ extension Integration {
         }
     }
 }
+
+extension Integration {
+    @Suite struct NoSpace {
+        /// A checkpoint directory on a filesystem too small for the images: a clear error, the job runs on.
+        @Test func fullFilesystemIsReportedAndTheJobRunsOn() throws {
+            let mountPoint = Harness.scratch("tiny")
+            let mount = try Harness.run("/bin/mount", ["-t", "tmpfs", "-o", "size=4m", "tmpfs", mountPoint])
+            try #require(mount.succeeded, "cannot mount a tmpfs: \(mount.stderr)")
+            defer { _ = try? Harness.run("/bin/umount", [mountPoint]) }
+            let workload = try Workload("counter", ["--mem", "32"])
+            defer { workload.stop() }
+            let result = try Harness.stasis("dump", "\(workload.pid)", "-D", mountPoint + "/image")
+            #expect(result.status == 1)
+            #expect(result.stderr.contains("ran out of space") && result.stderr.contains("No space left on device"), "\(result.stderr)")
+            #expect(result.stderr.contains("full log: "))
+            #expect(!FileSystem.exists(mountPoint + "/image"))
+            #expect(workload.verify().hasPrefix("PASS"))
+        }
+    }
+}

@@ -4,7 +4,9 @@
 # to $OUT (the device tool brings that folder back).
 #
 #   scripts/device-test.sh [SECTION...]     sections: cuda refuse gpumap plugin infer bert (default: all),
-#                                           and bench (the GPU benchmark; only when named)
+#                                           and, only when named: bench (the GPU benchmark), export and
+#                                           import (restore on another machine: export on one, bring the
+#                                           pieces back from $OUT into .device/import/, import on a new one)
 #
 # Every workload verifies itself after the restore: the CUDA programs check their device memory, streams,
 # events, graphs and pools; BERT's per-step losses must equal an uninterrupted run's byte for byte; the
@@ -234,6 +236,40 @@ section_bert() {
         [[ -e /proc/$pid ]] && kill_tree "$pid"
         rm -rf "$run/ckpt"
     done
+}
+
+# Restore on another machine, step 1: checkpoint a small CUDA program in a fixed directory (its files must be
+# at the same paths there) and bring it back through $OUT, compressed and cut into 15 MiB pieces.
+EXPORT_DIR=/tmp/stasis-export
+section_export() {
+    rm -rf $EXPORT_DIR && mkdir -p $EXPORT_DIR
+    local pid; pid=$(start_cuda buffers $EXPORT_DIR --mem 16) || { fail "export" "did not start"; return; }
+    if ! $STASIS dump "$pid" -D $EXPORT_DIR/ckpt >"$LOGS/export-dump.txt" 2>&1; then fail "export" "$(tail -n 5 "$LOGS/export-dump.txt")"; return; fi
+    wait_gone "$pid"
+    tar -C / -cf - "${EXPORT_DIR#/}" | xz -T0 -6 >/tmp/export.tar.xz
+    local size; size=$(stat -c %s /tmp/export.tar.xz)
+    if (( size > 60 * 1024 * 1024 )); then
+        fail "export" "the compressed checkpoint is $size bytes, more than the 60 MiB that can come back"
+        return
+    fi
+    split -b 15M -d /tmp/export.tar.xz "$OUT/export.tar.xz.part-"
+    pass "export: checkpoint of a CUDA program, $(du -sb $EXPORT_DIR/ckpt | cut -f1) bytes, $size compressed, in $OUT"
+}
+
+# Step 2, on a freshly started machine: carry the pieces in .device/import/ and restore them there.
+section_import() {
+    ls .device/import/export.tar.xz.part-* >/dev/null 2>&1 || { fail "import" "no .device/import/export.tar.xz.part-*"; return; }
+    rm -rf $EXPORT_DIR
+    cat .device/import/export.tar.xz.part-* | xz -dc | tar -C / -xf -
+    local pid; pid=$(python3 -c 'import json; print(json.load(open("/tmp/stasis-export/ckpt/manifest.json"))["processTree"]["rootPID"])')
+    if $STASIS restore -D $EXPORT_DIR/ckpt >"$LOGS/import-restore.txt" 2>&1; then
+        local verdict; verdict=$(verify "$pid" $EXPORT_DIR)
+        [[ $verdict == PASS* ]] && pass "import: restored on another machine (GPU $GPU_UUID) and verified" \
+            || fail "import" "after restore: $verdict"
+    else
+        fail "import" "$(tail -n 6 "$LOGS/import-restore.txt")"
+    fi
+    kill_tree "$pid" 2>/dev/null
 }
 
 # Not a test: the baseline-against-stasis benchmark (bench/gpu-dump-restore.sh), when asked for by name.

@@ -170,6 +170,14 @@ int stasis_cuda_unlock(int pid) {
     return driver.unlock(pid, &args);
 }
 
+int stasis_cuda_resume(int pid) {
+    int state, result;
+    if ((result = stasis_cuda_get_state(pid, &state)) != 0) return result;
+    if (state == STASIS_CUDA_CHECKPOINTED && (result = stasis_cuda_restore(pid, NULL, 0)) != 0) return result;
+    if (state == STASIS_CUDA_CHECKPOINTED || state == STASIS_CUDA_LOCKED) return stasis_cuda_unlock(pid);
+    return 0;
+}
+
 int stasis_cuda_device_count(int *count) {
     if (stasis_cuda_load(NULL, 0) != 0 || !driver.device_count) return STASIS_CUDA_ERROR_NO_DRIVER;
     return driver.device_count(count);

@@ -35,19 +35,12 @@ public struct CRIUBinary: Sendable {
 
     /// Runs `criu --version` and returns "4.1.1" from "Version: 4.1.1".
     static func version(of path: String) throws -> String {
-        var pipeEnds: [Int32] = [0, 0]
-        guard pipe(&pipeEnds) == 0 else { throw systemError("cannot create a pipe for", path) }
-        for fd in pipeEnds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
-        let pid: pid_t
+        let output: Data
         do {
-            pid = try Spawn.start(path, ["--version"], descriptors: [pipeEnds[1]: 1])
+            output = try Spawn.output(path, ["--version"]).stdout
         } catch {
-            close(pipeEnds[0]); close(pipeEnds[1])
             throw StasisError(.criuMissing, "cannot run \(path): \(error)", hint: installHint)
         }
-        close(pipeEnds[1])
-        let output = FileHandle(fileDescriptor: pipeEnds[0], closeOnDealloc: true).readDataToEndOfFile()
-        Spawn.wait(pid)
         let text = String(decoding: output, as: UTF8.self)
         for line in text.split(separator: "\n") where line.hasPrefix("Version:") {
             return line.dropFirst("Version:".count).trimmingCharacters(in: .whitespaces)

@@ -64,15 +64,6 @@ struct answer {
     int state;   // STEP_STATE: the process's CUDA state
 };
 
-// Restore and unlock, from whatever state the steps left the process in. Runs in a step child.
-static int resume_process(int pid) {
-    int state, result;
-    if ((result = stasis_cuda_get_state(pid, &state)) != 0) return result;
-    if (state == STASIS_CUDA_CHECKPOINTED && (result = stasis_cuda_restore(pid, NULL, 0)) != 0) return result;
-    if (state == STASIS_CUDA_CHECKPOINTED || state == STASIS_CUDA_LOCKED) return stasis_cuda_unlock(pid);
-    return 0;
-}
-
 // Runs one driver step for PID in a child process and returns the driver's answer.
 static struct answer run_step(enum step step, int pid) {
     struct answer answer = {STASIS_CUDA_ERROR_NO_DRIVER, -1};
@@ -96,7 +87,7 @@ static struct answer run_step(enum step step, int pid) {
                 mine.result = stasis_cuda_lock(pid, lock_timeout_ms());
                 if (mine.result == 0) mine.result = stasis_cuda_checkpoint(pid);
                 break;
-            case STEP_RESUME: mine.result = resume_process(pid); break;
+            case STEP_RESUME: mine.result = stasis_cuda_resume(pid); break;
             }
         }
         if (write(ends[1], &mine, sizeof mine) != sizeof mine) _exit(1);

@@ -82,12 +82,9 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
             errors = Self.parallel(users) { try CheckpointDriver.checkpoint($0) }
         }
         guard errors.isEmpty else {
-            let problems = Self.parallel(users) { pid in
-                let left = CheckpointDriver.resume(pid)
-                if !left.isEmpty { throw StasisError(.gpu, left.joined(separator: "; ")) }
-            }
+            let problems = Self.resumeAll(users)
             var message = "GPU checkpoint failed: \(Self.describe(errors)); every CUDA process was put back to running"
-            if !problems.isEmpty { message = "GPU checkpoint failed: \(Self.describe(errors)); putting processes back also failed: \(Self.describe(problems))" }
+            if !problems.isEmpty { message = "GPU checkpoint failed: \(Self.describe(errors)); putting processes back also failed: \(problems.joined(separator: "; "))" }
             throw StasisError(.gpu, message, hint: errors.values.contains { "\($0)".contains("NOT_SUPPORTED") }
                               ? "the driver cannot checkpoint something these processes use (managed memory, CUDA IPC, ...)" : nil)
         }
@@ -115,11 +112,12 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
     }
 
     public func rollback(section: Manifest.GPUSection) -> [String] {
-        let errors = Self.parallel(section.processes.map(\.pid)) { pid in
-            let left = CheckpointDriver.resume(pid)
-            if !left.isEmpty { throw StasisError(.gpu, "PID \(pid): " + left.joined(separator: "; ")) }
-        }
-        return errors.sorted { $0.key < $1.key }.map { "\($0.value)" }
+        Self.resumeAll(section.processes.map(\.pid))
+    }
+
+    /// Puts every process back to running, in parallel; returns what could not be put back.
+    static func resumeAll(_ pids: [Int32]) -> [String] {
+        parallel(pids) { try CheckpointDriver.resume($0) }.sorted { $0.key < $1.key }.map { "\($0.value)" }
     }
 
     /// Matches the checkpoint's GPUs to this machine's before anything is restored; see `remapping(for:on:map:)`.

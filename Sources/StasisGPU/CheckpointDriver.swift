@@ -66,17 +66,9 @@ public enum CheckpointDriver {
         try check(stasis_cuda_unlock(pid), "cuCheckpointProcessUnlock", pid)
     }
 
-    /// Puts a process back to running from whatever state the steps left it in; used by every rollback.
-    /// Returns the problems met (empty when the process runs again).
-    @discardableResult
-    public static func resume(_ pid: Int32) -> [String] {
-        var problems: [String] = []
-        if state(pid) == .checkpointed {
-            do { try restore(pid) } catch { problems.append("\(error)") }
-        }
-        if state(pid) == .locked {
-            do { try unlock(pid) } catch { problems.append("\(error)") }
-        }
-        return problems
+    /// Puts a process back to running from whatever state the steps left it in (CStasisCUDA's resume, which
+    /// the CRIU plugin uses too).
+    public static func resume(_ pid: Int32) throws {
+        try check(stasis_cuda_resume(pid), "putting the GPU back (restore + unlock)", pid)
     }
 }

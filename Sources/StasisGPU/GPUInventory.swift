@@ -40,16 +40,7 @@ public struct GPUInventory: Sendable {
     }
 
     static func query(_ smi: String, _ arguments: [String]) -> [[String]] {
-        var ends: [Int32] = [0, 0]
-        guard pipe(&ends) == 0 else { return [] }
-        for fd in ends { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
-        guard let pid = try? Spawn.start(smi, arguments, descriptors: [ends[1]: 1]) else {
-            close(ends[0]); close(ends[1])
-            return []
-        }
-        close(ends[1])
-        let data = FileHandle(fileDescriptor: ends[0], closeOnDealloc: true).readDataToEndOfFile()
-        guard Spawn.wait(pid) == 0 else { return [] }
+        guard let (status, data) = try? Spawn.output(smi, arguments), status == 0 else { return [] }
         return String(decoding: data, as: UTF8.self).split(separator: "\n").map {
             $0.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
         }

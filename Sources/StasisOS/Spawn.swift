@@ -36,6 +36,23 @@ public enum Spawn {
         return 128 + (status & 0x7f)
     }
 
+    /// Runs a program to completion and returns its exit status and standard output (standard error is ours).
+    public static func output(_ executable: String, _ arguments: [String]) throws -> (status: Int32, stdout: Data) {
+        var ends: [Int32] = [0, 0]
+        guard pipe(&ends) == 0 else { throw systemError("cannot create a pipe for", executable) }
+        for fd in ends { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        let pid: pid_t
+        do {
+            pid = try start(executable, arguments, descriptors: [ends[1]: 1])
+        } catch {
+            close(ends[0]); close(ends[1])
+            throw error
+        }
+        close(ends[1])
+        let data = FileHandle(fileDescriptor: ends[0], closeOnDealloc: true).readDataToEndOfFile()
+        return (wait(pid), data)
+    }
+
     /// Finds `name` in PATH.
     public static func which(_ name: String, path: String? = ProcessInfo.processInfo.environment["PATH"]) -> String? {
         if name.contains("/") { return access(name, X_OK) == 0 ? name : nil }

@@ -64,6 +64,9 @@ int stasis_cuda_checkpoint(int pid);
 /// STASIS_CUDA_ERROR_NOT_SUPPORTED for a remap).
 int stasis_cuda_restore(int pid, const stasis_cuda_gpu_pair *pairs, unsigned int count);
 int stasis_cuda_unlock(int pid);
+/// Puts a process back to running from whatever state the steps left it in (restore if checkpointed, then
+/// unlock if locked); every rollback uses it.
+int stasis_cuda_resume(int pid);
 
 /// The number of GPUs the driver sees; a CUresult.
 int stasis_cuda_device_count(int *count);

@@ -6,7 +6,8 @@
 #
 # Workloads: cuda-workload buffers holding 8 and 32 GiB of device memory, and BERT-large training paused
 # mid-run. Images go to /dev/shm. Each row: lock, device checkpoint, CRIU dump, image size, the process's
-# host memory once checkpointed (the driver copies device memory into it), CRIU restore, device restore.
+# host memory once checkpointed (the driver copies device memory into it), the peak memory of the tool itself,
+# CRIU restore, device restore.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STASIS=${STASIS:-/opt/stasis/bin/stasis}
@@ -14,10 +15,18 @@ CKPT=/opt/stasis/bin/cuda-ckpt
 gcc -O2 -ISources/CStasisCUDA/include -o $CKPT bench/cuda-ckpt.c Sources/CStasisCUDA/cuda_steps.c || exit 1
 IMG=/dev/shm/stasis-bench
 now() { date +%s.%N; }
-since() { echo "$(now) - $1" | bc -l | xargs printf '%.2f'; }
+since() { awk -v a="$(now)" -v b="$1" 'BEGIN { printf "%.2f", a - b }'; }
+add() { awk -v a="$1" -v b="$2" -v c="${3:-0}" 'BEGIN { printf "%.2f", a + b + c }'; }
 wait_gone() { for _ in $(seq 1000); do [[ -e /proc/$1 ]] || return 0; sleep 0.01; done; return 1; }
 rss_gib() { awk '/VmRSS/ { printf "%.1f", $2 / 1048576 }' /proc/$1/status; }
 json() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {}, d))' "$@"; }
+# Runs a command; writes the peak resident memory of its largest process (CRIU, or stasis) in GiB to /tmp/bench-peak.
+peak() {
+    python3 -c 'import resource, subprocess, sys
+rc = subprocess.run(sys.argv[1:]).returncode
+open("/tmp/bench-peak", "w").write("%.2f" % (resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1048576))
+sys.exit(rc)' "$@"
+}
 
 rows=()
 baseline() {  # NAME PID
@@ -26,23 +35,27 @@ baseline() {  # NAME PID
     t=$(now); $CKPT lock "$pid" || return 1; local lock; lock=$(since "$t")
     t=$(now); $CKPT checkpoint "$pid" || return 1; local ck; ck=$(since "$t")
     local rss; rss=$(rss_gib "$pid")
-    t=$(now); criu dump -t "$pid" -D $IMG -v4 -o dump.log 2>/dev/null || { tail -n 5 $IMG/dump.log; return 1; }; local dump; dump=$(since "$t")
+    t=$(now); peak criu dump -t "$pid" -D $IMG -v4 -o dump.log 2>/dev/null || { tail -n 5 $IMG/dump.log; return 1; }; local dump; dump=$(since "$t")
+    local tool; tool=$(cat /tmp/bench-peak)
     local size; size=$(du -sb $IMG | awk '{ printf "%.1f", $1 / 1073741824 }')
     wait_gone "$pid"
-    t=$(now); criu restore -D $IMG -d -v4 -o restore.log 2>/dev/null || { tail -n 5 $IMG/restore.log; return 1; }; local rst; rst=$(since "$t")
+    t=$(now); peak criu restore -D $IMG -d -v4 -o restore.log 2>/dev/null || { tail -n 5 $IMG/restore.log; return 1; }; local rst; rst=$(since "$t")
+    tool="$tool / $(cat /tmp/bench-peak)"
     t=$(now); $CKPT restore "$pid" && $CKPT unlock "$pid" || return 1; local drst; drst=$(since "$t")
-    rows+=("| $name | baseline | $lock | $ck | $dump | $(echo "$lock + $ck + $dump" | bc -l | xargs printf '%.2f') | $size GiB | $rss GiB | $rst | $drst | $(echo "$rst + $drst" | bc -l | xargs printf '%.2f') |")
+    rows+=("| $name | baseline | $lock | $ck | $dump | $(add $lock $ck $dump) | $size GiB | $rss GiB | $tool GiB | $rst | $drst | $(add $rst $drst) |")
     rm -rf $IMG
 }
 with_stasis() {  # NAME PID
     local name=$1 pid=$2
     rm -rf $IMG
-    $STASIS dump "$pid" -D $IMG --json >/tmp/bench-dump.json || return 1
+    peak $STASIS dump "$pid" -D $IMG --json >/tmp/bench-dump.json || return 1
+    local tool; tool=$(cat /tmp/bench-peak)
     local size; size=$(du -sb $IMG | awk '{ printf "%.1f", $1 / 1073741824 }')
     wait_gone "$pid"
-    $STASIS restore -D $IMG --json >/tmp/bench-restore.json || return 1
+    peak $STASIS restore -D $IMG --json >/tmp/bench-restore.json || return 1
+    tool="$tool / $(cat /tmp/bench-peak)"
     local d=/tmp/bench-dump.json r=/tmp/bench-restore.json
-    rows+=("| $name | stasis | $(json $d "'%.2f' % timings['devices']") (lock+ckpt) | | $(json $d "'%.2f' % timings['criu']") (hash+sync $(json $d "'%.2f' % (timings['hash'] + timings['sync'])")) | $(json $d "'%.2f' % timings['total']") | $size GiB | | $(json $r "'%.2f' % (timings['criu'])") (verify $(json $r "'%.2f' % timings['verify']")) | $(json $r "'%.2f' % timings['devices']") | $(json $r "'%.2f' % timings['total']") |")
+    rows+=("| $name | stasis | $(json $d "'%.2f' % gpu['lockSeconds']") | $(json $d "'%.2f' % gpu['checkpointSeconds']") | $(json $d "'%.2f' % timings['criu']") (hash+sync $(json $d "'%.2f' % (timings['hash'] + timings['sync'])")) | $(json $d "'%.2f' % timings['total']") | $size GiB | (the same driver copy) | $tool GiB | $(json $r "'%.2f' % (timings['criu'])") (verify $(json $r "'%.2f' % timings['verify']")) | $(json $r "'%.2f' % timings['devices']") | $(json $r "'%.2f' % timings['total']") |")
     rm -rf $IMG
 }
 verify() {
@@ -69,8 +82,8 @@ echo "BERT-large after both: $( [[ -e $run/done ]] && echo "finished $(wc -l <"$
 kill -9 "$pid" 2>/dev/null
 
 echo
-echo "| workload | path | lock (s) | device checkpoint (s) | CRIU dump (s) | checkpoint total (s) | image | host RSS after device checkpoint | CRIU restore (s) | device restore (s) | restore total (s) |"
-echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+echo "| workload | path | lock (s) | device checkpoint (s) | CRIU dump (s) | checkpoint total (s) | image | workload RSS after device checkpoint | peak RSS of CRIU or stasis, dump / restore | CRIU restore (s) | device restore (s) | restore total (s) |"
+echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 printf '%s\n' "${rows[@]}"
 echo
 echo "date: $(date -u +%Y-%m-%dT%H:%MZ); $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader); $(nproc) cores; $(criu --version | head -n1); images in /dev/shm"

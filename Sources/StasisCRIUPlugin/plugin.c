@@ -5,8 +5,11 @@
 // Dump: PAUSE_DEVICES runs for each task before CRIU seizes it, while it still runs; there the plugin locks
 // the CUDA process and checkpoints it (its device memory moves into its host memory, which CRIU dumps). The
 // process's restore thread runs freely at that point, so no ptrace of CRIU's tasks is needed.
-// CHECKPOINT_DEVICES only confirms the state. Restore: RESUME_DEVICES_LATE restores and unlocks each CUDA
-// process once CRIU has resumed it.
+// CHECKPOINT_DEVICES, which runs once CRIU has frozen the task, makes no driver call: the driver's answer to
+// any query about a process (even cuCheckpointProcessGetState) needs that process's restore thread, so a
+// query there never returns (seen on driver 580.159.04: CRIU hung in this hook until killed). It accepts the
+// processes PAUSE_DEVICES checkpointed. Restore: RESUME_DEVICES_LATE restores and unlocks each CUDA process
+// once CRIU has resumed it.
 //
 // When a dump fails, or succeeds with --leave-running, the tasks CRIU froze get their GPU back: CRIU calls
 // the exit hook while they are still frozen, and the driver's restore needs them to run, so the hook leaves
@@ -15,19 +18,21 @@
 //
 // The driver is never initialised inside CRIU's own process: CRIU forks the restored tasks, and a process that
 // has called cuInit must not fork. Every driver step runs in a short-lived child of CRIU (as CRIU's own cuda
-// plugin runs the cuda-checkpoint binary), which reports the driver's answer through a pipe.
+// plugin runs the cuda-checkpoint binary), which reports the driver's answer through a pipe. A child that does
+// not answer in time (STASIS_CUDA_STEP_TIMEOUT_S, default 600 s) is killed and the step fails, so a wedged
+// driver cannot hang CRIU.
 //
 // Not the plugin's business: processes that are not CUDA processes (-ENOTSUP, as CRIU expects), and runs
 // where stasis drives the GPU itself (STASIS_CRIU_PLUGIN=off in CRIU's environment).
 #define _GNU_SOURCE
 #include <errno.h>
+#include <poll.h>
 #include <stdarg.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/types.h>
-#include <sys/wait.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -52,10 +57,12 @@ static void say(const char *fmt, ...) {
     va_end(ap);
 }
 
-static unsigned int lock_timeout_ms(void) {
-    const char *value = getenv("STASIS_CUDA_LOCK_TIMEOUT_MS");
-    return value ? (unsigned int)strtoul(value, NULL, 10) : 10000;
+static unsigned long setting(const char *name, unsigned long fallback) {
+    const char *value = getenv(name);
+    return value && *value ? strtoul(value, NULL, 10) : fallback;
 }
+
+static unsigned int lock_timeout_ms(void) { return (unsigned int)setting("STASIS_CUDA_LOCK_TIMEOUT_MS", 10000); }
 
 enum step { STEP_PROBE, STEP_STATE, STEP_LOCK_AND_CHECKPOINT, STEP_RESUME };
 
@@ -63,6 +70,22 @@ struct answer {
     int result;  // a CUresult, or STASIS_CUDA_ERROR_NO_DRIVER
     int state;   // STEP_STATE: the process's CUDA state
 };
+
+// Waits for the child's answer on fd; 0 when it came, -1 on timeout or error.
+static int wait_answer(int fd, struct answer *answer) {
+    long long left_ms = (long long)setting("STASIS_CUDA_STEP_TIMEOUT_S", 600) * 1000;
+    struct timespec start, now;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    for (;;) {
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        int ready = poll(&p, 1, left_ms > 60000 ? 60000 : (int)left_ms);
+        if (ready > 0) return read(fd, answer, sizeof *answer) == sizeof *answer ? 0 : -1;
+        if (ready < 0 && errno != EINTR) return -1;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        long long spent = (now.tv_sec - start.tv_sec) * 1000LL + (now.tv_nsec - start.tv_nsec) / 1000000;
+        if (spent >= left_ms) return -1;
+    }
+}
 
 // Runs one driver step for PID in a child process and returns the driver's answer.
 static struct answer run_step(enum step step, int pid) {
@@ -94,7 +117,11 @@ static struct answer run_step(enum step step, int pid) {
         _exit(0);
     }
     close(ends[1]);
-    if (read(ends[0], &answer, sizeof answer) != sizeof answer) answer.result = STASIS_CUDA_ERROR_NO_DRIVER;
+    if (wait_answer(ends[0], &answer) != 0) {
+        say("no answer from the driver step for PID %d (it hung past STASIS_CUDA_STEP_TIMEOUT_S, or crashed)", pid);
+        kill(child, SIGKILL);
+        answer.result = STASIS_CUDA_ERROR_TIMEOUT;
+    }
     close(ends[0]);
     while (waitpid(child, NULL, 0) < 0 && errno == EINTR) {}
     return answer;
@@ -140,11 +167,15 @@ static int pause_devices(int pid) {
     return 0;
 }
 
+static int was_touched(int pid) {
+    for (int i = 0; i < touched_count; i++)
+        if (touched[i] == pid) return 1;
+    return 0;
+}
+
 static int checkpoint_devices(int pid) {
-    if (!enabled) return -ENOTSUP;
-    int state = cuda_state(pid);
-    if (state < 0) return -ENOTSUP;
-    return state == STASIS_CUDA_CHECKPOINTED ? 0 : -1;
+    // PAUSE_DEVICES checkpointed it already (or failed, and CRIU stopped there); see the top of the file.
+    return enabled && was_touched(pid) ? 0 : -ENOTSUP;
 }
 
 static int resume_in_child(int pid) {

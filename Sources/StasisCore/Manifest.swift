@@ -152,10 +152,17 @@ public struct Manifest: Codable, Sendable, Equatable {
         public var driverVersion: String?
         public var devices: [GPUDevice]
         public var processes: [GPUProcess]
-        public init(driverVersion: String? = nil, devices: [GPUDevice] = [], processes: [GPUProcess] = []) {
+        /// Seconds the driver took to lock every CUDA process (their work drained) and then to checkpoint
+        /// them (device memory into host memory); together they are `Timings.devices` of the dump.
+        public var lockSeconds: Double?
+        public var checkpointSeconds: Double?
+        public init(driverVersion: String? = nil, devices: [GPUDevice] = [], processes: [GPUProcess] = [],
+                    lockSeconds: Double? = nil, checkpointSeconds: Double? = nil) {
             self.driverVersion = driverVersion
             self.devices = devices
             self.processes = processes
+            self.lockSeconds = lockSeconds
+            self.checkpointSeconds = checkpointSeconds
         }
     }
 

@@ -45,6 +45,17 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
         return nil
     }
 
+    /// Managed (unified) memory, which the driver cannot checkpoint (it answers CUDA_ERROR_NOT_SUPPORTED
+    /// after the process is locked). cudaMallocManaged maps each allocation from /dev/nvidia-uvm into the
+    /// process; a CUDA process without managed memory maps that file once, 2 MiB (the driver's own, seen on
+    /// driver 580 in plain CUDA programs and PyTorch). Any further mapping of it is managed memory.
+    static func managedMemoryProblem(pid: Int32, mappings: [ProcFS.Mapping]) -> String? {
+        let uvm = mappings.filter { $0.path == "/dev/nvidia-uvm" }
+        guard uvm.count > 1 else { return nil }
+        let managed = uvm.map(\.bytes).reduce(0, +) - (uvm.map(\.bytes).min() ?? 0)
+        return "PID \(pid) uses managed (unified) memory: \(Format.bytes(managed)) in \(uvm.count - 1) range(s) mapped from /dev/nvidia-uvm"
+    }
+
     /// Runs `body` for every PID at once; returns the errors, by PID.
     static func parallel(_ pids: [Int32], _ body: @Sendable (Int32) throws -> Void) -> [Int32: Error] {
         let errors = ErrorBag()
@@ -67,6 +78,10 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
             if let problem = Self.mpsProblem(pid) {
                 throw StasisError(.gpu, "cannot checkpoint: \(problem); the driver cannot checkpoint MPS clients", hint: "run the job without MPS")
             }
+            if let problem = Self.managedMemoryProblem(pid: pid, mappings: ProcFS.mappings(pid)) {
+                throw StasisError(.gpu, "cannot checkpoint: \(problem); the driver cannot checkpoint managed memory; nothing was touched",
+                                  hint: "allocate with cudaMalloc instead of cudaMallocManaged")
+            }
             guard let state = CheckpointDriver.state(pid) else {
                 throw StasisError(.gpu, "PID \(pid) (\(ProcFS.stat(pid)?.command ?? "?")) holds NVIDIA device files but the CUDA driver does not know it as a CUDA process",
                                   hint: "only CUDA processes can be checkpointed (not OpenGL/Vulkan users or MPS servers)")
@@ -77,10 +92,14 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
         }
         let inventory = GPUInventory.read()
         let timeout = lockTimeoutMilliseconds
+        let lockWatch = Stopwatch()
         var errors = Self.parallel(users) { try CheckpointDriver.lock($0, timeoutMilliseconds: timeout) }
+        let lockSeconds = lockWatch.seconds
+        let checkpointWatch = Stopwatch()
         if errors.isEmpty {
             errors = Self.parallel(users) { try CheckpointDriver.checkpoint($0) }
         }
+        let checkpointSeconds = checkpointWatch.seconds
         guard errors.isEmpty else {
             let problems = Self.resumeAll(users)
             var message = "GPU checkpoint failed: \(Self.describe(errors)); every CUDA process was put back to running"
@@ -97,7 +116,8 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
             processes: users.map { pid in
                 let uses = inventory.processes.filter { $0.pid == pid }
                 return Manifest.GPUProcess(pid: pid, devices: uses.map(\.gpuUUID), deviceMemoryBytes: uses.reduce(0) { $0 + $1.memoryBytes })
-            })
+            },
+            lockSeconds: lockSeconds, checkpointSeconds: checkpointSeconds)
     }
 
     public func afterDump(section: Manifest.GPUSection, leaveRunning: Bool) throws {

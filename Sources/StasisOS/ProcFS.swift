@@ -57,6 +57,36 @@ public enum ProcFS {
         return number * 1024
     }
 
+    /// One line of /proc/PID/maps: the range and the mapped file's path ("" for anonymous memory).
+    public struct Mapping: Sendable, Equatable {
+        public var start: UInt64
+        public var end: UInt64
+        public var path: String
+        public var bytes: UInt64 { end - start }
+        public init(start: UInt64, end: UInt64, path: String) {
+            self.start = start
+            self.end = end
+            self.path = path
+        }
+    }
+
+    public static func mappings(_ pid: Int32) -> [Mapping] {
+        guard let text = try? String(contentsOfFile: "/proc/\(pid)/maps", encoding: .utf8) else { return [] }
+        return parseMappings(text)
+    }
+
+    public static func parseMappings(_ text: String) -> [Mapping] {
+        text.split(separator: "\n").compactMap { line in
+            // start-end perms offset dev inode [path]; the path may hold spaces.
+            let fields = line.split(separator: " ", maxSplits: 5, omittingEmptySubsequences: true)
+            guard fields.count >= 5 else { return nil }
+            let range = fields[0].split(separator: "-")
+            guard range.count == 2, let start = UInt64(range[0], radix: 16), let end = UInt64(range[1], radix: 16) else { return nil }
+            let path = fields.count == 6 ? fields[5].trimmingCharacters(in: .whitespaces) : ""
+            return Mapping(start: start, end: end, path: path)
+        }
+    }
+
     public static func allPIDs() -> [Int32] {
         guard let names = try? FileManager.default.contentsOfDirectory(atPath: "/proc") else { return [] }
         return names.compactMap { Int32($0) }

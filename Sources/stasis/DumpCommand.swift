@@ -57,7 +57,7 @@ struct DumpCommand: ParsableCommand {
             print("  time:   freeze \(Format.seconds(t.freeze)), memory dump \(Format.seconds(t.memoryDump)), memory write \(Format.seconds(t.memoryWrite)), " +
                   "frozen \(Format.seconds(t.frozen)); hash \(Format.seconds(t.hash)), sync \(Format.seconds(t.sync)); total \(Format.seconds(t.total))")
             if !report.gpu.processes.isEmpty {
-                print("  gpu:    \(report.gpu.processes.count) CUDA process(es), \(Format.bytes(report.gpu.processes.reduce(0) { $0 + $1.deviceMemoryBytes })) device memory; driver checkpoint \(Format.seconds(t.devices))")
+                print("  gpu:    \(report.gpu.processes.count) CUDA process(es), \(Format.bytes(report.gpu.processes.reduce(0) { $0 + $1.deviceMemoryBytes })) device memory; driver lock \(Format.seconds(report.gpu.lockSeconds ?? 0)), checkpoint \(Format.seconds(report.gpu.checkpointSeconds ?? 0)), all device steps \(Format.seconds(t.devices))")
             }
             print("  tree:   \(report.leaveRunning ? "left running" : "stopped")")
         }

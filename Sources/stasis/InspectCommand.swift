@@ -35,7 +35,8 @@ struct InspectCommand: ParsableCommand {
             if manifest.gpu.processes.isEmpty {
                 print("  gpu:      none")
             } else {
-                print("  gpu:      driver API \(manifest.gpu.driverVersion ?? "?")")
+                let gpu = manifest.gpu
+                print("  gpu:      driver API \(gpu.driverVersion ?? "?"); lock \(Format.seconds(gpu.lockSeconds ?? 0)), checkpoint \(Format.seconds(gpu.checkpointSeconds ?? 0))")
                 for device in manifest.gpu.devices {
                     print("    GPU \(device.index) \(device.uuid) \(device.name), \(Format.bytes(device.memoryBytes))")
                 }

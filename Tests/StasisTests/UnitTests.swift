@@ -132,3 +132,30 @@ import Testing
         }
     }
 }
+
+@Suite struct ManagedMemoryDetection {
+    // Lines as /proc/PID/maps shows them on the GPU machine (driver 580): a plain CUDA process maps
+    // /dev/nvidia-uvm once, 2 MiB; cudaMallocManaged of 64 MiB adds a 64 MiB range of it.
+    let plain = """
+        200000000-200200000 rw-s 00000000 00:05 10 /dev/nvidiactl
+        7f0000000000-7f0000200000 rw-s 00000000 00:05 12 /dev/nvidia-uvm
+        7f1000000000-7f1000010000 r-xp 00000000 08:01 99 /usr/lib/x86_64-linux-gnu/libcuda.so.580.159.04
+        7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0                          [stack]
+        """
+    let managed = "7f2000000000-7f2004000000 rw-s 7f2000000000 00:05 12 /dev/nvidia-uvm\n"
+
+    @Test func plainCUDAProcessIsAccepted() {
+        #expect(CUDADeviceStep.managedMemoryProblem(pid: 7, mappings: ProcFS.parseMappings(plain)) == nil)
+    }
+
+    @Test func managedAllocationIsNamedWithItsSize() throws {
+        let problem = try #require(CUDADeviceStep.managedMemoryProblem(pid: 7, mappings: ProcFS.parseMappings(plain + "\n" + managed)))
+        #expect(problem.contains("PID 7 uses managed"))
+        #expect(problem.contains("64.00 MiB"))
+    }
+
+    @Test func pathsWithSpacesAndAnonymousRangesParse() {
+        let mappings = ProcFS.parseMappings("1000-3000 r--p 00000000 08:01 5 /tmp/a file (deleted)\n4000-5000 rw-p 00000000 00:00 0\n")
+        #expect(mappings == [.init(start: 0x1000, end: 0x3000, path: "/tmp/a file (deleted)"), .init(start: 0x4000, end: 0x5000, path: "")])
+    }
+}

@@ -8,13 +8,13 @@
 // CHECKPOINT_DEVICES, which runs once CRIU has frozen the task, makes no driver call: the driver's answer to
 // any query about a process (even cuCheckpointProcessGetState) needs that process's restore thread, so a
 // query there never returns (seen on driver 580.159.04: CRIU hung in this hook until killed). It accepts the
-// processes PAUSE_DEVICES checkpointed. Restore: RESUME_DEVICES_LATE restores and unlocks each CUDA process
-// once CRIU has resumed it.
+// processes PAUSE_DEVICES checkpointed. Restore: CRIU calls RESUME_DEVICES_LATE while the restored tasks are
+// still stopped under its ptrace, so that hook too only leaves a helper, which restores and unlocks each CUDA
+// process once CRIU has released it.
 //
 // When a dump fails, or succeeds with --leave-running, the tasks CRIU froze get their GPU back: CRIU calls
-// the exit hook while they are still frozen, and the driver's restore needs them to run, so the hook leaves
-// a small detached helper that waits until CRIU has let each process go and then restores and unlocks it
-// (a process CRIU killed after a good dump is simply gone).
+// the exit hook while they are still frozen, so the hook leaves the same kind of helper (a process CRIU
+// killed after a good dump is simply gone).
 //
 // The driver is never initialised inside CRIU's own process: CRIU forks the restored tasks, and a process that
 // has called cuInit must not fork. Every driver step runs in a short-lived child of CRIU (as CRIU's own cuda
@@ -184,11 +184,6 @@ static int resume_in_child(int pid) {
     return answer.result == 0 ? 0 : -1;
 }
 
-static int resume_devices_late(int pid) {
-    if (switched_off() || cuda_state(pid) < 0) return -ENOTSUP;
-    return resume_in_child(pid);
-}
-
 // True while CRIU still traces (holds) the process.
 static int traced(int pid) {
     char path[64], line[256];
@@ -202,8 +197,9 @@ static int traced(int pid) {
     return tracer != 0;
 }
 
-// Leaves a detached helper that gives each touched process its GPU back once CRIU has released it.
-static void resume_later(void) {
+// Leaves a detached helper that, for each of the PIDs, waits until CRIU has let the process go and then gives
+// it its GPU back (restore + unlock) if it is a CUDA process the driver holds checkpointed or locked.
+static void resume_when_released(const int *pids, int count) {
     pid_t first = fork();
     if (first < 0) {
         say("cannot fork to resume CUDA processes: %s", strerror(errno));
@@ -216,23 +212,39 @@ static void resume_later(void) {
     if (fork() != 0) _exit(0);
     setsid();
     for (int fd = 3; fd < 1024; fd++) close(fd);
-    for (int i = 0; i < touched_count; i++) {
-        int pid = touched[i];
-        // CRIU releases the tasks right after this hook; give it a minute at most.
+    for (int i = 0; i < count; i++) {
+        int pid = pids[i];
+        // CRIU releases the tasks right after its hooks; give it a minute at most.
         for (int waited = 0; waited < 60000 && kill(pid, 0) == 0 && traced(pid); waited += 10) {
             struct timespec ts = {0, 10 * 1000 * 1000};
             nanosleep(&ts, NULL);
         }
-        if (kill(pid, 0) == 0 && !traced(pid)) resume_in_child(pid);
+        if (kill(pid, 0) != 0) continue;  // gone: CRIU killed it after a good dump
+        if (traced(pid)) {
+            say("PID %d is still held after a minute; its GPU stays checkpointed", pid);
+            continue;
+        }
+        int state = cuda_state(pid);
+        if (state == STASIS_CUDA_CHECKPOINTED || state == STASIS_CUDA_LOCKED) resume_in_child(pid);
     }
     _exit(0);
+}
+
+// CRIU runs this hook while the restored tasks are still stopped under its ptrace, and the driver needs the
+// process's restore thread to run (a query there never returns, like CHECKPOINT_DEVICES's): the restore is
+// left to a helper that acts once CRIU has released the process. Until then the process's CUDA calls wait
+// on the driver's lock.
+static int resume_devices_late(int pid) {
+    if (!enabled) return -ENOTSUP;
+    resume_when_released(&pid, 1);
+    return 0;
 }
 
 static void plugin_exit(int stage, int ret) {
     (void)ret;
     // After a dump, touched processes that still exist need their GPU back: that covers a failed dump and
     // --leave-running; after a good dump without it, CRIU kills them and the helper finds them gone.
-    if (enabled && stage == STASIS_STAGE_DUMP && touched_count > 0) resume_later();
+    if (enabled && stage == STASIS_STAGE_DUMP && touched_count > 0) resume_when_released(touched, touched_count);
 }
 
 __attribute__((visibility("default"))) stasis_cr_plugin_desc_t CR_PLUGIN_DESC = {

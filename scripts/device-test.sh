@@ -8,6 +8,8 @@
 #                                           import (restore on another machine: export on one, bring the
 #                                           pieces back from $OUT into .device/import/, import on a new one)
 #
+# The default sections take about 6 minutes on the H200 (the device tool allows 10 per call); bench about 5.
+#
 # Every workload verifies itself after the restore: the CUDA programs check their device memory, streams,
 # events, graphs and pools; BERT's per-step losses must equal an uninterrupted run's byte for byte; the
 # inference server must give the same answers.

@@ -6,11 +6,13 @@
 //   StasisCRIU    CRIU through `criu swrk` RPC (generated protobuf code committed under Generated/)
 //   StasisGPU     the GPU driver (dlopen'd at run time) and the per-process device steps; the driver's
 //                 checkpoint steps themselves are C (CStasisCUDA), shared with the CRIU plugin
+//   StasisStore   content-addressed, compressed chunks shared by checkpoints (CStasisCompress: libzstd, liblz4)
 //   StasisImage   the checkpoint directory: staging, manifest, hashing, verification, atomic publish
 //   StasisEngine  dump / restore / check / inspect / verify, built from the modules above
 //   StasisCRIUPlugin  the same driver steps as a CRIU plugin, for plain criu, runc and podman
 //   stasis        the command line
 //   stasis-workload  C test workloads that build state and verify it themselves after a restore
+//   stasis-store-bench  the chunk store's throughput benchmark (bench/store-throughput.sh)
 import PackageDescription
 
 let package = Package(
@@ -39,13 +41,20 @@ let package = Package(
         // Compiled here as a check; the loadable libstasis_cuda_plugin.so comes from scripts/build-criu-plugin.sh.
         .target(name: "StasisCRIUPlugin", dependencies: ["CStasisCUDA"]),
         .target(name: "StasisGPU", dependencies: ["StasisCore", "StasisOS", "CStasisCUDA"]),
-        .target(name: "StasisImage", dependencies: ["StasisCore", "StasisOS"]),
-        .target(name: "StasisEngine", dependencies: ["StasisCore", "StasisOS", "StasisCRIU", "StasisGPU", "StasisImage"]),
+        .target(name: "CStasisCompress", linkerSettings: [.linkedLibrary("zstd"), .linkedLibrary("lz4")]),
+        .target(name: "StasisStore", dependencies: [
+            "StasisCore", "StasisOS", "CStasisCompress",
+            .product(name: "Crypto", package: "swift-crypto"),
+        ]),
+        .target(name: "StasisImage", dependencies: ["StasisCore", "StasisOS", "StasisStore"]),
+        .target(name: "StasisEngine", dependencies: ["StasisCore", "StasisOS", "StasisCRIU", "StasisGPU", "StasisImage", "StasisStore"]),
         .executableTarget(name: "stasis", dependencies: [
-            "StasisEngine", "StasisCore",
+            "StasisEngine", "StasisCore", "StasisStore",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "stasis-workload", path: "Workloads/cpu"),
-        .testTarget(name: "StasisTests", dependencies: ["StasisCore", "StasisOS", "StasisImage", "StasisEngine", "StasisCRIU", "StasisGPU"]),
+        // bench/store-throughput.sh's driver: the chunk store's ingest and rebuild on N threads.
+        .executableTarget(name: "stasis-store-bench", dependencies: ["StasisStore", "StasisCore", "StasisOS"], path: "bench/StoreBench"),
+        .testTarget(name: "StasisTests", dependencies: ["StasisCore", "StasisOS", "StasisStore", "StasisImage", "StasisEngine", "StasisCRIU", "StasisGPU"]),
     ]
 )

@@ -4,8 +4,9 @@ import Foundation
 /// change that an older stasis could misread bumps `formatVersion`.
 public struct Manifest: Codable, Sendable, Equatable {
     public static let formatName = "stasis.checkpoint"
-    /// The newest format this build reads and the one it writes.
-    public static let currentVersion = 1
+    /// The newest format this build reads and the one it writes. Version 2 added chunked files (`files[].chunks`)
+    /// in a chunk store (`store`); version 1 checkpoints (every file whole) are still read.
+    public static let currentVersion = 2
     public static let fileName = "manifest.json"
 
     public var format: String = Manifest.formatName
@@ -20,8 +21,11 @@ public struct Manifest: Codable, Sendable, Equatable {
     public var memory: Memory
     public var timings: Timings
     public var gpu: GPUSection
-    /// Every file of the checkpoint but the manifest itself, sorted by path.
+    /// Every file of the checkpoint but the manifest itself, sorted by path: whole files in the checkpoint
+    /// directory, and chunked ones (CRIU's memory images) whose chunks are in the store.
     public var files: [FileEntry]
+    /// The chunk store holding the chunked files; nil when every file is whole.
+    public var store: StoreInfo?
 
     public init(id: String, createdAt: Date, tool: Tool, host: Host, criu: CRIUInfo, options: DumpOptions,
                 processTree: ProcessTree, memory: Memory, timings: Timings, gpu: GPUSection, files: [FileEntry]) {
@@ -36,6 +40,32 @@ public struct Manifest: Codable, Sendable, Equatable {
         self.timings = timings
         self.gpu = gpu
         self.files = files
+    }
+
+    /// Where the chunks are and how this checkpoint wrote them.
+    public struct StoreInfo: Codable, Sendable, Equatable {
+        /// The store the checkpoint was written to (restore looks there unless told otherwise).
+        public var path: String
+        public var chunkSize: Int
+        /// The codec new chunks were compressed with ("lz4", "zstd:3", "none").
+        public var codec: String
+        /// Bytes of the chunked files, and what this checkpoint added to the store (compressed).
+        public var plainBytes: UInt64
+        public var storedBytes: UInt64
+        public var newChunks: Int
+        public var reusedChunks: Int
+        public var zeroChunks: Int
+        public init(path: String, chunkSize: Int, codec: String, plainBytes: UInt64, storedBytes: UInt64,
+                    newChunks: Int, reusedChunks: Int, zeroChunks: Int) {
+            self.path = path
+            self.chunkSize = chunkSize
+            self.codec = codec
+            self.plainBytes = plainBytes
+            self.storedBytes = storedBytes
+            self.newChunks = newChunks
+            self.reusedChunks = reusedChunks
+            self.zeroChunks = zeroChunks
+        }
     }
 
     public struct Tool: Codable, Sendable, Equatable {
@@ -196,13 +226,18 @@ public struct Manifest: Codable, Sendable, Equatable {
     public struct FileEntry: Codable, Sendable, Equatable {
         public var path: String
         public var size: UInt64
+        /// A whole file: its SHA-256 (see `segments`). A chunked file: the SHA-256 of its chunks' digests.
         public var sha256: String
         public var segments: [String]?
-        public init(path: String, size: UInt64, sha256: String, segments: [String]? = nil) {
+        /// A chunked file: the SHA-256 of each `store.chunkSize` piece in order, "" for a piece of zeros
+        /// (not stored). The file is not in the checkpoint directory.
+        public var chunks: [String]?
+        public init(path: String, size: UInt64, sha256: String, segments: [String]? = nil, chunks: [String]? = nil) {
             self.path = path
             self.size = size
             self.sha256 = sha256
             self.segments = segments
+            self.chunks = chunks
         }
     }
 }

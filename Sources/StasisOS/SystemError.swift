@@ -17,7 +17,7 @@ public func systemError(_ action: String, _ subject: String, errno code: Int32 =
 
 /// Retries a call interrupted by a signal, as swift-system does for every wrapped call.
 @inline(__always)
-func retryingEINTR<T: BinaryInteger>(_ body: () -> T) -> T {
+public func retryingEINTR<T: BinaryInteger>(_ body: () -> T) -> T {
     while true {
         let result = body()
         if result == -1 && errno == EINTR { continue }

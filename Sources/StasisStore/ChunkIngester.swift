@@ -1,0 +1,233 @@
+import Foundation
+import Glibc
+import StasisCore
+import StasisOS
+
+/// Cuts files into chunks and puts them in a store, on every core, while another process (CRIU) is still
+/// writing them front to back: a chunk is taken as soon as its bytes exist, so when the writer finishes only
+/// the tails are left. Reading, hashing, compressing and writing overlap across the workers; memory stays
+/// bounded at two chunk-sized buffers per worker.
+public final class ChunkIngester: @unchecked Sendable {
+    /// A file as chunks: `chunks[i]` is the digest of bytes [i * chunkSize, ...), "" for a chunk of zeros.
+    public struct File: Sendable {
+        public var size: UInt64
+        public var chunks: [String]
+    }
+
+    public struct Statistics: Codable, Sendable, Equatable {
+        /// Bytes of the files cut into chunks.
+        public var plainBytes: UInt64 = 0
+        /// Bytes of new chunk files written to the store (compressed).
+        public var storedBytes: UInt64 = 0
+        public var newChunks = 0
+        public var reusedChunks = 0
+        public var zeroChunks = 0
+        public init() {}
+    }
+
+    private struct Job {
+        var name: String
+        var index: Int
+        var length: Int
+    }
+
+    private let directory: String
+    private let store: ChunkStore
+    private let codec: Codec
+    private let follows: @Sendable (String) -> Bool
+    private let chunkSize: Int
+    private let condition = NSCondition()
+    private var queue: [Job] = []
+    private var closed = false
+    private var following = true
+    private var failure: Error?
+    private var files: [String: [String?]] = [:]
+    private var queuedUpTo: [String: Int] = [:]  // per file: the chunks handed out so far
+    private var descriptors: [String: Int32] = [:]
+    private var statistics = Statistics()
+    private var workers: [Thread] = []
+    private var running = 0
+    private let followerDone = DispatchSemaphore(value: 0)
+
+    /// Starts `threads` workers and a follower of the files in `directory` whose names satisfy `follows`.
+    public init(directory: String, store: ChunkStore, codec: Codec, chunkSize: Int = ChunkStore.chunkSize,
+                threads: Int = ProcessInfo.processInfo.activeProcessorCount, follows: @escaping @Sendable (String) -> Bool) {
+        self.directory = directory
+        self.store = store
+        self.codec = codec
+        self.chunkSize = chunkSize
+        self.follows = follows
+        running = max(1, threads)
+        for number in 0..<running {
+            let thread = Thread { [self] in work() }
+            thread.name = "stasis-ingest-\(number)"
+            thread.start()
+            workers.append(thread)
+        }
+        let follower = Thread { [self] in follow() }
+        follower.name = "stasis-ingest-follow"
+        follower.start()
+    }
+
+    /// Stops following, ingests the rest of the followed files and the whole of `alsoIngest` (names in the
+    /// directory, now complete), waits for the workers and returns every file's chunks.
+    public func finish(alsoIngest: [String] = []) throws -> (files: [String: File], statistics: Statistics) {
+        stopFollowing()
+        condition.lock()
+        let followed = Array(files.keys)
+        condition.unlock()
+        for name in Set(followed + alsoIngest) {
+            guard let size = FileSystem.size(directory + "/" + name) else { throw systemError("cannot stat", directory + "/" + name) }
+            enqueueChunks(of: name, upTo: size, final: true)
+        }
+        condition.lock()
+        closed = true
+        condition.broadcast()
+        while running > 0 { condition.wait() }
+        let error = failure
+        let result = files
+        let stats = statistics
+        for fd in descriptors.values { close(fd) }
+        descriptors = [:]
+        condition.unlock()
+        if let error { throw error }
+        var out: [String: File] = [:]
+        for (name, chunks) in result {
+            let size = FileSystem.size(directory + "/" + name) ?? 0
+            out[name] = File(size: size, chunks: chunks.map { $0 ?? "" })
+        }
+        return (out, stats)
+    }
+
+    /// Stops everything without finishing (the dump failed); chunks already written stay for gc.
+    public func cancel() {
+        stopFollowing()
+        condition.lock()
+        closed = true
+        queue.removeAll()
+        condition.broadcast()
+        while running > 0 { condition.wait() }
+        for fd in descriptors.values { close(fd) }
+        descriptors = [:]
+        condition.unlock()
+    }
+
+    private func stopFollowing() {
+        condition.lock()
+        let was = following
+        following = false
+        condition.unlock()
+        if was { followerDone.wait() }
+    }
+
+    // MARK: follower
+
+    private func follow() {
+        defer { followerDone.signal() }
+        while condition.withLock({ following && failure == nil }) {
+            let names = (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []
+            var progressed = false
+            for name in names where follows(name) {
+                guard let size = FileSystem.size(directory + "/" + name) else { continue }
+                if enqueueChunks(of: name, upTo: size, final: false) > 0 { progressed = true }
+            }
+            if !progressed { usleep(20_000) }
+        }
+    }
+
+    /// Queues the chunks of `name` that lie below `size` (with `final`, also the last, shorter one); waits
+    /// while the queue is full, which bounds memory. Returns how many were queued.
+    @discardableResult
+    private func enqueueChunks(of name: String, upTo size: UInt64, final: Bool) -> Int {
+        condition.lock()
+        defer { condition.unlock() }
+        let start = queuedUpTo[name] ?? 0
+        let complete = Int(size / UInt64(chunkSize))
+        let end = final ? Int((size + UInt64(chunkSize) - 1) / UInt64(chunkSize)) : complete
+        if files[name] == nil { files[name] = [] }
+        guard end > start else { return 0 }
+        for index in start..<end {
+            while queue.count >= running * 2 && failure == nil && !closed { condition.wait() }
+            if failure != nil || (closed && !final) { return index - start }
+            let length = Int(min(UInt64(chunkSize), size - UInt64(index) * UInt64(chunkSize)))
+            queue.append(Job(name: name, index: index, length: length))
+            if files[name]!.count < end { files[name]!.append(contentsOf: [String?](repeating: nil, count: end - files[name]!.count)) }
+            queuedUpTo[name] = index + 1
+            condition.broadcast()
+        }
+        return end - start
+    }
+
+    // MARK: workers
+
+    private func work() {
+        let plain = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkSize, alignment: 4096)
+        let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: ChunkStore.scratchSize(chunkSize), alignment: 4096)
+        defer {
+            plain.deallocate()
+            scratch.deallocate()
+            condition.lock()
+            running -= 1
+            condition.broadcast()
+            condition.unlock()
+        }
+        while true {
+            condition.lock()
+            while queue.isEmpty && !closed { condition.wait() }
+            if queue.isEmpty || failure != nil {
+                condition.unlock()
+                return
+            }
+            let job = queue.removeFirst()
+            condition.broadcast()
+            condition.unlock()
+            do {
+                let fd = try descriptor(job.name)
+                let bytes = UnsafeMutableRawBufferPointer(rebasing: plain[0..<job.length])
+                try readFully(fd, into: bytes, at: UInt64(job.index) * UInt64(chunkSize), name: job.name)
+                let view = UnsafeRawBufferPointer(bytes)
+                var digest = ""
+                var put = ChunkStore.PutResult(isNew: false, storedBytes: 0)
+                let zero = ChunkDigest.isZero(view)
+                if !zero {
+                    digest = ChunkDigest.hex(view)
+                    put = try store.put(view, digest: digest, codec: codec, scratch: scratch)
+                }
+                condition.lock()
+                files[job.name]![job.index] = digest
+                statistics.plainBytes += UInt64(job.length)
+                statistics.storedBytes += put.storedBytes
+                if zero { statistics.zeroChunks += 1 } else if put.isNew { statistics.newChunks += 1 } else { statistics.reusedChunks += 1 }
+                condition.unlock()
+            } catch {
+                condition.lock()
+                if failure == nil { failure = error }
+                queue.removeAll()
+                condition.broadcast()
+                condition.unlock()
+                return
+            }
+        }
+    }
+
+    private func descriptor(_ name: String) throws -> Int32 {
+        condition.lock()
+        defer { condition.unlock() }
+        if let fd = descriptors[name] { return fd }
+        let path = directory + "/" + name
+        let fd = retryingEINTR { open(path, O_RDONLY | O_CLOEXEC) }
+        guard fd >= 0 else { throw systemError("cannot open", path) }
+        descriptors[name] = fd
+        return fd
+    }
+
+    private func readFully(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, name: String) throws {
+        var done = 0
+        while done < buffer.count {
+            let got = retryingEINTR { pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done)) }
+            if got < 0 { throw systemError("cannot read", directory + "/" + name) }
+            if got == 0 { throw StasisError(.io, "\(directory)/\(name) ended at \(offset + UInt64(done)) bytes while being cut into chunks") }
+            done += got
+        }
+    }
+}

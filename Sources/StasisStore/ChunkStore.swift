@@ -1,0 +1,244 @@
+import Crypto
+import Foundation
+import Glibc
+import StasisCore
+import StasisOS
+
+/// A directory of content-addressed chunks shared by many checkpoints.
+///
+///     STORE/chunks/ab/abcdef...   one chunk, named by the SHA-256 of its plain content (64 hex digits)
+///     STORE/checkpoints/ID.json   the manifest of every checkpoint that uses the store (what gc keeps)
+///     STORE/tmp/                  chunks being written
+///     STORE/lock                  flock: dumps and imports hold it shared, gc exclusive
+///
+/// A chunk file is a 12-byte header ("STCK", format 1, codec, 2 reserved bytes, plain length as little-endian
+/// UInt32) and the payload. It is written to tmp/, fdatasync'd and renamed into place, so a chunk that exists
+/// under its name is complete; readers still check its SHA-256, so damage is found, never restored.
+public final class ChunkStore: Sendable {
+    public static let defaultPath = "/var/lib/stasis/store"
+    /// Chunks cut from a file are this long (the last one shorter). Part of each manifest, so it may change.
+    public static let chunkSize = 2 << 20
+    static let magic: [UInt8] = Array("STCK".utf8)
+    static let headerSize = 12
+
+    public let path: String
+
+    /// Opens the store at `path`; `create` makes it (0700) when missing, else a missing store is an error.
+    public init(path: String, create: Bool) throws {
+        self.path = URL(fileURLWithPath: path).standardizedFileURL.path
+        if !FileSystem.isDirectory(self.path + "/chunks") {
+            guard create else {
+                throw StasisError(.notACheckpoint, "\(self.path) is not a stasis chunk store (no chunks/ in it)",
+                                  hint: "name the store the checkpoint was written to with --store")
+            }
+        }
+        if create {
+            for sub in ["", "/chunks", "/checkpoints", "/tmp"] {
+                try FileSystem.makePrivateDirectory(self.path + sub)
+            }
+        }
+    }
+
+    /// The store named on the command line, else the one the manifest recorded, else the default.
+    public static func resolve(_ explicit: String?, recorded: String?) -> String {
+        explicit ?? recorded ?? ProcessInfo.processInfo.environment["STASIS_STORE"] ?? defaultPath
+    }
+
+    func chunkPath(_ digest: String) -> String { "\(path)/chunks/\(digest.prefix(2))/\(digest)" }
+
+    public func contains(_ digest: String) -> Bool { FileSystem.exists(chunkPath(digest)) }
+
+    // MARK: writing
+
+    public struct PutResult: Sendable {
+        public var isNew: Bool
+        /// Bytes of the chunk file written (0 when the chunk was already there).
+        public var storedBytes: UInt64
+    }
+
+    /// Stores `plain` under `digest` unless the store has it already. `scratch` must hold
+    /// `headerSize + codec.bound(plain.count)` bytes.
+    func put(_ plain: UnsafeRawBufferPointer, digest: String, codec: Codec, scratch: UnsafeMutableRawBufferPointer) throws -> PutResult {
+        let target = chunkPath(digest)
+        if FileSystem.exists(target) {
+            // Fresh mtime: gc's grace period then spares a chunk a running dump has just decided to reuse.
+            utimensat(AT_FDCWD, target, nil, 0)
+            return PutResult(isNew: false, storedBytes: 0)
+        }
+        let payload = UnsafeMutableRawBufferPointer(rebasing: scratch[Self.headerSize...])
+        let (tag, length): (UInt8, Int)
+        if let compressed = codec.compress(plain, into: payload) {
+            (tag, length) = (codec.tag, compressed)
+        } else {
+            payload.baseAddress!.copyMemory(from: plain.baseAddress!, byteCount: plain.count)
+            (tag, length) = (0, plain.count)
+        }
+        Self.writeHeader(into: scratch, tag: tag, plainLength: plain.count)
+        let bytes = UnsafeRawBufferPointer(rebasing: scratch[0..<(Self.headerSize + length)])
+        try writeChunkFile(bytes, to: target)
+        return PutResult(isNew: true, storedBytes: UInt64(bytes.count))
+    }
+
+    static func writeHeader(into buffer: UnsafeMutableRawBufferPointer, tag: UInt8, plainLength: Int) {
+        for (index, byte) in magic.enumerated() { buffer[index] = byte }
+        buffer[4] = 1
+        buffer[5] = tag
+        buffer[6] = 0
+        buffer[7] = 0
+        withUnsafeBytes(of: UInt32(plainLength).littleEndian) { for index in 0..<4 { buffer[8 + index] = $0[index] } }
+    }
+
+    /// Writes a complete chunk file (header included) under its final name: temp file, fdatasync, rename.
+    func writeChunkFile(_ bytes: UnsafeRawBufferPointer, to target: String) throws {
+        let directory = String(target[..<target.lastIndex(of: "/")!])
+        if !FileSystem.isDirectory(directory), mkdir(directory, 0o700) != 0, errno != EEXIST {
+            throw systemError("cannot create", directory)
+        }
+        let temporary = "\(path)/tmp/\(target.suffix(64)).\(getpid()).\(UInt32.random(in: 0...UInt32.max))"
+        let fd = retryingEINTR { open(temporary, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600) }
+        guard fd >= 0 else { throw Self.writeError("cannot create", temporary) }
+        var offset = 0
+        while offset < bytes.count {
+            let written = retryingEINTR { write(fd, bytes.baseAddress! + offset, bytes.count - offset) }
+            if written <= 0 {
+                let error = Self.writeError("cannot write", temporary)
+                close(fd)
+                unlink(temporary)
+                throw error
+            }
+            offset += written
+        }
+        if fdatasync(fd) != 0 {
+            let error = Self.writeError("cannot sync", temporary)
+            close(fd)
+            unlink(temporary)
+            throw error
+        }
+        close(fd)
+        guard rename(temporary, target) == 0 else {
+            let error = systemError("cannot rename \(temporary) to", target)
+            unlink(temporary)
+            throw error
+        }
+    }
+
+    static func writeError(_ action: String, _ subject: String) -> StasisError {
+        if errno == ENOSPC {
+            return StasisError(.noSpace, "the chunk store ran out of space (\(action) \(subject))", hint: "free space there, run `stasis gc`, or use another --store")
+        }
+        return systemError(action, subject)
+    }
+
+    /// fsyncs the chunk directories, so that the names of new chunks are durable before a manifest uses them.
+    public func syncDirectories() throws {
+        for directory in ["/chunks", "/checkpoints"] { try FileSystem.fsync(path: path + directory) }
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: path + "/chunks")) ?? []
+        for name in names { try FileSystem.fsync(path: path + "/chunks/" + name) }
+    }
+
+    // MARK: reading
+
+    /// Where a chunk belongs, for error messages: the checkpoint, the file and the byte range.
+    public struct Place: Sendable {
+        public var checkpoint: String
+        public var file: String
+        public var offset: UInt64
+        public var length: Int
+        var text: String { "\(checkpoint)/\(file) bytes \(offset)..<\(offset + UInt64(length))" }
+    }
+
+    /// Reads chunk `digest` into `output` (exactly its plain length), checking its header, its length and its
+    /// SHA-256. `scratch` holds the chunk file while it is decoded (headerSize + bound bytes).
+    func read(_ digest: String, into output: UnsafeMutableRawBufferPointer, scratch: UnsafeMutableRawBufferPointer, place: Place) throws {
+        let file = chunkPath(digest)
+        let fd = retryingEINTR { open(file, O_RDONLY | O_CLOEXEC) }
+        guard fd >= 0 else {
+            if errno == ENOENT {
+                throw StasisError(.integrity, "chunk \(digest) of \(place.text) is missing from the store \(path)",
+                                  hint: "the store lost chunks (removed by hand?); restore from another copy")
+            }
+            throw systemError("cannot open", file)
+        }
+        defer { close(fd) }
+        var total = 0
+        while total < scratch.count {
+            let got = retryingEINTR { Glibc.read(fd, scratch.baseAddress! + total, scratch.count - total) }
+            if got < 0 { throw systemError("cannot read", file) }
+            if got == 0 { break }
+            total += got
+        }
+        let damaged = { (why: String) in
+            StasisError(.integrity, "chunk \(digest) of \(place.text) is damaged in the store \(self.path): \(why)",
+                        hint: "restore from another copy of the checkpoint")
+        }
+        guard total >= Self.headerSize, Array(scratch[0..<4]) == Self.magic, scratch[4] == 1 else { throw damaged("no chunk header") }
+        let plainLength = Int(UInt32(scratch[8]) | UInt32(scratch[9]) << 8 | UInt32(scratch[10]) << 16 | UInt32(scratch[11]) << 24)
+        guard plainLength == output.count else { throw damaged("it holds \(plainLength) bytes, the manifest expects \(output.count)") }
+        guard total < scratch.count else { throw damaged("longer than any valid chunk") }
+        let payload = UnsafeRawBufferPointer(rebasing: scratch[Self.headerSize..<total])
+        guard Codec.decompress(tag: scratch[5], payload, into: output) else {
+            throw damaged("its \(Codec.name(tag: scratch[5])) data does not decode (truncated or corrupt)")
+        }
+        guard ChunkDigest.hex(UnsafeRawBufferPointer(output)) == digest else { throw damaged("its content does not match its SHA-256") }
+    }
+
+    /// Buffers for `put` and `read` of chunks up to `chunkSize`.
+    static func scratchSize(_ chunk: Int = chunkSize) -> Int { headerSize + max(chunk, Codec.zstd(level: 1).bound(chunk), Codec.lz4.bound(chunk)) + 1 }
+
+    // MARK: locking
+
+    /// Holds the store's lock until `release` (or the process ends). Dumps and imports hold it shared from
+    /// their first chunk until their manifest is registered; gc holds it exclusive.
+    public final class Lock: Sendable {
+        let fd: Int32
+        init(fd: Int32) { self.fd = fd }
+        public func release() { close(fd) }
+    }
+
+    public func lock(exclusive: Bool) throws -> Lock {
+        let file = path + "/lock"
+        let fd = retryingEINTR { open(file, O_RDWR | O_CREAT | O_CLOEXEC, 0o600) }
+        guard fd >= 0 else { throw systemError("cannot open", file) }
+        guard retryingEINTR({ flock(fd, exclusive ? LOCK_EX : LOCK_SH) }) == 0 else {
+            let error = systemError("cannot lock", file)
+            close(fd)
+            throw error
+        }
+        return Lock(fd: fd)
+    }
+}
+
+/// SHA-256 of chunk contents, as lowercase hex.
+public enum ChunkDigest {
+    public static func hex(_ bytes: UnsafeRawBufferPointer) -> String { SegmentedDigest.hex(SHA256.hash(data: bytes)) }
+
+    /// A chunked file's identity: the SHA-256 of its chunks' digests in order (32 zero bytes for a zero chunk).
+    public static func ofFile(chunks: [String]) -> String {
+        var hasher = SHA256()
+        for chunk in chunks {
+            var bytes = [UInt8](repeating: 0, count: 32)
+            if !chunk.isEmpty {
+                var index = chunk.startIndex
+                for position in 0..<32 {
+                    let next = chunk.index(index, offsetBy: 2)
+                    bytes[position] = UInt8(chunk[index..<next], radix: 16) ?? 0
+                    index = next
+                }
+            }
+            hasher.update(data: bytes)
+        }
+        return SegmentedDigest.hex(hasher.finalize())
+    }
+
+    static func isZero(_ bytes: UnsafeRawBufferPointer) -> Bool {
+        var index = 0
+        let words = bytes.count / 8
+        let base = bytes.baseAddress!
+        while index < words {
+            if base.loadUnaligned(fromByteOffset: index * 8, as: UInt64.self) != 0 { return false }
+            index += 1
+        }
+        for offset in (words * 8)..<bytes.count where bytes[offset] != 0 { return false }
+        return true
+    }
+}

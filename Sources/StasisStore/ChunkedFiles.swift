@@ -1,0 +1,104 @@
+import Foundation
+import Glibc
+import StasisCore
+import StasisOS
+
+/// Reading chunked files back: verifying every chunk, and rebuilding the plain files (for CRIU) in parallel.
+public enum ChunkedFiles {
+    public struct Item: Sendable {
+        public var path: String
+        public var size: UInt64
+        public var chunks: [String]
+        public init(path: String, size: UInt64, chunks: [String]) {
+            self.path = path
+            self.size = size
+            self.chunks = chunks
+        }
+    }
+
+    /// Reads and checks every chunk of `items`; with `target`, also writes each file there (zero chunks stay
+    /// holes). Throws the first problem, naming the checkpoint, file and byte range. Returns the plain bytes.
+    @discardableResult
+    public static func read(_ items: [Item], from store: ChunkStore, checkpoint: String, chunkSize: Int, into target: String? = nil,
+                            threads: Int = ProcessInfo.processInfo.activeProcessorCount,
+                            progress: (@Sendable (UInt64) -> Void)? = nil) throws -> UInt64 {
+        // Every file first gets its size, so the workers can write any chunk at its offset.
+        var descriptors: [Int32] = []
+        defer { for fd in descriptors { close(fd) } }
+        for item in items {
+            let expected = UInt64(chunkSize) * UInt64(item.chunks.count)
+            guard item.size <= expected, item.size + UInt64(chunkSize) > expected || item.chunks.isEmpty && item.size == 0 else {
+                throw StasisError(.integrity, "\(checkpoint)/\(item.path): the manifest lists \(item.chunks.count) chunks for \(item.size) bytes",
+                                  hint: "the manifest is damaged")
+            }
+            guard let target else { continue }
+            let path = target + "/" + item.path
+            let fd = retryingEINTR { open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600) }
+            guard fd >= 0 else { throw systemError("cannot create", path) }
+            descriptors.append(fd)
+            guard ftruncate(fd, off_t(item.size)) == 0 else { throw systemError("cannot size", path) }
+        }
+        var jobs: [(file: Int, index: Int)] = []
+        for (file, item) in items.enumerated() {
+            for (index, digest) in item.chunks.enumerated() where !digest.isEmpty { jobs.append((file, index)) }
+        }
+        let state = ReadState(count: jobs.count)
+        let (allJobs, fds) = (jobs, descriptors)
+        let workers = max(1, min(threads, jobs.count))
+        DispatchQueue.concurrentPerform(iterations: workers) { _ in
+            let plain = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkSize, alignment: 4096)
+            let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: ChunkStore.scratchSize(chunkSize), alignment: 4096)
+            defer { plain.deallocate(); scratch.deallocate() }
+            while let next = state.next() {
+                let (file, index) = allJobs[next]
+                let item = items[file]
+                let offset = UInt64(index) * UInt64(chunkSize)
+                let length = Int(min(UInt64(chunkSize), item.size - offset))
+                let place = ChunkStore.Place(checkpoint: checkpoint, file: item.path, offset: offset, length: length)
+                do {
+                    let output = UnsafeMutableRawBufferPointer(rebasing: plain[0..<length])
+                    try store.read(item.chunks[index], into: output, scratch: scratch, place: place)
+                    if target != nil {
+                        let fd = fds[file]
+                        var done = 0
+                        while done < length {
+                            let wrote = retryingEINTR { pwrite(fd, output.baseAddress! + done, length - done, off_t(offset) + off_t(done)) }
+                            if wrote <= 0 {
+                                throw errno == ENOSPC
+                                    ? StasisError(.noSpace, "no space left to rebuild \(item.path) in \(target!)", hint: "rebuild elsewhere with --rebuild-dir")
+                                    : systemError("cannot write", target! + "/" + item.path)
+                            }
+                            done += wrote
+                        }
+                    }
+                    progress?(UInt64(length))
+                } catch {
+                    state.fail(error)
+                }
+            }
+        }
+        if let error = state.failure { throw error }
+        return items.reduce(0) { $0 + $1.size }
+    }
+
+    private final class ReadState: @unchecked Sendable {
+        private let lock = NSLock()
+        private var cursor = 0
+        private let count: Int
+        private(set) var failure: Error?
+        init(count: Int) { self.count = count }
+        func next() -> Int? {
+            lock.withLock {
+                guard failure == nil, cursor < count else { return nil }
+                defer { cursor += 1 }
+                return cursor
+            }
+        }
+        func fail(_ error: Error) {
+            lock.withLock {
+                // Report the earliest problem in file order would need sorting; the first one found is named.
+                if failure == nil { failure = error }
+            }
+        }
+    }
+}

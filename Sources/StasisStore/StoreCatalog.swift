@@ -1,0 +1,134 @@
+import Foundation
+import Glibc
+import StasisCore
+import StasisOS
+
+/// The store's list of checkpoints (STORE/checkpoints/ID.json, each a copy of the checkpoint's manifest and
+/// where it was written) and the operations over it: ls, rm, gc.
+///
+/// gc keeps every chunk that a listed manifest names, whether or not the checkpoint directory still exists
+/// (a directory may have been moved); `stasis rm` is what drops a checkpoint from the list. gc holds the
+/// store's lock exclusively, so it waits for running dumps and imports (which hold it shared until their
+/// manifest is listed), and it spares chunks younger than its grace period.
+public struct StoreCatalog {
+    public struct Entry: Codable, Sendable {
+        public var directory: String
+        public var manifest: Manifest
+    }
+
+    public let store: ChunkStore
+
+    public init(store: ChunkStore) { self.store = store }
+
+    func entryPath(_ id: String) -> String { "\(store.path)/checkpoints/\(id).json" }
+
+    /// Lists a checkpoint; durable (fsync) before it returns.
+    public func register(_ manifest: Manifest, directory: String) throws {
+        let data = try Manifest.encoder().encode(Entry(directory: directory, manifest: manifest))
+        try FileSystem.writeAtomically(data, to: entryPath(manifest.id))
+        try FileSystem.fsync(path: store.path + "/checkpoints")
+    }
+
+    public func unregister(id: String) { unlink(entryPath(id)) }
+
+    /// Every listed checkpoint, oldest first. An entry that does not parse is reported as an error: gc must
+    /// not run on a list it cannot read.
+    public func entries() throws -> [Entry] {
+        let directory = store.path + "/checkpoints"
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []
+        var entries: [Entry] = []
+        for name in names where name.hasSuffix(".json") {
+            let path = directory + "/" + name
+            do {
+                entries.append(try Manifest.decoder().decode(Entry.self, from: try FileSystem.readFile(path)))
+            } catch {
+                throw StasisError(.manifestInvalid, "\(path) in the store's checkpoint list does not parse",
+                                  hint: "remove it by hand if that checkpoint is gone; gc will not run until then")
+            }
+        }
+        return entries.sorted { $0.manifest.createdAt < $1.manifest.createdAt }
+    }
+
+    // MARK: rm
+
+    /// Removes the checkpoint in `directory` (or with that manifest id) from the list and deletes its directory.
+    /// Its chunks go at the next gc.
+    public func remove(_ directoryOrID: String) throws -> Entry {
+        let absolute = URL(fileURLWithPath: directoryOrID).standardizedFileURL.path
+        guard let entry = try entries().first(where: { $0.directory == absolute || $0.manifest.id == directoryOrID }) else {
+            throw StasisError(.notACheckpoint, "no checkpoint \(directoryOrID) in the store \(store.path)", hint: "`stasis ls` lists them")
+        }
+        if FileSystem.isDirectory(entry.directory) {
+            // Only a directory holding this very checkpoint is deleted.
+            let manifestPath = entry.directory + "/" + Manifest.fileName
+            if let data = try? FileSystem.readFile(manifestPath), let found = try? Manifest.decode(data, path: manifestPath), found.id == entry.manifest.id {
+                FileSystem.removeTree(entry.directory)
+            }
+        }
+        unregister(id: entry.manifest.id)
+        return entry
+    }
+
+    // MARK: gc
+
+    public struct CollectReport: Codable, Sendable {
+        public var checkpoints: Int
+        public var keptChunks: Int
+        public var removedChunks: Int
+        public var removedBytes: UInt64
+        public var removedTemporaryFiles: Int
+        public var dryRun: Bool
+    }
+
+    /// Removes chunks no listed manifest names (and leftovers in tmp/ of dead writers), sparing anything
+    /// modified in the last `graceSeconds`.
+    public func collect(dryRun: Bool = false, graceSeconds: Double = 60) throws -> CollectReport {
+        let lock = try store.lock(exclusive: true)
+        defer { lock.release() }
+        let listed = try entries()
+        var referenced = Set<String>()
+        for entry in listed {
+            for file in entry.manifest.files { for chunk in file.chunks ?? [] where !chunk.isEmpty { referenced.insert(chunk) } }
+        }
+        let now = Date().timeIntervalSince1970
+        var report = CollectReport(checkpoints: listed.count, keptChunks: 0, removedChunks: 0, removedBytes: 0, removedTemporaryFiles: 0, dryRun: dryRun)
+        let chunks = store.path + "/chunks"
+        for prefix in (try? FileManager.default.contentsOfDirectory(atPath: chunks)) ?? [] {
+            for name in (try? FileManager.default.contentsOfDirectory(atPath: chunks + "/" + prefix)) ?? [] {
+                if referenced.contains(name) {
+                    report.keptChunks += 1
+                    continue
+                }
+                let path = chunks + "/" + prefix + "/" + name
+                var st = stat()
+                guard lstat(path, &st) == 0, now - Double(st.st_mtim.tv_sec) >= graceSeconds else { report.keptChunks += 1; continue }
+                report.removedChunks += 1
+                report.removedBytes += UInt64(st.st_size)
+                if !dryRun { unlink(path) }
+            }
+        }
+        // tmp/NAME.PID.RANDOM: a writer that died left it; one still running keeps its own.
+        let temporary = store.path + "/tmp"
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: temporary)) ?? [] {
+            let parts = name.split(separator: ".")
+            guard parts.count == 3, let owner = Int32(parts[1]), !ProcFS.isLive(owner) else { continue }
+            report.removedTemporaryFiles += 1
+            if !dryRun { unlink(temporary + "/" + name) }
+        }
+        return report
+    }
+
+    /// Bytes of chunk files in the store, and how many.
+    public func usage() -> (chunks: Int, bytes: UInt64) {
+        var count = 0
+        var bytes: UInt64 = 0
+        let chunks = store.path + "/chunks"
+        for prefix in (try? FileManager.default.contentsOfDirectory(atPath: chunks)) ?? [] {
+            for name in (try? FileManager.default.contentsOfDirectory(atPath: chunks + "/" + prefix)) ?? [] {
+                count += 1
+                bytes += FileSystem.size(chunks + "/" + prefix + "/" + name) ?? 0
+            }
+        }
+        return (count, bytes)
+    }
+}

@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 MEM_MIB=${1:-512}
 
 ./scripts/install-criu.sh
+./scripts/install-build-deps.sh
 export PATH="/usr/local/sbin:$PATH:/usr/local/cuda/bin"
 echo "== building stasis (release)"
 swift build -c release 2>&1 | tail -n 1
@@ -15,6 +16,8 @@ BIN=$(swift build -c release --show-bin-path)
 STASIS=$BIN/stasis
 
 work=$(mktemp -d /tmp/stasis-demo.XXXXXX)
+# The demo's chunks go to a store of its own, removed with the rest (a real job uses /var/lib/stasis/store).
+export STASIS_STORE="$work/store"
 pid=""
 cleanup() { [[ -n "$pid" ]] && kill -9 "$pid" 2>/dev/null; rm -rf "$work"; }
 trap cleanup EXIT

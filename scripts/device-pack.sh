@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-criu.sh
+./scripts/install-build-deps.sh
 swift build -c release --static-swift-stdlib --scratch-path .build-static 2>&1 | tail -n 1
 rm -rf .device && mkdir -p .device/criu-debs
 strip -o .device/stasis .build-static/release/stasis
@@ -13,4 +14,6 @@ cp .build-static/release/stasis-workload .device/
 ./scripts/build-criu-plugin.sh .device/criu-plugins >/dev/null
 cp "$(command -v criu)" .device/criu
 cp ../shared/device/criu-debs/*.deb .device/criu-debs/
+# The codecs' shared libraries, in case the GPU machine lacks them (device-test.sh puts .device/lib on the path).
+mkdir -p .device/lib && cp -L /usr/lib/x86_64-linux-gnu/libzstd.so.1 /usr/lib/x86_64-linux-gnu/liblz4.so.1 .device/lib/
 du -sh .device

@@ -28,7 +28,7 @@ fail() { echo "FAIL $1: $2"; results+=("FAIL $1: $2"); echo "FAIL $1: $2" >>"$OU
 # ---- setup ---------------------------------------------------------------------------------------------
 setup() {
     export PATH="/usr/local/nvidia/bin:/usr/local/cuda/bin:$PATH"
-    export LD_LIBRARY_PATH="/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}"
+    export LD_LIBRARY_PATH="/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}:$ROOT/.device/lib"
     mkdir -p /opt/criu /opt/stasis/bin
     for f in .device/criu-debs/*.deb; do dpkg -x "$f" /opt/criu; done
     local libs=/opt/criu/usr/lib/x86_64-linux-gnu:/opt/criu/lib/x86_64-linux-gnu

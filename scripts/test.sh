@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-criu.sh
+./scripts/install-build-deps.sh
 export PATH="/usr/local/sbin:$PATH"
 swift build --build-tests
 ./scripts/build-criu-plugin.sh >/dev/null

@@ -5,18 +5,28 @@ import StasisCore
 import StasisGPU
 import StasisImage
 import StasisOS
+import StasisStore
 
 /// `stasis dump`: checkpoint a process tree into a directory.
 ///
 /// The tree must never be lost: CRIU kills it (without --leave-running) only after its post-dump step, and
-/// that step is ours. In it, while the tree is still frozen, the images are hashed, synced and the checkpoint
-/// published. If anything fails before that point CRIU thaws the tree and it runs on as it was.
+/// that step is ours. In it, while the tree is still frozen, the images are completed in the chunk store,
+/// synced and the checkpoint published. If anything fails before that point CRIU thaws the tree and it runs
+/// on as it was.
+///
+/// CRIU's memory images (pages-*.img, and any image of at least a chunk) are cut into chunks and put in the
+/// store while CRIU still writes them (`ChunkIngester`); they leave the checkpoint directory, which keeps the
+/// manifest and the small images. The store lock is held shared from the first chunk until the manifest is
+/// in the store's catalog, so gc never takes a chunk this dump is about to reference.
 public struct DumpOperation {
     public struct Options: Sendable {
         public var pid: Int32
         public var directory: String
         public var leaveRunning = false
         public var process = CRIUService.ProcessOptions()
+        /// The chunk store (default: STASIS_STORE, else ChunkStore.defaultPath) and how new chunks are compressed.
+        public var store: String?
+        public var codec = Codec.standard
         public var progress: ProgressHandler?
         public init(pid: Int32, directory: String) { self.pid = pid; self.directory = directory }
     }
@@ -30,6 +40,7 @@ public struct DumpOperation {
         public var memory: Manifest.Memory
         public var timings: Manifest.Timings
         public var gpu: Manifest.GPUSection
+        public var store: Manifest.StoreInfo?
         public var criuVersion: String
     }
 
@@ -48,6 +59,10 @@ public struct DumpOperation {
             throw StasisError(.processNotFound, "no running process with PID \(pid)", hint: "check the PID with `ps -p \(pid)`")
         }
         let criu = try CRIUBinary.locate()
+        let store = try ChunkStore(path: ChunkStore.resolve(options.store, recorded: nil), create: true)
+        let storeLock = try store.lock(exclusive: false)
+        defer { storeLock.release() }
+        let catalog = StoreCatalog(store: store)
         let staging = try StagingDirectory(destination: options.directory)
         let destination = staging.destination
 
@@ -60,7 +75,7 @@ public struct DumpOperation {
         var timings = Manifest.Timings()
         var gpu = Manifest.GPUSection()
         var published: Manifest?
-        var follower: GrowingFilesHasher?
+        var ingester: ChunkIngester?
         let imagesFD: Int32
         do {
             imagesFD = try FileSystem.openDirectory(staging.path)
@@ -75,8 +90,8 @@ public struct DumpOperation {
             gpu = try device.beforeFreeze(pids: processes.map(\.pid))
             timings.devices = deviceWatch.seconds
 
-            let hasher = GrowingFilesHasher(directory: staging.path) { $0.hasPrefix("pages-") && $0.hasSuffix(".img") }
-            follower = hasher
+            let chunker = ChunkIngester(directory: staging.path, store: store, codec: options.codec, follows: Self.isMemoryImage)
+            ingester = chunker
             let progress = options.progress
             let stagingPath = staging.path
             let resident = processes.reduce(0) { $0 + $1.residentBytes }
@@ -92,7 +107,7 @@ public struct DumpOperation {
                 guard note.script == "post-dump" else { return }
                 try FaultInjection.check("post-dump")
                 // The tree is frozen here: make the checkpoint complete and durable before CRIU may kill it.
-                let manifest = try finish(staging: staging, partial: follower?.stop() ?? [:], criu: criu, processes: processes,
+                let manifest = try finish(staging: staging, ingester: chunker, store: store, criu: criu, processes: processes,
                                           gpu: gpu, timings: timings)
                 try staging.publish()
                 published = manifest
@@ -104,12 +119,14 @@ public struct DumpOperation {
             }
             if published == nil {
                 // CRIU never sent post-dump (it always does in 4.x): publish now rather than lose the images.
-                published = try finish(staging: staging, partial: follower?.stop() ?? [:], criu: criu, processes: processes,
+                published = try finish(staging: staging, ingester: chunker, store: store, criu: criu, processes: processes,
                                        gpu: gpu, timings: timings)
                 try staging.publish()
             }
         } catch {
-            _ = follower?.stop()
+            ingester?.cancel()
+            // Listed in the catalog but never published: drop it (its chunks go at the next gc).
+            if published == nil, let id = staging.manifestID { catalog.unregister(id: id) }
             let leftBehind = device.rollback(section: gpu)
             let keptLog = staging.discard(keeping: CRIUService.dumpLogName)
             var failure = (error as? StasisError) ?? StasisError(.io, "\(error)")
@@ -140,33 +157,54 @@ public struct DumpOperation {
         timings.total = total.seconds
         manifest.timings = timings
         try Self.addLateFiles(to: &manifest, in: destination)
+        // The catalog's copy gets the final timings and files; the published one already guards the chunks.
+        try? catalog.register(manifest, directory: destination)
         return Report(directory: destination, rootPID: pid, processes: processes.count, threads: processes.reduce(0) { $0 + $1.threads },
-                      leaveRunning: options.leaveRunning, memory: manifest.memory, timings: timings, gpu: gpu, criuVersion: criu.version)
+                      leaveRunning: options.leaveRunning, memory: manifest.memory, timings: timings, gpu: gpu, store: manifest.store,
+                      criuVersion: criu.version)
     }
 
-    /// Hashes every image (completing the hashes begun while CRIU wrote), syncs them to disk and writes the
-    /// manifest into the staging directory. Runs while the tree is frozen.
-    private func finish(staging: StagingDirectory, partial: [String: IncrementalFileHash], criu: CRIUBinary,
+    /// CRIU's memory images: followed while CRIU writes them, and always chunked.
+    static func isMemoryImage(_ name: String) -> Bool { name.hasPrefix("pages-") && name.hasSuffix(".img") }
+
+    /// Completes the chunking of the memory images (and of any other image of a chunk or more) and removes
+    /// them from the staging directory, hashes and syncs the small images, lists the checkpoint in the
+    /// store's catalog and writes the manifest. Runs while the tree is frozen.
+    private func finish(staging: StagingDirectory, ingester: ChunkIngester, store: ChunkStore, criu: CRIUBinary,
                         processes: [Manifest.Process], gpu: Manifest.GPUSection, timings: Manifest.Timings) throws -> Manifest {
         let watch = Stopwatch()
         let names = try FileSystem.regularFiles(under: staging.path).filter { $0 != CRIUService.dumpLogName }
-        let hashed = try ParallelHasher.hash(names, under: staging.path, started: partial)
+        let large = names.filter { Self.isMemoryImage($0) || (FileSystem.size(staging.path + "/" + $0) ?? 0) >= UInt64(ChunkStore.chunkSize) }
+        let (chunked, statistics) = try ingester.finish(alsoIngest: large)
+        let whole = names.filter { chunked[$0] == nil }
+        let hashed = try ParallelHasher.hash(whole, under: staging.path)
         var timings = timings
         timings.hash = watch.seconds
         let syncWatch = Stopwatch()
-        for name in names { try FileSystem.fsync(path: staging.path + "/" + name) }
+        for name in whole { try FileSystem.fsync(path: staging.path + "/" + name) }
+        try store.syncDirectories()
         timings.sync = syncWatch.seconds
-        let files = hashed.map { Manifest.FileEntry(path: $0.path, size: $0.size, sha256: $0.sha256, segments: $0.segments) }
-        let manifest = Manifest(
+        let files = (hashed.map { Manifest.FileEntry(path: $0.path, size: $0.size, sha256: $0.sha256, segments: $0.segments) }
+            + chunked.map { Manifest.FileEntry(path: $0.key, size: $0.value.size, sha256: ChunkDigest.ofFile(chunks: $0.value.chunks), chunks: $0.value.chunks) })
+            .sorted { $0.path < $1.path }
+        var manifest = Manifest(
             id: UUID().uuidString.lowercased(), createdAt: Date(),
             tool: .init(name: "stasis", version: StasisVersion.current), host: HostFacts.current(),
             criu: .init(version: criu.version, logFile: CRIUService.dumpLogName),
             options: .init(leaveRunning: options.leaveRunning, tcpEstablished: options.process.tcpEstablished, shellJob: options.process.shellJob),
             processTree: .init(rootPID: options.pid, processes: processes),
-            memory: .init(residentBytes: processes.reduce(0) { $0 + $1.residentBytes }, dumpedBytes: Self.pageBytes(in: staging.path),
+            memory: .init(residentBytes: processes.reduce(0) { $0 + $1.residentBytes },
+                          dumpedBytes: chunked.filter { Self.isMemoryImage($0.key) }.reduce(0) { $0 + $1.value.size },
                           imageBytes: files.reduce(0) { $0 + $1.size }),
             timings: timings, gpu: gpu, files: files)
+        manifest.store = .init(path: store.path, chunkSize: ChunkStore.chunkSize, codec: options.codec.description,
+                               plainBytes: statistics.plainBytes, storedBytes: statistics.storedBytes, newChunks: statistics.newChunks,
+                               reusedChunks: statistics.reusedChunks, zeroChunks: statistics.zeroChunks)
         try FaultInjection.check("publish")
+        // Listed before the checkpoint exists, so that from the moment it does, gc keeps its chunks.
+        staging.manifestID = manifest.id
+        try StoreCatalog(store: store).register(manifest, directory: staging.destination)
+        for name in chunked.keys { unlink(staging.path + "/" + name) }
         try FileSystem.writeAtomically(try Manifest.encoder().encode(manifest), to: staging.path + "/" + Manifest.fileName)
         try FileSystem.fsync(path: staging.path)
         return manifest

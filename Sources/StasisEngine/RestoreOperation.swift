@@ -5,17 +5,24 @@ import StasisCore
 import StasisGPU
 import StasisImage
 import StasisOS
+import StasisStore
 
 /// `stasis restore`: bring a checkpointed tree back, with the same PIDs, detached from stasis.
 ///
 /// Everything that can refuse the restore runs before CRIU starts anything: the manifest, the integrity of
-/// every file, the host's CPU, the device check and free PIDs. After CRIU, a failing device step kills the
-/// restored tree, so no half-restored process is left behind.
+/// every file, the host's CPU, the device check and free PIDs. The chunked memory images are rebuilt for
+/// CRIU (on tmpfs by default) in parallel, each chunk checked as it is read, so a damaged chunk refuses the
+/// restore before any process exists. After CRIU, a failing device step kills the restored tree, so no
+/// half-restored process is left behind.
 public struct RestoreOperation {
     public struct Options: Sendable {
         public var directory: String
         /// Where CRIU's restore log and statistics go (default: a new directory under /var/lib/stasis/restore).
         public var workDirectory: String?
+        /// The chunk store (default: the one the manifest names).
+        public var store: String?
+        /// Where CRIU's images are rebuilt from the store; a private directory is made and removed inside it.
+        public var rebuildRoot = RestoreOperation.defaultRebuildRoot
         public var skipCPUCheck = false
         /// How long to wait for a checkpointed PID that is still exiting (a zombie, or reaped slowly by init).
         public var pidWaitSeconds = 5.0
@@ -33,7 +40,9 @@ public struct RestoreOperation {
     }
 
     public struct Timings: Codable, Sendable {
+        /// Checking the whole files, and rebuilding (reading, decoding and checking every chunk of) the chunked ones.
         public var verify: Double
+        public var rebuild: Double
         public var criu: Double
         public var forking: Double
         public var restore: Double
@@ -42,6 +51,7 @@ public struct RestoreOperation {
     }
 
     public static let defaultWorkRoot = "/var/lib/stasis/restore"
+    public static let defaultRebuildRoot = "/dev/shm"
 
     let options: Options
     let device: DeviceStep
@@ -59,6 +69,7 @@ public struct RestoreOperation {
         if !options.skipCPUCheck { try Self.checkCPU(manifest.host) }
         try device.checkRestorable(section: manifest.gpu)
 
+        let store = try Checkpoint.store(for: manifest, explicit: options.store)
         let verifyWatch = Stopwatch()
         let imageBytes = manifest.files.reduce(0) { $0 + $1.size }
         let counter = ByteCounter()
@@ -66,19 +77,32 @@ public struct RestoreOperation {
         let ticker = ProgressTicker(progress.map { report in
             { @Sendable in report(Progress(phase: "verifying", bytes: counter.value, totalBytes: imageBytes)) }
         })
+        var rebuilt: String?
+        defer { if let rebuilt { FileSystem.removeTree(rebuilt) } }
+        var rebuildSeconds = 0.0
         do {
-            _ = try Checkpoint.verify(directory, manifest: manifest) { counter.add($0) }
+            _ = try Checkpoint.verify(directory, manifest: manifest, store: store, chunks: false) { counter.add($0) }
+            if let store, let info = manifest.store {
+                let rebuildWatch = Stopwatch()
+                rebuilt = try Self.makeRebuildDirectory(in: options.rebuildRoot, bytes: manifest.files.filter { $0.chunks != nil }.reduce(0) { $0 + $1.size })
+                for entry in manifest.files where entry.chunks == nil {
+                    try FileManager.default.copyItem(atPath: directory + "/" + entry.path, toPath: rebuilt! + "/" + entry.path)
+                }
+                try ChunkedFiles.read(Checkpoint.chunkedItems(manifest), from: store, checkpoint: directory, chunkSize: info.chunkSize,
+                                      into: rebuilt) { counter.add($0) }
+                rebuildSeconds = rebuildWatch.seconds
+            }
             ticker?.stop()
         } catch {
             ticker?.stop()
             throw (error as? StasisError ?? StasisError(.io, "\(error)")).prefixed("restore refused")
         }
-        let verifySeconds = verifyWatch.seconds
+        let verifySeconds = verifyWatch.seconds - rebuildSeconds
         try waitForFreePIDs(manifest.processTree)
 
         let workDirectory = try options.workDirectory ?? Self.makeWorkDirectory()
         try FileSystem.makePrivateDirectory(workDirectory)
-        let imagesFD = try FileSystem.openDirectory(directory)
+        let imagesFD = try FileSystem.openDirectory(rebuilt ?? directory)
         defer { close(imagesFD) }
         let workFD = try FileSystem.openDirectory(workDirectory)
         defer { close(workFD) }
@@ -108,9 +132,24 @@ public struct RestoreOperation {
         let stats = CRIUStats.read(workDirectory + "/stats-restore")?.restore
         _ = try? FileSystem.makePrivate(tree: workDirectory)
         return Report(directory: directory, rootPID: rootPID, processes: manifest.processTree.processes.count, logFile: logPath,
-                      timings: Timings(verify: verifySeconds, criu: criuSeconds,
+                      timings: Timings(verify: verifySeconds, rebuild: rebuildSeconds, criu: criuSeconds,
                                        forking: Double(stats?.forkingTime ?? 0) / 1e6, restore: Double(stats?.restoreTime ?? 0) / 1e6,
                                        devices: deviceWatch.seconds, total: total.seconds))
+    }
+
+    /// A private directory for CRIU's images under `root`, after checking that `bytes` fit there.
+    static func makeRebuildDirectory(in root: String, bytes: UInt64) throws -> String {
+        var fs = statvfs()
+        if statvfs(root, &fs) == 0 {
+            let free = UInt64(fs.f_bavail) * UInt64(fs.f_frsize)
+            guard free >= bytes else {
+                throw StasisError(.noSpace, "\(root) has \(Format.bytes(free)) free; rebuilding the memory images for CRIU needs \(Format.bytes(bytes))",
+                                  hint: "free memory or space there, or rebuild elsewhere with --rebuild-dir")
+            }
+        }
+        var template = Array("\(root)/stasis-rebuild-XXXXXX".utf8CString)
+        guard let made = mkdtemp(&template) else { throw systemError("cannot create a directory in", root) }
+        return String(cString: made)
     }
 
     /// The checkpoint's PIDs must be free. A PID whose process is exiting (a zombie, or one the init of a

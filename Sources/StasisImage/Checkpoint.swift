@@ -2,6 +2,7 @@ import Foundation
 import Glibc
 import StasisCore
 import StasisOS
+import StasisStore
 
 /// Reading a published checkpoint directory: its manifest and the integrity of its files.
 public enum Checkpoint {
@@ -27,14 +28,47 @@ public enum Checkpoint {
         public var seconds: Double
     }
 
-    /// Checks every file against the manifest: the set of files first (missing, unexpected), then sizes,
-    /// then SHA-256 in parallel. The first problem found is thrown, naming the file.
-    public static func verify(_ directory: String, manifest: Manifest,
+    /// The store a checkpoint's chunks are in: `explicit` (--store), else the one its manifest names.
+    public static func store(for manifest: Manifest, explicit: String?) throws -> ChunkStore? {
+        guard let info = manifest.store else { return nil }
+        return try ChunkStore(path: ChunkStore.resolve(explicit, recorded: info.path), create: false)
+    }
+
+    /// The chunked files of a manifest, as the store reads them.
+    public static func chunkedItems(_ manifest: Manifest) -> [ChunkedFiles.Item] {
+        manifest.files.compactMap { entry in entry.chunks.map { ChunkedFiles.Item(path: entry.path, size: entry.size, chunks: $0) } }
+    }
+
+    /// Checks every file against the manifest: the set of whole files first (missing, unexpected), then sizes,
+    /// then SHA-256 in parallel; then, with a store, every chunk of the chunked files (decoded and hashed).
+    /// The first problem found is thrown, naming the file (and for a chunk, the byte range).
+    public static func verify(_ directory: String, manifest: Manifest, store: ChunkStore?, chunks: Bool = true,
                               progress: (@Sendable (UInt64) -> Void)? = nil) throws -> VerifyReport {
         let watch = Stopwatch()
-        let expected = Dictionary(manifest.files.map { ($0.path, $0) }, uniquingKeysWith: { first, _ in first })
+        let wholeFiles = manifest.files.filter { $0.chunks == nil }
+        for entry in manifest.files {
+            if let list = entry.chunks, ChunkDigest.ofFile(chunks: list) != entry.sha256 {
+                throw StasisError(.integrity, "\(directory)/\(Manifest.fileName): the chunk list of \(entry.path) does not match its SHA-256",
+                                  hint: "the manifest was edited or damaged")
+            }
+        }
+        let chunkedBytes: UInt64
+        if chunks, let info = manifest.store {
+            guard let store else { throw StasisError(.invalidArgument, "\(directory) keeps its memory in a chunk store; name it with --store") }
+            chunkedBytes = try ChunkedFiles.read(chunkedItems(manifest), from: store, checkpoint: directory, chunkSize: info.chunkSize, progress: progress)
+        } else {
+            chunkedBytes = 0
+        }
+        let whole = try verifyWholeFiles(directory, wholeFiles, progress: progress)
+        return VerifyReport(directory: directory, files: whole.files + (chunks ? chunkedItems(manifest).count : 0),
+                            bytes: whole.bytes + chunkedBytes, seconds: watch.seconds)
+    }
+
+    static func verifyWholeFiles(_ directory: String, _ files: [Manifest.FileEntry],
+                                 progress: (@Sendable (UInt64) -> Void)?) throws -> (files: Int, bytes: UInt64) {
+        let expected = Dictionary(files.map { ($0.path, $0) }, uniquingKeysWith: { first, _ in first })
         let present = Set(try FileSystem.regularFiles(under: directory)).subtracting([Manifest.fileName])
-        for entry in manifest.files where !present.contains(entry.path) {
+        for entry in files where !present.contains(entry.path) {
             throw StasisError(.integrity, "\(directory)/\(entry.path) is missing (the manifest lists it, \(entry.size) bytes)",
                               hint: "the checkpoint is incomplete; restore from another copy")
         }
@@ -42,14 +76,14 @@ public enum Checkpoint {
             throw StasisError(.integrity, "\(directory)/\(extra) is not in the manifest",
                               hint: "a file was added to the checkpoint after it was taken; remove it or take a new checkpoint")
         }
-        for entry in manifest.files {
+        for entry in files {
             let size = FileSystem.size(directory + "/" + entry.path) ?? 0
             if size != entry.size {
                 throw StasisError(.integrity, "\(directory)/\(entry.path) has \(size) bytes; the manifest says \(entry.size) (truncated or overwritten)",
                                   hint: "the checkpoint is damaged; restore from another copy")
             }
         }
-        let results = try ParallelHasher.hash(manifest.files.map(\.path), under: directory, progress: progress)
+        let results = try ParallelHasher.hash(files.map(\.path), under: directory, progress: progress)
         for result in results {
             guard let entry = expected[result.path], result.sha256 != entry.sha256 else { continue }
             // Place the damage: the first 64 MiB segment whose digest differs.
@@ -62,6 +96,6 @@ public enum Checkpoint {
             throw StasisError(.integrity, "\(directory)/\(result.path) does not match its SHA-256 in the manifest\(place) (content changed or corrupt)",
                               hint: "the checkpoint is damaged; restore from another copy")
         }
-        return VerifyReport(directory: directory, files: results.count, bytes: results.reduce(0) { $0 + $1.size }, seconds: watch.seconds)
+        return (results.count, results.reduce(0) { $0 + $1.size })
     }
 }

@@ -9,6 +9,8 @@ public final class StagingDirectory {
     public let destination: String
     public let path: String
     public private(set) var published = false
+    /// The id of the manifest being written here, once known (a failed dump unlists it from the store).
+    public var manifestID: String?
 
     /// Refuses a destination that exists and is not an empty directory, clears leftovers of dumps that died
     /// (their owner PID is in the name), and creates the staging directory.

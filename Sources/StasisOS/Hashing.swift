@@ -1,4 +1,3 @@
-import CStasisLinux
 import Crypto
 import Foundation
 import Glibc
@@ -32,62 +31,13 @@ public enum SegmentedDigest {
     public static func segmentCount(size: UInt64) -> Int { max(1, Int((size + segmentSize - 1) / segmentSize)) }
 }
 
-/// Hashes a file that may still be growing, front to back: `advance()` hashes what was appended since the
-/// last call, so the images CRIU is writing can be hashed while it writes them. `ParallelHasher` takes over
-/// what it has done and finishes the rest on all cores.
-public final class IncrementalFileHash {
-    public let path: String
-    public private(set) var offset: UInt64 = 0
-    fileprivate var completed: [SHA256.Digest] = []
-    fileprivate var current = SHA256()
-    private var fd: Int32 = -1
-
-    public init(path: String) { self.path = path }
-    deinit { if fd >= 0 { close(fd) } }
-
-    /// Hashes the bytes appended since the last call, at most `limit` of them; returns how many. With
-    /// `startWriteback`, each hashed range is also handed to the kernel's writeback, so the fsync that makes
-    /// the checkpoint durable finds little left to write.
-    @discardableResult
-    public func advance(buffer: UnsafeMutableRawBufferPointer, limit: UInt64 = .max, startWriteback: Bool = false) throws -> UInt64 {
-        if fd < 0 {
-            fd = retryingEINTR { open(path, O_RDONLY | O_CLOEXEC) }
-            guard fd >= 0 else { throw systemError("cannot open", path) }
-        }
-        var total: UInt64 = 0
-        let start = offset
-        defer { if startWriteback, total > 0 { _ = stasis_start_writeback(fd, Int64(start), Int64(total)) } }
-        while total < limit {
-            // Never read across a segment boundary, so each segment is finalised exactly at its end.
-            let room = Int(min(UInt64(buffer.count), SegmentedDigest.segmentSize - offset % SegmentedDigest.segmentSize))
-            let got = retryingEINTR { pread(fd, buffer.baseAddress, room, off_t(offset)) }
-            guard got >= 0 else { throw systemError("cannot read", path) }
-            if got == 0 { return total }
-            current.update(bufferPointer: UnsafeRawBufferPointer(rebasing: buffer[0..<got]))
-            offset += UInt64(got)
-            total += UInt64(got)
-            if offset % SegmentedDigest.segmentSize == 0 {
-                completed.append(current.finalize())
-                current = SHA256()
-            }
-        }
-        return total
-    }
-
-    fileprivate func closeFile() {
-        if fd >= 0 { close(fd); fd = -1 }
-    }
-
-    static let bufferSize = 4 << 20
-
-    /// A read buffer sized for hashing; the caller owns and frees it.
-    public static func makeBuffer() -> UnsafeMutableRawBufferPointer {
-        UnsafeMutableRawBufferPointer.allocate(byteCount: bufferSize, alignment: 4096)
-    }
+/// A read buffer for hashing; the caller owns and frees it.
+func makeHashBuffer() -> UnsafeMutableRawBufferPointer {
+    UnsafeMutableRawBufferPointer.allocate(byteCount: 4 << 20, alignment: 4096)
 }
 
 /// Hashes many files on several threads, one 64 MiB segment per work item, so a single large image uses
-/// every core. Partial hashes begun while the files were written are resumed, not redone.
+/// every core.
 public enum ParallelHasher {
     public struct Result: Sendable {
         public var path: String
@@ -97,29 +47,18 @@ public enum ParallelHasher {
         public var segments: [String]?
     }
 
-    public static func hash(_ relativePaths: [String], under root: String, started: [String: IncrementalFileHash] = [:],
+    public static func hash(_ relativePaths: [String], under root: String,
                             threads: Int = ProcessInfo.processInfo.activeProcessorCount,
                             progress: (@Sendable (UInt64) -> Void)? = nil) throws -> [Result] {
-        // Plan: for each file, the digests already known and a work item for every segment still to hash.
+        // Plan: a work item for every segment of every file.
         var plans: [FilePlan] = []
         var items: [WorkItem] = []
         for (fileIndex, relative) in relativePaths.enumerated() {
             let path = root + "/" + relative
             guard let size = FileSystem.size(path) else { throw systemError("cannot stat", path) }
             let count = SegmentedDigest.segmentCount(size: size)
-            var known = [SHA256.Digest?](repeating: nil, count: count)
-            var firstToHash = 0
-            if let partial = started[relative] {
-                partial.closeFile()
-                for (index, digest) in partial.completed.enumerated() where index < count { known[index] = digest }
-                firstToHash = partial.completed.count
-                // The segment in progress resumes from the partial state when it is not yet finished.
-                if firstToHash < count, partial.offset > UInt64(firstToHash) * SegmentedDigest.segmentSize {
-                    items.append(WorkItem(file: fileIndex, segment: firstToHash, from: partial.offset, state: partial.current))
-                    firstToHash += 1
-                }
-            }
-            for segment in firstToHash..<count where known[segment] == nil {
+            let known = [SHA256.Digest?](repeating: nil, count: count)
+            for segment in 0..<count {
                 items.append(WorkItem(file: fileIndex, segment: segment, from: UInt64(segment) * SegmentedDigest.segmentSize, state: SHA256()))
             }
             plans.append(FilePlan(path: path, relative: relative, size: size, digests: known))
@@ -127,7 +66,7 @@ public enum ParallelHasher {
         let state = HashState(plans: plans, items: items)
         let workers = max(1, min(threads, items.count))
         DispatchQueue.concurrentPerform(iterations: workers) { _ in
-            let buffer = IncrementalFileHash.makeBuffer()
+            let buffer = makeHashBuffer()
             defer { buffer.deallocate() }
             while let (index, item) = state.next() {
                 do {

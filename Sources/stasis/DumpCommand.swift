@@ -2,6 +2,7 @@ import ArgumentParser
 import StasisCore
 import StasisEngine
 import StasisGPU
+import StasisStore
 
 struct DumpCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -33,9 +34,15 @@ struct DumpCommand: ParsableCommand {
     @Option(name: .long, help: "Seconds to wait for each CUDA process to reach a point where it can be locked.")
     var lockTimeout: Double = 10
 
+    @Option(name: .long, help: "How new chunks are compressed: lz4 (default), zstd, zstd:LEVEL (1-19) or none.")
+    var compress = Codec.standard.description
+
+    @OptionGroup var store: StoreOptions
+
     @OptionGroup var output: OutputOptions
 
     func validate() throws {
+        _ = try Codec(parsing: compress)
         guard pid > 0 else { throw ValidationError("PID must be a positive number") }
         guard (0...4).contains(logLevel) else { throw ValidationError("--log-level must be between 0 and 4") }
         guard lockTimeout > 0, lockTimeout < 86_400 else { throw ValidationError("--lock-timeout must be between 0 and 86400 seconds") }
@@ -46,6 +53,8 @@ struct DumpCommand: ParsableCommand {
             var options = DumpOperation.Options(pid: pid, directory: directory)
             options.leaveRunning = leaveRunning
             options.process = .init(tcpEstablished: tcpEstablished, shellJob: shellJob, logLevel: logLevel)
+            options.store = store.store
+            options.codec = try Codec(parsing: compress)
             options.progress = output.json ? nil : Output.progressHandler()
             let device = CUDADeviceStep(lockTimeoutMilliseconds: UInt32(lockTimeout * 1000))
             let report = try DumpOperation(options, device: device).run()
@@ -54,8 +63,11 @@ struct DumpCommand: ParsableCommand {
             let t = report.timings
             print("checkpointed PID \(report.rootPID) (\(report.processes) process\(report.processes == 1 ? "" : "es"), \(report.threads) threads) into \(report.directory)")
             print("  memory: \(Format.bytes(report.memory.residentBytes)) resident, \(Format.bytes(report.memory.dumpedBytes)) dumped; image \(Format.bytes(report.memory.imageBytes))")
+            if let info = report.store {
+                print("  store:  \(info.path): \(Format.bytes(info.storedBytes)) added (\(info.codec)); chunks \(info.newChunks) new, \(info.reusedChunks) already there, \(info.zeroChunks) zero")
+            }
             print("  time:   freeze \(Format.seconds(t.freeze)), memory dump \(Format.seconds(t.memoryDump)), memory write \(Format.seconds(t.memoryWrite)), " +
-                  "frozen \(Format.seconds(t.frozen)); hash \(Format.seconds(t.hash)), sync \(Format.seconds(t.sync)); total \(Format.seconds(t.total))")
+                  "frozen \(Format.seconds(t.frozen)); chunking tail \(Format.seconds(t.hash)), sync \(Format.seconds(t.sync)); total \(Format.seconds(t.total))")
             if !report.gpu.processes.isEmpty {
                 print("  gpu:    \(report.gpu.processes.count) CUDA process(es), \(Format.bytes(report.gpu.processes.reduce(0) { $0 + $1.deviceMemoryBytes })) device memory; driver lock \(Format.seconds(report.gpu.lockSeconds ?? 0)), checkpoint \(Format.seconds(report.gpu.checkpointSeconds ?? 0)), all device steps \(Format.seconds(t.devices))")
             }

@@ -25,6 +25,10 @@ struct InspectCommand: ParsableCommand {
             print("  options:  leave-running \(options.leaveRunning), tcp-established \(options.tcpEstablished), shell-job \(options.shellJob)")
             print("  memory:   \(Format.bytes(manifest.memory.residentBytes)) resident, \(Format.bytes(manifest.memory.dumpedBytes)) dumped")
             print("  image:    \(Format.bytes(manifest.memory.imageBytes)) in \(manifest.files.count) files")
+            if let info = manifest.store {
+                let chunked = manifest.files.filter { $0.chunks != nil }
+                print("  store:    \(info.path): \(chunked.count) files in \(info.chunkSize >> 20) MiB chunks (\(info.codec)); this checkpoint added \(Format.bytes(info.storedBytes)) (\(info.newChunks) new chunks, \(info.reusedChunks) shared, \(info.zeroChunks) zero)")
+            }
             let t = manifest.timings
             print("  timings:  freeze \(Format.seconds(t.freeze)), memory dump \(Format.seconds(t.memoryDump)), memory write \(Format.seconds(t.memoryWrite)), frozen \(Format.seconds(t.frozen)), total \(Format.seconds(t.total))")
             print("  processes (root \(manifest.processTree.rootPID)):")

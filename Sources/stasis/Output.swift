@@ -3,11 +3,18 @@ import Foundation
 import Glibc
 import StasisCore
 import StasisEngine
+import StasisStore
 
 /// Options every reporting command shares.
 struct OutputOptions: ParsableArguments {
     @Flag(name: .long, help: "Print the result as JSON on standard output.")
     var json = false
+}
+
+/// --store, for every command that reads or writes chunks.
+struct StoreOptions: ParsableArguments {
+    @Option(name: .long, help: "The chunk store (default: the one the checkpoint names; for new checkpoints $STASIS_STORE, else \(ChunkStore.defaultPath)).")
+    var store: String?
 }
 
 enum Output {

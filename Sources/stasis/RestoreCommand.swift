@@ -8,7 +8,8 @@ struct RestoreCommand: ParsableCommand {
         commandName: "restore",
         abstract: "Restore a checkpoint; returns once the tree runs again and prints its root PID.",
         discussion: """
-        Every file is verified against the manifest before anything starts. Restored processes keep their \
+        Every file is verified against the manifest, and every chunk as the memory images are rebuilt for CRIU, \
+        before anything starts. Restored processes keep their \
         PIDs, so the original tree must be gone. The restored tree does not depend on stasis.
         """)
 
@@ -17,6 +18,11 @@ struct RestoreCommand: ParsableCommand {
 
     @Option(name: [.customShort("W"), .customLong("work-dir")], help: "Where CRIU's restore log goes (default: a new directory under \(RestoreOperation.defaultWorkRoot)).")
     var workDirectory: String?
+
+    @Option(name: .long, help: "Where CRIU's memory images are rebuilt from the chunk store (default: \(RestoreOperation.defaultRebuildRoot), memory-backed; removed afterwards).")
+    var rebuildDir = RestoreOperation.defaultRebuildRoot
+
+    @OptionGroup var store: StoreOptions
 
     @Flag(name: .long, help: "Restore even when this CPU lacks instruction-set extensions the checkpoint's host had.")
     var skipCPUCheck = false
@@ -52,6 +58,8 @@ struct RestoreCommand: ParsableCommand {
         try Output.run(json: output.json) {
             var options = RestoreOperation.Options(directory: directory)
             options.workDirectory = workDirectory
+            options.store = store.store
+            options.rebuildRoot = rebuildDir
             options.skipCPUCheck = skipCPUCheck
             options.logLevel = logLevel
             options.progress = output.json ? nil : Output.progressHandler()
@@ -61,7 +69,7 @@ struct RestoreCommand: ParsableCommand {
             if output.json { return Output.json(report) }
             let t = report.timings
             print("restored \(report.directory): root PID \(report.rootPID) (\(report.processes) process\(report.processes == 1 ? "" : "es"))")
-            print("  time: verify \(Format.seconds(t.verify)), CRIU \(Format.seconds(t.criu)) (forking \(Format.seconds(t.forking)), restore \(Format.seconds(t.restore))), devices \(Format.seconds(t.devices)); total \(Format.seconds(t.total))")
+            print("  time: verify \(Format.seconds(t.verify)), rebuild \(Format.seconds(t.rebuild)), CRIU \(Format.seconds(t.criu)) (forking \(Format.seconds(t.forking)), restore \(Format.seconds(t.restore))), devices \(Format.seconds(t.devices)); total \(Format.seconds(t.total))")
             print("  log:  \(report.logFile)")
         }
     }

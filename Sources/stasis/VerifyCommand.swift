@@ -6,17 +6,19 @@ import StasisImage
 struct VerifyCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "verify",
-        abstract: "Check every file of a checkpoint against its manifest; names the first file that is wrong.")
+        abstract: "Check every file and every chunk of a checkpoint against its manifest; names the first that is wrong.")
 
     @Argument(help: "The checkpoint directory.")
     var directory: String
+
+    @OptionGroup var store: StoreOptions
 
     @OptionGroup var output: OutputOptions
 
     func run() throws {
         try Output.run(json: output.json) {
             let manifest = try Checkpoint.readManifest(directory)
-            let report = try Checkpoint.verify(directory, manifest: manifest)
+            let report = try Checkpoint.verify(directory, manifest: manifest, store: try Checkpoint.store(for: manifest, explicit: store.store))
             if output.json { return Output.json(report) }
             print("ok: \(report.files) files, \(Format.bytes(report.bytes)) match the manifest (\(Format.seconds(report.seconds)), \(Format.throughput(bytes: report.bytes, seconds: report.seconds)))")
         }

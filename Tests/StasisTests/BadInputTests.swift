@@ -38,34 +38,75 @@ extension Integration {
         #expect(workload.verify().hasPrefix("PASS"))
     }
 
-    @Test func flippedByteInMemoryImage() throws {
+    /// The first stored chunk of the checkpoint's memory image: (image name, chunk digest, chunk file).
+    func firstChunk(of checkpoint: String) throws -> (String, String, String) {
+        let manifest = try Manifest.decode(try FileSystem.readFile(checkpoint + "/manifest.json"), path: checkpoint)
+        let pages = try #require(manifest.files.first { $0.path.hasPrefix("pages-") && $0.chunks != nil })
+        let digest = try #require(pages.chunks?.first { !$0.isEmpty })
+        return (pages.path, digest, "\(Harness.store)/chunks/\(digest.prefix(2))/\(digest)")
+    }
+
+    /// verify and restore both refuse, naming `expected` pieces; nothing is started.
+    func expectRefused(_ checkpoint: String, _ workload: Workload, naming expected: [String]) throws {
+        let verify = try Harness.stasis("verify", checkpoint)
+        #expect(verify.status == 1)
+        for text in expected { #expect(verify.stderr.contains(text), "verify: \(verify.stderr)") }
+        let restore = try Harness.stasis("restore", "-D", checkpoint)
+        #expect(restore.status == 1)
+        #expect(restore.stderr.contains("restore refused"), "\(restore.stderr)")
+        for text in expected { #expect(restore.stderr.contains(text), "restore: \(restore.stderr)") }
+        #expect(!ProcFS.exists(workload.pid), "nothing was started")
+    }
+
+    @Test func flippedByteInChunk() throws {
         let (workload, checkpoint) = try checkpointOfStoppedWorkload()
         defer { workload.stop() }
-        let pages = try #require(try FileManager.default.contentsOfDirectory(atPath: checkpoint).first { $0.hasPrefix("pages-") })
-        let handle = try #require(FileHandle(forUpdatingAtPath: checkpoint + "/" + pages))
+        let (pages, digest, chunk) = try firstChunk(of: checkpoint)
+        let handle = try #require(FileHandle(forUpdatingAtPath: chunk))
         try handle.seek(toOffset: 4096 + 17)
         let byte = try handle.read(upToCount: 1)!.first!
         try handle.seek(toOffset: 4096 + 17)
         try handle.write(contentsOf: Data([byte ^ 0x01]))
         try handle.close()
-
-        let verify = try Harness.stasis("verify", checkpoint)
-        #expect(verify.status == 1)
-        #expect(verify.stderr.contains(pages) && verify.stderr.contains("SHA-256"))
-        let restore = try Harness.stasis("restore", "-D", checkpoint)
-        #expect(restore.status == 1)
-        #expect(restore.stderr.contains("restore refused") && restore.stderr.contains(pages))
-        #expect(!ProcFS.exists(workload.pid), "nothing was started")
+        try expectRefused(checkpoint, workload, naming: ["chunk \(digest) of \(checkpoint)/\(pages) bytes 0..<2097152 is damaged"])
     }
 
-    @Test func truncatedImageIsNamed() throws {
+    @Test func truncatedChunk() throws {
         let (workload, checkpoint) = try checkpointOfStoppedWorkload()
         defer { workload.stop() }
-        let pages = try #require(try FileManager.default.contentsOfDirectory(atPath: checkpoint).first { $0.hasPrefix("pages-") })
-        #expect(truncate(checkpoint + "/" + pages, 4096) == 0)
+        let (pages, digest, chunk) = try firstChunk(of: checkpoint)
+        #expect(truncate(chunk, 1000) == 0)
+        try expectRefused(checkpoint, workload, naming: ["chunk \(digest) of \(checkpoint)/\(pages)", "is damaged"])
+    }
+
+    @Test func missingChunk() throws {
+        let (workload, checkpoint) = try checkpointOfStoppedWorkload()
+        defer { workload.stop() }
+        let (pages, digest, chunk) = try firstChunk(of: checkpoint)
+        #expect(unlink(chunk) == 0)
+        try expectRefused(checkpoint, workload, naming: ["chunk \(digest) of \(checkpoint)/\(pages) bytes 0..<2097152 is missing from the store"])
+    }
+
+    @Test func flippedByteInSmallImage() throws {
+        let (workload, checkpoint) = try checkpointOfStoppedWorkload()
+        defer { workload.stop() }
+        let core = try #require(try FileManager.default.contentsOfDirectory(atPath: checkpoint).first { $0.hasPrefix("core-") })
+        let handle = try #require(FileHandle(forUpdatingAtPath: checkpoint + "/" + core))
+        let byte = try handle.read(upToCount: 1)!.first!
+        try handle.seek(toOffset: 0)
+        try handle.write(contentsOf: Data([byte ^ 0x01]))
+        try handle.close()
+        try expectRefused(checkpoint, workload, naming: [core, "SHA-256"])
+    }
+
+    @Test func truncatedSmallImageIsNamed() throws {
+        let (workload, checkpoint) = try checkpointOfStoppedWorkload()
+        defer { workload.stop() }
+        let core = try #require(try FileManager.default.contentsOfDirectory(atPath: checkpoint).first { $0.hasPrefix("core-") })
+        #expect(truncate(checkpoint + "/" + core, 10) == 0)
         let verify = try Harness.stasis("verify", checkpoint)
         #expect(verify.status == 1)
-        #expect(verify.stderr.contains(pages) && verify.stderr.contains("truncated"))
+        #expect(verify.stderr.contains(core) && verify.stderr.contains("truncated"))
     }
 
     @Test func truncatedManifest() throws {

@@ -54,12 +54,18 @@ enum Harness {
     }
 
     static func stasis(_ arguments: String..., environment: [String: String?] = [:]) throws -> Result {
-        try run(stasis, arguments, environment: environment)
+        try stasis(arguments, environment: environment)
     }
 
+    /// Runs stasis with this run's chunk store (unless the test names another), never the machine's.
     static func stasis(_ arguments: [String], environment: [String: String?] = [:]) throws -> Result {
-        try run(stasis, arguments, environment: environment)
+        var environment = environment
+        if environment["STASIS_STORE"] == nil { environment["STASIS_STORE"] = store }
+        return try run(stasis, arguments, environment: environment)
     }
+
+    /// The chunk store the tests' checkpoints go to.
+    static var store: String { scratchRoot + "/store" }
 
     /// This run's scratch root, /tmp/stasis-test-PID. Roots left by earlier runs (their PID gone) are removed
     /// first, so leftovers never outlive the next run.

@@ -1,0 +1,111 @@
+import ArgumentParser
+import Foundation
+import StasisCore
+import StasisStore
+
+/// The store a store command works on: --store, else $STASIS_STORE, else the default.
+private func openStore(_ options: StoreOptions) throws -> ChunkStore {
+    try ChunkStore(path: ChunkStore.resolve(options.store, recorded: nil), create: false)
+}
+
+struct ListCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "ls",
+        abstract: "List the checkpoints whose chunks are in a store, oldest first, and the store's size.")
+
+    @OptionGroup var store: StoreOptions
+    @OptionGroup var output: OutputOptions
+
+    struct Row: Codable {
+        var id: String
+        var directory: String
+        var present: Bool
+        var createdAt: Date
+        var rootPID: Int32
+        var imageBytes: UInt64
+        var addedBytes: UInt64
+    }
+
+    struct Listing: Codable {
+        var store: String
+        var checkpoints: [Row]
+        var chunks: Int
+        var chunkBytes: UInt64
+    }
+
+    func run() throws {
+        try Output.run(json: output.json) {
+            let catalog = StoreCatalog(store: try openStore(store))
+            let rows = try catalog.entries().map { entry in
+                Row(id: entry.manifest.id, directory: entry.directory,
+                    present: FileManager.default.fileExists(atPath: entry.directory + "/" + Manifest.fileName),
+                    createdAt: entry.manifest.createdAt, rootPID: entry.manifest.processTree.rootPID,
+                    imageBytes: entry.manifest.memory.imageBytes, addedBytes: entry.manifest.store?.storedBytes ?? 0)
+            }
+            let usage = catalog.usage()
+            if output.json { return Output.json(Listing(store: catalog.store.path, checkpoints: rows, chunks: usage.chunks, chunkBytes: usage.bytes)) }
+            let formatter = ISO8601DateFormatter()
+            for row in rows {
+                print("\(formatter.string(from: row.createdAt))  \(row.id)  PID \(row.rootPID)  \(Format.bytes(row.imageBytes)) image, \(Format.bytes(row.addedBytes)) added  \(row.directory)\(row.present ? "" : "  (directory missing)")")
+            }
+            print("\(rows.count) checkpoint\(rows.count == 1 ? "" : "s"); \(usage.chunks) chunks, \(Format.bytes(usage.bytes)) in \(catalog.store.path)")
+        }
+    }
+}
+
+struct RemoveCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "rm",
+        abstract: "Delete checkpoints (directory and store listing); their chunks are freed by the next `stasis gc`.")
+
+    @Argument(help: "Checkpoint directories or ids (as `stasis ls` shows them).")
+    var checkpoints: [String]
+
+    @OptionGroup var store: StoreOptions
+    @OptionGroup var output: OutputOptions
+
+    func validate() throws {
+        guard !checkpoints.isEmpty else { throw ValidationError("name at least one checkpoint") }
+    }
+
+    func run() throws {
+        try Output.run(json: output.json) {
+            let catalog = StoreCatalog(store: try openStore(store))
+            var removed: [String] = []
+            for checkpoint in checkpoints {
+                let entry = try catalog.remove(checkpoint)
+                removed.append(entry.directory)
+                if !output.json { print("removed \(entry.manifest.id) (\(entry.directory))") }
+            }
+            if output.json { Output.json(["removed": removed]) }
+        }
+    }
+}
+
+struct CollectCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "gc",
+        abstract: "Remove the chunks no listed checkpoint uses.",
+        discussion: """
+        Safe while dumps run: gc waits for running dumps and imports to list their checkpoint, and spares \
+        chunks written in the last --grace seconds.
+        """)
+
+    @Flag(name: .long, help: "Only report what would be removed.")
+    var dryRun = false
+
+    @Option(name: .long, help: "Keep chunks modified less than this many seconds ago.")
+    var grace: Double = 60
+
+    @OptionGroup var store: StoreOptions
+    @OptionGroup var output: OutputOptions
+
+    func run() throws {
+        try Output.run(json: output.json) {
+            let catalog = StoreCatalog(store: try openStore(store))
+            let report = try catalog.collect(dryRun: dryRun, graceSeconds: grace)
+            if output.json { return Output.json(report) }
+            print("\(dryRun ? "would remove" : "removed") \(report.removedChunks) chunks (\(Format.bytes(report.removedBytes))) and \(report.removedTemporaryFiles) leftover files; kept \(report.keptChunks) chunks of \(report.checkpoints) checkpoints")
+        }
+    }
+}

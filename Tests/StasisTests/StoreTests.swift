@@ -1,0 +1,151 @@
+import Foundation
+import Glibc
+import StasisCore
+import StasisOS
+import Testing
+
+/// The chunk store with real dumps of real processes: deduplication between checkpoints, codecs, gc and rm,
+/// each in a store of its own so the counts are exact.
+extension Integration {
+@Suite struct ChunkStoreBehaviour {
+    func manifest(_ checkpoint: String) throws -> Manifest {
+        try Manifest.decode(try FileSystem.readFile(checkpoint + "/manifest.json"), path: checkpoint)
+    }
+
+    func chunkFiles(_ store: String) -> Set<String> {
+        let root = store + "/chunks"
+        var names = Set<String>()
+        for prefix in (try? FileManager.default.contentsOfDirectory(atPath: root)) ?? [] {
+            for name in (try? FileManager.default.contentsOfDirectory(atPath: root + "/" + prefix)) ?? [] { names.insert(name) }
+        }
+        return names
+    }
+
+    @Test func secondCheckpointOfARunningJobStoresOnlyWhatChanged() throws {
+        let workload = try Workload("counter", ["--mem", "64"])
+        defer { workload.stop() }
+        let root = Harness.scratch("store")
+        let store = root + "/store"
+        let env = ["STASIS_STORE": store]
+        let first = try Harness.stasis(["dump", "\(workload.pid)", "-D", root + "/one", "--leave-running"], environment: env)
+        #expect(first.succeeded, "\(first.stderr)")
+        let second = try Harness.stasis(["dump", "\(workload.pid)", "-D", root + "/two", "--leave-running"], environment: env)
+        #expect(second.succeeded, "\(second.stderr)")
+        let one = try #require(try manifest(root + "/one").store)
+        let two = try #require(try manifest(root + "/two").store)
+        // 64 MiB of pattern (32 chunks) plus the counter's pages: only the chunks holding what ticked are new.
+        #expect(one.newChunks >= 32 && one.reusedChunks == 0)
+        #expect(two.newChunks <= 3, "second checkpoint wrote \(two.newChunks) chunks")
+        #expect(two.reusedChunks >= 30)
+        #expect(two.storedBytes * 10 < one.storedBytes, "\(two.storedBytes) added after \(one.storedBytes)")
+        #expect(workload.verify().hasPrefix("PASS"))
+        // The older checkpoint restores from the shared chunks (the workload's files stay: CRIU reopens its log).
+        kill(workload.pid, SIGKILL)
+        #expect(Harness.waitGone(workload.pid))
+        let restore = try Harness.stasis(["restore", "-D", root + "/one"], environment: env)
+        #expect(restore.succeeded, "\(restore.stderr)")
+        #expect(workload.verify().hasPrefix("PASS"))
+    }
+
+    @Test(arguments: ["zstd", "zstd:9", "none"])
+    func everyCodecRestores(codec: String) throws {
+        let workload = try Workload("memory", ["--mem", "32", "--fill", "zero"])
+        defer { workload.stop() }
+        let root = Harness.scratch("codec")
+        let env = ["STASIS_STORE": root + "/store"]
+        let dump = try Harness.stasis(["dump", "\(workload.pid)", "-D", root + "/ckpt", "--compress", codec], environment: env)
+        #expect(dump.succeeded, "\(dump.stderr)")
+        #expect(try manifest(root + "/ckpt").store?.codec == (codec == "zstd" ? "zstd:3" : codec))
+        #expect(Harness.waitGone(workload.pid))
+        let restore = try Harness.stasis(["restore", "-D", root + "/ckpt"], environment: env)
+        #expect(restore.succeeded, "\(restore.stderr)")
+        #expect(workload.verify().hasPrefix("PASS"))
+    }
+
+    @Test func unknownCodecIsRefusedBeforeAnythingHappens() throws {
+        let workload = try Workload("counter")
+        defer { workload.stop() }
+        let result = try Harness.stasis("dump", "\(workload.pid)", "-D", Harness.scratch("codec") + "/ckpt", "--compress", "brotli")
+        #expect(result.status != 0)
+        #expect(result.stderr.contains("unknown compression 'brotli'"))
+        #expect(workload.verify().hasPrefix("PASS"))
+    }
+
+    @Test func gcRemovesOnlyChunksNoListedCheckpointUses() throws {
+        let workload = try Workload("counter", ["--mem", "16"])
+        defer { workload.stop() }
+        let root = Harness.scratch("gc")
+        let store = root + "/store"
+        let env = ["STASIS_STORE": store]
+        #expect(try Harness.stasis(["dump", "\(workload.pid)", "-D", root + "/one", "--leave-running"], environment: env).succeeded)
+        let afterOne = chunkFiles(store)
+        #expect(try Harness.stasis(["dump", "\(workload.pid)", "-D", root + "/two", "--leave-running"], environment: env).succeeded)
+        let used = Set(try manifest(root + "/two").files.flatMap { $0.chunks ?? [] }.filter { !$0.isEmpty })
+        let onlyFirst = afterOne.subtracting(used)
+
+        // Nothing unreferenced yet.
+        let idle = try Harness.stasis(["gc", "--grace", "0", "--json"], environment: env)
+        #expect(idle.succeeded && idle.stdout.contains("\"removedChunks\" : 0"), "\(idle.stdout)")
+        let rm = try Harness.stasis(["rm", root + "/one"], environment: env)
+        #expect(rm.succeeded, "\(rm.stderr)")
+        #expect(!FileSystem.exists(root + "/one"))
+        let gc = try Harness.stasis(["gc", "--grace", "0", "--json"], environment: env)
+        #expect(gc.succeeded, "\(gc.stderr)")
+        #expect(gc.stdout.contains("\"removedChunks\" : \(onlyFirst.count)"), "\(gc.stdout)")
+        #expect(chunkFiles(store) == used)
+        #expect(try Harness.stasis(["verify", root + "/two"], environment: env).succeeded)
+        let list = try Harness.stasis(["ls"], environment: env)
+        #expect(list.stdout.contains(root + "/two") && !list.stdout.contains(root + "/one"))
+    }
+
+    @Test func dumpAndGcAtOnce() throws {
+        let workload = try Workload("memory", ["--mem", "256", "--fill", "random"])
+        defer { workload.stop() }
+        let root = Harness.scratch("gcdump")
+        let env = ["STASIS_STORE": root + "/store"]
+        // The store must exist for gc; an earlier small checkpoint creates it.
+        #expect(try Harness.stasis(["dump", "\(workload.pid)", "-D", root + "/first", "--leave-running"], environment: env).succeeded)
+        #expect(try Harness.stasis(["rm", root + "/first"], environment: env).succeeded)
+        let pid = workload.pid
+        let dump = Thread.detachedResult { try Harness.stasis(["dump", "\(pid)", "-D", root + "/ckpt"], environment: env) }
+        var collections = 0
+        while !dump.isDone {
+            let gc = try Harness.stasis(["gc", "--grace", "0"], environment: env)
+            #expect(gc.succeeded, "\(gc.stderr)")
+            collections += 1
+        }
+        let result = try dump.value()
+        #expect(result.succeeded, "\(result.stderr)")
+        #expect(collections >= 1)
+        #expect(try Harness.stasis(["gc", "--grace", "0"], environment: env).succeeded)
+        let verify = try Harness.stasis(["verify", root + "/ckpt"], environment: env)
+        #expect(verify.succeeded, "gc took chunks of a dump that was running: \(verify.stderr)")
+        let restore = try Harness.stasis(["restore", "-D", root + "/ckpt"], environment: env)
+        #expect(restore.succeeded, "\(restore.stderr)")
+        #expect(workload.verify().hasPrefix("PASS"))
+    }
+}
+}
+
+/// A value computed on its own thread.
+final class DetachedResult<T>: @unchecked Sendable {
+    private let lock = NSLock()
+    private var result: Result<T, Error>?
+    private let done = DispatchSemaphore(value: 0)
+    var isDone: Bool { lock.withLock { result != nil } }
+    func set(_ value: Result<T, Error>) { lock.withLock { result = value }; done.signal() }
+    func value() throws -> T {
+        done.wait()
+        done.signal()
+        return try lock.withLock { result! }.get()
+    }
+}
+
+extension Thread {
+    static func detachedResult<T>(_ body: @escaping @Sendable () throws -> T) -> DetachedResult<T> {
+        let box = DetachedResult<T>()
+        let thread = Thread { box.set(Result { try body() }) }
+        thread.start()
+        return box
+    }
+}

@@ -156,7 +156,8 @@ public struct Manifest: Codable, Sendable, Equatable {
         public var memoryWrite: Double
         public var criu: Double
         public var devices: Double
-        /// Finishing the image hashes after CRIU wrote the memory (most is hashed while it writes).
+        /// Finishing the chunking of the memory images after CRIU wrote them (most is done while it writes),
+        /// and hashing the small images.
         public var hash: Double
         /// fsync of every image before the checkpoint counts as taken.
         public var sync: Double

@@ -182,6 +182,32 @@ public final class ChunkStore: Sendable {
         guard ChunkDigest.hex(UnsafeRawBufferPointer(output)) == digest else { throw damaged("its content does not match its SHA-256") }
     }
 
+    /// Checks one chunk file on its own (decodes it and compares its SHA-256 with its name), for audits of a
+    /// store whatever checkpoints use it.
+    public func check(_ digest: String) throws {
+        let file = chunkPath(digest)
+        guard let handle = FileHandle(forReadingAtPath: file), let header = try handle.read(upToCount: Self.headerSize),
+              header.count == Self.headerSize else {
+            throw StasisError(.integrity, "chunk \(digest) in the store \(path) is missing or has no header")
+        }
+        try? handle.close()
+        let plainLength = Int(header[8]) | Int(header[9]) << 8 | Int(header[10]) << 16 | Int(header[11]) << 24
+        guard plainLength <= Self.chunkSize else { throw StasisError(.integrity, "chunk \(digest) in the store \(path) claims \(plainLength) bytes") }
+        let output = UnsafeMutableRawBufferPointer.allocate(byteCount: max(1, plainLength), alignment: 16)
+        let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.scratchSize(), alignment: 16)
+        defer { output.deallocate(); scratch.deallocate() }
+        try read(digest, into: UnsafeMutableRawBufferPointer(rebasing: output[0..<plainLength]), scratch: scratch,
+                 place: Place(checkpoint: path, file: "chunks", offset: 0, length: plainLength))
+    }
+
+    /// The digests of every chunk file in the store.
+    public func allChunks() -> [String] {
+        let chunks = path + "/chunks"
+        return ((try? FileManager.default.contentsOfDirectory(atPath: chunks)) ?? []).flatMap { prefix in
+            (try? FileManager.default.contentsOfDirectory(atPath: chunks + "/" + prefix)) ?? []
+        }
+    }
+
     /// Buffers for `put` and `read` of chunks up to `chunkSize`.
     static func scratchSize(_ chunk: Int = chunkSize) -> Int { headerSize + max(chunk, Codec.zstd(level: 1).bound(chunk), Codec.lz4.bound(chunk)) + 1 }
 

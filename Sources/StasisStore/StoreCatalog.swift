@@ -92,20 +92,17 @@ public struct StoreCatalog {
         }
         let now = Date().timeIntervalSince1970
         var report = CollectReport(checkpoints: listed.count, keptChunks: 0, removedChunks: 0, removedBytes: 0, removedTemporaryFiles: 0, dryRun: dryRun)
-        let chunks = store.path + "/chunks"
-        for prefix in (try? FileManager.default.contentsOfDirectory(atPath: chunks)) ?? [] {
-            for name in (try? FileManager.default.contentsOfDirectory(atPath: chunks + "/" + prefix)) ?? [] {
-                if referenced.contains(name) {
-                    report.keptChunks += 1
-                    continue
-                }
-                let path = chunks + "/" + prefix + "/" + name
-                var st = stat()
-                guard lstat(path, &st) == 0, now - Double(st.st_mtim.tv_sec) >= graceSeconds else { report.keptChunks += 1; continue }
-                report.removedChunks += 1
-                report.removedBytes += UInt64(st.st_size)
-                if !dryRun { unlink(path) }
+        for name in store.allChunks() {
+            if referenced.contains(name) {
+                report.keptChunks += 1
+                continue
             }
+            let path = store.chunkPath(name)
+            var st = stat()
+            guard lstat(path, &st) == 0, now - Double(st.st_mtim.tv_sec) >= graceSeconds else { report.keptChunks += 1; continue }
+            report.removedChunks += 1
+            report.removedBytes += UInt64(st.st_size)
+            if !dryRun { unlink(path) }
         }
         // tmp/NAME.PID.RANDOM: a writer that died left it; one still running keeps its own.
         let temporary = store.path + "/tmp"
@@ -120,15 +117,7 @@ public struct StoreCatalog {
 
     /// Bytes of chunk files in the store, and how many.
     public func usage() -> (chunks: Int, bytes: UInt64) {
-        var count = 0
-        var bytes: UInt64 = 0
-        let chunks = store.path + "/chunks"
-        for prefix in (try? FileManager.default.contentsOfDirectory(atPath: chunks)) ?? [] {
-            for name in (try? FileManager.default.contentsOfDirectory(atPath: chunks + "/" + prefix)) ?? [] {
-                count += 1
-                bytes += FileSystem.size(chunks + "/" + prefix + "/" + name) ?? 0
-            }
-        }
-        return (count, bytes)
+        let names = store.allChunks()
+        return (names.count, names.reduce(0) { $0 + (FileSystem.size(store.chunkPath($1)) ?? 0) })
     }
 }

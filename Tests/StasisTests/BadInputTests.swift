@@ -2,6 +2,7 @@ import Foundation
 import Glibc
 import StasisCore
 import StasisOS
+import StasisStore
 import Testing
 
 /// Every bad input gives a clear error and a non-zero exit; none crashes, hangs, loses the running job or
@@ -196,6 +197,8 @@ extension Integration {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: Harness.stasis)
         process.arguments = ["dump", "\(workload.pid)", "-D", checkpoint]
+        let store = Harness.scratch("killed-store")
+        process.environment = ProcessInfo.processInfo.environment.merging(["STASIS_STORE": store]) { $1 }
         process.standardOutput = FileHandle.nullDevice
         process.standardError = FileHandle.nullDevice
         try process.run()
@@ -211,8 +214,11 @@ extension Integration {
         process.waitUntilExit()
         usleep(500_000)
 
-        let verify = try Harness.stasis("verify", checkpoint)
-        let restore = try Harness.stasis("restore", "-D", checkpoint)
+        let verify = try Harness.stasis(["verify", checkpoint], environment: ["STASIS_STORE": store])
+        let restore = try Harness.stasis(["restore", "-D", checkpoint], environment: ["STASIS_STORE": store])
+        // Whatever chunks the killed dump left under their names are whole (half-written ones stay in tmp/).
+        let chunks = try ChunkStore(path: store, create: false)
+        for digest in chunks.allChunks() { #expect(throws: Never.self) { try chunks.check(digest) } }
         if FileSystem.exists(checkpoint + "/manifest.json") {
             // stasis was killed after publishing: then the checkpoint is whole.
             #expect(verify.succeeded)
@@ -226,8 +232,11 @@ extension Integration {
         #expect(workload.verify(timeout: 60).hasPrefix("PASS"))
         // A new dump to the same place works and clears the dead dump's staging directory.
         try? FileManager.default.removeItem(atPath: checkpoint)
-        let dump = try Harness.stasis("dump", "\(workload.pid)", "-D", checkpoint, "--leave-running")
+        let dump = try Harness.stasis(["dump", "\(workload.pid)", "-D", checkpoint, "--leave-running"], environment: ["STASIS_STORE": store])
         #expect(dump.succeeded, "\(dump.stderr)")
+        // gc clears the dead dump's unfinished chunk files.
+        #expect(try Harness.stasis(["gc"], environment: ["STASIS_STORE": store]).succeeded)
+        #expect(((try? FileManager.default.contentsOfDirectory(atPath: store + "/tmp")) ?? []).isEmpty)
         let leftovers = try FileManager.default.contentsOfDirectory(atPath: parent)
         #expect(leftovers.allSatisfy { !$0.contains(".partial-") }, "\(leftovers)")
     }

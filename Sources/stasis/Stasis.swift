@@ -7,12 +7,15 @@ struct Stasis: ParsableCommand {
         commandName: "stasis",
         abstract: "Checkpoint and restore process trees, CUDA processes included, through CRIU and the GPU driver.",
         discussion: """
-        A checkpoint is a directory: CRIU's images plus manifest.json, which records the host, the process \
-        tree, the GPUs and the size and SHA-256 of every file. It is written to a hidden sibling and renamed \
+        A checkpoint is a directory: manifest.json, which records the host, the process tree, the GPUs and the \
+        size and SHA-256 of every file, and CRIU's small images. CRIU's memory images go to a chunk store \
+        (--store) as compressed chunks named by their SHA-256, shared by every checkpoint there, so a second \
+        checkpoint of a job adds only what changed. A checkpoint is written to a hidden sibling and renamed \
         into place only when complete. CUDA processes are checkpointed through the NVIDIA driver's process \
         checkpoint API (driver >= 570). Run as root.
         """,
         version: StasisVersion.current,
-        subcommands: [CheckCommand.self, DumpCommand.self, RestoreCommand.self, InspectCommand.self, VerifyCommand.self]
+        subcommands: [CheckCommand.self, DumpCommand.self, RestoreCommand.self, InspectCommand.self, VerifyCommand.self,
+                      ListCommand.self, RemoveCommand.self, CollectCommand.self, ExportCommand.self, ImportCommand.self]
     )
 }

@@ -1,0 +1,87 @@
+import Foundation
+import StasisCore
+import StasisImage
+import StasisOS
+import StasisStore
+
+/// `stasis export` and `stasis import`: one checkpoint as a single file (CheckpointBundle), for moving it to a
+/// machine that does not share its chunk store.
+public enum BundleOperation {
+    /// Writes the checkpoint in `directory` to a new bundle file. The store (`explicit`, else the manifest's)
+    /// is held shared meanwhile, so gc cannot remove a chunk while it is being copied.
+    public static func export(_ directory: String, to bundle: String, store explicit: String?) throws -> CheckpointBundle.ExportReport {
+        let directory = URL(fileURLWithPath: directory).standardizedFileURL.path
+        let manifest = try Checkpoint.readManifest(directory)
+        let data = try FileSystem.readFile(directory + "/" + Manifest.fileName)
+        let store = try manifest.store.map { try ChunkStore(path: ChunkStore.resolve(explicit, recorded: $0.path), create: false) }
+        let lock = try store?.lock(exclusive: false)
+        defer { lock?.release() }
+        do {
+            return try CheckpointBundle.export(directory: directory, manifestData: data, manifest: manifest, store: store, to: bundle)
+        } catch let error as StasisError {
+            throw error.prefixed("export of \(directory) failed")
+        }
+    }
+
+    public struct ImportReport: Codable, Sendable {
+        public var directory: String
+        public var bundle: String
+        public var id: String
+        /// The store that received the chunks; nil for a checkpoint without chunked files.
+        public var store: String?
+        public var statistics: CheckpointBundle.ImportStatistics
+        public var seconds: Double
+    }
+
+    /// Recreates the checkpoint of `bundle` in `destination` (missing or an empty directory), its chunks in the
+    /// store `explicit` (else STASIS_STORE, else the default; the bundle's own store path belongs to the machine
+    /// it came from). Everything is checked before the directory appears, under its final name, complete.
+    public static func importBundle(_ bundle: String, into destination: String, store explicit: String?) throws -> ImportReport {
+        let watch = Stopwatch()
+        let reader: CheckpointBundle.Reader
+        let staging: StagingDirectory
+        do {
+            reader = try CheckpointBundle.Reader(path: bundle)
+            staging = try StagingDirectory(destination: destination)
+        } catch let error as StasisError {
+            throw error.prefixed("import of \(bundle) failed")
+        }
+        var manifest = reader.manifest
+        var catalog: StoreCatalog?
+        do {
+            var store: ChunkStore?
+            var lock: ChunkStore.Lock?
+            // Shared from the first chunk written until the manifest is listed: gc must see it or wait.
+            defer { lock?.release() }
+            if manifest.store != nil {
+                let opened = try ChunkStore(path: ChunkStore.resolve(explicit, recorded: nil), create: true)
+                lock = try opened.lock(exclusive: false)
+                store = opened
+                // One catalog entry per id: a second copy listed over the first would let `stasis rm` of either
+                // unlist the chunks both use.
+                if let listed = StoreCatalog(store: opened).entry(id: manifest.id), FileSystem.exists(listed.directory + "/" + Manifest.fileName) {
+                    throw StasisError(.invalidArgument, "checkpoint \(manifest.id) is already in the store \(opened.path), at \(listed.directory)",
+                                      hint: "use that copy, or `stasis rm` it first, or import into another --store")
+                }
+            }
+            let statistics = try reader.extract(into: staging.path, store: store)
+            if let store {
+                manifest.store!.path = store.path
+                try store.syncDirectories()
+            }
+            try FileSystem.writeAtomically(try Manifest.encoder().encode(manifest), to: staging.path + "/" + Manifest.fileName)
+            if let store {
+                // Listed before the directory appears, so that from then on gc keeps its chunks.
+                catalog = StoreCatalog(store: store)
+                try catalog!.register(manifest, directory: staging.destination)
+            }
+            try staging.publish()
+            return ImportReport(directory: staging.destination, bundle: reader.path, id: manifest.id, store: store?.path,
+                                statistics: statistics, seconds: watch.seconds)
+        } catch {
+            if !staging.published { catalog?.unregister(id: manifest.id) }
+            staging.discard()
+            throw (error as? StasisError ?? StasisError(.io, "\(error)")).prefixed("import of \(reader.path) failed")
+        }
+    }
+}

@@ -1,0 +1,592 @@
+import Crypto
+import Foundation
+import Glibc
+import StasisCore
+import StasisOS
+
+/// One checkpoint as a single file, its chunks included, for moving it to a machine that does not share the
+/// store (`stasis export` / `stasis import`). The format:
+///
+///     bundle  = "STASISBUNDLE1\n" record* end
+///     record  = kind (1 byte) | name length (UInt16 LE) | name (UTF-8) | payload length (UInt64 LE) | payload
+///     'M'     the manifest: name "manifest.json", payload its JSON as the checkpoint holds it; first, once
+///     'F'     a whole file: name its path in the checkpoint, payload its bytes; once per whole file
+///     'C'     a chunk: name its digest, payload the chunk file as the store keeps it (header and compressed
+///             data, copied as they are); once per distinct non-zero chunk of the chunked files
+///     'E'     the end: empty name, payload the SHA-256 of every byte before this record; last, nothing after
+///
+/// Each record is checked on its own as it is read (a file against the manifest's SHA-256, a chunk against its
+/// digest) and the end record covers the whole, so a damaged or truncated bundle is refused, naming the
+/// record and its byte offset. Memory stays bounded: files are streamed, chunks handled one at a time.
+public enum CheckpointBundle {
+    static let magic = Array("STASISBUNDLE1\n".utf8)
+    /// Bounds what a damaged length field can make import allocate.
+    static let maxManifestBytes: UInt64 = 64 << 20
+    static let maxChunkSize = 64 << 20
+    static let ioSize = 1 << 20
+
+    enum Kind: UInt8 {
+        case manifest = 0x4D, file = 0x46, chunk = 0x43, end = 0x45  // M F C E
+    }
+
+    // MARK: export
+
+    public struct ExportReport: Codable, Sendable {
+        public var bundle: String
+        public var checkpoint: String
+        public var id: String
+        /// Whole files carried, and chunked files whose chunks are carried.
+        public var files: Int
+        public var chunkedFiles: Int
+        /// Distinct non-zero chunks carried (each once, however many times the files use it).
+        public var chunks: Int
+        /// Plain bytes of every file of the checkpoint, and bytes of the bundle.
+        public var checkpointBytes: UInt64
+        public var bundleBytes: UInt64
+        public var seconds: Double
+    }
+
+    /// Writes the checkpoint in `directory` (whose manifest.json holds `manifestData`) to a new file at
+    /// `bundlePath`, reading its chunks from `store`. Every whole file is checked against the manifest and every
+    /// chunk against its digest on the way, so a damaged checkpoint is refused here rather than on the other
+    /// machine. The file appears complete or not at all (temporary file, fsync, rename), mode 0600.
+    public static func export(directory: String, manifestData: Data, manifest: Manifest, store: ChunkStore?,
+                              to bundlePath: String) throws -> ExportReport {
+        let watch = Stopwatch()
+        try validate(manifest, name: "\(directory)/\(Manifest.fileName)", code: .manifestInvalid)
+        let chunked = manifest.files.filter { $0.chunks != nil }
+        let chunkSize = manifest.store?.chunkSize ?? ChunkStore.chunkSize
+        if !chunked.isEmpty && store == nil {
+            throw StasisError(.invalidArgument, "\(directory) keeps its memory in a chunk store; name it with --store")
+        }
+        let output = try BundleOutput(path: bundlePath)
+        var chunks = 0
+        do {
+            try manifestData.withUnsafeBytes { try output.record(.manifest, name: Manifest.fileName, payload: $0) }
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: ioSize, alignment: 4096)
+            defer { buffer.deallocate() }
+            for entry in manifest.files where entry.chunks == nil {
+                try exportWholeFile(entry, from: directory, to: output, buffer: buffer)
+            }
+            if let store {
+                let plain = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkSize, alignment: 4096)
+                let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: ChunkStore.scratchSize(chunkSize), alignment: 4096)
+                defer { plain.deallocate(); scratch.deallocate() }
+                var seen = Set<String>()
+                for entry in chunked {
+                    for (index, digest) in entry.chunks!.enumerated() where !digest.isEmpty && seen.insert(digest).inserted {
+                        let place = chunkPlace(entry, index: index, chunkSize: chunkSize, checkpoint: directory)
+                        // read checks header, length, decoding and SHA-256, and leaves the chunk file in scratch.
+                        try store.read(digest, into: UnsafeMutableRawBufferPointer(rebasing: plain[0..<place.length]), scratch: scratch, place: place)
+                        guard let stored = FileSystem.size(store.chunkPath(digest)), stored < UInt64(scratch.count) else {
+                            throw systemError("cannot stat", store.chunkPath(digest))
+                        }
+                        try output.record(.chunk, name: digest, payload: UnsafeRawBufferPointer(rebasing: scratch[0..<Int(stored)]))
+                        chunks += 1
+                    }
+                }
+            }
+            try output.finish()
+        } catch {
+            output.abandon()
+            throw error
+        }
+        return ExportReport(bundle: output.path, checkpoint: directory, id: manifest.id,
+                            files: manifest.files.count - chunked.count, chunkedFiles: chunked.count, chunks: chunks,
+                            checkpointBytes: manifest.files.reduce(0) { $0 + $1.size }, bundleBytes: output.written,
+                            seconds: watch.seconds)
+    }
+
+    /// Streams one whole file into a record, hashing it as the manifest does; a file that changed is refused.
+    static func exportWholeFile(_ entry: Manifest.FileEntry, from directory: String, to output: BundleOutput,
+                                buffer: UnsafeMutableRawBufferPointer) throws {
+        let path = directory + "/" + entry.path
+        let fd = retryingEINTR { open(path, O_RDONLY | O_CLOEXEC) }
+        guard fd >= 0 else {
+            if errno == ENOENT {
+                throw StasisError(.integrity, "\(path) is missing (the manifest lists it, \(entry.size) bytes)",
+                                  hint: "the checkpoint is incomplete; export another copy")
+            }
+            throw systemError("cannot open", path)
+        }
+        defer { close(fd) }
+        try output.header(.file, name: entry.path, length: entry.size)
+        var hasher = SegmentedHasher()
+        var done: UInt64 = 0
+        while done < entry.size {
+            let want = Int(min(UInt64(buffer.count), entry.size - done))
+            let got = retryingEINTR { read(fd, buffer.baseAddress, want) }
+            guard got >= 0 else { throw systemError("cannot read", path) }
+            guard got > 0 else {
+                throw StasisError(.integrity, "\(path) has \(done) bytes; the manifest says \(entry.size) (truncated)",
+                                  hint: "the checkpoint is damaged; `stasis verify` checks it")
+            }
+            let bytes = UnsafeRawBufferPointer(rebasing: buffer[0..<got])
+            hasher.update(bytes)
+            try output.append(bytes)
+            done += UInt64(got)
+        }
+        guard hasher.finish() == entry.sha256 else {
+            throw StasisError(.integrity, "\(path) does not match its SHA-256 in the manifest (content changed or corrupt); not exported",
+                              hint: "the checkpoint is damaged; `stasis verify` checks it")
+        }
+    }
+
+    // MARK: import
+
+    /// What an import wrote.
+    public struct ImportStatistics: Codable, Sendable {
+        public var files = 0
+        public var fileBytes: UInt64 = 0
+        /// Distinct chunks in the bundle; those the store lacked were added, the rest were already there.
+        public var chunks = 0
+        public var newChunks = 0
+        public var reusedChunks = 0
+        /// Bytes of chunk files added to the store.
+        public var storedBytes: UInt64 = 0
+        public var bundleBytes: UInt64 = 0
+    }
+
+    /// Reads a bundle: `init` reads and validates its manifest, `extract` the rest.
+    public final class Reader {
+        public let path: String
+        public let manifest: Manifest
+        private let input: BundleInput
+        private var records = 0
+
+        public init(path: String) throws {
+            let input = try BundleInput(path: URL(fileURLWithPath: path).standardizedFileURL.path)
+            var records = 0
+            var head = [UInt8](repeating: 0, count: magic.count)
+            let complete = try head.withUnsafeMutableBytes { try input.read(into: $0) }
+            guard complete else {
+                throw StasisError(.integrity, "\(input.path) is truncated: shorter than a bundle's header")
+            }
+            guard head == magic else {
+                throw StasisError(.notACheckpoint, "\(input.path) is not a stasis bundle (no STASISBUNDLE1 header)",
+                                  hint: "`stasis export DIR -o FILE` writes bundles")
+            }
+            guard let record = try Self.nextRecord(input, number: &records) else {
+                throw StasisError(.integrity, "\(input.path) is truncated: it ends after its header")
+            }
+            guard record.kind == .manifest else { throw record.damaged(in: input.path, "the first record must be the manifest") }
+            guard record.length <= maxManifestBytes else { throw record.damaged(in: input.path, "its length \(record.length) is beyond any manifest") }
+            var data = Data(count: Int(record.length))
+            let read = try data.withUnsafeMutableBytes { try input.read(into: $0) }
+            guard read else { throw record.truncated(in: input.path, at: input.offset) }
+            let name = "\(input.path) (its manifest record)"
+            do {
+                manifest = try Manifest.decode(data, path: name)
+            } catch let error as StasisError where error.code == .manifestInvalid || error.code == .notACheckpoint {
+                throw StasisError(.integrity, "\(error.message); the bundle is damaged", hint: "export the checkpoint again")
+            }
+            try validate(manifest, name: name, code: .integrity)
+            (self.path, self.input, self.records) = (input.path, input, records)
+        }
+
+        /// Writes the whole files into `directory` (which must be empty) and the chunks the store lacks into
+        /// `store`, checking every record, and finally the end record's SHA-256 over the whole bundle. The
+        /// caller publishes `directory` only when this returns; chunks added before a failure stay for gc.
+        public func extract(into directory: String, store: ChunkStore?) throws -> ImportStatistics {
+            let whole = Dictionary(manifest.files.filter { $0.chunks == nil }.map { ($0.path, $0) }, uniquingKeysWith: { a, _ in a })
+            let chunkSize = manifest.store?.chunkSize ?? ChunkStore.chunkSize
+            var places: [String: ChunkStore.Place] = [:]
+            for entry in manifest.files {
+                for (index, digest) in (entry.chunks ?? []).enumerated() where !digest.isEmpty && places[digest] == nil {
+                    places[digest] = chunkPlace(entry, index: index, chunkSize: chunkSize, checkpoint: path)
+                }
+            }
+            if !places.isEmpty && store == nil {
+                throw StasisError(.invalidArgument, "\(path) carries chunks; a store must receive them")
+            }
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: ioSize, alignment: 4096)
+            let plain = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkSize, alignment: 4096)
+            let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: ChunkStore.scratchSize(chunkSize), alignment: 4096)
+            defer { buffer.deallocate(); plain.deallocate(); scratch.deallocate() }
+            var statistics = ImportStatistics()
+            var seenFiles = Set<String>(), seenChunks = Set<String>()
+            while true {
+                let before = input.hasher  // the end record's digest covers everything up to its own first byte
+                guard let record = try Self.nextRecord(input, number: &records) else {
+                    throw StasisError(.integrity, "\(path) is truncated: it ends at byte \(input.offset), after \(records) records, without its end record",
+                                      hint: "copy the bundle again")
+                }
+                switch record.kind {
+                case .manifest:
+                    throw record.damaged(in: path, "a bundle holds one manifest")
+                case .file:
+                    guard let entry = whole[record.name], seenFiles.insert(record.name).inserted else {
+                        throw record.damaged(in: path, "the manifest lists no such whole file, or it came twice")
+                    }
+                    guard record.length == entry.size else {
+                        throw record.damaged(in: path, "it holds \(record.length) bytes; the manifest says \(entry.size)")
+                    }
+                    try receiveFile(record, entry, into: directory, buffer: buffer)
+                    statistics.files += 1
+                    statistics.fileBytes += entry.size
+                case .chunk:
+                    guard let place = places[record.name], seenChunks.insert(record.name).inserted, let store else {
+                        throw record.damaged(in: path, "the manifest uses no such chunk, or it came twice")
+                    }
+                    guard record.length < UInt64(scratch.count) else { throw record.damaged(in: path, "longer than any valid chunk") }
+                    let bytes = UnsafeMutableRawBufferPointer(rebasing: scratch[0..<Int(record.length)])
+                    guard try input.read(into: bytes) else { throw record.truncated(in: path, at: input.offset) }
+                    let output = UnsafeMutableRawBufferPointer(rebasing: plain[0..<place.length])
+                    if let why = CheckpointBundle.checkChunk(UnsafeRawBufferPointer(bytes), digest: record.name, into: output) {
+                        throw record.damaged(in: path, "\(why) (it holds \(Self.describe(place)))")
+                    }
+                    statistics.chunks += 1
+                    if store.contains(record.name) {
+                        statistics.reusedChunks += 1
+                    } else {
+                        try store.writeChunkFile(UnsafeRawBufferPointer(bytes), to: store.chunkPath(record.name))
+                        statistics.newChunks += 1
+                        statistics.storedBytes += record.length
+                    }
+                case .end:
+                    var digest = [UInt8](repeating: 0, count: 32)
+                    guard record.length == 32 else { throw record.damaged(in: path, "its length is \(record.length), not 32") }
+                    guard try digest.withUnsafeMutableBytes({ try input.read(into: $0) }) else { throw record.truncated(in: path, at: input.offset) }
+                    guard Array(before.finalize()) == digest else {
+                        throw record.damaged(in: path, "the bundle's SHA-256 does not match (a byte before it changed)")
+                    }
+                    guard try input.atEnd() else { throw record.damaged(in: path, "bytes follow the end record") }
+                    statistics.bundleBytes = input.offset
+                    if let missing = whole.keys.sorted().first(where: { !seenFiles.contains($0) }) {
+                        throw StasisError(.integrity, "\(path) lacks the file \(missing) that its manifest lists")
+                    }
+                    if let missing = places.first(where: { !seenChunks.contains($0.key) }) {
+                        throw StasisError(.integrity, "\(path) lacks chunk \(missing.key), which holds \(Self.describe(missing.value))",
+                                          hint: "export the checkpoint again")
+                    }
+                    try FileSystem.fsync(path: directory)
+                    return statistics
+                }
+            }
+        }
+
+        /// A chunk's first use, named by the checkpoint's file rather than the staging directory it is written to.
+        private static func describe(_ place: ChunkStore.Place) -> String {
+            "\(place.file) bytes \(place.offset)..<\(place.offset + UInt64(place.length))"
+        }
+
+        /// Streams a whole-file record into `directory`, hashing it; the file is synced before it counts.
+        private func receiveFile(_ record: Record, _ entry: Manifest.FileEntry, into directory: String,
+                                 buffer: UnsafeMutableRawBufferPointer) throws {
+            let target = directory + "/" + entry.path
+            if entry.path.contains("/") {
+                try FileSystem.makePrivateDirectory(String(target[..<target.lastIndex(of: "/")!]))
+            }
+            let fd = retryingEINTR { open(target, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600) }
+            guard fd >= 0 else { throw systemError("cannot create", target) }
+            defer { close(fd) }
+            var hasher = SegmentedHasher()
+            var left = record.length
+            while left > 0 {
+                let piece = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<Int(min(UInt64(buffer.count), left))])
+                guard try input.read(into: piece) else { throw record.truncated(in: path, at: input.offset) }
+                hasher.update(UnsafeRawBufferPointer(piece))
+                var done = 0
+                while done < piece.count {
+                    let wrote = retryingEINTR { write(fd, piece.baseAddress! + done, piece.count - done) }
+                    guard wrote > 0 else { throw systemError("cannot write", target) }
+                    done += wrote
+                }
+                left -= UInt64(piece.count)
+            }
+            guard hasher.finish() == entry.sha256 else {
+                throw record.damaged(in: path, "its content does not match the SHA-256 the manifest gives")
+            }
+            guard fdatasync(fd) == 0 else { throw systemError("cannot sync", target) }
+        }
+
+        /// The next record's header; nil when the file ends cleanly before one.
+        static func nextRecord(_ input: BundleInput, number: inout Int) throws -> Record? {
+            let start = input.offset
+            guard !(try input.atEnd()) else { return nil }
+            number += 1
+            var fixed = [UInt8](repeating: 0, count: 3)
+            var record = Record(number: number, offset: start, kind: .end, name: "", length: 0)
+            let what = "record \(number) at byte \(start)"
+            guard try fixed.withUnsafeMutableBytes({ try input.read(into: $0) }) else {
+                throw StasisError(.integrity, "\(input.path) is truncated: it ends inside the header of \(what)", hint: "copy the bundle again")
+            }
+            guard let kind = Kind(rawValue: fixed[0]) else {
+                throw StasisError(.integrity, "\(input.path) is damaged: \(what) has an unknown kind \(fixed[0])", hint: "copy the bundle again")
+            }
+            record.kind = kind
+            var name = [UInt8](repeating: 0, count: Int(fixed[1]) | Int(fixed[2]) << 8)
+            var length = [UInt8](repeating: 0, count: 8)
+            guard try name.withUnsafeMutableBytes({ try input.read(into: $0) }),
+                  try length.withUnsafeMutableBytes({ try input.read(into: $0) }) else {
+                throw StasisError(.integrity, "\(input.path) is truncated: it ends inside the header of \(what)", hint: "copy the bundle again")
+            }
+            record.name = String(decoding: name, as: UTF8.self)
+            record.length = length.reversed().reduce(0) { $0 << 8 | UInt64($1) }
+            return record
+        }
+    }
+
+    /// A record's header, and how errors name it.
+    struct Record {
+        var number: Int
+        var offset: UInt64
+        var kind: Kind
+        var name: String
+        var length: UInt64
+
+        var text: String {
+            let what: String
+            switch kind {
+            case .manifest: what = "manifest"
+            case .file: what = "file \(name)"
+            case .chunk: what = "chunk \(name)"
+            case .end: what = "end"
+            }
+            return "record \(number) (\(what)) at byte \(offset)"
+        }
+
+        func damaged(in bundle: String, _ why: String) -> StasisError {
+            StasisError(.integrity, "\(bundle) is damaged: \(text): \(why)", hint: "copy the bundle again, or export the checkpoint again")
+        }
+
+        func truncated(in bundle: String, at offset: UInt64) -> StasisError {
+            StasisError(.integrity, "\(bundle) is truncated: it ends at byte \(offset), inside \(text) of \(length) bytes",
+                        hint: "copy the bundle again")
+        }
+    }
+
+    // MARK: checks shared by export and import
+
+    /// Refuses a manifest that could make an import write outside its directory or store, or whose chunk lists
+    /// disagree with its files: the bundle's manifest comes from another machine.
+    static func validate(_ manifest: Manifest, name: String, code: StasisError.Code) throws {
+        func refuse(_ why: String) -> StasisError { StasisError(code, "\(name): \(why)", hint: "the manifest is damaged") }
+        let idCharacters = Set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+        guard (1...128).contains(manifest.id.count), !manifest.id.hasPrefix("."), manifest.id.allSatisfy(idCharacters.contains) else {
+            throw refuse("the checkpoint id '\(manifest.id)' is not a plain name")
+        }
+        if let info = manifest.store, !(4096...maxChunkSize).contains(info.chunkSize) {
+            throw refuse("chunk size \(info.chunkSize) is outside 4 KiB...64 MiB")
+        }
+        var paths = Set<String>()
+        for entry in manifest.files {
+            let parts = entry.path.split(separator: "/", omittingEmptySubsequences: false)
+            guard !entry.path.hasPrefix("/"), entry.path != Manifest.fileName, !entry.path.contains("\0"),
+                  parts.allSatisfy({ !$0.isEmpty && $0 != "." && $0 != ".." }), paths.insert(entry.path).inserted else {
+                throw refuse("the file name '\(entry.path)' is not a plain relative path, or appears twice")
+            }
+            guard let chunks = entry.chunks else { continue }
+            guard let info = manifest.store else { throw refuse("\(entry.path) has chunks but the manifest names no store") }
+            let size = UInt64(info.chunkSize)
+            guard UInt64(chunks.count) == entry.size / size + (entry.size % size == 0 ? 0 : 1), ChunkDigest.ofFile(chunks: chunks) == entry.sha256,
+                  chunks.allSatisfy({ $0.isEmpty || isDigest($0) }) else {
+                throw refuse("the chunk list of \(entry.path) does not match its size or SHA-256")
+            }
+        }
+    }
+
+    static func isDigest(_ text: String) -> Bool {
+        text.utf8.count == 64 && text.utf8.allSatisfy { (0x30...0x39).contains($0) || (0x61...0x66).contains($0) }
+    }
+
+    /// Where the first use of chunk `index` of `entry` lies, with its plain length.
+    static func chunkPlace(_ entry: Manifest.FileEntry, index: Int, chunkSize: Int, checkpoint: String) -> ChunkStore.Place {
+        let offset = UInt64(index) * UInt64(chunkSize)
+        return ChunkStore.Place(checkpoint: checkpoint, file: entry.path, offset: offset,
+                                length: Int(min(UInt64(chunkSize), entry.size - offset)))
+    }
+
+    /// Checks a chunk file held in memory as ChunkStore.read checks one on disk: header, plain length, decoding,
+    /// SHA-256. Decodes into `plain` (exactly the expected length). Returns what is wrong, or nil.
+    static func checkChunk(_ file: UnsafeRawBufferPointer, digest: String, into plain: UnsafeMutableRawBufferPointer) -> String? {
+        guard file.count >= ChunkStore.headerSize, Array(file[0..<4]) == ChunkStore.magic, file[4] == 1 else { return "no chunk header" }
+        let plainLength = Int(UInt32(file[8]) | UInt32(file[9]) << 8 | UInt32(file[10]) << 16 | UInt32(file[11]) << 24)
+        guard plainLength == plain.count else { return "it holds \(plainLength) bytes, the manifest expects \(plain.count)" }
+        guard Codec.decompress(tag: file[5], UnsafeRawBufferPointer(rebasing: file[ChunkStore.headerSize...]), into: plain) else {
+            return "its \(Codec.name(tag: file[5])) data does not decode"
+        }
+        guard ChunkDigest.hex(UnsafeRawBufferPointer(plain)) == digest else { return "its content does not match its SHA-256" }
+        return nil
+    }
+}
+
+extension StoreCatalog {
+    /// The listed checkpoint with this id, if any (an entry that does not parse counts as none).
+    public func entry(id: String) -> Entry? {
+        guard let data = try? FileSystem.readFile(entryPath(id)) else { return nil }
+        return try? Manifest.decoder().decode(Entry.self, from: data)
+    }
+}
+
+/// SHA-256 the way the manifest records a whole file (SegmentedDigest), computed front to back.
+struct SegmentedHasher {
+    private var completed: [SHA256.Digest] = []
+    private var current = SHA256()
+    private var inSegment: UInt64 = 0
+
+    mutating func update(_ bytes: UnsafeRawBufferPointer) {
+        var rest = bytes
+        while !rest.isEmpty {
+            let take = Int(min(UInt64(rest.count), SegmentedDigest.segmentSize - inSegment))
+            current.update(bufferPointer: UnsafeRawBufferPointer(rebasing: rest[0..<take]))
+            inSegment += UInt64(take)
+            rest = UnsafeRawBufferPointer(rebasing: rest[take...])
+            if inSegment == SegmentedDigest.segmentSize {
+                completed.append(current.finalize())
+                current = SHA256()
+                inSegment = 0
+            }
+        }
+    }
+
+    mutating func finish() -> String {
+        // An empty file is one empty segment; a file ending on a boundary has no extra one.
+        if inSegment > 0 || completed.isEmpty { completed.append(current.finalize()) }
+        return SegmentedDigest.combine(completed)
+    }
+}
+
+/// The bundle being written: buffered, hashed as it goes, in a hidden temporary file beside the target until
+/// `finish` renames it into place.
+final class BundleOutput {
+    let path: String
+    private let temporary: String
+    private var fd: Int32
+    private let buffer: UnsafeMutableRawBufferPointer
+    private var used = 0
+    private var hasher = SHA256()
+    private(set) var written: UInt64 = 0
+
+    init(path target: String) throws {
+        let url = URL(fileURLWithPath: target).standardizedFileURL
+        let parent = url.deletingLastPathComponent().path
+        guard !FileSystem.exists(url.path) else {
+            throw StasisError(.invalidArgument, "\(url.path) already exists", hint: "choose a new file name, or remove the old bundle first")
+        }
+        guard FileSystem.isDirectory(parent) else {
+            throw StasisError(.invalidArgument, "\(parent) is not a directory", hint: "create it first")
+        }
+        let temporary = "\(parent)/.\(url.lastPathComponent).partial-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        let fd = retryingEINTR { open(temporary, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600) }
+        guard fd >= 0 else { throw systemError("cannot create", temporary) }
+        (path, self.temporary, self.fd) = (url.path, temporary, fd)
+        buffer = .allocate(byteCount: CheckpointBundle.ioSize, alignment: 4096)
+        try CheckpointBundle.magic.withUnsafeBytes { try append($0) }
+    }
+
+    deinit {
+        if fd >= 0 { close(fd) }
+        buffer.deallocate()
+    }
+
+    func header(_ kind: CheckpointBundle.Kind, name: String, length: UInt64) throws {
+        let nameBytes = Array(name.utf8)
+        guard nameBytes.count <= Int(UInt16.max) else { throw StasisError(.invalidArgument, "the name \(name.prefix(80))... is too long for a bundle") }
+        var bytes: [UInt8] = [kind.rawValue, UInt8(nameBytes.count & 0xff), UInt8(nameBytes.count >> 8)] + nameBytes
+        for shift in stride(from: 0, to: 64, by: 8) { bytes.append(UInt8(truncatingIfNeeded: length >> UInt64(shift))) }
+        try bytes.withUnsafeBytes { try append($0) }
+    }
+
+    func record(_ kind: CheckpointBundle.Kind, name: String, payload: UnsafeRawBufferPointer) throws {
+        try header(kind, name: name, length: UInt64(payload.count))
+        try append(payload)
+    }
+
+    func append(_ bytes: UnsafeRawBufferPointer) throws {
+        hasher.update(bufferPointer: bytes)
+        written += UInt64(bytes.count)
+        var rest = bytes
+        while !rest.isEmpty {
+            let take = min(rest.count, buffer.count - used)
+            (buffer.baseAddress! + used).copyMemory(from: rest.baseAddress!, byteCount: take)
+            used += take
+            rest = UnsafeRawBufferPointer(rebasing: rest[take...])
+            if used == buffer.count { try flush() }
+        }
+    }
+
+    private func flush() throws {
+        var done = 0
+        while done < used {
+            let wrote = retryingEINTR { write(fd, buffer.baseAddress! + done, used - done) }
+            guard wrote > 0 else { throw systemError("cannot write", temporary) }
+            done += wrote
+        }
+        used = 0
+    }
+
+    /// Appends the end record, makes the file durable and gives it its name.
+    func finish() throws {
+        let digest = Array(hasher.finalize())
+        try header(.end, name: "", length: 32)
+        try digest.withUnsafeBytes { try append($0) }
+        try flush()
+        guard fchmod(fd, 0o600) == 0 else { throw systemError("cannot set mode 0600 on", temporary) }
+        guard Glibc.fsync(fd) == 0 else { throw systemError("cannot fsync", temporary) }
+        close(fd)
+        fd = -1
+        guard rename(temporary, path) == 0 else { throw systemError("cannot rename \(temporary) to", path) }
+        try FileSystem.fsync(path: URL(fileURLWithPath: path).deletingLastPathComponent().path)
+    }
+
+    /// Removes the unfinished file.
+    func abandon() {
+        if fd >= 0 { close(fd); fd = -1 }
+        unlink(temporary)
+    }
+}
+
+/// The bundle being read: buffered, counting and hashing every byte handed out.
+final class BundleInput {
+    let path: String
+    private let fd: Int32
+    private let buffer: UnsafeMutableRawBufferPointer
+    private var start = 0
+    private var end = 0
+    private(set) var offset: UInt64 = 0
+    private(set) var hasher = SHA256()
+
+    init(path: String) throws {
+        let fd = retryingEINTR { open(path, O_RDONLY | O_CLOEXEC) }
+        guard fd >= 0 else {
+            if errno == ENOENT { throw StasisError(.invalidArgument, "\(path) does not exist") }
+            throw systemError("cannot open", path)
+        }
+        (self.path, self.fd) = (path, fd)
+        buffer = .allocate(byteCount: CheckpointBundle.ioSize, alignment: 4096)
+    }
+
+    deinit {
+        close(fd)
+        buffer.deallocate()
+    }
+
+    /// Fills `target` entirely; false when the file ends first.
+    func read(into target: UnsafeMutableRawBufferPointer) throws -> Bool {
+        var done = 0
+        while done < target.count {
+            if start == end, try !refill() { return false }
+            let take = min(end - start, target.count - done)
+            let piece = UnsafeRawBufferPointer(rebasing: buffer[start..<(start + take)])
+            (target.baseAddress! + done).copyMemory(from: piece.baseAddress!, byteCount: take)
+            hasher.update(bufferPointer: piece)
+            start += take
+            done += take
+            offset += UInt64(take)
+        }
+        return true
+    }
+
+    func atEnd() throws -> Bool {
+        if start < end { return false }
+        return try !refill()
+    }
+
+    private func refill() throws -> Bool {
+        let got = retryingEINTR { Glibc.read(fd, buffer.baseAddress, buffer.count) }
+        guard got >= 0 else { throw systemError("cannot read", path) }
+        (start, end) = (0, got)
+        return got > 0
+    }
+}

@@ -1,0 +1,35 @@
+import ArgumentParser
+import StasisCore
+import StasisEngine
+import StasisStore
+
+struct ExportCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "export",
+        abstract: "Write a checkpoint, its chunks included, into one file for moving it to another machine.",
+        discussion: """
+        Every file and chunk is checked on the way, so a damaged checkpoint is refused here. The bundle appears \
+        complete or not at all (mode 0600: it holds process memory). `stasis import` reads it.
+        """)
+
+    @Argument(help: "The checkpoint directory.")
+    var directory: String
+
+    @Option(name: [.customShort("o"), .customLong("output")], help: "The bundle file to create (must not exist).")
+    var file: String
+
+    @Option(name: .long, help: "The chunk store holding the checkpoint's chunks (default: the one its manifest names, else STASIS_STORE).")
+    var store: String?
+
+    @OptionGroup var output: OutputOptions
+
+    func run() throws {
+        try Output.run(json: output.json) {
+            let report = try BundleOperation.export(directory, to: file, store: store)
+            if output.json { return Output.json(report) }
+            print("exported \(report.checkpoint) to \(report.bundle)")
+            print("  contents: \(report.files) whole file\(report.files == 1 ? "" : "s"), \(report.chunkedFiles) chunked (\(report.chunks) distinct chunks); \(Format.bytes(report.checkpointBytes)) of checkpoint")
+            print("  bundle:   \(Format.bytes(report.bundleBytes)) in \(Format.seconds(report.seconds))")
+        }
+    }
+}

@@ -1,0 +1,40 @@
+import ArgumentParser
+import StasisCore
+import StasisEngine
+import StasisStore
+
+struct ImportCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "import",
+        abstract: "Recreate a checkpoint from a file written by `stasis export`, its chunks going into the local store.",
+        discussion: """
+        Every record of the bundle is checked (files against the manifest, chunks against their SHA-256, the \
+        bundle against its trailing SHA-256) before the checkpoint directory appears. A damaged or truncated \
+        bundle is refused, naming the record; chunks it had already added to the store are left for gc.
+        """)
+
+    @Argument(help: "The bundle file.")
+    var file: String
+
+    @Option(name: [.customShort("D"), .customLong("images-dir")], help: "The checkpoint directory to create (must not exist or be empty).")
+    var directory: String
+
+    @Option(name: .long, help: "The chunk store to put the chunks in (default: STASIS_STORE, else /var/lib/stasis/store).")
+    var store: String?
+
+    @OptionGroup var output: OutputOptions
+
+    func run() throws {
+        try Output.run(json: output.json) {
+            let report = try BundleOperation.importBundle(file, into: directory, store: store)
+            if output.json { return Output.json(report) }
+            let s = report.statistics
+            print("imported checkpoint \(report.id) into \(report.directory)")
+            print("  files:  \(s.files) whole file\(s.files == 1 ? "" : "s"), \(Format.bytes(s.fileBytes))")
+            if let store = report.store {
+                print("  chunks: \(s.chunks) into \(store): \(s.newChunks) new (\(Format.bytes(s.storedBytes))), \(s.reusedChunks) already there")
+            }
+            print("  bundle: \(Format.bytes(s.bundleBytes)) verified in \(Format.seconds(report.seconds))")
+        }
+    }
+}

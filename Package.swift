@@ -2,7 +2,7 @@
 // stasis: checkpoint/restore for GPU process trees. One package, small libraries, a thin command on top.
 //
 //   StasisCore    leaf: errors, the manifest schema, formatting
-//   StasisOS      every syscall, /proc read, file write and process spawn
+//   StasisOS      every syscall, /proc read, file write and process spawn (CStasisLinux: its C shims)
 //   StasisCRIU    CRIU through `criu swrk` RPC (generated protobuf code committed under Generated/)
 //   StasisGPU     the GPU driver (dlopen'd at run time) and the per-process device steps; the driver's
 //                 checkpoint steps themselves are C (CStasisCUDA), shared with the CRIU plugin
@@ -28,8 +28,9 @@ let package = Package(
     ],
     targets: [
         .target(name: "StasisCore"),
+        .target(name: "CStasisLinux"),
         .target(name: "StasisOS", dependencies: [
-            "StasisCore",
+            "StasisCore", "CStasisLinux",
             .product(name: "Crypto", package: "swift-crypto"),
         ]),
         .target(name: "StasisCRIU", dependencies: [

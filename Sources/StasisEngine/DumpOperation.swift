@@ -90,7 +90,8 @@ public struct DumpOperation {
             gpu = try device.beforeFreeze(pids: processes.map(\.pid))
             timings.devices = deviceWatch.seconds
 
-            let chunker = ChunkIngester(directory: staging.path, store: store, codec: options.codec, follows: Self.isMemoryImage)
+            let chunker = ChunkIngester(directory: staging.path, store: store, codec: options.codec,
+                                        releaseIngested: true, follows: Self.isMemoryImage)
             ingester = chunker
             let progress = options.progress
             let stagingPath = staging.path

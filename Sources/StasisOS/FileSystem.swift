@@ -1,3 +1,4 @@
+import CStasisLinux
 import Foundation
 import Glibc
 import StasisCore
@@ -131,6 +132,12 @@ public enum FileSystem {
             default: break
             }
         }
+    }
+
+    /// Frees the blocks of a byte range of an open file, keeping its size; false where the filesystem cannot.
+    @discardableResult
+    public static func punchHole(_ fd: Int32, offset: UInt64, length: UInt64) -> Bool {
+        stasis_punch_hole(fd, Int64(offset), Int64(length)) == 0
     }
 
     public static func removeTree(_ path: String) {

@@ -36,6 +36,7 @@ public final class ChunkIngester: @unchecked Sendable {
     private let codec: Codec
     private let follows: @Sendable (String) -> Bool
     private let chunkSize: Int
+    private let releaseIngested: Bool
     private let condition = NSCondition()
     private var queue: [Job] = []
     private var closed = false
@@ -50,8 +51,13 @@ public final class ChunkIngester: @unchecked Sendable {
     private let followerDone = DispatchSemaphore(value: 0)
 
     /// Starts `threads` workers and a follower of the files in `directory` whose names satisfy `follows`.
+    /// With `releaseIngested`, each chunk's bytes are punched out of its file once stored (the files are
+    /// scratch, deleted afterwards): the disk holds at most what is not yet chunked, and CRIU's pages are
+    /// mostly dropped from the page cache before they are ever written back.
     public init(directory: String, store: ChunkStore, codec: Codec, chunkSize: Int = ChunkStore.chunkSize,
-                threads: Int = ProcessInfo.processInfo.activeProcessorCount, follows: @escaping @Sendable (String) -> Bool) {
+                threads: Int = ProcessInfo.processInfo.activeProcessorCount, releaseIngested: Bool = false,
+                follows: @escaping @Sendable (String) -> Bool) {
+        self.releaseIngested = releaseIngested
         self.directory = directory
         self.store = store
         self.codec = codec
@@ -193,6 +199,10 @@ public final class ChunkIngester: @unchecked Sendable {
                     digest = ChunkDigest.hex(view)
                     put = try store.put(view, digest: digest, codec: codec, scratch: scratch)
                 }
+                if releaseIngested {
+                    // Best effort: a filesystem without hole punching keeps the bytes until the file is deleted.
+                    FileSystem.punchHole(fd, offset: UInt64(job.index) * UInt64(chunkSize), length: UInt64(job.length))
+                }
                 condition.lock()
                 files[job.name]![job.index] = digest
                 statistics.plainBytes += UInt64(job.length)
@@ -215,7 +225,7 @@ public final class ChunkIngester: @unchecked Sendable {
         defer { condition.unlock() }
         if let fd = descriptors[name] { return fd }
         let path = directory + "/" + name
-        let fd = retryingEINTR { open(path, O_RDONLY | O_CLOEXEC) }
+        let fd = retryingEINTR { open(path, (releaseIngested ? O_RDWR : O_RDONLY) | O_CLOEXEC) }
         guard fd >= 0 else { throw systemError("cannot open", path) }
         descriptors[name] = fd
         return fd

@@ -5,7 +5,8 @@
 #   bench/gpu-dump-restore.sh          (run by scripts/device-test.sh bench)
 #
 # Workloads: cuda-workload buffers holding 8 and 32 GiB of device memory, and BERT-large training paused
-# mid-run. Images go to /dev/shm. Each row: lock, device checkpoint, CRIU dump, image size, the process's
+# mid-run. Images (and stasis's chunk store) go to /dev/shm; stasis rebuilds CRIU's images there too.
+# Each row: lock, device checkpoint, CRIU dump, image size, the process's
 # host memory once checkpointed (the driver copies device memory into it), the peak memory of the tool itself,
 # CRIU restore, device restore.
 set -uo pipefail
@@ -47,16 +48,18 @@ baseline() {  # NAME PID
 }
 with_stasis() {  # NAME PID
     local name=$1 pid=$2
-    rm -rf $IMG
+    # The chunk store on the same tmpfs as the baseline's images, fresh for each row (no deduplication).
+    export STASIS_STORE=/dev/shm/stasis-bench-store
+    rm -rf $IMG $STASIS_STORE
     peak $STASIS dump "$pid" -D $IMG --json >/tmp/bench-dump.json || return 1
     local tool; tool=$(cat /tmp/bench-peak)
-    local size; size=$(du -sb $IMG | awk '{ printf "%.1f", $1 / 1073741824 }')
+    local size; size=$(du -sbc $IMG $STASIS_STORE | tail -n 1 | awk '{ printf "%.1f", $1 / 1073741824 }')
     wait_gone "$pid"
     peak $STASIS restore -D $IMG --json >/tmp/bench-restore.json || return 1
     tool="$tool / $(cat /tmp/bench-peak)"
     local d=/tmp/bench-dump.json r=/tmp/bench-restore.json
-    rows+=("| $name | stasis | $(json $d "'%.2f' % gpu['lockSeconds']") | $(json $d "'%.2f' % gpu['checkpointSeconds']") | $(json $d "'%.2f' % timings['criu']") (hash+sync $(json $d "'%.2f' % (timings['hash'] + timings['sync'])")) | $(json $d "'%.2f' % timings['total']") | $size GiB | (the same driver copy) | $tool GiB | $(json $r "'%.2f' % (timings['criu'])") (verify $(json $r "'%.2f' % timings['verify']")) | $(json $r "'%.2f' % timings['devices']") | $(json $r "'%.2f' % timings['total']") |")
-    rm -rf $IMG
+    rows+=("| $name | stasis | $(json $d "'%.2f' % gpu['lockSeconds']") | $(json $d "'%.2f' % gpu['checkpointSeconds']") | $(json $d "'%.2f' % timings['criu']") (hash+sync $(json $d "'%.2f' % (timings['hash'] + timings['sync'])")) | $(json $d "'%.2f' % timings['total']") | $size GiB | (the same driver copy) | $tool GiB | $(json $r "'%.2f' % (timings['criu'])") (verify + rebuild $(json $r "'%.2f' % (timings['verify'] + timings['rebuild'])")) | $(json $r "'%.2f' % timings['devices']") | $(json $r "'%.2f' % timings['total']") |")
+    rm -rf $IMG $STASIS_STORE
 }
 verify() {
     rm -f "$2/result"; kill -USR1 "$1"

@@ -309,8 +309,11 @@ section_export() {
     local pid; pid=$(start_cuda streams $EXPORT_DIR) || { fail "export" "did not start"; return; }
     if ! $STASIS dump "$pid" -D $EXPORT_DIR/ckpt >"$LOGS/export-dump.txt" 2>&1; then fail "export" "$(tail -n 5 "$LOGS/export-dump.txt")"; return; fi
     wait_gone "$pid"
-    # With the program's binary: CRIU wants the very file the process runs (nvcc's output may differ there).
-    tar -C / -cf - "${EXPORT_DIR#/}" opt/stasis/bin/cuda-workload | xz -T0 -9 >/tmp/export.tar.xz
+    # The checkpoint as one file (its chunks are in this machine's store), beside the workload's own files;
+    # with the program's binary: CRIU wants the very file the process runs (nvcc's output may differ there).
+    $STASIS export $EXPORT_DIR/ckpt -o $EXPORT_DIR/ckpt.bundle >"$LOGS/export-bundle.txt" 2>&1 \
+        || { fail "export" "stasis export: $(tail -n 3 "$LOGS/export-bundle.txt")"; return; }
+    tar -C / -cf - --exclude="${EXPORT_DIR#/}/ckpt" "${EXPORT_DIR#/}" opt/stasis/bin/cuda-workload | xz -T0 -9 >/tmp/export.tar.xz
     local size; size=$(stat -c %s /tmp/export.tar.xz)
     # What comes back must then travel out again with the carried binaries (.device/, ~38 MiB) inside the
     # device tool's 64 MiB.
@@ -327,6 +330,8 @@ section_import() {
     ls .device/import/export.tar.xz.part-* >/dev/null 2>&1 || { fail "import" "no .device/import/export.tar.xz.part-*"; return; }
     rm -rf $EXPORT_DIR
     cat .device/import/export.tar.xz.part-* | xz -dc | tar -C / -xf -
+    $STASIS import $EXPORT_DIR/ckpt.bundle -D $EXPORT_DIR/ckpt >"$LOGS/import-bundle.txt" 2>&1 \
+        || { fail "import" "stasis import: $(tail -n 3 "$LOGS/import-bundle.txt")"; return; }
     local pid; pid=$(python3 -c 'import json; print(json.load(open("/tmp/stasis-export/ckpt/manifest.json"))["processTree"]["rootPID"])')
     if $STASIS restore -D $EXPORT_DIR/ckpt >"$LOGS/import-restore.txt" 2>&1; then
         local verdict; verdict=$(verify "$pid" $EXPORT_DIR)

@@ -7,8 +7,8 @@
 # For each size and fill, one workload process is started and then checkpointed and restored in turn by
 # plain `criu dump` / `criu restore -d` and by `stasis dump` / `stasis restore`, alternating, ROUNDS times
 # each, after one uncounted plain-CRIU warm-up round (the first dump of freshly written memory is slower
-# for everyone). Both log at level 4; images go to $BENCH_DIR (default /var/tmp, a disk) and are read back
-# from the page cache. The workload verifies its memory after the last restore. Prints a Markdown table.
+# for everyone). Both log at level 4; images (and stasis's chunk store, fresh each round) go to $BENCH_DIR
+# (default /var/tmp, a disk) and are read back from the page cache; stasis rebuilds CRIU's images on /dev/shm. The workload verifies its memory after the last restore. Prints a Markdown table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="/usr/local/sbin:$PATH"
@@ -41,21 +41,24 @@ criu_round() {
 }
 
 stasis_round() {
-    rm -rf "$work/ckpt"
+    # A fresh chunk store each round: every chunk is written, as on a job's first checkpoint.
+    export STASIS_STORE="$work/store"
+    rm -rf "$work/ckpt" "$STASIS_STORE"
     local t; t=$(now)
     "$BIN/stasis" dump "$pid" -D "$work/ckpt" --json >"$work/dump.json"
     stasis_dump+=("$(elapsed "$t")")
     stasis_hash+=("$(python3 -c 'import json,sys; t=json.load(open(sys.argv[1]))["timings"]; print(t["hash"] + t["sync"])' "$work/dump.json")")
+    stored_bytes=$(du -sbc "$work/ckpt" "$STASIS_STORE" | tail -n 1 | cut -f1)
     wait_gone "$pid"
     t=$(now)
     "$BIN/stasis" restore -D "$work/ckpt" -W "$work/restore-work" --json >"$work/restore.json"
     stasis_restore+=("$(elapsed "$t")")
-    stasis_verify+=("$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["timings"]["verify"])' "$work/restore.json")")
-    rm -rf "$work/ckpt" "$work/restore-work"
+    stasis_verify+=("$(python3 -c 'import json,sys; t=json.load(open(sys.argv[1]))["timings"]; print(t["verify"] + t["rebuild"])' "$work/restore.json")")
+    rm -rf "$work/ckpt" "$work/restore-work" "$STASIS_STORE"
 }
 
-echo "| memory | fill | criu dump | stasis dump (hash+sync) | dump ratio | criu restore | stasis restore (verify) | restore ratio |"
-echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
+echo "| memory | fill | criu dump | stasis dump (chunking tail+sync) | dump ratio | criu restore | stasis restore (verify+rebuild) | restore ratio | criu image | stasis stored |"
+echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 for gib in "${SIZES[@]}"; do
     for fill in random zero; do
         criu_dump=(); criu_restore=(); stasis_dump=(); stasis_restore=(); stasis_hash=(); stasis_verify=()
@@ -70,9 +73,10 @@ for gib in "${SIZES[@]}"; do
         cd_=$(avg "${criu_dump[@]}"); sd=$(avg "${stasis_dump[@]}"); sh=$(avg "${stasis_hash[@]}")
         cr=$(avg "${criu_restore[@]}"); sr=$(avg "${stasis_restore[@]}"); sv=$(avg "${stasis_verify[@]}")
         gbps() { echo "$gib * 1.073741824 / $1" | bc -l | xargs printf '%.2f'; }
-        printf '| %d GiB | %s | %s s (%s GB/s) | %s s (%s s) (%s GB/s) | %.2fx | %s s (%s GB/s) | %s s (%s s) (%s GB/s) | %.2fx |\n' \
+        mib() { echo "$1 / 1048576" | bc -l | xargs printf '%.0f MiB'; }
+        printf '| %d GiB | %s | %s s (%s GB/s) | %s s (%s s) (%s GB/s) | %.2fx | %s s (%s GB/s) | %s s (%s s) (%s GB/s) | %.2fx | %s | %s |\n' \
             "$gib" "$fill" "$cd_" "$(gbps "$cd_")" "$sd" "$sh" "$(gbps "$sd")" "$(echo "$sd / $cd_" | bc -l)" \
-            "$cr" "$(gbps "$cr")" "$sr" "$sv" "$(gbps "$sr")" "$(echo "$sr / $cr" | bc -l)"
+            "$cr" "$(gbps "$cr")" "$sr" "$sv" "$(gbps "$sr")" "$(echo "$sr / $cr" | bc -l)" "$(mib "$image_bytes")" "$(mib "$stored_bytes")"
     done
 done
 echo

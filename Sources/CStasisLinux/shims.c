@@ -2,7 +2,14 @@
 #include "CStasisLinux.h"
 
 #include <fcntl.h>
+#include <unistd.h>
 
 int stasis_punch_hole(int fd, int64_t offset, int64_t length) {
     return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length);
 }
+
+int stasis_start_writeback(int fd, int64_t offset, int64_t length) {
+    return sync_file_range(fd, (off_t)offset, (off_t)length, SYNC_FILE_RANGE_WRITE);
+}
+
+int stasis_syncfs(int fd) { return syncfs(fd); }

@@ -183,7 +183,6 @@ public struct DumpOperation {
         timings.hash = watch.seconds
         let syncWatch = Stopwatch()
         for name in whole { try FileSystem.fsync(path: staging.path + "/" + name) }
-        try store.syncDirectories()
         timings.sync = syncWatch.seconds
         let files = (hashed.map { Manifest.FileEntry(path: $0.path, size: $0.size, sha256: $0.sha256, segments: $0.segments) }
             + chunked.map { Manifest.FileEntry(path: $0.key, size: $0.value.size, sha256: ChunkDigest.ofFile(chunks: $0.value.chunks), chunks: $0.value.chunks) })

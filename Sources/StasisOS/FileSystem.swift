@@ -140,6 +140,18 @@ public enum FileSystem {
         stasis_punch_hole(fd, Int64(offset), Int64(length)) == 0
     }
 
+    /// Starts writing a byte range of an open file back to disk, without waiting.
+    public static func startWriteback(_ fd: Int32, offset: UInt64, length: UInt64) {
+        _ = stasis_start_writeback(fd, Int64(offset), Int64(length))
+    }
+
+    /// Makes everything written to the filesystem holding `path` durable (syncfs).
+    public static func syncFilesystem(of path: String) throws {
+        let fd = try openDirectory(path)
+        defer { close(fd) }
+        guard stasis_syncfs(fd) == 0 else { throw systemError("cannot sync the filesystem of", path) }
+    }
+
     public static func removeTree(_ path: String) {
         try? FileManager.default.removeItem(atPath: path)
     }

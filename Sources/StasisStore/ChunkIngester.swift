@@ -6,7 +6,8 @@ import StasisOS
 /// Cuts files into chunks and puts them in a store, on every core, while another process (CRIU) is still
 /// writing them front to back: a chunk is taken as soon as its bytes exist, so when the writer finishes only
 /// the tails are left. Reading, hashing, compressing and writing overlap across the workers; memory stays
-/// bounded at two chunk-sized buffers per worker.
+/// bounded at two chunk-sized buffers per worker. New chunks become visible in the store at `finish`, all
+/// made durable by one syncfs (see `ChunkStore.Batch`).
 public final class ChunkIngester: @unchecked Sendable {
     /// A file as chunks: `chunks[i]` is the digest of bytes [i * chunkSize, ...), "" for a chunk of zeros.
     public struct File: Sendable {
@@ -37,6 +38,7 @@ public final class ChunkIngester: @unchecked Sendable {
     private let follows: @Sendable (String) -> Bool
     private let chunkSize: Int
     private let releaseIngested: Bool
+    private let batch: ChunkStore.Batch
     private let condition = NSCondition()
     private var queue: [Job] = []
     private var closed = false
@@ -58,6 +60,7 @@ public final class ChunkIngester: @unchecked Sendable {
                 threads: Int = ProcessInfo.processInfo.activeProcessorCount, releaseIngested: Bool = false,
                 follows: @escaping @Sendable (String) -> Bool) {
         self.releaseIngested = releaseIngested
+        self.batch = ChunkStore.Batch(store: store)
         self.directory = directory
         self.store = store
         self.codec = codec
@@ -96,7 +99,16 @@ public final class ChunkIngester: @unchecked Sendable {
         for fd in descriptors.values { close(fd) }
         descriptors = [:]
         condition.unlock()
-        if let error { throw error }
+        if let error {
+            batch.abandon()
+            throw error
+        }
+        do {
+            try batch.commit()
+        } catch {
+            batch.abandon()
+            throw error
+        }
         var out: [String: File] = [:]
         for (name, chunks) in result {
             let size = FileSystem.size(directory + "/" + name) ?? 0
@@ -116,6 +128,7 @@ public final class ChunkIngester: @unchecked Sendable {
         for fd in descriptors.values { close(fd) }
         descriptors = [:]
         condition.unlock()
+        batch.abandon()
     }
 
     private func stopFollowing() {
@@ -197,7 +210,7 @@ public final class ChunkIngester: @unchecked Sendable {
                 let zero = ChunkDigest.isZero(view)
                 if !zero {
                     digest = ChunkDigest.hex(view)
-                    put = try store.put(view, digest: digest, codec: codec, scratch: scratch)
+                    put = try store.put(view, digest: digest, codec: codec, scratch: scratch, batch: batch)
                 }
                 if releaseIngested {
                     // Best effort: a filesystem without hole punching keeps the bytes until the file is deleted.

@@ -8,4 +8,11 @@
 /// FALLOC_FL_PUNCH_HOLE. Returns 0, or -1 with errno set.
 int stasis_punch_hole(int fd, int64_t offset, int64_t length);
 
+/// Starts the kernel's writeback of [offset, offset + length) of fd without waiting for it:
+/// sync_file_range(2) with SYNC_FILE_RANGE_WRITE. Returns 0, or -1 with errno set.
+int stasis_start_writeback(int fd, int64_t offset, int64_t length);
+
+/// Flushes every dirty page of the filesystem holding fd and waits for it: syncfs(2).
+int stasis_syncfs(int fd);
+
 #endif

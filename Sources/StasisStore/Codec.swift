@@ -9,8 +9,10 @@ public enum Codec: Sendable, Equatable, CustomStringConvertible {
     case lz4
     case zstd(level: Int32)
 
-    /// The default, from bench/store-throughput.sh: lz4 keeps ingest at disk speed on few cores, and
-    /// CRIU's memory images (mostly code, heaps and zero-filled pages) lose about as much with it as with zstd -1.
+    /// The default: lz4, the fastest to ingest (bench/store-throughput.sh, 2 cores: 1.26 GB/s on a Python
+    /// process's images against 0.95 for zstd:1), because chunking competes with the job's frozen window.
+    /// zstd:1 stores about a quarter less on those images at the same rebuild speed: `--compress zstd:1`
+    /// when space matters more than dump time. To be rechecked on GPU checkpoints (docs/BENCHMARKS.md).
     public static let standard = Codec.lz4
 
     /// Parses `none`, `lz4`, `zstd` (level 3) or `zstd:N` (1...19).

@@ -298,5 +298,43 @@ extension Integration {
             #expect(!FileSystem.exists(mountPoint + "/image"))
             #expect(workload.verify().hasPrefix("PASS"))
         }
+
+        /// A tiny tmpfs, unmounted when the test ends.
+        func tinyFilesystem(_ name: String) throws -> (String, () -> Void) {
+            let mountPoint = Harness.scratch(name)
+            let mount = try Harness.run("/bin/mount", ["-t", "tmpfs", "-o", "size=4m", "tmpfs", mountPoint])
+            try #require(mount.succeeded, "cannot mount a tmpfs: \(mount.stderr)")
+            return (mountPoint, { _ = try? Harness.run("/bin/umount", [mountPoint]) })
+        }
+
+        /// A chunk store that fills up during the dump: a clear error, no checkpoint, the job runs on.
+        @Test func fullStoreIsReportedAndTheJobRunsOn() throws {
+            let (store, unmount) = try tinyFilesystem("tiny-store")
+            defer { unmount() }
+            let workload = try Workload("counter", ["--mem", "32"])
+            defer { workload.stop() }
+            let checkpoint = Harness.scratch("full-store") + "/image"
+            let result = try Harness.stasis(["dump", "\(workload.pid)", "-D", checkpoint], environment: ["STASIS_STORE": store])
+            #expect(result.status == 1)
+            #expect(result.stderr.contains("the chunk store ran out of space"), "\(result.stderr)")
+            #expect(!FileSystem.exists(checkpoint))
+            #expect(workload.verify().hasPrefix("PASS"))
+        }
+
+        /// No room to rebuild the memory images for CRIU: refused before anything starts, with the way out.
+        @Test func restoreWithoutRoomToRebuildIsRefused() throws {
+            let (rebuild, unmount) = try tinyFilesystem("tiny-rebuild")
+            defer { unmount() }
+            let workload = try Workload("counter", ["--mem", "32"])
+            defer { workload.stop() }
+            let checkpoint = Harness.scratch("rebuild") + "/image"
+            #expect(try Harness.stasis("dump", "\(workload.pid)", "-D", checkpoint).succeeded)
+            #expect(Harness.waitGone(workload.pid))
+            let result = try Harness.stasis("restore", "-D", checkpoint, "--rebuild-dir", rebuild)
+            #expect(result.status == 1)
+            #expect(result.stderr.contains("rebuilding the memory images for CRIU needs") && result.stderr.contains("--rebuild-dir"), "\(result.stderr)")
+            #expect(!ProcFS.exists(workload.pid))
+            #expect(((try? FileManager.default.contentsOfDirectory(atPath: rebuild)) ?? []).isEmpty)
+        }
     }
 }

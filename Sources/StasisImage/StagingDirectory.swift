@@ -20,7 +20,7 @@ public final class StagingDirectory {
             throw StasisError(.directoryNotEmpty, "\(self.destination) already exists and is not empty",
                               hint: "choose a new directory, or remove the old checkpoint first")
         }
-        Self.removeAbandoned(near: self.destination)
+        FileSystem.removeAbandonedPartials(of: self.destination)
         path = try FileSystem.makeStagingSibling(of: self.destination, owner: getpid())
     }
 
@@ -44,17 +44,5 @@ public final class StagingDirectory {
         }
         FileSystem.removeTree(path)
         return kept
-    }
-
-    /// Removes `.NAME.partial-PID-*` siblings whose PID no longer runs.
-    static func removeAbandoned(near destination: String) {
-        let url = URL(fileURLWithPath: destination)
-        let parent = url.deletingLastPathComponent().path
-        let prefix = ".\(url.lastPathComponent).partial-"
-        guard let names = try? FileManager.default.contentsOfDirectory(atPath: parent) else { return }
-        for name in names where name.hasPrefix(prefix) {
-            let owner = name.dropFirst(prefix.count).split(separator: "-").first.flatMap { Int32($0) }
-            if let owner, !ProcFS.isLive(owner) { FileSystem.removeTree(parent + "/" + name) }
-        }
     }
 }

@@ -55,6 +55,19 @@ public enum FileSystem {
         return staging
     }
 
+    /// Removes `.NAME.partial-PID-*` siblings of `destination` (staging directories, or files being written)
+    /// whose writer PID no longer runs: what a killed dump or export left behind.
+    public static func removeAbandonedPartials(of destination: String) {
+        let url = URL(fileURLWithPath: destination).standardizedFileURL
+        let parent = url.deletingLastPathComponent().path
+        let prefix = ".\(url.lastPathComponent).partial-"
+        guard let names = try? FileManager.default.contentsOfDirectory(atPath: parent) else { return }
+        for name in names where name.hasPrefix(prefix) {
+            let owner = name.dropFirst(prefix.count).split(separator: "-").first.flatMap { Int32($0) }
+            if let owner, !ProcFS.isLive(owner) { removeTree(parent + "/" + name) }
+        }
+    }
+
     /// Opens a directory for use as a descriptor (for CRIU's images_dir_fd, or for fsync).
     public static func openDirectory(_ path: String) throws -> Int32 {
         let fd = retryingEINTR { open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC) }

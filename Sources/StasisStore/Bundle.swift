@@ -467,6 +467,7 @@ final class BundleOutput {
         guard FileSystem.isDirectory(parent) else {
             throw StasisError(.invalidArgument, "\(parent) is not a directory", hint: "create it first")
         }
+        FileSystem.removeAbandonedPartials(of: url.path)
         let temporary = "\(parent)/.\(url.lastPathComponent).partial-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         let fd = retryingEINTR { open(temporary, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600) }
         guard fd >= 0 else { throw systemError("cannot create", temporary) }

@@ -4,6 +4,7 @@ import StasisCRIU
 import StasisCore
 import StasisGPU
 import StasisOS
+import StasisStore
 
 /// `stasis check`: what this machine can do, and how to fix what it cannot.
 public struct CheckOperation {
@@ -22,10 +23,20 @@ public struct CheckOperation {
             public var hint: String?
             public var warnings: [String] = []
         }
+        /// The chunk store new checkpoints go to, and room on its filesystem.
+        public struct Store: Codable, Sendable {
+            public var path: String
+            public var exists: Bool
+            public var checkpoints: Int?
+            public var chunks: Int?
+            public var chunkBytes: UInt64?
+            public var freeBytes: UInt64?
+        }
         public var kernel: String
         public var root: Bool
         public var criu: CRIU
         public var gpu: GPUReport
+        public var store: Store
         /// True when CPU checkpoint/restore works here.
         public var ready: Bool
     }
@@ -68,8 +79,26 @@ public struct CheckOperation {
         if root == false, criu.problem == nil {
             criu.hint = "run stasis as root: CRIU needs CAP_SYS_ADMIN"
         }
-        return Report(kernel: host.kernel, root: root, criu: criu, gpu: GPUReport.probe(),
+        return Report(kernel: host.kernel, root: root, criu: criu, gpu: GPUReport.probe(), store: Self.storeReport(),
                       ready: criu.found && criu.kernelCheck == true && root)
+    }
+
+    static func storeReport() -> Report.Store {
+        let path = ChunkStore.resolve(nil, recorded: nil)
+        var report = Report.Store(path: path, exists: false)
+        if let store = try? ChunkStore(path: path, create: false) {
+            let catalog = StoreCatalog(store: store)
+            let usage = catalog.usage()
+            report.exists = true
+            report.checkpoints = (try? catalog.entries())?.count
+            (report.chunks, report.chunkBytes) = (usage.chunks, usage.bytes)
+        }
+        // Free space where the store is, or would be created.
+        var probe = path
+        while !FileSystem.exists(probe), probe != "/" { probe = URL(fileURLWithPath: probe).deletingLastPathComponent().path }
+        var fs = statvfs()
+        if statvfs(probe, &fs) == 0 { report.freeBytes = UInt64(fs.f_bavail) * UInt64(fs.f_frsize) }
+        return report
     }
 
     /// Combinations of CRIU and kernel known to fail on some processes, from what we saw.

@@ -39,6 +39,13 @@ struct CheckCommand: ParsableCommand {
             }
             if let problem = gpu.problem, gpu.driverLoaded { print("         problem: \(problem)") }
             if let hint = gpu.hint { print("         fix: \(hint)") }
+            let store = report.store
+            let free = store.freeBytes.map { ", \(Format.bytes($0)) free there" } ?? ""
+            if store.exists {
+                print("store:   \(store.path): \(store.checkpoints.map { "\($0) checkpoint\($0 == 1 ? "" : "s")" } ?? "unreadable catalog"), \(store.chunks ?? 0) chunks, \(Format.bytes(store.chunkBytes ?? 0))\(free)")
+            } else {
+                print("store:   \(store.path) (created by the first dump)\(free)")
+            }
             print("ready:   \(report.ready ? "yes" : "no")")
         }
         if !report.ready { throw ExitCode.failure }

@@ -65,10 +65,7 @@ public enum BundleOperation {
                 }
             }
             let statistics = try reader.extract(into: staging.path, store: store)
-            if let store {
-                manifest.store!.path = store.path
-                try store.syncDirectories()
-            }
+            if let store { manifest.store!.path = store.path }
             try FileSystem.writeAtomically(try Manifest.encoder().encode(manifest), to: staging.path + "/" + Manifest.fileName)
             if let store {
                 // Listed before the directory appears, so that from then on gc keeps its chunks.

@@ -36,7 +36,7 @@ public enum Checkpoint {
 
     /// The chunked files of a manifest, as the store reads them.
     public static func chunkedItems(_ manifest: Manifest) -> [ChunkedFiles.Item] {
-        manifest.files.compactMap { entry in entry.chunks.map { ChunkedFiles.Item(path: entry.path, size: entry.size, chunks: $0) } }
+        manifest.files.compactMap(ChunkedFiles.Item.init)
     }
 
     /// Checks every file against the manifest: the set of whole files first (missing, unexpected), then sizes,
@@ -47,9 +47,8 @@ public enum Checkpoint {
         let watch = Stopwatch()
         let wholeFiles = manifest.files.filter { $0.chunks == nil }
         for entry in manifest.files {
-            if let list = entry.chunks, ChunkDigest.ofFile(chunks: list) != entry.sha256 {
-                throw StasisError(.integrity, "\(directory)/\(Manifest.fileName): the chunk list of \(entry.path) does not match its SHA-256",
-                                  hint: "the manifest was edited or damaged")
+            if let problem = ChunkedFiles.problem(with: entry, chunkSize: manifest.store?.chunkSize ?? ChunkStore.chunkSize) {
+                throw StasisError(.integrity, "\(directory)/\(Manifest.fileName): \(problem)", hint: "the manifest was edited or damaged")
             }
         }
         let chunkedBytes: UInt64

@@ -29,6 +29,36 @@ public enum SegmentedDigest {
     }
 
     public static func segmentCount(size: UInt64) -> Int { max(1, Int((size + segmentSize - 1) / segmentSize)) }
+
+    /// The same digest computed front to back, for bytes that stream past once (bundles).
+    public struct Streaming {
+        private var completed: [SHA256.Digest] = []
+        private var current = SHA256()
+        private var inSegment: UInt64 = 0
+
+        public init() {}
+
+        public mutating func update(_ bytes: UnsafeRawBufferPointer) {
+            var rest = bytes
+            while !rest.isEmpty {
+                let take = Int(min(UInt64(rest.count), segmentSize - inSegment))
+                current.update(bufferPointer: UnsafeRawBufferPointer(rebasing: rest[0..<take]))
+                inSegment += UInt64(take)
+                rest = UnsafeRawBufferPointer(rebasing: rest[take...])
+                if inSegment == segmentSize {
+                    completed.append(current.finalize())
+                    current = SHA256()
+                    inSegment = 0
+                }
+            }
+        }
+
+        public mutating func finish() -> String {
+            // An empty file is one empty segment; a file ending on a boundary has no extra one.
+            if inSegment > 0 || completed.isEmpty { completed.append(current.finalize()) }
+            return combine(completed)
+        }
+    }
 }
 
 /// A read buffer for hashing; the caller owns and frees it.

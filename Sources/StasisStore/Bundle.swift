@@ -75,13 +75,11 @@ public enum CheckpointBundle {
                 var seen = Set<String>()
                 for entry in chunked {
                     for (index, digest) in entry.chunks!.enumerated() where !digest.isEmpty && seen.insert(digest).inserted {
-                        let place = chunkPlace(entry, index: index, chunkSize: chunkSize, checkpoint: directory)
+                        let place = ChunkedFiles.Item(entry)!.place(index, chunkSize: chunkSize, checkpoint: directory)
                         // read checks header, length, decoding and SHA-256, and leaves the chunk file in scratch.
-                        try store.read(digest, into: UnsafeMutableRawBufferPointer(rebasing: plain[0..<place.length]), scratch: scratch, place: place)
-                        guard let stored = FileSystem.size(store.chunkPath(digest)), stored < UInt64(scratch.count) else {
-                            throw systemError("cannot stat", store.chunkPath(digest))
-                        }
-                        try output.record(.chunk, name: digest, payload: UnsafeRawBufferPointer(rebasing: scratch[0..<Int(stored)]))
+                        let stored = try store.read(digest, into: UnsafeMutableRawBufferPointer(rebasing: plain[0..<place.length]),
+                                                    scratch: scratch, place: place)
+                        try output.record(.chunk, name: digest, payload: UnsafeRawBufferPointer(rebasing: scratch[0..<stored]))
                         chunks += 1
                     }
                 }
@@ -111,7 +109,7 @@ public enum CheckpointBundle {
         }
         defer { close(fd) }
         try output.header(.file, name: entry.path, length: entry.size)
-        var hasher = SegmentedHasher()
+        var hasher = SegmentedDigest.Streaming()
         var done: UInt64 = 0
         while done < entry.size {
             let want = Int(min(UInt64(buffer.count), entry.size - done))
@@ -193,7 +191,7 @@ public enum CheckpointBundle {
             var places: [String: ChunkStore.Place] = [:]
             for entry in manifest.files {
                 for (index, digest) in (entry.chunks ?? []).enumerated() where !digest.isEmpty && places[digest] == nil {
-                    places[digest] = chunkPlace(entry, index: index, chunkSize: chunkSize, checkpoint: path)
+                    places[digest] = ChunkedFiles.Item(entry)!.place(index, chunkSize: chunkSize, checkpoint: path)
                 }
             }
             if !places.isEmpty && store == nil {
@@ -205,6 +203,10 @@ public enum CheckpointBundle {
             defer { buffer.deallocate(); plain.deallocate(); scratch.deallocate() }
             var statistics = ImportStatistics()
             var seenFiles = Set<String>(), seenChunks = Set<String>()
+            // The chunks get their names together once all is checked, after one syncfs, as a dump's do.
+            let batch = store.map { ChunkStore.Batch(store: $0) }
+            var committed = false
+            defer { if !committed { batch?.abandon() } }
             while true {
                 let before = input.hasher  // the end record's digest covers everything up to its own first byte
                 guard let record = try Self.nextRecord(input, number: &records) else {
@@ -232,16 +234,16 @@ public enum CheckpointBundle {
                     let bytes = UnsafeMutableRawBufferPointer(rebasing: scratch[0..<Int(record.length)])
                     guard try input.read(into: bytes) else { throw record.truncated(in: path, at: input.offset) }
                     let output = UnsafeMutableRawBufferPointer(rebasing: plain[0..<place.length])
-                    if let why = CheckpointBundle.checkChunk(UnsafeRawBufferPointer(bytes), digest: record.name, into: output) {
+                    if let why = ChunkStore.decode(UnsafeRawBufferPointer(bytes), digest: record.name, into: output) {
                         throw record.damaged(in: path, "\(why) (it holds \(Self.describe(place)))")
                     }
                     statistics.chunks += 1
-                    if store.contains(record.name) {
-                        statistics.reusedChunks += 1
-                    } else {
-                        try store.writeChunkFile(UnsafeRawBufferPointer(bytes), to: store.chunkPath(record.name))
+                    let put = try store.putFile(UnsafeRawBufferPointer(bytes), digest: record.name, batch: batch)
+                    if put.isNew {
                         statistics.newChunks += 1
-                        statistics.storedBytes += record.length
+                        statistics.storedBytes += put.storedBytes
+                    } else {
+                        statistics.reusedChunks += 1
                     }
                 case .end:
                     var digest = [UInt8](repeating: 0, count: 32)
@@ -260,6 +262,8 @@ public enum CheckpointBundle {
                                           hint: "export the checkpoint again")
                     }
                     try FileSystem.fsync(path: directory)
+                    try batch?.commit()
+                    committed = true
                     return statistics
                 }
             }
@@ -280,7 +284,7 @@ public enum CheckpointBundle {
             let fd = retryingEINTR { open(target, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600) }
             guard fd >= 0 else { throw systemError("cannot create", target) }
             defer { close(fd) }
-            var hasher = SegmentedHasher()
+            var hasher = SegmentedDigest.Streaming()
             var left = record.length
             while left > 0 {
                 let piece = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<Int(min(UInt64(buffer.count), left))])
@@ -376,74 +380,10 @@ public enum CheckpointBundle {
                   parts.allSatisfy({ !$0.isEmpty && $0 != "." && $0 != ".." }), paths.insert(entry.path).inserted else {
                 throw refuse("the file name '\(entry.path)' is not a plain relative path, or appears twice")
             }
-            guard let chunks = entry.chunks else { continue }
+            guard entry.chunks != nil else { continue }
             guard let info = manifest.store else { throw refuse("\(entry.path) has chunks but the manifest names no store") }
-            let size = UInt64(info.chunkSize)
-            guard UInt64(chunks.count) == entry.size / size + (entry.size % size == 0 ? 0 : 1), ChunkDigest.ofFile(chunks: chunks) == entry.sha256,
-                  chunks.allSatisfy({ $0.isEmpty || isDigest($0) }) else {
-                throw refuse("the chunk list of \(entry.path) does not match its size or SHA-256")
-            }
+            if let problem = ChunkedFiles.problem(with: entry, chunkSize: info.chunkSize) { throw refuse(problem) }
         }
-    }
-
-    static func isDigest(_ text: String) -> Bool {
-        text.utf8.count == 64 && text.utf8.allSatisfy { (0x30...0x39).contains($0) || (0x61...0x66).contains($0) }
-    }
-
-    /// Where the first use of chunk `index` of `entry` lies, with its plain length.
-    static func chunkPlace(_ entry: Manifest.FileEntry, index: Int, chunkSize: Int, checkpoint: String) -> ChunkStore.Place {
-        let offset = UInt64(index) * UInt64(chunkSize)
-        return ChunkStore.Place(checkpoint: checkpoint, file: entry.path, offset: offset,
-                                length: Int(min(UInt64(chunkSize), entry.size - offset)))
-    }
-
-    /// Checks a chunk file held in memory as ChunkStore.read checks one on disk: header, plain length, decoding,
-    /// SHA-256. Decodes into `plain` (exactly the expected length). Returns what is wrong, or nil.
-    static func checkChunk(_ file: UnsafeRawBufferPointer, digest: String, into plain: UnsafeMutableRawBufferPointer) -> String? {
-        guard file.count >= ChunkStore.headerSize, Array(file[0..<4]) == ChunkStore.magic, file[4] == 1 else { return "no chunk header" }
-        let plainLength = Int(UInt32(file[8]) | UInt32(file[9]) << 8 | UInt32(file[10]) << 16 | UInt32(file[11]) << 24)
-        guard plainLength == plain.count else { return "it holds \(plainLength) bytes, the manifest expects \(plain.count)" }
-        guard Codec.decompress(tag: file[5], UnsafeRawBufferPointer(rebasing: file[ChunkStore.headerSize...]), into: plain) else {
-            return "its \(Codec.name(tag: file[5])) data does not decode"
-        }
-        guard ChunkDigest.hex(UnsafeRawBufferPointer(plain)) == digest else { return "its content does not match its SHA-256" }
-        return nil
-    }
-}
-
-extension StoreCatalog {
-    /// The listed checkpoint with this id, if any (an entry that does not parse counts as none).
-    public func entry(id: String) -> Entry? {
-        guard let data = try? FileSystem.readFile(entryPath(id)) else { return nil }
-        return try? Manifest.decoder().decode(Entry.self, from: data)
-    }
-}
-
-/// SHA-256 the way the manifest records a whole file (SegmentedDigest), computed front to back.
-struct SegmentedHasher {
-    private var completed: [SHA256.Digest] = []
-    private var current = SHA256()
-    private var inSegment: UInt64 = 0
-
-    mutating func update(_ bytes: UnsafeRawBufferPointer) {
-        var rest = bytes
-        while !rest.isEmpty {
-            let take = Int(min(UInt64(rest.count), SegmentedDigest.segmentSize - inSegment))
-            current.update(bufferPointer: UnsafeRawBufferPointer(rebasing: rest[0..<take]))
-            inSegment += UInt64(take)
-            rest = UnsafeRawBufferPointer(rebasing: rest[take...])
-            if inSegment == SegmentedDigest.segmentSize {
-                completed.append(current.finalize())
-                current = SHA256()
-                inSegment = 0
-            }
-        }
-    }
-
-    mutating func finish() -> String {
-        // An empty file is one empty segment; a file ending on a boundary has no extra one.
-        if inSegment > 0 || completed.isEmpty { completed.append(current.finalize()) }
-        return SegmentedDigest.combine(completed)
     }
 }
 

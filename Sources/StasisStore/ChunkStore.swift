@@ -47,8 +47,6 @@ public final class ChunkStore: Sendable {
 
     func chunkPath(_ digest: String) -> String { "\(path)/chunks/\(digest.prefix(2))/\(digest)" }
 
-    public func contains(_ digest: String) -> Bool { FileSystem.exists(chunkPath(digest)) }
-
     // MARK: writing
 
     public struct PutResult: Sendable {
@@ -109,13 +107,7 @@ public final class ChunkStore: Sendable {
     /// commit) or, without one, durably at once. `scratch` must hold `headerSize + codec.bound(plain.count)` bytes.
     func put(_ plain: UnsafeRawBufferPointer, digest: String, codec: Codec, scratch: UnsafeMutableRawBufferPointer,
              batch: Batch? = nil) throws -> PutResult {
-        let target = chunkPath(digest)
-        if FileSystem.exists(target) {
-            // Fresh mtime: gc's grace period then spares a chunk a running dump has just decided to reuse.
-            utimensat(AT_FDCWD, target, nil, 0)
-            return PutResult(isNew: false, storedBytes: 0)
-        }
-        if let batch, !batch.claim(digest) { return PutResult(isNew: false, storedBytes: 0) }
+        guard claim(digest, batch: batch) else { return PutResult(isNew: false, storedBytes: 0) }
         let payload = UnsafeMutableRawBufferPointer(rebasing: scratch[Self.headerSize...])
         let (tag, length): (UInt8, Int)
         if let compressed = codec.compress(plain, into: payload) {
@@ -126,12 +118,36 @@ public final class ChunkStore: Sendable {
         }
         Self.writeHeader(into: scratch, tag: tag, plainLength: plain.count)
         let bytes = UnsafeRawBufferPointer(rebasing: scratch[0..<(Self.headerSize + length)])
+        try store(bytes, digest: digest, batch: batch)
+        return PutResult(isNew: true, storedBytes: UInt64(bytes.count))
+    }
+
+    /// Stores a complete chunk file (header and payload, checked by the caller) under `digest` unless the
+    /// store or `batch` has it already: how imports add the chunks a bundle carries.
+    func putFile(_ bytes: UnsafeRawBufferPointer, digest: String, batch: Batch?) throws -> PutResult {
+        guard claim(digest, batch: batch) else { return PutResult(isNew: false, storedBytes: 0) }
+        try store(bytes, digest: digest, batch: batch)
+        return PutResult(isNew: true, storedBytes: UInt64(bytes.count))
+    }
+
+    /// True when `digest` is this writer's to write: the store lacks it and `batch` has not claimed it.
+    private func claim(_ digest: String, batch: Batch?) -> Bool {
+        let target = chunkPath(digest)
+        if FileSystem.exists(target) {
+            // Fresh mtime: gc's grace period then spares a chunk a running dump has just decided to reuse.
+            utimensat(AT_FDCWD, target, nil, 0)
+            return false
+        }
+        return batch?.claim(digest) ?? true
+    }
+
+    /// Into `batch` (named at its commit), or without one durably under its name at once.
+    private func store(_ bytes: UnsafeRawBufferPointer, digest: String, batch: Batch?) throws {
         if let batch {
             batch.written(digest, at: try writeTemporary(bytes, digest: digest, sync: false))
         } else {
-            try writeChunkFile(bytes, to: target)
+            try writeChunkFile(bytes, to: chunkPath(digest))
         }
-        return PutResult(isNew: true, storedBytes: UInt64(bytes.count))
     }
 
     static func writeHeader(into buffer: UnsafeMutableRawBufferPointer, tag: UInt8, plainLength: Int) {
@@ -195,13 +211,6 @@ public final class ChunkStore: Sendable {
         return systemError(action, subject)
     }
 
-    /// fsyncs the chunk directories, so that the names of new chunks are durable before a manifest uses them.
-    public func syncDirectories() throws {
-        for directory in ["/chunks", "/checkpoints"] { try FileSystem.fsync(path: path + directory) }
-        let names = (try? FileManager.default.contentsOfDirectory(atPath: path + "/chunks")) ?? []
-        for name in names { try FileSystem.fsync(path: path + "/chunks/" + name) }
-    }
-
     // MARK: reading
 
     /// Where a chunk belongs, for error messages: the checkpoint, the file and the byte range.
@@ -213,9 +222,10 @@ public final class ChunkStore: Sendable {
         var text: String { "\(checkpoint)/\(file) bytes \(offset)..<\(offset + UInt64(length))" }
     }
 
-    /// Reads chunk `digest` into `output` (exactly its plain length), checking its header, its length and its
-    /// SHA-256. `scratch` holds the chunk file while it is decoded (headerSize + bound bytes).
-    func read(_ digest: String, into output: UnsafeMutableRawBufferPointer, scratch: UnsafeMutableRawBufferPointer, place: Place) throws {
+    /// Reads chunk `digest` into `output` (exactly its plain length), checking it (`decode`). `scratch` holds
+    /// the chunk file while it is decoded (headerSize + bound bytes); returns the chunk file's size.
+    @discardableResult
+    func read(_ digest: String, into output: UnsafeMutableRawBufferPointer, scratch: UnsafeMutableRawBufferPointer, place: Place) throws -> Int {
         let file = chunkPath(digest)
         let fd = retryingEINTR { open(file, O_RDONLY | O_CLOEXEC) }
         guard fd >= 0 else {
@@ -233,37 +243,54 @@ public final class ChunkStore: Sendable {
             if got == 0 { break }
             total += got
         }
-        let damaged = { (why: String) in
-            StasisError(.integrity, "chunk \(digest) of \(place.text) is damaged in the store \(self.path): \(why)",
-                        hint: "restore from another copy of the checkpoint")
+        guard total < scratch.count else { throw damaged(digest, place, "longer than any valid chunk") }
+        if let why = Self.decode(UnsafeRawBufferPointer(rebasing: scratch[0..<total]), digest: digest, into: output) {
+            throw damaged(digest, place, why)
         }
-        guard total >= Self.headerSize, Array(scratch[0..<4]) == Self.magic, scratch[4] == 1 else { throw damaged("no chunk header") }
-        let plainLength = Int(UInt32(scratch[8]) | UInt32(scratch[9]) << 8 | UInt32(scratch[10]) << 16 | UInt32(scratch[11]) << 24)
-        guard plainLength == output.count else { throw damaged("it holds \(plainLength) bytes, the manifest expects \(output.count)") }
-        guard total < scratch.count else { throw damaged("longer than any valid chunk") }
-        let payload = UnsafeRawBufferPointer(rebasing: scratch[Self.headerSize..<total])
-        guard Codec.decompress(tag: scratch[5], payload, into: output) else {
-            throw damaged("its \(Codec.name(tag: scratch[5])) data does not decode (truncated or corrupt)")
+        return total
+    }
+
+    private func damaged(_ digest: String, _ place: Place, _ why: String) -> StasisError {
+        StasisError(.integrity, "chunk \(digest) of \(place.text) is damaged in the store \(path): \(why)",
+                    hint: "restore from another copy of the checkpoint")
+    }
+
+    /// The plain length a chunk file's header gives, or nil when `file` does not start with a chunk header.
+    static func plainLength(ofChunkFile file: UnsafeRawBufferPointer) -> Int? {
+        guard file.count >= headerSize, Array(file[0..<4]) == magic, file[4] == 1 else { return nil }
+        return Int(UInt32(file[8]) | UInt32(file[9]) << 8 | UInt32(file[10]) << 16 | UInt32(file[11]) << 24)
+    }
+
+    /// Checks a whole chunk file held in memory (header, plain length, decoding, SHA-256), decoding it into
+    /// `output` (exactly the expected plain length). Returns what is wrong, or nil. Every reader of chunks
+    /// (restore, verify, export, import) goes through it.
+    static func decode(_ file: UnsafeRawBufferPointer, digest: String, into output: UnsafeMutableRawBufferPointer) -> String? {
+        guard let plainLength = plainLength(ofChunkFile: file) else { return "no chunk header" }
+        guard plainLength == output.count else { return "it holds \(plainLength) bytes, the manifest expects \(output.count)" }
+        guard Codec.decompress(tag: file[5], UnsafeRawBufferPointer(rebasing: file[headerSize...]), into: output) else {
+            return "its \(Codec.name(tag: file[5])) data does not decode (truncated or corrupt)"
         }
-        guard ChunkDigest.hex(UnsafeRawBufferPointer(output)) == digest else { throw damaged("its content does not match its SHA-256") }
+        return ChunkDigest.hex(UnsafeRawBufferPointer(output)) == digest ? nil : "its content does not match its SHA-256"
     }
 
     /// Checks one chunk file on its own (decodes it and compares its SHA-256 with its name), for audits of a
     /// store whatever checkpoints use it.
     public func check(_ digest: String) throws {
         let file = chunkPath(digest)
-        guard let handle = FileHandle(forReadingAtPath: file), let header = try handle.read(upToCount: Self.headerSize),
-              header.count == Self.headerSize else {
-            throw StasisError(.integrity, "chunk \(digest) in the store \(path) is missing or has no header")
+        guard let data = FileManager.default.contents(atPath: file) else {
+            throw StasisError(.integrity, "chunk \(digest) is missing from the store \(path)")
         }
-        try? handle.close()
-        let plainLength = Int(header[8]) | Int(header[9]) << 8 | Int(header[10]) << 16 | Int(header[11]) << 24
-        guard plainLength <= Self.chunkSize else { throw StasisError(.integrity, "chunk \(digest) in the store \(path) claims \(plainLength) bytes") }
-        let output = UnsafeMutableRawBufferPointer.allocate(byteCount: max(1, plainLength), alignment: 16)
-        let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.scratchSize(), alignment: 16)
-        defer { output.deallocate(); scratch.deallocate() }
-        try read(digest, into: UnsafeMutableRawBufferPointer(rebasing: output[0..<plainLength]), scratch: scratch,
-                 place: Place(checkpoint: path, file: "chunks", offset: 0, length: plainLength))
+        try data.withUnsafeBytes { bytes in
+            let length = Self.plainLength(ofChunkFile: bytes) ?? 0
+            let output = UnsafeMutableRawBufferPointer.allocate(byteCount: max(1, length), alignment: 16)
+            defer { output.deallocate() }
+            if length > Self.chunkSize {
+                throw StasisError(.integrity, "chunk \(digest) in the store \(path) claims \(length) bytes")
+            }
+            if let why = Self.decode(bytes, digest: digest, into: UnsafeMutableRawBufferPointer(rebasing: output[0..<length])) {
+                throw StasisError(.integrity, "chunk \(digest) in the store \(path) is damaged: \(why)")
+            }
+        }
     }
 
     /// The digests of every chunk file in the store.

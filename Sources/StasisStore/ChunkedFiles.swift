@@ -14,6 +14,34 @@ public enum ChunkedFiles {
             self.size = size
             self.chunks = chunks
         }
+
+        /// A manifest entry's chunks; nil for a whole file.
+        public init?(_ entry: Manifest.FileEntry) {
+            guard let chunks = entry.chunks else { return nil }
+            self.init(path: entry.path, size: entry.size, chunks: chunks)
+        }
+
+        /// Where chunk `index` lies in the file.
+        func place(_ index: Int, chunkSize: Int, checkpoint: String) -> ChunkStore.Place {
+            let offset = UInt64(index) * UInt64(chunkSize)
+            return ChunkStore.Place(checkpoint: checkpoint, file: path, offset: offset, length: Int(min(UInt64(chunkSize), size - offset)))
+        }
+    }
+
+    /// What is wrong with a manifest entry's chunk list (count against size, names, the file's SHA-256), or nil.
+    public static func problem(with entry: Manifest.FileEntry, chunkSize: Int) -> String? {
+        guard let chunks = entry.chunks else { return nil }
+        let size = UInt64(chunkSize)
+        guard UInt64(chunks.count) == (entry.size + size - 1) / size else {
+            return "the manifest lists \(chunks.count) chunks for the \(entry.size) bytes of \(entry.path)"
+        }
+        guard chunks.allSatisfy({ $0.isEmpty || isDigest($0) }) else { return "a chunk of \(entry.path) is not named by a SHA-256" }
+        guard ChunkDigest.ofFile(chunks: chunks) == entry.sha256 else { return "the chunk list of \(entry.path) does not match its SHA-256" }
+        return nil
+    }
+
+    static func isDigest(_ text: String) -> Bool {
+        text.utf8.count == 64 && text.utf8.allSatisfy { (0x30...0x39).contains($0) || (0x61...0x66).contains($0) }
     }
 
     /// Reads and checks every chunk of `items`; with `target`, also writes each file there (zero chunks stay
@@ -26,8 +54,7 @@ public enum ChunkedFiles {
         var descriptors: [Int32] = []
         defer { for fd in descriptors { close(fd) } }
         for item in items {
-            let expected = UInt64(chunkSize) * UInt64(item.chunks.count)
-            guard item.size <= expected, item.size + UInt64(chunkSize) > expected || item.chunks.isEmpty && item.size == 0 else {
+            guard UInt64(item.chunks.count) == (item.size + UInt64(chunkSize) - 1) / UInt64(chunkSize) else {
                 throw StasisError(.integrity, "\(checkpoint)/\(item.path): the manifest lists \(item.chunks.count) chunks for \(item.size) bytes",
                                   hint: "the manifest is damaged")
             }
@@ -52,9 +79,8 @@ public enum ChunkedFiles {
             while let next = state.next() {
                 let (file, index) = allJobs[next]
                 let item = items[file]
-                let offset = UInt64(index) * UInt64(chunkSize)
-                let length = Int(min(UInt64(chunkSize), item.size - offset))
-                let place = ChunkStore.Place(checkpoint: checkpoint, file: item.path, offset: offset, length: length)
+                let place = item.place(index, chunkSize: chunkSize, checkpoint: checkpoint)
+                let (offset, length) = (place.offset, place.length)
                 do {
                     let output = UnsafeMutableRawBufferPointer(rebasing: plain[0..<length])
                     try store.read(item.chunks[index], into: output, scratch: scratch, place: place)

@@ -31,6 +31,12 @@ public struct StoreCatalog {
 
     public func unregister(id: String) { unlink(entryPath(id)) }
 
+    /// The listed checkpoint with this id, if any (an entry that does not parse counts as none).
+    public func entry(id: String) -> Entry? {
+        guard let data = try? FileSystem.readFile(entryPath(id)) else { return nil }
+        return try? Manifest.decoder().decode(Entry.self, from: data)
+    }
+
     /// Every listed checkpoint, oldest first. An entry that does not parse is reported as an error: gc must
     /// not run on a list it cannot read.
     public func entries() throws -> [Entry] {

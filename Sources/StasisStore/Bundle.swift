@@ -238,7 +238,7 @@ public enum CheckpointBundle {
                         throw record.damaged(in: path, "\(why) (it holds \(Self.describe(place)))")
                     }
                     statistics.chunks += 1
-                    let put = try store.putFile(UnsafeRawBufferPointer(bytes), digest: record.name, batch: batch)
+                    let put = try store.putFile(UnsafeRawBufferPointer(bytes), digest: record.name, batch: batch!)
                     if put.isNew {
                         statistics.newChunks += 1
                         statistics.storedBytes += put.storedBytes

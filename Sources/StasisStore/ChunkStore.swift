@@ -12,8 +12,8 @@ import StasisOS
 ///     STORE/lock                  flock: dumps and imports hold it shared, gc exclusive
 ///
 /// A chunk file is a 12-byte header ("STCK", format 1, codec, 2 reserved bytes, plain length as little-endian
-/// UInt32) and the payload. It is written to tmp/, made durable (fdatasync, or for a dump's chunks one syncfs
-/// for the lot, see `Batch`) and only then renamed into place, so a chunk that exists under its name is
+/// UInt32) and the payload. It is written to tmp/, made durable (one syncfs for all the chunks of a dump or
+/// an import, see `Batch`) and only then renamed into place, so a chunk that exists under its name is
 /// complete; readers still check its SHA-256, so damage is found, never restored.
 public final class ChunkStore: Sendable {
     public static let defaultPath = "/var/lib/stasis/store"
@@ -103,10 +103,10 @@ public final class ChunkStore: Sendable {
         }
     }
 
-    /// Stores `plain` under `digest` unless the store or `batch` has it already: into `batch` (named at its
-    /// commit) or, without one, durably at once. `scratch` must hold `headerSize + codec.bound(plain.count)` bytes.
+    /// Stores `plain` under `digest` into `batch` (named at its commit) unless the store or the batch has it
+    /// already. `scratch` must hold `headerSize + codec.bound(plain.count)` bytes.
     func put(_ plain: UnsafeRawBufferPointer, digest: String, codec: Codec, scratch: UnsafeMutableRawBufferPointer,
-             batch: Batch? = nil) throws -> PutResult {
+             batch: Batch) throws -> PutResult {
         guard claim(digest, batch: batch) else { return PutResult(isNew: false, storedBytes: 0) }
         let payload = UnsafeMutableRawBufferPointer(rebasing: scratch[Self.headerSize...])
         let (tag, length): (UInt8, Int)
@@ -118,36 +118,27 @@ public final class ChunkStore: Sendable {
         }
         Self.writeHeader(into: scratch, tag: tag, plainLength: plain.count)
         let bytes = UnsafeRawBufferPointer(rebasing: scratch[0..<(Self.headerSize + length)])
-        try store(bytes, digest: digest, batch: batch)
+        batch.written(digest, at: try writeTemporary(bytes, digest: digest))
         return PutResult(isNew: true, storedBytes: UInt64(bytes.count))
     }
 
     /// Stores a complete chunk file (header and payload, checked by the caller) under `digest` unless the
     /// store or `batch` has it already: how imports add the chunks a bundle carries.
-    func putFile(_ bytes: UnsafeRawBufferPointer, digest: String, batch: Batch?) throws -> PutResult {
+    func putFile(_ bytes: UnsafeRawBufferPointer, digest: String, batch: Batch) throws -> PutResult {
         guard claim(digest, batch: batch) else { return PutResult(isNew: false, storedBytes: 0) }
-        try store(bytes, digest: digest, batch: batch)
+        batch.written(digest, at: try writeTemporary(bytes, digest: digest))
         return PutResult(isNew: true, storedBytes: UInt64(bytes.count))
     }
 
     /// True when `digest` is this writer's to write: the store lacks it and `batch` has not claimed it.
-    private func claim(_ digest: String, batch: Batch?) -> Bool {
+    private func claim(_ digest: String, batch: Batch) -> Bool {
         let target = chunkPath(digest)
         if FileSystem.exists(target) {
             // Fresh mtime: gc's grace period then spares a chunk a running dump has just decided to reuse.
             utimensat(AT_FDCWD, target, nil, 0)
             return false
         }
-        return batch?.claim(digest) ?? true
-    }
-
-    /// Into `batch` (named at its commit), or without one durably under its name at once.
-    private func store(_ bytes: UnsafeRawBufferPointer, digest: String, batch: Batch?) throws {
-        if let batch {
-            batch.written(digest, at: try writeTemporary(bytes, digest: digest, sync: false))
-        } else {
-            try writeChunkFile(bytes, to: chunkPath(digest))
-        }
+        return batch.claim(digest)
     }
 
     static func writeHeader(into buffer: UnsafeMutableRawBufferPointer, tag: UInt8, plainLength: Int) {
@@ -159,23 +150,9 @@ public final class ChunkStore: Sendable {
         withUnsafeBytes(of: UInt32(plainLength).littleEndian) { for index in 0..<4 { buffer[8 + index] = $0[index] } }
     }
 
-    /// Writes a complete chunk file (header included) under its final name: temp file, fdatasync, rename.
-    func writeChunkFile(_ bytes: UnsafeRawBufferPointer, to target: String) throws {
-        let directory = String(target[..<target.lastIndex(of: "/")!])
-        if !FileSystem.isDirectory(directory), mkdir(directory, 0o700) != 0, errno != EEXIST {
-            throw systemError("cannot create", directory)
-        }
-        let temporary = try writeTemporary(bytes, digest: String(target.suffix(64)), sync: true)
-        guard rename(temporary, target) == 0 else {
-            let error = systemError("cannot rename \(temporary) to", target)
-            unlink(temporary)
-            throw error
-        }
-    }
-
-    /// Writes a chunk file into tmp/ (NAME.PID.RANDOM, so gc can tell a dead writer's leftovers) and either
-    /// syncs it or starts its writeback; returns its path.
-    func writeTemporary(_ bytes: UnsafeRawBufferPointer, digest: String, sync: Bool) throws -> String {
+    /// Writes a chunk file into tmp/ (NAME.PID.RANDOM, so gc can tell a dead writer's leftovers) and starts its
+    /// writeback (the batch's syncfs finishes it); returns its path.
+    func writeTemporary(_ bytes: UnsafeRawBufferPointer, digest: String) throws -> String {
         let temporary = "\(path)/tmp/\(digest).\(getpid()).\(UInt32.random(in: 0...UInt32.max))"
         let fd = retryingEINTR { open(temporary, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600) }
         guard fd >= 0 else { throw Self.writeError("cannot create", temporary) }
@@ -190,16 +167,7 @@ public final class ChunkStore: Sendable {
             }
             offset += written
         }
-        if sync {
-            if fdatasync(fd) != 0 {
-                let error = Self.writeError("cannot sync", temporary)
-                close(fd)
-                unlink(temporary)
-                throw error
-            }
-        } else {
-            FileSystem.startWriteback(fd, offset: 0, length: UInt64(bytes.count))
-        }
+        FileSystem.startWriteback(fd, offset: 0, length: UInt64(bytes.count))
         close(fd)
         return temporary
     }

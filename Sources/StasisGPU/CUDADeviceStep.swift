@@ -23,13 +23,24 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
         self.gpuMap = gpuMap
     }
 
-    /// True when the process holds a /dev/nvidia* descriptor.
-    static func usesNvidiaDevice(_ pid: Int32) -> Bool {
+    /// The /dev/nvidia* files the process holds open.
+    static func nvidiaDescriptors(_ pid: Int32) -> [String] {
         let directory = "/proc/\(pid)/fd"
         let names = (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []
-        return names.contains { name in
-            (try? FileManager.default.destinationOfSymbolicLink(atPath: directory + "/" + name))?.hasPrefix("/dev/nvidia") == true
+        return names.compactMap { name in
+            (try? FileManager.default.destinationOfSymbolicLink(atPath: directory + "/" + name)).flatMap { $0.hasPrefix("/dev/nvidia") ? $0 : nil }
         }
+    }
+
+    /// True when the process holds a /dev/nvidia* descriptor.
+    static func usesNvidiaDevice(_ pid: Int32) -> Bool { !nvidiaDescriptors(pid).isEmpty }
+
+    /// A process on a MIG instance holds its capability files (/dev/nvidia-caps/nvidia-capN). stasis does not
+    /// carry MIG instances yet (which instance to restore onto is not decided), so such a process is refused.
+    static func migProblem(pid: Int32, descriptors: [String]) -> String? {
+        let caps = descriptors.filter { $0.hasPrefix("/dev/nvidia-caps/") }
+        guard !caps.isEmpty else { return nil }
+        return "PID \(pid) runs on a MIG GPU instance (it holds \(Set(caps).sorted().joined(separator: ", ")))"
     }
 
     /// MPS clients talk to a daemon whose state the driver's checkpoint cannot carry.
@@ -77,6 +88,10 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
         for pid in users {
             if let problem = Self.mpsProblem(pid) {
                 throw StasisError(.gpu, "cannot checkpoint: \(problem); the driver cannot checkpoint MPS clients", hint: "run the job without MPS")
+            }
+            if let problem = Self.migProblem(pid: pid, descriptors: Self.nvidiaDescriptors(pid)) {
+                throw StasisError(.gpu, "cannot checkpoint: \(problem); MIG is not supported yet; nothing was touched",
+                                  hint: "run the job on a GPU without MIG partitions")
             }
             if let problem = Self.managedMemoryProblem(pid: pid, mappings: ProcFS.mappings(pid)) {
                 throw StasisError(.gpu, "cannot checkpoint: \(problem); the driver cannot checkpoint managed memory; nothing was touched",

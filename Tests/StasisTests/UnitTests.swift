@@ -133,6 +133,15 @@ import Testing
     }
 }
 
+@Suite struct MIGDetection {
+    @Test func processOnAMIGInstanceIsNamed() throws {
+        let held = ["/dev/nvidiactl", "/dev/nvidia0", "/dev/nvidia-uvm", "/dev/nvidia-caps/nvidia-cap21", "/dev/nvidia-caps/nvidia-cap22"]
+        let problem = try #require(CUDADeviceStep.migProblem(pid: 9, descriptors: held))
+        #expect(problem.contains("PID 9 runs on a MIG GPU instance") && problem.contains("nvidia-cap21"))
+        #expect(CUDADeviceStep.migProblem(pid: 9, descriptors: ["/dev/nvidiactl", "/dev/nvidia0", "/dev/nvidia-uvm"]) == nil)
+    }
+}
+
 @Suite struct ManagedMemoryDetection {
     // Lines as /proc/PID/maps shows them on the GPU machine (driver 580): a plain CUDA process maps
     // /dev/nvidia-uvm once, 2 MiB; cudaMallocManaged of 64 MiB adds a 64 MiB range of it.

@@ -2,7 +2,10 @@
 """Summarises bench/store-throughput.sh's raw results: Markdown tables on stdout, a CSV of medians, and a PNG
 of throughput against the thread count (ingest and rebuild, with the raw disk read as a reference line).
 
-    bench/plot_throughput.py RAW.jsonl [--csv OUT.csv] [--png docs/store-throughput.png]
+    bench/plot_throughput.py RAW.jsonl [--csv OUT.csv] [--png docs/store-throughput.png] [--set all|bert] [--cores N]
+
+--set names the image set of the thread sweep and the disk baseline ("all" for bench/store-throughput.sh, "bert"
+for bench/store-device.sh); --cores, the cores of the machine that ran it (default: this one's).
 
 Uses matplotlib when it can be imported; otherwise draws the PNG itself (zlib + struct), with axes, grid,
 numeric tick labels and coloured lines but no text labels, and prints the colour legend.
@@ -70,7 +73,7 @@ def find(summary, **want):
     return [r for r in summary if all(r.get(k) == v for k, v in want.items())]
 
 
-def tables(rows, summary):
+def tables(rows, summary, main_set, cores):
     lines = []
     cat = {r["set"]: r for r in find(summary, command="cat")}
     loads = sorted(r["load1"] for r in rows if "load1" in r)
@@ -83,7 +86,7 @@ def tables(rows, summary):
     lines.append("")
     lines.append("| images | files | size | of it zero 2 MiB chunks | `cat` cold | `cp` cold | `cp` cold + sync |")
     lines.append("| --- | --- | --- | --- | --- | --- | --- |")
-    for set_ in ("python", "workload", "all"):
+    for set_ in (("python", "workload", "all") if main_set == "all" else (main_set,)):
         ing = find(summary, command="ingest", set=set_)
         c = cat.get(set_)
         cp = find(summary, command="cp", set=set_)
@@ -111,8 +114,9 @@ def tables(rows, summary):
                      f"{r['seconds']:.2f} s ({r['gbps']:.2f} GB/s) | {cpu(r)} | {rbtext} | {cpu(rb)} | {vs} |")
     lines.append("")
 
-    c = cat.get("all")
-    lines.append("Threads (lz4, python + workload images; median GB/s; rebuild/verify `cold` read the store from the disk):")
+    c = cat.get(main_set)
+    images = "python + workload images" if main_set == "all" else f"{main_set} images"
+    lines.append(f"Threads (lz4, {images}; median GB/s; rebuild/verify `cold` read the store from the disk):")
     lines.append("")
     lines.append("(In brackets: cores busy, (user + system CPU seconds) / wall seconds, of the store-bench process.)")
     lines.append("")
@@ -127,7 +131,7 @@ def tables(rows, summary):
         g = lambda x: (f"{x[0]['gbps']:.2f}" + (f" ({x[0]['cores_busy']:.2f})" if "cores_busy" in x[0] else "")) if x else "-"
         vs = f"{c['seconds'] / cold[0]['seconds']:.2f}x" if c and cold else "-"
         sync = f"{cold[0]['sync_seconds']:.2f} s" if cold else "-"
-        note = " (over-subscribed)" if t > (os.cpu_count() or t) else ""
+        note = " (over-subscribed)" if t > cores else ""
         lines.append(f"| {t}{note} | {g(ing)} | {g(shm)} | {g(cold)} | {g(warm)} | {g(ver)} | {vs} | {sync} |")
     if c:
         lines.append(f"| `cat` of the image files, cold (1 reader) | | | {c['gbps']:.2f} | | | 1.00x | |")
@@ -175,7 +179,7 @@ def write_csv(summary, path):
             w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
 
 
-def series(summary):
+def series(summary, main_set):
     """(label, colour, [(threads, GB/s)]) lines and (label, colour, GB/s) reference levels."""
     def line(**want):
         return sorted((r["threads"], r["gbps"]) for r in find(summary, phase="threads", **want))
@@ -190,17 +194,17 @@ def series(summary):
                      "#9467bd" if r["threads"] == 1 else "#c5b0d5", r["gbps"]))
     for command, label, colour in (("cat", "disk read: cat, cold", "#000000"), ("cp", "cp, cold", "#7f7f7f"),
                                    ("cp+sync", "cp + sync, cold", "#bcbd22")):
-        r = find(summary, command=command, set="all")
+        r = find(summary, command=command, set=main_set)
         if r:
             refs.append((label, colour, r[0]["gbps"]))
     return [l for l in lines if l[2]], refs
 
 
-def plot_matplotlib(summary, path, title):
+def plot_matplotlib(summary, path, title, main_set):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    lines, refs = series(summary)
+    lines, refs = series(summary, main_set)
     fig, ax = plt.subplots(figsize=(11, 5.2), dpi=110)
     for label, colour, points in lines:
         xs, ys = zip(*points)
@@ -279,8 +283,8 @@ class Canvas:
                     + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
 
 
-def plot_plain(summary, path):
-    lines, refs = series(summary)
+def plot_plain(summary, path, main_set):
+    lines, refs = series(summary, main_set)
     rgb = lambda h: tuple(int(h[i:i + 2], 16) for i in (1, 3, 5))
     canvas = Canvas(800, 500)
     left, right, top, bottom = 70, 780, 20, 460
@@ -316,21 +320,24 @@ def main():
     parser.add_argument("raw")
     parser.add_argument("--csv")
     parser.add_argument("--png")
-    parser.add_argument("--title", default=f"stasis chunk store on real CRIU images, {os.cpu_count()} cores: throughput vs threads (lz4)")
+    parser.add_argument("--set", default="all")
+    parser.add_argument("--cores", type=int, default=os.cpu_count())
+    parser.add_argument("--title")
     parser.add_argument("--plain", action="store_true", help="draw without matplotlib even when it is installed")
     args = parser.parse_args()
     rows = load(args.raw)
     summary = summarize(rows)
-    print(tables(rows, summary))
+    title = args.title or f"stasis chunk store on real CRIU images, {args.cores} cores: throughput vs threads (lz4)"
+    print(tables(rows, summary, args.set, args.cores))
     if args.csv:
         write_csv(summary, args.csv)
     if args.png:
         try:
             if args.plain:
                 raise ImportError
-            plot_matplotlib(summary, args.png, args.title)
+            plot_matplotlib(summary, args.png, title, args.set)
         except ImportError:
-            plot_plain(summary, args.png)
+            plot_plain(summary, args.png, args.set)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ swift build -c release --static-swift-stdlib --scratch-path .build-static 2>&1 |
 rm -rf .device && mkdir -p .device/criu-debs
 strip -o .device/stasis .build-static/release/stasis
 xz -T0 -3 -f .device/stasis
+strip -o .device/stasis-store-bench .build-static/release/stasis-store-bench
+xz -T0 -3 -f .device/stasis-store-bench
 cp .build-static/release/stasis-workload .device/
 ./scripts/build-criu-plugin.sh .device/criu-plugins >/dev/null
 cp "$(command -v criu)" .device/criu

@@ -4,7 +4,8 @@
 # to $OUT (the device tool brings that folder back).
 #
 #   scripts/device-test.sh [SECTION...]     sections: cuda refuse gpumap plugin infer bert (default: all),
-#                                           and, only when named: bench (the GPU benchmark), export and
+#                                           and, only when named: bench (the GPU benchmark), storebench
+#                                           (the chunk store's throughput on a BERT checkpoint), export and
 #                                           import (restore on another machine: export on one, bring the
 #                                           pieces back from $OUT into .device/import/, import on a new one)
 #
@@ -346,6 +347,13 @@ section_import() {
 # Not a test: the baseline-against-stasis benchmark (bench/gpu-dump-restore.sh), when asked for by name.
 section_bench() {
     STASIS=/opt/stasis/bin/stasis bench/gpu-dump-restore.sh 2>&1 | tee "$OUT/bench.txt"
+}
+
+# Not a test: the chunk store's throughput on this machine's cores with a BERT-large checkpoint
+# (bench/store-device.sh), when asked for by name.
+section_storebench() {
+    xz -dc .device/stasis-store-bench.xz >/opt/stasis/bin/stasis-store-bench && chmod +x /opt/stasis/bin/stasis-store-bench
+    OUT=$OUT bench/store-device.sh 2>&1 | tee "$OUT/storebench.txt"
 }
 
 setup

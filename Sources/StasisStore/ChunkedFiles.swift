@@ -46,9 +46,11 @@ public enum ChunkedFiles {
 
     /// Reads and checks every chunk of `items`; with `target`, also writes each file there (zero chunks stay
     /// holes). Throws the first problem, naming the checkpoint, file and byte range. Returns the plain bytes.
+    /// `threads` workers each read, decode, check and write one chunk at a time (two chunk-sized buffers
+    /// each); the default keeps many reads in flight for a cold store (`Workers.ioDepth`).
     @discardableResult
     public static func read(_ items: [Item], from store: ChunkStore, checkpoint: String, chunkSize: Int, into target: String? = nil,
-                            threads: Int = ProcessInfo.processInfo.activeProcessorCount,
+                            threads: Int = Workers.ioDepth,
                             progress: (@Sendable (UInt64) -> Void)? = nil) throws -> UInt64 {
         // Every file first gets its size, so the workers can write any chunk at its offset.
         var descriptors: [Int32] = []
@@ -72,7 +74,7 @@ public enum ChunkedFiles {
         let state = ReadState(count: jobs.count)
         let (allJobs, fds) = (jobs, descriptors)
         let workers = max(1, min(threads, jobs.count))
-        DispatchQueue.concurrentPerform(iterations: workers) { _ in
+        Workers.run(workers, name: "stasis-read") { _ in
             let plain = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkSize, alignment: 4096)
             let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: ChunkStore.scratchSize(chunkSize), alignment: 4096)
             defer { plain.deallocate(); scratch.deallocate() }

@@ -35,12 +35,29 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
     /// True when the process holds a /dev/nvidia* descriptor.
     static func usesNvidiaDevice(_ pid: Int32) -> Bool { !nvidiaDescriptors(pid).isEmpty }
 
-    /// A process on a MIG instance holds its capability files (/dev/nvidia-caps/nvidia-capN). stasis does not
-    /// carry MIG instances yet (which instance to restore onto is not decided), so such a process is refused.
-    static func migProblem(pid: Int32, descriptors: [String]) -> String? {
-        let caps = descriptors.filter { $0.hasPrefix("/dev/nvidia-caps/") }
-        guard !caps.isEmpty else { return nil }
-        return "PID \(pid) runs on a MIG GPU instance (it holds \(Set(caps).sorted().joined(separator: ", ")))"
+    /// A process on a MIG instance holds the capability files of its GPU and compute instance
+    /// (/dev/nvidia-caps/nvidia-capN, N listed as `gpu0/gi1/access`, `gpu0/gi1/ci0/access` in the driver's
+    /// /proc/driver/nvidia-caps/mig-minors). Any process that asks NVML about MIG (PyTorch does) also holds
+    /// `config` (1) and `monitor` (2) on a GPU without MIG partitions, so those two do not count. stasis does
+    /// not carry MIG instances yet (which instance to restore onto is not decided): such a process is refused.
+    static func migProblem(pid: Int32, descriptors: [String], capabilityNames: [Int: String] = migCapabilityNames()) -> String? {
+        let instanceCaps = Set(descriptors.filter { path in
+            guard path.hasPrefix("/dev/nvidia-caps/nvidia-cap"), let minor = Int(path.dropFirst("/dev/nvidia-caps/nvidia-cap".count)) else { return false }
+            guard let name = capabilityNames[minor] else { return minor > 2 }  // without the table: the driver's fixed 1 and 2
+            return name.contains("/gi")
+        })
+        guard !instanceCaps.isEmpty else { return nil }
+        return "PID \(pid) runs on a MIG GPU instance (it holds \(instanceCaps.sorted().joined(separator: ", ")))"
+    }
+
+    /// The driver's table of MIG capability minors: "NAME MINOR" lines.
+    static func migCapabilityNames(_ text: String? = try? String(contentsOfFile: "/proc/driver/nvidia-caps/mig-minors", encoding: .utf8)) -> [Int: String] {
+        var names: [Int: String] = [:]
+        for line in (text ?? "").split(separator: "\n") {
+            let fields = line.split(separator: " ")
+            if fields.count == 2, let minor = Int(fields[1]) { names[minor] = String(fields[0]) }
+        }
+        return names
     }
 
     /// MPS clients talk to a daemon whose state the driver's checkpoint cannot carry.

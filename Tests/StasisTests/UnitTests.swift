@@ -135,10 +135,20 @@ import Testing
 
 @Suite struct MIGDetection {
     @Test func processOnAMIGInstanceIsNamed() throws {
-        let held = ["/dev/nvidiactl", "/dev/nvidia0", "/dev/nvidia-uvm", "/dev/nvidia-caps/nvidia-cap21", "/dev/nvidia-caps/nvidia-cap22"]
-        let problem = try #require(CUDADeviceStep.migProblem(pid: 9, descriptors: held))
-        #expect(problem.contains("PID 9 runs on a MIG GPU instance") && problem.contains("nvidia-cap21"))
-        #expect(CUDADeviceStep.migProblem(pid: 9, descriptors: ["/dev/nvidiactl", "/dev/nvidia0", "/dev/nvidia-uvm"]) == nil)
+        let table = CUDADeviceStep.migCapabilityNames("config 1\nmonitor 2\ngpu0/gi0/access 3\ngpu0/gi0/ci0/access 4\ngpu0/gi1/access 12\ngpu0/gi1/ci0/access 13\n")
+        #expect(table[1] == "config" && table[13] == "gpu0/gi1/ci0/access")
+        let held = ["/dev/nvidiactl", "/dev/nvidia0", "/dev/nvidia-uvm", "/dev/nvidia-caps/nvidia-cap12", "/dev/nvidia-caps/nvidia-cap13"]
+        let problem = try #require(CUDADeviceStep.migProblem(pid: 9, descriptors: held, capabilityNames: table))
+        #expect(problem.contains("PID 9 runs on a MIG GPU instance") && problem.contains("nvidia-cap13"))
+        #expect(CUDADeviceStep.migProblem(pid: 9, descriptors: ["/dev/nvidiactl", "/dev/nvidia0", "/dev/nvidia-uvm"], capabilityNames: table) == nil)
+    }
+
+    /// Seen on the H200 without MIG partitions: PyTorch processes hold config (1) and monitor (2).
+    @Test func migConfigAndMonitorAloneAreNotAnInstance() {
+        let held = ["/dev/nvidiactl", "/dev/nvidia0", "/dev/nvidia-caps/nvidia-cap1", "/dev/nvidia-caps/nvidia-cap2"]
+        #expect(CUDADeviceStep.migProblem(pid: 9, descriptors: held, capabilityNames: CUDADeviceStep.migCapabilityNames("config 1\nmonitor 2\n")) == nil)
+        #expect(CUDADeviceStep.migProblem(pid: 9, descriptors: held, capabilityNames: [:]) == nil)
+        #expect(CUDADeviceStep.migProblem(pid: 9, descriptors: held + ["/dev/nvidia-caps/nvidia-cap21"], capabilityNames: [:]) != nil)
     }
 }
 

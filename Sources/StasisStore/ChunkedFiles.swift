@@ -46,33 +46,30 @@ public enum ChunkedFiles {
 
     /// Reads and checks every chunk of `items`; with `target`, also writes each file there (zero chunks stay
     /// holes). Throws the first problem, naming the checkpoint, file and byte range. Returns the plain bytes.
-    /// `threads` workers each read, decode, check and write one chunk at a time (two chunk-sized buffers
+    /// `threads` workers each read, decode, check and place one chunk at a time (a chunk-sized buffer or two
     /// each); the default keeps many reads in flight for a cold store (`Workers.ioDepth`).
     @discardableResult
     public static func read(_ items: [Item], from store: ChunkStore, checkpoint: String, chunkSize: Int, into target: String? = nil,
                             threads: Int = Workers.ioDepth,
                             progress: (@Sendable (UInt64) -> Void)? = nil) throws -> UInt64 {
-        // Every file first gets its size, so the workers can write any chunk at its offset.
-        var descriptors: [Int32] = []
-        defer { for fd in descriptors { close(fd) } }
         for item in items {
             guard UInt64(item.chunks.count) == (item.size + UInt64(chunkSize) - 1) / UInt64(chunkSize) else {
                 throw StasisError(.integrity, "\(checkpoint)/\(item.path): the manifest lists \(item.chunks.count) chunks for \(item.size) bytes",
                                   hint: "the manifest is damaged")
             }
-            guard let target else { continue }
-            let path = target + "/" + item.path
-            let fd = retryingEINTR { open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600) }
-            guard fd >= 0 else { throw systemError("cannot create", path) }
-            descriptors.append(fd)
-            guard ftruncate(fd, off_t(item.size)) == 0 else { throw systemError("cannot size", path) }
+        }
+        // Every file first gets its size, so the workers can place any chunk at its offset.
+        var outputs: [RebuiltFile] = []
+        defer { for output in outputs { output.close() } }
+        if let target {
+            for item in items { outputs.append(try RebuiltFile(path: target + "/" + item.path, size: item.size)) }
         }
         var jobs: [(file: Int, index: Int)] = []
         for (file, item) in items.enumerated() {
             for (index, digest) in item.chunks.enumerated() where !digest.isEmpty { jobs.append((file, index)) }
         }
         let state = ReadState(count: jobs.count)
-        let (allJobs, fds) = (jobs, descriptors)
+        let (allJobs, files) = (jobs, outputs)
         let workers = max(1, min(threads, jobs.count))
         Workers.run(workers, name: "stasis-read") { _ in
             let plain = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkSize, alignment: 4096)
@@ -82,24 +79,15 @@ public enum ChunkedFiles {
                 let (file, index) = allJobs[next]
                 let item = items[file]
                 let place = item.place(index, chunkSize: chunkSize, checkpoint: checkpoint)
-                let (offset, length) = (place.offset, place.length)
                 do {
-                    let output = UnsafeMutableRawBufferPointer(rebasing: plain[0..<length])
-                    try store.read(item.chunks[index], into: output, scratch: scratch, place: place)
-                    if target != nil {
-                        let fd = fds[file]
-                        var done = 0
-                        while done < length {
-                            let wrote = retryingEINTR { pwrite(fd, output.baseAddress! + done, length - done, off_t(offset) + off_t(done)) }
-                            if wrote <= 0 {
-                                throw errno == ENOSPC
-                                    ? StasisError(.noSpace, "no space left to rebuild \(item.path) in \(target!)", hint: "rebuild elsewhere with --rebuild-dir")
-                                    : systemError("cannot write", target! + "/" + item.path)
-                            }
-                            done += wrote
+                    if files.isEmpty {
+                        try store.read(item.chunks[index], into: UnsafeMutableRawBufferPointer(rebasing: plain[0..<place.length]), scratch: scratch, place: place)
+                    } else {
+                        try files[file].fill(offset: place.offset, length: place.length, bounce: plain) { output in
+                            _ = try store.read(item.chunks[index], into: output, scratch: scratch, place: place)
                         }
                     }
-                    progress?(UInt64(length))
+                    progress?(UInt64(place.length))
                 } catch {
                     state.fail(error)
                 }
@@ -107,6 +95,72 @@ public enum ChunkedFiles {
         }
         if let error = state.failure { throw error }
         return items.reduce(0) { $0 + $1.size }
+    }
+
+    /// A file being rebuilt. Chunks are decoded straight into a shared mapping of it: on tmpfs, where restores
+    /// rebuild, concurrent `pwrite`s to one file serialise on its inode lock (measured on the 16-core GPU
+    /// machine: 2.4 GB/s with 14 cores busy, most of it system time), while faults in a mapping do not, and
+    /// the copy out of a buffer goes away. Each range is populated (MADV_POPULATE_WRITE) before it is
+    /// written, so a full filesystem is an error there, never a SIGBUS. Where the kernel cannot populate
+    /// (before Linux 5.14) or the file cannot be mapped, chunks go through `pwrite` as before.
+    final class RebuiltFile: @unchecked Sendable {
+        let path: String
+        private let fd: Int32
+        private let mapping: UnsafeMutableRawPointer?
+
+        init(path: String, size: UInt64) throws {
+            self.path = path
+            fd = retryingEINTR { open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600) }
+            guard fd >= 0 else { throw systemError("cannot create", path) }
+            guard ftruncate(fd, off_t(size)) == 0 else {
+                let error = systemError("cannot size", path)
+                Glibc.close(fd)
+                throw error
+            }
+            var mapped: UnsafeMutableRawPointer? = nil
+            if size > 0, let address = mmap(nil, Int(size), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), address != MAP_FAILED {
+                // One probe tells whether this kernel populates; without it the mapping is not used.
+                if madvise(address, Int(min(size, 4096)), Self.populateWrite) == 0 || errno != EINVAL {
+                    mapped = address
+                } else {
+                    munmap(address, Int(size))
+                }
+            }
+            mapping = mapped
+            self.size = size
+        }
+        private let size: UInt64
+
+        static let populateWrite: Int32 = 23  // MADV_POPULATE_WRITE, Linux 5.14
+
+        /// Gives `decode` the bytes [offset, offset + length) of the file to fill, and makes them the file's.
+        func fill(offset: UInt64, length: Int, bounce: UnsafeMutableRawBufferPointer, _ decode: (UnsafeMutableRawBufferPointer) throws -> Void) throws {
+            if let mapping {
+                let start = mapping + Int(offset)
+                if madvise(start, length, Self.populateWrite) != 0 {
+                    throw errno == EFAULT || errno == ENOMEM || errno == ENOSPC ? noSpace() : systemError("cannot populate", path)
+                }
+                try decode(UnsafeMutableRawBufferPointer(start: start, count: length))
+                return
+            }
+            let output = UnsafeMutableRawBufferPointer(rebasing: bounce[0..<length])
+            try decode(output)
+            var done = 0
+            while done < length {
+                let wrote = retryingEINTR { pwrite(fd, output.baseAddress! + done, length - done, off_t(offset) + off_t(done)) }
+                if wrote <= 0 { throw errno == ENOSPC ? noSpace() : systemError("cannot write", path) }
+                done += wrote
+            }
+        }
+
+        private func noSpace() -> StasisError {
+            StasisError(.noSpace, "no space left to rebuild \(path)", hint: "rebuild elsewhere with --rebuild-dir")
+        }
+
+        func close() {
+            if let mapping { munmap(mapping, Int(size)) }
+            Glibc.close(fd)
+        }
     }
 
     private final class ReadState: @unchecked Sendable {

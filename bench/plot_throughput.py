@@ -184,6 +184,7 @@ def series(summary, main_set):
     def line(**want):
         return sorted((r["threads"], r["gbps"]) for r in find(summary, phase="threads", **want))
     lines = [("ingest, lz4 (images in page cache)", "#1f77b4", line(command="ingest")),
+             ("ingest, lz4, store on tmpfs", "#17becf", sorted((r["threads"], r["gbps"]) for r in find(summary, command="ingest", phase="threads-tmpfs"))),
 
              ("rebuild, cold cache", "#d62728", line(command="rebuild", cache="cold", mode="rebuild")),
              ("rebuild, warm cache", "#ff9896", line(command="rebuild", cache="warm", mode="rebuild")),
@@ -200,7 +201,7 @@ def series(summary, main_set):
     return [l for l in lines if l[2]], refs
 
 
-def plot_matplotlib(summary, path, title, main_set):
+def plot_matplotlib(summary, path, title, main_set, cores):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -212,7 +213,6 @@ def plot_matplotlib(summary, path, title, main_set):
     for label, colour, value in refs:
         ax.axhline(value, linestyle="--", color=colour, label=f"{label} ({value:.2f} GB/s)", linewidth=1.2)
     threads = sorted({p[0] for _, _, pts in lines for p in pts})
-    cores = os.cpu_count() or max(threads)
     if threads and max(threads) > cores:
         ax.axvspan(cores * 1.2, max(threads) * 1.15, color="#eeeeee", zorder=0)
         ax.text(max(threads) * 1.12, 0.02, f"more threads than cores ({cores})", ha="right", va="bottom", fontsize=8, color="#555555",
@@ -335,7 +335,7 @@ def main():
         try:
             if args.plain:
                 raise ImportError
-            plot_matplotlib(summary, args.png, title, args.set)
+            plot_matplotlib(summary, args.png, title, args.set, args.cores)
         except ImportError:
             plot_plain(summary, args.png, args.set)
 

@@ -1,4 +1,5 @@
 #define _GNU_SOURCE
+#include <sys/prctl.h>
 #include "CStasisLinux.h"
 
 #include <fcntl.h>
@@ -13,3 +14,5 @@ int stasis_start_writeback(int fd, int64_t offset, int64_t length) {
 }
 
 int stasis_syncfs(int fd) { return syncfs(fd); }
+
+int stasis_set_child_subreaper(int on) { return prctl(PR_SET_CHILD_SUBREAPER, (unsigned long)on, 0, 0, 0); }

@@ -10,10 +10,15 @@ import StasisStore
 /// `stasis restore`: bring a checkpointed tree back, with the same PIDs, detached from stasis.
 ///
 /// Everything that can refuse the restore runs before CRIU starts anything: the manifest, the integrity of
-/// every file, the host's CPU, the device check and free PIDs. The chunked memory images are rebuilt for
-/// CRIU (on tmpfs by default) in parallel, each chunk checked as it is read, so a damaged chunk refuses the
-/// restore before any process exists. After CRIU, a failing device step kills the restored tree, so no
-/// half-restored process is left behind.
+/// every whole file, that every chunk is in the store, the host's CPU, the device check and free PIDs.
+/// The chunked memory images then reach CRIU in one of two ways:
+/// - streamed (the default): CRIU restores with `--stream` and reads each image from a pipe that stasis
+///   fills while decoding and checking chunks on all cores (`CRIUImageServer`). No copy of the images is
+///   made, and decoding overlaps CRIU's work. A damaged chunk ends the pipe early: CRIU fails while it is
+///   still restoring memory, before any restored process has run an instruction of its own, and removes the
+///   tasks it created; stasis names the chunk.
+/// - rebuilt (`rebuildRoot` set): rebuilt as files there first, every chunk checked, then CRIU reads them.
+/// After CRIU, a failing device step kills the restored tree, so no half-restored process is left behind.
 public struct RestoreOperation {
     public struct Options: Sendable {
         public var directory: String
@@ -21,8 +26,9 @@ public struct RestoreOperation {
         public var workDirectory: String?
         /// The chunk store (default: the one the manifest names).
         public var store: String?
-        /// Where CRIU's images are rebuilt from the store; a private directory is made and removed inside it.
-        public var rebuildRoot = RestoreOperation.defaultRebuildRoot
+        /// Where CRIU's images are rebuilt from the store (a private directory is made and removed inside
+        /// it); nil streams them to CRIU instead.
+        public var rebuildRoot: String?
         public var skipCPUCheck = false
         /// How long to wait for a checkpointed PID that is still exiting (a zombie, or reaped slowly by init).
         public var pidWaitSeconds = 5.0
@@ -36,11 +42,14 @@ public struct RestoreOperation {
         public var rootPID: Int32
         public var processes: Int
         public var logFile: String
+        /// How CRIU got the memory images: "streamed", "rebuilt" or "files" (a checkpoint without a store).
+        public var images: String
         public var timings: Timings
     }
 
     public struct Timings: Codable, Sendable {
-        /// Checking the whole files, and rebuilding (reading, decoding and checking every chunk of) the chunked ones.
+        /// Checking the whole files (and that every chunk is in the store); rebuilding (reading, decoding and
+        /// checking every chunk of) the chunked ones, 0 when they are streamed: then that work is inside `criu`.
         public var verify: Double
         public var rebuild: Double
         public var criu: Double
@@ -51,7 +60,6 @@ public struct RestoreOperation {
     }
 
     public static let defaultWorkRoot = "/var/lib/stasis/restore"
-    public static let defaultRebuildRoot = "/dev/shm"
 
     let options: Options
     let device: DeviceStep
@@ -80,17 +88,22 @@ public struct RestoreOperation {
         var rebuilt: String?
         defer { if let rebuilt { FileSystem.removeTree(rebuilt) } }
         var rebuildSeconds = 0.0
+        let chunkedItems = Checkpoint.chunkedItems(manifest)
+        let streamed = store != nil && manifest.store != nil && options.rebuildRoot == nil
         do {
             _ = try Checkpoint.verify(directory, manifest: manifest, store: store, chunks: false) { counter.add($0) }
             if let store, let info = manifest.store {
-                let rebuildWatch = Stopwatch()
-                rebuilt = try Self.makeRebuildDirectory(in: options.rebuildRoot, bytes: manifest.files.filter { $0.chunks != nil }.reduce(0) { $0 + $1.size })
-                for entry in manifest.files where entry.chunks == nil {
-                    try FileManager.default.copyItem(atPath: directory + "/" + entry.path, toPath: rebuilt! + "/" + entry.path)
+                if let rebuildRoot = options.rebuildRoot {
+                    let rebuildWatch = Stopwatch()
+                    rebuilt = try Self.makeRebuildDirectory(in: rebuildRoot, bytes: chunkedItems.reduce(0) { $0 + $1.size })
+                    for entry in manifest.files where entry.chunks == nil {
+                        try FileManager.default.copyItem(atPath: directory + "/" + entry.path, toPath: rebuilt! + "/" + entry.path)
+                    }
+                    try ChunkedFiles.read(chunkedItems, from: store, checkpoint: directory, chunkSize: info.chunkSize, into: rebuilt) { counter.add($0) }
+                    rebuildSeconds = rebuildWatch.seconds
+                } else {
+                    try ChunkedFiles.requirePresent(chunkedItems, in: store, checkpoint: directory, chunkSize: info.chunkSize)
                 }
-                try ChunkedFiles.read(Checkpoint.chunkedItems(manifest), from: store, checkpoint: directory, chunkSize: info.chunkSize,
-                                      into: rebuilt) { counter.add($0) }
-                rebuildSeconds = rebuildWatch.seconds
             }
             ticker?.stop()
         } catch {
@@ -102,7 +115,16 @@ public struct RestoreOperation {
 
         let workDirectory = try options.workDirectory ?? Self.makeWorkDirectory()
         try FileSystem.makePrivateDirectory(workDirectory)
-        let imagesFD = try FileSystem.openDirectory(rebuilt ?? directory)
+        var imagesDirectory = rebuilt ?? directory
+        var server: CRIUImageServer?
+        if streamed, let store, let info = manifest.store {
+            // CRIU finds the server's socket in the directory it is given as its images directory.
+            imagesDirectory = workDirectory + "/images"
+            try FileSystem.makePrivateDirectory(imagesDirectory)
+            server = try CRIUImageServer(directory: imagesDirectory,
+                                         provider: Self.imageProvider(manifest, directory: directory, store: store, chunkSize: info.chunkSize))
+        }
+        let imagesFD = try FileSystem.openDirectory(imagesDirectory)
         defer { close(imagesFD) }
         let workFD = try FileSystem.openDirectory(workDirectory)
         defer { close(workFD) }
@@ -111,10 +133,23 @@ public struct RestoreOperation {
         let criuWatch = Stopwatch()
         let processOptions = CRIUService.ProcessOptions(tcpEstablished: manifest.options.tcpEstablished,
                                                         shellJob: manifest.options.shellJob, logLevel: options.logLevel)
-        let response = try CRIUService(binary: criu).restore(imagesDirectory: imagesFD, workDirectory: workFD,
-                                                             options: processOptions) { _ in }
+        let restored = Result {
+            server == nil
+                ? try CRIUService(binary: criu).restore(imagesDirectory: imagesFD, workDirectory: workFD, options: processOptions) { _ in }
+                : try CRIUService(binary: criu).restoreStreaming(imagesDirectory: imagesDirectory, workDirectory: workDirectory, options: processOptions,
+                                                                   pids: manifest.processTree.processes.map(\.pid))
+        }
+        let streamFailures = server?.finish().failures ?? []
+        if let socket = server.map({ _ in imagesDirectory + "/" + CRIUImageServer.socketName }) { unlink(socket) }
+        let response = try restored.get()
         let criuSeconds = criuWatch.seconds
         guard response.success else {
+            // A chunk that failed its check while streaming is why CRIU stopped: name it, not CRIU's EOF.
+            if let damaged = streamFailures.lazy.compactMap({ $0 as? StasisError }).first(where: { $0.code == .integrity }) {
+                var error = damaged.prefixed("restore refused")
+                error.message += "; CRIU stopped while restoring memory, before any restored process ran, and removed what it had created"
+                throw error
+            }
             throw DumpOperation.criuFailure("CRIU could not restore \(directory)", response: response, log: logPath)
                 .prefixed("restore failed")
         }
@@ -132,9 +167,26 @@ public struct RestoreOperation {
         let stats = CRIUStats.read(workDirectory + "/stats-restore")?.restore
         _ = try? FileSystem.makePrivate(tree: workDirectory)
         return Report(directory: directory, rootPID: rootPID, processes: manifest.processTree.processes.count, logFile: logPath,
+                      images: streamed ? "streamed" : rebuilt != nil ? "rebuilt" : "files",
                       timings: Timings(verify: verifySeconds, rebuild: rebuildSeconds, criu: criuSeconds,
                                        forking: Double(stats?.forkingTime ?? 0) / 1e6, restore: Double(stats?.restoreTime ?? 0) / 1e6,
                                        devices: deviceWatch.seconds, total: total.seconds))
+    }
+
+    /// What the image server gives CRIU for each name: a chunked image decoded from the store, a whole one
+    /// copied from the checkpoint directory; nil for names the checkpoint does not have.
+    static func imageProvider(_ manifest: Manifest, directory: String, store: ChunkStore, chunkSize: Int) -> CRIUImageServer.Provider {
+        var items: [String: ChunkedFiles.Item] = [:]
+        for item in Checkpoint.chunkedItems(manifest) { items[item.path] = item }
+        let whole = Set(manifest.files.filter { $0.chunks == nil }.map(\.path))
+        let chunked = items
+        return { name in
+            if let item = chunked[name] {
+                return { pipe in try ChunkedFiles.stream(item, from: store, checkpoint: directory, chunkSize: chunkSize, to: pipe) }
+            }
+            guard whole.contains(name) else { return nil }
+            return { pipe in try FileSystem.copy(directory + "/" + name, to: pipe) }
+        }
     }
 
     /// A private directory for CRIU's images under `root`, after checking that `bytes` fit there.

@@ -82,6 +82,26 @@ public enum FileSystem {
         guard Glibc.fsync(fd) == 0 else { throw systemError("cannot fsync", path) }
     }
 
+    /// Writes the whole of the file at `path` to `fd` (a pipe or a socket), in 1 MiB reads.
+    public static func copy(_ path: String, to fd: Int32) throws {
+        let input = retryingEINTR { open(path, O_RDONLY | O_CLOEXEC) }
+        guard input >= 0 else { throw systemError("cannot open", path) }
+        defer { close(input) }
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+        defer { buffer.deallocate() }
+        while true {
+            let got = retryingEINTR { read(input, buffer, 1 << 20) }
+            if got < 0 { throw systemError("cannot read", path) }
+            if got == 0 { return }
+            var done = 0
+            while done < got {
+                let wrote = retryingEINTR { write(fd, buffer + done, got - done) }
+                if wrote <= 0 { throw systemError("cannot pass on", path) }
+                done += wrote
+            }
+        }
+    }
+
     /// Writes `data` to `path` through a temporary file, fsync and rename, so readers see all or nothing.
     public static func writeAtomically(_ data: Data, to path: String, mode: mode_t = 0o600) throws {
         let temporary = path + ".tmp-\(getpid())"

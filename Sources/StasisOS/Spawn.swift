@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import CStasisLinux
 import StasisCore
 
 /// Starting and reaping child processes.
@@ -34,6 +35,26 @@ public enum Spawn {
         }
         if status & 0x7f == 0 { return (status >> 8) & 0xff }
         return 128 + (status & 0x7f)
+    }
+
+    /// Makes orphaned descendants this process's children (on) or not (off), so that it can reap what a
+    /// child leaves behind where PID 1 does not (a container's init that reaps nothing).
+    public static func adoptOrphans(_ on: Bool) {
+        _ = stasis_set_child_subreaper(on ? 1 : 0)
+    }
+
+    /// Reaps those of `pids` that are (or within `seconds` become) zombie children of this process.
+    public static func reap(_ pids: [pid_t], within seconds: Double = 2) {
+        var left = Set(pids)
+        let deadline = Date().addingTimeInterval(seconds)
+        while !left.isEmpty, Date() < deadline {
+            for pid in left {
+                var status: Int32 = 0
+                let got = waitpid(pid, &status, WNOHANG)
+                if got == pid || (got < 0 && errno == ECHILD) { left.remove(pid) }
+            }
+            if !left.isEmpty { usleep(10_000) }
+        }
     }
 
     /// Runs a program to completion and returns its exit status and standard output (standard error is ours).

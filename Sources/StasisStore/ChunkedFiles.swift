@@ -44,6 +44,17 @@ public enum ChunkedFiles {
         text.utf8.count == 64 && text.utf8.allSatisfy { (0x30...0x39).contains($0) || (0x61...0x66).contains($0) }
     }
 
+    /// Refuses, naming the first one, when a chunk of `items` is not in the store: the one check a streamed
+    /// restore can make before CRIU starts without reading every chunk.
+    public static func requirePresent(_ items: [Item], in store: ChunkStore, checkpoint: String, chunkSize: Int) throws {
+        for item in items {
+            for (index, digest) in item.chunks.enumerated() where !digest.isEmpty && !FileSystem.exists(store.chunkPath(digest)) {
+                throw StasisError(.integrity, "chunk \(digest) of \(item.place(index, chunkSize: chunkSize, checkpoint: checkpoint).text) is missing from the store \(store.path)",
+                                  hint: "the store lost chunks (removed by hand?); restore from another copy")
+            }
+        }
+    }
+
     /// Reads and checks every chunk of `items`; with `target`, also writes each file there (zero chunks stay
     /// holes). Throws the first problem, naming the checkpoint, file and byte range. Returns the plain bytes.
     /// `threads` workers each read, decode, check and place one chunk at a time (a chunk-sized buffer or two
@@ -181,6 +192,130 @@ public enum ChunkedFiles {
                 // Report the earliest problem in file order would need sorting; the first one found is named.
                 if failure == nil { failure = error }
             }
+        }
+    }
+}
+
+// MARK: - streaming
+
+extension ChunkedFiles {
+    /// Writes the plain bytes of `item` to `fd` (a pipe to CRIU), in order, decoding and checking chunks ahead
+    /// on `threads` workers. Memory: a window of 2 x `threads` chunk buffers, plus a scratch buffer a worker.
+    /// Zero chunks are written as zeros. Throws the first problem, naming the checkpoint, file and byte range;
+    /// what was written before it stays written (the reader sees the stream end early).
+    public static func stream(_ item: Item, from store: ChunkStore, checkpoint: String, chunkSize: Int, to fd: Int32,
+                              threads: Int = ProcessInfo.processInfo.activeProcessorCount,
+                              progress: (@Sendable (UInt64) -> Void)? = nil) throws {
+        guard UInt64(item.chunks.count) == (item.size + UInt64(chunkSize) - 1) / UInt64(chunkSize) else {
+            throw StasisError(.integrity, "\(checkpoint)/\(item.path): the manifest lists \(item.chunks.count) chunks for \(item.size) bytes",
+                              hint: "the manifest is damaged")
+        }
+        guard !item.chunks.isEmpty else { return }
+        let window = OrderedWindow(slots: max(2, 2 * threads), chunkSize: chunkSize, count: item.chunks.count)
+        defer { window.release() }
+        let workers = max(1, min(threads, item.chunks.count))
+        let decoding = DispatchGroup()
+        for number in 0..<workers {
+            decoding.enter()
+            let thread = Thread {
+                defer { decoding.leave() }
+                let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: ChunkStore.scratchSize(chunkSize), alignment: 4096)
+                defer { scratch.deallocate() }
+                while let (index, buffer) = window.claim() {
+                    let place = item.place(index, chunkSize: chunkSize, checkpoint: checkpoint)
+                    let output = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<place.length])
+                    do {
+                        if item.chunks[index].isEmpty {
+                            output.initializeMemory(as: UInt8.self, repeating: 0)
+                        } else {
+                            try store.read(item.chunks[index], into: output, scratch: scratch, place: place)
+                        }
+                        window.ready(index)
+                    } catch {
+                        window.fail(error)
+                    }
+                }
+            }
+            thread.name = "stasis-stream-\(number)"
+            thread.start()
+        }
+        var failure: Error?
+        for index in 0..<item.chunks.count {
+            guard let buffer = window.next(index) else { break }
+            let place = item.place(index, chunkSize: chunkSize, checkpoint: checkpoint)
+            var done = 0
+            while done < place.length {
+                let wrote = retryingEINTR { write(fd, buffer.baseAddress! + done, place.length - done) }
+                if wrote <= 0 {
+                    failure = systemError("cannot stream \(item.path) to CRIU", "the pipe")
+                    break
+                }
+                done += wrote
+            }
+            if failure != nil { window.fail(failure!); break }
+            window.written(index)
+            progress?(UInt64(place.length))
+        }
+        decoding.wait()
+        if let error = window.failure ?? failure { throw error }
+    }
+
+    /// Chunk buffers decoded out of order and written in order: slot `i % slots` holds chunk `i`, and a worker
+    /// may claim chunk `i` only once chunk `i - slots` has been written.
+    private final class OrderedWindow: @unchecked Sendable {
+        private let condition = NSCondition()
+        private let buffers: [UnsafeMutableRawBufferPointer]
+        private let count: Int
+        private var claimed = 0        // chunks handed to workers so far
+        private var writtenUpTo = 0    // chunks written so far
+        private var isReady: [Bool]
+        private(set) var failure: Error?
+
+        init(slots: Int, chunkSize: Int, count: Int) {
+            buffers = (0..<min(slots, count)).map { _ in UnsafeMutableRawBufferPointer.allocate(byteCount: chunkSize, alignment: 4096) }
+            self.count = count
+            isReady = Array(repeating: false, count: count)
+        }
+
+        func release() { for buffer in buffers { buffer.deallocate() } }
+
+        /// The next chunk to decode and its buffer; nil when all are claimed or the stream failed.
+        func claim() -> (Int, UnsafeMutableRawBufferPointer)? {
+            condition.lock()
+            defer { condition.unlock() }
+            while failure == nil, claimed < count, claimed >= writtenUpTo + buffers.count { condition.wait() }
+            guard failure == nil, claimed < count else { return nil }
+            defer { claimed += 1 }
+            return (claimed, buffers[claimed % buffers.count])
+        }
+
+        func ready(_ index: Int) {
+            condition.lock()
+            isReady[index] = true
+            condition.broadcast()
+            condition.unlock()
+        }
+
+        /// Waits until chunk `index` is decoded; nil when the stream failed.
+        func next(_ index: Int) -> UnsafeMutableRawBufferPointer? {
+            condition.lock()
+            defer { condition.unlock() }
+            while failure == nil, !isReady[index] { condition.wait() }
+            return failure == nil ? buffers[index % buffers.count] : nil
+        }
+
+        func written(_ index: Int) {
+            condition.lock()
+            writtenUpTo = index + 1
+            condition.broadcast()
+            condition.unlock()
+        }
+
+        func fail(_ error: Error) {
+            condition.lock()
+            if failure == nil { failure = error }
+            condition.broadcast()
+            condition.unlock()
         }
     }
 }

@@ -19,8 +19,8 @@ struct RestoreCommand: ParsableCommand {
     @Option(name: [.customShort("W"), .customLong("work-dir")], help: "Where CRIU's restore log goes (default: a new directory under \(RestoreOperation.defaultWorkRoot)).")
     var workDirectory: String?
 
-    @Option(name: .long, help: "Where CRIU's memory images are rebuilt from the chunk store (default: \(RestoreOperation.defaultRebuildRoot), memory-backed; removed afterwards).")
-    var rebuildDir = RestoreOperation.defaultRebuildRoot
+    @Option(name: .long, help: "Rebuild CRIU's memory images from the chunk store as files in this directory (for example /dev/shm) before CRIU starts, instead of streaming them to CRIU; removed afterwards.")
+    var rebuildDir: String?
 
     @OptionGroup var store: StoreOptions
 
@@ -69,7 +69,8 @@ struct RestoreCommand: ParsableCommand {
             if output.json { return Output.json(report) }
             let t = report.timings
             print("restored \(report.directory): root PID \(report.rootPID) (\(report.processes) process\(report.processes == 1 ? "" : "es"))")
-            print("  time: verify \(Format.seconds(t.verify)), rebuild \(Format.seconds(t.rebuild)), CRIU \(Format.seconds(t.criu)) (forking \(Format.seconds(t.forking)), restore \(Format.seconds(t.restore))), devices \(Format.seconds(t.devices)); total \(Format.seconds(t.total))")
+            let images = report.images == "rebuilt" ? "rebuild \(Format.seconds(t.rebuild))" : "images \(report.images)"
+            print("  time: verify \(Format.seconds(t.verify)), \(images), CRIU \(Format.seconds(t.criu)) (forking \(Format.seconds(t.forking)), restore \(Format.seconds(t.restore))), devices \(Format.seconds(t.devices)); total \(Format.seconds(t.total))")
             print("  log:  \(report.logFile)")
         }
     }

@@ -15,4 +15,8 @@ int stasis_start_writeback(int fd, int64_t offset, int64_t length);
 /// Flushes every dirty page of the filesystem holding fd and waits for it: syncfs(2).
 int stasis_syncfs(int fd);
 
+/// Makes this process the reaper of orphaned descendants (on = 1) or not (0): prctl(2) with
+/// PR_SET_CHILD_SUBREAPER (prctl is variadic, which Swift cannot call). Returns 0, or -1 with errno set.
+int stasis_set_child_subreaper(int on);
+
 #endif

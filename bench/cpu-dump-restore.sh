@@ -8,7 +8,7 @@
 # plain `criu dump` / `criu restore -d` and by `stasis dump` / `stasis restore`, alternating, ROUNDS times
 # each, after one uncounted plain-CRIU warm-up round (the first dump of freshly written memory is slower
 # for everyone). Both log at level 4; images (and stasis's chunk store, fresh each round) go to $BENCH_DIR
-# (default /var/tmp, a disk) and are read back from the page cache; stasis rebuilds CRIU's images on /dev/shm. The workload verifies its memory after the last restore. Prints a Markdown table.
+# (default /var/tmp, a disk) and are read back from the page cache; stasis streams CRIU its images from the store. The workload verifies its memory after the last restore. Prints a Markdown table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="/usr/local/sbin:$PATH"

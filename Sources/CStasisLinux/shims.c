@@ -3,6 +3,7 @@
 #include "CStasisLinux.h"
 
 #include <fcntl.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 int stasis_punch_hole(int fd, int64_t offset, int64_t length) {
@@ -16,3 +17,8 @@ int stasis_start_writeback(int fd, int64_t offset, int64_t length) {
 int stasis_syncfs(int fd) { return syncfs(fd); }
 
 int stasis_set_child_subreaper(int on) { return prctl(PR_SET_CHILD_SUBREAPER, (unsigned long)on, 0, 0, 0); }
+
+long stasis_vmsplice(int fd, const void *buffer, unsigned long length) {
+    struct iovec vector = { .iov_base = (void *)buffer, .iov_len = length };
+    return (long)vmsplice(fd, &vector, 1, 0);
+}

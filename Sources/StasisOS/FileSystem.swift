@@ -82,6 +82,12 @@ public enum FileSystem {
         guard Glibc.fsync(fd) == 0 else { throw systemError("cannot fsync", path) }
     }
 
+    /// Hands `length` bytes at `buffer` to the pipe `fd` by reference (vmsplice(2)): the caller must never
+    /// change those pages afterwards. Returns the bytes handed over, or -1 with errno set.
+    public static func vmsplice(_ fd: Int32, _ buffer: UnsafeRawPointer, _ length: Int) -> Int {
+        stasis_vmsplice(fd, buffer, UInt(length))
+    }
+
     /// Writes the whole of the file at `path` to `fd` (a pipe or a socket), in 1 MiB reads.
     public static func copy(_ path: String, to fd: Int32) throws {
         let input = retryingEINTR { open(path, O_RDONLY | O_CLOEXEC) }

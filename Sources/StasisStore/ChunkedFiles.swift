@@ -226,7 +226,7 @@ extension ChunkedFiles {
                     let output = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<place.length])
                     do {
                         if item.chunks[index].isEmpty {
-                            output.initializeMemory(as: UInt8.self, repeating: 0)
+                            if place.length > zeroPages.count { output.initializeMemory(as: UInt8.self, repeating: 0) }
                         } else {
                             try store.read(item.chunks[index], into: output, scratch: scratch, place: place)
                         }
@@ -241,11 +241,17 @@ extension ChunkedFiles {
         }
         var failure: Error?
         for index in 0..<item.chunks.count {
-            guard let buffer = window.next(index) else { break }
+            guard let decoded = window.next(index) else { break }
             let place = item.place(index, chunkSize: chunkSize, checkpoint: checkpoint)
+            // A zero chunk goes from pages that are never written (vmsplice: no copy on this side).
+            let zero = item.chunks[index].isEmpty && place.length <= Self.zeroPages.count
+            let buffer = zero ? UnsafeRawBufferPointer(Self.zeroPages) : UnsafeRawBufferPointer(decoded)
             var done = 0
             while done < place.length {
-                let wrote = retryingEINTR { write(fd, buffer.baseAddress! + done, place.length - done) }
+                let wrote = retryingEINTR {
+                    zero ? FileSystem.vmsplice(fd, buffer.baseAddress! + done, place.length - done)
+                         : write(fd, buffer.baseAddress! + done, place.length - done)
+                }
                 if wrote <= 0 {
                     failure = systemError("cannot stream \(item.path) to CRIU", "the pipe")
                     break
@@ -259,6 +265,13 @@ extension ChunkedFiles {
         decoding.wait()
         if let error = window.failure ?? failure { throw error }
     }
+
+    /// Zeros for zero chunks, handed to pipes by reference: allocated once, never written after.
+    nonisolated(unsafe) static let zeroPages: UnsafeMutableRawBufferPointer = {
+        let pages = UnsafeMutableRawBufferPointer.allocate(byteCount: ChunkStore.chunkSize, alignment: 4096)
+        pages.initializeMemory(as: UInt8.self, repeating: 0)
+        return pages
+    }()
 
     /// Chunk buffers decoded out of order and written in order: slot `i % slots` holds chunk `i`, and a worker
     /// may claim chunk `i` only once chunk `i - slots` has been written.

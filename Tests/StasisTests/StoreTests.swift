@@ -63,6 +63,26 @@ extension Integration {
         #expect(workload.verify().hasPrefix("PASS"))
     }
 
+    /// The images reach CRIU streamed by default and rebuilt as files with --rebuild-dir; both restore the
+    /// same memory (random and zero pages: zero chunks travel by vmsplice), and the rebuilt files are removed.
+    @Test(arguments: [false, true])
+    func streamedAndRebuiltRestoresAgree(rebuild: Bool) throws {
+        let workload = try Workload("memory", ["--mem", "40", "--fill", "random"])
+        defer { workload.stop() }
+        let root = Harness.scratch("stream")
+        let env = ["STASIS_STORE": root + "/store"]
+        #expect(try Harness.stasis(["dump", "\(workload.pid)", "-D", root + "/ckpt"], environment: env).succeeded)
+        #expect(Harness.waitGone(workload.pid))
+        try FileManager.default.createDirectory(atPath: root + "/rebuild", withIntermediateDirectories: true)
+        let restore = try Harness.stasis(["restore", "-D", root + "/ckpt", "--json"] + (rebuild ? ["--rebuild-dir", root + "/rebuild"] : []),
+                                         environment: env)
+        #expect(restore.succeeded, "\(restore.stderr)")
+        let report = try JSONSerialization.jsonObject(with: Data(restore.stdout.utf8)) as? [String: Any]
+        #expect(report?["images"] as? String == (rebuild ? "rebuilt" : "streamed"), "\(restore.stdout)")
+        #expect(workload.verify().hasPrefix("PASS"))
+        #expect(((try? FileManager.default.contentsOfDirectory(atPath: root + "/rebuild")) ?? []).isEmpty)
+    }
+
     @Test func unknownCodecIsRefusedBeforeAnythingHappens() throws {
         let workload = try Workload("counter")
         defer { workload.stop() }

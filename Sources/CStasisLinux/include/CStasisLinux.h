@@ -19,4 +19,8 @@ int stasis_syncfs(int fd);
 /// PR_SET_CHILD_SUBREAPER (prctl is variadic, which Swift cannot call). Returns 0, or -1 with errno set.
 int stasis_set_child_subreaper(int on);
 
+/// Hands [buffer, buffer + length) to the pipe fd without copying: vmsplice(2). The pages are referenced,
+/// not copied, so the caller must never change them. Returns the bytes handed over, or -1 with errno set.
+long stasis_vmsplice(int fd, const void *buffer, unsigned long length);
+
 #endif

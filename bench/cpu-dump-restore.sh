@@ -57,7 +57,7 @@ stasis_round() {
     rm -rf "$work/ckpt" "$work/restore-work" "$STASIS_STORE"
 }
 
-echo "| memory | fill | criu dump | stasis dump (chunking tail+sync) | dump ratio | criu restore | stasis restore (verify+rebuild) | restore ratio | criu image | stasis stored |"
+echo "| memory | fill | criu dump | stasis dump (chunking tail+sync) | dump ratio | criu restore | stasis restore (verify) | restore ratio | criu image | stasis stored |"
 echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 for gib in "${SIZES[@]}"; do
     for fill in random zero; do

@@ -5,7 +5,7 @@
 #
 # Images: BERT-large training paused mid-run, checkpointed as CRIU's cuda plugin would (the driver's lock and
 # checkpoint through bench/cuda-ckpt.c, then plain `criu dump`) into $BENCH_DIR (a disk). Store on the same
-# disk, and on tmpfs (/dev/shm) for the tmpfs rows; rebuilds go to /dev/shm, as a restore's do.
+# disk, and on tmpfs (/dev/shm) for the tmpfs rows; rebuilds go to /dev/shm, as `restore --rebuild-dir /dev/shm` does.
 # Raw JSON lines go to $RAW (default $OUT/store-device.jsonl); bench/plot_throughput.py --set bert makes
 # the tables and the plot from them.
 #

@@ -20,7 +20,7 @@
 # includes making the chunks durable (ChunkIngester.finish: one syncfs, renames, directory fsyncs). Rebuilds
 # read the store after `sync; echo 3 > /proc/sys/vm/drop_caches` (cold: a restore on a machine that did not
 # take the checkpoint) or after reading every chunk once (warm); the rebuilt files are compared with the
-# originals afterwards (not timed), and their fsync is timed apart (a restore hands them to CRIU unsynced).
+# originals afterwards (not timed), and their fsync is timed apart (`restore --rebuild-dir` hands them to CRIU unsynced).
 # The "disk read" baseline is `cat` of the same image files, cold; `cp` cold, with and without a sync; and
 # `cat` of the lz4 store's chunk files, cold, by 1 and 2 x nproc readers (GB/s there in plain image bytes).
 # The thread sweep also ingests into a store on tmpfs (/dev/shm), which leaves out the disk writes.

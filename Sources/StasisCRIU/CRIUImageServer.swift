@@ -20,25 +20,31 @@ public final class CRIUImageServer: @unchecked Sendable {
 
     public static let socketName = "streamer-serve.sock"
 
+    /// The directory to give CRIU as its images directory: it holds nothing but the socket.
+    public let directory: String
     private let listener: Int32
     private let provider: Provider
     private let lock = NSLock()
     private var failures: [Error] = []
-    private var served: [String] = []
+    private var connection: Int32 = -1
     private let writers = DispatchGroup()
     private let accepting = DispatchGroup()
+    private let previousSIGPIPE: sighandler_t?
 
-    /// Listens on `directory`/streamer-serve.sock (the directory CRIU is given as its images directory).
+    /// Creates `directory` (private) and listens on streamer-serve.sock in it. `finish` removes both.
     public init(directory: String, provider: @escaping Provider) throws {
+        self.directory = directory
         self.provider = provider
+        try FileSystem.makePrivateDirectory(directory)
         let path = directory + "/" + Self.socketName
-        listener = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard listener >= 0 else { throw systemError("cannot create a socket for", path) }
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw systemError("cannot create a socket for", path) }
         var address = sockaddr_un()
         address.sun_family = sa_family_t(AF_UNIX)
         let bytes = Array(path.utf8)
         guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else {
-            close(listener)
+            close(fd)
+            rmdir(directory)
             throw StasisError(.invalidArgument, "the image socket path \(path) is too long for a Unix socket")
         }
         withUnsafeMutableBytes(of: &address.sun_path) { raw in
@@ -46,15 +52,18 @@ public final class CRIUImageServer: @unchecked Sendable {
             raw[bytes.count] = 0
         }
         let bound = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
         }
-        guard bound == 0, listen(listener, 1) == 0 else {
+        guard bound == 0, listen(fd, 1) == 0 else {
             let error = systemError("cannot listen on", path)
-            close(listener)
+            close(fd)
+            unlink(path)
+            rmdir(directory)
             throw error
         }
-        // A reader that goes away (CRIU failing) must give EPIPE, not kill stasis.
-        signal(SIGPIPE, SIG_IGN)
+        // While images are served, a reader that goes away (CRIU failing) must give EPIPE, not kill stasis.
+        listener = fd
+        previousSIGPIPE = signal(SIGPIPE, SIG_IGN)
         accepting.enter()
         let thread = Thread { [self] in
             serve()
@@ -64,14 +73,19 @@ public final class CRIUImageServer: @unchecked Sendable {
         thread.start()
     }
 
-    /// Stops listening (CRIU has returned), waits for every image being written, and returns the names served
-    /// and the problems met, first first.
-    public func finish() -> (served: [String], failures: [Error]) {
+    /// Stops serving (CRIU has returned or never started), waits for every image being written (CRIU has
+    /// closed its ends, so writers end with EPIPE at worst), removes the socket and its directory, and returns
+    /// the problems met, first first.
+    public func finish() -> [Error] {
         shutdown(listener, Int32(SHUT_RDWR))
+        lock.withLock { if connection >= 0 { shutdown(connection, Int32(SHUT_RDWR)) } }
         accepting.wait()
         writers.wait()
         close(listener)
-        return lock.withLock { (served, failures) }
+        unlink(directory + "/" + Self.socketName)
+        rmdir(directory)
+        signal(SIGPIPE, previousSIGPIPE)
+        return lock.withLock { failures }
     }
 
     private func record(_ error: Error) { lock.withLock { failures.append(error) } }
@@ -80,19 +94,28 @@ public final class CRIUImageServer: @unchecked Sendable {
         let connection = accept(listener, nil, nil)
         guard connection >= 0 else { return }  // shut down before CRIU connected
         _ = fcntl(connection, F_SETFD, FD_CLOEXEC)
-        defer { close(connection) }
+        lock.withLock { self.connection = connection }
+        defer {
+            lock.withLock { self.connection = -1 }
+            close(connection)
+        }
         while let name = readRequest(connection) {
             let writer = provider(name)
             guard writeReply(connection, exists: writer != nil) else { record(StasisError(.criuFailed, "CRIU's image socket closed during a reply")); return }
             guard let writer else { continue }
             guard let pipe = receiveDescriptor(connection) else { record(StasisError(.criuFailed, "CRIU did not pass a pipe for \(name)")); return }
-            lock.withLock { served.append(name) }
             // Pipes of 1 MiB instead of 64 KiB: far fewer wake-ups per GiB.
             _ = fcntl(pipe, 1031 /* F_SETPIPE_SZ */, 1 << 20)
             writers.enter()
             let thread = Thread { [self] in
                 defer { close(pipe); writers.leave() }
-                do { try writer(pipe) } catch { record(error) }
+                do { try writer(pipe) } catch {
+                    // A write that failed because CRIU had closed its end (it stopped, or read all it wanted)
+                    // is CRIU's story, told by its own result; a damaged chunk is always ours to report.
+                    var state = pollfd(fd: pipe, events: 0, revents: 0)
+                    let readerGone = poll(&state, 1, 0) == 1 && state.revents & Int16(POLLERR) != 0
+                    if !readerGone || (error as? StasisError)?.code == .integrity { record(error) }
+                }
             }
             thread.name = "stasis-image-\(name)"
             thread.start()

@@ -62,38 +62,28 @@ extension CRIUService {
     /// Restores with `--stream`, reading every image from the `CRIUImageServer` listening in
     /// `imagesDirectory`, through CRIU's command line: CRIU 4.2.1 cannot stream under RPC (its service opens
     /// the images directory with no mode, and `--stream` set through `config_file` makes `criu swrk` abort
-    /// in `socket_name_for_mode`). Detached, as RPC restores are; the same options as `restore`. Returns
-    /// the response the RPC would have given: success, and the root PID from CRIU's pidfile.
+    /// in `socket_name_for_mode`). Detached, as RPC restores are; the same options as `restore` (the
+    /// arguments spell out what `baseOptions` sets). Returns the response the RPC would have given: success,
+    /// and the root PID, which is the checkpoint's (`pids` first), as restored processes keep their PIDs.
     /// CRIU leaves the tasks of a failed restore (the checkpoint's `pids`) unreaped; stasis adopts and reaps them,
     /// so that no zombie holds a PID the next attempt needs.
     public func restoreStreaming(imagesDirectory: String, workDirectory: String, options: ProcessOptions, pids: [Int32]) throws -> criu_resp {
         var arguments = ["restore", "--stream", "-D", imagesDirectory, "-W", workDirectory, "-o", Self.restoreLogName,
-                         "-v\(options.logLevel)", "-d", "--pidfile", workDirectory + "/restored.pid"]
+                         "-v\(options.logLevel)", "-d"]
         if options.shellJob { arguments.append("--shell-job") }
         if options.tcpEstablished {
             arguments += ["--tcp-established", "--network-lock", Self.networkLock() == .iptables ? "iptables" : "nftables"]
         }
-        var environment = ProcessInfo.processInfo.environment
-        environment["STASIS_CRIU_PLUGIN"] = "off"
-        let devNull = open("/dev/null", O_RDWR | O_CLOEXEC)
-        defer { if devNull >= 0 { close(devNull) } }
         Spawn.adoptOrphans(true)
         defer { Spawn.adoptOrphans(false) }
-        let pid: pid_t
-        do {
-            pid = try Spawn.start(binary.path, arguments, descriptors: devNull >= 0 ? [devNull: STDIN_FILENO] : [:], environment: environment)
-        } catch {
-            throw StasisError(.criuMissing, "cannot start \(binary.path) restore: \(error)", hint: CRIUBinary.installHint)
-        }
-        let status = Spawn.wait(pid)
+        let status = Spawn.wait(try start(arguments))
         if status != 0 { Spawn.reap(pids) }
         var response = criu_resp()
         response.type = .restore
         response.success = status == 0
-        if status == 0, let text = try? String(contentsOfFile: workDirectory + "/restored.pid", encoding: .utf8),
-           let root = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)) {
+        if status == 0, let root = pids.first {
             response.restore.pid = root
-        } else if status != 0 {
+        } else {
             response.crErrmsg = "criu restore --stream exited with status \(status)"
         }
         return response

@@ -23,6 +23,20 @@ public final class CRIUService {
         public var pid: Int32
     }
 
+    /// Starts CRIU with `arguments`, the same way for every call: CRIU's stdout (where `check` prints "Looks
+    /// good.") goes to our stderr, keeping --json output clean, and the stasis CRIU plugin, if installed in
+    /// CRIU's plugin directory, stands aside (stasis drives the GPU itself).
+    func start(_ arguments: [String], passing descriptors: [Int32: Int32] = [:]) throws -> pid_t {
+        var environment = ProcessInfo.processInfo.environment
+        environment["STASIS_CRIU_PLUGIN"] = "off"
+        do {
+            return try Spawn.start(binary.path, arguments, descriptors: descriptors.merging([STDERR_FILENO: STDOUT_FILENO]) { $1 },
+                                   environment: environment)
+        } catch {
+            throw StasisError(.criuMissing, "cannot start \(binary.path) \(arguments.first ?? ""): \(error)", hint: CRIUBinary.installHint)
+        }
+    }
+
     /// Sends `request` and returns CRIU's final response.
     public func call(_ request: criu_req, onNotify: (Notification) throws -> Void = { _ in }) throws -> criu_resp {
         var ends: [Int32] = [0, 0]
@@ -31,17 +45,12 @@ public final class CRIUService {
         }
         let ours = ends[0], theirs = ends[1]
         defer { close(ours) }
-        // CRIU's stdout (where `check` prints "Looks good.") goes to our stderr, keeping --json output clean.
         let pid: pid_t
         do {
-            // stasis drives the GPU itself: its CRIU plugin, if installed in CRIU's plugin directory, stands aside.
-            var environment = ProcessInfo.processInfo.environment
-            environment["STASIS_CRIU_PLUGIN"] = "off"
-            pid = try Spawn.start(binary.path, ["swrk", "3"], descriptors: [theirs: 3, STDERR_FILENO: STDOUT_FILENO],
-                                  environment: environment)
+            pid = try start(["swrk", "3"], passing: [theirs: 3])
         } catch {
             close(theirs)
-            throw StasisError(.criuMissing, "cannot start \(binary.path) swrk: \(error)", hint: CRIUBinary.installHint)
+            throw error
         }
         close(theirs)
         defer { Spawn.wait(pid) }

@@ -13,7 +13,7 @@ public enum BundleOperation {
         let directory = URL(fileURLWithPath: directory).standardizedFileURL.path
         let manifest = try Checkpoint.readManifest(directory)
         let data = try FileSystem.readFile(directory + "/" + Manifest.fileName)
-        let store = try manifest.store.map { try ChunkStore(path: ChunkStore.resolve(explicit, recorded: $0.path), create: false) }
+        let store = try Checkpoint.store(for: manifest, explicit: explicit)
         let lock = try store?.lock(exclusive: false)
         defer { lock?.release() }
         do {

@@ -96,8 +96,7 @@ public struct CheckOperation {
         // Free space where the store is, or would be created.
         var probe = path
         while !FileSystem.exists(probe), probe != "/" { probe = URL(fileURLWithPath: probe).deletingLastPathComponent().path }
-        var fs = statvfs()
-        if statvfs(probe, &fs) == 0 { report.freeBytes = UInt64(fs.f_bavail) * UInt64(fs.f_frsize) }
+        report.freeBytes = FileSystem.availableBytes(at: probe)
         return report
     }
 

@@ -42,9 +42,18 @@ public struct RestoreOperation {
         public var rootPID: Int32
         public var processes: Int
         public var logFile: String
-        /// How CRIU got the memory images: "streamed", "rebuilt" or "files" (a checkpoint without a store).
-        public var images: String
+        public var images: Images
         public var timings: Timings
+    }
+
+    /// How CRIU got the memory images.
+    public enum Images: String, Codable, Sendable {
+        /// Through the image server, decoded from the store while CRIU read them.
+        case streamed
+        /// Rebuilt as files in `--rebuild-dir` before CRIU started.
+        case rebuilt
+        /// Read by CRIU from the checkpoint directory (a checkpoint without a store, format 1).
+        case files
     }
 
     public struct Timings: Codable, Sendable {
@@ -89,7 +98,7 @@ public struct RestoreOperation {
         defer { if let rebuilt { FileSystem.removeTree(rebuilt) } }
         var rebuildSeconds = 0.0
         let chunkedItems = Checkpoint.chunkedItems(manifest)
-        let streamed = store != nil && manifest.store != nil && options.rebuildRoot == nil
+        let images: Images = store == nil ? .files : options.rebuildRoot == nil ? .streamed : .rebuilt
         do {
             _ = try Checkpoint.verify(directory, manifest: manifest, store: store, chunks: false) { counter.add($0) }
             if let store, let info = manifest.store {
@@ -115,43 +124,47 @@ public struct RestoreOperation {
 
         let workDirectory = try options.workDirectory ?? Self.makeWorkDirectory()
         try FileSystem.makePrivateDirectory(workDirectory)
-        var imagesDirectory = rebuilt ?? directory
-        var server: CRIUImageServer?
-        if streamed, let store, let info = manifest.store {
-            // CRIU finds the server's socket in the directory it is given as its images directory.
-            imagesDirectory = workDirectory + "/images"
-            try FileSystem.makePrivateDirectory(imagesDirectory)
-            server = try CRIUImageServer(directory: imagesDirectory,
-                                         provider: Self.imageProvider(manifest, directory: directory, store: store, chunkSize: info.chunkSize))
-        }
-        let imagesFD = try FileSystem.openDirectory(imagesDirectory)
-        defer { close(imagesFD) }
-        let workFD = try FileSystem.openDirectory(workDirectory)
-        defer { close(workFD) }
         let logPath = workDirectory + "/" + CRIUService.restoreLogName
-
-        let criuWatch = Stopwatch()
         let processOptions = CRIUService.ProcessOptions(tcpEstablished: manifest.options.tcpEstablished,
                                                         shellJob: manifest.options.shellJob, logLevel: options.logLevel)
-        let restored = Result {
-            server == nil
-                ? try CRIUService(binary: criu).restore(imagesDirectory: imagesFD, workDirectory: workFD, options: processOptions) { _ in }
-                : try CRIUService(binary: criu).restoreStreaming(imagesDirectory: imagesDirectory, workDirectory: workDirectory, options: processOptions,
-                                                                   pids: manifest.processTree.processes.map(\.pid))
+        let criuWatch = Stopwatch()
+        let response: criu_resp
+        var streamFailures: [Error] = []
+        if images == .streamed, let store, let info = manifest.store {
+            // CRIU finds the server's socket in the directory it is given as its images directory.
+            let server = try CRIUImageServer(directory: workDirectory + "/images",
+                                             provider: Self.imageProvider(manifest, items: chunkedItems, directory: directory, store: store,
+                                                                          chunkSize: info.chunkSize))
+            let restored = Result {
+                try CRIUService(binary: criu).restoreStreaming(imagesDirectory: server.directory, workDirectory: workDirectory,
+                                                               options: processOptions, pids: manifest.processTree.processes.map(\.pid))
+            }
+            streamFailures = server.finish()
+            response = try restored.get()
+        } else {
+            let imagesFD = try FileSystem.openDirectory(rebuilt ?? directory)
+            defer { close(imagesFD) }
+            let workFD = try FileSystem.openDirectory(workDirectory)
+            defer { close(workFD) }
+            response = try CRIUService(binary: criu).restore(imagesDirectory: imagesFD, workDirectory: workFD, options: processOptions) { _ in }
         }
-        let streamFailures = server?.finish().failures ?? []
-        if let socket = server.map({ _ in imagesDirectory + "/" + CRIUImageServer.socketName }) { unlink(socket) }
-        let response = try restored.get()
         let criuSeconds = criuWatch.seconds
+        // An image that failed on the way (a damaged chunk, an unreadable file) is why CRIU stopped: name it,
+        // not CRIU's EOF.
+        let streamProblem = streamFailures.first.map { $0 as? StasisError ?? StasisError(.io, "\($0)") }
         guard response.success else {
-            // A chunk that failed its check while streaming is why CRIU stopped: name it, not CRIU's EOF.
-            if let damaged = streamFailures.lazy.compactMap({ $0 as? StasisError }).first(where: { $0.code == .integrity }) {
-                var error = damaged.prefixed("restore refused")
+            if var error = streamProblem?.prefixed("restore refused") {
                 error.message += "; CRIU stopped while restoring memory, before any restored process ran, and removed what it had created"
                 throw error
             }
             throw DumpOperation.criuFailure("CRIU could not restore \(directory)", response: response, log: logPath)
                 .prefixed("restore failed")
+        }
+        if let problem = streamProblem {
+            // CRIU finished although an image failed its check on the way (it read less than all of it):
+            // what it restored cannot be trusted, so the tree is stopped.
+            for process in manifest.processTree.processes.reversed() { kill(process.pid, SIGKILL) }
+            throw problem.prefixed("restore of \(directory) failed after CRIU restored it; the restored tree was stopped")
         }
         let rootPID = response.restore.pid
         let deviceWatch = Stopwatch()
@@ -167,7 +180,7 @@ public struct RestoreOperation {
         let stats = CRIUStats.read(workDirectory + "/stats-restore")?.restore
         _ = try? FileSystem.makePrivate(tree: workDirectory)
         return Report(directory: directory, rootPID: rootPID, processes: manifest.processTree.processes.count, logFile: logPath,
-                      images: streamed ? "streamed" : rebuilt != nil ? "rebuilt" : "files",
+                      images: images,
                       timings: Timings(verify: verifySeconds, rebuild: rebuildSeconds, criu: criuSeconds,
                                        forking: Double(stats?.forkingTime ?? 0) / 1e6, restore: Double(stats?.restoreTime ?? 0) / 1e6,
                                        devices: deviceWatch.seconds, total: total.seconds))
@@ -175,11 +188,10 @@ public struct RestoreOperation {
 
     /// What the image server gives CRIU for each name: a chunked image decoded from the store, a whole one
     /// copied from the checkpoint directory; nil for names the checkpoint does not have.
-    static func imageProvider(_ manifest: Manifest, directory: String, store: ChunkStore, chunkSize: Int) -> CRIUImageServer.Provider {
-        var items: [String: ChunkedFiles.Item] = [:]
-        for item in Checkpoint.chunkedItems(manifest) { items[item.path] = item }
+    static func imageProvider(_ manifest: Manifest, items: [ChunkedFiles.Item], directory: String, store: ChunkStore,
+                              chunkSize: Int) -> CRIUImageServer.Provider {
+        let chunked = Dictionary(uniqueKeysWithValues: items.map { ($0.path, $0) })
         let whole = Set(manifest.files.filter { $0.chunks == nil }.map(\.path))
-        let chunked = items
         return { name in
             if let item = chunked[name] {
                 return { pipe in try ChunkedFiles.stream(item, from: store, checkpoint: directory, chunkSize: chunkSize, to: pipe) }
@@ -191,9 +203,7 @@ public struct RestoreOperation {
 
     /// A private directory for CRIU's images under `root`, after checking that `bytes` fit there.
     static func makeRebuildDirectory(in root: String, bytes: UInt64) throws -> String {
-        var fs = statvfs()
-        if statvfs(root, &fs) == 0 {
-            let free = UInt64(fs.f_bavail) * UInt64(fs.f_frsize)
+        if let free = FileSystem.availableBytes(at: root) {
             guard free >= bytes else {
                 throw StasisError(.noSpace, "\(root) has \(Format.bytes(free)) free; rebuilding the memory images for CRIU needs \(Format.bytes(bytes))",
                                   hint: "free memory or space there, or rebuild elsewhere with --rebuild-dir")

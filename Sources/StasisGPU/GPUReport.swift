@@ -58,9 +58,7 @@ public struct GPUReport: Codable, Sendable {
 
     /// The libcuda file the loader picked, from our own mappings.
     static func loadedLibraryPath() -> String? {
-        let maps = (try? String(contentsOfFile: "/proc/self/maps", encoding: .utf8)) ?? ""
-        return maps.split(separator: "\n").lazy.compactMap { $0.split(separator: " ", omittingEmptySubsequences: true).last.map(String.init) }
-            .first { $0.contains("/libcuda.so") }
+        ProcFS.mappings(getpid()).first { $0.path.contains("/libcuda.so") }?.path
     }
 
     /// "GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx", as nvidia-smi prints it.

@@ -51,6 +51,8 @@ public enum Checkpoint {
                 throw StasisError(.integrity, "\(directory)/\(Manifest.fileName): \(problem)", hint: "the manifest was edited or damaged")
             }
         }
+        // The whole files first: their checks are cheap and find a damaged or incomplete checkpoint early.
+        let whole = try verifyWholeFiles(directory, wholeFiles, progress: progress)
         let chunkedBytes: UInt64
         if chunks, let info = manifest.store {
             guard let store else { throw StasisError(.invalidArgument, "\(directory) keeps its memory in a chunk store; name it with --store") }
@@ -58,7 +60,6 @@ public enum Checkpoint {
         } else {
             chunkedBytes = 0
         }
-        let whole = try verifyWholeFiles(directory, wholeFiles, progress: progress)
         return VerifyReport(directory: directory, files: whole.files + (chunks ? chunkedItems(manifest).count : 0),
                             bytes: whole.bytes + chunkedBytes, seconds: watch.seconds)
     }

@@ -82,10 +82,40 @@ public enum FileSystem {
         guard Glibc.fsync(fd) == 0 else { throw systemError("cannot fsync", path) }
     }
 
-    /// Hands `length` bytes at `buffer` to the pipe `fd` by reference (vmsplice(2)): the caller must never
-    /// change those pages afterwards. Returns the bytes handed over, or -1 with errno set.
-    public static func vmsplice(_ fd: Int32, _ buffer: UnsafeRawPointer, _ length: Int) -> Int {
-        stasis_vmsplice(fd, buffer, UInt(length))
+    /// Hands all of `bytes` to the pipe `fd` by reference (vmsplice(2)): the caller must never change those
+    /// pages afterwards. Returns nil, or the errno of the failure.
+    public static func vmspliceAll(_ fd: Int32, _ bytes: UnsafeRawBufferPointer) -> Int32? {
+        var done = 0
+        while done < bytes.count {
+            let moved = retryingEINTR { stasis_vmsplice(fd, bytes.baseAddress! + done, UInt(bytes.count - done)) }
+            if moved < 0 { return errno }
+            if moved == 0 { return EIO }
+            done += moved
+        }
+        return nil
+    }
+
+    /// Bytes an unprivileged writer can still put on the filesystem holding `path`; nil when it cannot be asked.
+    public static func availableBytes(at path: String) -> UInt64? {
+        var info = statvfs()
+        guard statvfs(path, &info) == 0 else { return nil }
+        return UInt64(info.f_bavail) * UInt64(info.f_frsize)
+    }
+
+    /// Writes all of `bytes` to `fd` (at `offset` with pwrite, else at its position). Returns nil, or the
+    /// errno of the failure (EIO when the kernel wrote nothing without saying why).
+    public static func writeAll(_ fd: Int32, _ bytes: UnsafeRawBufferPointer, at offset: off_t? = nil) -> Int32? {
+        var done = 0
+        while done < bytes.count {
+            let wrote = retryingEINTR {
+                offset.map { pwrite(fd, bytes.baseAddress! + done, bytes.count - done, $0 + off_t(done)) }
+                    ?? write(fd, bytes.baseAddress! + done, bytes.count - done)
+            }
+            if wrote < 0 { return errno }
+            if wrote == 0 { return EIO }
+            done += wrote
+        }
+        return nil
     }
 
     /// Writes the whole of the file at `path` to `fd` (a pipe or a socket), in 1 MiB reads.
@@ -93,17 +123,14 @@ public enum FileSystem {
         let input = retryingEINTR { open(path, O_RDONLY | O_CLOEXEC) }
         guard input >= 0 else { throw systemError("cannot open", path) }
         defer { close(input) }
-        let buffer = UnsafeMutableRawPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
         defer { buffer.deallocate() }
         while true {
-            let got = retryingEINTR { read(input, buffer, 1 << 20) }
+            let got = retryingEINTR { read(input, buffer.baseAddress, buffer.count) }
             if got < 0 { throw systemError("cannot read", path) }
             if got == 0 { return }
-            var done = 0
-            while done < got {
-                let wrote = retryingEINTR { write(fd, buffer + done, got - done) }
-                if wrote <= 0 { throw systemError("cannot pass on", path) }
-                done += wrote
+            if let failure = writeAll(fd, UnsafeRawBufferPointer(rebasing: buffer[0..<got])) {
+                throw systemError("cannot pass on", path, errno: failure)
             }
         }
     }
@@ -114,14 +141,7 @@ public enum FileSystem {
         let fd = retryingEINTR { open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode) }
         guard fd >= 0 else { throw systemError("cannot create", temporary) }
         var failure: StasisError?
-        data.withUnsafeBytes { raw in
-            var offset = 0
-            while offset < raw.count {
-                let written = retryingEINTR { write(fd, raw.baseAddress! + offset, raw.count - offset) }
-                if written < 0 { failure = systemError("cannot write", temporary); return }
-                offset += written
-            }
-        }
+        if let code = data.withUnsafeBytes({ writeAll(fd, $0) }) { failure = systemError("cannot write", temporary, errno: code) }
         if failure == nil, fchmod(fd, mode) != 0 { failure = systemError("cannot set mode on", temporary) }
         if failure == nil, Glibc.fsync(fd) != 0 { failure = systemError("cannot fsync", temporary) }
         close(fd)

@@ -18,7 +18,7 @@ public enum SegmentedDigest {
     }
 
     public static func hex<D: Sequence>(_ digest: D) -> String where D.Element == UInt8 {
-        let table = Array("0123456789abcdef".utf8)
+        let table = hexDigits
         var out = [UInt8]()
         out.reserveCapacity(64)
         for byte in digest {
@@ -27,6 +27,8 @@ public enum SegmentedDigest {
         }
         return String(decoding: out, as: UTF8.self)
     }
+
+    private static let hexDigits = Array("0123456789abcdef".utf8)
 
     public static func segmentCount(size: UInt64) -> Int { max(1, Int((size + segmentSize - 1) / segmentSize)) }
 
@@ -61,11 +63,6 @@ public enum SegmentedDigest {
     }
 }
 
-/// A read buffer for hashing; the caller owns and frees it.
-func makeHashBuffer() -> UnsafeMutableRawBufferPointer {
-    UnsafeMutableRawBufferPointer.allocate(byteCount: 4 << 20, alignment: 4096)
-}
-
 /// Hashes many files on several threads, one 64 MiB segment per work item, so a single large image uses
 /// every core.
 public enum ParallelHasher {
@@ -87,24 +84,22 @@ public enum ParallelHasher {
             let path = root + "/" + relative
             guard let size = FileSystem.size(path) else { throw systemError("cannot stat", path) }
             let count = SegmentedDigest.segmentCount(size: size)
-            let known = [SHA256.Digest?](repeating: nil, count: count)
-            for segment in 0..<count {
-                items.append(WorkItem(file: fileIndex, segment: segment, from: UInt64(segment) * SegmentedDigest.segmentSize, state: SHA256()))
-            }
-            plans.append(FilePlan(path: path, relative: relative, size: size, digests: known))
+            for segment in 0..<count { items.append(WorkItem(file: fileIndex, segment: segment)) }
+            plans.append(FilePlan(path: path, relative: relative, size: size, digests: [SHA256.Digest?](repeating: nil, count: count)))
         }
         let state = HashState(plans: plans, items: items)
         let workers = max(1, min(threads, items.count))
-        DispatchQueue.concurrentPerform(iterations: workers) { _ in
-            let buffer = makeHashBuffer()
+        Workers.run(workers, name: "stasis-hash") { _ in
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4 << 20, alignment: 4096)
             defer { buffer.deallocate() }
-            while let (index, item) = state.next() {
+            while let item = state.next() {
                 do {
                     let plan = state.plan(item.file)
-                    let end = min(plan.size, UInt64(item.segment + 1) * SegmentedDigest.segmentSize)
-                    let digest = try hashRange(plan.path, from: item.from, to: end, state: item.state, buffer: buffer)
-                    state.store(item, index: index, digest: digest)
-                    progress?(end - item.from)
+                    let from = UInt64(item.segment) * SegmentedDigest.segmentSize
+                    let end = min(plan.size, from + SegmentedDigest.segmentSize)
+                    let digest = try hashRange(plan.path, from: from, to: end, buffer: buffer)
+                    state.store(item, digest: digest)
+                    progress?(end - from)
                 } catch let error as StasisError {
                     state.fail(error)
                 } catch {
@@ -115,12 +110,11 @@ public enum ParallelHasher {
         return try state.results()
     }
 
-    static func hashRange(_ path: String, from: UInt64, to end: UInt64, state: SHA256,
-                          buffer: UnsafeMutableRawBufferPointer) throws -> SHA256.Digest {
+    static func hashRange(_ path: String, from: UInt64, to end: UInt64, buffer: UnsafeMutableRawBufferPointer) throws -> SHA256.Digest {
         let fd = retryingEINTR { open(path, O_RDONLY | O_CLOEXEC) }
         guard fd >= 0 else { throw systemError("cannot open", path) }
         defer { close(fd) }
-        var hasher = state
+        var hasher = SHA256()
         var offset = from
         while offset < end {
             let want = Int(min(UInt64(buffer.count), end - offset))
@@ -146,8 +140,6 @@ private struct FilePlan {
 private struct WorkItem {
     var file: Int
     var segment: Int
-    var from: UInt64
-    var state: SHA256
 }
 
 /// Work queue and results shared by the hashing threads.
@@ -163,16 +155,16 @@ private final class HashState: @unchecked Sendable {
         self.items = items
     }
 
-    func next() -> (Int, WorkItem)? {
+    func next() -> WorkItem? {
         lock.withLock {
             guard failure == nil, nextIndex < items.count else { return nil }
             defer { nextIndex += 1 }
-            return (nextIndex, items[nextIndex])
+            return items[nextIndex]
         }
     }
 
     func plan(_ index: Int) -> FilePlan { lock.withLock { plans[index] } }
-    func store(_ item: WorkItem, index: Int, digest: SHA256.Digest) { lock.withLock { plans[item.file].digests[item.segment] = digest } }
+    func store(_ item: WorkItem, digest: SHA256.Digest) { lock.withLock { plans[item.file].digests[item.segment] = digest } }
     func fail(_ error: StasisError) { lock.withLock { if failure == nil { failure = error } } }
 
     func results() throws -> [ParallelHasher.Result] {

@@ -78,7 +78,7 @@ public enum CheckpointBundle {
                         let place = ChunkedFiles.Item(entry)!.place(index, chunkSize: chunkSize, checkpoint: directory)
                         // read checks header, length, decoding and SHA-256, and leaves the chunk file in scratch.
                         let stored = try store.read(digest, into: UnsafeMutableRawBufferPointer(rebasing: plain[0..<place.length]),
-                                                    scratch: scratch, place: place)
+                                                    scratch: scratch, place: place, fileInScratch: true)
                         try output.record(.chunk, name: digest, payload: UnsafeRawBufferPointer(rebasing: scratch[0..<stored]))
                         chunks += 1
                     }
@@ -370,8 +370,8 @@ public enum CheckpointBundle {
         guard (1...128).contains(manifest.id.count), !manifest.id.hasPrefix("."), manifest.id.allSatisfy(idCharacters.contains) else {
             throw refuse("the checkpoint id '\(manifest.id)' is not a plain name")
         }
-        if let info = manifest.store, !(4096...maxChunkSize).contains(info.chunkSize) {
-            throw refuse("chunk size \(info.chunkSize) is outside 4 KiB...64 MiB")
+        if let info = manifest.store, !(4096...maxChunkSize).contains(info.chunkSize) || info.chunkSize % 4096 != 0 {
+            throw refuse("chunk size \(info.chunkSize) is not a multiple of 4 KiB from 4 KiB to 64 MiB")
         }
         var paths = Set<String>()
         for entry in manifest.files {

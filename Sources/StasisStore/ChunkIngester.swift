@@ -48,7 +48,6 @@ public final class ChunkIngester: @unchecked Sendable {
     private var queuedUpTo: [String: Int] = [:]  // per file: the chunks handed out so far
     private var descriptors: [String: Int32] = [:]
     private var statistics = Statistics()
-    private var workers: [Thread] = []
     private var running = 0
     private let followerDone = DispatchSemaphore(value: 0)
 
@@ -71,7 +70,6 @@ public final class ChunkIngester: @unchecked Sendable {
             let thread = Thread { [self] in work() }
             thread.name = "stasis-ingest-\(number)"
             thread.start()
-            workers.append(thread)
         }
         let follower = Thread { [self] in follow() }
         follower.name = "stasis-ingest-follow"
@@ -85,8 +83,14 @@ public final class ChunkIngester: @unchecked Sendable {
         condition.lock()
         let followed = Array(files.keys)
         condition.unlock()
+        var sizes: [String: UInt64] = [:]
         for name in Set(followed + alsoIngest) {
-            guard let size = FileSystem.size(directory + "/" + name) else { throw systemError("cannot stat", directory + "/" + name) }
+            guard let size = FileSystem.size(directory + "/" + name) else {
+                let error = systemError("cannot stat", directory + "/" + name)
+                cancel()
+                throw error
+            }
+            sizes[name] = size
             enqueueChunks(of: name, upTo: size, final: true)
         }
         condition.lock()
@@ -111,8 +115,12 @@ public final class ChunkIngester: @unchecked Sendable {
         }
         var out: [String: File] = [:]
         for (name, chunks) in result {
-            let size = FileSystem.size(directory + "/" + name) ?? 0
-            out[name] = File(size: size, chunks: chunks.map { $0 ?? "" })
+            // Every queued chunk has its digest ("" for zeros) once the workers are done without a failure.
+            let digests = chunks.compactMap { $0 }
+            guard digests.count == chunks.count, let size = sizes[name] else {
+                throw StasisError(.io, "\(directory)/\(name): \(chunks.count - digests.count) chunk(s) were never stored")
+            }
+            out[name] = File(size: size, chunks: digests)
         }
         return (out, stats)
     }

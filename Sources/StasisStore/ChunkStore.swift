@@ -45,7 +45,7 @@ public final class ChunkStore: Sendable {
         explicit ?? recorded ?? ProcessInfo.processInfo.environment["STASIS_STORE"] ?? defaultPath
     }
 
-    func chunkPath(_ digest: String) -> String { "\(path)/chunks/\(digest.prefix(2))/\(digest)" }
+    public func chunkPath(_ digest: String) -> String { "\(path)/chunks/\(digest.prefix(2))/\(digest)" }
 
     // MARK: writing
 
@@ -76,7 +76,8 @@ public final class ChunkStore: Sendable {
 
         func written(_ digest: String, at temporary: String) { lock.withLock { pending[digest] = temporary } }
 
-        /// Syncs the store's filesystem, then renames every chunk into place and syncs the directories.
+        /// Syncs the store's filesystem, renames every chunk into place, and syncs it again for the renames
+        /// (one syncfs instead of an fsync per prefix directory: up to 257 of them, one after another).
         func commit() throws {
             let chunks = lock.withLock { pending.filter { !$0.value.isEmpty } }
             guard !chunks.isEmpty else { return }
@@ -85,14 +86,13 @@ public final class ChunkStore: Sendable {
             for (digest, temporary) in chunks {
                 let target = store.chunkPath(digest)
                 let directory = String(target[..<target.lastIndex(of: "/")!])
-                if directories.insert(directory).inserted, !FileSystem.isDirectory(directory), mkdir(directory, 0o700) != 0, errno != EEXIST {
+                if directories.insert(directory).inserted, mkdir(directory, 0o700) != 0, errno != EEXIST {
                     throw systemError("cannot create", directory)
                 }
                 guard rename(temporary, target) == 0 else { throw systemError("cannot rename \(temporary) to", target) }
             }
             lock.withLock { pending = [:] }
-            for directory in directories { try FileSystem.fsync(path: directory) }
-            try FileSystem.fsync(path: store.path + "/chunks")
+            try FileSystem.syncFilesystem(of: store.path + "/chunks")
         }
 
         /// Drops the chunks not committed (the ingest failed).
@@ -109,24 +109,25 @@ public final class ChunkStore: Sendable {
              batch: Batch) throws -> PutResult {
         guard claim(digest, batch: batch) else { return PutResult(isNew: false, storedBytes: 0) }
         let payload = UnsafeMutableRawBufferPointer(rebasing: scratch[Self.headerSize...])
-        let (tag, length): (UInt8, Int)
+        let header = UnsafeRawBufferPointer(rebasing: scratch[0..<Self.headerSize])
+        // A chunk that does not shrink is written from `plain` itself after its header: no copy.
+        let parts: [UnsafeRawBufferPointer]
         if let compressed = codec.compress(plain, into: payload) {
-            (tag, length) = (codec.tag, compressed)
+            Self.writeHeader(into: scratch, tag: codec.tag, plainLength: plain.count)
+            parts = [UnsafeRawBufferPointer(rebasing: scratch[0..<(Self.headerSize + compressed)])]
         } else {
-            payload.baseAddress!.copyMemory(from: plain.baseAddress!, byteCount: plain.count)
-            (tag, length) = (0, plain.count)
+            Self.writeHeader(into: scratch, tag: 0, plainLength: plain.count)
+            parts = [header, plain]
         }
-        Self.writeHeader(into: scratch, tag: tag, plainLength: plain.count)
-        let bytes = UnsafeRawBufferPointer(rebasing: scratch[0..<(Self.headerSize + length)])
-        batch.written(digest, at: try writeTemporary(bytes, digest: digest))
-        return PutResult(isNew: true, storedBytes: UInt64(bytes.count))
+        batch.written(digest, at: try writeTemporary(parts, digest: digest))
+        return PutResult(isNew: true, storedBytes: UInt64(parts.reduce(0) { $0 + $1.count }))
     }
 
     /// Stores a complete chunk file (header and payload, checked by the caller) under `digest` unless the
     /// store or `batch` has it already: how imports add the chunks a bundle carries.
     func putFile(_ bytes: UnsafeRawBufferPointer, digest: String, batch: Batch) throws -> PutResult {
         guard claim(digest, batch: batch) else { return PutResult(isNew: false, storedBytes: 0) }
-        batch.written(digest, at: try writeTemporary(bytes, digest: digest))
+        batch.written(digest, at: try writeTemporary([bytes], digest: digest))
         return PutResult(isNew: true, storedBytes: UInt64(bytes.count))
     }
 
@@ -152,31 +153,30 @@ public final class ChunkStore: Sendable {
 
     /// Writes a chunk file into tmp/ (NAME.PID.RANDOM, so gc can tell a dead writer's leftovers) and starts its
     /// writeback (the batch's syncfs finishes it); returns its path.
-    func writeTemporary(_ bytes: UnsafeRawBufferPointer, digest: String) throws -> String {
+    func writeTemporary(_ parts: [UnsafeRawBufferPointer], digest: String) throws -> String {
         let temporary = "\(path)/tmp/\(digest).\(getpid()).\(UInt32.random(in: 0...UInt32.max))"
         let fd = retryingEINTR { open(temporary, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600) }
         guard fd >= 0 else { throw Self.writeError("cannot create", temporary) }
-        var offset = 0
-        while offset < bytes.count {
-            let written = retryingEINTR { write(fd, bytes.baseAddress! + offset, bytes.count - offset) }
-            if written <= 0 {
-                let error = Self.writeError("cannot write", temporary)
+        var total = 0
+        for bytes in parts {
+            if let failure = FileSystem.writeAll(fd, bytes) {
+                let error = Self.writeError("cannot write", temporary, errno: failure)
                 close(fd)
                 unlink(temporary)
                 throw error
             }
-            offset += written
+            total += bytes.count
         }
-        FileSystem.startWriteback(fd, offset: 0, length: UInt64(bytes.count))
+        FileSystem.startWriteback(fd, offset: 0, length: UInt64(total))
         close(fd)
         return temporary
     }
 
-    static func writeError(_ action: String, _ subject: String) -> StasisError {
-        if errno == ENOSPC {
+    static func writeError(_ action: String, _ subject: String, errno code: Int32 = errno) -> StasisError {
+        if code == ENOSPC || code == EDQUOT {
             return StasisError(.noSpace, "the chunk store ran out of space (\(action) \(subject))", hint: "free space there, run `stasis gc`, or use another --store")
         }
-        return systemError(action, subject)
+        return systemError(action, subject, errno: code)
     }
 
     // MARK: reading
@@ -191,9 +191,12 @@ public final class ChunkStore: Sendable {
     }
 
     /// Reads chunk `digest` into `output` (exactly its plain length), checking it (`decode`). `scratch` holds
-    /// the chunk file while it is decoded (headerSize + bound bytes); returns the chunk file's size.
+    /// the chunk file while it is decoded (headerSize + bound bytes); returns the chunk file's size. A chunk
+    /// stored plain is read straight into `output` unless `fileInScratch` asks for the whole chunk file to be
+    /// left in `scratch` (export copies it as it is).
     @discardableResult
-    func read(_ digest: String, into output: UnsafeMutableRawBufferPointer, scratch: UnsafeMutableRawBufferPointer, place: Place) throws -> Int {
+    func read(_ digest: String, into output: UnsafeMutableRawBufferPointer, scratch: UnsafeMutableRawBufferPointer, place: Place,
+              fileInScratch: Bool = false) throws -> Int {
         let file = chunkPath(digest)
         let fd = retryingEINTR { open(file, O_RDONLY | O_CLOEXEC) }
         guard fd >= 0 else {
@@ -204,16 +207,33 @@ public final class ChunkStore: Sendable {
             throw systemError("cannot open", file)
         }
         defer { close(fd) }
-        var total = 0
-        while total < scratch.count {
-            let got = retryingEINTR { Glibc.read(fd, scratch.baseAddress! + total, scratch.count - total) }
-            if got < 0 { throw systemError("cannot read", file) }
-            if got == 0 { break }
-            total += got
+        var total = try Self.readUpTo(fd, UnsafeMutableRawBufferPointer(rebasing: scratch[0..<Self.headerSize]), file: file)
+        let header = UnsafeRawBufferPointer(rebasing: scratch[0..<total])
+        if !fileInScratch, Self.plainLength(ofChunkFile: header) == output.count, header[5] == 0 {
+            // Stored plain (it did not compress): its bytes go straight into `output`, without a copy.
+            let got = try Self.readUpTo(fd, output, file: file)
+            var extra: UInt8 = 0
+            let more = retryingEINTR { Glibc.read(fd, &extra, 1) }
+            guard got == output.count, more == 0 else { throw damaged(digest, place, "its none data does not decode (truncated or corrupt)") }
+            guard ChunkDigest.hex(UnsafeRawBufferPointer(output)) == digest else { throw damaged(digest, place, "its content does not match its SHA-256") }
+            return total + got
         }
+        total += try Self.readUpTo(fd, UnsafeMutableRawBufferPointer(rebasing: scratch[total...]), file: file)
         guard total < scratch.count else { throw damaged(digest, place, "longer than any valid chunk") }
         if let why = Self.decode(UnsafeRawBufferPointer(rebasing: scratch[0..<total]), digest: digest, into: output) {
             throw damaged(digest, place, why)
+        }
+        return total
+    }
+
+    /// Reads from `fd` until `buffer` is full or the file ends; returns the bytes read.
+    private static func readUpTo(_ fd: Int32, _ buffer: UnsafeMutableRawBufferPointer, file: String) throws -> Int {
+        var total = 0
+        while total < buffer.count {
+            let got = retryingEINTR { Glibc.read(fd, buffer.baseAddress! + total, buffer.count - total) }
+            if got < 0 { throw systemError("cannot read", file) }
+            if got == 0 { break }
+            total += got
         }
         return total
     }

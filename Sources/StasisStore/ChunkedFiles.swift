@@ -21,6 +21,14 @@ public enum ChunkedFiles {
             self.init(path: entry.path, size: entry.size, chunks: chunks)
         }
 
+        /// Refuses a chunk list whose length does not fit the file's size (a damaged manifest).
+        func checkChunkCount(chunkSize: Int, checkpoint: String) throws {
+            guard UInt64(chunks.count) == (size + UInt64(chunkSize) - 1) / UInt64(chunkSize) else {
+                throw StasisError(.integrity, "\(checkpoint)/\(path): the manifest lists \(chunks.count) chunks for \(size) bytes",
+                                  hint: "the manifest is damaged")
+            }
+        }
+
         /// Where chunk `index` lies in the file.
         func place(_ index: Int, chunkSize: Int, checkpoint: String) -> ChunkStore.Place {
             let offset = UInt64(index) * UInt64(chunkSize)
@@ -63,12 +71,7 @@ public enum ChunkedFiles {
     public static func read(_ items: [Item], from store: ChunkStore, checkpoint: String, chunkSize: Int, into target: String? = nil,
                             threads: Int = Workers.ioDepth,
                             progress: (@Sendable (UInt64) -> Void)? = nil) throws -> UInt64 {
-        for item in items {
-            guard UInt64(item.chunks.count) == (item.size + UInt64(chunkSize) - 1) / UInt64(chunkSize) else {
-                throw StasisError(.integrity, "\(checkpoint)/\(item.path): the manifest lists \(item.chunks.count) chunks for \(item.size) bytes",
-                                  hint: "the manifest is damaged")
-            }
-        }
+        for item in items { try item.checkChunkCount(chunkSize: chunkSize, checkpoint: checkpoint) }
         // Every file first gets its size, so the workers can place any chunk at its offset.
         var outputs: [RebuiltFile] = []
         defer { for output in outputs { output.close() } }
@@ -108,8 +111,8 @@ public enum ChunkedFiles {
         return items.reduce(0) { $0 + $1.size }
     }
 
-    /// A file being rebuilt. Chunks are decoded straight into a shared mapping of it: on tmpfs, where restores
-    /// rebuild, concurrent `pwrite`s to one file serialise on its inode lock (measured on the 16-core GPU
+    /// A file being rebuilt. Chunks are decoded straight into a shared mapping of it: on tmpfs, where
+    /// `restore --rebuild-dir /dev/shm` rebuilds, concurrent `pwrite`s to one file serialise on its inode lock (measured on the 16-core GPU
     /// machine: 2.4 GB/s with 14 cores busy, most of it system time), while faults in a mapping do not, and
     /// the copy out of a buffer goes away. Each range is populated (MADV_POPULATE_WRITE) before it is
     /// written, so a full filesystem is an error there, never a SIGBUS. Where the kernel cannot populate
@@ -146,7 +149,8 @@ public enum ChunkedFiles {
 
         /// Gives `decode` the bytes [offset, offset + length) of the file to fill, and makes them the file's.
         func fill(offset: UInt64, length: Int, bounce: UnsafeMutableRawBufferPointer, _ decode: (UnsafeMutableRawBufferPointer) throws -> Void) throws {
-            if let mapping {
+            // madvise wants a page-aligned start: chunk sizes are whole pages (a damaged manifest aside).
+            if let mapping, offset % 4096 == 0 {
                 let start = mapping + Int(offset)
                 if madvise(start, length, Self.populateWrite) != 0 {
                     throw errno == EFAULT || errno == ENOMEM || errno == ENOSPC ? noSpace() : systemError("cannot populate", path)
@@ -156,11 +160,8 @@ public enum ChunkedFiles {
             }
             let output = UnsafeMutableRawBufferPointer(rebasing: bounce[0..<length])
             try decode(output)
-            var done = 0
-            while done < length {
-                let wrote = retryingEINTR { pwrite(fd, output.baseAddress! + done, length - done, off_t(offset) + off_t(done)) }
-                if wrote <= 0 { throw errno == ENOSPC ? noSpace() : systemError("cannot write", path) }
-                done += wrote
+            if let failure = FileSystem.writeAll(fd, UnsafeRawBufferPointer(output), at: off_t(offset)) {
+                throw failure == ENOSPC || failure == EDQUOT ? noSpace() : systemError("cannot write", path, errno: failure)
             }
         }
 
@@ -200,70 +201,78 @@ public enum ChunkedFiles {
 
 extension ChunkedFiles {
     /// Writes the plain bytes of `item` to `fd` (a pipe to CRIU), in order, decoding and checking chunks ahead
-    /// on `threads` workers. Memory: a window of 2 x `threads` chunk buffers, plus a scratch buffer a worker.
-    /// Zero chunks are written as zeros. Throws the first problem, naming the checkpoint, file and byte range;
-    /// what was written before it stays written (the reader sees the stream end early).
+    /// on up to `threads` workers. Zero chunks go by vmsplice from `zeroPages`. Throws the first problem, naming
+    /// the checkpoint, file and byte range; what was written before it stays written (the reader sees the
+    /// stream end early).
+    ///
+    /// Memory: every stream has two chunk buffers of its own, so it always makes progress whatever other
+    /// streams hold (CRIU restores the processes of a tree at once, each reading its own image), and borrows
+    /// up to 2 x `threads` - 2 more from `StreamBudget` while they are free. All streams together hold at most
+    /// 2 per stream plus the budget, however many run.
     public static func stream(_ item: Item, from store: ChunkStore, checkpoint: String, chunkSize: Int, to fd: Int32,
-                              threads: Int = ProcessInfo.processInfo.activeProcessorCount,
-                              progress: (@Sendable (UInt64) -> Void)? = nil) throws {
-        guard UInt64(item.chunks.count) == (item.size + UInt64(chunkSize) - 1) / UInt64(chunkSize) else {
-            throw StasisError(.integrity, "\(checkpoint)/\(item.path): the manifest lists \(item.chunks.count) chunks for \(item.size) bytes",
-                              hint: "the manifest is damaged")
-        }
+                              threads: Int = ProcessInfo.processInfo.activeProcessorCount) throws {
+        try item.checkChunkCount(chunkSize: chunkSize, checkpoint: checkpoint)
         guard !item.chunks.isEmpty else { return }
-        let window = OrderedWindow(slots: max(2, 2 * threads), chunkSize: chunkSize, count: item.chunks.count)
+        let borrowed = StreamBudget.shared.take(upTo: min(2 * threads, item.chunks.count) - 2, chunkSize: chunkSize)
+        defer { StreamBudget.shared.give(borrowed, chunkSize: chunkSize) }
+        let window = OrderedWindow(slots: 2 + borrowed, chunkSize: chunkSize, count: item.chunks.count)
         defer { window.release() }
-        let workers = max(1, min(threads, item.chunks.count))
-        let decoding = DispatchGroup()
-        for number in 0..<workers {
-            decoding.enter()
-            let thread = Thread {
-                defer { decoding.leave() }
-                let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: ChunkStore.scratchSize(chunkSize), alignment: 4096)
-                defer { scratch.deallocate() }
-                while let (index, buffer) = window.claim() {
-                    let place = item.place(index, chunkSize: chunkSize, checkpoint: checkpoint)
-                    let output = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<place.length])
-                    do {
-                        if item.chunks[index].isEmpty {
-                            if place.length > zeroPages.count { output.initializeMemory(as: UInt8.self, repeating: 0) }
-                        } else {
-                            try store.read(item.chunks[index], into: output, scratch: scratch, place: place)
-                        }
-                        window.ready(index)
-                    } catch {
-                        window.fail(error)
+        let zerosBySplice = chunkSize <= zeroPages.count  // else zero chunks are decoded as zeros like any other
+        // Worker 0 writes in order; the others decode ahead.
+        let decoders = max(1, min(threads, 2 + borrowed))
+        Workers.run(1 + decoders, name: "stasis-stream") { worker in
+            if worker == 0 {
+                for index in 0..<item.chunks.count {
+                    guard let decoded = window.next(index) else { return }
+                    let length = item.place(index, chunkSize: chunkSize, checkpoint: checkpoint).length
+                    let failure = item.chunks[index].isEmpty && zerosBySplice
+                        ? FileSystem.vmspliceAll(fd, UnsafeRawBufferPointer(rebasing: zeroPages[0..<length]))
+                        : FileSystem.writeAll(fd, UnsafeRawBufferPointer(rebasing: decoded[0..<length]))
+                    if let failure {
+                        window.fail(systemError("cannot stream \(item.path) to CRIU", "the pipe", errno: failure))
+                        return
                     }
+                    window.written(index)
+                }
+                return
+            }
+            let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: ChunkStore.scratchSize(chunkSize), alignment: 4096)
+            defer { scratch.deallocate() }
+            while let (index, buffer) = window.claim() {
+                let place = item.place(index, chunkSize: chunkSize, checkpoint: checkpoint)
+                let output = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<place.length])
+                do {
+                    if item.chunks[index].isEmpty {
+                        if !zerosBySplice { output.initializeMemory(as: UInt8.self, repeating: 0) }
+                    } else {
+                        try store.read(item.chunks[index], into: output, scratch: scratch, place: place)
+                    }
+                    window.ready(index)
+                } catch {
+                    window.fail(error)
                 }
             }
-            thread.name = "stasis-stream-\(number)"
-            thread.start()
         }
-        var failure: Error?
-        for index in 0..<item.chunks.count {
-            guard let decoded = window.next(index) else { break }
-            let place = item.place(index, chunkSize: chunkSize, checkpoint: checkpoint)
-            // A zero chunk goes from pages that are never written (vmsplice: no copy on this side).
-            let zero = item.chunks[index].isEmpty && place.length <= Self.zeroPages.count
-            let buffer = zero ? UnsafeRawBufferPointer(Self.zeroPages) : UnsafeRawBufferPointer(decoded)
-            var done = 0
-            while done < place.length {
-                let wrote = retryingEINTR {
-                    zero ? FileSystem.vmsplice(fd, buffer.baseAddress! + done, place.length - done)
-                         : write(fd, buffer.baseAddress! + done, place.length - done)
-                }
-                if wrote <= 0 {
-                    failure = systemError("cannot stream \(item.path) to CRIU", "the pipe")
-                    break
-                }
-                done += wrote
+        if let error = window.failure { throw error }
+    }
+
+    /// Chunk buffers that streams may borrow beyond their own two: 64 MiB, or 4 per core if that is more.
+    final class StreamBudget: @unchecked Sendable {
+        static let shared = StreamBudget(bytes: max(64 << 20, 4 * ProcessInfo.processInfo.activeProcessorCount * ChunkStore.chunkSize))
+        private let lock = NSLock()
+        private var free: Int
+        init(bytes: Int) { free = bytes }
+
+        /// Takes up to `count` buffers of `chunkSize` bytes without waiting; returns how many it took.
+        func take(upTo count: Int, chunkSize: Int) -> Int {
+            lock.withLock {
+                let taken = max(0, min(count, free / chunkSize))
+                free -= taken * chunkSize
+                return taken
             }
-            if failure != nil { window.fail(failure!); break }
-            window.written(index)
-            progress?(UInt64(place.length))
         }
-        decoding.wait()
-        if let error = window.failure ?? failure { throw error }
+
+        func give(_ count: Int, chunkSize: Int) { lock.withLock { free += count * chunkSize } }
     }
 
     /// Zeros for zero chunks, handed to pipes by reference: allocated once, never written after.

@@ -12,7 +12,8 @@ public enum Codec: Sendable, Equatable, CustomStringConvertible {
     /// The default: lz4, the fastest to ingest (bench/store-throughput.sh, 2 cores: 1.26 GB/s on a Python
     /// process's images against 0.95 for zstd:1), because chunking competes with the job's frozen window.
     /// zstd:1 stores about a quarter less on those images at the same rebuild speed: `--compress zstd:1`
-    /// when space matters more than dump time. To be rechecked on GPU checkpoints (docs/BENCHMARKS.md).
+    /// when space matters more than dump time. Rechecked on a BERT-large checkpoint on 16 cores: zstd:1
+    /// stores 8.5% less for twice the CPU, and ingest at 5 GB/s is CPU-bound there (docs/BENCHMARKS.md).
     public static let standard = Codec.lz4
 
     /// Parses `none`, `lz4`, `zstd` (level 3) or `zstd:N` (1...19).

@@ -18,14 +18,13 @@ struct ExportCommand: ParsableCommand {
     @Option(name: [.customShort("o"), .customLong("output")], help: "The bundle file to create (must not exist).")
     var file: String
 
-    @Option(name: .long, help: "The chunk store holding the checkpoint's chunks (default: the one its manifest names, else STASIS_STORE).")
-    var store: String?
+    @OptionGroup var store: StoreOptions
 
     @OptionGroup var output: OutputOptions
 
     func run() throws {
         try Output.run(json: output.json) {
-            let report = try BundleOperation.export(directory, to: file, store: store)
+            let report = try BundleOperation.export(directory, to: file, store: store.store)
             if output.json { return Output.json(report) }
             print("exported \(report.checkpoint) to \(report.bundle)")
             print("  contents: \(report.files) whole file\(report.files == 1 ? "" : "s"), \(report.chunkedFiles) chunked (\(report.chunks) distinct chunks); \(Format.bytes(report.checkpointBytes)) of checkpoint")

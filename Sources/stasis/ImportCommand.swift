@@ -19,14 +19,13 @@ struct ImportCommand: ParsableCommand {
     @Option(name: [.customShort("D"), .customLong("images-dir")], help: "The checkpoint directory to create (must not exist or be empty).")
     var directory: String
 
-    @Option(name: .long, help: "The chunk store to put the chunks in (default: STASIS_STORE, else /var/lib/stasis/store).")
-    var store: String?
+    @OptionGroup var store: StoreOptions
 
     @OptionGroup var output: OutputOptions
 
     func run() throws {
         try Output.run(json: output.json) {
-            let report = try BundleOperation.importBundle(file, into: directory, store: store)
+            let report = try BundleOperation.importBundle(file, into: directory, store: store.store)
             if output.json { return Output.json(report) }
             let s = report.statistics
             print("imported checkpoint \(report.id) into \(report.directory)")

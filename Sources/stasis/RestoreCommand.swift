@@ -8,9 +8,11 @@ struct RestoreCommand: ParsableCommand {
         commandName: "restore",
         abstract: "Restore a checkpoint; returns once the tree runs again and prints its root PID.",
         discussion: """
-        Every file is verified against the manifest, and every chunk as the memory images are rebuilt for CRIU, \
-        before anything starts. Restored processes keep their \
-        PIDs, so the original tree must be gone. The restored tree does not depend on stasis.
+        Every whole file is verified against the manifest and every chunk's presence in the store is checked \
+        before CRIU starts. The memory images are then streamed to CRIU (criu restore --stream), each chunk \
+        checked on the way; a bad chunk stops CRIU while it restores memory, before any restored process runs. \
+        With --rebuild-dir they are rebuilt as files first, every chunk checked before CRIU starts. Restored \
+        processes keep their PIDs, so the original tree must be gone. The restored tree does not depend on stasis.
         """)
 
     @Option(name: [.customShort("D"), .customLong("images-dir")], help: "The checkpoint directory.")
@@ -69,7 +71,7 @@ struct RestoreCommand: ParsableCommand {
             if output.json { return Output.json(report) }
             let t = report.timings
             print("restored \(report.directory): root PID \(report.rootPID) (\(report.processes) process\(report.processes == 1 ? "" : "es"))")
-            let images = report.images == "rebuilt" ? "rebuild \(Format.seconds(t.rebuild))" : "images \(report.images)"
+            let images = report.images == .rebuilt ? "rebuild \(Format.seconds(t.rebuild))" : "images \(report.images.rawValue)"
             print("  time: verify \(Format.seconds(t.verify)), \(images), CRIU \(Format.seconds(t.criu)) (forking \(Format.seconds(t.forking)), restore \(Format.seconds(t.restore))), devices \(Format.seconds(t.devices)); total \(Format.seconds(t.total))")
             print("  log:  \(report.logFile)")
         }

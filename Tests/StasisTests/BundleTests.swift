@@ -251,7 +251,7 @@ import Testing
 
         // A chunk gone from the store.
         let digest = try #require(sample.manifest.files.first { $0.chunks != nil }?.chunks?.first)
-        let chunk = sample.store.path + "/chunks/\(digest.prefix(2))/\(digest)"
+        let chunk = sample.store.chunkPath(digest)
         let saved = try FileSystem.readFile(chunk)
         unlink(chunk)
         expectRefused(.integrity, "chunk \(digest)")

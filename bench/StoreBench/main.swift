@@ -211,7 +211,6 @@ struct Index: Codable {
     static func path(store: String) -> String { store + "/bench-index.json" }
 }
 
-func chunkFile(store: String, digest: String) -> String { "\(store)/chunks/\(digest.prefix(2))/\(digest)" }
 
 // MARK: ingest
 
@@ -336,7 +335,7 @@ func rebuild(_ arguments: Arguments) throws {
     let store = try ChunkStore(path: storePath, create: false)
     let items = index.files.map { ChunkedFiles.Item(path: $0.name, size: $0.size, chunks: $0.chunks) }
     let distinct = Set(index.files.flatMap { $0.chunks }.filter { !$0.isEmpty }).sorted()
-    let chunkPaths = distinct.map { chunkFile(store: storePath, digest: $0) }
+    let chunkPaths = distinct.map { store.chunkPath($0) }
     var chunkBytes: UInt64 = 0
     for path in chunkPaths { chunkBytes += try fileSize(path) }
 

@@ -10,6 +10,8 @@
 //   StasisImage   the checkpoint directory: staging, manifest, hashing, verification, atomic publish
 //   StasisEngine  dump / restore / check / inspect / verify, built from the modules above
 //   StasisCRIUPlugin  the same driver steps as a CRIU plugin, for plain criu, runc and podman
+//   StasisAgent   libstasis-agent.so, preloaded into GPU programs by `stasis run`: it interposes the CUDA
+//                 driver API and moves device memory itself (C); CStasisAgentProtocol: its control messages
 //   stasis        the command line
 //   stasis-workload  C test workloads that build state and verify it themselves after a restore
 //   stasis-store-bench  the chunk store's throughput benchmark (bench/store-throughput.sh)
@@ -40,7 +42,11 @@ let package = Package(
         .target(name: "CStasisCUDA"),
         // Compiled here as a check; the loadable libstasis_cuda_plugin.so comes from scripts/build-criu-plugin.sh.
         .target(name: "StasisCRIUPlugin", dependencies: ["CStasisCUDA"]),
-        .target(name: "StasisGPU", dependencies: ["StasisCore", "StasisOS", "CStasisCUDA"]),
+        .target(name: "CStasisAgentProtocol"),
+        // Compiled here as a check; the preloadable libstasis-agent.so comes from scripts/build-agent.sh (a
+        // SwiftPM library product would link the Swift runtime into every GPU program).
+        .target(name: "StasisAgent", dependencies: ["CStasisAgentProtocol"]),
+        .target(name: "StasisGPU", dependencies: ["StasisCore", "StasisOS", "StasisStore", "CStasisCUDA", "CStasisAgentProtocol"]),
         .target(name: "CStasisCompress", linkerSettings: [.linkedLibrary("zstd"), .linkedLibrary("lz4")]),
         .target(name: "StasisStore", dependencies: [
             "StasisCore", "StasisOS", "CStasisCompress",

@@ -14,6 +14,7 @@ strip -o .device/stasis-store-bench .build-static/release/stasis-store-bench
 xz -T0 -3 -f .device/stasis-store-bench
 cp .build-static/release/stasis-workload .device/
 ./scripts/build-criu-plugin.sh .device/criu-plugins >/dev/null
+./scripts/build-agent.sh .device >/dev/null
 cp "$(command -v criu)" .device/criu
 cp ../shared/device/criu-debs/*.deb .device/criu-debs/
 # The codecs' shared libraries, in case the GPU machine lacks them (device-test.sh puts .device/lib on the path).

@@ -8,4 +8,5 @@ cd "$(dirname "$0")/.."
 export PATH="/usr/local/sbin:$PATH"
 swift build --build-tests
 ./scripts/build-criu-plugin.sh >/dev/null
+./scripts/build-agent.sh >/dev/null
 swift test --skip-build

@@ -22,3 +22,13 @@ long stasis_vmsplice(int fd, const void *buffer, unsigned long length) {
     struct iovec vector = { .iov_base = (void *)buffer, .iov_len = length };
     return (long)vmsplice(fd, &vector, 1, 0);
 }
+
+long stasis_process_read(int pid, void *local, uint64_t remote, unsigned long length) {
+    struct iovec here = {local, length}, there = {(void *)(uintptr_t)remote, length};
+    return (long)process_vm_readv(pid, &here, 1, &there, 1, 0);
+}
+
+long stasis_process_write(int pid, const void *local, uint64_t remote, unsigned long length) {
+    struct iovec here = {(void *)local, length}, there = {(void *)(uintptr_t)remote, length};
+    return (long)process_vm_writev(pid, &here, 1, &there, 1, 0);
+}

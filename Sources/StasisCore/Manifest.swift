@@ -215,10 +215,53 @@ public struct Manifest: Codable, Sendable, Equatable {
         /// UUIDs of the GPUs the process had memory on.
         public var devices: [String]
         public var deviceMemoryBytes: UInt64
-        public init(pid: Int32, devices: [String], deviceMemoryBytes: UInt64) {
+        /// Set when the process ran under `stasis run`: what its agent moved itself.
+        public var agent: AgentMemory?
+        public init(pid: Int32, devices: [String], deviceMemoryBytes: UInt64, agent: AgentMemory? = nil) {
             self.pid = pid
             self.devices = devices
             self.deviceMemoryBytes = deviceMemoryBytes
+            self.agent = agent
+        }
+    }
+
+    /// Device memory a process's agent copied out through its staging ring before the driver checkpoint; its
+    /// contents are chunked files of the checkpoint (`file`, under gpu/), which the agent refills after restore.
+    public struct AgentMemory: Codable, Sendable, Equatable {
+        public var allocations: [AgentAllocation]
+        public var evacuatedBytes: UInt64
+        /// Device memory the driver carried (the process's device memory less the evacuated bytes): contexts,
+        /// modules, small allocations and pools.
+        public var driverPathBytes: UInt64
+        public var ringBytes: UInt64
+        /// Holding CUDA calls and synchronising; copying out (and chunking); giving back the physical memory.
+        public var quiesceSeconds: Double
+        public var evacuateSeconds: Double
+        public var releaseSeconds: Double
+        public init(allocations: [AgentAllocation], evacuatedBytes: UInt64, driverPathBytes: UInt64, ringBytes: UInt64,
+                    quiesceSeconds: Double, evacuateSeconds: Double, releaseSeconds: Double) {
+            self.allocations = allocations
+            self.evacuatedBytes = evacuatedBytes
+            self.driverPathBytes = driverPathBytes
+            self.ringBytes = ringBytes
+            self.quiesceSeconds = quiesceSeconds
+            self.evacuateSeconds = evacuateSeconds
+            self.releaseSeconds = releaseSeconds
+        }
+    }
+
+    public struct AgentAllocation: Codable, Sendable, Equatable {
+        /// The agent's handle for it (the value the program holds for a VMM allocation).
+        public var id: UInt64
+        public var bytes: UInt64
+        /// The CUDA device ordinal, as the process saw it.
+        public var device: Int32
+        public var file: String
+        public init(id: UInt64, bytes: UInt64, device: Int32, file: String) {
+            self.id = id
+            self.bytes = bytes
+            self.device = device
+            self.file = file
         }
     }
 

@@ -74,6 +74,7 @@ public struct DumpOperation {
         }
         var timings = Manifest.Timings()
         var gpu = Manifest.GPUSection()
+        var deviceFiles: [Manifest.FileEntry] = []
         var published: Manifest?
         var ingester: ChunkIngester?
         let imagesFD: Int32
@@ -87,7 +88,10 @@ public struct DumpOperation {
 
         do {
             let deviceWatch = Stopwatch()
-            gpu = try device.beforeFreeze(pids: processes.map(\.pid))
+            let frozen = try device.beforeFreeze(pids: processes.map(\.pid),
+                                                 store: DeviceStore(store: store, codec: options.codec, checkpoint: destination))
+            gpu = frozen.section
+            deviceFiles = frozen.files
             timings.devices = deviceWatch.seconds
 
             let chunker = ChunkIngester(directory: staging.path, store: store, codec: options.codec,
@@ -109,7 +113,7 @@ public struct DumpOperation {
                 try FaultInjection.check("post-dump")
                 // The tree is frozen here: make the checkpoint complete and durable before CRIU may kill it.
                 let manifest = try finish(staging: staging, ingester: chunker, store: store, criu: criu, processes: processes,
-                                          gpu: gpu, timings: timings)
+                                          gpu: gpu, deviceFiles: deviceFiles, timings: timings)
                 try staging.publish()
                 published = manifest
             }
@@ -121,7 +125,7 @@ public struct DumpOperation {
             if published == nil {
                 // CRIU never sent post-dump (it always does in 4.x): publish now rather than lose the images.
                 published = try finish(staging: staging, ingester: chunker, store: store, criu: criu, processes: processes,
-                                       gpu: gpu, timings: timings)
+                                       gpu: gpu, deviceFiles: deviceFiles, timings: timings)
                 try staging.publish()
             }
         } catch {
@@ -172,7 +176,8 @@ public struct DumpOperation {
     /// them from the staging directory, hashes and syncs the small images, lists the checkpoint in the
     /// store's catalog and writes the manifest. Runs while the tree is frozen.
     private func finish(staging: StagingDirectory, ingester: ChunkIngester, store: ChunkStore, criu: CRIUBinary,
-                        processes: [Manifest.Process], gpu: Manifest.GPUSection, timings: Manifest.Timings) throws -> Manifest {
+                        processes: [Manifest.Process], gpu: Manifest.GPUSection, deviceFiles: [Manifest.FileEntry],
+                        timings: Manifest.Timings) throws -> Manifest {
         let watch = Stopwatch()
         let names = try FileSystem.regularFiles(under: staging.path).filter { $0 != CRIUService.dumpLogName }
         let large = names.filter { Self.isMemoryImage($0) || (FileSystem.size(staging.path + "/" + $0) ?? 0) >= UInt64(ChunkStore.chunkSize) }
@@ -185,7 +190,8 @@ public struct DumpOperation {
         for name in whole { try FileSystem.fsync(path: staging.path + "/" + name) }
         timings.sync = syncWatch.seconds
         let files = (hashed.map { Manifest.FileEntry(path: $0.path, size: $0.size, sha256: $0.sha256, segments: $0.segments) }
-            + chunked.map { Manifest.FileEntry(path: $0.key, size: $0.value.size, sha256: ChunkDigest.ofFile(chunks: $0.value.chunks), chunks: $0.value.chunks) })
+            + chunked.map { Manifest.FileEntry(path: $0.key, size: $0.value.size, sha256: ChunkDigest.ofFile(chunks: $0.value.chunks), chunks: $0.value.chunks) }
+            + deviceFiles)
             .sorted { $0.path < $1.path }
         var manifest = Manifest(
             id: UUID().uuidString.lowercased(), createdAt: Date(),

@@ -98,17 +98,21 @@ public struct RestoreOperation {
         defer { if let rebuilt { FileSystem.removeTree(rebuilt) } }
         var rebuildSeconds = 0.0
         let chunkedItems = Checkpoint.chunkedItems(manifest)
+        // Device memory an agent moved is the agent's to refill; CRIU reads only its own images.
+        let criuItems = Checkpoint.criuItems(manifest)
         let images: Images = store == nil ? .files : options.rebuildRoot == nil ? .streamed : .rebuilt
         do {
             _ = try Checkpoint.verify(directory, manifest: manifest, store: store, chunks: false) { counter.add($0) }
             if let store, let info = manifest.store {
                 if let rebuildRoot = options.rebuildRoot {
                     let rebuildWatch = Stopwatch()
-                    rebuilt = try Self.makeRebuildDirectory(in: rebuildRoot, bytes: chunkedItems.reduce(0) { $0 + $1.size })
+                    rebuilt = try Self.makeRebuildDirectory(in: rebuildRoot, bytes: criuItems.reduce(0) { $0 + $1.size })
                     for entry in manifest.files where entry.chunks == nil {
                         try FileManager.default.copyItem(atPath: directory + "/" + entry.path, toPath: rebuilt! + "/" + entry.path)
                     }
-                    try ChunkedFiles.read(chunkedItems, from: store, checkpoint: directory, chunkSize: info.chunkSize, into: rebuilt) { counter.add($0) }
+                    try ChunkedFiles.read(criuItems, from: store, checkpoint: directory, chunkSize: info.chunkSize, into: rebuilt) { counter.add($0) }
+                    try ChunkedFiles.requirePresent(chunkedItems.filter { Checkpoint.isDeviceMemory($0.path) }, in: store, checkpoint: directory,
+                                                    chunkSize: info.chunkSize)
                     rebuildSeconds = rebuildWatch.seconds
                 } else {
                     try ChunkedFiles.requirePresent(chunkedItems, in: store, checkpoint: directory, chunkSize: info.chunkSize)
@@ -133,7 +137,7 @@ public struct RestoreOperation {
         if images == .streamed, let store, let info = manifest.store {
             // CRIU finds the server's socket in the directory it is given as its images directory.
             let server = try CRIUImageServer(directory: workDirectory + "/images",
-                                             provider: Self.imageProvider(manifest, items: chunkedItems, directory: directory, store: store,
+                                             provider: Self.imageProvider(manifest, items: criuItems, directory: directory, store: store,
                                                                           chunkSize: info.chunkSize))
             let restored = Result {
                 try CRIUService(binary: criu).restoreStreaming(imagesDirectory: server.directory, workDirectory: workDirectory,
@@ -170,7 +174,8 @@ public struct RestoreOperation {
         let deviceWatch = Stopwatch()
         do {
             try FaultInjection.check("after-restore")
-            try device.afterRestore(section: manifest.gpu)
+            try device.afterRestore(section: manifest.gpu, store: store.map { DeviceStore(store: $0, codec: .standard, checkpoint: directory) },
+                                    files: manifest.files)
         } catch {
             // Never leave a half-restored tree: the restored processes are ours to stop.
             for process in manifest.processTree.processes.reversed() { kill(process.pid, SIGKILL) }

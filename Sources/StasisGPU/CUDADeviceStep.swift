@@ -3,13 +3,16 @@ import Glibc
 import StasisCore
 import StasisOS
 
-/// The device step for CUDA processes, through the driver's process checkpoint API.
+/// The device step for CUDA processes, through the driver's process checkpoint API and, for processes
+/// started by `stasis run`, their agents.
 ///
 /// Dump: find the tree's processes that hold NVIDIA device files, refuse what the driver cannot checkpoint
-/// (MPS clients, processes the driver does not know), then lock them all and checkpoint them all in
-/// parallel; the driver moves their device memory into their host memory, which CRIU then dumps. Any
-/// failure puts every touched process back to running. Restore: after CRIU, restore (remapping GPUs) and
-/// unlock every CUDA process in parallel.
+/// (MPS clients, MIG, managed memory, processes the driver does not know). Processes with an agent move
+/// their device memory out themselves first, into the store (`AgentEvacuation`). Then lock them all and
+/// checkpoint them all in parallel; the driver moves the rest of their device memory into their host memory,
+/// which CRIU then dumps. Any failure puts every touched process back to running, memory refilled. Restore:
+/// after CRIU, restore (remapping GPUs) and unlock every CUDA process in parallel, then the agents re-create
+/// and refill their memory and let their calls go on.
 public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
     public var name: String { "cuda" }
     let lockTimeoutMilliseconds: UInt32
@@ -17,6 +20,7 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
     let gpuMap: [String: String]
     private let lock = NSLock()
     private var remapping: [(old: [UInt8], new: [UInt8])] = []
+    private let agents = AgentEvacuation()
 
     public init(lockTimeoutMilliseconds: UInt32 = 10_000, gpuMap: [String: String] = [:]) {
         self.lockTimeoutMilliseconds = lockTimeoutMilliseconds
@@ -97,9 +101,9 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
         errors.sorted { $0.key < $1.key }.map { "\($0.value)" }.joined(separator: "; ")
     }
 
-    public func beforeFreeze(pids: [Int32]) throws -> Manifest.GPUSection {
+    public func beforeFreeze(pids: [Int32], store: DeviceStore) throws -> FrozenDevices {
         let users = pids.filter(Self.usesNvidiaDevice)
-        guard !users.isEmpty else { return Manifest.GPUSection() }
+        guard !users.isEmpty else { return FrozenDevices() }
         try CheckpointDriver.load()
         // Refusals first: nothing has been touched yet.
         for pid in users {
@@ -124,6 +128,7 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
         }
         let inventory = GPUInventory.read()
         let timeout = lockTimeoutMilliseconds
+        try agents.evacuate(users, into: store, timeoutMilliseconds: timeout)
         let lockWatch = Stopwatch()
         var errors = Self.parallel(users) { try CheckpointDriver.lock($0, timeoutMilliseconds: timeout) }
         let lockSeconds = lockWatch.seconds
@@ -133,23 +138,28 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
         }
         let checkpointSeconds = checkpointWatch.seconds
         guard errors.isEmpty else {
-            let problems = Self.resumeAll(users)
+            let problems = Self.resumeAll(users) + agents.putBackAll()
             var message = "GPU checkpoint failed: \(Self.describe(errors)); every CUDA process was put back to running"
             if !problems.isEmpty { message = "GPU checkpoint failed: \(Self.describe(errors)); putting processes back also failed: \(problems.joined(separator: "; "))" }
             throw StasisError(.gpu, message, hint: errors.values.contains { "\($0)".contains("NOT_SUPPORTED") }
                               ? "the driver cannot checkpoint something these processes use (managed memory, CUDA IPC, ...)" : nil)
         }
         let used = Set(inventory.processes.filter { users.contains($0.pid) }.map(\.gpuUUID))
-        return Manifest.GPUSection(
+        let evacuated = agents.processes
+        let section = Manifest.GPUSection(
             driverVersion: CheckpointDriver.versionString,
             devices: inventory.gpus.filter { used.isEmpty || used.contains($0.uuid) }.map {
                 Manifest.GPUDevice(index: $0.index, uuid: $0.uuid, name: $0.name, memoryBytes: $0.memoryTotalBytes)
             },
             processes: users.map { pid in
                 let uses = inventory.processes.filter { $0.pid == pid }
-                return Manifest.GPUProcess(pid: pid, devices: uses.map(\.gpuUUID), deviceMemoryBytes: uses.reduce(0) { $0 + $1.memoryBytes })
+                let memory = uses.reduce(0) { $0 + $1.memoryBytes }
+                var agent = evacuated[pid]?.memory
+                if let moved = agent?.evacuatedBytes { agent?.driverPathBytes = memory > moved ? memory - moved : 0 }
+                return Manifest.GPUProcess(pid: pid, devices: uses.map(\.gpuUUID), deviceMemoryBytes: memory, agent: agent)
             },
             lockSeconds: lockSeconds, checkpointSeconds: checkpointSeconds)
+        return FrozenDevices(section: section, files: agents.files)
     }
 
     public func afterDump(section: Manifest.GPUSection, leaveRunning: Bool) throws {
@@ -158,13 +168,15 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
             try CheckpointDriver.restore(pid)
             try CheckpointDriver.unlock(pid)
         }
-        guard errors.isEmpty else {
-            throw StasisError(.gpu, "the checkpoint is complete, but resuming the GPU of the running tree failed: \(Self.describe(errors))")
+        let problems = agents.putBackAll()
+        guard errors.isEmpty, problems.isEmpty else {
+            throw StasisError(.gpu, "the checkpoint is complete, but resuming the GPU of the running tree failed: \((Array(errors.values.map { "\($0)" }) + problems).joined(separator: "; "))")
         }
     }
 
+    /// The driver first (the agents need a running CUDA to put their memory back), then the agents.
     public func rollback(section: Manifest.GPUSection) -> [String] {
-        Self.resumeAll(section.processes.map(\.pid))
+        Self.resumeAll(section.processes.map(\.pid)) + agents.putBackAll()
     }
 
     /// Puts every process back to running, in parallel; returns what could not be put back.
@@ -222,7 +234,7 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
         return pairs
     }
 
-    public func afterRestore(section: Manifest.GPUSection) throws {
+    public func afterRestore(section: Manifest.GPUSection, store: DeviceStore?, files: [Manifest.FileEntry]) throws {
         guard !section.processes.isEmpty else { return }
         let pairs = lock.withLock { remapping }
         let errors = Self.parallel(section.processes.map(\.pid)) { pid in
@@ -230,6 +242,9 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
             try CheckpointDriver.unlock(pid)
         }
         guard errors.isEmpty else { throw StasisError(.gpu, "GPU restore failed: \(Self.describe(errors))") }
+        guard section.processes.contains(where: { $0.agent != nil }) else { return }
+        guard let store else { throw StasisError(.gpu, "the checkpoint holds device memory moved by agents, but no store to read it from") }
+        _ = try AgentEvacuation.refill(section, store: store, files: files)
     }
 }
 

@@ -1,4 +1,5 @@
 import StasisCore
+import StasisStore
 
 /// The per-process device work around a CRIU dump and restore: the seam where GPU support plugs in.
 ///
@@ -8,14 +9,38 @@ import StasisCore
 /// `afterRestore` for the restored PIDs.
 public protocol DeviceStep: Sendable {
     var name: String { get }
-    /// Prepares the tree's devices for the freeze; returns the manifest's GPU section.
-    func beforeFreeze(pids: [Int32]) throws -> Manifest.GPUSection
+    /// Prepares the tree's devices for the freeze: returns the manifest's GPU section and the chunked files
+    /// of device memory moved into `store` on the way (by agents, see `AgentSession`).
+    func beforeFreeze(pids: [Int32], store: DeviceStore) throws -> FrozenDevices
     func afterDump(section: Manifest.GPUSection, leaveRunning: Bool) throws
     /// Returns what could not be put back (empty when every process runs as before).
     func rollback(section: Manifest.GPUSection) -> [String]
     /// Checked before anything is restored: can this machine take the checkpoint's devices?
     func checkRestorable(section: Manifest.GPUSection) throws
-    func afterRestore(section: Manifest.GPUSection) throws
+    func afterRestore(section: Manifest.GPUSection, store: DeviceStore?, files: [Manifest.FileEntry]) throws
+}
+
+/// Where device memory goes on dump and comes from on restore: the checkpoint's store.
+public struct DeviceStore: Sendable {
+    public var store: ChunkStore
+    public var codec: Codec
+    /// The checkpoint directory, for error messages.
+    public var checkpoint: String
+    public init(store: ChunkStore, codec: Codec, checkpoint: String) {
+        self.store = store
+        self.codec = codec
+        self.checkpoint = checkpoint
+    }
+}
+
+public struct FrozenDevices: Sendable {
+    public var section: Manifest.GPUSection
+    /// Chunked files (paths under gpu/) holding device memory, for the manifest.
+    public var files: [Manifest.FileEntry]
+    public init(section: Manifest.GPUSection = Manifest.GPUSection(), files: [Manifest.FileEntry] = []) {
+        self.section = section
+        self.files = files
+    }
 }
 
 /// The device step for trees that use no device: CPU-only processes, and every process until the GPU
@@ -23,7 +48,7 @@ public protocol DeviceStep: Sendable {
 public struct NoDeviceStep: DeviceStep {
     public init() {}
     public var name: String { "none" }
-    public func beforeFreeze(pids: [Int32]) throws -> Manifest.GPUSection { Manifest.GPUSection() }
+    public func beforeFreeze(pids: [Int32], store: DeviceStore) throws -> FrozenDevices { FrozenDevices() }
     public func afterDump(section: Manifest.GPUSection, leaveRunning: Bool) throws {}
     public func rollback(section: Manifest.GPUSection) -> [String] { [] }
     public func checkRestorable(section: Manifest.GPUSection) throws {
@@ -31,5 +56,5 @@ public struct NoDeviceStep: DeviceStep {
             throw StasisError(.gpu, "the checkpoint holds GPU state for \(section.processes.count) process(es), which this build cannot restore")
         }
     }
-    public func afterRestore(section: Manifest.GPUSection) throws {}
+    public func afterRestore(section: Manifest.GPUSection, store: DeviceStore?, files: [Manifest.FileEntry]) throws {}
 }

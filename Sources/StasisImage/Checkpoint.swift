@@ -39,6 +39,14 @@ public enum Checkpoint {
         manifest.files.compactMap(ChunkedFiles.Item.init)
     }
 
+    /// Files under gpu/ hold device memory that an agent moved (see Manifest.AgentMemory); CRIU never reads them.
+    public static func isDeviceMemory(_ path: String) -> Bool { path.hasPrefix("gpu/") }
+
+    /// The chunked files CRIU reads: its memory images.
+    public static func criuItems(_ manifest: Manifest) -> [ChunkedFiles.Item] {
+        chunkedItems(manifest).filter { !isDeviceMemory($0.path) }
+    }
+
     /// Checks every file against the manifest: the set of whole files first (missing, unexpected), then sizes,
     /// then SHA-256 in parallel; then, with a store, every chunk of the chunked files (decoded and hashed).
     /// The first problem found is thrown, naming the file (and for a chunk, the byte range).

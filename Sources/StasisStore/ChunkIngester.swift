@@ -38,7 +38,7 @@ public final class ChunkIngester: @unchecked Sendable {
     private let follows: @Sendable (String) -> Bool
     private let chunkSize: Int
     private let releaseIngested: Bool
-    private let batch: ChunkStore.Batch
+    private let sink: ChunkSink
     private let condition = NSCondition()
     private var queue: [Job] = []
     private var closed = false
@@ -47,7 +47,6 @@ public final class ChunkIngester: @unchecked Sendable {
     private var files: [String: [String?]] = [:]
     private var queuedUpTo: [String: Int] = [:]  // per file: the chunks handed out so far
     private var descriptors: [String: Int32] = [:]
-    private var statistics = Statistics()
     private var running = 0
     private let followerDone = DispatchSemaphore(value: 0)
 
@@ -59,7 +58,7 @@ public final class ChunkIngester: @unchecked Sendable {
                 threads: Int = ProcessInfo.processInfo.activeProcessorCount, releaseIngested: Bool = false,
                 follows: @escaping @Sendable (String) -> Bool) {
         self.releaseIngested = releaseIngested
-        self.batch = ChunkStore.Batch(store: store)
+        self.sink = ChunkSink(store: store, codec: codec)
         self.directory = directory
         self.store = store
         self.codec = codec
@@ -99,20 +98,14 @@ public final class ChunkIngester: @unchecked Sendable {
         while running > 0 { condition.wait() }
         let error = failure
         let result = files
-        let stats = statistics
         for fd in descriptors.values { close(fd) }
         descriptors = [:]
         condition.unlock()
         if let error {
-            batch.abandon()
+            sink.abandon()
             throw error
         }
-        do {
-            try batch.commit()
-        } catch {
-            batch.abandon()
-            throw error
-        }
+        try sink.commit()
         var out: [String: File] = [:]
         for (name, chunks) in result {
             // Every queued chunk has its digest ("" for zeros) once the workers are done without a failure.
@@ -122,7 +115,7 @@ public final class ChunkIngester: @unchecked Sendable {
             }
             out[name] = File(size: size, chunks: digests)
         }
-        return (out, stats)
+        return (out, sink.totals)
     }
 
     /// Stops everything without finishing (the dump failed); chunks already written stay for gc.
@@ -136,7 +129,7 @@ public final class ChunkIngester: @unchecked Sendable {
         for fd in descriptors.values { close(fd) }
         descriptors = [:]
         condition.unlock()
-        batch.abandon()
+        sink.abandon()
     }
 
     private func stopFollowing() {
@@ -189,7 +182,7 @@ public final class ChunkIngester: @unchecked Sendable {
 
     private func work() {
         let plain = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkSize, alignment: 4096)
-        let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: ChunkStore.scratchSize(chunkSize), alignment: 4096)
+        let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: ChunkSink.scratchSize(chunkSize: chunkSize), alignment: 4096)
         defer {
             plain.deallocate()
             scratch.deallocate()
@@ -212,24 +205,12 @@ public final class ChunkIngester: @unchecked Sendable {
                 let fd = try descriptor(job.name)
                 let bytes = UnsafeMutableRawBufferPointer(rebasing: plain[0..<job.length])
                 try readFully(fd, into: bytes, at: UInt64(job.index) * UInt64(chunkSize), name: job.name)
-                let view = UnsafeRawBufferPointer(bytes)
-                var digest = ""
-                var put = ChunkStore.PutResult(isNew: false, storedBytes: 0)
-                let zero = ChunkDigest.isZero(view)
-                if !zero {
-                    digest = ChunkDigest.hex(view)
-                    put = try store.put(view, digest: digest, codec: codec, scratch: scratch, batch: batch)
-                }
+                let digest = try sink.put(UnsafeRawBufferPointer(bytes), scratch: scratch)
                 if releaseIngested {
                     // Best effort: a filesystem without hole punching keeps the bytes until the file is deleted.
                     FileSystem.punchHole(fd, offset: UInt64(job.index) * UInt64(chunkSize), length: UInt64(job.length))
                 }
-                condition.lock()
-                files[job.name]![job.index] = digest
-                statistics.plainBytes += UInt64(job.length)
-                statistics.storedBytes += put.storedBytes
-                if zero { statistics.zeroChunks += 1 } else if put.isNew { statistics.newChunks += 1 } else { statistics.reusedChunks += 1 }
-                condition.unlock()
+                condition.withLock { files[job.name]![job.index] = digest }
             } catch {
                 condition.lock()
                 if failure == nil { failure = error }

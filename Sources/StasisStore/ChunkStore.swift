@@ -187,6 +187,12 @@ public final class ChunkStore: Sendable {
         public var file: String
         public var offset: UInt64
         public var length: Int
+        public init(checkpoint: String, file: String, offset: UInt64, length: Int) {
+            self.checkpoint = checkpoint
+            self.file = file
+            self.offset = offset
+            self.length = length
+        }
         var text: String { "\(checkpoint)/\(file) bytes \(offset)..<\(offset + UInt64(length))" }
     }
 

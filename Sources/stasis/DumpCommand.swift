@@ -71,6 +71,12 @@ struct DumpCommand: ParsableCommand {
             if !report.gpu.processes.isEmpty {
                 print("  gpu:    \(report.gpu.processes.count) CUDA process(es), \(Format.bytes(report.gpu.processes.reduce(0) { $0 + $1.deviceMemoryBytes })) device memory; driver lock \(Format.seconds(report.gpu.lockSeconds ?? 0)), checkpoint \(Format.seconds(report.gpu.checkpointSeconds ?? 0)), all device steps \(Format.seconds(t.devices))")
             }
+            for process in report.gpu.processes {
+                guard let agent = process.agent else { continue }
+                print("  agent:  PID \(process.pid): \(Format.bytes(agent.evacuatedBytes)) in \(agent.allocations.count) allocation(s) copied out by its agent in \(Format.seconds(agent.evacuateSeconds)) " +
+                      "(\(Format.throughput(bytes: agent.evacuatedBytes, seconds: agent.evacuateSeconds))); calls held in \(Format.seconds(agent.quiesceSeconds)), memory released in \(Format.seconds(agent.releaseSeconds)); " +
+                      "the driver carried \(Format.bytes(agent.driverPathBytes))")
+            }
             print("  tree:   \(report.leaveRunning ? "left running" : "stopped")")
         }
     }

@@ -12,10 +12,11 @@ struct Stasis: ParsableCommand {
         (--store) as compressed chunks named by their SHA-256, shared by every checkpoint there, so a second \
         checkpoint of a job adds only what changed. A checkpoint is written to a hidden sibling and renamed \
         into place only when complete. CUDA processes are checkpointed through the NVIDIA driver's process \
-        checkpoint API (driver >= 570). Run as root.
+        checkpoint API (driver >= 570); programs started with `stasis run` carry an agent that moves their device \
+        memory itself, at PCIe speed, and leaves the driver only the rest. Run as root.
         """,
         version: StasisVersion.current,
-        subcommands: [CheckCommand.self, DumpCommand.self, RestoreCommand.self, InspectCommand.self, VerifyCommand.self,
+        subcommands: [RunCommand.self, CheckCommand.self, DumpCommand.self, RestoreCommand.self, InspectCommand.self, VerifyCommand.self,
                       ListCommand.self, RemoveCommand.self, CollectCommand.self, ExportCommand.self, ImportCommand.self]
     )
 }

@@ -22,6 +22,10 @@ enum Harness {
 
     static var stasis: String { productsDirectory + "/stasis" }
     static var workload: String { productsDirectory + "/stasis-workload" }
+    /// The agent scripts/build-agent.sh builds (scripts/test.sh runs it).
+    static var agent: String {
+        ProcessInfo.processInfo.environment["STASIS_AGENT_LIBRARY"] ?? FileManager.default.currentDirectoryPath + "/.build/agent/libstasis-agent.so"
+    }
 
     struct Result {
         var status: Int32
@@ -113,10 +117,14 @@ final class Workload {
     let directory: String
     let pid: Int32
 
-    init(_ mode: String, _ extra: [String] = []) throws {
+    /// With `underAgent`, started through `stasis run`, with the agent preloaded.
+    init(_ mode: String, _ extra: [String] = [], underAgent: Bool = false) throws {
         self.mode = mode
         directory = Harness.scratch("workload-\(mode)")
-        let result = try Harness.run(Harness.workload, [mode, "--dir", directory, "--daemon"] + extra, timeout: 60)
+        let arguments = [mode, "--dir", directory, "--daemon"] + extra
+        let result = underAgent
+            ? try Harness.run(Harness.stasis, ["run", "--agent", Harness.agent, "--", Harness.workload] + arguments, timeout: 60)
+            : try Harness.run(Harness.workload, arguments, timeout: 60)
         guard result.succeeded, let pid = Int32(result.stdout.trimmingCharacters(in: .whitespacesAndNewlines)) else {
             throw WorkloadError(text: "stasis-workload \(mode) did not start: \(result.stderr)")
         }

@@ -23,4 +23,11 @@ int stasis_set_child_subreaper(int on);
 /// not copied, so the caller must never change them. Returns the bytes handed over, or -1 with errno set.
 long stasis_vmsplice(int fd, const void *buffer, unsigned long length);
 
+/// Copies `length` bytes from address `remote` of process `pid` into `local`: process_vm_readv(2). Returns the
+/// bytes copied, or -1 with errno set.
+long stasis_process_read(int pid, void *local, uint64_t remote, unsigned long length);
+
+/// Copies `length` bytes from `local` to address `remote` of process `pid`: process_vm_writev(2).
+long stasis_process_write(int pid, const void *local, uint64_t remote, unsigned long length);
+
 #endif

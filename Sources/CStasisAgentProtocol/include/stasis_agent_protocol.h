@@ -1,0 +1,75 @@
+// The control channel between stasis and the agent preloaded into a GPU process (libstasis-agent.so).
+//
+// The agent listens on the abstract unix socket "@stasis-agent-<pid>" (<pid> as the process sees itself) and
+// serves one connection at a time, from root or the process's own user only (SO_PEERCRED). Every message is
+// one fixed-size `stasis_agent_message`, both ways.
+//
+// A checkpoint, as stasis drives it:
+//   HELLO -> HELLO (the agent's state and ring)
+//   QUIESCE -> TABLE_ENTRY... TABLE_END    new CUDA calls are held at the interposer, running ones drained,
+//                                          contexts synchronised; the entries list the device memory it holds
+//   EVACUATE -> FILLED... EVACUATED        device memory copied out through the pinned ring, a slot a message;
+//              (stasis answers each FILLED with FREE once it has read the slot)
+//   RELEASE -> OK                          physical memory given back, address ranges kept
+//   (connection closed; the driver checkpoint and CRIU run; the agent waits in accept())
+//   REBACK -> OK                           new physical memory mapped at the same addresses
+//   WRITE/ZERO... -> WRITTEN...            contents streamed back through the ring
+//   RESUME -> OK                           held CUDA calls proceed
+// A connection that ends while memory is held but still backed resumes the process (stasis went away before
+// anything was released); one that ends after RELEASE waits for the next connection to REBACK.
+#ifndef STASIS_AGENT_PROTOCOL_H
+#define STASIS_AGENT_PROTOCOL_H
+
+#include <stdint.h>
+
+#define STASIS_AGENT_PROTOCOL_VERSION 1
+#define STASIS_AGENT_SOCKET_PREFIX "stasis-agent-"
+
+enum stasis_agent_op {
+    STASIS_AGENT_OK = 0,
+    STASIS_AGENT_ERROR = 1,
+    STASIS_AGENT_HELLO = 2,
+    STASIS_AGENT_QUIESCE = 3,      // length: the drain timeout in ms
+    STASIS_AGENT_TABLE_ENTRY = 4,  // id, length: bytes, device: ordinal
+    STASIS_AGENT_TABLE_END = 5,    // id: entries, length: bytes
+    STASIS_AGENT_EVACUATE = 6,
+    STASIS_AGENT_FILLED = 7,       // slot holds bytes [offset, offset + length) of allocation id
+    STASIS_AGENT_FREE = 8,         // slot may be reused
+    STASIS_AGENT_EVACUATED = 9,    // length: bytes copied
+    STASIS_AGENT_RELEASE = 10,
+    STASIS_AGENT_REBACK = 11,
+    STASIS_AGENT_WRITE = 12,       // slot holds bytes [offset, offset + length) of allocation id: copy them in
+    STASIS_AGENT_ZERO = 13,        // bytes [offset, offset + length) of allocation id are zero
+    STASIS_AGENT_WRITTEN = 14,     // slot (or -1 after a ZERO) is done
+    STASIS_AGENT_FLUSH = 15,       // wait for every WRITE and ZERO, then OK
+    STASIS_AGENT_RESUME = 16,
+};
+
+enum stasis_agent_state {
+    STASIS_AGENT_RUNNING = 0,   // CUDA calls pass
+    STASIS_AGENT_HELD = 1,      // CUDA calls held, device memory backed
+    STASIS_AGENT_RELEASED = 2,  // CUDA calls held, physical memory given back
+};
+
+typedef struct {
+    uint32_t op;
+    int32_t slot;
+    uint64_t id;
+    uint64_t offset;
+    uint64_t length;
+    int32_t device;
+    int32_t status;  // a CUresult, or 0
+    // HELLO's answer: the agent's facts.
+    uint64_t ring_address;   // the pinned staging ring, in the agent's address space (0: not yet allocated)
+    uint32_t slot_bytes;
+    uint32_t slot_count;
+    uint32_t state;          // stasis_agent_state
+    uint32_t version;        // STASIS_AGENT_PROTOCOL_VERSION
+    uint64_t tracked_bytes;  // device memory the agent can evacuate
+    uint64_t driver_bytes;   // device memory it left to the driver (small cuMemAlloc, pools, arrays...)
+    uint64_t gated_functions;
+    uint64_t ungated_functions;
+    char text[160];          // ERROR: why; HELLO: the agent's build
+} stasis_agent_message;
+
+#endif

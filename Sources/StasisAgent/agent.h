@@ -1,0 +1,91 @@
+// Internal declarations shared by the agent's files. See include/stasis_agent.h for what the agent is.
+#ifndef STASIS_AGENT_INTERNAL_H
+#define STASIS_AGENT_INTERNAL_H
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "cuda_abi.h"
+
+#define HIDDEN __attribute__((visibility("hidden")))
+#define MAX_DEVICES 64
+
+// ---- driver.c: the real driver, settings, logging
+HIDDEN extern cuda_driver real;
+/// Loads libcuda.so.1 and resolves `real` (once); 0 on success.
+HIDDEN int driver_load(void);
+/// The real dlsym (ours interposes the exported one).
+HIDDEN void *real_dlsym(void *handle, const char *name);
+HIDDEN const char *driver_error_name(CUresult result);
+HIDDEN void agent_log(const char *format, ...) __attribute__((format(printf, 1, 2)));
+
+typedef struct {
+    int enabled;              // STASIS_AGENT=off turns the agent into a pass-through
+    int back_allocations;     // STASIS_AGENT_BACKING=off leaves cuMemAlloc to the driver
+    size_t min_backed_bytes;  // STASIS_AGENT_MIN_BACKED_MIB: smaller cuMemAlloc stay on the driver path
+    size_t slot_bytes;        // the ring's slot: one chunk of the store
+    unsigned slot_count;      // STASIS_AGENT_RING_MIB / slot_bytes
+    unsigned streams;         // copy streams per device
+    int verbose;              // STASIS_AGENT_LOG=1
+} agent_settings;
+HIDDEN extern agent_settings settings;
+
+// ---- gate.c: holding CUDA calls
+HIDDEN void gate_enter(void);
+HIDDEN void gate_leave(void);
+/// Closes the gate and waits until no thread is inside a CUDA call; on timeout opens it again and returns
+/// the number of threads still inside.
+HIDDEN long gate_close(unsigned timeout_ms);
+HIDDEN void gate_open(void);
+HIDDEN int gate_is_closed(void);
+/// A gated trampoline for `target` (the same one for the same target), or `target` itself when the table is full.
+HIDDEN void *gate_wrap(void *target);
+HIDDEN void gate_counts(uint64_t *gated, uint64_t *ungated);
+HIDDEN void gate_after_fork_child(void);
+
+// ---- interpose.c: which driver entry points the agent replaces
+/// Our replacement for the driver function at `real_pointer` named `name` (as asked of cuGetProcAddress
+/// with `version`, or as a symbol when version < 0), or a gated trampoline, or NULL for "leave it".
+HIDDEN void *interpose(const char *name, void *real_pointer, int version);
+
+// ---- memory.c: device memory the agent can evacuate
+HIDDEN CUresult memory_alloc(CUdeviceptr *pointer, size_t bytes);
+HIDDEN CUresult memory_free(CUdeviceptr pointer);
+HIDDEN CUresult memory_create(CUmemGenericAllocationHandle *handle, size_t size, const cu_mem_allocation_prop *prop, unsigned long long flags);
+HIDDEN CUresult memory_release(CUmemGenericAllocationHandle handle);
+HIDDEN CUresult memory_map(CUdeviceptr pointer, size_t size, size_t offset, CUmemGenericAllocationHandle handle, unsigned long long flags);
+HIDDEN CUresult memory_unmap(CUdeviceptr pointer, size_t size);
+HIDDEN CUresult memory_set_access(CUdeviceptr pointer, size_t size, const cu_mem_access_desc *desc, size_t count);
+HIDDEN CUresult memory_properties(cu_mem_allocation_prop *prop, CUmemGenericAllocationHandle handle);
+HIDDEN CUresult memory_retain(CUmemGenericAllocationHandle *handle, void *address);
+HIDDEN CUresult memory_export(void *shareable, CUmemGenericAllocationHandle handle, int type, unsigned long long flags);
+HIDDEN CUresult memory_import(CUmemGenericAllocationHandle *handle, void *os_handle, int type);
+
+typedef struct {
+    uint64_t id;
+    uint64_t bytes;
+    int device;
+} memory_entry;
+/// The allocations to evacuate, in a stable order; returns the count (entries malloc'd into *out).
+HIDDEN size_t memory_table(memory_entry **out, uint64_t *tracked, uint64_t *driver_path);
+/// Synchronises every context the agent knows; a CUresult.
+HIDDEN CUresult memory_synchronize(char *why, size_t length);
+/// A device address covering all of allocation `id` (mapping it temporarily where the program has not).
+HIDDEN CUresult memory_view(uint64_t id, CUdeviceptr *address, int *device);
+HIDDEN void memory_drop_views(void);
+/// The context for copies on `device`, current on the calling thread afterwards.
+HIDDEN CUresult memory_use_device(int device);
+/// Why the memory cannot be evacuated (CUDA IPC), or NULL.
+HIDDEN const char *memory_refusal(void);
+HIDDEN CUresult memory_release_all(char *why, size_t length);
+HIDDEN CUresult memory_reback_all(char *why, size_t length);
+HIDDEN int memory_released(void);
+/// The pinned staging ring (allocated at the first backed allocation, never at checkpoint time).
+HIDDEN void *memory_ring(void);
+HIDDEN void memory_ensure_ring(void);
+
+// ---- control.c: the channel to stasis
+HIDDEN void control_start(void);
+
+#endif

@@ -1,0 +1,487 @@
+// The control channel: a thread that serves stasis on "@stasis-agent-<pid>" (see stasis_agent_protocol.h).
+// It starts with the first successful cuInit, so processes of the tree that never use CUDA (a launcher
+// shell, DataLoader workers) carry no thread and no socket.
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "agent.h"
+#include "stasis_agent_protocol.h"
+
+#define MAX_SLOTS 1024
+
+static pthread_mutex_t start_mutex = PTHREAD_MUTEX_INITIALIZER;
+static int started;
+static int listener = -1;
+static int state = STASIS_AGENT_RUNNING;
+// Set when physical memory is released, cleared by RESUME: from then on only stasis can put the contents
+// back, so a lost connection must not let the program run on.
+static int contents_lost;
+
+// ---- messages
+
+static int send_message(int fd, stasis_agent_message *message) {
+    const char *bytes = (const char *)message;
+    size_t done = 0;
+    while (done < sizeof *message) {
+        ssize_t sent = send(fd, bytes + done, sizeof *message - done, MSG_NOSIGNAL);
+        if (sent < 0 && errno == EINTR) continue;
+        if (sent <= 0) return -1;
+        done += (size_t)sent;
+    }
+    return 0;
+}
+
+static int receive_message(int fd, stasis_agent_message *message) {
+    char *bytes = (char *)message;
+    size_t done = 0;
+    while (done < sizeof *message) {
+        ssize_t got = recv(fd, bytes + done, sizeof *message - done, 0);
+        if (got < 0 && errno == EINTR) continue;
+        if (got <= 0) return -1;
+        done += (size_t)got;
+    }
+    return 0;
+}
+
+static int reply(int fd, uint32_t op, int status, const char *format, ...) __attribute__((format(printf, 4, 5)));
+static int reply(int fd, uint32_t op, int status, const char *format, ...) {
+    stasis_agent_message message;
+    memset(&message, 0, sizeof message);
+    message.op = op;
+    message.status = status;
+    message.state = (uint32_t)state;
+    if (format) {
+        va_list arguments;
+        va_start(arguments, format);
+        vsnprintf(message.text, sizeof message.text, format, arguments);
+        va_end(arguments);
+        if (op == STASIS_AGENT_ERROR) agent_log("%s", message.text);
+    }
+    return send_message(fd, &message);
+}
+
+// ---- copies through the ring
+
+static CUstream streams[MAX_DEVICES][8];
+static CUevent events[MAX_DEVICES][MAX_SLOTS];
+static unsigned stream_turn;
+
+typedef struct {
+    int slot;
+    int device;
+    uint64_t id, offset, length;
+} copy;
+
+// The copies in flight, oldest first.
+static copy flight[MAX_SLOTS];
+static unsigned flight_head, flight_count;
+
+static CUresult prepare_device(int device, char *why, size_t length) {
+    CUresult result = memory_use_device(device);
+    for (unsigned s = 0; result == CUDA_SUCCESS && s < settings.streams; s++) {
+        if (!streams[device][s]) result = real.cuStreamCreate(&streams[device][s], CU_STREAM_NON_BLOCKING);
+    }
+    if (result != CUDA_SUCCESS) snprintf(why, length, "cannot use GPU %d for copies: %s", device, driver_error_name(result));
+    return result;
+}
+
+static CUresult slot_event(int device, int slot, CUevent *event) {
+    if (!events[device][slot]) {
+        CUresult result = real.cuEventCreate(&events[device][slot], CU_EVENT_DISABLE_TIMING);
+        if (result != CUDA_SUCCESS) return result;
+    }
+    *event = events[device][slot];
+    return CUDA_SUCCESS;
+}
+
+/// Starts a copy between slot `slot` of the ring and bytes [offset, offset + length) of allocation `id`.
+static CUresult start_copy(int out, int slot, uint64_t id, uint64_t offset, uint64_t length, char *why, size_t why_length) {
+    CUdeviceptr view;
+    int device;
+    CUresult result = memory_view(id, &view, &device);
+    if (result != CUDA_SUCCESS) {
+        snprintf(why, why_length, "no device memory %#llx to copy: %s", (unsigned long long)id, driver_error_name(result));
+        return result;
+    }
+    if ((result = prepare_device(device, why, why_length)) != CUDA_SUCCESS) return result;
+    CUstream stream = streams[device][stream_turn++ % settings.streams];
+    char *host = (char *)memory_ring() + (size_t)slot * settings.slot_bytes;
+    CUevent event = NULL;
+    result = out ? real.cuMemcpyDtoHAsync_v2(host, view + offset, length, stream)
+                 : real.cuMemcpyHtoDAsync_v2(view + offset, host, length, stream);
+    if (result == CUDA_SUCCESS) result = slot_event(device, slot, &event);
+    if (result == CUDA_SUCCESS) result = real.cuEventRecord(event, stream);
+    if (result != CUDA_SUCCESS) {
+        snprintf(why, why_length, "copy %s GPU %d failed: %s", out ? "from" : "to", device, driver_error_name(result));
+        return result;
+    }
+    copy *entry = &flight[(flight_head + flight_count++) % MAX_SLOTS];
+    *entry = (copy){slot, device, id, offset, length};
+    return CUDA_SUCCESS;
+}
+
+/// Waits for the oldest copy and tells stasis about it with `op`.
+static int finish_oldest(int fd, uint32_t op, char *why, size_t length) {
+    copy *entry = &flight[flight_head];
+    CUresult result = real.cuEventSynchronize(events[entry->device][entry->slot]);
+    flight_head = (flight_head + 1) % MAX_SLOTS;
+    flight_count--;
+    if (result != CUDA_SUCCESS) {
+        snprintf(why, length, "copy of %#llx at %llu failed: %s", (unsigned long long)entry->id, (unsigned long long)entry->offset,
+                 driver_error_name(result));
+        return -1;
+    }
+    stasis_agent_message message;
+    memset(&message, 0, sizeof message);
+    message.op = op;
+    message.slot = entry->slot;
+    message.id = entry->id;
+    message.offset = entry->offset;
+    message.length = entry->length;
+    message.device = entry->device;
+    if (send_message(fd, &message) != 0) {
+        snprintf(why, length, "stasis went away during the copy");
+        return -1;
+    }
+    return 0;
+}
+
+static int readable(int fd) {
+    struct pollfd poller = {fd, POLLIN, 0};
+    return poll(&poller, 1, 0) > 0;
+}
+
+/// Copies every allocation out through the ring: a FILLED per slot, and stasis gives each slot back with
+/// FREE once it has read it. Returns 0, or -1 with `why`.
+static int evacuate(int fd, uint64_t *copied, char *why, size_t length) {
+    memory_entry *entries = NULL;
+    size_t count = memory_table(&entries, NULL, NULL);
+    int free_slots[MAX_SLOTS];
+    unsigned free_count = 0, slots = settings.slot_count > MAX_SLOTS ? MAX_SLOTS : settings.slot_count;
+    for (unsigned s = 0; s < slots; s++) free_slots[free_count++] = (int)(slots - 1 - s);
+    size_t entry = 0;
+    uint64_t offset = 0;
+    int status = 0;
+    *copied = 0;
+    flight_head = flight_count = 0;
+    while (status == 0) {
+        while (free_count > 0 && entry < count) {
+            uint64_t piece = entries[entry].bytes - offset < settings.slot_bytes ? entries[entry].bytes - offset : settings.slot_bytes;
+            if (piece > 0 && start_copy(fd, free_slots[--free_count], entries[entry].id, offset, piece, why, length) != CUDA_SUCCESS) {
+                status = -1;
+                break;
+            }
+            offset += piece;
+            *copied += piece;
+            if (offset >= entries[entry].bytes) { entry++; offset = 0; }
+        }
+        if (status != 0) break;
+        if (flight_count > 0) {
+            status = finish_oldest(fd, STASIS_AGENT_FILLED, why, length);
+            if (status != 0) break;
+        }
+        // Take back the slots stasis has read: those already sent, and when nothing else can move (every
+        // slot is out, or everything is copied), wait for one.
+        int must_wait = flight_count == 0 && free_count < slots && (entry == count || free_count == 0);
+        while (status == 0 && (must_wait || readable(fd))) {
+            must_wait = 0;
+            stasis_agent_message message;
+            if (receive_message(fd, &message) != 0) {
+                snprintf(why, length, "stasis went away during the evacuation");
+                status = -1;
+            } else if (message.op != STASIS_AGENT_FREE || message.slot < 0 || (unsigned)message.slot >= slots) {
+                snprintf(why, length, "unexpected message %u during the evacuation", message.op);
+                status = -1;
+            } else {
+                free_slots[free_count++] = message.slot;
+            }
+        }
+        if (entry == count && flight_count == 0 && free_count == slots) break;
+    }
+    // On failure, let running copies end before anything else touches the ring.
+    while (flight_count > 0) {
+        real.cuEventSynchronize(events[flight[flight_head].device][flight[flight_head].slot]);
+        flight_head = (flight_head + 1) % MAX_SLOTS;
+        flight_count--;
+    }
+    free(entries);
+    return status;
+}
+
+// ---- the session with one stasis connection
+
+static void hello(int fd) {
+    stasis_agent_message message;
+    memset(&message, 0, sizeof message);
+    message.op = STASIS_AGENT_HELLO;
+    message.version = STASIS_AGENT_PROTOCOL_VERSION;
+    message.state = (uint32_t)state;
+    message.ring_address = (uint64_t)(uintptr_t)memory_ring();
+    message.slot_bytes = (uint32_t)settings.slot_bytes;
+    message.slot_count = settings.slot_count > MAX_SLOTS ? MAX_SLOTS : settings.slot_count;
+    memory_entry *entries = NULL;
+    memory_table(&entries, &message.tracked_bytes, &message.driver_bytes);
+    free(entries);
+    gate_counts(&message.gated_functions, &message.ungated_functions);
+    snprintf(message.text, sizeof message.text, "libstasis-agent protocol %d", STASIS_AGENT_PROTOCOL_VERSION);
+    send_message(fd, &message);
+}
+
+static void quiesce(int fd, unsigned timeout_ms) {
+    char why[160] = "";
+    if (state != STASIS_AGENT_RUNNING) { reply(fd, STASIS_AGENT_ERROR, 0, "a checkpoint is already in progress"); return; }
+    const char *refusal = memory_refusal();
+    if (refusal) { reply(fd, STASIS_AGENT_ERROR, CUDA_ERROR_NOT_SUPPORTED, "%s", refusal); return; }
+    long inside = gate_close(timeout_ms);
+    if (inside > 0) {
+        reply(fd, STASIS_AGENT_ERROR, 0, "%ld thread(s) stayed inside CUDA calls for %u ms; the program runs on", inside, timeout_ms);
+        return;
+    }
+    refusal = memory_refusal();
+    CUresult result = refusal ? CUDA_ERROR_NOT_SUPPORTED : memory_synchronize(why, sizeof why);
+    if (result == CUDA_SUCCESS && !memory_ring()) {
+        // No backed allocation pinned it yet (memory made before the agent saw a context): pin it now.
+        memory_entry *entries = NULL;
+        size_t count = memory_table(&entries, NULL, NULL);
+        if (count > 0 && memory_use_device(entries[0].device) == CUDA_SUCCESS) memory_ensure_ring();
+        free(entries);
+        if (count > 0 && !memory_ring()) {
+            result = CUDA_ERROR_OUT_OF_MEMORY;
+            snprintf(why, sizeof why, "cannot pin the staging ring (%u MiB)", (unsigned)(settings.slot_count * settings.slot_bytes >> 20));
+        }
+    }
+    if (result != CUDA_SUCCESS) {
+        gate_open();
+        reply(fd, STASIS_AGENT_ERROR, result, "%s", refusal ? refusal : why);
+        return;
+    }
+    state = STASIS_AGENT_HELD;
+    memory_entry *entries = NULL;
+    uint64_t tracked = 0, driver_path = 0;
+    size_t count = memory_table(&entries, &tracked, &driver_path);
+    for (size_t i = 0; i < count; i++) {
+        stasis_agent_message message;
+        memset(&message, 0, sizeof message);
+        message.op = STASIS_AGENT_TABLE_ENTRY;
+        message.id = entries[i].id;
+        message.length = entries[i].bytes;
+        message.device = entries[i].device;
+        if (send_message(fd, &message) != 0) break;
+    }
+    free(entries);
+    stasis_agent_message end;
+    memset(&end, 0, sizeof end);
+    end.op = STASIS_AGENT_TABLE_END;
+    end.id = count;
+    end.length = tracked;
+    end.tracked_bytes = tracked;
+    end.driver_bytes = driver_path;
+    end.ring_address = (uint64_t)(uintptr_t)memory_ring();
+    end.slot_bytes = (uint32_t)settings.slot_bytes;
+    end.slot_count = settings.slot_count > MAX_SLOTS ? MAX_SLOTS : settings.slot_count;
+    end.state = (uint32_t)state;
+    send_message(fd, &end);
+}
+
+/// Finishes every copy into the device and waits for the zero fills; 0, or -1 with `why`.
+static int flush_writes(int fd, char *why, size_t length) {
+    while (flight_count > 0) {
+        if (finish_oldest(fd, STASIS_AGENT_WRITTEN, why, length) != 0) return -1;
+    }
+    for (int device = 0; device < MAX_DEVICES; device++) {
+        for (unsigned s = 0; s < settings.streams; s++) {
+            if (!streams[device][s]) continue;
+            CUresult result = memory_use_device(device);
+            if (result == CUDA_SUCCESS) result = real.cuStreamSynchronize(streams[device][s]);
+            if (result != CUDA_SUCCESS) {
+                snprintf(why, length, "writing GPU %d failed: %s", device, driver_error_name(result));
+                return -1;
+            }
+        }
+    }
+    memory_drop_views();
+    return 0;
+}
+
+static void serve(int fd) {
+    char why[160];
+    flight_head = flight_count = 0;
+    for (;;) {
+        // Copies into the device finish while stasis sends more; report them when it pauses.
+        if (flight_count > 0 && !readable(fd)) {
+            if (finish_oldest(fd, STASIS_AGENT_WRITTEN, why, sizeof why) != 0) { reply(fd, STASIS_AGENT_ERROR, 0, "%s", why); return; }
+            continue;
+        }
+        stasis_agent_message message;
+        if (receive_message(fd, &message) != 0) return;
+        why[0] = 0;
+        switch (message.op) {
+        case STASIS_AGENT_HELLO:
+            hello(fd);
+            break;
+        case STASIS_AGENT_QUIESCE:
+            quiesce(fd, message.length ? (unsigned)message.length : 10000);
+            break;
+        case STASIS_AGENT_EVACUATE: {
+            uint64_t copied = 0;
+            if (state != STASIS_AGENT_HELD) { reply(fd, STASIS_AGENT_ERROR, 0, "not held: quiesce first"); break; }
+            if (evacuate(fd, &copied, why, sizeof why) != 0) { reply(fd, STASIS_AGENT_ERROR, 0, "%s", why); break; }
+            stasis_agent_message done;
+            memset(&done, 0, sizeof done);
+            done.op = STASIS_AGENT_EVACUATED;
+            done.length = copied;
+            send_message(fd, &done);
+            break;
+        }
+        case STASIS_AGENT_RELEASE:
+            if (state != STASIS_AGENT_HELD) { reply(fd, STASIS_AGENT_ERROR, 0, "not held: quiesce first"); break; }
+            state = STASIS_AGENT_RELEASED;
+            contents_lost = 1;
+            if (memory_release_all(why, sizeof why) != CUDA_SUCCESS) reply(fd, STASIS_AGENT_ERROR, 0, "%s", why);
+            else reply(fd, STASIS_AGENT_OK, 0, NULL);
+            break;
+        case STASIS_AGENT_REBACK:
+            if (state == STASIS_AGENT_RUNNING) { reply(fd, STASIS_AGENT_ERROR, 0, "not held"); break; }
+            if (memory_reback_all(why, sizeof why) != CUDA_SUCCESS) { reply(fd, STASIS_AGENT_ERROR, 0, "%s", why); break; }
+            state = STASIS_AGENT_HELD;
+            reply(fd, STASIS_AGENT_OK, 0, NULL);
+            break;
+        case STASIS_AGENT_WRITE:
+            if (state != STASIS_AGENT_HELD || message.slot < 0 || (unsigned)message.slot >= settings.slot_count || message.length > settings.slot_bytes) {
+                reply(fd, STASIS_AGENT_ERROR, 0, "bad WRITE (state %d, slot %d, %llu bytes)", state, message.slot, (unsigned long long)message.length);
+                return;
+            }
+            while (flight_count >= settings.slot_count) {
+                if (finish_oldest(fd, STASIS_AGENT_WRITTEN, why, sizeof why) != 0) { reply(fd, STASIS_AGENT_ERROR, 0, "%s", why); return; }
+            }
+            if (start_copy(0, message.slot, message.id, message.offset, message.length, why, sizeof why) != CUDA_SUCCESS) {
+                reply(fd, STASIS_AGENT_ERROR, 0, "%s", why);
+                return;
+            }
+            break;
+        case STASIS_AGENT_ZERO: {
+            CUdeviceptr view;
+            int device;
+            CUresult result = state == STASIS_AGENT_HELD ? memory_view(message.id, &view, &device) : CUDA_ERROR_INVALID_VALUE;
+            if (result == CUDA_SUCCESS && prepare_device(device, why, sizeof why) == CUDA_SUCCESS) {
+                result = real.cuMemsetD8Async(view + message.offset, 0, message.length, streams[device][stream_turn++ % settings.streams]);
+            }
+            if (result != CUDA_SUCCESS) {
+                reply(fd, STASIS_AGENT_ERROR, result, "cannot zero %#llx: %s", (unsigned long long)message.id, driver_error_name(result));
+                return;
+            }
+            break;
+        }
+        case STASIS_AGENT_FLUSH:
+            if (flush_writes(fd, why, sizeof why) != 0) reply(fd, STASIS_AGENT_ERROR, 0, "%s", why);
+            else reply(fd, STASIS_AGENT_OK, 0, NULL);
+            break;
+        case STASIS_AGENT_RESUME:
+            if (state == STASIS_AGENT_RELEASED) { reply(fd, STASIS_AGENT_ERROR, 0, "device memory is released: reback and refill first"); break; }
+            memory_drop_views();
+            state = STASIS_AGENT_RUNNING;
+            contents_lost = 0;
+            gate_open();
+            reply(fd, STASIS_AGENT_OK, 0, NULL);
+            break;
+        default:
+            reply(fd, STASIS_AGENT_ERROR, 0, "unknown request %u", message.op);
+            return;
+        }
+    }
+}
+
+static int allowed(int fd) {
+    struct ucred peer;
+    socklen_t length = sizeof peer;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &peer, &length) != 0) return 0;
+    return peer.uid == 0 || peer.uid == geteuid();
+}
+
+static void *control_thread(void *unused) {
+    (void)unused;
+    for (;;) {
+        int fd = accept4(listener, NULL, NULL, SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno != EINTR && errno != ECONNABORTED) {
+                struct timespec pause = {0, 100 * 1000000L};
+                nanosleep(&pause, NULL);
+            }
+            continue;
+        }
+        if (allowed(fd)) {
+            serve(fd);
+            // stasis went away while the memory was still backed: nothing was lost, the program runs on.
+            if (state == STASIS_AGENT_HELD && !contents_lost) {
+                memory_drop_views();
+                state = STASIS_AGENT_RUNNING;
+                gate_open();
+                agent_log("the checkpoint was abandoned; CUDA calls proceed");
+            }
+        }
+        close(fd);
+    }
+    return NULL;
+}
+
+static void after_fork_child(void) {
+    // The child has no control thread, and CUDA does not work across fork: it starts afresh if it execs.
+    if (listener >= 0) close(listener);
+    listener = -1;
+    started = 0;
+    state = STASIS_AGENT_RUNNING;
+    contents_lost = 0;
+    pthread_mutex_init(&start_mutex, NULL);
+    gate_after_fork_child();
+}
+
+HIDDEN void control_start(void) {
+    pthread_mutex_lock(&start_mutex);
+    if (started) { pthread_mutex_unlock(&start_mutex); return; }
+    started = 1;
+    static int atfork_registered;
+    if (!atfork_registered) {
+        pthread_atfork(NULL, NULL, after_fork_child);
+        atfork_registered = 1;
+    }
+    struct sockaddr_un address;
+    memset(&address, 0, sizeof address);
+    address.sun_family = AF_UNIX;
+    int name = snprintf(address.sun_path + 1, sizeof address.sun_path - 1, STASIS_AGENT_SOCKET_PREFIX "%d", getpid());
+    socklen_t length = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + (size_t)name);
+    listener = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (listener < 0 || bind(listener, (struct sockaddr *)&address, length) != 0 || listen(listener, 4) != 0) {
+        agent_log("cannot listen on @%s: %s; checkpoints take the driver path", address.sun_path + 1, strerror(errno));
+        if (listener >= 0) close(listener);
+        listener = -1;
+        pthread_mutex_unlock(&start_mutex);
+        return;
+    }
+    // The thread takes no signal of the program's.
+    sigset_t all, previous;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &previous);
+    pthread_t thread;
+    pthread_attr_t attributes;
+    pthread_attr_init(&attributes);
+    pthread_attr_setdetachstate(&attributes, PTHREAD_CREATE_DETACHED);
+    if (pthread_create(&thread, &attributes, control_thread, NULL) == 0) {
+        pthread_setname_np(thread, "stasis-agent");
+        agent_log("listening on @%s", address.sun_path + 1);
+    } else {
+        close(listener);
+        listener = -1;
+    }
+    pthread_attr_destroy(&attributes);
+    pthread_sigmask(SIG_SETMASK, &previous, NULL);
+    pthread_mutex_unlock(&start_mutex);
+}

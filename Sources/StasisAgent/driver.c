@@ -1,0 +1,136 @@
+// The real driver (libcuda.so.1, resolved once), the real dlsym, the agent's settings and its log.
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "agent.h"
+
+HIDDEN cuda_driver real;
+HIDDEN agent_settings settings;
+
+// Read by the exported dlsym (dlsym_x86_64.S) for RTLD_NEXT lookups.
+HIDDEN void *(*stasis_libc_dlsym)(void *, const char *);
+static pthread_once_t driver_once = PTHREAD_ONCE_INIT;
+static int driver_status = -1;
+
+static size_t mib_setting(const char *name, size_t fallback) {
+    const char *value = getenv(name);
+    if (!value || !*value) return fallback;
+    char *end;
+    unsigned long long mib = strtoull(value, &end, 10);
+    return *end ? fallback : (size_t)mib << 20;
+}
+
+static int off(const char *name) {
+    const char *value = getenv(name);
+    return value && (!strcmp(value, "off") || !strcmp(value, "0") || !strcmp(value, "no"));
+}
+
+/// The dlsym after ours: libc's, looked up by version so that this lookup does not find ours. Another
+/// library's constructor may call dlsym before ours has run, hence callable from the exported dlsym too.
+HIDDEN void *stasis_find_libc_dlsym(void) {
+    if (!stasis_libc_dlsym) {
+        void *found = dlvsym(RTLD_NEXT, "dlsym", "GLIBC_2.34");
+        if (!found) found = dlvsym(RTLD_NEXT, "dlsym", "GLIBC_2.2.5");
+        stasis_libc_dlsym = (void *(*)(void *, const char *))found;
+    }
+    return (void *)stasis_libc_dlsym;
+}
+
+__attribute__((constructor)) static void agent_init(void) {
+    stasis_find_libc_dlsym();
+    settings.enabled = !off("STASIS_AGENT");
+    settings.back_allocations = !off("STASIS_AGENT_BACKING");
+    settings.min_backed_bytes = mib_setting("STASIS_AGENT_MIN_BACKED_MIB", 2u << 20);
+    settings.slot_bytes = 2u << 20;  // ChunkStore.chunkSize: a slot is one chunk
+    size_t ring = mib_setting("STASIS_AGENT_RING_MIB", 64u << 20);
+    if (ring < 4 * settings.slot_bytes) ring = 4 * settings.slot_bytes;
+    settings.slot_count = (unsigned)(ring / settings.slot_bytes);
+    settings.streams = 4;
+    const char *log = getenv("STASIS_AGENT_LOG");
+    settings.verbose = log && *log && strcmp(log, "0");
+}
+
+HIDDEN void *real_dlsym(void *handle, const char *name) {
+    void *(*libc)(void *, const char *) = (void *(*)(void *, const char *))stasis_find_libc_dlsym();
+    return libc ? libc(handle, name) : NULL;
+}
+
+HIDDEN void agent_log(const char *format, ...) {
+    if (!settings.verbose) return;
+    char line[512];
+    int prefix = snprintf(line, sizeof line, "stasis-agent[%d]: ", getpid());
+    va_list arguments;
+    va_start(arguments, format);
+    vsnprintf(line + prefix, sizeof line - (size_t)prefix, format, arguments);
+    va_end(arguments);
+    size_t length = strlen(line);
+    if (length < sizeof line - 1) line[length++] = '\n';
+    ssize_t ignored = write(2, line, length);
+    (void)ignored;
+}
+
+#define RESOLVE(name) real.name = (__typeof__(real.name))real_dlsym(handle, #name)
+
+static void resolve(void) {
+    void *handle = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD);
+    if (!handle) handle = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (!handle) return;
+    RESOLVE(cuInit);
+    RESOLVE(cuGetProcAddress);
+    RESOLVE(cuGetProcAddress_v2);
+    RESOLVE(cuMemAlloc_v2);
+    RESOLVE(cuMemFree_v2);
+    RESOLVE(cuMemCreate);
+    RESOLVE(cuMemRelease);
+    RESOLVE(cuMemMap);
+    RESOLVE(cuMemUnmap);
+    RESOLVE(cuMemSetAccess);
+    RESOLVE(cuMemAddressReserve);
+    RESOLVE(cuMemAddressFree);
+    RESOLVE(cuMemGetAllocationGranularity);
+    RESOLVE(cuMemGetAllocationPropertiesFromHandle);
+    RESOLVE(cuMemRetainAllocationHandle);
+    RESOLVE(cuMemExportToShareableHandle);
+    RESOLVE(cuMemImportFromShareableHandle);
+    RESOLVE(cuCtxGetCurrent);
+    RESOLVE(cuCtxSetCurrent);
+    RESOLVE(cuCtxGetDevice);
+    RESOLVE(cuCtxSynchronize);
+    RESOLVE(cuDevicePrimaryCtxRetain);
+    RESOLVE(cuStreamCreate);
+    RESOLVE(cuStreamSynchronize);
+    RESOLVE(cuEventCreate);
+    RESOLVE(cuEventRecord);
+    RESOLVE(cuEventQuery);
+    RESOLVE(cuEventSynchronize);
+    RESOLVE(cuMemcpyDtoHAsync_v2);
+    RESOLVE(cuMemcpyHtoDAsync_v2);
+    RESOLVE(cuMemsetD8Async);
+    RESOLVE(cuMemHostAlloc);
+    RESOLVE(cuGetErrorName);
+    // Without any one of these the agent stays a pass-through: it never half-tracks memory.
+    void **all = (void **)&real;
+    for (size_t i = 0; i < sizeof real / sizeof(void *); i++) {
+        if (!all[i] && &all[i] != (void **)&real.cuGetProcAddress && &all[i] != (void **)&real.cuGetProcAddress_v2) {
+            agent_log("libcuda.so.1 lacks an entry point the agent needs (#%zu); the agent stays out of the way", i);
+            return;
+        }
+    }
+    driver_status = 0;
+}
+
+HIDDEN int driver_load(void) {
+    pthread_once(&driver_once, resolve);
+    return driver_status;
+}
+
+HIDDEN const char *driver_error_name(CUresult result) {
+    const char *name = NULL;
+    if (driver_load() == 0 && real.cuGetErrorName(result, &name) == CUDA_SUCCESS && name) return name;
+    return "CUDA_ERROR_UNKNOWN";
+}

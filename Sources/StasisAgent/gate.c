@@ -1,0 +1,162 @@
+// The gate every driver entry point the agent hands out passes through. Open, it costs two atomic
+// operations a call. Closed (a checkpoint is in progress), a thread that arrives waits until it opens, and
+// the closer waits until every thread already inside the driver has come out; the agent's own thread never
+// passes it.
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+#include "agent.h"
+#include "include/stasis_agent.h"
+
+#define GATE_SLOTS 4096
+#define TRAMPOLINE_BYTES 16
+
+// Read by the trampolines (gate_x86_64.S).
+HIDDEN void *stasis_gate_targets[GATE_SLOTS];
+HIDDEN extern char stasis_gate_trampolines[];
+
+static atomic_int closed;
+static atomic_long inside;
+static pthread_mutex_t mutex = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t changed = PTHREAD_COND_INITIALIZER;
+static pthread_mutex_t table_mutex = PTHREAD_MUTEX_INITIALIZER;
+static unsigned used_slots;
+static atomic_ulong ungated;
+
+// Dekker-style: a thread counts itself in, then looks at the gate; the closer closes, then looks at the
+// count. Sequentially consistent atomics on both sides make one of them see the other.
+HIDDEN void gate_enter(void) {
+    for (;;) {
+        atomic_fetch_add(&inside, 1);
+        if (!atomic_load(&closed)) return;
+        gate_leave();
+        pthread_mutex_lock(&mutex);
+        while (atomic_load(&closed)) pthread_cond_wait(&changed, &mutex);
+        pthread_mutex_unlock(&mutex);
+    }
+}
+
+HIDDEN void gate_leave(void) {
+    if (atomic_fetch_sub(&inside, 1) == 1 && atomic_load(&closed)) {
+        pthread_mutex_lock(&mutex);
+        pthread_cond_broadcast(&changed);
+        pthread_mutex_unlock(&mutex);
+    }
+}
+
+HIDDEN void stasis_gate_enter_hook(void) { gate_enter(); }
+HIDDEN void stasis_gate_leave_hook(void) { gate_leave(); }
+
+HIDDEN long gate_close(unsigned timeout_ms) {
+    atomic_store(&closed, 1);
+    struct timespec deadline;
+    clock_gettime(CLOCK_REALTIME, &deadline);
+    deadline.tv_sec += timeout_ms / 1000;
+    deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (deadline.tv_nsec >= 1000000000L) { deadline.tv_sec++; deadline.tv_nsec -= 1000000000L; }
+    pthread_mutex_lock(&mutex);
+    long left;
+    while ((left = atomic_load(&inside)) > 0) {
+        if (pthread_cond_timedwait(&changed, &mutex, &deadline) == ETIMEDOUT) {
+            left = atomic_load(&inside);
+            break;
+        }
+    }
+    pthread_mutex_unlock(&mutex);
+    if (left > 0) gate_open();
+    return left > 0 ? left : 0;
+}
+
+HIDDEN void gate_open(void) {
+    pthread_mutex_lock(&mutex);
+    atomic_store(&closed, 0);
+    pthread_cond_broadcast(&changed);
+    pthread_mutex_unlock(&mutex);
+}
+
+HIDDEN int gate_is_closed(void) { return atomic_load(&closed); }
+
+HIDDEN void *gate_wrap(void *target) {
+#if defined(__x86_64__)
+    if (!target) return NULL;
+    pthread_mutex_lock(&table_mutex);
+    for (unsigned i = 0; i < used_slots; i++) {
+        if (stasis_gate_targets[i] == target) {
+            pthread_mutex_unlock(&table_mutex);
+            return stasis_gate_trampolines + (size_t)i * TRAMPOLINE_BYTES;
+        }
+    }
+    if (used_slots == GATE_SLOTS) {
+        pthread_mutex_unlock(&table_mutex);
+        atomic_fetch_add(&ungated, 1);
+        return target;
+    }
+    unsigned slot = used_slots;
+    stasis_gate_targets[slot] = target;
+    // The target is in place before any thread can learn the trampoline's address.
+    atomic_thread_fence(memory_order_release);
+    used_slots++;
+    pthread_mutex_unlock(&table_mutex);
+    return stasis_gate_trampolines + (size_t)slot * TRAMPOLINE_BYTES;
+#else
+    atomic_fetch_add(&ungated, 1);
+    return target;
+#endif
+}
+
+HIDDEN void gate_counts(uint64_t *gated, uint64_t *ungated_out) {
+    pthread_mutex_lock(&table_mutex);
+    *gated = used_slots;
+    pthread_mutex_unlock(&table_mutex);
+    *ungated_out = atomic_load(&ungated);
+}
+
+// After fork the child has one thread, outside any call: nothing is inside, nothing is held.
+HIDDEN void gate_after_fork_child(void) {
+    pthread_mutex_init(&mutex, NULL);
+    pthread_cond_init(&changed, NULL);
+    pthread_mutex_init(&table_mutex, NULL);
+    atomic_store(&inside, 0);
+    atomic_store(&closed, 0);
+}
+
+// ---- self-test (no GPU needed)
+
+static long eleven(long a, long b, long c, long d, long e, long f, long g, long h, long i, long j, double x) {
+    return a + 2 * b + 3 * c + 4 * d + 5 * e + 6 * f + 7 * g + 8 * h + 9 * i + 10 * j + (long)(x * 100);
+}
+
+static atomic_int held_call_done;
+
+static void *call_while_closed(void *function) {
+    long (*call)(long, long, long, long, long, long, long, long, long, long, double) = function;
+    call(1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0.5);
+    atomic_store(&held_call_done, 1);
+    return NULL;
+}
+
+int stasis_agent_selftest(char *report, unsigned long length) {
+    long (*through)(long, long, long, long, long, long, long, long, long, long, double) = gate_wrap((void *)eleven);
+    if ((void *)through == (void *)eleven) { snprintf(report, length, "no trampoline on this architecture"); return 1; }
+    if (gate_wrap((void *)eleven) != (void *)through) { snprintf(report, length, "the same target got two trampolines"); return 2; }
+    long expected = eleven(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1.25), got = through(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1.25);
+    if (got != expected) { snprintf(report, length, "eleven arguments through the gate: %ld, expected %ld", got, expected); return 3; }
+    if (gate_close(100) != 0) { snprintf(report, length, "the gate did not close with nobody inside"); return 4; }
+    atomic_store(&held_call_done, 0);
+    pthread_t thread;
+    pthread_create(&thread, NULL, call_while_closed, (void *)through);
+    struct timespec pause = {0, 100 * 1000000L};
+    nanosleep(&pause, NULL);
+    int early = atomic_load(&held_call_done);
+    gate_open();
+    pthread_join(thread, NULL);
+    if (early) { snprintf(report, length, "a call went through the closed gate"); return 5; }
+    if (!atomic_load(&held_call_done)) { snprintf(report, length, "a held call did not go on after the gate opened"); return 6; }
+    snprintf(report, length, "gate: eleven arguments pass (%ld), a call waits while closed and goes on after", got);
+    return 0;
+}

@@ -1,0 +1,540 @@
+// Device memory the agent can evacuate: every physical allocation made through cuMemCreate (by the program,
+// as PyTorch's expandable segments do, or by the agent itself to back a cuMemAlloc) with its mappings and
+// access rights. The program sees handles of the agent's (`id`), never the driver's, so that after an
+// evacuation the physical memory can be re-created under a new driver handle while the program's handles and
+// addresses stay valid.
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <stdio.h>
+
+#include "agent.h"
+
+#define MAX_ACCESS 8
+// Handles the program sees; far from any small integer a program might pass by mistake.
+#define FIRST_ID 0x5354415300000001ull
+
+typedef struct {
+    uint64_t id;
+    CUmemGenericAllocationHandle driver;  // 0 while released
+    size_t size;
+    cu_mem_allocation_prop prop;
+    int references;     // the program's: one from create, one per retain; 0 once it released them all
+    int internal;       // backs a cuMemAlloc
+    int exported;       // shared with another process: cannot be evacuated
+    int imported;       // another process's memory: cannot be evacuated
+    CUdeviceptr view;   // an address covering it all, during an evacuation or a refill
+    int temporary_view;
+} handle_record;
+
+typedef struct {
+    CUdeviceptr address;
+    size_t size;
+    size_t offset;
+    handle_record *handle;
+    int mapped;
+    cu_mem_access_desc access[MAX_ACCESS];
+    int access_count;
+    size_t reservation;  // bytes the agent reserved for it (a cuMemAlloc), freed with it
+} mapping_record;
+
+static pthread_mutex_t tables = PTHREAD_MUTEX_INITIALIZER;
+static handle_record **handles;
+static size_t handle_count, handle_capacity;
+static mapping_record *mappings;
+static size_t mapping_count, mapping_capacity;
+static uint64_t next_id = FIRST_ID;
+static CUcontext device_contexts[MAX_DEVICES];
+static size_t granularity[MAX_DEVICES];
+static void *ring;
+static int released;
+static atomic_ullong driver_path_bytes;
+
+static int grow(void **array, size_t *capacity, size_t count, size_t element) {
+    if (count < *capacity) return 0;
+    size_t wanted = *capacity ? *capacity * 2 : 64;
+    void *bigger = realloc(*array, wanted * element);
+    if (!bigger) return -1;
+    *array = bigger;
+    *capacity = wanted;
+    return 0;
+}
+
+static handle_record *find_handle(uint64_t id) {
+    for (size_t i = 0; i < handle_count; i++) {
+        if (handles[i]->id == id) return handles[i];
+    }
+    return NULL;
+}
+
+static handle_record *add_handle(CUmemGenericAllocationHandle driver, size_t size, const cu_mem_allocation_prop *prop, int internal) {
+    if (grow((void **)&handles, &handle_capacity, handle_count, sizeof *handles) != 0) return NULL;
+    handle_record *record = calloc(1, sizeof *record);
+    if (!record) return NULL;
+    record->id = next_id++;
+    record->driver = driver;
+    record->size = size;
+    record->prop = *prop;
+    record->references = internal ? 0 : 1;
+    record->internal = internal;
+    handles[handle_count++] = record;
+    return record;
+}
+
+static int mapped_anywhere(const handle_record *handle) {
+    for (size_t i = 0; i < mapping_count; i++) {
+        if (mappings[i].handle == handle) return 1;
+    }
+    return 0;
+}
+
+/// Drops a handle the program no longer holds and nothing maps (the driver frees its memory then).
+static void forget_if_unused(handle_record *handle) {
+    if (handle->references > 0 || mapped_anywhere(handle)) return;
+    if (handle->driver) real.cuMemRelease(handle->driver);
+    for (size_t i = 0; i < handle_count; i++) {
+        if (handles[i] == handle) {
+            handles[i] = handles[--handle_count];
+            break;
+        }
+    }
+    free(handle);
+}
+
+static void remove_mapping(size_t index) { mappings[index] = mappings[--mapping_count]; }
+
+static int device_of(const cu_mem_allocation_prop *prop) {
+    return prop->location.type == CU_MEM_LOCATION_TYPE_DEVICE && prop->location.id >= 0 && prop->location.id < MAX_DEVICES
+               ? prop->location.id : -1;
+}
+
+static void remember_context(int device) {
+    if (device < 0 || device_contexts[device]) return;
+    CUcontext current = NULL;
+    CUdevice current_device;
+    if (real.cuCtxGetCurrent(&current) == CUDA_SUCCESS && current && real.cuCtxGetDevice(&current_device) == CUDA_SUCCESS &&
+        current_device == device) {
+        device_contexts[device] = current;
+    }
+}
+
+HIDDEN void memory_ensure_ring(void) {
+    if (ring) return;
+    void *pinned = NULL;
+    CUresult result = real.cuMemHostAlloc(&pinned, settings.slot_bytes * settings.slot_count, CU_MEMHOSTALLOC_PORTABLE);
+    if (result == CUDA_SUCCESS) {
+        ring = pinned;
+        agent_log("pinned staging ring: %u slots of %zu bytes", settings.slot_count, settings.slot_bytes);
+    } else {
+        agent_log("cannot pin the staging ring: %s", driver_error_name(result));
+    }
+}
+
+HIDDEN void *memory_ring(void) { return ring; }
+HIDDEN int memory_released(void) { return released; }
+
+// ---- cuMemAlloc, backed by the VMM API
+
+static size_t round_up(size_t value, size_t step) { return (value + step - 1) / step * step; }
+
+HIDDEN CUresult memory_alloc(CUdeviceptr *pointer, size_t bytes) {
+    CUdevice device;
+    if (!settings.back_allocations || bytes < settings.min_backed_bytes || !pointer || real.cuCtxGetDevice(&device) != CUDA_SUCCESS ||
+        device < 0 || device >= MAX_DEVICES) {
+        CUresult result = real.cuMemAlloc_v2(pointer, bytes);
+        if (result == CUDA_SUCCESS) atomic_fetch_add(&driver_path_bytes, bytes);
+        return result;
+    }
+    cu_mem_allocation_prop prop;
+    memset(&prop, 0, sizeof prop);
+    prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+    prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    prop.location.id = device;
+    pthread_mutex_lock(&tables);
+    if (!granularity[device] && (real.cuMemGetAllocationGranularity(&granularity[device], &prop, 0) != CUDA_SUCCESS || !granularity[device])) {
+        granularity[device] = 2u << 20;
+    }
+    size_t size = round_up(bytes, granularity[device]);
+    CUdeviceptr address = 0;
+    CUmemGenericAllocationHandle driver = 0;
+    CUresult result = real.cuMemAddressReserve(&address, size, 0, 0, 0);
+    if (result == CUDA_SUCCESS) result = real.cuMemCreate(&driver, size, &prop, 0);
+    if (result == CUDA_SUCCESS) result = real.cuMemMap(address, size, 0, driver, 0);
+    cu_mem_access_desc access = {{CU_MEM_LOCATION_TYPE_DEVICE, device}, CU_MEM_ACCESS_FLAGS_PROT_READWRITE};
+    int mapped = result == CUDA_SUCCESS;
+    if (result == CUDA_SUCCESS) result = real.cuMemSetAccess(address, size, &access, 1);
+    handle_record *handle = NULL;
+    if (result == CUDA_SUCCESS && grow((void **)&mappings, &mapping_capacity, mapping_count, sizeof *mappings) == 0) {
+        handle = add_handle(driver, size, &prop, 1);
+    }
+    if (!handle) {
+        // Undo, then answer as the driver would have: out of memory stays out of memory, anything else is
+        // left to the driver's own cuMemAlloc.
+        if (mapped) real.cuMemUnmap(address, size);
+        if (driver) real.cuMemRelease(driver);
+        if (address) real.cuMemAddressFree(address, size);
+        pthread_mutex_unlock(&tables);
+        if (result == CUDA_ERROR_OUT_OF_MEMORY) return result;
+        agent_log("cuMemAlloc of %zu bytes left to the driver (%s)", bytes, driver_error_name(result));
+        result = real.cuMemAlloc_v2(pointer, bytes);
+        if (result == CUDA_SUCCESS) atomic_fetch_add(&driver_path_bytes, bytes);
+        return result;
+    }
+    mapping_record *mapping = &mappings[mapping_count++];
+    memset(mapping, 0, sizeof *mapping);
+    mapping->address = address;
+    mapping->size = size;
+    mapping->handle = handle;
+    mapping->mapped = 1;
+    mapping->access[0] = access;
+    mapping->access_count = 1;
+    mapping->reservation = size;
+    remember_context(device);
+    memory_ensure_ring();
+    pthread_mutex_unlock(&tables);
+    *pointer = address;
+    return CUDA_SUCCESS;
+}
+
+HIDDEN CUresult memory_free(CUdeviceptr pointer) {
+    pthread_mutex_lock(&tables);
+    for (size_t i = 0; i < mapping_count; i++) {
+        mapping_record *mapping = &mappings[i];
+        if (mapping->address != pointer || !mapping->reservation) continue;
+        // cudaFree waits for the device; so does this, before the memory goes.
+        real.cuCtxSynchronize();
+        handle_record *handle = mapping->handle;
+        size_t size = mapping->reservation;
+        if (mapping->mapped) real.cuMemUnmap(pointer, size);
+        real.cuMemAddressFree(pointer, size);
+        remove_mapping(i);
+        forget_if_unused(handle);
+        pthread_mutex_unlock(&tables);
+        return CUDA_SUCCESS;
+    }
+    pthread_mutex_unlock(&tables);
+    return real.cuMemFree_v2(pointer);
+}
+
+// ---- the program's own VMM calls, on the agent's handles
+
+HIDDEN CUresult memory_create(CUmemGenericAllocationHandle *out, size_t size, const cu_mem_allocation_prop *prop, unsigned long long flags) {
+    if (!out || !prop) return real.cuMemCreate(out, size, prop, flags);
+    CUmemGenericAllocationHandle driver = 0;
+    CUresult result = real.cuMemCreate(&driver, size, prop, flags);
+    if (result != CUDA_SUCCESS) return result;
+    pthread_mutex_lock(&tables);
+    handle_record *handle = add_handle(driver, size, prop, 0);
+    if (handle) {
+        remember_context(device_of(prop));
+        memory_ensure_ring();
+    }
+    pthread_mutex_unlock(&tables);
+    if (!handle) {
+        real.cuMemRelease(driver);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    *out = handle->id;
+    return CUDA_SUCCESS;
+}
+
+HIDDEN CUresult memory_release(CUmemGenericAllocationHandle id) {
+    pthread_mutex_lock(&tables);
+    handle_record *handle = find_handle(id);
+    if (!handle || handle->internal || handle->references <= 0) {
+        pthread_mutex_unlock(&tables);
+        return handle ? CUDA_ERROR_INVALID_VALUE : real.cuMemRelease(id);
+    }
+    handle->references--;
+    forget_if_unused(handle);
+    pthread_mutex_unlock(&tables);
+    return CUDA_SUCCESS;
+}
+
+HIDDEN CUresult memory_map(CUdeviceptr address, size_t size, size_t offset, CUmemGenericAllocationHandle id, unsigned long long flags) {
+    pthread_mutex_lock(&tables);
+    handle_record *handle = find_handle(id);
+    if (!handle || handle->internal) {
+        pthread_mutex_unlock(&tables);
+        return handle ? CUDA_ERROR_INVALID_HANDLE : real.cuMemMap(address, size, offset, id, flags);
+    }
+    CUresult result = grow((void **)&mappings, &mapping_capacity, mapping_count, sizeof *mappings) == 0
+                          ? real.cuMemMap(address, size, offset, handle->driver, flags) : CUDA_ERROR_OUT_OF_MEMORY;
+    if (result == CUDA_SUCCESS) {
+        mapping_record *mapping = &mappings[mapping_count++];
+        memset(mapping, 0, sizeof *mapping);
+        mapping->address = address;
+        mapping->size = size;
+        mapping->offset = offset;
+        mapping->handle = handle;
+        mapping->mapped = 1;
+    }
+    pthread_mutex_unlock(&tables);
+    return result;
+}
+
+HIDDEN CUresult memory_unmap(CUdeviceptr address, size_t size) {
+    CUresult result = real.cuMemUnmap(address, size);
+    if (result != CUDA_SUCCESS) return result;
+    pthread_mutex_lock(&tables);
+    for (size_t i = 0; i < mapping_count;) {
+        mapping_record *mapping = &mappings[i];
+        if (!mapping->reservation && mapping->address >= address && mapping->address + mapping->size <= address + size) {
+            handle_record *handle = mapping->handle;
+            remove_mapping(i);
+            forget_if_unused(handle);
+        } else {
+            i++;
+        }
+    }
+    pthread_mutex_unlock(&tables);
+    return CUDA_SUCCESS;
+}
+
+HIDDEN CUresult memory_set_access(CUdeviceptr address, size_t size, const cu_mem_access_desc *desc, size_t count) {
+    CUresult result = real.cuMemSetAccess(address, size, desc, count);
+    if (result != CUDA_SUCCESS || !desc) return result;
+    pthread_mutex_lock(&tables);
+    for (size_t i = 0; i < mapping_count; i++) {
+        mapping_record *mapping = &mappings[i];
+        if (mapping->address + mapping->size <= address || mapping->address >= address + size) continue;
+        // The rights of each location, newest last: re-applied after the memory is re-created.
+        for (size_t d = 0; d < count; d++) {
+            int slot = 0;
+            while (slot < mapping->access_count && memcmp(&mapping->access[slot].location, &desc[d].location, sizeof desc[d].location)) slot++;
+            if (slot == MAX_ACCESS) continue;
+            mapping->access[slot] = desc[d];
+            if (slot == mapping->access_count) mapping->access_count++;
+        }
+    }
+    pthread_mutex_unlock(&tables);
+    return CUDA_SUCCESS;
+}
+
+HIDDEN CUresult memory_properties(cu_mem_allocation_prop *prop, CUmemGenericAllocationHandle id) {
+    pthread_mutex_lock(&tables);
+    handle_record *handle = find_handle(id);
+    if (handle && prop) *prop = handle->prop;
+    pthread_mutex_unlock(&tables);
+    return handle ? (prop ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE) : real.cuMemGetAllocationPropertiesFromHandle(prop, id);
+}
+
+HIDDEN CUresult memory_retain(CUmemGenericAllocationHandle *out, void *address) {
+    pthread_mutex_lock(&tables);
+    CUdeviceptr at = (CUdeviceptr)(uintptr_t)address;
+    for (size_t i = 0; i < mapping_count; i++) {
+        mapping_record *mapping = &mappings[i];
+        if (at < mapping->address || at >= mapping->address + mapping->size || mapping->handle->internal) continue;
+        if (!out) break;
+        mapping->handle->references++;
+        *out = mapping->handle->id;
+        pthread_mutex_unlock(&tables);
+        return CUDA_SUCCESS;
+    }
+    pthread_mutex_unlock(&tables);
+    return real.cuMemRetainAllocationHandle(out, address);
+}
+
+HIDDEN CUresult memory_export(void *shareable, CUmemGenericAllocationHandle id, int type, unsigned long long flags) {
+    pthread_mutex_lock(&tables);
+    handle_record *handle = find_handle(id);
+    CUresult result = real.cuMemExportToShareableHandle(shareable, handle ? handle->driver : id, type, flags);
+    if (handle && result == CUDA_SUCCESS) handle->exported = 1;
+    pthread_mutex_unlock(&tables);
+    return result;
+}
+
+HIDDEN CUresult memory_import(CUmemGenericAllocationHandle *out, void *os_handle, int type) {
+    CUmemGenericAllocationHandle driver = 0;
+    CUresult result = real.cuMemImportFromShareableHandle(&driver, os_handle, type);
+    if (result != CUDA_SUCCESS || !out) return result;
+    cu_mem_allocation_prop prop;
+    memset(&prop, 0, sizeof prop);
+    real.cuMemGetAllocationPropertiesFromHandle(&prop, driver);
+    pthread_mutex_lock(&tables);
+    handle_record *handle = add_handle(driver, 0, &prop, 0);
+    if (handle) handle->imported = 1;
+    pthread_mutex_unlock(&tables);
+    if (!handle) {
+        real.cuMemRelease(driver);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    *out = handle->id;
+    return CUDA_SUCCESS;
+}
+
+// ---- what the control channel does with it (the gate is closed: no program thread is in here)
+
+HIDDEN size_t memory_table(memory_entry **out, uint64_t *tracked, uint64_t *driver_path) {
+    pthread_mutex_lock(&tables);
+    memory_entry *entries = calloc(handle_count ? handle_count : 1, sizeof *entries);
+    size_t count = 0;
+    uint64_t bytes = 0;
+    for (size_t i = 0; entries && i < handle_count; i++) {
+        entries[count].id = handles[i]->id;
+        entries[count].bytes = handles[i]->size;
+        entries[count].device = device_of(&handles[i]->prop);
+        bytes += handles[i]->size;
+        count++;
+    }
+    pthread_mutex_unlock(&tables);
+    // Oldest first: the order the memory was allocated in, stable from one checkpoint to the next.
+    for (size_t i = 1; i < count; i++) {
+        memory_entry entry = entries[i];
+        size_t j = i;
+        while (j > 0 && entries[j - 1].id > entry.id) { entries[j] = entries[j - 1]; j--; }
+        entries[j] = entry;
+    }
+    *out = entries;
+    if (tracked) *tracked = bytes;
+    if (driver_path) *driver_path = atomic_load(&driver_path_bytes);
+    return count;
+}
+
+/// Why this memory cannot be evacuated, or NULL.
+HIDDEN const char *memory_refusal(void) {
+    const char *why = NULL;
+    pthread_mutex_lock(&tables);
+    for (size_t i = 0; i < handle_count && !why; i++) {
+        if (handles[i]->imported) why = "the program maps device memory imported from another process (cuMemImportFromShareableHandle)";
+        else if (handles[i]->exported) why = "the program exported device memory to other processes (cuMemExportToShareableHandle)";
+        else if (device_of(&handles[i]->prop) < 0) why = "the program holds VMM memory that is not on a GPU";
+    }
+    pthread_mutex_unlock(&tables);
+    return why;
+}
+
+HIDDEN CUresult memory_use_device(int device) {
+    if (device < 0 || device >= MAX_DEVICES) return CUDA_ERROR_INVALID_VALUE;
+    if (!device_contexts[device]) {
+        CUresult result = real.cuDevicePrimaryCtxRetain(&device_contexts[device], device);
+        if (result != CUDA_SUCCESS) return result;
+    }
+    return real.cuCtxSetCurrent(device_contexts[device]);
+}
+
+HIDDEN CUresult memory_synchronize(char *why, size_t length) {
+    int devices[MAX_DEVICES];
+    int count = 0;
+    pthread_mutex_lock(&tables);
+    for (size_t i = 0; i < handle_count; i++) {
+        int device = device_of(&handles[i]->prop);
+        int seen = 0;
+        for (int d = 0; d < count; d++) seen |= devices[d] == device;
+        if (!seen && device >= 0) devices[count++] = device;
+    }
+    pthread_mutex_unlock(&tables);
+    for (int d = 0; d < count; d++) {
+        CUresult result = memory_use_device(devices[d]);
+        if (result == CUDA_SUCCESS) result = real.cuCtxSynchronize();
+        if (result != CUDA_SUCCESS) {
+            snprintf(why, length, "synchronising GPU %d failed: %s", devices[d], driver_error_name(result));
+            return result;
+        }
+    }
+    return CUDA_SUCCESS;
+}
+
+HIDDEN CUresult memory_view(uint64_t id, CUdeviceptr *address, int *device) {
+    pthread_mutex_lock(&tables);
+    handle_record *handle = find_handle(id);
+    CUresult result = handle && handle->driver ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
+    if (result == CUDA_SUCCESS && !handle->view) {
+        for (size_t i = 0; i < mapping_count; i++) {
+            if (mappings[i].handle == handle && mappings[i].mapped && mappings[i].offset == 0 && mappings[i].size == handle->size) {
+                handle->view = mappings[i].address;
+                break;
+            }
+        }
+    }
+    if (result == CUDA_SUCCESS && !handle->view) {
+        // Not mapped whole anywhere: map it for the copy, in an address range of the agent's own.
+        CUdeviceptr at = 0;
+        int where = device_of(&handle->prop);
+        cu_mem_access_desc access = {{CU_MEM_LOCATION_TYPE_DEVICE, where}, CU_MEM_ACCESS_FLAGS_PROT_READWRITE};
+        result = real.cuMemAddressReserve(&at, handle->size, 0, 0, 0);
+        if (result == CUDA_SUCCESS && (result = real.cuMemMap(at, handle->size, 0, handle->driver, 0)) != CUDA_SUCCESS) {
+            real.cuMemAddressFree(at, handle->size);
+        } else if (result == CUDA_SUCCESS && (result = real.cuMemSetAccess(at, handle->size, &access, 1)) != CUDA_SUCCESS) {
+            real.cuMemUnmap(at, handle->size);
+            real.cuMemAddressFree(at, handle->size);
+        }
+        if (result == CUDA_SUCCESS) {
+            handle->view = at;
+            handle->temporary_view = 1;
+        }
+    }
+    if (result == CUDA_SUCCESS) {
+        *address = handle->view;
+        *device = device_of(&handle->prop);
+    }
+    pthread_mutex_unlock(&tables);
+    return result;
+}
+
+HIDDEN void memory_drop_views(void) {
+    pthread_mutex_lock(&tables);
+    for (size_t i = 0; i < handle_count; i++) {
+        handle_record *handle = handles[i];
+        if (handle->temporary_view) {
+            real.cuMemUnmap(handle->view, handle->size);
+            real.cuMemAddressFree(handle->view, handle->size);
+        }
+        handle->view = 0;
+        handle->temporary_view = 0;
+    }
+    pthread_mutex_unlock(&tables);
+}
+
+HIDDEN CUresult memory_release_all(char *why, size_t length) {
+    memory_drop_views();
+    pthread_mutex_lock(&tables);
+    CUresult result = CUDA_SUCCESS;
+    for (size_t i = 0; i < mapping_count && result == CUDA_SUCCESS; i++) {
+        if (!mappings[i].mapped) continue;
+        result = real.cuMemUnmap(mappings[i].address, mappings[i].size);
+        if (result == CUDA_SUCCESS) mappings[i].mapped = 0;
+        else snprintf(why, length, "cuMemUnmap of %#llx failed: %s", mappings[i].address, driver_error_name(result));
+    }
+    for (size_t i = 0; i < handle_count && result == CUDA_SUCCESS; i++) {
+        if (!handles[i]->driver) continue;
+        result = real.cuMemRelease(handles[i]->driver);
+        if (result == CUDA_SUCCESS) handles[i]->driver = 0;
+        else snprintf(why, length, "cuMemRelease failed: %s", driver_error_name(result));
+    }
+    released = 1;  // even partly: whatever was released must be re-backed and refilled
+    pthread_mutex_unlock(&tables);
+    return result;
+}
+
+HIDDEN CUresult memory_reback_all(char *why, size_t length) {
+    pthread_mutex_lock(&tables);
+    CUresult result = CUDA_SUCCESS;
+    for (size_t i = 0; i < handle_count && result == CUDA_SUCCESS; i++) {
+        handle_record *handle = handles[i];
+        if (handle->driver) continue;
+        result = real.cuMemCreate(&handle->driver, handle->size, &handle->prop, 0);
+        if (result != CUDA_SUCCESS) {
+            handle->driver = 0;
+            snprintf(why, length, "cannot re-create %zu bytes of device memory on GPU %d: %s", handle->size, device_of(&handle->prop),
+                     driver_error_name(result));
+        }
+    }
+    for (size_t i = 0; i < mapping_count && result == CUDA_SUCCESS; i++) {
+        mapping_record *mapping = &mappings[i];
+        if (mapping->mapped) continue;
+        result = real.cuMemMap(mapping->address, mapping->size, mapping->offset, mapping->handle->driver, 0);
+        if (result == CUDA_SUCCESS) mapping->mapped = 1;
+        if (result == CUDA_SUCCESS && mapping->access_count) {
+            result = real.cuMemSetAccess(mapping->address, mapping->size, mapping->access, (size_t)mapping->access_count);
+        }
+        if (result != CUDA_SUCCESS) {
+            snprintf(why, length, "cannot map device memory again at %#llx: %s", mapping->address, driver_error_name(result));
+        }
+    }
+    if (result == CUDA_SUCCESS) released = 0;
+    pthread_mutex_unlock(&tables);
+    return result;
+}

@@ -1,0 +1,132 @@
+import CStasisAgentProtocol
+import Foundation
+import Glibc
+import StasisCore
+import StasisOS
+
+/// One connection to the agent preloaded into a GPU process (libstasis-agent.so): fixed-size messages over
+/// its abstract unix socket, "@stasis-agent-<pid>" (see stasis_agent_protocol.h). Sends may come from any
+/// thread; one thread receives.
+final class AgentChannel: @unchecked Sendable {
+    typealias Message = stasis_agent_message
+    let pid: Int32
+    private let fd: Int32
+    private let sendLock = NSLock()
+    private let closeLock = NSLock()
+    private var closed = false
+
+    private init(pid: Int32, fd: Int32) {
+        self.pid = pid
+        self.fd = fd
+    }
+
+    deinit { close() }
+
+    /// The socket names the agent of `pid` may listen on: its PID as it sees itself (the last NSpid entry,
+    /// different inside a PID namespace), then the PID here.
+    static func socketNames(_ pid: Int32) -> [String] {
+        let inner = (try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8))?
+            .split(separator: "\n").first { $0.hasPrefix("NSpid:") }?
+            .split(whereSeparator: { $0 == " " || $0 == "\t" }).last.flatMap { Int32($0) }
+        let pids = [inner ?? pid, pid]
+        return (pids[0] == pids[1] ? [pid] : pids).map { STASIS_AGENT_SOCKET_PREFIX + "\($0)" }
+    }
+
+    /// Connects to the agent of `pid`; nil when none listens (the process was not started by `stasis run`,
+    /// or it has not initialised CUDA yet).
+    static func connect(pid: Int32, timeoutSeconds: Int = 120) throws -> AgentChannel? {
+        for name in socketNames(pid) {
+            let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            guard fd >= 0 else { throw systemError("cannot create a socket for the agent of PID", "\(pid)") }
+            var address = sockaddr_un()
+            address.sun_family = sa_family_t(AF_UNIX)
+            let bytes = Array(name.utf8)
+            withUnsafeMutableBytes(of: &address.sun_path) { path in
+                path[0] = 0  // abstract namespace
+                for (index, byte) in bytes.enumerated() where index + 1 < path.count { path[index + 1] = byte }
+            }
+            let length = socklen_t(MemoryLayout<sa_family_t>.size + 1 + bytes.count)
+            let connected = withUnsafePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, length) }
+            }
+            if connected == 0 {
+                // A stuck agent becomes an error, not a hang.
+                var timeout = timeval(tv_sec: timeoutSeconds, tv_usec: 0)
+                setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+                setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+                return AgentChannel(pid: pid, fd: fd)
+            }
+            Glibc.close(fd)
+        }
+        return nil
+    }
+
+    func send(_ op: stasis_agent_op, slot: Int32 = 0, id: UInt64 = 0, offset: UInt64 = 0, length: UInt64 = 0) throws {
+        var message = Message()
+        message.op = op.rawValue
+        message.slot = slot
+        message.id = id
+        message.offset = offset
+        message.length = length
+        try sendLock.withLock {
+            try withUnsafeBytes(of: &message) { bytes in
+                var done = 0
+                while done < bytes.count {
+                    let sent = Glibc.send(fd, bytes.baseAddress! + done, bytes.count - done, Int32(MSG_NOSIGNAL))
+                    if sent < 0 && errno == EINTR { continue }
+                    guard sent > 0 else { throw StasisError(.gpu, "the agent of PID \(pid) went away (\(String(cString: strerror(errno))))") }
+                    done += sent
+                }
+            }
+        }
+    }
+
+    func receive() throws -> Message {
+        var message = Message()
+        try withUnsafeMutableBytes(of: &message) { bytes in
+            var done = 0
+            while done < bytes.count {
+                let got = recv(fd, bytes.baseAddress! + done, bytes.count - done, 0)
+                if got < 0 && errno == EINTR { continue }
+                if got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) {
+                    throw StasisError(.gpu, "the agent of PID \(pid) did not answer in time")
+                }
+                guard got > 0 else { throw StasisError(.gpu, "the agent of PID \(pid) closed the connection") }
+                done += got
+            }
+        }
+        return message
+    }
+
+    /// Receives the answer to a request: OK (returned), or ERROR (thrown with the agent's words).
+    @discardableResult
+    func expect(_ op: stasis_agent_op, doing what: String) throws -> Message {
+        let message = try receive()
+        if message.op == STASIS_AGENT_ERROR.rawValue { throw Self.error(message, pid: pid, doing: what) }
+        guard message.op == op.rawValue else {
+            throw StasisError(.gpu, "the agent of PID \(pid) answered \(message.op) to \(what), expected \(op.rawValue)")
+        }
+        return message
+    }
+
+    static func text(_ message: Message) -> String {
+        withUnsafeBytes(of: message.text) { bytes in
+            String(decoding: bytes.prefix { $0 != 0 }, as: UTF8.self)
+        }
+    }
+
+    static func error(_ message: Message, pid: Int32, doing what: String) -> StasisError {
+        StasisError(.gpu, "the agent of PID \(pid) could not \(what): \(text(message))")
+    }
+
+    /// Ends the connection both ways (a receiver blocked on it returns).
+    func shutdown() { Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
+
+    func close() {
+        closeLock.withLock {
+            guard !closed else { return }
+            closed = true
+            Glibc.close(fd)
+        }
+    }
+}

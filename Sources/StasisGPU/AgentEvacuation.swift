@@ -1,0 +1,146 @@
+import Foundation
+import StasisCore
+import StasisOS
+import StasisStore
+
+/// The agent half of a CUDA dump: for the processes started by `stasis run`, their device memory leaves
+/// through their agents before the driver checkpoint, which then carries only the remainder (contexts,
+/// modules, small allocations, pools). Keeps what it needs to put the memory back, on a rollback, after a
+/// --leave-running dump, or after a restore.
+final class AgentEvacuation: @unchecked Sendable {
+    struct Evacuated {
+        var session: AgentSession
+        var chunks: [UInt64: [String]]
+        var memory: Manifest.AgentMemory
+    }
+
+    private(set) var processes: [Int32: Evacuated] = [:]
+    private var store: DeviceStore?
+
+    /// The file of the checkpoint that holds allocation `id` of `pid`.
+    static func file(pid: Int32, id: UInt64) -> String { "gpu/\(pid)/\(String(id, radix: 16))" }
+
+    static var threads: Int { ProcessInfo.processInfo.activeProcessorCount }
+
+    /// Holds, copies out and releases the device memory of every process in `pids` that has an agent.
+    /// Anything failing puts every one of them back as it was, and rethrows.
+    func evacuate(_ pids: [Int32], into store: DeviceStore, timeoutMilliseconds: UInt32) throws {
+        self.store = store
+        var sessions: [AgentSession] = []
+        var quiesceSeconds: [Int32: Double] = [:]
+        do {
+            // Everything that can refuse comes first: each agent holds its calls and says what it has.
+            for pid in pids {
+                guard let session = try AgentSession.open(pid: pid) else { continue }
+                sessions.append(session)
+                let watch = Stopwatch()
+                try session.quiesce(timeoutMilliseconds: timeoutMilliseconds)
+                quiesceSeconds[pid] = watch.seconds
+            }
+            guard !sessions.isEmpty else { return }
+            let sink = ChunkSink(store: store.store, codec: store.codec)
+            var copied: [Int32: (chunks: [UInt64: [String]], seconds: Double)] = [:]
+            for session in sessions {
+                let watch = Stopwatch()
+                copied[session.pid] = (try session.evacuate(into: sink, threads: Self.threads), 0)
+                copied[session.pid]!.seconds = watch.seconds
+            }
+            // Durable before any physical memory goes: from here on the store holds the only copy.
+            do { try sink.commit() } catch { sink.abandon(); throw error }
+            for session in sessions {
+                let watch = Stopwatch()
+                processes[session.pid] = Evacuated(session: session, chunks: copied[session.pid]!.chunks, memory: Manifest.AgentMemory(
+                    allocations: session.allocations.map {
+                        Manifest.AgentAllocation(id: $0.id, bytes: $0.bytes, device: $0.device, file: Self.file(pid: session.pid, id: $0.id))
+                    },
+                    evacuatedBytes: session.evacuableBytes, driverPathBytes: 0,
+                    ringBytes: UInt64(session.slotBytes * session.slotCount),
+                    quiesceSeconds: quiesceSeconds[session.pid] ?? 0, evacuateSeconds: copied[session.pid]!.seconds, releaseSeconds: 0))
+                try session.release()
+                processes[session.pid]!.memory.releaseSeconds = watch.seconds
+            }
+            // CRIU must find no connection to a process outside the tree.
+            for session in sessions { session.disconnect() }
+        } catch {
+            let problems = putBack(sessions)
+            guard problems.isEmpty else {
+                throw StasisError(.gpu, "\(error); putting device memory back also failed: \(problems.joined(separator: "; "))")
+            }
+            throw error
+        }
+    }
+
+    /// The chunked files for the manifest.
+    var files: [Manifest.FileEntry] {
+        processes.values.flatMap { process in
+            process.memory.allocations.map { allocation in
+                let chunks = process.chunks[allocation.id] ?? []
+                return Manifest.FileEntry(path: allocation.file, size: allocation.bytes, sha256: ChunkDigest.ofFile(chunks: chunks), chunks: chunks)
+            }
+        }.sorted { $0.path < $1.path }
+    }
+
+    /// Every evacuated process back as it was: memory re-created and refilled where it was released, calls
+    /// let go. Returns what could not be put back.
+    func putBackAll() -> [String] {
+        let problems = putBack(processes.values.map(\.session))
+        processes = [:]
+        return problems
+    }
+
+    private func putBack(_ sessions: [AgentSession]) -> [String] {
+        var problems: [String] = []
+        for session in sessions {
+            do {
+                if session.released {
+                    guard let store, let evacuated = processes[session.pid] else {
+                        throw StasisError(.gpu, "PID \(session.pid) gave its device memory back before its copy was complete")
+                    }
+                    try session.refill(allocations: session.allocations, from: store.store, chunks: evacuated.chunks,
+                                       checkpoint: store.checkpoint, threads: Self.threads)
+                }
+                try session.resume()
+            } catch {
+                problems.append("\(error)")
+            }
+            session.disconnect()
+        }
+        return problems
+    }
+
+    /// After a restore: re-creates and refills the memory of every process the checkpoint has agent memory
+    /// for, then lets its calls go on; in parallel across processes.
+    static func refill(_ section: Manifest.GPUSection, store: DeviceStore, files: [Manifest.FileEntry]) throws -> Double {
+        let watch = Stopwatch()
+        let chunksByPath = Dictionary(files.compactMap { entry in entry.chunks.map { (entry.path, $0) } }, uniquingKeysWith: { first, _ in first })
+        let processes = section.processes.filter { $0.agent != nil }
+        let failure = FirstFailure()
+        Workers.run(processes.count, name: "stasis-agent-refill") { index in
+            let process = processes[index], memory = process.agent!
+            do {
+                guard let session = try AgentSession.open(pid: process.pid) else {
+                    throw StasisError(.gpu, "PID \(process.pid) was checkpointed with its agent, but no agent answers in the restored process")
+                }
+                defer { session.disconnect() }
+                let expected = memory.allocations.reduce(0) { $0 + $1.bytes }
+                guard session.trackedBytes == expected else {
+                    throw StasisError(.gpu, "the agent of restored PID \(process.pid) holds \(Format.bytes(session.trackedBytes)) of device memory; the checkpoint has \(Format.bytes(expected)) for it")
+                }
+                var chunks: [UInt64: [String]] = [:]
+                for allocation in memory.allocations {
+                    guard let found = chunksByPath[allocation.file] else {
+                        throw StasisError(.integrity, "the manifest lists no chunks for \(allocation.file)")
+                    }
+                    chunks[allocation.id] = found
+                }
+                try session.refill(allocations: memory.allocations.map { .init(id: $0.id, bytes: $0.bytes, device: $0.device) },
+                                   from: store.store, chunks: chunks, checkpoint: store.checkpoint, threads: max(1, threads / processes.count))
+                try session.resume()
+            } catch {
+                failure.set(error)
+            }
+        }
+        if let error = failure.error { throw error }
+        return watch.seconds
+    }
+}

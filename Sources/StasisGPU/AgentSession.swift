@@ -1,0 +1,391 @@
+import CStasisAgentProtocol
+import Foundation
+import StasisCore
+import StasisOS
+import StasisStore
+
+/// What stasis does with the agent of one GPU process (see stasis_agent_protocol.h): hold its CUDA calls,
+/// copy its device memory out through the agent's pinned staging ring into the chunk store, give the physical
+/// memory back; and later re-create that memory at the same addresses, fill it from the store, and let the
+/// calls go on.
+///
+/// The ring is the agent's (pinned once, when the program first allocates); stasis reads and writes its slots
+/// with process_vm_readv/writev, a slot (one 2 MiB chunk) at a time, on every core: a slot is given back as
+/// soon as it is read, so the agent's copies, stasis's hashing and compression, and the store's writes overlap.
+/// Host memory stays bounded by the ring plus two chunk buffers per worker.
+public final class AgentSession: @unchecked Sendable {
+    public struct Allocation: Sendable {
+        public var id: UInt64
+        public var bytes: UInt64
+        public var device: Int32
+    }
+
+    public let pid: Int32
+    private var channel: AgentChannel?
+    public private(set) var allocations: [Allocation] = []
+    public private(set) var ringAddress: UInt64 = 0
+    public private(set) var slotBytes = 0
+    public private(set) var slotCount = 0
+    /// The device memory the agent holds, as it said in its last HELLO or table.
+    public private(set) var trackedBytes: UInt64 = 0
+    /// Set once RELEASE was asked for: from then on only a refill gives the program its memory back.
+    public private(set) var released = false
+
+    private init(pid: Int32, channel: AgentChannel) {
+        self.pid = pid
+        self.channel = channel
+    }
+
+    /// Opens a session with the agent of `pid`, or nil when the process has none.
+    public static func open(pid: Int32) throws -> AgentSession? {
+        guard let channel = try AgentChannel.connect(pid: pid) else { return nil }
+        let session = AgentSession(pid: pid, channel: channel)
+        try session.hello()
+        return session
+    }
+
+    private func connected() throws -> AgentChannel {
+        if let channel { return channel }
+        guard let fresh = try AgentChannel.connect(pid: pid) else {
+            throw StasisError(.gpu, "the agent of PID \(pid) is not listening any more")
+        }
+        channel = fresh
+        try hello()
+        return fresh
+    }
+
+    private func hello() throws {
+        let channel = try connected()
+        try channel.send(STASIS_AGENT_HELLO)
+        let answer = try channel.expect(STASIS_AGENT_HELLO, doing: "say hello")
+        guard answer.version == STASIS_AGENT_PROTOCOL_VERSION else {
+            throw StasisError(.gpu, "the agent of PID \(pid) speaks protocol \(answer.version); this stasis speaks \(STASIS_AGENT_PROTOCOL_VERSION)",
+                              hint: "start the program with the agent that comes with this stasis")
+        }
+        adopt(answer)
+    }
+
+    private func adopt(_ facts: AgentChannel.Message) {
+        ringAddress = facts.ring_address
+        slotBytes = Int(facts.slot_bytes)
+        slotCount = Int(facts.slot_count)
+        trackedBytes = facts.tracked_bytes
+    }
+
+    /// Ends the connection; the agent keeps its state and waits for the next one (CRIU must not find a
+    /// connection to a process outside the tree).
+    public func disconnect() {
+        channel?.close()
+        channel = nil
+    }
+
+    /// Holds new CUDA calls, waits for running ones, synchronises, and learns what memory there is. A refusal
+    /// (CUDA IPC memory, a thread that stays inside the driver) leaves the program running as it was.
+    public func quiesce(timeoutMilliseconds: UInt32) throws {
+        let channel = try connected()
+        try channel.send(STASIS_AGENT_QUIESCE, length: UInt64(timeoutMilliseconds))
+        var table: [Allocation] = []
+        while true {
+            let message = try channel.receive()
+            switch message.op {
+            case STASIS_AGENT_TABLE_ENTRY.rawValue:
+                table.append(Allocation(id: message.id, bytes: message.length, device: message.device))
+            case STASIS_AGENT_TABLE_END.rawValue:
+                adopt(message)
+                allocations = table
+                guard table.isEmpty || (ringAddress != 0 && slotBytes == ChunkStore.chunkSize && slotCount > 0) else {
+                    throw StasisError(.gpu, "the agent of PID \(pid) has no usable staging ring (\(slotCount) slots of \(slotBytes) bytes)")
+                }
+                return
+            case STASIS_AGENT_ERROR.rawValue:
+                throw AgentChannel.error(message, pid: pid, doing: "hold its CUDA calls")
+            default:
+                throw StasisError(.gpu, "the agent of PID \(pid) answered \(message.op) to QUIESCE")
+            }
+        }
+    }
+
+    public var evacuableBytes: UInt64 { allocations.reduce(0) { $0 + $1.bytes } }
+
+    /// Copies every allocation out into `sink`; returns each allocation's chunk digests ("" for zeros).
+    public func evacuate(into sink: ChunkSink, threads: Int) throws -> [UInt64: [String]] {
+        let channel = try connected()
+        let chunk = ChunkStore.chunkSize
+        let digests = DigestTable(allocations, chunkSize: chunk)
+        let filled = MessageQueue()
+        let failure = FirstFailure()
+        try channel.send(STASIS_AGENT_EVACUATE)
+        let pid = self.pid, ring = ringAddress, slotBytes = self.slotBytes
+        Workers.run(max(1, threads) + 1, name: "stasis-evacuate") { worker in
+            if worker == 0 {
+                // The receiver: FILLED slots to the workers, until EVACUATED.
+                defer { filled.close() }
+                while failure.error == nil {
+                    do {
+                        let message = try channel.receive()
+                        switch message.op {
+                        case STASIS_AGENT_FILLED.rawValue: filled.push(message)
+                        case STASIS_AGENT_EVACUATED.rawValue: return
+                        case STASIS_AGENT_ERROR.rawValue: throw AgentChannel.error(message, pid: pid, doing: "copy its device memory out")
+                        default: throw StasisError(.gpu, "the agent of PID \(pid) sent \(message.op) during the evacuation")
+                        }
+                    } catch {
+                        failure.set(error)
+                    }
+                }
+                return
+            }
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
+            let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: ChunkSink.scratchSize(), alignment: 4096)
+            defer { buffer.deallocate(); scratch.deallocate() }
+            while let message = filled.pop() {
+                guard failure.error == nil else { continue }
+                do {
+                    let length = Int(message.length)
+                    guard length <= chunk, message.offset % UInt64(chunk) == 0 else {
+                        throw StasisError(.gpu, "the agent of PID \(pid) filled a slot with \(length) bytes at offset \(message.offset)")
+                    }
+                    let bytes = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<length])
+                    try ProcessMemory.read(pid: pid, address: ring + UInt64(message.slot) * UInt64(slotBytes), into: bytes)
+                    try channel.send(STASIS_AGENT_FREE, slot: message.slot)
+                    let digest = try sink.put(UnsafeRawBufferPointer(bytes), scratch: scratch)
+                    try digests.set(id: message.id, offset: message.offset, digest: digest, pid: pid)
+                } catch {
+                    failure.set(error)
+                    // The agent sees the end of the connection, stops copying and lets the program run on.
+                    channel.shutdown()
+                }
+            }
+        }
+        if let error = failure.error {
+            disconnect()
+            throw error
+        }
+        return try digests.complete(pid: pid)
+    }
+
+    /// Gives the physical memory back to the driver (the addresses stay reserved).
+    public func release() throws {
+        let channel = try connected()
+        released = true
+        try channel.send(STASIS_AGENT_RELEASE)
+        try channel.expect(STASIS_AGENT_OK, doing: "give its device memory back")
+    }
+
+    /// Re-creates the memory at the same addresses and fills `allocations` from `store` (`chunks`: each
+    /// allocation's digests, as `evacuate` returned them); CUDA calls stay held until `resume`. The agent
+    /// re-creates all it knows; an allocation it does not know is an error.
+    public func refill(allocations: [Allocation], from store: ChunkStore, chunks: [UInt64: [String]], checkpoint: String, threads: Int) throws {
+        let channel = try connected()
+        for allocation in allocations where chunks[allocation.id] == nil {
+            throw StasisError(.gpu, "the checkpoint has no contents for allocation \(String(allocation.id, radix: 16)) (\(Format.bytes(allocation.bytes))) of PID \(pid)")
+        }
+        try channel.send(STASIS_AGENT_REBACK)
+        try channel.expect(STASIS_AGENT_OK, doing: "re-create its device memory")
+        let chunk = ChunkStore.chunkSize
+        var jobs: [(id: UInt64, offset: UInt64, length: Int, digest: String, file: String)] = []
+        for allocation in allocations {
+            for (index, digest) in chunks[allocation.id]!.enumerated() {
+                let offset = UInt64(index) * UInt64(chunk)
+                let length = Int(min(UInt64(chunk), allocation.bytes - offset))
+                if digest.isEmpty {
+                    try channel.send(STASIS_AGENT_ZERO, id: allocation.id, offset: offset, length: UInt64(length))
+                } else {
+                    jobs.append((allocation.id, offset, length, digest, AgentEvacuation.file(pid: pid, id: allocation.id)))
+                }
+            }
+        }
+        let work = jobs
+        let slots = SlotPool(count: slotCount)
+        let next = JobCounter(total: work.count)
+        let failure = FirstFailure()
+        let pid = self.pid, ring = ringAddress, slotBytes = self.slotBytes
+        let workers = max(1, threads)
+        Workers.run(workers + 1, name: "stasis-refill") { worker in
+            if worker == 0 {
+                // The receiver: WRITTEN slots back to the pool, until the OK that ends FLUSH.
+                defer { slots.close() }
+                while failure.error == nil {
+                    do {
+                        let message = try channel.receive()
+                        switch message.op {
+                        case STASIS_AGENT_WRITTEN.rawValue: slots.give(message.slot)
+                        case STASIS_AGENT_OK.rawValue: return
+                        case STASIS_AGENT_ERROR.rawValue: throw AgentChannel.error(message, pid: pid, doing: "fill its device memory")
+                        default: throw StasisError(.gpu, "the agent of PID \(pid) sent \(message.op) during the refill")
+                        }
+                    } catch {
+                        failure.set(error)
+                    }
+                }
+                return
+            }
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
+            let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: ChunkSink.scratchSize(), alignment: 4096)
+            defer { buffer.deallocate(); scratch.deallocate() }
+            while failure.error == nil, let index = next.take() {
+                let job = work[index]
+                do {
+                    let bytes = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<job.length])
+                    try store.readChunk(job.digest, into: bytes,
+                                        scratch: scratch, place: .init(checkpoint: checkpoint, file: job.file, offset: job.offset, length: job.length))
+                    guard let slot = slots.take() else { break }
+                    try ProcessMemory.write(pid: pid, address: ring + UInt64(slot) * UInt64(slotBytes), from: UnsafeRawBufferPointer(bytes))
+                    try channel.send(STASIS_AGENT_WRITE, slot: slot, id: job.id, offset: job.offset, length: UInt64(job.length))
+                } catch {
+                    failure.set(error)
+                    channel.shutdown()
+                }
+            }
+            // The last worker out asks the agent to finish its copies.
+            if next.workerDone(of: workers), failure.error == nil {
+                do { try channel.send(STASIS_AGENT_FLUSH) } catch { failure.set(error) }
+            }
+        }
+        if let error = failure.error {
+            disconnect()
+            throw error
+        }
+        released = false
+    }
+
+    /// Lets the held CUDA calls go on.
+    public func resume() throws {
+        let channel = try connected()
+        try channel.send(STASIS_AGENT_RESUME)
+        try channel.expect(STASIS_AGENT_OK, doing: "let its CUDA calls go on")
+    }
+}
+
+// MARK: small synchronised helpers
+
+/// Each allocation's digests, filled in by the workers as chunks are stored.
+private final class DigestTable: @unchecked Sendable {
+    private let lock = NSLock()
+    private var table: [UInt64: [String?]] = [:]
+    private let chunkSize: Int
+
+    init(_ allocations: [AgentSession.Allocation], chunkSize: Int) {
+        self.chunkSize = chunkSize
+        for allocation in allocations {
+            table[allocation.id] = [String?](repeating: nil, count: Int((allocation.bytes + UInt64(chunkSize) - 1) / UInt64(chunkSize)))
+        }
+    }
+
+    func set(id: UInt64, offset: UInt64, digest: String, pid: Int32) throws {
+        try lock.withLock {
+            let index = Int(offset / UInt64(chunkSize))
+            guard table[id] != nil, index < table[id]!.count else {
+                throw StasisError(.gpu, "the agent of PID \(pid) sent bytes at \(offset) of an allocation it did not list (\(String(id, radix: 16)))")
+            }
+            table[id]![index] = digest
+        }
+    }
+
+    func complete(pid: Int32) throws -> [UInt64: [String]] {
+        try lock.withLock {
+            var out: [UInt64: [String]] = [:]
+            for (id, digests) in table {
+                let present = digests.compactMap { $0 }
+                guard present.count == digests.count else {
+                    throw StasisError(.gpu, "the agent of PID \(pid) left \(digests.count - present.count) chunk(s) of allocation \(String(id, radix: 16)) uncopied")
+                }
+                out[id] = present
+            }
+            return out
+        }
+    }
+}
+
+private final class MessageQueue: @unchecked Sendable {
+    private let condition = NSCondition()
+    private var items: [AgentChannel.Message] = []
+    private var head = 0
+    private var closed = false
+
+    func push(_ message: AgentChannel.Message) {
+        condition.withLock {
+            items.append(message)
+            condition.signal()
+        }
+    }
+
+    func close() {
+        condition.withLock {
+            closed = true
+            condition.broadcast()
+        }
+    }
+
+    func pop() -> AgentChannel.Message? {
+        condition.withLock {
+            while head == items.count && !closed { condition.wait() }
+            guard head < items.count else { return nil }
+            let message = items[head]
+            head += 1
+            if head > 4096 { items.removeFirst(head); head = 0 }
+            return message
+        }
+    }
+}
+
+private final class SlotPool: @unchecked Sendable {
+    private let condition = NSCondition()
+    private var free: [Int32]
+    private var closed = false
+
+    init(count: Int) { free = (0..<Int32(count)).reversed() }
+
+    func take() -> Int32? {
+        condition.withLock {
+            while free.isEmpty && !closed { condition.wait() }
+            return closed ? nil : free.removeLast()
+        }
+    }
+
+    func give(_ slot: Int32) {
+        condition.withLock {
+            free.append(slot)
+            condition.signal()
+        }
+    }
+
+    func close() {
+        condition.withLock {
+            closed = true
+            condition.broadcast()
+        }
+    }
+}
+
+private final class JobCounter: @unchecked Sendable {
+    private let lock = NSLock()
+    private var next = 0
+    private var finished = 0
+    let total: Int
+
+    init(total: Int) { self.total = total }
+
+    func take() -> Int? {
+        lock.withLock {
+            guard next < total else { return nil }
+            next += 1
+            return next - 1
+        }
+    }
+
+    /// True for the last of `workers` to call it.
+    func workerDone(of workers: Int) -> Bool {
+        lock.withLock {
+            finished += 1
+            return finished == workers
+        }
+    }
+}
+
+final class FirstFailure: @unchecked Sendable {
+    private let lock = NSLock()
+    private var first: Error?
+    var error: Error? { lock.withLock { first } }
+    func set(_ error: Error) { lock.withLock { if first == nil { first = error } } }
+}

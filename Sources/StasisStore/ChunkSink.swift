@@ -1,0 +1,64 @@
+import Foundation
+import StasisCore
+
+/// Puts chunks given as bytes into a store, from any number of threads: a zero chunk is only counted, any
+/// other is hashed and, unless the store has it, compressed and written into one batch. Nothing is visible
+/// under its name before `commit`. Used by the ingester (chunks read from CRIU's files) and by the agent
+/// transfer (chunks read from a GPU process's staging ring).
+public final class ChunkSink: @unchecked Sendable {
+    public let store: ChunkStore
+    public let codec: Codec
+    private let batch: ChunkStore.Batch
+    private let lock = NSLock()
+    private var statistics = ChunkIngester.Statistics()
+
+    public init(store: ChunkStore, codec: Codec) {
+        self.store = store
+        self.codec = codec
+        self.batch = ChunkStore.Batch(store: store)
+    }
+
+    /// Bytes each caller's scratch buffer must hold for chunks of `chunkSize`.
+    public static func scratchSize(chunkSize: Int = ChunkStore.chunkSize) -> Int { ChunkStore.scratchSize(chunkSize) }
+
+    /// Stores one chunk; returns its digest, "" for a chunk of zeros.
+    public func put(_ bytes: UnsafeRawBufferPointer, scratch: UnsafeMutableRawBufferPointer) throws -> String {
+        let zero = ChunkDigest.isZero(bytes)
+        var digest = ""
+        var put = ChunkStore.PutResult(isNew: false, storedBytes: 0)
+        if !zero {
+            digest = ChunkDigest.hex(bytes)
+            put = try store.put(bytes, digest: digest, codec: codec, scratch: scratch, batch: batch)
+        }
+        lock.withLock {
+            statistics.plainBytes += UInt64(bytes.count)
+            statistics.storedBytes += put.storedBytes
+            if zero { statistics.zeroChunks += 1 } else if put.isNew { statistics.newChunks += 1 } else { statistics.reusedChunks += 1 }
+        }
+        return digest
+    }
+
+    public var totals: ChunkIngester.Statistics { lock.withLock { statistics } }
+
+    /// Makes every chunk put so far durable and visible (one syncfs, renames, one syncfs).
+    public func commit() throws {
+        do {
+            try batch.commit()
+        } catch {
+            batch.abandon()
+            throw error
+        }
+    }
+
+    /// Drops the chunks not committed.
+    public func abandon() { batch.abandon() }
+}
+
+extension ChunkStore {
+    /// Reads chunk `digest` into `output` (its whole plain length) and checks it against its digest; `scratch`
+    /// holds `ChunkSink.scratchSize` bytes. `place` names it in errors.
+    public func readChunk(_ digest: String, into output: UnsafeMutableRawBufferPointer, scratch: UnsafeMutableRawBufferPointer,
+                          place: Place) throws {
+        try read(digest, into: output, scratch: scratch, place: place)
+    }
+}

@@ -1,0 +1,85 @@
+import ArgumentParser
+import Foundation
+import Glibc
+import StasisCore
+
+struct RunCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "run",
+        abstract: "Run a program with the stasis agent preloaded, so that its GPU memory is checkpointed at PCIe speed.",
+        discussion: """
+        stasis replaces itself with the program (same PID, same environment plus LD_PRELOAD), so `stasis run` \
+        goes wherever the program would: a shell, a job script, a container's entrypoint. The agent \
+        (libstasis-agent.so) interposes the CUDA driver API. It backs cudaMalloc/cuMemAlloc of --min-backed-mib \
+        and more with the driver's virtual memory API and tracks the program's own VMM allocations (PyTorch's \
+        expandable segments). On `stasis dump` it holds new CUDA calls, copies that memory out through a pinned \
+        ring of --ring-mib into the chunk store, and gives the physical memory back before the driver's \
+        checkpoint, which then carries only the rest. After a restore it re-creates the memory at the same \
+        addresses and fills it back before any held call goes on. Programs not started this way are \
+        checkpointed through the driver alone. Programs using CUDA IPC are refused by the agent at dump time.
+        """)
+
+    @Option(name: .long, help: "The agent library (default: $STASIS_AGENT_LIBRARY, else libstasis-agent.so beside the stasis binary or in ../lib/stasis).")
+    var agent: String?
+
+    @Option(name: .long, help: "Size of the agent's pinned staging ring, pinned once when the program first allocates.")
+    var ringMib: Int = 64
+
+    @Option(name: .long, help: "cuMemAlloc requests smaller than this stay with the driver.")
+    var minBackedMib: Int = 2
+
+    @Flag(name: .long, help: "Leave cuMemAlloc to the driver; track only the program's own VMM allocations.")
+    var noBacking = false
+
+    @Flag(name: .long, help: "The agent logs what it does to standard error.")
+    var agentLog = false
+
+    @Argument(parsing: .captureForPassthrough, help: "The program and its arguments.")
+    var command: [String] = []
+
+    func validate() throws {
+        if ["--help", "-h", "help"].contains(command.first) { throw CleanExit.helpRequest(self) }
+        guard !arguments.isEmpty else { throw ValidationError("give the program to run: stasis run [OPTIONS] -- PROGRAM [ARGUMENTS...]") }
+        guard (8...65_536).contains(ringMib) else { throw ValidationError("--ring-mib must be between 8 and 65536") }
+        guard minBackedMib >= 0 else { throw ValidationError("--min-backed-mib must not be negative") }
+    }
+
+    var arguments: [String] { command.first == "--" ? Array(command.dropFirst()) : command }
+
+    func run() throws {
+        try Output.run(json: false) {
+            let library = try Self.locateAgent(agent)
+            let preload = ProcessInfo.processInfo.environment["LD_PRELOAD"].map { $0.isEmpty ? library : "\(library):\($0)" } ?? library
+            setenv("LD_PRELOAD", preload, 1)
+            setenv("STASIS_AGENT_RING_MIB", String(ringMib), 1)
+            setenv("STASIS_AGENT_MIN_BACKED_MIB", String(minBackedMib), 1)
+            setenv("STASIS_AGENT_BACKING", noBacking ? "off" : "on", 1)
+            if agentLog { setenv("STASIS_AGENT_LOG", "1", 1) }
+            let argv = arguments.map { strdup($0) } + [nil]
+            execvp(arguments[0], argv)
+            throw StasisError(.invalidArgument, "cannot run \(arguments[0]): \(String(cString: strerror(errno)))")
+        }
+    }
+
+    /// The agent library: the option, $STASIS_AGENT_LIBRARY, then beside the binary or in ../lib/stasis.
+    static func locateAgent(_ explicit: String?) throws -> String {
+        let binary = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath().deletingLastPathComponent()
+        let candidates = [explicit, ProcessInfo.processInfo.environment["STASIS_AGENT_LIBRARY"]].compactMap { $0 }
+        for path in candidates {
+            guard FileManager.default.isReadableFile(atPath: path) else {
+                throw StasisError(.invalidArgument, "the agent library \(path) does not exist or cannot be read")
+            }
+            return URL(fileURLWithPath: path).standardizedFileURL.path
+        }
+        // Beside the binary, an installed layout, and a build of this repository (.build/agent, from
+        // scripts/build-agent.sh, beside .build/<triple>/debug).
+        for path in [binary.appendingPathComponent("libstasis-agent.so").path,
+                     binary.appendingPathComponent("../lib/stasis/libstasis-agent.so").standardizedFileURL.path,
+                     binary.appendingPathComponent("../../agent/libstasis-agent.so").standardizedFileURL.path]
+        where FileManager.default.isReadableFile(atPath: path) {
+            return path
+        }
+        throw StasisError(.invalidArgument, "cannot find libstasis-agent.so beside \(binary.path) or in \(binary.appendingPathComponent("../lib/stasis").standardizedFileURL.path)",
+                          hint: "build it with scripts/build-agent.sh and pass --agent PATH (or set STASIS_AGENT_LIBRARY)")
+    }
+}

@@ -1,0 +1,55 @@
+import Foundation
+import Glibc
+import StasisGPU
+import Testing
+
+/// The agent without a GPU: its gate, `stasis run`, and a CPU job that carries it through a checkpoint. The
+/// GPU half (evacuation, refill) runs on the GPU machine: scripts/device-test.sh agent.
+@Suite struct AgentUnitTests {
+    @Test func gateTrampolinesPassEveryArgumentAndHoldCallsWhileClosed() throws {
+        let handle = try #require(dlopen(Harness.agent, RTLD_NOW | RTLD_LOCAL), "dlopen \(Harness.agent): \(String(cString: dlerror()))")
+        defer { dlclose(handle) }
+        typealias SelfTest = @convention(c) (UnsafeMutablePointer<CChar>, UInt) -> Int32
+        let symbol = try #require(dlsym(handle, "stasis_agent_selftest"))
+        var report = [CChar](repeating: 0, count: 256)
+        let failed = unsafeBitCast(symbol, to: SelfTest.self)(&report, UInt(report.count))
+        #expect(failed == 0, "\(String(cString: report))")
+    }
+
+    @Test func aProcessWithoutAnAgentHasNoSession() throws {
+        #expect(try AgentSession.open(pid: getpid()) == nil)
+    }
+}
+
+extension Integration {
+    @Suite struct AgentRunTests {
+        /// `stasis run` execs the program with the agent preloaded; a job without CUDA runs, checkpoints and
+        /// restores as it would without it, and is still preloaded after the restore.
+        @Test func aJobStartedByRunCarriesTheAgentThroughDumpAndRestore() throws {
+            let workload = try Workload("threads", ["--count", "2"], underAgent: true)
+            defer { workload.stop() }
+            let maps = { (try? String(contentsOfFile: "/proc/\(workload.pid)/maps", encoding: .utf8)) ?? "" }
+            #expect(maps().contains("libstasis-agent.so"))
+            #expect(workload.verify().hasPrefix("PASS"))
+            let checkpoint = Harness.scratch("agent-run") + "/ckpt"
+            let dump = try Harness.stasis("dump", String(workload.pid), "-D", checkpoint)
+            #expect(dump.succeeded, "\(dump.stderr)")
+            #expect(Harness.waitGone(workload.pid))
+            let restore = try Harness.stasis("restore", "-D", checkpoint)
+            #expect(restore.succeeded, "\(restore.stderr)")
+            #expect(workload.verify().hasPrefix("PASS"))
+            #expect(maps().contains("libstasis-agent.so"))
+        }
+
+        @Test func runRefusesAMissingAgentAndAMissingProgram() throws {
+            let noAgent = try Harness.run(Harness.stasis, ["run", "--agent", "/nonexistent/libstasis-agent.so", "--", "true"])
+            #expect(!noAgent.succeeded)
+            #expect(noAgent.stderr.contains("does not exist"))
+            let noProgram = try Harness.run(Harness.stasis, ["run", "--agent", Harness.agent, "--", "/nonexistent/program"])
+            #expect(!noProgram.succeeded)
+            #expect(noProgram.stderr.contains("cannot run /nonexistent/program"))
+            let nothing = try Harness.run(Harness.stasis, ["run"])
+            #expect(!nothing.succeeded)
+        }
+    }
+}

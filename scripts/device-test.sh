@@ -3,7 +3,9 @@
 # filled .device/ here (the device tool carries it). Prints a PASS/FAIL line per case and a summary; logs go
 # to $OUT (the device tool brings that folder back).
 #
-#   scripts/device-test.sh [SECTION...]     sections: cuda refuse gpumap plugin infer bert (default: all),
+#   scripts/device-test.sh [SECTION...]     sections: cuda refuse gpumap plugin infer bert agent agentbig
+#                                           (default: all), and, only when named: agentbench (the agent's
+#                                           benchmark),
 #                                           and, only when named: bench (the GPU benchmark), storebench
 #                                           (the chunk store's throughput on a BERT checkpoint), export and
 #                                           import (restore on another machine: export on one, bring the
@@ -20,7 +22,7 @@ ROOT=$PWD
 OUT=${OUT:-/tmp/stasis-device-out}
 mkdir -p "$OUT"
 LOGS=$(mktemp -d /tmp/stasis-device-logs.XXXXXX)
-SECTIONS=(${@:-cuda refuse gpumap plugin infer bert})
+SECTIONS=(${@:-cuda refuse gpumap plugin infer bert agent agentbig})
 results=()
 # Each verdict also goes to $OUT at once, so a run cut short by the device tool's time limit still reports.
 pass() { echo "PASS $1"; results+=("PASS $1"); echo "PASS $1" >>"$OUT/progress.txt"; }
@@ -43,6 +45,8 @@ setup() {
     export PATH="/opt/stasis/bin:$PATH"
     xz -dc .device/stasis.xz >/opt/stasis/bin/stasis && chmod +x /opt/stasis/bin/stasis
     cp .device/stasis-workload /opt/stasis/bin/
+    # Beside the binary, where `stasis run` finds it.
+    cp .device/libstasis-agent.so /opt/stasis/bin/
     mkdir -p /opt/stasis/criu-plugins && cp .device/criu-plugins/*.so /opt/stasis/criu-plugins/
     # Every stasis call is bounded, so a hang shows as a failure instead of eating the run.
     STASIS="timeout 300 /opt/stasis/bin/stasis"
@@ -345,9 +349,159 @@ section_import() {
     kill_tree "$pid" 2>/dev/null
 }
 
+# ---- the agent: the same workloads started by `stasis run`, their device memory moved by the agent ----------
+RUN="/opt/stasis/bin/stasis run --"
+agent_line() { grep -h 'agent:' "$1" | sed 's/^ *//' | head -n 1; }
+
+# A reference run of BERT (SIZE, extra environment), computed once per combination.
+bert_reference() {
+    local size=$1 env=$2 ref=/tmp/stasis-bert-ref-$1-${2//[^a-z]/}
+    if [[ ! -s $ref/losses.txt ]]; then
+        mkdir -p "$ref"
+        env $env CUBLAS_WORKSPACE_CONFIG=:4096:8 timeout 300 python3 Workloads/torch/bert_train.py --dir "$ref" --size "$size" --steps 30 >"$ref/out.txt" 2>&1 || return 1
+    fi
+    echo "$ref"
+}
+
+# BERT under the agent: checkpoint at step 15, restore, train to 30; losses must equal the reference's.
+agent_bert() {
+    local size=$1 env=$2 label=$3
+    local ref; ref=$(bert_reference "$size" "$env") || { fail "$label reference run" "did not finish"; return; }
+    local run; run=$(mktemp -d /tmp/stasis-agent-bert.XXXXXX)
+    local pid; pid=$(env $env CUBLAS_WORKSPACE_CONFIG=:4096:8 $RUN python3 Workloads/torch/bert_train.py --dir "$run" --size "$size" --steps 30 --pause-at 15 --daemon) \
+        || { fail "$label" "did not start: $(tail -n 5 "$run/log")"; return; }
+    if $STASIS dump "$pid" -D "$run/ckpt" >"$run/dump.txt" 2>&1 && wait_gone "$pid" && $STASIS restore -D "$run/ckpt" >"$run/restore.txt" 2>&1; then
+        touch "$run/go"
+        for _ in $(seq 1200); do [[ -e $run/done ]] && break; sleep 0.1; done
+        if cmp -s "$ref/losses.txt" "$run/losses.txt" && grep -q 'agent:' "$run/dump.txt"; then
+            pass "$label: 30 losses identical; $(agent_line "$run/dump.txt"); $(grep -h 'time:' "$run/dump.txt" | sed 's/^ *//'); restore $(grep -h 'time:' "$run/restore.txt" | sed 's/^ *//')"
+        else
+            fail "$label" "losses differ or no agent line: $(diff "$ref/losses.txt" "$run/losses.txt" | head -n 4 | tr '\n' ' ') $(agent_line "$run/dump.txt")"
+        fi
+    else
+        fail "$label" "$(tail -n 6 "$run"/dump.txt "$run"/restore.txt 2>/dev/null)"
+    fi
+    keep_logs "$run" "agent-$label"
+    [[ -e /proc/$pid ]] && kill_tree "$pid"
+    rm -rf "$run/ckpt"
+}
+
+section_agent() {
+    # The store on tmpfs: the 64 GiB case does not fit the disk.
+    export STASIS_STORE=/dev/shm/stasis-agent-store
+    rm -rf $STASIS_STORE
+    for mode in buffers streams events graph vmm pool pinned threads tree; do
+        local dir; dir=$(mktemp -d /tmp/stasis-agent-$mode.XXXXXX)
+        local pid; pid=$($RUN /opt/stasis/bin/cuda-workload "$mode" --dir "$dir" --daemon) || { fail "agent cuda $mode" "did not start: $(tail -n 5 "$dir/log")"; continue; }
+        local before; before=$(verify "$pid" "$dir")
+        if [[ $before != PASS* ]]; then fail "agent cuda $mode" "before the dump: $before"
+        elif round_trip "agent cuda $mode" "$pid" "$dir"; then pass "agent cuda $mode: $(agent_line "$dir/dump.txt" || true) $(grep -h 'gpu:' "$dir/dump.txt" | sed 's/^ *//')"; fi
+        keep_logs "$dir" "agent-cuda-$mode"
+        kill_tree "$pid"
+    done
+
+    # --leave-running twice: the agent refills from the store and the program goes on; then each checkpoint
+    # restores.
+    local dir; dir=$(mktemp -d /tmp/stasis-agent-leave.XXXXXX)
+    local pid; pid=$($RUN /opt/stasis/bin/cuda-workload buffers --dir "$dir" --daemon --mem 1024)
+    if $STASIS dump "$pid" -D "$dir/one" --leave-running >"$dir/dump1.txt" 2>&1 && [[ $(verify "$pid" "$dir") == PASS* ]] \
+        && $STASIS dump "$pid" -D "$dir/two" --leave-running >"$dir/dump2.txt" 2>&1 && [[ $(verify "$pid" "$dir") == PASS* ]]; then
+        pass "agent --leave-running twice, process keeps running: $(agent_line "$dir/dump2.txt")"
+        kill_tree "$pid"
+        if $STASIS restore -D "$dir/two" >"$dir/restore2.txt" 2>&1 && [[ $(verify "$pid" "$dir") == PASS* ]]; then
+            kill_tree "$pid"
+            $STASIS restore -D "$dir/one" >"$dir/restore1.txt" 2>&1 && [[ $(verify "$pid" "$dir") == PASS* ]] \
+                && pass "agent restore of each of two checkpoints" || fail "agent restore of the first checkpoint" "$(tail -n 5 "$dir/restore1.txt")"
+        else
+            fail "agent restore of the second checkpoint" "$(tail -n 5 "$dir/restore2.txt")"
+        fi
+    else
+        fail "agent --leave-running" "$(tail -n 5 "$dir"/dump*.txt)"
+    fi
+    keep_logs "$dir" "agent-leave"
+    kill_tree "$pid"
+
+    # A dump that fails after the agent gave its memory back (CRIU cannot write: read-only images
+    # directory's parent): the program must get its memory back and verify.
+    dir=$(mktemp -d /tmp/stasis-agent-fail.XXXXXX)
+    pid=$($RUN /opt/stasis/bin/cuda-workload buffers --dir "$dir" --daemon --mem 512)
+    if STASIS_FAULT=post-dump $STASIS dump "$pid" -D "$dir/ckpt" >"$dir/dump.txt" 2>&1; then
+        fail "agent rollback" "the injected fault did not fail the dump"
+    else
+        local verdict; verdict=$(verify "$pid" "$dir")
+        [[ $verdict == PASS* && ! -e $dir/ckpt ]] && pass "agent rollback: a dump failing after the evacuation leaves the program running and verified ($(grep -m1 error "$dir/dump.txt" | cut -c1-120))" \
+            || fail "agent rollback" "$verdict; $(tail -n 3 "$dir/dump.txt")"
+    fi
+    keep_logs "$dir" "agent-fail"
+    kill_tree "$pid"
+
+    # Managed memory is still refused up front; a CUDA IPC exporter runs with --no-backing and takes the
+    # driver path.
+    dir=$(mktemp -d /tmp/stasis-agent-managed.XXXXXX)
+    pid=$($RUN /opt/stasis/bin/cuda-workload managed --dir "$dir" --daemon)
+    if ! $STASIS dump "$pid" -D "$dir/ckpt" >"$dir/dump.txt" 2>&1 && grep -q "managed (unified) memory" "$dir/dump.txt" && [[ $(verify "$pid" "$dir") == PASS* ]]; then
+        pass "agent refuses managed memory up front; the program runs on"
+    else
+        fail "agent managed" "$(tail -n 3 "$dir/dump.txt")"
+    fi
+    kill_tree "$pid"
+    dir=$(mktemp -d /tmp/stasis-agent-ipc.XXXXXX)
+    if pid=$(/opt/stasis/bin/stasis run --no-backing -- /opt/stasis/bin/cuda-workload ipc --dir "$dir" --daemon); then
+        round_trip "agent ipc --no-backing" "$pid" "$dir" && pass "agent ipc with --no-backing: the driver carries it"
+        kill_tree "$pid"
+    else
+        fail "agent ipc --no-backing" "did not start: $(tail -n 3 "$dir/log")"
+    fi
+
+    # The inference server under the agent.
+    dir=$(mktemp -d /tmp/stasis-agent-infer.XXXXXX)
+    local srv=Workloads/torch/infer_server.py
+    pid=$($RUN python3 $srv serve --dir "$dir" --daemon) || { fail "agent inference server" "did not start: $(tail -n 5 "$dir/log")"; }
+    if [[ -n $pid ]]; then
+        local a1; a1=$(python3 $srv ask --dir "$dir" --name a1 --tokens "101 7592 2088 102")
+        if $STASIS dump "$pid" -D "$dir/ckpt" >"$dir/dump.txt" 2>&1 && wait_gone "$pid" && $STASIS restore -D "$dir/ckpt" >"$dir/restore.txt" 2>&1; then
+            local a2; a2=$(python3 $srv ask --dir "$dir" --name a2 --tokens "101 7592 2088 102")
+            [[ -n $a1 && $a1 == "$a2" ]] && pass "agent inference server: same answer after restore; $(agent_line "$dir/dump.txt")" \
+                || fail "agent inference server" "answers differ: '${a1:0:60}' vs '${a2:0:60}'"
+        else
+            fail "agent inference server" "$(tail -n 5 "$dir"/dump.txt "$dir"/restore.txt 2>/dev/null)"
+        fi
+        keep_logs "$dir" "agent-infer"
+        kill_tree "$pid"
+    fi
+
+    agent_bert base "" "agent bert-base"
+    agent_bert base "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" "agent bert-base expandable segments"
+    rm -rf $STASIS_STORE
+    unset STASIS_STORE
+}
+
+# The agent's large cases: BERT-large training, and a process holding 64 GiB of device memory.
+section_agentbig() {
+    export STASIS_STORE=/dev/shm/stasis-agent-store
+    rm -rf $STASIS_STORE
+    agent_bert large "" "agent bert-large"
+
+    # 64 GiB of device memory.
+    dir=$(mktemp -d /tmp/stasis-agent-big.XXXXXX)
+    pid=$($RUN /opt/stasis/bin/cuda-workload buffers --dir "$dir" --daemon --mem 65536) || { fail "agent 64 GiB" "did not start: $(tail -n 5 "$dir/log")"; }
+    if [[ -n $pid ]]; then
+        round_trip "agent 64 GiB" "$pid" "$dir" && pass "agent 64 GiB process: $(agent_line "$dir/dump.txt"); $(grep -h 'time:' "$dir/dump.txt" | sed 's/^ *//'); restore $(grep -h 'time:' "$dir/restore.txt" | sed 's/^ *//')"
+        keep_logs "$dir" "agent-big"
+        kill_tree "$pid"
+    fi
+    rm -rf $STASIS_STORE
+    unset STASIS_STORE
+}
+
 # Not a test: the baseline-against-stasis benchmark (bench/gpu-dump-restore.sh), when asked for by name.
 section_bench() {
     STASIS=/opt/stasis/bin/stasis bench/gpu-dump-restore.sh 2>&1 | tee "$OUT/bench.txt"
+}
+
+# Not a test: the agent's benchmark (bench/agent-dump-restore.sh), when asked for by name.
+section_agentbench() {
+    STASIS=/opt/stasis/bin/stasis bench/agent-dump-restore.sh 2>&1 | tee "$OUT/agentbench.txt"
 }
 
 # Not a test: the chunk store's throughput on this machine's cores with a BERT-large checkpoint

@@ -44,6 +44,8 @@ public struct RestoreOperation {
         public var logFile: String
         public var images: Images
         public var timings: Timings
+        /// The device step's phases in seconds: "driver" (its restore and unlock), "refill" (agents).
+        public var deviceSteps: [String: Double]
     }
 
     /// How CRIU got the memory images.
@@ -172,9 +174,10 @@ public struct RestoreOperation {
         }
         let rootPID = response.restore.pid
         let deviceWatch = Stopwatch()
+        var deviceSteps: [String: Double] = [:]
         do {
             try FaultInjection.check("after-restore")
-            try device.afterRestore(section: manifest.gpu, store: store.map { DeviceStore(store: $0, codec: .standard, checkpoint: directory) },
+            deviceSteps = try device.afterRestore(section: manifest.gpu, store: store.map { DeviceStore(store: $0, codec: .standard, checkpoint: directory) },
                                     files: manifest.files)
         } catch {
             // Never leave a half-restored tree: the restored processes are ours to stop.
@@ -188,7 +191,8 @@ public struct RestoreOperation {
                       images: images,
                       timings: Timings(verify: verifySeconds, rebuild: rebuildSeconds, criu: criuSeconds,
                                        forking: Double(stats?.forkingTime ?? 0) / 1e6, restore: Double(stats?.restoreTime ?? 0) / 1e6,
-                                       devices: deviceWatch.seconds, total: total.seconds))
+                                       devices: deviceWatch.seconds, total: total.seconds),
+                      deviceSteps: deviceSteps)
     }
 
     /// What the image server gives CRIU for each name: a chunked image decoded from the store, a whole one

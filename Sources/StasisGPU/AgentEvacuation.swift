@@ -63,6 +63,7 @@ final class AgentEvacuation: @unchecked Sendable {
             for session in sessions { session.disconnect() }
         } catch {
             let problems = putBack(sessions)
+            processes = [:]
             guard problems.isEmpty else {
                 throw StasisError(.gpu, "\(error); putting device memory back also failed: \(problems.joined(separator: "; "))")
             }

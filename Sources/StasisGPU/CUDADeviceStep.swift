@@ -234,17 +234,19 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
         return pairs
     }
 
-    public func afterRestore(section: Manifest.GPUSection, store: DeviceStore?, files: [Manifest.FileEntry]) throws {
-        guard !section.processes.isEmpty else { return }
+    public func afterRestore(section: Manifest.GPUSection, store: DeviceStore?, files: [Manifest.FileEntry]) throws -> [String: Double] {
+        guard !section.processes.isEmpty else { return [:] }
         let pairs = lock.withLock { remapping }
+        let watch = Stopwatch()
         let errors = Self.parallel(section.processes.map(\.pid)) { pid in
             try CheckpointDriver.restore(pid, remapping: pairs)
             try CheckpointDriver.unlock(pid)
         }
         guard errors.isEmpty else { throw StasisError(.gpu, "GPU restore failed: \(Self.describe(errors))") }
-        guard section.processes.contains(where: { $0.agent != nil }) else { return }
+        let driver = watch.seconds
+        guard section.processes.contains(where: { $0.agent != nil }) else { return ["driver": driver] }
         guard let store else { throw StasisError(.gpu, "the checkpoint holds device memory moved by agents, but no store to read it from") }
-        _ = try AgentEvacuation.refill(section, store: store, files: files)
+        return ["driver": driver, "refill": try AgentEvacuation.refill(section, store: store, files: files)]
     }
 }
 

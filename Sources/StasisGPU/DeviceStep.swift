@@ -17,7 +17,8 @@ public protocol DeviceStep: Sendable {
     func rollback(section: Manifest.GPUSection) -> [String]
     /// Checked before anything is restored: can this machine take the checkpoint's devices?
     func checkRestorable(section: Manifest.GPUSection) throws
-    func afterRestore(section: Manifest.GPUSection, store: DeviceStore?, files: [Manifest.FileEntry]) throws
+    /// Returns the seconds of its phases by name (for the restore report).
+    func afterRestore(section: Manifest.GPUSection, store: DeviceStore?, files: [Manifest.FileEntry]) throws -> [String: Double]
 }
 
 /// Where device memory goes on dump and comes from on restore: the checkpoint's store.
@@ -56,5 +57,5 @@ public struct NoDeviceStep: DeviceStep {
             throw StasisError(.gpu, "the checkpoint holds GPU state for \(section.processes.count) process(es), which this build cannot restore")
         }
     }
-    public func afterRestore(section: Manifest.GPUSection, store: DeviceStore?, files: [Manifest.FileEntry]) throws {}
+    public func afterRestore(section: Manifest.GPUSection, store: DeviceStore?, files: [Manifest.FileEntry]) throws -> [String: Double] { [:] }
 }

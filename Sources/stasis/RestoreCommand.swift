@@ -72,7 +72,7 @@ struct RestoreCommand: ParsableCommand {
             let t = report.timings
             print("restored \(report.directory): root PID \(report.rootPID) (\(report.processes) process\(report.processes == 1 ? "" : "es"))")
             let images = report.images == .rebuilt ? "rebuild \(Format.seconds(t.rebuild))" : "images \(report.images.rawValue)"
-            print("  time: verify \(Format.seconds(t.verify)), \(images), CRIU \(Format.seconds(t.criu)) (forking \(Format.seconds(t.forking)), restore \(Format.seconds(t.restore))), devices \(Format.seconds(t.devices)); total \(Format.seconds(t.total))")
+            print("  time: verify \(Format.seconds(t.verify)), \(images), CRIU \(Format.seconds(t.criu)) (forking \(Format.seconds(t.forking)), restore \(Format.seconds(t.restore))), devices \(Format.seconds(t.devices))\(report.deviceSteps.isEmpty ? "" : " (" + report.deviceSteps.sorted { $0.key < $1.key }.map { "\($0.key) \(Format.seconds($0.value))" }.joined(separator: ", ") + ")"); total \(Format.seconds(t.total))")
             print("  log:  \(report.logFile)")
         }
     }

@@ -105,6 +105,8 @@ def main():
     # Opened once and kept open, as a long-running trainer keeps its log: the restore must bring back the
     # descriptor and its offset. O_APPEND so every line lands at the end of the file.
     losses = os.open(os.path.join(args.dir, "losses.txt"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+    # Each step's wall time (the loss's .item() waits for the GPU), for the agent's overhead benchmark.
+    timings = open(os.path.join(args.dir, "step-times.txt"), "w")
     print(f"bert_train: {args.size} with {config.num_hidden_layers} layers on {device}, pid {os.getpid()}", flush=True)
 
     def pause():
@@ -120,12 +122,15 @@ def main():
     if args.pause_at == 0:
         pause()
     for step in range(1, args.steps + 1):
+        started = time.perf_counter()
         inputs, labels = batch()
         loss = model(input_ids=inputs, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         value = loss.item()
+        timings.write(f"{step}\t{time.perf_counter() - started:.6f}\n")
+        timings.flush()
         os.write(losses, f"{step}\t{value.hex()}\n".encode())
         # On disk before the next step: the tool kills the process after checkpointing it, and the test reads
         # the file from a run that may have been killed at any moment.
@@ -134,6 +139,7 @@ def main():
         if step == args.pause_at:
             pause()
     os.close(losses)
+    timings.close()
     write_file(os.path.join(args.dir, "done"), f"{args.steps}\n")
     print("bert_train: done", flush=True)
 

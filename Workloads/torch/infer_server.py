@@ -93,6 +93,7 @@ def serve(args):
             request = os.path.join(requests, f"{name}.req")
             with open(request) as f:
                 text = f.read()
+            started = time.perf_counter()
             try:
                 response = answer(parse_tokens(text))
             except ValueError as error:
@@ -100,7 +101,7 @@ def serve(args):
             write_file(os.path.join(responses, f"{name}.resp"), response)
             # Only once answered: a server stopped in between answers the request again after a restore.
             os.unlink(request)
-            print(f"infer_server: answered {name}", flush=True)
+            print(f"infer_server: answered {name} in {(time.perf_counter() - started) * 1000:.3f} ms", flush=True)
         time.sleep(POLL_S)
 
 

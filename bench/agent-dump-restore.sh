@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# The agent's fast path against the driver path and the baseline, in one run on the GPU machine, after
+# scripts/device-test.sh's setup (run by `scripts/device-test.sh agentbench`).
+#
+#   1. Checkpoint and restore, images and store on /dev/shm, of a 32 GiB cuda-workload and of BERT-large
+#      training paused mid-run, three ways on the same process: the baseline (the driver's checkpoint API +
+#      plain CRIU, as CRIU's cuda plugin does it), stasis through the driver alone, and stasis with the agent
+#      (the process started by `stasis run`). For the agent: evacuation and refill throughput.
+#   2. Peak extra host memory during a checkpoint written to disk (the store on /var/tmp): the rise of
+#      MemTotal - MemAvailable, sampled every 20 ms, for the agent and for stasis's driver path.
+#   3. The agent's steady-state overhead: BERT-base training step time, cudaMalloc/cudaFree latency and an
+#      inference request, each with and without the agent.
+# Prints markdown tables; raw numbers go to $OUT/agentbench.txt.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+STASIS=${STASIS:-/opt/stasis/bin/stasis}
+RUN="$STASIS run --"
+CKPT=/opt/stasis/bin/cuda-ckpt
+gcc -O2 -ISources/CStasisCUDA/include -o $CKPT bench/cuda-ckpt.c Sources/CStasisCUDA/cuda_steps.c || exit 1
+nvcc -O2 -o /opt/stasis/bin/alloc-latency bench/alloc-latency.cu || exit 1
+IMG=/dev/shm/stasis-agentbench
+now() { date +%s.%N; }
+since() { awk -v a="$(now)" -v b="$1" 'BEGIN { printf "%.2f", a - b }'; }
+add() { awk -v a="$1" -v b="$2" -v c="${3:-0}" 'BEGIN { printf "%.2f", a + b + c }'; }
+wait_gone() { for _ in $(seq 1000); do [[ -e /proc/$1 ]] || return 0; sleep 0.01; done; return 1; }
+json() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {}, d))' "$@"; }
+verify() {
+    rm -f "$2/result"; kill -USR1 "$1"
+    for _ in $(seq 600); do [[ -e $2/result ]] && break; sleep 0.05; done
+    cat "$2/result" 2>/dev/null || echo "FAIL no answer"
+}
+# used_gib: MemTotal - MemAvailable, the memory nothing can reclaim, in GiB.
+used_kib() { awk '/MemTotal/ { t = $2 } /MemAvailable/ { a = $2 } END { print t - a }' /proc/meminfo; }
+# Runs a command while sampling used memory; writes the peak rise in GiB to /tmp/agentbench-peak.
+peak_rise() {
+    local before; before=$(used_kib)
+    "$@" & local job=$!
+    local top=$before
+    while kill -0 $job 2>/dev/null; do local u; u=$(used_kib); (( u > top )) && top=$u; sleep 0.02; done
+    wait $job; local rc=$?
+    awk -v a="$top" -v b="$before" 'BEGIN { printf "%.2f", (a - b) / 1048576 }' >/tmp/agentbench-peak
+    return $rc
+}
+
+rows=()
+baseline() {  # NAME PID
+    local name=$1 pid=$2 t
+    rm -rf $IMG; mkdir -p $IMG
+    t=$(now); $CKPT lock "$pid" && $CKPT checkpoint "$pid" || return 1; local ck; ck=$(since "$t")
+    t=$(now); criu dump -t "$pid" -D $IMG -v4 -o dump.log 2>/dev/null || { tail -n 5 $IMG/dump.log; return 1; }; local dump; dump=$(since "$t")
+    wait_gone "$pid"
+    t=$(now); criu restore -D $IMG -d -v4 -o restore.log 2>/dev/null || { tail -n 5 $IMG/restore.log; return 1; }; local rst; rst=$(since "$t")
+    t=$(now); $CKPT restore "$pid" && $CKPT unlock "$pid" || return 1; local drst; drst=$(since "$t")
+    rows+=("| $name | baseline (driver + CRIU) | $(add $ck $dump) | lock+checkpoint $ck, CRIU $dump | $(add $rst $drst) | CRIU $rst, driver $drst | | |")
+    rm -rf $IMG
+}
+stasis_path() {  # NAME PID LABEL
+    local name=$1 pid=$2 label=$3
+    export STASIS_STORE=/dev/shm/stasis-agentbench-store
+    rm -rf $IMG $STASIS_STORE
+    $STASIS dump "$pid" -D $IMG --json >/tmp/agentbench-dump.json || return 1
+    wait_gone "$pid"
+    $STASIS restore -D $IMG --json >/tmp/agentbench-restore.json || return 1
+    local d=/tmp/agentbench-dump.json r=/tmp/agentbench-restore.json evac="" refill=""
+    local agent; agent=$(json $d "len([p for p in gpu['processes'] if p.get('agent')])")
+    if [[ $agent != 0 ]]; then
+        evac=$(json $d "'%.1f GB/s (%.1f GiB in %.2f s)' % (sum(p['agent']['evacuatedBytes'] for p in gpu['processes'] if p.get('agent')) / 1e9 / max(1e-9, sum(p['agent']['evacuateSeconds'] for p in gpu['processes'] if p.get('agent'))), sum(p['agent']['evacuatedBytes'] for p in gpu['processes'] if p.get('agent')) / 2**30, sum(p['agent']['evacuateSeconds'] for p in gpu['processes'] if p.get('agent')))")
+        refill=$(EVAC_BYTES=$(json $d "sum(p['agent']['evacuatedBytes'] for p in gpu['processes'] if p.get('agent'))") json $r "'%.1f GB/s (%.2f s)' % (float(__import__('os').environ['EVAC_BYTES']) / 1e9 / max(1e-9, deviceSteps.get('refill', 0)), deviceSteps.get('refill', 0))")
+    fi
+    rows+=("| $name | $label | $(json $d "'%.2f' % timings['total']") | devices $(json $d "'%.2f' % timings['devices']") (driver lock $(json $d "'%.2f' % gpu['lockSeconds']"), checkpoint $(json $d "'%.2f' % gpu['checkpointSeconds']")), CRIU $(json $d "'%.2f' % timings['criu']") | $(json $r "'%.2f' % timings['total']") | CRIU $(json $r "'%.2f' % timings['criu']"), devices $(json $r "'%.2f' % timings['devices']") | $evac | $refill |")
+    rm -rf $IMG $STASIS_STORE
+    unset STASIS_STORE
+}
+
+echo "== 1. checkpoint and restore, /dev/shm"
+for workload in buffers bert; do
+    for run in plain agent; do
+        dir=$(mktemp -d)
+        launcher=""; [[ $run == agent ]] && launcher=$RUN
+        if [[ $workload == buffers ]]; then
+            name="buffers 32 GiB"
+            pid=$($launcher /opt/stasis/bin/cuda-workload buffers --dir "$dir" --daemon --mem 32768)
+        else
+            name="BERT-large training"
+            pid=$(CUBLAS_WORKSPACE_CONFIG=:4096:8 $launcher python3 Workloads/torch/bert_train.py --dir "$dir" --size large --steps 8 --pause-at 4 --daemon)
+        fi
+        if [[ $run == plain ]]; then
+            baseline "$name" "$pid" || echo "baseline failed for $name"
+            stasis_path "$name" "$pid" "stasis, driver path" || echo "stasis driver path failed for $name"
+        else
+            stasis_path "$name" "$pid" "stasis with the agent" || echo "stasis agent failed for $name"
+        fi
+        [[ $workload == buffers ]] && echo "$name $run after: $(verify "$pid" "$dir")"
+        kill -9 "$pid" 2>/dev/null; wait_gone "$pid"
+    done
+done
+echo "| workload | path | checkpoint (s) | of which | restore (s) | of which | evacuation | refill |"
+echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
+printf '%s\n' "${rows[@]}"
+
+echo "== 2. peak extra host memory, checkpoint of BERT-large to a store on disk"
+mem_rows=()
+for run in plain agent; do
+    dir=$(mktemp -d); launcher=""; [[ $run == agent ]] && launcher=$RUN
+    pid=$(CUBLAS_WORKSPACE_CONFIG=:4096:8 $launcher python3 Workloads/torch/bert_train.py --dir "$dir" --size large --steps 8 --pause-at 4 --daemon)
+    export STASIS_STORE=/var/tmp/stasis-agentbench-store; rm -rf $STASIS_STORE /var/tmp/agentbench-ckpt
+    t=$(now)
+    if peak_rise $STASIS dump "$pid" -D /var/tmp/agentbench-ckpt >/tmp/agentbench-diskdump.txt 2>&1; then
+        mem_rows+=("| BERT-large, store on disk | $([[ $run == agent ]] && echo "stasis with the agent" || echo "stasis, driver path") | $(cat /tmp/agentbench-peak) GiB | $(since "$t") s |")
+    else
+        echo "disk dump failed ($run): $(tail -n 3 /tmp/agentbench-diskdump.txt)"
+    fi
+    kill -9 "$pid" 2>/dev/null; wait_gone "$pid"
+    rm -rf $STASIS_STORE /var/tmp/agentbench-ckpt; unset STASIS_STORE
+done
+echo "| workload | path | peak rise of MemTotal - MemAvailable | checkpoint (s) |"
+echo "| --- | --- | --- | --- |"
+printf '%s\n' "${mem_rows[@]}"
+
+echo "== 3. steady-state overhead"
+median() { sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+declare -A step infer
+for run in plain agent; do
+    dir=$(mktemp -d); launcher=""; [[ $run == agent ]] && launcher=$RUN
+    CUBLAS_WORKSPACE_CONFIG=:4096:8 $launcher python3 Workloads/torch/bert_train.py --dir "$dir" --size base --steps 60 >/dev/null 2>&1
+    step[$run]=$(awk -F'\t' '$1 > 10 { print $2 * 1000 }' "$dir/step-times.txt" | median)
+    $launcher /opt/stasis/bin/alloc-latency >"/tmp/alloc-$run.txt"
+    srv=$(mktemp -d)
+    pid=$($launcher python3 Workloads/torch/infer_server.py serve --dir "$srv" --daemon)
+    for i in $(seq 30); do python3 Workloads/torch/infer_server.py ask --dir "$srv" --name "r$i" --tokens "101 7592 2088 1010 2129 2024 2017 102" >/dev/null; done
+    infer[$run]=$(grep -o 'answered r[0-9]* in [0-9.]* ms' "$srv/log" | awk '{ print $4 }' | median)
+    kill -9 "$pid"; wait_gone "$pid"
+done
+echo "| measure | without the agent | with the agent | ratio |"
+echo "| --- | --- | --- | --- |"
+echo "| BERT-base training step, median of steps 11-60 (ms) | ${step[plain]} | ${step[agent]} | $(awk -v a="${step[agent]}" -v b="${step[plain]}" 'BEGIN { printf "%.4f", a / b }') |"
+echo "| inference request, BERT encoder, median of 30 (ms) | ${infer[plain]} | ${infer[agent]} | $(awk -v a="${infer[agent]}" -v b="${infer[plain]}" 'BEGIN { printf "%.4f", a / b }') |"
+paste /tmp/alloc-plain.txt /tmp/alloc-agent.txt | while IFS=$'\t' read -r size m1 f1 _ m2 f2; do
+    echo "| cudaMalloc + cudaFree of $size bytes, median (us) | $m1 + $f1 | $m2 + $f2 | $(awk -v a="$m2" -v b="$f2" -v c="$m1" -v d="$f1" 'BEGIN { printf "%.2f", (a + b) / (c + d) }') |"
+done
+echo
+echo "date: $(date -u +%Y-%m-%dT%H:%MZ); $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader); $(nproc) cores; $(criu --version | head -n1)"

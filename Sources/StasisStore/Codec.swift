@@ -55,10 +55,19 @@ public enum Codec: Sendable, Equatable, CustomStringConvertible {
         return 0
     }
 
+    /// The part of a chunk tried first: when it does not shrink by a sixteenth, the chunk is stored plain
+    /// without compressing the rest. Weights and optimizer state (fp32/bf16) barely compress, and compressing
+    /// them whole cost more CPU than hashing them: ingest then runs at the speed of SHA-256 alone.
+    static let probeBytes = 64 << 10
+
     /// Compresses `plain` into `output` (which must hold `bound(plain.count)` bytes); nil when the codec
-    /// fails or the result would not be smaller, in which case the chunk is stored plain.
+    /// fails, the probe says it would not pay, or the result would not be smaller: the chunk is stored plain.
     func compress(_ plain: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer) -> Int? {
         guard tag != 0, !plain.isEmpty else { return nil }
+        if plain.count >= 4 * Self.probeBytes {
+            let tried = stasis_compress(Int32(tag), level, plain.baseAddress, Self.probeBytes, output.baseAddress, output.count)
+            guard tried > 0, tried <= Self.probeBytes - Self.probeBytes / 16 else { return nil }
+        }
         let written = stasis_compress(Int32(tag), level, plain.baseAddress, plain.count, output.baseAddress, output.count)
         return written > 0 && written < plain.count ? written : nil
     }

@@ -10,8 +10,13 @@
 #      MemTotal - MemAvailable, sampled every 20 ms, for the agent and for stasis's driver path.
 #   3. The agent's steady-state overhead: BERT-base training step time, cudaMalloc/cudaFree latency and an
 #      inference request, each with and without the agent.
-# Prints markdown tables; raw numbers go to $OUT/agentbench.txt.
+#
+#   bench/agent-dump-restore.sh [speed] [cost]     (default both; each fits one device call)
+#     speed: part 1, plus a 64 GiB cuda-workload under the agent, restored and verified
+#     cost:  parts 2 and 3
+# Prints markdown tables.
 set -uo pipefail
+PARTS=" ${*:-speed cost} "
 cd "$(dirname "$0")/.."
 STASIS=${STASIS:-/opt/stasis/bin/stasis}
 RUN="$STASIS run --"
@@ -24,11 +29,6 @@ since() { awk -v a="$(now)" -v b="$1" 'BEGIN { printf "%.2f", a - b }'; }
 add() { awk -v a="$1" -v b="$2" -v c="${3:-0}" 'BEGIN { printf "%.2f", a + b + c }'; }
 wait_gone() { for _ in $(seq 1000); do [[ -e /proc/$1 ]] || return 0; sleep 0.01; done; return 1; }
 json() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2], {}, d))' "$@"; }
-verify() {
-    rm -f "$2/result"; kill -USR1 "$1"
-    for _ in $(seq 600); do [[ -e $2/result ]] && break; sleep 0.05; done
-    cat "$2/result" 2>/dev/null || echo "FAIL no answer"
-}
 # used_gib: MemTotal - MemAvailable, the memory nothing can reclaim, in GiB.
 used_kib() { awk '/MemTotal/ { t = $2 } /MemAvailable/ { a = $2 } END { print t - a }' /proc/meminfo; }
 # Runs a command while sampling used memory; writes the peak rise in GiB to /tmp/agentbench-peak.
@@ -72,6 +72,7 @@ stasis_path() {  # NAME PID LABEL
     unset STASIS_STORE
 }
 
+if [[ $PARTS == *" speed "* ]]; then
 echo "== 1. checkpoint and restore, /dev/shm"
 for workload in buffers bert; do
     for run in plain agent; do
@@ -90,14 +91,23 @@ for workload in buffers bert; do
         else
             stasis_path "$name" "$pid" "stasis with the agent" || echo "stasis agent failed for $name"
         fi
-        [[ $workload == buffers ]] && echo "$name $run after: $(verify "$pid" "$dir")"
         kill -9 "$pid" 2>/dev/null; wait_gone "$pid"
     done
 done
+# 64 GiB under the agent, verified after the restore (the workload compares it all on the host: a minute).
+dir=$(mktemp -d)
+pid=$($RUN /opt/stasis/bin/cuda-workload buffers --dir "$dir" --daemon --mem 65536)
+stasis_path "buffers 64 GiB" "$pid" "stasis with the agent" || echo "stasis agent failed for 64 GiB"
+rm -f "$dir/result"; kill -USR1 "$pid"
+for _ in $(seq 3000); do [[ -e $dir/result ]] && break; sleep 0.1; done
+echo "buffers 64 GiB after the agent's restore: $(cat "$dir/result" 2>/dev/null || echo "FAIL no answer in 300 s")"
+kill -9 "$pid" 2>/dev/null; wait_gone "$pid"
 echo "| workload | path | checkpoint (s) | of which | restore (s) | of which | evacuation | refill |"
 echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
 printf '%s\n' "${rows[@]}"
+fi
 
+if [[ $PARTS == *" cost "* ]]; then
 echo "== 2. peak extra host memory, checkpoint of BERT-large to a store on disk"
 mem_rows=()
 for run in plain agent; do
@@ -138,5 +148,6 @@ echo "| inference request, BERT encoder, median of 30 (ms) | ${infer[plain]} | $
 paste /tmp/alloc-plain.txt /tmp/alloc-agent.txt | while IFS=$'\t' read -r size m1 f1 _ m2 f2; do
     echo "| cudaMalloc + cudaFree of $size bytes, median (us) | $m1 + $f1 | $m2 + $f2 | $(awk -v a="$m2" -v b="$f2" -v c="$m1" -v d="$f1" 'BEGIN { printf "%.2f", (a + b) / (c + d) }') |"
 done
+fi
 echo
 echo "date: $(date -u +%Y-%m-%dT%H:%MZ); $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader); $(nproc) cores; $(criu --version | head -n1)"

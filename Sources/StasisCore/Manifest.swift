@@ -238,6 +238,11 @@ public struct Manifest: Codable, Sendable, Equatable {
         public var quiesceSeconds: Double
         public var evacuateSeconds: Double
         public var releaseSeconds: Double
+        /// Bytes of new chunk files the evacuation wrote (compressed), and the evacuated bytes that were zero.
+        public var storedBytes: UInt64?
+        public var zeroBytes: UInt64?
+        /// CPU seconds stasis spent on the evacuation (reading the ring, hashing, compressing, writing).
+        public var evacuateCPUSeconds: Double?
         public init(allocations: [AgentAllocation], evacuatedBytes: UInt64, driverPathBytes: UInt64, ringBytes: UInt64,
                     quiesceSeconds: Double, evacuateSeconds: Double, releaseSeconds: Double) {
             self.allocations = allocations

@@ -38,15 +38,17 @@ final class AgentEvacuation: @unchecked Sendable {
                 quiesceSeconds[pid] = watch.seconds
             }
             guard !sessions.isEmpty else { return }
-            let sink = ChunkSink(store: store.store, codec: store.codec)
-            var copied: [Int32: (chunks: [UInt64: [String]], seconds: Double)] = [:]
+            var copied: [Int32: (chunks: [UInt64: [String]], seconds: Double, cpu: Double, totals: ChunkIngester.Statistics)] = [:]
+            var sinks: [ChunkSink] = []
             for session in sessions {
-                let watch = Stopwatch()
-                copied[session.pid] = (try session.evacuate(into: sink, threads: Self.threads), 0)
-                copied[session.pid]!.seconds = watch.seconds
+                let sink = ChunkSink(store: store.store, codec: store.codec)
+                sinks.append(sink)
+                let watch = Stopwatch(), cpu = ProcessCPU.seconds
+                let chunks = try session.evacuate(into: sink, threads: Self.threads)
+                copied[session.pid] = (chunks, watch.seconds, ProcessCPU.seconds - cpu, sink.totals)
             }
             // Durable before any physical memory goes: from here on the store holds the only copy.
-            do { try sink.commit() } catch { sink.abandon(); throw error }
+            do { for sink in sinks { try sink.commit() } } catch { for sink in sinks { sink.abandon() }; throw error }
             for session in sessions {
                 let watch = Stopwatch()
                 processes[session.pid] = Evacuated(session: session, chunks: copied[session.pid]!.chunks, memory: Manifest.AgentMemory(
@@ -56,6 +58,10 @@ final class AgentEvacuation: @unchecked Sendable {
                     evacuatedBytes: session.evacuableBytes, driverPathBytes: 0,
                     ringBytes: UInt64(session.slotBytes * session.slotCount),
                     quiesceSeconds: quiesceSeconds[session.pid] ?? 0, evacuateSeconds: copied[session.pid]!.seconds, releaseSeconds: 0))
+                let totals = copied[session.pid]!.totals
+                processes[session.pid]!.memory.storedBytes = totals.storedBytes
+                processes[session.pid]!.memory.zeroBytes = UInt64(totals.zeroChunks) * UInt64(ChunkStore.chunkSize)
+                processes[session.pid]!.memory.evacuateCPUSeconds = copied[session.pid]!.cpu
                 try session.release()
                 processes[session.pid]!.memory.releaseSeconds = watch.seconds
             }

@@ -11,12 +11,12 @@
 #   3. The agent's steady-state overhead: BERT-base training step time, cudaMalloc/cudaFree latency and an
 #      inference request, each with and without the agent.
 #
-#   bench/agent-dump-restore.sh [speed] [cost]     (default both; each fits one device call)
+#   bench/agent-dump-restore.sh [speed] [memory] [overhead]     (default all; speed fits one device call,
+#                                                                 memory and overhead another)
 #     speed: part 1, plus a 64 GiB cuda-workload under the agent, restored and verified
-#     cost:  parts 2 and 3
 # Prints markdown tables.
 set -uo pipefail
-PARTS=" ${*:-speed cost} "
+PARTS=" ${*:-speed memory overhead} "
 cd "$(dirname "$0")/.."
 STASIS=${STASIS:-/opt/stasis/bin/stasis}
 RUN="$STASIS run --"
@@ -107,7 +107,7 @@ echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
 printf '%s\n' "${rows[@]}"
 fi
 
-if [[ $PARTS == *" cost "* ]]; then
+if [[ $PARTS == *" memory "* ]]; then
 echo "== 2. peak extra host memory, checkpoint of BERT-large to a store on disk"
 mem_rows=()
 for run in plain agent; do
@@ -127,13 +127,29 @@ echo "| workload | path | peak rise of MemTotal - MemAvailable | checkpoint (s) 
 echo "| --- | --- | --- | --- |"
 printf '%s\n' "${mem_rows[@]}"
 
+fi
+
+if [[ $PARTS == *" overhead "* ]]; then
 echo "== 3. steady-state overhead"
 median() { sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+# Training steps four ways, to tell the gate from the VMM backing: without the agent; with it; with it but
+# cuMemAlloc left to the driver (the gate alone); loaded but switched off (STASIS_AGENT=off: a pass-through).
 declare -A step infer
-for run in plain agent; do
-    dir=$(mktemp -d); launcher=""; [[ $run == agent ]] && launcher=$RUN
-    CUBLAS_WORKSPACE_CONFIG=:4096:8 $launcher python3 Workloads/torch/bert_train.py --dir "$dir" --size base --steps 60 >/dev/null 2>&1
+for run in plain agent nobacking off; do
+    dir=$(mktemp -d)
+    case $run in
+        plain) launcher="" ;;
+        agent) launcher="$STASIS run --agent-log --" ;;
+        nobacking) launcher="$STASIS run --no-backing --" ;;
+        off) launcher="env STASIS_AGENT=off $STASIS run --" ;;
+    esac
+    CUBLAS_WORKSPACE_CONFIG=:4096:8 $launcher python3 Workloads/torch/bert_train.py --dir "$dir" --size base --steps 60 >"$dir/out.txt" 2>&1
     step[$run]=$(awk -F'\t' '$1 > 10 { print $2 * 1000 }' "$dir/step-times.txt" | median)
+    echo "steps ($run): $(awk -F'\t' '$1 > 10 { printf "%.1f ", $2 * 1000 }' "$dir/step-times.txt")"
+    grep -h "stasis-agent" "$dir/out.txt" | tail -n 2
+done
+for run in plain agent; do
+    launcher=""; [[ $run == agent ]] && launcher=$RUN
     $launcher /opt/stasis/bin/alloc-latency >"/tmp/alloc-$run.txt"
     srv=$(mktemp -d)
     pid=$($launcher python3 Workloads/torch/infer_server.py serve --dir "$srv" --daemon)
@@ -141,10 +157,13 @@ for run in plain agent; do
     infer[$run]=$(grep -o 'answered r[0-9]* in [0-9.]* ms' "$srv/log" | awk '{ print $4 }' | median)
     kill -9 "$pid"; wait_gone "$pid"
 done
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.4f", a / b }'; }
 echo "| measure | without the agent | with the agent | ratio |"
 echo "| --- | --- | --- | --- |"
-echo "| BERT-base training step, median of steps 11-60 (ms) | ${step[plain]} | ${step[agent]} | $(awk -v a="${step[agent]}" -v b="${step[plain]}" 'BEGIN { printf "%.4f", a / b }') |"
-echo "| inference request, BERT encoder, median of 30 (ms) | ${infer[plain]} | ${infer[agent]} | $(awk -v a="${infer[agent]}" -v b="${infer[plain]}" 'BEGIN { printf "%.4f", a / b }') |"
+echo "| BERT-base training step, median of steps 11-60 (ms) | ${step[plain]} | ${step[agent]} | $(ratio "${step[agent]}" "${step[plain]}") |"
+echo "| same, agent with --no-backing (the gate alone) | ${step[plain]} | ${step[nobacking]} | $(ratio "${step[nobacking]}" "${step[plain]}") |"
+echo "| same, agent loaded but STASIS_AGENT=off | ${step[plain]} | ${step[off]} | $(ratio "${step[off]}" "${step[plain]}") |"
+echo "| inference request, BERT encoder, median of 30 (ms) | ${infer[plain]} | ${infer[agent]} | $(ratio "${infer[agent]}" "${infer[plain]}") |"
 paste /tmp/alloc-plain.txt /tmp/alloc-agent.txt | while IFS=$'\t' read -r size m1 f1 _ m2 f2; do
     echo "| cudaMalloc + cudaFree of $size bytes, median (us) | $m1 + $f1 | $m2 + $f2 | $(awk -v a="$m2" -v b="$f2" -v c="$m1" -v d="$f1" 'BEGIN { printf "%.2f", (a + b) / (c + d) }') |"
 done

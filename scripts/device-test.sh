@@ -505,7 +505,7 @@ section_agentbench() {
     STASIS=/opt/stasis/bin/stasis bench/agent-dump-restore.sh speed 2>&1 | tee "$OUT/agentbench.txt"
 }
 section_agentcost() {
-    STASIS=/opt/stasis/bin/stasis bench/agent-dump-restore.sh cost 2>&1 | tee "$OUT/agentcost.txt"
+    STASIS=/opt/stasis/bin/stasis bench/agent-dump-restore.sh ${AGENTCOST_PARTS:-memory overhead} 2>&1 | tee "$OUT/agentcost.txt"
 }
 
 # Not a test: the chunk store's throughput on this machine's cores with a BERT-large checkpoint

@@ -15,6 +15,8 @@
 HIDDEN extern cuda_driver real;
 /// Loads libcuda.so.1 and resolves `real` (once); 0 on success.
 HIDDEN int driver_load(void);
+/// libcuda's handle once loaded.
+HIDDEN void *driver_handle(void);
 /// The real dlsym (ours interposes the exported one).
 HIDDEN void *real_dlsym(void *handle, const char *name);
 HIDDEN const char *driver_error_name(CUresult result);
@@ -30,6 +32,15 @@ typedef struct {
     int verbose;              // STASIS_AGENT_LOG=1
 } agent_settings;
 HIDDEN extern agent_settings settings;
+
+/// How often the agent's slower paths ran, printed at exit with STASIS_AGENT_LOG=1 (to find overhead).
+typedef struct {
+    _Atomic unsigned long lookups;      // cuGetProcAddress and dlsym of cu* names
+    _Atomic unsigned long allocations;  // cuMemAlloc backed by the agent
+    _Atomic unsigned long driver_allocations;
+    _Atomic unsigned long frees;        // of backed allocations
+} agent_counters;
+HIDDEN extern agent_counters counters;
 
 // ---- gate.c: holding CUDA calls
 HIDDEN void gate_enter(void);

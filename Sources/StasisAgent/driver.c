@@ -11,6 +11,15 @@
 
 HIDDEN cuda_driver real;
 HIDDEN agent_settings settings;
+HIDDEN agent_counters counters;
+
+static void report_counters(void) {
+    uint64_t gated = 0, ungated = 0;
+    gate_counts(&gated, &ungated);
+    agent_log("at exit: %lu entry point lookups, %llu gated entry points (%llu left ungated), %lu backed cuMemAlloc, %lu left to the driver, %lu backed frees",
+              (unsigned long)counters.lookups, (unsigned long long)gated, (unsigned long long)ungated, (unsigned long)counters.allocations,
+              (unsigned long)counters.driver_allocations, (unsigned long)counters.frees);
+}
 
 // Read by the exported dlsym (dlsym_x86_64.S) for RTLD_NEXT lookups.
 HIDDEN void *(*stasis_libc_dlsym)(void *, const char *);
@@ -53,6 +62,7 @@ __attribute__((constructor)) static void agent_init(void) {
     settings.streams = 4;
     const char *log = getenv("STASIS_AGENT_LOG");
     settings.verbose = log && *log && strcmp(log, "0");
+    if (settings.verbose) atexit(report_counters);
 }
 
 HIDDEN void *real_dlsym(void *handle, const char *name) {
@@ -76,10 +86,15 @@ HIDDEN void agent_log(const char *format, ...) {
 
 #define RESOLVE(name) real.name = (__typeof__(real.name))real_dlsym(handle, #name)
 
+static void *cuda_handle;
+
+HIDDEN void *driver_handle(void) { return cuda_handle; }
+
 static void resolve(void) {
     void *handle = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD);
     if (!handle) handle = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
     if (!handle) return;
+    cuda_handle = handle;
     RESOLVE(cuInit);
     RESOLVE(cuGetProcAddress);
     RESOLVE(cuGetProcAddress_v2);

@@ -20,13 +20,31 @@
 HIDDEN void *stasis_gate_targets[GATE_SLOTS];
 HIDDEN extern char stasis_gate_trampolines[];
 
-static atomic_int closed;
-static atomic_long inside;
+// On cache lines of their own: every gated call writes `inside`, and the trampolines read the targets.
+static struct {
+    _Alignas(64) atomic_int closed;
+    _Alignas(64) atomic_long inside;
+    char padding[64 - sizeof(atomic_long)];
+} gate;
+#define closed gate.closed
+#define inside gate.inside
 static pthread_mutex_t mutex = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t changed = PTHREAD_COND_INITIALIZER;
 static pthread_mutex_t table_mutex = PTHREAD_MUTEX_INITIALIZER;
 static unsigned used_slots;
 static atomic_ulong ungated;
+// Target -> slot + 1 (0: empty), open addressing: programs look entry points up again and again (cuBLAS,
+// Triton), so finding an existing trampoline must not scan the table.
+#define INDEX_SIZE (2 * GATE_SLOTS)
+static unsigned slot_index[INDEX_SIZE];
+
+static size_t index_of(void *target) {
+    uintptr_t key = (uintptr_t)target;
+    key ^= key >> 17;
+    key *= 0xed5ad4bbu;
+    key ^= key >> 11;
+    return (size_t)(key % INDEX_SIZE);
+}
 
 // Dekker-style: a thread counts itself in, then looks at the gate; the closer closes, then looks at the
 // count. Sequentially consistent atomics on both sides make one of them see the other.
@@ -85,11 +103,12 @@ HIDDEN void *gate_wrap(void *target) {
 #if defined(__x86_64__)
     if (!target) return NULL;
     pthread_mutex_lock(&table_mutex);
-    for (unsigned i = 0; i < used_slots; i++) {
-        if (stasis_gate_targets[i] == target) {
-            pthread_mutex_unlock(&table_mutex);
-            return stasis_gate_trampolines + (size_t)i * TRAMPOLINE_BYTES;
-        }
+    size_t at = index_of(target);
+    while (slot_index[at] && stasis_gate_targets[slot_index[at] - 1] != target) at = (at + 1) % INDEX_SIZE;
+    if (slot_index[at]) {
+        unsigned found = slot_index[at] - 1;
+        pthread_mutex_unlock(&table_mutex);
+        return stasis_gate_trampolines + (size_t)found * TRAMPOLINE_BYTES;
     }
     if (used_slots == GATE_SLOTS) {
         pthread_mutex_unlock(&table_mutex);
@@ -101,6 +120,7 @@ HIDDEN void *gate_wrap(void *target) {
     // The target is in place before any thread can learn the trampoline's address.
     atomic_thread_fence(memory_order_release);
     used_slots++;
+    slot_index[at] = slot + 1;
     pthread_mutex_unlock(&table_mutex);
     return stasis_gate_trampolines + (size_t)slot * TRAMPOLINE_BYTES;
 #else

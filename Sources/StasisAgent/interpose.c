@@ -140,6 +140,7 @@ static const replacement replacements[] = {
 
 HIDDEN void *interpose(const char *name, void *real_pointer, int version) {
     if (!name || !real_pointer) return NULL;
+    counters.lookups++;
     // By address first: whatever name or version the program asked for, this is the driver's function.
     for (size_t i = 0; i < COUNT; i++) {
         if (*replacements[i].real == real_pointer) return replacements[i].ours;
@@ -167,9 +168,12 @@ HIDDEN void *interpose(const char *name, void *real_pointer, int version) {
 HIDDEN void *stasis_dlsym_hook(void *handle, const char *name) {
     void *found = real_dlsym(handle, name);
     if (!found || !name || name[0] != 'c' || name[1] != 'u' || !settings.enabled) return found;
-    Dl_info info;
-    if (!dladdr(found, &info) || !info.dli_fname || !strstr(info.dli_fname, "libcuda.so")) return found;
     if (driver_load() != 0) return found;
+    // A lookup in libcuda's own handle is the driver's; any other is checked by address (dladdr is slow).
+    if (handle != driver_handle()) {
+        Dl_info info;
+        if (!dladdr(found, &info) || !info.dli_fname || !strstr(info.dli_fname, "libcuda.so")) return found;
+    }
     void *ours = interpose(name, found, -1);
     return ours ? ours : found;
 }

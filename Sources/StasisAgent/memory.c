@@ -145,8 +145,10 @@ HIDDEN CUresult memory_alloc(CUdeviceptr *pointer, size_t bytes) {
         device < 0 || device >= MAX_DEVICES) {
         CUresult result = real.cuMemAlloc_v2(pointer, bytes);
         if (result == CUDA_SUCCESS) atomic_fetch_add(&driver_path_bytes, bytes);
+        counters.driver_allocations++;
         return result;
     }
+    counters.allocations++;
     cu_mem_allocation_prop prop;
     memset(&prop, 0, sizeof prop);
     prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
@@ -204,6 +206,7 @@ HIDDEN CUresult memory_free(CUdeviceptr pointer) {
         mapping_record *mapping = &mappings[i];
         if (mapping->address != pointer || !mapping->reservation) continue;
         // cudaFree waits for the device; so does this, before the memory goes.
+        counters.frees++;
         real.cuCtxSynchronize();
         handle_record *handle = mapping->handle;
         size_t size = mapping->reservation;

@@ -168,5 +168,21 @@ paste /tmp/alloc-plain.txt /tmp/alloc-agent.txt | while IFS=$'\t' read -r size m
     echo "| cudaMalloc + cudaFree of $size bytes, median (us) | $m1 + $f1 | $m2 + $f2 | $(awk -v a="$m2" -v b="$f2" -v c="$m1" -v d="$f1" 'BEGIN { printf "%.2f", (a + b) / (c + d) }') |"
 done
 fi
+
+if [[ $PARTS == *" interleaved "* ]]; then
+echo "== 3b. training step, runs with and without the agent taking turns"
+median() { sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+: >/tmp/steps-plain.txt; : >/tmp/steps-agent.txt
+for round in 1 2 3; do
+    for run in plain agent; do
+        dir=$(mktemp -d); launcher=""; [[ $run == agent ]] && launcher=$RUN
+        CUBLAS_WORKSPACE_CONFIG=:4096:8 $launcher python3 Workloads/torch/bert_train.py --dir "$dir" --size base --steps 40 >/dev/null 2>&1
+        awk -F'\t' '$1 > 10 { print $2 * 1000 }' "$dir/step-times.txt" >>"/tmp/steps-$run.txt"
+        echo "round $round $run: median $(median <"$dir/step-times.txt" 2>/dev/null | head -c 0)$(awk -F'\t' '$1 > 10 { print $2 * 1000 }' "$dir/step-times.txt" | median) ms"
+    done
+done
+p=$(median </tmp/steps-plain.txt); a=$(median </tmp/steps-agent.txt)
+echo "| BERT-base training step, median of steps 11-40 of three runs each, taking turns (ms) | $p | $a | $(awk -v a="$a" -v b="$p" 'BEGIN { printf "%.4f", a / b }') |"
+fi
 echo
 echo "date: $(date -u +%Y-%m-%dT%H:%MZ); $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader); $(nproc) cores; $(criu --version | head -n1)"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job, end to end: install CRIU if needed, build stasis (release), start a workload that builds
-# state, checkpoint it, make sure it is gone, restore it, and have it verify its own state. On a machine with
-# an NVIDIA GPU and nvcc the workload is a CUDA program holding device memory; elsewhere a CPU process.
+# The main job, end to end: install CRIU if needed, build stasis (release) and its agent, start a workload
+# under `stasis run` that builds state, checkpoint it, make sure it is gone, restore it, and have it verify
+# its own state. On a machine with an NVIDIA GPU and nvcc the workload is a CUDA program holding device
+# memory, which the agent moves out and back itself; elsewhere a CPU process (the agent stays idle in it).
 # Needs root. Usage: scripts/demo.sh [MEMORY_MIB]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,7 @@ echo "== building stasis (release)"
 swift build -c release 2>&1 | tail -n 1
 BIN=$(swift build -c release --show-bin-path)
 STASIS=$BIN/stasis
+export STASIS_AGENT_LIBRARY=$(./scripts/build-agent.sh)
 
 work=$(mktemp -d /tmp/stasis-demo.XXXXXX)
 # The demo's chunks go to a store of its own, removed with the rest (a real job uses /var/lib/stasis/store).
@@ -31,11 +33,11 @@ if [[ $gpu == 1 ]]; then
     echo "== building the CUDA workload"
     nvcc -O2 -o "$work/cuda-workload" Workloads/cuda/cuda-workload.cu -lcuda
     echo "== starting a CUDA workload: $MEM_MIB MiB of patterned device memory, kernels checking it in a loop"
-    pid=$("$work/cuda-workload" buffers --dir "$work" --daemon --mem "$MEM_MIB")
+    pid=$("$STASIS" run -- "$work/cuda-workload" buffers --dir "$work" --daemon --mem "$MEM_MIB")
     echo "   PID $pid"
 else
     echo "== starting a workload: a counter appending to an open file, over $MEM_MIB MiB of patterned memory"
-    pid=$("$BIN/stasis-workload" counter --dir "$work" --daemon --mem "$MEM_MIB" --file "$work/counter.txt")
+    pid=$("$STASIS" run -- "$BIN/stasis-workload" counter --dir "$work" --daemon --mem "$MEM_MIB" --file "$work/counter.txt")
     sleep 1
     before=$(tail -n 1 "$work/counter.txt")
     echo "   PID $pid, counter at $before"
@@ -61,7 +63,7 @@ for _ in $(seq 200); do [[ -e "$work/result" ]] && break; sleep 0.05; done
 verdict=$(cat "$work/result" 2>/dev/null || echo "FAIL no answer")
 echo "   workload says: $verdict"
 if [[ $gpu == 1 ]]; then
-    [[ $verdict == PASS* ]] && { echo "DEMO PASSED: the CUDA process continued from its checkpoint with its device memory intact"; exit 0; }
+    [[ $verdict == PASS* ]] && { echo "DEMO PASSED: the CUDA process continued from its checkpoint with its device memory intact (moved by its agent)"; exit 0; }
     echo "DEMO FAILED"; exit 1
 fi
 after=$(tail -n 1 "$work/counter.txt")

@@ -10,6 +10,8 @@
 
 #define HIDDEN __attribute__((visibility("hidden")))
 #define MAX_DEVICES 64
+/// The most slots the staging ring has (control.c keeps an event per slot and device).
+#define MAX_SLOTS 1024
 
 // ---- driver.c: the real driver, settings, logging
 HIDDEN extern cuda_driver real;

@@ -16,7 +16,6 @@
 #include "agent.h"
 #include "stasis_agent_protocol.h"
 
-#define MAX_SLOTS 1024
 
 static pthread_mutex_t start_mutex = PTHREAD_MUTEX_INITIALIZER;
 static int started;

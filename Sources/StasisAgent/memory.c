@@ -12,7 +12,7 @@
 
 #include "agent.h"
 
-#define MAX_ACCESS 8
+#define MAX_ACCESS 16
 // Handles the program sees; far from any small integer a program might pass by mistake.
 #define FIRST_ID 0x5354415300000001ull
 
@@ -159,14 +159,27 @@ HIDDEN CUresult memory_alloc(CUdeviceptr *pointer, size_t bytes) {
         granularity[device] = 2u << 20;
     }
     size_t size = round_up(bytes, granularity[device]);
+    // cudaMalloc memory is reachable from every peer that enables peer access; VMM memory only from the
+    // devices given access. So every device that can reach this one gets it, as cudaMalloc would allow.
+    cu_mem_access_desc access[MAX_ACCESS];
+    size_t access_count = 0;
+    access[access_count++] = (cu_mem_access_desc){{CU_MEM_LOCATION_TYPE_DEVICE, device}, CU_MEM_ACCESS_FLAGS_PROT_READWRITE};
+    int devices = 0;
+    if (real.cuDeviceGetCount(&devices) == CUDA_SUCCESS) {
+        for (int peer = 0; peer < devices && access_count < MAX_ACCESS; peer++) {
+            int reachable = 0;
+            if (peer != device && real.cuDeviceCanAccessPeer(&reachable, peer, device) == CUDA_SUCCESS && reachable) {
+                access[access_count++] = (cu_mem_access_desc){{CU_MEM_LOCATION_TYPE_DEVICE, peer}, CU_MEM_ACCESS_FLAGS_PROT_READWRITE};
+            }
+        }
+    }
     CUdeviceptr address = 0;
     CUmemGenericAllocationHandle driver = 0;
     CUresult result = real.cuMemAddressReserve(&address, size, 0, 0, 0);
     if (result == CUDA_SUCCESS) result = real.cuMemCreate(&driver, size, &prop, 0);
     if (result == CUDA_SUCCESS) result = real.cuMemMap(address, size, 0, driver, 0);
-    cu_mem_access_desc access = {{CU_MEM_LOCATION_TYPE_DEVICE, device}, CU_MEM_ACCESS_FLAGS_PROT_READWRITE};
     int mapped = result == CUDA_SUCCESS;
-    if (result == CUDA_SUCCESS) result = real.cuMemSetAccess(address, size, &access, 1);
+    if (result == CUDA_SUCCESS) result = real.cuMemSetAccess(address, size, access, access_count);
     handle_record *handle = NULL;
     if (result == CUDA_SUCCESS && grow((void **)&mappings, &mapping_capacity, mapping_count, sizeof *mappings) == 0) {
         handle = add_handle(driver, size, &prop, 1);
@@ -190,8 +203,8 @@ HIDDEN CUresult memory_alloc(CUdeviceptr *pointer, size_t bytes) {
     mapping->size = size;
     mapping->handle = handle;
     mapping->mapped = 1;
-    mapping->access[0] = access;
-    mapping->access_count = 1;
+    memcpy(mapping->access, access, access_count * sizeof access[0]);
+    mapping->access_count = (int)access_count;
     mapping->reservation = size;
     remember_context(device);
     memory_ensure_ring();

@@ -40,7 +40,7 @@ struct RunCommand: ParsableCommand {
     func validate() throws {
         if ["--help", "-h", "help"].contains(command.first) { throw CleanExit.helpRequest(self) }
         guard !arguments.isEmpty else { throw ValidationError("give the program to run: stasis run [OPTIONS] -- PROGRAM [ARGUMENTS...]") }
-        guard (8...65_536).contains(ringMib) else { throw ValidationError("--ring-mib must be between 8 and 65536") }
+        guard (8...2048).contains(ringMib) else { throw ValidationError("--ring-mib must be between 8 and 2048") }
         guard minBackedMib >= 0 else { throw ValidationError("--min-backed-mib must not be negative") }
     }
 

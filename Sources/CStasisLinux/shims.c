@@ -3,6 +3,7 @@
 #include "CStasisLinux.h"
 
 #include <fcntl.h>
+#include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -31,4 +32,11 @@ long stasis_process_read(int pid, void *local, uint64_t remote, unsigned long le
 long stasis_process_write(int pid, const void *local, uint64_t remote, unsigned long length) {
     struct iovec here = {(void *)local, length}, there = {(void *)(uintptr_t)remote, length};
     return (long)process_vm_writev(pid, &here, 1, &there, 1, 0);
+}
+
+int stasis_socket_peer_pid(int fd) {
+    struct ucred peer;
+    socklen_t length = sizeof peer;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &peer, &length) != 0) return -1;
+    return peer.pid;
 }

@@ -74,6 +74,8 @@ HIDDEN CUresult memory_properties(cu_mem_allocation_prop *prop, CUmemGenericAllo
 HIDDEN CUresult memory_retain(CUmemGenericAllocationHandle *handle, void *address);
 HIDDEN CUresult memory_export(void *shareable, CUmemGenericAllocationHandle handle, int type, unsigned long long flags);
 HIDDEN CUresult memory_import(CUmemGenericAllocationHandle *handle, void *os_handle, int type);
+HIDDEN CUresult memory_multicast_bind(CUmemGenericAllocationHandle group, CUdevice device, size_t group_offset,
+                                     CUmemGenericAllocationHandle handle, size_t offset, size_t size, unsigned long long flags);
 
 typedef struct {
     uint64_t id;
@@ -82,10 +84,12 @@ typedef struct {
 } memory_entry;
 /// The allocations to evacuate, in a stable order; returns the count (entries malloc'd into *out).
 HIDDEN size_t memory_table(memory_entry **out, uint64_t *tracked, uint64_t *driver_path);
-/// Synchronises every context the agent knows; a CUresult.
-HIDDEN CUresult memory_synchronize(char *why, size_t length);
-/// A device address covering all of allocation `id` (mapping it temporarily where the program has not).
-HIDDEN CUresult memory_view(uint64_t id, CUdeviceptr *address, int *device);
+/// Synchronises the contexts of every GPU the agent has memory on, giving up after `timeout_ms` (the
+/// synchronisation goes on by itself); a CUresult, CUDA_ERROR_TIMEOUT on time-out.
+HIDDEN CUresult memory_synchronize(unsigned timeout_ms, char *why, size_t length);
+/// A device address covering all of allocation `id`, and its size (mapping it temporarily where the program
+/// has not mapped it whole with read-write access for its device).
+HIDDEN CUresult memory_view(uint64_t id, CUdeviceptr *address, int *device, size_t *size);
 HIDDEN void memory_drop_views(void);
 /// The context for copies on `device`, current on the calling thread afterwards.
 HIDDEN CUresult memory_use_device(int device);
@@ -97,6 +101,7 @@ HIDDEN int memory_released(void);
 /// The pinned staging ring (allocated at the first backed allocation, never at checkpoint time).
 HIDDEN void *memory_ring(void);
 HIDDEN void memory_ensure_ring(void);
+HIDDEN void memory_after_fork_child(void);
 
 // ---- control.c: the channel to stasis
 HIDDEN void control_start(void);

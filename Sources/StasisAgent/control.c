@@ -11,6 +11,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "agent.h"
@@ -24,6 +25,8 @@ static int state = STASIS_AGENT_RUNNING;
 // Set when physical memory is released, cleared by RESUME: from then on only stasis can put the contents
 // back, so a lost connection must not let the program run on.
 static int contents_lost;
+// Set by a complete EVACUATE of the current hold: RELEASE gives nothing back before it.
+static int evacuated;
 
 // ---- messages
 
@@ -106,10 +109,16 @@ static CUresult slot_event(int device, int slot, CUevent *event) {
 static CUresult start_copy(int out, int slot, uint64_t id, uint64_t offset, uint64_t length, char *why, size_t why_length) {
     CUdeviceptr view;
     int device;
-    CUresult result = memory_view(id, &view, &device);
+    size_t size;
+    CUresult result = memory_view(id, &view, &device, &size);
     if (result != CUDA_SUCCESS) {
         snprintf(why, why_length, "no device memory %#llx to copy: %s", (unsigned long long)id, driver_error_name(result));
         return result;
+    }
+    if (offset > size || length > size - offset || length > settings.slot_bytes) {
+        snprintf(why, why_length, "bytes %llu..%llu are outside allocation %#llx (%zu bytes)", (unsigned long long)offset,
+                 (unsigned long long)(offset + length), (unsigned long long)id, size);
+        return CUDA_ERROR_INVALID_VALUE;
     }
     if ((result = prepare_device(device, why, why_length)) != CUDA_SUCCESS) return result;
     CUstream stream = streams[device][stream_turn++ % settings.streams];
@@ -127,6 +136,9 @@ static CUresult start_copy(int out, int slot, uint64_t id, uint64_t offset, uint
     *entry = (copy){slot, device, id, offset, length};
     return CUDA_SUCCESS;
 }
+
+// Slots of an evacuation that stasis holds (sent FILLED, not yet FREE).
+static char *lent_slots;
 
 /// Waits for the oldest copy and tells stasis about it with `op`.
 static int finish_oldest(int fd, uint32_t op, char *why, size_t length) {
@@ -147,6 +159,7 @@ static int finish_oldest(int fd, uint32_t op, char *why, size_t length) {
     message.offset = entry->offset;
     message.length = entry->length;
     message.device = entry->device;
+    if (op == STASIS_AGENT_FILLED && lent_slots) lent_slots[entry->slot] = 1;
     if (send_message(fd, &message) != 0) {
         snprintf(why, length, "stasis went away during the copy");
         return -1;
@@ -165,17 +178,19 @@ static int evacuate(int fd, uint64_t *copied, char *why, size_t length) {
     memory_entry *entries = NULL;
     size_t count = memory_table(&entries, NULL, NULL);
     int free_slots[MAX_SLOTS];
-    unsigned free_count = 0, slots = settings.slot_count > MAX_SLOTS ? MAX_SLOTS : settings.slot_count;
+    char lent[MAX_SLOTS] = {0};  // slots stasis holds: a FREE for any other is refused
+    unsigned free_count = 0, slots = settings.slot_count;
     for (unsigned s = 0; s < slots; s++) free_slots[free_count++] = (int)(slots - 1 - s);
     size_t entry = 0;
     uint64_t offset = 0;
     int status = 0;
     *copied = 0;
     flight_head = flight_count = 0;
+    lent_slots = lent;
     while (status == 0) {
         while (free_count > 0 && entry < count) {
             uint64_t piece = entries[entry].bytes - offset < settings.slot_bytes ? entries[entry].bytes - offset : settings.slot_bytes;
-            if (piece > 0 && start_copy(fd, free_slots[--free_count], entries[entry].id, offset, piece, why, length) != CUDA_SUCCESS) {
+            if (piece > 0 && start_copy(1, free_slots[--free_count], entries[entry].id, offset, piece, why, length) != CUDA_SUCCESS) {
                 status = -1;
                 break;
             }
@@ -197,10 +212,11 @@ static int evacuate(int fd, uint64_t *copied, char *why, size_t length) {
             if (receive_message(fd, &message) != 0) {
                 snprintf(why, length, "stasis went away during the evacuation");
                 status = -1;
-            } else if (message.op != STASIS_AGENT_FREE || message.slot < 0 || (unsigned)message.slot >= slots) {
-                snprintf(why, length, "unexpected message %u during the evacuation", message.op);
+            } else if (message.op != STASIS_AGENT_FREE || message.slot < 0 || (unsigned)message.slot >= slots || !lent[message.slot]) {
+                snprintf(why, length, "unexpected message %u (slot %d) during the evacuation", message.op, message.slot);
                 status = -1;
             } else {
+                lent[message.slot] = 0;
                 free_slots[free_count++] = message.slot;
             }
         }
@@ -212,6 +228,7 @@ static int evacuate(int fd, uint64_t *copied, char *why, size_t length) {
         flight_head = (flight_head + 1) % MAX_SLOTS;
         flight_count--;
     }
+    lent_slots = NULL;
     free(entries);
     return status;
 }
@@ -240,13 +257,20 @@ static void quiesce(int fd, unsigned timeout_ms) {
     if (state != STASIS_AGENT_RUNNING) { reply(fd, STASIS_AGENT_ERROR, 0, "a checkpoint is already in progress"); return; }
     const char *refusal = memory_refusal();
     if (refusal) { reply(fd, STASIS_AGENT_ERROR, CUDA_ERROR_NOT_SUPPORTED, "%s", refusal); return; }
+    struct timespec started;
+    clock_gettime(CLOCK_MONOTONIC, &started);
     long inside = gate_close(timeout_ms);
     if (inside > 0) {
         reply(fd, STASIS_AGENT_ERROR, 0, "%ld thread(s) stayed inside CUDA calls for %u ms; the program runs on", inside, timeout_ms);
         return;
     }
     refusal = memory_refusal();
-    CUresult result = refusal ? CUDA_ERROR_NOT_SUPPORTED : memory_synchronize(why, sizeof why);
+    // The synchronisation gets what is left of the same time limit.
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    long spent = (now.tv_sec - started.tv_sec) * 1000 + (now.tv_nsec - started.tv_nsec) / 1000000;
+    unsigned left = spent >= (long)timeout_ms ? 1000 : timeout_ms - (unsigned)spent;
+    CUresult result = refusal ? CUDA_ERROR_NOT_SUPPORTED : memory_synchronize(left, why, sizeof why);
     if (result == CUDA_SUCCESS && !memory_ring()) {
         // No backed allocation pinned it yet (memory made before the agent saw a context): pin it now.
         memory_entry *entries = NULL;
@@ -264,6 +288,7 @@ static void quiesce(int fd, unsigned timeout_ms) {
         return;
     }
     state = STASIS_AGENT_HELD;
+    evacuated = 0;
     memory_entry *entries = NULL;
     uint64_t tracked = 0, driver_path = 0;
     size_t count = memory_table(&entries, &tracked, &driver_path);
@@ -334,6 +359,7 @@ static void serve(int fd) {
             uint64_t copied = 0;
             if (state != STASIS_AGENT_HELD) { reply(fd, STASIS_AGENT_ERROR, 0, "not held: quiesce first"); break; }
             if (evacuate(fd, &copied, why, sizeof why) != 0) { reply(fd, STASIS_AGENT_ERROR, 0, "%s", why); break; }
+            evacuated = 1;
             stasis_agent_message done;
             memset(&done, 0, sizeof done);
             done.op = STASIS_AGENT_EVACUATED;
@@ -342,7 +368,7 @@ static void serve(int fd) {
             break;
         }
         case STASIS_AGENT_RELEASE:
-            if (state != STASIS_AGENT_HELD) { reply(fd, STASIS_AGENT_ERROR, 0, "not held: quiesce first"); break; }
+            if (state != STASIS_AGENT_HELD || !evacuated) { reply(fd, STASIS_AGENT_ERROR, 0, "nothing evacuated: quiesce and evacuate first"); break; }
             state = STASIS_AGENT_RELEASED;
             contents_lost = 1;
             if (memory_release_all(why, sizeof why) != CUDA_SUCCESS) reply(fd, STASIS_AGENT_ERROR, 0, "%s", why);
@@ -370,7 +396,9 @@ static void serve(int fd) {
         case STASIS_AGENT_ZERO: {
             CUdeviceptr view;
             int device;
-            CUresult result = state == STASIS_AGENT_HELD ? memory_view(message.id, &view, &device) : CUDA_ERROR_INVALID_VALUE;
+            size_t size = 0;
+            CUresult result = state == STASIS_AGENT_HELD ? memory_view(message.id, &view, &device, &size) : CUDA_ERROR_INVALID_VALUE;
+            if (result == CUDA_SUCCESS && (message.offset > size || message.length > size - message.offset)) result = CUDA_ERROR_INVALID_VALUE;
             if (result == CUDA_SUCCESS && prepare_device(device, why, sizeof why) == CUDA_SUCCESS) {
                 result = real.cuMemsetD8Async(view + message.offset, 0, message.length, streams[device][stream_turn++ % settings.streams]);
             }
@@ -386,7 +414,8 @@ static void serve(int fd) {
             break;
         case STASIS_AGENT_RESUME:
             if (state == STASIS_AGENT_RELEASED) { reply(fd, STASIS_AGENT_ERROR, 0, "device memory is released: reback and refill first"); break; }
-            memory_drop_views();
+            // Copies still running into the device finish before any program thread goes on.
+            if (flush_writes(fd, why, sizeof why) != 0) { reply(fd, STASIS_AGENT_ERROR, 0, "%s", why); break; }
             state = STASIS_AGENT_RUNNING;
             contents_lost = 0;
             gate_open();
@@ -441,6 +470,7 @@ static void after_fork_child(void) {
     contents_lost = 0;
     pthread_mutex_init(&start_mutex, NULL);
     gate_after_fork_child();
+    memory_after_fork_child();
 }
 
 HIDDEN void control_start(void) {

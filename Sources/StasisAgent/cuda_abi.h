@@ -24,6 +24,7 @@ enum {
     CUDA_ERROR_NOT_FOUND = 500,
     CUDA_ERROR_NOT_READY = 600,
     CUDA_ERROR_NOT_SUPPORTED = 801,
+    CUDA_ERROR_TIMEOUT = 909,
 };
 
 // CUmemLocation, CUmemAllocationProp, CUmemAccessDesc.
@@ -98,6 +99,9 @@ typedef struct {
     CUresult (*cuMemsetD8Async)(CUdeviceptr, unsigned char, size_t, CUstream);
     CUresult (*cuMemHostAlloc)(void **, size_t, unsigned int);
     CUresult (*cuGetErrorName)(CUresult, const char **);
+    // Optional (drivers of CUDA 12.1 and later): binds VMM memory to a multicast object (NVLink SHARP).
+    CUresult (*cuMulticastBindMem)(CUmemGenericAllocationHandle, CUdevice, size_t, CUmemGenericAllocationHandle, size_t, size_t,
+                                   unsigned long long);
 } cuda_driver;
 
 #endif

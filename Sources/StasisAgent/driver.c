@@ -132,10 +132,12 @@ static void resolve(void) {
     RESOLVE(cuMemsetD8Async);
     RESOLVE(cuMemHostAlloc);
     RESOLVE(cuGetErrorName);
+    RESOLVE(cuMulticastBindMem);
     // Without any one of these the agent stays a pass-through: it never half-tracks memory.
     void **all = (void **)&real;
     for (size_t i = 0; i < sizeof real / sizeof(void *); i++) {
-        if (!all[i] && &all[i] != (void **)&real.cuGetProcAddress && &all[i] != (void **)&real.cuGetProcAddress_v2) {
+        if (!all[i] && &all[i] != (void **)&real.cuGetProcAddress && &all[i] != (void **)&real.cuGetProcAddress_v2 &&
+            &all[i] != (void **)&real.cuMulticastBindMem) {
             agent_log("libcuda.so.1 lacks an entry point the agent needs (#%zu); the agent stays out of the way", i);
             return;
         }

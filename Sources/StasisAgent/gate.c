@@ -147,25 +147,31 @@ HIDDEN void gate_after_fork_child(void) {
 
 // ---- self-test (no GPU needed)
 
-static long eleven(long a, long b, long c, long d, long e, long f, long g, long h, long i, long j, double x) {
-    return a + 2 * b + 3 * c + 4 * d + 5 * e + 6 * f + 7 * g + 8 * h + 9 * i + 10 * j + (long)(x * 100);
+// Sixteen integer arguments (ten on the stack, the most any driver function passes) and a double.
+typedef long (*sixteen_fn)(long, long, long, long, long, long, long, long, long, long, long, long, long, long, long, long, double);
+
+static long sixteen(long a, long b, long c, long d, long e, long f, long g, long h, long i, long j, long k, long l, long m, long n,
+                    long o, long p, double x) {
+    return a + 2 * b + 3 * c + 4 * d + 5 * e + 6 * f + 7 * g + 8 * h + 9 * i + 10 * j + 11 * k + 12 * l + 13 * m + 14 * n + 15 * o +
+           16 * p + (long)(x * 100);
 }
 
 static atomic_int held_call_done;
 
 static void *call_while_closed(void *function) {
-    long (*call)(long, long, long, long, long, long, long, long, long, long, double) = function;
-    call(1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0.5);
+    sixteen_fn call = (sixteen_fn)function;
+    call(1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0.5);
     atomic_store(&held_call_done, 1);
     return NULL;
 }
 
 int stasis_agent_selftest(char *report, unsigned long length) {
-    long (*through)(long, long, long, long, long, long, long, long, long, long, double) = gate_wrap((void *)eleven);
-    if ((void *)through == (void *)eleven) { snprintf(report, length, "no trampoline on this architecture"); return 1; }
-    if (gate_wrap((void *)eleven) != (void *)through) { snprintf(report, length, "the same target got two trampolines"); return 2; }
-    long expected = eleven(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1.25), got = through(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1.25);
-    if (got != expected) { snprintf(report, length, "eleven arguments through the gate: %ld, expected %ld", got, expected); return 3; }
+    sixteen_fn through = (sixteen_fn)gate_wrap((void *)sixteen);
+    if ((void *)through == (void *)sixteen) { snprintf(report, length, "no trampoline on this architecture"); return 1; }
+    if (gate_wrap((void *)sixteen) != (void *)through) { snprintf(report, length, "the same target got two trampolines"); return 2; }
+    long expected = sixteen(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 1.25);
+    long got = through(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 1.25);
+    if (got != expected) { snprintf(report, length, "sixteen arguments through the gate: %ld, expected %ld", got, expected); return 3; }
     if (gate_close(100) != 0) { snprintf(report, length, "the gate did not close with nobody inside"); return 4; }
     atomic_store(&held_call_done, 0);
     pthread_t thread;
@@ -177,6 +183,6 @@ int stasis_agent_selftest(char *report, unsigned long length) {
     pthread_join(thread, NULL);
     if (early) { snprintf(report, length, "a call went through the closed gate"); return 5; }
     if (!atomic_load(&held_call_done)) { snprintf(report, length, "a held call did not go on after the gate opened"); return 6; }
-    snprintf(report, length, "gate: eleven arguments pass (%ld), a call waits while closed and goes on after", got);
+    snprintf(report, length, "gate: sixteen arguments and a double pass (%ld), a call waits while closed and goes on after", got);
     return 0;
 }

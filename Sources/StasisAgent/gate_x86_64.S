@@ -1,7 +1,8 @@
 // The gate's trampolines (x86-64 System V). Each of GATE_SLOTS entries loads its index and jumps to
 // gate_common, which counts the thread into the gate (waiting while it is closed), calls the real driver
-// function with the caller's arguments, six in registers, xmm0-7, and up to eight on the stack (no driver
-// function takes more than fourteen), counts the thread out, and returns the driver's answer.
+// function with the caller's arguments, six in registers, xmm0-7, and up to sixteen on the stack (the
+// driver's widest, cuTensorMapEncodeIm2colWide, takes sixteen in all), counts the thread out, and returns
+// the driver's answer.
 #if defined(__x86_64__)
 #define GATE_SLOTS 4096
     .text
@@ -48,7 +49,7 @@ stasis_gate_common:
     movaps %xmm7, 176(%rsp)
     call stasis_gate_enter_hook
     // The caller's stack arguments, copied below the save area for the real call.
-    subq $64, %rsp
+    subq $128, %rsp
     movq 16(%rbp), %r10
     movq %r10, 0(%rsp)
     movq 24(%rbp), %r10
@@ -65,26 +66,42 @@ stasis_gate_common:
     movq %r10, 48(%rsp)
     movq 72(%rbp), %r10
     movq %r10, 56(%rsp)
-    movq 64(%rsp), %rdi
-    movq 72(%rsp), %rsi
-    movq 80(%rsp), %rdx
-    movq 88(%rsp), %rcx
-    movq 96(%rsp), %r8
-    movq 104(%rsp), %r9
-    movq 112(%rsp), %r11
-    movq 120(%rsp), %rax
-    movaps 128(%rsp), %xmm0
-    movaps 144(%rsp), %xmm1
-    movaps 160(%rsp), %xmm2
-    movaps 176(%rsp), %xmm3
-    movaps 192(%rsp), %xmm4
-    movaps 208(%rsp), %xmm5
-    movaps 224(%rsp), %xmm6
-    movaps 240(%rsp), %xmm7
+    movq 80(%rbp), %r10
+    movq %r10, 64(%rsp)
+    movq 88(%rbp), %r10
+    movq %r10, 72(%rsp)
+    movq 96(%rbp), %r10
+    movq %r10, 80(%rsp)
+    movq 104(%rbp), %r10
+    movq %r10, 88(%rsp)
+    movq 112(%rbp), %r10
+    movq %r10, 96(%rsp)
+    movq 120(%rbp), %r10
+    movq %r10, 104(%rsp)
+    movq 128(%rbp), %r10
+    movq %r10, 112(%rsp)
+    movq 136(%rbp), %r10
+    movq %r10, 120(%rsp)
+    movq 128(%rsp), %rdi
+    movq 136(%rsp), %rsi
+    movq 144(%rsp), %rdx
+    movq 152(%rsp), %rcx
+    movq 160(%rsp), %r8
+    movq 168(%rsp), %r9
+    movq 176(%rsp), %r11
+    movq 184(%rsp), %rax
+    movaps 192(%rsp), %xmm0
+    movaps 208(%rsp), %xmm1
+    movaps 224(%rsp), %xmm2
+    movaps 240(%rsp), %xmm3
+    movaps 256(%rsp), %xmm4
+    movaps 272(%rsp), %xmm5
+    movaps 288(%rsp), %xmm6
+    movaps 304(%rsp), %xmm7
     leaq stasis_gate_targets(%rip), %r10
     movq (%r10,%r11,8), %r10
     call *%r10
-    addq $64, %rsp
+    addq $128, %rsp
     // The answer (rax, and rdx for a two-word one) survives the count-out.
     movq %rax, 0(%rsp)
     movq %rdx, 8(%rsp)

@@ -5,6 +5,8 @@
 // (the exported dlsym below), and cuGetProcAddress (how the CUDA runtime, and through it PyTorch, gets them).
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <elf.h>
+#include <link.h>
 #include <string.h>
 
 #include "agent.h"
@@ -87,6 +89,12 @@ CUresult cuMemImportFromShareableHandle(CUmemGenericAllocationHandle *handle, vo
     GATED(memory_import(handle, os_handle, type));
 }
 
+CUresult cuMulticastBindMem(CUmemGenericAllocationHandle group, CUdevice device, size_t group_offset, CUmemGenericAllocationHandle handle,
+                            size_t offset, size_t size, unsigned long long flags) {
+    PASS(cuMulticastBindMem, group, device, group_offset, handle, offset, size, flags);
+    GATED(memory_multicast_bind(group, device, group_offset, handle, offset, size, flags));
+}
+
 CUresult cuGetProcAddress(const char *symbol, void **function, int version, uint64_t flags) {
     if (driver_load() != 0 && !real.cuGetProcAddress) return CUDA_ERROR_NOT_INITIALIZED;
     CUresult result = real.cuGetProcAddress(symbol, function, version, flags);
@@ -134,6 +142,7 @@ static const replacement replacements[] = {
     REPLACE(cuMemRetainAllocationHandle, cuMemRetainAllocationHandle, 0),
     REPLACE(cuMemExportToShareableHandle, cuMemExportToShareableHandle, 0),
     REPLACE(cuMemImportFromShareableHandle, cuMemImportFromShareableHandle, 0),
+    REPLACE(cuMulticastBindMem, cuMulticastBindMem, 0),
 };
 
 #define COUNT (sizeof replacements / sizeof replacements[0])
@@ -169,11 +178,11 @@ HIDDEN void *stasis_dlsym_hook(void *handle, const char *name) {
     void *found = real_dlsym(handle, name);
     if (!found || !name || name[0] != 'c' || name[1] != 'u' || !settings.enabled) return found;
     if (driver_load() != 0) return found;
-    // A lookup in libcuda's own handle is the driver's; any other is checked by address (dladdr is slow).
-    if (handle != driver_handle()) {
-        Dl_info info;
-        if (!dladdr(found, &info) || !info.dli_fname || !strstr(info.dli_fname, "libcuda.so")) return found;
-    }
+    // Only libcuda's functions: not another library's cu* symbol, nor a data symbol of libcuda's.
+    Dl_info info;
+    const ElfW(Sym) *symbol = NULL;
+    if (!dladdr1(found, &info, (void **)&symbol, RTLD_DL_SYMENT) || !info.dli_fname || !strstr(info.dli_fname, "libcuda.so")) return found;
+    if (symbol && ELF64_ST_TYPE(symbol->st_info) != STT_FUNC && ELF64_ST_TYPE(symbol->st_info) != STT_GNU_IFUNC) return found;
     void *ours = interpose(name, found, -1);
     return ours ? ours : found;
 }

@@ -4,7 +4,10 @@
 // evacuation the physical memory can be re-created under a new driver handle while the program's handles and
 // addresses stay valid.
 #define _GNU_SOURCE
+#include <errno.h>
 #include <pthread.h>
+#include <signal.h>
+#include <time.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,6 +27,7 @@ typedef struct {
     int references;     // the program's: one from create, one per retain; 0 once it released them all
     int internal;       // backs a cuMemAlloc
     int exported;       // shared with another process: cannot be evacuated
+    int multicast;      // bound to a multicast object: cannot be evacuated
     int imported;       // another process's memory: cannot be evacuated
     CUdeviceptr view;   // an address covering it all, during an evacuation or a refill
     int temporary_view;
@@ -110,14 +114,39 @@ static int device_of(const cu_mem_allocation_prop *prop) {
                ? prop->location.id : -1;
 }
 
-static void remember_context(int device) {
-    if (device < 0 || device_contexts[device]) return;
-    CUcontext current = NULL;
-    CUdevice current_device;
-    if (real.cuCtxGetCurrent(&current) == CUDA_SUCCESS && current && real.cuCtxGetDevice(&current_device) == CUDA_SUCCESS &&
-        current_device == device) {
-        device_contexts[device] = current;
+/// The device's primary context: what the agent copies and pins in. VMM memory belongs to the device, not
+/// to a context, and the primary context lives as long as the process (a context the program creates and
+/// destroys would take the ring with it).
+static CUresult primary_context(int device, CUcontext *context) {
+    if (device < 0 || device >= MAX_DEVICES) return CUDA_ERROR_INVALID_VALUE;
+    if (!device_contexts[device]) {
+        CUresult result = real.cuDevicePrimaryCtxRetain(&device_contexts[device], device);
+        if (result != CUDA_SUCCESS) return result;
     }
+    *context = device_contexts[device];
+    return CUDA_SUCCESS;
+}
+
+static CUcontext program_contexts[MAX_DEVICES];
+
+/// The context the program allocates in, when it is not the device's primary one.
+static void remember_program_context(int device) {
+    CUcontext current = NULL;
+    if (program_contexts[device] || real.cuCtxGetCurrent(&current) != CUDA_SUCCESS || !current) return;
+    CUcontext primary = NULL;
+    if (primary_context(device, &primary) == CUDA_SUCCESS && current != primary) program_contexts[device] = current;
+}
+
+/// Pins the ring in `device`'s primary context, leaving the calling thread's current context as it was.
+static void ensure_ring_on(int device) {
+    if (ring) return;
+    CUcontext previous = NULL, primary = NULL;
+    if (real.cuCtxGetCurrent(&previous) != CUDA_SUCCESS || primary_context(device, &primary) != CUDA_SUCCESS ||
+        real.cuCtxSetCurrent(primary) != CUDA_SUCCESS) {
+        return;
+    }
+    memory_ensure_ring();
+    real.cuCtxSetCurrent(previous);
 }
 
 HIDDEN void memory_ensure_ring(void) {
@@ -206,8 +235,8 @@ HIDDEN CUresult memory_alloc(CUdeviceptr *pointer, size_t bytes) {
     memcpy(mapping->access, access, access_count * sizeof access[0]);
     mapping->access_count = (int)access_count;
     mapping->reservation = size;
-    remember_context(device);
-    memory_ensure_ring();
+    remember_program_context(device);
+    ensure_ring_on(device);
     pthread_mutex_unlock(&tables);
     *pointer = address;
     return CUDA_SUCCESS;
@@ -218,16 +247,23 @@ HIDDEN CUresult memory_free(CUdeviceptr pointer) {
     for (size_t i = 0; i < mapping_count; i++) {
         mapping_record *mapping = &mappings[i];
         if (mapping->address != pointer || !mapping->reservation) continue;
-        // cudaFree waits for the device; so does this, before the memory goes.
         counters.frees++;
-        real.cuCtxSynchronize();
         handle_record *handle = mapping->handle;
         size_t size = mapping->reservation;
-        if (mapping->mapped) real.cuMemUnmap(pointer, size);
-        real.cuMemAddressFree(pointer, size);
+        int mapped = mapping->mapped;
         remove_mapping(i);
-        forget_if_unused(handle);
+        // Out of the tables before anything waits: other threads' VMM calls need not wait for this sync.
+        CUmemGenericAllocationHandle driver = handle->driver;
+        for (size_t h = 0; h < handle_count; h++) {
+            if (handles[h] == handle) { handles[h] = handles[--handle_count]; break; }
+        }
         pthread_mutex_unlock(&tables);
+        // cudaFree waits for the device; so does this, before the memory goes.
+        real.cuCtxSynchronize();
+        if (mapped) real.cuMemUnmap(pointer, size);
+        if (driver) real.cuMemRelease(driver);
+        real.cuMemAddressFree(pointer, size);
+        free(handle);
         return CUDA_SUCCESS;
     }
     pthread_mutex_unlock(&tables);
@@ -243,10 +279,7 @@ HIDDEN CUresult memory_create(CUmemGenericAllocationHandle *out, size_t size, co
     if (result != CUDA_SUCCESS) return result;
     pthread_mutex_lock(&tables);
     handle_record *handle = add_handle(driver, size, prop, 0);
-    if (handle) {
-        remember_context(device_of(prop));
-        memory_ensure_ring();
-    }
+    if (handle && device_of(prop) >= 0) ensure_ring_on(device_of(prop));
     pthread_mutex_unlock(&tables);
     if (!handle) {
         real.cuMemRelease(driver);
@@ -342,7 +375,12 @@ HIDDEN CUresult memory_retain(CUmemGenericAllocationHandle *out, void *address) 
     CUdeviceptr at = (CUdeviceptr)(uintptr_t)address;
     for (size_t i = 0; i < mapping_count; i++) {
         mapping_record *mapping = &mappings[i];
-        if (at < mapping->address || at >= mapping->address + mapping->size || mapping->handle->internal) continue;
+        if (at < mapping->address || at >= mapping->address + mapping->size) continue;
+        if (mapping->handle->internal) {
+            // cudaMalloc memory has no VMM handle to give out; neither does its VMM backing.
+            pthread_mutex_unlock(&tables);
+            return CUDA_ERROR_INVALID_VALUE;
+        }
         if (!out) break;
         mapping->handle->references++;
         *out = mapping->handle->id;
@@ -358,6 +396,17 @@ HIDDEN CUresult memory_export(void *shareable, CUmemGenericAllocationHandle id, 
     handle_record *handle = find_handle(id);
     CUresult result = real.cuMemExportToShareableHandle(shareable, handle ? handle->driver : id, type, flags);
     if (handle && result == CUDA_SUCCESS) handle->exported = 1;
+    pthread_mutex_unlock(&tables);
+    return result;
+}
+
+HIDDEN CUresult memory_multicast_bind(CUmemGenericAllocationHandle group, CUdevice device, size_t group_offset,
+                                     CUmemGenericAllocationHandle id, size_t offset, size_t size, unsigned long long flags) {
+    if (!real.cuMulticastBindMem) return CUDA_ERROR_NOT_SUPPORTED;
+    pthread_mutex_lock(&tables);
+    handle_record *handle = find_handle(id);
+    CUresult result = real.cuMulticastBindMem(group, device, group_offset, handle ? handle->driver : id, offset, size, flags);
+    if (handle && result == CUDA_SUCCESS) handle->multicast = 1;
     pthread_mutex_unlock(&tables);
     return result;
 }
@@ -416,6 +465,7 @@ HIDDEN const char *memory_refusal(void) {
     for (size_t i = 0; i < handle_count && !why; i++) {
         if (handles[i]->imported) why = "the program maps device memory imported from another process (cuMemImportFromShareableHandle)";
         else if (handles[i]->exported) why = "the program exported device memory to other processes (cuMemExportToShareableHandle)";
+        else if (handles[i]->multicast) why = "the program bound device memory to a multicast object (cuMulticastBindMem)";
         else if (device_of(&handles[i]->prop) < 0) why = "the program holds VMM memory that is not on a GPU";
     }
     pthread_mutex_unlock(&tables);
@@ -423,43 +473,121 @@ HIDDEN const char *memory_refusal(void) {
 }
 
 HIDDEN CUresult memory_use_device(int device) {
-    if (device < 0 || device >= MAX_DEVICES) return CUDA_ERROR_INVALID_VALUE;
-    if (!device_contexts[device]) {
-        CUresult result = real.cuDevicePrimaryCtxRetain(&device_contexts[device], device);
-        if (result != CUDA_SUCCESS) return result;
-    }
-    return real.cuCtxSetCurrent(device_contexts[device]);
+    CUcontext primary = NULL;
+    CUresult result = primary_context(device, &primary);
+    return result == CUDA_SUCCESS ? real.cuCtxSetCurrent(primary) : result;
 }
 
-HIDDEN CUresult memory_synchronize(char *why, size_t length) {
+/// A synchronisation that may never end (GPU work waiting on a host thread held at the gate): it runs on a
+/// thread of its own, and whoever gives up on it leaves it to free itself.
+typedef struct {
+    pthread_mutex_t mutex;
+    pthread_cond_t finished;
     int devices[MAX_DEVICES];
-    int count = 0;
+    CUcontext contexts[2 * MAX_DEVICES];
+    int count, context_count, done, abandoned;
+    CUresult result;
+    char why[160];
+} sync_job;
+
+static void *synchronise(void *argument) {
+    sync_job *job = argument;
+    CUresult result = CUDA_SUCCESS;
+    for (int i = 0; i < job->context_count && result == CUDA_SUCCESS; i++) {
+        result = real.cuCtxSetCurrent(job->contexts[i]);
+        if (result == CUDA_SUCCESS) result = real.cuCtxSynchronize();
+        if (result != CUDA_SUCCESS) snprintf(job->why, sizeof job->why, "synchronising a context of GPU %d failed: %s", job->devices[i], driver_error_name(result));
+    }
+    pthread_mutex_lock(&job->mutex);
+    job->result = result;
+    job->done = 1;
+    int abandoned = job->abandoned;
+    pthread_cond_signal(&job->finished);
+    pthread_mutex_unlock(&job->mutex);
+    if (abandoned) free(job);
+    return NULL;
+}
+
+HIDDEN CUresult memory_synchronize(unsigned timeout_ms, char *why, size_t length) {
+    sync_job *job = calloc(1, sizeof *job);
+    if (!job) return CUDA_ERROR_OUT_OF_MEMORY;
+    pthread_mutex_init(&job->mutex, NULL);
+    pthread_cond_init(&job->finished, NULL);
     pthread_mutex_lock(&tables);
+    int seen[MAX_DEVICES] = {0};
     for (size_t i = 0; i < handle_count; i++) {
         int device = device_of(&handles[i]->prop);
-        int seen = 0;
-        for (int d = 0; d < count; d++) seen |= devices[d] == device;
-        if (!seen && device >= 0) devices[count++] = device;
+        if (device >= 0 && !seen[device]) seen[device] = 1;
     }
     pthread_mutex_unlock(&tables);
-    for (int d = 0; d < count; d++) {
-        CUresult result = memory_use_device(devices[d]);
-        if (result == CUDA_SUCCESS) result = real.cuCtxSynchronize();
+    for (int device = 0; device < MAX_DEVICES; device++) {
+        if (!seen[device]) continue;
+        CUcontext primary = NULL;
+        CUresult result = primary_context(device, &primary);
         if (result != CUDA_SUCCESS) {
-            snprintf(why, length, "synchronising GPU %d failed: %s", devices[d], driver_error_name(result));
+            snprintf(why, length, "no primary context on GPU %d: %s", device, driver_error_name(result));
+            free(job);
             return result;
         }
+        job->devices[job->context_count] = device;
+        job->contexts[job->context_count++] = primary;
+        if (program_contexts[device] && program_contexts[device] != primary) {
+            job->devices[job->context_count] = device;
+            job->contexts[job->context_count++] = program_contexts[device];
+        }
     }
-    return CUDA_SUCCESS;
+    sigset_t all, previous;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &previous);
+    pthread_t thread;
+    int started = pthread_create(&thread, NULL, synchronise, job) == 0;
+    pthread_sigmask(SIG_SETMASK, &previous, NULL);
+    if (!started) {
+        free(job);
+        snprintf(why, length, "cannot start a thread to synchronise");
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    pthread_detach(thread);
+    struct timespec deadline;
+    clock_gettime(CLOCK_REALTIME, &deadline);
+    deadline.tv_sec += timeout_ms / 1000;
+    deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (deadline.tv_nsec >= 1000000000L) { deadline.tv_sec++; deadline.tv_nsec -= 1000000000L; }
+    pthread_mutex_lock(&job->mutex);
+    while (!job->done && pthread_cond_timedwait(&job->finished, &job->mutex, &deadline) != ETIMEDOUT) {}
+    if (!job->done) {
+        job->abandoned = 1;
+        pthread_mutex_unlock(&job->mutex);
+        snprintf(why, length, "the GPU did not finish its work within %u ms with CUDA calls held (does it wait on a host thread?)", timeout_ms);
+        return CUDA_ERROR_TIMEOUT;
+    }
+    pthread_mutex_unlock(&job->mutex);
+    CUresult result = job->result;
+    if (result != CUDA_SUCCESS) snprintf(why, length, "%s", job->why);
+    free(job);
+    return result;
 }
 
-HIDDEN CUresult memory_view(uint64_t id, CUdeviceptr *address, int *device) {
+static int device_may_use(const mapping_record *mapping, int device) {
+    for (int i = 0; i < mapping->access_count; i++) {
+        if (mapping->access[i].location.type == CU_MEM_LOCATION_TYPE_DEVICE && mapping->access[i].location.id == device &&
+            mapping->access[i].flags == CU_MEM_ACCESS_FLAGS_PROT_READWRITE) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+HIDDEN CUresult memory_view(uint64_t id, CUdeviceptr *address, int *device, size_t *size) {
     pthread_mutex_lock(&tables);
     handle_record *handle = find_handle(id);
     CUresult result = handle && handle->driver ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
     if (result == CUDA_SUCCESS && !handle->view) {
+        // The program's own mapping only if it is whole and the device may already read and write it (the
+        // gate may have closed between the program's cuMemMap and its cuMemSetAccess).
         for (size_t i = 0; i < mapping_count; i++) {
-            if (mappings[i].handle == handle && mappings[i].mapped && mappings[i].offset == 0 && mappings[i].size == handle->size) {
+            if (mappings[i].handle == handle && mappings[i].mapped && mappings[i].offset == 0 && mappings[i].size == handle->size &&
+                device_may_use(&mappings[i], device_of(&handle->prop))) {
                 handle->view = mappings[i].address;
                 break;
             }
@@ -485,6 +613,7 @@ HIDDEN CUresult memory_view(uint64_t id, CUdeviceptr *address, int *device) {
     if (result == CUDA_SUCCESS) {
         *address = handle->view;
         *device = device_of(&handle->prop);
+        *size = handle->size;
     }
     pthread_mutex_unlock(&tables);
     return result;
@@ -542,10 +671,12 @@ HIDDEN CUresult memory_reback_all(char *why, size_t length) {
         mapping_record *mapping = &mappings[i];
         if (mapping->mapped) continue;
         result = real.cuMemMap(mapping->address, mapping->size, mapping->offset, mapping->handle->driver, 0);
-        if (result == CUDA_SUCCESS) mapping->mapped = 1;
         if (result == CUDA_SUCCESS && mapping->access_count) {
             result = real.cuMemSetAccess(mapping->address, mapping->size, mapping->access, (size_t)mapping->access_count);
+            // Unmapped again, so that a retried REBACK maps it with its rights.
+            if (result != CUDA_SUCCESS) real.cuMemUnmap(mapping->address, mapping->size);
         }
+        if (result == CUDA_SUCCESS) mapping->mapped = 1;
         if (result != CUDA_SUCCESS) {
             snprintf(why, length, "cannot map device memory again at %#llx: %s", mapping->address, driver_error_name(result));
         }
@@ -554,3 +685,6 @@ HIDDEN CUresult memory_reback_all(char *why, size_t length) {
     pthread_mutex_unlock(&tables);
     return result;
 }
+
+// After fork the child has one thread and no CUDA: the tables' lock starts free.
+HIDDEN void memory_after_fork_child(void) { pthread_mutex_init(&tables, NULL); }

@@ -6,7 +6,11 @@ public struct Manifest: Codable, Sendable, Equatable {
     public static let formatName = "stasis.checkpoint"
     /// The newest format this build reads and the one it writes. Version 2 added chunked files (`files[].chunks`)
     /// in a chunk store (`store`); version 1 checkpoints (every file whole) are still read.
-    public static let currentVersion = 2
+    /// 3: device memory moved by agents (`GPUProcess.agent`, files under gpu/); an older stasis would restore
+    /// such a process without refilling it and leave its CUDA calls held. A checkpoint without agent memory is
+    /// still written as version 2.
+    public static let currentVersion = 3
+    public static let versionWithoutAgents = 2
     public static let fileName = "manifest.json"
 
     public var format: String = Manifest.formatName

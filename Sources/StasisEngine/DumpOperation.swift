@@ -75,6 +75,7 @@ public struct DumpOperation {
         var timings = Manifest.Timings()
         var gpu = Manifest.GPUSection()
         var deviceFiles: [Manifest.FileEntry] = []
+        var deviceStatistics = ChunkIngester.Statistics()
         var published: Manifest?
         var ingester: ChunkIngester?
         let imagesFD: Int32
@@ -92,6 +93,7 @@ public struct DumpOperation {
                                                  store: DeviceStore(store: store, codec: options.codec, checkpoint: destination))
             gpu = frozen.section
             deviceFiles = frozen.files
+            deviceStatistics = frozen.statistics
             timings.devices = deviceWatch.seconds
 
             let chunker = ChunkIngester(directory: staging.path, store: store, codec: options.codec,
@@ -113,7 +115,7 @@ public struct DumpOperation {
                 try FaultInjection.check("post-dump")
                 // The tree is frozen here: make the checkpoint complete and durable before CRIU may kill it.
                 let manifest = try finish(staging: staging, ingester: chunker, store: store, criu: criu, processes: processes,
-                                          gpu: gpu, deviceFiles: deviceFiles, timings: timings)
+                                          gpu: gpu, deviceFiles: deviceFiles, deviceStatistics: deviceStatistics, timings: timings)
                 try staging.publish()
                 published = manifest
             }
@@ -125,7 +127,7 @@ public struct DumpOperation {
             if published == nil {
                 // CRIU never sent post-dump (it always does in 4.x): publish now rather than lose the images.
                 published = try finish(staging: staging, ingester: chunker, store: store, criu: criu, processes: processes,
-                                       gpu: gpu, deviceFiles: deviceFiles, timings: timings)
+                                       gpu: gpu, deviceFiles: deviceFiles, deviceStatistics: deviceStatistics, timings: timings)
                 try staging.publish()
             }
         } catch {
@@ -177,7 +179,7 @@ public struct DumpOperation {
     /// store's catalog and writes the manifest. Runs while the tree is frozen.
     private func finish(staging: StagingDirectory, ingester: ChunkIngester, store: ChunkStore, criu: CRIUBinary,
                         processes: [Manifest.Process], gpu: Manifest.GPUSection, deviceFiles: [Manifest.FileEntry],
-                        timings: Manifest.Timings) throws -> Manifest {
+                        deviceStatistics: ChunkIngester.Statistics, timings: Manifest.Timings) throws -> Manifest {
         let watch = Stopwatch()
         let names = try FileSystem.regularFiles(under: staging.path).filter { $0 != CRIUService.dumpLogName }
         let large = names.filter { Self.isMemoryImage($0) || (FileSystem.size(staging.path + "/" + $0) ?? 0) >= UInt64(ChunkStore.chunkSize) }
@@ -203,9 +205,14 @@ public struct DumpOperation {
                           dumpedBytes: chunked.filter { Self.isMemoryImage($0.key) }.reduce(0) { $0 + $1.value.size },
                           imageBytes: files.reduce(0) { $0 + $1.size }),
             timings: timings, gpu: gpu, files: files)
+        if gpu.processes.contains(where: { $0.agent != nil }) { manifest.formatVersion = Manifest.currentVersion } else {
+            manifest.formatVersion = Manifest.versionWithoutAgents
+        }
+        // What this checkpoint added to the store: CRIU's images and the device memory agents moved.
+        let added = statistics + deviceStatistics
         manifest.store = .init(path: store.path, chunkSize: ChunkStore.chunkSize, codec: options.codec.description,
-                               plainBytes: statistics.plainBytes, storedBytes: statistics.storedBytes, newChunks: statistics.newChunks,
-                               reusedChunks: statistics.reusedChunks, zeroChunks: statistics.zeroChunks)
+                               plainBytes: added.plainBytes, storedBytes: added.storedBytes, newChunks: added.newChunks,
+                               reusedChunks: added.reusedChunks, zeroChunks: added.zeroChunks)
         try FaultInjection.check("publish")
         // Listed before the checkpoint exists, so that from the moment it does, gc keeps its chunks.
         staging.manifestID = manifest.id

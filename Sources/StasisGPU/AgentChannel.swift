@@ -50,15 +50,28 @@ final class AgentChannel: @unchecked Sendable {
                 $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, length) }
             }
             if connected == 0 {
+                // The name may belong to another process (PID namespaces sharing a network namespace both have
+                // a PID 1): only the agent of `pid` itself will do.
+                guard SocketPeer.pid(fd) == pid else {
+                    Glibc.close(fd)
+                    continue
+                }
+                let channel = AgentChannel(pid: pid, fd: fd)
                 // A stuck agent becomes an error, not a hang.
-                var timeout = timeval(tv_sec: timeoutSeconds, tv_usec: 0)
-                setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-                setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-                return AgentChannel(pid: pid, fd: fd)
+                channel.setTimeout(seconds: timeoutSeconds)
+                return channel
             }
             Glibc.close(fd)
         }
         return nil
+    }
+
+    /// How long a receive or a send may wait; requests that may take long (QUIESCE waits for the program's
+    /// threads) set it first.
+    func setTimeout(seconds: Int) {
+        var timeout = timeval(tv_sec: seconds, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
     }
 
     func send(_ op: stasis_agent_op, slot: Int32 = 0, id: UInt64 = 0, offset: UInt64 = 0, length: UInt64 = 0) throws {
@@ -121,6 +134,20 @@ final class AgentChannel: @unchecked Sendable {
 
     /// Ends the connection both ways (a receiver blocked on it returns).
     func shutdown() { Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
+
+    /// Ends the connection and waits until the agent has closed its end too (or `seconds` pass), so that
+    /// CRIU, which comes next, finds no connection in the process.
+    func closeAndWait(seconds: Int = 10) {
+        Glibc.shutdown(fd, Int32(SHUT_WR))
+        setTimeout(seconds: seconds)
+        var byte: UInt8 = 0
+        while true {
+            let got = recv(fd, &byte, 1, 0)
+            if got < 0 && errno == EINTR { continue }
+            if got <= 0 { break }
+        }
+        close()
+    }
 
     func close() {
         closeLock.withLock {

@@ -1,3 +1,4 @@
+import CStasisAgentProtocol
 import Foundation
 import StasisCore
 import StasisOS
@@ -29,39 +30,47 @@ final class AgentEvacuation: @unchecked Sendable {
         var sessions: [AgentSession] = []
         var quiesceSeconds: [Int32: Double] = [:]
         do {
-            // Everything that can refuse comes first: each agent holds its calls and says what it has.
+            // Everything that can refuse comes first. Every agent is asked to hold its calls before any answer
+            // is awaited, so processes that wait on one another drain together.
             for pid in pids {
                 guard let session = try AgentSession.open(pid: pid) else { continue }
+                guard session.agentState == UInt32(STASIS_AGENT_RUNNING.rawValue) else {
+                    throw StasisError(.gpu, "the agent of PID \(pid) is not running free (state \(session.agentState)): an earlier checkpoint did not finish",
+                                      hint: "its CUDA calls are held; restore the process from its last checkpoint")
+                }
                 sessions.append(session)
-                let watch = Stopwatch()
-                try session.quiesce(timeoutMilliseconds: timeoutMilliseconds)
-                quiesceSeconds[pid] = watch.seconds
             }
             guard !sessions.isEmpty else { return }
-            var copied: [Int32: (chunks: [UInt64: [String]], seconds: Double, cpu: Double, totals: ChunkIngester.Statistics)] = [:]
-            var sinks: [ChunkSink] = []
+            let watch = Stopwatch()
+            for session in sessions { try session.startQuiesce(timeoutMilliseconds: timeoutMilliseconds) }
             for session in sessions {
-                let sink = ChunkSink(store: store.store, codec: store.codec)
-                sinks.append(sink)
-                let watch = Stopwatch(), cpu = ProcessCPU.seconds
+                try session.finishQuiesce()
+                quiesceSeconds[session.pid] = watch.seconds
+            }
+            // One sink for all: a chunk two processes share (replicated weights) is stored once.
+            let sink = ChunkSink(store: store.store, codec: store.codec, probe: true)
+            var copied: [Int32: (chunks: [UInt64: [String]], seconds: Double, cpu: Double, totals: ChunkIngester.Statistics)] = [:]
+            for session in sessions {
+                let watch = Stopwatch(), cpu = ProcessCPU.seconds, before = sink.totals
                 let chunks = try session.evacuate(into: sink, threads: Self.threads)
-                copied[session.pid] = (chunks, watch.seconds, ProcessCPU.seconds - cpu, sink.totals)
+                copied[session.pid] = (chunks, watch.seconds, ProcessCPU.seconds - cpu, sink.totals - before)
             }
             // Durable before any physical memory goes: from here on the store holds the only copy.
-            do { for sink in sinks { try sink.commit() } } catch { for sink in sinks { sink.abandon() }; throw error }
+            do { try sink.commit() } catch { sink.abandon(); throw error }
+            statistics = sink.totals
             for session in sessions {
-                let watch = Stopwatch()
-                processes[session.pid] = Evacuated(session: session, chunks: copied[session.pid]!.chunks, memory: Manifest.AgentMemory(
+                let watch = Stopwatch(), done = copied[session.pid]!
+                var memory = Manifest.AgentMemory(
                     allocations: session.allocations.map {
                         Manifest.AgentAllocation(id: $0.id, bytes: $0.bytes, device: $0.device, file: Self.file(pid: session.pid, id: $0.id))
                     },
                     evacuatedBytes: session.evacuableBytes, driverPathBytes: 0,
                     ringBytes: UInt64(session.slotBytes * session.slotCount),
-                    quiesceSeconds: quiesceSeconds[session.pid] ?? 0, evacuateSeconds: copied[session.pid]!.seconds, releaseSeconds: 0))
-                let totals = copied[session.pid]!.totals
-                processes[session.pid]!.memory.storedBytes = totals.storedBytes
-                processes[session.pid]!.memory.zeroBytes = UInt64(totals.zeroChunks) * UInt64(ChunkStore.chunkSize)
-                processes[session.pid]!.memory.evacuateCPUSeconds = copied[session.pid]!.cpu
+                    quiesceSeconds: quiesceSeconds[session.pid] ?? 0, evacuateSeconds: done.seconds, releaseSeconds: 0)
+                memory.storedBytes = done.totals.storedBytes
+                memory.zeroBytes = UInt64(done.totals.zeroChunks) * UInt64(ChunkStore.chunkSize)
+                memory.evacuateCPUSeconds = done.cpu
+                processes[session.pid] = Evacuated(session: session, chunks: done.chunks, memory: memory)
                 try session.release()
                 processes[session.pid]!.memory.releaseSeconds = watch.seconds
             }
@@ -77,6 +86,9 @@ final class AgentEvacuation: @unchecked Sendable {
         }
     }
 
+    /// What the evacuation added to the store.
+    private(set) var statistics = ChunkIngester.Statistics()
+
     /// The chunked files for the manifest.
     var files: [Manifest.FileEntry] {
         processes.values.flatMap { process in
@@ -89,8 +101,8 @@ final class AgentEvacuation: @unchecked Sendable {
 
     /// Every evacuated process back as it was: memory re-created and refilled where it was released, calls
     /// let go. Returns what could not be put back.
-    func putBackAll() -> [String] {
-        let problems = putBack(processes.values.map(\.session))
+    func putBackAll(except skipped: Set<Int32> = []) -> [String] {
+        let problems = putBack(processes.values.map(\.session).filter { !skipped.contains($0.pid) })
         processes = [:]
         return problems
     }

@@ -13,6 +13,9 @@ import StasisStore
 /// with process_vm_readv/writev, a slot (one 2 MiB chunk) at a time, on every core: a slot is given back as
 /// soon as it is read, so the agent's copies, stasis's hashing and compression, and the store's writes overlap.
 /// Host memory stays bounded by the ring plus two chunk buffers per worker.
+///
+/// One thread drives a session (its methods are not safe to call concurrently); they use threads of their own.
+/// Any failure of the connection drops it, so the next call starts from a fresh connection and a HELLO.
 public final class AgentSession: @unchecked Sendable {
     public struct Allocation: Sendable {
         public var id: UInt64
@@ -30,6 +33,8 @@ public final class AgentSession: @unchecked Sendable {
     public private(set) var trackedBytes: UInt64 = 0
     /// Set once RELEASE was asked for: from then on only a refill gives the program its memory back.
     public private(set) var released = false
+    /// The agent's state in its last HELLO (a stasis_agent_state).
+    public private(set) var agentState: UInt32 = 0
 
     private init(pid: Int32, channel: AgentChannel) {
         self.pid = pid
@@ -70,37 +75,63 @@ public final class AgentSession: @unchecked Sendable {
         slotBytes = Int(facts.slot_bytes)
         slotCount = Int(facts.slot_count)
         trackedBytes = facts.tracked_bytes
+        agentState = facts.state
     }
 
-    /// Ends the connection; the agent keeps its state and waits for the next one (CRIU must not find a
-    /// connection to a process outside the tree).
+    /// Ends the connection and waits for the agent to close its end; the agent keeps its state and waits for
+    /// the next one (CRIU must not find a connection to a process outside the tree).
     public func disconnect() {
-        channel?.close()
+        channel?.closeAndWait()
         channel = nil
     }
 
-    /// Holds new CUDA calls, waits for running ones, synchronises, and learns what memory there is. A refusal
-    /// (CUDA IPC memory, a thread that stays inside the driver) leaves the program running as it was.
-    public func quiesce(timeoutMilliseconds: UInt32) throws {
+    /// Runs `body` on the connection; a failure drops it, so that a late answer is never taken for the next
+    /// request's.
+    private func onChannel<T>(_ body: (AgentChannel) throws -> T) throws -> T {
         let channel = try connected()
-        try channel.send(STASIS_AGENT_QUIESCE, length: UInt64(timeoutMilliseconds))
-        var table: [Allocation] = []
-        while true {
-            let message = try channel.receive()
-            switch message.op {
-            case STASIS_AGENT_TABLE_ENTRY.rawValue:
-                table.append(Allocation(id: message.id, bytes: message.length, device: message.device))
-            case STASIS_AGENT_TABLE_END.rawValue:
-                adopt(message)
-                allocations = table
-                guard table.isEmpty || (ringAddress != 0 && slotBytes == ChunkStore.chunkSize && slotCount > 0) else {
-                    throw StasisError(.gpu, "the agent of PID \(pid) has no usable staging ring (\(slotCount) slots of \(slotBytes) bytes)")
+        do {
+            return try body(channel)
+        } catch {
+            channel.close()
+            self.channel = nil
+            throw error
+        }
+    }
+
+    /// Asks the agent to hold new CUDA calls, wait for running ones and synchronise; `finishQuiesce` takes the
+    /// answer. Split so that every process of a tree is asked before any answer is awaited: processes that
+    /// wait on one another (collectives) then drain together.
+    public func startQuiesce(timeoutMilliseconds: UInt32) throws {
+        try onChannel { channel in
+            // The agent answers within the drain time, plus the synchronisation it allows the same time.
+            channel.setTimeout(seconds: Int(timeoutMilliseconds / 1000) * 2 + 60)
+            try channel.send(STASIS_AGENT_QUIESCE, length: UInt64(timeoutMilliseconds))
+        }
+    }
+
+    /// The answer to QUIESCE: what memory there is. A refusal (CUDA IPC memory, a thread that stays inside the
+    /// driver, a GPU that does not finish) leaves the program running as it was.
+    public func finishQuiesce() throws {
+        try onChannel { channel in
+            defer { channel.setTimeout(seconds: 120) }
+            var table: [Allocation] = []
+            while true {
+                let message = try channel.receive()
+                switch message.op {
+                case STASIS_AGENT_TABLE_ENTRY.rawValue:
+                    table.append(Allocation(id: message.id, bytes: message.length, device: message.device))
+                case STASIS_AGENT_TABLE_END.rawValue:
+                    adopt(message)
+                    allocations = table
+                    guard table.isEmpty || (ringAddress != 0 && slotBytes == ChunkStore.chunkSize && slotCount > 0) else {
+                        throw StasisError(.gpu, "the agent of PID \(pid) has no usable staging ring (\(slotCount) slots of \(slotBytes) bytes)")
+                    }
+                    return
+                case STASIS_AGENT_ERROR.rawValue:
+                    throw AgentChannel.error(message, pid: pid, doing: "hold its CUDA calls")
+                default:
+                    throw StasisError(.gpu, "the agent of PID \(pid) answered \(message.op) to QUIESCE")
                 }
-                return
-            case STASIS_AGENT_ERROR.rawValue:
-                throw AgentChannel.error(message, pid: pid, doing: "hold its CUDA calls")
-            default:
-                throw StasisError(.gpu, "the agent of PID \(pid) answered \(message.op) to QUIESCE")
             }
         }
     }
@@ -109,13 +140,17 @@ public final class AgentSession: @unchecked Sendable {
 
     /// Copies every allocation out into `sink`; returns each allocation's chunk digests ("" for zeros).
     public func evacuate(into sink: ChunkSink, threads: Int) throws -> [UInt64: [String]] {
-        let channel = try connected()
+        try onChannel { channel in try evacuate(channel, into: sink, threads: threads) }
+    }
+
+    private func evacuate(_ channel: AgentChannel, into sink: ChunkSink, threads: Int) throws -> [UInt64: [String]] {
         let chunk = ChunkStore.chunkSize
         let digests = DigestTable(allocations, chunkSize: chunk)
         let filled = MessageQueue()
         let failure = FirstFailure()
         try channel.send(STASIS_AGENT_EVACUATE)
-        let pid = self.pid, ring = ringAddress, slotBytes = self.slotBytes
+        let pid = self.pid, ring = ringAddress, slotBytes = self.slotBytes, slotCount = self.slotCount
+        let sizes = Dictionary(allocations.map { ($0.id, $0.bytes) }, uniquingKeysWith: { first, _ in first })
         Workers.run(max(1, threads) + 1, name: "stasis-evacuate") { worker in
             if worker == 0 {
                 // The receiver: FILLED slots to the workers, until EVACUATED.
@@ -142,8 +177,9 @@ public final class AgentSession: @unchecked Sendable {
                 guard failure.error == nil else { continue }
                 do {
                     let length = Int(message.length)
-                    guard length <= chunk, message.offset % UInt64(chunk) == 0 else {
-                        throw StasisError(.gpu, "the agent of PID \(pid) filled a slot with \(length) bytes at offset \(message.offset)")
+                    guard message.slot >= 0, Int(message.slot) < slotCount, message.offset % UInt64(chunk) == 0,
+                          let size = sizes[message.id], message.offset < size, UInt64(length) == min(UInt64(chunk), size - message.offset) else {
+                        throw StasisError(.gpu, "the agent of PID \(pid) reported slot \(message.slot) with \(length) bytes at offset \(message.offset) of allocation \(String(message.id, radix: 16)), which does not fit what it listed")
                     }
                     let bytes = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<length])
                     try ProcessMemory.read(pid: pid, address: ring + UInt64(message.slot) * UInt64(slotBytes), into: bytes)
@@ -157,26 +193,31 @@ public final class AgentSession: @unchecked Sendable {
                 }
             }
         }
-        if let error = failure.error {
-            disconnect()
-            throw error
-        }
+        if let error = failure.error { throw error }
         return try digests.complete(pid: pid)
     }
 
     /// Gives the physical memory back to the driver (the addresses stay reserved).
     public func release() throws {
-        let channel = try connected()
         released = true
-        try channel.send(STASIS_AGENT_RELEASE)
-        try channel.expect(STASIS_AGENT_OK, doing: "give its device memory back")
+        try onChannel { channel in
+            try channel.send(STASIS_AGENT_RELEASE)
+            try channel.expect(STASIS_AGENT_OK, doing: "give its device memory back")
+        }
     }
 
     /// Re-creates the memory at the same addresses and fills `allocations` from `store` (`chunks`: each
     /// allocation's digests, as `evacuate` returned them); CUDA calls stay held until `resume`. The agent
     /// re-creates all it knows; an allocation it does not know is an error.
     public func refill(allocations: [Allocation], from store: ChunkStore, chunks: [UInt64: [String]], checkpoint: String, threads: Int) throws {
-        let channel = try connected()
+        try onChannel { channel in
+            try refill(channel, allocations: allocations, from: store, chunks: chunks, checkpoint: checkpoint, threads: threads)
+        }
+        released = false
+    }
+
+    private func refill(_ channel: AgentChannel, allocations: [Allocation], from store: ChunkStore, chunks: [UInt64: [String]],
+                        checkpoint: String, threads: Int) throws {
         for allocation in allocations where chunks[allocation.id] == nil {
             throw StasisError(.gpu, "the checkpoint has no contents for allocation \(String(allocation.id, radix: 16)) (\(Format.bytes(allocation.bytes))) of PID \(pid)")
         }
@@ -185,11 +226,25 @@ public final class AgentSession: @unchecked Sendable {
         let chunk = ChunkStore.chunkSize
         var jobs: [(id: UInt64, offset: UInt64, length: Int, digest: String, file: String)] = []
         for allocation in allocations {
+            let expected = Int((allocation.bytes + UInt64(chunk) - 1) / UInt64(chunk))
+            guard chunks[allocation.id]!.count == expected else {
+                throw StasisError(.integrity, "allocation \(String(allocation.id, radix: 16)) of PID \(pid) has \(chunks[allocation.id]!.count) chunks for \(allocation.bytes) bytes (\(expected) expected)")
+            }
+        }
+        for allocation in allocations {
             for (index, digest) in chunks[allocation.id]!.enumerated() {
                 let offset = UInt64(index) * UInt64(chunk)
                 let length = Int(min(UInt64(chunk), allocation.bytes - offset))
                 if digest.isEmpty {
-                    try channel.send(STASIS_AGENT_ZERO, id: allocation.id, offset: offset, length: UInt64(length))
+                    do {
+                        try channel.send(STASIS_AGENT_ZERO, id: allocation.id, offset: offset, length: UInt64(length))
+                    } catch {
+                        // The agent refused an earlier one and closed: its reason is waiting to be read.
+                        if let answer = try? channel.receive(), answer.op == STASIS_AGENT_ERROR.rawValue {
+                            throw AgentChannel.error(answer, pid: pid, doing: "zero its device memory")
+                        }
+                        throw error
+                    }
                 } else {
                     jobs.append((allocation.id, offset, length, digest, AgentEvacuation.file(pid: pid, id: allocation.id)))
                 }
@@ -242,18 +297,15 @@ public final class AgentSession: @unchecked Sendable {
                 do { try channel.send(STASIS_AGENT_FLUSH) } catch { failure.set(error) }
             }
         }
-        if let error = failure.error {
-            disconnect()
-            throw error
-        }
-        released = false
+        if let error = failure.error { throw error }
     }
 
     /// Lets the held CUDA calls go on.
     public func resume() throws {
-        let channel = try connected()
-        try channel.send(STASIS_AGENT_RESUME)
-        try channel.expect(STASIS_AGENT_OK, doing: "let its CUDA calls go on")
+        try onChannel { channel in
+            try channel.send(STASIS_AGENT_RESUME)
+            try channel.expect(STASIS_AGENT_OK, doing: "let its CUDA calls go on")
+        }
     }
 }
 
@@ -277,6 +329,9 @@ private final class DigestTable: @unchecked Sendable {
             let index = Int(offset / UInt64(chunkSize))
             guard table[id] != nil, index < table[id]!.count else {
                 throw StasisError(.gpu, "the agent of PID \(pid) sent bytes at \(offset) of an allocation it did not list (\(String(id, radix: 16)))")
+            }
+            guard table[id]![index] == nil else {
+                throw StasisError(.gpu, "the agent of PID \(pid) sent bytes at \(offset) of allocation \(String(id, radix: 16)) twice")
             }
             table[id]![index] = digest
         }

@@ -138,7 +138,7 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
         }
         let checkpointSeconds = checkpointWatch.seconds
         guard errors.isEmpty else {
-            let problems = Self.resumeAll(users) + agents.putBackAll()
+            let problems = putBackEverything(users)
             var message = "GPU checkpoint failed: \(Self.describe(errors)); every CUDA process was put back to running"
             if !problems.isEmpty { message = "GPU checkpoint failed: \(Self.describe(errors)); putting processes back also failed: \(problems.joined(separator: "; "))" }
             throw StasisError(.gpu, message, hint: errors.values.contains { "\($0)".contains("NOT_SUPPORTED") }
@@ -159,7 +159,7 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
                 return Manifest.GPUProcess(pid: pid, devices: uses.map(\.gpuUUID), deviceMemoryBytes: memory, agent: agent)
             },
             lockSeconds: lockSeconds, checkpointSeconds: checkpointSeconds)
-        return FrozenDevices(section: section, files: agents.files)
+        return FrozenDevices(section: section, files: agents.files, statistics: agents.statistics)
     }
 
     public func afterDump(section: Manifest.GPUSection, leaveRunning: Bool) throws {
@@ -168,20 +168,27 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
             try CheckpointDriver.restore(pid)
             try CheckpointDriver.unlock(pid)
         }
-        let problems = agents.putBackAll()
-        guard errors.isEmpty, problems.isEmpty else {
-            throw StasisError(.gpu, "the checkpoint is complete, but resuming the GPU of the running tree failed: \((Array(errors.values.map { "\($0)" }) + problems).joined(separator: "; "))")
+        let problems = Self.describeEach(errors) + agents.putBackAll(except: Set(errors.keys))
+        guard problems.isEmpty else {
+            throw StasisError(.gpu, "the checkpoint is complete, but resuming the GPU of the running tree failed: \(problems.joined(separator: "; "))",
+                              hint: "the checkpoint is intact: stop the tree and restore it from there")
         }
     }
 
-    /// The driver first (the agents need a running CUDA to put their memory back), then the agents.
     public func rollback(section: Manifest.GPUSection) -> [String] {
-        Self.resumeAll(section.processes.map(\.pid)) + agents.putBackAll()
+        putBackEverything(section.processes.map(\.pid))
     }
 
-    /// Puts every process back to running, in parallel; returns what could not be put back.
-    static func resumeAll(_ pids: [Int32]) -> [String] {
-        parallel(pids) { try CheckpointDriver.resume($0) }.sorted { $0.key < $1.key }.map { "\($0.value)" }
+    /// The driver first (an agent needs a running CUDA to put its memory back), then the agents of the
+    /// processes the driver let go: an agent whose process is still locked would wait on the driver.
+    /// Returns what could not be put back.
+    func putBackEverything(_ pids: [Int32]) -> [String] {
+        let errors = Self.parallel(pids) { try CheckpointDriver.resume($0) }
+        return Self.describeEach(errors) + agents.putBackAll(except: Set(errors.keys))
+    }
+
+    static func describeEach(_ errors: [Int32: Error]) -> [String] {
+        errors.sorted { $0.key < $1.key }.map { "\($0.value)" }
     }
 
     /// Matches the checkpoint's GPUs to this machine's before anything is restored; see `remapping(for:on:map:)`.

@@ -36,11 +36,14 @@ public struct DeviceStore: Sendable {
 
 public struct FrozenDevices: Sendable {
     public var section: Manifest.GPUSection
-    /// Chunked files (paths under gpu/) holding device memory, for the manifest.
+    /// Chunked files (paths under gpu/) holding device memory, for the manifest, and what they added to the store.
     public var files: [Manifest.FileEntry]
-    public init(section: Manifest.GPUSection = Manifest.GPUSection(), files: [Manifest.FileEntry] = []) {
+    public var statistics: ChunkIngester.Statistics
+    public init(section: Manifest.GPUSection = Manifest.GPUSection(), files: [Manifest.FileEntry] = [],
+                statistics: ChunkIngester.Statistics = .init()) {
         self.section = section
         self.files = files
+        self.statistics = statistics
     }
 }
 

@@ -25,3 +25,12 @@ public enum ProcessMemory {
         }
     }
 }
+
+/// Unix-socket facts the kernel vouches for.
+public enum SocketPeer {
+    /// The PID of the process at the other end of `fd`, nil when the kernel cannot say.
+    public static func pid(_ fd: Int32) -> Int32? {
+        let pid = stasis_socket_peer_pid(fd)
+        return pid > 0 ? pid : nil
+    }
+}

@@ -24,6 +24,26 @@ public final class ChunkIngester: @unchecked Sendable {
         public var reusedChunks = 0
         public var zeroChunks = 0
         public init() {}
+
+        public static func - (a: Statistics, b: Statistics) -> Statistics {
+            var difference = a
+            difference.plainBytes -= b.plainBytes
+            difference.storedBytes -= b.storedBytes
+            difference.newChunks -= b.newChunks
+            difference.reusedChunks -= b.reusedChunks
+            difference.zeroChunks -= b.zeroChunks
+            return difference
+        }
+
+        public static func + (a: Statistics, b: Statistics) -> Statistics {
+            var sum = a
+            sum.plainBytes += b.plainBytes
+            sum.storedBytes += b.storedBytes
+            sum.newChunks += b.newChunks
+            sum.reusedChunks += b.reusedChunks
+            sum.zeroChunks += b.zeroChunks
+            return sum
+        }
     }
 
     private struct Job {

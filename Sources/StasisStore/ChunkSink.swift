@@ -8,13 +8,16 @@ import StasisCore
 public final class ChunkSink: @unchecked Sendable {
     public let store: ChunkStore
     public let codec: Codec
+    /// Probe each chunk's first 64 KiB before compressing it all (see `Codec.probeBytes`).
+    public let probe: Bool
     private let batch: ChunkStore.Batch
     private let lock = NSLock()
     private var statistics = ChunkIngester.Statistics()
 
-    public init(store: ChunkStore, codec: Codec) {
+    public init(store: ChunkStore, codec: Codec, probe: Bool = false) {
         self.store = store
         self.codec = codec
+        self.probe = probe
         self.batch = ChunkStore.Batch(store: store)
     }
 
@@ -28,7 +31,7 @@ public final class ChunkSink: @unchecked Sendable {
         var put = ChunkStore.PutResult(isNew: false, storedBytes: 0)
         if !zero {
             digest = ChunkDigest.hex(bytes)
-            put = try store.put(bytes, digest: digest, codec: codec, scratch: scratch, batch: batch)
+            put = try store.put(bytes, digest: digest, codec: codec, scratch: scratch, batch: batch, probe: probe)
         }
         lock.withLock {
             statistics.plainBytes += UInt64(bytes.count)

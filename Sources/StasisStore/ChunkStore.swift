@@ -106,13 +106,13 @@ public final class ChunkStore: Sendable {
     /// Stores `plain` under `digest` into `batch` (named at its commit) unless the store or the batch has it
     /// already. `scratch` must hold `headerSize + codec.bound(plain.count)` bytes.
     func put(_ plain: UnsafeRawBufferPointer, digest: String, codec: Codec, scratch: UnsafeMutableRawBufferPointer,
-             batch: Batch) throws -> PutResult {
+             batch: Batch, probe: Bool = false) throws -> PutResult {
         guard claim(digest, batch: batch) else { return PutResult(isNew: false, storedBytes: 0) }
         let payload = UnsafeMutableRawBufferPointer(rebasing: scratch[Self.headerSize...])
         let header = UnsafeRawBufferPointer(rebasing: scratch[0..<Self.headerSize])
         // A chunk that does not shrink is written from `plain` itself after its header: no copy.
         let parts: [UnsafeRawBufferPointer]
-        if let compressed = codec.compress(plain, into: payload) {
+        if let compressed = codec.compress(plain, into: payload, probe: probe) {
             Self.writeHeader(into: scratch, tag: codec.tag, plainLength: plain.count)
             parts = [UnsafeRawBufferPointer(rebasing: scratch[0..<(Self.headerSize + compressed)])]
         } else {

@@ -57,13 +57,18 @@ struct RunCommand: ParsableCommand {
             if agentLog { setenv("STASIS_AGENT_LOG", "1", 1) }
             let argv = arguments.map { strdup($0) } + [nil]
             execvp(arguments[0], argv)
-            throw StasisError(.invalidArgument, "cannot run \(arguments[0]): \(String(cString: strerror(errno)))")
+            let code = errno
+            FileHandle.standardError.write(Data("stasis: error: cannot run \(arguments[0]): \(String(cString: strerror(code)))\n".utf8))
+            // As shells answer: 127 for a program not found, 126 for one that cannot be run.
+            throw ExitCode(code == ENOENT ? 127 : 126)
         }
     }
 
     /// The agent library: the option, $STASIS_AGENT_LIBRARY, then beside the binary or in ../lib/stasis.
     static func locateAgent(_ explicit: String?) throws -> String {
-        let binary = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath().deletingLastPathComponent()
+        // The binary's own path, whichever way it was started (through PATH, a symlink, a relative path).
+        let executable = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        let binary = URL(fileURLWithPath: executable).resolvingSymlinksInPath().deletingLastPathComponent()
         let candidates = [explicit, ProcessInfo.processInfo.environment["STASIS_AGENT_LIBRARY"]].compactMap { $0 }
         for path in candidates {
             guard FileManager.default.isReadableFile(atPath: path) else {

@@ -46,8 +46,10 @@ extension Integration {
             #expect(!noAgent.succeeded)
             #expect(noAgent.stderr.contains("does not exist"))
             let noProgram = try Harness.run(Harness.stasis, ["run", "--agent", Harness.agent, "--", "/nonexistent/program"])
-            #expect(!noProgram.succeeded)
+            #expect(noProgram.status == 127)
             #expect(noProgram.stderr.contains("cannot run /nonexistent/program"))
+            let notRunnable = try Harness.run(Harness.stasis, ["run", "--agent", Harness.agent, "--", "/etc/hostname"])
+            #expect(notRunnable.status == 126)
             let nothing = try Harness.run(Harness.stasis, ["run"])
             #expect(!nothing.succeeded)
         }

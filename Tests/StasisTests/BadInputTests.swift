@@ -128,7 +128,7 @@ extension Integration {
         defer { workload.stop() }
         let path = checkpoint + "/manifest.json"
         let text = try String(contentsOfFile: path, encoding: .utf8)
-            .replacingOccurrences(of: "\"formatVersion\" : \(Manifest.currentVersion)", with: "\"formatVersion\" : 99")
+            .replacingOccurrences(of: "\"formatVersion\" : \(Manifest.versionWithoutAgents)", with: "\"formatVersion\" : 99")
         try text.write(toFile: path, atomically: true, encoding: .utf8)
         let result = try Harness.stasis("restore", "-D", checkpoint)
         #expect(result.status == 1)

@@ -13,7 +13,8 @@
 //   RELEASE -> OK                          physical memory given back, address ranges kept
 //   (connection closed; the driver checkpoint and CRIU run; the agent waits in accept())
 //   REBACK -> OK                           new physical memory mapped at the same addresses
-//   WRITE/ZERO... -> WRITTEN...            contents streamed back through the ring
+//   WRITE... -> WRITTEN..., ZERO...        contents streamed back through the ring (zeros: a device memset)
+//   FLUSH -> (WRITTEN...) OK               every copy into the device finished
 //   RESUME -> OK                           held CUDA calls proceed
 // A connection that ends while memory is held but still backed resumes the process (stasis went away before
 // anything was released); one that ends after RELEASE waits for the next connection to REBACK.
@@ -40,7 +41,7 @@ enum stasis_agent_op {
     STASIS_AGENT_REBACK = 11,
     STASIS_AGENT_WRITE = 12,       // slot holds bytes [offset, offset + length) of allocation id: copy them in
     STASIS_AGENT_ZERO = 13,        // bytes [offset, offset + length) of allocation id are zero
-    STASIS_AGENT_WRITTEN = 14,     // slot (or -1 after a ZERO) is done
+    STASIS_AGENT_WRITTEN = 14,     // slot's copy into the device is done (ZERO has no answer; FLUSH waits for it)
     STASIS_AGENT_FLUSH = 15,       // wait for every WRITE and ZERO, then OK
     STASIS_AGENT_RESUME = 16,
 };

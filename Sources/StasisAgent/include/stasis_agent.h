@@ -15,8 +15,8 @@
 extern "C" {
 #endif
 
-/// Checks the gate's trampolines without a GPU: a function of eleven arguments (five on the stack, doubles
-/// in registers) called through one, and a call held while the gate is closed. Returns 0 when every check
+/// Checks the gate's trampolines without a GPU: a function of sixteen integer arguments (ten on the stack)
+/// and a double called through one, and a call held while the gate is closed. Returns 0 when every check
 /// passed, else the number of the first that failed; `report` gets a line.
 int stasis_agent_selftest(char *report, unsigned long length);
 

@@ -61,6 +61,7 @@ let package = Package(
         .executableTarget(name: "stasis-workload", path: "Workloads/cpu"),
         // bench/store-throughput.sh's driver: the chunk store's ingest and rebuild on N threads.
         .executableTarget(name: "stasis-store-bench", dependencies: ["StasisStore", "StasisCore", "StasisOS"], path: "bench/StoreBench"),
-        .testTarget(name: "StasisTests", dependencies: ["StasisCore", "StasisOS", "StasisStore", "StasisImage", "StasisEngine", "StasisCRIU", "StasisGPU"]),
+        .testTarget(name: "StasisTests", dependencies: ["StasisCore", "StasisOS", "StasisStore", "StasisImage", "StasisEngine", "StasisCRIU", "StasisGPU",
+                                                      "CStasisAgentProtocol"]),
     ]
 )

@@ -11,8 +11,9 @@
 #   3. The agent's steady-state overhead: BERT-base training step time, cudaMalloc/cudaFree latency and an
 #      inference request, each with and without the agent.
 #
-#   bench/agent-dump-restore.sh [speed] [memory] [overhead]     (default all; speed fits one device call,
-#                                                                 memory and overhead another)
+#   bench/agent-dump-restore.sh [speed] [memory] [overhead] [interleaved]
+#       (default: speed memory overhead; speed fits one device call, memory and overhead another;
+#        interleaved: the training step, three runs with and three without the agent, taking turns)
 #     speed: part 1, plus a 64 GiB cuda-workload under the agent, restored and verified
 # Prints markdown tables.
 set -uo pipefail
@@ -139,7 +140,7 @@ for run in plain agent nobacking off; do
     dir=$(mktemp -d)
     case $run in
         plain) launcher="" ;;
-        agent) launcher="$STASIS run --agent-log --" ;;
+        agent) launcher="env STASIS_AGENT_LOG=1 $STASIS run --" ;;
         nobacking) launcher="$STASIS run --no-backing --" ;;
         off) launcher="env STASIS_AGENT=off $STASIS run --" ;;
     esac
@@ -178,7 +179,7 @@ for round in 1 2 3; do
         dir=$(mktemp -d); launcher=""; [[ $run == agent ]] && launcher=$RUN
         CUBLAS_WORKSPACE_CONFIG=:4096:8 $launcher python3 Workloads/torch/bert_train.py --dir "$dir" --size base --steps 40 >/dev/null 2>&1
         awk -F'\t' '$1 > 10 { print $2 * 1000 }' "$dir/step-times.txt" >>"/tmp/steps-$run.txt"
-        echo "round $round $run: median $(median <"$dir/step-times.txt" 2>/dev/null | head -c 0)$(awk -F'\t' '$1 > 10 { print $2 * 1000 }' "$dir/step-times.txt" | median) ms"
+        echo "round $round $run: median $(awk -F'\t' '$1 > 10 { print $2 * 1000 }' "$dir/step-times.txt" | median) ms"
     done
 done
 p=$(median </tmp/steps-plain.txt); a=$(median </tmp/steps-agent.txt)

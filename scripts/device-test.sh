@@ -3,15 +3,17 @@
 # filled .device/ here (the device tool carries it). Prints a PASS/FAIL line per case and a summary; logs go
 # to $OUT (the device tool brings that folder back).
 #
-#   scripts/device-test.sh [SECTION...]     sections: cuda refuse gpumap plugin infer bert agent agentbig
-#                                           (default: all), and, only when named: agentbench and agentcost
-#                                           (the agent's benchmark, bench/agent-dump-restore.sh speed / cost),
+#   scripts/device-test.sh [SECTION...]     sections: cuda refuse gpumap plugin infer bert agent (default:
+#                                           all), and, only when named: agentbig (BERT-large and 64 GiB under
+#                                           the agent), agentbench and agentcost (the agent's benchmark,
+#                                           bench/agent-dump-restore.sh speed / $AGENTCOST_PARTS),
 #                                           and, only when named: bench (the GPU benchmark), storebench
 #                                           (the chunk store's throughput on a BERT checkpoint), export and
 #                                           import (restore on another machine: export on one, bring the
 #                                           pieces back from $OUT into .device/import/, import on a new one)
 #
-# The default sections take about 6 minutes on the H200 (the device tool allows 10 per call); bench about 5.
+# cuda..bert take about 6 minutes on the H200 and agent about 3.5 (the device tool allows 10 per call: run
+# them in two calls); agentbig about 2.5, bench about 5, agentbench about 5.
 #
 # Every workload verifies itself after the restore: the CUDA programs check their device memory, streams,
 # events, graphs and pools; BERT's per-step losses must equal an uninterrupted run's byte for byte; the
@@ -22,7 +24,7 @@ ROOT=$PWD
 OUT=${OUT:-/tmp/stasis-device-out}
 mkdir -p "$OUT"
 LOGS=$(mktemp -d /tmp/stasis-device-logs.XXXXXX)
-SECTIONS=(${@:-cuda refuse gpumap plugin infer bert agent agentbig})
+SECTIONS=(${@:-cuda refuse gpumap plugin infer bert agent})
 results=()
 # Each verdict also goes to $OUT at once, so a run cut short by the device tool's time limit still reports.
 pass() { echo "PASS $1"; results+=("PASS $1"); echo "PASS $1" >>"$OUT/progress.txt"; }
@@ -113,7 +115,34 @@ PY
     echo "maps of $1: $(tr '\n' ';' <"$LOGS/maps-$1.txt")"
 }
 
+# The dump's line about what an agent moved, if any.
+agent_line() { grep -h 'agent:' "$1" 2>/dev/null | sed 's/^ *//' | head -n 1; }
+
 keep_logs() { cp "$1"/*.txt "$LOGS/" 2>/dev/null; for f in "$1"/*.txt; do [[ -e $f ]] && mv "$LOGS/$(basename "$f")" "$LOGS/$2-$(basename "$f")"; done; cp "$1/log" "$LOGS/$2-workload.log" 2>/dev/null; true; }
+
+# A CUDA program (started through LAUNCHER) checkpointed twice with --leave-running, verified each time,
+# then each checkpoint restored and verified: LABEL names the results.
+leave_running_twice() {
+    local label=$1 launcher=$2
+    local dir; dir=$(mktemp -d /tmp/stasis-$label-leave.XXXXXX)
+    local pid; pid=$($launcher /opt/stasis/bin/cuda-workload buffers --dir "$dir" --daemon --mem 1024)
+    if $STASIS dump "$pid" -D "$dir/one" --leave-running >"$dir/dump1.txt" 2>&1 && [[ $(verify "$pid" "$dir") == PASS* ]] \
+        && $STASIS dump "$pid" -D "$dir/two" --leave-running >"$dir/dump2.txt" 2>&1 && [[ $(verify "$pid" "$dir") == PASS* ]]; then
+        pass "$label --leave-running twice, process keeps running $(agent_line "$dir/dump2.txt")"
+        kill_tree "$pid"
+        if $STASIS restore -D "$dir/two" >"$dir/restore2.txt" 2>&1 && [[ $(verify "$pid" "$dir") == PASS* ]]; then
+            kill_tree "$pid"
+            $STASIS restore -D "$dir/one" >"$dir/restore1.txt" 2>&1 && [[ $(verify "$pid" "$dir") == PASS* ]] \
+                && pass "$label restore of each of two checkpoints" || fail "$label restore of the first checkpoint" "$(tail -n 5 "$dir/restore1.txt")"
+        else
+            fail "$label restore of the second checkpoint" "$(tail -n 5 "$dir/restore2.txt")"
+        fi
+    else
+        fail "$label --leave-running" "$(tail -n 5 "$dir"/dump*.txt)"
+    fi
+    keep_logs "$dir" "$label-leave"
+    kill_tree "$pid"
+}
 
 # ---- sections ------------------------------------------------------------------------------------------
 section_cuda() {
@@ -128,24 +157,7 @@ section_cuda() {
     done
 
     # --leave-running, and two checkpoints of one process; then restore the first one.
-    local dir; dir=$(mktemp -d /tmp/stasis-cuda-leave.XXXXXX)
-    local pid; pid=$(start_cuda buffers "$dir" --mem 1024)
-    if $STASIS dump "$pid" -D "$dir/one" --leave-running >"$dir/dump1.txt" 2>&1 && [[ $(verify "$pid" "$dir") == PASS* ]] \
-        && $STASIS dump "$pid" -D "$dir/two" --leave-running >"$dir/dump2.txt" 2>&1 && [[ $(verify "$pid" "$dir") == PASS* ]]; then
-        pass "cuda --leave-running twice, process keeps running"
-        kill_tree "$pid"
-        if $STASIS restore -D "$dir/two" >"$dir/restore2.txt" 2>&1 && [[ $(verify "$pid" "$dir") == PASS* ]]; then
-            kill_tree "$pid"
-            $STASIS restore -D "$dir/one" >"$dir/restore1.txt" 2>&1 && [[ $(verify "$pid" "$dir") == PASS* ]] \
-                && pass "cuda restore of each of two checkpoints" || fail "cuda restore of the first checkpoint" "$(tail -n 5 "$dir/restore1.txt")"
-        else
-            fail "cuda restore of the second checkpoint" "$(tail -n 5 "$dir/restore2.txt")"
-        fi
-    else
-        fail "cuda --leave-running" "$(tail -n 5 "$dir"/dump*.txt)"
-    fi
-    keep_logs "$dir" "cuda-leave"
-    kill_tree "$pid"
+    leave_running_twice cuda ""
 }
 
 section_refuse() {
@@ -352,7 +364,6 @@ section_import() {
 
 # ---- the agent: the same workloads started by `stasis run`, their device memory moved by the agent ----------
 RUN="/opt/stasis/bin/stasis run --"
-agent_line() { grep -h 'agent:' "$1" | sed 's/^ *//' | head -n 1; }
 
 # A reference run of BERT (SIZE, extra environment), computed once per combination.
 bert_reference() {
@@ -403,27 +414,11 @@ section_agent() {
 
     # --leave-running twice: the agent refills from the store and the program goes on; then each checkpoint
     # restores.
-    local dir; dir=$(mktemp -d /tmp/stasis-agent-leave.XXXXXX)
-    local pid; pid=$($RUN /opt/stasis/bin/cuda-workload buffers --dir "$dir" --daemon --mem 1024)
-    if $STASIS dump "$pid" -D "$dir/one" --leave-running >"$dir/dump1.txt" 2>&1 && [[ $(verify "$pid" "$dir") == PASS* ]] \
-        && $STASIS dump "$pid" -D "$dir/two" --leave-running >"$dir/dump2.txt" 2>&1 && [[ $(verify "$pid" "$dir") == PASS* ]]; then
-        pass "agent --leave-running twice, process keeps running: $(agent_line "$dir/dump2.txt")"
-        kill_tree "$pid"
-        if $STASIS restore -D "$dir/two" >"$dir/restore2.txt" 2>&1 && [[ $(verify "$pid" "$dir") == PASS* ]]; then
-            kill_tree "$pid"
-            $STASIS restore -D "$dir/one" >"$dir/restore1.txt" 2>&1 && [[ $(verify "$pid" "$dir") == PASS* ]] \
-                && pass "agent restore of each of two checkpoints" || fail "agent restore of the first checkpoint" "$(tail -n 5 "$dir/restore1.txt")"
-        else
-            fail "agent restore of the second checkpoint" "$(tail -n 5 "$dir/restore2.txt")"
-        fi
-    else
-        fail "agent --leave-running" "$(tail -n 5 "$dir"/dump*.txt)"
-    fi
-    keep_logs "$dir" "agent-leave"
-    kill_tree "$pid"
+    leave_running_twice agent "$RUN"
+    local dir pid
 
-    # A dump that fails after the agent gave its memory back (CRIU cannot write: read-only images
-    # directory's parent): the program must get its memory back and verify.
+    # A dump that fails after the agent gave its memory back (a fault injected in CRIU's post-dump step):
+    # the program must get its memory back and verify.
     dir=$(mktemp -d /tmp/stasis-agent-fail.XXXXXX)
     pid=$($RUN /opt/stasis/bin/cuda-workload buffers --dir "$dir" --daemon --mem 512)
     if STASIS_FAULT=post-dump $STASIS dump "$pid" -D "$dir/ckpt" >"$dir/dump.txt" 2>&1; then
@@ -484,6 +479,7 @@ section_agentbig() {
     agent_bert large "" "agent bert-large"
 
     # 64 GiB of device memory.
+    local dir pid
     dir=$(mktemp -d /tmp/stasis-agent-big.XXXXXX)
     pid=$($RUN /opt/stasis/bin/cuda-workload buffers --dir "$dir" --daemon --mem 65536) || { fail "agent 64 GiB" "did not start: $(tail -n 5 "$dir/log")"; }
     if [[ -n $pid ]]; then

@@ -155,17 +155,11 @@ public final class AgentSession: @unchecked Sendable {
             if worker == 0 {
                 // The receiver: FILLED slots to the workers, until EVACUATED.
                 defer { filled.close() }
-                while failure.error == nil {
-                    do {
-                        let message = try channel.receive()
-                        switch message.op {
-                        case STASIS_AGENT_FILLED.rawValue: filled.push(message)
-                        case STASIS_AGENT_EVACUATED.rawValue: return
-                        case STASIS_AGENT_ERROR.rawValue: throw AgentChannel.error(message, pid: pid, doing: "copy its device memory out")
-                        default: throw StasisError(.gpu, "the agent of PID \(pid) sent \(message.op) during the evacuation")
-                        }
-                    } catch {
-                        failure.set(error)
+                Self.receive(on: channel, pid: pid, doing: "copy its device memory out", failure: failure) { message in
+                    switch message.op {
+                    case STASIS_AGENT_FILLED.rawValue: filled.push(message); return false
+                    case STASIS_AGENT_EVACUATED.rawValue: return true
+                    default: throw StasisError(.gpu, "the agent of PID \(pid) sent \(message.op) during the evacuation")
                     }
                 }
                 return
@@ -260,17 +254,11 @@ public final class AgentSession: @unchecked Sendable {
             if worker == 0 {
                 // The receiver: WRITTEN slots back to the pool, until the OK that ends FLUSH.
                 defer { slots.close() }
-                while failure.error == nil {
-                    do {
-                        let message = try channel.receive()
-                        switch message.op {
-                        case STASIS_AGENT_WRITTEN.rawValue: slots.give(message.slot)
-                        case STASIS_AGENT_OK.rawValue: return
-                        case STASIS_AGENT_ERROR.rawValue: throw AgentChannel.error(message, pid: pid, doing: "fill its device memory")
-                        default: throw StasisError(.gpu, "the agent of PID \(pid) sent \(message.op) during the refill")
-                        }
-                    } catch {
-                        failure.set(error)
+                Self.receive(on: channel, pid: pid, doing: "fill its device memory", failure: failure) { message in
+                    switch message.op {
+                    case STASIS_AGENT_WRITTEN.rawValue: slots.give(message.slot); return false
+                    case STASIS_AGENT_OK.rawValue: return true
+                    default: throw StasisError(.gpu, "the agent of PID \(pid) sent \(message.op) during the refill")
                     }
                 }
                 return
@@ -298,6 +286,21 @@ public final class AgentSession: @unchecked Sendable {
             }
         }
         if let error = failure.error { throw error }
+    }
+
+    /// The receiving side of a transfer: gives each message to `handle` until it returns true (the end); the
+    /// agent's ERROR (its words, with `doing`) or a broken connection becomes `failure`'s first error.
+    private static func receive(on channel: AgentChannel, pid: Int32, doing: String, failure: FirstFailure,
+                                _ handle: (AgentChannel.Message) throws -> Bool) {
+        while failure.error == nil {
+            do {
+                let message = try channel.receive()
+                if message.op == STASIS_AGENT_ERROR.rawValue { throw AgentChannel.error(message, pid: pid, doing: doing) }
+                if try handle(message) { return }
+            } catch {
+                failure.set(error)
+            }
+        }
     }
 
     /// Lets the held CUDA calls go on.

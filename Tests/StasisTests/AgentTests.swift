@@ -17,7 +17,8 @@ import Testing
     }
 
     @Test func aProcessWithoutAnAgentHasNoSession() throws {
-        #expect(try AgentSession.open(pid: getpid()) == nil)
+        // Not this process: AgentProtocolTests listens under its PID.
+        #expect(try AgentSession.open(pid: 1) == nil)
     }
 }
 
@@ -48,7 +49,9 @@ extension Integration {
             let noProgram = try Harness.run(Harness.stasis, ["run", "--agent", Harness.agent, "--", "/nonexistent/program"])
             #expect(noProgram.status == 127)
             #expect(noProgram.stderr.contains("cannot run /nonexistent/program"))
-            let notRunnable = try Harness.run(Harness.stasis, ["run", "--agent", Harness.agent, "--", "/etc/hostname"])
+            let plainFile = Harness.scratch("not-runnable") + "/data"
+            FileManager.default.createFile(atPath: plainFile, contents: Data("data".utf8), attributes: [.posixPermissions: 0o644])
+            let notRunnable = try Harness.run(Harness.stasis, ["run", "--agent", Harness.agent, "--", plainFile])
             #expect(notRunnable.status == 126)
             let nothing = try Harness.run(Harness.stasis, ["run"])
             #expect(!nothing.succeeded)

@@ -6,7 +6,7 @@ import StasisCore
 struct RunCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "run",
-        abstract: "Run a program with the stasis agent preloaded, so that its GPU memory is checkpointed at PCIe speed.",
+        abstract: "Run a program with the stasis agent preloaded, so that it moves its own GPU memory at checkpoints, several times faster than the driver.",
         discussion: """
         stasis replaces itself with the program (same PID, same environment plus LD_PRELOAD), so `stasis run` \
         goes wherever the program would: a shell, a job script, a container's entrypoint. The agent \

@@ -13,7 +13,7 @@ struct Stasis: ParsableCommand {
         checkpoint of a job adds only what changed. A checkpoint is written to a hidden sibling and renamed \
         into place only when complete. CUDA processes are checkpointed through the NVIDIA driver's process \
         checkpoint API (driver >= 570); programs started with `stasis run` carry an agent that moves their device \
-        memory itself, at PCIe speed, and leaves the driver only the rest. Run as root.
+        memory itself, straight into the chunk store, and leaves the driver only the rest. Run as root.
         """,
         version: StasisVersion.current,
         subcommands: [RunCommand.self, CheckCommand.self, DumpCommand.self, RestoreCommand.self, InspectCommand.self, VerifyCommand.self,

@@ -1,5 +1,5 @@
 // libstasis-agent.so: preloaded into a GPU program by `stasis run`, it lets stasis checkpoint the program's
-// device memory at PCIe speed.
+// device memory by copying it out itself, instead of through the driver's checkpoint.
 //
 // It interposes the CUDA driver API: exported symbols (programs linked with -lcuda), dlsym on libcuda, and
 // cuGetProcAddress (how the CUDA runtime and PyTorch reach the driver). Every driver entry point it hands out

@@ -177,7 +177,7 @@ public final class AgentSession: @unchecked Sendable {
                     }
                     let bytes = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<length])
                     try ProcessMemory.read(pid: pid, address: ring + UInt64(message.slot) * UInt64(slotBytes), into: bytes)
-                    try channel.send(STASIS_AGENT_FREE, slot: message.slot)
+                    guard Self.send(channel, failure, { try $0.send(STASIS_AGENT_FREE, slot: message.slot) }) else { continue }
                     let digest = try sink.put(UnsafeRawBufferPointer(bytes), scratch: scratch)
                     try digests.set(id: message.id, offset: message.offset, digest: digest, pid: pid)
                 } catch {
@@ -274,7 +274,7 @@ public final class AgentSession: @unchecked Sendable {
                                         scratch: scratch, place: .init(checkpoint: checkpoint, file: job.file, offset: job.offset, length: job.length))
                     guard let slot = slots.take() else { break }
                     try ProcessMemory.write(pid: pid, address: ring + UInt64(slot) * UInt64(slotBytes), from: UnsafeRawBufferPointer(bytes))
-                    try channel.send(STASIS_AGENT_WRITE, slot: slot, id: job.id, offset: job.offset, length: UInt64(job.length))
+                    guard Self.send(channel, failure, { try $0.send(STASIS_AGENT_WRITE, slot: slot, id: job.id, offset: job.offset, length: UInt64(job.length)) }) else { break }
                 } catch {
                     failure.set(error)
                     channel.shutdown()
@@ -282,24 +282,44 @@ public final class AgentSession: @unchecked Sendable {
             }
             // The last worker out asks the agent to finish its copies.
             if next.workerDone(of: workers), failure.error == nil {
-                do { try channel.send(STASIS_AGENT_FLUSH) } catch { failure.set(error) }
+                _ = Self.send(channel, failure, { try $0.send(STASIS_AGENT_FLUSH) })
             }
         }
         if let error = failure.error { throw error }
     }
 
-    /// The receiving side of a transfer: gives each message to `handle` until it returns true (the end); the
-    /// agent's ERROR (its words, with `doing`) or a broken connection becomes `failure`'s first error.
+    /// The receiving side of a transfer: gives each message to `handle` until it returns true (the end). The
+    /// agent's ERROR (its words, with `doing`) is the failure to report; a connection that ends is one only if
+    /// nothing better is known.
     private static func receive(on channel: AgentChannel, pid: Int32, doing: String, failure: FirstFailure,
                                 _ handle: (AgentChannel.Message) throws -> Bool) {
-        while failure.error == nil {
+        while true {
+            let message: AgentChannel.Message
             do {
-                let message = try channel.receive()
+                message = try channel.receive()
+            } catch {
+                failure.set(error, cause: false)
+                return
+            }
+            do {
                 if message.op == STASIS_AGENT_ERROR.rawValue { throw AgentChannel.error(message, pid: pid, doing: doing) }
                 if try handle(message) { return }
             } catch {
                 failure.set(error)
+                return
             }
+        }
+    }
+
+    /// A worker's send: when it fails, the agent has closed the connection, and the receiver is about to read
+    /// why (its ERROR), which is the failure to report; the broken pipe is kept only in case it is not.
+    private static func send(_ channel: AgentChannel, _ failure: FirstFailure, _ body: (AgentChannel) throws -> Void) -> Bool {
+        do {
+            try body(channel)
+            return true
+        } catch {
+            failure.set(error, cause: false)
+            return false
         }
     }
 
@@ -441,9 +461,16 @@ private final class JobCounter: @unchecked Sendable {
     }
 }
 
+/// The first failure of a transfer's threads. A cause (the agent's ERROR, a damaged chunk, a full store) wins
+/// over a symptom (a connection that ended), whichever came first.
 final class FirstFailure: @unchecked Sendable {
     private let lock = NSLock()
-    private var first: Error?
-    var error: Error? { lock.withLock { first } }
-    func set(_ error: Error) { lock.withLock { if first == nil { first = error } } }
+    private var cause: Error?
+    private var symptom: Error?
+    var error: Error? { lock.withLock { cause ?? symptom } }
+    func set(_ error: Error, cause isCause: Bool = true) {
+        lock.withLock {
+            if isCause { if cause == nil { cause = error } } else if symptom == nil { symptom = error }
+        }
+    }
 }

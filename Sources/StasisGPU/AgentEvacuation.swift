@@ -71,6 +71,9 @@ final class AgentEvacuation: @unchecked Sendable {
                 memory.zeroBytes = UInt64(done.totals.zeroChunks) * UInt64(ChunkStore.chunkSize)
                 memory.evacuateCPUSeconds = done.cpu
                 processes[session.pid] = Evacuated(session: session, chunks: done.chunks, memory: memory)
+                // Listed in the store's catalog before the memory goes, so that gc keeps it and `stasis
+                // resume` finds it should putting it back fail (or stasis die) before the dump completes.
+                try Self.writeRescue(pid: session.pid, memory: memory, chunks: done.chunks, store: store.store)
                 try session.release()
                 processes[session.pid]!.memory.releaseSeconds = watch.seconds
             }
@@ -111,6 +114,7 @@ final class AgentEvacuation: @unchecked Sendable {
         var problems: [String] = []
         for session in sessions {
             do {
+                defer { session.disconnect() }
                 if session.released {
                     guard let store, let evacuated = processes[session.pid] else {
                         throw StasisError(.gpu, "PID \(session.pid) gave its device memory back before its copy was complete")
@@ -119,12 +123,60 @@ final class AgentEvacuation: @unchecked Sendable {
                                        checkpoint: store.checkpoint, threads: Self.threads)
                 }
                 try session.resume()
+                if let store { Self.forgetRescue(pid: session.pid, store: store.store) }
             } catch {
-                problems.append("\(error)")
+                let kept = store.map { Self.rescueID(pid: session.pid, in: $0.store) } ?? nil
+                problems.append("\(error)" + (kept.map { "; its device memory is kept in the store as \($0): run `stasis resume \(session.pid)` once the GPU has room" } ?? ""))
             }
-            session.disconnect()
         }
         return problems
+    }
+
+    /// The dump is complete and the processes are gone (or running again): their rescue entries go.
+    func forgetRescues() {
+        guard let store else { return }
+        for pid in processes.keys { Self.forgetRescue(pid: pid, store: store.store) }
+    }
+
+    // MARK: rescue entries
+
+    /// Catalog ids of rescue entries start with this; `stasis ls` lists them, gc keeps their chunks.
+    public static let rescuePrefix = "rescue-"
+
+    /// Lists the device memory of `pid` that is about to be released, as a checkpoint with only that memory.
+    static func writeRescue(pid: Int32, memory: Manifest.AgentMemory, chunks: [UInt64: [String]], store: ChunkStore) throws {
+        let files = memory.allocations.map { allocation in
+            let list = chunks[allocation.id] ?? []
+            return Manifest.FileEntry(path: allocation.file, size: allocation.bytes, sha256: ChunkDigest.ofFile(chunks: list), chunks: list)
+        }
+        let processes = [Manifest.Process(pid: pid, ppid: ProcFS.stat(pid)?.ppid ?? 0, command: ProcFS.stat(pid)?.command ?? "?",
+                                          arguments: ProcFS.arguments(pid), threads: 0, residentBytes: 0)]
+        var manifest = Manifest(
+            id: "\(rescuePrefix)\(pid)-\(UUID().uuidString.prefix(8).lowercased())", createdAt: Date(),
+            tool: .init(name: "stasis", version: "rescue"), host: HostFacts.current(),
+            criu: .init(version: "", logFile: ""), options: .init(leaveRunning: true, tcpEstablished: false, shellJob: false),
+            processTree: .init(rootPID: pid, processes: processes),
+            memory: .init(residentBytes: 0, dumpedBytes: 0, imageBytes: memory.evacuatedBytes),
+            timings: .init(), gpu: .init(processes: [.init(pid: pid, devices: [], deviceMemoryBytes: memory.evacuatedBytes, agent: memory)]),
+            files: files)
+        manifest.store = .init(path: store.path, chunkSize: ChunkStore.chunkSize, codec: "", plainBytes: memory.evacuatedBytes,
+                               storedBytes: memory.storedBytes ?? 0, newChunks: 0, reusedChunks: 0, zeroChunks: 0)
+        try StoreCatalog(store: store).register(manifest, directory: "(device memory of PID \(pid), held by its agent)")
+    }
+
+    /// The newest rescue entry of `pid` in `store`, if any.
+    public static func rescue(pid: Int32, in store: ChunkStore) -> StoreCatalog.Entry? {
+        ((try? StoreCatalog(store: store).entries()) ?? [])
+            .filter { $0.manifest.id.hasPrefix(rescuePrefix) && $0.manifest.processTree.rootPID == pid }.last
+    }
+
+    static func rescueID(pid: Int32, in store: ChunkStore) -> String? { rescue(pid: pid, in: store)?.manifest.id }
+
+    public static func forgetRescue(pid: Int32, store: ChunkStore) {
+        let catalog = StoreCatalog(store: store)
+        for entry in (try? catalog.entries()) ?? [] where entry.manifest.id.hasPrefix(rescuePrefix) && entry.manifest.processTree.rootPID == pid {
+            catalog.unregister(id: entry.manifest.id)
+        }
     }
 
     /// After a restore: re-creates and refills the memory of every process the checkpoint has agent memory
@@ -161,5 +213,37 @@ final class AgentEvacuation: @unchecked Sendable {
         }
         if let error = failure.error { throw error }
         return watch.seconds
+    }
+}
+
+/// Device memory an agent released and nobody put back: a dump whose put-back failed (the GPU memory was
+/// taken in between), or a stasis that died after RELEASE. Its rescue entry in the store's catalog keeps the
+/// chunks from gc and says what to refill; `stasis resume PID` does it.
+public enum AgentRescue {
+    public struct Report: Codable, Sendable {
+        public var pid: Int32
+        public var rescue: String
+        public var bytes: UInt64
+        public var seconds: Double
+    }
+
+    /// Lets the driver and then the agent of `pid` go on, refilling its memory from its rescue entry in `store`.
+    public static func resume(pid: Int32, store: ChunkStore) throws -> Report {
+        guard pid > 0, ProcFS.isLive(pid) else {
+            throw StasisError(.processNotFound, "no running process with PID \(pid)",
+                              hint: AgentEvacuation.rescueID(pid: pid, in: store).map { "its rescue entry \($0) is no longer needed: `stasis rm \($0)`" })
+        }
+        guard let entry = AgentEvacuation.rescue(pid: pid, in: store), let memory = entry.manifest.gpu.processes.first?.agent else {
+            throw StasisError(.invalidArgument, "the store \(store.path) holds no device memory of PID \(pid) to put back",
+                              hint: "`stasis ls` lists rescue entries (ids starting with \(AgentEvacuation.rescuePrefix))")
+        }
+        // The driver first: an agent cannot re-create memory in a process the driver still holds.
+        if (try? CheckpointDriver.load()) != nil, let state = CheckpointDriver.state(pid), state != .running {
+            try CheckpointDriver.resume(pid)
+        }
+        let seconds = try AgentEvacuation.refill(entry.manifest.gpu, store: DeviceStore(store: store, codec: .standard, checkpoint: entry.directory),
+                                                 files: entry.manifest.files)
+        AgentEvacuation.forgetRescue(pid: pid, store: store)
+        return Report(pid: pid, rescue: entry.manifest.id, bytes: memory.evacuatedBytes, seconds: seconds)
     }
 }

@@ -163,7 +163,11 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
     }
 
     public func afterDump(section: Manifest.GPUSection, leaveRunning: Bool) throws {
-        guard leaveRunning, !section.processes.isEmpty else { return }
+        guard leaveRunning, !section.processes.isEmpty else {
+            // The processes are gone; the checkpoint holds their device memory.
+            agents.forgetRescues()
+            return
+        }
         let errors = Self.parallel(section.processes.map(\.pid)) { pid in
             try CheckpointDriver.restore(pid)
             try CheckpointDriver.unlock(pid)

@@ -16,7 +16,7 @@ struct Stasis: ParsableCommand {
         memory itself, straight into the chunk store, and leaves the driver only the rest. Run as root.
         """,
         version: StasisVersion.current,
-        subcommands: [RunCommand.self, CheckCommand.self, DumpCommand.self, RestoreCommand.self, InspectCommand.self, VerifyCommand.self,
+        subcommands: [RunCommand.self, CheckCommand.self, DumpCommand.self, RestoreCommand.self, ResumeCommand.self, InspectCommand.self, VerifyCommand.self,
                       ListCommand.self, RemoveCommand.self, CollectCommand.self, ExportCommand.self, ImportCommand.self]
     )
 }

@@ -2,7 +2,7 @@ import CStasisAgentProtocol
 import Foundation
 import Glibc
 import StasisCore
-import StasisGPU
+@testable import StasisGPU
 import StasisStore
 import Testing
 
@@ -39,6 +39,38 @@ import Testing
         session.disconnect()
         #expect(peer.written == memory)
         #expect(peer.zeroRequests == 2)
+    }
+
+    /// A process left held after its memory was released (a put-back that failed) is put back by `stasis resume`
+    /// from the rescue entry the evacuation wrote; the entry then goes.
+    @Test func stasisResumePutsBackWhatARescueEntryHolds() throws {
+        let chunk = ChunkStore.chunkSize
+        let memory: [UInt64: [UInt8]] = [0x30: (0..<(3 * chunk)).map { UInt8(truncatingIfNeeded: $0 &* 31 / 7) }, 0x31: [UInt8](repeating: 0, count: chunk)]
+        let peer = try ProtocolPeer(memory: memory, slots: 4)
+        defer { peer.stop() }
+        let storePath = Harness.scratch("agent-rescue") + "/store"
+        let store = try ChunkStore(path: storePath, create: true)
+        let session = try #require(try AgentSession.open(pid: getpid()))
+        try session.startQuiesce(timeoutMilliseconds: 1000)
+        try session.finishQuiesce()
+        let sink = ChunkSink(store: store, codec: .lz4, probe: true)
+        let chunks = try session.evacuate(into: sink, threads: 2)
+        try sink.commit()
+        let record = Manifest.AgentMemory(
+            allocations: session.allocations.map { .init(id: $0.id, bytes: $0.bytes, device: $0.device, file: AgentEvacuation.file(pid: getpid(), id: $0.id)) },
+            evacuatedBytes: session.evacuableBytes, driverPathBytes: 0, ringBytes: 0, quiesceSeconds: 0, evacuateSeconds: 0, releaseSeconds: 0)
+        try AgentEvacuation.writeRescue(pid: getpid(), memory: record, chunks: chunks, store: store)
+        try session.release()
+        session.disconnect()
+        // gc keeps what the rescue entry lists.
+        #expect(try Harness.stasis("gc", "--store", storePath, "--grace", "0").succeeded)
+        let resumed = try Harness.stasis("resume", String(getpid()), "--store", storePath)
+        #expect(resumed.succeeded, "\(resumed.stderr)")
+        #expect(resumed.stdout.contains("resumed PID \(getpid())"))
+        #expect(peer.written == memory)
+        #expect(AgentEvacuation.rescue(pid: getpid(), in: store) == nil)
+        let again = try Harness.stasis("resume", String(getpid()), "--store", storePath)
+        #expect(!again.succeeded && again.stderr.contains("holds no device memory of PID"))
     }
 
     @Test func anAgentErrorDuringTheEvacuationIsReportedWithItsWords() throws {

@@ -89,6 +89,9 @@ public struct RestoreOperation {
         try device.checkRestorable(section: manifest.gpu)
 
         let store = try Checkpoint.store(for: manifest, explicit: options.store)
+        // Until the restore is over (CRIU's images and the agents' memory come from the store all along).
+        let storeLock = store?.readerLock()
+        defer { storeLock?.release() }
         let verifyWatch = Stopwatch()
         let imageBytes = manifest.files.reduce(0) { $0 + $1.size }
         let counter = ByteCounter()

@@ -237,6 +237,8 @@ public enum AgentRescue {
             throw StasisError(.invalidArgument, "the store \(store.path) holds no device memory of PID \(pid) to put back",
                               hint: "`stasis ls` lists rescue entries (ids starting with \(AgentEvacuation.rescuePrefix))")
         }
+        let storeLock = store.readerLock()
+        defer { storeLock?.release() }
         // The driver first: an agent cannot re-create memory in a process the driver still holds.
         if (try? CheckpointDriver.load()) != nil, let state = CheckpointDriver.state(pid), state != .running {
             try CheckpointDriver.resume(pid)

@@ -308,6 +308,11 @@ public final class ChunkStore: Sendable {
         public func release() { close(fd) }
     }
 
+    /// The shared lock for a reader (restore, verify, resume): gc waits while it is held, so no chunk goes
+    /// while it is being read, listed or not. nil when the store cannot be locked (read-only): then reading
+    /// goes on without it, as gc cannot run there either.
+    public func readerLock() -> Lock? { try? lock(exclusive: false) }
+
     public func lock(exclusive: Bool) throws -> Lock {
         let file = path + "/lock"
         let fd = retryingEINTR { open(file, O_RDWR | O_CREAT | O_CLOEXEC, 0o600) }

@@ -18,7 +18,10 @@ struct VerifyCommand: ParsableCommand {
     func run() throws {
         try Output.run(json: output.json) {
             let manifest = try Checkpoint.readManifest(directory)
-            let report = try Checkpoint.verify(directory, manifest: manifest, store: try Checkpoint.store(for: manifest, explicit: store.store))
+            let chunks = try Checkpoint.store(for: manifest, explicit: store.store)
+            let storeLock = chunks?.readerLock()
+            defer { storeLock?.release() }
+            let report = try Checkpoint.verify(directory, manifest: manifest, store: chunks)
             if output.json { return Output.json(report) }
             print("ok: \(report.files) files, \(Format.bytes(report.bytes)) match the manifest (\(Format.seconds(report.seconds)), \(Format.throughput(bytes: report.bytes, seconds: report.seconds)))")
         }

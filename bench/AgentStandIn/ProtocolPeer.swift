@@ -1,0 +1,166 @@
+import CStasisAgentProtocol
+import Foundation
+import Glibc
+import StasisCore
+import StasisStore
+
+/// A stand-in for the other end of the agent's control channel, for tests and benchmarks without a GPU: it
+/// answers as libstasis-agent.so does (stasis_agent_protocol.h), on the same socket name with this process's
+/// PID, with its "device memory" in host buffers and its ring in this process's memory. stasis's side of an
+/// evacuation or a refill (AgentSession: its threads, slots, process_vm_readv/writev, the chunk store) then
+/// runs for real; only the GPU copies become memcpy. The agent itself is tested on the GPU machine.
+/// Answers the control protocol on "@stasis-agent-<this PID>" from a thread of its own.
+public final class ProtocolPeer: @unchecked Sendable {
+    public typealias Message = stasis_agent_message
+    private let listener: Int32
+    private let memory: [UInt64: [UInt8]]
+    private let ring: UnsafeMutableRawBufferPointer
+    private let slots: Int
+    private let failAfter: Int?
+    private let lock = NSLock()
+    // What the refill wrote, per allocation (the "device memory" after REBACK), in buffers of their own.
+    private var _written: [UInt64: UnsafeMutableRawBufferPointer] = [:]
+    private var _released = false
+    private var _zeroRequests = 0
+    private let done = DispatchSemaphore(value: 0)
+
+    public var written: [UInt64: [UInt8]] { lock.withLock { _written.mapValues { [UInt8]($0) } } }
+    public var released: Bool { lock.withLock { _released } }
+    public var zeroRequests: Int { lock.withLock { _zeroRequests } }
+
+    public init(memory: [UInt64: [UInt8]], slots: Int, failAfter: Int? = nil) throws {
+        self.memory = memory
+        self.slots = slots
+        self.failAfter = failAfter
+        ring = .allocate(byteCount: slots * ChunkStore.chunkSize, alignment: 4096)
+        listener = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        let name = Array((STASIS_AGENT_SOCKET_PREFIX + "\(getpid())").utf8)
+        withUnsafeMutableBytes(of: &address.sun_path) { path in
+            path[0] = 0
+            for (index, byte) in name.enumerated() { path[index + 1] = byte }
+        }
+        let length = socklen_t(MemoryLayout<sa_family_t>.size + 1 + name.count)
+        let bound = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, length) } }
+        guard bound == 0, listen(listener, 4) == 0 else { throw StasisError(.io, "the protocol peer cannot listen: \(String(cString: strerror(errno)))") }
+        let thread = Thread { [self] in serve() }
+        thread.start()
+    }
+
+    public func stop() {
+        shutdown(listener, Int32(SHUT_RDWR))
+        close(listener)
+        done.wait()
+        ring.deallocate()
+        for buffer in _written.values { buffer.deallocate() }
+    }
+
+    private func serve() {
+        defer { done.signal() }
+        while true {
+            let fd = accept(listener, nil, nil)
+            guard fd >= 0 else { return }
+            session(fd)
+            close(fd)
+        }
+    }
+
+    private func send(_ fd: Int32, _ op: stasis_agent_op, configure: (inout Message) -> Void = { _ in }) {
+        var message = Message()
+        message.op = op.rawValue
+        message.version = UInt32(STASIS_AGENT_PROTOCOL_VERSION)
+        message.ring_address = UInt64(UInt(bitPattern: ring.baseAddress!))
+        message.slot_bytes = UInt32(ChunkStore.chunkSize)
+        message.slot_count = UInt32(slots)
+        message.tracked_bytes = memory.values.reduce(0) { $0 + UInt64($1.count) }
+        configure(&message)
+        _ = withUnsafeBytes(of: &message) { Glibc.send(fd, $0.baseAddress!, $0.count, Int32(MSG_NOSIGNAL)) }
+    }
+
+    private func receive(_ fd: Int32) -> Message? {
+        var message = Message()
+        let got = withUnsafeMutableBytes(of: &message) { recv(fd, $0.baseAddress!, $0.count, Int32(MSG_WAITALL)) }
+        return got == MemoryLayout<Message>.size ? message : nil
+    }
+
+    private func session(_ fd: Int32) {
+        let ids = memory.keys.sorted()
+        while let message = receive(fd) {
+            switch message.op {
+            case STASIS_AGENT_HELLO.rawValue:
+                send(fd, STASIS_AGENT_HELLO)
+            case STASIS_AGENT_QUIESCE.rawValue:
+                for id in ids { send(fd, STASIS_AGENT_TABLE_ENTRY) { $0.id = id; $0.length = UInt64(self.memory[id]!.count) } }
+                send(fd, STASIS_AGENT_TABLE_END) { $0.id = UInt64(ids.count) }
+            case STASIS_AGENT_EVACUATE.rawValue:
+                guard evacuate(fd, ids) else { return }
+            case STASIS_AGENT_RELEASE.rawValue:
+                lock.withLock { _released = true }
+                send(fd, STASIS_AGENT_OK)
+            case STASIS_AGENT_REBACK.rawValue:
+                lock.withLock {
+                    for id in ids {
+                        _written[id]?.deallocate()
+                        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: memory[id]!.count, alignment: 4096)
+                        buffer.initializeMemory(as: UInt8.self, repeating: 0xEE)
+                        _written[id] = buffer
+                    }
+                }
+                send(fd, STASIS_AGENT_OK)
+            case STASIS_AGENT_WRITE.rawValue:
+                let slot = ring.baseAddress! + Int(message.slot) * ChunkStore.chunkSize
+                let target = lock.withLock { _written[message.id]! }
+                (target.baseAddress! + Int(message.offset)).copyMemory(from: slot, byteCount: Int(message.length))
+                send(fd, STASIS_AGENT_WRITTEN) { $0.slot = message.slot }
+            case STASIS_AGENT_ZERO.rawValue:
+                let target = lock.withLock { () -> UnsafeMutableRawBufferPointer in
+                    _zeroRequests += 1
+                    return _written[message.id]!
+                }
+                (target.baseAddress! + Int(message.offset)).initializeMemory(as: UInt8.self, repeating: 0, count: Int(message.length))
+            case STASIS_AGENT_FLUSH.rawValue, STASIS_AGENT_RESUME.rawValue:
+                send(fd, STASIS_AGENT_OK)
+            default:
+                send(fd, STASIS_AGENT_ERROR)
+                return
+            }
+        }
+    }
+
+    /// Copies every allocation through the ring as the agent does: FILLED per slot, FREE back, EVACUATED.
+    private func evacuate(_ fd: Int32, _ ids: [UInt64]) -> Bool {
+        let chunk = ChunkStore.chunkSize
+        var free = Array(0..<slots)
+        var filled = 0
+        for id in ids {
+            let bytes = memory[id]!
+            for offset in stride(from: 0, to: bytes.count, by: chunk) {
+                if let failAfter, filled == failAfter {
+                    send(fd, STASIS_AGENT_ERROR) { message in
+                        withUnsafeMutableBytes(of: &message.text) { text in
+                            for (index, byte) in "copy failed on purpose".utf8.enumerated() { text[index] = byte }
+                        }
+                    }
+                    return false
+                }
+                while free.isEmpty {
+                    guard let back = receive(fd), back.op == STASIS_AGENT_FREE.rawValue else { return false }
+                    free.append(Int(back.slot))
+                }
+                let slot = free.removeLast(), length = min(chunk, bytes.count - offset)
+                bytes.withUnsafeBytes { source in
+                    (ring.baseAddress! + slot * chunk).copyMemory(from: source.baseAddress! + offset, byteCount: length)
+                }
+                send(fd, STASIS_AGENT_FILLED) { $0.slot = Int32(slot); $0.id = id; $0.offset = UInt64(offset); $0.length = UInt64(length) }
+                filled += 1
+            }
+        }
+        while free.count < slots {
+            guard let back = receive(fd), back.op == STASIS_AGENT_FREE.rawValue else { return false }
+            free.append(Int(back.slot))
+        }
+        send(fd, STASIS_AGENT_EVACUATED)
+        return true
+    }
+}

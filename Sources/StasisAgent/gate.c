@@ -186,3 +186,43 @@ int stasis_agent_selftest(char *report, unsigned long length) {
     snprintf(report, length, "gate: sixteen arguments and a double pass (%ld), a call waits while closed and goes on after", got);
     return 0;
 }
+
+// ---- cost of the gate (no GPU needed)
+
+static long __attribute__((noinline)) four(long a, long b, long c, long d) { return a + b + c + d; }
+
+typedef struct {
+    long (*call)(long, long, long, long);
+    long rounds;
+    long sum;
+} cost_work;
+
+static void *cost_thread(void *argument) {
+    cost_work *work = argument;
+    long sum = 0;
+    for (long i = 0; i < work->rounds; i++) sum += work->call(i, 1, 2, 3);
+    work->sum = sum;
+    return NULL;
+}
+
+static double cost_of(long (*call)(long, long, long, long), long rounds, int threads) {
+    pthread_t ids[16];
+    cost_work work[16];
+    struct timespec start, end;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    for (int t = 0; t < threads; t++) {
+        work[t] = (cost_work){call, rounds, 0};
+        pthread_create(&ids[t], NULL, cost_thread, &work[t]);
+    }
+    for (int t = 0; t < threads; t++) pthread_join(ids[t], NULL);
+    clock_gettime(CLOCK_MONOTONIC, &end);
+    return ((double)(end.tv_sec - start.tv_sec) * 1e9 + (double)(end.tv_nsec - start.tv_nsec)) / (double)rounds;
+}
+
+double stasis_agent_gate_cost(long rounds, int threads, double *direct) {
+    if (threads < 1) threads = 1;
+    if (threads > 16) threads = 16;
+    long (*through)(long, long, long, long) = (long (*)(long, long, long, long))gate_wrap((void *)four);
+    *direct = cost_of(four, rounds, threads);
+    return cost_of(through, rounds, threads);
+}

@@ -20,6 +20,10 @@ extern "C" {
 /// passed, else the number of the first that failed; `report` gets a line.
 int stasis_agent_selftest(char *report, unsigned long length);
 
+/// Nanoseconds per call of a four-argument function through the gate, each of `threads` threads making
+/// `rounds` calls at once; `direct` gets the same without the gate.
+double stasis_agent_gate_cost(long rounds, int threads, double *direct);
+
 #ifdef __cplusplus
 }
 #endif

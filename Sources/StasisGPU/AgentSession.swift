@@ -35,6 +35,8 @@ public final class AgentSession: @unchecked Sendable {
     public private(set) var released = false
     /// The agent's state in its last HELLO (a stasis_agent_state).
     public private(set) var agentState: UInt32 = 0
+    /// QUIESCE was sent and its answer not read yet.
+    private var quiescing = false
 
     private init(pid: Int32, channel: AgentChannel) {
         self.pid = pid
@@ -106,12 +108,14 @@ public final class AgentSession: @unchecked Sendable {
             // The agent answers within the drain time, plus the synchronisation it allows the same time.
             channel.setTimeout(seconds: Int(timeoutMilliseconds / 1000) * 2 + 60)
             try channel.send(STASIS_AGENT_QUIESCE, length: UInt64(timeoutMilliseconds))
+            quiescing = true
         }
     }
 
     /// The answer to QUIESCE: what memory there is. A refusal (CUDA IPC memory, a thread that stays inside the
     /// driver, a GPU that does not finish) leaves the program running as it was.
     public func finishQuiesce() throws {
+        defer { quiescing = false }
         try onChannel { channel in
             defer { channel.setTimeout(seconds: 120) }
             var table: [Allocation] = []
@@ -325,6 +329,9 @@ public final class AgentSession: @unchecked Sendable {
 
     /// Lets the held CUDA calls go on.
     public func resume() throws {
+        // An unread answer to QUIESCE comes first (another process's refusal may have stopped the dump
+        // before it was read); whatever it says, the calls are let go next.
+        if quiescing, channel != nil { try? finishQuiesce() }
         try onChannel { channel in
             try channel.send(STASIS_AGENT_RESUME)
             try channel.expect(STASIS_AGENT_OK, doing: "let its CUDA calls go on")

@@ -73,6 +73,13 @@ stasis_path() {  # NAME PID LABEL
     unset STASIS_STORE
 }
 
+# WARM_GIB=N: write and delete N GiB on /dev/shm first. These machines are fresh VMs, and memory the guest has
+# not touched yet is 2-3x slower to write (docs/BENCHMARKS.md); warming puts every path on touched memory.
+if (( ${WARM_GIB:-0} > 0 )); then
+    echo "== warming $WARM_GIB GiB of memory"
+    dd if=/dev/zero of=/dev/shm/stasis-warm bs=1M count=$((WARM_GIB * 1024)) status=none; rm -f /dev/shm/stasis-warm
+fi
+
 if [[ $PARTS == *" speed "* ]]; then
 echo "== 1. checkpoint and restore, /dev/shm"
 for workload in buffers bert; do

@@ -38,6 +38,10 @@ final class AgentEvacuation: @unchecked Sendable {
                     throw StasisError(.gpu, "the agent of PID \(pid) is not running free (state \(session.agentState)): an earlier checkpoint did not finish",
                                       hint: "its CUDA calls are held; restore the process from its last checkpoint")
                 }
+                guard session.ungatedFunctions == 0 else {
+                    throw StasisError(.gpu, "the agent of PID \(pid) handed out \(session.ungatedFunctions) driver entry point(s) without its gate, so it cannot hold every CUDA call; nothing was touched",
+                                      hint: "checkpoint this program without `stasis run` (the driver path)")
+                }
                 sessions.append(session)
             }
             guard !sessions.isEmpty else { return }

@@ -35,6 +35,8 @@ public final class AgentSession: @unchecked Sendable {
     public private(set) var released = false
     /// The agent's state in its last HELLO (a stasis_agent_state).
     public private(set) var agentState: UInt32 = 0
+    /// Driver entry points the agent had to hand out without its gate (its trampoline table was full).
+    public private(set) var ungatedFunctions: UInt64 = 0
     /// QUIESCE was sent and its answer not read yet.
     private var quiescing = false
 
@@ -70,6 +72,7 @@ public final class AgentSession: @unchecked Sendable {
                               hint: "start the program with the agent that comes with this stasis")
         }
         adopt(answer)
+        ungatedFunctions = answer.ungated_functions
     }
 
     private func adopt(_ facts: AgentChannel.Message) {

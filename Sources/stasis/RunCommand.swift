@@ -16,7 +16,8 @@ struct RunCommand: ParsableCommand {
         ring of --ring-mib into the chunk store, and gives the physical memory back before the driver's \
         checkpoint, which then carries only the rest. After a restore it re-creates the memory at the same \
         addresses and fills it back before any held call goes on. Programs not started this way are \
-        checkpointed through the driver alone. Programs using CUDA IPC are refused by the agent at dump time.
+        checkpointed through the driver alone. Device memory shared with other processes through the VMM API is \
+        refused at dump time; legacy CUDA IPC (cudaIpcGetMemHandle) needs --no-backing. See docs/AGENT.md.
         """)
 
     @Option(name: .long, help: "The agent library (default: $STASIS_AGENT_LIBRARY, else libstasis-agent.so beside the stasis binary or in ../lib/stasis).")

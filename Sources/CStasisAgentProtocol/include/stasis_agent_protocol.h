@@ -67,9 +67,9 @@ typedef struct {
     uint32_t state;          // stasis_agent_state
     uint32_t version;        // STASIS_AGENT_PROTOCOL_VERSION
     uint64_t tracked_bytes;  // device memory the agent can evacuate
-    uint64_t driver_bytes;   // device memory it left to the driver (small cuMemAlloc, pools, arrays...)
-    uint64_t gated_functions;
-    uint64_t ungated_functions;
+    uint64_t driver_bytes;   // bytes of cuMemAlloc it left to the driver so far (small ones; a diagnostic)
+    uint64_t gated_functions;    // driver entry points handed out behind the gate
+    uint64_t ungated_functions;  // ... and without it (the trampoline table was full): calls it cannot hold
     char text[160];          // ERROR: why; HELLO: the agent's build
 } stasis_agent_message;
 

@@ -74,6 +74,10 @@ HIDDEN CUresult memory_properties(cu_mem_allocation_prop *prop, CUmemGenericAllo
 HIDDEN CUresult memory_retain(CUmemGenericAllocationHandle *handle, void *address);
 HIDDEN CUresult memory_export(void *shareable, CUmemGenericAllocationHandle handle, int type, unsigned long long flags);
 HIDDEN CUresult memory_import(CUmemGenericAllocationHandle *handle, void *os_handle, int type);
+HIDDEN CUresult memory_multicast_bind_address(CUmemGenericAllocationHandle group, CUdevice device, size_t group_offset, CUdeviceptr address,
+                                             size_t size, unsigned long long flags);
+/// The program destroyed `context`: it is no longer synchronised at checkpoints.
+HIDDEN void memory_context_destroyed(CUcontext context);
 HIDDEN CUresult memory_multicast_bind(CUmemGenericAllocationHandle group, CUdevice device, size_t group_offset,
                                      CUmemGenericAllocationHandle handle, size_t offset, size_t size, unsigned long long flags);
 

@@ -269,7 +269,8 @@ static void quiesce(int fd, unsigned timeout_ms) {
     struct timespec now;
     clock_gettime(CLOCK_MONOTONIC, &now);
     long spent = (now.tv_sec - started.tv_sec) * 1000 + (now.tv_nsec - started.tv_nsec) / 1000000;
-    unsigned left = spent >= (long)timeout_ms ? 1000 : timeout_ms - (unsigned)spent;
+    // At least a second: a slow drain must not leave the synchronisation no time at all.
+    unsigned left = spent + 1000 >= (long)timeout_ms ? 1000 : timeout_ms - (unsigned)spent;
     CUresult result = refusal ? CUDA_ERROR_NOT_SUPPORTED : memory_synchronize(left, why, sizeof why);
     if (result == CUDA_SUCCESS && !memory_ring()) {
         // No backed allocation pinned it yet (memory made before the agent saw a context): pin it now.

@@ -102,6 +102,8 @@ typedef struct {
     // Optional (drivers of CUDA 12.1 and later): binds VMM memory to a multicast object (NVLink SHARP).
     CUresult (*cuMulticastBindMem)(CUmemGenericAllocationHandle, CUdevice, size_t, CUmemGenericAllocationHandle, size_t, size_t,
                                    unsigned long long);
+    CUresult (*cuMulticastBindAddr)(CUmemGenericAllocationHandle, CUdevice, size_t, CUdeviceptr, size_t, unsigned long long);
+    CUresult (*cuCtxDestroy_v2)(CUcontext);
 } cuda_driver;
 
 #endif

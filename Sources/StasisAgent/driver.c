@@ -133,11 +133,13 @@ static void resolve(void) {
     RESOLVE(cuMemHostAlloc);
     RESOLVE(cuGetErrorName);
     RESOLVE(cuMulticastBindMem);
+    RESOLVE(cuMulticastBindAddr);
+    RESOLVE(cuCtxDestroy_v2);
     // Without any one of these the agent stays a pass-through: it never half-tracks memory.
     void **all = (void **)&real;
     for (size_t i = 0; i < sizeof real / sizeof(void *); i++) {
         if (!all[i] && &all[i] != (void **)&real.cuGetProcAddress && &all[i] != (void **)&real.cuGetProcAddress_v2 &&
-            &all[i] != (void **)&real.cuMulticastBindMem) {
+            &all[i] != (void **)&real.cuMulticastBindMem && &all[i] != (void **)&real.cuMulticastBindAddr) {
             agent_log("libcuda.so.1 lacks an entry point the agent needs (#%zu); the agent stays out of the way", i);
             return;
         }

@@ -95,6 +95,21 @@ CUresult cuMulticastBindMem(CUmemGenericAllocationHandle group, CUdevice device,
     GATED(memory_multicast_bind(group, device, group_offset, handle, offset, size, flags));
 }
 
+CUresult cuMulticastBindAddr(CUmemGenericAllocationHandle group, CUdevice device, size_t group_offset, CUdeviceptr address, size_t size,
+                             unsigned long long flags) {
+    PASS(cuMulticastBindAddr, group, device, group_offset, address, size, flags);
+    GATED(memory_multicast_bind_address(group, device, group_offset, address, size, flags));
+}
+
+CUresult cuCtxDestroy_v2(CUcontext context) {
+    PASS(cuCtxDestroy_v2, context);
+    gate_enter();
+    memory_context_destroyed(context);
+    CUresult result = real.cuCtxDestroy_v2(context);
+    gate_leave();
+    return result;
+}
+
 CUresult cuGetProcAddress(const char *symbol, void **function, int version, uint64_t flags) {
     if (driver_load() != 0 && !real.cuGetProcAddress) return CUDA_ERROR_NOT_INITIALIZED;
     CUresult result = real.cuGetProcAddress(symbol, function, version, flags);
@@ -143,6 +158,8 @@ static const replacement replacements[] = {
     REPLACE(cuMemExportToShareableHandle, cuMemExportToShareableHandle, 0),
     REPLACE(cuMemImportFromShareableHandle, cuMemImportFromShareableHandle, 0),
     REPLACE(cuMulticastBindMem, cuMulticastBindMem, 0),
+    REPLACE(cuMulticastBindAddr, cuMulticastBindAddr, 0),
+    REPLACE(cuCtxDestroy, cuCtxDestroy_v2, 4000),
 };
 
 #define COUNT (sizeof replacements / sizeof replacements[0])

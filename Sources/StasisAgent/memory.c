@@ -127,14 +127,36 @@ static CUresult primary_context(int device, CUcontext *context) {
     return CUDA_SUCCESS;
 }
 
-static CUcontext program_contexts[MAX_DEVICES];
+// Contexts of the program's own (not the primary one) that it allocated in, per device: they are
+// synchronised at a checkpoint too, and forgotten when the program destroys them.
+#define CONTEXTS_PER_DEVICE 4
+static CUcontext program_contexts[MAX_DEVICES][CONTEXTS_PER_DEVICE];
 
-/// The context the program allocates in, when it is not the device's primary one.
+/// Remembers the calling thread's current context when it is a context of the program's own on `device`.
 static void remember_program_context(int device) {
-    CUcontext current = NULL;
-    if (program_contexts[device] || real.cuCtxGetCurrent(&current) != CUDA_SUCCESS || !current) return;
-    CUcontext primary = NULL;
-    if (primary_context(device, &primary) == CUDA_SUCCESS && current != primary) program_contexts[device] = current;
+    CUcontext current = NULL, primary = NULL;
+    CUdevice current_device;
+    if (device < 0 || real.cuCtxGetCurrent(&current) != CUDA_SUCCESS || !current) return;
+    if (real.cuCtxGetDevice(&current_device) != CUDA_SUCCESS || current_device != device) return;
+    if (primary_context(device, &primary) != CUDA_SUCCESS || current == primary) return;
+    for (int i = 0; i < CONTEXTS_PER_DEVICE; i++) {
+        if (program_contexts[device][i] == current) return;
+        if (!program_contexts[device][i]) {
+            program_contexts[device][i] = current;
+            return;
+        }
+    }
+    agent_log("more than %d contexts of the program's own on GPU %d: the others are not synchronised at checkpoints", CONTEXTS_PER_DEVICE, device);
+}
+
+HIDDEN void memory_context_destroyed(CUcontext context) {
+    pthread_mutex_lock(&tables);
+    for (int device = 0; device < MAX_DEVICES; device++) {
+        for (int i = 0; i < CONTEXTS_PER_DEVICE; i++) {
+            if (program_contexts[device][i] == context) program_contexts[device][i] = NULL;
+        }
+    }
+    pthread_mutex_unlock(&tables);
 }
 
 /// Pins the ring in `device`'s primary context, leaving the calling thread's current context as it was.
@@ -279,7 +301,10 @@ HIDDEN CUresult memory_create(CUmemGenericAllocationHandle *out, size_t size, co
     if (result != CUDA_SUCCESS) return result;
     pthread_mutex_lock(&tables);
     handle_record *handle = add_handle(driver, size, prop, 0);
-    if (handle && device_of(prop) >= 0) ensure_ring_on(device_of(prop));
+    if (handle && device_of(prop) >= 0) {
+        remember_program_context(device_of(prop));
+        ensure_ring_on(device_of(prop));
+    }
     pthread_mutex_unlock(&tables);
     if (!handle) {
         real.cuMemRelease(driver);
@@ -411,6 +436,19 @@ HIDDEN CUresult memory_multicast_bind(CUmemGenericAllocationHandle group, CUdevi
     return result;
 }
 
+HIDDEN CUresult memory_multicast_bind_address(CUmemGenericAllocationHandle group, CUdevice device, size_t group_offset, CUdeviceptr address,
+                                             size_t size, unsigned long long flags) {
+    if (!real.cuMulticastBindAddr) return CUDA_ERROR_NOT_SUPPORTED;
+    CUresult result = real.cuMulticastBindAddr(group, device, group_offset, address, size, flags);
+    if (result != CUDA_SUCCESS) return result;
+    pthread_mutex_lock(&tables);
+    for (size_t i = 0; i < mapping_count; i++) {
+        if (mappings[i].address < address + size && address < mappings[i].address + mappings[i].size) mappings[i].handle->multicast = 1;
+    }
+    pthread_mutex_unlock(&tables);
+    return result;
+}
+
 HIDDEN CUresult memory_import(CUmemGenericAllocationHandle *out, void *os_handle, int type) {
     CUmemGenericAllocationHandle driver = 0;
     CUresult result = real.cuMemImportFromShareableHandle(&driver, os_handle, type);
@@ -483,8 +521,8 @@ HIDDEN CUresult memory_use_device(int device) {
 typedef struct {
     pthread_mutex_t mutex;
     pthread_cond_t finished;
-    int devices[MAX_DEVICES];
-    CUcontext contexts[2 * MAX_DEVICES];
+    int devices[(1 + CONTEXTS_PER_DEVICE) * MAX_DEVICES];
+    CUcontext contexts[(1 + CONTEXTS_PER_DEVICE) * MAX_DEVICES];
     int count, context_count, done, abandoned;
     CUresult result;
     char why[160];
@@ -531,10 +569,13 @@ HIDDEN CUresult memory_synchronize(unsigned timeout_ms, char *why, size_t length
         }
         job->devices[job->context_count] = device;
         job->contexts[job->context_count++] = primary;
-        if (program_contexts[device] && program_contexts[device] != primary) {
+        pthread_mutex_lock(&tables);
+        for (int i = 0; i < CONTEXTS_PER_DEVICE; i++) {
+            if (!program_contexts[device][i]) continue;
             job->devices[job->context_count] = device;
-            job->contexts[job->context_count++] = program_contexts[device];
+            job->contexts[job->context_count++] = program_contexts[device][i];
         }
+        pthread_mutex_unlock(&tables);
     }
     sigset_t all, previous;
     sigfillset(&all);

@@ -129,12 +129,15 @@ final class AgentEvacuation: @unchecked Sendable {
                 try session.resume()
                 if let store { Self.forgetRescue(pid: session.pid, store: store.store) }
             } catch {
-                let kept = store.map { Self.rescueID(pid: session.pid, in: $0.store) } ?? nil
+                let kept = session.released ? store.map { Self.rescueID(pid: session.pid, in: $0.store) } ?? nil : nil
                 problems.append("\(error)" + (kept.map { "; its device memory is kept in the store as \($0): run `stasis resume \(session.pid)` once the GPU has room" } ?? ""))
             }
         }
         return problems
     }
+
+    /// Of `pids`, those whose agent released its memory (they keep their rescue entries when skipped).
+    func heldPIDs(_ pids: Set<Int32>) -> [Int32] { processes.keys.filter { pids.contains($0) && processes[$0]!.session.released }.sorted() }
 
     /// The dump is complete and the processes are gone (or running again): their rescue entries go.
     func forgetRescues() {
@@ -156,7 +159,8 @@ final class AgentEvacuation: @unchecked Sendable {
         let processes = [Manifest.Process(pid: pid, ppid: ProcFS.stat(pid)?.ppid ?? 0, command: ProcFS.stat(pid)?.command ?? "?",
                                           arguments: ProcFS.arguments(pid), threads: 0, residentBytes: 0)]
         var manifest = Manifest(
-            id: "\(rescuePrefix)\(pid)-\(UUID().uuidString.prefix(8).lowercased())", createdAt: Date(),
+            // The id names the process and the stasis writing it: `stasis resume` leaves alone what a running dump holds.
+            id: "\(rescuePrefix)\(pid)-by-\(getpid())-\(UUID().uuidString.prefix(8).lowercased())", createdAt: Date(),
             tool: .init(name: "stasis", version: "rescue"), host: HostFacts.current(),
             criu: .init(version: "", logFile: ""), options: .init(leaveRunning: true, tcpEstablished: false, shellJob: false),
             processTree: .init(rootPID: pid, processes: processes),
@@ -175,6 +179,14 @@ final class AgentEvacuation: @unchecked Sendable {
     }
 
     static func rescueID(pid: Int32, in store: ChunkStore) -> String? { rescue(pid: pid, in: store)?.manifest.id }
+
+    /// The stasis that wrote a rescue entry, when it still runs (a dump in progress owns its entry).
+    static func writerRunning(_ entry: StoreCatalog.Entry) -> Int32? {
+        let parts = entry.manifest.id.split(separator: "-")
+        guard let index = parts.firstIndex(of: "by"), index + 1 < parts.count, let writer = Int32(parts[index + 1]),
+              ProcFS.isLive(writer), ProcFS.stat(writer)?.command == "stasis" else { return nil }
+        return writer
+    }
 
     public static func forgetRescue(pid: Int32, store: ChunkStore) {
         let catalog = StoreCatalog(store: store)
@@ -240,6 +252,17 @@ public enum AgentRescue {
         guard let entry = AgentEvacuation.rescue(pid: pid, in: store), let memory = entry.manifest.gpu.processes.first?.agent else {
             throw StasisError(.invalidArgument, "the store \(store.path) holds no device memory of PID \(pid) to put back",
                               hint: "`stasis ls` lists rescue entries (ids starting with \(AgentEvacuation.rescuePrefix))")
+        }
+        if let writer = AgentEvacuation.writerRunning(entry) {
+            throw StasisError(.invalidArgument, "PID \(pid) is being checkpointed by stasis (PID \(writer)); its rescue entry \(entry.manifest.id) is that dump's",
+                              hint: "wait for that dump to end")
+        }
+        // An agent that runs free holds nothing: the entry outlived a dump that ended without it (stasis died
+        // before the memory was released, or after the process was gone).
+        if let session = try AgentSession.open(pid: pid), session.agentState == UInt32(STASIS_AGENT_RUNNING.rawValue) {
+            session.disconnect()
+            AgentEvacuation.forgetRescue(pid: pid, store: store)
+            throw StasisError(.invalidArgument, "the agent of PID \(pid) holds no released memory (its CUDA calls run); the stale rescue entry \(entry.manifest.id) was removed")
         }
         let storeLock = store.readerLock()
         defer { storeLock?.release() }

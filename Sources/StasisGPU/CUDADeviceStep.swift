@@ -172,10 +172,13 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
             try CheckpointDriver.restore(pid)
             try CheckpointDriver.unlock(pid)
         }
+        let held = agents.heldPIDs(Set(errors.keys))
         let problems = Self.describeEach(errors) + agents.putBackAll(except: Set(errors.keys))
         guard problems.isEmpty else {
+            var hint = "the checkpoint is intact: stop the tree and restore it from there"
+            if !held.isEmpty { hint += "; or, once the driver lets PID \(held.map(String.init).joined(separator: ", ")) go, `stasis resume PID` puts its agent's memory back" }
             throw StasisError(.gpu, "the checkpoint is complete, but resuming the GPU of the running tree failed: \(problems.joined(separator: "; "))",
-                              hint: "the checkpoint is intact: stop the tree and restore it from there")
+                              hint: hint)
         }
     }
 

@@ -71,6 +71,11 @@ import Testing
         #expect(AgentEvacuation.rescue(pid: getpid(), in: store) == nil)
         let again = try Harness.stasis("resume", String(getpid()), "--store", storePath)
         #expect(!again.succeeded && again.stderr.contains("holds no device memory of PID"))
+        // An entry left behind while the agent runs free (stasis died before RELEASE) is stale: resume drops it.
+        try AgentEvacuation.writeRescue(pid: getpid(), memory: record, chunks: chunks, store: store)
+        let stale = try Harness.stasis("resume", String(getpid()), "--store", storePath)
+        #expect(!stale.succeeded && stale.stderr.contains("stale rescue entry"), "\(stale.stderr)")
+        #expect(AgentEvacuation.rescue(pid: getpid(), in: store) == nil)
     }
 
     @Test func anAgentErrorDuringTheEvacuationIsReportedWithItsWords() throws {

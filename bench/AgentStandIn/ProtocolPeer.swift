@@ -22,6 +22,7 @@ public final class ProtocolPeer: @unchecked Sendable {
     private var _written: [UInt64: UnsafeMutableRawBufferPointer] = [:]
     private var _released = false
     private var _zeroRequests = 0
+    private var state = STASIS_AGENT_RUNNING.rawValue
     private let done = DispatchSemaphore(value: 0)
 
     public var written: [UInt64: [UInt8]] { lock.withLock { _written.mapValues { [UInt8]($0) } } }
@@ -74,6 +75,7 @@ public final class ProtocolPeer: @unchecked Sendable {
         message.slot_bytes = UInt32(ChunkStore.chunkSize)
         message.slot_count = UInt32(slots)
         message.tracked_bytes = memory.values.reduce(0) { $0 + UInt64($1.count) }
+        message.state = lock.withLock { state }
         configure(&message)
         _ = withUnsafeBytes(of: &message) { Glibc.send(fd, $0.baseAddress!, $0.count, Int32(MSG_NOSIGNAL)) }
     }
@@ -91,15 +93,17 @@ public final class ProtocolPeer: @unchecked Sendable {
             case STASIS_AGENT_HELLO.rawValue:
                 send(fd, STASIS_AGENT_HELLO)
             case STASIS_AGENT_QUIESCE.rawValue:
+                lock.withLock { state = STASIS_AGENT_HELD.rawValue }
                 for id in ids { send(fd, STASIS_AGENT_TABLE_ENTRY) { $0.id = id; $0.length = UInt64(self.memory[id]!.count) } }
                 send(fd, STASIS_AGENT_TABLE_END) { $0.id = UInt64(ids.count) }
             case STASIS_AGENT_EVACUATE.rawValue:
                 guard evacuate(fd, ids) else { return }
             case STASIS_AGENT_RELEASE.rawValue:
-                lock.withLock { _released = true }
+                lock.withLock { _released = true; state = STASIS_AGENT_RELEASED.rawValue }
                 send(fd, STASIS_AGENT_OK)
             case STASIS_AGENT_REBACK.rawValue:
                 lock.withLock {
+                    state = STASIS_AGENT_HELD.rawValue
                     for id in ids {
                         _written[id]?.deallocate()
                         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: memory[id]!.count, alignment: 4096)
@@ -119,7 +123,10 @@ public final class ProtocolPeer: @unchecked Sendable {
                     return _written[message.id]!
                 }
                 (target.baseAddress! + Int(message.offset)).initializeMemory(as: UInt8.self, repeating: 0, count: Int(message.length))
-            case STASIS_AGENT_FLUSH.rawValue, STASIS_AGENT_RESUME.rawValue:
+            case STASIS_AGENT_FLUSH.rawValue:
+                send(fd, STASIS_AGENT_OK)
+            case STASIS_AGENT_RESUME.rawValue:
+                lock.withLock { state = STASIS_AGENT_RUNNING.rawValue }
                 send(fd, STASIS_AGENT_OK)
             default:
                 send(fd, STASIS_AGENT_ERROR)

@@ -55,6 +55,8 @@ HIDDEN int gate_is_closed(void);
 /// A gated trampoline for `target` (the same one for the same target), or `target` itself when the table is full.
 HIDDEN void *gate_wrap(void *target);
 HIDDEN void gate_counts(uint64_t *gated, uint64_t *ungated);
+/// Calls that passed the gate (counted only with STASIS_AGENT_LOG).
+HIDDEN uint64_t gate_calls(void);
 HIDDEN void gate_after_fork_child(void);
 
 // ---- interpose.c: which driver entry points the agent replaces

@@ -16,9 +16,10 @@ HIDDEN agent_counters counters;
 static void report_counters(void) {
     uint64_t gated = 0, ungated = 0;
     gate_counts(&gated, &ungated);
-    agent_log("at exit: %lu entry point lookups, %llu gated entry points (%llu left ungated), %lu backed cuMemAlloc, %lu left to the driver, %lu backed frees",
-              (unsigned long)counters.lookups, (unsigned long long)gated, (unsigned long long)ungated, (unsigned long)counters.allocations,
-              (unsigned long)counters.driver_allocations, (unsigned long)counters.frees);
+    agent_log("at exit: %llu calls through the gate, %lu entry point lookups, %llu gated entry points (%llu left ungated), %lu backed cuMemAlloc, "
+              "%lu left to the driver, %lu backed frees",
+              (unsigned long long)gate_calls(), (unsigned long)counters.lookups, (unsigned long long)gated, (unsigned long long)ungated,
+              (unsigned long)counters.allocations, (unsigned long)counters.driver_allocations, (unsigned long)counters.frees);
 }
 
 // Read by the exported dlsym (dlsym_x86_64.S) for RTLD_NEXT lookups.

@@ -33,6 +33,9 @@ static pthread_cond_t changed = PTHREAD_COND_INITIALIZER;
 static pthread_mutex_t table_mutex = PTHREAD_MUTEX_INITIALIZER;
 static unsigned used_slots;
 static atomic_ulong ungated;
+// Calls through the gate, counted only with STASIS_AGENT_LOG (for the overhead measurements: how many driver
+// calls a training step makes), on a cache line of its own.
+static _Alignas(64) atomic_ulong calls;
 // Target -> slot + 1 (0: empty), open addressing: programs look entry points up again and again (cuBLAS,
 // Triton), so finding an existing trampoline must not scan the table.
 #define INDEX_SIZE (2 * GATE_SLOTS)
@@ -49,6 +52,7 @@ static size_t index_of(void *target) {
 // Dekker-style: a thread counts itself in, then looks at the gate; the closer closes, then looks at the
 // count. Sequentially consistent atomics on both sides make one of them see the other.
 HIDDEN void gate_enter(void) {
+    if (__builtin_expect(settings.verbose, 0)) atomic_fetch_add_explicit(&calls, 1, memory_order_relaxed);
     for (;;) {
         atomic_fetch_add(&inside, 1);
         if (!atomic_load(&closed)) return;
@@ -128,6 +132,8 @@ HIDDEN void *gate_wrap(void *target) {
     return target;
 #endif
 }
+
+HIDDEN uint64_t gate_calls(void) { return atomic_load(&calls); }
 
 HIDDEN void gate_counts(uint64_t *gated, uint64_t *ungated_out) {
     pthread_mutex_lock(&table_mutex);

@@ -32,7 +32,7 @@ struct RunCommand: ParsableCommand {
     @Flag(name: .long, help: "Leave cuMemAlloc to the driver; track only the program's own VMM allocations.")
     var noBacking = false
 
-    @Flag(name: .long, help: "The agent logs what it does to standard error.")
+    @Flag(name: .long, help: "The agent logs what it does to standard error, and at exit how many calls passed its gate.")
     var agentLog = false
 
     @Argument(parsing: .captureForPassthrough, help: "The program and its arguments.")

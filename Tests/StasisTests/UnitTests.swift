@@ -3,6 +3,7 @@ import StasisCore
 import StasisCRIU
 @testable import StasisEngine
 @testable import StasisGPU
+import StasisImage
 import StasisOS
 import Testing
 
@@ -19,6 +20,25 @@ import Testing
     @Test func roundTrips() throws {
         let data = try Manifest.encoder().encode(sample())
         #expect(try Manifest.decode(data, path: "m") == sample())
+    }
+
+    /// Device memory an agent moved: the agent section round-trips, and its files are chunked files that CRIU
+    /// is never given.
+    @Test func agentMemoryRoundTripsAndStaysAwayFromCRIU() throws {
+        var manifest = sample()
+        manifest.formatVersion = Manifest.currentVersion
+        let allocation = Manifest.AgentAllocation(id: 0x5354415300000001, bytes: 4 << 20, device: 0, file: "gpu/42/5354415300000001")
+        var memory = Manifest.AgentMemory(allocations: [allocation], evacuatedBytes: 4 << 20, driverPathBytes: 520 << 20, ringBytes: 64 << 20,
+                                          quiesceSeconds: 0.001, evacuateSeconds: 0.5, releaseSeconds: 0.002)
+        memory.storedBytes = 3 << 20
+        manifest.gpu = .init(processes: [.init(pid: 42, devices: ["GPU-x"], deviceMemoryBytes: 524 << 20, agent: memory)])
+        manifest.files = [.init(path: "pages-1.img", size: 2 << 20, sha256: "s", chunks: [String(repeating: "a", count: 64)]),
+                          .init(path: allocation.file, size: 4 << 20, sha256: "t", chunks: [String(repeating: "b", count: 64), ""])]
+        let decoded = try Manifest.decode(try Manifest.encoder().encode(manifest), path: "m")
+        #expect(decoded == manifest)
+        #expect(decoded.gpu.processes.first?.agent?.allocations.first?.id == 0x5354415300000001)
+        #expect(Checkpoint.chunkedItems(decoded).map(\.path).sorted() == ["gpu/42/5354415300000001", "pages-1.img"])
+        #expect(Checkpoint.criuItems(decoded).map(\.path) == ["pages-1.img"])
     }
 
     @Test func truncatedIsInvalid() throws {

@@ -94,16 +94,21 @@ static int mapped_anywhere(const handle_record *handle) {
     return 0;
 }
 
+/// Takes a handle out of the table (the caller frees it).
+static void remove_handle(handle_record *handle) {
+    for (size_t i = 0; i < handle_count; i++) {
+        if (handles[i] == handle) {
+            handles[i] = handles[--handle_count];
+            return;
+        }
+    }
+}
+
 /// Drops a handle the program no longer holds and nothing maps (the driver frees its memory then).
 static void forget_if_unused(handle_record *handle) {
     if (handle->references > 0 || mapped_anywhere(handle)) return;
     if (handle->driver) real.cuMemRelease(handle->driver);
-    for (size_t i = 0; i < handle_count; i++) {
-        if (handles[i] == handle) {
-            handles[i] = handles[--handle_count];
-            break;
-        }
-    }
+    remove_handle(handle);
     free(handle);
 }
 
@@ -276,9 +281,7 @@ HIDDEN CUresult memory_free(CUdeviceptr pointer) {
         remove_mapping(i);
         // Out of the tables before anything waits: other threads' VMM calls need not wait for this sync.
         CUmemGenericAllocationHandle driver = handle->driver;
-        for (size_t h = 0; h < handle_count; h++) {
-            if (handles[h] == handle) { handles[h] = handles[--handle_count]; break; }
-        }
+        remove_handle(handle);
         pthread_mutex_unlock(&tables);
         // cudaFree waits for the device; so does this, before the memory goes.
         real.cuCtxSynchronize();

@@ -180,7 +180,7 @@ public struct RestoreOperation {
         var deviceSteps: [String: Double] = [:]
         do {
             try FaultInjection.check("after-restore")
-            deviceSteps = try device.afterRestore(section: manifest.gpu, store: store.map { DeviceStore(store: $0, codec: .standard, checkpoint: directory) },
+            deviceSteps = try device.afterRestore(section: manifest.gpu, store: store.map { DeviceStore(store: $0, checkpoint: directory) },
                                     files: manifest.files)
         } catch {
             // Never leave a half-restored tree: the restored processes are ours to stop.

@@ -270,7 +270,7 @@ public enum AgentRescue {
         if (try? CheckpointDriver.load()) != nil, let state = CheckpointDriver.state(pid), state != .running {
             try CheckpointDriver.resume(pid)
         }
-        let seconds = try AgentEvacuation.refill(entry.manifest.gpu, store: DeviceStore(store: store, codec: .standard, checkpoint: entry.directory),
+        let seconds = try AgentEvacuation.refill(entry.manifest.gpu, store: DeviceStore(store: store, checkpoint: entry.directory),
                                                  files: entry.manifest.files)
         AgentEvacuation.forgetRescue(pid: pid, store: store)
         return Report(pid: pid, rescue: entry.manifest.id, bytes: memory.evacuatedBytes, seconds: seconds)

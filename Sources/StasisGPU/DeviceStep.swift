@@ -24,10 +24,11 @@ public protocol DeviceStep: Sendable {
 /// Where device memory goes on dump and comes from on restore: the checkpoint's store.
 public struct DeviceStore: Sendable {
     public var store: ChunkStore
+    /// How new chunks are compressed (dumps only: reading takes each chunk's codec from its header).
     public var codec: Codec
     /// The checkpoint directory, for error messages.
     public var checkpoint: String
-    public init(store: ChunkStore, codec: Codec, checkpoint: String) {
+    public init(store: ChunkStore, codec: Codec = .standard, checkpoint: String) {
         self.store = store
         self.codec = codec
         self.checkpoint = checkpoint

@@ -45,7 +45,8 @@ let package = Package(
         .target(name: "CStasisAgentProtocol"),
         // Compiled here as a check; the preloadable libstasis-agent.so comes from scripts/build-agent.sh (a
         // SwiftPM library product would link the Swift runtime into every GPU program).
-        .target(name: "StasisAgent", dependencies: ["CStasisAgentProtocol"]),
+        // kernels/: the GPU code, compiled by scripts/gen-chunk-digest.sh into chunk_digest_kernel.h.
+        .target(name: "StasisAgent", dependencies: ["CStasisAgentProtocol"], exclude: ["kernels"]),
         .target(name: "StasisGPU", dependencies: ["StasisCore", "StasisOS", "StasisStore", "CStasisCUDA", "CStasisAgentProtocol"]),
         .target(name: "CStasisCompress", linkerSettings: [.linkedLibrary("zstd"), .linkedLibrary("lz4")]),
         .target(name: "StasisStore", dependencies: [

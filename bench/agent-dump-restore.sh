@@ -66,7 +66,7 @@ stasis_path() {  # NAME PID LABEL
     local agent; agent=$(json $d "len([p for p in gpu['processes'] if p.get('agent')])")
     if [[ $agent != 0 ]]; then
         evac=$(json $d "'%.1f GB/s (%.1f GiB in %.2f s)' % (sum(p['agent']['evacuatedBytes'] for p in gpu['processes'] if p.get('agent')) / 1e9 / max(1e-9, sum(p['agent']['evacuateSeconds'] for p in gpu['processes'] if p.get('agent'))), sum(p['agent']['evacuatedBytes'] for p in gpu['processes'] if p.get('agent')) / 2**30, sum(p['agent']['evacuateSeconds'] for p in gpu['processes'] if p.get('agent')))")
-        refill=$(EVAC_BYTES=$(json $d "sum(p['agent']['evacuatedBytes'] for p in gpu['processes'] if p.get('agent'))") json $r "'%.1f GB/s (%.2f s)' % (float(__import__('os').environ['EVAC_BYTES']) / 1e9 / max(1e-9, deviceSteps.get('refill', 0)), deviceSteps.get('refill', 0))")
+        refill=$(EVAC_BYTES=$(json $d "sum(p['agent']['evacuatedBytes'] for p in gpu['processes'] if p.get('agent'))") json $r "'%.1f GB/s (%.2f s%s)' % (float(__import__('os').environ['EVAC_BYTES']) / 1e9 / max(1e-9, deviceSteps.get('refill', 0)), deviceSteps.get('refill', 0), ', of which GPU check %.2f s' % deviceSteps['gpu check'] if 'gpu check' in deviceSteps else '')")
     fi
     rows+=("| $name | $label | $(json $d "'%.2f' % timings['total']") | devices $(json $d "'%.2f' % timings['devices']") (driver lock $(json $d "'%.2f' % gpu['lockSeconds']"), checkpoint $(json $d "'%.2f' % gpu['checkpointSeconds']")), CRIU $(json $d "'%.2f' % timings['criu']") | $(json $r "'%.2f' % timings['total']") | CRIU $(json $r "'%.2f' % timings['criu']"), devices $(json $r "'%.2f' % timings['devices']") | $evac | $refill |")
     rm -rf $IMG $STASIS_STORE
@@ -83,9 +83,10 @@ fi
 if [[ $PARTS == *" speed "* ]]; then
 echo "== 1. checkpoint and restore, /dev/shm"
 for workload in buffers bert; do
-    for run in plain agent; do
+    # agentcpu: the agent with its GPU digests turned off, so stasis hashes on its CPUs (the two compared).
+    for run in plain agent agentcpu; do
         dir=$(mktemp -d)
-        launcher=""; [[ $run == agent ]] && launcher=$RUN
+        launcher=""; [[ $run == agent ]] && launcher=$RUN; [[ $run == agentcpu ]] && launcher="env STASIS_AGENT_GPU_DIGESTS=off $RUN"
         if [[ $workload == buffers ]]; then
             name="buffers 32 GiB"
             pid=$($launcher /opt/stasis/bin/cuda-workload buffers --dir "$dir" --daemon --mem 32768)
@@ -96,8 +97,10 @@ for workload in buffers bert; do
         if [[ $run == plain ]]; then
             baseline "$name" "$pid" || echo "baseline failed for $name"
             stasis_path "$name" "$pid" "stasis, driver path" || echo "stasis driver path failed for $name"
-        else
+        elif [[ $run == agent ]]; then
             stasis_path "$name" "$pid" "stasis with the agent" || echo "stasis agent failed for $name"
+        else
+            stasis_path "$name" "$pid" "stasis with the agent, hashing on the CPUs" || echo "stasis agent (CPU hashing) failed for $name"
         fi
         kill -9 "$pid" 2>/dev/null; wait_gone "$pid"
     done

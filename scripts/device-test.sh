@@ -375,6 +375,19 @@ bert_reference() {
     echo "$ref"
 }
 
+# The GPU hashed the chunks of the dump in DIR/ckpt, and the CPU agrees: `stasis verify` recomputes every
+# chunk's SHA-256 from the store.
+gpu_digests_checked() {
+    local label=$1 dir=$2
+    if ! grep -q 'hashed on the GPU' "$dir/dump.txt"; then
+        fail "$label: GPU digests" "the dump did not hash on the GPU: $(agent_line "$dir/dump.txt")"
+    elif $STASIS verify "$dir/ckpt" >"$dir/verify.txt" 2>&1; then
+        pass "$label: GPU digests confirmed by stasis verify ($(tail -n 1 "$dir/verify.txt" | cut -c1-100))"
+    else
+        fail "$label: GPU digests" "stasis verify: $(tail -n 3 "$dir/verify.txt")"
+    fi
+}
+
 # BERT under the agent: checkpoint at step 15, restore, train to 30; losses must equal the reference's.
 agent_bert() {
     local size=$1 env=$2 label=$3
@@ -390,6 +403,7 @@ agent_bert() {
         else
             fail "$label" "losses differ or no agent line: $(diff "$ref/losses.txt" "$run/losses.txt" | head -n 4 | tr '\n' ' ') $(agent_line "$run/dump.txt")"
         fi
+        gpu_digests_checked "$label" "$run"
     else
         fail "$label" "$(tail -n 6 "$run"/dump.txt "$run"/restore.txt 2>/dev/null)"
     fi
@@ -407,7 +421,10 @@ section_agent() {
         local pid; pid=$($RUN /opt/stasis/bin/cuda-workload "$mode" --dir "$dir" --daemon) || { fail "agent cuda $mode" "did not start: $(tail -n 5 "$dir/log")"; continue; }
         local before; before=$(verify "$pid" "$dir")
         if [[ $before != PASS* ]]; then fail "agent cuda $mode" "before the dump: $before"
-        elif round_trip "agent cuda $mode" "$pid" "$dir"; then pass "agent cuda $mode: $(agent_line "$dir/dump.txt" || true) $(grep -h 'gpu:' "$dir/dump.txt" | sed 's/^ *//')"; fi
+        elif round_trip "agent cuda $mode" "$pid" "$dir"; then
+            pass "agent cuda $mode: $(agent_line "$dir/dump.txt" || true) $(grep -h 'gpu:' "$dir/dump.txt" | sed 's/^ *//')"
+            [[ $mode == buffers ]] && gpu_digests_checked "agent cuda $mode" "$dir"
+        fi
         keep_logs "$dir" "agent-cuda-$mode"
         kill_tree "$pid"
     done

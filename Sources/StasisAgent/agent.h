@@ -32,6 +32,7 @@ typedef struct {
     unsigned slot_count;      // STASIS_AGENT_RING_MIB / slot_bytes
     unsigned streams;         // copy streams per device
     int verbose;              // STASIS_AGENT_LOG=1
+    int gpu_digests;          // STASIS_AGENT_GPU_DIGESTS=off leaves hashing to stasis's CPUs (to compare the two)
 } agent_settings;
 HIDDEN extern agent_settings settings;
 
@@ -108,6 +109,25 @@ HIDDEN int memory_released(void);
 HIDDEN void *memory_ring(void);
 HIDDEN void memory_ensure_ring(void);
 HIDDEN void memory_after_fork_child(void);
+
+// ---- digest.c: the SHA-256 of chunks, computed on the GPU
+typedef struct {
+    CUdeviceptr address;  // 16-byte aligned
+    uint64_t length;
+    int device;
+} digest_job;
+
+typedef struct {
+    uint8_t digest[32];
+    int zero;  // every byte was zero
+} digest_out;
+
+/// Pins the small area the digest kernel's jobs and results pass through (with the ring: never at checkpoint time).
+HIDDEN void digest_pin_area(void);
+/// Loads the digest kernel on `device` (once); a CUresult, with `why` on failure.
+HIDDEN CUresult digest_prepare(int device, char *why, size_t length);
+/// Hashes every job on its device, all devices at once; a CUresult, with `why` on failure.
+HIDDEN CUresult digest_chunks(const digest_job *jobs, size_t count, digest_out *out, char *why, size_t length);
 
 // ---- control.c: the channel to stasis
 HIDDEN void control_start(void);

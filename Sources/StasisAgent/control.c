@@ -77,10 +77,20 @@ static CUstream streams[MAX_DEVICES][8];
 static CUevent events[MAX_DEVICES][MAX_SLOTS];
 static unsigned stream_turn;
 
+// One chunk of an evacuation: where it is and, when the GPU hashed it, its digest.
+typedef struct {
+    uint64_t id, offset, length;
+    CUdeviceptr address;
+    int device;
+    int hashed;  // digest is the GPU's
+    digest_out sum;
+} planned_chunk;
+
 typedef struct {
     int slot;
     int device;
     uint64_t id, offset, length;
+    const planned_chunk *chunk;  // an evacuation's: what FILLED tells stasis of it
 } copy;
 
 // The copies in flight, oldest first.
@@ -106,7 +116,8 @@ static CUresult slot_event(int device, int slot, CUevent *event) {
 }
 
 /// Starts a copy between slot `slot` of the ring and bytes [offset, offset + length) of allocation `id`.
-static CUresult start_copy(int out, int slot, uint64_t id, uint64_t offset, uint64_t length, char *why, size_t why_length) {
+static CUresult start_copy(int out, int slot, uint64_t id, uint64_t offset, uint64_t length, const planned_chunk *chunk, char *why,
+                           size_t why_length) {
     CUdeviceptr view;
     int device;
     size_t size;
@@ -133,7 +144,7 @@ static CUresult start_copy(int out, int slot, uint64_t id, uint64_t offset, uint
         return result;
     }
     copy *entry = &flight[(flight_head + flight_count++) % MAX_SLOTS];
-    *entry = (copy){slot, device, id, offset, length};
+    *entry = (copy){slot, device, id, offset, length, chunk};
     return CUDA_SUCCESS;
 }
 
@@ -159,6 +170,10 @@ static int finish_oldest(int fd, uint32_t op, char *why, size_t length) {
     message.offset = entry->offset;
     message.length = entry->length;
     message.device = entry->device;
+    if (entry->chunk && entry->chunk->hashed) {
+        memcpy(message.digest, entry->chunk->sum.digest, sizeof message.digest);
+        message.chunk_flags = STASIS_AGENT_CHUNK_DIGEST;
+    }
     if (op == STASIS_AGENT_FILLED && lent_slots) lent_slots[entry->slot] = 1;
     if (send_message(fd, &message) != 0) {
         snprintf(why, length, "stasis went away during the copy");
@@ -172,31 +187,106 @@ static int readable(int fd) {
     return poll(&poller, 1, 0) > 0;
 }
 
-/// Copies every allocation out through the ring: a FILLED per slot, and stasis gives each slot back with
-/// FREE once it has read it. Returns 0, or -1 with `why`.
-static int evacuate(int fd, uint64_t *copied, char *why, size_t length) {
+/// Every chunk of every allocation, in the table's order (malloc'd into *out); the count, or 0 with `why`
+/// set when an allocation cannot be seen.
+static size_t plan_chunks(planned_chunk **out, char *why, size_t length) {
     memory_entry *entries = NULL;
-    size_t count = memory_table(&entries, NULL, NULL);
+    size_t count = memory_table(&entries, NULL, NULL), chunks = 0;
+    for (size_t i = 0; i < count; i++) chunks += (entries[i].bytes + settings.slot_bytes - 1) / settings.slot_bytes;
+    planned_chunk *plan = calloc(chunks ? chunks : 1, sizeof *plan);
+    size_t n = 0;
+    for (size_t i = 0; plan && i < count; i++) {
+        CUdeviceptr view;
+        int device;
+        size_t size;
+        CUresult result = memory_view(entries[i].id, &view, &device, &size);
+        if (result != CUDA_SUCCESS || size < entries[i].bytes) {
+            snprintf(why, length, "no device memory %#llx to copy: %s", (unsigned long long)entries[i].id, driver_error_name(result));
+            free(plan);
+            plan = NULL;
+            break;
+        }
+        for (uint64_t offset = 0; offset < entries[i].bytes; offset += settings.slot_bytes) {
+            uint64_t piece = entries[i].bytes - offset < settings.slot_bytes ? entries[i].bytes - offset : settings.slot_bytes;
+            plan[n++] = (planned_chunk){entries[i].id, offset, piece, view + offset, device, 0, {{0}, 0}};
+        }
+    }
+    if (!plan && !why[0]) snprintf(why, length, "out of memory");
+    free(entries);
+    *out = plan;
+    return plan ? n : 0;
+}
+
+/// Hashes every planned chunk on the GPUs; a CUresult, with `why` on failure (nothing marked hashed then).
+static CUresult hash_plan(planned_chunk *plan, size_t count, char *why, size_t length) {
+    if (count == 0) return CUDA_SUCCESS;
+    digest_job *jobs = calloc(count, sizeof *jobs);
+    digest_out *sums = calloc(count, sizeof *sums);
+    CUresult result = CUDA_ERROR_OUT_OF_MEMORY;
+    if (jobs && sums) {
+        for (size_t i = 0; i < count; i++) jobs[i] = (digest_job){plan[i].address, plan[i].length, plan[i].device};
+        result = digest_chunks(jobs, count, sums, why, length);
+    } else {
+        snprintf(why, length, "out of memory");
+    }
+    for (size_t i = 0; result == CUDA_SUCCESS && i < count; i++) {
+        plan[i].sum = sums[i];
+        plan[i].hashed = 1;
+    }
+    free(jobs);
+    free(sums);
+    return result;
+}
+
+/// Tells stasis that a chunk is all zeros (nothing copied): a FILLED without a slot.
+static int send_zero_chunk(int fd, const planned_chunk *chunk) {
+    stasis_agent_message message;
+    memset(&message, 0, sizeof message);
+    message.op = STASIS_AGENT_FILLED;
+    message.slot = -1;
+    message.id = chunk->id;
+    message.offset = chunk->offset;
+    message.length = chunk->length;
+    message.device = chunk->device;
+    message.chunk_flags = STASIS_AGENT_CHUNK_ZERO;
+    return send_message(fd, &message);
+}
+
+/// Copies every allocation out through the ring: a FILLED per slot, and stasis gives each slot back with
+/// FREE once it has read it. With `with_digests`, the GPU hashes every chunk first: FILLED then carries the
+/// digest, and chunks of zeros are not copied at all. Returns 0, or -1 with `why`.
+static int evacuate(int fd, int with_digests, uint64_t *copied, char *why, size_t length) {
+    planned_chunk *plan = NULL;
+    size_t count = plan_chunks(&plan, why, length);
+    if (!plan) return -1;
+    if (with_digests) {
+        char reason[120] = "";
+        if (hash_plan(plan, count, reason, sizeof reason) != CUDA_SUCCESS) agent_log("%s; stasis hashes on its CPUs", reason);
+    }
     int free_slots[MAX_SLOTS];
     char lent[MAX_SLOTS] = {0};  // slots stasis holds: a FREE for any other is refused
     unsigned free_count = 0, slots = settings.slot_count;
     for (unsigned s = 0; s < slots; s++) free_slots[free_count++] = (int)(slots - 1 - s);
-    size_t entry = 0;
-    uint64_t offset = 0;
+    size_t next = 0;
     int status = 0;
     *copied = 0;
     flight_head = flight_count = 0;
     lent_slots = lent;
     while (status == 0) {
-        while (free_count > 0 && entry < count) {
-            uint64_t piece = entries[entry].bytes - offset < settings.slot_bytes ? entries[entry].bytes - offset : settings.slot_bytes;
-            if (piece > 0 && start_copy(1, free_slots[--free_count], entries[entry].id, offset, piece, why, length) != CUDA_SUCCESS) {
+        while (next < count && (plan[next].hashed && plan[next].sum.zero)) {
+            if (send_zero_chunk(fd, &plan[next++]) != 0) {
+                snprintf(why, length, "stasis went away during the evacuation");
                 status = -1;
                 break;
             }
-            offset += piece;
-            *copied += piece;
-            if (offset >= entries[entry].bytes) { entry++; offset = 0; }
+        }
+        while (status == 0 && free_count > 0 && next < count && !(plan[next].hashed && plan[next].sum.zero)) {
+            const planned_chunk *chunk = &plan[next++];
+            if (start_copy(1, free_slots[--free_count], chunk->id, chunk->offset, chunk->length, chunk, why, length) != CUDA_SUCCESS) {
+                status = -1;
+                break;
+            }
+            *copied += chunk->length;
         }
         if (status != 0) break;
         if (flight_count > 0) {
@@ -205,7 +295,7 @@ static int evacuate(int fd, uint64_t *copied, char *why, size_t length) {
         }
         // Take back the slots stasis has read: those already sent, and when nothing else can move (every
         // slot is out, or everything is copied), wait for one.
-        int must_wait = flight_count == 0 && free_count < slots && (entry == count || free_count == 0);
+        int must_wait = flight_count == 0 && free_count < slots && (next == count || free_count == 0);
         while (status == 0 && (must_wait || readable(fd))) {
             must_wait = 0;
             stasis_agent_message message;
@@ -220,7 +310,7 @@ static int evacuate(int fd, uint64_t *copied, char *why, size_t length) {
                 free_slots[free_count++] = message.slot;
             }
         }
-        if (entry == count && flight_count == 0 && free_count == slots) break;
+        if (next == count && flight_count == 0 && free_count == slots) break;
     }
     // On failure, let running copies end before anything else touches the ring.
     while (flight_count > 0) {
@@ -229,7 +319,48 @@ static int evacuate(int fd, uint64_t *copied, char *why, size_t length) {
         flight_count--;
     }
     lent_slots = NULL;
+    free(plan);
+    return status;
+}
+
+/// Loads the digest kernel on every GPU the agent has memory on; answers OK with length 1, or 0 and why not.
+static void prepare_digests(int fd) {
+    char why[120] = "turned off (STASIS_AGENT_GPU_DIGESTS=off)";
+    memory_entry *entries = NULL;
+    size_t count = memory_table(&entries, NULL, NULL);
+    CUresult result = settings.gpu_digests ? CUDA_SUCCESS : CUDA_ERROR_NOT_SUPPORTED;
+    for (size_t i = 0; result == CUDA_SUCCESS && i < count; i++) result = digest_prepare(entries[i].device, why, sizeof why);
     free(entries);
+    stasis_agent_message message;
+    memset(&message, 0, sizeof message);
+    message.op = STASIS_AGENT_OK;
+    message.state = (uint32_t)state;
+    message.length = result == CUDA_SUCCESS;
+    if (result != CUDA_SUCCESS) snprintf(message.text, sizeof message.text, "%s", why);
+    send_message(fd, &message);
+}
+
+/// Hashes every chunk now in the device and sends a DIGEST each, then OK; 0, or -1 with `why`.
+static int verify(int fd, char *why, size_t length) {
+    planned_chunk *plan = NULL;
+    size_t count = plan_chunks(&plan, why, length);
+    if (!plan) return -1;
+    int status = hash_plan(plan, count, why, length) != CUDA_SUCCESS ? -1 : 0;
+    for (size_t i = 0; status == 0 && i < count; i++) {
+        stasis_agent_message message;
+        memset(&message, 0, sizeof message);
+        message.op = STASIS_AGENT_DIGEST;
+        message.id = plan[i].id;
+        message.offset = plan[i].offset;
+        message.length = plan[i].length;
+        message.device = plan[i].device;
+        memcpy(message.digest, plan[i].sum.digest, sizeof message.digest);
+        message.chunk_flags = STASIS_AGENT_CHUNK_DIGEST | (plan[i].sum.zero ? STASIS_AGENT_CHUNK_ZERO : 0);
+        if (send_message(fd, &message) != 0) status = -1;
+    }
+    free(plan);
+    memory_drop_views();
+    if (status == 0) reply(fd, STASIS_AGENT_OK, 0, NULL);
     return status;
 }
 
@@ -359,7 +490,7 @@ static void serve(int fd) {
         case STASIS_AGENT_EVACUATE: {
             uint64_t copied = 0;
             if (state != STASIS_AGENT_HELD) { reply(fd, STASIS_AGENT_ERROR, 0, "not held: quiesce first"); break; }
-            if (evacuate(fd, &copied, why, sizeof why) != 0) { reply(fd, STASIS_AGENT_ERROR, 0, "%s", why); break; }
+            if (evacuate(fd, message.length == 1, &copied, why, sizeof why) != 0) { reply(fd, STASIS_AGENT_ERROR, 0, "%s", why); break; }
             evacuated = 1;
             stasis_agent_message done;
             memset(&done, 0, sizeof done);
@@ -389,7 +520,7 @@ static void serve(int fd) {
             while (flight_count >= settings.slot_count) {
                 if (finish_oldest(fd, STASIS_AGENT_WRITTEN, why, sizeof why) != 0) { reply(fd, STASIS_AGENT_ERROR, 0, "%s", why); return; }
             }
-            if (start_copy(0, message.slot, message.id, message.offset, message.length, why, sizeof why) != CUDA_SUCCESS) {
+            if (start_copy(0, message.slot, message.id, message.offset, message.length, NULL, why, sizeof why) != CUDA_SUCCESS) {
                 reply(fd, STASIS_AGENT_ERROR, 0, "%s", why);
                 return;
             }
@@ -412,6 +543,17 @@ static void serve(int fd) {
         case STASIS_AGENT_FLUSH:
             if (flush_writes(fd, why, sizeof why) != 0) reply(fd, STASIS_AGENT_ERROR, 0, "%s", why);
             else reply(fd, STASIS_AGENT_OK, 0, NULL);
+            break;
+        case STASIS_AGENT_DIGESTS:
+            if (state == STASIS_AGENT_RUNNING) { reply(fd, STASIS_AGENT_ERROR, 0, "not held"); break; }
+            prepare_digests(fd);
+            break;
+        case STASIS_AGENT_VERIFY:
+            if (state != STASIS_AGENT_HELD) { reply(fd, STASIS_AGENT_ERROR, 0, "nothing to verify (state %d)", state); break; }
+            if (flush_writes(fd, why, sizeof why) != 0 || verify(fd, why, sizeof why) != 0) {
+                reply(fd, STASIS_AGENT_ERROR, 0, "%s", why);
+                return;
+            }
             break;
         case STASIS_AGENT_RESUME:
             if (state == STASIS_AGENT_RELEASED) { reply(fd, STASIS_AGENT_ERROR, 0, "device memory is released: reback and refill first"); break; }

@@ -55,6 +55,7 @@ __attribute__((constructor)) static void agent_init(void) {
     stasis_find_libc_dlsym();
     settings.enabled = !off("STASIS_AGENT");
     settings.back_allocations = !off("STASIS_AGENT_BACKING");
+    settings.gpu_digests = !off("STASIS_AGENT_GPU_DIGESTS");
     settings.min_backed_bytes = mib_setting("STASIS_AGENT_MIN_BACKED_MIB", 2u << 20);
     settings.slot_bytes = 2u << 20;  // ChunkStore.chunkSize: a slot is one chunk
     size_t ring = mib_setting("STASIS_AGENT_RING_MIB", 64u << 20);
@@ -136,6 +137,11 @@ static void resolve(void) {
     RESOLVE(cuMulticastBindMem);
     RESOLVE(cuMulticastBindAddr);
     RESOLVE(cuCtxDestroy_v2);
+    RESOLVE(cuDeviceGetAttribute);
+    RESOLVE(cuMemHostGetDevicePointer_v2);
+    RESOLVE(cuModuleLoadData);
+    RESOLVE(cuModuleGetFunction);
+    RESOLVE(cuLaunchKernel);
     // Without any one of these the agent stays a pass-through: it never half-tracks memory.
     void **all = (void **)&real;
     for (size_t i = 0; i < sizeof real / sizeof(void *); i++) {

@@ -183,6 +183,7 @@ HIDDEN void memory_ensure_ring(void) {
     if (result == CUDA_SUCCESS) {
         ring = pinned;
         agent_log("pinned staging ring: %u slots of %zu bytes", settings.slot_count, settings.slot_bytes);
+        digest_pin_area();
     } else {
         agent_log("cannot pin the staging ring: %s", driver_error_name(result));
     }

@@ -247,6 +247,8 @@ public struct Manifest: Codable, Sendable, Equatable {
         public var zeroBytes: UInt64?
         /// CPU seconds stasis spent on the evacuation (reading the ring, hashing, compressing, writing).
         public var evacuateCPUSeconds: Double?
+        /// The GPU hashed the chunks (the agent's digest kernel); nil or false: stasis hashed them on its CPUs.
+        public var hashedOnGPU: Bool?
         public init(allocations: [AgentAllocation], evacuatedBytes: UInt64, driverPathBytes: UInt64, ringBytes: UInt64,
                     quiesceSeconds: Double, evacuateSeconds: Double, releaseSeconds: Double) {
             self.allocations = allocations

@@ -51,6 +51,7 @@ final class AgentEvacuation: @unchecked Sendable {
                 try session.finishQuiesce()
                 quiesceSeconds[session.pid] = watch.seconds
             }
+            for session in sessions where !session.allocations.isEmpty { try session.prepareDigests() }
             // One sink for all: a chunk two processes share (replicated weights) is stored once.
             let sink = ChunkSink(store: store.store, codec: store.codec, probe: true)
             var copied: [Int32: (chunks: [UInt64: [String]], seconds: Double, cpu: Double, totals: ChunkIngester.Statistics)] = [:]
@@ -74,6 +75,7 @@ final class AgentEvacuation: @unchecked Sendable {
                 memory.storedBytes = done.totals.storedBytes
                 memory.zeroBytes = UInt64(done.totals.zeroChunks) * UInt64(ChunkStore.chunkSize)
                 memory.evacuateCPUSeconds = done.cpu
+                memory.hashedOnGPU = session.hashesOnGPU
                 processes[session.pid] = Evacuated(session: session, chunks: done.chunks, memory: memory)
                 // Listed in the store's catalog before the memory goes, so that gc keeps it and `stasis
                 // resume` finds it should putting it back fail (or stasis die) before the dump completes.
@@ -197,8 +199,10 @@ final class AgentEvacuation: @unchecked Sendable {
 
     /// After a restore: re-creates and refills the memory of every process the checkpoint has agent memory
     /// for, then lets its calls go on; in parallel across processes.
-    static func refill(_ section: Manifest.GPUSection, store: DeviceStore, files: [Manifest.FileEntry]) throws -> Double {
+    /// Returns the refill's seconds, and the longest check on a GPU (nil where the CPUs checked the chunks).
+    static func refill(_ section: Manifest.GPUSection, store: DeviceStore, files: [Manifest.FileEntry]) throws -> (seconds: Double, gpuCheck: Double?) {
         let watch = Stopwatch()
+        let checks = CheckTimes()
         let chunksByPath = Dictionary(files.compactMap { entry in entry.chunks.map { (entry.path, $0) } }, uniquingKeysWith: { first, _ in first })
         let processes = section.processes.filter { $0.agent != nil }
         let failure = FirstFailure()
@@ -222,14 +226,23 @@ final class AgentEvacuation: @unchecked Sendable {
                 }
                 try session.refill(allocations: memory.allocations.map { .init(id: $0.id, bytes: $0.bytes, device: $0.device) },
                                    from: store.store, chunks: chunks, checkpoint: store.checkpoint, threads: max(1, threads / processes.count))
+                if let seconds = session.gpuCheckSeconds { checks.add(seconds) }
                 try session.resume()
             } catch {
                 failure.set(error)
             }
         }
         if let error = failure.error { throw error }
-        return watch.seconds
+        return (watch.seconds, checks.longest)
     }
+}
+
+/// The longest of the refills' checks on the GPU, from their threads.
+private final class CheckTimes: @unchecked Sendable {
+    private let lock = NSLock()
+    private var seconds: Double?
+    func add(_ value: Double) { lock.withLock { seconds = max(seconds ?? 0, value) } }
+    var longest: Double? { lock.withLock { seconds } }
 }
 
 /// Device memory an agent released and nobody put back: a dump whose put-back failed (the GPU memory was
@@ -271,7 +284,7 @@ public enum AgentRescue {
             try CheckpointDriver.resume(pid)
         }
         let seconds = try AgentEvacuation.refill(entry.manifest.gpu, store: DeviceStore(store: store, checkpoint: entry.directory),
-                                                 files: entry.manifest.files)
+                                                 files: entry.manifest.files).seconds
         AgentEvacuation.forgetRescue(pid: pid, store: store)
         return Report(pid: pid, rescue: entry.manifest.id, bytes: memory.evacuatedBytes, seconds: seconds)
     }

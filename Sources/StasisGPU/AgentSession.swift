@@ -39,6 +39,12 @@ public final class AgentSession: @unchecked Sendable {
     public private(set) var ungatedFunctions: UInt64 = 0
     /// QUIESCE was sent and its answer not read yet.
     private var quiescing = false
+    /// The agent hashes chunks on the GPU (`prepareDigests` said so): stasis then does not hash them on its CPUs.
+    public private(set) var hashesOnGPU = false
+    /// Why it does not, when it was asked and said no.
+    public private(set) var noGPUHashing: String?
+    /// How long the last refill's check on the GPU took (nil: the chunks were checked on the CPUs as read).
+    public private(set) var gpuCheckSeconds: Double?
 
     private init(pid: Int32, channel: AgentChannel) {
         self.pid = pid
@@ -145,6 +151,17 @@ public final class AgentSession: @unchecked Sendable {
 
     public var evacuableBytes: UInt64 { allocations.reduce(0) { $0 + $1.bytes } }
 
+    /// Asks the agent to load its chunk-digest kernel on its GPUs (held or released-and-rebacked only). An
+    /// agent that cannot is no failure: stasis then hashes on its CPUs, and `noGPUHashing` says why.
+    public func prepareDigests() throws {
+        try onChannel { channel in
+            try channel.send(STASIS_AGENT_DIGESTS)
+            let answer = try channel.expect(STASIS_AGENT_OK, doing: "load its digest kernel")
+            hashesOnGPU = answer.length == 1
+            noGPUHashing = hashesOnGPU ? nil : AgentChannel.text(answer)
+        }
+    }
+
     /// Copies every allocation out into `sink`; returns each allocation's chunk digests ("" for zeros).
     public func evacuate(into sink: ChunkSink, threads: Int) throws -> [UInt64: [String]] {
         try onChannel { channel in try evacuate(channel, into: sink, threads: threads) }
@@ -155,15 +172,24 @@ public final class AgentSession: @unchecked Sendable {
         let digests = DigestTable(allocations, chunkSize: chunk)
         let filled = MessageQueue()
         let failure = FirstFailure()
-        try channel.send(STASIS_AGENT_EVACUATE)
+        try channel.send(STASIS_AGENT_EVACUATE, length: hashesOnGPU ? 1 : 0)
         let pid = self.pid, ring = ringAddress, slotBytes = self.slotBytes, slotCount = self.slotCount
         let sizes = Dictionary(allocations.map { ($0.id, $0.bytes) }, uniquingKeysWith: { first, _ in first })
         Workers.run(max(1, threads) + 1, name: "stasis-evacuate") { worker in
             if worker == 0 {
-                // The receiver: FILLED slots to the workers, until EVACUATED.
+                // The receiver: FILLED slots to the workers, until EVACUATED; chunks the GPU found zero (no slot)
+                // it records itself.
                 defer { filled.close() }
                 Self.receive(on: channel, pid: pid, doing: "copy its device memory out", failure: failure) { message in
                     switch message.op {
+                    case STASIS_AGENT_FILLED.rawValue where message.slot == -1:
+                        let length = try Self.checkChunk(message, sizes: sizes, chunk: chunk, pid: pid)
+                        guard message.chunk_flags & UInt32(STASIS_AGENT_CHUNK_ZERO.rawValue) != 0 else {
+                            throw StasisError(.gpu, "the agent of PID \(pid) reported a chunk without a slot that is not zero")
+                        }
+                        sink.countZero(length: length)
+                        try digests.set(id: message.id, offset: message.offset, digest: "", pid: pid)
+                        return false
                     case STASIS_AGENT_FILLED.rawValue: filled.push(message); return false
                     case STASIS_AGENT_EVACUATED.rawValue: return true
                     default: throw StasisError(.gpu, "the agent of PID \(pid) sent \(message.op) during the evacuation")
@@ -177,15 +203,28 @@ public final class AgentSession: @unchecked Sendable {
             while let message = filled.pop() {
                 guard failure.error == nil else { continue }
                 do {
-                    let length = Int(message.length)
-                    guard message.slot >= 0, Int(message.slot) < slotCount, message.offset % UInt64(chunk) == 0,
-                          let size = sizes[message.id], message.offset < size, UInt64(length) == min(UInt64(chunk), size - message.offset) else {
-                        throw StasisError(.gpu, "the agent of PID \(pid) reported slot \(message.slot) with \(length) bytes at offset \(message.offset) of allocation \(String(message.id, radix: 16)), which does not fit what it listed")
+                    guard message.slot >= 0, Int(message.slot) < slotCount else {
+                        throw StasisError(.gpu, "the agent of PID \(pid) reported slot \(message.slot) of \(slotCount)")
                     }
+                    let length = try Self.checkChunk(message, sizes: sizes, chunk: chunk, pid: pid)
                     let bytes = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<length])
-                    try ProcessMemory.read(pid: pid, address: ring + UInt64(message.slot) * UInt64(slotBytes), into: bytes)
-                    guard Self.send(channel, failure, { try $0.send(STASIS_AGENT_FREE, slot: message.slot) }) else { continue }
-                    let digest = try sink.put(UnsafeRawBufferPointer(bytes), scratch: scratch)
+                    let slot = ring + UInt64(message.slot) * UInt64(slotBytes)
+                    let digest: String
+                    if message.chunk_flags & UInt32(STASIS_AGENT_CHUNK_DIGEST.rawValue) != 0 {
+                        // Hashed by the GPU: a chunk the store has already is not even read.
+                        digest = Self.hex(message)
+                        if sink.needs(digest, length: length) {
+                            try ProcessMemory.read(pid: pid, address: slot, into: bytes)
+                            guard Self.send(channel, failure, { try $0.send(STASIS_AGENT_FREE, slot: message.slot) }) else { continue }
+                            try sink.putHashed(UnsafeRawBufferPointer(bytes), digest: digest, scratch: scratch)
+                        } else {
+                            guard Self.send(channel, failure, { try $0.send(STASIS_AGENT_FREE, slot: message.slot) }) else { continue }
+                        }
+                    } else {
+                        try ProcessMemory.read(pid: pid, address: slot, into: bytes)
+                        guard Self.send(channel, failure, { try $0.send(STASIS_AGENT_FREE, slot: message.slot) }) else { continue }
+                        digest = try sink.put(UnsafeRawBufferPointer(bytes), scratch: scratch)
+                    }
                     try digests.set(id: message.id, offset: message.offset, digest: digest, pid: pid)
                 } catch {
                     failure.set(error)
@@ -196,6 +235,29 @@ public final class AgentSession: @unchecked Sendable {
         }
         if let error = failure.error { throw error }
         return try digests.complete(pid: pid)
+    }
+
+    /// The length of the chunk a FILLED or DIGEST names, checked against the table the agent listed.
+    private static func checkChunk(_ message: AgentChannel.Message, sizes: [UInt64: UInt64], chunk: Int, pid: Int32) throws -> Int {
+        let length = Int(message.length)
+        guard message.offset % UInt64(chunk) == 0, let size = sizes[message.id], message.offset < size,
+              UInt64(length) == min(UInt64(chunk), size - message.offset) else {
+            throw StasisError(.gpu, "the agent of PID \(pid) reported \(length) bytes at offset \(message.offset) of allocation \(String(message.id, radix: 16)), which does not fit what it listed")
+        }
+        return length
+    }
+
+    /// A FILLED's or DIGEST's SHA-256, as the store names chunks.
+    static func hex(_ message: AgentChannel.Message) -> String {
+        withUnsafeBytes(of: message.digest) { bytes in
+            let digits = Array("0123456789abcdef".utf8)
+            var text = [UInt8](repeating: 0, count: 64)
+            for (index, byte) in bytes.enumerated() {
+                text[2 * index] = digits[Int(byte >> 4)]
+                text[2 * index + 1] = digits[Int(byte & 15)]
+            }
+            return String(decoding: text, as: UTF8.self)
+        }
     }
 
     /// Gives the physical memory back to the driver (the addresses stay reserved).
@@ -224,6 +286,12 @@ public final class AgentSession: @unchecked Sendable {
         }
         try channel.send(STASIS_AGENT_REBACK)
         try channel.expect(STASIS_AGENT_OK, doing: "re-create its device memory")
+        // Where the GPU can hash what lands in it, that is the check; else each chunk is checked as it is read.
+        try channel.send(STASIS_AGENT_DIGESTS)
+        let digestsAnswer = try channel.expect(STASIS_AGENT_OK, doing: "load its digest kernel")
+        hashesOnGPU = digestsAnswer.length == 1
+        noGPUHashing = hashesOnGPU ? nil : AgentChannel.text(digestsAnswer)
+        let checkOnGPU = hashesOnGPU
         let chunk = ChunkStore.chunkSize
         var jobs: [(id: UInt64, offset: UInt64, length: Int, digest: String, file: String)] = []
         for allocation in allocations {
@@ -277,8 +345,9 @@ public final class AgentSession: @unchecked Sendable {
                 let job = work[index]
                 do {
                     let bytes = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<job.length])
-                    try store.readChunk(job.digest, into: bytes,
-                                        scratch: scratch, place: .init(checkpoint: checkpoint, file: job.file, offset: job.offset, length: job.length))
+                    try store.readChunk(job.digest, into: bytes, scratch: scratch,
+                                        place: .init(checkpoint: checkpoint, file: job.file, offset: job.offset, length: job.length),
+                                        checkDigest: !checkOnGPU)
                     guard let slot = slots.take() else { break }
                     try ProcessMemory.write(pid: pid, address: ring + UInt64(slot) * UInt64(slotBytes), from: UnsafeRawBufferPointer(bytes))
                     guard Self.send(channel, failure, { try $0.send(STASIS_AGENT_WRITE, slot: slot, id: job.id, offset: job.offset, length: UInt64(job.length)) }) else { break }
@@ -293,6 +362,44 @@ public final class AgentSession: @unchecked Sendable {
             }
         }
         if let error = failure.error { throw error }
+        gpuCheckSeconds = nil
+        if checkOnGPU {
+            let watch = Stopwatch()
+            try verifyOnGPU(channel, allocations: allocations, chunks: chunks, checkpoint: checkpoint)
+            gpuCheckSeconds = watch.seconds
+        }
+    }
+
+    /// Asks the agent for the SHA-256 of every chunk now in the device and compares each with the checkpoint's.
+    private func verifyOnGPU(_ channel: AgentChannel, allocations: [Allocation], chunks: [UInt64: [String]], checkpoint: String) throws {
+        let chunk = ChunkStore.chunkSize
+        let sizes = Dictionary(allocations.map { ($0.id, $0.bytes) }, uniquingKeysWith: { first, _ in first })
+        var unchecked = Dictionary(allocations.map { ($0.id, Set(0..<chunks[$0.id]!.count)) }, uniquingKeysWith: { first, _ in first })
+        try channel.send(STASIS_AGENT_VERIFY)
+        while true {
+            let message = try channel.receive()
+            switch message.op {
+            case STASIS_AGENT_DIGEST.rawValue:
+                _ = try Self.checkChunk(message, sizes: sizes, chunk: chunk, pid: pid)
+                let index = Int(message.offset / UInt64(chunk))
+                guard unchecked[message.id]?.remove(index) != nil else { continue }
+                let expected = chunks[message.id]![index]
+                let zero = message.chunk_flags & UInt32(STASIS_AGENT_CHUNK_ZERO.rawValue) != 0
+                let found = zero ? "" : Self.hex(message)
+                guard found == expected else {
+                    throw StasisError(.integrity, "\(checkpoint)/\(AgentEvacuation.file(pid: pid, id: message.id)) bytes \(message.offset)..<\(message.offset + message.length): the GPU holds \(zero ? "zeros" : found) after the refill, the checkpoint \(expected.isEmpty ? "zeros" : expected)",
+                                      hint: "the store's copy is damaged (run `stasis verify`); restore from another copy of the checkpoint")
+                }
+            case STASIS_AGENT_OK.rawValue:
+                let left = unchecked.values.reduce(0) { $0 + $1.count }
+                guard left == 0 else { throw StasisError(.gpu, "the agent of PID \(pid) hashed all but \(left) chunk(s) after the refill") }
+                return
+            case STASIS_AGENT_ERROR.rawValue:
+                throw AgentChannel.error(message, pid: pid, doing: "hash its device memory after the refill")
+            default:
+                throw StasisError(.gpu, "the agent of PID \(pid) answered \(message.op) to VERIFY")
+            }
+        }
     }
 
     /// The receiving side of a transfer: gives each message to `handle` until it returns true (the end). The

@@ -260,7 +260,9 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
         let driver = watch.seconds
         guard section.processes.contains(where: { $0.agent != nil }) else { return ["driver": driver] }
         guard let store else { throw StasisError(.gpu, "the checkpoint holds device memory moved by agents, but no store to read it from") }
-        return ["driver": driver, "refill": try AgentEvacuation.refill(section, store: store, files: files)]
+        let refill = try AgentEvacuation.refill(section, store: store, files: files)
+        // "gpu check" is part of "refill": hashing what landed in the device, where the GPU did it.
+        return ["driver": driver, "refill": refill.seconds].merging(refill.gpuCheck.map { ["gpu check": $0] } ?? [:]) { first, _ in first }
     }
 }
 

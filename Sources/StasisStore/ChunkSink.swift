@@ -41,6 +41,36 @@ public final class ChunkSink: @unchecked Sendable {
         return digest
     }
 
+    /// For a chunk whose digest is known without hashing it here (the GPU hashed it): true when its bytes
+    /// are needed, and they are then this caller's to `putHashed`; false when the store or this batch has it
+    /// (counted as reused, nothing to read).
+    public func needs(_ digest: String, length: Int) -> Bool {
+        if store.claim(digest, batch: batch) { return true }
+        lock.withLock {
+            statistics.plainBytes += UInt64(length)
+            statistics.reusedChunks += 1
+        }
+        return false
+    }
+
+    /// Stores the bytes of a chunk that `needs` asked for, under its known digest, without hashing them again.
+    public func putHashed(_ bytes: UnsafeRawBufferPointer, digest: String, scratch: UnsafeMutableRawBufferPointer) throws {
+        let put = try store.put(bytes, digest: digest, codec: codec, scratch: scratch, batch: batch, probe: probe, claimed: true)
+        lock.withLock {
+            statistics.plainBytes += UInt64(bytes.count)
+            statistics.storedBytes += put.storedBytes
+            statistics.newChunks += 1
+        }
+    }
+
+    /// Counts a chunk of zeros that was never copied (the GPU found it zero).
+    public func countZero(length: Int) {
+        lock.withLock {
+            statistics.plainBytes += UInt64(length)
+            statistics.zeroChunks += 1
+        }
+    }
+
     public var totals: ChunkIngester.Statistics { lock.withLock { statistics } }
 
     /// Makes every chunk put so far durable and visible (one syncfs, renames, one syncfs).
@@ -58,10 +88,11 @@ public final class ChunkSink: @unchecked Sendable {
 }
 
 extension ChunkStore {
-    /// Reads chunk `digest` into `output` (its whole plain length) and checks it against its digest; `scratch`
-    /// holds `ChunkSink.scratchSize` bytes. `place` names it in errors.
+    /// Reads chunk `digest` into `output` (its whole plain length) and checks it against its digest unless
+    /// `checkDigest` is false (the caller checks where the bytes end up); `scratch` holds
+    /// `ChunkSink.scratchSize` bytes. `place` names it in errors.
     public func readChunk(_ digest: String, into output: UnsafeMutableRawBufferPointer, scratch: UnsafeMutableRawBufferPointer,
-                          place: Place) throws {
-        try read(digest, into: output, scratch: scratch, place: place)
+                          place: Place, checkDigest: Bool = true) throws {
+        try read(digest, into: output, scratch: scratch, place: place, checkDigest: checkDigest)
     }
 }

@@ -105,9 +105,10 @@ public final class ChunkStore: Sendable {
 
     /// Stores `plain` under `digest` into `batch` (named at its commit) unless the store or the batch has it
     /// already. `scratch` must hold `headerSize + codec.bound(plain.count)` bytes.
+    /// `claimed`: the caller has claimed it already (`claim`).
     func put(_ plain: UnsafeRawBufferPointer, digest: String, codec: Codec, scratch: UnsafeMutableRawBufferPointer,
-             batch: Batch, probe: Bool = false) throws -> PutResult {
-        guard claim(digest, batch: batch) else { return PutResult(isNew: false, storedBytes: 0) }
+             batch: Batch, probe: Bool = false, claimed: Bool = false) throws -> PutResult {
+        guard claimed || claim(digest, batch: batch) else { return PutResult(isNew: false, storedBytes: 0) }
         let payload = UnsafeMutableRawBufferPointer(rebasing: scratch[Self.headerSize...])
         let header = UnsafeRawBufferPointer(rebasing: scratch[0..<Self.headerSize])
         // A chunk that does not shrink is written from `plain` itself after its header: no copy.
@@ -132,7 +133,7 @@ public final class ChunkStore: Sendable {
     }
 
     /// True when `digest` is this writer's to write: the store lacks it and `batch` has not claimed it.
-    private func claim(_ digest: String, batch: Batch) -> Bool {
+    func claim(_ digest: String, batch: Batch) -> Bool {
         let target = chunkPath(digest)
         if FileSystem.exists(target) {
             // Fresh mtime: gc's grace period then spares a chunk a running dump has just decided to reuse.
@@ -199,10 +200,11 @@ public final class ChunkStore: Sendable {
     /// Reads chunk `digest` into `output` (exactly its plain length), checking it (`decode`). `scratch` holds
     /// the chunk file while it is decoded (headerSize + bound bytes); returns the chunk file's size. A chunk
     /// stored plain is read straight into `output` unless `fileInScratch` asks for the whole chunk file to be
-    /// left in `scratch` (export copies it as it is).
+    /// left in `scratch` (export copies it as it is). `checkDigest: false` leaves the SHA-256 to a reader that
+    /// checks it elsewhere (an agent refill that the GPU hashes where the bytes land).
     @discardableResult
     func read(_ digest: String, into output: UnsafeMutableRawBufferPointer, scratch: UnsafeMutableRawBufferPointer, place: Place,
-              fileInScratch: Bool = false) throws -> Int {
+              fileInScratch: Bool = false, checkDigest: Bool = true) throws -> Int {
         let file = chunkPath(digest)
         let fd = retryingEINTR { open(file, O_RDONLY | O_CLOEXEC) }
         guard fd >= 0 else {
@@ -221,12 +223,14 @@ public final class ChunkStore: Sendable {
             var extra: UInt8 = 0
             let more = retryingEINTR { Glibc.read(fd, &extra, 1) }
             guard got == output.count, more == 0 else { throw damaged(digest, place, "its none data does not decode (truncated or corrupt)") }
-            guard ChunkDigest.hex(UnsafeRawBufferPointer(output)) == digest else { throw damaged(digest, place, "its content does not match its SHA-256") }
+            guard !checkDigest || ChunkDigest.hex(UnsafeRawBufferPointer(output)) == digest else {
+                throw damaged(digest, place, "its content does not match its SHA-256")
+            }
             return total + got
         }
         total += try Self.readUpTo(fd, UnsafeMutableRawBufferPointer(rebasing: scratch[total...]), file: file)
         guard total < scratch.count else { throw damaged(digest, place, "longer than any valid chunk") }
-        if let why = Self.decode(UnsafeRawBufferPointer(rebasing: scratch[0..<total]), digest: digest, into: output) {
+        if let why = Self.decode(UnsafeRawBufferPointer(rebasing: scratch[0..<total]), digest: checkDigest ? digest : nil, into: output) {
             throw damaged(digest, place, why)
         }
         return total
@@ -255,15 +259,16 @@ public final class ChunkStore: Sendable {
         return Int(UInt32(file[8]) | UInt32(file[9]) << 8 | UInt32(file[10]) << 16 | UInt32(file[11]) << 24)
     }
 
-    /// Checks a whole chunk file held in memory (header, plain length, decoding, SHA-256), decoding it into
-    /// `output` (exactly the expected plain length). Returns what is wrong, or nil. Every reader of chunks
-    /// (restore, verify, export, import) goes through it.
-    static func decode(_ file: UnsafeRawBufferPointer, digest: String, into output: UnsafeMutableRawBufferPointer) -> String? {
+    /// Checks a whole chunk file held in memory (header, plain length, decoding, SHA-256 unless `digest` is
+    /// nil), decoding it into `output` (exactly the expected plain length). Returns what is wrong, or nil.
+    /// Every reader of chunks (restore, verify, export, import) goes through it.
+    static func decode(_ file: UnsafeRawBufferPointer, digest: String?, into output: UnsafeMutableRawBufferPointer) -> String? {
         guard let plainLength = plainLength(ofChunkFile: file) else { return "no chunk header" }
         guard plainLength == output.count else { return "it holds \(plainLength) bytes, the manifest expects \(output.count)" }
         guard Codec.decompress(tag: file[5], UnsafeRawBufferPointer(rebasing: file[headerSize...]), into: output) else {
             return "its \(Codec.name(tag: file[5])) data does not decode (truncated or corrupt)"
         }
+        guard let digest else { return nil }
         return ChunkDigest.hex(UnsafeRawBufferPointer(output)) == digest ? nil : "its content does not match its SHA-256"
     }
 

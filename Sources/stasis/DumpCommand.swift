@@ -75,7 +75,7 @@ struct DumpCommand: ParsableCommand {
                 guard let agent = process.agent else { continue }
                 print("  agent:  PID \(process.pid): \(Format.bytes(agent.evacuatedBytes)) in \(agent.allocations.count) allocation(s) copied out by its agent in \(Format.seconds(agent.evacuateSeconds)) " +
                       "(\(Format.throughput(bytes: agent.evacuatedBytes, seconds: agent.evacuateSeconds)), \(String(format: "%.1f", (agent.evacuateCPUSeconds ?? 0) / max(agent.evacuateSeconds, 1e-9))) cores busy, " +
-                      "\(Format.bytes(agent.storedBytes ?? 0)) stored, \(Format.bytes(agent.zeroBytes ?? 0)) zero); calls held in \(Format.seconds(agent.quiesceSeconds)), memory released in \(Format.seconds(agent.releaseSeconds)); " +
+                      "\(Format.bytes(agent.storedBytes ?? 0)) stored, \(Format.bytes(agent.zeroBytes ?? 0)) zero, hashed on the \(agent.hashedOnGPU == true ? "GPU" : "CPUs")); calls held in \(Format.seconds(agent.quiesceSeconds)), memory released in \(Format.seconds(agent.releaseSeconds)); " +
                       "the driver carried \(Format.bytes(agent.driverPathBytes))")
             }
             print("  tree:   \(report.leaveRunning ? "left running" : "stopped")")

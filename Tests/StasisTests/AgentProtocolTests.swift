@@ -41,6 +41,75 @@ import Testing
         #expect(peer.zeroRequests == 2)
     }
 
+    /// With the agent's digest kernel (the stand-in hashes as the GPU does), stasis stores the same chunks
+    /// under the same names without hashing them, skips reading chunks the store has, never copies zeros, and
+    /// checks the refill by the digests of what landed in the device.
+    @Test func chunksHashedOnTheGPUAreTheSameChunks() throws {
+        let chunk = ChunkStore.chunkSize
+        var random = SystemRandomNumberGenerator()
+        let memory: [UInt64: [UInt8]] = [
+            0x40: (0..<(5 * chunk / 2)).map { _ in UInt8.random(in: 0...255, using: &random) },
+            0x41: [UInt8](repeating: 0, count: 2 * chunk) + [UInt8](repeating: 3, count: 100),
+            0x42: (0..<(3 * chunk)).map { UInt8(truncatingIfNeeded: $0 / 4096) },
+        ]
+        let directory = Harness.scratch("agent-gpu-digests")
+        let store = try ChunkStore(path: directory + "/store", create: true)
+        func evacuate(hashes: Bool) throws -> (chunks: [UInt64: [String]], totals: ChunkIngester.Statistics, onGPU: Bool, peer: ProtocolPeer, session: AgentSession) {
+            let peer = try ProtocolPeer(memory: memory, slots: 3, hashes: hashes)
+            let session = try #require(try AgentSession.open(pid: getpid()))
+            try session.startQuiesce(timeoutMilliseconds: 1000)
+            try session.finishQuiesce()
+            try session.prepareDigests()
+            let sink = ChunkSink(store: store, codec: .lz4, probe: true)
+            let chunks = try session.evacuate(into: sink, threads: 2)
+            try sink.commit()
+            return (chunks, sink.totals, session.hashesOnGPU, peer, session)
+        }
+        let onCPU = try evacuate(hashes: false)
+        #expect(!onCPU.onGPU && onCPU.session.noGPUHashing?.contains("no digest kernel") == true)
+        try onCPU.session.resume()
+        onCPU.session.disconnect()
+        onCPU.peer.stop()
+
+        let onGPU = try evacuate(hashes: true)
+        defer { onGPU.peer.stop() }
+        #expect(onGPU.onGPU)
+        #expect(onGPU.chunks == onCPU.chunks)
+        #expect(onGPU.chunks[0x41]?.prefix(2) == ["", ""])
+        // Everything was stored by the first evacuation: nothing new, zeros counted without a copy.
+        #expect(onGPU.totals.newChunks == 0 && onGPU.totals.zeroChunks == 2 && onGPU.totals.reusedChunks == onCPU.totals.newChunks + onCPU.totals.reusedChunks)
+        for digest in Set(onGPU.chunks.values.joined()) where !digest.isEmpty { try store.check(digest) }
+        try onGPU.session.release()
+        try onGPU.session.refill(allocations: onGPU.session.allocations, from: store, chunks: onGPU.chunks, checkpoint: directory, threads: 2)
+        #expect(onGPU.session.hashesOnGPU)
+        try onGPU.session.resume()
+        onGPU.session.disconnect()
+        #expect(onGPU.peer.written == memory)
+    }
+
+    /// Bytes that reach the device wrong are caught by the GPU's digests, though the store's copy was not hashed on read.
+    @Test func aRefillTheGPUDoesNotConfirmFails() throws {
+        let chunk = ChunkStore.chunkSize
+        let memory: [UInt64: [UInt8]] = [0x50: (0..<(2 * chunk)).map { UInt8(truncatingIfNeeded: $0 &* 7 / 3) }]
+        let peer = try ProtocolPeer(memory: memory, slots: 2, hashes: true, damageWrites: true)
+        defer { peer.stop() }
+        let directory = Harness.scratch("agent-gpu-verify")
+        let store = try ChunkStore(path: directory + "/store", create: true)
+        let session = try #require(try AgentSession.open(pid: getpid()))
+        try session.startQuiesce(timeoutMilliseconds: 1000)
+        try session.finishQuiesce()
+        try session.prepareDigests()
+        let sink = ChunkSink(store: store, codec: .lz4, probe: true)
+        let chunks = try session.evacuate(into: sink, threads: 2)
+        try sink.commit()
+        try session.release()
+        let error = #expect(throws: StasisError.self) {
+            try session.refill(allocations: session.allocations, from: store, chunks: chunks, checkpoint: directory, threads: 2)
+        }
+        #expect(error?.message.contains("the GPU holds") == true, "\(String(describing: error))")
+        session.disconnect()
+    }
+
     /// A process left held after its memory was released (a put-back that failed) is put back by `stasis resume`
     /// from the rescue entry the evacuation wrote; the entry then goes.
     @Test func stasisResumePutsBackWhatARescueEntryHolds() throws {

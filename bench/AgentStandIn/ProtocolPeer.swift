@@ -8,7 +8,8 @@ import StasisStore
 /// answers as libstasis-agent.so does (stasis_agent_protocol.h), on the same socket name with this process's
 /// PID, with its "device memory" in host buffers and its ring in this process's memory. stasis's side of an
 /// evacuation or a refill (AgentSession: its threads, slots, process_vm_readv/writev, the chunk store) then
-/// runs for real; only the GPU copies become memcpy. The agent itself is tested on the GPU machine.
+/// runs for real; only the GPU copies become memcpy, and with `hashes` the GPU's digest kernel becomes
+/// SHA-256 on this CPU. The agent itself is tested on the GPU machine.
 /// Answers the control protocol on "@stasis-agent-<this PID>" from a thread of its own.
 public final class ProtocolPeer: @unchecked Sendable {
     public typealias Message = stasis_agent_message
@@ -17,6 +18,8 @@ public final class ProtocolPeer: @unchecked Sendable {
     private let ring: UnsafeMutableRawBufferPointer
     private let slots: Int
     private let failAfter: Int?
+    private let hashes: Bool
+    private let damageWrites: Bool
     private let lock = NSLock()
     // What the refill wrote, per allocation (the "device memory" after REBACK), in buffers of their own.
     private var _written: [UInt64: UnsafeMutableRawBufferPointer] = [:]
@@ -29,10 +32,14 @@ public final class ProtocolPeer: @unchecked Sendable {
     public var released: Bool { lock.withLock { _released } }
     public var zeroRequests: Int { lock.withLock { _zeroRequests } }
 
-    public init(memory: [UInt64: [UInt8]], slots: Int, failAfter: Int? = nil) throws {
+    /// `hashes`: answers DIGESTS with yes and hashes chunks as the agent's GPU kernel does. `damageWrites`:
+    /// flips a byte of every chunk the refill writes (a device that does not hold what was sent).
+    public init(memory: [UInt64: [UInt8]], slots: Int, failAfter: Int? = nil, hashes: Bool = false, damageWrites: Bool = false) throws {
         self.memory = memory
         self.slots = slots
         self.failAfter = failAfter
+        self.hashes = hashes
+        self.damageWrites = damageWrites
         ring = .allocate(byteCount: slots * ChunkStore.chunkSize, alignment: 4096)
         listener = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         var address = sockaddr_un()
@@ -96,8 +103,28 @@ public final class ProtocolPeer: @unchecked Sendable {
                 lock.withLock { state = STASIS_AGENT_HELD.rawValue }
                 for id in ids { send(fd, STASIS_AGENT_TABLE_ENTRY) { $0.id = id; $0.length = UInt64(self.memory[id]!.count) } }
                 send(fd, STASIS_AGENT_TABLE_END) { $0.id = UInt64(ids.count) }
+            case STASIS_AGENT_DIGESTS.rawValue:
+                send(fd, STASIS_AGENT_OK) { message in
+                    message.length = self.hashes ? 1 : 0
+                    if !self.hashes { Self.setText(&message, "this stand-in has no digest kernel") }
+                }
             case STASIS_AGENT_EVACUATE.rawValue:
-                guard evacuate(fd, ids) else { return }
+                guard evacuate(fd, ids, withDigests: hashes && message.length == 1) else { return }
+            case STASIS_AGENT_VERIFY.rawValue:
+                let chunk = ChunkStore.chunkSize
+                for id in ids {
+                    let contents = lock.withLock { _written[id]! }
+                    for offset in stride(from: 0, to: contents.count, by: chunk) {
+                        let piece = UnsafeRawBufferPointer(rebasing: contents[offset..<min(contents.count, offset + chunk)])
+                        send(fd, STASIS_AGENT_DIGEST) { message in
+                            message.id = id
+                            message.offset = UInt64(offset)
+                            message.length = UInt64(piece.count)
+                            Self.setDigest(&message, of: piece)
+                        }
+                    }
+                }
+                send(fd, STASIS_AGENT_OK)
             case STASIS_AGENT_RELEASE.rawValue:
                 lock.withLock { _released = true; state = STASIS_AGENT_RELEASED.rawValue }
                 send(fd, STASIS_AGENT_OK)
@@ -116,6 +143,7 @@ public final class ProtocolPeer: @unchecked Sendable {
                 let slot = ring.baseAddress! + Int(message.slot) * ChunkStore.chunkSize
                 let target = lock.withLock { _written[message.id]! }
                 (target.baseAddress! + Int(message.offset)).copyMemory(from: slot, byteCount: Int(message.length))
+                if damageWrites { target[Int(message.offset)] ^= 0x5A }
                 send(fd, STASIS_AGENT_WRITTEN) { $0.slot = message.slot }
             case STASIS_AGENT_ZERO.rawValue:
                 let target = lock.withLock { () -> UnsafeMutableRawBufferPointer in
@@ -135,8 +163,25 @@ public final class ProtocolPeer: @unchecked Sendable {
         }
     }
 
-    /// Copies every allocation through the ring as the agent does: FILLED per slot, FREE back, EVACUATED.
-    private func evacuate(_ fd: Int32, _ ids: [UInt64]) -> Bool {
+    private static func setText(_ message: inout Message, _ text: String) {
+        withUnsafeMutableBytes(of: &message.text) { bytes in
+            for (index, byte) in text.utf8.prefix(bytes.count - 1).enumerated() { bytes[index] = byte }
+        }
+    }
+
+    /// What the agent's digest kernel reports of a chunk: its SHA-256, and whether it is all zeros.
+    private static func setDigest(_ message: inout Message, of bytes: UnsafeRawBufferPointer) {
+        let hex = Array(ChunkDigest.hex(bytes).utf8)
+        withUnsafeMutableBytes(of: &message.digest) { digest in
+            for index in 0..<32 { digest[index] = UInt8(String(decoding: hex[(2 * index)..<(2 * index + 2)], as: UTF8.self), radix: 16)! }
+        }
+        let zero = !bytes.contains { $0 != 0 }
+        message.chunk_flags = UInt32(STASIS_AGENT_CHUNK_DIGEST.rawValue) | (zero ? UInt32(STASIS_AGENT_CHUNK_ZERO.rawValue) : 0)
+    }
+
+    /// Copies every allocation through the ring as the agent does: FILLED per slot, FREE back, EVACUATED;
+    /// `withDigests`: each chunk hashed first, zeros reported without a slot.
+    private func evacuate(_ fd: Int32, _ ids: [UInt64], withDigests: Bool) -> Bool {
         let chunk = ChunkStore.chunkSize
         var free = Array(0..<slots)
         var filled = 0
@@ -144,22 +189,35 @@ public final class ProtocolPeer: @unchecked Sendable {
             let bytes = memory[id]!
             for offset in stride(from: 0, to: bytes.count, by: chunk) {
                 if let failAfter, filled == failAfter {
-                    send(fd, STASIS_AGENT_ERROR) { message in
-                        withUnsafeMutableBytes(of: &message.text) { text in
-                            for (index, byte) in "copy failed on purpose".utf8.enumerated() { text[index] = byte }
-                        }
-                    }
+                    send(fd, STASIS_AGENT_ERROR) { Self.setText(&$0, "copy failed on purpose") }
                     return false
+                }
+                let length = min(chunk, bytes.count - offset)
+                var sum = Message()
+                if withDigests {
+                    bytes.withUnsafeBytes { Self.setDigest(&sum, of: UnsafeRawBufferPointer(rebasing: $0[offset..<(offset + length)])) }
+                    if sum.chunk_flags & UInt32(STASIS_AGENT_CHUNK_ZERO.rawValue) != 0 {
+                        send(fd, STASIS_AGENT_FILLED) {
+                            $0.slot = -1; $0.id = id; $0.offset = UInt64(offset); $0.length = UInt64(length)
+                            $0.chunk_flags = UInt32(STASIS_AGENT_CHUNK_ZERO.rawValue)
+                        }
+                        filled += 1
+                        continue
+                    }
                 }
                 while free.isEmpty {
                     guard let back = receive(fd), back.op == STASIS_AGENT_FREE.rawValue else { return false }
                     free.append(Int(back.slot))
                 }
-                let slot = free.removeLast(), length = min(chunk, bytes.count - offset)
+                let slot = free.removeLast()
                 bytes.withUnsafeBytes { source in
                     (ring.baseAddress! + slot * chunk).copyMemory(from: source.baseAddress! + offset, byteCount: length)
                 }
-                send(fd, STASIS_AGENT_FILLED) { $0.slot = Int32(slot); $0.id = id; $0.offset = UInt64(offset); $0.length = UInt64(length) }
+                send(fd, STASIS_AGENT_FILLED) {
+                    $0.slot = Int32(slot); $0.id = id; $0.offset = UInt64(offset); $0.length = UInt64(length)
+                    $0.digest = sum.digest
+                    $0.chunk_flags = sum.chunk_flags
+                }
                 filled += 1
             }
         }

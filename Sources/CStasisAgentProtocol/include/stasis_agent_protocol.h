@@ -8,13 +8,18 @@
 //   HELLO -> HELLO (the agent's state and ring)
 //   QUIESCE -> TABLE_ENTRY... TABLE_END    new CUDA calls are held at the interposer, running ones drained,
 //                                          contexts synchronised; the entries list the device memory it holds
+//   DIGESTS -> OK                          load the GPU's chunk-digest kernel (OK's length: 1 if it can be
+//                                          used, else 0 and text says why; stasis then hashes on its CPUs)
 //   EVACUATE -> FILLED... EVACUATED        device memory copied out through the pinned ring, a slot a message;
-//              (stasis answers each FILLED with FREE once it has read the slot)
+//              (stasis answers each FILLED with FREE once it has read the slot; with EVACUATE's length 1,
+//              every FILLED carries the chunk's SHA-256 from the GPU, and a chunk of zeros comes as a
+//              FILLED with slot -1 and nothing copied)
 //   RELEASE -> OK                          physical memory given back, address ranges kept
 //   (connection closed; the driver checkpoint and CRIU run; the agent waits in accept())
 //   REBACK -> OK                           new physical memory mapped at the same addresses
 //   WRITE... -> WRITTEN..., ZERO...        contents streamed back through the ring (zeros: a device memset)
 //   FLUSH -> (WRITTEN...) OK               every copy into the device finished
+//   VERIFY -> DIGEST... OK                 the SHA-256 of every chunk now in the device (after DIGESTS)
 //   RESUME -> OK                           held CUDA calls proceed
 // A connection that ends while memory is held but still backed resumes the process (stasis went away before
 // anything was released); one that ends after RELEASE waits for the next connection to REBACK.
@@ -23,7 +28,7 @@
 
 #include <stdint.h>
 
-#define STASIS_AGENT_PROTOCOL_VERSION 1
+#define STASIS_AGENT_PROTOCOL_VERSION 2
 #define STASIS_AGENT_SOCKET_PREFIX "stasis-agent-"
 
 enum stasis_agent_op {
@@ -44,6 +49,15 @@ enum stasis_agent_op {
     STASIS_AGENT_WRITTEN = 14,     // slot's copy into the device is done (ZERO has no answer; FLUSH waits for it)
     STASIS_AGENT_FLUSH = 15,       // wait for every WRITE and ZERO, then OK
     STASIS_AGENT_RESUME = 16,
+    STASIS_AGENT_DIGESTS = 17,     // prepare the GPU's digest kernel
+    STASIS_AGENT_VERIFY = 18,      // hash every chunk in the device
+    STASIS_AGENT_DIGEST = 19,      // bytes [offset, offset + length) of allocation id have `digest` (flags say)
+};
+
+// FILLED's and DIGEST's chunk_flags.
+enum stasis_agent_chunk_flags {
+    STASIS_AGENT_CHUNK_DIGEST = 1,  // digest holds the chunk's SHA-256, computed on the GPU
+    STASIS_AGENT_CHUNK_ZERO = 2,    // every byte of the chunk is zero (FILLED: nothing copied, slot -1)
 };
 
 enum stasis_agent_state {
@@ -70,7 +84,10 @@ typedef struct {
     uint64_t driver_bytes;   // bytes of cuMemAlloc it left to the driver so far (small ones; a diagnostic)
     uint64_t gated_functions;    // driver entry points handed out behind the gate
     uint64_t ungated_functions;  // ... and without it (the trampoline table was full): calls it cannot hold
-    char text[160];          // ERROR: why; HELLO: the agent's build
+    char text[120];          // ERROR: why; HELLO: the agent's build
+    uint8_t digest[32];      // FILLED, DIGEST: the chunk's SHA-256 (with STASIS_AGENT_CHUNK_DIGEST)
+    uint32_t chunk_flags;    // FILLED, DIGEST: stasis_agent_chunk_flags
+    uint32_t reserved;
 } stasis_agent_message;
 
 #endif

@@ -178,6 +178,10 @@ echo "| inference request, BERT encoder, median of 30 (ms) | ${infer[plain]} | $
 paste /tmp/alloc-plain.txt /tmp/alloc-agent.txt | while IFS=$'\t' read -r size m1 f1 _ m2 f2; do
     echo "| cudaMalloc + cudaFree of $size bytes, median (us) | $m1 + $f1 | $m2 + $f2 | $(awk -v a="$m2" -v b="$f2" -v c="$m1" -v d="$f1" 'BEGIN { printf "%.2f", (a + b) / (c + d) }') |"
 done
+# The GPU's side of the backing, in one process with both kinds of memory (no agent), kernels taking turns.
+echo "| kernel | on the driver's cudaMalloc memory | on VMM memory, as the agent backs it | ratio |"
+echo "| --- | --- | --- | --- |"
+nvcc -O2 -o /opt/stasis/bin/vmm-kernel bench/vmm-kernel.cu -lcuda && /opt/stasis/bin/vmm-kernel
 fi
 
 if [[ $PARTS == *" interleaved "* ]]; then

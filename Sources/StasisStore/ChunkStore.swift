@@ -82,17 +82,29 @@ public final class ChunkStore: Sendable {
             let chunks = lock.withLock { pending.filter { !$0.value.isEmpty } }
             guard !chunks.isEmpty else { return }
             try FileSystem.syncFilesystem(of: store.path + "/tmp")
-            var directories = Set<String>()
-            for (digest, temporary) in chunks {
-                let target = store.chunkPath(digest)
-                let directory = String(target[..<target.lastIndex(of: "/")!])
-                if directories.insert(directory).inserted, mkdir(directory, 0o700) != 0, errno != EEXIST {
-                    throw systemError("cannot create", directory)
-                }
-                guard rename(temporary, target) == 0 else { throw systemError("cannot rename \(temporary) to", target) }
+            let moves = chunks.map { (temporary: $0.value, target: store.chunkPath($0.key)) }
+            for directory in Set(moves.map { String($0.target[..<$0.target.lastIndex(of: "/")!]) }) {
+                if mkdir(directory, 0o700) != 0, errno != EEXIST { throw systemError("cannot create", directory) }
             }
+            // Thousands of renames (a GPU's memory): on several threads, a share each.
+            let shares = min(8, max(1, moves.count / 256))
+            let failures = RenameFailures()
+            DispatchQueue.concurrentPerform(iterations: shares) { share in
+                for index in stride(from: share, to: moves.count, by: shares) where rename(moves[index].temporary, moves[index].target) != 0 {
+                    failures.add(systemError("cannot rename \(moves[index].temporary) to", moves[index].target))
+                    return
+                }
+            }
+            if let error = failures.first { throw error }
             lock.withLock { pending = [:] }
             try FileSystem.syncFilesystem(of: store.path + "/chunks")
+        }
+
+        private final class RenameFailures: @unchecked Sendable {
+            private let lock = NSLock()
+            private var errors: [Error] = []
+            func add(_ error: Error) { lock.withLock { errors.append(error) } }
+            var first: Error? { lock.withLock { errors.first } }
         }
 
         /// Drops the chunks not committed (the ingest failed).

@@ -1,12 +1,14 @@
 // The gate every driver entry point the agent hands out passes through. Open, it costs two atomic
-// operations a call. Closed (a checkpoint is in progress), a thread that arrives waits until it opens, and
-// the closer waits until every thread already inside the driver has come out; the agent's own thread never
-// passes it.
+// operations a call, on a counter of the calling thread's own (threads that call the driver at once, such as
+// PyTorch's main and autograd threads, do not share a cache line). Closed (a checkpoint is in progress), a
+// thread that arrives waits until it opens, and the closer waits until every thread already inside the
+// driver has come out; the agent's own thread never passes it.
 #define _GNU_SOURCE
 #include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -20,14 +22,56 @@
 HIDDEN void *stasis_gate_targets[GATE_SLOTS];
 HIDDEN extern char stasis_gate_trampolines[];
 
-// On cache lines of their own: every gated call writes `inside`, and the trampolines read the targets.
-static struct {
-    _Alignas(64) atomic_int closed;
+// A thread's count of the driver calls it is inside, on a cache line of its own. Records are never freed:
+// a thread that ends gives its record back for the next new thread (the closer may be reading it).
+typedef struct thread_record {
     _Alignas(64) atomic_long inside;
-    char padding[64 - sizeof(atomic_long)];
-} gate;
-#define closed gate.closed
-#define inside gate.inside
+    struct thread_record *next;
+    atomic_int taken;
+} thread_record;
+
+static _Alignas(64) atomic_int closed;
+static _Atomic(thread_record *) records;  // every record, newest first; only ever grows
+static __thread thread_record *mine __attribute__((tls_model("initial-exec")));
+static pthread_key_t record_key;
+static pthread_once_t record_key_once = PTHREAD_ONCE_INIT;
+
+// At thread exit. A driver call from a later destructor takes a record again (any record counts correctly:
+// the counts are only ever summed).
+static void give_back(void *record) {
+    mine = NULL;
+    atomic_store(&((thread_record *)record)->taken, 0);
+}
+static void make_record_key(void) { pthread_key_create(&record_key, give_back); }
+
+static thread_record *my_record(void) {
+    if (__builtin_expect(mine != NULL, 1)) return mine;
+    thread_record *record = NULL;
+    for (thread_record *r = atomic_load(&records); r; r = r->next) {
+        int free_one = 0;
+        if (atomic_compare_exchange_strong(&r->taken, &free_one, 1)) { record = r; break; }
+    }
+    if (!record) {
+        record = aligned_alloc(64, sizeof *record);
+        if (!record) abort();
+        atomic_init(&record->inside, 0);
+        atomic_init(&record->taken, 1);
+        record->next = atomic_load(&records);
+        while (!atomic_compare_exchange_weak(&records, &record->next, record)) {}
+    }
+    pthread_once(&record_key_once, make_record_key);
+    pthread_setspecific(record_key, record);
+    mine = record;
+    return record;
+}
+
+// Threads inside driver calls now.
+static long inside_now(void) {
+    long total = 0;
+    for (thread_record *r = atomic_load(&records); r; r = r->next) total += atomic_load(&r->inside);
+    return total;
+}
+
 static pthread_mutex_t mutex = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t changed = PTHREAD_COND_INITIALIZER;
 static pthread_mutex_t table_mutex = PTHREAD_MUTEX_INITIALIZER;
@@ -49,12 +93,13 @@ static size_t index_of(void *target) {
     return (size_t)(key % INDEX_SIZE);
 }
 
-// Dekker-style: a thread counts itself in, then looks at the gate; the closer closes, then looks at the
-// count. Sequentially consistent atomics on both sides make one of them see the other.
+// Dekker-style: a thread counts itself in, then looks at the gate; the closer closes, then looks at every
+// thread's count. Sequentially consistent atomics on both sides make one of them see the other.
 HIDDEN void gate_enter(void) {
     if (__builtin_expect(settings.verbose, 0)) atomic_fetch_add_explicit(&calls, 1, memory_order_relaxed);
+    thread_record *record = my_record();
     for (;;) {
-        atomic_fetch_add(&inside, 1);
+        atomic_fetch_add(&record->inside, 1);
         if (!atomic_load(&closed)) return;
         gate_leave();
         pthread_mutex_lock(&mutex);
@@ -64,7 +109,7 @@ HIDDEN void gate_enter(void) {
 }
 
 HIDDEN void gate_leave(void) {
-    if (atomic_fetch_sub(&inside, 1) == 1 && atomic_load(&closed)) {
+    if (atomic_fetch_sub(&mine->inside, 1) == 1 && atomic_load(&closed)) {
         pthread_mutex_lock(&mutex);
         pthread_cond_broadcast(&changed);
         pthread_mutex_unlock(&mutex);
@@ -83,9 +128,9 @@ HIDDEN long gate_close(unsigned timeout_ms) {
     if (deadline.tv_nsec >= 1000000000L) { deadline.tv_sec++; deadline.tv_nsec -= 1000000000L; }
     pthread_mutex_lock(&mutex);
     long left;
-    while ((left = atomic_load(&inside)) > 0) {
+    while ((left = inside_now()) > 0) {
         if (pthread_cond_timedwait(&changed, &mutex, &deadline) == ETIMEDOUT) {
-            left = atomic_load(&inside);
+            left = inside_now();
             break;
         }
     }
@@ -147,7 +192,11 @@ HIDDEN void gate_after_fork_child(void) {
     pthread_mutex_init(&mutex, NULL);
     pthread_cond_init(&changed, NULL);
     pthread_mutex_init(&table_mutex, NULL);
-    atomic_store(&inside, 0);
+    // Only this thread is left: every other record is free, and this one counts nothing.
+    for (thread_record *r = atomic_load(&records); r; r = r->next) {
+        atomic_store(&r->inside, 0);
+        if (r != mine) atomic_store(&r->taken, 0);
+    }
     atomic_store(&closed, 0);
 }
 

@@ -12,10 +12,12 @@ struct RunCommand: ParsableCommand {
         goes wherever the program would: a shell, a job script, a container's entrypoint. The agent \
         (libstasis-agent.so) interposes the CUDA driver API. It backs cudaMalloc/cuMemAlloc of --min-backed-mib \
         and more with the driver's virtual memory API and tracks the program's own VMM allocations (PyTorch's \
-        expandable segments). On `stasis dump` it holds new CUDA calls, copies that memory out through a pinned \
-        ring of --ring-mib into the chunk store, and gives the physical memory back before the driver's \
-        checkpoint, which then carries only the rest. After a restore it re-creates the memory at the same \
-        addresses and fills it back before any held call goes on. Programs not started this way are \
+        expandable segments). On `stasis dump` it holds new CUDA calls, hashes that memory on the GPU, copies it \
+        out through a pinned ring of --ring-mib into the chunk store, and gives the physical memory back before \
+        the driver's checkpoint, which then carries only the rest. After a restore it re-creates the memory at \
+        the same addresses, fills it back, and the GPU checks it against the checkpoint before any held call \
+        goes on. STASIS_AGENT_GPU_DIGESTS=off in the program's environment leaves the hashing to stasis's CPUs \
+        (for a store shared with programs you do not trust: see docs/AGENT.md). Programs not started this way are \
         checkpointed through the driver alone. Device memory shared with other processes through the VMM API is \
         refused at dump time; legacy CUDA IPC (cudaIpcGetMemHandle) needs --no-backing. See docs/AGENT.md.
         """)

@@ -238,17 +238,19 @@ static CUresult hash_plan(planned_chunk *plan, size_t count, char *why, size_t l
     return result;
 }
 
-/// Tells stasis that a chunk is all zeros (nothing copied): a FILLED without a slot.
-static int send_zero_chunk(int fd, const planned_chunk *chunk) {
+/// Sends `op` about one planned chunk: where it is, and with `flags` its digest (FILLED of a chunk of zeros,
+/// without a slot; DIGEST after a refill).
+static int send_chunk(int fd, uint32_t op, const planned_chunk *chunk, uint32_t flags) {
     stasis_agent_message message;
     memset(&message, 0, sizeof message);
-    message.op = STASIS_AGENT_FILLED;
+    message.op = op;
     message.slot = -1;
     message.id = chunk->id;
     message.offset = chunk->offset;
     message.length = chunk->length;
     message.device = chunk->device;
-    message.chunk_flags = STASIS_AGENT_CHUNK_ZERO;
+    if (flags & STASIS_AGENT_CHUNK_DIGEST) memcpy(message.digest, chunk->sum.digest, sizeof message.digest);
+    message.chunk_flags = flags;
     return send_message(fd, &message);
 }
 
@@ -274,7 +276,7 @@ static int evacuate(int fd, int with_digests, uint64_t *copied, char *why, size_
     lent_slots = lent;
     while (status == 0) {
         while (next < count && (plan[next].hashed && plan[next].sum.zero)) {
-            if (send_zero_chunk(fd, &plan[next++]) != 0) {
+            if (send_chunk(fd, STASIS_AGENT_FILLED, &plan[next++], STASIS_AGENT_CHUNK_ZERO) != 0) {
                 snprintf(why, length, "stasis went away during the evacuation");
                 status = -1;
                 break;
@@ -347,16 +349,8 @@ static int verify(int fd, char *why, size_t length) {
     if (!plan) return -1;
     int status = hash_plan(plan, count, why, length) != CUDA_SUCCESS ? -1 : 0;
     for (size_t i = 0; status == 0 && i < count; i++) {
-        stasis_agent_message message;
-        memset(&message, 0, sizeof message);
-        message.op = STASIS_AGENT_DIGEST;
-        message.id = plan[i].id;
-        message.offset = plan[i].offset;
-        message.length = plan[i].length;
-        message.device = plan[i].device;
-        memcpy(message.digest, plan[i].sum.digest, sizeof message.digest);
-        message.chunk_flags = STASIS_AGENT_CHUNK_DIGEST | (plan[i].sum.zero ? STASIS_AGENT_CHUNK_ZERO : 0);
-        if (send_message(fd, &message) != 0) status = -1;
+        uint32_t flags = STASIS_AGENT_CHUNK_DIGEST | (plan[i].sum.zero ? STASIS_AGENT_CHUNK_ZERO : 0);
+        if (send_chunk(fd, STASIS_AGENT_DIGEST, &plan[i], flags) != 0) status = -1;
     }
     free(plan);
     memory_drop_views();

@@ -56,14 +56,8 @@ import Testing
         let store = try ChunkStore(path: directory + "/store", create: true)
         func evacuate(hashes: Bool) throws -> (chunks: [UInt64: [String]], totals: ChunkIngester.Statistics, onGPU: Bool, peer: ProtocolPeer, session: AgentSession) {
             let peer = try ProtocolPeer(memory: memory, slots: 3, hashes: hashes)
-            let session = try #require(try AgentSession.open(pid: getpid()))
-            try session.startQuiesce(timeoutMilliseconds: 1000)
-            try session.finishQuiesce()
-            try session.prepareDigests()
-            let sink = ChunkSink(store: store, codec: .lz4, probe: true)
-            let chunks = try session.evacuate(into: sink, threads: 2)
-            try sink.commit()
-            return (chunks, sink.totals, session.hashesOnGPU, peer, session)
+            let (session, chunks, totals) = try Self.holdAndEvacuate(into: store)
+            return (chunks, totals, session.hashesOnGPU, peer, session)
         }
         let onCPU = try evacuate(hashes: false)
         #expect(!onCPU.onGPU && onCPU.session.noGPUHashing?.contains("no digest kernel") == true)
@@ -95,6 +89,17 @@ import Testing
         defer { peer.stop() }
         let directory = Harness.scratch("agent-gpu-verify")
         let store = try ChunkStore(path: directory + "/store", create: true)
+        let (session, chunks, _) = try Self.holdAndEvacuate(into: store)
+        try session.release()
+        let error = #expect(throws: StasisError.self) {
+            try session.refill(allocations: session.allocations, from: store, chunks: chunks, checkpoint: directory, threads: 2)
+        }
+        #expect(error?.message.contains("the GPU holds") == true, "\(String(describing: error))")
+        session.disconnect()
+    }
+
+    /// A dump's first steps against the stand-in of this process: hold, load the digest kernel, evacuate, commit.
+    private static func holdAndEvacuate(into store: ChunkStore) throws -> (AgentSession, [UInt64: [String]], ChunkIngester.Statistics) {
         let session = try #require(try AgentSession.open(pid: getpid()))
         try session.startQuiesce(timeoutMilliseconds: 1000)
         try session.finishQuiesce()
@@ -102,12 +107,7 @@ import Testing
         let sink = ChunkSink(store: store, codec: .lz4, probe: true)
         let chunks = try session.evacuate(into: sink, threads: 2)
         try sink.commit()
-        try session.release()
-        let error = #expect(throws: StasisError.self) {
-            try session.refill(allocations: session.allocations, from: store, chunks: chunks, checkpoint: directory, threads: 2)
-        }
-        #expect(error?.message.contains("the GPU holds") == true, "\(String(describing: error))")
-        session.disconnect()
+        return (session, chunks, sink.totals)
     }
 
     /// A process left held after its memory was released (a put-back that failed) is put back by `stasis resume`

@@ -10,7 +10,9 @@ out=${1:-.build/agent}
 mkdir -p "$out"
 fresh=$(mktemp "$out/.libstasis-agent.so.XXXXXX")
 trap 'rm -f "$fresh"' EXIT
-cc -shared -fPIC -O2 -Wall -Wextra -g \
+# -z nodelete: the library registers a thread-exit destructor (the gate's per-thread counters) and atexit
+# handlers, so a dlclose (the tests dlopen it for its self-test) must never unmap it.
+cc -shared -fPIC -O2 -Wall -Wextra -g -Wl,-z,nodelete \
     -ISources/CStasisAgentProtocol/include -ISources/StasisAgent \
     -o "$fresh" Sources/StasisAgent/*.c Sources/StasisAgent/*.S -ldl -lpthread
 chmod 755 "$fresh"

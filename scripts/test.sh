@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The whole test suite: installs CRIU if needed, builds everything, runs unit and integration tests
-# (real CRIU, real processes; needs root). .ci/run calls exactly this.
+# The whole test suite: installs CRIU (and runc and busybox for the container tests) if needed, builds
+# everything, runs unit and integration tests (real CRIU, real processes; needs root). .ci/run calls exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install-criu.sh
 ./scripts/install-build-deps.sh
+./scripts/install-test-deps.sh
 export PATH="/usr/local/sbin:$PATH"
 swift build --build-tests
 ./scripts/build-criu-plugin.sh >/dev/null

@@ -1,0 +1,118 @@
+import Foundation
+import Glibc
+import StasisOS
+import Testing
+
+/// Containers through runc (Debian's package; scripts/install-test-deps.sh installs it and busybox-static):
+/// a container whose root filesystem the test builds from busybox is checkpointed and restored by runc, which
+/// drives CRIU, with the stasis CRIU plugin loaded the way a runc or podman user loads it.
+extension Integration {
+    @Suite struct RuncContainers {
+        /// A busybox container that counts in a shell variable. runc checkpoints it with the stasis plugin in
+        /// CRIU's plugin directory (given per container by a CRIU configuration file, the `org.criu.config`
+        /// annotation), then restores it: the count goes on from where it was, so the shell's memory came back.
+        @Test func runcCheckpointAndRestoreWithTheStasisPlugin() throws {
+            let runc = try #require(Spawn.which("runc"), "runc is missing: scripts/install-test-deps.sh installs it")
+            let container = try Container.make(runc: runc, name: "count")
+            defer { container.remove() }
+            try container.start()
+            #expect(container.waitForCount(atLeast: 20), "the container did not start counting")
+
+            let dump = try Harness.run(runc, ["checkpoint", "--image-path", container.images, "--work-path", container.work + "/dump", container.id])
+            #expect(dump.succeeded, "runc checkpoint: \(dump.stderr)\n\(container.log("dump"))")
+            #expect(container.log("dump").contains("Plugin \"stasis_cuda\""), "CRIU did not load the stasis plugin")
+            let atCheckpoint = try #require(container.count)
+            usleep(300_000)
+            #expect(container.count == atCheckpoint, "the container still ran after its checkpoint")
+
+            try container.restore()
+            #expect(container.log("restore").contains("Plugin \"stasis_cuda\""))
+            #expect(container.waitForCount(atLeast: atCheckpoint + 5), "the restored container does not count on")
+            let after = try #require(container.count)
+            // A container started afresh would count from 1 again.
+            #expect(after > atCheckpoint, "the count restarted (\(after) after \(atCheckpoint)): the shell's memory was not restored")
+        }
+    }
+}
+
+/// A runc container built for a test: a bundle with a busybox root filesystem, the shell loop as its process,
+/// and a CRIU configuration that loads the plugins stasis builds.
+struct Container {
+    let runc: String
+    let id: String
+    let bundle: String
+    let images: String
+    let work: String
+
+    static func make(runc: String, name: String) throws -> Container {
+        let root = Harness.scratch("runc-\(name)")
+        let bundle = root + "/bundle", rootfs = bundle + "/rootfs"
+        let busybox = try #require(["/bin/busybox", "/usr/bin/busybox"].first { FileManager.default.isExecutableFile(atPath: $0) },
+                                   "busybox is missing: scripts/install-test-deps.sh installs busybox-static")
+        for directory in ["bin", "proc", "sys", "dev", "tmp"] {
+            try FileManager.default.createDirectory(atPath: rootfs + "/" + directory, withIntermediateDirectories: true)
+        }
+        try FileManager.default.copyItem(atPath: busybox, toPath: rootfs + "/bin/busybox")
+        for applet in ["sh", "sleep", "echo"] { try FileManager.default.createSymbolicLink(atPath: rootfs + "/bin/" + applet, withDestinationPath: "busybox") }
+        let spec = try Harness.run(runc, ["spec", "--bundle", bundle])
+        guard spec.succeeded else { throw Workload.WorkloadError(text: "runc spec: \(spec.stderr)") }
+        // CRIU reads this for every runc checkpoint and restore of the container: the stasis plugin's directory,
+        // and no iptables for locking the container's network (it has only a loopback).
+        let plugins = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().path + "/.build/criu-plugins"
+        try "libdir \(plugins)\nnetwork-lock skip\n".write(toFile: root + "/criu.conf", atomically: true, encoding: .utf8)
+        let configPath = bundle + "/config.json"
+        var config = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: configPath))) as? [String: Any])
+        var process = config["process"] as? [String: Any] ?? [:]
+        process["terminal"] = false
+        process["args"] = ["/bin/sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done"]
+        config["process"] = process
+        var rootEntry = config["root"] as? [String: Any] ?? [:]
+        rootEntry["readonly"] = false
+        config["root"] = rootEntry
+        config["annotations"] = ["org.criu.config": root + "/criu.conf"]
+        try JSONSerialization.data(withJSONObject: config, options: [.prettyPrinted]).write(to: URL(fileURLWithPath: configPath))
+        let container = Container(runc: runc, id: "stasis-test-\(name)-\(getpid())", bundle: bundle, images: root + "/images", work: root + "/work")
+        try FileManager.default.createDirectory(atPath: container.images, withIntermediateDirectories: true)
+        return container
+    }
+
+    /// The container's stdio is /dev/null: CRIU cannot carry a descriptor of a file outside the container,
+    /// and pipes to the test would keep it waiting for their end. runc's own errors go to its --log.
+    private func detached(_ arguments: [String]) throws {
+        try FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
+        let errors = "\(work)/\(arguments[0]).runc.log"
+        let command = ([runc, "--log", errors] + arguments).map { "'\($0)'" }.joined(separator: " ") + " </dev/null >/dev/null 2>&1"
+        let result = try Harness.run("/bin/sh", ["-c", command])
+        guard result.succeeded else {
+            throw Workload.WorkloadError(text: "runc \(arguments[0]) failed: \((try? String(contentsOfFile: errors, encoding: .utf8)) ?? "")")
+        }
+    }
+
+    func start() throws { try detached(["run", "-d", "--bundle", bundle, id]) }
+
+    func restore() throws {
+        try detached(["restore", "-d", "--image-path", images, "--work-path", work + "/restore", "--bundle", bundle, id])
+    }
+
+    /// CRIU's log of runc's dump or restore.
+    func log(_ step: String) -> String { (try? String(contentsOfFile: "\(work)/\(step)/\(step).log", encoding: .utf8)) ?? "" }
+
+    var count: Int? {
+        (try? String(contentsOfFile: bundle + "/rootfs/tmp/count", encoding: .utf8)).flatMap { Int($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+    }
+
+    func waitForCount(atLeast value: Int, timeout: Double = 10) -> Bool {
+        let deadline = Date().addingTimeInterval(timeout)
+        while Date() < deadline {
+            if let count, count >= value { return true }
+            usleep(20_000)
+        }
+        return false
+    }
+
+    func remove() {
+        _ = try? Harness.run(runc, ["kill", id, "KILL"])
+        _ = try? Harness.run(runc, ["delete", "--force", id])
+    }
+}

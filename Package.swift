@@ -54,7 +54,8 @@ let package = Package(
             .product(name: "Crypto", package: "swift-crypto"),
         ]),
         .target(name: "StasisImage", dependencies: ["StasisCore", "StasisOS", "StasisStore"]),
-        .target(name: "StasisEngine", dependencies: ["StasisCore", "StasisOS", "StasisCRIU", "StasisGPU", "StasisImage", "StasisStore"]),
+        .target(name: "StasisContainer", dependencies: ["StasisCore", "StasisOS"]),
+        .target(name: "StasisEngine", dependencies: ["StasisCore", "StasisOS", "StasisCRIU", "StasisGPU", "StasisImage", "StasisStore", "StasisContainer"]),
         .executableTarget(name: "stasis", dependencies: [
             "StasisEngine", "StasisCore", "StasisStore",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),

@@ -9,7 +9,11 @@ public struct Manifest: Codable, Sendable, Equatable {
     /// 3: device memory moved by agents (`GPUProcess.agent`, files under gpu/); an older stasis would restore
     /// such a process without refilling it and leave its CUDA calls held. A checkpoint without agent memory is
     /// still written as version 2.
-    public static let currentVersion = 3
+    /// 4: a container checkpointed through its runtime (`container`); an older stasis would restore its
+    /// processes with plain CRIU, outside the container. Written only for containers.
+    public static let currentVersion = 4
+    public static let versionWithContainer = 4
+    public static let versionWithAgents = 3
     public static let versionWithoutAgents = 2
     public static let fileName = "manifest.json"
 
@@ -30,6 +34,25 @@ public struct Manifest: Codable, Sendable, Equatable {
     public var files: [FileEntry]
     /// The chunk store holding the chunked files; nil when every file is whole.
     public var store: StoreInfo?
+    /// The container, when the checkpoint is one of a container made by a runtime (runc) rather than of a
+    /// process tree: its runtime restores it.
+    public var container: Container?
+
+    public struct Container: Codable, Sendable, Equatable {
+        /// "runc".
+        public var runtime: String
+        public var id: String
+        /// The OCI bundle it ran from (its config.json and root filesystem), where it is restored by default.
+        public var bundle: String
+        /// The bundle's config.json as it was, kept in the checkpoint (a whole file).
+        public var spec: String
+        public init(runtime: String, id: String, bundle: String, spec: String) {
+            self.runtime = runtime
+            self.id = id
+            self.bundle = bundle
+            self.spec = spec
+        }
+    }
 
     public init(id: String, createdAt: Date, tool: Tool, host: Host, criu: CRIUInfo, options: DumpOptions,
                 processTree: ProcessTree, memory: Memory, timings: Timings, gpu: GPUSection, files: [FileEntry]) {

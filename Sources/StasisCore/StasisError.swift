@@ -26,6 +26,8 @@ public struct StasisError: Error, Sendable, CustomStringConvertible {
         public static let io = Code(rawValue: "io")
         public static let gpu = Code(rawValue: "gpu")
         public static let interrupted = Code(rawValue: "interrupted")
+        /// A container runtime (runc) is missing or refused.
+        public static let runtime = Code(rawValue: "runtime")
     }
 
     public var code: Code

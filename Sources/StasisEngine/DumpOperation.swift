@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import StasisCRIU
+import StasisContainer
 import StasisCore
 import StasisGPU
 import StasisImage
@@ -18,6 +19,11 @@ import StasisStore
 /// store while CRIU still writes them (`ChunkIngester`); they leave the checkpoint directory, which keeps the
 /// manifest and the small images. The store lock is held shared from the first chunk until the manifest is
 /// in the store's catalog, so gc never takes a chunk this dump is about to reference.
+///
+/// A container (`Options.container`) is checkpointed by its runtime, runc, which knows how it was made and
+/// drives CRIU for it; runc offers no step inside the freeze, so its images stay whole in the staging
+/// directory until the checkpoint is published, and if anything fails after runc removed the container, runc
+/// restores it from them: the container runs on as it was.
 public struct DumpOperation {
     public struct Options: Sendable {
         public var pid: Int32
@@ -28,6 +34,8 @@ public struct DumpOperation {
         public var store: String?
         public var codec = Codec.standard
         public var progress: ProgressHandler?
+        /// A runc container's ID: checkpoint it through runc (`pid` is then its init's, found by runc).
+        public var container: String?
         public init(pid: Int32, directory: String) { self.pid = pid; self.directory = directory }
     }
 
@@ -42,6 +50,8 @@ public struct DumpOperation {
         public var gpu: Manifest.GPUSection
         public var store: Manifest.StoreInfo?
         public var criuVersion: String
+        /// The container checkpointed, when it was one.
+        public var container: String?
     }
 
     let options: Options
@@ -54,7 +64,15 @@ public struct DumpOperation {
 
     public func run() throws -> Report {
         let total = Stopwatch()
-        let pid = options.pid
+        let runc = try options.container.map { _ in try Runc.locate() }
+        let containerState = try options.container.map { id in try runc!.state(id) }
+        if let containerState {
+            guard containerState.status == "running" else {
+                throw StasisError(.processNotFound, "container \(containerState.id) is \(containerState.status), not running")
+            }
+            try Self.refuseGPUContainer(containerState)
+        }
+        let pid = containerState?.pid ?? options.pid
         guard pid > 0, ProcFS.isLive(pid) else {
             throw StasisError(.processNotFound, "no running process with PID \(pid)", hint: "check the PID with `ps -p \(pid)`")
         }
@@ -78,6 +96,7 @@ public struct DumpOperation {
         var deviceStatistics = ChunkIngester.Statistics()
         var published: Manifest?
         var ingester: ChunkIngester?
+        var containerRemoved = false
         let imagesFD: Int32
         do {
             imagesFD = try FileSystem.openDirectory(staging.path)
@@ -96,8 +115,9 @@ public struct DumpOperation {
             deviceStatistics = frozen.statistics
             timings.devices = deviceWatch.seconds
 
+            // A container's images stay whole until published: runc restores it from them should the dump fail.
             let chunker = ChunkIngester(directory: staging.path, store: store, codec: options.codec,
-                                        releaseIngested: true, follows: Self.isMemoryImage)
+                                        releaseIngested: runc == nil, follows: Self.isMemoryImage)
             ingester = chunker
             let progress = options.progress
             let stagingPath = staging.path
@@ -108,6 +128,17 @@ public struct DumpOperation {
             defer { ticker?.stop() }
 
             let criuWatch = Stopwatch()
+            if let runc, let containerState {
+                let container = try Self.keepSpec(of: containerState, in: staging.path)
+                try runc.checkpoint(containerState.id, images: staging.path, work: staging.path, leaveRunning: options.leaveRunning)
+                containerRemoved = !options.leaveRunning
+                timings.criu = criuWatch.seconds
+                try FaultInjection.check("post-dump")
+                published = try finish(staging: staging, ingester: chunker, store: store, criu: criu, processes: processes,
+                                       gpu: gpu, deviceFiles: deviceFiles, deviceStatistics: deviceStatistics, timings: timings,
+                                       container: container)
+                try staging.publish()
+            } else {
             let service = CRIUService(binary: criu)
             let response = try service.dump(pid: pid, imagesDirectory: imagesFD, options: options.process,
                                              leaveRunning: options.leaveRunning) { note in
@@ -130,8 +161,19 @@ public struct DumpOperation {
                                        gpu: gpu, deviceFiles: deviceFiles, deviceStatistics: deviceStatistics, timings: timings)
                 try staging.publish()
             }
+            }
         } catch {
             ingester?.cancel()
+            // runc removed the container after its images were complete: put it back from them.
+            var putBack: String?
+            if containerRemoved, let runc, let containerState {
+                do {
+                    try runc.restore(containerState.id, bundle: containerState.bundle, images: staging.path, work: staging.path + "/restore-work")
+                    putBack = "container \(containerState.id) was restored from its images and runs on"
+                } catch {
+                    putBack = "restoring container \(containerState.id) from its images failed too: \(error)"
+                }
+            }
             // Listed in the catalog but never published: drop it (its chunks go at the next gc).
             if published == nil, let id = staging.manifestID { catalog.unregister(id: id) }
             let leftBehind = device.rollback(section: gpu)
@@ -139,7 +181,9 @@ public struct DumpOperation {
             var failure = (error as? StasisError) ?? StasisError(.io, "\(error)")
             // The staging directory is gone: point at the copy of CRIU's log kept beside it, if CRIU ran.
             failure.logPath = keptLog
-            if !leftBehind.isEmpty {
+            if let putBack {
+                failure.message += " (\(putBack))"
+            } else if !leftBehind.isEmpty {
                 failure.message += "; giving the GPU back also failed: \(leftBehind.joined(separator: "; "))"
             } else if ProcFS.isLive(pid) {
                 failure.message += " (PID \(pid) is still running, as it was before the dump)"
@@ -168,18 +212,42 @@ public struct DumpOperation {
         try? catalog.register(manifest, directory: destination)
         return Report(directory: destination, rootPID: pid, processes: processes.count, threads: processes.reduce(0) { $0 + $1.threads },
                       leaveRunning: options.leaveRunning, memory: manifest.memory, timings: timings, gpu: gpu, store: manifest.store,
-                      criuVersion: criu.version)
+                      criuVersion: criu.version, container: options.container)
     }
 
     /// CRIU's memory images: followed while CRIU writes them, and always chunked.
     static func isMemoryImage(_ name: String) -> Bool { name.hasPrefix("pages-") && name.hasSuffix(".img") }
+
+    /// The file that keeps a container's config.json in its checkpoint.
+    static let containerSpecName = "container-config.json"
+
+    /// Copies the container's config.json into the checkpoint and says what the container is.
+    static func keepSpec(of state: Runc.State, in directory: String) throws -> Manifest.Container {
+        let spec = try FileSystem.readFile(state.bundle + "/config.json")
+        try FileSystem.writeAtomically(spec, to: directory + "/" + containerSpecName)
+        return Manifest.Container(runtime: "runc", id: state.id, bundle: state.bundle, spec: containerSpecName)
+    }
+
+    /// A container whose processes use the GPU is refused before anything is touched: restoring one through
+    /// stasis needs its processes' new PIDs mapped to their device state, which is not done yet. runc with
+    /// the stasis CRIU plugin in CRIU's plugin directory checkpoints it through the driver (docs/CONTAINERS.md).
+    static func refuseGPUContainer(_ state: Runc.State) throws {
+        for process in ProcFS.tree(root: state.pid) {
+            let maps = (try? String(contentsOfFile: "/proc/\(process.pid)/maps", encoding: .utf8)) ?? ""
+            if maps.contains("/dev/nvidia") {
+                throw StasisError(.gpu, "container \(state.id) has a process using the GPU (PID \(process.pid)); `stasis dump --container` does not take GPU containers yet",
+                                  hint: "checkpoint it with `runc checkpoint`, with libstasis_cuda_plugin.so in CRIU's plugin directory (docs/CONTAINERS.md)")
+            }
+        }
+    }
 
     /// Completes the chunking of the memory images (and of any other image of a chunk or more) and removes
     /// them from the staging directory, hashes and syncs the small images, lists the checkpoint in the
     /// store's catalog and writes the manifest. Runs while the tree is frozen.
     private func finish(staging: StagingDirectory, ingester: ChunkIngester, store: ChunkStore, criu: CRIUBinary,
                         processes: [Manifest.Process], gpu: Manifest.GPUSection, deviceFiles: [Manifest.FileEntry],
-                        deviceStatistics: ChunkIngester.Statistics, timings: Manifest.Timings) throws -> Manifest {
+                        deviceStatistics: ChunkIngester.Statistics, timings: Manifest.Timings,
+                        container: Manifest.Container? = nil) throws -> Manifest {
         let watch = Stopwatch()
         let names = try FileSystem.regularFiles(under: staging.path).filter { $0 != CRIUService.dumpLogName }
         let large = names.filter { Self.isMemoryImage($0) || (FileSystem.size(staging.path + "/" + $0) ?? 0) >= UInt64(ChunkStore.chunkSize) }
@@ -205,9 +273,9 @@ public struct DumpOperation {
                           dumpedBytes: chunked.filter { Self.isMemoryImage($0.key) }.reduce(0) { $0 + $1.value.size },
                           imageBytes: files.reduce(0) { $0 + $1.size }),
             timings: timings, gpu: gpu, files: files)
-        if gpu.processes.contains(where: { $0.agent != nil }) { manifest.formatVersion = Manifest.currentVersion } else {
-            manifest.formatVersion = Manifest.versionWithoutAgents
-        }
+        manifest.container = container
+        manifest.formatVersion = container != nil ? Manifest.versionWithContainer
+            : gpu.processes.contains(where: { $0.agent != nil }) ? Manifest.versionWithAgents : Manifest.versionWithoutAgents
         // What this checkpoint added to the store: CRIU's images and the device memory agents moved.
         let added = statistics + deviceStatistics
         manifest.store = .init(path: store.path, chunkSize: ChunkStore.chunkSize, codec: options.codec.description,

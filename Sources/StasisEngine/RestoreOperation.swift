@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import StasisCRIU
+import StasisContainer
 import StasisCore
 import StasisGPU
 import StasisImage
@@ -19,6 +20,9 @@ import StasisStore
 ///   tasks it created; stasis names the chunk.
 /// - rebuilt (`rebuildRoot` set): rebuilt as files there first, every chunk checked, then CRIU reads them.
 /// After CRIU, a failing device step kills the restored tree, so no half-restored process is left behind.
+///
+/// A container's checkpoint (`manifest.container`) is restored by its runtime, runc, from images rebuilt from
+/// the store, as the container it was (or under `Options.containerID`, from `Options.bundle`).
 public struct RestoreOperation {
     public struct Options: Sendable {
         public var directory: String
@@ -34,6 +38,9 @@ public struct RestoreOperation {
         public var pidWaitSeconds = 5.0
         public var logLevel: Int32 = 4
         public var progress: ProgressHandler?
+        /// A container checkpoint: the ID and OCI bundle to restore it as (default: the checkpoint's).
+        public var containerID: String?
+        public var bundle: String?
         public init(directory: String) { self.directory = directory }
     }
 
@@ -46,6 +53,8 @@ public struct RestoreOperation {
         public var timings: Timings
         /// The device step's phases in seconds: "driver" (its restore and unlock), "refill" (agents).
         public var deviceSteps: [String: Double]
+        /// The container restored, for a container's checkpoint.
+        public var container: String?
     }
 
     /// How CRIU got the memory images.
@@ -105,11 +114,15 @@ public struct RestoreOperation {
         let chunkedItems = Checkpoint.chunkedItems(manifest)
         // Device memory an agent moved is the agent's to refill; CRIU reads only its own images.
         let criuItems = Checkpoint.criuItems(manifest)
-        let images: Images = store == nil ? .files : options.rebuildRoot == nil ? .streamed : .rebuilt
+        let runc = try manifest.container.map { _ in try Runc.locate() }
+        // runc reads files: a container's images are always rebuilt, by default in the work directory.
+        let workDirectory = try options.workDirectory ?? Self.makeWorkDirectory()
+        let rebuildRoot = options.rebuildRoot ?? (runc != nil ? workDirectory : nil)
+        let images: Images = store == nil ? .files : rebuildRoot == nil ? .streamed : .rebuilt
         do {
             _ = try Checkpoint.verify(directory, manifest: manifest, store: store, chunks: false) { counter.add($0) }
             if let store, let info = manifest.store {
-                if let rebuildRoot = options.rebuildRoot {
+                if let rebuildRoot {
                     let rebuildWatch = Stopwatch()
                     rebuilt = try Self.makeRebuildDirectory(in: rebuildRoot, bytes: criuItems.reduce(0) { $0 + $1.size })
                     for entry in manifest.files where entry.chunks == nil {
@@ -129,9 +142,13 @@ public struct RestoreOperation {
             throw (error as? StasisError ?? StasisError(.io, "\(error)")).prefixed("restore refused")
         }
         let verifySeconds = verifyWatch.seconds - rebuildSeconds
+        if let runc, let container = manifest.container {
+            return try restoreContainer(container, runc: runc, images: rebuilt ?? directory, workDirectory: workDirectory, manifest: manifest,
+                                        directory: directory, timings: Timings(verify: verifySeconds, rebuild: rebuildSeconds, criu: 0, forking: 0,
+                                                                               restore: 0, devices: 0, total: 0), started: total)
+        }
         try waitForFreePIDs(manifest.processTree)
 
-        let workDirectory = try options.workDirectory ?? Self.makeWorkDirectory()
         try FileSystem.makePrivateDirectory(workDirectory)
         let logPath = workDirectory + "/" + CRIUService.restoreLogName
         let processOptions = CRIUService.ProcessOptions(tcpEstablished: manifest.options.tcpEstablished,
@@ -195,7 +212,33 @@ public struct RestoreOperation {
                       timings: Timings(verify: verifySeconds, rebuild: rebuildSeconds, criu: criuSeconds,
                                        forking: Double(stats?.forkingTime ?? 0) / 1e6, restore: Double(stats?.restoreTime ?? 0) / 1e6,
                                        devices: deviceWatch.seconds, total: total.seconds),
-                      deviceSteps: deviceSteps)
+                      deviceSteps: deviceSteps, container: nil)
+    }
+
+    /// runc restores the container from `images`; its processes get new PIDs (the container has its own PID
+    /// namespace), so the root PID is runc's answer.
+    private func restoreContainer(_ container: Manifest.Container, runc: Runc, images: String, workDirectory: String, manifest: Manifest,
+                                  directory: String, timings: Timings, started: Stopwatch) throws -> Report {
+        let id = options.containerID ?? container.id
+        let bundle = options.bundle ?? container.bundle
+        guard FileSystem.exists(bundle + "/config.json") else {
+            throw StasisError(.invalidArgument, "restore refused: the bundle \(bundle) of container \(id) has no config.json",
+                              hint: "give the container's OCI bundle with --bundle")
+        }
+        try FileSystem.makePrivateDirectory(workDirectory)
+        let watch = Stopwatch()
+        try runc.restore(id, bundle: bundle, images: images, work: workDirectory)
+        var timings = timings
+        timings.criu = watch.seconds
+        let state = try runc.state(id)
+        let stats = CRIUStats.read(workDirectory + "/stats-restore")?.restore
+        timings.forking = Double(stats?.forkingTime ?? 0) / 1e6
+        timings.restore = Double(stats?.restoreTime ?? 0) / 1e6
+        timings.total = started.seconds
+        _ = try? FileSystem.makePrivate(tree: workDirectory)
+        return Report(directory: directory, rootPID: state.pid, processes: manifest.processTree.processes.count,
+                      logFile: workDirectory + "/" + CRIUService.restoreLogName, images: .rebuilt, timings: timings, deviceSteps: [:],
+                      container: id)
     }
 
     /// What the image server gives CRIU for each name: a chunked image decoded from the store, a whole one

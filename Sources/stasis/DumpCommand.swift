@@ -7,14 +7,20 @@ import StasisStore
 struct DumpCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "dump",
-        abstract: "Checkpoint the process tree rooted at PID into a new directory.",
+        abstract: "Checkpoint the process tree rooted at PID, or a runc container, into a new directory.",
         discussion: """
         Without --leave-running the tree is gone afterwards, as with `criu dump`. If any step fails, the tree \
-        keeps running as it was and no checkpoint directory appears.
+        keeps running as it was and no checkpoint directory appears. With --container, runc checkpoints the \
+        container (it knows its mounts, namespaces and cgroups) and stasis puts the images in the store; \
+        `stasis restore` then has runc restore it. Containers whose processes use the GPU are refused for now \
+        (runc with the stasis CRIU plugin takes them; docs/CONTAINERS.md).
         """)
 
-    @Argument(help: "The root of the process tree to checkpoint.")
-    var pid: Int32
+    @Argument(help: "The root of the process tree to checkpoint (not with --container).")
+    var pid: Int32?
+
+    @Option(name: .long, help: "Checkpoint this runc container (its ID, as `runc list` shows it) instead of a PID.")
+    var container: String?
 
     @Option(name: [.customShort("D"), .customLong("images-dir")], help: "The checkpoint directory to create (must not exist or be empty).")
     var directory: String
@@ -43,14 +49,20 @@ struct DumpCommand: ParsableCommand {
 
     func validate() throws {
         _ = try Codec(parsing: compress)
-        guard pid > 0 else { throw ValidationError("PID must be a positive number") }
+        switch (pid, container) {
+        case (nil, nil): throw ValidationError("give a PID or --container ID")
+        case (.some, .some): throw ValidationError("give a PID or --container ID, not both")
+        case (let pid?, nil) where pid <= 0: throw ValidationError("PID must be a positive number")
+        default: break
+        }
         guard (0...4).contains(logLevel) else { throw ValidationError("--log-level must be between 0 and 4") }
         guard lockTimeout > 0, lockTimeout < 86_400 else { throw ValidationError("--lock-timeout must be between 0 and 86400 seconds") }
     }
 
     func run() throws {
         try Output.run(json: output.json) {
-            var options = DumpOperation.Options(pid: pid, directory: directory)
+            var options = DumpOperation.Options(pid: pid ?? 0, directory: directory)
+            options.container = container
             options.leaveRunning = leaveRunning
             options.process = .init(tcpEstablished: tcpEstablished, shellJob: shellJob, logLevel: logLevel)
             options.store = store.store
@@ -61,7 +73,7 @@ struct DumpCommand: ParsableCommand {
             Output.clearProgress()
             if output.json { return Output.json(report) }
             let t = report.timings
-            print("checkpointed PID \(report.rootPID) (\(report.processes) process\(report.processes == 1 ? "" : "es"), \(report.threads) threads) into \(report.directory)")
+            print("checkpointed \(report.container.map { "container \($0), root " } ?? "")PID \(report.rootPID) (\(report.processes) process\(report.processes == 1 ? "" : "es"), \(report.threads) threads) into \(report.directory)")
             print("  memory: \(Format.bytes(report.memory.residentBytes)) resident, \(Format.bytes(report.memory.dumpedBytes)) dumped; image \(Format.bytes(report.memory.imageBytes))")
             if let info = report.store {
                 print("  store:  \(info.path): \(Format.bytes(info.storedBytes)) added (\(info.codec)); chunks \(info.newChunks) new, \(info.reusedChunks) already there, \(info.zeroChunks) zero")

@@ -12,7 +12,9 @@ struct RestoreCommand: ParsableCommand {
         before CRIU starts. The memory images are then streamed to CRIU (criu restore --stream), each chunk \
         checked on the way; a bad chunk stops CRIU while it restores memory, before any restored process runs. \
         With --rebuild-dir they are rebuilt as files first, every chunk checked before CRIU starts. Restored \
-        processes keep their PIDs, so the original tree must be gone. The restored tree does not depend on stasis.
+        processes keep their PIDs, so the original tree must be gone. The restored tree does not depend on stasis. \
+        A container's checkpoint (stasis dump --container) is restored by runc from images rebuilt from the \
+        store, as the container it was, or as --container from --bundle.
         """)
 
     @Option(name: [.customShort("D"), .customLong("images-dir")], help: "The checkpoint directory.")
@@ -34,6 +36,12 @@ struct RestoreCommand: ParsableCommand {
 
     @Option(name: .long, help: "Restore GPUs onto other GPUs: OLD=NEW[,OLD=NEW...], each a UUID (GPU-...) or an index. Default: the same UUID, else the same index.")
     var gpuMap: String?
+
+    @Option(name: .long, help: "A container's checkpoint: restore it under this container ID (default: the one it had).")
+    var container: String?
+
+    @Option(name: .long, help: "A container's checkpoint: the OCI bundle to restore it from (default: the one it ran from).")
+    var bundle: String?
 
     @OptionGroup var output: OutputOptions
 
@@ -63,6 +71,8 @@ struct RestoreCommand: ParsableCommand {
             options.store = store.store
             options.rebuildRoot = rebuildDir
             options.skipCPUCheck = skipCPUCheck
+            options.containerID = container
+            options.bundle = bundle
             options.logLevel = logLevel
             options.progress = output.json ? nil : Output.progressHandler()
             let device = CUDADeviceStep(gpuMap: try parsedGPUMap())
@@ -70,7 +80,7 @@ struct RestoreCommand: ParsableCommand {
             Output.clearProgress()
             if output.json { return Output.json(report) }
             let t = report.timings
-            print("restored \(report.directory): root PID \(report.rootPID) (\(report.processes) process\(report.processes == 1 ? "" : "es"))")
+            print("restored \(report.directory)\(report.container.map { " as container \($0)" } ?? ""): root PID \(report.rootPID) (\(report.processes) process\(report.processes == 1 ? "" : "es"))")
             let images = report.images == .rebuilt ? "rebuild \(Format.seconds(t.rebuild))" : "images \(report.images.rawValue)"
             print("  time: verify \(Format.seconds(t.verify)), \(images), CRIU \(Format.seconds(t.criu)) (forking \(Format.seconds(t.forking)), restore \(Format.seconds(t.restore))), devices \(Format.seconds(t.devices))\(report.deviceSteps.isEmpty ? "" : " (" + report.deviceSteps.sorted { $0.key < $1.key }.map { "\($0.key) \(Format.seconds($0.value))" }.joined(separator: ", ") + ")"); total \(Format.seconds(t.total))")
             print("  log:  \(report.logFile)")

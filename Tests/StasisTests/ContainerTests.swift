@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import StasisCore
 import StasisOS
 import Testing
 
@@ -31,6 +32,61 @@ extension Integration {
             let after = try #require(container.count)
             // A container started afresh would count from 1 again.
             #expect(after > atCheckpoint, "the count restarted (\(after) after \(atCheckpoint)): the shell's memory was not restored")
+        }
+
+        /// `stasis dump --container`: runc checkpoints the container, stasis puts its images in the store; the
+        /// checkpoint verifies, and `stasis restore` has runc bring the container back, still counting.
+        @Test func stasisDumpsAndRestoresARuncContainer() throws {
+            let runc = try #require(Spawn.which("runc"), "runc is missing: scripts/install-test-deps.sh installs it")
+            let container = try Container.make(runc: runc, name: "stasis")
+            defer { container.remove() }
+            try container.start()
+            #expect(container.waitForCount(atLeast: 20), "the container did not start counting")
+            let root = Harness.scratch("container-ckpt")
+            let checkpoint = root + "/ckpt", store = root + "/store"
+
+            let dump = try Harness.stasis("dump", "--container", container.id, "-D", checkpoint, "--store", store)
+            #expect(dump.succeeded, "\(dump.stderr)")
+            #expect(dump.stdout.contains("checkpointed container \(container.id)"))
+            let atCheckpoint = try #require(container.count)
+            #expect(!(try Harness.run(runc, ["state", container.id])).succeeded, "runc still lists the container after the dump")
+            let manifest = try Manifest.decode(Data(contentsOf: URL(fileURLWithPath: checkpoint + "/manifest.json")), path: checkpoint)
+            #expect(manifest.formatVersion == Manifest.versionWithContainer)
+            #expect(manifest.container?.id == container.id && manifest.container?.bundle == container.bundle)
+            #expect(manifest.files.contains { $0.path.hasPrefix("pages-") && $0.chunks != nil }, "the memory images went to the store")
+            #expect(manifest.files.contains { $0.path == "descriptors.json" }, "runc's descriptors.json is kept for its restore")
+            #expect(try Harness.stasis("verify", checkpoint, "--store", store).succeeded)
+
+            let restore = try Harness.stasis("restore", "-D", checkpoint, "--store", store)
+            #expect(restore.succeeded, "\(restore.stderr)")
+            #expect(restore.stdout.contains("as container \(container.id)"))
+            #expect(container.waitForCount(atLeast: atCheckpoint + 5), "the restored container does not count on")
+            #expect((container.count ?? 0) > atCheckpoint, "the count restarted: the shell's memory was not restored")
+        }
+
+        /// A container dump that fails after runc removed the container (a fault injected where a process
+        /// dump's post-dump step would be) puts the container back from its images: it runs on, no checkpoint.
+        @Test func aFailingContainerDumpPutsTheContainerBack() throws {
+            let runc = try #require(Spawn.which("runc"), "runc is missing: scripts/install-test-deps.sh installs it")
+            let container = try Container.make(runc: runc, name: "fault")
+            defer { container.remove() }
+            try container.start()
+            #expect(container.waitForCount(atLeast: 20))
+            let root = Harness.scratch("container-fault")
+            let dump = try Harness.stasis(["dump", "--container", container.id, "-D", root + "/ckpt", "--store", root + "/store"],
+                                          environment: ["STASIS_FAULT": "post-dump"])
+            #expect(!dump.succeeded)
+            #expect(dump.stderr.contains("was restored from its images and runs on"), "\(dump.stderr)")
+            #expect(!FileManager.default.fileExists(atPath: root + "/ckpt"))
+            let before = try #require(container.count)
+            #expect(container.waitForCount(atLeast: before + 5), "the container does not run on after the failed dump")
+        }
+
+        @Test func aContainerRuncDoesNotKnowIsAClearError() throws {
+            let missing = try Harness.stasis("dump", "--container", "no-such-container-\(getpid())", "-D", Harness.scratch("no-container") + "/ckpt")
+            #expect(missing.status != 0 && missing.stderr.contains("runc knows no container"), "\(missing.stderr)")
+            let both = try Harness.stasis("dump", "1", "--container", "x", "-D", Harness.scratch("no-container") + "/ckpt")
+            #expect(both.status != 0 && both.stderr.contains("not both"), "\(both.stderr)")
         }
     }
 }

@@ -1,0 +1,97 @@
+import Foundation
+import Glibc
+import StasisCore
+import StasisOS
+
+/// runc, the OCI runtime that podman, CRI-O and containerd end in: stasis asks it for a container's state and
+/// has it checkpoint and restore the container, since runc knows how the container was made (its mounts,
+/// namespaces, cgroups and console) and drives CRIU accordingly. stasis does the rest: the GPU around it, and
+/// the images into and out of the chunk store.
+///
+/// runc runs with STASIS_CRIU_PLUGIN=off, so that a stasis CRIU plugin in CRIU's plugin directory stands aside
+/// while stasis drives the GPU itself. Its own messages go to a log (`--log`); the restored container's stdio
+/// is /dev/null, since CRIU cannot carry a descriptor of a file outside the container.
+public struct Runc: Sendable {
+    public let path: String
+
+    public struct State: Sendable {
+        public var id: String
+        public var pid: Int32
+        public var status: String
+        public var bundle: String
+    }
+
+    public static func locate() throws -> Runc {
+        guard let path = Spawn.which("runc") else {
+            throw StasisError(.runtime, "runc is not on the PATH", hint: "install runc (Debian: apt-get install --no-install-recommends runc)")
+        }
+        return Runc(path: path)
+    }
+
+    /// The container's state as runc knows it.
+    public func state(_ id: String) throws -> State {
+        let (status, output, log) = try run(["state", id], logIn: nil)
+        guard status == 0 else {
+            throw StasisError(.processNotFound, "runc knows no container \(id): \(log)", hint: "`runc list` shows the containers")
+        }
+        guard let object = try? JSONSerialization.jsonObject(with: output) as? [String: Any],
+              let pid = object["pid"] as? Int, let state = object["status"] as? String, let bundle = object["bundle"] as? String else {
+            throw StasisError(.io, "runc state \(id) gave an answer stasis cannot read")
+        }
+        return State(id: id, pid: Int32(pid), status: state, bundle: bundle)
+    }
+
+    /// Checkpoints the container into `images` (CRIU's images and runc's descriptors.json; CRIU's log in
+    /// `work`). Without `leaveRunning`, runc removes the container once its images are complete.
+    public func checkpoint(_ id: String, images: String, work: String, leaveRunning: Bool) throws {
+        var arguments = ["checkpoint", "--image-path", images, "--work-path", work]
+        if leaveRunning { arguments.append("--leave-running") }
+        let (status, _, log) = try run(arguments + [id], logIn: work)
+        guard status == 0 else { throw StasisError(.runtime, "runc could not checkpoint container \(id): \(log)", logPath: work + "/dump.log") }
+    }
+
+    /// Restores container `id` from `images` with the bundle `bundle`, detached.
+    public func restore(_ id: String, bundle: String, images: String, work: String) throws {
+        let (status, _, log) = try run(["restore", "--detach", "--image-path", images, "--work-path", work, "--bundle", bundle, id], logIn: work)
+        guard status == 0 else { throw StasisError(.runtime, "runc could not restore container \(id): \(log)", logPath: work + "/restore.log") }
+    }
+
+    /// Runs runc with /dev/null as stdin and stderr (and stdout unless it is read); returns its status, what it
+    /// printed, and its log's last lines.
+    private func run(_ arguments: [String], logIn directory: String?) throws -> (Int32, Data, String) {
+        // runc cannot start without its log: the work directory exists before it does.
+        if let directory { try FileSystem.makePrivateDirectory(directory) }
+        let logPath = (directory ?? NSTemporaryDirectory()) + "/runc-\(arguments[0])-\(getpid()).log"
+        defer { if directory == nil { unlink(logPath) } }
+        // Each descriptor maps to one number in the child: a /dev/null for each of stdin, stderr and (unless
+        // runc's answer is read) stdout.
+        let nulls = (0..<3).map { _ in open("/dev/null", O_RDWR | O_CLOEXEC) }
+        defer { nulls.filter { $0 >= 0 }.forEach { close($0) } }
+        guard !nulls.contains(where: { $0 < 0 }) else { throw systemError("cannot open", "/dev/null") }
+        var ends: [Int32] = [0, 0]
+        guard pipe(&ends) == 0 else { throw systemError("cannot create a pipe for", path) }
+        for fd in ends { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        var environment = ProcessInfo.processInfo.environment
+        environment["STASIS_CRIU_PLUGIN"] = "off"
+        // Only `state` prints what stasis reads; the others' stdout would be a detached container's.
+        let stdout = arguments[0] == "state" ? ends[1] : nulls[1]
+        let pid: pid_t
+        do {
+            pid = try Spawn.start(path, ["--log", logPath] + arguments, descriptors: [nulls[0]: 0, stdout: 1, nulls[2]: 2], environment: environment)
+        } catch {
+            close(ends[0]); close(ends[1])
+            throw error
+        }
+        close(ends[1])
+        let output = FileHandle(fileDescriptor: ends[0], closeOnDealloc: true).readDataToEndOfFile()
+        let status = Spawn.wait(pid)
+        let log = ((try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "").split(separator: "\n").suffix(3)
+            .map { line -> String in
+                // runc logs JSON lines: keep their message.
+                if let data = line.data(using: .utf8), let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any],
+                   let message = object["msg"] as? String { return message }
+                return String(line)
+            }.joined(separator: "; ")
+        return (status, output, log)
+    }
+}

@@ -21,6 +21,9 @@ struct InspectCommand: ParsableCommand {
             print("checkpoint \(manifest.id) (format \(manifest.formatVersion))")
             print("  taken:    \(formatter.string(from: manifest.createdAt)) on \(manifest.host.hostname) (kernel \(manifest.host.kernel), \(manifest.host.machine), \(manifest.host.cpuModel))")
             print("  tools:    stasis \(manifest.tool.version), CRIU \(manifest.criu.version)")
+            if let container = manifest.container {
+                print("  container: \(container.id) (\(container.runtime)), bundle \(container.bundle); its config.json kept as \(container.spec)")
+            }
             let options = manifest.options
             print("  options:  leave-running \(options.leaveRunning), tcp-established \(options.tcpEstablished), shell-job \(options.shellJob)")
             print("  memory:   \(Format.bytes(manifest.memory.residentBytes)) resident, \(Format.bytes(manifest.memory.dumpedBytes)) dumped")

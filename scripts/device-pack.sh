@@ -17,6 +17,8 @@ cp .build-static/release/stasis-workload .device/
 ./scripts/build-agent.sh .device >/dev/null
 cp "$(command -v criu)" .device/criu
 cp ../shared/device/criu-debs/*.deb .device/criu-debs/
+# runc for the container section (Debian's, with the libseccomp it links), unpacked there with dpkg -x.
+mkdir -p .device/runc-debs && (cd .device/runc-debs && apt-get download runc libseccomp2 >/dev/null 2>&1)
 # The codecs' shared libraries, in case the GPU machine lacks them (device-test.sh puts .device/lib on the path).
 mkdir -p .device/lib && cp -L /usr/lib/x86_64-linux-gnu/libzstd.so.1 /usr/lib/x86_64-linux-gnu/liblz4.so.1 .device/lib/
 du -sh .device

@@ -5,7 +5,8 @@
 #
 #   scripts/device-test.sh [SECTION...]     sections: cuda refuse gpumap plugin infer bert agent (default:
 #                                           all), and, only when named: agentbig (BERT-large and 64 GiB under
-#                                           the agent), agentbench and agentcost (the agent's benchmark,
+#                                           the agent), container (GPU containers under runc),
+#                                           agentbench and agentcost (the agent's benchmark,
 #                                           bench/agent-dump-restore.sh speed / $AGENTCOST_PARTS),
 #                                           and, only when named: bench (the GPU benchmark), storebench
 #                                           (the chunk store's throughput on a BERT checkpoint), export and
@@ -506,6 +507,50 @@ section_agentbig() {
     fi
     rm -rf $STASIS_STORE
     unset STASIS_STORE
+}
+
+# GPU containers under runc (Debian's, carried): a CUDA workload in a container that sees the host's programs
+# and libraries and the NVIDIA device nodes (scripts/device/container-bundle.sh).
+#  - runc checkpoint and restore with the stasis plugin loaded through the container's CRIU configuration;
+#  - the same with the workload started by `stasis run` (the plugin then takes the driver path for it);
+#  - `stasis dump --container` refuses a GPU container before touching it.
+section_container() {
+    mkdir -p /opt/runc && for f in .device/runc-debs/*.deb; do dpkg -x "$f" /opt/runc; done
+    local runc="env LD_LIBRARY_PATH=/opt/runc/usr/lib/x86_64-linux-gnu:/opt/runc/lib/x86_64-linux-gnu PATH=/opt/stasis/bin:$PATH /opt/runc/usr/sbin/runc"
+    $runc --version | head -n 1
+    local label launcher
+    for label in plain agent; do
+        launcher=""; [[ $label == agent ]] && launcher="/opt/stasis/bin/stasis run --"
+        local dir; dir=$(mktemp -d /tmp/stasis-container-$label.XXXXXX)
+        local id=stasis-gpu-$label
+        scripts/device/container-bundle.sh "$dir/bundle" "$dir/data" /opt/stasis/criu-plugins -- \
+            $launcher /opt/stasis/bin/cuda-workload buffers --dir "$dir/data" --mem 1024 >"$dir/bundle.txt" 2>&1
+        if ! $runc --log "$dir/runc.log" run -d --bundle "$dir/bundle" $id </dev/null >/dev/null 2>&1; then
+            fail "runc container ($label)" "did not start: $(tail -n 3 "$dir/runc.log") $(cat "$dir/bundle.txt")"; continue
+        fi
+        for _ in $(seq 600); do [[ -e $dir/data/ready ]] && break; sleep 0.1; done
+        local pid; pid=$($runc state $id | python3 -c 'import json,sys; print(json.load(sys.stdin)["pid"])')
+        local before; before=$(verify "$pid" "$dir/data")
+        if [[ $label == plain ]]; then
+            if ! $STASIS dump --container $id -D "$dir/refused" >"$dir/refused.txt" 2>&1 && grep -q "does not take GPU containers yet" "$dir/refused.txt" \
+                && [[ $(verify "$pid" "$dir/data") == PASS* ]]; then
+                pass "stasis dump --container refuses a GPU container up front; it runs on"
+            else
+                fail "stasis dump --container refusal" "$(tail -n 3 "$dir/refused.txt")"
+            fi
+        fi
+        if [[ $before == PASS* ]] && $runc --log "$dir/runc.log" checkpoint --image-path "$dir/img" --work-path "$dir/work" $id >"$dir/ckpt.txt" 2>&1 \
+            && $runc --log "$dir/runc.log" restore -d --image-path "$dir/img" --work-path "$dir/work2" --bundle "$dir/bundle" $id </dev/null >/dev/null 2>&1; then
+            pid=$($runc state $id | python3 -c 'import json,sys; print(json.load(sys.stdin)["pid"])')
+            local verdict; verdict=$(verify "$pid" "$dir/data")
+            [[ $verdict == PASS* ]] && pass "runc checkpoint + restore of a GPU container with the stasis plugin ($label): $verdict; $(grep -c 'stasis_cuda' "$dir/work/dump.log") plugin lines in CRIU's log" \
+                || fail "runc GPU container ($label)" "after restore: $verdict"
+        else
+            fail "runc GPU container ($label)" "before: $before; $(tail -n 3 "$dir/runc.log"); $(grep -h Error "$dir"/work*/*.log 2>/dev/null | tail -n 4)"
+        fi
+        cp "$dir"/work*/*.log "$LOGS/" 2>/dev/null
+        $runc kill $id KILL >/dev/null 2>&1; sleep 0.5; $runc delete -f $id >/dev/null 2>&1
+    done
 }
 
 # Not a test: the baseline-against-stasis benchmark (bench/gpu-dump-restore.sh), when asked for by name.

@@ -13,11 +13,9 @@ extension Integration {
         /// CRIU's plugin directory (given per container by a CRIU configuration file, the `org.criu.config`
         /// annotation), then restores it: the count goes on from where it was, so the shell's memory came back.
         @Test func runcCheckpointAndRestoreWithTheStasisPlugin() throws {
-            let runc = try #require(Spawn.which("runc"), "runc is missing: scripts/install-test-deps.sh installs it")
-            let container = try Container.make(runc: runc, name: "count")
+            let container = try Container.running(name: "count")
             defer { container.remove() }
-            try container.start()
-            #expect(container.waitForCount(atLeast: 20), "the container did not start counting")
+            let runc = container.runc
 
             let dump = try Harness.run(runc, ["checkpoint", "--image-path", container.images, "--work-path", container.work + "/dump", container.id])
             #expect(dump.succeeded, "runc checkpoint: \(dump.stderr)\n\(container.log("dump"))")
@@ -37,11 +35,9 @@ extension Integration {
         /// `stasis dump --container`: runc checkpoints the container, stasis puts its images in the store; the
         /// checkpoint verifies, and `stasis restore` has runc bring the container back, still counting.
         @Test func stasisDumpsAndRestoresARuncContainer() throws {
-            let runc = try #require(Spawn.which("runc"), "runc is missing: scripts/install-test-deps.sh installs it")
-            let container = try Container.make(runc: runc, name: "stasis")
+            let container = try Container.running(name: "stasis")
             defer { container.remove() }
-            try container.start()
-            #expect(container.waitForCount(atLeast: 20), "the container did not start counting")
+            let runc = container.runc
             let root = Harness.scratch("container-ckpt")
             let checkpoint = root + "/ckpt", store = root + "/store"
 
@@ -67,11 +63,8 @@ extension Integration {
         /// A container dump that fails after runc removed the container (a fault injected where a process
         /// dump's post-dump step would be) puts the container back from its images: it runs on, no checkpoint.
         @Test func aFailingContainerDumpPutsTheContainerBack() throws {
-            let runc = try #require(Spawn.which("runc"), "runc is missing: scripts/install-test-deps.sh installs it")
-            let container = try Container.make(runc: runc, name: "fault")
+            let container = try Container.running(name: "fault")
             defer { container.remove() }
-            try container.start()
-            #expect(container.waitForCount(atLeast: 20))
             let root = Harness.scratch("container-fault")
             let dump = try Harness.stasis(["dump", "--container", container.id, "-D", root + "/ckpt", "--store", root + "/store"],
                                           environment: ["STASIS_FAULT": "post-dump"])
@@ -99,6 +92,20 @@ struct Container {
     let bundle: String
     let images: String
     let work: String
+
+    /// A container made and started, counting already.
+    static func running(name: String) throws -> Container {
+        let runc = try #require(Spawn.which("runc"), "runc is missing: scripts/install-test-deps.sh installs it")
+        let container = try make(runc: runc, name: name)
+        do {
+            try container.start()
+            guard container.waitForCount(atLeast: 20) else { throw Workload.WorkloadError(text: "container \(name) did not start counting") }
+        } catch {
+            container.remove()
+            throw error
+        }
+        return container
+    }
 
     static func make(runc: String, name: String) throws -> Container {
         let root = Harness.scratch("runc-\(name)")

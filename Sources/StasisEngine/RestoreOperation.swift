@@ -221,6 +221,10 @@ public struct RestoreOperation {
                                   directory: String, timings: Timings, started: Stopwatch) throws -> Report {
         let id = options.containerID ?? container.id
         let bundle = options.bundle ?? container.bundle
+        guard !bundle.isEmpty else {
+            throw StasisError(.invalidArgument, "restore refused: the checkpoint does not say where container \(id)'s bundle is (it came from a checkpoint archive)",
+                              hint: "give the container's OCI bundle with --bundle")
+        }
         guard FileSystem.exists(bundle + "/config.json") else {
             throw StasisError(.invalidArgument, "restore refused: the bundle \(bundle) of container \(id) has no config.json",
                               hint: "give the container's OCI bundle with --bundle")

@@ -9,7 +9,10 @@ struct ExportCommand: ParsableCommand {
         abstract: "Write a checkpoint, its chunks included, into one file for moving it to another machine.",
         discussion: """
         Every file and chunk is checked on the way, so a damaged checkpoint is refused here. The bundle appears \
-        complete or not at all (mode 0600: it holds process memory). `stasis import` reads it.
+        complete or not at all (mode 0600: it holds process memory). `stasis import` reads it. With --archive, \
+        a container's checkpoint (stasis dump --container) is written as a container checkpoint archive instead: \
+        the tar layout podman and CRI-O write and checkpointctl reads (checkpoint/, config.dump, spec.dump, \
+        stats-dump); see docs/CONTAINERS.md.
         """)
 
     @Argument(help: "The checkpoint directory.")
@@ -18,12 +21,21 @@ struct ExportCommand: ParsableCommand {
     @Option(name: [.customShort("o"), .customLong("output")], help: "The bundle file to create (must not exist).")
     var file: String
 
+    @Flag(name: .long, help: "Write a container checkpoint archive (podman/CRI-O layout) instead of a stasis bundle.")
+    var archive = false
+
     @OptionGroup var store: StoreOptions
 
     @OptionGroup var output: OutputOptions
 
     func run() throws {
         try Output.run(json: output.json) {
+            if archive {
+                let report = try ArchiveOperation.export(directory, to: file, store: store.store)
+                if output.json { return Output.json(report) }
+                print("exported \(report.checkpoint) to \(report.archive) (container checkpoint archive): \(report.files) files, \(Format.bytes(report.bytes)) in \(Format.seconds(report.seconds))")
+                return
+            }
             let report = try BundleOperation.export(directory, to: file, store: store.store)
             if output.json { return Output.json(report) }
             print("exported \(report.checkpoint) to \(report.bundle)")

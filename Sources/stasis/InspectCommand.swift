@@ -1,12 +1,15 @@
 import ArgumentParser
 import Foundation
 import StasisCore
+import StasisEngine
 import StasisImage
+import StasisOS
 
 struct InspectCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "inspect",
-        abstract: "Describe a checkpoint: when and where it was taken, its process tree, memory, size and GPU section.")
+        abstract: "Describe a checkpoint: when and where it was taken, its process tree, memory, size and GPU section.",
+        discussion: "Also describes a container checkpoint archive (podman, CRI-O, stasis export --archive) without unpacking it.")
 
     @Argument(help: "The checkpoint directory.")
     var directory: String
@@ -15,6 +18,15 @@ struct InspectCommand: ParsableCommand {
 
     func run() throws {
         try Output.run(json: output.json) {
+            if !FileSystem.isDirectory(directory), ArchiveOperation.isArchive(directory) {
+                let summary = try ArchiveOperation.summarize(directory)
+                if output.json { return Output.json(summary) }
+                print("container checkpoint archive \(summary.archive), written by \(summary.engine)")
+                print("  container: \(summary.container) (\(summary.name)), runtime \(summary.runtime ?? "?")\(summary.created.map { ", created \(ISO8601DateFormatter().string(from: $0))" } ?? "")")
+                print("  checkpoint: \(Format.bytes(summary.checkpointBytes)) of CRIU images, \(Format.bytes(summary.pagesBytes)) of them memory pages\(summary.rootfsDiffBytes.map { "; root filesystem changes \(Format.bytes($0))" } ?? "")")
+                print("  files: \(summary.files.count)")
+                return
+            }
             let manifest = try Checkpoint.readManifest(directory)
             if output.json { return Output.json(manifest) }
             let formatter = ISO8601DateFormatter()

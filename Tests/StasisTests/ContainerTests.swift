@@ -75,6 +75,44 @@ extension Integration {
             #expect(container.waitForCount(atLeast: before + 5), "the container does not run on after the failed dump")
         }
 
+        /// A container's checkpoint written as a container checkpoint archive (podman/CRI-O layout), described
+        /// by `stasis inspect`, imported into another store, and restored from it under a new ID; a truncated
+        /// archive is refused whole.
+        @Test func aContainerCheckpointRoundTripsThroughACheckpointArchive() throws {
+            let container = try Container.running(name: "archive")
+            defer { container.remove() }
+            let copy = Container(runc: container.runc, id: container.id + "-copy", bundle: container.bundle, images: container.images, work: container.work)
+            defer { copy.remove() }
+            let root = Harness.scratch("container-archive")
+            #expect(try Harness.stasis("dump", "--container", container.id, "-D", root + "/ckpt", "--store", root + "/store").succeeded)
+            let atCheckpoint = try #require(container.count)
+            let export = try Harness.stasis("export", root + "/ckpt", "-o", root + "/ckpt.tar", "--archive")
+            #expect(export.succeeded, "\(export.stderr)")
+            let listing = try Harness.run("/bin/tar", ["-tf", root + "/ckpt.tar"]).stdout.split(separator: "\n").map(String.init)
+            for name in ["config.dump", "spec.dump", "checkpoint/inventory.img", "checkpoint/descriptors.json"] {
+                #expect(listing.contains(name), "the archive lacks \(name): \(listing)")
+            }
+            let inspect = try Harness.stasis("inspect", root + "/ckpt.tar")
+            #expect(inspect.succeeded && inspect.stdout.contains("container: \(container.id)"), "\(inspect.stdout)\(inspect.stderr)")
+
+            let imported = try Harness.stasis("import", root + "/ckpt.tar", "-D", root + "/imported", "--store", root + "/other-store")
+            #expect(imported.succeeded && imported.stdout.contains("imported container \(container.id)"), "\(imported.stderr)")
+            #expect(try Harness.stasis("verify", root + "/imported", "--store", root + "/other-store").succeeded)
+            let noBundle = try Harness.stasis("restore", "-D", root + "/imported", "--store", root + "/other-store")
+            #expect(!noBundle.succeeded && noBundle.stderr.contains("--bundle"))
+            let restore = try Harness.stasis("restore", "-D", root + "/imported", "--store", root + "/other-store",
+                                             "--bundle", container.bundle, "--container", copy.id)
+            #expect(restore.succeeded, "\(restore.stderr)")
+            #expect(copy.waitForCount(atLeast: atCheckpoint + 5), "the container restored from the archive does not count on")
+
+            // Cut short: refused, and no checkpoint directory appears.
+            let size = try #require(FileSystem.size(root + "/ckpt.tar"))
+            #expect(truncate(root + "/ckpt.tar", off_t(size / 2)) == 0)
+            let truncated = try Harness.stasis("import", root + "/ckpt.tar", "-D", root + "/half", "--store", root + "/other-store")
+            #expect(!truncated.succeeded && truncated.stderr.contains("truncated"), "\(truncated.stderr)")
+            #expect(!FileManager.default.fileExists(atPath: root + "/half"))
+        }
+
         @Test func aContainerRuncDoesNotKnowIsAClearError() throws {
             let missing = try Harness.stasis("dump", "--container", "no-such-container-\(getpid())", "-D", Harness.scratch("no-container") + "/ckpt")
             #expect(missing.status != 0 && missing.stderr.contains("runc knows no container"), "\(missing.stderr)")

@@ -1,0 +1,313 @@
+import Foundation
+import Glibc
+import StasisContainer
+import StasisCore
+import StasisImage
+import StasisOS
+import StasisStore
+
+/// Container checkpoint archives, the layout podman and CRI-O write and checkpointctl reads: a tar holding
+///
+///     checkpoint/     CRIU's images and runc's descriptors.json (what `runc restore --image-path` reads)
+///     config.dump     the engine's JSON about the container: {id, name, runtime, createdTime, rootfsImageName}
+///     spec.dump       the container's OCI runtime spec (its config.json)
+///     stats-dump      CRIU's dump statistics, when there are any
+///     rootfs-diff.tar, deleted.files, network.status, ...   the engine's own, optional
+///
+/// `stasis export --archive` writes one from a container's checkpoint (stasis dump --container); `stasis
+/// import` turns one, stasis's or an engine's, into a checkpoint whose images are in the store, which
+/// `stasis restore --bundle` restores through runc; `stasis inspect` describes one.
+public enum ArchiveOperation {
+    static let checkpointDirectory = "checkpoint/"
+    static let configDump = "config.dump"
+    static let specDump = "spec.dump"
+    static let statsDump = "stats-dump"
+
+    /// The part of config.dump stasis writes and reads (engines write more; only these keys matter here).
+    struct ConfigDump: Codable {
+        var id: String
+        var name: String
+        var runtime: String?
+        var createdTime: Date?
+        var rootfsImageName: String?
+    }
+
+    /// True when `path` is a tar archive (ustar magic), as checkpoint archives are.
+    public static func isArchive(_ path: String) -> Bool {
+        guard let handle = FileHandle(forReadingAtPath: path) else { return false }
+        defer { try? handle.close() }
+        guard let head = try? handle.read(upToCount: 262), head.count == 262 else { return false }
+        return Array(head[257..<262]) == Array("ustar".utf8)
+    }
+
+    public struct ExportReport: Codable, Sendable {
+        public var checkpoint: String
+        public var archive: String
+        public var files: Int
+        public var bytes: UInt64
+        public var seconds: Double
+    }
+
+    /// Writes the container checkpoint in `directory` as a checkpoint archive `file` (0600, complete or absent).
+    public static func export(_ directory: String, to file: String, store explicit: String?) throws -> ExportReport {
+        let watch = Stopwatch()
+        let directory = URL(fileURLWithPath: directory).standardizedFileURL.path
+        let manifest = try Checkpoint.readManifest(directory)
+        guard let container = manifest.container else {
+            throw StasisError(.invalidArgument, "\(directory) is a checkpoint of a process tree, not of a container: a checkpoint archive holds a container",
+                              hint: "write it as a stasis bundle (stasis export without --archive)")
+        }
+        guard !FileSystem.exists(file) else { throw StasisError(.invalidArgument, "\(file) already exists") }
+        let store = try Checkpoint.store(for: manifest, explicit: explicit)
+        let lock = try store?.lock(exclusive: false)
+        defer { lock?.release() }
+        _ = try Checkpoint.verify(directory, manifest: manifest, store: store, chunks: false)
+        let partial = file + ".partial-\(getpid())"
+        let fd = retryingEINTR { open(partial, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600) }
+        guard fd >= 0 else { throw systemError("cannot create", partial) }
+        var done = false
+        defer {
+            close(fd)
+            if !done { unlink(partial) }
+        }
+        var tar = Tar.Writer(fd: fd, path: file)
+        do {
+            try tar.directory(checkpointDirectory)
+            var count = 0
+            for entry in manifest.files where entry.path != container.spec {
+                let name = entry.path == statsDump ? statsDump : checkpointDirectory + entry.path
+                if let item = ChunkedFiles.Item(entry) {
+                    guard let store, let info = manifest.store else { throw StasisError(.integrity, "\(directory): chunked files but no store") }
+                    try tar.file(name, size: item.size) { out in
+                        try streamThroughPipe(to: out) { pipe in
+                            try ChunkedFiles.stream(item, from: store, checkpoint: directory, chunkSize: info.chunkSize, to: pipe)
+                        }
+                    }
+                } else {
+                    try tar.file(name, contents: try FileSystem.readFile(directory + "/" + entry.path))
+                }
+                count += 1
+            }
+            try tar.file(specDump, contents: try FileSystem.readFile(directory + "/" + container.spec))
+            let config = ConfigDump(id: container.id, name: container.id, runtime: container.runtime, createdTime: manifest.createdAt,
+                                    rootfsImageName: nil)
+            try tar.file(configDump, contents: try Manifest.encoder().encode(config))
+            try tar.finish()
+            guard fsync(fd) == 0 else { throw systemError("cannot sync", partial) }
+            try FileSystem.publish(partial, as: file)
+            done = true
+            return ExportReport(checkpoint: directory, archive: file, files: count + 2, bytes: tar.bytes, seconds: watch.seconds)
+        } catch {
+            throw (error as? StasisError ?? StasisError(.io, "\(error)")).prefixed("export of \(directory) as a checkpoint archive failed")
+        }
+    }
+
+    /// Runs `produce` on the write end of a pipe on a thread of its own and copies what it writes to `out`;
+    /// returns the bytes copied. (The store's streaming writes zero chunks with vmsplice, which wants a pipe.)
+    static func streamThroughPipe(to out: Int32, _ produce: @escaping @Sendable (Int32) throws -> Void) throws -> UInt64 {
+        var ends: [Int32] = [0, 0]
+        guard pipe(&ends) == 0 else { throw systemError("cannot create a pipe", "") }
+        let previous = signal(SIGPIPE, SIG_IGN)
+        defer { signal(SIGPIPE, previous) }
+        let finished = DispatchSemaphore(value: 0)
+        let failure = ErrorBox()
+        let writeEnd = ends[1]
+        let thread = Thread {
+            do { try produce(writeEnd) } catch { failure.error = error }
+            close(writeEnd)
+            finished.signal()
+        }
+        thread.start()
+        var copied: UInt64 = 0
+        var buffer = [UInt8](repeating: 0, count: 1 << 20)
+        var problem: Error?
+        while true {
+            let n = buffer.withUnsafeMutableBytes { Glibc.read(ends[0], $0.baseAddress!, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            if n < 0 { problem = systemError("cannot read a pipe", ""); break }
+            if n == 0 { break }
+            if let code = buffer.withUnsafeBytes({ FileSystem.writeAll(out, UnsafeRawBufferPointer(rebasing: $0[0..<n])) }) {
+                problem = systemError("cannot write", "the archive", errno: code)
+                break
+            }
+            copied += UInt64(n)
+        }
+        close(ends[0])
+        finished.wait()
+        if let error = failure.error { throw error }
+        if let problem { throw problem }
+        return copied
+    }
+
+    public struct ImportReport: Codable, Sendable {
+        public var archive: String
+        public var directory: String
+        public var container: String
+        /// The engine that wrote it, as its spec says ("libpod", "cri-o", or "stasis").
+        public var engine: String
+        public var files: Int
+        public var statistics: ChunkIngester.Statistics
+        public var seconds: Double
+    }
+
+    /// Turns the checkpoint archive `file` into a checkpoint in `destination` whose large images go into the
+    /// store (`explicit`, else STASIS_STORE, else the default). The archive's bundle is not known: restore it
+    /// with `stasis restore --bundle`. The engine's own files (rootfs-diff.tar and the like) are kept as they
+    /// are, under archive/.
+    public static func importArchive(_ file: String, into destination: String, store explicit: String?) throws -> ImportReport {
+        let watch = Stopwatch()
+        let fd = retryingEINTR { open(file, O_RDONLY | O_CLOEXEC) }
+        guard fd >= 0 else { throw systemError("cannot open", file) }
+        defer { close(fd) }
+        let staging = try StagingDirectory(destination: destination)
+        var catalog: StoreCatalog?
+        var manifestID: String?
+        do {
+            let store = try ChunkStore(path: ChunkStore.resolve(explicit, recorded: nil), create: true)
+            let lock = try store.lock(exclusive: false)
+            defer { lock.release() }
+            let reader = Tar.Reader(fd: fd, path: file)
+            var config: ConfigDump?
+            var spec: Data?
+            var files = 0
+            var sawCheckpoint = false
+            while let entry = try reader.next() {
+                guard entry.isFile else { continue }
+                let name = entry.name
+                guard !name.contains(".."), !name.hasPrefix("/") else {
+                    throw StasisError(.integrity, "\(file) names \(name), outside the archive")
+                }
+                if name == configDump {
+                    config = try Manifest.decoder().decode(ConfigDump.self, from: try reader.readAll())
+                } else if name == specDump {
+                    spec = try reader.readAll()
+                } else {
+                    let target: String
+                    if name.hasPrefix(checkpointDirectory) {
+                        target = String(name.dropFirst(checkpointDirectory.count))
+                        sawCheckpoint = true
+                    } else if name == statsDump {
+                        target = statsDump
+                    } else {
+                        target = "archive/" + name
+                    }
+                    guard !target.isEmpty, !target.contains("/") || target.hasPrefix("archive/") else {
+                        throw StasisError(.integrity, "\(file) holds \(name): checkpoint/ in an archive is flat")
+                    }
+                    try extract(reader, to: staging.path + "/" + target)
+                    files += 1
+                }
+            }
+            guard let config, let spec, sawCheckpoint else {
+                throw StasisError(.notACheckpoint, "\(file) is not a container checkpoint archive (it lacks \(config == nil ? configDump : spec == nil ? specDump : "checkpoint/"))")
+            }
+            try FileSystem.writeAtomically(spec, to: staging.path + "/" + DumpOperation.containerSpecName)
+            let engine = (try? JSONSerialization.jsonObject(with: spec) as? [String: Any])
+                .flatMap { ($0["annotations"] as? [String: String])?["io.container.manager"] } ?? "stasis"
+            // Large images into the store, the rest kept whole, as a dump does.
+            let names = try FileSystem.regularFiles(under: staging.path)
+            let large = names.filter { DumpOperation.isMemoryImage($0) || (FileSystem.size(staging.path + "/" + $0) ?? 0) >= UInt64(ChunkStore.chunkSize) }
+            let ingester = ChunkIngester(directory: staging.path, store: store, codec: .standard, releaseIngested: true, follows: { _ in false })
+            let (chunked, statistics) = try ingester.finish(alsoIngest: large)
+            for name in chunked.keys { unlink(staging.path + "/" + name) }
+            let whole = names.filter { chunked[$0] == nil }
+            let hashed = try ParallelHasher.hash(whole, under: staging.path)
+            for name in whole { try FileSystem.fsync(path: staging.path + "/" + name) }
+            let entries = (hashed.map { Manifest.FileEntry(path: $0.path, size: $0.size, sha256: $0.sha256, segments: $0.segments) }
+                + chunked.map { Manifest.FileEntry(path: $0.key, size: $0.value.size, sha256: ChunkDigest.ofFile(chunks: $0.value.chunks), chunks: $0.value.chunks) })
+                .sorted { $0.path < $1.path }
+            var manifest = Manifest(
+                id: UUID().uuidString.lowercased(), createdAt: config.createdTime ?? Date(),
+                tool: .init(name: "stasis", version: StasisVersion.current), host: HostFacts.current(),
+                criu: .init(version: "unknown (imported from a checkpoint archive)", logFile: "dump.log"),
+                options: .init(leaveRunning: false, tcpEstablished: false, shellJob: false),
+                processTree: .init(rootPID: 0, processes: []),
+                memory: .init(residentBytes: 0, dumpedBytes: chunked.filter { DumpOperation.isMemoryImage($0.key) }.reduce(0) { $0 + $1.value.size },
+                              imageBytes: entries.reduce(0) { $0 + $1.size }),
+                timings: .init(), gpu: .init(), files: entries)
+            manifest.formatVersion = Manifest.versionWithContainer
+            manifest.container = .init(runtime: config.runtime ?? "runc", id: config.id, bundle: "", spec: DumpOperation.containerSpecName)
+            manifest.store = .init(path: store.path, chunkSize: ChunkStore.chunkSize, codec: Codec.standard.description,
+                                   plainBytes: statistics.plainBytes, storedBytes: statistics.storedBytes, newChunks: statistics.newChunks,
+                                   reusedChunks: statistics.reusedChunks, zeroChunks: statistics.zeroChunks)
+            manifestID = manifest.id
+            catalog = StoreCatalog(store: store)
+            try catalog!.register(manifest, directory: staging.destination)
+            try FileSystem.writeAtomically(try Manifest.encoder().encode(manifest), to: staging.path + "/" + Manifest.fileName)
+            try FileSystem.fsync(path: staging.path)
+            try staging.publish()
+            return ImportReport(archive: file, directory: staging.destination, container: config.id, engine: engine, files: files,
+                                statistics: statistics, seconds: watch.seconds)
+        } catch {
+            if !staging.published, let manifestID { catalog?.unregister(id: manifestID) }
+            staging.discard()
+            throw (error as? StasisError ?? StasisError(.io, "\(error)")).prefixed("import of \(file) failed")
+        }
+    }
+
+    private static func extract(_ reader: Tar.Reader, to path: String) throws {
+        let directory = (path as NSString).deletingLastPathComponent
+        try FileSystem.makePrivateDirectory(directory)
+        let out = retryingEINTR { open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600) }
+        guard out >= 0 else { throw systemError("cannot create", path) }
+        defer { close(out) }
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+        defer { buffer.deallocate() }
+        while true {
+            let n = try reader.read(into: buffer)
+            if n == 0 { break }
+            if let code = FileSystem.writeAll(out, UnsafeRawBufferPointer(rebasing: buffer[0..<n])) { throw systemError("cannot write", path, errno: code) }
+        }
+    }
+
+    /// What `stasis inspect` says of an archive, read without unpacking it.
+    public struct Summary: Codable, Sendable {
+        public var archive: String
+        public var engine: String
+        public var container: String
+        public var name: String
+        public var runtime: String?
+        public var created: Date?
+        public var checkpointBytes: UInt64
+        public var pagesBytes: UInt64
+        public var rootfsDiffBytes: UInt64?
+        public var files: [String]
+    }
+
+    public static func summarize(_ file: String) throws -> Summary {
+        let fd = retryingEINTR { open(file, O_RDONLY | O_CLOEXEC) }
+        guard fd >= 0 else { throw systemError("cannot open", file) }
+        defer { close(fd) }
+        let reader = Tar.Reader(fd: fd, path: file)
+        var config: ConfigDump?
+        var engine = "unknown"
+        var checkpointBytes: UInt64 = 0, pagesBytes: UInt64 = 0
+        var rootfsDiff: UInt64?
+        var files: [String] = []
+        while let entry = try reader.next() {
+            guard entry.isFile else { continue }
+            files.append(entry.name)
+            if entry.name == configDump { config = try Manifest.decoder().decode(ConfigDump.self, from: try reader.readAll()) }
+            if entry.name == specDump, let spec = try JSONSerialization.jsonObject(with: try reader.readAll()) as? [String: Any] {
+                engine = (spec["annotations"] as? [String: String])?["io.container.manager"] ?? "stasis or runc"
+            }
+            if entry.name.hasPrefix(checkpointDirectory) {
+                checkpointBytes += entry.size
+                if entry.name.hasPrefix(checkpointDirectory + "pages-") { pagesBytes += entry.size }
+            }
+            if entry.name == "rootfs-diff.tar" { rootfsDiff = entry.size }
+        }
+        guard let config else { throw StasisError(.notACheckpoint, "\(file) is not a container checkpoint archive (no \(configDump))") }
+        return Summary(archive: file, engine: engine, container: config.id, name: config.name, runtime: config.runtime, created: config.createdTime,
+                       checkpointBytes: checkpointBytes, pagesBytes: pagesBytes, rootfsDiffBytes: rootfsDiff, files: files)
+    }
+}
+
+private final class ErrorBox: @unchecked Sendable {
+    private let lock = NSLock()
+    private var stored: Error?
+    var error: Error? {
+        get { lock.withLock { stored } }
+        set { lock.withLock { stored = newValue } }
+    }
+}

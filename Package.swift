@@ -68,7 +68,7 @@ let package = Package(
         // bench/agent-cpu.sh's driver: stasis's side of an evacuation and a refill against the stand-in.
         .executableTarget(name: "stasis-agent-bench", dependencies: ["StasisGPU", "StasisStore", "StasisCore", "StasisOS", "StasisAgentStandIn"],
                           path: "bench/AgentBench"),
-        .testTarget(name: "StasisTests", dependencies: ["StasisCore", "StasisOS", "StasisStore", "StasisImage", "StasisEngine", "StasisCRIU", "StasisGPU",
+        .testTarget(name: "StasisTests", dependencies: ["StasisCore", "StasisOS", "StasisStore", "StasisImage", "StasisEngine", "StasisCRIU", "StasisGPU", "StasisContainer",
                                                       "StasisAgentStandIn"]),
     ]
 )

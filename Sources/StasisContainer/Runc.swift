@@ -43,17 +43,25 @@ public struct Runc: Sendable {
 
     /// Checkpoints the container into `images` (CRIU's images and runc's descriptors.json; CRIU's log in
     /// `work`). Without `leaveRunning`, runc removes the container once its images are complete.
-    public func checkpoint(_ id: String, images: String, work: String, leaveRunning: Bool) throws {
+    public func checkpoint(_ id: String, images: String, work: String, leaveRunning: Bool, tcpEstablished: Bool = false, shellJob: Bool = false) throws {
         var arguments = ["checkpoint", "--image-path", images, "--work-path", work]
         if leaveRunning { arguments.append("--leave-running") }
+        arguments += Self.flags(tcpEstablished: tcpEstablished, shellJob: shellJob)
         let (status, _, log) = try run(arguments + [id], logIn: work)
         guard status == 0 else { throw StasisError(.runtime, "runc could not checkpoint container \(id): \(log)", logPath: work + "/dump.log") }
     }
 
     /// Restores container `id` from `images` with the bundle `bundle`, detached.
-    public func restore(_ id: String, bundle: String, images: String, work: String) throws {
-        let (status, _, log) = try run(["restore", "--detach", "--image-path", images, "--work-path", work, "--bundle", bundle, id], logIn: work)
+    public func restore(_ id: String, bundle: String, images: String, work: String, tcpEstablished: Bool = false, shellJob: Bool = false) throws {
+        let arguments = ["restore", "--detach", "--image-path", images, "--work-path", work, "--bundle", bundle]
+            + Self.flags(tcpEstablished: tcpEstablished, shellJob: shellJob)
+        let (status, _, log) = try run(arguments + [id], logIn: work)
         guard status == 0 else { throw StasisError(.runtime, "runc could not restore container \(id): \(log)", logPath: work + "/restore.log") }
+    }
+
+    /// runc's flags for what `stasis dump` takes as options (the restore replays them, as with CRIU).
+    static func flags(tcpEstablished: Bool, shellJob: Bool) -> [String] {
+        (tcpEstablished ? ["--tcp-established"] : []) + (shellJob ? ["--shell-job"] : [])
     }
 
     /// Runs runc with /dev/null as stdin and stderr (and stdout unless it is read); returns its status, what it

@@ -130,7 +130,8 @@ public struct DumpOperation {
             let criuWatch = Stopwatch()
             if let runc, let containerState {
                 let container = try Self.keepSpec(of: containerState, in: staging.path)
-                try runc.checkpoint(containerState.id, images: staging.path, work: staging.path, leaveRunning: options.leaveRunning)
+                try runc.checkpoint(containerState.id, images: staging.path, work: staging.path, leaveRunning: options.leaveRunning,
+                                    tcpEstablished: options.process.tcpEstablished, shellJob: options.process.shellJob)
                 containerRemoved = !options.leaveRunning
                 timings.criu = criuWatch.seconds
                 try FaultInjection.check("post-dump")
@@ -168,7 +169,8 @@ public struct DumpOperation {
             var putBack: String?
             if containerRemoved, let runc, let containerState {
                 do {
-                    try runc.restore(containerState.id, bundle: containerState.bundle, images: staging.path, work: staging.path + "/restore-work")
+                    try runc.restore(containerState.id, bundle: containerState.bundle, images: staging.path, work: staging.path + "/restore-work",
+                                     tcpEstablished: options.process.tcpEstablished, shellJob: options.process.shellJob)
                     putBack = "container \(containerState.id) was restored from its images and runs on"
                 } catch {
                     putBack = "restoring container \(containerState.id) from its images failed too: \(error)"

@@ -231,7 +231,8 @@ public struct RestoreOperation {
         }
         try FileSystem.makePrivateDirectory(workDirectory)
         let watch = Stopwatch()
-        try runc.restore(id, bundle: bundle, images: images, work: workDirectory)
+        try runc.restore(id, bundle: bundle, images: images, work: workDirectory,
+                         tcpEstablished: manifest.options.tcpEstablished, shellJob: manifest.options.shellJob)
         var timings = timings
         timings.criu = watch.seconds
         let state = try runc.state(id)

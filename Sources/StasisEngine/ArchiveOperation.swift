@@ -205,17 +205,11 @@ public enum ArchiveOperation {
             let engine = (try? JSONSerialization.jsonObject(with: spec) as? [String: Any])
                 .flatMap { ($0["annotations"] as? [String: String])?["io.container.manager"] } ?? "stasis"
             // Large images into the store, the rest kept whole, as a dump does.
-            let names = try FileSystem.regularFiles(under: staging.path)
-            let large = names.filter { DumpOperation.isMemoryImage($0) || (FileSystem.size(staging.path + "/" + $0) ?? 0) >= UInt64(ChunkStore.chunkSize) }
             let ingester = ChunkIngester(directory: staging.path, store: store, codec: .standard, releaseIngested: true, follows: { _ in false })
-            let (chunked, statistics) = try ingester.finish(alsoIngest: large)
+            let images = try DumpOperation.completeImages(in: staging.path, ingester: ingester)
+            let chunked = images.chunked, statistics = images.statistics
             for name in chunked.keys { unlink(staging.path + "/" + name) }
-            let whole = names.filter { chunked[$0] == nil }
-            let hashed = try ParallelHasher.hash(whole, under: staging.path)
-            for name in whole { try FileSystem.fsync(path: staging.path + "/" + name) }
-            let entries = (hashed.map { Manifest.FileEntry(path: $0.path, size: $0.size, sha256: $0.sha256, segments: $0.segments) }
-                + chunked.map { Manifest.FileEntry(path: $0.key, size: $0.value.size, sha256: ChunkDigest.ofFile(chunks: $0.value.chunks), chunks: $0.value.chunks) })
-                .sorted { $0.path < $1.path }
+            let entries = images.files.sorted { $0.path < $1.path }
             var manifest = Manifest(
                 id: UUID().uuidString.lowercased(), createdAt: config.createdTime ?? Date(),
                 tool: .init(name: "stasis", version: StasisVersion.current), host: HostFacts.current(),

@@ -250,21 +250,12 @@ public struct DumpOperation {
                         processes: [Manifest.Process], gpu: Manifest.GPUSection, deviceFiles: [Manifest.FileEntry],
                         deviceStatistics: ChunkIngester.Statistics, timings: Manifest.Timings,
                         container: Manifest.Container? = nil) throws -> Manifest {
-        let watch = Stopwatch()
-        let names = try FileSystem.regularFiles(under: staging.path).filter { $0 != CRIUService.dumpLogName }
-        let large = names.filter { Self.isMemoryImage($0) || (FileSystem.size(staging.path + "/" + $0) ?? 0) >= UInt64(ChunkStore.chunkSize) }
-        let (chunked, statistics) = try ingester.finish(alsoIngest: large)
-        let whole = names.filter { chunked[$0] == nil }
-        let hashed = try ParallelHasher.hash(whole, under: staging.path)
+        let images = try Self.completeImages(in: staging.path, ingester: ingester, except: [CRIUService.dumpLogName])
+        let chunked = images.chunked, statistics = images.statistics
         var timings = timings
-        timings.hash = watch.seconds
-        let syncWatch = Stopwatch()
-        for name in whole { try FileSystem.fsync(path: staging.path + "/" + name) }
-        timings.sync = syncWatch.seconds
-        let files = (hashed.map { Manifest.FileEntry(path: $0.path, size: $0.size, sha256: $0.sha256, segments: $0.segments) }
-            + chunked.map { Manifest.FileEntry(path: $0.key, size: $0.value.size, sha256: ChunkDigest.ofFile(chunks: $0.value.chunks), chunks: $0.value.chunks) }
-            + deviceFiles)
-            .sorted { $0.path < $1.path }
+        timings.hash = images.hashSeconds
+        timings.sync = images.syncSeconds
+        let files = (images.files + deviceFiles).sorted { $0.path < $1.path }
         var manifest = Manifest(
             id: UUID().uuidString.lowercased(), createdAt: Date(),
             tool: .init(name: "stasis", version: StasisVersion.current), host: HostFacts.current(),
@@ -291,6 +282,25 @@ public struct DumpOperation {
         try FileSystem.writeAtomically(try Manifest.encoder().encode(manifest), to: staging.path + "/" + Manifest.fileName)
         try FileSystem.fsync(path: staging.path)
         return manifest
+    }
+
+    /// The images of `directory` as the manifest lists them: the memory images, and any other of a chunk or
+    /// more, chunked into the store (`ingester` finishes them); the rest hashed and synced as whole files.
+    static func completeImages(in directory: String, ingester: ChunkIngester, except skipped: Set<String> = [])
+        throws -> (files: [Manifest.FileEntry], chunked: [String: ChunkIngester.File], statistics: ChunkIngester.Statistics,
+                   hashSeconds: Double, syncSeconds: Double) {
+        let watch = Stopwatch()
+        let names = try FileSystem.regularFiles(under: directory).filter { !skipped.contains($0) }
+        let large = names.filter { isMemoryImage($0) || (FileSystem.size(directory + "/" + $0) ?? 0) >= UInt64(ChunkStore.chunkSize) }
+        let (chunked, statistics) = try ingester.finish(alsoIngest: large)
+        let whole = names.filter { chunked[$0] == nil }
+        let hashed = try ParallelHasher.hash(whole, under: directory)
+        let hashSeconds = watch.seconds
+        let syncWatch = Stopwatch()
+        for name in whole { try FileSystem.fsync(path: directory + "/" + name) }
+        let files = hashed.map { Manifest.FileEntry(path: $0.path, size: $0.size, sha256: $0.sha256, segments: $0.segments) }
+            + chunked.map { Manifest.FileEntry(path: $0.key, size: $0.value.size, sha256: ChunkDigest.ofFile(chunks: $0.value.chunks), chunks: $0.value.chunks) }
+        return (files, chunked, statistics, hashSeconds, syncWatch.seconds)
     }
 
     /// CRIU writes its statistics and the end of its log after post-dump; hash them in and rewrite the

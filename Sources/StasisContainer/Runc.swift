@@ -59,6 +59,15 @@ public struct Runc: Sendable {
         guard status == 0 else { throw StasisError(.runtime, "runc could not restore container \(id): \(log)", logPath: work + "/restore.log") }
     }
 
+    /// Kills the container and removes it from runc's list (a restore that cannot be completed).
+    public func remove(_ id: String) {
+        _ = try? run(["kill", id, "KILL"], logIn: nil)
+        for _ in 0..<50 {
+            if (try? run(["delete", "--force", id], logIn: nil))?.0 == 0 { return }
+            usleep(100_000)
+        }
+    }
+
     /// runc's flags for what `stasis dump` takes as options (the restore replays them, as with CRIU).
     static func flags(tcpEstablished: Bool, shellJob: Bool) -> [String] {
         (tcpEstablished ? ["--tcp-established"] : []) + (shellJob ? ["--shell-job"] : [])

@@ -151,6 +151,9 @@ public struct Manifest: Codable, Sendable, Equatable {
         public var arguments: [String]
         public var threads: Int
         public var residentBytes: UInt64
+        /// Its PID inside its own PID namespace (a container's), where that differs from `pid`: how the
+        /// processes of a container restored by its runtime, which get new PIDs here, are matched to these.
+        public var namespacePID: Int32?
         public init(pid: Int32, ppid: Int32, command: String, arguments: [String], threads: Int, residentBytes: UInt64) {
             self.pid = pid
             self.ppid = ppid

@@ -70,7 +70,6 @@ public struct DumpOperation {
             guard containerState.status == "running" else {
                 throw StasisError(.processNotFound, "container \(containerState.id) is \(containerState.status), not running")
             }
-            try Self.refuseGPUContainer(containerState)
         }
         let pid = containerState?.pid ?? options.pid
         guard pid > 0, ProcFS.isLive(pid) else {
@@ -87,8 +86,10 @@ public struct DumpOperation {
         let tree = ProcFS.tree(root: pid)
         let processes = tree.map { entry -> Manifest.Process in
             let status = ProcFS.status(entry.pid)
-            return Manifest.Process(pid: entry.pid, ppid: entry.ppid, command: entry.command, arguments: ProcFS.arguments(entry.pid),
-                                    threads: Int(status["Threads"] ?? "") ?? 1, residentBytes: ProcFS.kilobytes(status["VmRSS"]))
+            var process = Manifest.Process(pid: entry.pid, ppid: entry.ppid, command: entry.command, arguments: ProcFS.arguments(entry.pid),
+                                           threads: Int(status["Threads"] ?? "") ?? 1, residentBytes: ProcFS.kilobytes(status["VmRSS"]))
+            if let inner = ProcFS.namespacePID(entry.pid), inner != entry.pid { process.namespacePID = inner }
+            return process
         }
         var timings = Manifest.Timings()
         var gpu = Manifest.GPUSection()
@@ -171,6 +172,12 @@ public struct DumpOperation {
                 do {
                     try runc.restore(containerState.id, bundle: containerState.bundle, images: staging.path, work: staging.path + "/restore-work",
                                      tcpEstablished: options.process.tcpEstablished, shellJob: options.process.shellJob)
+                    if !gpu.processes.isEmpty {
+                        // Its processes have new PIDs here, their GPU state still checkpointed: give it back.
+                        let restored = try runc.state(containerState.id)
+                        _ = try device.afterRestore(section: try ContainerPIDs.remap(gpu, processes: processes, restoredRoot: restored.pid),
+                                                    store: DeviceStore(store: store, codec: options.codec, checkpoint: destination), files: deviceFiles)
+                    }
                     putBack = "container \(containerState.id) was restored from its images and runs on"
                 } catch {
                     putBack = "restoring container \(containerState.id) from its images failed too: \(error)"
@@ -178,7 +185,8 @@ public struct DumpOperation {
             }
             // Listed in the catalog but never published: drop it (its chunks go at the next gc).
             if published == nil, let id = staging.manifestID { catalog.unregister(id: id) }
-            let leftBehind = device.rollback(section: gpu)
+            // A container runc removed and restored has new PIDs: its GPU was given back above.
+            let leftBehind = containerRemoved ? [] : device.rollback(section: gpu)
             let keptLog = staging.discard(keeping: CRIUService.dumpLogName)
             var failure = (error as? StasisError) ?? StasisError(.io, "\(error)")
             // The staging directory is gone: point at the copy of CRIU's log kept beside it, if CRIU ran.
@@ -230,18 +238,6 @@ public struct DumpOperation {
         return Manifest.Container(runtime: "runc", id: state.id, bundle: state.bundle, spec: containerSpecName)
     }
 
-    /// A container whose processes use the GPU is refused before anything is touched: restoring one through
-    /// stasis needs its processes' new PIDs mapped to their device state, which is not done yet. runc with
-    /// the stasis CRIU plugin in CRIU's plugin directory checkpoints it through the driver (docs/CONTAINERS.md).
-    static func refuseGPUContainer(_ state: Runc.State) throws {
-        for process in ProcFS.tree(root: state.pid) {
-            let maps = (try? String(contentsOfFile: "/proc/\(process.pid)/maps", encoding: .utf8)) ?? ""
-            if maps.contains("/dev/nvidia") {
-                throw StasisError(.gpu, "container \(state.id) has a process using the GPU (PID \(process.pid)); `stasis dump --container` does not take GPU containers yet",
-                                  hint: "checkpoint it with `runc checkpoint`, with libstasis_cuda_plugin.so in CRIU's plugin directory (docs/CONTAINERS.md)")
-            }
-        }
-    }
 
     /// Completes the chunking of the memory images (and of any other image of a chunk or more) and removes
     /// them from the staging directory, hashes and syncs the small images, lists the checkpoint in the

@@ -144,7 +144,7 @@ public struct RestoreOperation {
         let verifySeconds = verifyWatch.seconds - rebuildSeconds
         if let runc, let container = manifest.container {
             return try restoreContainer(container, runc: runc, images: rebuilt ?? directory, workDirectory: workDirectory, manifest: manifest,
-                                        directory: directory, timings: Timings(verify: verifySeconds, rebuild: rebuildSeconds, criu: 0, forking: 0,
+                                        store: store, directory: directory, timings: Timings(verify: verifySeconds, rebuild: rebuildSeconds, criu: 0, forking: 0,
                                                                                restore: 0, devices: 0, total: 0), started: total)
         }
         try waitForFreePIDs(manifest.processTree)
@@ -216,9 +216,10 @@ public struct RestoreOperation {
     }
 
     /// runc restores the container from `images`; its processes get new PIDs (the container has its own PID
-    /// namespace), so the root PID is runc's answer.
+    /// namespace), so the root PID is runc's answer, and the GPU steps get the new PIDs (`ContainerPIDs`).
+    /// A failing GPU step removes the restored container: no half-restored container is left.
     private func restoreContainer(_ container: Manifest.Container, runc: Runc, images: String, workDirectory: String, manifest: Manifest,
-                                  directory: String, timings: Timings, started: Stopwatch) throws -> Report {
+                                  store: ChunkStore?, directory: String, timings: Timings, started: Stopwatch) throws -> Report {
         let id = options.containerID ?? container.id
         let bundle = options.bundle ?? container.bundle
         guard !bundle.isEmpty else {
@@ -236,13 +237,28 @@ public struct RestoreOperation {
         var timings = timings
         timings.criu = watch.seconds
         let state = try runc.state(id)
+        var deviceSteps: [String: Double] = [:]
+        if !manifest.gpu.processes.isEmpty {
+            let deviceWatch = Stopwatch()
+            do {
+                try FaultInjection.check("after-restore")
+                let section = try ContainerPIDs.remap(manifest.gpu, processes: manifest.processTree.processes, restoredRoot: state.pid)
+                deviceSteps = try device.afterRestore(section: section, store: store.map { DeviceStore(store: $0, checkpoint: directory) },
+                                                      files: manifest.files)
+            } catch {
+                runc.remove(id)
+                let failure = (error as? StasisError) ?? StasisError(.gpu, "\(error)")
+                throw failure.prefixed("restore of \(directory) failed after runc restored container \(id); the container was removed")
+            }
+            timings.devices = deviceWatch.seconds
+        }
         let stats = CRIUStats.read(workDirectory + "/stats-restore")?.restore
         timings.forking = Double(stats?.forkingTime ?? 0) / 1e6
         timings.restore = Double(stats?.restoreTime ?? 0) / 1e6
         timings.total = started.seconds
         _ = try? FileSystem.makePrivate(tree: workDirectory)
         return Report(directory: directory, rootPID: state.pid, processes: manifest.processTree.processes.count,
-                      logFile: workDirectory + "/" + CRIUService.restoreLogName, images: .rebuilt, timings: timings, deviceSteps: [:],
+                      logFile: workDirectory + "/" + CRIUService.restoreLogName, images: .rebuilt, timings: timings, deviceSteps: deviceSteps,
                       container: id)
     }
 

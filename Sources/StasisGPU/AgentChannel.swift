@@ -25,10 +25,7 @@ final class AgentChannel: @unchecked Sendable {
     /// The socket names the agent of `pid` may listen on: its PID as it sees itself (the last NSpid entry,
     /// different inside a PID namespace), then the PID here.
     static func socketNames(_ pid: Int32) -> [String] {
-        let inner = (try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8))?
-            .split(separator: "\n").first { $0.hasPrefix("NSpid:") }?
-            .split(whereSeparator: { $0 == " " || $0 == "\t" }).last.flatMap { Int32($0) }
-        let pids = [inner ?? pid, pid]
+        let pids = [ProcFS.namespacePID(pid) ?? pid, pid]
         return (pids[0] == pids[1] ? [pid] : pids).map { STASIS_AGENT_SOCKET_PREFIX + "\($0)" }
     }
 
@@ -36,7 +33,8 @@ final class AgentChannel: @unchecked Sendable {
     /// or it has not initialised CUDA yet).
     static func connect(pid: Int32, timeoutSeconds: Int = 120) throws -> AgentChannel? {
         for name in socketNames(pid) {
-            let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            // Abstract names are per network namespace: the socket is made in the process's (a container's).
+            let fd = SocketPeer.unixSocket(inNetworkNamespaceOf: pid)
             guard fd >= 0 else { throw systemError("cannot create a socket for the agent of PID", "\(pid)") }
             var address = sockaddr_un()
             address.sun_family = sa_family_t(AF_UNIX)

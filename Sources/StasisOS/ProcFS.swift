@@ -52,6 +52,14 @@ public enum ProcFS {
     }
 
     /// A "1234 kB" status value in bytes.
+    /// The PID `pid` has in its own PID namespace (the last NSpid entry: inside a container, not the PID
+    /// here), or nil when /proc does not say.
+    public static func namespacePID(_ pid: Int32) -> Int32? {
+        (try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8))?
+            .split(separator: "\n").first { $0.hasPrefix("NSpid:") }?
+            .split(whereSeparator: { $0 == " " || $0 == "\t" }).last.flatMap { Int32($0) }
+    }
+
     public static func kilobytes(_ value: String?) -> UInt64 {
         guard let value, let number = UInt64(value.split(separator: " ").first ?? "") else { return 0 }
         return number * 1024

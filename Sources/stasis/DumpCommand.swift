@@ -12,8 +12,8 @@ struct DumpCommand: ParsableCommand {
         Without --leave-running the tree is gone afterwards, as with `criu dump`. If any step fails, the tree \
         keeps running as it was and no checkpoint directory appears. With --container, runc checkpoints the \
         container (it knows its mounts, namespaces and cgroups) and stasis puts the images in the store; \
-        `stasis restore` then has runc restore it. Containers whose processes use the GPU are refused for now \
-        (runc with the stasis CRIU plugin takes them; docs/CONTAINERS.md).
+        `stasis restore` then has runc restore it, and the GPU steps find its processes under their new PIDs \
+        (docs/CONTAINERS.md).
         """)
 
     @Argument(help: "The root of the process tree to checkpoint (not with --container).")

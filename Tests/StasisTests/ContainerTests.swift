@@ -2,6 +2,7 @@ import Foundation
 import Glibc
 import StasisContainer
 import StasisCore
+@testable import StasisEngine
 import StasisOS
 import Testing
 
@@ -59,6 +60,19 @@ extension Integration {
             #expect(restore.stdout.contains("as container \(container.id)"))
             #expect(container.waitForCount(atLeast: atCheckpoint + 5), "the restored container does not count on")
             #expect((container.count ?? 0) > atCheckpoint, "the count restarted: the shell's memory was not restored")
+
+            // The restored processes have new PIDs here; matched by their PIDs inside the container, as the GPU
+            // steps of a GPU container's restore are (ContainerPIDs).
+            #expect(manifest.processTree.processes.first?.namespacePID == 1, "the container's init is PID 1 inside it")
+            let restoredRoot = try Runc.locate().state(container.id).pid
+            // (The shell's init only: its `sleep` children come and go.)
+            let asIfGPU = Manifest.GPUSection(processes: manifest.processTree.processes.prefix(1).map { .init(pid: $0.pid, devices: [], deviceMemoryBytes: 0) })
+            let mapped = try ContainerPIDs.remap(asIfGPU, processes: manifest.processTree.processes, restoredRoot: restoredRoot)
+            #expect(mapped.processes.first?.pid == restoredRoot)
+            for (old, new) in zip(manifest.processTree.processes, mapped.processes) {
+                let inner = ProcFS.namespacePID(new.pid)
+                #expect(inner == old.namespacePID, "PID \(old.pid) matched to \(new.pid)")
+            }
         }
 
         /// A container dump that fails after runc removed the container (a fault injected where a process
@@ -251,5 +265,53 @@ struct Container {
         let again = open(path, O_RDONLY)
         defer { close(again) }
         #expect(throws: StasisError.self) { _ = try Tar.Reader(fd: again, path: path).next() }
+    }
+}
+
+/// A container has its own network namespace, and with it its own abstract socket names (where an agent
+/// listens): stasis reaches them with a socket made inside that namespace.
+@Suite struct NetworkNamespaces {
+    @Test func aSocketMadeInAProcessNetworkNamespaceReachesItsAbstractNames() throws {
+        let name = "stasis-netns-test-\(getpid())"
+        let ready = Harness.scratch("netns") + "/ready"
+        let script = """
+        import socket, sys
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind("\\0\(name)")
+        s.listen(1)
+        open("\(ready)", "w").close()
+        c, _ = s.accept()
+        c.sendall(b"hello")
+        """
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/unshare")
+        process.arguments = ["--net", "python3", "-c", script]
+        try process.run()
+        defer { process.terminate() }
+        let deadline = Date().addingTimeInterval(10)
+        while !FileManager.default.fileExists(atPath: ready), Date() < deadline { usleep(20_000) }
+        // unshare execs python3: the listener is the same PID.
+        let pid = process.processIdentifier
+        func connect(_ fd: Int32) -> Int32 {
+            var address = sockaddr_un()
+            address.sun_family = sa_family_t(AF_UNIX)
+            let bytes = Array(name.utf8)
+            withUnsafeMutableBytes(of: &address.sun_path) { path in
+                path[0] = 0
+                for (index, byte) in bytes.enumerated() { path[index + 1] = byte }
+            }
+            let length = socklen_t(MemoryLayout<sa_family_t>.size + 1 + bytes.count)
+            return withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, length) } }
+        }
+        let outside = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(outside) }
+        #expect(connect(outside) != 0, "the name must not be visible from this network namespace")
+        let inside = SocketPeer.unixSocket(inNetworkNamespaceOf: pid)
+        #expect(inside >= 0)
+        defer { close(inside) }
+        #expect(connect(inside) == 0, "errno \(errno)")
+        var reply = [UInt8](repeating: 0, count: 5)
+        #expect(recv(inside, &reply, 5, Int32(MSG_WAITALL)) == 5 && reply == Array("hello".utf8))
+        #expect(SocketPeer.pid(inside) == pid)
     }
 }

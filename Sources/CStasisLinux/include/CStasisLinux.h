@@ -33,4 +33,9 @@ long stasis_process_write(int pid, const void *local, uint64_t remote, unsigned 
 /// The PID of the process at the other end of the unix socket fd (SO_PEERCRED), or -1 with errno set.
 int stasis_socket_peer_pid(int fd);
 
+/// A unix stream socket (close-on-exec) created in the network namespace of process `pid`, so that it reaches
+/// the abstract socket names there (a container's); made on a thread of its own that enters that namespace
+/// (setns), the rest of this process staying where it is. -1 with errno set.
+int stasis_unix_socket_in_netns_of(int pid);
+
 #endif

@@ -517,7 +517,8 @@ section_agentbig() {
 #    under `stasis run`, reached in the container's network namespace), verified after the restore.
 section_container() {
     mkdir -p /opt/runc && for f in .device/runc-debs/*.deb; do dpkg -x "$f" /opt/runc; done
-    local runc="env LD_LIBRARY_PATH=/opt/runc/usr/lib/x86_64-linux-gnu:/opt/runc/lib/x86_64-linux-gnu PATH=/opt/stasis/bin:$PATH /opt/runc/usr/sbin/runc"
+    local runclibs=/opt/runc/usr/lib/x86_64-linux-gnu:/opt/runc/lib/x86_64-linux-gnu
+    local runc="env LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$runclibs PATH=/opt/stasis/bin:$PATH /opt/runc/usr/sbin/runc"
     $runc --version | head -n 1
     local label launcher
     for label in plain agent; do
@@ -542,10 +543,8 @@ section_container() {
             fail "runc GPU container ($label)" "before: $before; $(tail -n 3 "$dir/runc.log"); $(grep -h Error "$dir"/work*/*.log 2>/dev/null | tail -n 4)"
         fi
         # stasis through runc: the GPU steps find the container's processes under their new PIDs.
-        if PATH=/opt/runc/usr/sbin:$PATH LD_LIBRARY_PATH=/opt/runc/usr/lib/x86_64-linux-gnu:/opt/runc/lib/x86_64-linux-gnu \
-            $STASIS dump --container $id -D "$dir/ckpt" >"$dir/sdump.txt" 2>&1 \
-            && PATH=/opt/runc/usr/sbin:$PATH LD_LIBRARY_PATH=/opt/runc/usr/lib/x86_64-linux-gnu:/opt/runc/lib/x86_64-linux-gnu \
-            $STASIS restore -D "$dir/ckpt" >"$dir/srestore.txt" 2>&1; then
+        if PATH=/opt/runc/usr/sbin:$PATH LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$runclibs $STASIS dump --container $id -D "$dir/ckpt" >"$dir/sdump.txt" 2>&1 \
+            && PATH=/opt/runc/usr/sbin:$PATH LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$runclibs $STASIS restore -D "$dir/ckpt" >"$dir/srestore.txt" 2>&1; then
             pid=$($runc state $id | python3 -c 'import json,sys; print(json.load(sys.stdin)["pid"])')
             local verdict2; verdict2=$(verify "$pid" "$dir/data")
             [[ $verdict2 == PASS* ]] && pass "stasis dump --container + restore of a GPU container ($label): $verdict2; $(agent_line "$dir/sdump.txt") $(grep -h 'gpu:' "$dir/sdump.txt" | sed 's/^ *//')" \

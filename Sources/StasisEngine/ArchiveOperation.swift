@@ -22,14 +22,26 @@ public enum ArchiveOperation {
     static let configDump = "config.dump"
     static let specDump = "spec.dump"
     static let statsDump = "stats-dump"
+    /// Where an imported archive's other files (rootfs-diff.tar, deleted.files, ...) are kept.
+    static let engineFiles = "archive/"
 
     /// The part of config.dump stasis writes and reads (engines write more; only these keys matter here).
     struct ConfigDump: Codable {
         var id: String
         var name: String
         var runtime: String?
-        var createdTime: Date?
+        /// RFC 3339, with fractional seconds when podman writes it.
+        var createdTime: String?
         var rootfsImageName: String?
+
+        var created: Date? {
+            guard let createdTime else { return nil }
+            let formatter = ISO8601DateFormatter()
+            formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+            if let date = formatter.date(from: createdTime) { return date }
+            formatter.formatOptions = [.withInternetDateTime]
+            return formatter.date(from: createdTime)
+        }
     }
 
     /// True when `path` is a tar archive (ustar magic), as checkpoint archives are.
@@ -75,7 +87,9 @@ public enum ArchiveOperation {
             try tar.directory(checkpointDirectory)
             var count = 0
             for entry in manifest.files where entry.path != container.spec {
-                let name = entry.path == statsDump ? statsDump : checkpointDirectory + entry.path
+                // An imported archive's own files (archive/) go back to where the engine had them.
+                let name = entry.path == statsDump ? statsDump
+                    : entry.path.hasPrefix(engineFiles) ? String(entry.path.dropFirst(engineFiles.count)) : checkpointDirectory + entry.path
                 if let item = ChunkedFiles.Item(entry) {
                     guard let store, let info = manifest.store else { throw StasisError(.integrity, "\(directory): chunked files but no store") }
                     try tar.file(name, size: item.size) { out in
@@ -89,9 +103,9 @@ public enum ArchiveOperation {
                 count += 1
             }
             try tar.file(specDump, contents: try FileSystem.readFile(directory + "/" + container.spec))
-            let config = ConfigDump(id: container.id, name: container.id, runtime: container.runtime, createdTime: manifest.createdAt,
-                                    rootfsImageName: nil)
-            try tar.file(configDump, contents: try Manifest.encoder().encode(config))
+            let config = ConfigDump(id: container.id, name: container.id, runtime: container.runtime,
+                                    createdTime: ISO8601DateFormatter().string(from: manifest.createdAt), rootfsImageName: nil)
+            try tar.file(configDump, contents: try JSONEncoder().encode(config))
             try tar.finish()
             guard fsync(fd) == 0 else { throw systemError("cannot sync", partial) }
             try FileSystem.publish(partial, as: file)
@@ -178,7 +192,7 @@ public enum ArchiveOperation {
                     throw StasisError(.integrity, "\(file) names \(name), outside the archive")
                 }
                 if name == configDump {
-                    config = try Manifest.decoder().decode(ConfigDump.self, from: try reader.readAll())
+                    config = try JSONDecoder().decode(ConfigDump.self, from: try reader.readAll())
                 } else if name == specDump {
                     spec = try reader.readAll()
                 } else {
@@ -189,9 +203,9 @@ public enum ArchiveOperation {
                     } else if name == statsDump {
                         target = statsDump
                     } else {
-                        target = "archive/" + name
+                        target = engineFiles + name
                     }
-                    guard !target.isEmpty, !target.contains("/") || target.hasPrefix("archive/") else {
+                    guard !target.isEmpty, !target.contains("/") || target.hasPrefix(engineFiles) else {
                         throw StasisError(.integrity, "\(file) holds \(name): checkpoint/ in an archive is flat")
                     }
                     try extract(reader, to: staging.path + "/" + target)
@@ -211,7 +225,7 @@ public enum ArchiveOperation {
             for name in chunked.keys { unlink(staging.path + "/" + name) }
             let entries = images.files.sorted { $0.path < $1.path }
             var manifest = Manifest(
-                id: UUID().uuidString.lowercased(), createdAt: config.createdTime ?? Date(),
+                id: UUID().uuidString.lowercased(), createdAt: config.created ?? Date(),
                 tool: .init(name: "stasis", version: StasisVersion.current), host: HostFacts.current(),
                 criu: .init(version: "unknown (imported from a checkpoint archive)", logFile: "dump.log"),
                 options: .init(leaveRunning: false, tcpEstablished: false, shellJob: false),
@@ -281,7 +295,7 @@ public enum ArchiveOperation {
         while let entry = try reader.next() {
             guard entry.isFile else { continue }
             files.append(entry.name)
-            if entry.name == configDump { config = try Manifest.decoder().decode(ConfigDump.self, from: try reader.readAll()) }
+            if entry.name == configDump { config = try JSONDecoder().decode(ConfigDump.self, from: try reader.readAll()) }
             if entry.name == specDump, let spec = try JSONSerialization.jsonObject(with: try reader.readAll()) as? [String: Any] {
                 engine = (spec["annotations"] as? [String: String])?["io.container.manager"] ?? "stasis or runc"
             }
@@ -292,7 +306,7 @@ public enum ArchiveOperation {
             if entry.name == "rootfs-diff.tar" { rootfsDiff = entry.size }
         }
         guard let config else { throw StasisError(.notACheckpoint, "\(file) is not a container checkpoint archive (no \(configDump))") }
-        return Summary(archive: file, engine: engine, container: config.id, name: config.name, runtime: config.runtime, created: config.createdTime,
+        return Summary(archive: file, engine: engine, container: config.id, name: config.name, runtime: config.runtime, created: config.created,
                        checkpointBytes: checkpointBytes, pagesBytes: pagesBytes, rootfsDiffBytes: rootfsDiff, files: files)
     }
 }

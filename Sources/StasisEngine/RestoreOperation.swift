@@ -126,7 +126,10 @@ public struct RestoreOperation {
                     let rebuildWatch = Stopwatch()
                     rebuilt = try Self.makeRebuildDirectory(in: rebuildRoot, bytes: criuItems.reduce(0) { $0 + $1.size })
                     for entry in manifest.files where entry.chunks == nil {
-                        try FileManager.default.copyItem(atPath: directory + "/" + entry.path, toPath: rebuilt! + "/" + entry.path)
+                        let target = rebuilt! + "/" + entry.path
+                        // Whole files may lie in subdirectories (an imported archive's archive/).
+                        if entry.path.contains("/") { try FileSystem.makePrivateDirectory((target as NSString).deletingLastPathComponent) }
+                        try FileManager.default.copyItem(atPath: directory + "/" + entry.path, toPath: target)
                     }
                     try ChunkedFiles.read(criuItems, from: store, checkpoint: directory, chunkSize: info.chunkSize, into: rebuilt) { counter.add($0) }
                     try ChunkedFiles.requirePresent(chunkedItems.filter { Checkpoint.isDeviceMemory($0.path) }, in: store, checkpoint: directory,

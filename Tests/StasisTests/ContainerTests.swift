@@ -128,6 +128,40 @@ extension Integration {
             #expect(!FileManager.default.fileExists(atPath: root + "/half"))
         }
 
+        /// An archive laid out as podman writes one (made here with runc and GNU tar: config.dump with podman's
+        /// extra keys and fractional-second time, spec.dump marked libpod, a rootfs-diff.tar) imports and restores.
+        @Test func aPodmanStyleArchiveImportsAndRestores() throws {
+            let container = try Container.running(name: "podman")
+            defer { container.remove() }
+            let copy = Container(runc: container.runc, id: container.id + "-copy", bundle: container.bundle, images: container.images, work: container.work)
+            defer { copy.remove() }
+            let root = Harness.scratch("podman-archive")
+            let layout = root + "/layout"
+            try FileManager.default.createDirectory(atPath: layout, withIntermediateDirectories: true)
+            let dump = try Harness.run(container.runc, ["checkpoint", "--image-path", layout + "/checkpoint", "--work-path", root + "/work", container.id])
+            #expect(dump.succeeded, "\(dump.stderr)")
+            let atCheckpoint = try #require(container.count)
+            var spec = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: container.bundle + "/config.json"))) as? [String: Any])
+            var annotations = spec["annotations"] as? [String: String] ?? [:]
+            annotations["io.container.manager"] = "libpod"
+            spec["annotations"] = annotations
+            try JSONSerialization.data(withJSONObject: spec).write(to: URL(fileURLWithPath: layout + "/spec.dump"))
+            try Data(#"{"id":"0123456789abcdef","name":"magical_test","rootfsImageName":"quay.io/example/counter:latest","runtime":"runc","createdTime":"2026-11-29T09:43:52.123456789Z","checkpointed":true}"#.utf8)
+                .write(to: URL(fileURLWithPath: layout + "/config.dump"))
+            try Data("[]".utf8).write(to: URL(fileURLWithPath: layout + "/deleted.files"))
+            #expect(try Harness.run("/bin/tar", ["-cf", layout + "/rootfs-diff.tar", "-T", "/dev/null"]).succeeded)
+            #expect(try Harness.run("/bin/tar", ["-cf", root + "/podman.tar", "-C", layout, "."]).succeeded)
+
+            let inspect = try Harness.stasis("inspect", root + "/podman.tar")
+            #expect(inspect.stdout.contains("written by libpod") && inspect.stdout.contains("magical_test"), "\(inspect.stdout)\(inspect.stderr)")
+            let imported = try Harness.stasis("import", root + "/podman.tar", "-D", root + "/imported", "--store", root + "/store")
+            #expect(imported.succeeded && imported.stdout.contains("written by libpod"), "\(imported.stdout)\(imported.stderr)")
+            #expect(FileManager.default.fileExists(atPath: root + "/imported/archive/rootfs-diff.tar"), "the engine's own files are kept")
+            let restore = try Harness.stasis("restore", "-D", root + "/imported", "--store", root + "/store", "--bundle", container.bundle, "--container", copy.id)
+            #expect(restore.succeeded, "\(restore.stderr)")
+            #expect(copy.waitForCount(atLeast: atCheckpoint + 5), "the container restored from the podman-style archive does not count on")
+        }
+
         @Test func aContainerRuncDoesNotKnowIsAClearError() throws {
             let missing = try Harness.stasis("dump", "--container", "no-such-container-\(getpid())", "-D", Harness.scratch("no-container") + "/ckpt")
             #expect(missing.status != 0 && missing.stderr.contains("runc knows no container"), "\(missing.stderr)")

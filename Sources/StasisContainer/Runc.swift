@@ -59,13 +59,21 @@ public struct Runc: Sendable {
         guard status == 0 else { throw StasisError(.runtime, "runc could not restore container \(id): \(log)", logPath: work + "/restore.log") }
     }
 
-    /// Kills the container and removes it from runc's list (a restore that cannot be completed).
-    public func remove(_ id: String) {
-        _ = try? run(["kill", id, "KILL"], logIn: nil)
-        for _ in 0..<50 {
-            if (try? run(["delete", "--force", id], logIn: nil))?.0 == 0 { return }
-            usleep(100_000)
-        }
+    /// Freezes every process of the container (its cgroup's freezer).
+    public func pause(_ id: String) throws {
+        let (status, _, log) = try run(["pause", id], logIn: nil)
+        guard status == 0 else { throw StasisError(.runtime, "runc could not pause container \(id): \(log)") }
+    }
+
+    public func resume(_ id: String) throws {
+        let (status, _, log) = try run(["resume", id], logIn: nil)
+        guard status == 0 else { throw StasisError(.runtime, "runc could not resume container \(id): \(log)") }
+    }
+
+    /// Kills the container and removes it from runc's list.
+    public func remove(_ id: String) throws {
+        let (status, _, log) = try run(["delete", "--force", id], logIn: nil)
+        guard status == 0 else { throw StasisError(.runtime, "runc could not remove container \(id): \(log)") }
     }
 
     /// runc's flags for what `stasis dump` takes as options (the restore replays them, as with CRIU).
@@ -76,10 +84,19 @@ public struct Runc: Sendable {
     /// Runs runc with /dev/null as stdin and stderr (and stdout unless it is read); returns its status, what it
     /// printed, and its log's last lines.
     private func run(_ arguments: [String], logIn directory: String?) throws -> (Int32, Data, String) {
-        // runc cannot start without its log: the work directory exists before it does.
-        if let directory { try FileSystem.makePrivateDirectory(directory) }
-        let logPath = (directory ?? NSTemporaryDirectory()) + "/runc-\(arguments[0])-\(getpid()).log"
-        defer { if directory == nil { unlink(logPath) } }
+        // runc cannot start without its log: the work directory exists before it does. Without one, a private
+        // directory of its own (a predictable name in /tmp would let another user plant a link there).
+        let logDirectory: String
+        if let directory {
+            try FileSystem.makePrivateDirectory(directory)
+            logDirectory = directory
+        } else {
+            var template = Array((NSTemporaryDirectory() + "/stasis-runc-XXXXXX").utf8CString)
+            guard let made = mkdtemp(&template) else { throw systemError("cannot create a directory in", NSTemporaryDirectory()) }
+            logDirectory = String(cString: made)
+        }
+        let logPath = logDirectory + "/runc-\(arguments[0])-\(getpid()).log"
+        defer { if directory == nil { FileSystem.removeTree(logDirectory) } }
         // Each descriptor maps to one number in the child: a /dev/null for each of stdin, stderr and (unless
         // runc's answer is read) stdout.
         let nulls = (0..<3).map { _ in open("/dev/null", O_RDWR | O_CLOEXEC) }
@@ -94,7 +111,7 @@ public struct Runc: Sendable {
         let stdout = arguments[0] == "state" ? ends[1] : nulls[1]
         let pid: pid_t
         do {
-            pid = try Spawn.start(path, ["--log", logPath] + arguments, descriptors: [nulls[0]: 0, stdout: 1, nulls[2]: 2], environment: environment)
+            pid = try Spawn.start(path, ["--log", logPath, "--log-format", "json"] + arguments, descriptors: [nulls[0]: 0, stdout: 1, nulls[2]: 2], environment: environment)
         } catch {
             close(ends[0]); close(ends[1])
             throw error

@@ -133,6 +133,7 @@ public enum Tar {
             left = 0
             padding = 0
             var pax: [String: String] = [:]
+            var gnuLongName: String?
             while true {
                 var block = [UInt8](repeating: 0, count: Tar.block)
                 // An archive ends with a block of zeros: one that just stops was cut short.
@@ -149,10 +150,15 @@ public enum Tar {
                 }
                 let type = Character(UnicodeScalar(block[156]))
                 var name = String(decoding: block[0..<100].prefix { $0 != 0 }, as: UTF8.self)
-                let prefix = String(decoding: block[345..<500].prefix { $0 != 0 }, as: UTF8.self)
-                if !prefix.isEmpty { name = prefix + "/" + name }
+                // POSIX ustar keeps a name's prefix at 345; GNU's "ustar  " header has other fields there.
+                if Array(block[257..<265]) == Array("ustar\u{0}00".utf8) {
+                    let prefix = String(decoding: block[345..<500].prefix { $0 != 0 }, as: UTF8.self)
+                    if !prefix.isEmpty { name = prefix + "/" + name }
+                }
                 var size = Tar.number(block[124..<136])
-                if type == "x" || type == "g" {
+                if type == "x" || type == "g" || type == "L" || type == "K" {
+                    // Metadata for the next entry: a pax header, or GNU's long name ("L") or link name ("K").
+                    guard size <= Tar.metadataLimit else { throw StasisError(.integrity, "\(path): a header of \(size) bytes") }
                     var records = [UInt8](repeating: 0, count: Int(size))
                     guard try readExactly(&records) else { throw StasisError(.integrity, "\(path) ends inside a pax header") }
                     try skip((UInt64(Tar.block) - size % UInt64(Tar.block)) % UInt64(Tar.block))
@@ -161,9 +167,12 @@ public enum Tar {
                             guard let space = record.firstIndex(of: " "), let equals = record.firstIndex(of: "=") else { continue }
                             pax[String(record[record.index(after: space)..<equals])] = String(record[record.index(after: equals)...])
                         }
+                    } else if type == "L" {
+                        gnuLongName = String(decoding: records.prefix { $0 != 0 }, as: UTF8.self)
                     }
                     continue
                 }
+                if let long = gnuLongName { name = long }
                 if let long = pax["path"] { name = long }
                 if let long = pax["size"], let value = UInt64(long) { size = value }
                 left = size
@@ -189,7 +198,9 @@ public enum Tar {
             return got
         }
 
+        /// The whole of a small entry (a JSON file), refused above `Tar.metadataLimit`.
         public func readAll() throws -> Data {
+            guard left <= Tar.metadataLimit else { throw StasisError(.integrity, "\(path): an entry of \(left) bytes where a small file was expected") }
             var data = Data(count: Int(left))
             let count = data.count
             _ = try data.withUnsafeMutableBytes { try read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<count])) }
@@ -223,6 +234,9 @@ public enum Tar {
             }
         }
     }
+
+    /// The most a header or a small file read whole may hold (an archive's sizes are not trusted further).
+    static let metadataLimit: UInt64 = 16 << 20
 
     /// An octal field (NUL- or space-terminated), or a GNU base-256 one.
     static func number(_ field: ArraySlice<UInt8>) -> UInt64 {

@@ -69,12 +69,18 @@ public enum ArchiveOperation {
             throw StasisError(.invalidArgument, "\(directory) is a checkpoint of a process tree, not of a container: a checkpoint archive holds a container",
                               hint: "write it as a stasis bundle (stasis export without --archive)")
         }
+        guard manifest.gpu.processes.isEmpty else {
+            throw StasisError(.invalidArgument, "\(directory) holds GPU state, which a checkpoint archive cannot carry to podman or CRI-O",
+                              hint: "write it as a stasis bundle (stasis export without --archive)")
+        }
         guard !FileSystem.exists(file) else { throw StasisError(.invalidArgument, "\(file) already exists") }
         let store = try Checkpoint.store(for: manifest, explicit: explicit)
         let lock = try store?.lock(exclusive: false)
         defer { lock?.release() }
         _ = try Checkpoint.verify(directory, manifest: manifest, store: store, chunks: false)
-        let partial = file + ".partial-\(getpid())"
+        // Hidden beside the target until complete; published without replacing anything that appeared meanwhile.
+        let url = URL(fileURLWithPath: file)
+        let partial = url.deletingLastPathComponent().path + "/." + url.lastPathComponent + ".partial-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         let fd = retryingEINTR { open(partial, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600) }
         guard fd >= 0 else { throw systemError("cannot create", partial) }
         var done = false
@@ -103,12 +109,18 @@ public enum ArchiveOperation {
                 count += 1
             }
             try tar.file(specDump, contents: try FileSystem.readFile(directory + "/" + container.spec))
-            let config = ConfigDump(id: container.id, name: container.id, runtime: container.runtime,
-                                    createdTime: ISO8601DateFormatter().string(from: manifest.createdAt), rootfsImageName: nil)
-            try tar.file(configDump, contents: try JSONEncoder().encode(config))
+            // An imported archive's own config.dump went back above, unchanged; else stasis writes its part.
+            if !manifest.files.contains(where: { $0.path == engineFiles + configDump }) {
+                let config = ConfigDump(id: container.id, name: container.id, runtime: container.runtime,
+                                        createdTime: ISO8601DateFormatter().string(from: manifest.createdAt), rootfsImageName: nil)
+                try tar.file(configDump, contents: try JSONEncoder().encode(config))
+            }
             try tar.finish()
             guard fsync(fd) == 0 else { throw systemError("cannot sync", partial) }
-            try FileSystem.publish(partial, as: file)
+            // link(2) fails rather than replace a file that appeared since the check above.
+            guard link(partial, file) == 0 else { throw systemError("cannot create", file) }
+            unlink(partial)
+            try FileSystem.fsync(path: url.deletingLastPathComponent().path)
             done = true
             return ExportReport(checkpoint: directory, archive: file, files: count + 2, bytes: tar.bytes, seconds: watch.seconds)
         } catch {
@@ -148,8 +160,9 @@ public enum ArchiveOperation {
         }
         close(ends[0])
         finished.wait()
-        if let error = failure.error { throw error }
+        // Writing the archive failing (a full disk) is the cause; the producer's broken pipe only follows it.
         if let problem { throw problem }
+        if let error = failure.error { throw error }
         return copied
     }
 
@@ -186,13 +199,24 @@ public enum ArchiveOperation {
             var files = 0
             var sawCheckpoint = false
             while let entry = try reader.next() {
-                guard entry.isFile else { continue }
+                guard entry.isFile else {
+                    // Directories are implied; links, devices and sparse files have no place in a checkpoint.
+                    guard entry.type == "5" else {
+                        throw StasisError(.integrity, "\(file) holds \(entry.name) of tar type \(entry.type), which a checkpoint archive does not have")
+                    }
+                    continue
+                }
                 let name = entry.name
                 guard !name.contains(".."), !name.hasPrefix("/") else {
                     throw StasisError(.integrity, "\(file) names \(name), outside the archive")
                 }
                 if name == configDump {
-                    config = try JSONDecoder().decode(ConfigDump.self, from: try reader.readAll())
+                    // Kept as the engine wrote it too, for an export back to it.
+                    let data = try reader.readAll()
+                    config = try JSONDecoder().decode(ConfigDump.self, from: data)
+                    try FileSystem.makePrivateDirectory(staging.path + "/" + engineFiles)
+                    try FileSystem.writeAtomically(data, to: staging.path + "/" + engineFiles + configDump)
+                    files += 1
                 } else if name == specDump {
                     spec = try reader.readAll()
                 } else {

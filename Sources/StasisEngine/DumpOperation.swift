@@ -21,9 +21,10 @@ import StasisStore
 /// in the store's catalog, so gc never takes a chunk this dump is about to reference.
 ///
 /// A container (`Options.container`) is checkpointed by its runtime, runc, which knows how it was made and
-/// drives CRIU for it; runc offers no step inside the freeze, so its images stay whole in the staging
-/// directory until the checkpoint is published, and if anything fails after runc removed the container, runc
-/// restores it from them: the container runs on as it was.
+/// drives CRIU for it. runc offers no step inside the freeze, so stasis freezes the container itself (`runc
+/// pause`), has runc checkpoint it leaving it there, publishes the checkpoint, and only then removes the
+/// container (or resumes it, with --leave-running). If anything fails, the container is resumed as it was;
+/// should stasis itself die in between, the container waits, paused (`runc resume` lets it go on).
 public struct DumpOperation {
     public struct Options: Sendable {
         public var pid: Int32
@@ -70,6 +71,7 @@ public struct DumpOperation {
             guard containerState.status == "running" else {
                 throw StasisError(.processNotFound, "container \(containerState.id) is \(containerState.status), not running")
             }
+            try Self.refuseTerminal(containerState)
         }
         let pid = containerState?.pid ?? options.pid
         guard pid > 0, ProcFS.isLive(pid) else {
@@ -97,7 +99,7 @@ public struct DumpOperation {
         var deviceStatistics = ChunkIngester.Statistics()
         var published: Manifest?
         var ingester: ChunkIngester?
-        var containerRemoved = false
+        var containerPaused = false
         let imagesFD: Int32
         do {
             imagesFD = try FileSystem.openDirectory(staging.path)
@@ -116,9 +118,8 @@ public struct DumpOperation {
             deviceStatistics = frozen.statistics
             timings.devices = deviceWatch.seconds
 
-            // A container's images stay whole until published: runc restores it from them should the dump fail.
             let chunker = ChunkIngester(directory: staging.path, store: store, codec: options.codec,
-                                        releaseIngested: runc == nil, follows: Self.isMemoryImage)
+                                        releaseIngested: true, follows: Self.isMemoryImage)
             ingester = chunker
             let progress = options.progress
             let stagingPath = staging.path
@@ -131,15 +132,27 @@ public struct DumpOperation {
             let criuWatch = Stopwatch()
             if let runc, let containerState {
                 let container = try Self.keepSpec(of: containerState, in: staging.path)
-                try runc.checkpoint(containerState.id, images: staging.path, work: staging.path, leaveRunning: options.leaveRunning,
+                // Frozen from here until the checkpoint is published, as CRIU keeps a process tree frozen.
+                try runc.pause(containerState.id)
+                containerPaused = true
+                try runc.checkpoint(containerState.id, images: staging.path, work: staging.path, leaveRunning: true,
                                     tcpEstablished: options.process.tcpEstablished, shellJob: options.process.shellJob)
-                containerRemoved = !options.leaveRunning
                 timings.criu = criuWatch.seconds
                 try FaultInjection.check("post-dump")
-                published = try finish(staging: staging, ingester: chunker, store: store, criu: criu, processes: processes,
-                                       gpu: gpu, deviceFiles: deviceFiles, deviceStatistics: deviceStatistics, timings: timings,
-                                       container: container)
+                let manifest = try finish(staging: staging, ingester: chunker, store: store, criu: criu, processes: processes,
+                                          gpu: gpu, deviceFiles: deviceFiles, deviceStatistics: deviceStatistics, timings: timings,
+                                          container: container, rootPID: pid)
                 try staging.publish()
+                published = manifest
+                if options.leaveRunning {
+                    try runc.resume(containerState.id)
+                } else {
+                    do { try runc.remove(containerState.id) } catch {
+                        // Paused still: the catch below resumes it, and the checkpoint stays.
+                        throw StasisError(.runtime, "the checkpoint is complete in \(destination), but the container could not be removed (\(error)); it was resumed instead")
+                    }
+                }
+                containerPaused = false
             } else {
             let service = CRIUService(binary: criu)
             let response = try service.dump(pid: pid, imagesDirectory: imagesFD, options: options.process,
@@ -166,33 +179,20 @@ public struct DumpOperation {
             }
         } catch {
             ingester?.cancel()
-            // runc removed the container after its images were complete: put it back from them.
-            var putBack: String?
-            if containerRemoved, let runc, let containerState {
-                do {
-                    try runc.restore(containerState.id, bundle: containerState.bundle, images: staging.path, work: staging.path + "/restore-work",
-                                     tcpEstablished: options.process.tcpEstablished, shellJob: options.process.shellJob)
-                    if !gpu.processes.isEmpty {
-                        // Its processes have new PIDs here, their GPU state still checkpointed: give it back.
-                        let restored = try runc.state(containerState.id)
-                        _ = try device.afterRestore(section: try ContainerPIDs.remap(gpu, processes: processes, restoredRoot: restored.pid),
-                                                    store: DeviceStore(store: store, codec: options.codec, checkpoint: destination), files: deviceFiles)
-                    }
-                    putBack = "container \(containerState.id) was restored from its images and runs on"
-                } catch {
-                    putBack = "restoring container \(containerState.id) from its images failed too: \(error)"
-                }
+            // A container stasis paused goes on as it was (its GPU state is given back below).
+            var resumeFailure: String?
+            if containerPaused, let runc, let containerState {
+                do { try runc.resume(containerState.id) } catch { resumeFailure = "\(error)" }
             }
             // Listed in the catalog but never published: drop it (its chunks go at the next gc).
-            if published == nil, let id = staging.manifestID { catalog.unregister(id: id) }
-            // A container runc removed and restored has new PIDs: its GPU was given back above.
-            let leftBehind = containerRemoved ? [] : device.rollback(section: gpu)
+            if !staging.published, let id = staging.manifestID { catalog.unregister(id: id) }
+            let leftBehind = device.rollback(section: gpu)
             let keptLog = staging.discard(keeping: CRIUService.dumpLogName)
             var failure = (error as? StasisError) ?? StasisError(.io, "\(error)")
             // The staging directory is gone: point at the copy of CRIU's log kept beside it, if CRIU ran.
             failure.logPath = keptLog
-            if let putBack {
-                failure.message += " (\(putBack))"
+            if let resumeFailure {
+                failure.message += "; resuming the paused container also failed: \(resumeFailure) (`runc resume \(containerState?.id ?? "")`)"
             } else if !leftBehind.isEmpty {
                 failure.message += "; giving the GPU back also failed: \(leftBehind.joined(separator: "; "))"
             } else if ProcFS.isLive(pid) {
@@ -231,6 +231,16 @@ public struct DumpOperation {
     /// The file that keeps a container's config.json in its checkpoint.
     static let containerSpecName = "container-config.json"
 
+    /// A container with a terminal cannot be restored detached by runc without a console socket: refused
+    /// before anything is touched.
+    static func refuseTerminal(_ state: Runc.State) throws {
+        let spec = try? JSONSerialization.jsonObject(with: FileSystem.readFile(state.bundle + "/config.json")) as? [String: Any]
+        if (spec?["process"] as? [String: Any])?["terminal"] as? Bool == true {
+            throw StasisError(.invalidArgument, "container \(state.id) has a terminal (process.terminal in its config.json); stasis restores containers detached, without one",
+                              hint: "run it with pipes or /dev/null as its stdio (podman and CRI-O give containers pipes)")
+        }
+    }
+
     /// Copies the container's config.json into the checkpoint and says what the container is.
     static func keepSpec(of state: Runc.State, in directory: String) throws -> Manifest.Container {
         let spec = try FileSystem.readFile(state.bundle + "/config.json")
@@ -245,7 +255,7 @@ public struct DumpOperation {
     private func finish(staging: StagingDirectory, ingester: ChunkIngester, store: ChunkStore, criu: CRIUBinary,
                         processes: [Manifest.Process], gpu: Manifest.GPUSection, deviceFiles: [Manifest.FileEntry],
                         deviceStatistics: ChunkIngester.Statistics, timings: Manifest.Timings,
-                        container: Manifest.Container? = nil) throws -> Manifest {
+                        container: Manifest.Container? = nil, rootPID: Int32? = nil) throws -> Manifest {
         let images = try Self.completeImages(in: staging.path, ingester: ingester, except: [CRIUService.dumpLogName])
         let chunked = images.chunked, statistics = images.statistics
         var timings = timings
@@ -257,7 +267,7 @@ public struct DumpOperation {
             tool: .init(name: "stasis", version: StasisVersion.current), host: HostFacts.current(),
             criu: .init(version: criu.version, logFile: CRIUService.dumpLogName),
             options: .init(leaveRunning: options.leaveRunning, tcpEstablished: options.process.tcpEstablished, shellJob: options.process.shellJob),
-            processTree: .init(rootPID: options.pid, processes: processes),
+            processTree: .init(rootPID: rootPID ?? options.pid, processes: processes),
             memory: .init(residentBytes: processes.reduce(0) { $0 + $1.residentBytes },
                           dumpedBytes: chunked.filter { Self.isMemoryImage($0.key) }.reduce(0) { $0 + $1.value.size },
                           imageBytes: files.reduce(0) { $0 + $1.size }),

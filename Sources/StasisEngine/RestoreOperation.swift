@@ -124,12 +124,10 @@ public struct RestoreOperation {
             if let store, let info = manifest.store {
                 if let rebuildRoot {
                     let rebuildWatch = Stopwatch()
+                    try FileSystem.makePrivateDirectory(rebuildRoot)
                     rebuilt = try Self.makeRebuildDirectory(in: rebuildRoot, bytes: criuItems.reduce(0) { $0 + $1.size })
-                    for entry in manifest.files where entry.chunks == nil {
-                        let target = rebuilt! + "/" + entry.path
-                        // Whole files may lie in subdirectories (an imported archive's archive/).
-                        if entry.path.contains("/") { try FileSystem.makePrivateDirectory((target as NSString).deletingLastPathComponent) }
-                        try FileManager.default.copyItem(atPath: directory + "/" + entry.path, toPath: target)
+                    for entry in manifest.files where entry.chunks == nil && Checkpoint.isForCRIU(entry.path) {
+                        try FileManager.default.copyItem(atPath: directory + "/" + entry.path, toPath: rebuilt! + "/" + entry.path)
                     }
                     try ChunkedFiles.read(criuItems, from: store, checkpoint: directory, chunkSize: info.chunkSize, into: rebuilt) { counter.add($0) }
                     try ChunkedFiles.requirePresent(chunkedItems.filter { Checkpoint.isDeviceMemory($0.path) }, in: store, checkpoint: directory,
@@ -239,8 +237,14 @@ public struct RestoreOperation {
                          tcpEstablished: manifest.options.tcpEstablished, shellJob: manifest.options.shellJob)
         var timings = timings
         timings.criu = watch.seconds
-        let state = try runc.state(id)
         var deviceSteps: [String: Double] = [:]
+        let state: Runc.State
+        do {
+            state = try runc.state(id)
+        } catch {
+            try? runc.remove(id)
+            throw (error as? StasisError ?? StasisError(.runtime, "\(error)")).prefixed("restore of \(directory) failed after runc restored container \(id); the container was removed")
+        }
         if !manifest.gpu.processes.isEmpty {
             let deviceWatch = Stopwatch()
             do {
@@ -249,7 +253,7 @@ public struct RestoreOperation {
                 deviceSteps = try device.afterRestore(section: section, store: store.map { DeviceStore(store: $0, checkpoint: directory) },
                                                       files: manifest.files)
             } catch {
-                runc.remove(id)
+                try? runc.remove(id)
                 let failure = (error as? StasisError) ?? StasisError(.gpu, "\(error)")
                 throw failure.prefixed("restore of \(directory) failed after runc restored container \(id); the container was removed")
             }

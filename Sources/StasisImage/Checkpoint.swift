@@ -44,8 +44,12 @@ public enum Checkpoint {
 
     /// The chunked files CRIU reads: its memory images.
     public static func criuItems(_ manifest: Manifest) -> [ChunkedFiles.Item] {
-        chunkedItems(manifest).filter { !isDeviceMemory($0.path) }
+        chunkedItems(manifest).filter { isForCRIU($0.path) }
     }
+
+    /// Files under archive/ are a container engine's own (an imported checkpoint archive's rootfs-diff.tar and
+    /// the like), kept for export; CRIU never reads them either.
+    public static func isForCRIU(_ path: String) -> Bool { !isDeviceMemory(path) && !path.hasPrefix("archive/") }
 
     /// Checks every file against the manifest: the set of whole files first (missing, unexpected), then sizes,
     /// then SHA-256 in parallel; then, with a store, every chunk of the chunked files (decoded and hashed).

@@ -75,8 +75,8 @@ extension Integration {
             }
         }
 
-        /// A container dump that fails after runc removed the container (a fault injected where a process
-        /// dump's post-dump step would be) puts the container back from its images: it runs on, no checkpoint.
+        /// A container dump that fails after runc has checkpointed the paused container (a fault injected where
+        /// a process dump's post-dump step would be) resumes it: it runs on, and no checkpoint appears.
         @Test func aFailingContainerDumpPutsTheContainerBack() throws {
             let container = try Container.running(name: "fault")
             defer { container.remove() }
@@ -84,7 +84,8 @@ extension Integration {
             let dump = try Harness.stasis(["dump", "--container", container.id, "-D", root + "/ckpt", "--store", root + "/store"],
                                           environment: ["STASIS_FAULT": "post-dump"])
             #expect(!dump.succeeded)
-            #expect(dump.stderr.contains("was restored from its images and runs on"), "\(dump.stderr)")
+            #expect(dump.stderr.contains("is still running, as it was before the dump"), "\(dump.stderr)")
+            #expect(try Runc.locate().state(container.id).status == "running")
             #expect(!FileManager.default.fileExists(atPath: root + "/ckpt"))
             let before = try #require(container.count)
             #expect(container.waitForCount(atLeast: before + 5), "the container does not run on after the failed dump")
@@ -291,6 +292,19 @@ struct Container {
             if entry.isFile { read.append((entry.name, try reader.readAll())) }
         }
         #expect(read.map(\.0) == contents.map(\.0) && read.map(\.1) == contents.map(\.1))
+
+        // GNU tar's own format carries long names in "././@LongLink" entries: they come back whole too.
+        let source = directory + "/gnu"
+        try FileManager.default.createDirectory(atPath: source, withIntermediateDirectories: true)
+        let longFile = String(repeating: "y", count: 150) + ".img"
+        try Data("long".utf8).write(to: URL(fileURLWithPath: source + "/" + longFile))
+        #expect(try Harness.run("/bin/tar", ["--format=gnu", "-cf", directory + "/gnu.tar", "-C", source, longFile]).succeeded)
+        let gnuFD = open(directory + "/gnu.tar", O_RDONLY)
+        defer { close(gnuFD) }
+        let gnuReader = Tar.Reader(fd: gnuFD, path: directory + "/gnu.tar")
+        let gnuEntry = try #require(try gnuReader.next())
+        let gnuContents = try gnuReader.readAll()
+        #expect(gnuEntry.name == longFile && String(decoding: gnuContents, as: UTF8.self) == "long")
 
         // One flipped byte in a header: its checksum no longer matches.
         let bytes = NSMutableData(contentsOfFile: path)!

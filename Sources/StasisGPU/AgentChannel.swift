@@ -34,7 +34,12 @@ final class AgentChannel: @unchecked Sendable {
     static func connect(pid: Int32, timeoutSeconds: Int = 120) throws -> AgentChannel? {
         for name in socketNames(pid) {
             // Abstract names are per network namespace: the socket is made in the process's (a container's).
-            let fd = SocketPeer.unixSocket(inNetworkNamespaceOf: pid)
+            // A namespace this stasis may not enter (it runs in a container itself) holds no agent it can
+            // reach: the socket is then made here, where the connect finds none.
+            var fd = SocketPeer.unixSocket(inNetworkNamespaceOf: pid)
+            if fd < 0, errno == EPERM || errno == EACCES || errno == ENOENT {
+                fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            }
             guard fd >= 0 else { throw systemError("cannot create a socket for the agent of PID", "\(pid)") }
             var address = sockaddr_un()
             address.sun_family = sa_family_t(AF_UNIX)

@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import StasisCRIU
+import StasisContainer
 import StasisCore
 import StasisGPU
 import StasisOS
@@ -37,6 +38,8 @@ public struct CheckOperation {
         public var criu: CRIU
         public var gpu: GPUReport
         public var store: Store
+        /// runc, for `stasis dump --container` (nil when it is not on the PATH).
+        public var runc: String?
         /// True when CPU checkpoint/restore works here.
         public var ready: Bool
     }
@@ -80,7 +83,7 @@ public struct CheckOperation {
             criu.hint = "run stasis as root: CRIU needs CAP_SYS_ADMIN"
         }
         return Report(kernel: host.kernel, root: root, criu: criu, gpu: GPUReport.probe(), store: Self.storeReport(),
-                      ready: criu.found && criu.kernelCheck == true && root)
+                      runc: (try? Runc.locate()).map(\.path), ready: criu.found && criu.kernelCheck == true && root)
     }
 
     static func storeReport() -> Report.Store {

@@ -46,6 +46,7 @@ struct CheckCommand: ParsableCommand {
             } else {
                 print("store:   \(store.path) (created by the first dump)\(free)")
             }
+            print("runc:    \(report.runc.map { "\($0) (stasis dump --container)" } ?? "not found (needed only for containers: docs/CONTAINERS.md)")")
             print("ready:   \(report.ready ? "yes" : "no")")
         }
         if !report.ready { throw ExitCode.failure }

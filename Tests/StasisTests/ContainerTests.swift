@@ -97,7 +97,7 @@ extension Integration {
         @Test func aContainerCheckpointRoundTripsThroughACheckpointArchive() throws {
             let container = try Container.running(name: "archive")
             defer { container.remove() }
-            let copy = Container(runc: container.runc, id: container.id + "-copy", bundle: container.bundle, images: container.images, work: container.work)
+            let copy = container.copy()
             defer { copy.remove() }
             let root = Harness.scratch("container-archive")
             #expect(try Harness.stasis("dump", "--container", container.id, "-D", root + "/ckpt", "--store", root + "/store").succeeded)
@@ -134,7 +134,7 @@ extension Integration {
         @Test func aPodmanStyleArchiveImportsAndRestores() throws {
             let container = try Container.running(name: "podman")
             defer { container.remove() }
-            let copy = Container(runc: container.runc, id: container.id + "-copy", bundle: container.bundle, images: container.images, work: container.work)
+            let copy = container.copy()
             defer { copy.remove() }
             let root = Harness.scratch("podman-archive")
             let layout = root + "/layout"
@@ -194,6 +194,9 @@ struct Container {
         }
         return container
     }
+
+    /// The same bundle under another ID: where a restore under a new name lands.
+    func copy() -> Container { Container(runc: runc, id: id + "-copy", bundle: bundle, images: images, work: work) }
 
     static func make(runc: String, name: String) throws -> Container {
         let root = Harness.scratch("runc-\(name)")

@@ -6,6 +6,7 @@
 #   scripts/device-test.sh [SECTION...]     sections: cuda refuse gpumap plugin infer bert agent (default:
 #                                           all), and, only when named: agentbig (BERT-large and 64 GiB under
 #                                           the agent), container (GPU containers under runc),
+#                                           multigpu (two GPUs: a split model and NCCL; needs two),
 #                                           agentbench and agentcost (the agent's benchmark,
 #                                           bench/agent-dump-restore.sh speed / $AGENTCOST_PARTS),
 #                                           and, only when named: bench (the GPU benchmark), storebench
@@ -555,6 +556,58 @@ section_container() {
         cp "$dir"/work*/*.log "$LOGS/" 2>/dev/null; cp "$dir"/s*.txt "$LOGS/" 2>/dev/null
         $runc kill $id KILL >/dev/null 2>&1; sleep 0.5; $runc delete -f $id >/dev/null 2>&1
     done
+}
+
+# Several GPUs (issue 8; needs a machine with two, the nvidia-h200-x2 kind). Each run pauses at step 15,
+# is dumped (its tree gone), restored, told to go on, and its 30 losses must equal a reference run's.
+#  - two_gpu_train.py: one process, a model split over cuda:0 and cuda:1 with copies between them: through
+#    the driver, restored with the GPUs swapped (--gpu-map 0=1,1=0), and under `stasis run`;
+#  - ddp_bert_train.py: two processes, data-parallel BERT-base over NCCL: through the driver and under
+#    `stasis run` (a refusal is recorded with its words: which part of NCCL's state the driver or the agent
+#    will not take);
+#  - the time to checkpoint and restore two GPUs at once against one (bert_train.py on one GPU).
+multi_gpu_case() {  # LABEL SCRIPT LAUNCHER RESTORE_ARGS [SCRIPT ARGS...]
+    local label=$1 script=$2 launcher=$3 restore_args=$4; shift 4
+    local ref=/tmp/stasis-multi-ref-$(basename "$script" .py)
+    if [[ ! -s $ref/losses.txt ]]; then
+        mkdir -p "$ref"
+        timeout 600 python3 "$script" --dir "$ref" --steps 30 "$@" >"$ref/out.txt" 2>&1 || { fail "$label reference" "$(tail -n 3 "$ref/out.txt")"; return; }
+    fi
+    local run; run=$(mktemp -d /tmp/stasis-multi.XXXXXX)
+    local pid; pid=$($launcher python3 "$script" --dir "$run" --steps 30 --pause-at 15 --daemon "$@") || { fail "$label" "did not start: $(tail -n 5 "$run/log")"; return; }
+    local pids; pids=$(tree_pids "$pid")
+    if $STASIS dump "$pid" -D "$run/ckpt" --tcp-established >"$run/dump.txt" 2>&1 && wait_gone "$pid" \
+        && $STASIS restore -D "$run/ckpt" $restore_args >"$run/restore.txt" 2>&1; then
+        touch "$run/go"
+        for _ in $(seq 1200); do [[ -e $run/done ]] && break; sleep 0.1; done
+        if cmp -s "$ref/losses.txt" "$run/losses.txt"; then
+            pass "$label: 30 losses identical; $(grep -h 'gpu:' "$run/dump.txt" | sed 's/^ *//'); $(agent_line "$run/dump.txt"); dump $(grep -h 'time:' "$run/dump.txt" | sed 's/^ *//'); restore $(grep -h 'time:' "$run/restore.txt" | sed 's/^ *//')"
+        else
+            fail "$label" "losses differ: $(diff "$ref/losses.txt" "$run/losses.txt" | head -n 4 | tr '\n' ' '); $(tail -n 3 "$run/log")"
+        fi
+    else
+        fail "$label" "$(tail -n 6 "$run"/dump.txt "$run"/restore.txt 2>/dev/null | tr '\n' ' ')"
+    fi
+    keep_logs "$run" "multi-$label"
+    for p in $pids; do kill -9 "$p" 2>/dev/null; done
+    [[ -e /proc/$pid ]] && kill_tree "$pid"
+    rm -rf "$run/ckpt"
+}
+
+section_multigpu() {
+    local gpus; gpus=$(nvidia-smi -L | wc -l)
+    if (( gpus < 2 )); then fail "multigpu" "needs two GPUs, this machine has $gpus"; return; fi
+    export STASIS_STORE=/dev/shm/stasis-multi-store
+    rm -rf $STASIS_STORE
+    multi_gpu_case "two GPUs, one process" Workloads/torch/two_gpu_train.py "" ""
+    multi_gpu_case "two GPUs, one process, restored with the GPUs swapped" Workloads/torch/two_gpu_train.py "" "--gpu-map 0=1,1=0"
+    multi_gpu_case "two GPUs, one process, under stasis run" Workloads/torch/two_gpu_train.py "$RUN" ""
+    multi_gpu_case "NCCL data-parallel BERT-base, two processes" Workloads/torch/ddp_bert_train.py "" "" --gpus 2
+    multi_gpu_case "NCCL data-parallel BERT-base, two processes, under stasis run" Workloads/torch/ddp_bert_train.py "$RUN" "" --gpus 2
+    # Two GPUs at once against one: BERT-base on one GPU, then the two-process job (the same model per GPU).
+    multi_gpu_case "one GPU, BERT-base (for the comparison)" Workloads/torch/bert_train.py "$RUN" "" --size base
+    rm -rf $STASIS_STORE
+    unset STASIS_STORE
 }
 
 # Not a test: the baseline-against-stasis benchmark (bench/gpu-dump-restore.sh), when asked for by name.

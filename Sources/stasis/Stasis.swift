@@ -13,7 +13,9 @@ struct Stasis: ParsableCommand {
         checkpoint of a job adds only what changed. A checkpoint is written to a hidden sibling and renamed \
         into place only when complete. CUDA processes are checkpointed through the NVIDIA driver's process \
         checkpoint API (driver >= 570); programs started with `stasis run` carry an agent that moves their device \
-        memory itself, straight into the chunk store, and leaves the driver only the rest. Run as root.
+        memory itself, straight into the chunk store, and leaves the driver only the rest. runc containers are \
+        checkpointed through runc (dump --container), and exchanged with podman and CRI-O as checkpoint \
+        archives (export --archive, import). Run as root.
         """,
         version: StasisVersion.current,
         subcommands: [RunCommand.self, CheckCommand.self, DumpCommand.self, RestoreCommand.self, ResumeCommand.self, InspectCommand.self, VerifyCommand.self,

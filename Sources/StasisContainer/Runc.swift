@@ -41,6 +41,15 @@ public struct Runc: Sendable {
         return State(id: id, pid: Int32(pid), status: state, bundle: bundle)
     }
 
+    /// Every process of the container, those started by `runc exec` too (which are not its init's descendants).
+    public func processes(_ id: String) throws -> [Int32] {
+        let (status, output, log) = try run(["ps", "--format", "json", id], logIn: nil)
+        guard status == 0, let pids = try? JSONSerialization.jsonObject(with: output) as? [Int] else {
+            throw StasisError(.runtime, "runc could not list the processes of container \(id): \(log)")
+        }
+        return pids.map { Int32($0) }
+    }
+
     /// Checkpoints the container into `images` (CRIU's images and runc's descriptors.json; CRIU's log in
     /// `work`). Without `leaveRunning`, runc removes the container once its images are complete.
     public func checkpoint(_ id: String, images: String, work: String, leaveRunning: Bool, tcpEstablished: Bool = false, shellJob: Bool = false) throws {
@@ -107,8 +116,8 @@ public struct Runc: Sendable {
         for fd in ends { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
         var environment = ProcessInfo.processInfo.environment
         environment["STASIS_CRIU_PLUGIN"] = "off"
-        // Only `state` prints what stasis reads; the others' stdout would be a detached container's.
-        let stdout = arguments[0] == "state" ? ends[1] : nulls[1]
+        // Only `state` and `ps` print what stasis reads; the others' stdout would be a detached container's.
+        let stdout = ["state", "ps"].contains(arguments[0]) ? ends[1] : nulls[1]
         let pid: pid_t
         do {
             pid = try Spawn.start(path, ["--log", logPath, "--log-format", "json"] + arguments, descriptors: [nulls[0]: 0, stdout: 1, nulls[2]: 2], environment: environment)

@@ -136,10 +136,10 @@ public enum ArchiveOperation {
         let previous = signal(SIGPIPE, SIG_IGN)
         defer { signal(SIGPIPE, previous) }
         let finished = DispatchSemaphore(value: 0)
-        let failure = ErrorBox()
+        let failure = Locked<Error?>(nil)
         let writeEnd = ends[1]
         let thread = Thread {
-            do { try produce(writeEnd) } catch { failure.error = error }
+            do { try produce(writeEnd) } catch { failure.withLock { $0 = error } }
             close(writeEnd)
             finished.signal()
         }
@@ -162,7 +162,7 @@ public enum ArchiveOperation {
         finished.wait()
         // Writing the archive failing (a full disk) is the cause; the producer's broken pipe only follows it.
         if let problem { throw problem }
-        if let error = failure.error { throw error }
+        if let error = failure.current { throw error }
         return copied
     }
 
@@ -332,14 +332,5 @@ public enum ArchiveOperation {
         guard let config else { throw StasisError(.notACheckpoint, "\(file) is not a container checkpoint archive (no \(configDump))") }
         return Summary(archive: file, engine: engine, container: config.id, name: config.name, runtime: config.runtime, created: config.created,
                        checkpointBytes: checkpointBytes, pagesBytes: pagesBytes, rootfsDiffBytes: rootfsDiff, files: files)
-    }
-}
-
-private final class ErrorBox: @unchecked Sendable {
-    private let lock = NSLock()
-    private var stored: Error?
-    var error: Error? {
-        get { lock.withLock { stored } }
-        set { lock.withLock { stored = newValue } }
     }
 }

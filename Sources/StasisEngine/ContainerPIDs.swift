@@ -6,12 +6,10 @@ import StasisOS
 /// restored processes to the checkpoint's by their PIDs inside the namespace.
 enum ContainerPIDs {
     /// `section` with each process's PID replaced by its PID here after the restore; `processes` are the
-    /// checkpoint's (with their namespace PIDs), `restoredRoot` the restored container's init as runc says.
-    static func remap(_ section: Manifest.GPUSection, processes: [Manifest.Process], restoredRoot: Int32) throws -> Manifest.GPUSection {
+    /// checkpoint's (with their namespace PIDs), `restored` the restored container's processes as runc lists them.
+    static func remap(_ section: Manifest.GPUSection, processes: [Manifest.Process], restored: [Int32]) throws -> Manifest.GPUSection {
         var here: [Int32: Int32] = [:]  // namespace PID -> PID here
-        for process in ProcFS.tree(root: restoredRoot) {
-            here[ProcFS.namespacePID(process.pid) ?? process.pid] = process.pid
-        }
+        for pid in restored { here[ProcFS.namespacePID(pid) ?? pid] = pid }
         let inner = Dictionary(processes.map { ($0.pid, $0.namespacePID ?? $0.pid) }, uniquingKeysWith: { first, _ in first })
         var mapped = section
         for index in mapped.processes.indices {

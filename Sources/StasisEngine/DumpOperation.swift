@@ -65,15 +65,19 @@ public struct DumpOperation {
 
     public func run() throws -> Report {
         let total = Stopwatch()
-        let runc = try options.container.map { _ in try Runc.locate() }
-        let containerState = try options.container.map { id in try runc!.state(id) }
-        if let containerState {
+        // A container: runc, and the container as runc sees it now.
+        let container = try options.container.map { id -> (runc: Runc, state: Runc.State) in
+            let runc = try Runc.locate()
+            return (runc, try runc.state(id))
+        }
+        if let containerState = container?.state {
             guard containerState.status == "running" else {
                 throw StasisError(.processNotFound, "container \(containerState.id) is \(containerState.status), not running")
             }
             try Self.refuseTerminal(containerState)
         }
-        let pid = containerState?.pid ?? options.pid
+        let containerPIDs = try container.map { try $0.runc.processes($0.state.id) } ?? []
+        let pid = container?.state.pid ?? options.pid
         guard pid > 0, ProcFS.isLive(pid) else {
             throw StasisError(.processNotFound, "no running process with PID \(pid)", hint: "check the PID with `ps -p \(pid)`")
         }
@@ -85,7 +89,11 @@ public struct DumpOperation {
         let staging = try StagingDirectory(destination: options.directory)
         let destination = staging.destination
 
-        let tree = ProcFS.tree(root: pid)
+        // A container's processes are its init's tree and any that `runc exec` started beside it.
+        var tree = ProcFS.tree(root: pid)
+        for other in containerPIDs where !tree.contains(where: { $0.pid == other }) {
+            tree += ProcFS.tree(root: other).filter { entry in !tree.contains { $0.pid == entry.pid } }
+        }
         let processes = tree.map { entry -> Manifest.Process in
             let status = ProcFS.status(entry.pid)
             var process = Manifest.Process(pid: entry.pid, ppid: entry.ppid, command: entry.command, arguments: ProcFS.arguments(entry.pid),
@@ -130,8 +138,8 @@ public struct DumpOperation {
             defer { ticker?.stop() }
 
             let criuWatch = Stopwatch()
-            if let runc, let containerState {
-                let container = try Self.keepSpec(of: containerState, in: staging.path)
+            if let (runc, containerState) = container {
+                let kept = try Self.keepSpec(of: containerState, in: staging.path)
                 // Frozen from here until the checkpoint is published, as CRIU keeps a process tree frozen.
                 try runc.pause(containerState.id)
                 containerPaused = true
@@ -141,7 +149,7 @@ public struct DumpOperation {
                 try FaultInjection.check("post-dump")
                 let manifest = try finish(staging: staging, ingester: chunker, store: store, criu: criu, processes: processes,
                                           gpu: gpu, deviceFiles: deviceFiles, deviceStatistics: deviceStatistics, timings: timings,
-                                          container: container, rootPID: pid)
+                                          container: kept, rootPID: pid)
                 try staging.publish()
                 published = manifest
                 if options.leaveRunning {
@@ -154,35 +162,35 @@ public struct DumpOperation {
                 }
                 containerPaused = false
             } else {
-            let service = CRIUService(binary: criu)
-            let response = try service.dump(pid: pid, imagesDirectory: imagesFD, options: options.process,
-                                             leaveRunning: options.leaveRunning) { note in
-                guard note.script == "post-dump" else { return }
-                try FaultInjection.check("post-dump")
-                // The tree is frozen here: make the checkpoint complete and durable before CRIU may kill it.
-                let manifest = try finish(staging: staging, ingester: chunker, store: store, criu: criu, processes: processes,
-                                          gpu: gpu, deviceFiles: deviceFiles, deviceStatistics: deviceStatistics, timings: timings)
-                try staging.publish()
-                published = manifest
-            }
-            timings.criu = criuWatch.seconds
-            guard response.success else {
-                throw Self.criuFailure("CRIU could not dump PID \(pid)", response: response,
-                                       log: (published == nil ? staging.path : destination) + "/" + CRIUService.dumpLogName)
-            }
-            if published == nil {
-                // CRIU never sent post-dump (it always does in 4.x): publish now rather than lose the images.
-                published = try finish(staging: staging, ingester: chunker, store: store, criu: criu, processes: processes,
-                                       gpu: gpu, deviceFiles: deviceFiles, deviceStatistics: deviceStatistics, timings: timings)
-                try staging.publish()
-            }
+                let service = CRIUService(binary: criu)
+                let response = try service.dump(pid: pid, imagesDirectory: imagesFD, options: options.process,
+                                                 leaveRunning: options.leaveRunning) { note in
+                    guard note.script == "post-dump" else { return }
+                    try FaultInjection.check("post-dump")
+                    // The tree is frozen here: make the checkpoint complete and durable before CRIU may kill it.
+                    let manifest = try finish(staging: staging, ingester: chunker, store: store, criu: criu, processes: processes,
+                                              gpu: gpu, deviceFiles: deviceFiles, deviceStatistics: deviceStatistics, timings: timings)
+                    try staging.publish()
+                    published = manifest
+                }
+                timings.criu = criuWatch.seconds
+                guard response.success else {
+                    throw Self.criuFailure("CRIU could not dump PID \(pid)", response: response,
+                                           log: (published == nil ? staging.path : destination) + "/" + CRIUService.dumpLogName)
+                }
+                if published == nil {
+                    // CRIU never sent post-dump (it always does in 4.x): publish now rather than lose the images.
+                    published = try finish(staging: staging, ingester: chunker, store: store, criu: criu, processes: processes,
+                                           gpu: gpu, deviceFiles: deviceFiles, deviceStatistics: deviceStatistics, timings: timings)
+                    try staging.publish()
+                }
             }
         } catch {
             ingester?.cancel()
             // A container stasis paused goes on as it was (its GPU state is given back below).
             var resumeFailure: String?
-            if containerPaused, let runc, let containerState {
-                do { try runc.resume(containerState.id) } catch { resumeFailure = "\(error)" }
+            if containerPaused, let container {
+                do { try container.runc.resume(container.state.id) } catch { resumeFailure = "\(error)" }
             }
             // Listed in the catalog but never published: drop it (its chunks go at the next gc).
             if !staging.published, let id = staging.manifestID { catalog.unregister(id: id) }
@@ -192,7 +200,7 @@ public struct DumpOperation {
             // The staging directory is gone: point at the copy of CRIU's log kept beside it, if CRIU ran.
             failure.logPath = keptLog
             if let resumeFailure {
-                failure.message += "; resuming the paused container also failed: \(resumeFailure) (`runc resume \(containerState?.id ?? "")`)"
+                failure.message += "; resuming the paused container also failed: \(resumeFailure) (`runc resume \(container?.state.id ?? "")`)"
             } else if !leftBehind.isEmpty {
                 failure.message += "; giving the GPU back also failed: \(leftBehind.joined(separator: "; "))"
             } else if ProcFS.isLive(pid) {

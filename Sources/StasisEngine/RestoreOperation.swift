@@ -115,9 +115,10 @@ public struct RestoreOperation {
         // Device memory an agent moved is the agent's to refill; CRIU reads only its own images.
         let criuItems = Checkpoint.criuItems(manifest)
         let runc = try manifest.container.map { _ in try Runc.locate() }
-        // runc reads files: a container's images are always rebuilt, by default in the work directory.
-        let workDirectory = try options.workDirectory ?? Self.makeWorkDirectory()
-        let rebuildRoot = options.rebuildRoot ?? (runc != nil ? workDirectory : nil)
+        // runc reads files: a container's images are always rebuilt, by default in the work directory (made
+        // now for a container, else only once the checkpoint has passed its checks).
+        let containerWork = runc == nil ? nil : try options.workDirectory ?? Self.makeWorkDirectory()
+        let rebuildRoot = options.rebuildRoot ?? containerWork
         let images: Images = store == nil ? .files : rebuildRoot == nil ? .streamed : .rebuilt
         do {
             _ = try Checkpoint.verify(directory, manifest: manifest, store: store, chunks: false) { counter.add($0) }
@@ -143,13 +144,14 @@ public struct RestoreOperation {
             throw (error as? StasisError ?? StasisError(.io, "\(error)")).prefixed("restore refused")
         }
         let verifySeconds = verifyWatch.seconds - rebuildSeconds
-        if let runc, let container = manifest.container {
+        if let runc, let container = manifest.container, let workDirectory = containerWork {
             return try restoreContainer(container, runc: runc, images: rebuilt ?? directory, workDirectory: workDirectory, manifest: manifest,
                                         store: store, directory: directory, timings: Timings(verify: verifySeconds, rebuild: rebuildSeconds, criu: 0, forking: 0,
                                                                                restore: 0, devices: 0, total: 0), started: total)
         }
         try waitForFreePIDs(manifest.processTree)
 
+        let workDirectory = try options.workDirectory ?? Self.makeWorkDirectory()
         try FileSystem.makePrivateDirectory(workDirectory)
         let logPath = workDirectory + "/" + CRIUService.restoreLogName
         let processOptions = CRIUService.ProcessOptions(tcpEstablished: manifest.options.tcpEstablished,
@@ -249,7 +251,7 @@ public struct RestoreOperation {
             let deviceWatch = Stopwatch()
             do {
                 try FaultInjection.check("after-restore")
-                let section = try ContainerPIDs.remap(manifest.gpu, processes: manifest.processTree.processes, restoredRoot: state.pid)
+                let section = try ContainerPIDs.remap(manifest.gpu, processes: manifest.processTree.processes, restored: try runc.processes(id))
                 deviceSteps = try device.afterRestore(section: section, store: store.map { DeviceStore(store: $0, checkpoint: directory) },
                                                       files: manifest.files)
             } catch {

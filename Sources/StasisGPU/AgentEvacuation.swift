@@ -202,7 +202,7 @@ final class AgentEvacuation: @unchecked Sendable {
     /// Returns the refill's seconds, and the longest check on a GPU (nil where the CPUs checked the chunks).
     static func refill(_ section: Manifest.GPUSection, store: DeviceStore, files: [Manifest.FileEntry]) throws -> (seconds: Double, gpuCheck: Double?) {
         let watch = Stopwatch()
-        let checks = CheckTimes()
+        let longestCheck = Locked<Double?>(nil)
         let chunksByPath = Dictionary(files.compactMap { entry in entry.chunks.map { (entry.path, $0) } }, uniquingKeysWith: { first, _ in first })
         let processes = section.processes.filter { $0.agent != nil }
         let failure = FirstFailure()
@@ -226,24 +226,17 @@ final class AgentEvacuation: @unchecked Sendable {
                 }
                 try session.refill(allocations: memory.allocations.map { .init(id: $0.id, bytes: $0.bytes, device: $0.device) },
                                    from: store.store, chunks: chunks, checkpoint: store.checkpoint, threads: max(1, threads / processes.count))
-                if let seconds = session.gpuCheckSeconds { checks.add(seconds) }
+                if let seconds = session.gpuCheckSeconds { longestCheck.withLock { $0 = max($0 ?? 0, seconds) } }
                 try session.resume()
             } catch {
                 failure.set(error)
             }
         }
         if let error = failure.error { throw error }
-        return (watch.seconds, checks.longest)
+        return (watch.seconds, longestCheck.current)
     }
 }
 
-/// The longest of the refills' checks on the GPU, from their threads.
-private final class CheckTimes: @unchecked Sendable {
-    private let lock = NSLock()
-    private var seconds: Double?
-    func add(_ value: Double) { lock.withLock { seconds = max(seconds ?? 0, value) } }
-    var longest: Double? { lock.withLock { seconds } }
-}
 
 /// Device memory an agent released and nobody put back: a dump whose put-back failed (the GPU memory was
 /// taken in between), or a stasis that died after RELEASE. Its rescue entry in the store's catalog keeps the

@@ -154,12 +154,14 @@ public final class AgentSession: @unchecked Sendable {
     /// Asks the agent to load its chunk-digest kernel on its GPUs (held or released-and-rebacked only). An
     /// agent that cannot is no failure: stasis then hashes on its CPUs, and `noGPUHashing` says why.
     public func prepareDigests() throws {
-        try onChannel { channel in
-            try channel.send(STASIS_AGENT_DIGESTS)
-            let answer = try channel.expect(STASIS_AGENT_OK, doing: "load its digest kernel")
-            hashesOnGPU = answer.length == 1
-            noGPUHashing = hashesOnGPU ? nil : AgentChannel.text(answer)
-        }
+        try onChannel { channel in try prepareDigests(channel) }
+    }
+
+    private func prepareDigests(_ channel: AgentChannel) throws {
+        try channel.send(STASIS_AGENT_DIGESTS)
+        let answer = try channel.expect(STASIS_AGENT_OK, doing: "load its digest kernel")
+        hashesOnGPU = answer.length == 1
+        noGPUHashing = hashesOnGPU ? nil : AgentChannel.text(answer)
     }
 
     /// Copies every allocation out into `sink`; returns each allocation's chunk digests ("" for zeros).
@@ -249,15 +251,7 @@ public final class AgentSession: @unchecked Sendable {
 
     /// A FILLED's or DIGEST's SHA-256, as the store names chunks.
     static func hex(_ message: AgentChannel.Message) -> String {
-        withUnsafeBytes(of: message.digest) { bytes in
-            let digits = Array("0123456789abcdef".utf8)
-            var text = [UInt8](repeating: 0, count: 64)
-            for (index, byte) in bytes.enumerated() {
-                text[2 * index] = digits[Int(byte >> 4)]
-                text[2 * index + 1] = digits[Int(byte & 15)]
-            }
-            return String(decoding: text, as: UTF8.self)
-        }
+        withUnsafeBytes(of: message.digest) { SegmentedDigest.hex($0) }
     }
 
     /// Gives the physical memory back to the driver (the addresses stay reserved).
@@ -287,10 +281,7 @@ public final class AgentSession: @unchecked Sendable {
         try channel.send(STASIS_AGENT_REBACK)
         try channel.expect(STASIS_AGENT_OK, doing: "re-create its device memory")
         // Where the GPU can hash what lands in it, that is the check; else each chunk is checked as it is read.
-        try channel.send(STASIS_AGENT_DIGESTS)
-        let digestsAnswer = try channel.expect(STASIS_AGENT_OK, doing: "load its digest kernel")
-        hashesOnGPU = digestsAnswer.length == 1
-        noGPUHashing = hashesOnGPU ? nil : AgentChannel.text(digestsAnswer)
+        try prepareDigests(channel)
         let checkOnGPU = hashesOnGPU
         let chunk = ChunkStore.chunkSize
         var jobs: [(id: UInt64, offset: UInt64, length: Int, digest: String, file: String)] = []

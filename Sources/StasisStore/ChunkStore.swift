@@ -88,23 +88,17 @@ public final class ChunkStore: Sendable {
             }
             // Thousands of renames (a GPU's memory): on several threads, a share each.
             let shares = min(8, max(1, moves.count / 256))
-            let failures = RenameFailures()
+            let failure = Locked<Error?>(nil)
             DispatchQueue.concurrentPerform(iterations: shares) { share in
                 for index in stride(from: share, to: moves.count, by: shares) where rename(moves[index].temporary, moves[index].target) != 0 {
-                    failures.add(systemError("cannot rename \(moves[index].temporary) to", moves[index].target))
+                    let error = systemError("cannot rename \(moves[index].temporary) to", moves[index].target)
+                    failure.withLock { if $0 == nil { $0 = error } }
                     return
                 }
             }
-            if let error = failures.first { throw error }
+            if let error = failure.current { throw error }
             lock.withLock { pending = [:] }
             try FileSystem.syncFilesystem(of: store.path + "/chunks")
-        }
-
-        private final class RenameFailures: @unchecked Sendable {
-            private let lock = NSLock()
-            private var errors: [Error] = []
-            func add(_ error: Error) { lock.withLock { errors.append(error) } }
-            var first: Error? { lock.withLock { errors.first } }
         }
 
         /// Drops the chunks not committed (the ingest failed).

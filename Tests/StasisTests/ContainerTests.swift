@@ -42,6 +42,9 @@ extension Integration {
             let runc = container.runc
             let root = Harness.scratch("container-ckpt")
             let checkpoint = root + "/ckpt", store = root + "/store"
+            // A process beside the init, as `runc exec` starts one: it is the container's too.
+            #expect(try Harness.run("/bin/sh", ["-c", "'\(runc)' exec -d \(container.id) /bin/sleep 1000 </dev/null >/dev/null 2>&1"]).succeeded)
+            let besides = try #require(try Runc.locate().processes(container.id).first { ProcFS.arguments($0).last == "1000" })
 
             let dump = try Harness.stasis("dump", "--container", container.id, "-D", checkpoint, "--store", store)
             #expect(dump.succeeded, "\(dump.stderr)")
@@ -53,6 +56,7 @@ extension Integration {
             #expect(manifest.container?.id == container.id && manifest.container?.bundle == container.bundle)
             #expect(manifest.files.contains { $0.path.hasPrefix("pages-") && $0.chunks != nil }, "the memory images went to the store")
             #expect(manifest.files.contains { $0.path == "descriptors.json" }, "runc's descriptors.json is kept for its restore")
+            #expect(manifest.processTree.processes.contains { $0.pid == besides }, "the process runc exec started is listed")
             #expect(try Harness.stasis("verify", checkpoint, "--store", store).succeeded)
 
             let restore = try Harness.stasis("restore", "-D", checkpoint, "--store", store)
@@ -67,7 +71,7 @@ extension Integration {
             let restoredRoot = try Runc.locate().state(container.id).pid
             // (The shell's init only: its `sleep` children come and go.)
             let asIfGPU = Manifest.GPUSection(processes: manifest.processTree.processes.prefix(1).map { .init(pid: $0.pid, devices: [], deviceMemoryBytes: 0) })
-            let mapped = try ContainerPIDs.remap(asIfGPU, processes: manifest.processTree.processes, restoredRoot: restoredRoot)
+            let mapped = try ContainerPIDs.remap(asIfGPU, processes: manifest.processTree.processes, restored: try Runc.locate().processes(container.id))
             #expect(mapped.processes.first?.pid == restoredRoot)
             for (old, new) in zip(manifest.processTree.processes, mapped.processes) {
                 let inner = ProcFS.namespacePID(new.pid)

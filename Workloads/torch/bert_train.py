@@ -20,7 +20,7 @@ import argparse
 import os
 import time
 
-from workload_protocol import daemonize, deterministic_torch, write_file
+from workload_protocol import clear_signals, daemonize, deterministic_torch, wait_for_go, write_file
 
 SIZES = {
     # hidden size, layers, attention heads, intermediate size
@@ -63,13 +63,7 @@ def parse_args():
 
 def main():
     args = parse_args()
-    # Files of an earlier run in the same directory would be taken for this run's signals. DIR/go is kept on
-    # purpose: a reference run may be started with it already there.
-    for name in ("ready", "done"):
-        try:
-            os.unlink(os.path.join(args.dir, name))
-        except FileNotFoundError:
-            pass
+    clear_signals(args.dir)
     if args.daemon:
         # Before torch is imported: forking a process that has started CUDA or torch's threads is unsafe.
         daemonize(args.dir, ("ready", "done"), "bert_train", READY_TIMEOUT_S)
@@ -115,8 +109,7 @@ def main():
             torch.cuda.synchronize()
         write_file(os.path.join(args.dir, "ready"), f"{os.getpid()}\n")
         print(f"bert_train: paused after step {args.pause_at}, waiting for {args.dir}/go", flush=True)
-        while not os.path.exists(os.path.join(args.dir, "go")):
-            time.sleep(0.05)
+        wait_for_go(args.dir)
         print("bert_train: resumed", flush=True)
 
     if args.pause_at == 0:

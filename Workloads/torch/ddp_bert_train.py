@@ -18,9 +18,8 @@ bootstrap still keeps TCP connections between them, so checkpoint the tree with 
 """
 import argparse
 import os
-import time
 
-from workload_protocol import daemonize, deterministic_torch, write_file
+from workload_protocol import clear_signals, daemonize, deterministic_torch, wait_for_go, write_file
 
 SIZES = {"base": (768, 12, 12, 3072), "large": (1024, 24, 16, 4096)}
 VOCAB = 30522
@@ -92,8 +91,7 @@ def worker(rank, args, launcher):
         if rank == 0:
             write_file(os.path.join(args.dir, "ready"), f"{launcher}\n")
         print(f"ddp_bert_train: rank {rank} paused after step {args.pause_at}", flush=True)
-        while not os.path.exists(os.path.join(args.dir, "go")):
-            time.sleep(0.05)
+        wait_for_go(args.dir)
         print(f"ddp_bert_train: rank {rank} resumed", flush=True)
 
     if args.pause_at == 0:
@@ -123,11 +121,7 @@ def worker(rank, args, launcher):
 
 def main():
     args = parse_args()
-    for name in ("ready", "done", "rendezvous"):
-        try:
-            os.unlink(os.path.join(args.dir, name))
-        except FileNotFoundError:
-            pass
+    clear_signals(args.dir, ("ready", "done", "rendezvous"))
     if args.daemon:
         daemonize(args.dir, ("ready", "done"), "ddp_bert_train", READY_TIMEOUT_S)
     import torch.multiprocessing as mp

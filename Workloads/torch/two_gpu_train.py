@@ -11,9 +11,8 @@ run byte for byte. The pause/go/ready/done protocol and --daemon are bert_train.
 """
 import argparse
 import os
-import time
 
-from workload_protocol import daemonize, deterministic_torch, write_file
+from workload_protocol import clear_signals, daemonize, deterministic_torch, wait_for_go, write_file
 
 READY_TIMEOUT_S = 300
 
@@ -39,11 +38,7 @@ def parse_args():
 
 def main():
     args = parse_args()
-    for name in ("ready", "done"):
-        try:
-            os.unlink(os.path.join(args.dir, name))
-        except FileNotFoundError:
-            pass
+    clear_signals(args.dir)
     if args.daemon:
         daemonize(args.dir, ("ready", "done"), "two_gpu_train", READY_TIMEOUT_S)
 
@@ -67,8 +62,7 @@ def main():
                 torch.cuda.synchronize(device)
         write_file(os.path.join(args.dir, "ready"), f"{os.getpid()}\n")
         print(f"two_gpu_train: paused after step {args.pause_at}", flush=True)
-        while not os.path.exists(os.path.join(args.dir, "go")):
-            time.sleep(0.05)
+        wait_for_go(args.dir)
         print("two_gpu_train: resumed", flush=True)
 
     if args.pause_at == 0:

@@ -14,6 +14,22 @@ def write_file(path, text):
     os.rename(tmp, path)
 
 
+def clear_signals(directory, names=("ready", "done")):
+    """Removes the status files of an earlier run in directory, which would be taken for this run's. DIR/go is
+    kept on purpose: a reference run may be started with it already there."""
+    for name in names:
+        try:
+            os.unlink(os.path.join(directory, name))
+        except FileNotFoundError:
+            pass
+
+
+def wait_for_go(directory):
+    """Blocks until directory/go exists: where the tool checkpoints a paused workload."""
+    while not os.path.exists(os.path.join(directory, "go")):
+        time.sleep(0.05)
+
+
 def daemonize(directory, signals, name, timeout_s):
     """Detaches (double fork, then setsid). The calling process waits up to timeout_s until one of the files
     `signals` exists in directory, prints the workload's PID and exits; only the detached workload returns."""

@@ -57,7 +57,7 @@ let package = Package(
         .target(name: "StasisContainer", dependencies: ["StasisCore", "StasisOS"]),
         .target(name: "StasisEngine", dependencies: ["StasisCore", "StasisOS", "StasisCRIU", "StasisGPU", "StasisImage", "StasisStore", "StasisContainer"]),
         .executableTarget(name: "stasis", dependencies: [
-            "StasisEngine", "StasisCore", "StasisStore",
+            "StasisEngine", "StasisCore", "StasisStore", "StasisCRIU",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "stasis-workload", path: "Workloads/cpu"),

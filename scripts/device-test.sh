@@ -568,14 +568,18 @@ section_container() {
 #  - the time to checkpoint and restore two GPUs at once against one (bert_train.py on one GPU).
 multi_gpu_case() {  # LABEL SCRIPT LAUNCHER RESTORE_ARGS [SCRIPT ARGS...]
     local label=$1 script=$2 launcher=$3 restore_args=$4; shift 4
-    local ref=/tmp/stasis-multi-ref-$(basename "$script" .py)
+    # One reference run per script and arguments (the launcher's environment changes no result).
+    local ref=/tmp/stasis-multi-ref-$(basename "$script" .py)-$(echo "$*" | md5sum | cut -c1-8)
     if [[ ! -s $ref/losses.txt ]]; then
         mkdir -p "$ref"
-        timeout 600 python3 "$script" --dir "$ref" --steps 30 "$@" >"$ref/out.txt" 2>&1 || { fail "$label reference" "$(tail -n 3 "$ref/out.txt")"; return; }
+        timeout 240 python3 "$script" --dir "$ref" --steps 30 "$@" >"$ref/out.txt" 2>&1 || { fail "$label reference" "$(tail -n 3 "$ref/out.txt")"; return; }
     fi
     local run; run=$(mktemp -d /tmp/stasis-multi.XXXXXX)
     local pid; pid=$($launcher python3 "$script" --dir "$run" --steps 30 --pause-at 15 --daemon "$@") || { fail "$label" "did not start: $(tail -n 5 "$run/log")"; return; }
     local pids; pids=$(tree_pids "$pid")
+    # Evidence for what the driver maps per GPU (managed-memory detection) and the job's TCP sockets.
+    for p in $pids; do record_maps "multi-$label-$p" "$p" >/dev/null; done
+    ss -tanpe >"$run/sockets-before.txt" 2>&1
     if $STASIS dump "$pid" -D "$run/ckpt" --tcp-established >"$run/dump.txt" 2>&1 && wait_gone "$pid" \
         && $STASIS restore -D "$run/ckpt" $restore_args >"$run/restore.txt" 2>&1; then
         touch "$run/go"
@@ -587,6 +591,10 @@ multi_gpu_case() {  # LABEL SCRIPT LAUNCHER RESTORE_ARGS [SCRIPT ARGS...]
         fi
     else
         fail "$label" "$(tail -n 6 "$run"/dump.txt "$run"/restore.txt 2>/dev/null | tr '\n' ' ')"
+        ss -tanpe >"$run/sockets-after.txt" 2>&1
+        for log in $(grep -ho 'full log: [^ ]*' "$run"/dump.txt "$run"/restore.txt 2>/dev/null | cut -d' ' -f3); do
+            cp "$log" "$run/criu-$(basename "$(dirname "$log")").txt" 2>/dev/null
+        done
     fi
     keep_logs "$run" "multi-$label"
     for p in $pids; do kill -9 "$p" 2>/dev/null; done
@@ -595,6 +603,7 @@ multi_gpu_case() {  # LABEL SCRIPT LAUNCHER RESTORE_ARGS [SCRIPT ARGS...]
 }
 
 section_multigpu() {
+    local STASIS="timeout 200 /opt/stasis/bin/stasis"
     local gpus; gpus=$(nvidia-smi -L | wc -l)
     if (( gpus < 2 )); then fail "multigpu" "needs two GPUs, this machine has $gpus"; return; fi
     export STASIS_STORE=/dev/shm/stasis-multi-store
@@ -602,8 +611,13 @@ section_multigpu() {
     multi_gpu_case "two GPUs, one process" Workloads/torch/two_gpu_train.py "" ""
     multi_gpu_case "two GPUs, one process, restored with the GPUs swapped" Workloads/torch/two_gpu_train.py "" "--gpu-map 0=1,1=0"
     multi_gpu_case "two GPUs, one process, under stasis run" Workloads/torch/two_gpu_train.py "$RUN" ""
+    # The same state on one GPU, for the comparison of one GPU against two.
+    multi_gpu_case "the split model on one GPU, under stasis run (for the comparison)" Workloads/torch/two_gpu_train.py "$RUN" "" --devices cuda:0,cuda:0
     multi_gpu_case "NCCL data-parallel BERT-base, two processes" Workloads/torch/ddp_bert_train.py "" "" --gpus 2
     multi_gpu_case "NCCL data-parallel BERT-base, two processes, under stasis run" Workloads/torch/ddp_bert_train.py "$RUN" "" --gpus 2
+    # Without NCCL's peer-to-peer transport and its cuMem buffers: what remains between the GPUs is host memory.
+    multi_gpu_case "NCCL data-parallel BERT-base, two processes, no P2P, under stasis run" Workloads/torch/ddp_bert_train.py \
+        "env NCCL_P2P_DISABLE=1 NCCL_CUMEM_ENABLE=0 $RUN" "" --gpus 2
     # Two GPUs at once against one: BERT-base on one GPU, then the two-process job (the same model per GPU).
     multi_gpu_case "one GPU, BERT-base (for the comparison)" Workloads/torch/bert_train.py "$RUN" "" --size base
     rm -rf $STASIS_STORE

@@ -87,3 +87,97 @@ int stasis_unix_socket_in_netns_of(int pid) {
     if (request.fd < 0) errno = request.error;
     return request.fd;
 }
+
+// ---- TIME_WAIT sockets on a port a restored listener needs (sock_diag over netlink)
+
+#include <linux/inet_diag.h>
+#include <linux/netlink.h>
+#include <linux/sock_diag.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifndef SOCK_DESTROY
+#define SOCK_DESTROY 21
+#endif
+
+struct diag_request {
+    struct nlmsghdr header;
+    struct inet_diag_req_v2 request;
+};
+
+static int diag_send(int fd, uint16_t type, uint16_t flags, int family, const struct inet_diag_sockid *id) {
+    struct diag_request message;
+    memset(&message, 0, sizeof message);
+    message.header.nlmsg_len = sizeof message;
+    message.header.nlmsg_type = type;
+    message.header.nlmsg_flags = NLM_F_REQUEST | flags;
+    message.request.sdiag_family = (uint8_t)family;
+    message.request.sdiag_protocol = IPPROTO_TCP;
+    message.request.idiag_states = 1u << TCP_TIME_WAIT;
+    if (id) message.request.id = *id;
+    struct sockaddr_nl kernel = {.nl_family = AF_NETLINK};
+    return sendto(fd, &message, sizeof message, 0, (struct sockaddr *)&kernel, sizeof kernel) < 0 ? -errno : 0;
+}
+
+/// The TIME_WAIT sockets of `family` whose local end matches, into a malloc'd array.
+static int time_wait_matching(int fd, int family, const uint8_t *address, uint16_t port, struct inet_diag_sockid **out, size_t *count) {
+    int error = diag_send(fd, SOCK_DIAG_BY_FAMILY, NLM_F_DUMP, family, NULL);
+    if (error) return error;
+    size_t length = family == AF_INET ? 4 : 16, capacity = 0;
+    uint8_t zeros[16] = {0};
+    int any = memcmp(address, zeros, length) == 0;
+    static __thread char buffer[32768];
+    for (;;) {
+        ssize_t got = recv(fd, buffer, sizeof buffer, 0);
+        if (got < 0) {
+            if (errno == EINTR) continue;
+            return -errno;
+        }
+        for (struct nlmsghdr *header = (struct nlmsghdr *)buffer; NLMSG_OK(header, (size_t)got); header = NLMSG_NEXT(header, got)) {
+            if (header->nlmsg_type == NLMSG_DONE) return 0;
+            if (header->nlmsg_type == NLMSG_ERROR) {
+                const struct nlmsgerr *failure = NLMSG_DATA(header);
+                return failure->error ? failure->error : -EIO;
+            }
+            const struct inet_diag_msg *socket_info = NLMSG_DATA(header);
+            if (ntohs(socket_info->id.idiag_sport) != port) continue;
+            if (!any && memcmp(socket_info->id.idiag_src, address, length) != 0) continue;
+            if (*count == capacity) {
+                capacity = capacity ? capacity * 2 : 16;
+                struct inet_diag_sockid *bigger = realloc(*out, capacity * sizeof **out);
+                if (!bigger) return -ENOMEM;
+                *out = bigger;
+            }
+            (*out)[(*count)++] = socket_info->id;
+        }
+    }
+}
+
+int stasis_destroy_time_wait(int family, const uint8_t *address, uint16_t port) {
+    if (family != AF_INET && family != AF_INET6) return -EAFNOSUPPORT;
+    int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_SOCK_DIAG);
+    if (fd < 0) return -errno;
+    struct inet_diag_sockid *found = NULL;
+    size_t count = 0;
+    int result = time_wait_matching(fd, family, address, port, &found, &count);
+    int destroyed = 0;
+    for (size_t i = 0; result == 0 && i < count; i++) {
+        result = diag_send(fd, SOCK_DESTROY, NLM_F_ACK, family, &found[i]);
+        char reply[4096];
+        ssize_t got = result == 0 ? recv(fd, reply, sizeof reply, 0) : -1;
+        if (result != 0) break;
+        if (got < 0) { result = -errno; break; }
+        const struct nlmsghdr *header = (const struct nlmsghdr *)reply;
+        if (got >= (ssize_t)NLMSG_LENGTH(sizeof(struct nlmsgerr)) && header->nlmsg_type == NLMSG_ERROR) {
+            int error = ((const struct nlmsgerr *)NLMSG_DATA(header))->error;
+            // Gone by itself in between: as good as destroyed.
+            if (error == 0 || error == -ENOENT) destroyed++;
+            else result = error;
+        }
+    }
+    free(found);
+    close(fd);
+    return result < 0 ? result : destroyed;
+}

@@ -8,10 +8,16 @@ extension CRIUService {
         public var tcpEstablished = false
         public var shellJob = false
         public var logLevel: Int32 = 4
-        public init(tcpEstablished: Bool = false, shellJob: Bool = false, logLevel: Int32 = 4) {
+        /// The largest deleted file that is still open or mapped (a "ghost": NCCL's and PyTorch's shared
+        /// memory segments in /dev/shm are unlinked at once) that the dump carries. CRIU's own default,
+        /// 1 MiB, refuses NCCL's 32 MiB segments.
+        public var ghostLimitBytes: UInt32 = Self.defaultGhostLimitBytes
+        public static let defaultGhostLimitBytes: UInt32 = 1 << 30
+        public init(tcpEstablished: Bool = false, shellJob: Bool = false, logLevel: Int32 = 4, ghostLimitBytes: UInt32 = Self.defaultGhostLimitBytes) {
             self.tcpEstablished = tcpEstablished
             self.shellJob = shellJob
             self.logLevel = logLevel
+            self.ghostLimitBytes = ghostLimitBytes
         }
     }
 
@@ -31,6 +37,7 @@ extension CRIUService {
         opts.logLevel = options.logLevel
         opts.shellJob = options.shellJob
         opts.notifyScripts = true
+        opts.ghostLimit = options.ghostLimitBytes
         if options.tcpEstablished {
             opts.tcpEstablished = true
             opts.networkLock = networkLock()

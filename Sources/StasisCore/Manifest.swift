@@ -154,6 +154,9 @@ public struct Manifest: Codable, Sendable, Equatable {
         /// Its PID inside its own PID namespace (a container's), where that differs from `pid`: how the
         /// processes of a container restored by its runtime, which get new PIDs here, are matched to these.
         public var namespacePID: Int32?
+        /// The TCP addresses it listens on ("127.0.0.1:8080", "[::]:80"): a restore in the same network
+        /// namespace clears TIME_WAIT sockets off them first, so that CRIU can bind them again.
+        public var listeners: [String]?
         public init(pid: Int32, ppid: Int32, command: String, arguments: [String], threads: Int, residentBytes: UInt64) {
             self.pid = pid
             self.ppid = ppid

@@ -99,6 +99,8 @@ public struct DumpOperation {
             var process = Manifest.Process(pid: entry.pid, ppid: entry.ppid, command: entry.command, arguments: ProcFS.arguments(entry.pid),
                                            threads: Int(status["Threads"] ?? "") ?? 1, residentBytes: ProcFS.kilobytes(status["VmRSS"]))
             if let inner = ProcFS.namespacePID(entry.pid), inner != entry.pid { process.namespacePID = inner }
+            let listeners = TCPListeners.endpoints(of: entry.pid)
+            if !listeners.isEmpty { process.listeners = listeners.map(\.description) }
             return process
         }
         var timings = Manifest.Timings()

@@ -55,6 +55,8 @@ public struct RestoreOperation {
         public var deviceSteps: [String: Double]
         /// The container restored, for a container's checkpoint.
         public var container: String?
+        /// TIME_WAIT sockets destroyed so that the checkpoint's listeners could bind their ports again.
+        public var clearedTimeWaitSockets = 0
     }
 
     /// How CRIU got the memory images.
@@ -150,6 +152,7 @@ public struct RestoreOperation {
                                                                                restore: 0, devices: 0, total: 0), started: total)
         }
         try waitForFreePIDs(manifest.processTree)
+        let clearedTimeWait = try Self.clearListeningPorts(manifest.processTree)
 
         let workDirectory = try options.workDirectory ?? Self.makeWorkDirectory()
         try FileSystem.makePrivateDirectory(workDirectory)
@@ -215,7 +218,7 @@ public struct RestoreOperation {
                       timings: Timings(verify: verifySeconds, rebuild: rebuildSeconds, criu: criuSeconds,
                                        forking: Double(stats?.forkingTime ?? 0) / 1e6, restore: Double(stats?.restoreTime ?? 0) / 1e6,
                                        devices: deviceWatch.seconds, total: total.seconds),
-                      deviceSteps: deviceSteps, container: nil)
+                      deviceSteps: deviceSteps, container: nil, clearedTimeWaitSockets: clearedTimeWait)
     }
 
     /// runc restores the container from `images`; its processes get new PIDs (the container has its own PID
@@ -314,6 +317,22 @@ public struct RestoreOperation {
                                   hint: "restored processes keep their PIDs; stop PID \(process.pid) first (if it is the original, it may still be running: use --leave-running dumps only after it exits)")
             }
         }
+    }
+
+    /// CRIU binds the checkpoint's listening sockets again; TIME_WAIT sockets on their addresses (connections
+    /// their side closed first, within the last minute, often the original's own) would make that fail with
+    /// "Address already in use". Those are destroyed first. Returns how many.
+    static func clearListeningPorts(_ tree: Manifest.ProcessTree) throws -> Int {
+        var cleared = 0
+        for listener in Set(tree.processes.flatMap { $0.listeners ?? [] }) {
+            guard let endpoint = TCPListeners.Endpoint(listener) else { continue }
+            do {
+                cleared += try TCPListeners.clearTimeWait(for: endpoint)
+            } catch {
+                throw (error as? StasisError ?? StasisError(.io, "\(error)")).prefixed("restore refused: cannot free listening port \(listener) of TIME_WAIT sockets")
+            }
+        }
+        return cleared
     }
 
     /// Refuses a CPU that lacks instruction-set extensions the checkpoint's host had.

@@ -79,13 +79,30 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
 
     /// Managed (unified) memory, which the driver cannot checkpoint (it answers CUDA_ERROR_NOT_SUPPORTED
     /// after the process is locked). cudaMallocManaged maps each allocation from /dev/nvidia-uvm into the
-    /// process; a CUDA process without managed memory maps that file once, 2 MiB (the driver's own, seen on
-    /// driver 580 in plain CUDA programs and PyTorch). Any further mapping of it is managed memory.
-    static func managedMemoryProblem(pid: Int32, mappings: [ProcFS.Mapping]) -> String? {
+    /// process. The driver maps that file too, 2 MiB for each GPU the process uses (seen on driver 580: one
+    /// range in plain CUDA programs and PyTorch on one GPU, two in a process on two GPUs); the GPUs used are
+    /// the /dev/nvidiaN files it maps, or failing that those it holds open. Any further mapping of it is
+    /// managed memory.
+    static func managedMemoryProblem(pid: Int32, mappings: [ProcFS.Mapping], descriptors: [String] = []) -> String? {
         let uvm = mappings.filter { $0.path == "/dev/nvidia-uvm" }
-        guard uvm.count > 1 else { return nil }
-        let managed = uvm.map(\.bytes).reduce(0, +) - (uvm.map(\.bytes).min() ?? 0)
-        return "PID \(pid) uses managed (unified) memory: \(Format.bytes(managed)) in \(uvm.count - 1) range(s) mapped from /dev/nvidia-uvm"
+        let mapped = Set(mappings.map(\.path).filter(isGPUDeviceFile)).count
+        let gpus = mapped > 0 ? mapped : Set(descriptors.filter(isGPUDeviceFile)).count
+        let driversOwn = 2 << 20
+        var allowance = max(gpus, 1)
+        var managed: [ProcFS.Mapping] = []
+        for mapping in uvm.sorted(by: { $0.bytes < $1.bytes }) {
+            if mapping.bytes == driversOwn && allowance > 0 { allowance -= 1 } else { managed.append(mapping) }
+        }
+        guard !managed.isEmpty else { return nil }
+        let bytes = managed.map(\.bytes).reduce(0, +)
+        return "PID \(pid) uses managed (unified) memory: \(Format.bytes(bytes)) in \(managed.count) range(s) mapped from /dev/nvidia-uvm"
+    }
+
+    /// /dev/nvidia0, /dev/nvidia1, ...: a GPU's own device file (not nvidiactl, nvidia-uvm or nvidia-caps).
+    static func isGPUDeviceFile(_ path: String) -> Bool {
+        guard path.hasPrefix("/dev/nvidia") else { return false }
+        let number = path.dropFirst("/dev/nvidia".count)
+        return !number.isEmpty && number.allSatisfy(\.isNumber)
     }
 
     /// Runs `body` for every PID at once; returns the errors, by PID.
@@ -114,7 +131,7 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
                 throw StasisError(.gpu, "cannot checkpoint: \(problem); MIG is not supported yet; nothing was touched",
                                   hint: "run the job on a GPU without MIG partitions")
             }
-            if let problem = Self.managedMemoryProblem(pid: pid, mappings: ProcFS.mappings(pid)) {
+            if let problem = Self.managedMemoryProblem(pid: pid, mappings: ProcFS.mappings(pid), descriptors: Self.nvidiaDescriptors(pid)) {
                 throw StasisError(.gpu, "cannot checkpoint: \(problem); the driver cannot checkpoint managed memory; nothing was touched",
                                   hint: "allocate with cudaMalloc instead of cudaMallocManaged")
             }

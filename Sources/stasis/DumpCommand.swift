@@ -1,5 +1,6 @@
 import ArgumentParser
 import StasisCore
+import StasisCRIU
 import StasisEngine
 import StasisGPU
 import StasisStore
@@ -40,6 +41,9 @@ struct DumpCommand: ParsableCommand {
     @Option(name: .long, help: "Seconds to wait for each CUDA process to reach a point where it can be locked.")
     var lockTimeout: Double = 10
 
+    @Option(name: .long, help: "The largest deleted but still open file (a shared-memory segment in /dev/shm, say) to carry, in MiB; CRIU refuses the dump if one is bigger.")
+    var ghostLimit: UInt32 = CRIUService.ProcessOptions.defaultGhostLimitBytes >> 20
+
     @Option(name: .long, help: "How new chunks are compressed: lz4 (default), zstd, zstd:LEVEL (1-19) or none.")
     var compress = Codec.standard.description
 
@@ -56,6 +60,7 @@ struct DumpCommand: ParsableCommand {
         default: break
         }
         guard (0...4).contains(logLevel) else { throw ValidationError("--log-level must be between 0 and 4") }
+        guard ghostLimit < 4096 else { throw ValidationError("--ghost-limit must be below 4096 MiB") }
         guard lockTimeout > 0, lockTimeout < 86_400 else { throw ValidationError("--lock-timeout must be between 0 and 86400 seconds") }
     }
 
@@ -64,7 +69,7 @@ struct DumpCommand: ParsableCommand {
             var options = DumpOperation.Options(pid: pid ?? 0, directory: directory)
             options.container = container
             options.leaveRunning = leaveRunning
-            options.process = .init(tcpEstablished: tcpEstablished, shellJob: shellJob, logLevel: logLevel)
+            options.process = .init(tcpEstablished: tcpEstablished, shellJob: shellJob, logLevel: logLevel, ghostLimitBytes: ghostLimit << 20)
             options.store = store.store
             options.codec = try Codec(parsing: compress)
             options.progress = output.json ? nil : Output.progressHandler()

@@ -76,9 +76,13 @@ extension Integration {
     @Test func establishedTCPConnection() throws {
         let workload = try Workload("tcp")
         defer { workload.stop() }
+        // The workload's first connection, closed by the listener's side, left a TIME_WAIT socket on the
+        // listening port: the restore, a moment after the dump, must clear it for CRIU to bind the port.
         let checkpoint = try roundTrip(workload, dumpArguments: ["--tcp-established"])
         let inspect = try Harness.stasis("inspect", checkpoint)
         #expect(inspect.stdout.contains("tcp-established true"))
+        let manifest = try String(contentsOfFile: checkpoint + "/manifest.json", encoding: .utf8)
+        #expect(manifest.contains("\"listeners\"") && manifest.contains("127.0.0.1:"), "the listener is recorded")
     }
 
     @Test func leaveRunningThenRestoreOnceTheOriginalIsGone() throws {

@@ -193,6 +193,21 @@ import Testing
         #expect(problem.contains("64.00 MiB"))
     }
 
+    // A process on two GPUs (driver 580, H200 x2): the driver's 2 MiB range once per GPU.
+    @Test func theDriversRangePerGPUIsNotManagedMemory() throws {
+        let second = "7f0000400000-7f0000600000 rw-s 00000000 00:05 12 /dev/nvidia-uvm\n"
+        let twoGPUs = plain + "\n" + second
+        // Which GPUs it uses: the device files it maps, else those it holds open.
+        let mappedGPUs = "7e0000000000-7e0000001000 rw-s 00000000 00:05 20 /dev/nvidia0\n7e0000002000-7e0000003000 rw-s 00000000 00:05 21 /dev/nvidia1\n"
+        #expect(CUDADeviceStep.managedMemoryProblem(pid: 7, mappings: ProcFS.parseMappings(twoGPUs + mappedGPUs)) == nil)
+        #expect(CUDADeviceStep.managedMemoryProblem(pid: 7, mappings: ProcFS.parseMappings(twoGPUs), descriptors: ["/dev/nvidiactl", "/dev/nvidia0", "/dev/nvidia1", "/dev/nvidia-uvm"]) == nil)
+        // On one GPU the second range is managed memory.
+        let problem = try #require(CUDADeviceStep.managedMemoryProblem(pid: 7, mappings: ProcFS.parseMappings(twoGPUs), descriptors: ["/dev/nvidia0"]))
+        #expect(problem.contains("2.00 MiB in 1 range(s)"))
+        // Two GPUs do not excuse a managed allocation of another size.
+        #expect(CUDADeviceStep.managedMemoryProblem(pid: 7, mappings: ProcFS.parseMappings(plain + "\n" + managed + mappedGPUs)) != nil)
+    }
+
     @Test func pathsWithSpacesAndAnonymousRangesParse() {
         let mappings = ProcFS.parseMappings("1000-3000 r--p 00000000 08:01 5 /tmp/a file (deleted)\n4000-5000 rw-p 00000000 00:00 0\n")
         #expect(mappings == [.init(start: 0x1000, end: 0x3000, path: "/tmp/a file (deleted)"), .init(start: 0x4000, end: 0x5000, path: "")])

@@ -343,11 +343,21 @@ static void run_tcp(void) {
     if (pid < 0) die("fork");
     if (pid == 0) {
         close(listener);
+        // A first connection, which the listener's side closes first (as NCCL's bootstrap does): it leaves
+        // a TIME_WAIT socket on the listener's own address and port, which a restore must get past.
+        int first = socket(AF_INET, SOCK_STREAM, 0);
+        char byte;
+        if (first < 0 || connect(first, (struct sockaddr *)&addr, sizeof addr) != 0) _exit(3);
+        while (recv(first, &byte, 1, 0) > 0) {}
+        close(first);
         int fd = socket(AF_INET, SOCK_STREAM, 0);
         if (fd < 0 || connect(fd, (struct sockaddr *)&addr, sizeof addr) != 0) _exit(3);
         echo_child(fd);
     }
     children[0] = pid;
+    int first = accept(listener, NULL, NULL);
+    if (first < 0) die("accept");
+    close(first);
     int fd = accept(listener, NULL, NULL);
     if (fd < 0) die("accept");
     int one = 1;

@@ -22,9 +22,20 @@ mounts = [
     {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
     {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=1777"]},
 ]
-for host in ["/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc", "/opt"]:
+hosts = ["/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc", "/opt"]
+# runc tells CRIU that each bind mount of the config is external, so CRIU need not understand its file
+# system; a submount that rbind carried along would be CRIU's to dump (the GPU machine's driver is a
+# squashfs under /usr/local/nvidia, which CRIU cannot). So plain binds, and each submount bound on its own.
+submounts = []
+for line in open("/proc/self/mountinfo"):
+    point = line.split()[4].replace("\\040", " ")
+    if any(point.startswith(h + "/") for h in hosts) and os.path.isdir(point):
+        submounts.append(point)
+for host in hosts:
     if os.path.isdir(host) and not os.path.islink(host):
-        mounts.append({"destination": host, "type": "bind", "source": host, "options": ["rbind", "ro"]})
+        mounts.append({"destination": host, "type": "bind", "source": host, "options": ["bind", "ro"]})
+        for point in sorted(p for p in submounts if p.startswith(host + "/")):
+            mounts.append({"destination": point, "type": "bind", "source": point, "options": ["bind", "ro"]})
     elif os.path.islink(host):
         # merged /usr: /bin -> usr/bin and the like, made the same links inside
         link = os.path.join(bundle, "rootfs", host.lstrip("/"))

@@ -38,4 +38,10 @@ int stasis_socket_peer_pid(int fd);
 /// (setns), the rest of this process staying where it is. -1 with errno set.
 int stasis_unix_socket_in_netns_of(int pid);
 
+/// Destroys (sock_diag SOCK_DESTROY) the TCP sockets in TIME_WAIT in this network namespace whose local end
+/// is `address`:`port` (`address`: 4 bytes for AF_INET, 16 for AF_INET6, network order; all zeros matches
+/// any address of that family). A TIME_WAIT left by a connection its listener's side closed first keeps a
+/// new listener off that port, SO_REUSEADDR or not, for a minute. Returns how many were destroyed, or -errno.
+int stasis_destroy_time_wait(int family, const uint8_t *address, uint16_t port);
+
 #endif

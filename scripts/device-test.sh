@@ -521,40 +521,49 @@ section_container() {
     local runclibs=/opt/runc/usr/lib/x86_64-linux-gnu:/opt/runc/lib/x86_64-linux-gnu
     local runc="env LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$runclibs PATH=/opt/stasis/bin:$PATH /opt/runc/usr/sbin/runc"
     $runc --version | head -n 1
-    local label launcher
+    local label launcher way
     for label in plain agent; do
         launcher=""; [[ $label == agent ]] && launcher="/opt/stasis/bin/stasis run --"
-        local dir; dir=$(mktemp -d /tmp/stasis-container-$label.XXXXXX)
-        local id=stasis-gpu-$label
-        scripts/device/container-bundle.sh "$dir/bundle" "$dir/data" /opt/stasis/criu-plugins -- \
-            $launcher /opt/stasis/bin/cuda-workload buffers --dir "$dir/data" --mem 1024 >"$dir/bundle.txt" 2>&1
-        if ! $runc --log "$dir/runc.log" run -d --bundle "$dir/bundle" $id </dev/null >/dev/null 2>&1; then
-            fail "runc container ($label)" "did not start: $(tail -n 3 "$dir/runc.log") $(cat "$dir/bundle.txt")"; continue
-        fi
-        for _ in $(seq 600); do [[ -e $dir/data/ready ]] && break; sleep 0.1; done
-        local pid; pid=$($runc state $id | python3 -c 'import json,sys; print(json.load(sys.stdin)["pid"])')
-        local before; before=$(verify "$pid" "$dir/data")
-        if [[ $before == PASS* ]] && $runc --log "$dir/runc.log" checkpoint --image-path "$dir/img" --work-path "$dir/work" $id >"$dir/ckpt.txt" 2>&1 \
-            && $runc --log "$dir/runc.log" restore -d --image-path "$dir/img" --work-path "$dir/work2" --bundle "$dir/bundle" $id </dev/null >/dev/null 2>&1; then
-            pid=$($runc state $id | python3 -c 'import json,sys; print(json.load(sys.stdin)["pid"])')
-            local verdict; verdict=$(verify "$pid" "$dir/data")
-            [[ $verdict == PASS* ]] && pass "runc checkpoint + restore of a GPU container with the stasis plugin ($label): $verdict; $(grep -c 'stasis_cuda' "$dir/work/dump.log") plugin lines in CRIU's log" \
-                || fail "runc GPU container ($label)" "after restore: $verdict"
-        else
-            fail "runc GPU container ($label)" "before: $before; $(tail -n 3 "$dir/runc.log"); $(grep -h Error "$dir"/work*/*.log 2>/dev/null | tail -n 4)"
-        fi
-        # stasis through runc: the GPU steps find the container's processes under their new PIDs.
-        if PATH=/opt/runc/usr/sbin:$PATH LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$runclibs $STASIS dump --container $id -D "$dir/ckpt" >"$dir/sdump.txt" 2>&1 \
-            && PATH=/opt/runc/usr/sbin:$PATH LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$runclibs $STASIS restore -D "$dir/ckpt" >"$dir/srestore.txt" 2>&1; then
-            pid=$($runc state $id | python3 -c 'import json,sys; print(json.load(sys.stdin)["pid"])')
-            local verdict2; verdict2=$(verify "$pid" "$dir/data")
-            [[ $verdict2 == PASS* ]] && pass "stasis dump --container + restore of a GPU container ($label): $verdict2; $(agent_line "$dir/sdump.txt") $(grep -h 'gpu:' "$dir/sdump.txt" | sed 's/^ *//')" \
-                || fail "stasis GPU container ($label)" "after restore: $verdict2"
-        else
-            fail "stasis GPU container ($label)" "$(tail -n 4 "$dir/sdump.txt" "$dir/srestore.txt" 2>/dev/null)"
-        fi
-        cp "$dir"/work*/*.log "$LOGS/" 2>/dev/null; cp "$dir"/s*.txt "$LOGS/" 2>/dev/null
-        $runc kill $id KILL >/dev/null 2>&1; sleep 0.5; $runc delete -f $id >/dev/null 2>&1
+        # Each way on a container of its own, stasis's first.
+        for way in stasis runc; do
+            local dir; dir=$(mktemp -d /tmp/stasis-container-$label-$way.XXXXXX)
+            local id=stasis-gpu-$label-$way
+            scripts/device/container-bundle.sh "$dir/bundle" "$dir/data" /opt/stasis/criu-plugins -- \
+                $launcher /opt/stasis/bin/cuda-workload buffers --dir "$dir/data" --mem 1024 >"$dir/bundle.txt" 2>&1
+            if ! $runc --log "$dir/runc.log" run -d --bundle "$dir/bundle" $id </dev/null >/dev/null 2>&1; then
+                fail "runc container ($label, $way)" "did not start: $(tail -n 3 "$dir/runc.log") $(cat "$dir/bundle.txt")"; continue
+            fi
+            for _ in $(seq 600); do [[ -e $dir/data/ready ]] && break; sleep 0.1; done
+            local pid; pid=$($runc state $id | python3 -c 'import json,sys; print(json.load(sys.stdin)["pid"])')
+            local before; before=$(verify "$pid" "$dir/data")
+            if [[ $way == runc ]]; then
+                # runc and CRIU with the stasis plugin, which logs its helper's steps to plugin.log.
+                if [[ $before == PASS* ]] && STASIS_CUDA_PLUGIN_LOG=$dir/plugin.log $runc --log "$dir/runc.log" checkpoint --image-path "$dir/img" --work-path "$dir/work" $id >"$dir/ckpt.txt" 2>&1 \
+                    && STASIS_CUDA_PLUGIN_LOG=$dir/plugin.log $runc --log "$dir/runc.log" restore -d --image-path "$dir/img" --work-path "$dir/work2" --bundle "$dir/bundle" $id </dev/null >/dev/null 2>&1; then
+                    pid=$($runc state $id | python3 -c 'import json,sys; print(json.load(sys.stdin)["pid"])')
+                    local verdict; verdict=$(verify "$pid" "$dir/data")
+                    [[ $verdict == PASS* ]] && pass "runc checkpoint + restore of a GPU container with the stasis plugin ($label): $verdict; $(grep -c 'stasis_cuda' "$dir/work/dump.log") plugin lines in CRIU's log" \
+                        || fail "runc GPU container ($label)" "after restore: $verdict; plugin: $(tail -n 4 "$dir/plugin.log" 2>/dev/null | tr '\n' ' ')"
+                else
+                    fail "runc GPU container ($label)" "before: $before; $(tail -n 3 "$dir/runc.log"); $(grep -h Error "$dir"/work*/*.log 2>/dev/null | tail -n 4)"
+                fi
+                cp "$dir/plugin.log" "$LOGS/container-$label-plugin.txt" 2>/dev/null
+            else
+                # stasis through runc: the GPU steps find the container's processes under their new PIDs.
+                if [[ $before == PASS* ]] && PATH=/opt/runc/usr/sbin:$PATH LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$runclibs $STASIS dump --container $id -D "$dir/ckpt" >"$dir/sdump.txt" 2>&1 \
+                    && PATH=/opt/runc/usr/sbin:$PATH LD_LIBRARY_PATH=$LD_LIBRARY_PATH:$runclibs $STASIS restore -D "$dir/ckpt" >"$dir/srestore.txt" 2>&1; then
+                    pid=$($runc state $id | python3 -c 'import json,sys; print(json.load(sys.stdin)["pid"])')
+                    local verdict2; verdict2=$(verify "$pid" "$dir/data")
+                    [[ $verdict2 == PASS* ]] && pass "stasis dump --container + restore of a GPU container ($label): $verdict2; $(agent_line "$dir/sdump.txt") $(grep -h 'gpu:' "$dir/sdump.txt" | sed 's/^ *//')" \
+                        || fail "stasis GPU container ($label)" "after restore: $verdict2"
+                else
+                    fail "stasis GPU container ($label)" "before: $before; $(tail -n 4 "$dir/sdump.txt" "$dir/srestore.txt" 2>/dev/null)"
+                fi
+                cp "$dir/sdump.txt" "$LOGS/container-$label-sdump.txt" 2>/dev/null; cp "$dir/srestore.txt" "$LOGS/container-$label-srestore.txt" 2>/dev/null
+            fi
+            cp "$dir"/work*/*.log "$LOGS/" 2>/dev/null
+            $runc kill $id KILL >/dev/null 2>&1; sleep 0.5; $runc delete -f $id >/dev/null 2>&1
+        done
     done
 }
 
@@ -602,6 +611,31 @@ multi_gpu_case() {  # LABEL SCRIPT LAUNCHER RESTORE_ARGS [SCRIPT ARGS...]
     rm -rf "$run/ckpt"
 }
 
+# A job stasis must refuse before touching it (WHY: words the refusal must contain): the dump fails, and the
+# job, told to go on, still trains to the reference's 30 losses: nothing lost.
+multi_gpu_refused() {  # LABEL WHY SCRIPT LAUNCHER [SCRIPT ARGS...]
+    local label=$1 why=$2 script=$3 launcher=$4; shift 4
+    local ref=/tmp/stasis-multi-ref-$(basename "$script" .py)-$(echo "$*" | md5sum | cut -c1-8)
+    local run; run=$(mktemp -d /tmp/stasis-multi.XXXXXX)
+    local pid; pid=$($launcher python3 "$script" --dir "$run" --steps 30 --pause-at 15 --daemon "$@") || { fail "$label" "did not start: $(tail -n 5 "$run/log")"; return; }
+    local pids; pids=$(tree_pids "$pid")
+    if $STASIS dump "$pid" -D "$run/ckpt" --tcp-established >"$run/dump.txt" 2>&1; then
+        fail "$label" "the dump was not refused"
+    elif ! grep -q "$why" "$run/dump.txt"; then
+        fail "$label" "refused, but not for '$why': $(tail -n 3 "$run/dump.txt" | tr '\n' ' ')"
+    else
+        touch "$run/go"
+        for _ in $(seq 1200); do [[ -e $run/done ]] && break; sleep 0.1; done
+        if [[ -s $ref/losses.txt ]] && cmp -s "$ref/losses.txt" "$run/losses.txt" && [[ ! -e $run/ckpt ]]; then
+            pass "$label: refused before anything was touched ($(grep -h 'error:' "$run/dump.txt" | cut -c1-220)); the job went on to 30 identical losses"
+        else
+            fail "$label" "refused, but the job did not go on as before: $(diff "$ref/losses.txt" "$run/losses.txt" 2>&1 | head -n 3 | tr '\n' ' ')"
+        fi
+    fi
+    keep_logs "$run" "multi-$label"
+    for p in $pids; do kill -9 "$p" 2>/dev/null; done
+}
+
 section_multigpu() {
     local STASIS="timeout 200 /opt/stasis/bin/stasis"
     local gpus; gpus=$(nvidia-smi -L | wc -l)
@@ -613,11 +647,15 @@ section_multigpu() {
     multi_gpu_case "two GPUs, one process, under stasis run" Workloads/torch/two_gpu_train.py "$RUN" ""
     # The same state on one GPU, for the comparison of one GPU against two.
     multi_gpu_case "the split model on one GPU, under stasis run (for the comparison)" Workloads/torch/two_gpu_train.py "$RUN" "" --devices cuda:0,cuda:0
-    multi_gpu_case "NCCL data-parallel BERT-base, two processes" Workloads/torch/ddp_bert_train.py "" "" --gpus 2
-    multi_gpu_case "NCCL data-parallel BERT-base, two processes, under stasis run" Workloads/torch/ddp_bert_train.py "$RUN" "" --gpus 2
-    # Without NCCL's peer-to-peer transport and its cuMem buffers: what remains between the GPUs is host memory.
+    # NCCL's peer-to-peer transport shares device memory between the ranks; driver 580 checkpoints it but
+    # cannot restore it (CUDA_ERROR_NOT_SUPPORTED, seen here): refused up front, by stasis or by the agents.
+    # Without it (NCCL_P2P_DISABLE=1) what passes between the GPUs is host memory, and the job checkpoints.
+    multi_gpu_case "NCCL data-parallel BERT-base, two processes, no P2P" Workloads/torch/ddp_bert_train.py \
+        "env NCCL_P2P_DISABLE=1" "" --gpus 2
     multi_gpu_case "NCCL data-parallel BERT-base, two processes, no P2P, under stasis run" Workloads/torch/ddp_bert_train.py \
-        "env NCCL_P2P_DISABLE=1 NCCL_CUMEM_ENABLE=0 $RUN" "" --gpus 2
+        "env NCCL_P2P_DISABLE=1 $RUN" "" --gpus 2
+    multi_gpu_refused "NCCL with P2P refused" "peer-to-peer" Workloads/torch/ddp_bert_train.py "" --gpus 2
+    multi_gpu_refused "NCCL with P2P under stasis run refused by the agents" "NCCL P2P" Workloads/torch/ddp_bert_train.py "$RUN" --gpus 2
     # Two GPUs at once against one: BERT-base on one GPU, then the two-process job (the same model per GPU).
     multi_gpu_case "one GPU, BERT-base (for the comparison)" Workloads/torch/bert_train.py "$RUN" "" --size base
     rm -rf $STASIS_STORE

@@ -114,11 +114,6 @@ static void forget_if_unused(handle_record *handle) {
 
 static void remove_mapping(size_t index) { mappings[index] = mappings[--mapping_count]; }
 
-// Memory another process maps too (exported to it, imported from it, or bound to a multicast object): the
-// agent cannot release and re-create it without breaking the other side, so it stays where it is and the
-// driver's checkpoint carries it, as it carries memory the agent does not track.
-static int left_to_driver(const handle_record *handle) { return handle->exported || handle->imported || handle->multicast; }
-
 static int device_of(const cu_mem_allocation_prop *prop) {
     return prop->location.type == CU_MEM_LOCATION_TYPE_DEVICE && prop->location.id >= 0 && prop->location.id < MAX_DEVICES
                ? prop->location.id : -1;
@@ -484,9 +479,7 @@ HIDDEN size_t memory_table(memory_entry **out, uint64_t *tracked, uint64_t *driv
     memory_entry *entries = calloc(handle_count ? handle_count : 1, sizeof *entries);
     size_t count = 0;
     uint64_t bytes = 0;
-    uint64_t shared = 0;
     for (size_t i = 0; entries && i < handle_count; i++) {
-        if (left_to_driver(handles[i])) { shared += handles[i]->size; continue; }
         entries[count].id = handles[i]->id;
         entries[count].bytes = handles[i]->size;
         entries[count].device = device_of(&handles[i]->prop);
@@ -503,7 +496,7 @@ HIDDEN size_t memory_table(memory_entry **out, uint64_t *tracked, uint64_t *driv
     }
     *out = entries;
     if (tracked) *tracked = bytes;
-    if (driver_path) *driver_path = atomic_load(&driver_path_bytes) + shared;
+    if (driver_path) *driver_path = atomic_load(&driver_path_bytes);
     return count;
 }
 
@@ -512,7 +505,12 @@ HIDDEN const char *memory_refusal(void) {
     const char *why = NULL;
     pthread_mutex_lock(&tables);
     for (size_t i = 0; i < handle_count && !why; i++) {
-        if (!left_to_driver(handles[i]) && device_of(&handles[i]->prop) < 0) why = "the program holds VMM memory that is not on a GPU";
+        // The driver (580) checkpoints such memory but its restore then answers CUDA_ERROR_NOT_SUPPORTED
+        // (NCCL's peer-to-peer buffers, seen on two H200s): refused before anything is touched instead.
+        if (handles[i]->imported) why = "memory imported from another process (cuMemImportFromShareableHandle, NCCL P2P): the driver cannot restore it";
+        else if (handles[i]->exported) why = "memory exported to another process (cuMemExportToShareableHandle, NCCL P2P): the driver cannot restore it";
+        else if (handles[i]->multicast) why = "the program bound device memory to a multicast object (cuMulticastBindMem)";
+        else if (device_of(&handles[i]->prop) < 0) why = "the program holds VMM memory that is not on a GPU";
     }
     pthread_mutex_unlock(&tables);
     return why;
@@ -687,13 +685,13 @@ HIDDEN CUresult memory_release_all(char *why, size_t length) {
     pthread_mutex_lock(&tables);
     CUresult result = CUDA_SUCCESS;
     for (size_t i = 0; i < mapping_count && result == CUDA_SUCCESS; i++) {
-        if (!mappings[i].mapped || left_to_driver(mappings[i].handle)) continue;
+        if (!mappings[i].mapped) continue;
         result = real.cuMemUnmap(mappings[i].address, mappings[i].size);
         if (result == CUDA_SUCCESS) mappings[i].mapped = 0;
         else snprintf(why, length, "cuMemUnmap of %#llx failed: %s", mappings[i].address, driver_error_name(result));
     }
     for (size_t i = 0; i < handle_count && result == CUDA_SUCCESS; i++) {
-        if (!handles[i]->driver || left_to_driver(handles[i])) continue;
+        if (!handles[i]->driver) continue;
         result = real.cuMemRelease(handles[i]->driver);
         if (result == CUDA_SUCCESS) handles[i]->driver = 0;
         else snprintf(why, length, "cuMemRelease failed: %s", driver_error_name(result));

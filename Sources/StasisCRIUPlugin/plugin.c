@@ -48,13 +48,21 @@ static int touched_count;
 
 static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static void say(const char *fmt, ...) {
-    // CRIU keeps the plugin's stderr in its log when logging to a file.
+    // CRIU keeps the plugin's stderr in its log when logging to a file. Under runc that stderr is runc's
+    // (often /dev/null), and the helper that resumes after a restore outlives CRIU: STASIS_CUDA_PLUGIN_LOG
+    // names a file that gets every line as well.
+    char line[512];
     va_list ap;
     va_start(ap, fmt);
-    fprintf(stderr, "stasis-cuda-plugin: ");
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
+    vsnprintf(line, sizeof line, fmt, ap);
     va_end(ap);
+    fprintf(stderr, "stasis-cuda-plugin: %s\n", line);
+    const char *path = getenv("STASIS_CUDA_PLUGIN_LOG");
+    FILE *log = path && *path ? fopen(path, "ae") : NULL;
+    if (log) {
+        fprintf(log, "stasis-cuda-plugin[%d]: %s\n", (int)getpid(), line);
+        fclose(log);
+    }
 }
 
 static unsigned long setting(const char *name, unsigned long fallback) {
@@ -219,13 +227,20 @@ static void resume_when_released(const int *pids, int count) {
             struct timespec ts = {0, 10 * 1000 * 1000};
             nanosleep(&ts, NULL);
         }
-        if (kill(pid, 0) != 0) continue;  // gone: CRIU killed it after a good dump
+        if (kill(pid, 0) != 0) {  // gone: CRIU killed it after a good dump
+            say("PID %d is gone", pid);
+            continue;
+        }
         if (traced(pid)) {
             say("PID %d is still held after a minute; its GPU stays checkpointed", pid);
             continue;
         }
         int state = cuda_state(pid);
-        if (state == STASIS_CUDA_CHECKPOINTED || state == STASIS_CUDA_LOCKED) resume_in_child(pid);
+        if (state == STASIS_CUDA_CHECKPOINTED || state == STASIS_CUDA_LOCKED) {
+            if (resume_in_child(pid) == 0) say("PID %d: GPU restored", pid);
+        } else {
+            say("PID %d is in CUDA state %d after its release: nothing to resume", pid, state);
+        }
     }
     _exit(0);
 }

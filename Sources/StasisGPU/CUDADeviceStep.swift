@@ -64,10 +64,27 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
         return names
     }
 
+    static func environment(_ pid: Int32) -> [String] {
+        (FileManager.default.contents(atPath: "/proc/\(pid)/environ") ?? Data()).split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
+    }
+
+    /// NCCL between CUDA processes of the tree with its peer-to-peer transport on: each rank maps buffers
+    /// the others exported (cuMemExportToShareableHandle). Driver 580 checkpoints those processes but its
+    /// restore answers CUDA_ERROR_NOT_SUPPORTED (two H200s, data-parallel BERT), so the job would be lost.
+    /// A process with the agent is left to it: the agent sees the exports themselves and refuses precisely.
+    /// Without the agent the sign is NCCL loaded in two CUDA processes or more, NCCL_P2P_DISABLE unset.
+    static func ncclPeerToPeerProblem(_ processes: [(pid: Int32, mappings: [ProcFS.Mapping], environment: [String])]) -> String? {
+        let ranks = processes.filter { process in
+            process.mappings.contains { $0.path.contains("/libnccl") } && !process.mappings.contains { $0.path.hasSuffix("/libstasis-agent.so") }
+                && !process.environment.contains("NCCL_P2P_DISABLE=1")
+        }
+        guard ranks.count >= 2 else { return nil }
+        return "PIDs \(ranks.map { String($0.pid) }.joined(separator: ", ")) run NCCL with its peer-to-peer transport, whose shared device memory the driver checkpoints but cannot restore (CUDA_ERROR_NOT_SUPPORTED)"
+    }
+
     /// MPS clients talk to a daemon whose state the driver's checkpoint cannot carry.
     static func mpsProblem(_ pid: Int32) -> String? {
-        let environment = (FileManager.default.contents(atPath: "/proc/\(pid)/environ") ?? Data())
-            .split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
+        let environment = environment(pid)
         if environment.contains(where: { $0.hasPrefix("CUDA_MPS_PIPE_DIRECTORY=") }) {
             return "PID \(pid) is an MPS client (CUDA_MPS_PIPE_DIRECTORY is set)"
         }
@@ -142,6 +159,10 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
             guard state == .running else {
                 throw StasisError(.gpu, "PID \(pid) is \(state) in the CUDA driver, not running; another checkpoint may be in progress")
             }
+        }
+        if let problem = Self.ncclPeerToPeerProblem(users.map { ($0, ProcFS.mappings($0), Self.environment($0)) }) {
+            throw StasisError(.gpu, "cannot checkpoint: \(problem); nothing was touched",
+                              hint: "start the job with NCCL_P2P_DISABLE=1 (NCCL then passes data through host memory, which checkpoints)")
         }
         let inventory = GPUInventory.read()
         let timeout = lockTimeoutMilliseconds

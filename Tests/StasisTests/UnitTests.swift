@@ -213,3 +213,19 @@ import Testing
         #expect(mappings == [.init(start: 0x1000, end: 0x3000, path: "/tmp/a file (deleted)"), .init(start: 0x4000, end: 0x5000, path: "")])
     }
 }
+
+@Suite struct NCCLPeerToPeerDetection {
+    let nccl = ProcFS.parseMappings("7f0000000000-7f0000100000 r-xp 00000000 08:01 9 /usr/lib/python3/site-packages/nvidia/nccl/lib/libnccl.so.2\n")
+    let agent = ProcFS.parseMappings("7f1000000000-7f1000100000 r-xp 00000000 08:01 9 /opt/stasis/bin/libstasis-agent.so\n")
+
+    @Test func twoRanksWithPeerToPeerAreRefused() throws {
+        let problem = try #require(CUDADeviceStep.ncclPeerToPeerProblem([(11, nccl, []), (12, nccl, ["PATH=/bin"])]))
+        #expect(problem.contains("PIDs 11, 12") && problem.contains("peer-to-peer"))
+    }
+
+    @Test func oneRankP2PDisabledOrAgentsAreLeftAlone() {
+        #expect(CUDADeviceStep.ncclPeerToPeerProblem([(11, nccl, [])]) == nil, "a single process has no peer")
+        #expect(CUDADeviceStep.ncclPeerToPeerProblem([(11, nccl, ["NCCL_P2P_DISABLE=1"]), (12, nccl, ["NCCL_P2P_DISABLE=1"])]) == nil)
+        #expect(CUDADeviceStep.ncclPeerToPeerProblem([(11, nccl + agent, []), (12, nccl + agent, [])]) == nil, "the agents judge for themselves")
+    }
+}

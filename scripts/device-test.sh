@@ -649,11 +649,11 @@ section_multigpu() {
     multi_gpu_case "the split model on one GPU, under stasis run (for the comparison)" Workloads/torch/two_gpu_train.py "$RUN" "" --devices cuda:0,cuda:0
     # NCCL's peer-to-peer transport shares device memory between the ranks; driver 580 checkpoints it but
     # cannot restore it (CUDA_ERROR_NOT_SUPPORTED, seen here): refused up front, by stasis or by the agents.
-    # Without it (NCCL_P2P_DISABLE=1) what passes between the GPUs is host memory, and the job checkpoints.
+    # Without it (NCCL_P2P_DISABLE=1, and NCCL_CUMEM_ENABLE=0 for host buffers the driver allocates) what passes between the GPUs is host memory, and the job checkpoints.
     multi_gpu_case "NCCL data-parallel BERT-base, two processes, no P2P" Workloads/torch/ddp_bert_train.py \
-        "env NCCL_P2P_DISABLE=1" "" --gpus 2
+        "env NCCL_P2P_DISABLE=1 NCCL_CUMEM_ENABLE=0" "" --gpus 2
     multi_gpu_case "NCCL data-parallel BERT-base, two processes, no P2P, under stasis run" Workloads/torch/ddp_bert_train.py \
-        "env NCCL_P2P_DISABLE=1 $RUN" "" --gpus 2
+        "env NCCL_P2P_DISABLE=1 NCCL_CUMEM_ENABLE=0 $RUN" "" --gpus 2
     multi_gpu_refused "NCCL with P2P refused" "peer-to-peer" Workloads/torch/ddp_bert_train.py "" --gpus 2
     multi_gpu_refused "NCCL with P2P under stasis run refused by the agents" "NCCL P2P" Workloads/torch/ddp_bert_train.py "$RUN" --gpus 2
     # Two GPUs at once against one: BERT-base on one GPU, then the two-process job (the same model per GPU).

@@ -134,7 +134,7 @@ final class AgentChannel: @unchecked Sendable {
     static func error(_ message: Message, pid: Int32, doing what: String) -> StasisError {
         let why = text(message)
         // NCCL shares its peer-to-peer buffers between the ranks; without them it goes through host memory.
-        let hint = why.contains("NCCL P2P") ? "start the job with NCCL_P2P_DISABLE=1 (NCCL then passes data through host memory, which checkpoints)" : nil
+        let hint = why.contains("NCCL P2P") ? "start the job with NCCL_P2P_DISABLE=1 NCCL_CUMEM_ENABLE=0 (NCCL then passes data through plain host memory, which checkpoints)" : nil
         return StasisError(.gpu, "the agent of PID \(pid) could not \(what): \(why)", hint: hint)
     }
 

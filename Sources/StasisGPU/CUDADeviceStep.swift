@@ -162,7 +162,7 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
         }
         if let problem = Self.ncclPeerToPeerProblem(users.map { ($0, ProcFS.mappings($0), Self.environment($0)) }) {
             throw StasisError(.gpu, "cannot checkpoint: \(problem); nothing was touched",
-                              hint: "start the job with NCCL_P2P_DISABLE=1 (NCCL then passes data through host memory, which checkpoints)")
+                              hint: "start the job with NCCL_P2P_DISABLE=1 NCCL_CUMEM_ENABLE=0 (NCCL then passes data through plain host memory, which checkpoints)")
         }
         let inventory = GPUInventory.read()
         let timeout = lockTimeoutMilliseconds

@@ -8,7 +8,7 @@
 //                 checkpoint steps themselves are C (CStasisCUDA), shared with the CRIU plugin
 //   StasisStore   content-addressed, compressed chunks shared by checkpoints (CStasisCompress: libzstd, liblz4)
 //   StasisImage   the checkpoint directory: staging, manifest, hashing, verification, atomic publish
-//   StasisEngine  dump / restore / check / inspect / verify, built from the modules above
+//   StasisEngine  dump / restore / check / inspect / verify / migrate / serve, built from the modules above
 //   StasisCRIUPlugin  the same driver steps as a CRIU plugin, for plain criu, runc and podman
 //   StasisAgent   libstasis-agent.so, preloaded into GPU programs by `stasis run`: it interposes the CUDA
 //                 driver API and moves device memory itself (C); CStasisAgentProtocol: its control messages
@@ -55,7 +55,10 @@ let package = Package(
         ]),
         .target(name: "StasisImage", dependencies: ["StasisCore", "StasisOS", "StasisStore"]),
         .target(name: "StasisContainer", dependencies: ["StasisCore", "StasisOS"]),
-        .target(name: "StasisEngine", dependencies: ["StasisCore", "StasisOS", "StasisCRIU", "StasisGPU", "StasisImage", "StasisStore", "StasisContainer"]),
+        .target(name: "StasisEngine", dependencies: [
+            "StasisCore", "StasisOS", "StasisCRIU", "StasisGPU", "StasisImage", "StasisStore", "StasisContainer",
+            .product(name: "Crypto", package: "swift-crypto"),
+        ]),
         .executableTarget(name: "stasis", dependencies: [
             "StasisEngine", "StasisCore", "StasisStore", "StasisCRIU",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),

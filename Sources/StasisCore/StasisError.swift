@@ -28,6 +28,8 @@ public struct StasisError: Error, Sendable, CustomStringConvertible {
         public static let interrupted = Code(rawValue: "interrupted")
         /// A container runtime (runc) is missing or refused.
         public static let runtime = Code(rawValue: "runtime")
+        /// A migration's receiver could not restore the job (it runs on at the source).
+        public static let migrationFailed = Code(rawValue: "migration-failed")
     }
 
     public var code: Code

@@ -46,6 +46,14 @@ public enum BundleOperation {
         } catch let error as StasisError {
             throw error.prefixed("import of \(bundle) failed")
         }
+        return try importBundle(reader, staging: staging, store: explicit)
+    }
+
+    /// The import proper, from an open bundle (a file, or a migration's connection) into `staging`.
+    /// `chunksMayBeInStore`: the sender left out the chunks the store has.
+    static func importBundle(_ reader: CheckpointBundle.Reader, staging: StagingDirectory, store explicit: String?,
+                             chunksMayBeInStore: Bool = false) throws -> ImportReport {
+        let watch = Stopwatch()
         var manifest = reader.manifest
         var catalog: StoreCatalog?
         do {
@@ -64,7 +72,7 @@ public enum BundleOperation {
                                       hint: "use that copy, or `stasis rm` it first, or import into another --store")
                 }
             }
-            let statistics = try reader.extract(into: staging.path, store: store)
+            let statistics = try reader.extract(into: staging.path, store: store, chunksMayBeInStore: chunksMayBeInStore)
             if let store { manifest.store!.path = store.path }
             try FileSystem.writeAtomically(try Manifest.encoder().encode(manifest), to: staging.path + "/" + Manifest.fileName)
             if let store {

@@ -37,6 +37,10 @@ public struct DumpOperation {
         public var progress: ProgressHandler?
         /// A runc container's ID: checkpoint it through runc (`pid` is then its init's, found by runc).
         public var container: String?
+        /// Runs once the checkpoint is published, while the tree is still frozen (not for containers): a
+        /// migration sends it and waits for the receiver's restore here. If it throws, the dump fails and the
+        /// tree runs on; the published checkpoint stays.
+        public var whilePublished: (@Sendable (Manifest, String) throws -> Void)?
         public init(pid: Int32, directory: String) { self.pid = pid; self.directory = directory }
     }
 
@@ -174,6 +178,7 @@ public struct DumpOperation {
                                               gpu: gpu, deviceFiles: deviceFiles, deviceStatistics: deviceStatistics, timings: timings)
                     try staging.publish()
                     published = manifest
+                    try options.whilePublished?(manifest, destination)
                 }
                 timings.criu = criuWatch.seconds
                 guard response.success else {

@@ -50,4 +50,13 @@ public enum FaultInjection {
             throw StasisError(.interrupted, "fault injected at \(point) (STASIS_FAULT)")
         }
     }
+
+    /// Stops here for good when STASIS_FAULT names `point`-stall, saying so first: how tests kill a
+    /// process at a known step (a receiver in the middle of a migration).
+    static func stall(_ point: String, say: (String) -> Void) {
+        let points = (ProcessInfo.processInfo.environment["STASIS_FAULT"] ?? "").split(separator: ",")
+        guard points.contains(Substring(point + "-stall")) else { return }
+        say("stalled at \(point) (STASIS_FAULT)")
+        while true { sleep(60) }
+    }
 }

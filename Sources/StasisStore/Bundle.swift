@@ -60,6 +60,23 @@ public enum CheckpointBundle {
             throw StasisError(.invalidArgument, "\(directory) keeps its memory in a chunk store; name it with --store")
         }
         let output = try BundleOutput(path: bundlePath)
+        return try writeBundle(directory: directory, manifestData: manifestData, manifest: manifest, store: store, to: output, skipping: [], started: watch)
+    }
+
+    /// Writes the checkpoint as a bundle onto `fd` (a migration's connection), leaving out the chunks in
+    /// `skipping` (those the receiver has): the receiver takes them from its own store. Not closed, not synced.
+    public static func stream(directory: String, manifestData: Data, manifest: Manifest, store: ChunkStore?, to fd: Int32, name: String,
+                              skipping: Set<String>) throws -> ExportReport {
+        let watch = Stopwatch()
+        try validate(manifest, name: "\(directory)/\(Manifest.fileName)", code: .manifestInvalid)
+        return try writeBundle(directory: directory, manifestData: manifestData, manifest: manifest, store: store,
+                         to: try BundleOutput(stream: fd, name: name), skipping: skipping, started: watch)
+    }
+
+    static func writeBundle(directory: String, manifestData: Data, manifest: Manifest, store: ChunkStore?, to output: BundleOutput,
+                      skipping: Set<String>, started watch: Stopwatch) throws -> ExportReport {
+        let chunked = manifest.files.filter { $0.chunks != nil }
+        let chunkSize = manifest.store?.chunkSize ?? ChunkStore.chunkSize
         var chunks = 0
         do {
             try manifestData.withUnsafeBytes { try output.record(.manifest, name: Manifest.fileName, payload: $0) }
@@ -74,7 +91,7 @@ public enum CheckpointBundle {
                 defer { plain.deallocate(); scratch.deallocate() }
                 var seen = Set<String>()
                 for entry in chunked {
-                    for (index, digest) in entry.chunks!.enumerated() where !digest.isEmpty && seen.insert(digest).inserted {
+                    for (index, digest) in entry.chunks!.enumerated() where !digest.isEmpty && !skipping.contains(digest) && seen.insert(digest).inserted {
                         let place = ChunkedFiles.Item(entry)!.place(index, chunkSize: chunkSize, checkpoint: directory)
                         // read checks header, length, decoding and SHA-256, and leaves the chunk file in scratch.
                         let stored = try store.read(digest, into: UnsafeMutableRawBufferPointer(rebasing: plain[0..<place.length]),
@@ -152,8 +169,16 @@ public enum CheckpointBundle {
         private let input: BundleInput
         private var records = 0
 
-        public init(path: String) throws {
-            let input = try BundleInput(path: URL(fileURLWithPath: path).standardizedFileURL.path)
+        public convenience init(path: String) throws {
+            try self.init(input: try BundleInput(path: URL(fileURLWithPath: path).standardizedFileURL.path))
+        }
+
+        /// A bundle arriving on `fd` (a migration's connection), named `name` in messages; `fd` stays open.
+        public convenience init(stream fd: Int32, name: String) throws {
+            try self.init(input: BundleInput(stream: fd, name: name))
+        }
+
+        init(input: BundleInput) throws {
             var records = 0
             var head = [UInt8](repeating: 0, count: magic.count)
             let complete = try head.withUnsafeMutableBytes { try input.read(into: $0) }
@@ -185,7 +210,9 @@ public enum CheckpointBundle {
         /// Writes the whole files into `directory` (which must be empty) and the chunks the store lacks into
         /// `store`, checking every record, and finally the end record's SHA-256 over the whole bundle. The
         /// caller publishes `directory` only when this returns; chunks added before a failure stay for gc.
-        public func extract(into directory: String, store: ChunkStore?) throws -> ImportStatistics {
+        /// `chunksMayBeInStore`: a chunk the bundle leaves out is fine when the store has it (a migration sends
+        /// only what the receiver lacks).
+        public func extract(into directory: String, store: ChunkStore?, chunksMayBeInStore: Bool = false) throws -> ImportStatistics {
             let whole = Dictionary(manifest.files.filter { $0.chunks == nil }.map { ($0.path, $0) }, uniquingKeysWith: { a, _ in a })
             let chunkSize = manifest.store?.chunkSize ?? ChunkStore.chunkSize
             var places: [String: ChunkStore.Place] = [:]
@@ -252,12 +279,14 @@ public enum CheckpointBundle {
                     guard Array(before.finalize()) == digest else {
                         throw record.damaged(in: path, "the bundle's SHA-256 does not match (a byte before it changed)")
                     }
-                    guard try input.atEnd() else { throw record.damaged(in: path, "bytes follow the end record") }
+                    // A stream goes on with the migration's answer; a file must end here.
+                    guard try input.isStream || input.atEnd() else { throw record.damaged(in: path, "bytes follow the end record") }
                     statistics.bundleBytes = input.offset
                     if let missing = whole.keys.sorted().first(where: { !seenFiles.contains($0) }) {
                         throw StasisError(.integrity, "\(path) lacks the file \(missing) that its manifest lists")
                     }
-                    if let missing = places.first(where: { !seenChunks.contains($0.key) }) {
+                    let inStore = { (digest: String) in chunksMayBeInStore && store.map { FileSystem.exists($0.chunkPath(digest)) } == true }
+                    if let missing = places.first(where: { !seenChunks.contains($0.key) && !inStore($0.key) }) {
                         throw StasisError(.integrity, "\(path) lacks chunk \(missing.key), which holds \(Self.describe(missing.value))",
                                           hint: "export the checkpoint again")
                     }
@@ -397,8 +426,17 @@ final class BundleOutput {
     private var used = 0
     private var hasher = SHA256()
     private(set) var written: UInt64 = 0
+    let isStream: Bool
+
+    /// Writes onto a connection: no file, no rename, no fsync; `finish` only flushes.
+    init(stream fd: Int32, name: String) throws {
+        (path, temporary, self.fd, isStream) = (name, name, fd, true)
+        buffer = .allocate(byteCount: CheckpointBundle.ioSize, alignment: 4096)
+        try CheckpointBundle.magic.withUnsafeBytes { try append($0) }
+    }
 
     init(path target: String) throws {
+        isStream = false
         let url = URL(fileURLWithPath: target).standardizedFileURL
         let parent = url.deletingLastPathComponent().path
         guard !FileSystem.exists(url.path) else {
@@ -417,7 +455,7 @@ final class BundleOutput {
     }
 
     deinit {
-        if fd >= 0 { close(fd) }
+        if fd >= 0 && !isStream { close(fd) }
         buffer.deallocate()
     }
 
@@ -450,7 +488,7 @@ final class BundleOutput {
     private func flush() throws {
         var done = 0
         while done < used {
-            let wrote = retryingEINTR { write(fd, buffer.baseAddress! + done, used - done) }
+            let wrote = retryingEINTR { isStream ? send(fd, buffer.baseAddress! + done, used - done, Int32(MSG_NOSIGNAL)) : Glibc.write(fd, buffer.baseAddress! + done, used - done) }
             guard wrote > 0 else { throw systemError("cannot write", temporary) }
             done += wrote
         }
@@ -463,6 +501,7 @@ final class BundleOutput {
         try header(.end, name: "", length: 32)
         try digest.withUnsafeBytes { try append($0) }
         try flush()
+        if isStream { return }
         guard fchmod(fd, 0o600) == 0 else { throw systemError("cannot set mode 0600 on", temporary) }
         guard Glibc.fsync(fd) == 0 else { throw systemError("cannot fsync", temporary) }
         close(fd)
@@ -473,6 +512,7 @@ final class BundleOutput {
 
     /// Removes the unfinished file.
     func abandon() {
+        if isStream { return }
         if fd >= 0 { close(fd); fd = -1 }
         unlink(temporary)
     }
@@ -487,6 +527,8 @@ final class BundleInput {
     private var end = 0
     private(set) var offset: UInt64 = 0
     private(set) var hasher = SHA256()
+    /// A connection, not a file: not closed here, and the end record need not be the last byte.
+    let isStream: Bool
 
     init(path: String) throws {
         let fd = retryingEINTR { open(path, O_RDONLY | O_CLOEXEC) }
@@ -494,12 +536,17 @@ final class BundleInput {
             if errno == ENOENT { throw StasisError(.invalidArgument, "\(path) does not exist") }
             throw systemError("cannot open", path)
         }
-        (self.path, self.fd) = (path, fd)
+        (self.path, self.fd, isStream) = (path, fd, false)
+        buffer = .allocate(byteCount: CheckpointBundle.ioSize, alignment: 4096)
+    }
+
+    init(stream fd: Int32, name: String) {
+        (path, self.fd, isStream) = (name, fd, true)
         buffer = .allocate(byteCount: CheckpointBundle.ioSize, alignment: 4096)
     }
 
     deinit {
-        close(fd)
+        if !isStream { close(fd) }
         buffer.deallocate()
     }
 

@@ -15,10 +15,12 @@ struct Stasis: ParsableCommand {
         checkpoint API (driver >= 570); programs started with `stasis run` carry an agent that moves their device \
         memory itself, straight into the chunk store, and leaves the driver only the rest. runc containers are \
         checkpointed through runc (dump --container), and exchanged with podman and CRI-O as checkpoint \
-        archives (export --archive, import). Run as root.
+        archives (export --archive, import). `stasis migrate` moves a running job to a host that runs `stasis \
+        serve`, sending only the chunks that host lacks. Run as root.
         """,
         version: StasisVersion.current,
         subcommands: [RunCommand.self, CheckCommand.self, DumpCommand.self, RestoreCommand.self, ResumeCommand.self, InspectCommand.self, VerifyCommand.self,
-                      ListCommand.self, RemoveCommand.self, CollectCommand.self, ExportCommand.self, ImportCommand.self]
+                      ListCommand.self, RemoveCommand.self, CollectCommand.self, ExportCommand.self, ImportCommand.self,
+                      MigrateCommand.self, ServeCommand.self]
     )
 }

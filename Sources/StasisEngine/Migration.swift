@@ -1,0 +1,307 @@
+import Crypto
+import Foundation
+import Glibc
+import StasisCRIU
+import StasisCore
+import StasisGPU
+import StasisImage
+import StasisOS
+import StasisStore
+
+/// Live migration: `stasis migrate PID --to ADDR:PORT` on the source, `stasis serve` on the receiver.
+///
+/// The conversation, over one TCP connection (messages are a kind byte, a UInt32 length, the payload):
+///
+///     receiver  H  "STASISMIGRATE1" + its nonce (32 bytes)
+///     source    A  its nonce + HMAC-SHA256(token, "client" | receiver's nonce | source's nonce)
+///     receiver  P  HMAC-SHA256(token, "server" | source's nonce | receiver's nonce)  (or X: refused)
+///        ... the source freezes and checkpoints the job into its own store ...
+///     source    O  the manifest's JSON + HMAC-SHA256(session key, that JSON)
+///     receiver  N  the chunk digests it lacks, one per line
+///     source    the checkpoint as a bundle (Bundle.swift) holding only those chunks
+///     receiver  R  "running PID" or "failed: why", + HMAC-SHA256(session key, "result" | text)
+///
+/// Both ends prove they know the token; the session key is HMAC(token, "session" | both nonces). Everything
+/// restored is authenticated: the manifest by its HMAC, each whole file by its SHA-256 in the manifest, and
+/// each chunk by its digest, which the manifest lists, so an unauthenticated peer cannot get anything restored.
+/// The source's tree stays frozen until the receiver's authenticated answer says the job runs there; then
+/// CRIU ends it. Any failure before that (a dropped connection, a wrong token, a failed restore) fails the
+/// dump, and the source's tree runs on as it was.
+public enum Migration {
+    static let magic = Array("STASISMIGRATE1".utf8)
+    static let maxMessage = 64 << 20
+
+    enum Kind: UInt8 {
+        case hello = 0x48, auth = 0x41, proof = 0x50, offer = 0x4F, need = 0x4E, result = 0x52, refused = 0x58  // H A P O N R X
+    }
+
+    /// The shared secret, from a file only root can read (at least 16 bytes; surrounding whitespace dropped).
+    public static func readToken(_ path: String) throws -> SymmetricKey {
+        var info = stat()
+        guard stat(path, &info) == 0 else { throw systemError("cannot read the token file", path) }
+        guard info.st_mode & 0o077 == 0 else {
+            throw StasisError(.permission, "the token file \(path) can be read by others (mode \(String(info.st_mode & 0o777, radix: 8)))",
+                              hint: "chmod 600 \(path)")
+        }
+        let text = try FileSystem.readFile(path)
+        let token = String(decoding: text, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        guard token.utf8.count >= 16 else {
+            throw StasisError(.invalidArgument, "the token in \(path) is \(token.utf8.count) bytes; at least 16 are needed",
+                              hint: "make one with: head -c 32 /dev/urandom | base64 > \(path)")
+        }
+        return SymmetricKey(data: Array(token.utf8))
+    }
+
+    static func mac(_ key: SymmetricKey, _ parts: [UInt8]...) -> [UInt8] {
+        var hmac = HMAC<SHA256>(key: key)
+        for part in parts { hmac.update(data: part) }
+        return Array(hmac.finalize())
+    }
+
+    static func sessionKey(_ token: SymmetricKey, receiver: [UInt8], source: [UInt8]) -> SymmetricKey {
+        SymmetricKey(data: mac(token, Array("session".utf8), receiver, source))
+    }
+
+    static func nonce() -> [UInt8] { (0..<32).map { _ in UInt8.random(in: 0...255) } }
+
+    static func send(_ connection: TCPConnection, _ kind: Kind, _ payload: [UInt8]) throws {
+        let length = UInt32(payload.count)
+        try connection.send([kind.rawValue, UInt8(length >> 24), UInt8((length >> 16) & 0xff), UInt8((length >> 8) & 0xff), UInt8(length & 0xff)] + payload)
+    }
+
+    static func receive(_ connection: TCPConnection, _ expected: Kind) throws -> [UInt8] {
+        let head = try connection.receive(5)
+        let length = Int(head[1]) << 24 | Int(head[2]) << 16 | Int(head[3]) << 8 | Int(head[4])
+        guard length <= maxMessage else { throw StasisError(.io, "\(connection.peer) sent a message of \(length) bytes; not a stasis migration peer") }
+        let payload = try connection.receive(length)
+        if head[0] == Kind.refused.rawValue {
+            throw StasisError(.permission, "\(connection.peer) refused: \(String(decoding: payload, as: UTF8.self))")
+        }
+        guard head[0] == expected.rawValue else {
+            throw StasisError(.io, "\(connection.peer) sent message \(head[0]) where \(expected) was due; not a stasis migration peer")
+        }
+        return payload
+    }
+
+    /// Equal in constant time.
+    static func same(_ a: [UInt8], _ b: [UInt8]) -> Bool {
+        a.count == b.count && zip(a, b).reduce(0) { $0 | ($1.0 ^ $1.1) } == 0
+    }
+}
+
+// MARK: the source
+
+/// `stasis migrate`: checkpoints the tree rooted at `pid` into the local store, sends what the receiver lacks,
+/// and ends the tree once the receiver runs it.
+public struct MigrateOperation {
+    public struct Options: Sendable {
+        public var pid: Int32
+        public var to: String
+        public var tokenFile: String
+        public var store: String?
+        public var codec = Codec.standard
+        public var process = CRIUService.ProcessOptions()
+        /// Where the local checkpoint is made; removed after a migration that worked.
+        public var spool: String?
+        /// Seconds to wait for the receiver's answer after the last byte (its restore).
+        public var restoreTimeout = 600
+        public init(pid: Int32, to: String, tokenFile: String) { (self.pid, self.to, self.tokenFile) = (pid, to, tokenFile) }
+    }
+
+    public struct Report: Codable, Sendable {
+        public var pid: Int32
+        public var receiver: String
+        /// The root PID the receiver restored (as the receiver sees it).
+        public var remotePID: Int32
+        /// From just before the freeze to the receiver's answer that the job runs there.
+        public var downtimeSeconds: Double
+        public var dumpSeconds: Double
+        public var transferSeconds: Double
+        public var restoreSeconds: Double
+        /// Bytes on the wire (the bundle), and stored chunk bytes not sent because the receiver had them.
+        public var bytesSent: UInt64
+        public var bytesSkipped: UInt64
+        public var chunksSent: Int
+        public var chunksSkipped: Int
+        public var gpuProcesses: Int
+    }
+
+    let options: Options
+    let device: DeviceStep
+    public init(_ options: Options, device: DeviceStep = NoDeviceStep()) { (self.options, self.device) = (options, device) }
+
+    public func run() throws -> Report {
+        let token = try Migration.readToken(options.tokenFile)
+        // Reach and authenticate the receiver before anything is touched.
+        let connection = try TCPConnection.connect(to: options.to)
+        connection.setTimeout(seconds: 30)
+        let session = try Self.handshake(connection, token: token)
+        let spool = options.spool ?? "/var/lib/stasis/migrate/\(Self.stamp())-\(options.pid)"
+        try FileSystem.makePrivateDirectory(URL(fileURLWithPath: spool).deletingLastPathComponent().path)
+
+        let outcome = Locked<(remotePID: Int32, sent: UInt64, skipped: UInt64, chunksSent: Int, chunksSkipped: Int,
+                               dumpDone: Double, transferDone: Double)?>(nil)
+        let downtime = Stopwatch()
+        let restoreTimeout = options.restoreTimeout
+        var dump = DumpOperation.Options(pid: options.pid, directory: spool)
+        dump.process = options.process
+        dump.store = options.store
+        dump.codec = options.codec
+        dump.whilePublished = { manifest, directory in
+            let dumpDone = downtime.seconds
+            let manifestData = try FileSystem.readFile(directory + "/" + Manifest.fileName)
+            try Migration.send(connection, .offer, Array(manifestData) + Migration.mac(session, Array(manifestData)))
+            let lacking = Set(String(decoding: try Migration.receive(connection, .need), as: UTF8.self).split(separator: "\n").map(String.init))
+            let store = try Checkpoint.store(for: manifest, explicit: nil)
+            let all = Set(manifest.files.flatMap { $0.chunks ?? [] }.filter { !$0.isEmpty })
+            let skipping = all.subtracting(lacking)
+            let skippedBytes = skipping.reduce(UInt64(0)) { total, digest in total + (store.map { FileSystem.size($0.chunkPath(digest)) ?? 0 } ?? 0) }
+            connection.setTimeout(seconds: 120)
+            let sent = try CheckpointBundle.stream(directory: directory, manifestData: manifestData, manifest: manifest, store: store,
+                                                   to: connection.fd, name: "the connection to \(connection.peer)", skipping: skipping)
+            let transferDone = downtime.seconds
+            connection.setTimeout(seconds: restoreTimeout)
+            let answer = try Migration.receive(connection, .result)
+            guard answer.count >= 32 else { throw StasisError(.io, "\(connection.peer) sent a short answer") }
+            let text = Array(answer.dropLast(32))
+            guard Migration.same(Migration.mac(session, Array("result".utf8), text), Array(answer.suffix(32))) else {
+                throw StasisError(.permission, "\(connection.peer)'s answer does not carry the session's HMAC; the job stays here")
+            }
+            let words = String(decoding: text, as: UTF8.self)
+            guard words.hasPrefix("running "), let remote = Int32(words.dropFirst("running ".count)) else {
+                throw StasisError(.migrationFailed, "the receiver \(connection.peer) could not restore the job: \(words)")
+            }
+            outcome.withLock { $0 = (remote, sent.bundleBytes, skippedBytes, sent.chunks, skipping.count, dumpDone, transferDone) }
+        }
+        let report: DumpOperation.Report
+        do {
+            report = try DumpOperation(dump, device: device).run()
+        } catch {
+            throw (error as? StasisError ?? StasisError(.io, "\(error)")).prefixed("migration of PID \(options.pid) to \(options.to) failed")
+        }
+        let total = downtime.seconds
+        guard let done = outcome.current else {
+            throw StasisError(.io, "migration of PID \(options.pid): CRIU ended without its post-dump step; the checkpoint is in \(spool)")
+        }
+        // Sent and running there: the local copy is not needed (its chunks stay in the store for the next time).
+        if let store = try? ChunkStore(path: ChunkStore.resolve(options.store, recorded: nil), create: false),
+           let manifest = try? Checkpoint.readManifest(spool) {
+            StoreCatalog(store: store).unregister(id: manifest.id)
+        }
+        FileSystem.removeTree(spool)
+        return Report(pid: options.pid, receiver: options.to, remotePID: done.remotePID, downtimeSeconds: total, dumpSeconds: done.dumpDone,
+                      transferSeconds: done.transferDone - done.dumpDone, restoreSeconds: total - done.transferDone,
+                      bytesSent: done.sent, bytesSkipped: done.skipped, chunksSent: done.chunksSent, chunksSkipped: done.chunksSkipped,
+                      gpuProcesses: report.gpu.processes.count)
+    }
+
+    /// Proves the token to the receiver and checks the receiver's proof; returns the session key.
+    static func handshake(_ connection: TCPConnection, token: SymmetricKey) throws -> SymmetricKey {
+        let hello = try Migration.receive(connection, .hello)
+        guard hello.count == Migration.magic.count + 32, Array(hello.prefix(Migration.magic.count)) == Migration.magic else {
+            throw StasisError(.io, "\(connection.peer) is not a stasis receiver")
+        }
+        let theirs = Array(hello.suffix(32)), mine = Migration.nonce()
+        try Migration.send(connection, .auth, mine + Migration.mac(token, Array("client".utf8), theirs, mine))
+        let proof = try Migration.receive(connection, .proof)
+        guard Migration.same(proof, Migration.mac(token, Array("server".utf8), mine, theirs)) else {
+            throw StasisError(.permission, "\(connection.peer) does not know the token; nothing was sent and the job was not touched")
+        }
+        return Migration.sessionKey(token, receiver: theirs, source: mine)
+    }
+
+    static func stamp() -> String {
+        let formatter = DateFormatter()
+        formatter.dateFormat = "yyyyMMdd-HHmmss"
+        formatter.timeZone = TimeZone(identifier: "UTC")
+        return formatter.string(from: Date())
+    }
+}
+
+// MARK: the receiver
+
+/// `stasis serve`: receives migrations, one at a time, and restores each as soon as its last byte is in.
+public struct ServeOperation {
+    public struct Options: Sendable {
+        public var listen: String
+        public var tokenFile: String
+        public var store: String?
+        /// Where received checkpoints are kept (one directory each).
+        public var root = "/var/lib/stasis/received"
+        /// Stop after one migration (whatever its outcome).
+        public var once = false
+        public var log: @Sendable (String) -> Void = { FileHandle.standardOutput.write(Data(($0 + "\n").utf8)) }
+        public init(listen: String, tokenFile: String) { (self.listen, self.tokenFile) = (listen, tokenFile) }
+    }
+
+    let options: Options
+    let device: @Sendable () -> DeviceStep
+    public init(_ options: Options, device: @escaping @Sendable () -> DeviceStep = { NoDeviceStep() }) { (self.options, self.device) = (options, device) }
+
+    /// Serves until killed (or after one migration with `once`); returns how many migrations failed.
+    public func run() throws -> Int {
+        let token = try Migration.readToken(options.tokenFile)
+        let listener = try TCPListener(options.listen)
+        try FileSystem.makePrivateDirectory(options.root)
+        options.log("listening on \(options.listen)")
+        var failures = 0
+        while true {
+            let connection = try listener.accept()
+            connection.setTimeout(seconds: 120)
+            do {
+                let pid = try receive(connection, token: token)
+                options.log("\(connection.peer): restored, root PID \(pid)")
+            } catch {
+                failures += 1
+                options.log("\(connection.peer): \(error)")
+            }
+            if options.once { return failures }
+        }
+    }
+
+    func receive(_ connection: TCPConnection, token: SymmetricKey) throws -> Int32 {
+        let mine = Migration.nonce()
+        try Migration.send(connection, .hello, Migration.magic + mine)
+        let auth = try Migration.receive(connection, .auth)
+        guard auth.count == 64, Migration.same(Array(auth.suffix(32)), Migration.mac(token, Array("client".utf8), mine, Array(auth.prefix(32)))) else {
+            try? Migration.send(connection, .refused, Array("authentication failed: the token does not match".utf8))
+            throw StasisError(.permission, "refused: the peer does not know the token")
+        }
+        let theirs = Array(auth.prefix(32))
+        try Migration.send(connection, .proof, Migration.mac(token, Array("server".utf8), theirs, mine))
+        let session = Migration.sessionKey(token, receiver: mine, source: theirs)
+
+        // The source now freezes and checkpoints: its offer may take as long as its dump.
+        connection.setTimeout(seconds: 3600)
+        let offer = try Migration.receive(connection, .offer)
+        connection.setTimeout(seconds: 120)
+        guard offer.count > 32, Migration.same(Migration.mac(session, Array(offer.dropLast(32))), Array(offer.suffix(32))) else {
+            throw StasisError(.permission, "the offered manifest does not carry the session's HMAC; refused")
+        }
+        let manifest = try Manifest.decode(Data(offer.dropLast(32)), path: "the manifest from \(connection.peer)")
+        let store = try ChunkStore(path: ChunkStore.resolve(options.store, recorded: nil), create: true)
+        let lacking = Set(manifest.files.flatMap { $0.chunks ?? [] }.filter { !$0.isEmpty && !FileSystem.exists(store.chunkPath($0)) })
+        try Migration.send(connection, .need, Array(lacking.sorted().joined(separator: "\n").utf8))
+
+        var text: String
+        var restored: Int32 = 0
+        do {
+            let reader = try CheckpointBundle.Reader(stream: connection.fd, name: "the migration from \(connection.peer)")
+            guard reader.manifest == manifest else { throw StasisError(.integrity, "the bundle's manifest is not the one offered; refused") }
+            FaultInjection.stall("receive", say: options.log)
+            let staging = try StagingDirectory(destination: options.root + "/" + manifest.id)
+            let imported = try BundleOperation.importBundle(reader, staging: staging, store: store.path, chunksMayBeInStore: true)
+            var restore = RestoreOperation.Options(directory: imported.directory)
+            restore.store = store.path
+            let report = try RestoreOperation(restore, device: device()).run()
+            restored = report.rootPID
+            text = "running \(report.rootPID)"
+        } catch {
+            text = "failed: \(error)"
+        }
+        let words = Array(text.utf8)
+        try Migration.send(connection, .result, words + Migration.mac(session, Array("result".utf8), words))
+        guard restored > 0 else { throw StasisError(.migrationFailed, text) }
+        return restored
+    }
+}

@@ -1,0 +1,159 @@
+import Foundation
+import Glibc
+import StasisCore
+
+/// A blocking TCP connection (IPv4 or IPv6) with whole-buffer sends and receives and a time limit on each
+/// wait: what a migration's two ends speak over.
+public final class TCPConnection: @unchecked Sendable {  // used by one thread at a time
+    public let fd: Int32
+    public let peer: String
+
+    init(fd: Int32, peer: String) {
+        (self.fd, self.peer) = (fd, peer)
+        var one: Int32 = 1
+        setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+    }
+
+    deinit { close(fd) }
+
+    /// "HOST:PORT" or "[V6]:PORT" into a host and a port.
+    public static func split(_ address: String) throws -> (host: String, port: UInt16) {
+        guard let colon = address.lastIndex(of: ":"), let port = UInt16(address[address.index(after: colon)...]), port > 0 else {
+            throw StasisError(.invalidArgument, "\(address) is not ADDRESS:PORT")
+        }
+        var host = String(address[..<colon])
+        if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+        return (host.isEmpty ? "0.0.0.0" : host, port)
+    }
+
+    static func resolve(_ host: String, _ port: UInt16, passive: Bool) throws -> [(family: Int32, address: sockaddr_storage, length: socklen_t)] {
+        var hints = addrinfo()
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        hints.ai_flags = passive ? AI_PASSIVE : 0
+        var list: UnsafeMutablePointer<addrinfo>?
+        let status = getaddrinfo(host, String(port), &hints, &list)
+        guard status == 0, let list else {
+            throw StasisError(.invalidArgument, "cannot resolve \(host): \(String(cString: gai_strerror(status)))")
+        }
+        defer { freeaddrinfo(list) }
+        var found: [(Int32, sockaddr_storage, socklen_t)] = []
+        var entry: UnsafeMutablePointer<addrinfo>? = list
+        while let current = entry {
+            var storage = sockaddr_storage()
+            memcpy(&storage, current.pointee.ai_addr, Int(current.pointee.ai_addrlen))
+            found.append((current.pointee.ai_family, storage, current.pointee.ai_addrlen))
+            entry = current.pointee.ai_next
+        }
+        return found
+    }
+
+    /// Connects to `address` ("HOST:PORT") within `seconds`.
+    public static func connect(to address: String, seconds: Int = 10) throws -> TCPConnection {
+        let (host, port) = try split(address)
+        var lastError = ECONNREFUSED
+        for (family, storage, length) in try resolve(host, port, passive: false) {
+            let fd = socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            guard fd >= 0 else { lastError = errno; continue }
+            var address = storage
+            setTimeout(fd, seconds: seconds)
+            let result = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, length) } }
+            if result == 0 { return TCPConnection(fd: fd, peer: "\(host):\(port)") }
+            lastError = errno
+            close(fd)
+        }
+        throw StasisError(.io, "cannot connect to \(address): \(String(cString: strerror(lastError)))",
+                          hint: "is `stasis serve` listening there, and does the network let this host reach it?")
+    }
+
+    /// Sets the time limit of every send and receive on `fd`.
+    public static func setTimeout(_ fd: Int32, seconds: Int) {
+        var limit = timeval(tv_sec: seconds, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
+    }
+
+    public func setTimeout(seconds: Int) { Self.setTimeout(fd, seconds: seconds) }
+
+    public func send(_ bytes: [UInt8]) throws {
+        try bytes.withUnsafeBytes { buffer in
+            var done = 0
+            while done < buffer.count {
+                let sent = Glibc.send(fd, buffer.baseAddress! + done, buffer.count - done, Int32(MSG_NOSIGNAL))
+                if sent < 0 && errno == EINTR { continue }
+                guard sent > 0 else { throw Self.failure("sending to", peer) }
+                done += sent
+            }
+        }
+    }
+
+    /// Exactly `count` bytes; an error if the peer closes first.
+    public func receive(_ count: Int) throws -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
+        try bytes.withUnsafeMutableBytes { buffer in
+            var done = 0
+            while done < count {
+                let got = recv(fd, buffer.baseAddress! + done, count - done, 0)
+                if got < 0 && errno == EINTR { continue }
+                if got == 0 { throw StasisError(.io, "\(peer) closed the connection") }
+                guard got > 0 else { throw Self.failure("receiving from", peer) }
+                done += got
+            }
+        }
+        return bytes
+    }
+
+    static func failure(_ action: String, _ peer: String) -> StasisError {
+        let timedOut = errno == EAGAIN || errno == EWOULDBLOCK
+        return StasisError(.io, "\(action) \(peer) failed: \(timedOut ? "no answer in time" : String(cString: strerror(errno)))")
+    }
+}
+
+/// A listening TCP socket.
+public final class TCPListener {
+    public let fd: Int32
+    public let address: String
+
+    public init(_ address: String) throws {
+        let (host, port) = try TCPConnection.split(address)
+        guard let (family, storage, length) = try TCPConnection.resolve(host, port, passive: true).first else {
+            throw StasisError(.invalidArgument, "cannot resolve \(host)")
+        }
+        let fd = socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw systemError("cannot create a socket for", address) }
+        var one: Int32 = 1
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+        var bound = storage
+        let result = withUnsafePointer(to: &bound) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) } }
+        guard result == 0, listen(fd, 8) == 0 else {
+            let error = systemError("cannot listen on", address)
+            close(fd)
+            throw error
+        }
+        (self.fd, self.address) = (fd, address)
+    }
+
+    deinit { close(fd) }
+
+    public func accept() throws -> TCPConnection {
+        var storage = sockaddr_storage()
+        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        while true {
+            let client = withUnsafeMutablePointer(to: &storage) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.accept(fd, $0, &length) }
+            }
+            if client >= 0 {
+                _ = fcntl(client, F_SETFD, FD_CLOEXEC)
+                var host = [CChar](repeating: 0, count: Int(NI_MAXHOST))
+                var service = [CChar](repeating: 0, count: 32)
+                _ = withUnsafePointer(to: &storage) {
+                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                        getnameinfo($0, length, &host, socklen_t(host.count), &service, socklen_t(service.count), NI_NUMERICHOST | NI_NUMERICSERV)
+                    }
+                }
+                return TCPConnection(fd: client, peer: "\(String(nulTerminated: host)):\(String(nulTerminated: service))")
+            }
+            if errno == EINTR { continue }
+            throw systemError("cannot accept on", address)
+        }
+    }
+}

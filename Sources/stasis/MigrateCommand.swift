@@ -1,0 +1,104 @@
+import ArgumentParser
+import StasisCRIU
+import StasisCore
+import StasisEngine
+import StasisGPU
+import StasisStore
+
+struct MigrateCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "migrate",
+        abstract: "Move the process tree rooted at PID to another host that runs `stasis serve`.",
+        discussion: """
+        The receiver is reached and authenticated first (both ends prove they know the token in --token-file). \
+        Then the tree is frozen and checkpointed into the local store, and the receiver is sent the checkpoint \
+        with only the chunks its store lacks; it checks every byte, restores the job, and answers. The tree \
+        here ends only once that authenticated answer says the job runs there; if anything fails before, it \
+        runs on here as it was. Restored processes keep their PIDs: the receiver must have them free.
+        """)
+
+    @Argument(help: "The root of the process tree to move.")
+    var pid: Int32
+
+    @Option(name: .long, help: "The receiver, ADDRESS:PORT (`stasis serve --listen`).")
+    var to: String
+
+    @Option(name: .long, help: "A file (mode 0600) holding the shared token, at least 16 bytes; the same on both hosts.")
+    var tokenFile: String
+
+    @Flag(name: .long, help: "Carry established TCP connections (the network must then reach the receiver's host at the same addresses).")
+    var tcpEstablished = false
+
+    @Option(name: .long, help: "Seconds to wait for each CUDA process to reach a point where it can be locked.")
+    var lockTimeout: Double = 10
+
+    @Option(name: .long, help: "How new chunks are compressed: lz4 (default), zstd, zstd:LEVEL (1-19) or none.")
+    var compress = Codec.standard.description
+
+    @Option(name: .long, help: "Where the local checkpoint is made (default: a new directory under /var/lib/stasis/migrate); removed once the job runs there.")
+    var spool: String?
+
+    @OptionGroup var store: StoreOptions
+
+    @OptionGroup var output: OutputOptions
+
+    func validate() throws {
+        _ = try Codec(parsing: compress)
+        guard pid > 0 else { throw ValidationError("PID must be a positive number") }
+        guard lockTimeout > 0, lockTimeout < 86_400 else { throw ValidationError("--lock-timeout must be between 0 and 86400 seconds") }
+    }
+
+    func run() throws {
+        try Output.run(json: output.json) {
+            var options = MigrateOperation.Options(pid: pid, to: to, tokenFile: tokenFile)
+            options.store = store.store
+            options.codec = try Codec(parsing: compress)
+            options.process = .init(tcpEstablished: tcpEstablished)
+            options.spool = spool
+            let report = try MigrateOperation(options, device: CUDADeviceStep(lockTimeoutMilliseconds: UInt32(lockTimeout * 1000))).run()
+            if output.json { return Output.json(report) }
+            print("migrated PID \(report.pid) to \(report.receiver): running there as root PID \(report.remotePID)")
+            print("  downtime: \(Format.seconds(report.downtimeSeconds)) (checkpoint \(Format.seconds(report.dumpSeconds)), transfer \(Format.seconds(report.transferSeconds)), restore there \(Format.seconds(report.restoreSeconds)))")
+            print("  sent:     \(Format.bytes(report.bytesSent)), \(report.chunksSent) chunks (\(Format.throughput(bytes: report.bytesSent, seconds: report.transferSeconds))); skipped \(report.chunksSkipped) chunks, \(Format.bytes(report.bytesSkipped)), the receiver had them")
+            if report.gpuProcesses > 0 { print("  gpu:      \(report.gpuProcesses) CUDA process(es)") }
+        }
+    }
+}
+
+struct ServeCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "serve",
+        abstract: "Receive migrations (`stasis migrate`) and restore them here.",
+        discussion: """
+        Listens on --listen; each peer must prove it knows the token in --token-file before anything it sends \
+        is read. Chunks already in the store are not asked for. Every received file and chunk is checked \
+        against the authenticated manifest before the job is restored; the peer is told the outcome. One \
+        migration at a time; prints a line for each.
+        """)
+
+    @Option(name: .long, help: "Where to listen, ADDRESS:PORT (0.0.0.0:PORT for every IPv4 address).")
+    var listen: String
+
+    @Option(name: .long, help: "A file (mode 0600) holding the shared token, at least 16 bytes.")
+    var tokenFile: String
+
+    @Option(name: .long, help: "Where received checkpoints are kept, a directory each.")
+    var directory = "/var/lib/stasis/received"
+
+    @Flag(name: .long, help: "Exit after one migration; the status says whether it was restored.")
+    var once = false
+
+    @OptionGroup var store: StoreOptions
+
+    func run() throws {
+        var failures = 0
+        try Output.run(json: false) {
+            var options = ServeOperation.Options(listen: listen, tokenFile: tokenFile)
+            options.store = store.store
+            options.root = directory
+            options.once = once
+            failures = try ServeOperation(options, device: { CUDADeviceStep() }).run()
+        }
+        if failures > 0 { throw ExitCode.failure }
+    }
+}

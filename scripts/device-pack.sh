@@ -19,6 +19,10 @@ cp "$(command -v criu)" .device/criu
 cp ../shared/device/criu-debs/*.deb .device/criu-debs/
 # runc for the container section (Debian's, with the libseccomp it links), unpacked there with dpkg -x.
 mkdir -p .device/runc-debs && (cd .device/runc-debs && apt-get download runc libseccomp2 >/dev/null 2>&1)
+# ip (iproute2) and the libraries it links beyond libc, for the migrate section's network namespaces, in case
+# the GPU machine lacks it.
+mkdir -p .device/iproute/lib && cp /usr/sbin/ip .device/iproute/
+ldd /usr/sbin/ip | awk '/=> \// { print $3 }' | grep -v -e libc.so -e ld-linux | xargs -I{} cp -L {} .device/iproute/lib/
 # The codecs' shared libraries, in case the GPU machine lacks them (device-test.sh puts .device/lib on the path).
 mkdir -p .device/lib && cp -L /usr/lib/x86_64-linux-gnu/libzstd.so.1 /usr/lib/x86_64-linux-gnu/liblz4.so.1 .device/lib/
 du -sh .device

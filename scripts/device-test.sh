@@ -7,6 +7,8 @@
 #                                           all), and, only when named: agentbig (BERT-large and 64 GiB under
 #                                           the agent), container (GPU containers under runc),
 #                                           multigpu (two GPUs: a split model and NCCL; needs two),
+#                                           migrate (BERT moved by stasis migrate between namespaces, and
+#                                           bench/migrate.sh bert),
 #                                           agentbench and agentcost (the agent's benchmark,
 #                                           bench/agent-dump-restore.sh speed / $AGENTCOST_PARTS),
 #                                           and, only when named: bench (the GPU benchmark), storebench
@@ -660,6 +662,53 @@ section_multigpu() {
     multi_gpu_case "one GPU, BERT-base (for the comparison)" Workloads/torch/bert_train.py "$RUN" "" --size base
     rm -rf $STASIS_STORE
     unset STASIS_STORE
+}
+
+# Live migration (issue 7) between two hosts on this machine: the root namespaces and a receiver in a
+# network namespace joined by a veth pair, with a PID namespace of its own. BERT-base, paused at step 15, is
+# moved by `stasis migrate` (through the driver, and under `stasis run` with the agent), told to go on there,
+# and its 30 losses must equal an uninterrupted run's. Then bench/migrate.sh bert: the same against CRIU's
+# page-server, with downtime and bytes.
+section_migrate() {
+    command -v ip >/dev/null || { mkdir -p /opt/iproute && cp -r .device/iproute/. /opt/iproute/ \
+        && printf '#!/bin/sh\nLD_LIBRARY_PATH=/opt/iproute/lib exec /opt/iproute/ip "$@"\n' >/opt/stasis/bin/ip && chmod +x /opt/stasis/bin/ip; }
+    local ns=stasis-dev-migrate here=10.251.0.1 there=10.251.0.2
+    ip netns add $ns && ip link add sdm0 type veth peer name sdm1 && ip link set sdm1 netns $ns \
+        && ip addr add $here/24 dev sdm0 && ip link set sdm0 up && ip -n $ns addr add $there/24 dev sdm1 \
+        && ip -n $ns link set sdm1 up && ip -n $ns link set lo up || { fail "migrate" "cannot make the network namespaces: $(ip -V 2>&1)"; return; }
+    local token=/tmp/stasis-migrate-token
+    head -c 32 /dev/urandom | base64 >$token && chmod 600 $token
+    local ref; ref=$(bert_reference base "") || { fail "migrate reference run" "did not finish"; return; }
+    local label launcher
+    for label in driver agent; do
+        launcher=""; [[ $label == agent ]] && launcher=$RUN
+        local run; run=$(mktemp -d /tmp/stasis-migrate-$label.XXXXXX)
+        rm -rf /dev/shm/stasis-mig-there /dev/shm/stasis-mig-here
+        ip netns exec $ns unshare --pid --fork --kill-child --mount-proc sh -c \
+            "/opt/stasis/bin/stasis serve --listen $there:7070 --token-file $token --store /dev/shm/stasis-mig-there --directory /dev/shm/stasis-mig-received >$run/serve.txt 2>&1; sleep 100000" &
+        local receiver=$!
+        sleep 1
+        local pid; pid=$($launcher python3 Workloads/torch/bert_train.py --dir "$run" --size base --steps 30 --pause-at 15 --daemon) \
+            || { fail "migrate ($label)" "did not start: $(tail -n 5 "$run/log")"; kill -9 $receiver; continue; }
+        if $STASIS migrate "$pid" --to $there:7070 --token-file $token --store /dev/shm/stasis-mig-here >"$run/migrate.txt" 2>&1 && wait_gone "$pid"; then
+            touch "$run/go"
+            for _ in $(seq 1200); do [[ -e $run/done ]] && break; sleep 0.1; done
+            if cmp -s "$ref/losses.txt" "$run/losses.txt"; then
+                pass "migrate BERT-base ($label) to another network and PID namespace: 30 losses identical; $(sed 's/^ *//' "$run/migrate.txt" | tr '\n' ' ')"
+            else
+                fail "migrate ($label)" "losses differ: $(diff "$ref/losses.txt" "$run/losses.txt" | head -n 4 | tr '\n' ' '); $(tail -n 3 "$run/log")"
+            fi
+        else
+            fail "migrate ($label)" "$(tail -n 6 "$run/migrate.txt" | tr '\n' ' '); receiver: $(tail -n 3 "$run/serve.txt" | tr '\n' ' ')"
+            [[ -e /proc/$pid ]] && kill_tree "$pid"
+        fi
+        cp "$run/migrate.txt" "$LOGS/migrate-$label.txt" 2>/dev/null; cp "$run/serve.txt" "$LOGS/migrate-$label-serve.txt" 2>/dev/null
+        kill -9 $receiver 2>/dev/null; wait $receiver 2>/dev/null
+    done
+    ip link del sdm0 2>/dev/null; ip netns del $ns 2>/dev/null
+    rm -rf /dev/shm/stasis-mig-*
+    STASIS=/opt/stasis/bin/stasis WORKLOAD=/opt/stasis/bin/stasis-workload PLUGINS=/opt/stasis/criu-plugins \
+        timeout 300 bench/migrate.sh bert 2>&1 | tee "$OUT/migrate-bench.txt"
 }
 
 # Not a test: the baseline-against-stasis benchmark (bench/gpu-dump-restore.sh), when asked for by name.

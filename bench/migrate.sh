@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Live migration over a veth link between two hosts on this machine (the root namespaces, and a receiver in
+# network and PID namespaces of its own): downtime and bytes of `stasis migrate` against CRIU's own
+# page-server transfer (`criu dump --page-server` into `criu page-server`, the other images copied, `criu
+# restore` there), in the same run, on the same kind of job.
+#
+#   bench/migrate.sh cpu [MIB]     a CPU process holding MIB (default 2048) of random memory
+#   bench/migrate.sh bert          BERT-base training, paused between steps (on a GPU machine; the
+#                                  baseline then loads the stasis CRIU plugin, the driver's checkpoint as
+#                                  CRIU's cuda plugin does it)
+#
+# Rows: CRIU page-server; stasis migrate (driver path for GPU jobs); stasis migrate of a job under `stasis
+# run` (GPU only: the agent moves device memory); and the same job again into the receiver's store, which
+# then has most chunks. Each row starts a fresh job and a fresh receiver (whose store is fresh but for the
+# last row). Downtime is from the start of the dump to the receiver's restore having returned (for the
+# baseline with a GPU, before its plugin's helper has given the GPU back). Needs root, CRIU, ip, unshare.
+# STASIS, WORKLOAD and PLUGINS name the binaries (default: this build's release products).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="/usr/local/sbin:$PATH"
+KIND=${1:-cpu}
+MIB=${2:-2048}
+BIN=$(swift build -c release --show-bin-path 2>/dev/null || echo .build/release)
+STASIS=${STASIS:-$BIN/stasis}
+WORKLOAD=${WORKLOAD:-$BIN/stasis-workload}
+PLUGINS=${PLUGINS:-.build/criu-plugins}
+work=$(mktemp -d /dev/shm/stasis-migrate-bench.XXXXXX)
+ns=stasis-bench-$$
+here=10.250.$(( $$ % 250 )).1 there=10.250.$(( $$ % 250 )).2
+receiver="" job=""
+
+cleanup() {
+    [[ -n $job ]] && kill -9 "$job" 2>/dev/null
+    [[ -n $receiver ]] && kill -9 "$receiver" 2>/dev/null
+    ip link del smb$$a 2>/dev/null; ip netns del $ns 2>/dev/null
+    rm -rf "$work"
+}
+trap cleanup EXIT
+ip netns add $ns
+ip link add smb$$a type veth peer name smb$$b
+ip link set smb$$b netns $ns
+ip addr add $here/24 dev smb$$a && ip link set smb$$a up
+ip -n $ns addr add $there/24 dev smb$$b && ip -n $ns link set smb$$b up && ip -n $ns link set lo up
+head -c 32 /dev/urandom | base64 >"$work/token" && chmod 600 "$work/token"
+
+now() { date +%s%N; }
+elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.3f", (b - a) / 1e9 }'; }
+wait_gone() { for _ in $(seq 1000); do [[ -e /proc/$1 ]] || return 0; sleep 0.01; done; echo "PID $1 did not go away" >&2; exit 1; }
+
+# Runs COMMAND as the receiver: in its network namespace and a new PID namespace whose init outlives it.
+start_receiver() {
+    ip netns exec $ns unshare --pid --fork --kill-child --mount-proc sh -c "$1; sleep 100000" &
+    receiver=$!
+    sleep 1
+}
+stop_receiver() { kill -9 "$receiver" 2>/dev/null; wait "$receiver" 2>/dev/null || true; receiver=""; }
+
+start_job() {  # LAUNCHER -> sets job
+    local dir; dir=$(mktemp -d "$work/job.XXXXXX")
+    if [[ $KIND == cpu ]]; then
+        job=$($1 "$WORKLOAD" counter --dir "$dir" --daemon --mem "$MIB" --fill random)
+    else
+        job=$($1 python3 Workloads/torch/bert_train.py --dir "$dir" --size base --steps 1000 --pause-at 5 --daemon)
+    fi
+}
+
+criu_row() {
+    start_job ""
+    local plugin=(); [[ $KIND == bert ]] && plugin=(-L "$PLUGINS")
+    mkdir -p "$work/src" "$work/dst"
+    ip netns exec $ns criu page-server -D "$work/dst" --address $there --port 7100 -d -o ps.log >/dev/null 2>&1
+    local t; t=$(now)
+    criu dump -t "$job" -D "$work/src" --page-server --address $there --port 7100 "${plugin[@]}" --ghost-limit 1G -o dump.log -v2 \
+        || { tail "$work/src/dump.log" >&2; exit 1; }
+    cp -a "$work/src/." "$work/dst/"
+    wait_gone "$job"
+    start_receiver "criu restore -D $work/dst -d ${plugin[*]} -o restore.log -v2 && touch $work/restored"
+    for _ in $(seq 3000); do [[ -e $work/restored ]] && break; sleep 0.01; done
+    local downtime; downtime=$(elapsed "$t")
+    # The sleep that start_receiver waits before restoring is not the baseline's: take it off.
+    downtime=$(awk -v d="$downtime" 'BEGIN { printf "%.3f", d - 1 }')
+    [[ -e $work/restored ]] || { echo "criu restore failed:" >&2; tail "$work/dst/restore.log" >&2; exit 1; }
+    local bytes; bytes=$(du -sb "$work/dst" | cut -f1)
+    printf '| CRIU page-server | %.2f s | %s MiB | | |\n' "$downtime" "$(( bytes >> 20 ))"
+    stop_receiver
+    rm -rf "$work/src" "$work/dst" "$work/restored"
+}
+
+stasis_row() {  # LABEL LAUNCHER FRESH_STORE
+    [[ $3 == fresh ]] && rm -rf "$work/store-there"
+    start_receiver "$STASIS serve --listen $there:7070 --token-file $work/token --store $work/store-there --directory $work/received"
+    start_job "$2"
+    rm -rf "$work/store-here"
+    "$STASIS" migrate "$job" --to $there:7070 --token-file "$work/token" --store "$work/store-here" --json >"$work/migrate.json" \
+        || { echo "stasis migrate failed" >&2; exit 1; }
+    python3 - "$1" "$work/migrate.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[2]))
+mib = lambda b: b / 2**20
+print(f"| {sys.argv[1]} | {r['downtimeSeconds']:.2f} s | {mib(r['bytesSent']):.0f} MiB | {mib(r['bytesSkipped']):.0f} MiB | "
+      f"checkpoint {r['dumpSeconds']:.2f} s, transfer {r['transferSeconds']:.2f} s ({mib(r['bytesSent']) / 1024 / max(r['transferSeconds'], 1e-9):.2f} GiB/s), restore {r['restoreSeconds']:.2f} s |")
+PY
+    stop_receiver
+    job=""
+}
+
+echo "$KIND job$([[ $KIND == cpu ]] && echo ", $MIB MiB of random memory"); veth link $here -> $there"
+echo
+echo "| path | downtime | sent | skipped (receiver had it) | parts |"
+echo "| --- | --- | --- | --- | --- |"
+criu_row
+stasis_row "stasis migrate" "" fresh
+[[ $KIND == bert ]] && stasis_row "stasis migrate, under stasis run (agent)" "$STASIS run --" fresh
+stasis_row "stasis migrate, the same job again (receiver has its chunks)" "$([[ $KIND == bert ]] && echo "$STASIS run --")" kept

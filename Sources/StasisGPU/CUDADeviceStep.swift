@@ -72,10 +72,11 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
     /// the others exported (cuMemExportToShareableHandle). Driver 580 checkpoints those processes but its
     /// restore answers CUDA_ERROR_NOT_SUPPORTED (two H200s, data-parallel BERT), so the job would be lost.
     /// A process with the agent is left to it: the agent sees the exports themselves and refuses precisely.
-    /// Without the agent the sign is NCCL loaded in two CUDA processes or more, NCCL_P2P_DISABLE unset.
+    /// Without the agent the sign is NCCL (its library, or its /dev/shm/nccl-* segments) mapped in two CUDA
+    /// processes or more, NCCL_P2P_DISABLE unset.
     static func ncclPeerToPeerProblem(_ processes: [(pid: Int32, mappings: [ProcFS.Mapping], environment: [String])]) -> String? {
         let ranks = processes.filter { process in
-            process.mappings.contains { $0.path.contains("/libnccl") } && !process.mappings.contains { $0.path.hasSuffix("/libstasis-agent.so") }
+            process.mappings.contains { $0.path.contains("nccl") } && !process.mappings.contains { $0.path.hasSuffix("/libstasis-agent.so") }
                 && !process.environment.contains("NCCL_P2P_DISABLE=1")
         }
         guard ranks.count >= 2 else { return nil }

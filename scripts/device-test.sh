@@ -538,7 +538,17 @@ section_container() {
             for _ in $(seq 600); do [[ -e $dir/data/ready ]] && break; sleep 0.1; done
             local pid; pid=$($runc state $id | python3 -c 'import json,sys; print(json.load(sys.stdin)["pid"])')
             local before; before=$(verify "$pid" "$dir/data")
-            if [[ $way == runc ]]; then
+            if [[ $way == runc && $label == agent ]]; then
+                # The plugin refuses a process under `stasis run` (the driver's restore of one failed here):
+                # runc's checkpoint fails and the container runs on.
+                if ! STASIS_CUDA_PLUGIN_LOG=$dir/plugin.log $runc --log "$dir/runc.log" checkpoint --image-path "$dir/img" --work-path "$dir/work" $id >"$dir/ckpt.txt" 2>&1 \
+                    && grep -q 'stasis run' "$dir/plugin.log" && [[ $(verify "$pid" "$dir/data") == PASS* ]]; then
+                    pass "runc checkpoint of a GPU container under stasis run refused by the plugin; the container runs on"
+                else
+                    fail "runc GPU container (agent)" "not refused, or the container did not run on: $(tail -n 3 "$dir/plugin.log" 2>/dev/null | tr '\n' ' ')"
+                fi
+                cp "$dir/plugin.log" "$LOGS/container-$label-plugin.txt" 2>/dev/null
+            elif [[ $way == runc ]]; then
                 # runc and CRIU with the stasis plugin, which logs its helper's steps to plugin.log.
                 if [[ $before == PASS* ]] && STASIS_CUDA_PLUGIN_LOG=$dir/plugin.log $runc --log "$dir/runc.log" checkpoint --image-path "$dir/img" --work-path "$dir/work" $id >"$dir/ckpt.txt" 2>&1 \
                     && STASIS_CUDA_PLUGIN_LOG=$dir/plugin.log $runc --log "$dir/runc.log" restore -d --image-path "$dir/img" --work-path "$dir/work2" --bundle "$dir/bundle" $id </dev/null >/dev/null 2>&1; then

@@ -153,10 +153,29 @@ static int cuda_state(int pid) {
     return answer.result == 0 ? answer.state : -1;
 }
 
+// True when the process carries stasis's agent (started by `stasis run`).
+static int has_agent(int pid) {
+    char path[64], line[1024];
+    snprintf(path, sizeof path, "/proc/%d/maps", pid);
+    FILE *maps = fopen(path, "re");
+    if (!maps) return 0;
+    int found = 0;
+    while (!found && fgets(line, sizeof line, maps)) found = strstr(line, "/libstasis-agent.so") != NULL;
+    fclose(maps);
+    return found;
+}
+
 static int pause_devices(int pid) {
     if (!enabled) return -ENOTSUP;
     int state = cuda_state(pid);
     if (state < 0) return -ENOTSUP;
+    // Seen on the H200 under runc: the driver checkpointed such a process, and its restore then failed
+    // (CUresult 1) or never resumed it, losing the job. `stasis dump --container` handles it (the agent
+    // moves the memory first). Refused here, before anything is touched: the dump fails, the job runs on.
+    if (has_agent(pid)) {
+        say("PID %d runs under `stasis run` (its agent is loaded): checkpoint it with `stasis dump` (or `stasis dump --container`), not through the plugin", pid);
+        return -1;
+    }
     if (state != STASIS_CUDA_RUNNING) {
         say("PID %d is in CUDA state %d, not running", pid, state);
         return -1;

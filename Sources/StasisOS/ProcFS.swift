@@ -16,12 +16,19 @@ public enum ProcFS {
     /// Parses /proc/PID/stat. The command sits in parentheses and may itself contain ") ", so the fields
     /// after it are taken from the last ')'.
     public static func stat(_ pid: Int32) -> Stat? {
-        guard let text = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+        guard let text = text("/proc/\(pid)/stat"),
               let open = text.firstIndex(of: "("), let close = text.lastIndex(of: ")") else { return nil }
         let command = String(text[text.index(after: open)..<close])
         let rest = text[text.index(close, offsetBy: 2)...].split(separator: " ")
         guard rest.count > 2, let state = rest[0].first, let ppid = Int32(rest[1]) else { return nil }
         return Stat(pid: pid, command: command, state: state, ppid: ppid)
+    }
+
+    /// A /proc file's text. Decoded leniently: file names in maps and commands in stat may hold bytes that
+    /// are not UTF-8 (a PyTorch rank's maps did), which must not make the whole file unreadable.
+    public static func text(_ path: String) -> String? {
+        guard let data = try? FileSystem.readFile(path) else { return nil }
+        return String(decoding: data, as: UTF8.self)
     }
 
     /// True while /proc/PID exists, zombies included.
@@ -42,7 +49,7 @@ public enum ProcFS {
 
     /// Fields of /proc/PID/status as raw strings ("VmRSS" -> "1234 kB").
     public static func status(_ pid: Int32) -> [String: String] {
-        guard let text = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8) else { return [:] }
+        guard let text = text("/proc/\(pid)/status") else { return [:] }
         var fields: [String: String] = [:]
         for line in text.split(separator: "\n") {
             guard let colon = line.firstIndex(of: ":") else { continue }
@@ -55,7 +62,7 @@ public enum ProcFS {
     /// The PID `pid` has in its own PID namespace (the last NSpid entry: inside a container, not the PID
     /// here), or nil when /proc does not say.
     public static func namespacePID(_ pid: Int32) -> Int32? {
-        (try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8))?
+        (text("/proc/\(pid)/status"))?
             .split(separator: "\n").first { $0.hasPrefix("NSpid:") }?
             .split(whereSeparator: { $0 == " " || $0 == "\t" }).last.flatMap { Int32($0) }
     }
@@ -79,7 +86,7 @@ public enum ProcFS {
     }
 
     public static func mappings(_ pid: Int32) -> [Mapping] {
-        guard let text = try? String(contentsOfFile: "/proc/\(pid)/maps", encoding: .utf8) else { return [] }
+        guard let text = text("/proc/\(pid)/maps") else { return [] }
         return parseMappings(text)
     }
 

@@ -51,7 +51,7 @@ public enum TCPListeners {
         guard !inodes.isEmpty else { return [] }
         var found: [Endpoint] = []
         for (file, family) in [("tcp", AF_INET), ("tcp6", AF_INET6)] {
-            guard let table = try? String(contentsOfFile: "/proc/\(pid)/net/\(file)", encoding: .utf8) else { continue }
+            guard let table = ProcFS.text("/proc/\(pid)/net/\(file)") else { continue }
             found += parseListening(table, family: family, inodes: inodes)
         }
         return found

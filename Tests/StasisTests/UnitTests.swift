@@ -229,3 +229,28 @@ import Testing
         #expect(CUDADeviceStep.ncclPeerToPeerProblem([(11, nccl + agent, []), (12, nccl + agent, [])]) == nil, "the agents judge for themselves")
     }
 }
+
+@Suite struct NCCLMappingsFromProc {
+    /// Two real processes that map a file named like NCCL's library are seen as NCCL ranks through /proc.
+    @Test func realProcessesMappingNCCLAreSeen() throws {
+        let library = Harness.scratch("nccl") + "/libnccl.so.2"
+        try Data(repeating: 1, count: 4096).write(to: URL(fileURLWithPath: library))
+        // Thousands of other mappings first, as a PyTorch process has (/proc/PID/maps is then far longer than
+        // a page), and a file whose name is not UTF-8, which made a rank's whole maps unreadable.
+        let script = "import mmap,time\nkeep=[mmap.mmap(-1,4096,prot=mmap.PROT_READ if i%2 else mmap.PROT_READ|mmap.PROT_WRITE) for i in range(8000)]\nb=open(b'\(library)-\\xff\\xfe','wb+')\nb.write(b'x'*4096)\nb.flush()\nn=mmap.mmap(b.fileno(),4096)\nf=open('\(library)','rb')\nm=mmap.mmap(f.fileno(),4096,prot=mmap.PROT_READ)\nprint('ready',flush=True)\ntime.sleep(30)"
+        var processes: [Process] = []
+        for _ in 0..<2 {
+            let process = Process()
+            process.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+            process.arguments = ["-c", script]
+            let out = Pipe()
+            process.standardOutput = out
+            try process.run()
+            _ = out.fileHandleForReading.availableData
+            processes.append(process)
+        }
+        defer { processes.forEach { $0.terminate() } }
+        let seen = processes.map { ($0.processIdentifier, ProcFS.mappings($0.processIdentifier), CUDADeviceStep.environment($0.processIdentifier)) }
+        #expect(CUDADeviceStep.ncclPeerToPeerProblem(seen) != nil, "\(seen.map { $0.1.filter { $0.path.contains("nccl") }.count })")
+    }
+}

@@ -98,7 +98,7 @@ import json, sys
 r = json.load(open(sys.argv[2]))
 mib = lambda b: b / 2**20
 print(f"| {sys.argv[1]} | {r['downtimeSeconds']:.2f} s | {mib(r['bytesSent']):.0f} MiB | {mib(r['bytesSkipped']):.0f} MiB | "
-      f"checkpoint {r['dumpSeconds']:.2f} s, transfer {r['transferSeconds']:.2f} s ({mib(r['bytesSent']) / 1024 / max(r['transferSeconds'], 1e-9):.2f} GiB/s), restore {r['restoreSeconds']:.2f} s |")
+      f"checkpoint {r['dumpSeconds']:.2f} s ({mib(r.get('bytesSentDuringDump', 0)):.0f} MiB sent meanwhile), rest sent {r['transferSeconds']:.2f} s, restore {r['restoreSeconds']:.2f} s |")
 PY
     stop_receiver
     job=""

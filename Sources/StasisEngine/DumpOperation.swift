@@ -41,6 +41,8 @@ public struct DumpOperation {
         /// migration sends it and waits for the receiver's restore here. If it throws, the dump fails and the
         /// tree runs on; the published checkpoint stays.
         public var whilePublished: (@Sendable (Manifest, String) throws -> Void)?
+        /// Told of every new chunk as the dump writes it (ChunkStore.observe): a migration sends them at once.
+        public var chunkObserver: ChunkStore.ChunkObserver?
         public init(pid: Int32, directory: String) { self.pid = pid; self.directory = directory }
     }
 
@@ -87,6 +89,8 @@ public struct DumpOperation {
         }
         let criu = try CRIUBinary.locate()
         let store = try ChunkStore(path: ChunkStore.resolve(options.store, recorded: nil), create: true)
+        store.observe(options.chunkObserver)
+        defer { store.observe(nil) }
         let storeLock = try store.lock(exclusive: false)
         defer { storeLock.release() }
         let catalog = StoreCatalog(store: store)

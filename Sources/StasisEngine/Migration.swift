@@ -15,13 +15,19 @@ import StasisStore
 ///     receiver  H  "STASISMIGRATE1" + its nonce (32 bytes)
 ///     source    A  its nonce + HMAC-SHA256(token, "client" | receiver's nonce | source's nonce)
 ///     receiver  P  HMAC-SHA256(token, "server" | source's nonce | receiver's nonce)  (or X: refused)
-///        ... the source freezes and checkpoints the job into its own store ...
+///        ... the source freezes and checkpoints the job into its own store; while it does, for each few
+///            new chunks its dump writes:
+///     source    Q  their digests, one per line
+///     receiver  N  those it lacks
+///     source    K  each of those: its digest + its chunk file (as the store keeps it), one message each
+///        ... once the checkpoint is complete:
 ///     source    O  the manifest's JSON + HMAC-SHA256(session key, that JSON)
 ///     receiver  N  the chunk digests it lacks, one per line
 ///     source    the checkpoint as a bundle (Bundle.swift) holding only those chunks
 ///     receiver  R  "running PID" or "failed: why", + HMAC-SHA256(session key, "result" | text)
 ///
-/// Both ends prove they know the token; the session key is HMAC(token, "session" | both nonces). Everything
+/// Chunks sent during the dump are checked against their digests and kept in the receiver's store; they
+/// count only when the authenticated manifest lists them. Both ends prove they know the token; the session key is HMAC(token, "session" | both nonces). Everything
 /// restored is authenticated: the manifest by its HMAC, each whole file by its SHA-256 in the manifest, and
 /// each chunk by its digest, which the manifest lists, so an unauthenticated peer cannot get anything restored.
 /// The source's tree stays frozen until the receiver's authenticated answer says the job runs there; then
@@ -32,7 +38,8 @@ public enum Migration {
     static let maxMessage = 64 << 20
 
     enum Kind: UInt8 {
-        case hello = 0x48, auth = 0x41, proof = 0x50, offer = 0x4F, need = 0x4E, result = 0x52, refused = 0x58  // H A P O N R X
+        // H A P O N R X Q K
+        case hello = 0x48, auth = 0x41, proof = 0x50, offer = 0x4F, need = 0x4E, result = 0x52, refused = 0x58, query = 0x51, chunk = 0x4B
     }
 
     /// The shared secret, from a file only root can read (at least 16 bytes; surrounding whitespace dropped).
@@ -65,11 +72,28 @@ public enum Migration {
     static func nonce() -> [UInt8] { (0..<32).map { _ in UInt8.random(in: 0...255) } }
 
     static func send(_ connection: TCPConnection, _ kind: Kind, _ payload: [UInt8]) throws {
-        let length = UInt32(payload.count)
-        try connection.send([kind.rawValue, UInt8(length >> 24), UInt8((length >> 16) & 0xff), UInt8((length >> 8) & 0xff), UInt8(length & 0xff)] + payload)
+        try payload.withUnsafeBytes { try send(connection, kind, parts: [$0]) }
+    }
+
+    /// One message whose payload is `parts` one after the other, none of them copied.
+    static func send(_ connection: TCPConnection, _ kind: Kind, parts: [UnsafeRawBufferPointer]) throws {
+        let length = UInt32(parts.reduce(0) { $0 + $1.count })
+        let head = [kind.rawValue, UInt8(length >> 24), UInt8((length >> 16) & 0xff), UInt8((length >> 8) & 0xff), UInt8(length & 0xff)]
+        // MSG_MORE only while bytes follow: a corked header with nothing after it waits 200 ms for them.
+        let nonEmpty = parts.filter { !$0.isEmpty }
+        try head.withUnsafeBytes { try connection.send($0, more: !nonEmpty.isEmpty) }
+        for (index, part) in nonEmpty.enumerated() { try connection.send(part, more: index < nonEmpty.count - 1) }
     }
 
     static func receive(_ connection: TCPConnection, _ expected: Kind) throws -> [UInt8] {
+        let (kind, payload) = try receiveAny(connection)
+        guard kind == expected else {
+            throw StasisError(.io, "\(connection.peer) sent \(kind) where \(expected) was due; not a stasis migration peer")
+        }
+        return payload
+    }
+
+    static func receiveAny(_ connection: TCPConnection) throws -> (Kind, [UInt8]) {
         let head = try connection.receive(5)
         let length = Int(head[1]) << 24 | Int(head[2]) << 16 | Int(head[3]) << 8 | Int(head[4])
         guard length <= maxMessage else { throw StasisError(.io, "\(connection.peer) sent a message of \(length) bytes; not a stasis migration peer") }
@@ -77,10 +101,10 @@ public enum Migration {
         if head[0] == Kind.refused.rawValue {
             throw StasisError(.permission, "\(connection.peer) refused: \(String(decoding: payload, as: UTF8.self))")
         }
-        guard head[0] == expected.rawValue else {
-            throw StasisError(.io, "\(connection.peer) sent message \(head[0]) where \(expected) was due; not a stasis migration peer")
+        guard let kind = Kind(rawValue: head[0]) else {
+            throw StasisError(.io, "\(connection.peer) sent message \(head[0]); not a stasis migration peer")
         }
-        return payload
+        return (kind, payload)
     }
 
     /// Equal in constant time.
@@ -120,6 +144,8 @@ public struct MigrateOperation {
         public var restoreSeconds: Double
         /// Bytes on the wire (the bundle), and stored chunk bytes not sent because the receiver had them.
         public var bytesSent: UInt64
+        /// Of `bytesSent`, what went while the dump was still writing the checkpoint.
+        public var bytesSentDuringDump: UInt64
         public var bytesSkipped: UInt64
         public var chunksSent: Int
         public var chunksSkipped: Int
@@ -139,15 +165,20 @@ public struct MigrateOperation {
         let spool = options.spool ?? "/var/lib/stasis/migrate/\(Self.stamp())-\(options.pid)"
         try FileSystem.makePrivateDirectory(URL(fileURLWithPath: spool).deletingLastPathComponent().path)
 
-        let outcome = Locked<(remotePID: Int32, sent: UInt64, skipped: UInt64, chunksSent: Int, chunksSkipped: Int,
+        let outcome = Locked<(remotePID: Int32, sent: UInt64, early: UInt64, skipped: UInt64, chunksSent: Int, chunksSkipped: Int,
                                dumpDone: Double, transferDone: Double)?>(nil)
+        // New chunks go to the receiver while the dump still writes the rest.
+        let preloader = ChunkPreloader(connection)
+        defer { _ = try? preloader.finish() }
         let downtime = Stopwatch()
         let restoreTimeout = options.restoreTimeout
         var dump = DumpOperation.Options(pid: options.pid, directory: spool)
         dump.process = options.process
         dump.store = options.store
         dump.codec = options.codec
+        dump.chunkObserver = { digest, file in preloader.offer(digest, file) }
         dump.whilePublished = { manifest, directory in
+            let early = try preloader.finish()
             let dumpDone = downtime.seconds
             let manifestData = try FileSystem.readFile(directory + "/" + Manifest.fileName)
             try Migration.send(connection, .offer, Array(manifestData) + Migration.mac(session, Array(manifestData)))
@@ -155,7 +186,8 @@ public struct MigrateOperation {
             let store = try Checkpoint.store(for: manifest, explicit: nil)
             let all = Set(manifest.files.flatMap { $0.chunks ?? [] }.filter { !$0.isEmpty })
             let skipping = all.subtracting(lacking)
-            let skippedBytes = skipping.reduce(UInt64(0)) { total, digest in total + (store.map { FileSystem.size($0.chunkPath(digest)) ?? 0 } ?? 0) }
+            let notSent = skipping.subtracting(early.digests)
+            let skippedBytes = notSent.reduce(UInt64(0)) { total, digest in total + (store.map { FileSystem.size($0.chunkPath(digest)) ?? 0 } ?? 0) }
             connection.setTimeout(seconds: 120)
             let sent = try CheckpointBundle.stream(directory: directory, manifestData: manifestData, manifest: manifest, store: store,
                                                    to: connection.fd, name: "the connection to \(connection.peer)", skipping: skipping)
@@ -171,7 +203,7 @@ public struct MigrateOperation {
             guard words.hasPrefix("running "), let remote = Int32(words.dropFirst("running ".count)) else {
                 throw StasisError(.migrationFailed, "the receiver \(connection.peer) could not restore the job: \(words)")
             }
-            outcome.withLock { $0 = (remote, sent.bundleBytes, skippedBytes, sent.chunks, skipping.count, dumpDone, transferDone) }
+            outcome.withLock { $0 = (remote, sent.bundleBytes + early.bytes, early.bytes, skippedBytes, sent.chunks + early.digests.count, notSent.count, dumpDone, transferDone) }
         }
         let report: DumpOperation.Report
         do {
@@ -191,7 +223,7 @@ public struct MigrateOperation {
         FileSystem.removeTree(spool)
         return Report(pid: options.pid, receiver: options.to, remotePID: done.remotePID, downtimeSeconds: total, dumpSeconds: done.dumpDone,
                       transferSeconds: done.transferDone - done.dumpDone, restoreSeconds: total - done.transferDone,
-                      bytesSent: done.sent, bytesSkipped: done.skipped, chunksSent: done.chunksSent, chunksSkipped: done.chunksSkipped,
+                      bytesSent: done.sent, bytesSentDuringDump: done.early, bytesSkipped: done.skipped, chunksSent: done.chunksSent, chunksSkipped: done.chunksSkipped,
                       gpuProcesses: report.gpu.processes.count)
     }
 
@@ -271,15 +303,46 @@ public struct ServeOperation {
         try Migration.send(connection, .proof, Migration.mac(token, Array("server".utf8), theirs, mine))
         let session = Migration.sessionKey(token, receiver: mine, source: theirs)
 
-        // The source now freezes and checkpoints: its offer may take as long as its dump.
-        connection.setTimeout(seconds: 3600)
-        let offer = try Migration.receive(connection, .offer)
+        // The source now freezes and checkpoints: its offer may take as long as its dump. Meanwhile it asks
+        // which of its new chunks this store lacks, and sends those.
+        let store = try ChunkStore(path: ChunkStore.resolve(options.store, recorded: nil), create: true)
+        let early = ChunkReceiver(store: store)
+        var offer: [UInt8] = []
+        do {
+            connection.setTimeout(seconds: 3600)
+            while offer.isEmpty {
+                let (kind, payload) = try Migration.receiveAny(connection)
+                switch kind {
+                case .query:
+                    let asked = String(decoding: payload, as: UTF8.self).split(separator: "\n").map(String.init)
+                    let lacking = asked.filter { !FileSystem.exists(store.chunkPath($0)) }
+                    try Migration.send(connection, .need, Array(lacking.joined(separator: "\n").utf8))
+                    for digest in lacking {
+                        let message = try Migration.receive(connection, .chunk)
+                        guard message.count > 64, String(decoding: message.prefix(64), as: UTF8.self) == digest else {
+                            throw StasisError(.io, "\(connection.peer) sent another chunk than \(digest)")
+                        }
+                        try message.withUnsafeBytes { bytes in
+                            try early.submit(digest: digest, file: UnsafeRawBufferPointer(rebasing: bytes[64...]), from: connection.peer)
+                        }
+                        FaultInjection.stall("chunk", say: options.log)
+                    }
+                case .offer:
+                    offer = payload
+                default:
+                    throw StasisError(.io, "\(connection.peer) sent \(kind) during its dump")
+                }
+            }
+        } catch {
+            _ = try? early.finish()
+            throw error
+        }
+        _ = try early.finish()
         connection.setTimeout(seconds: 120)
         guard offer.count > 32, Migration.same(Migration.mac(session, Array(offer.dropLast(32))), Array(offer.suffix(32))) else {
             throw StasisError(.permission, "the offered manifest does not carry the session's HMAC; refused")
         }
         let manifest = try Manifest.decode(Data(offer.dropLast(32)), path: "the manifest from \(connection.peer)")
-        let store = try ChunkStore(path: ChunkStore.resolve(options.store, recorded: nil), create: true)
         let lacking = Set(manifest.files.flatMap { $0.chunks ?? [] }.filter { !$0.isEmpty && !FileSystem.exists(store.chunkPath($0)) })
         try Migration.send(connection, .need, Array(lacking.sorted().joined(separator: "\n").utf8))
 
@@ -290,12 +353,15 @@ public struct ServeOperation {
             guard reader.manifest == manifest else { throw StasisError(.integrity, "the bundle's manifest is not the one offered; refused") }
             FaultInjection.stall("receive", say: options.log)
             let staging = try StagingDirectory(destination: options.root + "/" + manifest.id)
+            let watch = Stopwatch()
             let imported = try BundleOperation.importBundle(reader, staging: staging, store: store.path, chunksMayBeInStore: true)
+            let importSeconds = watch.seconds
             var restore = RestoreOperation.Options(directory: imported.directory)
             restore.store = store.path
             let report = try RestoreOperation(restore, device: device()).run()
             restored = report.rootPID
             text = "running \(report.rootPID)"
+            options.log("\(connection.peer): the rest of the checkpoint in \(Format.seconds(importSeconds)), restored in \(Format.seconds(report.timings.total)) (CRIU \(Format.seconds(report.timings.criu)), devices \(Format.seconds(report.timings.devices)))")
         } catch {
             text = "failed: \(error)"
         }
@@ -303,5 +369,91 @@ public struct ServeOperation {
         try Migration.send(connection, .result, words + Migration.mac(session, Array("result".utf8), words))
         guard restored > 0 else { throw StasisError(.migrationFailed, text) }
         return restored
+    }
+}
+
+/// The source's side of sending chunks during the dump: the dump's writers hand each new chunk over
+/// (`offer`, on their threads; they wait when 32 are queued, so memory stays bounded), and one thread asks the
+/// receiver which of a few it lacks and sends those. A failure stops the sending and is thrown by `finish`;
+/// the writers are never left waiting.
+final class ChunkPreloader: @unchecked Sendable {
+    private let connection: TCPConnection
+    private let condition = NSCondition()
+    private var queue: [(digest: String, file: Data)] = []
+    private var closed = false
+    private var failure: Error?
+    private var asked = Set<String>()
+    private var sent = Set<String>()
+    private var bytes: UInt64 = 0
+    private let done = DispatchSemaphore(value: 0)
+    private var finished = false
+    static let capacity = 32, batch = 16
+
+    init(_ connection: TCPConnection) {
+        self.connection = connection
+        let thread = Thread { [self] in
+            run()
+            done.signal()
+        }
+        thread.name = "stasis-migrate-send"
+        thread.start()
+    }
+
+    func offer(_ digest: String, _ file: Data) {
+        condition.lock()
+        defer { condition.unlock() }
+        while queue.count >= Self.capacity && !closed && failure == nil { condition.wait() }
+        if !closed && failure == nil { queue.append((digest, file)) }
+        condition.broadcast()
+    }
+
+    private func run() {
+        while true {
+            condition.lock()
+            while queue.isEmpty && !closed { condition.wait() }
+            if queue.isEmpty && closed {
+                condition.unlock()
+                return
+            }
+            let next = Array(queue.prefix(Self.batch))
+            queue.removeFirst(next.count)
+            let skip = failure != nil
+            condition.broadcast()
+            condition.unlock()
+            if skip { continue }
+            do {
+                let fresh = next.filter { asked.insert($0.digest).inserted }
+                guard !fresh.isEmpty else { continue }
+                try Migration.send(connection, .query, Array(fresh.map(\.digest).joined(separator: "\n").utf8))
+                let lacking = Set(String(decoding: try Migration.receive(connection, .need), as: UTF8.self).split(separator: "\n").map(String.init))
+                for chunk in fresh where lacking.contains(chunk.digest) {
+                    let digest = Array(chunk.digest.utf8)
+                    try digest.withUnsafeBytes { name in
+                        try chunk.file.withUnsafeBytes { file in try Migration.send(connection, .chunk, parts: [name, file]) }
+                    }
+                    bytes += UInt64(chunk.file.count)
+                    sent.insert(chunk.digest)
+                }
+            } catch {
+                condition.lock()
+                failure = error
+                queue.removeAll()
+                condition.broadcast()
+                condition.unlock()
+            }
+        }
+    }
+
+    /// Sends what is queued, stops, and says what went: the chunks sent and their bytes.
+    func finish() throws -> (digests: Set<String>, bytes: UInt64) {
+        condition.lock()
+        closed = true
+        condition.broadcast()
+        let wait = !finished
+        finished = true
+        condition.unlock()
+        if wait { done.wait() }
+        if let failure { throw failure }
+        return (sent, bytes)
     }
 }

@@ -75,14 +75,18 @@ public final class TCPConnection: @unchecked Sendable {  // used by one thread a
     public func setTimeout(seconds: Int) { Self.setTimeout(fd, seconds: seconds) }
 
     public func send(_ bytes: [UInt8]) throws {
-        try bytes.withUnsafeBytes { buffer in
-            var done = 0
-            while done < buffer.count {
-                let sent = Glibc.send(fd, buffer.baseAddress! + done, buffer.count - done, Int32(MSG_NOSIGNAL))
-                if sent < 0 && errno == EINTR { continue }
-                guard sent > 0 else { throw Self.failure("sending to", peer) }
-                done += sent
-            }
+        try bytes.withUnsafeBytes { try send($0) }
+    }
+
+    /// `more`: further bytes follow at once (MSG_MORE), so that a small header and its payload, sent
+    /// without being copied together, still leave in full packets.
+    public func send(_ buffer: UnsafeRawBufferPointer, more: Bool = false) throws {
+        var done = 0
+        while done < buffer.count {
+            let sent = Glibc.send(fd, buffer.baseAddress! + done, buffer.count - done, Int32(MSG_NOSIGNAL) | (more ? Int32(MSG_MORE) : 0))
+            if sent < 0 && errno == EINTR { continue }
+            guard sent > 0 else { throw Self.failure("sending to", peer) }
+            done += sent
         }
     }
 

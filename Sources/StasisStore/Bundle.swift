@@ -508,6 +508,44 @@ final class ChunkIntake: @unchecked Sendable {
     }
 }
 
+/// Chunk files arriving one by one (a migration's, while the source's dump still runs): each is checked
+/// against its digest and written to the store on several threads; `finish` waits for them and gives them
+/// their names.
+public final class ChunkReceiver: @unchecked Sendable {
+    private let batch: ChunkStore.Batch
+    private let intake: ChunkIntake
+    private let plainLength = Locked<[String: Int]>([:])
+
+    public init(store: ChunkStore) {
+        batch = ChunkStore.Batch(store: store)
+        intake = ChunkIntake(store: store, batch: batch, chunkSize: ChunkStore.chunkSize)
+    }
+
+    /// Checks and stores one chunk file (header and payload, as a store keeps it); `from` names its sender.
+    public func submit(digest: String, file: UnsafeRawBufferPointer, from: String) throws {
+        guard let length = ChunkStore.plainLength(ofChunkFile: file), length <= ChunkStore.chunkSize,
+              file.count < ChunkStore.scratchSize(ChunkStore.chunkSize) else {
+            throw StasisError(.integrity, "chunk \(digest) from \(from) is not a chunk file")
+        }
+        let damaged = StasisError(.integrity, "chunk \(digest) from \(from) is damaged: {why}")
+        try intake.submit(length: file.count, plainLength: length, digest: digest, damaged: damaged) { target in
+            target.copyMemory(from: file)
+        }
+    }
+
+    /// Waits for every chunk, then makes them durable and visible; their statistics, or the first failure.
+    public func finish() throws -> CheckpointBundle.ImportStatistics {
+        do {
+            let statistics = try intake.finish()
+            try batch.commit()
+            return statistics
+        } catch {
+            batch.abandon()
+            throw error
+        }
+    }
+}
+
 /// The bundle being written: buffered, hashed as it goes, in a hidden temporary file beside the target until
 /// `finish` renames it into place.
 final class BundleOutput {

@@ -24,6 +24,13 @@ public final class ChunkStore: Sendable {
 
     public let path: String
 
+    /// Told of every new chunk a writer of this store instance puts (its digest and its file's bytes, header
+    /// included), on the writer's thread: how a migration sends chunks while its dump still produces them.
+    public typealias ChunkObserver = @Sendable (_ digest: String, _ file: Data) -> Void
+    private let observer = Locked<ChunkObserver?>(nil)
+
+    public func observe(_ body: ChunkObserver?) { observer.withLock { $0 = body } }
+
     /// Opens the store at `path`; `create` makes it (0700) when missing, else a missing store is an error.
     public init(path: String, create: Bool) throws {
         self.path = URL(fileURLWithPath: path).standardizedFileURL.path
@@ -127,6 +134,11 @@ public final class ChunkStore: Sendable {
             parts = [header, plain]
         }
         batch.written(digest, at: try writeTemporary(parts, digest: digest))
+        if let observer = observer.current {
+            var file = Data(capacity: parts.reduce(0) { $0 + $1.count })
+            for part in parts { file.append(contentsOf: part) }
+            observer(digest, file)
+        }
         return PutResult(isNew: true, storedBytes: UInt64(parts.reduce(0) { $0 + $1.count }))
     }
 

@@ -11,8 +11,9 @@ struct MigrateCommand: ParsableCommand {
         abstract: "Move the process tree rooted at PID to another host that runs `stasis serve`.",
         discussion: """
         The receiver is reached and authenticated first (both ends prove they know the token in --token-file). \
-        Then the tree is frozen and checkpointed into the local store, and the receiver is sent the checkpoint \
-        with only the chunks its store lacks; it checks every byte, restores the job, and answers. The tree \
+        Then the tree is frozen and checkpointed into the local store; each new chunk goes to the receiver as \
+        the dump writes it, if the receiver lacks it, and then the rest of the checkpoint. The receiver checks \
+        every byte, restores the job, and answers. The tree \
         here ends only once that authenticated answer says the job runs there; if anything fails before, it \
         runs on here as it was. Restored processes keep their PIDs: the receiver must have them free.
         """)
@@ -58,8 +59,8 @@ struct MigrateCommand: ParsableCommand {
             let report = try MigrateOperation(options, device: CUDADeviceStep(lockTimeoutMilliseconds: UInt32(lockTimeout * 1000))).run()
             if output.json { return Output.json(report) }
             print("migrated PID \(report.pid) to \(report.receiver): running there as root PID \(report.remotePID)")
-            print("  downtime: \(Format.seconds(report.downtimeSeconds)) (checkpoint \(Format.seconds(report.dumpSeconds)), transfer \(Format.seconds(report.transferSeconds)), restore there \(Format.seconds(report.restoreSeconds)))")
-            print("  sent:     \(Format.bytes(report.bytesSent)), \(report.chunksSent) chunks (\(Format.throughput(bytes: report.bytesSent, seconds: report.transferSeconds))); skipped \(report.chunksSkipped) chunks, \(Format.bytes(report.bytesSkipped)), the receiver had them")
+            print("  downtime: \(Format.seconds(report.downtimeSeconds)) (checkpoint, sending its new chunks meanwhile, \(Format.seconds(report.dumpSeconds)); the rest sent in \(Format.seconds(report.transferSeconds)); restore there \(Format.seconds(report.restoreSeconds)))")
+            print("  sent:     \(Format.bytes(report.bytesSent)) in \(report.chunksSent) chunks, \(Format.bytes(report.bytesSentDuringDump)) of it while the dump ran; not sent: \(report.chunksSkipped) chunks, \(Format.bytes(report.bytesSkipped)), the receiver had them")
             if report.gpuProcesses > 0 { print("  gpu:      \(report.gpuProcesses) CUDA process(es)") }
         }
     }

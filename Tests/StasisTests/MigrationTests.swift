@@ -162,20 +162,23 @@ final class ReceiverHost {
         #expect(host.waitFor("does not know the token"), "the receiver says why: \(host.logText)")
     }
 
-    @Test func theReceiverKilledMidTransferLeavesTheJobRunningHere() throws {
-        let host = try ReceiverHost(3)
-        let token = try Self.token("kill", "a shared secret for the killed receiver")
-        try host.serve(token: token, store: Harness.scratch("mig-store-e") + "/store", fault: "receive-stall")
+    /// The receiver dies while chunks arrive during the dump ("chunk"), or once the dump is done and the rest
+    /// of the checkpoint comes ("receive").
+    @Test(arguments: ["chunk", "receive"])
+    func theReceiverKilledMidTransferLeavesTheJobRunningHere(_ point: String) throws {
+        let host = try ReceiverHost(point == "chunk" ? 3 : 4)
+        let token = try Self.token("kill-\(point)", "a shared secret for the killed receiver")
+        try host.serve(token: token, store: Harness.scratch("mig-store-e-\(point)") + "/store", fault: "\(point)-stall")
         let workload = try Workload("counter", ["--mem", "256", "--fill", "random"])
         defer { workload.stop() }
         let source = Process()
         source.executableURL = URL(fileURLWithPath: Harness.stasis)
-        source.arguments = ["migrate", "\(workload.pid)", "--to", "\(host.there):7070", "--token-file", token, "--store", Harness.scratch("mig-store-f") + "/store"]
+        source.arguments = ["migrate", "\(workload.pid)", "--to", "\(host.there):7070", "--token-file", token, "--store", Harness.scratch("mig-store-f-\(point)") + "/store"]
         let errors = Pipe()
         source.standardError = errors
         source.standardOutput = FileHandle.nullDevice
         try source.run()
-        #expect(host.waitFor("stalled at receive"), "the receiver stops in the middle: \(host.logText)")
+        #expect(host.waitFor("stalled at \(point)"), "the receiver stops in the middle: \(host.logText)")
         host.kill()
         source.waitUntilExit()
         let stderr = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)

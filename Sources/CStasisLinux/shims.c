@@ -128,19 +128,21 @@ static int time_wait_matching(int fd, int family, const uint8_t *address, uint16
     size_t length = family == AF_INET ? 4 : 16, capacity = 0;
     uint8_t zeros[16] = {0};
     int any = memcmp(address, zeros, length) == 0;
-    static __thread char buffer[32768];
+    static __thread char buffer[32768] __attribute__((aligned(NLMSG_ALIGNTO)));
     for (;;) {
-        ssize_t got = recv(fd, buffer, sizeof buffer, 0);
-        if (got < 0) {
+        ssize_t received = recv(fd, buffer, sizeof buffer, 0);
+        if (received < 0) {
             if (errno == EINTR) continue;
             return -errno;
         }
-        for (struct nlmsghdr *header = (struct nlmsghdr *)buffer; NLMSG_OK(header, (size_t)got); header = NLMSG_NEXT(header, got)) {
+        int got = (int)received;  // NLMSG_OK and NLMSG_NEXT want a signed int they count down
+        for (struct nlmsghdr *header = (struct nlmsghdr *)buffer; NLMSG_OK(header, got); header = NLMSG_NEXT(header, got)) {
             if (header->nlmsg_type == NLMSG_DONE) return 0;
             if (header->nlmsg_type == NLMSG_ERROR) {
                 const struct nlmsgerr *failure = NLMSG_DATA(header);
                 return failure->error ? failure->error : -EIO;
             }
+            if (header->nlmsg_len < NLMSG_LENGTH(sizeof(struct inet_diag_msg))) continue;
             const struct inet_diag_msg *socket_info = NLMSG_DATA(header);
             if (ntohs(socket_info->id.idiag_sport) != port) continue;
             if (!any && memcmp(socket_info->id.idiag_src, address, length) != 0) continue;

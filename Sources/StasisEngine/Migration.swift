@@ -25,6 +25,8 @@ import StasisStore
 ///     receiver  N  the chunk digests it lacks, one per line
 ///     source    the checkpoint as a bundle (Bundle.swift) holding only those chunks
 ///     receiver  R  "running PID" or "failed: why", + HMAC-SHA256(session key, "result" | text)
+///     source    C  HMAC-SHA256(session key, "commit"): the source's tree ends now
+///     receiver  D  HMAC-SHA256(session key, "committed")
 ///
 /// Chunks sent during the dump are checked against their digests and kept in the receiver's store; they
 /// count only when the authenticated manifest lists them. Both ends prove they know the token; the session key is HMAC(token, "session" | both nonces). Everything
@@ -32,25 +34,34 @@ import StasisStore
 /// each chunk by its digest, which the manifest lists, so an unauthenticated peer cannot get anything restored.
 /// The source's tree stays frozen until the receiver's authenticated answer says the job runs there; then
 /// CRIU ends it. Any failure before that (a dropped connection, a wrong token, a failed restore) fails the
-/// dump, and the source's tree runs on as it was.
+/// dump, and the source's tree runs on as it was. The job must not run on both hosts either: the receiver
+/// keeps its copy only once the source has committed (C). A receiver that gets no commit (the source gave
+/// up waiting, or the connection broke) kills its copy. A source that sent its commit but got no
+/// acknowledgement cannot know whether it arrived: it resumes its job rather than risk losing it, and says
+/// that the receiver may run it too.
 public enum Migration {
     static let magic = Array("STASISMIGRATE1".utf8)
     static let maxMessage = 64 << 20
 
     enum Kind: UInt8 {
         // H A P O N R X Q K
-        case hello = 0x48, auth = 0x41, proof = 0x50, offer = 0x4F, need = 0x4E, result = 0x52, refused = 0x58, query = 0x51, chunk = 0x4B
+        case hello = 0x48, auth = 0x41, proof = 0x50, offer = 0x4F, need = 0x4E, result = 0x52, refused = 0x58, query = 0x51, chunk = 0x4B,
+             commit = 0x43, committed = 0x44  // C D
     }
 
-    /// The shared secret, from a file only root can read (at least 16 bytes; surrounding whitespace dropped).
+    /// The shared secret, from a file of this user's that no one else can read (not a symbolic link; at least
+    /// 16 bytes; surrounding whitespace dropped).
     public static func readToken(_ path: String) throws -> SymmetricKey {
+        let fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+        guard fd >= 0 else { throw systemError("cannot read the token file", path) }
+        defer { close(fd) }
         var info = stat()
-        guard stat(path, &info) == 0 else { throw systemError("cannot read the token file", path) }
-        guard info.st_mode & 0o077 == 0 else {
-            throw StasisError(.permission, "the token file \(path) can be read by others (mode \(String(info.st_mode & 0o777, radix: 8)))",
-                              hint: "chmod 600 \(path)")
+        guard fstat(fd, &info) == 0 else { throw systemError("cannot read the token file", path) }
+        guard info.st_uid == geteuid(), info.st_mode & 0o077 == 0 else {
+            throw StasisError(.permission, "the token file \(path) must belong to this user and be readable by no one else (mode \(String(info.st_mode & 0o777, radix: 8)), owner \(info.st_uid))",
+                              hint: "chown $(id -u) \(path); chmod 600 \(path)")
         }
-        let text = try FileSystem.readFile(path)
+        let text = try FileHandle(fileDescriptor: fd, closeOnDealloc: false).readToEnd() ?? Data()
         let token = String(decoding: text, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
         guard token.utf8.count >= 16 else {
             throw StasisError(.invalidArgument, "the token in \(path) is \(token.utf8.count) bytes; at least 16 are needed",
@@ -85,18 +96,19 @@ public enum Migration {
         for (index, part) in nonEmpty.enumerated() { try connection.send(part, more: index < nonEmpty.count - 1) }
     }
 
-    static func receive(_ connection: TCPConnection, _ expected: Kind) throws -> [UInt8] {
-        let (kind, payload) = try receiveAny(connection)
+    static func receive(_ connection: TCPConnection, _ expected: Kind, max: Int = maxMessage) throws -> [UInt8] {
+        let (kind, payload) = try receiveAny(connection, max: max)
         guard kind == expected else {
             throw StasisError(.io, "\(connection.peer) sent \(kind) where \(expected) was due; not a stasis migration peer")
         }
         return payload
     }
 
-    static func receiveAny(_ connection: TCPConnection) throws -> (Kind, [UInt8]) {
+    /// `max`: the longest payload accepted (small before the peer has authenticated).
+    static func receiveAny(_ connection: TCPConnection, max: Int = maxMessage) throws -> (Kind, [UInt8]) {
         let head = try connection.receive(5)
         let length = Int(head[1]) << 24 | Int(head[2]) << 16 | Int(head[3]) << 8 | Int(head[4])
-        guard length <= maxMessage else { throw StasisError(.io, "\(connection.peer) sent a message of \(length) bytes; not a stasis migration peer") }
+        guard length <= max else { throw StasisError(.io, "\(connection.peer) sent a message of \(length) bytes; not a stasis migration peer") }
         let payload = try connection.receive(length)
         if head[0] == Kind.refused.rawValue {
             throw StasisError(.permission, "\(connection.peer) refused: \(String(decoding: payload, as: UTF8.self))")
@@ -181,6 +193,8 @@ public struct MigrateOperation {
             let early = try preloader.finish()
             let dumpDone = downtime.seconds
             let manifestData = try FileSystem.readFile(directory + "/" + Manifest.fileName)
+            // The receiver first commits the chunks sent during the dump (two syncfs over them): give it time.
+            connection.setTimeout(seconds: 600)
             try Migration.send(connection, .offer, Array(manifestData) + Migration.mac(session, Array(manifestData)))
             let lacking = Set(String(decoding: try Migration.receive(connection, .need), as: UTF8.self).split(separator: "\n").map(String.init))
             let store = try Checkpoint.store(for: manifest, explicit: nil)
@@ -203,13 +217,30 @@ public struct MigrateOperation {
             guard words.hasPrefix("running "), let remote = Int32(words.dropFirst("running ".count)) else {
                 throw StasisError(.migrationFailed, "the receiver \(connection.peer) could not restore the job: \(words)")
             }
+            // The job runs there: commit, and only once the receiver acknowledges let CRIU end the tree here.
+            FaultInjection.stall("commit") { FileHandle.standardError.write(Data(($0 + "\n").utf8)) }
+            connection.setTimeout(seconds: 30)
+            do {
+                try Migration.send(connection, .commit, Migration.mac(session, Array("commit".utf8)))
+                let acknowledged = try Migration.receive(connection, .committed, max: 32)
+                guard Migration.same(acknowledged, Migration.mac(session, Array("committed".utf8))) else {
+                    throw StasisError(.permission, "the acknowledgement does not carry the session's HMAC")
+                }
+            } catch {
+                throw StasisError(.migrationFailed, "the job was restored on \(connection.peer) as PID \(remote), but its commit was not acknowledged (\(error)); the job runs on here, and the receiver stops its copy unless the commit reached it: check PID \(remote) there")
+            }
             outcome.withLock { $0 = (remote, sent.bundleBytes + early.bytes, early.bytes, skippedBytes, sent.chunks + early.digests.count, notSent.count, dumpDone, transferDone) }
         }
-        let report: DumpOperation.Report
+        var gpuProcesses = 0
         do {
-            report = try DumpOperation(dump, device: device).run()
+            gpuProcesses = try DumpOperation(dump, device: device).run().gpu.processes.count
         } catch {
-            throw (error as? StasisError ?? StasisError(.io, "\(error)")).prefixed("migration of PID \(options.pid) to \(options.to) failed")
+            // Committed: the job runs there, whatever failed here after (CRIU's last steps, the report).
+            // It must not run here too.
+            guard outcome.current != nil else {
+                throw (error as? StasisError ?? StasisError(.io, "\(error)")).prefixed("migration of PID \(options.pid) to \(options.to) failed")
+            }
+            for process in ProcFS.tree(root: options.pid).reversed() { kill(process.pid, SIGKILL) }
         }
         let total = downtime.seconds
         guard let done = outcome.current else {
@@ -224,7 +255,7 @@ public struct MigrateOperation {
         return Report(pid: options.pid, receiver: options.to, remotePID: done.remotePID, downtimeSeconds: total, dumpSeconds: done.dumpDone,
                       transferSeconds: done.transferDone - done.dumpDone, restoreSeconds: total - done.transferDone,
                       bytesSent: done.sent, bytesSentDuringDump: done.early, bytesSkipped: done.skipped, chunksSent: done.chunksSent, chunksSkipped: done.chunksSkipped,
-                      gpuProcesses: report.gpu.processes.count)
+                      gpuProcesses: gpuProcesses)
     }
 
     /// Proves the token to the receiver and checks the receiver's proof; returns the session key.
@@ -283,6 +314,7 @@ public struct ServeOperation {
             do {
                 let pid = try receive(connection, token: token)
                 options.log("\(connection.peer): restored, root PID \(pid)")
+                Self.reapWhenItEnds(pid)
             } catch {
                 failures += 1
                 options.log("\(connection.peer): \(error)")
@@ -291,10 +323,21 @@ public struct ServeOperation {
         }
     }
 
+    /// A restored tree's root can end up this process's child (CRIU's restore runs while stasis adopts
+    /// orphans, to reap a failed restore's tasks): a long-running receiver reaps it when it exits, so that
+    /// no zombie keeps its PID. Nothing happens for a process that is not its child.
+    static func reapWhenItEnds(_ pid: Int32) {
+        Thread.detachNewThread {
+            var status: Int32 = 0
+            while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        }
+    }
+
     func receive(_ connection: TCPConnection, token: SymmetricKey) throws -> Int32 {
         let mine = Migration.nonce()
         try Migration.send(connection, .hello, Migration.magic + mine)
-        let auth = try Migration.receive(connection, .auth)
+        // Before the peer has proved anything: small messages only, and the connection's time limit.
+        let auth = try Migration.receive(connection, .auth, max: 64)
         guard auth.count == 64, Migration.same(Array(auth.suffix(32)), Migration.mac(token, Array("client".utf8), mine, Array(auth.prefix(32)))) else {
             try? Migration.send(connection, .refused, Array("authentication failed: the token does not match".utf8))
             throw StasisError(.permission, "refused: the peer does not know the token")
@@ -304,8 +347,11 @@ public struct ServeOperation {
         let session = Migration.sessionKey(token, receiver: mine, source: theirs)
 
         // The source now freezes and checkpoints: its offer may take as long as its dump. Meanwhile it asks
-        // which of its new chunks this store lacks, and sends those.
+        // which of its new chunks this store lacks, and sends those. The store's lock, shared, from the first
+        // of them until the checkpoint is listed: gc must not take a chunk this migration said it has.
         let store = try ChunkStore(path: ChunkStore.resolve(options.store, recorded: nil), create: true)
+        let storeLock = try store.lock(exclusive: false)
+        defer { storeLock.release() }
         let early = ChunkReceiver(store: store)
         var offer: [UInt8] = []
         do {
@@ -366,8 +412,24 @@ public struct ServeOperation {
             text = "failed: \(error)"
         }
         let words = Array(text.utf8)
-        try Migration.send(connection, .result, words + Migration.mac(session, Array("result".utf8), words))
-        guard restored > 0 else { throw StasisError(.migrationFailed, text) }
+        guard restored > 0 else {
+            try? Migration.send(connection, .result, words + Migration.mac(session, Array("result".utf8), words))
+            throw StasisError(.migrationFailed, text)
+        }
+        // Running here; it stays only if the source commits (and so ends its own).
+        do {
+            try Migration.send(connection, .result, words + Migration.mac(session, Array("result".utf8), words))
+            connection.setTimeout(seconds: 30)
+            let commit = try Migration.receive(connection, .commit, max: 32)
+            guard Migration.same(commit, Migration.mac(session, Array("commit".utf8))) else {
+                throw StasisError(.permission, "the commit does not carry the session's HMAC")
+            }
+        } catch {
+            for process in manifest.processTree.processes.reversed() { kill(process.pid, SIGKILL) }
+            Self.reapWhenItEnds(restored)
+            throw StasisError(.migrationFailed, "restored as PID \(restored), but the source did not commit (\(error)); the copy here was stopped and the job runs on there")
+        }
+        try? Migration.send(connection, .committed, Migration.mac(session, Array("committed".utf8)))
         return restored
     }
 }

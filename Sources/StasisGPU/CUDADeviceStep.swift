@@ -75,9 +75,11 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
     /// Without the agent the sign is NCCL (its library, or its /dev/shm/nccl-* segments) mapped in two CUDA
     /// processes or more, NCCL_P2P_DISABLE unset.
     static func ncclPeerToPeerProblem(_ processes: [(pid: Int32, mappings: [ProcFS.Mapping], environment: [String])]) -> String? {
+        let disabled = Set(["1", "true", "yes", "on"])
         let ranks = processes.filter { process in
-            process.mappings.contains { $0.path.contains("nccl") } && !process.mappings.contains { $0.path.hasSuffix("/libstasis-agent.so") }
-                && !process.environment.contains("NCCL_P2P_DISABLE=1")
+            process.mappings.contains { $0.path.contains("/libnccl") || $0.path.hasPrefix("/dev/shm/nccl-") }
+                && !process.mappings.contains { $0.path.hasSuffix("/libstasis-agent.so") }
+                && !process.environment.contains { $0.hasPrefix("NCCL_P2P_DISABLE=") && disabled.contains($0.dropFirst("NCCL_P2P_DISABLE=".count).lowercased()) }
         }
         guard ranks.count >= 2 else { return nil }
         return "PIDs \(ranks.map { String($0.pid) }.joined(separator: ", ")) run NCCL with its peer-to-peer transport, whose shared device memory the driver checkpoints but cannot restore (CUDA_ERROR_NOT_SUPPORTED)"
@@ -99,17 +101,16 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
     /// after the process is locked). cudaMallocManaged maps each allocation from /dev/nvidia-uvm into the
     /// process. The driver maps that file too, 2 MiB for each GPU the process uses (seen on driver 580: one
     /// range in plain CUDA programs and PyTorch on one GPU, two in a process on two GPUs); the GPUs used are
-    /// the /dev/nvidiaN files it maps, or failing that those it holds open. Any further mapping of it is
-    /// managed memory.
-    static func managedMemoryProblem(pid: Int32, mappings: [ProcFS.Mapping], descriptors: [String] = []) -> String? {
+    /// the /dev/nvidiaN files it maps (not those it holds open: CUDA opens every visible GPU). The smallest
+    /// ranges, up to 2 MiB each, one per GPU, are the driver's; any further one is managed memory.
+    static func managedMemoryProblem(pid: Int32, mappings: [ProcFS.Mapping]) -> String? {
         let uvm = mappings.filter { $0.path == "/dev/nvidia-uvm" }
-        let mapped = Set(mappings.map(\.path).filter(isGPUDeviceFile)).count
-        let gpus = mapped > 0 ? mapped : Set(descriptors.filter(isGPUDeviceFile)).count
-        let driversOwn = 2 << 20
+        let gpus = Set(mappings.map(\.path).filter(isGPUDeviceFile)).count
+        let driversOwn: UInt64 = 2 << 20
         var allowance = max(gpus, 1)
         var managed: [ProcFS.Mapping] = []
         for mapping in uvm.sorted(by: { $0.bytes < $1.bytes }) {
-            if mapping.bytes == driversOwn && allowance > 0 { allowance -= 1 } else { managed.append(mapping) }
+            if mapping.bytes <= driversOwn && allowance > 0 { allowance -= 1 } else { managed.append(mapping) }
         }
         guard !managed.isEmpty else { return nil }
         let bytes = managed.map(\.bytes).reduce(0, +)
@@ -149,7 +150,7 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
                 throw StasisError(.gpu, "cannot checkpoint: \(problem); MIG is not supported yet; nothing was touched",
                                   hint: "run the job on a GPU without MIG partitions")
             }
-            if let problem = Self.managedMemoryProblem(pid: pid, mappings: ProcFS.mappings(pid), descriptors: Self.nvidiaDescriptors(pid)) {
+            if let problem = Self.managedMemoryProblem(pid: pid, mappings: ProcFS.mappings(pid)) {
                 throw StasisError(.gpu, "cannot checkpoint: \(problem); the driver cannot checkpoint managed memory; nothing was touched",
                                   hint: "allocate with cudaMalloc instead of cudaMallocManaged")
             }

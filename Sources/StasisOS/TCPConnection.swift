@@ -156,7 +156,9 @@ public final class TCPListener {
                 }
                 return TCPConnection(fd: client, peer: "\(String(nulTerminated: host)):\(String(nulTerminated: service))")
             }
-            if errno == EINTR { continue }
+            // A connection that went before it was taken, or descriptors short for a moment: not fatal.
+            if errno == EINTR || errno == ECONNABORTED || errno == EPROTO { continue }
+            if errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM { sleep(1); continue }
             throw systemError("cannot accept on", address)
         }
     }

@@ -72,9 +72,10 @@ struct ServeCommand: ParsableCommand {
         abstract: "Receive migrations (`stasis migrate`) and restore them here.",
         discussion: """
         Listens on --listen; each peer must prove it knows the token in --token-file before anything it sends \
-        is read. Chunks already in the store are not asked for. Every received file and chunk is checked \
-        against the authenticated manifest before the job is restored; the peer is told the outcome. One \
-        migration at a time; prints a line for each.
+        is read. Chunks already in the store are not asked for. Every chunk received is checked against its \
+        digest, every file against the manifest, whose HMAC proves the peer sent it, and only what that \
+        manifest lists is restored; the peer is told the outcome. One migration at a time; prints a line for \
+        each. Restored processes keep their PIDs, which must be free here.
         """)
 
     @Option(name: .long, help: "Where to listen, ADDRESS:PORT (0.0.0.0:PORT for every IPv4 address).")

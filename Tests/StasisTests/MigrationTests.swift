@@ -138,7 +138,9 @@ final class ReceiverHost {
         try back.run()
         defer { if back.isRunning { back.terminate() } }
         usleep(300_000)
-        let second = try migrate(there.remotePID, to: "\(host.here):7071", token: token, store: storeThere, through: try #require(host.initPID))
+        let receiverInit = host.initPID
+        #expect(receiverInit != nil, "the receiver's init is found")
+        let second = try migrate(there.remotePID, to: "\(host.here):7071", token: token, store: storeThere, through: receiverInit ?? 0)
         #expect(second.succeeded, "\(second.stderr)")
         back.waitUntilExit()
         #expect(back.terminationStatus == 0)
@@ -186,6 +188,37 @@ final class ReceiverHost {
         #expect(stderr.contains("still running"), "\(stderr)")
         #expect(workload.isLive)
         #expect(workload.verify().hasPrefix("PASS"), "nothing lost: the job runs on here")
+    }
+
+    /// The source dies after the receiver restored the job but before it committed: CRIU thaws the job
+    /// here (it lost its peer), and the receiver, with no commit, stops its copy. One copy runs, not two.
+    @Test func aSourceThatDiesBeforeItsCommitKeepsTheJobAndTheReceiverDropsItsCopy() throws {
+        let host = try ReceiverHost(5)
+        let token = try Self.token("commit", "a shared secret for the lost commit")
+        try host.serve(token: token, store: Harness.scratch("mig-store-g") + "/store")
+        let workload = try Workload("counter", ["--mem", "16"])
+        defer { workload.stop() }
+        let source = Process()
+        source.executableURL = URL(fileURLWithPath: Harness.stasis)
+        source.arguments = ["migrate", "\(workload.pid)", "--to", "\(host.there):7070", "--token-file", token, "--store", Harness.scratch("mig-store-h") + "/store"]
+        var environment = ProcessInfo.processInfo.environment
+        environment["STASIS_FAULT"] = "commit-stall"
+        source.environment = environment
+        let errors = Harness.scratch("commit-source") + "/stderr"
+        _ = FileManager.default.createFile(atPath: errors, contents: nil)
+        source.standardError = FileHandle(forWritingAtPath: errors)
+        source.standardOutput = FileHandle.nullDevice
+        try source.run()
+        let deadline = Date().addingTimeInterval(30)
+        while Date() < deadline, !((try? String(contentsOfFile: errors, encoding: .utf8)) ?? "").contains("stalled at commit") { usleep(50_000) }
+        #expect(host.logText.contains("restored in"), "the receiver restored it: \(host.logText)")
+        kill(source.processIdentifier, SIGKILL)
+        source.waitUntilExit()
+        #expect(host.waitFor("did not commit"), "the receiver stops its copy: \(host.logText)")
+        #expect(workload.verify().hasPrefix("PASS"), "the job runs on here")
+        let gone = Date().addingTimeInterval(5)
+        while Date() < gone, let copy = host.hostPID(of: workload.pid), ProcFS.isLive(copy) { usleep(50_000) }
+        #expect(host.hostPID(of: workload.pid).map(ProcFS.isLive) != true, "and not there")
     }
 
     static func verify(_ pid: Int32, _ directory: String) -> String {

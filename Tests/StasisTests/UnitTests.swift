@@ -197,12 +197,12 @@ import Testing
     @Test func theDriversRangePerGPUIsNotManagedMemory() throws {
         let second = "7f0000400000-7f0000600000 rw-s 00000000 00:05 12 /dev/nvidia-uvm\n"
         let twoGPUs = plain + "\n" + second
-        // Which GPUs it uses: the device files it maps, else those it holds open.
+        // Which GPUs it uses: the device files it maps (not those it holds open: CUDA opens every GPU).
         let mappedGPUs = "7e0000000000-7e0000001000 rw-s 00000000 00:05 20 /dev/nvidia0\n7e0000002000-7e0000003000 rw-s 00000000 00:05 21 /dev/nvidia1\n"
         #expect(CUDADeviceStep.managedMemoryProblem(pid: 7, mappings: ProcFS.parseMappings(twoGPUs + mappedGPUs)) == nil)
-        #expect(CUDADeviceStep.managedMemoryProblem(pid: 7, mappings: ProcFS.parseMappings(twoGPUs), descriptors: ["/dev/nvidiactl", "/dev/nvidia0", "/dev/nvidia1", "/dev/nvidia-uvm"]) == nil)
         // On one GPU the second range is managed memory.
-        let problem = try #require(CUDADeviceStep.managedMemoryProblem(pid: 7, mappings: ProcFS.parseMappings(twoGPUs), descriptors: ["/dev/nvidia0"]))
+        let oneGPU = "7e0000000000-7e0000001000 rw-s 00000000 00:05 20 /dev/nvidia0\n"
+        let problem = try #require(CUDADeviceStep.managedMemoryProblem(pid: 7, mappings: ProcFS.parseMappings(twoGPUs + oneGPU)))
         #expect(problem.contains("2.00 MiB in 1 range(s)"))
         // Two GPUs do not excuse a managed allocation of another size.
         #expect(CUDADeviceStep.managedMemoryProblem(pid: 7, mappings: ProcFS.parseMappings(plain + "\n" + managed + mappedGPUs)) != nil)

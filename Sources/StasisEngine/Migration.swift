@@ -310,7 +310,8 @@ public struct ServeOperation {
         var failures = 0
         while true {
             let connection = try listener.accept()
-            connection.setTimeout(seconds: 120)
+            // Until the peer has proved the token: a short time, small messages.
+            connection.setTimeout(seconds: 10)
             do {
                 let pid = try receive(connection, token: token)
                 options.log("\(connection.peer): restored, root PID \(pid)")
@@ -344,6 +345,7 @@ public struct ServeOperation {
         }
         let theirs = Array(auth.prefix(32))
         try Migration.send(connection, .proof, Migration.mac(token, Array("server".utf8), theirs, mine))
+        connection.setTimeout(seconds: 120)
         let session = Migration.sessionKey(token, receiver: mine, source: theirs)
 
         // The source now freezes and checkpoints: its offer may take as long as its dump. Meanwhile it asks

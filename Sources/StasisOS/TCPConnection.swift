@@ -7,6 +7,8 @@ import StasisCore
 public final class TCPConnection: @unchecked Sendable {  // used by one thread at a time
     public let fd: Int32
     public let peer: String
+    /// The time limit (seconds) of each whole receive, as `setTimeout` set it; 0: none.
+    private var limit = 0
 
     init(fd: Int32, peer: String) {
         (self.fd, self.peer) = (fd, peer)
@@ -72,7 +74,12 @@ public final class TCPConnection: @unchecked Sendable {  // used by one thread a
         setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
     }
 
-    public func setTimeout(seconds: Int) { Self.setTimeout(fd, seconds: seconds) }
+    /// Every wait on the connection, and every whole `receive` (a peer that trickles a byte at a time does
+    /// not keep it waiting longer), is limited to `seconds`.
+    public func setTimeout(seconds: Int) {
+        limit = seconds
+        Self.setTimeout(fd, seconds: seconds)
+    }
 
     public func send(_ bytes: [UInt8]) throws {
         try bytes.withUnsafeBytes { try send($0) }
@@ -93,9 +100,13 @@ public final class TCPConnection: @unchecked Sendable {  // used by one thread a
     /// Exactly `count` bytes; an error if the peer closes first.
     public func receive(_ count: Int) throws -> [UInt8] {
         var bytes = [UInt8](repeating: 0, count: count)
+        let deadline = limit > 0 ? Date().addingTimeInterval(Double(limit)) : nil
         try bytes.withUnsafeMutableBytes { buffer in
             var done = 0
             while done < count {
+                if let deadline, done > 0, Date() > deadline {
+                    throw StasisError(.io, "receiving from \(peer) failed: \(count) bytes did not come within \(limit) s")
+                }
                 let got = recv(fd, buffer.baseAddress! + done, count - done, 0)
                 if got < 0 && errno == EINTR { continue }
                 if got == 0 { throw StasisError(.io, "\(peer) closed the connection") }

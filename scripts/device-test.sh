@@ -8,7 +8,8 @@
 #                                           the agent), container (GPU containers under runc),
 #                                           multigpu (two GPUs: a split model and NCCL; needs two),
 #                                           migrate (BERT moved by stasis migrate between namespaces, and
-#                                           bench/migrate.sh bert),
+#                                           bench/migrate.sh bert), ncclrefuse and migratebench (one part of
+#                                           multigpu or of migrate, for a short call),
 #                                           agentbench and agentcost (the agent's benchmark,
 #                                           bench/agent-dump-restore.sh speed / $AGENTCOST_PARTS),
 #                                           and, only when named: bench (the GPU benchmark), storebench

@@ -1,0 +1,163 @@
+import Crypto
+import Foundation
+import Glibc
+import StasisCRIU
+import StasisCore
+import StasisGPU
+import StasisImage
+import StasisOS
+import StasisStore
+
+/// `stasis migrate`: checkpoints the tree rooted at `pid` into the local store, sends what the receiver lacks,
+/// and ends the tree once the receiver runs it.
+public struct MigrateOperation {
+    public struct Options: Sendable {
+        public var pid: Int32
+        public var to: String
+        public var tokenFile: String
+        public var store: String?
+        public var codec = Codec.standard
+        public var process = CRIUService.ProcessOptions()
+        /// Where the local checkpoint is made; removed after a migration that worked.
+        public var spool: String?
+        /// Seconds to wait for the receiver's answer after the last byte (its restore).
+        public var restoreTimeout = 600
+        public init(pid: Int32, to: String, tokenFile: String) { (self.pid, self.to, self.tokenFile) = (pid, to, tokenFile) }
+    }
+
+    public struct Report: Codable, Sendable {
+        public var pid: Int32
+        public var receiver: String
+        /// The root PID the receiver restored (as the receiver sees it).
+        public var remotePID: Int32
+        /// From just before the freeze to the receiver's answer that the job runs there.
+        public var downtimeSeconds: Double
+        public var dumpSeconds: Double
+        public var transferSeconds: Double
+        public var restoreSeconds: Double
+        /// Bytes on the wire (the bundle), and stored chunk bytes not sent because the receiver had them.
+        public var bytesSent: UInt64
+        /// Of `bytesSent`, what went while the dump was still writing the checkpoint.
+        public var bytesSentDuringDump: UInt64
+        public var bytesSkipped: UInt64
+        public var chunksSent: Int
+        public var chunksSkipped: Int
+        public var gpuProcesses: Int
+    }
+
+    let options: Options
+    let device: DeviceStep
+    public init(_ options: Options, device: DeviceStep = NoDeviceStep()) { (self.options, self.device) = (options, device) }
+
+    public func run() throws -> Report {
+        let token = try Migration.readToken(options.tokenFile)
+        // Reach and authenticate the receiver before anything is touched.
+        let connection = try TCPConnection.connect(to: options.to)
+        connection.setTimeout(seconds: 30)
+        let session = try Self.handshake(connection, token: token)
+        let spool = options.spool ?? "/var/lib/stasis/migrate/\(Self.stamp())-\(options.pid)"
+        try FileSystem.makePrivateDirectory(URL(fileURLWithPath: spool).deletingLastPathComponent().path)
+
+        let outcome = Locked<(remotePID: Int32, sent: UInt64, early: UInt64, skipped: UInt64, chunksSent: Int, chunksSkipped: Int,
+                               dumpDone: Double, transferDone: Double)?>(nil)
+        // New chunks go to the receiver while the dump still writes the rest.
+        let preloader = ChunkPreloader(connection)
+        defer { _ = try? preloader.finish() }
+        let downtime = Stopwatch()
+        let restoreTimeout = options.restoreTimeout
+        var dump = DumpOperation.Options(pid: options.pid, directory: spool)
+        dump.process = options.process
+        dump.store = options.store
+        dump.codec = options.codec
+        dump.chunkObserver = { digest, file in preloader.offer(digest, file) }
+        dump.whilePublished = { manifest, directory in
+            let early = try preloader.finish()
+            let dumpDone = downtime.seconds
+            let manifestData = try FileSystem.readFile(directory + "/" + Manifest.fileName)
+            // The receiver first commits the chunks sent during the dump (two syncfs over them): give it time.
+            connection.setTimeout(seconds: 600)
+            try Migration.send(connection, .offer, Array(manifestData) + Migration.mac(session, Array(manifestData)))
+            let lacking = Set(String(decoding: try Migration.receive(connection, .need), as: UTF8.self).split(separator: "\n").map(String.init))
+            let store = try Checkpoint.store(for: manifest, explicit: nil)
+            let all = Set(manifest.files.flatMap { $0.chunks ?? [] }.filter { !$0.isEmpty })
+            let skipping = all.subtracting(lacking)
+            let notSent = skipping.subtracting(early.digests)
+            let skippedBytes = notSent.reduce(UInt64(0)) { total, digest in total + (store.map { FileSystem.size($0.chunkPath(digest)) ?? 0 } ?? 0) }
+            connection.setTimeout(seconds: 120)
+            let sent = try CheckpointBundle.stream(directory: directory, manifestData: manifestData, manifest: manifest, store: store,
+                                                   to: connection.fd, name: "the connection to \(connection.peer)", skipping: skipping)
+            let transferDone = downtime.seconds
+            connection.setTimeout(seconds: restoreTimeout)
+            let answer = try Migration.receive(connection, .result)
+            guard answer.count >= 32 else { throw StasisError(.io, "\(connection.peer) sent a short answer") }
+            let text = Array(answer.dropLast(32))
+            guard Migration.same(Migration.mac(session, Array("result".utf8), text), Array(answer.suffix(32))) else {
+                throw StasisError(.permission, "\(connection.peer)'s answer does not carry the session's HMAC; the job stays here")
+            }
+            let words = String(decoding: text, as: UTF8.self)
+            guard words.hasPrefix("running "), let remote = Int32(words.dropFirst("running ".count)) else {
+                throw StasisError(.migrationFailed, "the receiver \(connection.peer) could not restore the job: \(words)")
+            }
+            // The job runs there: commit, and only once the receiver acknowledges let CRIU end the tree here.
+            FaultInjection.stall("commit") { FileHandle.standardError.write(Data(($0 + "\n").utf8)) }
+            connection.setTimeout(seconds: 30)
+            do {
+                try Migration.send(connection, .commit, Migration.mac(session, Array("commit".utf8)))
+                let acknowledged = try Migration.receive(connection, .committed, max: 32)
+                guard Migration.same(acknowledged, Migration.mac(session, Array("committed".utf8))) else {
+                    throw StasisError(.permission, "the acknowledgement does not carry the session's HMAC")
+                }
+            } catch {
+                throw StasisError(.migrationFailed, "the job was restored on \(connection.peer) as PID \(remote), but its commit was not acknowledged (\(error)); the job runs on here, and the receiver stops its copy unless the commit reached it: check PID \(remote) there")
+            }
+            outcome.withLock { $0 = (remote, sent.bundleBytes + early.bytes, early.bytes, skippedBytes, sent.chunks + early.digests.count, notSent.count, dumpDone, transferDone) }
+        }
+        var gpuProcesses = 0
+        do {
+            gpuProcesses = try DumpOperation(dump, device: device).run().gpu.processes.count
+        } catch {
+            // Committed: the job runs there, whatever failed here after (CRIU's last steps, the report).
+            // It must not run here too.
+            guard outcome.current != nil else {
+                throw (error as? StasisError ?? StasisError(.io, "\(error)")).prefixed("migration of PID \(options.pid) to \(options.to) failed")
+            }
+            for process in ProcFS.tree(root: options.pid).reversed() { kill(process.pid, SIGKILL) }
+        }
+        let total = downtime.seconds
+        guard let done = outcome.current else {
+            throw StasisError(.io, "migration of PID \(options.pid): CRIU ended without its post-dump step; the checkpoint is in \(spool)")
+        }
+        // Sent and running there: the local copy is not needed (its chunks stay in the store for the next time).
+        if let store = try? ChunkStore(path: ChunkStore.resolve(options.store, recorded: nil), create: false),
+           let manifest = try? Checkpoint.readManifest(spool) {
+            StoreCatalog(store: store).unregister(id: manifest.id)
+        }
+        FileSystem.removeTree(spool)
+        return Report(pid: options.pid, receiver: options.to, remotePID: done.remotePID, downtimeSeconds: total, dumpSeconds: done.dumpDone,
+                      transferSeconds: done.transferDone - done.dumpDone, restoreSeconds: total - done.transferDone,
+                      bytesSent: done.sent, bytesSentDuringDump: done.early, bytesSkipped: done.skipped, chunksSent: done.chunksSent, chunksSkipped: done.chunksSkipped,
+                      gpuProcesses: gpuProcesses)
+    }
+
+    /// Proves the token to the receiver and checks the receiver's proof; returns the session key.
+    static func handshake(_ connection: TCPConnection, token: SymmetricKey) throws -> SymmetricKey {
+        let hello = try Migration.receive(connection, .hello)
+        guard hello.count == Migration.magic.count + 32, Array(hello.prefix(Migration.magic.count)) == Migration.magic else {
+            throw StasisError(.io, "\(connection.peer) is not a stasis receiver")
+        }
+        let theirs = Array(hello.suffix(32)), mine = Migration.nonce()
+        try Migration.send(connection, .auth, mine + Migration.mac(token, Array("client".utf8), theirs, mine))
+        let proof = try Migration.receive(connection, .proof)
+        guard Migration.same(proof, Migration.mac(token, Array("server".utf8), mine, theirs)) else {
+            throw StasisError(.permission, "\(connection.peer) does not know the token; nothing was sent and the job was not touched")
+        }
+        return Migration.sessionKey(token, receiver: theirs, source: mine)
+    }
+
+    static func stamp() -> String {
+        let formatter = DateFormatter()
+        formatter.dateFormat = "yyyyMMdd-HHmmss"
+        formatter.timeZone = TimeZone(identifier: "UTC")
+        return formatter.string(from: Date())
+    }
+}

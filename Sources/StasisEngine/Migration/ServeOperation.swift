@@ -1,0 +1,162 @@
+import Crypto
+import Foundation
+import Glibc
+import StasisCRIU
+import StasisCore
+import StasisGPU
+import StasisImage
+import StasisOS
+import StasisStore
+
+/// `stasis serve`: receives migrations, one at a time, and restores each as soon as its last byte is in.
+public struct ServeOperation {
+    public struct Options: Sendable {
+        public var listen: String
+        public var tokenFile: String
+        public var store: String?
+        /// Where received checkpoints are kept (one directory each).
+        public var root = "/var/lib/stasis/received"
+        /// Stop after one migration (whatever its outcome).
+        public var once = false
+        public var log: @Sendable (String) -> Void = { FileHandle.standardOutput.write(Data(($0 + "\n").utf8)) }
+        public init(listen: String, tokenFile: String) { (self.listen, self.tokenFile) = (listen, tokenFile) }
+    }
+
+    let options: Options
+    let device: @Sendable () -> DeviceStep
+    public init(_ options: Options, device: @escaping @Sendable () -> DeviceStep = { NoDeviceStep() }) { (self.options, self.device) = (options, device) }
+
+    /// Serves until killed (or after one migration with `once`); returns how many migrations failed.
+    public func run() throws -> Int {
+        let token = try Migration.readToken(options.tokenFile)
+        let listener = try TCPListener(options.listen)
+        try FileSystem.makePrivateDirectory(options.root)
+        options.log("listening on \(options.listen)")
+        var failures = 0
+        while true {
+            let connection = try listener.accept()
+            // Until the peer has proved the token: a short time, small messages.
+            connection.setTimeout(seconds: 10)
+            do {
+                let pid = try receive(connection, token: token)
+                options.log("\(connection.peer): restored, root PID \(pid)")
+                Self.reapWhenItEnds(pid)
+            } catch {
+                failures += 1
+                options.log("\(connection.peer): \(error)")
+            }
+            if options.once { return failures }
+        }
+    }
+
+    /// A restored tree's root can end up this process's child (CRIU's restore runs while stasis adopts
+    /// orphans, to reap a failed restore's tasks): a long-running receiver reaps it when it exits, so that
+    /// no zombie keeps its PID. Nothing happens for a process that is not its child.
+    static func reapWhenItEnds(_ pid: Int32) {
+        Thread.detachNewThread {
+            var status: Int32 = 0
+            while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        }
+    }
+
+    func receive(_ connection: TCPConnection, token: SymmetricKey) throws -> Int32 {
+        let mine = Migration.nonce()
+        try Migration.send(connection, .hello, Migration.magic + mine)
+        // Before the peer has proved anything: small messages only, and the connection's time limit.
+        let auth = try Migration.receive(connection, .auth, max: 64)
+        guard auth.count == 64, Migration.same(Array(auth.suffix(32)), Migration.mac(token, Array("client".utf8), mine, Array(auth.prefix(32)))) else {
+            try? Migration.send(connection, .refused, Array("authentication failed: the token does not match".utf8))
+            throw StasisError(.permission, "refused: the peer does not know the token")
+        }
+        let theirs = Array(auth.prefix(32))
+        try Migration.send(connection, .proof, Migration.mac(token, Array("server".utf8), theirs, mine))
+        connection.setTimeout(seconds: 120)
+        let session = Migration.sessionKey(token, receiver: mine, source: theirs)
+
+        // The source now freezes and checkpoints: its offer may take as long as its dump. Meanwhile it asks
+        // which of its new chunks this store lacks, and sends those. The store's lock, shared, from the first
+        // of them until the checkpoint is listed: gc must not take a chunk this migration said it has.
+        let store = try ChunkStore(path: ChunkStore.resolve(options.store, recorded: nil), create: true)
+        let storeLock = try store.lock(exclusive: false)
+        defer { storeLock.release() }
+        let early = ChunkReceiver(store: store)
+        var offer: [UInt8] = []
+        do {
+            connection.setTimeout(seconds: 3600)
+            while offer.isEmpty {
+                let (kind, payload) = try Migration.receiveAny(connection)
+                switch kind {
+                case .query:
+                    let asked = String(decoding: payload, as: UTF8.self).split(separator: "\n").map(String.init)
+                    let lacking = asked.filter { !FileSystem.exists(store.chunkPath($0)) }
+                    try Migration.send(connection, .need, Array(lacking.joined(separator: "\n").utf8))
+                    for digest in lacking {
+                        let message = try Migration.receive(connection, .chunk)
+                        guard message.count > 64, String(decoding: message.prefix(64), as: UTF8.self) == digest else {
+                            throw StasisError(.io, "\(connection.peer) sent another chunk than \(digest)")
+                        }
+                        try message.withUnsafeBytes { bytes in
+                            try early.submit(digest: digest, file: UnsafeRawBufferPointer(rebasing: bytes[64...]), from: connection.peer)
+                        }
+                        FaultInjection.stall("chunk", say: options.log)
+                    }
+                case .offer:
+                    offer = payload
+                default:
+                    throw StasisError(.io, "\(connection.peer) sent \(kind) during its dump")
+                }
+            }
+        } catch {
+            _ = try? early.finish()
+            throw error
+        }
+        _ = try early.finish()
+        connection.setTimeout(seconds: 120)
+        guard offer.count > 32, Migration.same(Migration.mac(session, Array(offer.dropLast(32))), Array(offer.suffix(32))) else {
+            throw StasisError(.permission, "the offered manifest does not carry the session's HMAC; refused")
+        }
+        let manifest = try Manifest.decode(Data(offer.dropLast(32)), path: "the manifest from \(connection.peer)")
+        let lacking = Set(manifest.files.flatMap { $0.chunks ?? [] }.filter { !$0.isEmpty && !FileSystem.exists(store.chunkPath($0)) })
+        try Migration.send(connection, .need, Array(lacking.sorted().joined(separator: "\n").utf8))
+
+        var text: String
+        var restored: Int32 = 0
+        do {
+            let reader = try CheckpointBundle.Reader(stream: connection.fd, name: "the migration from \(connection.peer)")
+            guard reader.manifest == manifest else { throw StasisError(.integrity, "the bundle's manifest is not the one offered; refused") }
+            FaultInjection.stall("receive", say: options.log)
+            let staging = try StagingDirectory(destination: options.root + "/" + manifest.id)
+            let watch = Stopwatch()
+            let imported = try BundleOperation.importBundle(reader, staging: staging, store: store.path, chunksMayBeInStore: true)
+            let importSeconds = watch.seconds
+            var restore = RestoreOperation.Options(directory: imported.directory)
+            restore.store = store.path
+            let report = try RestoreOperation(restore, device: device()).run()
+            restored = report.rootPID
+            text = "running \(report.rootPID)"
+            options.log("\(connection.peer): the rest of the checkpoint in \(Format.seconds(importSeconds)), restored in \(Format.seconds(report.timings.total)) (CRIU \(Format.seconds(report.timings.criu)), devices \(Format.seconds(report.timings.devices)))")
+        } catch {
+            text = "failed: \(error)"
+        }
+        let words = Array(text.utf8)
+        guard restored > 0 else {
+            try? Migration.send(connection, .result, words + Migration.mac(session, Array("result".utf8), words))
+            throw StasisError(.migrationFailed, text)
+        }
+        // Running here; it stays only if the source commits (and so ends its own).
+        do {
+            try Migration.send(connection, .result, words + Migration.mac(session, Array("result".utf8), words))
+            connection.setTimeout(seconds: 30)
+            let commit = try Migration.receive(connection, .commit, max: 32)
+            guard Migration.same(commit, Migration.mac(session, Array("commit".utf8))) else {
+                throw StasisError(.permission, "the commit does not carry the session's HMAC")
+            }
+        } catch {
+            for process in manifest.processTree.processes.reversed() { kill(process.pid, SIGKILL) }
+            Self.reapWhenItEnds(restored)
+            throw StasisError(.migrationFailed, "restored as PID \(restored), but the source did not commit (\(error)); the copy here was stopped and the job runs on there")
+        }
+        try? Migration.send(connection, .committed, Migration.mac(session, Array("committed".utf8)))
+        return restored
+    }
+}

@@ -1,12 +1,8 @@
 import Crypto
 import Foundation
 import Glibc
-import StasisCRIU
 import StasisCore
-import StasisGPU
-import StasisImage
 import StasisOS
-import StasisStore
 
 /// Live migration: `stasis migrate PID --to ADDR:PORT` on the source, `stasis serve` on the receiver.
 ///
@@ -29,11 +25,11 @@ import StasisStore
 ///     receiver  D  HMAC-SHA256(session key, "committed")
 ///
 /// Chunks sent during the dump are checked against their digests and kept in the receiver's store; they
-/// count only when the authenticated manifest lists them. Both ends prove they know the token; the session key is HMAC(token, "session" | both nonces). Everything
-/// restored is authenticated: the manifest by its HMAC, each whole file by its SHA-256 in the manifest, and
+/// count only when the authenticated manifest lists them. Both ends prove they know the token; the session
+/// key is HMAC(token, "session" | both nonces). Everything restored is authenticated: the manifest by its HMAC, each whole file by its SHA-256 in the manifest, and
 /// each chunk by its digest, which the manifest lists, so an unauthenticated peer cannot get anything restored.
-/// The source's tree stays frozen until the receiver's authenticated answer says the job runs there; then
-/// CRIU ends it. Any failure before that (a dropped connection, a wrong token, a failed restore) fails the
+/// The source's tree stays frozen until the receiver's authenticated answer says the job runs there and the
+/// commit is acknowledged; then CRIU ends it. Any failure before that (a dropped connection, a wrong token, a failed restore) fails the
 /// dump, and the source's tree runs on as it was. The job must not run on both hosts either: the receiver
 /// keeps its copy only once the source has committed (C). A receiver that gets no commit (the source gave
 /// up waiting, or the connection broke) kills its copy. A source that sent its commit but got no

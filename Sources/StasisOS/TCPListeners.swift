@@ -58,7 +58,7 @@ public enum TCPListeners {
     }
 
     /// The rows of a /proc/net/tcp(6) table in state LISTEN (0A) whose inode is one of `inodes`.
-    static func parseListening(_ table: String, family: Int32, inodes: Set<Substring>) -> [Endpoint] {
+    public static func parseListening(_ table: String, family: Int32, inodes: Set<Substring>) -> [Endpoint] {
         table.split(separator: "\n").dropFirst().compactMap { line in
             let fields = line.split(separator: " ", omittingEmptySubsequences: true)
             guard fields.count > 9, fields[3] == "0A", inodes.contains(fields[9]) else { return nil }

@@ -590,10 +590,16 @@ section_container() {
 #    `stasis run` (a refusal is recorded with its words: which part of NCCL's state the driver or the agent
 #    will not take);
 #  - the time to checkpoint and restore two GPUs at once against one (bert_train.py on one GPU).
+# Where the uninterrupted run of SCRIPT with ARGS keeps its losses: one per script and arguments (a
+# launcher's environment changes no result).
+multi_gpu_reference() {  # SCRIPT [SCRIPT ARGS...]
+    local script=$1; shift
+    echo "/tmp/stasis-multi-ref-$(basename "$script" .py)-$(echo "$*" | md5sum | cut -c1-8)"
+}
+
 multi_gpu_case() {  # LABEL SCRIPT LAUNCHER RESTORE_ARGS [SCRIPT ARGS...]
     local label=$1 script=$2 launcher=$3 restore_args=$4; shift 4
-    # One reference run per script and arguments (the launcher's environment changes no result).
-    local ref=/tmp/stasis-multi-ref-$(basename "$script" .py)-$(echo "$*" | md5sum | cut -c1-8)
+    local ref; ref=$(multi_gpu_reference "$script" "$@")
     if [[ ! -s $ref/losses.txt ]]; then
         mkdir -p "$ref"
         timeout 240 python3 "$script" --dir "$ref" --steps 30 "$@" >"$ref/out.txt" 2>&1 || { fail "$label reference" "$(tail -n 3 "$ref/out.txt")"; return; }
@@ -630,7 +636,7 @@ multi_gpu_case() {  # LABEL SCRIPT LAUNCHER RESTORE_ARGS [SCRIPT ARGS...]
 # job, told to go on, still trains to the reference's 30 losses: nothing lost.
 multi_gpu_refused() {  # LABEL WHY SCRIPT LAUNCHER [SCRIPT ARGS...]
     local label=$1 why=$2 script=$3 launcher=$4; shift 4
-    local ref=/tmp/stasis-multi-ref-$(basename "$script" .py)-$(echo "$*" | md5sum | cut -c1-8)
+    local ref; ref=$(multi_gpu_reference "$script" "$@")
     local run; run=$(mktemp -d /tmp/stasis-multi.XXXXXX)
     local pid; pid=$($launcher python3 "$script" --dir "$run" --steps 30 --pause-at 15 --daemon "$@") || { fail "$label" "did not start: $(tail -n 5 "$run/log")"; return; }
     local pids; pids=$(tree_pids "$pid")

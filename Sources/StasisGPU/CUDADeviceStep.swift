@@ -28,13 +28,7 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
     }
 
     /// The /dev/nvidia* files the process holds open.
-    static func nvidiaDescriptors(_ pid: Int32) -> [String] {
-        let directory = "/proc/\(pid)/fd"
-        let names = (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []
-        return names.compactMap { name in
-            (try? FileManager.default.destinationOfSymbolicLink(atPath: directory + "/" + name)).flatMap { $0.hasPrefix("/dev/nvidia") ? $0 : nil }
-        }
-    }
+    static func nvidiaDescriptors(_ pid: Int32) -> [String] { ProcFS.descriptorTargets(pid).filter { $0.hasPrefix("/dev/nvidia") } }
 
     /// True when the process holds a /dev/nvidia* descriptor.
     static func usesNvidiaDevice(_ pid: Int32) -> Bool { !nvidiaDescriptors(pid).isEmpty }
@@ -64,10 +58,6 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
         return names
     }
 
-    static func environment(_ pid: Int32) -> [String] {
-        (FileManager.default.contents(atPath: "/proc/\(pid)/environ") ?? Data()).split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
-    }
-
     /// NCCL between CUDA processes of the tree with its peer-to-peer transport on: each rank maps buffers
     /// the others exported (cuMemExportToShareableHandle). Driver 580 checkpoints those processes but its
     /// restore answers CUDA_ERROR_NOT_SUPPORTED (two H200s, data-parallel BERT), so the job would be lost.
@@ -87,7 +77,7 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
 
     /// MPS clients talk to a daemon whose state the driver's checkpoint cannot carry.
     static func mpsProblem(_ pid: Int32) -> String? {
-        let environment = environment(pid)
+        let environment = ProcFS.environment(pid)
         if environment.contains(where: { $0.hasPrefix("CUDA_MPS_PIPE_DIRECTORY=") }) {
             return "PID \(pid) is an MPS client (CUDA_MPS_PIPE_DIRECTORY is set)"
         }
@@ -162,7 +152,7 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
                 throw StasisError(.gpu, "PID \(pid) is \(state) in the CUDA driver, not running; another checkpoint may be in progress")
             }
         }
-        if let problem = Self.ncclPeerToPeerProblem(users.map { ($0, ProcFS.mappings($0), Self.environment($0)) }) {
+        if let problem = Self.ncclPeerToPeerProblem(users.map { ($0, ProcFS.mappings($0), ProcFS.environment($0)) }) {
             throw StasisError(.gpu, "cannot checkpoint: \(problem); nothing was touched",
                               hint: "start the job with NCCL_P2P_DISABLE=1 NCCL_CUMEM_ENABLE=0 (NCCL then passes data through plain host memory, which checkpoints)")
         }

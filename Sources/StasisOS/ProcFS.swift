@@ -42,6 +42,18 @@ public enum ProcFS {
         return stat.state != "Z" && stat.state != "X"
     }
 
+    /// What each of the process's descriptors points at ("/dev/nvidia0", "socket:[4242]", "pipe:[17]", ...).
+    public static func descriptorTargets(_ pid: Int32) -> [String] {
+        let directory = "/proc/\(pid)/fd"
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []
+        return names.compactMap { try? FileManager.default.destinationOfSymbolicLink(atPath: directory + "/" + $0) }
+    }
+
+    /// The process's environment as it was at exec ("NAME=value" each).
+    public static func environment(_ pid: Int32) -> [String] {
+        ((try? FileSystem.readFile("/proc/\(pid)/environ")) ?? Data()).split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
+    }
+
     public static func arguments(_ pid: Int32) -> [String] {
         guard let data = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") else { return [] }
         return data.split(separator: 0, omittingEmptySubsequences: true).map { String(decoding: $0, as: UTF8.self) }

@@ -100,21 +100,25 @@ public final class TCPConnection: @unchecked Sendable {  // used by one thread a
     /// Exactly `count` bytes; an error if the peer closes first.
     public func receive(_ count: Int) throws -> [UInt8] {
         var bytes = [UInt8](repeating: 0, count: count)
-        let deadline = limit > 0 ? Date().addingTimeInterval(Double(limit)) : nil
-        try bytes.withUnsafeMutableBytes { buffer in
-            var done = 0
-            while done < count {
-                if let deadline, done > 0, Date() > deadline {
-                    throw StasisError(.io, "receiving from \(peer) failed: \(count) bytes did not come within \(limit) s")
-                }
-                let got = recv(fd, buffer.baseAddress! + done, count - done, 0)
-                if got < 0 && errno == EINTR { continue }
-                if got == 0 { throw StasisError(.io, "\(peer) closed the connection") }
-                guard got > 0 else { throw Self.failure("receiving from", peer) }
-                done += got
-            }
-        }
+        try bytes.withUnsafeMutableBytes { try receive(into: $0) }
         return bytes
+    }
+
+    /// Fills `buffer` entirely; an error if the peer closes first.
+    public func receive(into buffer: UnsafeMutableRawBufferPointer) throws {
+        let count = buffer.count
+        let deadline = limit > 0 ? Date().addingTimeInterval(Double(limit)) : nil
+        var done = 0
+        while done < count {
+            if let deadline, done > 0, Date() > deadline {
+                throw StasisError(.io, "receiving from \(peer) failed: \(count) bytes did not come within \(limit) s")
+            }
+            let got = recv(fd, buffer.baseAddress! + done, count - done, 0)
+            if got < 0 && errno == EINTR { continue }
+            if got == 0 { throw StasisError(.io, "\(peer) closed the connection") }
+            guard got > 0 else { throw Self.failure("receiving from", peer) }
+            done += got
+        }
     }
 
     static func failure(_ action: String, _ peer: String) -> StasisError {

@@ -41,13 +41,7 @@ public enum TCPListeners {
     /// The TCP sockets `pid` holds that listen, read from /proc (its descriptors' socket inodes against its
     /// network namespace's /proc/PID/net/tcp and tcp6).
     public static func endpoints(of pid: Int32) -> [Endpoint] {
-        let directory = "/proc/\(pid)/fd"
-        let names = (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []
-        let inodes = Set(names.compactMap { name -> Substring? in
-            guard let target = try? FileManager.default.destinationOfSymbolicLink(atPath: directory + "/" + name),
-                  target.hasPrefix("socket:[") else { return nil }
-            return Substring(target.dropFirst("socket:[".count).dropLast())
-        })
+        let inodes = Set(ProcFS.descriptorTargets(pid).filter { $0.hasPrefix("socket:[") }.map { $0.dropFirst("socket:[".count).dropLast() })
         guard !inodes.isEmpty else { return [] }
         var found: [Endpoint] = []
         for (file, family) in [("tcp", AF_INET), ("tcp6", AF_INET6)] {

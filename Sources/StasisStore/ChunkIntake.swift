@@ -45,8 +45,9 @@ final class ChunkIntake: @unchecked Sendable {
 
     /// Takes a free buffer, has `fill` read the chunk file's `length` bytes into it (on this thread), and
     /// checks and stores it on another. Throws the first failure of any earlier chunk.
-    /// `damaged`: the error for a chunk that fails its check, "{why}" standing for the reason.
-    func submit(length: Int, plainLength: Int, digest: String, damaged: StasisError,
+    /// `damaged`: the error for a chunk that fails its check, "{why}" standing for the reason. `plainLength`:
+    /// what the manifest says the chunk holds; nil to take its header's word (up to a chunk's size).
+    func submit(length: Int, plainLength: Int?, digest: String, damaged: StasisError,
                 fill: (UnsafeMutableRawBufferPointer) throws -> Void) throws {
         available.wait()
         let index: Int = lock.withLock { free.removeLast() }
@@ -55,7 +56,8 @@ final class ChunkIntake: @unchecked Sendable {
         queue.async(group: group) { [self] in
             defer { release(index) }
             let bytes = UnsafeRawBufferPointer(rebasing: files[index][0..<length])
-            let output = UnsafeMutableRawBufferPointer(rebasing: plains[index][0..<plainLength])
+            let expected = plainLength ?? min(ChunkStore.plainLength(ofChunkFile: bytes) ?? 0, plains[index].count)
+            let output = UnsafeMutableRawBufferPointer(rebasing: plains[index][0..<expected])
             do {
                 if let why = ChunkStore.decode(bytes, digest: digest, into: output) {
                     var error = damaged
@@ -107,16 +109,15 @@ public final class ChunkReceiver: @unchecked Sendable {
         intake = ChunkIntake(store: store, batch: batch, chunkSize: ChunkStore.chunkSize)
     }
 
-    /// Checks and stores one chunk file (header and payload, as a store keeps it); `from` names its sender.
-    public func submit(digest: String, file: UnsafeRawBufferPointer, from: String) throws {
-        guard let length = ChunkStore.plainLength(ofChunkFile: file), length <= ChunkStore.chunkSize,
-              file.count < ChunkStore.scratchSize(ChunkStore.chunkSize) else {
-            throw StasisError(.integrity, "chunk \(digest) from \(from) is not a chunk file")
+    /// Checks and stores one chunk file of `length` bytes (header and payload, as a store keeps it), which
+    /// `fill` reads straight into the intake's buffer (from the connection: no copy in between); `from` names
+    /// its sender.
+    public func submit(digest: String, length: Int, from: String, fill: (UnsafeMutableRawBufferPointer) throws -> Void) throws {
+        guard length > 0, length < ChunkStore.scratchSize(ChunkStore.chunkSize) else {
+            throw StasisError(.integrity, "chunk \(digest) from \(from) claims \(length) bytes, not a chunk file's")
         }
         let damaged = StasisError(.integrity, "chunk \(digest) from \(from) is damaged: {why}")
-        try intake.submit(length: file.count, plainLength: length, digest: digest, damaged: damaged) { target in
-            target.copyMemory(from: file)
-        }
+        try intake.submit(length: length, plainLength: nil, digest: digest, damaged: damaged, fill: fill)
     }
 
     /// Waits for every chunk, then makes them durable and visible; their statistics, or the first failure.

@@ -250,7 +250,7 @@ import Testing
             processes.append(process)
         }
         defer { processes.forEach { $0.terminate() } }
-        let seen = processes.map { ($0.processIdentifier, ProcFS.mappings($0.processIdentifier), CUDADeviceStep.environment($0.processIdentifier)) }
+        let seen = processes.map { ($0.processIdentifier, ProcFS.mappings($0.processIdentifier), ProcFS.environment($0.processIdentifier)) }
         #expect(CUDADeviceStep.ncclPeerToPeerProblem(seen) != nil, "\(seen.map { $0.1.filter { $0.path.contains("nccl") }.count })")
     }
 }

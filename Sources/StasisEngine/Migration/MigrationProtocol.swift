@@ -102,17 +102,23 @@ public enum Migration {
 
     /// `max`: the longest payload accepted (small before the peer has authenticated).
     static func receiveAny(_ connection: TCPConnection, max: Int = maxMessage) throws -> (Kind, [UInt8]) {
+        let (kind, length) = try receiveHeader(connection, max: max)
+        let payload = try connection.receive(length)
+        if kind == .refused {
+            throw StasisError(.permission, "\(connection.peer) refused: \(String(decoding: payload, as: UTF8.self))")
+        }
+        return (kind, payload)
+    }
+
+    /// A message's kind and payload length; the payload is the caller's to read.
+    static func receiveHeader(_ connection: TCPConnection, max: Int = maxMessage) throws -> (Kind, Int) {
         let head = try connection.receive(5)
         let length = Int(head[1]) << 24 | Int(head[2]) << 16 | Int(head[3]) << 8 | Int(head[4])
         guard length <= max else { throw StasisError(.io, "\(connection.peer) sent a message of \(length) bytes; not a stasis migration peer") }
-        let payload = try connection.receive(length)
-        if head[0] == Kind.refused.rawValue {
-            throw StasisError(.permission, "\(connection.peer) refused: \(String(decoding: payload, as: UTF8.self))")
-        }
         guard let kind = Kind(rawValue: head[0]) else {
             throw StasisError(.io, "\(connection.peer) sent message \(head[0]); not a stasis migration peer")
         }
-        return (kind, payload)
+        return (kind, length)
     }
 
     /// Equal in constant time.

@@ -91,13 +91,12 @@ public struct ServeOperation {
                     let lacking = asked.filter { !FileSystem.exists(store.chunkPath($0)) }
                     try Migration.send(connection, .need, Array(lacking.joined(separator: "\n").utf8))
                     for digest in lacking {
-                        let message = try Migration.receive(connection, .chunk)
-                        guard message.count > 64, String(decoding: message.prefix(64), as: UTF8.self) == digest else {
-                            throw StasisError(.io, "\(connection.peer) sent another chunk than \(digest)")
+                        // Read straight into the checker's buffer: the chunk's digest, then its file.
+                        let (kind, length) = try Migration.receiveHeader(connection)
+                        guard kind == .chunk, length > 64, String(decoding: try connection.receive(64), as: UTF8.self) == digest else {
+                            throw StasisError(.io, "\(connection.peer) sent another message than chunk \(digest)")
                         }
-                        try message.withUnsafeBytes { bytes in
-                            try early.submit(digest: digest, file: UnsafeRawBufferPointer(rebasing: bytes[64...]), from: connection.peer)
-                        }
+                        try early.submit(digest: digest, length: length - 64, from: connection.peer) { try connection.receive(into: $0) }
                         FaultInjection.stall("chunk", say: options.log)
                     }
                 case .offer:

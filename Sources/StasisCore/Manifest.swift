@@ -341,7 +341,7 @@ extension Manifest {
     }
 
     /// Parses a manifest, telling apart "not JSON" (truncated, corrupt), "not ours", and "too new" before
-    /// trying the full schema, so each gets its own clear error.
+    /// trying the full schema, so each gets its own clear error; then checks its shape (`validate`).
     public static func decode(_ data: Data, path: String) throws -> Manifest {
         struct Header: Decodable { var format: String?; var formatVersion: Int? }
         let header: Header
@@ -362,8 +362,9 @@ extension Manifest {
         guard version >= 1 else {
             throw StasisError(.manifestInvalid, "\(path) has an invalid format version \(version)")
         }
+        let manifest: Manifest
         do {
-            return try decoder().decode(Manifest.self, from: data)
+            manifest = try decoder().decode(Manifest.self, from: data)
         } catch let DecodingError.keyNotFound(key, context) {
             throw StasisError(.manifestInvalid, "\(path) lacks the field '\((context.codingPath + [key]).map(\.stringValue).joined(separator: "."))'")
         } catch let DecodingError.typeMismatch(_, context) {
@@ -371,5 +372,7 @@ extension Manifest {
         } catch {
             throw StasisError(.manifestInvalid, "\(path) does not match the manifest schema: \(error)")
         }
+        try manifest.validate(name: path)
+        return manifest
     }
 }

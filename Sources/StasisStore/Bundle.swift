@@ -22,7 +22,6 @@ public enum CheckpointBundle {
     static let magic = Array("STASISBUNDLE1\n".utf8)
     /// Bounds what a damaged length field can make import allocate.
     static let maxManifestBytes: UInt64 = 64 << 20
-    static let maxChunkSize = 64 << 20
     static let ioSize = 1 << 20
 
     enum Kind: UInt8 {
@@ -284,7 +283,7 @@ public enum CheckpointBundle {
                     if let missing = whole.keys.sorted().first(where: { !seenFiles.contains($0) }) {
                         throw StasisError(.integrity, "\(path) lacks the file \(missing) that its manifest lists")
                     }
-                    let inStore = { (digest: String) in chunksMayBeInStore && store.map { FileSystem.exists($0.chunkPath(digest)) } == true }
+                    let inStore = { (digest: String) in chunksMayBeInStore && store?.has(digest) == true }
                     if let missing = places.first(where: { !seenChunks.contains($0.key) && !inStore($0.key) }) {
                         throw StasisError(.integrity, "\(path) lacks chunk \(missing.key), which holds \(Self.describe(missing.value))",
                                           hint: "export the checkpoint again")
@@ -393,24 +392,11 @@ public enum CheckpointBundle {
     /// Refuses a manifest that could make an import write outside its directory or store, or whose chunk lists
     /// disagree with its files: the bundle's manifest comes from another machine.
     static func validate(_ manifest: Manifest, name: String, code: StasisError.Code) throws {
-        func refuse(_ why: String) -> StasisError { StasisError(code, "\(name): \(why)", hint: "the manifest is damaged") }
-        let idCharacters = Set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
-        guard (1...128).contains(manifest.id.count), !manifest.id.hasPrefix("."), manifest.id.allSatisfy(idCharacters.contains) else {
-            throw refuse("the checkpoint id '\(manifest.id)' is not a plain name")
-        }
-        if let info = manifest.store, !(4096...maxChunkSize).contains(info.chunkSize) || info.chunkSize % 4096 != 0 {
-            throw refuse("chunk size \(info.chunkSize) is not a multiple of 4 KiB from 4 KiB to 64 MiB")
-        }
-        var paths = Set<String>()
+        try manifest.validate(name: name, code: code)
         for entry in manifest.files {
-            let parts = entry.path.split(separator: "/", omittingEmptySubsequences: false)
-            guard !entry.path.hasPrefix("/"), entry.path != Manifest.fileName, !entry.path.contains("\0"),
-                  parts.allSatisfy({ !$0.isEmpty && $0 != "." && $0 != ".." }), paths.insert(entry.path).inserted else {
-                throw refuse("the file name '\(entry.path)' is not a plain relative path, or appears twice")
+            if let problem = ChunkedFiles.problem(with: entry, chunkSize: manifest.store?.chunkSize ?? ChunkStore.chunkSize) {
+                throw StasisError(code, "\(name): \(problem)", hint: "the manifest is damaged")
             }
-            guard entry.chunks != nil else { continue }
-            guard let info = manifest.store else { throw refuse("\(entry.path) has chunks but the manifest names no store") }
-            if let problem = ChunkedFiles.problem(with: entry, chunkSize: info.chunkSize) { throw refuse(problem) }
         }
     }
 }

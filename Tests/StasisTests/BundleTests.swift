@@ -69,7 +69,8 @@ import Testing
             host: .init(hostname: "bundle-test-host", kernel: "k", machine: "x86_64", cpuModel: "c", cpuFlags: [], pageSize: 4096),
             criu: .init(version: "4.2.1", logFile: "criu-dump.log"),
             options: .init(leaveRunning: false, tcpEstablished: false, shellJob: false),
-            processTree: .init(rootPID: 1, processes: []),
+            // A PID near the kernel's limit, which no test machine runs: nothing here is restored.
+            processTree: .init(rootPID: 4_000_001, processes: [.init(pid: 4_000_001, ppid: 1, command: "sample", arguments: [], threads: 1, residentBytes: 0)]),
             memory: .init(residentBytes: 0, dumpedBytes: 0, imageBytes: files.reduce(0) { $0 + $1.size }),
             timings: .init(), gpu: .init(), files: files)
         if chunked {

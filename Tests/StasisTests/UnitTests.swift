@@ -13,8 +13,49 @@ import Testing
                  host: .init(hostname: "h", kernel: "k", machine: "x86_64", cpuModel: "c", cpuFlags: ["avx2"], pageSize: 4096),
                  criu: .init(version: "4.1.1", logFile: "criu-dump.log"),
                  options: .init(leaveRunning: false, tcpEstablished: false, shellJob: false),
-                 processTree: .init(rootPID: 1, processes: []), memory: .init(residentBytes: 0, dumpedBytes: 0, imageBytes: 0),
-                 timings: .init(), gpu: .init(), files: [.init(path: "a", size: 1, sha256: "00")])
+                 processTree: .init(rootPID: 42, processes: [.init(pid: 42, ppid: 1, command: "job", arguments: [], threads: 1, residentBytes: 0)]),
+                 memory: .init(residentBytes: 0, dumpedBytes: 0, imageBytes: 0),
+                 timings: .init(), gpu: .init(), files: [.init(path: "a", size: 1, sha256: Self.digest("0"))])
+    }
+
+    static func digest(_ character: Character) -> String { String(repeating: character, count: 64) }
+
+    /// The manifest's problem after `edit`, as decoding reports it (nil: it decodes).
+    func problem(_ edit: (inout Manifest) -> Void) throws -> String? {
+        var manifest = sample()
+        edit(&manifest)
+        do {
+            _ = try Manifest.decode(try Manifest.encoder().encode(manifest), path: "m")
+            return nil
+        } catch let error as StasisError {
+            #expect(error.code == .manifestInvalid)
+            return error.message
+        }
+    }
+
+    /// Everything a manifest says that could steer stasis outside its directories, at another process, or
+    /// into a trap is refused when it is read, wherever that is.
+    @Test func dangerousValuesAreRefusedWhenRead() throws {
+        #expect(try problem { _ in } == nil)
+        #expect(try problem { $0.files[0].path = "../../x" }?.contains("not a plain relative path") == true)
+        #expect(try problem { $0.files[0].path = "/etc/passwd" }?.contains("not a plain relative path") == true)
+        #expect(try problem { $0.files[0].path = "gpu/./x" }?.contains("not a plain relative path") == true)
+        #expect(try problem { $0.files.append($0.files[0]) }?.contains("appears twice") == true)
+        #expect(try problem { $0.processTree.processes[0].pid = -1; $0.processTree.rootPID = -1 }?.contains("is not a PID") == true)
+        #expect(try problem { $0.processTree.processes[0].pid = 0; $0.processTree.rootPID = 0 }?.contains("is not a PID") == true)
+        #expect(try problem { $0.processTree.rootPID = 7 }?.contains("root PID 7 is not one of") == true)
+        #expect(try problem { $0.processTree.processes = [] }?.contains("process tree is empty") == true)
+        #expect(try problem { $0.id = "../x" }?.contains("not a plain name") == true)
+        #expect(try problem { $0.host.pageSize = 0 }?.contains("page size") == true)
+        #expect(try problem { $0.files[0].size = UInt64.max }?.contains("claims") == true)
+        #expect(try problem { $0.files[0].sha256 = "zz" }?.contains("64 hex digits") == true)
+        for size in [0, -4096, 1000, 1 << 40] {
+            #expect(try problem {
+                $0.store = .init(path: "/s", chunkSize: size, codec: "lz4", plainBytes: 0, storedBytes: 0, newChunks: 0, reusedChunks: 0, zeroChunks: 0)
+            }?.contains("chunk size") == true, "chunk size \(size)")
+        }
+        #expect(try problem { $0.files[0].chunks = [Self.digest("a")] }?.contains("names no store") == true)
+        #expect(try problem { $0.gpu.processes = [.init(pid: 9, devices: [], deviceMemoryBytes: 0)] }?.contains("GPU process 9") == true)
     }
 
     @Test func roundTrips() throws {
@@ -32,8 +73,10 @@ import Testing
                                           quiesceSeconds: 0.001, evacuateSeconds: 0.5, releaseSeconds: 0.002)
         memory.storedBytes = 3 << 20
         manifest.gpu = .init(processes: [.init(pid: 42, devices: ["GPU-x"], deviceMemoryBytes: 524 << 20, agent: memory)])
-        manifest.files = [.init(path: "pages-1.img", size: 2 << 20, sha256: "s", chunks: [String(repeating: "a", count: 64)]),
-                          .init(path: allocation.file, size: 4 << 20, sha256: "t", chunks: [String(repeating: "b", count: 64), ""])]
+        manifest.processTree = .init(rootPID: 42, processes: [.init(pid: 42, ppid: 1, command: "job", arguments: [], threads: 1, residentBytes: 0)])
+        manifest.store = .init(path: "/s", chunkSize: 2 << 20, codec: "lz4", plainBytes: 0, storedBytes: 0, newChunks: 0, reusedChunks: 0, zeroChunks: 0)
+        manifest.files = [.init(path: "pages-1.img", size: 2 << 20, sha256: Self.digest("c"), chunks: [String(repeating: "a", count: 64)]),
+                          .init(path: allocation.file, size: 4 << 20, sha256: Self.digest("d"), chunks: [String(repeating: "b", count: 64), ""])]
         let decoded = try Manifest.decode(try Manifest.encoder().encode(manifest), path: "m")
         #expect(decoded == manifest)
         #expect(decoded.gpu.processes.first?.agent?.allocations.first?.id == 0x5354415300000001)

@@ -164,7 +164,8 @@ public enum Tar {
                     try skip((UInt64(Tar.block) - size % UInt64(Tar.block)) % UInt64(Tar.block))
                     if type == "x" {
                         for record in String(decoding: records, as: UTF8.self).split(separator: "\n") {
-                            guard let space = record.firstIndex(of: " "), let equals = record.firstIndex(of: "=") else { continue }
+                            // "LENGTH KEY=VALUE": a record whose '=' comes before its space is not one.
+                            guard let space = record.firstIndex(of: " "), let equals = record.firstIndex(of: "="), space < equals else { continue }
                             pax[String(record[record.index(after: space)..<equals])] = String(record[record.index(after: equals)...])
                         }
                     } else if type == "L" {
@@ -174,7 +175,14 @@ public enum Tar {
                 }
                 if let long = gnuLongName { name = long }
                 if let long = pax["path"] { name = long }
-                if let long = pax["size"], let value = UInt64(long) { size = value }
+                if let long = pax["size"] {
+                    guard let value = UInt64(long) else { throw StasisError(.integrity, "\(path): a pax size '\(long.prefix(40))' that is not a number") }
+                    size = value
+                }
+                // Base-256 and pax sizes reach 2^64: refused far below, so no offset arithmetic can overflow.
+                guard size <= Tar.maxEntryBytes else {
+                    throw StasisError(.integrity, "\(path): \(name.prefix(200)) claims \(size) bytes, more than any checkpoint archive holds")
+                }
                 left = size
                 padding = (UInt64(Tar.block) - size % UInt64(Tar.block)) % UInt64(Tar.block)
                 if name.hasPrefix("./") { name.removeFirst(2) }
@@ -224,6 +232,7 @@ public enum Tar {
 
         private func skip(_ count: UInt64) throws {
             guard count > 0 else { return }
+            guard count <= Tar.maxEntryBytes + UInt64(Tar.block) else { throw StasisError(.integrity, "\(path): an entry of \(count) bytes") }
             if lseek(fd, off_t(count), SEEK_CUR) >= 0 { return }
             var rest = count
             var scratch = [UInt8](repeating: 0, count: 65536)
@@ -234,6 +243,9 @@ public enum Tar {
             }
         }
     }
+
+    /// The largest entry a reader accepts (1 PiB, as Manifest.maxFileBytes).
+    static let maxEntryBytes: UInt64 = 1 << 50
 
     /// The most a header or a small file read whole may hold (an archive's sizes are not trusted further).
     static let metadataLimit: UInt64 = 16 << 20

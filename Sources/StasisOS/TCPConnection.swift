@@ -127,8 +127,9 @@ public final class TCPConnection: @unchecked Sendable {  // used by one thread a
     }
 }
 
-/// A listening TCP socket.
-public final class TCPListener {
+/// A listening TCP socket. Sendable: its only state is the descriptor, set once, and accept(2) may be called
+/// from any thread.
+public final class TCPListener: Sendable {
     public let fd: Int32
     public let address: String
 

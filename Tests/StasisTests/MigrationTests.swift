@@ -164,6 +164,36 @@ final class ReceiverHost {
         #expect(host.waitFor("does not know the token"), "the receiver says why: \(host.logText)")
     }
 
+    /// Anyone who reaches the port can open connections and say nothing: 100 idle ones (more than the receiver
+    /// lets wait at once) do not keep an honest migration out.
+    @Test func idleConnectionsDoNotKeepAMigrationOut() throws {
+        let host = try ReceiverHost(6)
+        let token = try Self.token("idle", "a shared secret for the crowded receiver")
+        try host.serve(token: token, store: Harness.scratch("mig-store-i") + "/store")
+        var idle: [Int32] = []
+        defer { for fd in idle { close(fd) } }
+        for _ in 0..<100 {
+            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            var address = sockaddr_in()
+            address.sin_family = sa_family_t(AF_INET)
+            address.sin_port = UInt16(7070).bigEndian
+            inet_pton(AF_INET, host.there, &address.sin_addr)
+            let connected = withUnsafePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+            }
+            #expect(connected == 0)
+            idle.append(fd)
+        }
+        let workload = try Workload("counter", ["--mem", "8"])
+        defer { workload.stop() }
+        let moved = try migrate(workload.pid, to: "\(host.there):7070", token: token, store: Harness.scratch("mig-store-j") + "/store")
+        #expect(moved.succeeded, "\(moved.stderr)")
+        let there = try JSONDecoder().decode(Sent.self, from: Data(moved.stdout.utf8))
+        let remote = try #require(host.hostPID(of: there.remotePID))
+        defer { kill(remote, SIGKILL) }
+        #expect(Self.verify(remote, workload.directory).hasPrefix("PASS"))
+    }
+
     /// The receiver dies while chunks arrive during the dump ("chunk"), or once the dump is done and the rest
     /// of the checkpoint comes ("receive").
     @Test(arguments: ["chunk", "receive"])

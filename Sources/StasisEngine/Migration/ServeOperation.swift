@@ -9,7 +9,8 @@ import StasisOS
 import StasisStore
 
 /// `stasis serve`: receives migrations, one at a time, and restores each as soon as its last byte is in.
-public struct ServeOperation {
+/// Peers that have not yet proved the token are served concurrently (see `run`).
+public struct ServeOperation: Sendable {
     public struct Options: Sendable {
         public var listen: String
         public var tokenFile: String
@@ -26,27 +27,102 @@ public struct ServeOperation {
     let device: @Sendable () -> DeviceStep
     public init(_ options: Options, device: @escaping @Sendable () -> DeviceStep = { NoDeviceStep() }) { (self.options, self.device) = (options, device) }
 
+    /// How many peers may be proving the token at once; a new one past that pushes out the one that has
+    /// waited longest, so a flood of idle connections cannot keep an honest source out (it proves the token in
+    /// milliseconds).
+    static let maxUnauthenticated = 32
+    /// How long a peer has to prove the token.
+    static let authenticationSeconds = 5
+
     /// Serves until killed (or after one migration with `once`); returns how many migrations failed.
+    ///
+    /// Anyone who reaches the port can connect, so peers that have not proved the token are served on threads
+    /// of their own, at most `maxUnauthenticated` at a time (`Doorway`), each with `authenticationSeconds`.
+    /// Authenticated migrations then run one at a time (each restores a job). A connection counts as a
+    /// migration, for `once` and for the failures returned, once its peer has answered the challenge, right
+    /// or wrong.
     public func run() throws -> Int {
         let token = try Migration.readToken(options.tokenFile)
         let listener = try TCPListener(options.listen)
         try FileSystem.makePrivateDirectory(options.root)
         options.log("listening on \(options.listen)")
-        var failures = 0
-        while true {
-            let connection = try listener.accept()
-            // Until the peer has proved the token: a short time, small messages.
-            connection.setTimeout(seconds: 10)
-            do {
-                let pid = try receive(connection, token: token)
-                options.log("\(connection.peer): restored, root PID \(pid)")
-                Self.reapWhenItEnds(pid)
-            } catch {
-                failures += 1
-                options.log("\(connection.peer): \(error)")
+        let doorway = Doorway(limit: Self.maxUnauthenticated)
+        let failures = Locked(0)
+        let oneMigration = NSLock()
+        let finished = DispatchSemaphore(value: 0)
+        let serve = self
+        Thread.detachNewThread {
+            while true {
+                guard let connection = try? listener.accept() else { sleep(1); continue }
+                let ticket = doorway.enter(connection)
+                Thread.detachNewThread {
+                    var answered = false
+                    connection.setTimeout(seconds: Self.authenticationSeconds)
+                    do {
+                        let session = try serve.authenticate(connection, token: token) {
+                            answered = true
+                            doorway.leave(ticket)
+                        }
+                        let pid = try oneMigration.withLock { try serve.receive(connection, session: session) }
+                        serve.options.log("\(connection.peer): restored, root PID \(pid)")
+                        Self.reapWhenItEnds(pid)
+                        finished.signal()
+                    } catch {
+                        // A peer that never answered the challenge is no migration: it neither fails nor ends `once`.
+                        if answered {
+                            serve.options.log("\(connection.peer): \(error)")
+                            failures.withLock { $0 += 1 }
+                            finished.signal()
+                        } else {
+                            doorway.leave(ticket)
+                        }
+                    }
+                }
             }
-            if options.once { return failures }
         }
+        while true {
+            finished.wait()
+            if options.once { return failures.current }
+        }
+    }
+
+    /// The connections whose peers have not proved the token yet. Past `limit`, the one that entered first is
+    /// shut down (its thread then fails its read and leaves).
+    final class Doorway: Sendable {
+        private let limit: Int
+        private let waiting = Locked<(next: Int, entries: [(ticket: Int, connection: TCPConnection)])>((0, []))
+        init(limit: Int) { self.limit = limit }
+
+        func enter(_ connection: TCPConnection) -> Int {
+            waiting.withLock { state in
+                state.next += 1
+                state.entries.append((state.next, connection))
+                if state.entries.count > limit {
+                    shutdown(state.entries.removeFirst().connection.fd, Int32(SHUT_RDWR))
+                }
+                return state.next
+            }
+        }
+
+        func leave(_ ticket: Int) { waiting.withLock { $0.entries.removeAll { $0.ticket == ticket } } }
+    }
+
+    /// The challenge: the peer proves the token, then this end does. `answered` runs once the peer's proof is
+    /// in (right or wrong): from then on the connection is no longer an unauthenticated one. Returns the
+    /// session key.
+    func authenticate(_ connection: TCPConnection, token: SymmetricKey, answered: () -> Void) throws -> SymmetricKey {
+        let mine = Migration.nonce()
+        try Migration.send(connection, .hello, Migration.magic + mine)
+        // Before the peer has proved anything: small messages only, and the connection's time limit.
+        let auth = try Migration.receive(connection, .auth, max: 64)
+        answered()
+        guard auth.count == 64, Migration.same(Array(auth.suffix(32)), Migration.mac(token, Array("client".utf8), mine, Array(auth.prefix(32)))) else {
+            try? Migration.send(connection, .refused, Array("authentication failed: the token does not match".utf8))
+            throw StasisError(.permission, "refused: the peer does not know the token")
+        }
+        let theirs = Array(auth.prefix(32))
+        try Migration.send(connection, .proof, Migration.mac(token, Array("server".utf8), theirs, mine))
+        return Migration.sessionKey(token, receiver: mine, source: theirs)
     }
 
     /// A restored tree's root can end up this process's child (CRIU's restore runs while stasis adopts
@@ -59,20 +135,10 @@ public struct ServeOperation {
         }
     }
 
-    func receive(_ connection: TCPConnection, token: SymmetricKey) throws -> Int32 {
-        let mine = Migration.nonce()
-        try Migration.send(connection, .hello, Migration.magic + mine)
-        // Before the peer has proved anything: small messages only, and the connection's time limit.
-        let auth = try Migration.receive(connection, .auth, max: 64)
-        guard auth.count == 64, Migration.same(Array(auth.suffix(32)), Migration.mac(token, Array("client".utf8), mine, Array(auth.prefix(32)))) else {
-            try? Migration.send(connection, .refused, Array("authentication failed: the token does not match".utf8))
-            throw StasisError(.permission, "refused: the peer does not know the token")
-        }
-        let theirs = Array(auth.prefix(32))
-        try Migration.send(connection, .proof, Migration.mac(token, Array("server".utf8), theirs, mine))
+    /// One authenticated migration: the chunks sent during the source's dump, its offer, the rest of the
+    /// checkpoint, the restore and the commit. Returns the restored root PID.
+    func receive(_ connection: TCPConnection, session: SymmetricKey) throws -> Int32 {
         connection.setTimeout(seconds: 120)
-        let session = Migration.sessionKey(token, receiver: mine, source: theirs)
-
         // The source now freezes and checkpoints: its offer may take as long as its dump. Meanwhile it asks
         // which of its new chunks this store lacks, and sends those. The store's lock, shared, from the first
         // of them until the checkpoint is listed: gc must not take a chunk this migration said it has.
@@ -88,7 +154,7 @@ public struct ServeOperation {
                 switch kind {
                 case .query:
                     let asked = String(decoding: payload, as: UTF8.self).split(separator: "\n").map(String.init)
-                    let lacking = asked.filter { !FileSystem.exists(store.chunkPath($0)) }
+                    let lacking = asked.filter { !store.has($0) }
                     try Migration.send(connection, .need, Array(lacking.joined(separator: "\n").utf8))
                     for digest in lacking {
                         // Read straight into the checker's buffer: the chunk's digest, then its file.
@@ -115,7 +181,7 @@ public struct ServeOperation {
             throw StasisError(.permission, "the offered manifest does not carry the session's HMAC; refused")
         }
         let manifest = try Manifest.decode(Data(offer.dropLast(32)), path: "the manifest from \(connection.peer)")
-        let lacking = Set(manifest.files.flatMap { $0.chunks ?? [] }.filter { !$0.isEmpty && !FileSystem.exists(store.chunkPath($0)) })
+        let lacking = Set(manifest.files.flatMap { $0.chunks ?? [] }.filter { !$0.isEmpty && !store.has($0) })
         try Migration.send(connection, .need, Array(lacking.sorted().joined(separator: "\n").utf8))
 
         var text: String
@@ -124,7 +190,7 @@ public struct ServeOperation {
             let reader = try CheckpointBundle.Reader(stream: connection.fd, name: "the migration from \(connection.peer)")
             guard reader.manifest == manifest else { throw StasisError(.integrity, "the bundle's manifest is not the one offered; refused") }
             FaultInjection.stall("receive", say: options.log)
-            let staging = try StagingDirectory(destination: options.root + "/" + manifest.id)
+            let staging = try StagingDirectory(destination: options.root + "/" + manifest.id, store: store)
             let watch = Stopwatch()
             let imported = try BundleOperation.importBundle(reader, staging: staging, store: store.path, chunksMayBeInStore: true)
             let importSeconds = watch.seconds
@@ -151,7 +217,7 @@ public struct ServeOperation {
                 throw StasisError(.permission, "the commit does not carry the session's HMAC")
             }
         } catch {
-            for process in manifest.processTree.processes.reversed() { kill(process.pid, SIGKILL) }
+            RestoreOperation.stopRestoredTree(root: restored)
             Self.reapWhenItEnds(restored)
             throw StasisError(.migrationFailed, "restored as PID \(restored), but the source did not commit (\(error)); the copy here was stopped and the job runs on there")
         }

@@ -45,12 +45,14 @@ extension CRIUService {
         return opts
     }
 
-    /// Dumps the tree rooted at `pid` into the directory open as `imagesDirectory`.
-    public func dump(pid: Int32, imagesDirectory: Int32, options: ProcessOptions, leaveRunning: Bool,
+    /// Dumps the tree rooted at `pid` into the directory open as `imagesDirectory`; CRIU's log and statistics
+    /// go to `workDirectory` (it writes them after its post-dump step, when the images may be published).
+    public func dump(pid: Int32, imagesDirectory: Int32, workDirectory: Int32, options: ProcessOptions, leaveRunning: Bool,
                      onNotify: (Notification) throws -> Void) throws -> criu_resp {
         var request = criu_req()
         request.type = .dump
         request.opts = Self.baseOptions(options, imagesDirectoryFD: imagesDirectory, logFile: Self.dumpLogName)
+        request.opts.workDirFd = workDirectory
         request.opts.pid = pid
         request.opts.leaveRunning = leaveRunning
         return try call(request, onNotify: onNotify)
@@ -71,12 +73,14 @@ extension CRIUService {
     /// the images directory with no mode, and `--stream` set through `config_file` makes `criu swrk` abort
     /// in `socket_name_for_mode`). Detached, as RPC restores are; the same options as `restore` (the
     /// arguments spell out what `baseOptions` sets). Returns the response the RPC would have given: success,
-    /// and the root PID, which is the checkpoint's (`pids` first), as restored processes keep their PIDs.
-    /// CRIU leaves the tasks of a failed restore (the checkpoint's `pids`) unreaped; stasis adopts and reaps them,
-    /// so that no zombie holds a PID the next attempt needs.
+    /// and the root PID as CRIU reports it (`--pidfile`). CRIU leaves the tasks of a failed restore (the
+    /// checkpoint's `pids`) unreaped; stasis adopts and reaps them, so that no zombie holds a PID the next
+    /// attempt needs.
     public func restoreStreaming(imagesDirectory: String, workDirectory: String, options: ProcessOptions, pids: [Int32]) throws -> criu_resp {
+        let pidFile = workDirectory + "/restored.pid"
+        unlink(pidFile)
         var arguments = ["restore", "--stream", "-D", imagesDirectory, "-W", workDirectory, "-o", Self.restoreLogName,
-                         "-v\(options.logLevel)", "-d"]
+                         "-v\(options.logLevel)", "-d", "--pidfile", pidFile]
         if options.shellJob { arguments.append("--shell-job") }
         if options.tcpEstablished {
             arguments += ["--tcp-established", "--network-lock", Self.networkLock() == .iptables ? "iptables" : "nftables"]
@@ -87,11 +91,13 @@ extension CRIUService {
         if status != 0 { Spawn.reap(pids) }
         var response = criu_resp()
         response.type = .restore
-        response.success = status == 0
-        if status == 0, let root = pids.first {
-            response.restore.pid = root
+        let reported = (try? FileSystem.readFile(pidFile)).flatMap { Int32(String(decoding: $0, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)) }
+        response.success = status == 0 && (reported ?? 0) > 1
+        if response.success, let reported {
+            response.restore.pid = reported
         } else {
-            response.crErrmsg = "criu restore --stream exited with status \(status)"
+            response.crErrmsg = status == 0 ? "criu restore --stream did not report the restored root PID in \(pidFile)"
+                : "criu restore --stream exited with status \(status)"
         }
         return response
     }

@@ -27,6 +27,19 @@ public enum ArchiveOperation {
 
     /// The part of config.dump stasis writes and reads (engines write more; only these keys matter here).
     struct ConfigDump: Codable {
+        /// The engine's config.dump of `archive`, or a clear error naming what is wrong with it.
+        static func read(_ data: Data, archive: String) throws -> ConfigDump {
+            do {
+                return try JSONDecoder().decode(ConfigDump.self, from: data)
+            } catch let DecodingError.keyNotFound(key, _) {
+                throw StasisError(.integrity, "\(archive): its \(ArchiveOperation.configDump) lacks '\(key.stringValue)'",
+                                  hint: "the archive is damaged, or was not written by podman, CRI-O or stasis")
+            } catch {
+                throw StasisError(.integrity, "\(archive): its \(ArchiveOperation.configDump) is not the JSON a container engine writes",
+                                  hint: "the archive is damaged, or was not written by podman, CRI-O or stasis")
+            }
+        }
+
         var id: String
         var name: String
         var runtime: String?
@@ -186,11 +199,12 @@ public enum ArchiveOperation {
         let fd = retryingEINTR { open(file, O_RDONLY | O_CLOEXEC) }
         guard fd >= 0 else { throw systemError("cannot open", file) }
         defer { close(fd) }
-        let staging = try StagingDirectory(destination: destination)
+        try StagingDirectory.check(destination: destination)
+        let store = try ChunkStore(path: ChunkStore.resolve(explicit, recorded: nil), create: true)
+        let staging = try StagingDirectory(destination: destination, store: store)
         var catalog: StoreCatalog?
         var manifestID: String?
         do {
-            let store = try ChunkStore(path: ChunkStore.resolve(explicit, recorded: nil), create: true)
             let lock = try store.lock(exclusive: false)
             defer { lock.release() }
             let reader = Tar.Reader(fd: fd, path: file)
@@ -213,7 +227,7 @@ public enum ArchiveOperation {
                 if name == configDump {
                     // Kept as the engine wrote it too, for an export back to it.
                     let data = try reader.readAll()
-                    config = try JSONDecoder().decode(ConfigDump.self, from: data)
+                    config = try ConfigDump.read(data, archive: file)
                     try FileSystem.makePrivateDirectory(staging.path + "/" + engineFiles)
                     try FileSystem.writeAtomically(data, to: staging.path + "/" + engineFiles + configDump)
                     files += 1
@@ -262,6 +276,7 @@ public enum ArchiveOperation {
             manifest.store = .init(path: store.path, chunkSize: ChunkStore.chunkSize, codec: Codec.standard.description,
                                    plainBytes: statistics.plainBytes, storedBytes: statistics.storedBytes, newChunks: statistics.newChunks,
                                    reusedChunks: statistics.reusedChunks, zeroChunks: statistics.zeroChunks)
+            try manifest.validate(name: "\(file) (the checkpoint made of it)", code: .integrity)
             manifestID = manifest.id
             catalog = StoreCatalog(store: store)
             try catalog!.register(manifest, directory: staging.destination)
@@ -319,8 +334,8 @@ public enum ArchiveOperation {
         while let entry = try reader.next() {
             guard entry.isFile else { continue }
             files.append(entry.name)
-            if entry.name == configDump { config = try JSONDecoder().decode(ConfigDump.self, from: try reader.readAll()) }
-            if entry.name == specDump, let spec = try JSONSerialization.jsonObject(with: try reader.readAll()) as? [String: Any] {
+            if entry.name == configDump { config = try ConfigDump.read(try reader.readAll(), archive: file) }
+            if entry.name == specDump, let spec = (try? JSONSerialization.jsonObject(with: try reader.readAll())) as? [String: Any] {
                 engine = (spec["annotations"] as? [String: String])?["io.container.manager"] ?? "stasis or runc"
             }
             if entry.name.hasPrefix(checkpointDirectory) {

@@ -37,12 +37,14 @@ public enum BundleOperation {
     /// store `explicit` (else STASIS_STORE, else the default; the bundle's own store path belongs to the machine
     /// it came from). Everything is checked before the directory appears, under its final name, complete.
     public static func importBundle(_ bundle: String, into destination: String, store explicit: String?) throws -> ImportReport {
-        let watch = Stopwatch()
         let reader: CheckpointBundle.Reader
         let staging: StagingDirectory
         do {
             reader = try CheckpointBundle.Reader(path: bundle)
-            staging = try StagingDirectory(destination: destination)
+            try StagingDirectory.check(destination: destination)
+            // The store records the staging directory, so that gc finds it should this import be killed.
+            let store = try reader.manifest.store.map { _ in try ChunkStore(path: ChunkStore.resolve(explicit, recorded: nil), create: true) }
+            staging = try StagingDirectory(destination: destination, store: store)
         } catch let error as StasisError {
             throw error.prefixed("import of \(bundle) failed")
         }

@@ -84,17 +84,16 @@ public struct DumpOperation {
         }
         let containerPIDs = try container.map { try $0.runc.processes($0.state.id) } ?? []
         let pid = container?.state.pid ?? options.pid
-        guard pid > 0, ProcFS.isLive(pid) else {
-            throw StasisError(.processNotFound, "no running process with PID \(pid)", hint: "check the PID with `ps -p \(pid)`")
-        }
+        try Self.refuseUndumpable(pid)
         let criu = try CRIUBinary.locate()
+        try StagingDirectory.check(destination: options.directory)
         let store = try ChunkStore(path: ChunkStore.resolve(options.store, recorded: nil), create: true)
         store.observe(options.chunkObserver)
         defer { store.observe(nil) }
         let storeLock = try store.lock(exclusive: false)
         defer { storeLock.release() }
         let catalog = StoreCatalog(store: store)
-        let staging = try StagingDirectory(destination: options.directory)
+        let staging = try StagingDirectory(destination: options.directory, store: store)
         let destination = staging.destination
 
         // A container's processes are its init's tree and any that `runc exec` started beside it.
@@ -118,14 +117,15 @@ public struct DumpOperation {
         var published: Manifest?
         var ingester: ChunkIngester?
         var containerPaused = false
-        let imagesFD: Int32
+        let imagesFD: Int32, workFD: Int32
         do {
             imagesFD = try FileSystem.openDirectory(staging.path)
+            do { workFD = try FileSystem.openDirectory(staging.workPath) } catch { close(imagesFD); throw error }
         } catch {
             staging.discard()
             throw error
         }
-        defer { close(imagesFD) }
+        defer { close(imagesFD); close(workFD) }
 
         do {
             let deviceWatch = Stopwatch()
@@ -173,21 +173,23 @@ public struct DumpOperation {
                 containerPaused = false
             } else {
                 let service = CRIUService(binary: criu)
-                let response = try service.dump(pid: pid, imagesDirectory: imagesFD, options: options.process,
+                let response = try service.dump(pid: pid, imagesDirectory: imagesFD, workDirectory: workFD, options: options.process,
                                                  leaveRunning: options.leaveRunning) { note in
                     guard note.script == "post-dump" else { return }
+                    FaultInjection.die("post-dump")
                     try FaultInjection.check("post-dump")
                     // The tree is frozen here: make the checkpoint complete and durable before CRIU may kill it.
                     let manifest = try finish(staging: staging, ingester: chunker, store: store, criu: criu, processes: processes,
                                               gpu: gpu, deviceFiles: deviceFiles, deviceStatistics: deviceStatistics, timings: timings)
                     try staging.publish()
                     published = manifest
+                    FaultInjection.die("published")
                     try options.whilePublished?(manifest, destination)
                 }
                 timings.criu = criuWatch.seconds
                 guard response.success else {
                     throw Self.criuFailure("CRIU could not dump PID \(pid)", response: response,
-                                           log: (published == nil ? staging.path : destination) + "/" + CRIUService.dumpLogName)
+                                           log: staging.workPath + "/" + CRIUService.dumpLogName)
                 }
                 if published == nil {
                     // CRIU never sent post-dump (it always does in 4.x): publish now rather than lose the images.
@@ -220,9 +222,12 @@ public struct DumpOperation {
             throw failure.prefixed("dump of PID \(pid) failed")
         }
 
-        // CRIU has exited: its statistics and its complete log can now join the manifest.
+        // CRIU has exited: its statistics complete the manifest's timings, and its log joins the checkpoint.
+        // Each step replaces one file by a rename, so a stasis killed anywhere here leaves a checkpoint that
+        // restores (CRIU's log, listed nowhere, is no file of the checkpoint's: `Checkpoint.unlistedLogs`).
+        FaultInjection.die("criu-exited")
         var manifest = published!
-        if let stats = CRIUStats.read(destination + "/stats-dump")?.dump {
+        if let stats = CRIUStats.read(staging.workPath + "/stats-dump")?.dump {
             timings.freeze = Double(stats.freezingTime) / 1e6
             timings.frozen = Double(stats.frozenTime) / 1e6
             timings.memoryDump = Double(stats.memdumpTime) / 1e6
@@ -236,12 +241,32 @@ public struct DumpOperation {
         timings.sync = manifest.timings.sync
         timings.total = total.seconds
         manifest.timings = timings
-        try Self.addLateFiles(to: &manifest, in: destination)
-        // The catalog's copy gets the final timings and files; the published one already guards the chunks.
+        try? FileSystem.writeAtomically(try Manifest.encoder().encode(manifest), to: destination + "/" + Manifest.fileName,
+                                        temporaryDirectory: staging.workPath)
+        FaultInjection.die("manifest-rewritten")
+        staging.finishWork(keeping: CRIUService.dumpLogName)
+        FaultInjection.die("log-moved")
+        // The catalog's copy gets the final timings; the published one already guards the chunks.
         try? catalog.register(manifest, directory: destination)
         return Report(directory: destination, rootPID: pid, processes: processes.count, threads: processes.reduce(0) { $0 + $1.threads },
                       leaveRunning: options.leaveRunning, memory: manifest.memory, timings: timings, gpu: gpu, store: manifest.store,
                       criuVersion: criu.version, container: options.container)
+    }
+
+    /// Refuses, saying what it is, a PID that CRIU cannot dump: one that does not run, the system's init, or
+    /// a kernel thread (kthreadd is PID 2).
+    static func refuseUndumpable(_ pid: Int32) throws {
+        guard pid > 0, ProcFS.isLive(pid), let stat = ProcFS.stat(pid) else {
+            throw StasisError(.processNotFound, "no running process with PID \(pid)", hint: "check the PID with `ps -p \(pid)`")
+        }
+        if stat.isKernelThread || pid == 2 {
+            throw StasisError(.invalidArgument, "PID \(pid) (\(stat.command)) is a kernel thread: it has no user memory and cannot be checkpointed",
+                              hint: "give the PID of a user process (`ps -o pid,comm --ppid 1`)")
+        }
+        if pid == 1 {
+            throw StasisError(.invalidArgument, "PID 1 (\(stat.command)) is this system's init: CRIU checkpoints process trees below it, not init itself",
+                              hint: "give the PID of the job's own root process")
+        }
     }
 
     /// CRIU's memory images: followed while CRIU writes them, and always chunked.
@@ -326,23 +351,6 @@ public struct DumpOperation {
         let files = hashed.map { Manifest.FileEntry(path: $0.path, size: $0.size, sha256: $0.sha256, segments: $0.segments) }
             + chunked.map { Manifest.FileEntry(path: $0.key, size: $0.value.size, sha256: ChunkDigest.ofFile(chunks: $0.value.chunks), chunks: $0.value.chunks) }
         return (files, chunked, statistics, hashSeconds, syncWatch.seconds)
-    }
-
-    /// CRIU writes its statistics and the end of its log after post-dump; hash them in and rewrite the
-    /// manifest. Should that fail, the files are removed again so the published checkpoint stays consistent.
-    static func addLateFiles(to manifest: inout Manifest, in directory: String) throws {
-        let listed = Set(manifest.files.map(\.path))
-        let late = try FileSystem.regularFiles(under: directory).filter { $0 != Manifest.fileName && !listed.contains($0) }
-        do {
-            try FileSystem.makePrivate(tree: directory)
-            let hashed = try ParallelHasher.hash(late, under: directory)
-            manifest.files = (manifest.files + hashed.map { Manifest.FileEntry(path: $0.path, size: $0.size, sha256: $0.sha256, segments: $0.segments) })
-                .sorted { $0.path < $1.path }
-            manifest.memory.imageBytes = manifest.files.reduce(0) { $0 + $1.size }
-            try FileSystem.writeAtomically(try Manifest.encoder().encode(manifest), to: directory + "/" + Manifest.fileName)
-        } catch {
-            for name in late { unlink(directory + "/" + name) }
-        }
     }
 
     static func pageBytes(in directory: String) -> UInt64 {

@@ -192,13 +192,13 @@ public struct RestoreOperation {
             throw DumpOperation.criuFailure("CRIU could not restore \(directory)", response: response, log: logPath)
                 .prefixed("restore failed")
         }
+        let rootPID = response.restore.pid
         if let problem = streamProblem {
             // CRIU finished although an image failed its check on the way (it read less than all of it):
             // what it restored cannot be trusted, so the tree is stopped.
-            for process in manifest.processTree.processes.reversed() { kill(process.pid, SIGKILL) }
+            Self.stopRestoredTree(root: rootPID)
             throw problem.prefixed("restore of \(directory) failed after CRIU restored it; the restored tree was stopped")
         }
-        let rootPID = response.restore.pid
         let deviceWatch = Stopwatch()
         var deviceSteps: [String: Double] = [:]
         do {
@@ -207,7 +207,7 @@ public struct RestoreOperation {
                                     files: manifest.files)
         } catch {
             // Never leave a half-restored tree: the restored processes are ours to stop.
-            for process in manifest.processTree.processes.reversed() { kill(process.pid, SIGKILL) }
+            Self.stopRestoredTree(root: rootPID)
             let failure = (error as? StasisError) ?? StasisError(.gpu, "\(error)")
             throw failure.prefixed("restore of \(directory) failed after CRIU restored PID \(rootPID); the restored tree was stopped")
         }
@@ -289,6 +289,13 @@ public struct RestoreOperation {
         }
     }
 
+    /// Stops a tree CRIU restored: the root CRIU reported and its descendants, nothing else (never a PID
+    /// taken from the manifest, which could name any process, or with -1, all of them).
+    public static func stopRestoredTree(root: Int32) {
+        guard root > 1 else { return }
+        for process in ProcFS.tree(root: root).reversed() where process.pid > 1 { kill(process.pid, SIGKILL) }
+    }
+
     /// A private directory for CRIU's images under `root`, after checking that `bytes` fit there.
     static func makeRebuildDirectory(in root: String, bytes: UInt64) throws -> String {
         if let free = FileSystem.availableBytes(at: root) {
@@ -349,13 +356,32 @@ public struct RestoreOperation {
         }
     }
 
+    /// How many restores' work directories (CRIU's restore log and statistics) the default root keeps.
+    public static let keptWorkDirectories = 16
+
+    /// A new work directory under `defaultWorkRoot`, named by time and PID; the oldest ones beyond
+    /// `keptWorkDirectories` whose restore is over (its PID gone) are removed, so the root does not grow by a
+    /// directory per restore forever.
     static func makeWorkDirectory() throws -> String {
         let formatter = DateFormatter()
         formatter.dateFormat = "yyyyMMdd-HHmmss"
         formatter.locale = Locale(identifier: "en_US_POSIX")
         let path = "\(defaultWorkRoot)/\(formatter.string(from: Date()))-\(getpid())"
         try FileSystem.makePrivateDirectory(path)
+        pruneWorkDirectories(in: defaultWorkRoot, keeping: keptWorkDirectories)
         return path
+    }
+
+    static func pruneWorkDirectories(in root: String, keeping count: Int) {
+        let names = ((try? FileManager.default.contentsOfDirectory(atPath: root)) ?? []).filter { name in
+            // yyyyMMdd-HHmmss-PID
+            let parts = name.split(separator: "-")
+            return parts.count == 3 && parts[0].count == 8 && parts.allSatisfy { $0.allSatisfy(\.isNumber) }
+        }.sorted()
+        for name in names.dropLast(count) {
+            guard let owner = Int32(name.split(separator: "-")[2]), !ProcFS.isLive(owner) else { continue }
+            FileSystem.removeTree(root + "/" + name)
+        }
     }
 }
 

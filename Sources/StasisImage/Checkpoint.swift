@@ -6,20 +6,34 @@ import StasisStore
 
 /// Reading a published checkpoint directory: its manifest and the integrity of its files.
 public enum Checkpoint {
-    /// Reads and validates DIR/manifest.json with an error for each way it can be wrong.
+    /// Reads and validates DIR/manifest.json with an error for each way it can be wrong. The directory must
+    /// be this user's and not writable by others: its files are about to be trusted once they match.
     public static func readManifest(_ directory: String) throws -> Manifest {
-        guard FileSystem.exists(directory) else {
-            throw StasisError(.notACheckpoint, "\(directory) does not exist")
+        var st = stat()
+        guard stat(directory, &st) == 0 else {
+            if errno == ENOENT || errno == ENOTDIR { throw StasisError(.notACheckpoint, "\(directory) does not exist") }
+            throw systemError("cannot read the checkpoint", directory)
         }
-        guard FileSystem.isDirectory(directory) else {
+        guard (st.st_mode & S_IFMT) == S_IFDIR else {
             throw StasisError(.notACheckpoint, "\(directory) is not a directory")
         }
+        try FileSystem.requireOwnedAndPrivate(directory, what: "checkpoint directory")
         let path = directory + "/" + Manifest.fileName
-        guard FileSystem.exists(path) else {
-            throw StasisError(.notACheckpoint, "\(directory) has no \(Manifest.fileName): it is not a stasis checkpoint, or one that never finished")
+        let fd = retryingEINTR { open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW) }
+        guard fd >= 0 else {
+            if errno == ENOENT {
+                throw StasisError(.notACheckpoint, "\(directory) has no \(Manifest.fileName): it is not a stasis checkpoint, or one that never finished")
+            }
+            throw systemError("cannot read", path)
         }
+        close(fd)
         return try Manifest.decode(try FileSystem.readFile(path), path: path)
     }
+
+    /// Files a checkpoint may hold that its manifest does not list: CRIU's dump log, which arrives after the
+    /// checkpoint was published (DumpOperation moves it in once CRIU exits). A log restores nothing; it is
+    /// for reading. One that a manifest does list is checked like any file (checkpoints of stasis 0.1 list it).
+    public static let unlistedLogs: Set<String> = ["criu-dump.log"]
 
     public struct VerifyReport: Codable, Sendable {
         public var directory: String
@@ -80,6 +94,7 @@ public enum Checkpoint {
                                  progress: (@Sendable (UInt64) -> Void)?) throws -> (files: Int, bytes: UInt64) {
         let expected = Dictionary(files.map { ($0.path, $0) }, uniquingKeysWith: { first, _ in first })
         let present = Set(try FileSystem.regularFiles(under: directory)).subtracting([Manifest.fileName])
+            .subtracting(unlistedLogs.subtracting(expected.keys))
         for entry in files where !present.contains(entry.path) {
             throw StasisError(.integrity, "\(directory)/\(entry.path) is missing (the manifest lists it, \(entry.size) bytes)",
                               hint: "the checkpoint is incomplete; restore from another copy")

@@ -2,26 +2,66 @@ import Foundation
 import Glibc
 import StasisCore
 import StasisOS
+import StasisStore
 
 /// Where a checkpoint is written before it exists: a hidden 0700 sibling of the destination, renamed into
 /// place only when complete, so a dump that crashes or is killed never leaves a directory that looks finished.
+///
+/// Beside it, a second hidden sibling is the work directory of whatever writes the checkpoint (CRIU's log and
+/// statistics): CRIU goes on writing those after the checkpoint is published, and must never write into the
+/// published directory, where a file the manifest does not list would make the checkpoint look damaged.
 public final class StagingDirectory {
     public let destination: String
     public let path: String
+    /// The writer's work directory (CRIU's `work_dir`); removed with `finishWork` or `discard`.
+    public let workPath: String
     public private(set) var published = false
     /// The id of the manifest being written here, once known (a failed dump unlists it from the store).
     public var manifestID: String?
+    /// The store's record of the two directories, so `stasis gc` finds them should this process die.
+    private let writer: StoreWriter?
 
-    /// Refuses a destination that exists and is not an empty directory, clears leftovers of dumps that died
-    /// (their owner PID is in the name), and creates the staging directory.
-    public init(destination: String) throws {
-        self.destination = URL(fileURLWithPath: destination).standardizedFileURL.path
-        guard try FileSystem.isMissingOrEmptyDirectory(self.destination) else {
-            throw StasisError(.directoryNotEmpty, "\(self.destination) already exists and is not empty",
+    /// Refuses a destination that exists and is not an empty directory, or whose parent does not exist (as
+    /// mkdir without -p: a mistyped path is not created); clears leftovers of dumps that died (their owner PID
+    /// is in the name), and creates the staging and work directories, recorded in `store`.
+    public init(destination: String, store: ChunkStore? = nil) throws {
+        self.destination = try Self.check(destination: destination)
+        FileSystem.removeAbandonedPartials(of: self.destination)
+        let staging = try FileSystem.makeStagingSibling(of: self.destination, owner: getpid())
+        var work: String?
+        do {
+            let made = try FileSystem.makeStagingSibling(of: self.destination, owner: getpid())
+            work = made
+            writer = try store.map { try StoreWriter(store: $0, partials: [staging, made]) }
+        } catch {
+            FileSystem.removeTree(staging)
+            if let work { FileSystem.removeTree(work) }
+            throw error
+        }
+        (path, workPath) = (staging, work!)
+    }
+
+    /// The destination, made absolute, once it is known to be a place a checkpoint can go: missing or an
+    /// empty directory, in a directory that exists. Callers that create something first (a store) ask here
+    /// before they do.
+    @discardableResult
+    public static func check(destination: String) throws -> String {
+        let absolute = URL(fileURLWithPath: destination).standardizedFileURL.path
+        let parent = URL(fileURLWithPath: absolute).deletingLastPathComponent().path
+        guard FileSystem.isDirectory(parent) else {
+            throw StasisError(.invalidArgument, "\(parent), where the checkpoint \(absolute) would go, is not a directory",
+                              hint: "create it first (mkdir -p \(parent)), or check the path")
+        }
+        guard try FileSystem.isMissingOrEmptyDirectory(absolute) else {
+            throw StasisError(.directoryNotEmpty, "\(absolute) already exists and is not empty",
                               hint: "choose a new directory, or remove the old checkpoint first")
         }
-        FileSystem.removeAbandonedPartials(of: self.destination)
-        path = try FileSystem.makeStagingSibling(of: self.destination, owner: getpid())
+        return absolute
+    }
+
+    deinit {
+        // What an error path did not publish or discard goes too.
+        discard()
     }
 
     /// Renames the staging directory to the destination (atomic on one filesystem).
@@ -31,18 +71,38 @@ public final class StagingDirectory {
         published = true
     }
 
-    /// Drops an unfinished checkpoint. A log worth keeping is first copied beside the destination
-    /// (DEST.dump-failed.log), or to the temporary directory when that filesystem is full, and that path returned.
+    /// After the writer (CRIU) has exited: moves its log into the published checkpoint by a rename (the log is
+    /// complete or absent there, never half-written) and removes the work directory. The log is not part of
+    /// the checkpoint's verified content (see `Checkpoint.unlistedLogs`).
+    public func finishWork(keeping logName: String?) {
+        if let logName, FileSystem.exists(workPath + "/" + logName) {
+            chmod(workPath + "/" + logName, 0o600)
+            rename(workPath + "/" + logName, destination + "/" + logName)
+        }
+        FileSystem.removeTree(workPath)
+        writer?.release()
+    }
+
+    /// Drops an unfinished checkpoint. A log worth keeping (in the work directory, else the staging one) is
+    /// first copied beside the destination (DEST.dump-failed.log), or to the temporary directory when that
+    /// filesystem is full, and that path returned. A published checkpoint stays, and gets the log as
+    /// `finishWork` gives it.
     @discardableResult
     public func discard(keeping logName: String? = nil) -> String? {
-        guard !published else { return nil }
+        if published {
+            finishWork(keeping: logName)
+            return logName.map { destination + "/" + $0 }.flatMap { FileSystem.exists($0) ? $0 : nil }
+        }
         var kept: String?
-        if let logName, let data = FileManager.default.contents(atPath: path + "/" + logName) {
+        if let logName,
+           let data = FileManager.default.contents(atPath: workPath + "/" + logName) ?? FileManager.default.contents(atPath: path + "/" + logName) {
             for target in [destination + ".dump-failed.log", NSTemporaryDirectory() + "stasis-dump-failed-\(getpid()).log"] {
                 if (try? FileSystem.writeAtomically(data, to: target)) != nil { kept = target; break }
             }
         }
         FileSystem.removeTree(path)
+        FileSystem.removeTree(workPath)
+        writer?.release()
         return kept
     }
 }

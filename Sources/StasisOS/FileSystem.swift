@@ -16,6 +16,21 @@ public enum FileSystem {
         return stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR
     }
 
+    /// Refuses a directory stasis is about to trust (a chunk store, a checkpoint) unless it belongs to this
+    /// user and no one else may write to it: chunks planted there would count as present, files as verified.
+    public static func requireOwnedAndPrivate(_ path: String, what: String) throws {
+        var st = stat()
+        guard stat(path, &st) == 0 else { throw systemError("cannot examine \(what)", path) }
+        if st.st_uid != geteuid() {
+            throw StasisError(.permission, "\(what) \(path) belongs to user \(st.st_uid), not to this user (\(geteuid())): stasis does not trust it",
+                              hint: "use a \(what) of your own, or chown it to this user if its contents are known good")
+        }
+        if st.st_mode & 0o022 != 0 {
+            throw StasisError(.permission, "\(what) \(path) can be written by other users (mode \(String(st.st_mode & 0o777, radix: 8))): stasis does not trust it",
+                              hint: "chmod go-w \(path) (stasis makes its directories 0700)")
+        }
+    }
+
     /// True when `path` does not exist or is an empty directory.
     public static func isMissingOrEmptyDirectory(_ path: String) throws -> Bool {
         guard exists(path) else { return true }
@@ -136,8 +151,10 @@ public enum FileSystem {
     }
 
     /// Writes `data` to `path` through a temporary file, fsync and rename, so readers see all or nothing.
-    public static func writeAtomically(_ data: Data, to path: String, mode: mode_t = 0o600) throws {
-        let temporary = path + ".tmp-\(getpid())"
+    /// `temporaryDirectory`: where the temporary file is made (on the same filesystem), when no file but the
+    /// finished one may ever appear beside `path` (a published checkpoint).
+    public static func writeAtomically(_ data: Data, to path: String, mode: mode_t = 0o600, temporaryDirectory: String? = nil) throws {
+        let temporary = temporaryDirectory.map { "\($0)/.\(URL(fileURLWithPath: path).lastPathComponent).tmp-\(getpid())" } ?? path + ".tmp-\(getpid())"
         let fd = retryingEINTR { open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode) }
         guard fd >= 0 else { throw systemError("cannot create", temporary) }
         var failure: StasisError?

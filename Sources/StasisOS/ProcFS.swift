@@ -11,6 +11,10 @@ public enum ProcFS {
         /// R, S, D, Z, T, ...
         public var state: Character
         public var ppid: Int32
+        /// The kernel's PF_* flags.
+        public var flags: UInt32
+        /// A kernel thread (PF_KTHREAD): no user memory, nothing CRIU can dump.
+        public var isKernelThread: Bool { flags & 0x0020_0000 != 0 }
     }
 
     /// Parses /proc/PID/stat. The command sits in parentheses and may itself contain ") ", so the fields
@@ -20,8 +24,8 @@ public enum ProcFS {
               let open = text.firstIndex(of: "("), let close = text.lastIndex(of: ")") else { return nil }
         let command = String(text[text.index(after: open)..<close])
         let rest = text[text.index(close, offsetBy: 2)...].split(separator: " ")
-        guard rest.count > 2, let state = rest[0].first, let ppid = Int32(rest[1]) else { return nil }
-        return Stat(pid: pid, command: command, state: state, ppid: ppid)
+        guard rest.count > 6, let state = rest[0].first, let ppid = Int32(rest[1]) else { return nil }
+        return Stat(pid: pid, command: command, state: state, ppid: ppid, flags: UInt32(rest[6]) ?? 0)
     }
 
     /// A /proc file's text. Decoded leniently: file names in maps and commands in stat may hold bytes that

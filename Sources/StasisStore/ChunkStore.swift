@@ -45,6 +45,8 @@ public final class ChunkStore: Sendable {
                 try FileSystem.makePrivateDirectory(self.path + sub)
             }
         }
+        // Chunks already in the store are reused unread by a dump: the store must be this user's alone.
+        for sub in ["", "/chunks"] { try FileSystem.requireOwnedAndPrivate(self.path + sub, what: "chunk store") }
     }
 
     /// The store named on the command line, else the one the manifest recorded, else the default.
@@ -150,15 +152,38 @@ public final class ChunkStore: Sendable {
         return PutResult(isNew: true, storedBytes: UInt64(bytes.count))
     }
 
-    /// True when `digest` is this writer's to write: the store lacks it and `batch` has not claimed it.
+    /// True when `digest` is this writer's to write: the store lacks a known-good copy and `batch` has not
+    /// claimed it.
     func claim(_ digest: String, batch: Batch) -> Bool {
         let target = chunkPath(digest)
-        if FileSystem.exists(target) {
+        if isKnownGood(target, digest: digest) {
             // Fresh mtime: gc's grace period then spares a chunk a running dump has just decided to reuse.
             utimensat(AT_FDCWD, target, nil, 0)
             return false
         }
         return batch.claim(digest)
+    }
+
+    /// Whether the store holds a good copy of `digest` that a writer may count on (a migration's receiver
+    /// telling its source which chunks it need not send, an import missing chunks the store has).
+    public func has(_ digest: String) -> Bool { Manifest.isDigest(digest) && isKnownGood(chunkPath(digest), digest: digest) }
+
+    /// Mode that marks a chunk file as read back and checked since it was written (chunk files are written
+    /// 0600): `isKnownGood` does not read it again.
+    static let checkedMode: mode_t = 0o400
+
+    /// Whether the chunk file at `target` may be reused without writing it again: the only checkpoint of a job
+    /// whose tree the dump then ends must not rest on a chunk that was planted or damaged. The first time a
+    /// chunk is reused it is read and checked (decoded, its SHA-256 compared with its name) and then marked
+    /// (`checkedMode`); later reuses only look at the mark. A damaged chunk, or one that another user owns, is
+    /// not reused: the writer puts its own copy in its place.
+    func isKnownGood(_ target: String, digest: String) -> Bool {
+        var st = stat()
+        guard lstat(target, &st) == 0 else { return false }
+        guard (st.st_mode & S_IFMT) == S_IFREG, st.st_uid == geteuid() else { return false }
+        if st.st_mode & 0o7777 == Self.checkedMode { return true }
+        guard (try? check(digest)) != nil else { return false }
+        return chmod(target, Self.checkedMode) == 0
     }
 
     static func writeHeader(into buffer: UnsafeMutableRawBufferPointer, tag: UInt8, plainLength: Int) {

@@ -33,8 +33,9 @@ public struct StoreCatalog {
 
     /// The listed checkpoint with this id, if any (an entry that does not parse counts as none).
     public func entry(id: String) -> Entry? {
-        guard let data = try? FileSystem.readFile(entryPath(id)) else { return nil }
-        return try? Manifest.decoder().decode(Entry.self, from: data)
+        guard let data = try? FileSystem.readFile(entryPath(id)), let entry = try? Manifest.decoder().decode(Entry.self, from: data),
+              entry.manifest.problem() == nil else { return nil }
+        return entry
     }
 
     /// Every listed checkpoint, oldest first. An entry that does not parse is reported as an error: gc must
@@ -46,7 +47,9 @@ public struct StoreCatalog {
         for name in names where name.hasSuffix(".json") {
             let path = directory + "/" + name
             do {
-                entries.append(try Manifest.decoder().decode(Entry.self, from: try FileSystem.readFile(path)))
+                let entry = try Manifest.decoder().decode(Entry.self, from: try FileSystem.readFile(path))
+                try entry.manifest.validate(name: path)
+                entries.append(entry)
             } catch {
                 throw StasisError(.manifestInvalid, "\(path) in the store's checkpoint list does not parse",
                                   hint: "remove it by hand if that checkpoint is gone; gc will not run until then")
@@ -59,7 +62,11 @@ public struct StoreCatalog {
 
     /// Removes the checkpoint in `directory` (or with that manifest id) from the list and deletes its directory.
     /// Its chunks go at the next gc.
+    /// Holds the store's lock exclusively meanwhile: a restore, verify or export reading the checkpoint (they
+    /// hold it shared) finishes first.
     public func remove(_ directoryOrID: String) throws -> Entry {
+        let lock = try store.lock(exclusive: true)
+        defer { lock.release() }
         let absolute = URL(fileURLWithPath: directoryOrID).standardizedFileURL.path
         guard let entry = try entries().first(where: { $0.directory == absolute || $0.manifest.id == directoryOrID }) else {
             throw StasisError(.notACheckpoint, "no checkpoint \(directoryOrID) in the store \(store.path)", hint: "`stasis ls` lists them")
@@ -83,11 +90,13 @@ public struct StoreCatalog {
         public var removedChunks: Int
         public var removedBytes: UInt64
         public var removedTemporaryFiles: Int
+        /// Hidden `.NAME.partial-PID-*` directories of dumps and imports that died before they finished.
+        public var removedPartialDirectories: Int
         public var dryRun: Bool
     }
 
-    /// Removes chunks no listed manifest names (and leftovers in tmp/ of dead writers), sparing anything
-    /// modified in the last `graceSeconds`.
+    /// Removes chunks no listed manifest names, leftovers in tmp/ of dead writers and the partial directories
+    /// they recorded (`StoreWriter`), sparing chunks modified in the last `graceSeconds`.
     public func collect(dryRun: Bool = false, graceSeconds: Double = 60) throws -> CollectReport {
         let lock = try store.lock(exclusive: true)
         defer { lock.release() }
@@ -97,7 +106,8 @@ public struct StoreCatalog {
             for file in entry.manifest.files { for chunk in file.chunks ?? [] where !chunk.isEmpty { referenced.insert(chunk) } }
         }
         let now = Date().timeIntervalSince1970
-        var report = CollectReport(checkpoints: listed.count, keptChunks: 0, removedChunks: 0, removedBytes: 0, removedTemporaryFiles: 0, dryRun: dryRun)
+        var report = CollectReport(checkpoints: listed.count, keptChunks: 0, removedChunks: 0, removedBytes: 0, removedTemporaryFiles: 0,
+                                   removedPartialDirectories: 0, dryRun: dryRun)
         for name in store.allChunks() {
             if referenced.contains(name) {
                 report.keptChunks += 1
@@ -118,6 +128,7 @@ public struct StoreCatalog {
             report.removedTemporaryFiles += 1
             if !dryRun { unlink(temporary + "/" + name) }
         }
+        report.removedPartialDirectories = StoreWriter.collectDead(in: store, dryRun: dryRun)
         return report
     }
 

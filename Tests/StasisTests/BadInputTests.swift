@@ -304,7 +304,7 @@ extension Integration {
         /// A tiny tmpfs, unmounted when the test ends.
         func tinyFilesystem(_ name: String) throws -> (String, () -> Void) {
             let mountPoint = Harness.scratch(name)
-            let mount = try Harness.run("/bin/mount", ["-t", "tmpfs", "-o", "size=4m", "tmpfs", mountPoint])
+            let mount = try Harness.run("/bin/mount", ["-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", mountPoint])
             try #require(mount.succeeded, "cannot mount a tmpfs: \(mount.stderr)")
             return (mountPoint, { _ = try? Harness.run("/bin/umount", [mountPoint]) })
         }

@@ -1,0 +1,249 @@
+import Foundation
+import Glibc
+import StasisCore
+@testable import StasisEngine
+import StasisImage
+import StasisOS
+import StasisStore
+import Testing
+
+/// Random and mutated inputs against everything that reads files from elsewhere: manifests (inspect, verify,
+/// restore), bundles (import) and checkpoint archives' tar headers (inspect, import). Every case must end in
+/// a StasisError or a success, never a trap (which would end this test process) or another error type, and
+/// a failed import must leave nothing behind. Seeded (STASIS_FUZZ_SEED, printed on failure) and bounded by
+/// time (STASIS_FUZZ_SECONDS per target), so CI runs thousands of cases in a fixed budget.
+@Suite struct Fuzz {
+    static let seed = UInt64(ProcessInfo.processInfo.environment["STASIS_FUZZ_SEED"] ?? "") ?? 20261206
+    static let seconds = Double(ProcessInfo.processInfo.environment["STASIS_FUZZ_SECONDS"] ?? "") ?? 6
+
+    /// SplitMix64: small, seedable, good enough to pick mutations.
+    struct Generator: RandomNumberGenerator {
+        var state: UInt64
+        mutating func next() -> UInt64 {
+            state &+= 0x9E37_79B9_7F4A_7C15
+            var z = state
+            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+            return z ^ (z >> 31)
+        }
+    }
+
+    /// Runs `body` for cases 0, 1, ... until the time budget is spent; returns how many ran.
+    static func run(_ name: String, minimum: Int, _ body: (Int, inout Generator) throws -> Void) rethrows -> Int {
+        // Each target its own stream of the seed (FNV-1a over its name), so one target's changes leave the others' cases as they were.
+        var generator = Generator(state: name.utf8.reduce(seed ^ 0xcbf2_9ce4_8422_2325) { ($0 ^ UInt64($1)) &* 0x100_0000_01b3 })
+        let watch = Stopwatch()
+        var count = 0
+        while count < minimum || watch.seconds < seconds {
+            try body(count, &generator)
+            count += 1
+            if count >= 100_000 { break }
+        }
+        print("fuzz \(name): \(count) cases in \(Format.seconds(watch.seconds)), seed \(seed)")
+        return count
+    }
+
+    /// What a case may end in: nothing, or a StasisError. Anything else is recorded as a failure.
+    static func expectClean(_ what: String, _ body: () throws -> Void) {
+        do {
+            try body()
+        } catch is StasisError {
+        } catch {
+            Issue.record("\(what) (seed \(seed)): not a StasisError: \(type(of: error)) \(error)")
+        }
+    }
+
+    // MARK: manifests
+
+    static let hostileIntegers: [Int] = [0, -1, 1, Int.max, Int.min, Int(Int32.max), Int(Int32.min), 4096, 1 << 62, -4096]
+    static let hostileReals: [Double] = [0.5, 1e300, -1e300]
+    static func hostileNumber(_ random: inout Generator) -> Any {
+        Int.random(in: 0..<5, using: &random) == 0 ? hostileReals.randomElement(using: &random)! : hostileIntegers.randomElement(using: &random)!
+    }
+    static let hostileStrings: [String] = ["", "..", "../../x", "/etc/passwd", "a/../../b", "pages-1.img", "gpu/1/../..", "\u{0}",
+                                           String(repeating: "f", count: 64), String(repeating: "x", count: 5000), "manifest.json", "é"]
+
+    /// One random change somewhere in a JSON value: a number, a string, a deleted key, a duplicated element,
+    /// a value of another type.
+    static func mutate(_ value: Any, _ random: inout Generator, depth: Int = 0) -> Any {
+        if var object = value as? [String: Any], !object.isEmpty {
+            let key = object.keys.sorted()[Int.random(in: 0..<object.count, using: &random)]
+            switch Int.random(in: 0..<8, using: &random) {
+            case 0: object.removeValue(forKey: key)
+            case 1: object[key] = hostileStrings.randomElement(using: &random)!
+            default: object[key] = mutate(object[key]!, &random, depth: depth + 1)
+            }
+            return object
+        }
+        if var array = value as? [Any], !array.isEmpty {
+            let index = Int.random(in: 0..<array.count, using: &random)
+            switch Int.random(in: 0..<6, using: &random) {
+            case 0: array.append(array[index])
+            case 1: array.remove(at: index)
+            default: array[index] = mutate(array[index], &random, depth: depth + 1)
+            }
+            return array
+        }
+        if value is String { return Bool.random(using: &random) ? hostileStrings.randomElement(using: &random)! : hostileNumber(&random) }
+        if value is NSNumber { return Int.random(in: 0..<4, using: &random) == 0 ? hostileStrings.randomElement(using: &random)! : hostileNumber(&random) }
+        return hostileNumber(&random)
+    }
+
+    /// Raw damage to bytes: flips, a cut, an insertion.
+    static func damage(_ data: Data, _ random: inout Generator) -> Data {
+        var bytes = [UInt8](data)
+        guard !bytes.isEmpty else { return Data([0x7b]) }
+        switch Int.random(in: 0..<4, using: &random) {
+        case 0:
+            for _ in 0..<Int.random(in: 1...8, using: &random) { bytes[Int.random(in: 0..<bytes.count, using: &random)] ^= UInt8.random(in: 1...255, using: &random) }
+        case 1:
+            bytes.removeSubrange(Int.random(in: 0..<bytes.count, using: &random)...)
+        case 2:
+            let at = Int.random(in: 0..<bytes.count, using: &random)
+            let width = min(8, bytes.count - at)
+            for offset in 0..<width { bytes[at + offset] = 0xff }
+        default:
+            bytes.insert(contentsOf: (0..<Int.random(in: 1...64, using: &random)).map { _ in UInt8.random(in: 0...255, using: &random) },
+                         at: Int.random(in: 0...bytes.count, using: &random))
+        }
+        return Data(bytes)
+    }
+
+    /// Mutated manifests in a real checkpoint directory (files and chunks in a store) go through what inspect,
+    /// verify and restore read: decoding, the shape check, the whole files, every chunk, and, for those that
+    /// pass all that, a restore whose rebuild must stay inside its directory (CRIU then refuses the sample's
+    /// made-up images).
+    @Test func mutatedManifests() throws {
+        let sample = try Bundles.makeCheckpoint()
+        let path = sample.checkpoint + "/" + Manifest.fileName
+        let original = try FileSystem.readFile(path)
+        let object = try JSONSerialization.jsonObject(with: original)
+        let rebuildRoot = Harness.scratch("fuzz-rebuild")
+        var restores = 0
+        let cases = Self.run("manifest", minimum: 2000) { index, random in
+            let mutated: Data
+            if index % 3 == 0 {
+                mutated = Self.damage(original, &random)
+            } else {
+                var value = object
+                for _ in 0..<Int.random(in: 1...3, using: &random) { value = Self.mutate(value, &random) }
+                guard let data = try? JSONSerialization.data(withJSONObject: value) else { return }
+                mutated = data
+            }
+            try? FileManager.default.removeItem(atPath: path)
+            try? mutated.write(to: URL(fileURLWithPath: path))
+            Self.expectClean("manifest case \(index)") {
+                let manifest = try Checkpoint.readManifest(sample.checkpoint)
+                _ = try Checkpoint.verify(sample.checkpoint, manifest: manifest, store: sample.store)
+                guard restores < 10 else { return }
+                restores += 1
+                var options = RestoreOperation.Options(directory: sample.checkpoint)
+                options.store = sample.store.path
+                options.rebuildRoot = rebuildRoot
+                options.workDirectory = Harness.scratch("fuzz-work")
+                options.skipCPUCheck = true
+                _ = try RestoreOperation(options).run()
+            }
+        }
+        #expect(try FileManager.default.contentsOfDirectory(atPath: rebuildRoot).isEmpty, "rebuilds are removed")
+        #expect(cases >= 2000)
+    }
+
+    // MARK: bundles
+
+    /// Damaged bundles are refused whole: no directory, no partial sibling, no chunk file left in the store's tmp/.
+    @Test func damagedBundles() throws {
+        let sample = try Bundles.makeCheckpoint()
+        let root = Harness.scratch("fuzz-bundle")
+        let bundle = root + "/good.stasis"
+        _ = try BundleOperation.export(sample.checkpoint, to: bundle, store: sample.store.path)
+        let good = try FileSystem.readFile(bundle)
+        let store = root + "/store"
+        let cases = Self.run("bundle", minimum: 300) { index, random in
+            let bad = root + "/bad.stasis"
+            var data = Self.damage(good, &random)
+            if index % 4 == 0 {
+                // Aim at the headers: the first records hold the manifest's length and the first file's.
+                var bytes = [UInt8](good)
+                let at = Int.random(in: 0..<min(bytes.count, 4096), using: &random)
+                bytes[at] ^= UInt8.random(in: 1...255, using: &random)
+                data = Data(bytes)
+            }
+            unlink(bad)
+            try? data.write(to: URL(fileURLWithPath: bad))
+            let destination = root + "/imported-\(index)"
+            var imported = false
+            Self.expectClean("bundle case \(index)") {
+                _ = try BundleOperation.importBundle(bad, into: destination, store: store)
+                imported = true
+            }
+            if imported {
+                _ = try? StoreCatalog(store: try ChunkStore(path: store, create: false)).remove(destination)
+            } else {
+                #expect(!FileSystem.exists(destination), "bundle case \(index): a failed import left its directory")
+            }
+            let left = ((try? FileManager.default.contentsOfDirectory(atPath: root)) ?? []).filter { $0.contains(".partial-") }
+            #expect(left.isEmpty, "bundle case \(index) left \(left)")
+            let temporary = (try? FileManager.default.contentsOfDirectory(atPath: store + "/tmp")) ?? []
+            #expect(temporary.isEmpty, "bundle case \(index) left chunk files in tmp/: \(temporary)")
+        }
+        #expect(cases >= 300)
+    }
+
+    // MARK: tar headers
+
+    /// A random tar header block with a valid checksum: random name, type and size field (octal, base-256,
+    /// or a pax record before it).
+    static func randomEntry(_ random: inout Generator) -> Data {
+        let names = ["config.dump", "spec.dump", "checkpoint/inventory.img", "checkpoint/pages-1.img", "../x", "/abs", "rootfs-diff.tar",
+                     String(repeating: "n", count: 99), "checkpoint/"]
+        let types: [Character] = ["0", "5", "x", "L", "g", "K", "2", "3", "\0", "7"]
+        let name = names.randomElement(using: &random)!
+        let type = types.randomElement(using: &random)!
+        let sizes: [UInt64] = [0, 1, 511, 512, 4096, UInt64(Int32.max), 1 << 33, 1 << 62, 1 << 63, UInt64.max, UInt64.max - 511]
+        let size = sizes.randomElement(using: &random)!
+        var data = Data()
+        switch Int.random(in: 0..<3, using: &random) {
+        case 0:
+            data += TarBlocks.header(name: name, size: .octal(min(size, 0o77777777777)), type: type)
+        case 1:
+            data += TarBlocks.header(name: name, size: .base256(size), type: type)
+        default:
+            let value = Bool.random(using: &random) ? String(size) : ["-1", "x", "", "99999999999999999999999999"].randomElement(using: &random)!
+            let body = " size=\(value)\n"
+            let record = "\(body.utf8.count + String(body.utf8.count + 2).count)\(body)"
+            data += TarBlocks.header(name: "PaxHeaders/" + name, size: .octal(UInt64(record.utf8.count)), type: "x")
+            data += TarBlocks.padded(Data(record.utf8))
+            data += TarBlocks.header(name: name, size: .octal(0), type: type)
+        }
+        let payload = Int.random(in: 0..<3, using: &random) * 512
+        data += Data((0..<payload).map { _ in UInt8.random(in: 0...255, using: &random) })
+        return data
+    }
+
+    /// Archives of random entries: `inspect` (summarize) and `import` end in a StasisError or a checkpoint, and
+    /// a failed import leaves nothing behind.
+    @Test func craftedTarHeaders() throws {
+        let root = Harness.scratch("fuzz-tar")
+        let store = root + "/store"
+        let cases = Self.run("tar", minimum: 1000) { index, random in
+            let archive = root + "/case.tar"
+            var data = Data()
+            for _ in 0..<Int.random(in: 1...4, using: &random) { data += Self.randomEntry(&random) }
+            if Bool.random(using: &random) { data += Data(count: 1024) }
+            unlink(archive)
+            try? data.write(to: URL(fileURLWithPath: archive))
+            Self.expectClean("tar case \(index) summarize") { _ = try ArchiveOperation.summarize(archive) }
+            let destination = root + "/imported"
+            var imported = false
+            Self.expectClean("tar case \(index) import") {
+                _ = try ArchiveOperation.importArchive(archive, into: destination, store: store)
+                imported = true
+            }
+            if imported { FileSystem.removeTree(destination) }
+            let left = ((try? FileManager.default.contentsOfDirectory(atPath: root)) ?? []).filter { $0 != "case.tar" && $0 != "store" }
+            #expect(left.isEmpty, "tar case \(index) left \(left)")
+        }
+        #expect(cases >= 1000)
+    }
+}

@@ -174,6 +174,9 @@ final class ReceiverHost {
         defer { for fd in idle { close(fd) } }
         for _ in 0..<100 {
             let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            // A receiver that stops accepting fills its backlog: connect then waits, bounded here.
+            var limit = timeval(tv_sec: 5, tv_usec: 0)
+            setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
             var address = sockaddr_in()
             address.sin_family = sa_family_t(AF_INET)
             address.sin_port = UInt16(7070).bigEndian

@@ -207,8 +207,9 @@ extension Integration {
         let deadline = Date().addingTimeInterval(20)
         var sawPages = false
         while !sawPages, Date() < deadline {
-            let staging = (try? FileManager.default.contentsOfDirectory(atPath: parent))?.first { $0.contains(".partial-") }
-            sawPages = staging.map { (try? FileManager.default.contentsOfDirectory(atPath: parent + "/" + $0))?.contains { $0.hasPrefix("pages-") } == true } ?? false
+            // The staging directory is one of two partial siblings (the other is CRIU's work directory).
+            let partials = ((try? FileManager.default.contentsOfDirectory(atPath: parent)) ?? []).filter { $0.contains(".partial-") }
+            sawPages = partials.contains { (try? FileManager.default.contentsOfDirectory(atPath: parent + "/" + $0))?.contains { $0.hasPrefix("pages-") } == true }
             if !sawPages { usleep(2_000) }
         }
         kill(process.processIdentifier, SIGKILL)

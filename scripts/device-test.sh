@@ -8,7 +8,8 @@
 #                                           the agent), container (GPU containers under runc),
 #                                           multigpu (two GPUs: a split model and NCCL; needs two),
 #                                           reliability (stasis killed after CRIU's exit, a damaged
-#                                           chunk not reused, bench/reuse-check.sh gpu),
+#                                           chunk not reused, bench/reuse-check.sh gpu), bertleave
+#                                           (BERT-base's --leave-running case alone),
 #                                           migrate (BERT moved by stasis migrate between namespaces, and
 #                                           bench/migrate.sh bert), ncclrefuse and migratebench (one part of
 #                                           multigpu or of migrate, for a short call),
@@ -295,27 +296,28 @@ section_bert() {
 }
 
 # BERT-base checkpointed twice with --leave-running: it trains on to the same losses; then the first checkpoint,
-# restored (with losses.txt cut back to what it held then, as the files outside a checkpoint are the user's),
-# trains to the same losses again.
+# restored (with the files it writes, losses.txt and step-times.txt, put back as they were then: files outside
+# a checkpoint are the user's, and CRIU refuses open files whose size changed), trains to the same losses again.
 bert_leave_running() {
     local ref=$1 steps=$2 pause=$3
     local run; run=$(mktemp -d /tmp/stasis-bert-leave.XXXXXX)
     local pid; pid=$(CUBLAS_WORKSPACE_CONFIG=:4096:8 python3 Workloads/torch/bert_train.py --dir "$run" --size base --steps $steps --pause-at $pause --daemon) \
         || { fail "bert-base --leave-running" "did not start: $(tail -n 5 "$run/log")"; return; }
     if $STASIS dump "$pid" -D "$run/one" --leave-running >"$run/dump1.txt" 2>&1 && $STASIS dump "$pid" -D "$run/two" --leave-running >"$run/dump2.txt" 2>&1; then
-        cp "$run/losses.txt" "$run/losses-at-checkpoint.txt"
+        # The files it writes, as they were at the checkpoint (CRIU refuses a restore whose open files changed size).
+        mkdir -p "$run/at-checkpoint" && cp "$run"/*.txt "$run/at-checkpoint/"
         touch "$run/go"
         for _ in $(seq 1200); do [[ -e $run/done ]] && break; sleep 0.1; done
         if cmp -s "$ref/losses.txt" "$run/losses.txt"; then
             pass "bert-base --leave-running twice: trains on to the same losses"
             wait_gone "$pid"
-            cp "$run/losses-at-checkpoint.txt" "$run/losses.txt"; rm -f "$run/done"
+            cp "$run"/at-checkpoint/*.txt "$run/"; rm -f "$run/done"
             if $STASIS restore -D "$run/one" >"$run/restore1.txt" 2>&1; then
                 for _ in $(seq 1200); do [[ -e $run/done ]] && break; sleep 0.1; done
                 cmp -s "$ref/losses.txt" "$run/losses.txt" && pass "bert-base: the first of two checkpoints, restored, trains to the same losses" \
                     || fail "bert-base first checkpoint" "losses differ: $(diff "$ref/losses.txt" "$run/losses.txt" | head -n 4 | tr '\n' ' ')"
             else
-                fail "bert-base restore of the first checkpoint" "$(tail -n 6 "$run/restore1.txt")"
+                fail "bert-base restore of the first checkpoint" "$(tail -n 6 "$run/restore1.txt"); CRIU: $(grep -h 'Error' "$(ls -td /var/lib/stasis/restore/*/ | head -n 1)criu-restore.log" 2>/dev/null | tail -n 6)"
             fi
         else
             fail "bert-base --leave-running" "losses differ: $(diff "$ref/losses.txt" "$run/losses.txt" | head -n 4 | tr '\n' ' ')"
@@ -326,6 +328,14 @@ bert_leave_running() {
     cp "$run/dump1.txt" "$LOGS/bert-leave-dump1.txt" 2>/dev/null; cp "$run/log" "$LOGS/bert-leave-workload.log" 2>/dev/null
     [[ -e /proc/$pid ]] && kill_tree "$pid"
     rm -rf "$run/one" "$run/two"
+}
+
+# Only BERT-base's --leave-running case (and its reference run), when named.
+section_bertleave() {
+    local ref; ref=$(mktemp -d /tmp/stasis-bert-ref-base.XXXXXX)
+    CUBLAS_WORKSPACE_CONFIG=:4096:8 timeout 300 python3 Workloads/torch/bert_train.py --dir "$ref" --size base --steps 30 >"$ref/out.txt" 2>&1 \
+        || { fail "bert-base reference run" "$(tail -n 5 "$ref/out.txt")"; return; }
+    bert_leave_running "$ref" 30 15
 }
 
 # Restore on another machine, step 1: checkpoint a small CUDA program in a fixed directory (its files must be
@@ -519,7 +529,10 @@ section_reliability() {
         keep_logs "$dir" "killed-$label"
         kill_tree "$pid"
     done
-    # A chunk of device memory damaged in the store between two checkpoints of an unchanged program.
+    # A chunk of device memory damaged in the store between two checkpoints of an unchanged program, before
+    # any dump reused it (a fresh store: the cases above wrote the same chunks, and a chunk checked at its first
+    # reuse is trusted after that).
+    rm -rf $STASIS_STORE
     dir=$(mktemp -d /tmp/stasis-damaged.XXXXXX)
     pid=$($RUN /opt/stasis/bin/cuda-workload buffers --dir "$dir" --daemon --mem 1024)
     if $STASIS dump "$pid" -D "$dir/one" --leave-running >"$dir/dump1.txt" 2>&1; then

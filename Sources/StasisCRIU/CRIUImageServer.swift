@@ -12,6 +12,7 @@ import StasisOS
 /// file from the other end and takes EOF as its end. CRIU opens each image once and reads pages files in order.
 /// stasis uses it to decode chunks straight into CRIU instead of rebuilding the images on tmpfs first.
 /// The two messages have a single field each, so they are encoded here by hand.
+// @unchecked Sendable: `failures` and `connection` are reached only under `lock`; the listener and provider are set once.
 public final class CRIUImageServer: @unchecked Sendable {
     /// Writes one image into the pipe it is given (the server closes the pipe afterwards).
     public typealias Writer = @Sendable (Int32) throws -> Void

@@ -16,6 +16,7 @@ public struct Progress: Sendable {
 public typealias ProgressHandler = @Sendable (Progress) -> Void
 
 /// Calls `report` every `interval` seconds on its own thread until stopped.
+// @unchecked Sendable: `running` is reached only under its lock; the rest is set once.
 final class ProgressTicker: @unchecked Sendable {
     private let lock = NSLock()
     private var running = true
@@ -36,38 +37,5 @@ final class ProgressTicker: @unchecked Sendable {
     func stop() {
         lock.withLock { running = false }
         done.wait()
-    }
-}
-
-/// Switches for reaching failure paths in tests: STASIS_FAULT=point[,point...]. Each named point throws
-/// where `FaultInjection.check` is called with it. Points: "post-dump" (inside CRIU's post-dump step, while
-/// the tree is frozen), "publish" (the same step, after the images were hashed and synced, before the
-/// manifest is written), "after-restore" (after CRIU restored the tree, before it is handed over).
-/// `point`-kill kills stasis there instead (`die`): "post-dump" (the tree frozen, nothing published),
-/// "published" (inside post-dump, just after the rename), "criu-exited", "manifest-rewritten" and "log-moved"
-/// (the steps after CRIU's exit, in that order).
-public enum FaultInjection {
-    static func check(_ point: String) throws {
-        let points = (ProcessInfo.processInfo.environment["STASIS_FAULT"] ?? "").split(separator: ",")
-        if points.contains(Substring(point)) {
-            throw StasisError(.interrupted, "fault injected at \(point) (STASIS_FAULT)")
-        }
-    }
-
-    /// Kills this process (SIGKILL, nothing runs after it) when STASIS_FAULT names `point`-kill: how tests
-    /// reach "stasis died right here" at a step no outside timing could hit reliably.
-    static func die(_ point: String) {
-        let points = (ProcessInfo.processInfo.environment["STASIS_FAULT"] ?? "").split(separator: ",")
-        guard points.contains(Substring(point + "-kill")) else { return }
-        kill(getpid(), SIGKILL)
-    }
-
-    /// Stops here for good when STASIS_FAULT names `point`-stall, saying so first: how tests kill a
-    /// process at a known step (a receiver in the middle of a migration).
-    static func stall(_ point: String, say: (String) -> Void) {
-        let points = (ProcessInfo.processInfo.environment["STASIS_FAULT"] ?? "").split(separator: ",")
-        guard points.contains(Substring(point + "-stall")) else { return }
-        say("stalled at \(point) (STASIS_FAULT)")
-        while true { sleep(60) }
     }
 }

@@ -7,6 +7,8 @@ import StasisOS
 /// One connection to the agent preloaded into a GPU process (libstasis-agent.so): fixed-size messages over
 /// its abstract unix socket, "@stasis-agent-<pid>" (see stasis_agent_protocol.h). Sends may come from any
 /// thread; one thread receives.
+// @unchecked Sendable: sends are serialised by `sendLock` (each send(2) a whole message), `closed` is reached only under
+// `closeLock`, and one thread receives.
 final class AgentChannel: @unchecked Sendable {
     typealias Message = stasis_agent_message
     let pid: Int32

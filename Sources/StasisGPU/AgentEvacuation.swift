@@ -8,6 +8,8 @@ import StasisStore
 /// through their agents before the driver checkpoint, which then carries only the remainder (contexts,
 /// modules, small allocations, pools). Keeps what it needs to put the memory back, on a rollback, after a
 /// --leave-running dump, or after a restore.
+// @unchecked Sendable: one thread drives it; `processes` changes only on that thread, between the parallel steps (each of
+// which uses a session of its own).
 final class AgentEvacuation: @unchecked Sendable {
     struct Evacuated {
         var session: AgentSession
@@ -205,34 +207,28 @@ final class AgentEvacuation: @unchecked Sendable {
         let longestCheck = Locked<Double?>(nil)
         let chunksByPath = Dictionary(files.compactMap { entry in entry.chunks.map { (entry.path, $0) } }, uniquingKeysWith: { first, _ in first })
         let processes = section.processes.filter { $0.agent != nil }
-        let failure = FirstFailure()
-        Workers.run(processes.count, name: "stasis-agent-refill") { index in
+        try WorkerGroup.run(processes.count, name: "stasis-agent-refill") { index, _ in
             let process = processes[index], memory = process.agent!
-            do {
-                guard let session = try AgentSession.open(pid: process.pid) else {
-                    throw StasisError(.gpu, "PID \(process.pid) was checkpointed with its agent, but no agent answers in the restored process")
-                }
-                defer { session.disconnect() }
-                let expected = memory.allocations.reduce(0) { $0 + $1.bytes }
-                guard session.trackedBytes == expected else {
-                    throw StasisError(.gpu, "the agent of restored PID \(process.pid) holds \(Format.bytes(session.trackedBytes)) of device memory; the checkpoint has \(Format.bytes(expected)) for it")
-                }
-                var chunks: [UInt64: [String]] = [:]
-                for allocation in memory.allocations {
-                    guard let found = chunksByPath[allocation.file] else {
-                        throw StasisError(.integrity, "the manifest lists no chunks for \(allocation.file)")
-                    }
-                    chunks[allocation.id] = found
-                }
-                try session.refill(allocations: memory.allocations.map { .init(id: $0.id, bytes: $0.bytes, device: $0.device) },
-                                   from: store.store, chunks: chunks, checkpoint: store.checkpoint, threads: max(1, threads / processes.count))
-                if let seconds = session.gpuCheckSeconds { longestCheck.withLock { $0 = max($0 ?? 0, seconds) } }
-                try session.resume()
-            } catch {
-                failure.set(error)
+            guard let session = try AgentSession.open(pid: process.pid) else {
+                throw StasisError(.gpu, "PID \(process.pid) was checkpointed with its agent, but no agent answers in the restored process")
             }
+            defer { session.disconnect() }
+            let expected = memory.allocations.reduce(0) { $0 + $1.bytes }
+            guard session.trackedBytes == expected else {
+                throw StasisError(.gpu, "the agent of restored PID \(process.pid) holds \(Format.bytes(session.trackedBytes)) of device memory; the checkpoint has \(Format.bytes(expected)) for it")
+            }
+            var chunks: [UInt64: [String]] = [:]
+            for allocation in memory.allocations {
+                guard let found = chunksByPath[allocation.file] else {
+                    throw StasisError(.integrity, "the manifest lists no chunks for \(allocation.file)")
+                }
+                chunks[allocation.id] = found
+            }
+            try session.refill(allocations: memory.allocations.map { .init(id: $0.id, bytes: $0.bytes, device: $0.device) },
+                               from: store.store, chunks: chunks, checkpoint: store.checkpoint, threads: max(1, threads / processes.count))
+            if let seconds = session.gpuCheckSeconds { longestCheck.withLock { $0 = max($0 ?? 0, seconds) } }
+            try session.resume()
         }
-        if let error = failure.error { throw error }
         return (watch.seconds, longestCheck.current)
     }
 }

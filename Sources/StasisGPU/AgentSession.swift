@@ -16,6 +16,7 @@ import StasisStore
 ///
 /// One thread drives a session (its methods are not safe to call concurrently); they use threads of their own.
 /// Any failure of the connection drops it, so the next call starts from a fresh connection and a HELLO.
+// @unchecked Sendable: one thread drives it (below); its transfers' threads share only Sendable kit types.
 public final class AgentSession: @unchecked Sendable {
     public struct Allocation: Sendable {
         public var id: UInt64
@@ -172,12 +173,12 @@ public final class AgentSession: @unchecked Sendable {
     private func evacuate(_ channel: AgentChannel, into sink: ChunkSink, threads: Int) throws -> [UInt64: [String]] {
         let chunk = ChunkStore.chunkSize
         let digests = DigestTable(allocations, chunkSize: chunk)
-        let filled = MessageQueue()
+        let filled = BlockingQueue<AgentChannel.Message>()
         let failure = FirstFailure()
         try channel.send(STASIS_AGENT_EVACUATE, length: hashesOnGPU ? 1 : 0)
         let pid = self.pid, ring = ringAddress, slotBytes = self.slotBytes, slotCount = self.slotCount
         let sizes = Dictionary(allocations.map { ($0.id, $0.bytes) }, uniquingKeysWith: { first, _ in first })
-        Workers.run(max(1, threads) + 1, name: "stasis-evacuate") { worker in
+        WorkerGroup.run(max(1, threads) + 1, name: "stasis-evacuate") { worker in
             if worker == 0 {
                 // The receiver: FILLED slots to the workers, until EVACUATED; chunks the GPU found zero (no slot)
                 // it records itself.
@@ -311,18 +312,19 @@ public final class AgentSession: @unchecked Sendable {
             }
         }
         let work = jobs
-        let slots = SlotPool(count: slotCount)
-        let next = JobCounter(total: work.count)
+        // The ring's free slots; closed (no slot given out after) once the agent has answered FLUSH or failed.
+        let slots = BlockingQueue<Int32>(capacity: slotCount, (0..<Int32(slotCount)).reversed())
+        let next = Locked(0), finished = Locked(0)
         let failure = FirstFailure()
         let pid = self.pid, ring = ringAddress, slotBytes = self.slotBytes
         let workers = max(1, threads)
-        Workers.run(workers + 1, name: "stasis-refill") { worker in
+        WorkerGroup.run(workers + 1, name: "stasis-refill") { worker in
             if worker == 0 {
                 // The receiver: WRITTEN slots back to the pool, until the OK that ends FLUSH.
                 defer { slots.close() }
                 Self.receive(on: channel, pid: pid, doing: "fill its device memory", failure: failure) { message in
                     switch message.op {
-                    case STASIS_AGENT_WRITTEN.rawValue: slots.give(message.slot); return false
+                    case STASIS_AGENT_WRITTEN.rawValue: slots.push(message.slot); return false
                     case STASIS_AGENT_OK.rawValue: return true
                     default: throw StasisError(.gpu, "the agent of PID \(pid) sent \(message.op) during the refill")
                     }
@@ -332,14 +334,18 @@ public final class AgentSession: @unchecked Sendable {
             let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
             let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: ChunkSink.scratchSize(), alignment: 4096)
             defer { buffer.deallocate(); scratch.deallocate() }
-            while failure.error == nil, let index = next.take() {
+            while failure.error == nil, let index = next.withLock({ index -> Int? in
+                guard index < work.count else { return nil }
+                index += 1
+                return index - 1
+            }) {
                 let job = work[index]
                 do {
                     let bytes = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<job.length])
                     try store.readChunk(job.digest, into: bytes, scratch: scratch,
                                         place: .init(checkpoint: checkpoint, file: job.file, offset: job.offset, length: job.length),
                                         checkDigest: !checkOnGPU)
-                    guard let slot = slots.take() else { break }
+                    guard let slot = slots.pop(draining: false) else { break }
                     try ProcessMemory.write(pid: pid, address: ring + UInt64(slot) * UInt64(slotBytes), from: UnsafeRawBufferPointer(bytes))
                     guard Self.send(channel, failure, { try $0.send(STASIS_AGENT_WRITE, slot: slot, id: job.id, offset: job.offset, length: UInt64(job.length)) }) else { break }
                 } catch {
@@ -348,7 +354,7 @@ public final class AgentSession: @unchecked Sendable {
                 }
             }
             // The last worker out asks the agent to finish its copies.
-            if next.workerDone(of: workers), failure.error == nil {
+            if finished.withLock({ $0 += 1; return $0 == workers }), failure.error == nil {
                 _ = Self.send(channel, failure, { try $0.send(STASIS_AGENT_FLUSH) })
             }
         }
@@ -443,6 +449,7 @@ public final class AgentSession: @unchecked Sendable {
 // MARK: small synchronised helpers
 
 /// Each allocation's digests, filled in by the workers as chunks are stored.
+// @unchecked Sendable: `table` is reached only under its lock.
 private final class DigestTable: @unchecked Sendable {
     private let lock = NSLock()
     private var table: [UInt64: [String?]] = [:]
@@ -483,102 +490,3 @@ private final class DigestTable: @unchecked Sendable {
     }
 }
 
-private final class MessageQueue: @unchecked Sendable {
-    private let condition = NSCondition()
-    private var items: [AgentChannel.Message] = []
-    private var head = 0
-    private var closed = false
-
-    func push(_ message: AgentChannel.Message) {
-        condition.withLock {
-            items.append(message)
-            condition.signal()
-        }
-    }
-
-    func close() {
-        condition.withLock {
-            closed = true
-            condition.broadcast()
-        }
-    }
-
-    func pop() -> AgentChannel.Message? {
-        condition.withLock {
-            while head == items.count && !closed { condition.wait() }
-            guard head < items.count else { return nil }
-            let message = items[head]
-            head += 1
-            if head > 4096 { items.removeFirst(head); head = 0 }
-            return message
-        }
-    }
-}
-
-private final class SlotPool: @unchecked Sendable {
-    private let condition = NSCondition()
-    private var free: [Int32]
-    private var closed = false
-
-    init(count: Int) { free = (0..<Int32(count)).reversed() }
-
-    func take() -> Int32? {
-        condition.withLock {
-            while free.isEmpty && !closed { condition.wait() }
-            return closed ? nil : free.removeLast()
-        }
-    }
-
-    func give(_ slot: Int32) {
-        condition.withLock {
-            free.append(slot)
-            condition.signal()
-        }
-    }
-
-    func close() {
-        condition.withLock {
-            closed = true
-            condition.broadcast()
-        }
-    }
-}
-
-private final class JobCounter: @unchecked Sendable {
-    private let lock = NSLock()
-    private var next = 0
-    private var finished = 0
-    let total: Int
-
-    init(total: Int) { self.total = total }
-
-    func take() -> Int? {
-        lock.withLock {
-            guard next < total else { return nil }
-            next += 1
-            return next - 1
-        }
-    }
-
-    /// True for the last of `workers` to call it.
-    func workerDone(of workers: Int) -> Bool {
-        lock.withLock {
-            finished += 1
-            return finished == workers
-        }
-    }
-}
-
-/// The first failure of a transfer's threads. A cause (the agent's ERROR, a damaged chunk, a full store) wins
-/// over a symptom (a connection that ended), whichever came first.
-final class FirstFailure: @unchecked Sendable {
-    private let lock = NSLock()
-    private var cause: Error?
-    private var symptom: Error?
-    var error: Error? { lock.withLock { cause ?? symptom } }
-    func set(_ error: Error, cause isCause: Bool = true) {
-        lock.withLock {
-            if isCause { if cause == nil { cause = error } } else if symptom == nil { symptom = error }
-        }
-    }
-}

@@ -13,6 +13,7 @@ import StasisOS
 /// which CRIU then dumps. Any failure puts every touched process back to running, memory refilled. Restore:
 /// after CRIU, restore (remapping GPUs) and unlock every CUDA process in parallel, then the agents re-create
 /// and refill their memory and let their calls go on.
+// @unchecked Sendable: one operation drives it at a time; its parallel steps share only Locked state.
 public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
     public var name: String { "cuda" }
     let lockTimeoutMilliseconds: UInt32
@@ -116,11 +117,11 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
 
     /// Runs `body` for every PID at once; returns the errors, by PID.
     static func parallel(_ pids: [Int32], _ body: @Sendable (Int32) throws -> Void) -> [Int32: Error] {
-        let errors = ErrorBag()
+        let errors = Locked<[Int32: Error]>([:])
         DispatchQueue.concurrentPerform(iterations: pids.count) { index in
-            do { try body(pids[index]) } catch { errors.add(pids[index], error) }
+            do { try body(pids[index]) } catch { errors.withLock { $0[pids[index]] = error } }
         }
-        return errors.all
+        return errors.current
     }
 
     static func describe(_ errors: [Int32: Error]) -> String {
@@ -294,11 +295,4 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
         // "gpu check" is part of "refill": hashing what landed in the device, where the GPU did it.
         return ["driver": driver, "refill": refill.seconds].merging(refill.gpuCheck.map { ["gpu check": $0] } ?? [:]) { first, _ in first }
     }
-}
-
-private final class ErrorBag: @unchecked Sendable {
-    private let lock = NSLock()
-    private var errors: [Int32: Error] = [:]
-    func add(_ pid: Int32, _ error: Error) { lock.withLock { errors[pid] = error } }
-    var all: [Int32: Error] { lock.withLock { errors } }
 }

@@ -89,7 +89,7 @@ public enum ParallelHasher {
         }
         let state = HashState(plans: plans, items: items)
         let workers = max(1, min(threads, items.count))
-        Workers.run(workers, name: "stasis-hash") { _ in
+        WorkerGroup.run(workers, name: "stasis-hash") { _ in
             let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4 << 20, alignment: 4096)
             defer { buffer.deallocate() }
             while let item = state.next() {
@@ -143,6 +143,7 @@ private struct WorkItem {
 }
 
 /// Work queue and results shared by the hashing threads.
+// @unchecked Sendable: its cursor and results are reached only under its lock.
 private final class HashState: @unchecked Sendable {
     private let lock = NSLock()
     private var plans: [FilePlan]

@@ -4,7 +4,8 @@ import StasisCore
 
 /// A blocking TCP connection (IPv4 or IPv6) with whole-buffer sends and receives and a time limit on each
 /// wait: what a migration's two ends speak over.
-public final class TCPConnection: @unchecked Sendable {  // used by one thread at a time
+// @unchecked Sendable: one thread uses it at a time; only `shutdown` (for the descriptor, which is set once) may come from another.
+public final class TCPConnection: @unchecked Sendable {
     public let fd: Int32
     public let peer: String
     /// The time limit (seconds) of each whole receive, as `setTimeout` set it; 0: none.

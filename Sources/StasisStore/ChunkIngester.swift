@@ -8,6 +8,7 @@ import StasisOS
 /// the tails are left. Reading, hashing, compressing and writing overlap across the workers; memory stays
 /// bounded at two chunk-sized buffers per worker. New chunks become visible in the store at `finish`, all
 /// made durable by one syncfs (see `ChunkStore.Batch`).
+// @unchecked Sendable: its queue, offsets and results are reached only under its condition's lock; buffers belong to one worker each.
 public final class ChunkIngester: @unchecked Sendable {
     /// A file as chunks: `chunks[i]` is the digest of bytes [i * chunkSize, ...), "" for a chunk of zeros.
     public struct File: Sendable {

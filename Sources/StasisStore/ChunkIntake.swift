@@ -14,6 +14,7 @@ extension CheckpointBundle.ImportStatistics {
 /// threads while the reader goes on reading the next ones: one thread hashing a migration's chunks was its
 /// bottleneck (0.3 GB/s). A bounded set of buffers keeps memory fixed and makes the reader wait when all
 /// are in use; the first failure stops the intake.
+// @unchecked Sendable: its free buffers, statistics and failure are reached only under its locks; a buffer belongs to one thread at a time.
 final class ChunkIntake: @unchecked Sendable {
     private let store: ChunkStore
     private let batch: ChunkStore.Batch
@@ -99,6 +100,7 @@ final class ChunkIntake: @unchecked Sendable {
 /// Chunk files arriving one by one (a migration's, while the source's dump still runs): each is checked
 /// against its digest and written to the store on several threads; `finish` waits for them and gives them
 /// their names.
+// @unchecked Sendable: as ChunkIntake, which it wraps.
 public final class ChunkReceiver: @unchecked Sendable {
     private let batch: ChunkStore.Batch
     private let intake: ChunkIntake

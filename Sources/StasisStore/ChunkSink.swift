@@ -5,6 +5,7 @@ import StasisCore
 /// other is hashed and, unless the store has it, compressed and written into one batch. Nothing is visible
 /// under its name before `commit`. Used by the ingester (chunks read from CRIU's files) and by the agent
 /// transfer (chunks read from a GPU process's staging ring).
+// @unchecked Sendable: `statistics` is reached only under its lock; the store and batch are Sendable.
 public final class ChunkSink: @unchecked Sendable {
     public let store: ChunkStore
     public let codec: Codec

@@ -68,6 +68,7 @@ public final class ChunkStore: Sendable {
     /// New chunks of one ingest, written to tmp/ and given their names together by `commit`: one syncfs for
     /// all of them instead of an fdatasync each (which on a VM's disk made ingest latency-bound), and still
     /// no chunk under its name before its bytes are durable. Until then the batch answers for its own chunks.
+    // @unchecked Sendable: `pending` is reached only under its lock.
     final class Batch: @unchecked Sendable {
         let store: ChunkStore
         private let lock = NSLock()

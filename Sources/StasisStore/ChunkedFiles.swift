@@ -63,10 +63,10 @@ public enum ChunkedFiles {
     /// Reads and checks every chunk of `items`; with `target`, also writes each file there (zero chunks stay
     /// holes). Throws the first problem, naming the checkpoint, file and byte range. Returns the plain bytes.
     /// `threads` workers each read, decode, check and place one chunk at a time (a chunk-sized buffer or two
-    /// each); the default keeps many reads in flight for a cold store (`Workers.ioDepth`).
+    /// each); the default keeps many reads in flight for a cold store (`WorkerGroup.ioDepth`).
     @discardableResult
     public static func read(_ items: [Item], from store: ChunkStore, checkpoint: String, chunkSize: Int, into target: String? = nil,
-                            threads: Int = Workers.ioDepth,
+                            threads: Int = WorkerGroup.ioDepth,
                             progress: (@Sendable (UInt64) -> Void)? = nil) throws -> UInt64 {
         for item in items { try item.checkChunkCount(chunkSize: chunkSize, checkpoint: checkpoint) }
         // Every file first gets its size, so the workers can place any chunk at its offset.
@@ -82,7 +82,7 @@ public enum ChunkedFiles {
         let state = ReadState(count: jobs.count)
         let (allJobs, files) = (jobs, outputs)
         let workers = max(1, min(threads, jobs.count))
-        Workers.run(workers, name: "stasis-read") { _ in
+        WorkerGroup.run(workers, name: "stasis-read") { _ in
             let plain = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkSize, alignment: 4096)
             let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: ChunkStore.scratchSize(chunkSize), alignment: 4096)
             defer { plain.deallocate(); scratch.deallocate() }
@@ -114,6 +114,7 @@ public enum ChunkedFiles {
     /// the copy out of a buffer goes away. Each range is populated (MADV_POPULATE_WRITE) before it is
     /// written, so a full filesystem is an error there, never a SIGBUS. Where the kernel cannot populate
     /// (before Linux 5.14) or the file cannot be mapped, chunks go through `pwrite` as before.
+    // @unchecked Sendable: workers write disjoint ranges of the mapping (one chunk each); the descriptor and mapping are set once.
     final class RebuiltFile: @unchecked Sendable {
         let path: String
         private let fd: Int32
@@ -172,6 +173,7 @@ public enum ChunkedFiles {
         }
     }
 
+    // @unchecked Sendable: its cursor and failure are reached only under its lock.
     private final class ReadState: @unchecked Sendable {
         private let lock = NSLock()
         private var cursor = 0
@@ -217,7 +219,7 @@ extension ChunkedFiles {
         let zerosBySplice = chunkSize <= zeroPages.count  // else zero chunks are decoded as zeros like any other
         // Worker 0 writes in order; the others decode ahead.
         let decoders = max(1, min(threads, 2 + borrowed))
-        Workers.run(1 + decoders, name: "stasis-stream") { worker in
+        WorkerGroup.run(1 + decoders, name: "stasis-stream") { worker in
             if worker == 0 {
                 for index in 0..<item.chunks.count {
                     guard let decoded = window.next(index) else { return }
@@ -254,6 +256,7 @@ extension ChunkedFiles {
     }
 
     /// Chunk buffers that streams may borrow beyond their own two: 64 MiB, or 4 per core if that is more.
+    // @unchecked Sendable: its count is reached only under its condition's lock.
     final class StreamBudget: @unchecked Sendable {
         static let shared = StreamBudget(bytes: max(64 << 20, 4 * ProcessInfo.processInfo.activeProcessorCount * ChunkStore.chunkSize))
         private let lock = NSLock()
@@ -281,6 +284,7 @@ extension ChunkedFiles {
 
     /// Chunk buffers decoded out of order and written in order: slot `i % slots` holds chunk `i`, and a worker
     /// may claim chunk `i` only once chunk `i - slots` has been written.
+    // @unchecked Sendable: its slots' states are reached only under its condition's lock; a slot's buffer belongs to the one thread that claimed it.
     private final class OrderedWindow: @unchecked Sendable {
         private let condition = NSCondition()
         private let buffers: [UnsafeMutableRawBufferPointer]

@@ -11,6 +11,7 @@ import StasisStore
 /// runs for real; only the GPU copies become memcpy, and with `hashes` the GPU's digest kernel becomes
 /// SHA-256 on this CPU. The agent itself is tested on the GPU machine.
 /// Answers the control protocol on "@stasis-agent-<this PID>" from a thread of its own.
+// @unchecked Sendable: its state is reached only from its own thread, or under its lock.
 public final class ProtocolPeer: @unchecked Sendable {
     public typealias Message = stasis_agent_message
     private let listener: Int32

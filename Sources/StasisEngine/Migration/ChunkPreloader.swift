@@ -5,6 +5,7 @@ import StasisOS
 /// (`offer`, on their threads; they wait when 32 are queued, so memory stays bounded), and one thread asks the
 /// receiver which of a few it lacks and sends those. A failure stops the sending and is thrown by `finish`;
 /// the writers are never left waiting.
+// @unchecked Sendable: its queue and failure are reached only under its condition's lock.
 final class ChunkPreloader: @unchecked Sendable {
     private let connection: TCPConnection
     private let condition = NSCondition()

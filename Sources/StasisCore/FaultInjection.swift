@@ -1,0 +1,35 @@
+import Foundation
+import Glibc
+
+/// Switches for reaching failure paths in tests: STASIS_FAULT=point[,point...]. Each named point throws
+/// where `FaultInjection.check` is called with it. Points: "post-dump" (inside CRIU's post-dump step, while
+/// the tree is frozen), "publish" (the same step, after the images were hashed and synced, before the
+/// manifest is written), "after-restore" (after CRIU restored the tree, before it is handed over).
+/// `point`-kill kills stasis there instead (`die`): "post-dump" (the tree frozen, nothing published),
+/// "published" (inside post-dump, just after the rename), "criu-exited", "manifest-rewritten" and "log-moved"
+/// (the steps after CRIU's exit, in that order).
+public enum FaultInjection {
+    public static func check(_ point: String) throws {
+        let points = (ProcessInfo.processInfo.environment["STASIS_FAULT"] ?? "").split(separator: ",")
+        if points.contains(Substring(point)) {
+            throw StasisError(.interrupted, "fault injected at \(point) (STASIS_FAULT)")
+        }
+    }
+
+    /// Kills this process (SIGKILL, nothing runs after it) when STASIS_FAULT names `point`-kill: how tests
+    /// reach "stasis died right here" at a step no outside timing could hit reliably.
+    public static func die(_ point: String) {
+        let points = (ProcessInfo.processInfo.environment["STASIS_FAULT"] ?? "").split(separator: ",")
+        guard points.contains(Substring(point + "-kill")) else { return }
+        kill(getpid(), SIGKILL)
+    }
+
+    /// Stops here for good when STASIS_FAULT names `point`-stall, saying so first: how tests kill a
+    /// process at a known step (a receiver in the middle of a migration).
+    public static func stall(_ point: String, say: (String) -> Void) {
+        let points = (ProcessInfo.processInfo.environment["STASIS_FAULT"] ?? "").split(separator: ",")
+        guard points.contains(Substring(point + "-stall")) else { return }
+        say("stalled at \(point) (STASIS_FAULT)")
+        while true { sleep(60) }
+    }
+}

@@ -48,24 +48,24 @@ extension CRIUService {
     /// Dumps the tree rooted at `pid` into the directory open as `imagesDirectory`; CRIU's log and statistics
     /// go to `workDirectory` (it writes them after its post-dump step, when the images may be published).
     public func dump(pid: Int32, imagesDirectory: Int32, workDirectory: Int32, options: ProcessOptions, leaveRunning: Bool,
-                     onNotify: (Notification) throws -> Void) throws -> criu_resp {
+                     onNotify: (Notification) throws -> Void) throws -> CRIUOutcome {
         var request = criu_req()
         request.type = .dump
         request.opts = Self.baseOptions(options, imagesDirectoryFD: imagesDirectory, logFile: Self.dumpLogName)
         request.opts.workDirFd = workDirectory
         request.opts.pid = pid
         request.opts.leaveRunning = leaveRunning
-        return try call(request, onNotify: onNotify)
+        return CRIUOutcome(try call(request, onNotify: onNotify))
     }
 
     /// Restores from `imagesDirectory`; CRIU's log and statistics go to `workDirectory`.
     public func restore(imagesDirectory: Int32, workDirectory: Int32, options: ProcessOptions,
-                        onNotify: (Notification) throws -> Void) throws -> criu_resp {
+                        onNotify: (Notification) throws -> Void) throws -> CRIUOutcome {
         var request = criu_req()
         request.type = .restore
         request.opts = Self.baseOptions(options, imagesDirectoryFD: imagesDirectory, logFile: Self.restoreLogName)
         request.opts.workDirFd = workDirectory
-        return try call(request, onNotify: onNotify)
+        return CRIUOutcome(try call(request, onNotify: onNotify))
     }
 
     /// Restores with `--stream`, reading every image from the `CRIUImageServer` listening in
@@ -76,7 +76,7 @@ extension CRIUService {
     /// and the root PID as CRIU reports it (`--pidfile`). CRIU leaves the tasks of a failed restore (the
     /// checkpoint's `pids`) unreaped; stasis adopts and reaps them, so that no zombie holds a PID the next
     /// attempt needs.
-    public func restoreStreaming(imagesDirectory: String, workDirectory: String, options: ProcessOptions, pids: [Int32]) throws -> criu_resp {
+    public func restoreStreaming(imagesDirectory: String, workDirectory: String, options: ProcessOptions, pids: [Int32]) throws -> CRIUOutcome {
         let pidFile = workDirectory + "/restored.pid"
         unlink(pidFile)
         var arguments = ["restore", "--stream", "-D", imagesDirectory, "-W", workDirectory, "-o", Self.restoreLogName,
@@ -89,44 +89,76 @@ extension CRIUService {
         defer { Spawn.adoptOrphans(false) }
         let status = Spawn.wait(try start(arguments))
         if status != 0 { Spawn.reap(pids) }
-        var response = criu_resp()
-        response.type = .restore
         let reported = (try? FileSystem.readFile(pidFile)).flatMap { Int32(String(decoding: $0, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)) }
-        response.success = status == 0 && (reported ?? 0) > 1
-        if response.success, let reported {
-            response.restore.pid = reported
-        } else {
-            response.crErrmsg = status == 0 ? "criu restore --stream did not report the restored root PID in \(pidFile)"
-                : "criu restore --stream exited with status \(status)"
-        }
-        return response
+        if status == 0, let reported, reported > 1 { return CRIUOutcome(succeeded: true, rootPID: reported, problem: "") }
+        return CRIUOutcome(succeeded: false, rootPID: nil,
+                           problem: status == 0 ? "criu restore --stream did not report the restored root PID in \(pidFile)"
+                               : "criu restore --stream exited with status \(status)")
     }
 
     /// CRIU's own "criu check": whether this kernel supports what a dump needs. The log goes to `workDirectory`.
-    public func check(workDirectory: Int32) throws -> criu_resp {
+    public func check(workDirectory: Int32) throws -> CRIUOutcome {
         var request = criu_req()
         request.type = .check
         request.opts = Self.baseOptions(ProcessOptions(), imagesDirectoryFD: workDirectory, logFile: "criu-check.log")
-        return try call(request)
+        return CRIUOutcome(try call(request))
     }
 
-    public func features() throws -> criu_features {
+    /// Optional kernel features CRIU found.
+    public struct Features: Sendable {
+        public var memoryTracking: Bool
+        public var lazyPages: Bool
+        public var pidfdStore: Bool
+    }
+
+    public func features() throws -> Features {
         var request = criu_req()
         request.type = .featureCheck
         request.features.memTrack = true
         request.features.lazyPages = true
         request.features.pidfdStore = true
-        return try call(request).features
+        let features = try call(request).features
+        return Features(memoryTracking: features.memTrack, lazyPages: features.lazyPages, pidfdStore: features.pidfdStore)
     }
 
     /// Describes a failed response: errno and message when CRIU gives them.
     /// CRIU's cr_errmsg is its *first* error, which can be a harmless one; the log excerpt says more.
-    public static func describe(_ response: criu_resp) -> String {
+    static func describe(_ response: criu_resp) -> String {
         var parts: [String] = []
         if response.hasCrErrmsg, !response.crErrmsg.isEmpty, !CRIULog.harmless.contains(where: response.crErrmsg.contains) {
             parts.append(response.crErrmsg.trimmingCharacters(in: .whitespacesAndNewlines))
         }
         if response.hasCrErrno, response.crErrno != 0 { parts.append("errno \(response.crErrno): \(String(cString: strerror(response.crErrno)))") }
         return parts.isEmpty ? "CRIU reported failure" : parts.joined(separator: "; ")
+    }
+}
+
+/// What CRIU answered a request, as the engine uses it: the RPC's protobuf types stay inside StasisCRIU.
+public struct CRIUOutcome: Sendable {
+    public var succeeded: Bool
+    /// The restored tree's root as CRIU reports it, after a successful restore.
+    public var rootPID: Int32?
+    /// CRIU's own words for a failure (its first error message and errno), for messages.
+    public var problem: String
+
+    public init(succeeded: Bool, rootPID: Int32?, problem: String) {
+        (self.succeeded, self.rootPID, self.problem) = (succeeded, rootPID, problem)
+    }
+
+    init(_ response: criu_resp) {
+        succeeded = response.success
+        rootPID = response.success && response.type == .restore ? response.restore.pid : nil
+        problem = response.success ? "" : CRIUService.describe(response)
+    }
+
+    /// The failure as an error: `what` failed, with the relevant lines of CRIU's log at `log` quoted; a full
+    /// filesystem gets its own code and hint.
+    public func failure(_ what: String, log: String) -> StasisError {
+        let excerpt = CRIULog.excerpt(path: log)
+        if excerpt.contains(where: { $0.contains("No space left on device") }) {
+            return StasisError(.noSpace, "\(what): the filesystem ran out of space", hint: "free space there or write the checkpoint elsewhere",
+                               logExcerpt: excerpt, logPath: log)
+        }
+        return StasisError(.criuFailed, "\(what): \(problem)", logExcerpt: excerpt, logPath: log)
     }
 }

@@ -38,7 +38,7 @@ public final class CRIUService {
     }
 
     /// Sends `request` and returns CRIU's final response.
-    public func call(_ request: criu_req, onNotify: (Notification) throws -> Void = { _ in }) throws -> criu_resp {
+    func call(_ request: criu_req, onNotify: (Notification) throws -> Void = { _ in }) throws -> criu_resp {
         var ends: [Int32] = [0, 0]
         guard socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &ends) == 0 else {
             throw systemError("cannot create a socket pair for", "criu swrk")

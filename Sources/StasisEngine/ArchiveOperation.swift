@@ -137,7 +137,7 @@ public enum ArchiveOperation {
             done = true
             return ExportReport(checkpoint: directory, archive: file, files: count + 2, bytes: tar.bytes, seconds: watch.seconds)
         } catch {
-            throw (error as? StasisError ?? StasisError(.io, "\(error)")).prefixed("export of \(directory) as a checkpoint archive failed")
+            throw StasisError.wrapping(error, as: .io).prefixed("export of \(directory) as a checkpoint archive failed")
         }
     }
 
@@ -253,12 +253,12 @@ public enum ArchiveOperation {
             guard let config, let spec, sawCheckpoint else {
                 throw StasisError(.notACheckpoint, "\(file) is not a container checkpoint archive (it lacks \(config == nil ? configDump : spec == nil ? specDump : "checkpoint/"))")
             }
-            try FileSystem.writeAtomically(spec, to: staging.path + "/" + DumpOperation.containerSpecName)
+            try FileSystem.writeAtomically(spec, to: staging.path + "/" + CheckpointWriter.containerSpecName)
             let engine = (try? JSONSerialization.jsonObject(with: spec) as? [String: Any])
                 .flatMap { ($0["annotations"] as? [String: String])?["io.container.manager"] } ?? "stasis"
             // Large images into the store, the rest kept whole, as a dump does.
             let ingester = ChunkIngester(directory: staging.path, store: store, codec: .standard, releaseIngested: true, follows: { _ in false })
-            let images = try DumpOperation.completeImages(in: staging.path, ingester: ingester)
+            let images = try CheckpointWriter.completeImages(in: staging.path, ingester: ingester)
             let chunked = images.chunked, statistics = images.statistics
             for name in chunked.keys { unlink(staging.path + "/" + name) }
             let entries = images.files.sorted { $0.path < $1.path }
@@ -268,11 +268,11 @@ public enum ArchiveOperation {
                 criu: .init(version: "unknown (imported from a checkpoint archive)", logFile: "dump.log"),
                 options: .init(leaveRunning: false, tcpEstablished: false, shellJob: false),
                 processTree: .init(rootPID: 0, processes: []),
-                memory: .init(residentBytes: 0, dumpedBytes: chunked.filter { DumpOperation.isMemoryImage($0.key) }.reduce(0) { $0 + $1.value.size },
+                memory: .init(residentBytes: 0, dumpedBytes: chunked.filter { CheckpointWriter.isMemoryImage($0.key) }.reduce(0) { $0 + $1.value.size },
                               imageBytes: entries.reduce(0) { $0 + $1.size }),
                 timings: .init(), gpu: .init(), files: entries)
             manifest.formatVersion = Manifest.versionWithContainer
-            manifest.container = .init(runtime: config.runtime ?? "runc", id: config.id, bundle: "", spec: DumpOperation.containerSpecName)
+            manifest.container = .init(runtime: config.runtime ?? "runc", id: config.id, bundle: "", spec: CheckpointWriter.containerSpecName)
             manifest.store = .init(path: store.path, chunkSize: ChunkStore.chunkSize, codec: Codec.standard.description,
                                    plainBytes: statistics.plainBytes, storedBytes: statistics.storedBytes, newChunks: statistics.newChunks,
                                    reusedChunks: statistics.reusedChunks, zeroChunks: statistics.zeroChunks)
@@ -288,7 +288,7 @@ public enum ArchiveOperation {
         } catch {
             if !staging.published, let manifestID { catalog?.unregister(id: manifestID) }
             staging.discard()
-            throw (error as? StasisError ?? StasisError(.io, "\(error)")).prefixed("import of \(file) failed")
+            throw StasisError.wrapping(error, as: .io).prefixed("import of \(file) failed")
         }
     }
 

@@ -61,15 +61,15 @@ public struct CheckOperation {
             let fd = try FileSystem.openDirectory(scratch)
             defer { close(fd) }
             let response = try service.check(workDirectory: fd)
-            criu.kernelCheck = response.success
-            if !response.success {
+            criu.kernelCheck = response.succeeded
+            if !response.succeeded {
                 let excerpt = CRIULog.excerpt(path: scratch + "/criu-check.log", limit: 5)
-                criu.kernelCheckDetail = ([CRIUService.describe(response)] + excerpt).joined(separator: "\n")
+                criu.kernelCheckDetail = ([response.problem] + excerpt).joined(separator: "\n")
                 criu.problem = "CRIU's kernel check failed"
                 criu.hint = "run `criu check --all` for details; the kernel needs CONFIG_CHECKPOINT_RESTORE"
             }
             let features = try service.features()
-            criu.memoryTracking = features.memTrack
+            criu.memoryTracking = features.memoryTracking
             criu.lazyPages = features.lazyPages
             criu.pidfdStore = features.pidfdStore
         } catch let error as StasisError {

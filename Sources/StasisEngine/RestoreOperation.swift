@@ -105,10 +105,10 @@ public struct RestoreOperation {
         defer { storeLock?.release() }
         let verifyWatch = Stopwatch()
         let imageBytes = manifest.files.reduce(0) { $0 + $1.size }
-        let counter = ByteCounter()
+        let counter = Locked<UInt64>(0)
         let progress = options.progress
         let ticker = ProgressTicker(progress.map { report in
-            { @Sendable in report(Progress(phase: "verifying", bytes: counter.value, totalBytes: imageBytes)) }
+            { @Sendable in report(Progress(phase: "verifying", bytes: counter.current, totalBytes: imageBytes)) }
         })
         var rebuilt: String?
         defer { if let rebuilt { FileSystem.removeTree(rebuilt) } }
@@ -143,7 +143,7 @@ public struct RestoreOperation {
             ticker?.stop()
         } catch {
             ticker?.stop()
-            throw (error as? StasisError ?? StasisError(.io, "\(error)")).prefixed("restore refused")
+            throw StasisError.wrapping(error, as: .io).prefixed("restore refused")
         }
         let verifySeconds = verifyWatch.seconds - rebuildSeconds
         if let runc, let container = manifest.container, let workDirectory = containerWork {
@@ -160,7 +160,7 @@ public struct RestoreOperation {
         let processOptions = CRIUService.ProcessOptions(tcpEstablished: manifest.options.tcpEstablished,
                                                         shellJob: manifest.options.shellJob, logLevel: options.logLevel)
         let criuWatch = Stopwatch()
-        let response: criu_resp
+        let response: CRIUOutcome
         var streamFailures: [Error] = []
         if images == .streamed, let store, let info = manifest.store {
             // CRIU finds the server's socket in the directory it is given as its images directory.
@@ -183,16 +183,14 @@ public struct RestoreOperation {
         let criuSeconds = criuWatch.seconds
         // An image that failed on the way (a damaged chunk, an unreadable file) is why CRIU stopped: name it,
         // not CRIU's EOF.
-        let streamProblem = streamFailures.first.map { $0 as? StasisError ?? StasisError(.io, "\($0)") }
-        guard response.success else {
+        let streamProblem = streamFailures.first.map { StasisError.wrapping($0) }
+        guard response.succeeded, let rootPID = response.rootPID else {
             if var error = streamProblem?.prefixed("restore refused") {
                 error.message += "; CRIU stopped while restoring memory, before any restored process ran, and removed what it had created"
                 throw error
             }
-            throw DumpOperation.criuFailure("CRIU could not restore \(directory)", response: response, log: logPath)
-                .prefixed("restore failed")
+            throw response.failure("CRIU could not restore \(directory)", log: logPath).prefixed("restore failed")
         }
-        let rootPID = response.restore.pid
         if let problem = streamProblem {
             // CRIU finished although an image failed its check on the way (it read less than all of it):
             // what it restored cannot be trusted, so the tree is stopped.
@@ -208,7 +206,7 @@ public struct RestoreOperation {
         } catch {
             // Never leave a half-restored tree: the restored processes are ours to stop.
             Self.stopRestoredTree(root: rootPID)
-            let failure = (error as? StasisError) ?? StasisError(.gpu, "\(error)")
+            let failure = StasisError.wrapping(error, as: .gpu)
             throw failure.prefixed("restore of \(directory) failed after CRIU restored PID \(rootPID); the restored tree was stopped")
         }
         let stats = CRIUStats.read(workDirectory + "/stats-restore")?.restore
@@ -248,7 +246,7 @@ public struct RestoreOperation {
             state = try runc.state(id)
         } catch {
             try? runc.remove(id)
-            throw (error as? StasisError ?? StasisError(.runtime, "\(error)")).prefixed("restore of \(directory) failed after runc restored container \(id); the container was removed")
+            throw StasisError.wrapping(error, as: .runtime).prefixed("restore of \(directory) failed after runc restored container \(id); the container was removed")
         }
         if !manifest.gpu.processes.isEmpty {
             let deviceWatch = Stopwatch()
@@ -259,7 +257,7 @@ public struct RestoreOperation {
                                                       files: manifest.files)
             } catch {
                 try? runc.remove(id)
-                let failure = (error as? StasisError) ?? StasisError(.gpu, "\(error)")
+                let failure = StasisError.wrapping(error, as: .gpu)
                 throw failure.prefixed("restore of \(directory) failed after runc restored container \(id); the container was removed")
             }
             timings.devices = deviceWatch.seconds
@@ -383,12 +381,4 @@ public struct RestoreOperation {
             FileSystem.removeTree(root + "/" + name)
         }
     }
-}
-
-/// A byte count shared between hashing threads and a progress ticker.
-final class ByteCounter: @unchecked Sendable {
-    private let lock = NSLock()
-    private var total: UInt64 = 0
-    func add(_ bytes: UInt64) { lock.withLock { total += bytes } }
-    var value: UInt64 { lock.withLock { total } }
 }

@@ -1,0 +1,290 @@
+import Foundation
+import Glibc
+import StasisCRIU
+import StasisContainer
+import StasisCore
+import StasisGPU
+import StasisImage
+import StasisOS
+import StasisStore
+
+/// `stasis dump`: checkpoint a process tree into a directory. `run` is the list of steps; `DumpRun` holds
+/// what they share and their one rollback; `DumpTarget` is what differs between a process tree and a container.
+/// The sequence, what is frozen when and what rolls back: docs/ARCHITECTURE.md.
+///
+/// The tree must never be lost: CRIU kills it (without --leave-running) only after its post-dump step, and
+/// that step is ours. In it, while the tree is still frozen, the images are completed in the chunk store,
+/// synced and the checkpoint published. If anything fails before that point CRIU thaws the tree and it runs
+/// on as it was.
+///
+/// CRIU's memory images (pages-*.img, and any image of at least a chunk) are cut into chunks and put in the
+/// store while CRIU still writes them (`ChunkIngester`); they leave the checkpoint directory, which keeps the
+/// manifest and the small images. The store lock is held shared from the first chunk until the manifest is
+/// in the store's catalog, so gc never takes a chunk this dump is about to reference.
+///
+/// A container (`Options.container`) is checkpointed by its runtime, runc, which knows how it was made and
+/// drives CRIU for it. runc offers no step inside the freeze, so stasis freezes the container itself (`runc
+/// pause`), has runc checkpoint it leaving it there, publishes the checkpoint, and only then removes the
+/// container (or resumes it, with --leave-running). If anything fails, the container is resumed as it was;
+/// should stasis itself die in between, the container waits, paused (`runc resume` lets it go on).
+public struct DumpOperation {
+    public struct Options: Sendable {
+        public var pid: Int32
+        public var directory: String
+        public var leaveRunning = false
+        public var process = CRIUService.ProcessOptions()
+        /// The chunk store (default: STASIS_STORE, else ChunkStore.defaultPath) and how new chunks are compressed.
+        public var store: String?
+        public var codec = Codec.standard
+        public var progress: ProgressHandler?
+        /// A runc container's ID: checkpoint it through runc (`pid` is then its init's, found by runc).
+        public var container: String?
+        /// Runs once the checkpoint is published, while the tree is still frozen (not for containers): a
+        /// migration sends it and waits for the receiver's restore here. If it throws, the dump fails and the
+        /// tree runs on; the published checkpoint stays.
+        public var whilePublished: (@Sendable (Manifest, String) throws -> Void)?
+        /// Told of every new chunk as the dump writes it (ChunkStore.observe): a migration sends them at once.
+        public var chunkObserver: ChunkStore.ChunkObserver?
+        public init(pid: Int32, directory: String) { self.pid = pid; self.directory = directory }
+    }
+
+    public struct Report: Codable, Sendable {
+        public var directory: String
+        public var rootPID: Int32
+        public var processes: Int
+        public var threads: Int
+        public var leaveRunning: Bool
+        public var memory: Manifest.Memory
+        public var timings: Manifest.Timings
+        public var gpu: Manifest.GPUSection
+        public var store: Manifest.StoreInfo?
+        public var criuVersion: String
+        /// The container checkpointed, when it was one.
+        public var container: String?
+    }
+
+    let options: Options
+    let device: DeviceStep
+
+    public init(_ options: Options, device: DeviceStep = NoDeviceStep()) {
+        self.options = options
+        self.device = device
+    }
+
+    public func run() throws -> Report {
+        let total = Stopwatch()
+        // Checks: nothing is touched until they pass.
+        let target = try DumpTarget(options)
+        let criu = try CRIUBinary.locate()
+        try StagingDirectory.check(destination: options.directory)
+        let store = try ChunkStore(path: ChunkStore.resolve(options.store, recorded: nil), create: true)
+        store.observe(options.chunkObserver)
+        defer { store.observe(nil) }
+        let storeLock = try store.lock(exclusive: false)
+        defer { storeLock.release() }
+
+        let dump = try DumpRun(self, target: target, criu: criu, store: store)
+        do {
+            try dump.freezeDevices()
+            try dump.startChunking()
+            switch target {
+            case .process(let pid): try dump.dumpTree(pid)
+            case .container(let runc, let state, _): try dump.checkpointContainer(runc, state)
+            }
+        } catch {
+            throw dump.fail(error)
+        }
+        return try dump.complete(started: total)
+    }
+}
+
+/// One dump's shared state, its steps and its rollback (each step that succeeds records its undo).
+private final class DumpRun {
+    let operation: DumpOperation
+    var options: DumpOperation.Options { operation.options }
+    let target: DumpTarget
+    let criu: CRIUBinary
+    let store: ChunkStore
+    let processes: [Manifest.Process]
+    let staging: StagingDirectory
+    let rollback = Rollback()
+    var timings = Manifest.Timings()
+    var gpu = Manifest.GPUSection()
+    var deviceFiles: [Manifest.FileEntry] = []
+    var deviceStatistics = ChunkIngester.Statistics()
+    var ingester: ChunkIngester?
+    var published: Manifest?
+    /// Where the rollback kept CRIU's log of a failed dump.
+    var keptLog: String?
+
+    init(_ operation: DumpOperation, target: DumpTarget, criu: CRIUBinary, store: ChunkStore) throws {
+        (self.operation, self.target, self.criu, self.store) = (operation, target, criu, store)
+        processes = target.processes()
+        staging = try StagingDirectory(destination: operation.options.directory, store: store)
+        // Last to go: the staging directory, keeping CRIU's log beside the destination (the error points to it).
+        rollback.onFailure(of: "stage") { [unowned self] in
+            keptLog = staging.discard(keeping: CRIUService.dumpLogName)
+            return nil
+        }
+    }
+
+    var destination: String { staging.destination }
+
+    // MARK: the steps, in order
+
+    /// Agents move their device memory out and the driver locks and checkpoints every CUDA process, before
+    /// the freeze. Undone by giving the GPU back as it was.
+    func freezeDevices() throws {
+        let watch = Stopwatch()
+        let frozen = try operation.device.beforeFreeze(pids: processes.map(\.pid),
+                                                       store: DeviceStore(store: store, codec: options.codec, checkpoint: destination))
+        (gpu, deviceFiles, deviceStatistics) = (frozen.section, frozen.files, frozen.statistics)
+        timings.devices = watch.seconds
+        rollback.onFailure(of: "devices") { [unowned self] in
+            let leftBehind = operation.device.rollback(section: gpu)
+            return leftBehind.isEmpty ? nil : "giving the GPU back also failed: \(leftBehind.joined(separator: "; "))"
+        }
+    }
+
+    /// Memory images are cut into chunks while CRIU writes them. Undone by stopping the chunking.
+    func startChunking() throws {
+        let chunker = ChunkIngester(directory: staging.path, store: store, codec: options.codec,
+                                    releaseIngested: true, follows: CheckpointWriter.isMemoryImage)
+        ingester = chunker
+        rollback.onFailure(of: "chunking") { chunker.cancel(); return nil }
+    }
+
+    /// CRIU freezes and dumps the tree; inside its post-dump notification (the tree still frozen) the
+    /// checkpoint is completed and published, and a migration hands it over. CRIU then ends the tree (or
+    /// thaws it with --leave-running); if anything here fails, it thaws it.
+    func dumpTree(_ pid: Int32) throws {
+        let imagesFD = try FileSystem.openDirectory(staging.path)
+        defer { close(imagesFD) }
+        let workFD = try FileSystem.openDirectory(staging.workPath)
+        defer { close(workFD) }
+        let ticker = progressTicker()
+        defer { ticker?.stop() }
+        let watch = Stopwatch()
+        let outcome = try CRIUService(binary: criu).dump(pid: pid, imagesDirectory: imagesFD, workDirectory: workFD, options: options.process,
+                                                         leaveRunning: options.leaveRunning) { note in
+            guard note.script == "post-dump" else { return }
+            FaultInjection.die("post-dump")
+            try FaultInjection.check("post-dump")
+            try publish()
+            FaultInjection.die("published")
+            try options.whilePublished?(published!, destination)
+        }
+        timings.criu = watch.seconds
+        guard outcome.succeeded else {
+            throw outcome.failure("CRIU could not dump PID \(pid)", log: staging.workPath + "/" + CRIUService.dumpLogName)
+        }
+        // CRIU never sent post-dump (it always does in 4.x): publish now rather than lose the images.
+        if published == nil { try publish() }
+    }
+
+    /// runc offers no step inside its freeze, so stasis freezes the container itself (`runc pause`), has runc
+    /// checkpoint it leaving it there, publishes, and only then removes it (or resumes it, --leave-running).
+    /// Undone by resuming the container; should stasis die in between, it waits paused (`runc resume`).
+    func checkpointContainer(_ runc: Runc, _ state: Runc.State) throws {
+        let kept = try DumpTarget.keepSpec(of: state, in: staging.path)
+        let ticker = progressTicker()
+        defer { ticker?.stop() }
+        let watch = Stopwatch()
+        try runc.pause(state.id)
+        rollback.onFailure(of: "pause") {
+            do { try runc.resume(state.id) } catch { return "resuming the paused container also failed: \(error) (`runc resume \(state.id)`)" }
+            return nil
+        }
+        try runc.checkpoint(state.id, images: staging.path, work: staging.path, leaveRunning: true,
+                            tcpEstablished: options.process.tcpEstablished, shellJob: options.process.shellJob)
+        timings.criu = watch.seconds
+        try FaultInjection.check("post-dump")
+        try publish(container: kept)
+        if options.leaveRunning {
+            try runc.resume(state.id)
+        } else {
+            do { try runc.remove(state.id) } catch {
+                // Paused still: the rollback resumes it, and the checkpoint stays.
+                throw StasisError(.runtime, "the checkpoint is complete in \(destination), but the container could not be removed (\(error)); it was resumed instead")
+            }
+        }
+        rollback.forget("pause")
+    }
+
+    /// Completes the chunks, hashes and syncs the small images, lists the manifest in the store's catalog,
+    /// writes it and renames the staging directory into place. Undone (until the rename) by unlisting it.
+    private func publish(container: Manifest.Container? = nil) throws {
+        let contents = CheckpointWriter.Contents(
+            toolVersion: StasisVersion.current, criu: .init(version: criu.version, logFile: CRIUService.dumpLogName),
+            options: .init(leaveRunning: options.leaveRunning, tcpEstablished: options.process.tcpEstablished, shellJob: options.process.shellJob),
+            processTree: .init(rootPID: target.rootPID, processes: processes), gpu: gpu, deviceFiles: deviceFiles,
+            deviceStatistics: deviceStatistics, timings: timings, container: container, codec: options.codec.description)
+        rollback.onFailure(of: "list") { [unowned self] in
+            // Listed in the catalog but never published: drop it (its chunks go at the next gc).
+            if !staging.published, let id = staging.manifestID { StoreCatalog(store: store).unregister(id: id) }
+            return nil
+        }
+        let manifest = try CheckpointWriter.write(contents, staging: staging, ingester: ingester!, store: store,
+                                                  skipping: [CRIUService.dumpLogName]) { try FaultInjection.check("publish") }
+        try staging.publish()
+        published = manifest
+    }
+
+    /// After CRIU's exit: its statistics complete the manifest's timings, the devices finish (a
+    /// --leave-running dump's agents refill), and CRIU's log joins the checkpoint. Each file step is one
+    /// rename, so a stasis killed anywhere here leaves a checkpoint that restores (CRIU's log, listed nowhere,
+    /// is no file of the checkpoint's: `Checkpoint.unlistedLogs`).
+    func complete(started total: Stopwatch) throws -> DumpOperation.Report {
+        FaultInjection.die("criu-exited")
+        var manifest = published!
+        if let stats = CRIUStats.read(staging.workPath + "/stats-dump")?.dump {
+            timings.freeze = Double(stats.freezingTime) / 1e6
+            timings.frozen = Double(stats.frozenTime) / 1e6
+            timings.memoryDump = Double(stats.memdumpTime) / 1e6
+            timings.memoryWrite = Double(stats.memwriteTime) / 1e6
+            manifest.memory.dumpedBytes = stats.pagesWritten * UInt64(manifest.host.pageSize)
+        }
+        let deviceWatch = Stopwatch()
+        try operation.device.afterDump(section: gpu, leaveRunning: options.leaveRunning)
+        timings.devices += deviceWatch.seconds
+        timings.hash = manifest.timings.hash
+        timings.sync = manifest.timings.sync
+        timings.total = total.seconds
+        manifest.timings = timings
+        try? FileSystem.writeAtomically(try Manifest.encoder().encode(manifest), to: destination + "/" + Manifest.fileName,
+                                        temporaryDirectory: staging.workPath)
+        FaultInjection.die("manifest-rewritten")
+        staging.finishWork(keeping: CRIUService.dumpLogName)
+        FaultInjection.die("log-moved")
+        // The catalog's copy gets the final timings; the published one already guards the chunks.
+        try? StoreCatalog(store: store).register(manifest, directory: destination)
+        return .init(directory: destination, rootPID: target.rootPID, processes: processes.count, threads: processes.reduce(0) { $0 + $1.threads },
+                     leaveRunning: options.leaveRunning, memory: manifest.memory, timings: timings, gpu: gpu, store: manifest.store,
+                     criuVersion: criu.version, container: options.container)
+    }
+
+    // MARK: the rollback
+
+    /// Undoes every step done, the last first, and says so in the error: what could not be put back, or that
+    /// the job runs on as it was.
+    func fail(_ error: Error) -> StasisError {
+        let leftBehind = rollback.undo()
+        var failure = StasisError.wrapping(error, as: .io)
+        // The staging directory is gone: point at the copy of CRIU's log kept beside it, if CRIU ran.
+        failure.logPath = keptLog
+        let pid = target.rootPID
+        if !leftBehind.isEmpty {
+            failure.message += "; " + leftBehind.joined(separator: "; ")
+        } else if ProcFS.isLive(pid) {
+            failure.message += " (PID \(pid) is still running, as it was before the dump)"
+        }
+        return failure.prefixed("dump of PID \(pid) failed")
+    }
+
+    private func progressTicker() -> ProgressTicker? {
+        let stagingPath = staging.path, resident = processes.reduce(0) { $0 + $1.residentBytes }
+        return ProgressTicker(options.progress.map { report in
+            { @Sendable in report(Progress(phase: "dumping memory", bytes: CheckpointWriter.pageBytes(in: stagingPath), totalBytes: resident)) }
+        })
+    }
+}

@@ -41,13 +41,23 @@ public struct StasisError: Error, Sendable, CustomStringConvertible {
     public var logExcerpt: [String]
     /// Where the full log is, when there is one.
     public var logPath: String?
+    /// The error underneath, when this one wraps another (a Foundation or decoding error, kept for callers
+    /// that look inside; the message already says what it means).
+    public var cause: (any Error & Sendable)?
 
-    public init(_ code: Code, _ message: String, hint: String? = nil, logExcerpt: [String] = [], logPath: String? = nil) {
+    public init(_ code: Code, _ message: String, hint: String? = nil, logExcerpt: [String] = [], logPath: String? = nil,
+                cause: (any Error)? = nil) {
         self.code = code
         self.message = message
         self.hint = hint
         self.logExcerpt = logExcerpt
         self.logPath = logPath
+        self.cause = cause as? any Error & Sendable
+    }
+
+    /// `error` itself when it is a StasisError, else one of `code` that says what it is and keeps it as its cause.
+    public static func wrapping(_ error: any Error, as code: Code = .io) -> StasisError {
+        (error as? StasisError) ?? StasisError(code, "\(error)", cause: error)
     }
 
     public var description: String {

@@ -88,7 +88,7 @@ public enum BundleOperation {
         } catch {
             if !staging.published { catalog?.unregister(id: manifest.id) }
             staging.discard()
-            throw (error as? StasisError ?? StasisError(.io, "\(error)")).prefixed("import of \(reader.path) failed")
+            throw StasisError.wrapping(error, as: .io).prefixed("import of \(reader.path) failed")
         }
     }
 }

@@ -119,7 +119,7 @@ public struct MigrateOperation {
             // Committed: the job runs there, whatever failed here after (CRIU's last steps, the report).
             // It must not run here too.
             guard outcome.current != nil else {
-                throw (error as? StasisError ?? StasisError(.io, "\(error)")).prefixed("migration of PID \(options.pid) to \(options.to) failed")
+                throw StasisError.wrapping(error, as: .io).prefixed("migration of PID \(options.pid) to \(options.to) failed")
             }
             for process in ProcFS.tree(root: options.pid).reversed() { kill(process.pid, SIGKILL) }
         }

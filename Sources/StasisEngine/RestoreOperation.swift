@@ -93,6 +93,50 @@ public struct RestoreOperation {
 
     public func run() throws -> Report {
         let total = Stopwatch()
+        let checked = try check()
+        defer { checked.release() }
+        if let runc = checked.runc, let container = checked.manifest.container, let workDirectory = checked.containerWork {
+            return try restoreContainer(container, runc: runc, images: checked.rebuilt ?? checked.directory, workDirectory: workDirectory,
+                                        manifest: checked.manifest, store: checked.store, directory: checked.directory,
+                                        timings: Timings(verify: checked.verifySeconds, rebuild: checked.rebuildSeconds, criu: 0, forking: 0,
+                                                         restore: 0, devices: 0, total: 0), started: total)
+        }
+        return try restoreTree(checked, started: total)
+    }
+
+    /// What the checks found and made, for the steps after them; `release` ends the store's lock and removes
+    /// the rebuilt images.
+    final class Checked {
+        let directory: String
+        let manifest: Manifest
+        let criu: CRIUBinary
+        let store: ChunkStore?
+        let storeLock: ChunkStore.Lock?
+        let runc: Runc?
+        let containerWork: String?
+        let rebuilt: String?
+        let images: Images
+        let criuItems: [ChunkedFiles.Item]
+        let verifySeconds: Double
+        let rebuildSeconds: Double
+
+        init(directory: String, manifest: Manifest, criu: CRIUBinary, store: ChunkStore?, storeLock: ChunkStore.Lock?, runc: Runc?,
+             containerWork: String?, rebuilt: String?, images: Images, criuItems: [ChunkedFiles.Item], verifySeconds: Double, rebuildSeconds: Double) {
+            (self.directory, self.manifest, self.criu, self.store, self.storeLock, self.runc) = (directory, manifest, criu, store, storeLock, runc)
+            (self.containerWork, self.rebuilt, self.images, self.criuItems) = (containerWork, rebuilt, images, criuItems)
+            (self.verifySeconds, self.rebuildSeconds) = (verifySeconds, rebuildSeconds)
+        }
+
+        func release() {
+            storeLock?.release()
+            if let rebuilt { FileSystem.removeTree(rebuilt) }
+        }
+    }
+
+    /// Step 1, nothing started: the manifest, the CPU, the GPUs, every whole file, every chunk present (or, with
+    /// a rebuild directory, every chunk read, checked and written there). The store's lock is held shared from
+    /// here to the end: CRIU's images and the agents' memory come from the store all along.
+    func check() throws -> Checked {
         let directory = URL(fileURLWithPath: options.directory).standardizedFileURL.path
         let manifest = try Checkpoint.readManifest(directory)
         let criu = try CRIUBinary.locate()
@@ -102,7 +146,6 @@ public struct RestoreOperation {
         let store = try Checkpoint.store(for: manifest, explicit: options.store)
         // Until the restore is over (CRIU's images and the agents' memory come from the store all along).
         let storeLock = store?.readerLock()
-        defer { storeLock?.release() }
         let verifyWatch = Stopwatch()
         let imageBytes = manifest.files.reduce(0) { $0 + $1.size }
         let counter = Locked<UInt64>(0)
@@ -111,7 +154,6 @@ public struct RestoreOperation {
             { @Sendable in report(Progress(phase: "verifying", bytes: counter.current, totalBytes: imageBytes)) }
         })
         var rebuilt: String?
-        defer { if let rebuilt { FileSystem.removeTree(rebuilt) } }
         var rebuildSeconds = 0.0
         let chunkedItems = Checkpoint.chunkedItems(manifest)
         // Device memory an agent moved is the agent's to refill; CRIU reads only its own images.
@@ -143,14 +185,22 @@ public struct RestoreOperation {
             ticker?.stop()
         } catch {
             ticker?.stop()
+            storeLock?.release()
+            if let rebuilt { FileSystem.removeTree(rebuilt) }
             throw StasisError.wrapping(error, as: .io).prefixed("restore refused")
         }
-        let verifySeconds = verifyWatch.seconds - rebuildSeconds
-        if let runc, let container = manifest.container, let workDirectory = containerWork {
-            return try restoreContainer(container, runc: runc, images: rebuilt ?? directory, workDirectory: workDirectory, manifest: manifest,
-                                        store: store, directory: directory, timings: Timings(verify: verifySeconds, rebuild: rebuildSeconds, criu: 0, forking: 0,
-                                                                               restore: 0, devices: 0, total: 0), started: total)
-        }
+        return Checked(directory: directory, manifest: manifest, criu: criu, store: store, storeLock: storeLock, runc: runc,
+                       containerWork: containerWork, rebuilt: rebuilt, images: images, criuItems: criuItems,
+                       verifySeconds: verifyWatch.seconds - rebuildSeconds, rebuildSeconds: rebuildSeconds)
+    }
+
+    /// Steps 2 and 3 for a process tree: CRIU restores it (its PIDs free, TIME_WAIT sockets on its listeners
+    /// cleared), then the devices (the driver's restore, the agents' refill). A failure after CRIU stops the tree
+    /// CRIU restored: no half-restored process is left.
+    private func restoreTree(_ checked: Checked, started total: Stopwatch) throws -> Report {
+        let (directory, manifest, criu, store) = (checked.directory, checked.manifest, checked.criu, checked.store)
+        let (images, rebuilt, criuItems) = (checked.images, checked.rebuilt, checked.criuItems)
+        let (verifySeconds, rebuildSeconds) = (checked.verifySeconds, checked.rebuildSeconds)
         try waitForFreePIDs(manifest.processTree)
         let clearedTimeWait = Self.clearListeningPorts(manifest.processTree)
 

@@ -60,7 +60,7 @@ let package = Package(
             .product(name: "Crypto", package: "swift-crypto"),
         ]),
         .executableTarget(name: "stasis", dependencies: [
-            "StasisEngine", "StasisCore", "StasisStore", "StasisCRIU",
+            "StasisEngine", "StasisCore", "StasisOS", "StasisStore", "StasisImage", "StasisCRIU", "StasisGPU",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "stasis-workload", path: "Workloads/cpu"),

@@ -67,11 +67,23 @@ let package = Package(
         // bench/store-throughput.sh's driver: the chunk store's ingest and rebuild on N threads.
         .executableTarget(name: "stasis-store-bench", dependencies: ["StasisStore", "StasisCore", "StasisOS"], path: "bench/StoreBench"),
         // The other end of the agent's control channel, without a GPU: for the tests and stasis-agent-bench.
-        .target(name: "StasisAgentStandIn", dependencies: ["CStasisAgentProtocol", "StasisCore", "StasisStore"], path: "bench/AgentStandIn"),
+        .target(name: "StasisAgentStandIn", dependencies: ["CStasisAgentProtocol", "StasisCore", "StasisStore"], path: "Tests/AgentStandIn"),
         // bench/agent-cpu.sh's driver: stasis's side of an evacuation and a refill against the stand-in.
         .executableTarget(name: "stasis-agent-bench", dependencies: ["StasisGPU", "StasisStore", "StasisCore", "StasisOS", "StasisAgentStandIn"],
                           path: "bench/AgentBench"),
-        .testTarget(name: "StasisTests", dependencies: ["StasisCore", "StasisOS", "StasisStore", "StasisImage", "StasisEngine", "StasisCRIU", "StasisGPU", "StasisContainer",
-                                                      "StasisAgentStandIn"]),
+
+        // Tests. One target per module for what dumps and restores no process, one integration target for real
+        // processes through real CRIU, runc and network namespaces (root), and their shared support.
+        .target(name: "StasisTestSupport", dependencies: ["StasisCore", "StasisOS", "StasisStore"], path: "Tests/Support"),
+        .testTarget(name: "StasisCoreTests", dependencies: ["StasisCore", "StasisImage"]),
+        .testTarget(name: "StasisOSTests", dependencies: ["StasisCore", "StasisOS", "StasisTestSupport"]),
+        .testTarget(name: "StasisCRIUTests", dependencies: ["StasisCRIU"]),
+        .testTarget(name: "StasisImageTests", dependencies: ["StasisCore", "StasisOS", "StasisImage", "StasisTestSupport"]),
+        .testTarget(name: "StasisStoreTests", dependencies: ["StasisCore", "StasisOS", "StasisStore", "StasisTestSupport"]),
+        .testTarget(name: "StasisContainerTests", dependencies: ["StasisCore", "StasisOS", "StasisContainer", "StasisTestSupport"]),
+        .testTarget(name: "StasisGPUTests", dependencies: ["StasisCore", "StasisOS", "StasisStore", "StasisGPU", "StasisAgentStandIn", "StasisTestSupport"]),
+        .testTarget(name: "StasisEngineTests", dependencies: ["StasisCore", "StasisOS", "StasisStore", "StasisImage", "StasisEngine", "StasisTestSupport"]),
+        .testTarget(name: "StasisIntegrationTests", dependencies: ["StasisCore", "StasisOS", "StasisStore", "StasisImage", "StasisEngine", "StasisCRIU",
+                                                                  "StasisGPU", "StasisContainer", "StasisTestSupport"]),
     ]
 )

@@ -1,5 +1,5 @@
 // stasis-agent-bench: stasis's side of an agent's evacuation and refill, on this machine's CPU, against the
-// stand-in agent (bench/AgentStandIn): the same AgentSession, ring reads and writes, hashing, codec and chunk
+// stand-in agent (Tests/AgentStandIn): the same AgentSession, ring reads and writes, hashing, codec and chunk
 // store as on the GPU machine, with memcpy where the GPU would copy. It shows what the CPU side costs per
 // core, which bounds the agent's throughput there (docs/BENCHMARKS.md).
 //

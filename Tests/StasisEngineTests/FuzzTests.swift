@@ -5,6 +5,7 @@ import StasisCore
 import StasisImage
 import StasisOS
 import StasisStore
+import StasisTestSupport
 import Testing
 
 /// Random and mutated inputs against everything that reads files from elsewhere: manifests (inspect, verify,
@@ -114,7 +115,7 @@ import Testing
     /// pass all that, a restore whose rebuild must stay inside its directory (CRIU then refuses the sample's
     /// made-up images).
     @Test func mutatedManifests() throws {
-        let sample = try Bundles.makeCheckpoint()
+        let sample = try SampleCheckpoint.make()
         let path = sample.checkpoint + "/" + Manifest.fileName
         let original = try FileSystem.readFile(path)
         let object = try JSONSerialization.jsonObject(with: original)
@@ -153,7 +154,7 @@ import Testing
 
     /// Damaged bundles are refused whole: no directory, no partial sibling, no chunk file left in the store's tmp/.
     @Test func damagedBundles() throws {
-        let sample = try Bundles.makeCheckpoint()
+        let sample = try SampleCheckpoint.make()
         let root = Harness.scratch("fuzz-bundle")
         let bundle = root + "/good.stasis"
         _ = try BundleOperation.export(sample.checkpoint, to: bundle, store: sample.store.path)

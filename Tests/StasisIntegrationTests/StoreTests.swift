@@ -4,6 +4,7 @@ import StasisCore
 import StasisOS
 import StasisImage
 import StasisStore
+import StasisTestSupport
 import Testing
 
 /// The chunk store with real dumps of real processes: deduplication between checkpoints, codecs, gc and rm,
@@ -179,61 +180,5 @@ extension Thread {
         let thread = Thread { box.set(Result { try body() }) }
         thread.start()
         return box
-    }
-}
-
-/// The store's pieces without CRIU: a file cut into chunks while it grows comes back byte for byte.
-@Suite struct ChunkStorePieces {
-    func randomBytes(_ count: Int) -> Data {
-        var generator = SystemRandomNumberGenerator()
-        return Data((0..<count / 8).flatMap { _ in withUnsafeBytes(of: generator.next() as UInt64) { Array($0) } })
-    }
-
-    @Test func growingFileIsChunkedWhileWrittenAndRebuiltExactly() throws {
-        let root = Harness.scratch("pieces")
-        defer { try? FileManager.default.removeItem(atPath: root) }
-        let images = root + "/images"
-        try FileManager.default.createDirectory(atPath: images, withIntermediateDirectories: true)
-        let store = try ChunkStore(path: root + "/store", create: true)
-        let path = images + "/pages-1.img"
-        FileManager.default.createFile(atPath: path, contents: nil)
-        let ingester = ChunkIngester(directory: images, store: store, codec: .lz4, threads: 2) { $0.hasPrefix("pages-") }
-        // Appended in uneven pieces, as a writer would: random data, 4 MiB of zeros, text, a short tail.
-        var expected = Data()
-        let handle = try #require(FileHandle(forWritingAtPath: path))
-        for piece in [randomBytes(3 << 20), Data(count: 4 << 20), Data(String(repeating: "stasis ", count: 300_000).utf8), randomBytes(12_345 & ~7)] {
-            try handle.write(contentsOf: piece)
-            expected.append(piece)
-            usleep(50_000)
-        }
-        try handle.close()
-        let (files, statistics) = try ingester.finish()
-        let file = try #require(files["pages-1.img"])
-        #expect(file.size == UInt64(expected.count))
-        #expect(file.chunks.count == (expected.count + ChunkStore.chunkSize - 1) / ChunkStore.chunkSize)
-        #expect(statistics.zeroChunks >= 1)
-        #expect(statistics.plainBytes == UInt64(expected.count))
-
-        let rebuilt = root + "/rebuilt"
-        try FileManager.default.createDirectory(atPath: rebuilt, withIntermediateDirectories: true)
-        try ChunkedFiles.read([.init(path: "pages-1.img", size: file.size, chunks: file.chunks)], from: store, checkpoint: root,
-                              chunkSize: ChunkStore.chunkSize, into: rebuilt)
-        #expect(try Data(contentsOf: URL(fileURLWithPath: rebuilt + "/pages-1.img")) == expected)
-
-        // The same content again: nothing new is written.
-        let again = ChunkIngester(directory: images, store: store, codec: .zstd(level: 3), threads: 2) { _ in false }
-        let (_, second) = try again.finish(alsoIngest: ["pages-1.img"])
-        #expect(second.newChunks == 0 && second.storedBytes == 0)
-        #expect(second.reusedChunks == statistics.newChunks + statistics.reusedChunks)
-    }
-
-    @Test func codecNames() throws {
-        #expect(try Codec(parsing: "lz4") == .lz4)
-        #expect(try Codec(parsing: "zstd") == .zstd(level: 3))
-        #expect(try Codec(parsing: "zstd:19") == .zstd(level: 19))
-        #expect(try Codec(parsing: "none") == .none)
-        for bad in ["zstd:0", "zstd:20", "zstd:x", "gzip", "lz4:1", ""] {
-            #expect(throws: StasisError.self, "\(bad)") { try Codec(parsing: bad) }
-        }
     }
 }

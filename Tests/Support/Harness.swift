@@ -1,16 +1,11 @@
 import Foundation
 import Glibc
 import StasisOS
-import Testing
-
-/// The suites that run real processes through real CRIU, one test at a time: restores reuse PIDs, and the
-/// machine has two cores. Unit suites run in parallel beside them.
-@Suite(.serialized) enum Integration {}
 
 /// Runs the built `stasis` and `stasis-workload` binaries as real processes, the way a user would.
-enum Harness {
+public enum Harness {
     /// The build products directory: the test bundle lives in it.
-    static let productsDirectory: String = {
+    public static let productsDirectory: String = {
         if let explicit = ProcessInfo.processInfo.environment["STASIS_PRODUCTS"] { return explicit }
         var path = URL(fileURLWithPath: (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? "")
         while path.path != "/" {
@@ -20,23 +15,23 @@ enum Harness {
         return FileManager.default.currentDirectoryPath + "/.build/debug"
     }()
 
-    static var stasis: String { productsDirectory + "/stasis" }
-    static var workload: String { productsDirectory + "/stasis-workload" }
+    public static var stasis: String { productsDirectory + "/stasis" }
+    public static var workload: String { productsDirectory + "/stasis-workload" }
     /// The agent scripts/build-agent.sh builds (scripts/test.sh runs it).
-    static var agent: String {
+    public static var agent: String {
         ProcessInfo.processInfo.environment["STASIS_AGENT_LIBRARY"] ?? FileManager.default.currentDirectoryPath + "/.build/agent/libstasis-agent.so"
     }
 
-    struct Result {
-        var status: Int32
-        var stdout: String
-        var stderr: String
-        var succeeded: Bool { status == 0 }
+    public struct Result {
+        public var status: Int32
+        public var stdout: String
+        public var stderr: String
+        public var succeeded: Bool { status == 0 }
     }
 
     /// Runs a command to completion, with an optional environment change, and a timeout that kills it.
     @discardableResult
-    static func run(_ executable: String, _ arguments: [String], environment: [String: String?] = [:], timeout: Double = 120) throws -> Result {
+    public static func run(_ executable: String, _ arguments: [String], environment: [String: String?] = [:], timeout: Double = 120) throws -> Result {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: executable)
         process.arguments = arguments
@@ -57,23 +52,23 @@ enum Harness {
         return Result(status: process.terminationStatus, stdout: outData.wait(), stderr: errData.wait())
     }
 
-    static func stasis(_ arguments: String..., environment: [String: String?] = [:]) throws -> Result {
+    public static func stasis(_ arguments: String..., environment: [String: String?] = [:]) throws -> Result {
         try stasis(arguments, environment: environment)
     }
 
     /// Runs stasis with this run's chunk store (unless the test names another), never the machine's.
-    static func stasis(_ arguments: [String], environment: [String: String?] = [:]) throws -> Result {
+    public static func stasis(_ arguments: [String], environment: [String: String?] = [:]) throws -> Result {
         var environment = environment
         if environment["STASIS_STORE"] == nil { environment["STASIS_STORE"] = store }
         return try run(stasis, arguments, environment: environment)
     }
 
     /// The chunk store the tests' checkpoints go to.
-    static var store: String { scratchRoot + "/store" }
+    public static var store: String { scratchRoot + "/store" }
 
     /// This run's scratch root, /tmp/stasis-test-PID. Roots left by earlier runs (their PID gone) are removed
     /// first, so leftovers never outlive the next run.
-    static let scratchRoot: String = {
+    public static let scratchRoot: String = {
         let names = (try? FileManager.default.contentsOfDirectory(atPath: "/tmp")) ?? []
         for name in names where name.hasPrefix("stasis-test-") {
             if let owner = Int32(name.dropFirst("stasis-test-".count)), !ProcFS.isLive(owner) {
@@ -86,39 +81,40 @@ enum Harness {
     }()
 
     /// A fresh scratch directory under this run's root.
-    static func scratch(_ name: String) -> String {
+    public static func scratch(_ name: String) -> String {
         let path = "\(scratchRoot)/\(name)-\(UInt32.random(in: 0...UInt32.max))"
         try? FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
         return path
     }
 
-    static func waitGone(_ pid: Int32, timeout: Double = 10) -> Bool { ProcFS.waitGone(pid, timeout: timeout) }
+    public static func waitGone(_ pid: Int32, timeout: Double = 10) -> Bool { ProcFS.waitGone(pid, timeout: timeout) }
 }
 
 /// Reads a pipe to its end on a background thread, so a chatty child cannot block on a full pipe.
-final class ReadAll: @unchecked Sendable {
+// @unchecked Sendable: `data` is written by its thread before `done` is signalled and read only after.
+public final class ReadAll: @unchecked Sendable {
     private var data = Data()
     private let done = DispatchSemaphore(value: 0)
-    init(_ handle: FileHandle) {
+    public init(_ handle: FileHandle) {
         Thread { [self] in
             data = handle.readDataToEndOfFile()
             done.signal()
         }.start()
     }
-    func wait() -> String {
+    public func wait() -> String {
         done.wait()
         return String(decoding: data, as: UTF8.self)
     }
 }
 
 /// A running test workload: started detached, it verifies its own state when asked.
-final class Workload {
-    let mode: String
-    let directory: String
-    let pid: Int32
+public final class Workload {
+    public let mode: String
+    public let directory: String
+    public let pid: Int32
 
     /// With `underAgent`, started through `stasis run`, with the agent preloaded.
-    init(_ mode: String, _ extra: [String] = [], underAgent: Bool = false) throws {
+    public init(_ mode: String, _ extra: [String] = [], underAgent: Bool = false) throws {
         self.mode = mode
         directory = Harness.scratch("workload-\(mode)")
         let arguments = [mode, "--dir", directory, "--daemon"] + extra
@@ -131,12 +127,16 @@ final class Workload {
         self.pid = pid
     }
 
-    struct WorkloadError: Error, CustomStringConvertible { var text: String; var description: String { text } }
+    public struct WorkloadError: Error, CustomStringConvertible {
+        public var text: String
+        public init(text: String) { self.text = text }
+        public var description: String { text }
+    }
 
-    var isLive: Bool { ProcFS.isLive(pid) }
+    public var isLive: Bool { ProcFS.isLive(pid) }
 
     /// Asks the workload to check itself and returns its verdict ("PASS ..." or "FAIL ...").
-    func verify(timeout: Double = 20) -> String {
+    public func verify(timeout: Double = 20) -> String {
         let result = directory + "/result"
         unlink(result)
         guard kill(pid, SIGUSR1) == 0 else { return "FAIL PID \(pid) is not running" }
@@ -149,11 +149,11 @@ final class Workload {
     }
 
     /// The tree's PIDs, root first.
-    var treePIDs: [Int32] { ProcFS.tree(root: pid).map(\.pid) }
+    public var treePIDs: [Int32] { ProcFS.tree(root: pid).map(\.pid) }
 
     /// What the outside sees of the root's descriptors: fd number and kind ("pipe", "socket", or the path).
     /// Inode numbers are left out, as a restore creates new pipes and sockets.
-    var descriptorSignature: [String] {
+    public var descriptorSignature: [String] {
         let fdDirectory = "/proc/\(pid)/fd"
         let names = (try? FileManager.default.contentsOfDirectory(atPath: fdDirectory)) ?? []
         return names.compactMap { name -> String? in
@@ -163,7 +163,7 @@ final class Workload {
         }.sorted()
     }
 
-    func stop() {
+    public func stop() {
         for member in treePIDs.reversed() { kill(member, SIGKILL) }
         _ = Harness.waitGone(pid, timeout: 5)
         try? FileManager.default.removeItem(atPath: directory)

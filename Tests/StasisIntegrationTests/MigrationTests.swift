@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import StasisOS
+import StasisTestSupport
 import Testing
 
 /// Two hosts on this machine: this one (the root network and PID namespaces) and a receiver in a network

@@ -3,6 +3,7 @@ import Glibc
 import StasisCore
 import StasisOS
 import StasisStore
+import StasisTestSupport
 import Testing
 
 /// Every bad input gives a clear error and a non-zero exit; none crashes, hangs, loses the running job or

@@ -5,84 +5,13 @@ import StasisEngine
 import StasisImage
 import StasisOS
 import StasisStore
+import StasisTestSupport
 import Testing
 
 /// `stasis export` / `stasis import` on checkpoints built by hand with the store's own APIs: the files of a
 /// real checkpoint's shape (small whole images, a chunked memory image with a repeated, a zero and a short
 /// chunk), so every byte can be compared after the move.
 @Suite struct Bundles {
-    struct Sample {
-        var root: String
-        var checkpoint: String
-        var store: ChunkStore
-        var manifest: Manifest
-        /// The plain content of every file, by path.
-        var contents: [String: Data]
-    }
-
-    /// Bytes that do not compress, from a fixed seed.
-    static func noise(_ count: Int, seed: UInt64) -> Data {
-        var state = seed | 1
-        var bytes = [UInt8](repeating: 0, count: count)
-        for index in 0..<count {
-            state ^= state << 13; state ^= state >> 7; state ^= state << 17
-            bytes[index] = UInt8(truncatingIfNeeded: state)
-        }
-        return Data(bytes)
-    }
-
-    /// A checkpoint in ROOT/ckpt whose pages-1.img lives in ROOT/store-a (listed in its catalog). With
-    /// `chunked` false every file is whole and the manifest names no store (a version 1 checkpoint).
-    static func makeCheckpoint(chunked: Bool = true, largeWholeFile: Bool = false) throws -> Sample {
-        let root = Harness.scratch("bundle")
-        let source = root + "/source", checkpoint = root + "/ckpt"
-        try FileSystem.makePrivateDirectory(source)
-        try FileSystem.makePrivateDirectory(checkpoint)
-        let chunk = ChunkStore.chunkSize
-        let pattern = Data((0..<chunk).map { UInt8(truncatingIfNeeded: $0 / 4096) })
-        var contents: [String: Data] = [
-            "core-1.img": noise(3000, seed: 7),
-            "pstree.img": Data(),
-            // pattern, zeros, pattern again, noise, and a short tail: 3 distinct stored chunks and a zero one.
-            "pages-1.img": pattern + Data(count: chunk) + pattern + noise(chunk, seed: 11) + noise(777, seed: 13),
-        ]
-        if largeWholeFile { contents["big.img"] = Data(count: Int(SegmentedDigest.segmentSize) + 5) + Data([1, 2, 3]) }
-        for (name, data) in contents { try data.write(to: URL(fileURLWithPath: source + "/" + name)) }
-
-        let store = try ChunkStore(path: root + "/store-a", create: true)
-        var chunkedFiles: [String: ChunkIngester.File] = [:]
-        var statistics = ChunkIngester.Statistics()
-        if chunked {
-            let ingester = ChunkIngester(directory: source, store: store, codec: .lz4, follows: { _ in false })
-            (chunkedFiles, statistics) = try ingester.finish(alsoIngest: ["pages-1.img"])
-        }
-        let whole = contents.keys.filter { chunkedFiles[$0] == nil }.sorted()
-        for name in whole { try FileManager.default.copyItem(atPath: source + "/" + name, toPath: checkpoint + "/" + name) }
-        let files = (try ParallelHasher.hash(whole, under: checkpoint).map {
-            Manifest.FileEntry(path: $0.path, size: $0.size, sha256: $0.sha256, segments: $0.segments)
-        } + chunkedFiles.map {
-            Manifest.FileEntry(path: $0.key, size: $0.value.size, sha256: ChunkDigest.ofFile(chunks: $0.value.chunks), chunks: $0.value.chunks)
-        }).sorted { $0.path < $1.path }
-        var manifest = Manifest(
-            id: UUID().uuidString.lowercased(), createdAt: Date(timeIntervalSince1970: 1_700_000_000),
-            tool: .init(name: "stasis", version: "test"),
-            host: .init(hostname: "bundle-test-host", kernel: "k", machine: "x86_64", cpuModel: "c", cpuFlags: [], pageSize: 4096),
-            criu: .init(version: "4.2.1", logFile: "criu-dump.log"),
-            options: .init(leaveRunning: false, tcpEstablished: false, shellJob: false),
-            // A PID near the kernel's limit, which no test machine runs: nothing here is restored.
-            processTree: .init(rootPID: 4_000_001, processes: [.init(pid: 4_000_001, ppid: 1, command: "sample", arguments: [], threads: 1, residentBytes: 0)]),
-            memory: .init(residentBytes: 0, dumpedBytes: 0, imageBytes: files.reduce(0) { $0 + $1.size }),
-            timings: .init(), gpu: .init(), files: files)
-        if chunked {
-            manifest.store = .init(path: store.path, chunkSize: chunk, codec: "lz4", plainBytes: statistics.plainBytes,
-                                   storedBytes: statistics.storedBytes, newChunks: statistics.newChunks,
-                                   reusedChunks: statistics.reusedChunks, zeroChunks: statistics.zeroChunks)
-            try StoreCatalog(store: store).register(manifest, directory: checkpoint)
-        }
-        try FileSystem.writeAtomically(try Manifest.encoder().encode(manifest), to: checkpoint + "/" + Manifest.fileName)
-        return Sample(root: root, checkpoint: checkpoint, store: store, manifest: manifest, contents: contents)
-    }
-
     func mode(_ path: String) -> mode_t {
         var st = stat()
         return stat(path, &st) == 0 ? st.st_mode & 0o777 : 0
@@ -115,7 +44,7 @@ import Testing
     }
 
     @Test func movesEveryByteIntoAFreshStore() throws {
-        let sample = try Self.makeCheckpoint()
+        let sample = try SampleCheckpoint.make()
         let bundle = sample.root + "/moved.stasis"
         let exported = try BundleOperation.export(sample.checkpoint, to: bundle, store: nil)
         #expect(exported.files == 2 && exported.chunkedFiles == 1 && exported.chunks == 3)
@@ -152,7 +81,7 @@ import Testing
     }
 
     @Test func checkpointWithoutChunksNeedsNoStoreAndKeepsSegmentedDigests() throws {
-        let sample = try Self.makeCheckpoint(chunked: false, largeWholeFile: true)
+        let sample = try SampleCheckpoint.make(chunked: false, largeWholeFile: true)
         #expect(sample.manifest.files.first { $0.path == "big.img" }?.segments?.count == 2)
         let bundle = sample.root + "/whole.stasis"
         let exported = try BundleOperation.export(sample.checkpoint, to: bundle, store: nil)
@@ -172,7 +101,7 @@ import Testing
 
     @Test(arguments: ["chunk", "file", "manifest", "end"])
     func flippedByteIsRefusedNamingTheRecord(_ record: String) throws {
-        let sample = try Self.makeCheckpoint()
+        let sample = try SampleCheckpoint.make()
         let bundle = sample.root + "/b.stasis"
         _ = try BundleOperation.export(sample.checkpoint, to: bundle, store: nil)
         var data = try FileSystem.readFile(bundle)
@@ -205,7 +134,7 @@ import Testing
     }
 
     @Test func truncatedBundleIsRefused() throws {
-        let sample = try Self.makeCheckpoint()
+        let sample = try SampleCheckpoint.make()
         let bundle = sample.root + "/b.stasis"
         _ = try BundleOperation.export(sample.checkpoint, to: bundle, store: nil)
         let data = try FileSystem.readFile(bundle)
@@ -222,7 +151,7 @@ import Testing
     }
 
     @Test func importIntoANonEmptyDirectoryIsRefused() throws {
-        let sample = try Self.makeCheckpoint()
+        let sample = try SampleCheckpoint.make()
         let bundle = sample.root + "/b.stasis"
         _ = try BundleOperation.export(sample.checkpoint, to: bundle, store: nil)
         let destination = sample.root + "/occupied"
@@ -235,7 +164,7 @@ import Testing
     }
 
     @Test func exportRefusesADamagedCheckpointAndLeavesNoFile() throws {
-        let sample = try Self.makeCheckpoint()
+        let sample = try SampleCheckpoint.make()
         func expectRefused(_ code: StasisError.Code, _ text: String) {
             let bundle = sample.root + "/b.stasis"
             let error = #expect(throws: StasisError.self) { try BundleOperation.export(sample.checkpoint, to: bundle, store: nil) }
@@ -268,7 +197,7 @@ import Testing
     }
 
     @Test func commandsPrintWhatTheyDidAndFailClearly() throws {
-        let sample = try Self.makeCheckpoint()
+        let sample = try SampleCheckpoint.make()
         let bundle = sample.root + "/b.stasis"
         let export = try Harness.stasis("export", sample.checkpoint, "-o", bundle, "--json")
         #expect(export.succeeded, "\(export.stderr)")
@@ -293,39 +222,4 @@ import Testing
         #expect(refused.status != 0)
         #expect(refused.stderr.contains("is not a stasis bundle"))
     }
-}
-
-/// The whole move with a real process: dump, export, lose the original and its store, import into a fresh
-/// store, restore, and the workload checks its own state.
-extension Integration {
-@Suite struct BundleMove {
-    @Test func dumpExportImportRestore() throws {
-        let workload = try Workload("counter", ["--mem", "32"])
-        defer { workload.stop() }
-        let root = Harness.scratch("move")
-        let first = ["STASIS_STORE": root + "/store-a"]
-        #expect(workload.verify().hasPrefix("PASS"))
-        let dump = try Harness.stasis(["dump", "\(workload.pid)", "-D", root + "/ckpt"], environment: first)
-        #expect(dump.succeeded, "\(dump.stderr)")
-        #expect(Harness.waitGone(workload.pid))
-        let manifest = try Checkpoint.readManifest(root + "/ckpt")
-        #expect(manifest.store != nil, "dump writes chunked checkpoints")
-
-        let export = try Harness.stasis(["export", root + "/ckpt", "-o", root + "/job.stasis"], environment: first)
-        #expect(export.succeeded, "\(export.stderr)")
-        let rm = try Harness.stasis(["rm", root + "/ckpt"], environment: first)
-        #expect(rm.succeeded, "\(rm.stderr)")
-        try FileManager.default.removeItem(atPath: root + "/store-a")
-
-        let second = ["STASIS_STORE": root + "/store-b"]
-        let imported = try Harness.stasis(["import", root + "/job.stasis", "-D", root + "/moved"], environment: second)
-        #expect(imported.succeeded, "\(imported.stderr)")
-        #expect(try Checkpoint.readManifest(root + "/moved").store?.path == root + "/store-b")
-        let restore = try Harness.stasis(["restore", "-D", root + "/moved"], environment: second)
-        #expect(restore.succeeded, "\(restore.stderr)")
-        #expect(restore.stdout.contains("root PID \(workload.pid)"))
-        let verdict = workload.verify()
-        #expect(verdict.hasPrefix("PASS"), "after the move: \(verdict)")
-    }
-}
 }

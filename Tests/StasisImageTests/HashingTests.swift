@@ -3,6 +3,7 @@ import Glibc
 import StasisCore
 import StasisImage
 import StasisOS
+import StasisTestSupport
 import Testing
 
 @Suite struct Hashing {
@@ -51,7 +52,7 @@ import Testing
         defer { try? FileManager.default.removeItem(atPath: directory) }
         let path = try makeFile(directory, "pages-1.img", mib: 150)
         let hashed = try ParallelHasher.hash(["pages-1.img"], under: directory)
-        var manifest = ManifestDecoding().sample()
+        var manifest = SampleCheckpoint.manifest()
         manifest.files = hashed.map { Manifest.FileEntry(path: $0.path, size: $0.size, sha256: $0.sha256, segments: $0.segments) }
         #expect(try Checkpoint.verify(directory, manifest: manifest, store: nil).files == 1)
 

@@ -4,6 +4,7 @@ import StasisCore
 import StasisImage
 import StasisOS
 import StasisStore
+import StasisTestSupport
 import Testing
 
 /// Attacks on stasis's promises that once broke them: a dump killed after its publish, manifests edited to
@@ -289,33 +290,3 @@ extension Integration {
 }
 }
 
-/// Tar header blocks for crafted archives.
-enum TarBlocks {
-    enum Size { case octal(UInt64), base256(UInt64) }
-
-    static func header(name: String, size: Size, type: Character) -> Data {
-        var block = [UInt8](repeating: 0, count: 512)
-        for (index, byte) in name.utf8.prefix(100).enumerated() { block[index] = byte }
-        for (index, byte) in "0000600\0".utf8.enumerated() { block[100 + index] = byte }
-        switch size {
-        case .octal(let value):
-            for (index, byte) in (String(repeating: "0", count: max(0, 11 - String(value, radix: 8).count)) + String(value, radix: 8)).utf8.prefix(11).enumerated() {
-                block[124 + index] = byte
-            }
-        case .base256(let value):
-            block[124] = 0x80
-            for index in 0..<8 { block[128 + index] = UInt8(truncatingIfNeeded: value >> (8 * (7 - index))) }
-        }
-        block[156] = type.asciiValue ?? 0x30
-        for (index, byte) in "ustar\u{0}00".utf8.enumerated() { block[257 + index] = byte }
-        for index in 148..<156 { block[index] = 0x20 }
-        let sum = block.reduce(0) { $0 + Int($1) }
-        for (index, byte) in (String(repeating: "0", count: max(0, 6 - String(sum, radix: 8).count)) + String(sum, radix: 8)).utf8.enumerated() {
-            block[148 + index] = byte
-        }
-        block[154] = 0
-        return Data(block)
-    }
-
-    static func padded(_ data: Data) -> Data { data + Data(count: (512 - data.count % 512) % 512) }
-}

@@ -2,6 +2,7 @@ import Foundation
 import Glibc
 import StasisCore
 import StasisOS
+import StasisTestSupport
 import Testing
 
 /// Real workloads, real CRIU: each builds state, is checkpointed, killed, restored, and checks itself.

@@ -4,6 +4,7 @@ import StasisCore
 @testable import StasisGPU
 import StasisStore
 import StasisAgentStandIn
+import StasisTestSupport
 import Testing
 
 /// The other end of the control channel without a GPU: `ProtocolPeer` answers as libstasis-agent.so does

@@ -77,25 +77,7 @@ struct DumpCommand: ParsableCommand {
             let report = try DumpOperation(options, device: device).run()
             Output.clearProgress()
             if output.json { return Output.json(report) }
-            let t = report.timings
-            print("checkpointed \(report.container.map { "container \($0), root " } ?? "")PID \(report.rootPID) (\(report.processes) process\(report.processes == 1 ? "" : "es"), \(report.threads) threads) into \(report.directory)")
-            print("  memory: \(Format.bytes(report.memory.residentBytes)) resident, \(Format.bytes(report.memory.dumpedBytes)) dumped; image \(Format.bytes(report.memory.imageBytes))")
-            if let info = report.store {
-                print("  store:  \(info.path): \(Format.bytes(info.storedBytes)) added (\(info.codec)); chunks \(info.newChunks) new, \(info.reusedChunks) already there, \(info.zeroChunks) zero")
-            }
-            print("  time:   freeze \(Format.seconds(t.freeze)), memory dump \(Format.seconds(t.memoryDump)), memory write \(Format.seconds(t.memoryWrite)), " +
-                  "frozen \(Format.seconds(t.frozen)); chunking tail \(Format.seconds(t.hash)), sync \(Format.seconds(t.sync)); total \(Format.seconds(t.total))")
-            if !report.gpu.processes.isEmpty {
-                print("  gpu:    \(report.gpu.processes.count) CUDA process(es), \(Format.bytes(report.gpu.processes.reduce(0) { $0 + $1.deviceMemoryBytes })) device memory; driver lock \(Format.seconds(report.gpu.lockSeconds ?? 0)), checkpoint \(Format.seconds(report.gpu.checkpointSeconds ?? 0)), all device steps \(Format.seconds(t.devices))")
-            }
-            for process in report.gpu.processes {
-                guard let agent = process.agent else { continue }
-                print("  agent:  PID \(process.pid): \(Format.bytes(agent.evacuatedBytes)) in \(agent.allocations.count) allocation(s) copied out by its agent in \(Format.seconds(agent.evacuateSeconds)) " +
-                      "(\(Format.throughput(bytes: agent.evacuatedBytes, seconds: agent.evacuateSeconds)), \(String(format: "%.1f", (agent.evacuateCPUSeconds ?? 0) / max(agent.evacuateSeconds, 1e-9))) cores busy, " +
-                      "\(Format.bytes(agent.storedBytes ?? 0)) stored, \(Format.bytes(agent.zeroBytes ?? 0)) zero, hashed on the \(agent.hashedOnGPU == true ? "GPU" : "CPUs")); calls held in \(Format.seconds(agent.quiesceSeconds)), memory released in \(Format.seconds(agent.releaseSeconds)); " +
-                      "the driver carried \(Format.bytes(agent.driverPathBytes))")
-            }
-            print("  tree:   \(report.leaveRunning ? "left running" : "stopped")")
+            for line in report.textLines { print(line) }
         }
     }
 }

@@ -79,14 +79,7 @@ struct RestoreCommand: ParsableCommand {
             let report = try RestoreOperation(options, device: device).run()
             Output.clearProgress()
             if output.json { return Output.json(report) }
-            let t = report.timings
-            print("restored \(report.directory)\(report.container.map { " as container \($0)" } ?? ""): root PID \(report.rootPID) (\(report.processes) process\(report.processes == 1 ? "" : "es"))")
-            let images = report.images == .rebuilt ? "rebuild \(Format.seconds(t.rebuild))" : "images \(report.images.rawValue)"
-            print("  time: verify \(Format.seconds(t.verify)), \(images), CRIU \(Format.seconds(t.criu)) (forking \(Format.seconds(t.forking)), restore \(Format.seconds(t.restore))), devices \(Format.seconds(t.devices))\(report.deviceSteps.isEmpty ? "" : " (" + report.deviceSteps.sorted { $0.key < $1.key }.map { "\($0.key) \(Format.seconds($0.value))" }.joined(separator: ", ") + ")"); total \(Format.seconds(t.total))")
-            if report.clearedTimeWaitSockets > 0 {
-                print("  net:  \(report.clearedTimeWaitSockets) TIME_WAIT socket(s) destroyed to free the checkpoint's listening ports")
-            }
-            print("  log:  \(report.logFile)")
+            for line in report.textLines { print(line) }
         }
     }
 }

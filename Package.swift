@@ -82,7 +82,8 @@ let package = Package(
         .testTarget(name: "StasisStoreTests", dependencies: ["StasisCore", "StasisOS", "StasisStore", "StasisTestSupport"]),
         .testTarget(name: "StasisContainerTests", dependencies: ["StasisCore", "StasisOS", "StasisContainer", "StasisTestSupport"]),
         .testTarget(name: "StasisGPUTests", dependencies: ["StasisCore", "StasisOS", "StasisStore", "StasisGPU", "StasisAgentStandIn", "StasisTestSupport"]),
-        .testTarget(name: "StasisEngineTests", dependencies: ["StasisCore", "StasisOS", "StasisStore", "StasisImage", "StasisEngine", "StasisTestSupport"]),
+        .testTarget(name: "StasisEngineTests", dependencies: ["StasisCore", "StasisOS", "StasisStore", "StasisImage", "StasisEngine", "StasisAgentStandIn",
+                                                             "StasisTestSupport"]),
         .testTarget(name: "StasisIntegrationTests", dependencies: ["StasisCore", "StasisOS", "StasisStore", "StasisImage", "StasisEngine", "StasisCRIU",
                                                                   "StasisGPU", "StasisContainer", "StasisTestSupport"]),
     ]

@@ -4,6 +4,7 @@ import StasisCore
 @testable import StasisEngine
 import StasisImage
 import StasisOS
+import StasisAgentStandIn
 import StasisStore
 import StasisTestSupport
 import Testing
@@ -17,17 +18,7 @@ import Testing
     static let seed = UInt64(ProcessInfo.processInfo.environment["STASIS_FUZZ_SEED"] ?? "") ?? 20261206
     static let seconds = Double(ProcessInfo.processInfo.environment["STASIS_FUZZ_SECONDS"] ?? "") ?? 6
 
-    /// SplitMix64: small, seedable, good enough to pick mutations.
-    struct Generator: RandomNumberGenerator {
-        var state: UInt64
-        mutating func next() -> UInt64 {
-            state &+= 0x9E37_79B9_7F4A_7C15
-            var z = state
-            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-            return z ^ (z >> 31)
-        }
-    }
+    typealias Generator = SplitMix
 
     /// Runs `body` for cases 0, 1, ... until the time budget is spent; returns how many ran.
     static func run(_ name: String, minimum: Int, _ body: (Int, inout Generator) throws -> Void) rethrows -> Int {

@@ -29,18 +29,6 @@ let codec = try Codec(parsing: argument("--codec", "lz4"))
 let fill = argument("--fill", "weights")
 let slots = Int(argument("--slots", "32"))!
 
-/// splitmix64: fast enough to fill gigabytes.
-struct SplitMix: RandomNumberGenerator {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
-
 // "Device memory" in allocations of 64 MiB (PyTorch-like segments).
 var generator = SplitMix(state: 42)
 var memory: [UInt64: [UInt8]] = [:]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The agent's fast path against the driver path and the baseline, in one run on the GPU machine, after
-# scripts/device-test.sh's setup (run by `scripts/device-test.sh agentbench`).
+# scripts/device/lib.sh's setup (run by `scripts/device-bench.sh agentbench`).
 #
 #   1. Checkpoint and restore, images and store on /dev/shm, of a 32 GiB cuda-workload and of BERT-large
 #      training paused mid-run, three ways on the same process: the baseline (the driver's checkpoint API +

@@ -2,7 +2,7 @@
 # GPU checkpoint and restore: the baseline (the driver's checkpoint API + plain CRIU, as CRIU's cuda plugin
 # does it) against stasis, in one run on the GPU machine, after scripts/device-test.sh's setup.
 #
-#   bench/gpu-dump-restore.sh          (run by scripts/device-test.sh bench)
+#   bench/gpu-dump-restore.sh          (run by scripts/device-bench.sh bench)
 #
 # Workloads: cuda-workload buffers holding 8 and 32 GiB of device memory, and BERT-large training paused
 # mid-run. Images (and stasis's chunk store) go to /dev/shm; stasis streams CRIU its images from the store

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The chunk store on the GPU machine (16 cores) with a real BERT-large training checkpoint: ingest and rebuild
 # throughput against the thread count, the codecs, and the raw disk read, as bench/store-throughput.sh does on
-# the development machine. Run by `scripts/device-test.sh storebench` (after its setup); about 5 minutes.
+# the development machine. Run by `scripts/device-bench.sh storebench` (after its setup); about 5 minutes.
 #
 # Images: BERT-large training paused mid-run, checkpointed as CRIU's cuda plugin would (the driver's lock and
 # checkpoint through bench/cuda-ckpt.c, then plain `criu dump`) into $BENCH_DIR (a disk). Store on the same

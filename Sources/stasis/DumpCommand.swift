@@ -23,7 +23,7 @@ struct DumpCommand: ParsableCommand {
     @Option(name: .long, help: "Checkpoint this runc container (its ID, as `runc list` shows it) instead of a PID.")
     var container: String?
 
-    @Option(name: [.customShort("D"), .customLong("images-dir")], help: "The checkpoint directory to create (must not exist or be empty).")
+    @Option(name: [.customShort("D"), .customLong("images-dir")], help: "The checkpoint directory to create (must not exist or be empty; its parent must exist).")
     var directory: String
 
     @Flag(name: .long, help: "Leave the tree running after the checkpoint.")

@@ -18,7 +18,7 @@ struct ImportCommand: ParsableCommand {
     @Argument(help: "The bundle file.")
     var file: String
 
-    @Option(name: [.customShort("D"), .customLong("images-dir")], help: "The checkpoint directory to create (must not exist or be empty).")
+    @Option(name: [.customShort("D"), .customLong("images-dir")], help: "The checkpoint directory to create (must not exist or be empty; its parent must exist).")
     var directory: String
 
     @OptionGroup var store: StoreOptions

@@ -85,10 +85,11 @@ struct RemoveCommand: ParsableCommand {
 struct CollectCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "gc",
-        abstract: "Remove the chunks no listed checkpoint uses.",
+        abstract: "Remove the chunks no listed checkpoint uses, and what dumps that died left behind.",
         discussion: """
-        Safe while dumps run: gc waits for running dumps and imports to list their checkpoint, and spares \
-        chunks written in the last --grace seconds.
+        Safe while dumps run: gc waits for running dumps and imports to list their checkpoint, and for \
+        restores and verifies reading from the store, and spares chunks written in the last --grace seconds. \
+        It also removes the hidden partial directories of dumps and imports whose process is gone.
         """)
 
     @Flag(name: .long, help: "Only report what would be removed.")

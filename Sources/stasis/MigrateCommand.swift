@@ -58,10 +58,7 @@ struct MigrateCommand: ParsableCommand {
             options.spool = spool
             let report = try MigrateOperation(options, device: CUDADeviceStep(lockTimeoutMilliseconds: UInt32(lockTimeout * 1000))).run()
             if output.json { return Output.json(report) }
-            print("migrated PID \(report.pid) to \(report.receiver): running there as root PID \(report.remotePID)")
-            print("  downtime: \(Format.seconds(report.downtimeSeconds)) (checkpoint, sending its new chunks meanwhile, \(Format.seconds(report.dumpSeconds)); the rest sent in \(Format.seconds(report.transferSeconds)); restore there \(Format.seconds(report.restoreSeconds)))")
-            print("  sent:     \(Format.bytes(report.bytesSent)) in \(report.chunksSent) chunks, \(Format.bytes(report.bytesSentDuringDump)) of it while the dump ran; not sent: \(report.chunksSkipped) chunks, \(Format.bytes(report.bytesSkipped)), the receiver had them")
-            if report.gpuProcesses > 0 { print("  gpu:      \(report.gpuProcesses) CUDA process(es)") }
+            for line in report.textLines { print(line) }
         }
     }
 }

@@ -106,7 +106,7 @@ struct CollectCommand: ParsableCommand {
             let catalog = StoreCatalog(store: try openStore(store))
             let report = try catalog.collect(dryRun: dryRun, graceSeconds: grace)
             if output.json { return Output.json(report) }
-            print("\(dryRun ? "would remove" : "removed") \(report.removedChunks) chunks (\(Format.bytes(report.removedBytes))) and \(report.removedTemporaryFiles) leftover files, \(report.removedPartialDirectories) unfinished checkpoint directories of dead dumps; kept \(report.keptChunks) chunks of \(report.checkpoints) checkpoints")
+            print(report.textLine)
         }
     }
 }

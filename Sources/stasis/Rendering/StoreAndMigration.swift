@@ -1,0 +1,28 @@
+import Foundation
+import StasisCore
+import StasisEngine
+import StasisStore
+
+// How `stasis migrate` and `stasis gc` read on a terminal.
+
+extension MigrateOperation.Report {
+    var textLines: [String] {
+        var lines = [
+            "migrated PID \(pid) to \(receiver): running there as root PID \(remotePID)",
+            "  downtime: \(Format.seconds(downtimeSeconds)) (checkpoint, sending its new chunks meanwhile, \(Format.seconds(dumpSeconds)); "
+                + "the rest sent in \(Format.seconds(transferSeconds)); restore there \(Format.seconds(restoreSeconds)))",
+            "  sent:     \(Format.bytes(bytesSent)) in \(chunksSent) chunks, \(Format.bytes(bytesSentDuringDump)) of it while the dump ran; "
+                + "not sent: \(chunksSkipped) chunks, \(Format.bytes(bytesSkipped)), the receiver had them",
+        ]
+        if gpuProcesses > 0 { lines.append("  gpu:      \(gpuProcesses) CUDA process(es)") }
+        return lines
+    }
+}
+
+extension StoreCatalog.CollectReport {
+    var textLine: String {
+        let removed = ["\(removedChunks) chunks (\(Format.bytes(removedBytes)))", "\(removedTemporaryFiles) leftover files",
+                       "\(removedPartialDirectories) unfinished checkpoint directories of dead dumps"]
+        return "\(dryRun ? "would remove" : "removed") \(removed.joined(separator: ", ")); kept \(keptChunks) chunks of \(checkpoints) checkpoints"
+    }
+}

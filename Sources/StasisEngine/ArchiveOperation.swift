@@ -92,16 +92,8 @@ public enum ArchiveOperation {
         defer { lock?.release() }
         _ = try Checkpoint.verify(directory, manifest: manifest, store: store, chunks: false)
         // Hidden beside the target until complete; published without replacing anything that appeared meanwhile.
-        let url = URL(fileURLWithPath: file)
-        let partial = url.deletingLastPathComponent().path + "/." + url.lastPathComponent + ".partial-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-        let fd = retryingEINTR { open(partial, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600) }
-        guard fd >= 0 else { throw systemError("cannot create", partial) }
-        var done = false
-        defer {
-            close(fd)
-            if !done { unlink(partial) }
-        }
-        var tar = Tar.Writer(fd: fd, path: file)
+        let output = try AtomicFile(creating: file)
+        var tar = Tar.Writer(fd: output.descriptor, path: file)
         do {
             try tar.directory(checkpointDirectory)
             var count = 0
@@ -129,12 +121,7 @@ public enum ArchiveOperation {
                 try tar.file(configDump, contents: try JSONEncoder().encode(config))
             }
             try tar.finish()
-            guard fsync(fd) == 0 else { throw systemError("cannot sync", partial) }
-            // link(2) fails rather than replace a file that appeared since the check above.
-            guard link(partial, file) == 0 else { throw systemError("cannot create", file) }
-            unlink(partial)
-            try FileSystem.fsync(path: url.deletingLastPathComponent().path)
-            done = true
+            try output.publish()
             return ExportReport(checkpoint: directory, archive: file, files: count + 2, bytes: tar.bytes, seconds: watch.seconds)
         } catch {
             throw StasisError.wrapping(error, as: .io).prefixed("export of \(directory) as a checkpoint archive failed")

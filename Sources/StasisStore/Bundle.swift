@@ -48,13 +48,12 @@ public enum CheckpointBundle {
     /// Writes the checkpoint in `directory` (whose manifest.json holds `manifestData`) to a new file at
     /// `bundlePath`, reading its chunks from `store`. Every whole file is checked against the manifest and every
     /// chunk against its digest on the way, so a damaged checkpoint is refused here rather than on the other
-    /// machine. The file appears complete or not at all (temporary file, fsync, rename), mode 0600.
+    /// machine. The file appears complete or not at all (an AtomicFile), mode 0600.
     public static func export(directory: String, manifestData: Data, manifest: Manifest, store: ChunkStore?,
                               to bundlePath: String) throws -> ExportReport {
         let watch = Stopwatch()
         try validate(manifest, name: "\(directory)/\(Manifest.fileName)", code: .manifestInvalid)
         let chunked = manifest.files.filter { $0.chunks != nil }
-        let chunkSize = manifest.store?.chunkSize ?? ChunkStore.chunkSize
         if !chunked.isEmpty && store == nil {
             throw StasisError(.invalidArgument, "\(directory) keeps its memory in a chunk store; name it with --store")
         }
@@ -401,12 +400,13 @@ public enum CheckpointBundle {
     }
 }
 
-/// The bundle being written: buffered, hashed as it goes, in a hidden temporary file beside the target until
+/// The bundle being written: buffered, hashed as it goes, into an AtomicFile (or onto a connection) until
 /// `finish` renames it into place.
 final class BundleOutput {
     let path: String
-    private let temporary: String
-    private var fd: Int32
+    private let fd: Int32
+    /// The file being written (nil on a stream): it holds the descriptor and gives the bundle its name.
+    private var file: AtomicFile?
     private let buffer: UnsafeMutableRawBufferPointer
     private var used = 0
     private var hasher = SHA256()
@@ -415,34 +415,20 @@ final class BundleOutput {
 
     /// Writes onto a connection: no file, no rename, no fsync; `finish` only flushes.
     init(stream fd: Int32, name: String) throws {
-        (path, temporary, self.fd, isStream) = (name, name, fd, true)
+        (path, self.fd, isStream) = (name, fd, true)
         buffer = .allocate(byteCount: CheckpointBundle.ioSize, alignment: 4096)
         try CheckpointBundle.magic.withUnsafeBytes { try append($0) }
     }
 
     init(path target: String) throws {
         isStream = false
-        let url = URL(fileURLWithPath: target).standardizedFileURL
-        let parent = url.deletingLastPathComponent().path
-        guard !FileSystem.exists(url.path) else {
-            throw StasisError(.invalidArgument, "\(url.path) already exists", hint: "choose a new file name, or remove the old bundle first")
-        }
-        guard FileSystem.isDirectory(parent) else {
-            throw StasisError(.invalidArgument, "\(parent) is not a directory", hint: "create it first")
-        }
-        FileSystem.removeAbandonedPartials(of: url.path)
-        let temporary = "\(parent)/.\(url.lastPathComponent).partial-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-        let fd = retryingEINTR { open(temporary, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600) }
-        guard fd >= 0 else { throw systemError("cannot create", temporary) }
-        (path, self.temporary, self.fd) = (url.path, temporary, fd)
+        let file = try AtomicFile(creating: target)
+        (path, fd, self.file) = (file.path, file.descriptor, file)
         buffer = .allocate(byteCount: CheckpointBundle.ioSize, alignment: 4096)
         try CheckpointBundle.magic.withUnsafeBytes { try append($0) }
     }
 
-    deinit {
-        if fd >= 0 && !isStream { close(fd) }
-        buffer.deallocate()
-    }
+    deinit { buffer.deallocate() }
 
     func header(_ kind: CheckpointBundle.Kind, name: String, length: UInt64) throws {
         let nameBytes = Array(name.utf8)
@@ -472,11 +458,17 @@ final class BundleOutput {
     }
 
     private func flush() throws {
-        var done = 0
-        while done < used {
-            let wrote = retryingEINTR { isStream ? send(fd, buffer.baseAddress! + done, used - done, Int32(MSG_NOSIGNAL)) : Glibc.write(fd, buffer.baseAddress! + done, used - done) }
-            guard wrote > 0 else { throw systemError("cannot write", temporary) }
-            done += wrote
+        let pending = UnsafeRawBufferPointer(start: buffer.baseAddress, count: used)
+        if let file {
+            try file.write(pending)
+        } else {
+            // A connection: send(2) with MSG_NOSIGNAL, so a peer that went away is an error, not SIGPIPE.
+            var done = 0
+            while done < used {
+                let sent = retryingEINTR { send(fd, pending.baseAddress! + done, used - done, Int32(MSG_NOSIGNAL)) }
+                guard sent > 0 else { throw systemError("cannot send", path) }
+                done += sent
+            }
         }
         used = 0
     }
@@ -487,21 +479,11 @@ final class BundleOutput {
         try header(.end, name: "", length: 32)
         try digest.withUnsafeBytes { try append($0) }
         try flush()
-        if isStream { return }
-        guard fchmod(fd, 0o600) == 0 else { throw systemError("cannot set mode 0600 on", temporary) }
-        guard Glibc.fsync(fd) == 0 else { throw systemError("cannot fsync", temporary) }
-        close(fd)
-        fd = -1
-        guard rename(temporary, path) == 0 else { throw systemError("cannot rename \(temporary) to", path) }
-        try FileSystem.fsync(path: URL(fileURLWithPath: path).deletingLastPathComponent().path)
+        try file?.publish()
     }
 
     /// Removes the unfinished file.
-    func abandon() {
-        if isStream { return }
-        if fd >= 0 { close(fd); fd = -1 }
-        unlink(temporary)
-    }
+    func abandon() { file?.discard() }
 }
 
 /// The bundle being read: buffered, counting and hashing every byte handed out.

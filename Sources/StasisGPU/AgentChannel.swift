@@ -73,11 +73,7 @@ final class AgentChannel: @unchecked Sendable {
 
     /// How long a receive or a send may wait; requests that may take long (QUIESCE waits for the program's
     /// threads) set it first.
-    func setTimeout(seconds: Int) {
-        var timeout = timeval(tv_sec: seconds, tv_usec: 0)
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-    }
+    func setTimeout(seconds: Int) { StreamSocket.setTimeout(fd, seconds: seconds) }
 
     func send(_ op: stasis_agent_op, slot: Int32 = 0, id: UInt64 = 0, offset: UInt64 = 0, length: UInt64 = 0) throws {
         var message = Message()
@@ -87,33 +83,19 @@ final class AgentChannel: @unchecked Sendable {
         message.offset = offset
         message.length = length
         try sendLock.withLock {
-            try withUnsafeBytes(of: &message) { bytes in
-                var done = 0
-                while done < bytes.count {
-                    let sent = Glibc.send(fd, bytes.baseAddress! + done, bytes.count - done, Int32(MSG_NOSIGNAL))
-                    if sent < 0 && errno == EINTR { continue }
-                    guard sent > 0 else { throw StasisError(.gpu, "the agent of PID \(pid) went away (\(String(cString: strerror(errno))))") }
-                    done += sent
-                }
+            if let failure = withUnsafeBytes(of: &message, { StreamSocket.send(fd, $0) }) {
+                throw StasisError(.gpu, "the agent of PID \(pid) went away (\(failure.reason))")
             }
         }
     }
 
     func receive() throws -> Message {
         var message = Message()
-        try withUnsafeMutableBytes(of: &message) { bytes in
-            var done = 0
-            while done < bytes.count {
-                let got = recv(fd, bytes.baseAddress! + done, bytes.count - done, 0)
-                if got < 0 && errno == EINTR { continue }
-                if got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) {
-                    throw StasisError(.gpu, "the agent of PID \(pid) did not answer in time")
-                }
-                guard got > 0 else { throw StasisError(.gpu, "the agent of PID \(pid) closed the connection") }
-                done += got
-            }
+        switch withUnsafeMutableBytes(of: &message, { StreamSocket.receive(fd, into: $0) }) {
+        case nil: return message
+        case .timedOut?: throw StasisError(.gpu, "the agent of PID \(pid) did not answer in time")
+        case .closed?, .failed?: throw StasisError(.gpu, "the agent of PID \(pid) closed the connection")
         }
-        return message
     }
 
     /// Receives the answer to a request: OK (returned), or ERROR (thrown with the agent's words).

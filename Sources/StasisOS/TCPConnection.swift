@@ -69,11 +69,7 @@ public final class TCPConnection: @unchecked Sendable {
     }
 
     /// Sets the time limit of every send and receive on `fd`.
-    public static func setTimeout(_ fd: Int32, seconds: Int) {
-        var limit = timeval(tv_sec: seconds, tv_usec: 0)
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
-        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
-    }
+    public static func setTimeout(_ fd: Int32, seconds: Int) { StreamSocket.setTimeout(fd, seconds: seconds) }
 
     /// Every wait on the connection, and every whole `receive` (a peer that trickles a byte at a time does
     /// not keep it waiting longer), is limited to `seconds`.
@@ -89,12 +85,8 @@ public final class TCPConnection: @unchecked Sendable {
     /// `more`: further bytes follow at once (MSG_MORE), so that a small header and its payload, sent
     /// without being copied together, still leave in full packets.
     public func send(_ buffer: UnsafeRawBufferPointer, more: Bool = false) throws {
-        var done = 0
-        while done < buffer.count {
-            let sent = Glibc.send(fd, buffer.baseAddress! + done, buffer.count - done, Int32(MSG_NOSIGNAL) | (more ? Int32(MSG_MORE) : 0))
-            if sent < 0 && errno == EINTR { continue }
-            guard sent > 0 else { throw Self.failure("sending to", peer) }
-            done += sent
+        if let failure = StreamSocket.send(fd, buffer, more: more) {
+            throw StasisError(.io, "sending to \(peer) failed: \(failure.reason)")
         }
     }
 
@@ -107,24 +99,13 @@ public final class TCPConnection: @unchecked Sendable {
 
     /// Fills `buffer` entirely; an error if the peer closes first.
     public func receive(into buffer: UnsafeMutableRawBufferPointer) throws {
-        let count = buffer.count
         let deadline = limit > 0 ? Date().addingTimeInterval(Double(limit)) : nil
-        var done = 0
-        while done < count {
-            if let deadline, done > 0, Date() > deadline {
-                throw StasisError(.io, "receiving from \(peer) failed: \(count) bytes did not come within \(limit) s")
-            }
-            let got = recv(fd, buffer.baseAddress! + done, count - done, 0)
-            if got < 0 && errno == EINTR { continue }
-            if got == 0 { throw StasisError(.io, "\(peer) closed the connection") }
-            guard got > 0 else { throw Self.failure("receiving from", peer) }
-            done += got
+        switch StreamSocket.receive(fd, into: buffer, deadline: deadline) {
+        case nil: return
+        case .closed?: throw StasisError(.io, "\(peer) closed the connection")
+        case .timedOut? where deadline != nil: throw StasisError(.io, "receiving from \(peer) failed: \(buffer.count) bytes did not come within \(limit) s")
+        case let failure?: throw StasisError(.io, "receiving from \(peer) failed: \(failure.reason)")
         }
-    }
-
-    static func failure(_ action: String, _ peer: String) -> StasisError {
-        let timedOut = errno == EAGAIN || errno == EWOULDBLOCK
-        return StasisError(.io, "\(action) \(peer) failed: \(timedOut ? "no answer in time" : String(cString: strerror(errno)))")
     }
 }
 

@@ -1,0 +1,66 @@
+import Foundation
+import Glibc
+
+/// Whole-buffer sends and receives on a stream socket, TCP or unix: the one implementation behind every
+/// connection stasis speaks over (a migration's TCPConnection, an agent's AgentChannel), which turn its
+/// outcomes into their own errors.
+public enum StreamSocket {
+    public enum Failure: Error, Equatable {
+        /// The peer closed the connection (a receive got end-of-file; a send, EPIPE or ECONNRESET).
+        case closed
+        /// A wait ran past the socket's time limit (SO_RCVTIMEO / SO_SNDTIMEO), or a whole receive past its deadline.
+        case timedOut
+        case failed(errno: Int32)
+
+        public var reason: String {
+            switch self {
+            case .closed: "the connection was closed"
+            case .timedOut: "no answer in time"
+            case .failed(let code): String(cString: strerror(code))
+            }
+        }
+    }
+
+    /// Sets the time limit of every send and receive on `fd`.
+    public static func setTimeout(_ fd: Int32, seconds: Int) {
+        var limit = timeval(tv_sec: seconds, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
+    }
+
+    /// Sends all of `buffer` (MSG_NOSIGNAL: a peer that went away is an error, not SIGPIPE); `more`: bytes
+    /// follow at once (MSG_MORE). nil when all went.
+    public static func send(_ fd: Int32, _ buffer: UnsafeRawBufferPointer, more: Bool = false) -> Failure? {
+        var done = 0
+        while done < buffer.count {
+            let sent = Glibc.send(fd, buffer.baseAddress! + done, buffer.count - done, Int32(MSG_NOSIGNAL) | (more ? Int32(MSG_MORE) : 0))
+            if sent < 0 && errno == EINTR { continue }
+            guard sent > 0 else { return failure() }
+            done += sent
+        }
+        return nil
+    }
+
+    /// Fills all of `buffer`; with `deadline`, a peer that trickles bytes cannot make the whole receive wait
+    /// longer than that. nil when it is full.
+    public static func receive(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer, deadline: Date? = nil) -> Failure? {
+        var done = 0
+        while done < buffer.count {
+            if let deadline, done > 0, Date() > deadline { return .timedOut }
+            let got = recv(fd, buffer.baseAddress! + done, buffer.count - done, 0)
+            if got < 0 && errno == EINTR { continue }
+            if got == 0 { return .closed }
+            guard got > 0 else { return failure() }
+            done += got
+        }
+        return nil
+    }
+
+    private static func failure() -> Failure {
+        switch errno {
+        case EAGAIN, EWOULDBLOCK: .timedOut
+        case EPIPE, ECONNRESET: .closed
+        default: .failed(errno: errno)
+        }
+    }
+}

@@ -1,5 +1,4 @@
 import Foundation
-import Glibc
 import StasisCore
 import StasisOS
 import StasisStore
@@ -9,24 +8,16 @@ public enum Checkpoint {
     /// Reads and validates DIR/manifest.json with an error for each way it can be wrong. The directory must
     /// be this user's and not writable by others: its files are about to be trusted once they match.
     public static func readManifest(_ directory: String) throws -> Manifest {
-        var st = stat()
-        guard stat(directory, &st) == 0 else {
-            if errno == ENOENT || errno == ENOTDIR { throw StasisError(.notACheckpoint, "\(directory) does not exist") }
-            throw systemError("cannot read the checkpoint", directory)
-        }
-        guard (st.st_mode & S_IFMT) == S_IFDIR else {
-            throw StasisError(.notACheckpoint, "\(directory) is not a directory")
+        switch try FileSystem.type(of: directory) {
+        case nil: throw StasisError(.notACheckpoint, "\(directory) does not exist")
+        case .directory?: break
+        default: throw StasisError(.notACheckpoint, "\(directory) is not a directory")
         }
         try FileSystem.requireOwnedAndPrivate(directory, what: "checkpoint directory")
         let path = directory + "/" + Manifest.fileName
-        let fd = retryingEINTR { open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW) }
-        guard fd >= 0 else {
-            if errno == ENOENT {
-                throw StasisError(.notACheckpoint, "\(directory) has no \(Manifest.fileName): it is not a stasis checkpoint, or one that never finished")
-            }
-            throw systemError("cannot read", path)
+        guard try FileSystem.checkReadable(path) else {
+            throw StasisError(.notACheckpoint, "\(directory) has no \(Manifest.fileName): it is not a stasis checkpoint, or one that never finished")
         }
-        close(fd)
         return try Manifest.decode(try FileSystem.readFile(path), path: path)
     }
 

@@ -1,5 +1,4 @@
 import Foundation
-import Glibc
 import StasisCore
 import StasisOS
 import StasisStore
@@ -100,7 +99,7 @@ public enum CheckpointWriter {
         // Listed before the checkpoint exists, so that from the moment it does, gc keeps its chunks.
         staging.manifestID = manifest.id
         try StoreCatalog(store: store).register(manifest, directory: staging.destination)
-        for name in images.chunked.keys { unlink(staging.path + "/" + name) }
+        for name in images.chunked.keys { FileSystem.remove(staging.path + "/" + name) }
         try FileSystem.writeAtomically(try Manifest.encoder().encode(manifest), to: staging.path + "/" + Manifest.fileName)
         try FileSystem.fsync(path: staging.path)
         return manifest

@@ -1,5 +1,4 @@
 import Foundation
-import Glibc
 import StasisCore
 import StasisOS
 import StasisStore
@@ -27,10 +26,10 @@ public final class StagingDirectory {
     public init(destination: String, store: ChunkStore? = nil) throws {
         self.destination = try Self.check(destination: destination)
         FileSystem.removeAbandonedPartials(of: self.destination)
-        let staging = try FileSystem.makeStagingSibling(of: self.destination, owner: getpid())
+        let staging = try FileSystem.makeStagingSibling(of: self.destination, owner: ProcessInfo.processInfo.processIdentifier)
         var work: String?
         do {
-            let made = try FileSystem.makeStagingSibling(of: self.destination, owner: getpid())
+            let made = try FileSystem.makeStagingSibling(of: self.destination, owner: ProcessInfo.processInfo.processIdentifier)
             work = made
             writer = try store.map { try StoreWriter(store: $0, partials: [staging, made]) }
         } catch {
@@ -76,8 +75,8 @@ public final class StagingDirectory {
     /// the checkpoint's verified content (see `Checkpoint.unlistedLogs`).
     public func finishWork(keeping logName: String?) {
         if let logName, FileSystem.exists(workPath + "/" + logName) {
-            chmod(workPath + "/" + logName, 0o600)
-            rename(workPath + "/" + logName, destination + "/" + logName)
+            try? FileSystem.setMode(workPath + "/" + logName, 0o600)
+            try? FileSystem.rename(workPath + "/" + logName, to: destination + "/" + logName)
         }
         FileSystem.removeTree(workPath)
         writer?.release()
@@ -96,7 +95,7 @@ public final class StagingDirectory {
         var kept: String?
         if let logName,
            let data = FileManager.default.contents(atPath: workPath + "/" + logName) ?? FileManager.default.contents(atPath: path + "/" + logName) {
-            for target in [destination + ".dump-failed.log", NSTemporaryDirectory() + "stasis-dump-failed-\(getpid()).log"] {
+            for target in [destination + ".dump-failed.log", NSTemporaryDirectory() + "stasis-dump-failed-\(ProcessInfo.processInfo.processIdentifier).log"] {
                 if (try? FileSystem.writeAtomically(data, to: target)) != nil { kept = target; break }
             }
         }

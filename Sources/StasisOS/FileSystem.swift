@@ -16,6 +16,46 @@ public enum FileSystem {
         return stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR
     }
 
+    public enum FileType: Sendable { case directory, regular, other }
+
+    /// What `path` is, following links; nil when nothing is there. Any other failure to look (permission
+    /// denied on a directory above it) is thrown as it is, not taken for "missing".
+    public static func type(of path: String) throws -> FileType? {
+        var st = stat()
+        guard stat(path, &st) == 0 else {
+            if errno == ENOENT || errno == ENOTDIR { return nil }
+            throw systemError("cannot examine", path)
+        }
+        switch st.st_mode & S_IFMT {
+        case S_IFDIR: return .directory
+        case S_IFREG: return .regular
+        default: return .other
+        }
+    }
+
+    /// Opens `path` for reading and closes it again: nil when it is missing, thrown when it cannot be read.
+    public static func checkReadable(_ path: String) throws -> Bool {
+        let fd = retryingEINTR { open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW) }
+        guard fd >= 0 else {
+            if errno == ENOENT { return false }
+            throw systemError("cannot read", path)
+        }
+        close(fd)
+        return true
+    }
+
+    /// Removes a file, if it is there.
+    public static func remove(_ path: String) { unlink(path) }
+
+    /// Renames `source` to `destination` (one filesystem), replacing a file there.
+    public static func rename(_ source: String, to destination: String) throws {
+        guard Glibc.rename(source, destination) == 0 else { throw systemError("cannot rename \(source) to", destination) }
+    }
+
+    public static func setMode(_ path: String, _ mode: mode_t) throws {
+        guard chmod(path, mode) == 0 else { throw systemError("cannot set the mode of", path) }
+    }
+
     /// Refuses a directory stasis is about to trust (a chunk store, a checkpoint) unless it belongs to this
     /// user and no one else may write to it: chunks planted there would count as present, files as verified.
     public static func requireOwnedAndPrivate(_ path: String, what: String) throws {
@@ -162,7 +202,7 @@ public enum FileSystem {
         if failure == nil, fchmod(fd, mode) != 0 { failure = systemError("cannot set mode on", temporary) }
         if failure == nil, Glibc.fsync(fd) != 0 { failure = systemError("cannot fsync", temporary) }
         close(fd)
-        if failure == nil, rename(temporary, path) != 0 { failure = systemError("cannot rename \(temporary) to", path) }
+        if failure == nil, Glibc.rename(temporary, path) != 0 { failure = systemError("cannot rename \(temporary) to", path) }
         if let failure {
             unlink(temporary)
             throw failure
@@ -173,7 +213,7 @@ public enum FileSystem {
     /// the new name is durable.
     public static func publish(_ source: String, as destination: String) throws {
         if isDirectory(destination) { rmdir(destination) }
-        guard rename(source, destination) == 0 else {
+        guard Glibc.rename(source, destination) == 0 else {
             throw systemError("cannot rename \(source) to", destination)
         }
         try fsync(path: URL(fileURLWithPath: destination).deletingLastPathComponent().path)

@@ -1,13 +1,14 @@
 // swift-tools-version: 6.0
 // stasis: checkpoint/restore for GPU process trees. One package, small libraries, a thin command on top.
 //
-//   StasisCore    leaf: errors, the manifest schema, formatting
-//   StasisOS      every syscall, /proc read, file write and process spawn (CStasisLinux: its C shims)
+//   StasisCore    leaf: errors, the manifest schema and its validation, formatting, the concurrency kit
+//   StasisOS      system calls: files (AtomicFile), /proc, processes, sockets (StreamSocket), hashing of files
+//                 (CStasisLinux: its C shims); the boundary the other modules are moving behind (docs/ARCHITECTURE.md)
 //   StasisCRIU    CRIU through `criu swrk` RPC (generated protobuf code committed under Generated/)
 //   StasisGPU     the GPU driver (dlopen'd at run time) and the per-process device steps; the driver's
 //                 checkpoint steps themselves are C (CStasisCUDA), shared with the CRIU plugin
 //   StasisStore   content-addressed, compressed chunks shared by checkpoints (CStasisCompress: libzstd, liblz4)
-//   StasisImage   the checkpoint directory: staging, manifest, hashing, verification, atomic publish
+//   StasisImage   the checkpoint directory: staging, writing the manifest (CheckpointWriter), verification, publish
 //   StasisEngine  dump / restore / check / inspect / verify / migrate / serve, built from the modules above
 //   StasisCRIUPlugin  the same driver steps as a CRIU plugin, for plain criu, runc and podman
 //   StasisAgent   libstasis-agent.so, preloaded into GPU programs by `stasis run`: it interposes the CUDA

@@ -33,14 +33,12 @@ struct ExportCommand: ParsableCommand {
             if archive {
                 let report = try ArchiveOperation.export(directory, to: file, store: store.store)
                 if output.json { return Output.json(report) }
-                print("exported \(report.checkpoint) to \(report.archive) (container checkpoint archive): \(report.files) files, \(Format.bytes(report.bytes)) in \(Format.seconds(report.seconds))")
+                print(report.textLine)
                 return
             }
             let report = try BundleOperation.export(directory, to: file, store: store.store)
             if output.json { return Output.json(report) }
-            print("exported \(report.checkpoint) to \(report.bundle)")
-            print("  contents: \(report.files) whole file\(report.files == 1 ? "" : "s"), \(report.chunkedFiles) chunked (\(report.chunks) distinct chunks); \(Format.bytes(report.checkpointBytes)) of checkpoint")
-            print("  bundle:   \(Format.bytes(report.bundleBytes)) in \(Format.seconds(report.seconds))")
+            for line in report.textLines { print(line) }
         }
     }
 }

@@ -30,20 +30,12 @@ struct ImportCommand: ParsableCommand {
             if ArchiveOperation.isArchive(file) {
                 let report = try ArchiveOperation.importArchive(file, into: directory, store: store.store)
                 if output.json { return Output.json(report) }
-                print("imported container \(report.container) (written by \(report.engine)) into \(report.directory)")
-                print("  files:  \(report.files); chunks \(report.statistics.newChunks) new (\(Format.bytes(report.statistics.storedBytes))), \(report.statistics.reusedChunks) already there, in \(Format.seconds(report.seconds))")
-                print("  restore it with: stasis restore -D \(report.directory) --bundle BUNDLE")
+                for line in report.textLines { print(line) }
                 return
             }
             let report = try BundleOperation.importBundle(file, into: directory, store: store.store)
             if output.json { return Output.json(report) }
-            let s = report.statistics
-            print("imported checkpoint \(report.id) into \(report.directory)")
-            print("  files:  \(s.files) whole file\(s.files == 1 ? "" : "s"), \(Format.bytes(s.fileBytes))")
-            if let store = report.store {
-                print("  chunks: \(s.chunks) into \(store): \(s.newChunks) new (\(Format.bytes(s.storedBytes))), \(s.reusedChunks) already there")
-            }
-            print("  bundle: \(Format.bytes(s.bundleBytes)) verified in \(Format.seconds(report.seconds))")
+            for line in report.textLines { print(line) }
         }
     }
 }

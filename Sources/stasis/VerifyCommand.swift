@@ -23,7 +23,7 @@ struct VerifyCommand: ParsableCommand {
             defer { storeLock?.release() }
             let report = try Checkpoint.verify(directory, manifest: manifest, store: chunks)
             if output.json { return Output.json(report) }
-            print("ok: \(report.files) files, \(Format.bytes(report.bytes)) match the manifest (\(Format.seconds(report.seconds)), \(Format.throughput(bytes: report.bytes, seconds: report.seconds)))")
+            print(report.textLine)
         }
     }
 }

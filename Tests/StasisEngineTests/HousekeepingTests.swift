@@ -33,31 +33,9 @@ import Testing
         usleep(1_500_000)
         #expect(FileSystem.exists(sample.checkpoint + "/manifest.json"), "rm went ahead while a reader held the store")
         reader.release()
-        let result = try removal.get()
+        let result = try removal.value()
         #expect(result.succeeded, "\(result.stderr)")
         #expect(Date().timeIntervalSince(started) >= 1.4)
         #expect(!FileSystem.exists(sample.checkpoint))
-    }
-}
-
-extension Thread {
-    /// Runs `body` on a thread of its own; `get` waits for its result.
-    static func detachedResult<T>(_ body: @escaping @Sendable () throws -> T) -> Pending<T> {
-        let pending = Pending<T>()
-        Thread.detachNewThread { pending.set(Result { try body() }) }
-        return pending
-    }
-
-    // @unchecked Sendable: `result` is set once under the condition's lock and read under it.
-    final class Pending<T>: @unchecked Sendable {
-        private let condition = NSCondition()
-        private var result: Result<T, Error>?
-        func set(_ value: Result<T, Error>) { condition.withLock { result = value; condition.broadcast() } }
-        func get() throws -> T {
-            try condition.withLock {
-                while result == nil { condition.wait() }
-                return try result!.get()
-            }
-        }
     }
 }

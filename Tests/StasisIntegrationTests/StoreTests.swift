@@ -159,26 +159,3 @@ extension Integration {
     }
 }
 }
-
-/// A value computed on its own thread.
-final class DetachedResult<T>: @unchecked Sendable {
-    private let lock = NSLock()
-    private var result: Result<T, Error>?
-    private let done = DispatchSemaphore(value: 0)
-    var isDone: Bool { lock.withLock { result != nil } }
-    func set(_ value: Result<T, Error>) { lock.withLock { result = value }; done.signal() }
-    func value() throws -> T {
-        done.wait()
-        done.signal()
-        return try lock.withLock { result! }.get()
-    }
-}
-
-extension Thread {
-    static func detachedResult<T>(_ body: @escaping @Sendable () throws -> T) -> DetachedResult<T> {
-        let box = DetachedResult<T>()
-        let thread = Thread { box.set(Result { try body() }) }
-        thread.start()
-        return box
-    }
-}

@@ -44,6 +44,14 @@ public enum FileSystem {
         return true
     }
 
+    /// A file's size and how many seconds ago it was last modified, without following a link; nil when it is
+    /// not there.
+    public static func sizeAndAge(_ path: String) -> (size: UInt64, seconds: Double)? {
+        var st = stat()
+        guard lstat(path, &st) == 0 else { return nil }
+        return (UInt64(st.st_size), Date().timeIntervalSince1970 - Double(st.st_mtim.tv_sec))
+    }
+
     /// Removes a file, if it is there.
     public static func remove(_ path: String) { unlink(path) }
 

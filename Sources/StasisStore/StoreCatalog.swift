@@ -1,5 +1,4 @@
 import Foundation
-import Glibc
 import StasisCore
 import StasisOS
 
@@ -29,7 +28,7 @@ public struct StoreCatalog {
         try FileSystem.fsync(path: store.path + "/checkpoints")
     }
 
-    public func unregister(id: String) { unlink(entryPath(id)) }
+    public func unregister(id: String) { FileSystem.remove(entryPath(id)) }
 
     /// The listed checkpoint with this id, if any (an entry that does not parse counts as none).
     public func entry(id: String) -> Entry? {
@@ -105,7 +104,6 @@ public struct StoreCatalog {
         for entry in listed {
             for file in entry.manifest.files { for chunk in file.chunks ?? [] where !chunk.isEmpty { referenced.insert(chunk) } }
         }
-        let now = Date().timeIntervalSince1970
         var report = CollectReport(checkpoints: listed.count, keptChunks: 0, removedChunks: 0, removedBytes: 0, removedTemporaryFiles: 0,
                                    removedPartialDirectories: 0, dryRun: dryRun)
         for name in store.allChunks() {
@@ -114,11 +112,10 @@ public struct StoreCatalog {
                 continue
             }
             let path = store.chunkPath(name)
-            var st = stat()
-            guard lstat(path, &st) == 0, now - Double(st.st_mtim.tv_sec) >= graceSeconds else { report.keptChunks += 1; continue }
+            guard let file = FileSystem.sizeAndAge(path), file.seconds >= graceSeconds else { report.keptChunks += 1; continue }
             report.removedChunks += 1
-            report.removedBytes += UInt64(st.st_size)
-            if !dryRun { unlink(path) }
+            report.removedBytes += file.size
+            if !dryRun { FileSystem.remove(path) }
         }
         // tmp/NAME.PID.RANDOM: a writer that died left it; one still running keeps its own.
         let temporary = store.path + "/tmp"
@@ -126,7 +123,7 @@ public struct StoreCatalog {
             let parts = name.split(separator: ".")
             guard parts.count == 3, let owner = Int32(parts[1]), !ProcFS.isLive(owner) else { continue }
             report.removedTemporaryFiles += 1
-            if !dryRun { unlink(temporary + "/" + name) }
+            if !dryRun { FileSystem.remove(temporary + "/" + name) }
         }
         report.removedPartialDirectories = StoreWriter.collectDead(in: store, dryRun: dryRun)
         return report

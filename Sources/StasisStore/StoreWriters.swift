@@ -1,5 +1,4 @@
 import Foundation
-import Glibc
 import StasisCore
 import StasisOS
 
@@ -15,12 +14,12 @@ public final class StoreWriter: Sendable {
     public init(store: ChunkStore, partials: [String]) throws {
         let directory = store.path + "/writers"
         try FileSystem.makePrivateDirectory(directory)
-        record = "\(directory)/\(getpid()).\(UInt32.random(in: 0...UInt32.max))"
+        record = "\(directory)/\(ProcessInfo.processInfo.processIdentifier).\(UInt32.random(in: 0...UInt32.max))"
         try FileSystem.writeAtomically(Data(partials.map { $0 + "\n" }.joined().utf8), to: record)
     }
 
     /// The work is published or discarded: nothing is left to collect.
-    public func release() { unlink(record) }
+    public func release() { FileSystem.remove(record) }
 
     /// Removes the partial directories that dead writers recorded, and their records; returns how many
     /// directories went. Only a path whose last component is `.NAME.partial-PID-…` for the record's own dead
@@ -36,7 +35,7 @@ public final class StoreWriter: Sendable {
                 removed += 1
                 if !dryRun { FileSystem.removeTree(path) }
             }
-            if !dryRun { unlink(directory + "/" + name) }
+            if !dryRun { FileSystem.remove(directory + "/" + name) }
         }
         return removed
     }

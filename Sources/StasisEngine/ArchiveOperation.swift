@@ -189,8 +189,6 @@ public enum ArchiveOperation {
         try StagingDirectory.check(destination: destination)
         let store = try ChunkStore(path: ChunkStore.resolve(explicit, recorded: nil), create: true)
         let staging = try StagingDirectory(destination: destination, store: store)
-        var catalog: StoreCatalog?
-        var manifestID: String?
         do {
             let lock = try store.lock(exclusive: false)
             defer { lock.release() }
@@ -245,35 +243,19 @@ public enum ArchiveOperation {
                 .flatMap { ($0["annotations"] as? [String: String])?["io.container.manager"] } ?? "stasis"
             // Large images into the store, the rest kept whole, as a dump does.
             let ingester = ChunkIngester(directory: staging.path, store: store, codec: .standard, releaseIngested: true, follows: { _ in false })
-            let images = try CheckpointWriter.completeImages(in: staging.path, ingester: ingester)
-            let chunked = images.chunked, statistics = images.statistics
-            for name in chunked.keys { unlink(staging.path + "/" + name) }
-            let entries = images.files.sorted { $0.path < $1.path }
-            var manifest = Manifest(
-                id: UUID().uuidString.lowercased(), createdAt: config.created ?? Date(),
-                tool: .init(name: "stasis", version: StasisVersion.current), host: HostFacts.current(),
-                criu: .init(version: "unknown (imported from a checkpoint archive)", logFile: "dump.log"),
+            var contents = CheckpointWriter.Contents(
+                toolVersion: StasisVersion.current, criu: .init(version: "unknown (imported from a checkpoint archive)", logFile: "dump.log"),
                 options: .init(leaveRunning: false, tcpEstablished: false, shellJob: false),
-                processTree: .init(rootPID: 0, processes: []),
-                memory: .init(residentBytes: 0, dumpedBytes: chunked.filter { CheckpointWriter.isMemoryImage($0.key) }.reduce(0) { $0 + $1.value.size },
-                              imageBytes: entries.reduce(0) { $0 + $1.size }),
-                timings: .init(), gpu: .init(), files: entries)
-            manifest.formatVersion = Manifest.versionWithContainer
-            manifest.container = .init(runtime: config.runtime ?? "runc", id: config.id, bundle: "", spec: CheckpointWriter.containerSpecName)
-            manifest.store = .init(path: store.path, chunkSize: ChunkStore.chunkSize, codec: Codec.standard.description,
-                                   plainBytes: statistics.plainBytes, storedBytes: statistics.storedBytes, newChunks: statistics.newChunks,
-                                   reusedChunks: statistics.reusedChunks, zeroChunks: statistics.zeroChunks)
-            try manifest.validate(name: "\(file) (the checkpoint made of it)", code: .integrity)
-            manifestID = manifest.id
-            catalog = StoreCatalog(store: store)
-            try catalog!.register(manifest, directory: staging.destination)
-            try FileSystem.writeAtomically(try Manifest.encoder().encode(manifest), to: staging.path + "/" + Manifest.fileName)
-            try FileSystem.fsync(path: staging.path)
+                processTree: .init(rootPID: 0, processes: []), gpu: .init(), deviceFiles: [], deviceStatistics: .init(), timings: .init(),
+                container: .init(runtime: config.runtime ?? "runc", id: config.id, bundle: "", spec: CheckpointWriter.containerSpecName),
+                codec: Codec.standard.description)
+            contents.createdAt = config.created
+            let statistics = try CheckpointWriter.write(contents, staging: staging, ingester: ingester, store: store).images
             try staging.publish()
             return ImportReport(archive: file, directory: staging.destination, container: config.id, engine: engine, files: files,
                                 statistics: statistics, seconds: watch.seconds)
         } catch {
-            if !staging.published, let manifestID { catalog?.unregister(id: manifestID) }
+            if !staging.published, let id = staging.manifestID { StoreCatalog(store: store).unregister(id: id) }
             staging.discard()
             throw StasisError.wrapping(error, as: .io).prefixed("import of \(file) failed")
         }

@@ -59,6 +59,8 @@ public enum CheckpointWriter {
         public var container: Manifest.Container?
         /// The codec new chunks were written with ("lz4", "zstd:3", "none").
         public var codec: String
+        /// When the checkpoint was taken: now, unless it comes from elsewhere (an engine's archive says).
+        public var createdAt: Date?
 
         public init(toolVersion: String, criu: Manifest.CRIUInfo, options: Manifest.DumpOptions, processTree: Manifest.ProcessTree,
                     gpu: Manifest.GPUSection, deviceFiles: [Manifest.FileEntry], deviceStatistics: ChunkIngester.Statistics,
@@ -70,9 +72,12 @@ public enum CheckpointWriter {
 
     /// Completes the chunking of the images in `staging` and removes the chunked ones from it, hashes and syncs
     /// the small ones, lists the checkpoint in the store's catalog and writes the manifest; the caller then
-    /// publishes. `beforeListing` runs once the manifest is assembled (a test's fault point).
+    /// publishes; returns the manifest and what the images (device memory aside) added to the store. The
+    /// manifest passes the shape check every reader makes (`Manifest.validate`) before it is
+    /// listed: nothing this writes is refused later. `beforeListing` runs once it is assembled (a test's fault
+    /// point).
     public static func write(_ contents: Contents, staging: StagingDirectory, ingester: ChunkIngester, store: ChunkStore,
-                             skipping skipped: Set<String> = [], beforeListing: () throws -> Void = {}) throws -> Manifest {
+                             skipping skipped: Set<String> = [], beforeListing: () throws -> Void = {}) throws -> (manifest: Manifest, images: ChunkIngester.Statistics) {
         let images = try completeImages(in: staging.path, ingester: ingester, except: skipped)
         var timings = contents.timings
         timings.hash = images.hashSeconds
@@ -80,7 +85,7 @@ public enum CheckpointWriter {
         let files = (images.files + contents.deviceFiles).sorted { $0.path < $1.path }
         let processes = contents.processTree.processes
         var manifest = Manifest(
-            id: UUID().uuidString.lowercased(), createdAt: Date(),
+            id: UUID().uuidString.lowercased(), createdAt: contents.createdAt ?? Date(),
             tool: .init(name: "stasis", version: contents.toolVersion), host: HostFacts.current(),
             criu: contents.criu, options: contents.options, processTree: contents.processTree,
             memory: .init(residentBytes: processes.reduce(0) { $0 + $1.residentBytes },
@@ -95,6 +100,7 @@ public enum CheckpointWriter {
         manifest.store = .init(path: store.path, chunkSize: ChunkStore.chunkSize, codec: contents.codec,
                                plainBytes: added.plainBytes, storedBytes: added.storedBytes, newChunks: added.newChunks,
                                reusedChunks: added.reusedChunks, zeroChunks: added.zeroChunks)
+        try manifest.validate(name: "the manifest of \(staging.destination)")
         try beforeListing()
         // Listed before the checkpoint exists, so that from the moment it does, gc keeps its chunks.
         staging.manifestID = manifest.id
@@ -102,6 +108,6 @@ public enum CheckpointWriter {
         for name in images.chunked.keys { FileSystem.remove(staging.path + "/" + name) }
         try FileSystem.writeAtomically(try Manifest.encoder().encode(manifest), to: staging.path + "/" + Manifest.fileName)
         try FileSystem.fsync(path: staging.path)
-        return manifest
+        return (manifest, images.statistics)
     }
 }

@@ -225,7 +225,7 @@ private final class DumpRun {
             return nil
         }
         let manifest = try CheckpointWriter.write(contents, staging: staging, ingester: ingester!, store: store,
-                                                  skipping: [CRIUService.dumpLogName]) { try FaultInjection.check("publish") }
+                                                  skipping: [CRIUService.dumpLogName]) { try FaultInjection.check("publish") }.manifest
         try staging.publish()
         published = manifest
     }

@@ -64,7 +64,7 @@ public enum Checkpoint {
         let watch = Stopwatch()
         let wholeFiles = manifest.files.filter { $0.chunks == nil }
         for entry in manifest.files {
-            if let problem = ChunkedFiles.problem(with: entry, chunkSize: manifest.store?.chunkSize ?? ChunkStore.chunkSize) {
+            if let problem = ChunkedFiles.problem(with: entry) {
                 throw StasisError(.integrity, "\(directory)/\(Manifest.fileName): \(problem)", hint: "the manifest was edited or damaged")
             }
         }

@@ -52,7 +52,7 @@ public enum CheckpointBundle {
     public static func export(directory: String, manifestData: Data, manifest: Manifest, store: ChunkStore?,
                               to bundlePath: String) throws -> ExportReport {
         let watch = Stopwatch()
-        try validate(manifest, name: "\(directory)/\(Manifest.fileName)", code: .manifestInvalid)
+        try checkChunkLists(manifest, name: "\(directory)/\(Manifest.fileName)", code: .manifestInvalid)
         let chunked = manifest.files.filter { $0.chunks != nil }
         if !chunked.isEmpty && store == nil {
             throw StasisError(.invalidArgument, "\(directory) keeps its memory in a chunk store; name it with --store")
@@ -66,7 +66,7 @@ public enum CheckpointBundle {
     public static func stream(directory: String, manifestData: Data, manifest: Manifest, store: ChunkStore?, to fd: Int32, name: String,
                               skipping: Set<String>) throws -> ExportReport {
         let watch = Stopwatch()
-        try validate(manifest, name: "\(directory)/\(Manifest.fileName)", code: .manifestInvalid)
+        try checkChunkLists(manifest, name: "\(directory)/\(Manifest.fileName)", code: .manifestInvalid)
         return try writeBundle(directory: directory, manifestData: manifestData, manifest: manifest, store: store,
                          to: try BundleOutput(stream: fd, name: name), skipping: skipping, started: watch)
     }
@@ -202,7 +202,7 @@ public enum CheckpointBundle {
             } catch let error as StasisError where error.code == .manifestInvalid || error.code == .notACheckpoint {
                 throw StasisError(.integrity, "\(error.message); the bundle is damaged", hint: "export the checkpoint again")
             }
-            try validate(manifest, name: name, code: .integrity)
+            try checkChunkLists(manifest, name: name, code: .integrity)
             (self.path, self.input, self.records) = (input.path, input, records)
         }
 
@@ -388,12 +388,12 @@ public enum CheckpointBundle {
 
     // MARK: checks shared by export and import
 
-    /// Refuses a manifest that could make an import write outside its directory or store, or whose chunk lists
-    /// disagree with its files: the bundle's manifest comes from another machine.
-    static func validate(_ manifest: Manifest, name: String, code: StasisError.Code) throws {
-        try manifest.validate(name: name, code: code)
+    /// Refuses a manifest whose chunk lists disagree with its files' digests. Everything else that could make
+    /// an import write outside its directory or store was refused when the manifest was decoded
+    /// (`Manifest.validate`); the bundle's manifest comes from another machine.
+    static func checkChunkLists(_ manifest: Manifest, name: String, code: StasisError.Code) throws {
         for entry in manifest.files {
-            if let problem = ChunkedFiles.problem(with: entry, chunkSize: manifest.store?.chunkSize ?? ChunkStore.chunkSize) {
+            if let problem = ChunkedFiles.problem(with: entry) {
                 throw StasisError(code, "\(name): \(problem)", hint: "the manifest is damaged")
             }
         }

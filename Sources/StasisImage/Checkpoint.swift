@@ -15,10 +15,10 @@ public enum Checkpoint {
         }
         try FileSystem.requireOwnedAndPrivate(directory, what: "checkpoint directory")
         let path = directory + "/" + Manifest.fileName
-        guard try FileSystem.checkReadable(path) else {
+        guard let data = try FileSystem.readFileIfPresent(path) else {
             throw StasisError(.notACheckpoint, "\(directory) has no \(Manifest.fileName): it is not a stasis checkpoint, or one that never finished")
         }
-        return try Manifest.decode(try FileSystem.readFile(path), path: path)
+        return try Manifest.decode(data, path: path)
     }
 
     /// Files a checkpoint may hold that its manifest does not list: CRIU's dump log, which arrives after the

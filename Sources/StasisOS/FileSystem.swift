@@ -33,15 +33,16 @@ public enum FileSystem {
         }
     }
 
-    /// Opens `path` for reading and closes it again: nil when it is missing, thrown when it cannot be read.
-    public static func checkReadable(_ path: String) throws -> Bool {
+    /// The contents of `path` (not followed if it is a link): nil when it is missing; any other failure (permission
+    /// denied) is thrown as it is, not taken for "missing".
+    public static func readFileIfPresent(_ path: String) throws -> Data? {
         let fd = retryingEINTR { open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW) }
         guard fd >= 0 else {
-            if errno == ENOENT { return false }
+            if errno == ENOENT { return nil }
             throw systemError("cannot read", path)
         }
-        close(fd)
-        return true
+        let handle = FileHandle(fileDescriptor: fd, closeOnDealloc: true)
+        do { return try handle.readToEnd() ?? Data() } catch { throw systemError("cannot read", path) }
     }
 
     /// A file's size and how many seconds ago it was last modified, without following a link; nil when it is

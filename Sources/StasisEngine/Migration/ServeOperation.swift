@@ -154,6 +154,10 @@ public struct ServeOperation: Sendable {
                 switch kind {
                 case .query:
                     let asked = String(decoding: payload, as: UTF8.self).split(separator: "\n").map(String.init)
+                    // Each becomes a path in the store: only chunk names, never anything else.
+                    guard asked.allSatisfy(Manifest.isDigest) else {
+                        throw StasisError(.integrity, "\(connection.peer) asked about a chunk that is not named by a SHA-256")
+                    }
                     let lacking = asked.filter { !store.has($0) }
                     try Migration.send(connection, .need, Array(lacking.joined(separator: "\n").utf8))
                     for digest in lacking {

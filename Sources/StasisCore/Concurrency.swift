@@ -47,7 +47,10 @@ public final class BlockingQueue<Element>: @unchecked Sendable {
             while items.count - head >= capacity && !closed { condition.wait() }
             guard !closed else { return false }
             items.append(item)
-            condition.broadcast()
+            // One waiter is enough, and only one kind waits at a time: pops wait only while the queue is empty,
+            // pushes only while it is full. A broadcast would wake every worker for each item (the agents'
+            // transfers push thousands a second).
+            condition.signal()
             return true
         }
     }
@@ -62,7 +65,7 @@ public final class BlockingQueue<Element>: @unchecked Sendable {
             head += 1
             // Drop what was taken now and then, so a long transfer does not keep every item.
             if head > 4096 { items.removeFirst(head); head = 0 }
-            condition.broadcast()
+            if capacity != .max { condition.signal() }  // room for a waiting push
             return item
         }
     }

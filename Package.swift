@@ -1,9 +1,9 @@
 // swift-tools-version: 6.0
 // stasis: checkpoint/restore for GPU process trees. One package, small libraries, a thin command on top.
 //
-//   StasisCore    leaf: errors, the manifest schema and its validation, formatting, the concurrency kit
-//   StasisOS      system calls: files (AtomicFile), /proc, processes, sockets (StreamSocket), hashing of files
-//                 (CStasisLinux: its C shims); the boundary the other modules are moving behind (docs/ARCHITECTURE.md)
+//   StasisCore    leaf: errors, the manifest schema and its validation, formatting, the concurrency kit, rollback
+//   StasisOS      the system boundary, the only module that imports Glibc: descriptors (swift-system's, re-exported),
+//                 files (AtomicFile), /proc, processes, signals, sockets, hashing of files (CStasisLinux: C shims)
 //   StasisCRIU    CRIU through `criu swrk` RPC (generated protobuf code committed under Generated/)
 //   StasisGPU     the GPU driver (dlopen'd at run time) and the per-process device steps; the driver's
 //                 checkpoint steps themselves are C (CStasisCUDA), shared with the CRIU plugin
@@ -28,6 +28,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-protobuf", from: "1.28.0"),
         .package(url: "https://github.com/apple/swift-crypto", from: "4.0.0"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.8.0"),
     ],
     targets: [
         .target(name: "StasisCore"),
@@ -35,6 +36,7 @@ let package = Package(
         .target(name: "StasisOS", dependencies: [
             "StasisCore", "CStasisLinux",
             .product(name: "Crypto", package: "swift-crypto"),
+            .product(name: "SystemPackage", package: "swift-system"),
         ]),
         .target(name: "StasisCRIU", dependencies: [
             "StasisCore", "StasisOS",

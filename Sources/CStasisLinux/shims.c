@@ -183,3 +183,11 @@ int stasis_destroy_time_wait(int family, const uint8_t *address, uint16_t port) 
     close(fd);
     return result < 0 ? result : destroyed;
 }
+
+int stasis_pipe_cloexec(int ends[2]) {
+    return pipe2(ends, O_CLOEXEC);
+}
+
+int stasis_accept_cloexec(int listener) {
+    return accept4(listener, NULL, NULL, SOCK_CLOEXEC);
+}

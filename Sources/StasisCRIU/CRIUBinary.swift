@@ -15,7 +15,7 @@ public struct CRIUBinary: Sendable {
     public static func locate(environment: [String: String] = ProcessInfo.processInfo.environment) throws -> CRIUBinary {
         let path: String
         if let explicit = environment["STASIS_CRIU"], !explicit.isEmpty {
-            guard access(explicit, X_OK) == 0 else {
+            guard FileSystem.isExecutable(explicit) else {
                 throw StasisError(.criuMissing, "STASIS_CRIU=\(explicit) is not an executable file", hint: installHint)
             }
             path = explicit

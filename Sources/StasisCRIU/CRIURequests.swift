@@ -30,9 +30,9 @@ extension CRIUService {
         Spawn.which("iptables") != nil || Spawn.which("iptables-legacy") != nil ? .iptables : .nftables
     }
 
-    static func baseOptions(_ options: ProcessOptions, imagesDirectoryFD: Int32, logFile: String) -> criu_opts {
+    static func baseOptions(_ options: ProcessOptions, imagesDirectoryFD: FileDescriptor, logFile: String) -> criu_opts {
         var opts = criu_opts()
-        opts.imagesDirFd = imagesDirectoryFD
+        opts.imagesDirFd = imagesDirectoryFD.rawValue
         opts.logFile = logFile
         opts.logLevel = options.logLevel
         opts.shellJob = options.shellJob
@@ -47,24 +47,24 @@ extension CRIUService {
 
     /// Dumps the tree rooted at `pid` into the directory open as `imagesDirectory`; CRIU's log and statistics
     /// go to `workDirectory` (it writes them after its post-dump step, when the images may be published).
-    public func dump(pid: Int32, imagesDirectory: Int32, workDirectory: Int32, options: ProcessOptions, leaveRunning: Bool,
+    public func dump(pid: Int32, imagesDirectory: FileDescriptor, workDirectory: FileDescriptor, options: ProcessOptions, leaveRunning: Bool,
                      onNotify: (Notification) throws -> Void) throws -> CRIUOutcome {
         var request = criu_req()
         request.type = .dump
         request.opts = Self.baseOptions(options, imagesDirectoryFD: imagesDirectory, logFile: Self.dumpLogName)
-        request.opts.workDirFd = workDirectory
+        request.opts.workDirFd = workDirectory.rawValue
         request.opts.pid = pid
         request.opts.leaveRunning = leaveRunning
         return CRIUOutcome(try call(request, onNotify: onNotify))
     }
 
     /// Restores from `imagesDirectory`; CRIU's log and statistics go to `workDirectory`.
-    public func restore(imagesDirectory: Int32, workDirectory: Int32, options: ProcessOptions,
+    public func restore(imagesDirectory: FileDescriptor, workDirectory: FileDescriptor, options: ProcessOptions,
                         onNotify: (Notification) throws -> Void) throws -> CRIUOutcome {
         var request = criu_req()
         request.type = .restore
         request.opts = Self.baseOptions(options, imagesDirectoryFD: imagesDirectory, logFile: Self.restoreLogName)
-        request.opts.workDirFd = workDirectory
+        request.opts.workDirFd = workDirectory.rawValue
         return CRIUOutcome(try call(request, onNotify: onNotify))
     }
 
@@ -78,7 +78,7 @@ extension CRIUService {
     /// attempt needs.
     public func restoreStreaming(imagesDirectory: String, workDirectory: String, options: ProcessOptions, pids: [Int32]) throws -> CRIUOutcome {
         let pidFile = workDirectory + "/restored.pid"
-        unlink(pidFile)
+        FileSystem.remove(pidFile)
         var arguments = ["restore", "--stream", "-D", imagesDirectory, "-W", workDirectory, "-o", Self.restoreLogName,
                          "-v\(options.logLevel)", "-d", "--pidfile", pidFile]
         if options.shellJob { arguments.append("--shell-job") }
@@ -97,7 +97,7 @@ extension CRIUService {
     }
 
     /// CRIU's own "criu check": whether this kernel supports what a dump needs. The log goes to `workDirectory`.
-    public func check(workDirectory: Int32) throws -> CRIUOutcome {
+    public func check(workDirectory: FileDescriptor) throws -> CRIUOutcome {
         var request = criu_req()
         request.type = .check
         request.opts = Self.baseOptions(ProcessOptions(), imagesDirectoryFD: workDirectory, logFile: "criu-check.log")
@@ -128,7 +128,7 @@ extension CRIUService {
         if response.hasCrErrmsg, !response.crErrmsg.isEmpty, !CRIULog.harmless.contains(where: response.crErrmsg.contains) {
             parts.append(response.crErrmsg.trimmingCharacters(in: .whitespacesAndNewlines))
         }
-        if response.hasCrErrno, response.crErrno != 0 { parts.append("errno \(response.crErrno): \(String(cString: strerror(response.crErrno)))") }
+        if response.hasCrErrno, response.crErrno != 0 { parts.append("errno \(response.crErrno): \(Errno(rawValue: response.crErrno).description)") }
         return parts.isEmpty ? "CRIU reported failure" : parts.joined(separator: "; ")
     }
 }

@@ -1,5 +1,4 @@
 import Foundation
-import Glibc
 import StasisCore
 import StasisOS
 import SwiftProtobuf
@@ -26,11 +25,11 @@ public final class CRIUService {
     /// Starts CRIU with `arguments`, the same way for every call: CRIU's stdout (where `check` prints "Looks
     /// good.") goes to our stderr, keeping --json output clean, and the stasis CRIU plugin, if installed in
     /// CRIU's plugin directory, stands aside (stasis drives the GPU itself).
-    func start(_ arguments: [String], passing descriptors: [Int32: Int32] = [:]) throws -> pid_t {
+    func start(_ arguments: [String], passing descriptors: [FileDescriptor: Int32] = [:]) throws -> Int32 {
         var environment = ProcessInfo.processInfo.environment
         environment["STASIS_CRIU_PLUGIN"] = "off"
         do {
-            return try Spawn.start(binary.path, arguments, descriptors: descriptors.merging([STDERR_FILENO: STDOUT_FILENO]) { $1 },
+            return try Spawn.start(binary.path, arguments, descriptors: descriptors.merging([.standardError: 1]) { $1 },
                                    environment: environment)
         } catch {
             throw StasisError(.criuMissing, "cannot start \(binary.path) \(arguments.first ?? ""): \(error)", hint: CRIUBinary.installHint)
@@ -39,20 +38,13 @@ public final class CRIUService {
 
     /// Sends `request` and returns CRIU's final response.
     func call(_ request: criu_req, onNotify: (Notification) throws -> Void = { _ in }) throws -> criu_resp {
-        var ends: [Int32] = [0, 0]
-        guard socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &ends) == 0 else {
-            throw systemError("cannot create a socket pair for", "criu swrk")
-        }
-        let ours = ends[0], theirs = ends[1]
-        defer { close(ours) }
-        let pid: pid_t
+        let (ours, theirs) = try attempt("cannot create a socket pair for", "criu swrk") { try UnixSocket.packetPair() }
+        defer { ours.closeQuietly() }
+        let pid: Int32
         do {
+            defer { theirs.closeQuietly() }
             pid = try start(["swrk", "3"], passing: [theirs: 3])
-        } catch {
-            close(theirs)
-            throw error
         }
-        close(theirs)
         defer { Spawn.wait(pid) }
 
         try send(request, on: ours)
@@ -80,33 +72,14 @@ public final class CRIUService {
         }
     }
 
-    private func send(_ message: criu_req, on fd: Int32) throws {
+    private func send(_ message: criu_req, on fd: FileDescriptor) throws {
         let bytes: [UInt8] = try message.serializedBytes()
-        let sent = bytes.withUnsafeBytes { raw in retryingSend(fd, raw) }
-        guard sent == bytes.count else { throw systemError("cannot send a request to", "criu swrk") }
-    }
-
-    private func retryingSend(_ fd: Int32, _ raw: UnsafeRawBufferPointer) -> Int {
-        while true {
-            let sent = Glibc.send(fd, raw.baseAddress, raw.count, Int32(MSG_NOSIGNAL))
-            if sent < 0 && errno == EINTR { continue }
-            return sent
-        }
+        try attempt("cannot send a request to", "criu swrk") { try UnixSocket.sendPacket(fd, bytes) }
     }
 
     /// Receives one message; nil when CRIU closed its end. The size is peeked first so no message is cut.
-    private func receive(on fd: Int32) throws -> criu_resp? {
-        var size = 0
-        while true {
-            size = recv(fd, nil, 0, Int32(MSG_PEEK | MSG_TRUNC))
-            if size < 0 && errno == EINTR { continue }
-            break
-        }
-        if size < 0 { throw systemError("cannot read a response from", "criu swrk") }
-        if size == 0 { return nil }
-        var buffer = [UInt8](repeating: 0, count: size)
-        let got = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, size, 0) }
-        guard got == size else { throw systemError("cannot read a response from", "criu swrk") }
+    private func receive(on fd: FileDescriptor) throws -> criu_resp? {
+        guard let buffer = try attempt("cannot read a response from", "criu swrk", { try UnixSocket.receivePacket(fd) }) else { return nil }
         do {
             return try criu_resp(serializedBytes: buffer)
         } catch {

@@ -1,5 +1,4 @@
 import Foundation
-import Glibc
 import StasisCore
 import StasisOS
 
@@ -100,33 +99,30 @@ public struct Runc: Sendable {
             try FileSystem.makePrivateDirectory(directory)
             logDirectory = directory
         } else {
-            var template = Array((NSTemporaryDirectory() + "/stasis-runc-XXXXXX").utf8CString)
-            guard let made = mkdtemp(&template) else { throw systemError("cannot create a directory in", NSTemporaryDirectory()) }
-            logDirectory = String(cString: made)
+            logDirectory = try FileSystem.makeTemporaryDirectory(prefix: "stasis-runc")
         }
-        let logPath = logDirectory + "/runc-\(arguments[0])-\(getpid()).log"
+        let logPath = logDirectory + "/runc-\(arguments[0])-\(ThisProcess.pid).log"
         defer { if directory == nil { FileSystem.removeTree(logDirectory) } }
         // Each descriptor maps to one number in the child: a /dev/null for each of stdin, stderr and (unless
         // runc's answer is read) stdout.
-        let nulls = (0..<3).map { _ in open("/dev/null", O_RDWR | O_CLOEXEC) }
-        defer { nulls.filter { $0 >= 0 }.forEach { close($0) } }
-        guard !nulls.contains(where: { $0 < 0 }) else { throw systemError("cannot open", "/dev/null") }
-        var ends: [Int32] = [0, 0]
-        guard pipe(&ends) == 0 else { throw systemError("cannot create a pipe for", path) }
-        for fd in ends { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        var nulls: [FileDescriptor] = []
+        defer { nulls.forEach { $0.closeQuietly() } }
+        for _ in 0..<3 { nulls.append(try attempt("cannot open", "/dev/null") { try FileDescriptor.open("/dev/null", .readWrite) }) }
+        let (readEnd, writeEnd) = try attempt("cannot create a pipe for", path) { try FileDescriptor.makePipe() }
         var environment = ProcessInfo.processInfo.environment
         environment["STASIS_CRIU_PLUGIN"] = "off"
         // Only `state` and `ps` print what stasis reads; the others' stdout would be a detached container's.
-        let stdout = ["state", "ps"].contains(arguments[0]) ? ends[1] : nulls[1]
-        let pid: pid_t
+        let stdout = ["state", "ps"].contains(arguments[0]) ? writeEnd : nulls[1]
+        let pid: Int32
         do {
-            pid = try Spawn.start(path, ["--log", logPath, "--log-format", "json"] + arguments, descriptors: [nulls[0]: 0, stdout: 1, nulls[2]: 2], environment: environment)
+            defer { writeEnd.closeQuietly() }
+            pid = try Spawn.start(path, ["--log", logPath, "--log-format", "json"] + arguments, descriptors: [nulls[0]: 0, stdout: 1, nulls[2]: 2],
+                                  environment: environment)
         } catch {
-            close(ends[0]); close(ends[1])
+            readEnd.closeQuietly()
             throw error
         }
-        close(ends[1])
-        let output = FileHandle(fileDescriptor: ends[0], closeOnDealloc: true).readDataToEndOfFile()
+        let output = FileHandle(fileDescriptor: readEnd.rawValue, closeOnDealloc: true).readDataToEndOfFile()
         let status = Spawn.wait(pid)
         let log = ((try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "").split(separator: "\n").suffix(3)
             .map { line -> String in

@@ -1,5 +1,4 @@
 import Foundation
-import Glibc
 import StasisCore
 import StasisOS
 
@@ -11,11 +10,11 @@ public enum Tar {
 
     /// Writes entries to a file descriptor, front to back.
     public struct Writer {
-        let fd: Int32
+        let fd: FileDescriptor
         let path: String
         public private(set) var bytes: UInt64 = 0
 
-        public init(fd: Int32, path: String) {
+        public init(fd: FileDescriptor, path: String) {
             self.fd = fd
             self.path = path
         }
@@ -31,7 +30,7 @@ public enum Tar {
         }
 
         /// A file of `size` bytes whose contents `fill` writes to the descriptor it is given (exactly `size`).
-        public mutating func file(_ name: String, size: UInt64, fill: (Int32) throws -> UInt64) throws {
+        public mutating func file(_ name: String, size: UInt64, fill: (FileDescriptor) throws -> UInt64) throws {
             try header(name, size: size, type: "0", mode: 0o600)
             let written = try fill(fd)
             guard written == size else { throw StasisError(.io, "\(path): \(name) gave \(written) bytes, \(size) expected") }
@@ -76,7 +75,7 @@ public enum Tar {
         }
 
         private mutating func write(_ buffer: UnsafeRawBufferPointer) throws {
-            if let failure = FileSystem.writeAll(fd, buffer) { throw systemError("cannot write", path, errno: failure) }
+            try attempt("cannot write", path) { try fd.write(all: buffer) }
             bytes += UInt64(buffer.count)
         }
     }
@@ -116,12 +115,12 @@ public enum Tar {
             public var isFile: Bool { type == "0" || type == "\0" }
         }
 
-        let fd: Int32
+        let fd: FileDescriptor
         let path: String
         private var left: UInt64 = 0  // bytes of the current entry not read yet, padding excluded
         private var padding: UInt64 = 0
 
-        public init(fd: Int32, path: String) {
+        public init(fd: FileDescriptor, path: String) {
             self.fd = fd
             self.path = path
         }
@@ -194,14 +193,8 @@ public enum Tar {
         public func read(into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
             let want = Int(min(UInt64(buffer.count), left))
             guard want > 0 else { return 0 }
-            var got = 0
-            while got < want {
-                let n = Glibc.read(fd, buffer.baseAddress! + got, want - got)
-                if n < 0 && errno == EINTR { continue }
-                if n < 0 { throw systemError("cannot read", path) }
-                if n == 0 { throw StasisError(.integrity, "\(path) ends inside an entry (truncated)") }
-                got += n
-            }
+            let got = try attempt("cannot read", path) { try fd.read(filling: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<want])) }
+            if got < want { throw StasisError(.integrity, "\(path) ends inside an entry (truncated)") }
             left -= UInt64(got)
             return got
         }
@@ -216,28 +209,23 @@ public enum Tar {
         }
 
         private func readExactly(_ buffer: inout [UInt8]) throws -> Bool {
-            var got = 0
-            while got < buffer.count {
-                let n = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress! + got, $0.count - got) }
-                if n < 0 && errno == EINTR { continue }
-                if n < 0 { throw systemError("cannot read", path) }
-                if n == 0 {
-                    if got == 0 { return false }
-                    throw StasisError(.integrity, "\(path) is truncated")
-                }
-                got += n
-            }
+            let got = try attempt("cannot read", path) { try buffer.withUnsafeMutableBytes { try fd.read(filling: $0) } }
+            if got == 0 { return false }
+            if got < buffer.count { throw StasisError(.integrity, "\(path) is truncated") }
             return true
         }
 
         private func skip(_ count: UInt64) throws {
             guard count > 0 else { return }
             guard count <= Tar.maxEntryBytes + UInt64(Tar.block) else { throw StasisError(.integrity, "\(path): an entry of \(count) bytes") }
-            if lseek(fd, off_t(count), SEEK_CUR) >= 0 { return }
+            // A file seeks past it; a pipe (ESPIPE) is read through.
+            if (try? fd.seek(offset: Int64(count), from: .current)) != nil { return }
             var rest = count
             var scratch = [UInt8](repeating: 0, count: 65536)
             while rest > 0 {
-                let n = scratch.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress!, Int(min(UInt64($0.count), rest))) }
+                let n = try scratch.withUnsafeMutableBytes {
+                    try fd.readSome(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<Int(min(UInt64($0.count), rest))]))
+                }
                 if n <= 0 { throw StasisError(.integrity, "\(path) is truncated") }
                 rest -= UInt64(n)
             }

@@ -1,5 +1,4 @@
 import Foundation
-import Glibc
 import StasisContainer
 import StasisCore
 import StasisImage
@@ -130,35 +129,35 @@ public enum ArchiveOperation {
 
     /// Runs `produce` on the write end of a pipe on a thread of its own and copies what it writes to `out`;
     /// returns the bytes copied. (The store's streaming writes zero chunks with vmsplice, which wants a pipe.)
-    static func streamThroughPipe(to out: Int32, _ produce: @escaping @Sendable (Int32) throws -> Void) throws -> UInt64 {
-        var ends: [Int32] = [0, 0]
-        guard pipe(&ends) == 0 else { throw systemError("cannot create a pipe", "") }
-        let previous = signal(SIGPIPE, SIG_IGN)
-        defer { signal(SIGPIPE, previous) }
+    static func streamThroughPipe(to out: FileDescriptor, _ produce: @escaping @Sendable (FileDescriptor) throws -> Void) throws -> UInt64 {
+        let (readEnd, writeEnd) = try attempt("cannot create a pipe", "") { try FileDescriptor.makePipe() }
+        let brokenPipe = Signals.ignoreBrokenPipe()
+        defer { Signals.restoreBrokenPipe(brokenPipe) }
         let finished = DispatchSemaphore(value: 0)
         let failure = Locked<Error?>(nil)
-        let writeEnd = ends[1]
         let thread = Thread {
             do { try produce(writeEnd) } catch { failure.withLock { $0 = error } }
-            close(writeEnd)
+            writeEnd.closeQuietly()
             finished.signal()
         }
         thread.start()
         var copied: UInt64 = 0
-        var buffer = [UInt8](repeating: 0, count: 1 << 20)
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+        defer { buffer.deallocate() }
         var problem: Error?
         while true {
-            let n = buffer.withUnsafeMutableBytes { Glibc.read(ends[0], $0.baseAddress!, $0.count) }
-            if n < 0 && errno == EINTR { continue }
-            if n < 0 { problem = systemError("cannot read a pipe", ""); break }
+            let n: Int
+            do { n = try readEnd.readSome(into: buffer) } catch { problem = systemError("cannot read a pipe", "", error); break }
             if n == 0 { break }
-            if let code = buffer.withUnsafeBytes({ FileSystem.writeAll(out, UnsafeRawBufferPointer(rebasing: $0[0..<n])) }) {
-                problem = systemError("cannot write", "the archive", errno: code)
+            do {
+                try out.write(all: UnsafeRawBufferPointer(rebasing: buffer[0..<n]))
+            } catch {
+                problem = systemError("cannot write", "the archive", error)
                 break
             }
             copied += UInt64(n)
         }
-        close(ends[0])
+        readEnd.closeQuietly()
         finished.wait()
         // Writing the archive failing (a full disk) is the cause; the producer's broken pipe only follows it.
         if let problem { throw problem }
@@ -183,9 +182,8 @@ public enum ArchiveOperation {
     /// are, under archive/.
     public static func importArchive(_ file: String, into destination: String, store explicit: String?) throws -> ImportReport {
         let watch = Stopwatch()
-        let fd = retryingEINTR { open(file, O_RDONLY | O_CLOEXEC) }
-        guard fd >= 0 else { throw systemError("cannot open", file) }
-        defer { close(fd) }
+        let fd = try attempt("cannot open", file) { try FileDescriptor.open(file, .readOnly) }
+        defer { fd.closeQuietly() }
         try StagingDirectory.check(destination: destination)
         let store = try ChunkStore(path: ChunkStore.resolve(explicit, recorded: nil), create: true)
         let staging = try StagingDirectory(destination: destination, store: store)
@@ -264,15 +262,16 @@ public enum ArchiveOperation {
     private static func extract(_ reader: Tar.Reader, to path: String) throws {
         let directory = (path as NSString).deletingLastPathComponent
         try FileSystem.makePrivateDirectory(directory)
-        let out = retryingEINTR { open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600) }
-        guard out >= 0 else { throw systemError("cannot create", path) }
-        defer { close(out) }
+        let out = try attempt("cannot create", path) {
+            try FileDescriptor.open(path, .writeOnly, options: [.create, .exclusiveCreate], permissions: .ownerReadWrite)
+        }
+        defer { out.closeQuietly() }
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
         defer { buffer.deallocate() }
         while true {
             let n = try reader.read(into: buffer)
             if n == 0 { break }
-            if let code = FileSystem.writeAll(out, UnsafeRawBufferPointer(rebasing: buffer[0..<n])) { throw systemError("cannot write", path, errno: code) }
+            try attempt("cannot write", path) { try out.write(all: UnsafeRawBufferPointer(rebasing: buffer[0..<n])) }
         }
     }
 
@@ -291,9 +290,8 @@ public enum ArchiveOperation {
     }
 
     public static func summarize(_ file: String) throws -> Summary {
-        let fd = retryingEINTR { open(file, O_RDONLY | O_CLOEXEC) }
-        guard fd >= 0 else { throw systemError("cannot open", file) }
-        defer { close(fd) }
+        let fd = try attempt("cannot open", file) { try FileDescriptor.open(file, .readOnly) }
+        defer { fd.closeQuietly() }
         let reader = Tar.Reader(fd: fd, path: file)
         var config: ConfigDump?
         var engine = "unknown"

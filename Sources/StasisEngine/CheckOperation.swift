@@ -1,5 +1,4 @@
 import Foundation
-import Glibc
 import StasisCRIU
 import StasisContainer
 import StasisCore
@@ -56,10 +55,10 @@ public struct CheckOperation {
             criu.version = binary.version
             criu.warnings += Self.knownIncompatibilities(criu: binary.version, kernel: host.kernel)
             let service = CRIUService(binary: binary)
-            let scratch = try FileSystem.makeStagingSibling(of: NSTemporaryDirectory() + "stasis-check", owner: getpid())
+            let scratch = try FileSystem.makeStagingSibling(of: NSTemporaryDirectory() + "stasis-check", owner: ThisProcess.pid)
             defer { FileSystem.removeTree(scratch) }
             let fd = try FileSystem.openDirectory(scratch)
-            defer { close(fd) }
+            defer { fd.closeQuietly() }
             let response = try service.check(workDirectory: fd)
             criu.kernelCheck = response.succeeded
             if !response.succeeded {
@@ -78,7 +77,7 @@ public struct CheckOperation {
         } catch {
             criu.problem = "\(error)"
         }
-        let root = geteuid() == 0
+        let root = ThisProcess.isRoot
         if root == false, criu.problem == nil {
             criu.hint = "run stasis as root: CRIU needs CAP_SYS_ADMIN"
         }

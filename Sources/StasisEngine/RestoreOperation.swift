@@ -1,5 +1,4 @@
 import Foundation
-import Glibc
 import StasisCRIU
 import StasisContainer
 import StasisCore
@@ -225,9 +224,9 @@ public struct RestoreOperation {
             response = try restored.get()
         } else {
             let imagesFD = try FileSystem.openDirectory(rebuilt ?? directory)
-            defer { close(imagesFD) }
+            defer { imagesFD.closeQuietly() }
             let workFD = try FileSystem.openDirectory(workDirectory)
-            defer { close(workFD) }
+            defer { workFD.closeQuietly() }
             response = try CRIUService(binary: criu).restore(imagesDirectory: imagesFD, workDirectory: workFD, options: processOptions) { _ in }
         }
         let criuSeconds = criuWatch.seconds
@@ -341,7 +340,7 @@ public struct RestoreOperation {
     /// taken from the manifest, which could name any process, or with -1, all of them).
     public static func stopRestoredTree(root: Int32) {
         guard root > 1 else { return }
-        for process in ProcFS.tree(root: root).reversed() where process.pid > 1 { kill(process.pid, SIGKILL) }
+        for process in ProcFS.tree(root: root).reversed() where process.pid > 1 { Signals.kill(process.pid) }
     }
 
     /// A private directory for CRIU's images under `root`, after checking that `bytes` fit there.
@@ -352,9 +351,7 @@ public struct RestoreOperation {
                                   hint: "free memory or space there, or rebuild elsewhere with --rebuild-dir")
             }
         }
-        var template = Array("\(root)/stasis-rebuild-XXXXXX".utf8CString)
-        guard let made = mkdtemp(&template) else { throw systemError("cannot create a directory in", root) }
-        return String(cString: made)
+        return try FileSystem.makeTemporaryDirectory(in: root, prefix: "stasis-rebuild")
     }
 
     /// The checkpoint's PIDs must be free. A PID whose process is exiting (a zombie, or one the init of a
@@ -364,7 +361,7 @@ public struct RestoreOperation {
             let deadline = Stopwatch()
             while let stat = ProcFS.stat(process.pid), deadline.seconds < options.pidWaitSeconds {
                 guard stat.state == "Z" || stat.state == "X" else { break }
-                usleep(20_000)
+                Thread.sleep(forTimeInterval: 0.02)
             }
             if let stat = ProcFS.stat(process.pid) {
                 let state = stat.state == "Z" ? "a zombie not yet reaped" : "'\(ProcFS.arguments(process.pid).joined(separator: " ").prefix(120))'"
@@ -414,7 +411,7 @@ public struct RestoreOperation {
         let formatter = DateFormatter()
         formatter.dateFormat = "yyyyMMdd-HHmmss"
         formatter.locale = Locale(identifier: "en_US_POSIX")
-        let path = "\(defaultWorkRoot)/\(formatter.string(from: Date()))-\(getpid())"
+        let path = "\(defaultWorkRoot)/\(formatter.string(from: Date()))-\(ThisProcess.pid)"
         try FileSystem.makePrivateDirectory(path)
         pruneWorkDirectories(in: defaultWorkRoot, keeping: keptWorkDirectories)
         return path

@@ -1,5 +1,4 @@
 import Foundation
-import Glibc
 import StasisCore
 
 public enum StasisVersion {
@@ -26,7 +25,7 @@ final class ProgressTicker: @unchecked Sendable {
         guard let report else { return nil }
         let thread = Thread { [self] in
             while lock.withLock({ running }) {
-                usleep(useconds_t(interval * 1_000_000))
+                Thread.sleep(forTimeInterval: interval)
                 if lock.withLock({ running }) { report() }
             }
             done.signal()

@@ -1,6 +1,5 @@
 import CStasisAgentProtocol
 import Foundation
-import Glibc
 import StasisCore
 import StasisOS
 
@@ -12,12 +11,12 @@ import StasisOS
 final class AgentChannel: @unchecked Sendable {
     typealias Message = stasis_agent_message
     let pid: Int32
-    private let fd: Int32
+    private let fd: FileDescriptor
     private let sendLock = NSLock()
     private let closeLock = NSLock()
     private var closed = false
 
-    private init(pid: Int32, fd: Int32) {
+    private init(pid: Int32, fd: FileDescriptor) {
         self.pid = pid
         self.fd = fd
     }
@@ -35,38 +34,17 @@ final class AgentChannel: @unchecked Sendable {
     /// or it has not initialised CUDA yet).
     static func connect(pid: Int32, timeoutSeconds: Int = 120) throws -> AgentChannel? {
         for name in socketNames(pid) {
-            // Abstract names are per network namespace: the socket is made in the process's (a container's).
-            // A namespace this stasis may not enter (it runs in a container itself) holds no agent it can
-            // reach: the socket is then made here, where the connect finds none.
-            var fd = SocketPeer.unixSocket(inNetworkNamespaceOf: pid)
-            if fd < 0, errno == EPERM || errno == EACCES || errno == ENOENT {
-                fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            guard let fd = try UnixSocket.connect(abstract: name, inNetworkNamespaceOf: pid) else { continue }
+            // The name may belong to another process (PID namespaces sharing a network namespace both have
+            // a PID 1): only the agent of `pid` itself will do.
+            guard UnixSocket.peerPID(fd) == pid else {
+                fd.closeQuietly()
+                continue
             }
-            guard fd >= 0 else { throw systemError("cannot create a socket for the agent of PID", "\(pid)") }
-            var address = sockaddr_un()
-            address.sun_family = sa_family_t(AF_UNIX)
-            let bytes = Array(name.utf8)
-            withUnsafeMutableBytes(of: &address.sun_path) { path in
-                path[0] = 0  // abstract namespace
-                for (index, byte) in bytes.enumerated() where index + 1 < path.count { path[index + 1] = byte }
-            }
-            let length = socklen_t(MemoryLayout<sa_family_t>.size + 1 + bytes.count)
-            let connected = withUnsafePointer(to: &address) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, length) }
-            }
-            if connected == 0 {
-                // The name may belong to another process (PID namespaces sharing a network namespace both have
-                // a PID 1): only the agent of `pid` itself will do.
-                guard SocketPeer.pid(fd) == pid else {
-                    Glibc.close(fd)
-                    continue
-                }
-                let channel = AgentChannel(pid: pid, fd: fd)
-                // A stuck agent becomes an error, not a hang.
-                channel.setTimeout(seconds: timeoutSeconds)
-                return channel
-            }
-            Glibc.close(fd)
+            let channel = AgentChannel(pid: pid, fd: fd)
+            // A stuck agent becomes an error, not a hang.
+            channel.setTimeout(seconds: timeoutSeconds)
+            return channel
         }
         return nil
     }
@@ -123,19 +101,14 @@ final class AgentChannel: @unchecked Sendable {
     }
 
     /// Ends the connection both ways (a receiver blocked on it returns).
-    func shutdown() { Glibc.shutdown(fd, Int32(SHUT_RDWR)) }
+    func shutdown() { fd.shutdown(.both) }
 
     /// Ends the connection and waits until the agent has closed its end too (or `seconds` pass), so that
     /// CRIU, which comes next, finds no connection in the process.
     func closeAndWait(seconds: Int = 10) {
-        Glibc.shutdown(fd, Int32(SHUT_WR))
+        fd.shutdown(.writing)
         setTimeout(seconds: seconds)
-        var byte: UInt8 = 0
-        while true {
-            let got = recv(fd, &byte, 1, 0)
-            if got < 0 && errno == EINTR { continue }
-            if got <= 0 { break }
-        }
+        StreamSocket.drainUntilClosed(fd)
         close()
     }
 
@@ -143,7 +116,7 @@ final class AgentChannel: @unchecked Sendable {
         closeLock.withLock {
             guard !closed else { return }
             closed = true
-            Glibc.close(fd)
+            fd.closeQuietly()
         }
     }
 }

@@ -164,7 +164,7 @@ final class AgentEvacuation: @unchecked Sendable {
                                           arguments: ProcFS.arguments(pid), threads: 0, residentBytes: 0)]
         var manifest = Manifest(
             // The id names the process and the stasis writing it: `stasis resume` leaves alone what a running dump holds.
-            id: "\(rescuePrefix)\(pid)-by-\(getpid())-\(UUID().uuidString.prefix(8).lowercased())", createdAt: Date(),
+            id: "\(rescuePrefix)\(pid)-by-\(ThisProcess.pid)-\(UUID().uuidString.prefix(8).lowercased())", createdAt: Date(),
             tool: .init(name: "stasis", version: "rescue"), host: HostFacts.current(),
             criu: .init(version: "", logFile: ""), options: .init(leaveRunning: true, tcpEstablished: false, shellJob: false),
             processTree: .init(rootPID: pid, processes: processes),

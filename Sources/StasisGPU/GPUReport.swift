@@ -58,7 +58,7 @@ public struct GPUReport: Codable, Sendable {
 
     /// The libcuda file the loader picked, from our own mappings.
     static func loadedLibraryPath() -> String? {
-        ProcFS.mappings(getpid()).first { $0.path.contains("/libcuda.so") }?.path
+        ProcFS.mappings(ThisProcess.pid).first { $0.path.contains("/libcuda.so") }?.path
     }
 
     /// "GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx", as nvidia-smi prints it.

@@ -10,7 +10,8 @@ public final class AtomicFile {
     public let path: String
     public let temporaryPath: String
     /// Open for writing until `publish` or `discard`.
-    public private(set) var descriptor: Int32
+    public let descriptor: FileDescriptor
+    private var isOpen = true
     private var published = false
 
     /// Refuses a destination that exists or whose directory does not.
@@ -25,8 +26,9 @@ public final class AtomicFile {
         }
         FileSystem.removeAbandonedPartials(of: url.path)
         let temporary = "\(parent)/.\(url.lastPathComponent).partial-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-        let fd = retryingEINTR { open(temporary, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600) }
-        guard fd >= 0 else { throw systemError("cannot create", temporary) }
+        let fd = try attempt("cannot create", temporary) {
+            try FileDescriptor.open(temporary, .writeOnly, options: [.create, .exclusiveCreate], permissions: [.ownerReadWrite])
+        }
         (path, temporaryPath, descriptor) = (url.path, temporary, fd)
     }
 
@@ -34,18 +36,23 @@ public final class AtomicFile {
 
     /// Writes all of `bytes` at the current offset.
     public func write(_ bytes: UnsafeRawBufferPointer) throws {
-        if let code = FileSystem.writeAll(descriptor, bytes) { throw systemError("cannot write", temporaryPath, errno: code) }
+        guard isOpen else { throw StasisError(.io, "\(temporaryPath) was written after it was closed") }
+        try attempt("cannot write", temporaryPath) { try descriptor.write(all: bytes) }
     }
 
     /// Makes the file durable and gives it its name; an existing file of that name is left alone (an error).
     public func publish() throws {
-        guard fchmod(descriptor, 0o600) == 0 else { throw systemError("cannot set mode 0600 on", temporaryPath) }
-        guard Glibc.fsync(descriptor) == 0 else { throw systemError("cannot fsync", temporaryPath) }
-        close(descriptor)
-        descriptor = -1
-        guard link(temporaryPath, path) == 0 else {
-            if errno == EEXIST { throw StasisError(.invalidArgument, "\(path) appeared while it was being written; it was left as it is") }
-            throw systemError("cannot create", path)
+        guard isOpen else { throw StasisError(.io, "\(temporaryPath) was published after it was closed") }
+        try attempt("cannot set mode 0600 on", temporaryPath) { try descriptor.setPermissions(.ownerReadWrite) }
+        try attempt("cannot fsync", temporaryPath) { try descriptor.sync() }
+        descriptor.closeQuietly()
+        isOpen = false
+        do {
+            try FileSystem.link(temporaryPath, as: path)
+        } catch .fileExists {
+            throw StasisError(.invalidArgument, "\(path) appeared while it was being written; it was left as it is")
+        } catch {
+            throw systemError("cannot create", path, error)
         }
         published = true
         unlink(temporaryPath)
@@ -54,7 +61,8 @@ public final class AtomicFile {
 
     /// Drops an unpublished file (nothing for a published one).
     public func discard() {
-        if descriptor >= 0 { close(descriptor); descriptor = -1 }
+        if isOpen { descriptor.closeQuietly() }
+        isOpen = false
         if !published { unlink(temporaryPath) }
     }
 }

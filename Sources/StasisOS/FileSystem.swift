@@ -16,6 +16,9 @@ public enum FileSystem {
         return stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR
     }
 
+    /// Whether this process may execute `path` (access(2) with X_OK).
+    public static func isExecutable(_ path: String) -> Bool { access(path, X_OK) == 0 }
+
     public enum FileType: Sendable { case directory, regular, other }
 
     /// What `path` is, following links; nil when nothing is there. Any other failure to look (permission
@@ -53,8 +56,33 @@ public enum FileSystem {
         return (UInt64(st.st_size), Date().timeIntervalSince1970 - Double(st.st_mtim.tv_sec))
     }
 
+    /// What is at `path` (`followingLinks`: of what a link points to); nil when nothing is there. Any other
+    /// failure to look (permission denied on a directory above it) is thrown.
+    public static func status(_ path: String, followingLinks: Bool = true) throws(Errno) -> FileStatus? {
+        var st = stat()
+        guard (followingLinks ? stat(path, &st) : lstat(path, &st)) == 0 else {
+            if errno == ENOENT || errno == ENOTDIR { return nil }
+            throw Errno(rawValue: errno)
+        }
+        return FileStatus(st)
+    }
+
     /// Removes a file, if it is there.
     public static func remove(_ path: String) { unlink(path) }
+
+    /// Creates a directory (mode 0700 unless said); one that exists already is not an error.
+    public static func makeDirectory(_ path: String, mode: mode_t = 0o700) throws {
+        if mkdir(path, mode) != 0 && errno != EEXIST { throw systemError("cannot create directory", path) }
+    }
+
+    /// A second name for a file (link(2)): fails with EEXIST rather than replace one.
+    public static func link(_ source: String, as destination: String) throws(Errno) {
+        guard Glibc.link(source, destination) == 0 else { throw Errno(rawValue: errno) }
+    }
+
+    public static func symlink(_ target: String, at path: String) throws(Errno) {
+        guard Glibc.symlink(target, path) == 0 else { throw Errno(rawValue: errno) }
+    }
 
     /// Renames `source` to `destination` (one filesystem), replacing a file there.
     public static func rename(_ source: String, to destination: String) throws {
@@ -119,6 +147,14 @@ public enum FileSystem {
         return staging
     }
 
+    /// A fresh private directory `PREFIX-XXXXXX` in `parent` (the system's temporary directory by default).
+    public static func makeTemporaryDirectory(in parent: String = NSTemporaryDirectory(), prefix: String) throws -> String {
+        var template = Array("\(parent)/\(prefix)-XXXXXX".utf8CString)
+        let made = template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
+        guard made != nil else { throw systemError("cannot create a directory in", parent) }
+        return String(nulTerminated: template)
+    }
+
     /// Removes `.NAME.partial-PID-*` siblings of `destination` (staging directories, or files being written)
     /// whose writer PID no longer runs: what a killed dump or export left behind.
     public static func removeAbandonedPartials(of destination: String) {
@@ -133,30 +169,14 @@ public enum FileSystem {
     }
 
     /// Opens a directory for use as a descriptor (for CRIU's images_dir_fd, or for fsync).
-    public static func openDirectory(_ path: String) throws -> Int32 {
-        let fd = retryingEINTR { open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC) }
-        guard fd >= 0 else { throw systemError("cannot open directory", path) }
-        return fd
+    public static func openDirectory(_ path: String) throws -> FileDescriptor {
+        try attempt("cannot open directory", path) { try FileDescriptor.open(path, .readOnly, options: .directory) }
     }
 
     public static func fsync(path: String) throws {
-        let fd = retryingEINTR { open(path, O_RDONLY | O_CLOEXEC) }
-        guard fd >= 0 else { throw systemError("cannot open", path) }
-        defer { close(fd) }
-        guard Glibc.fsync(fd) == 0 else { throw systemError("cannot fsync", path) }
-    }
-
-    /// Hands all of `bytes` to the pipe `fd` by reference (vmsplice(2)): the caller must never change those
-    /// pages afterwards. Returns nil, or the errno of the failure.
-    public static func vmspliceAll(_ fd: Int32, _ bytes: UnsafeRawBufferPointer) -> Int32? {
-        var done = 0
-        while done < bytes.count {
-            let moved = retryingEINTR { stasis_vmsplice(fd, bytes.baseAddress! + done, UInt(bytes.count - done)) }
-            if moved < 0 { return errno }
-            if moved == 0 { return EIO }
-            done += moved
-        }
-        return nil
+        let fd = try attempt("cannot open", path) { try FileDescriptor.open(path, .readOnly) }
+        defer { fd.closeQuietly() }
+        try attempt("cannot fsync", path) { try fd.sync() }
     }
 
     /// Bytes an unprivileged writer can still put on the filesystem holding `path`; nil when it cannot be asked.
@@ -166,36 +186,16 @@ public enum FileSystem {
         return UInt64(info.f_bavail) * UInt64(info.f_frsize)
     }
 
-    /// Writes all of `bytes` to `fd` (at `offset` with pwrite, else at its position). Returns nil, or the
-    /// errno of the failure (EIO when the kernel wrote nothing without saying why).
-    public static func writeAll(_ fd: Int32, _ bytes: UnsafeRawBufferPointer, at offset: off_t? = nil) -> Int32? {
-        var done = 0
-        while done < bytes.count {
-            let wrote = retryingEINTR {
-                offset.map { pwrite(fd, bytes.baseAddress! + done, bytes.count - done, $0 + off_t(done)) }
-                    ?? write(fd, bytes.baseAddress! + done, bytes.count - done)
-            }
-            if wrote < 0 { return errno }
-            if wrote == 0 { return EIO }
-            done += wrote
-        }
-        return nil
-    }
-
     /// Writes the whole of the file at `path` to `fd` (a pipe or a socket), in 1 MiB reads.
-    public static func copy(_ path: String, to fd: Int32) throws {
-        let input = retryingEINTR { open(path, O_RDONLY | O_CLOEXEC) }
-        guard input >= 0 else { throw systemError("cannot open", path) }
-        defer { close(input) }
+    public static func copy(_ path: String, to fd: FileDescriptor) throws {
+        let input = try attempt("cannot open", path) { try FileDescriptor.open(path, .readOnly) }
+        defer { input.closeQuietly() }
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
         defer { buffer.deallocate() }
         while true {
-            let got = retryingEINTR { read(input, buffer.baseAddress, buffer.count) }
-            if got < 0 { throw systemError("cannot read", path) }
+            let got = try attempt("cannot read", path) { try input.readSome(into: buffer) }
             if got == 0 { return }
-            if let failure = writeAll(fd, UnsafeRawBufferPointer(rebasing: buffer[0..<got])) {
-                throw systemError("cannot pass on", path, errno: failure)
-            }
+            try attempt("cannot pass on", path) { try fd.write(all: UnsafeRawBufferPointer(rebasing: buffer[0..<got])) }
         }
     }
 
@@ -204,15 +204,20 @@ public enum FileSystem {
     /// finished one may ever appear beside `path` (a published checkpoint).
     public static func writeAtomically(_ data: Data, to path: String, mode: mode_t = 0o600, temporaryDirectory: String? = nil) throws {
         let temporary = temporaryDirectory.map { "\($0)/.\(URL(fileURLWithPath: path).lastPathComponent).tmp-\(getpid())" } ?? path + ".tmp-\(getpid())"
-        let fd = retryingEINTR { open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode) }
-        guard fd >= 0 else { throw systemError("cannot create", temporary) }
-        var failure: StasisError?
-        if let code = data.withUnsafeBytes({ writeAll(fd, $0) }) { failure = systemError("cannot write", temporary, errno: code) }
-        if failure == nil, fchmod(fd, mode) != 0 { failure = systemError("cannot set mode on", temporary) }
-        if failure == nil, Glibc.fsync(fd) != 0 { failure = systemError("cannot fsync", temporary) }
-        close(fd)
-        if failure == nil, Glibc.rename(temporary, path) != 0 { failure = systemError("cannot rename \(temporary) to", path) }
-        if let failure {
+        let fd = try attempt("cannot create", temporary) {
+            try FileDescriptor.open(temporary, .writeOnly, options: [.create, .truncate], permissions: FilePermissions(rawValue: mode))
+        }
+        do {
+            defer { fd.closeQuietly() }
+            try attempt("cannot write", temporary) { try data.withUnsafeBytes { try fd.write(all: $0) } }
+            try attempt("cannot set mode on", temporary) { try fd.setPermissions(FilePermissions(rawValue: mode)) }
+            try attempt("cannot fsync", temporary) { try fd.sync() }
+        } catch {
+            unlink(temporary)
+            throw error
+        }
+        if Glibc.rename(temporary, path) != 0 {
+            let failure = systemError("cannot rename \(temporary) to", path)
             unlink(temporary)
             throw failure
         }
@@ -259,23 +264,15 @@ public enum FileSystem {
         }
     }
 
-    /// Frees the blocks of a byte range of an open file, keeping its size; false where the filesystem cannot.
-    @discardableResult
-    public static func punchHole(_ fd: Int32, offset: UInt64, length: UInt64) -> Bool {
-        stasis_punch_hole(fd, Int64(offset), Int64(length)) == 0
-    }
-
-    /// Starts writing a byte range of an open file back to disk, without waiting.
-    public static func startWriteback(_ fd: Int32, offset: UInt64, length: UInt64) {
-        _ = stasis_start_writeback(fd, Int64(offset), Int64(length))
-    }
-
     /// Makes everything written to the filesystem holding `path` durable (syncfs).
     public static func syncFilesystem(of path: String) throws {
         let fd = try openDirectory(path)
-        defer { close(fd) }
-        guard stasis_syncfs(fd) == 0 else { throw systemError("cannot sync the filesystem of", path) }
+        defer { fd.closeQuietly() }
+        guard stasis_syncfs(fd.rawValue) == 0 else { throw systemError("cannot sync the filesystem of", path) }
     }
+
+    /// Removes a directory if it is empty (rmdir(2)); anything in it keeps it.
+    public static func removeEmptyDirectory(_ path: String) { rmdir(path) }
 
     public static func removeTree(_ path: String) {
         try? FileManager.default.removeItem(atPath: path)

@@ -30,16 +30,3 @@ public enum ProcessMemory {
         }
     }
 }
-
-/// Unix-socket facts the kernel vouches for.
-public enum SocketPeer {
-    /// The PID of the process at the other end of `fd`, nil when the kernel cannot say.
-    public static func pid(_ fd: Int32) -> Int32? {
-        let pid = stasis_socket_peer_pid(fd)
-        return pid > 0 ? pid : nil
-    }
-
-    /// A unix stream socket in the network namespace of `pid` (a container's), where its abstract socket
-    /// names live; an ordinary one when that is this process's namespace. -1 with errno set.
-    public static func unixSocket(inNetworkNamespaceOf pid: Int32) -> Int32 { stasis_unix_socket_in_netns_of(pid) }
-}

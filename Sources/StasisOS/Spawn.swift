@@ -7,13 +7,13 @@ import StasisCore
 public enum Spawn {
     /// Starts `executable` with `arguments`. `descriptors` maps a descriptor of ours to the number it gets in
     /// the child (dup2 clears close-on-exec there); everything else of ours stays close-on-exec as opened.
-    public static func start(_ executable: String, _ arguments: [String], descriptors: [Int32: Int32] = [:],
+    public static func start(_ executable: String, _ arguments: [String], descriptors: [FileDescriptor: Int32] = [:],
                              environment: [String: String]? = nil) throws -> pid_t {
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
-        for (ours, theirs) in descriptors.sorted(by: { $0.key < $1.key }) {
-            posix_spawn_file_actions_adddup2(&actions, ours, theirs)
+        for (ours, theirs) in descriptors.sorted(by: { $0.key.rawValue < $1.key.rawValue }) {
+            posix_spawn_file_actions_adddup2(&actions, ours.rawValue, theirs)
         }
         let argv = ([executable] + arguments).map { strdup($0) } + [nil]
         defer { argv.forEach { free($0) } }
@@ -59,28 +59,35 @@ public enum Spawn {
 
     /// Runs a program to completion and returns its exit status and standard output (standard error is ours).
     public static func output(_ executable: String, _ arguments: [String]) throws -> (status: Int32, stdout: Data) {
-        var ends: [Int32] = [0, 0]
-        guard pipe(&ends) == 0 else { throw systemError("cannot create a pipe for", executable) }
-        for fd in ends { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        let (readEnd, writeEnd) = try attempt("cannot create a pipe for", executable) { try FileDescriptor.makePipe() }
         let pid: pid_t
         do {
-            pid = try start(executable, arguments, descriptors: [ends[1]: 1])
+            defer { writeEnd.closeQuietly() }
+            pid = try start(executable, arguments, descriptors: [writeEnd: 1])
         } catch {
-            close(ends[0]); close(ends[1])
+            readEnd.closeQuietly()
             throw error
         }
-        close(ends[1])
-        let data = FileHandle(fileDescriptor: ends[0], closeOnDealloc: true).readDataToEndOfFile()
+        let data = FileHandle(fileDescriptor: readEnd.rawValue, closeOnDealloc: true).readDataToEndOfFile()
         return (wait(pid), data)
+    }
+
+    /// Replaces this process with `arguments[0]` (looked up in PATH) and `arguments`, its environment set to
+    /// ours with `environment` on top. Returns only when the program could not be started: the Errno says why.
+    public static func replaceProcess(with arguments: [String], environment: [String: String]) -> Errno {
+        for (name, value) in environment { setenv(name, value, 1) }
+        let argv = arguments.map { strdup($0) } + [nil]
+        execvp(arguments[0], argv)
+        return Errno(rawValue: errno)
     }
 
     /// Finds `name` in PATH.
     public static func which(_ name: String, path: String? = ProcessInfo.processInfo.environment["PATH"]) -> String? {
-        if name.contains("/") { return access(name, X_OK) == 0 ? name : nil }
+        if name.contains("/") { return FileSystem.isExecutable(name) ? name : nil }
         let directories = (path ?? "").split(separator: ":").map(String.init)
         for directory in directories where !directory.isEmpty {
             let candidate = directory + "/" + name
-            if access(candidate, X_OK) == 0, !FileSystem.isDirectory(candidate) { return candidate }
+            if FileSystem.isExecutable(candidate), !FileSystem.isDirectory(candidate) { return candidate }
         }
         return nil
     }

@@ -22,18 +22,18 @@ public enum StreamSocket {
     }
 
     /// Sets the time limit of every send and receive on `fd`.
-    public static func setTimeout(_ fd: Int32, seconds: Int) {
+    public static func setTimeout(_ fd: FileDescriptor, seconds: Int) {
         var limit = timeval(tv_sec: seconds, tv_usec: 0)
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
-        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
+        setsockopt(fd.rawValue, SOL_SOCKET, SO_RCVTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
+        setsockopt(fd.rawValue, SOL_SOCKET, SO_SNDTIMEO, &limit, socklen_t(MemoryLayout<timeval>.size))
     }
 
     /// Sends all of `buffer` (MSG_NOSIGNAL: a peer that went away is an error, not SIGPIPE); `more`: bytes
     /// follow at once (MSG_MORE). nil when all went.
-    public static func send(_ fd: Int32, _ buffer: UnsafeRawBufferPointer, more: Bool = false) -> Failure? {
+    public static func send(_ fd: FileDescriptor, _ buffer: UnsafeRawBufferPointer, more: Bool = false) -> Failure? {
         var done = 0
         while done < buffer.count {
-            let sent = Glibc.send(fd, buffer.baseAddress! + done, buffer.count - done, Int32(MSG_NOSIGNAL) | (more ? Int32(MSG_MORE) : 0))
+            let sent = Glibc.send(fd.rawValue, buffer.baseAddress! + done, buffer.count - done, Int32(MSG_NOSIGNAL) | (more ? Int32(MSG_MORE) : 0))
             if sent < 0 && errno == EINTR { continue }
             guard sent > 0 else { return failure() }
             done += sent
@@ -43,17 +43,28 @@ public enum StreamSocket {
 
     /// Fills all of `buffer`; with `deadline`, a peer that trickles bytes cannot make the whole receive wait
     /// longer than that. nil when it is full.
-    public static func receive(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer, deadline: Date? = nil) -> Failure? {
+    public static func receive(_ fd: FileDescriptor, into buffer: UnsafeMutableRawBufferPointer, deadline: Date? = nil) -> Failure? {
         var done = 0
         while done < buffer.count {
             if let deadline, done > 0, Date() > deadline { return .timedOut }
-            let got = recv(fd, buffer.baseAddress! + done, buffer.count - done, 0)
+            let got = recv(fd.rawValue, buffer.baseAddress! + done, buffer.count - done, 0)
             if got < 0 && errno == EINTR { continue }
             if got == 0 { return .closed }
             guard got > 0 else { return failure() }
             done += got
         }
         return nil
+    }
+
+    /// Waits until the peer has closed its end too (reading and dropping what it still sends), or the
+    /// socket's time limit passes: how a connection is ended when the peer must be gone before what comes next.
+    public static func drainUntilClosed(_ fd: FileDescriptor) {
+        var byte: UInt8 = 0
+        while true {
+            let got = recv(fd.rawValue, &byte, 1, 0)
+            if got < 0 && errno == EINTR { continue }
+            if got <= 0 { return }
+        }
     }
 
     private static func failure() -> Failure {

@@ -5,13 +5,15 @@ import StasisCore
 /// One mapping for every call site: ENOSPC and EACCES get codes of their own because the user's fix differs.
 public func systemError(_ action: String, _ subject: String, errno code: Int32 = errno) -> StasisError {
     let reason = String(cString: strerror(code))
+    let cause = Errno(rawValue: code)
     switch code {
     case ENOSPC, EDQUOT:
-        return StasisError(.noSpace, "\(action) \(subject): \(reason)", hint: "free space on that filesystem or write elsewhere")
+        return StasisError(.noSpace, "\(action) \(subject): \(reason)", hint: "free space on that filesystem or write elsewhere", cause: cause)
     case EACCES, EPERM:
-        return StasisError(.permission, "\(action) \(subject): \(reason)", hint: "stasis needs root (CAP_SYS_ADMIN) for checkpoint and restore")
+        return StasisError(.permission, "\(action) \(subject): \(reason)", hint: "stasis needs root (CAP_SYS_ADMIN) for checkpoint and restore",
+                           cause: cause)
     default:
-        return StasisError(.io, "\(action) \(subject): \(reason)")
+        return StasisError(.io, "\(action) \(subject): \(reason)", cause: cause)
     }
 }
 

@@ -6,18 +6,21 @@ import StasisCore
 /// wait: what a migration's two ends speak over.
 // @unchecked Sendable: one thread uses it at a time; only `shutdown` (for the descriptor, which is set once) may come from another.
 public final class TCPConnection: @unchecked Sendable {
-    public let fd: Int32
+    public let fd: FileDescriptor
     public let peer: String
     /// The time limit (seconds) of each whole receive, as `setTimeout` set it; 0: none.
     private var limit = 0
 
     init(fd: Int32, peer: String) {
-        (self.fd, self.peer) = (fd, peer)
+        (self.fd, self.peer) = (FileDescriptor(rawValue: fd), peer)
         var one: Int32 = 1
         setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
     }
 
-    deinit { close(fd) }
+    deinit { fd.closeQuietly() }
+
+    /// Ends the connection both ways: a thread blocked on it returns.
+    public func shutdown() { fd.shutdown(.both) }
 
     /// "HOST:PORT" or "[V6]:PORT" into a host and a port.
     public static func split(_ address: String) throws -> (host: String, port: UInt16) {
@@ -58,7 +61,7 @@ public final class TCPConnection: @unchecked Sendable {
             let fd = socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
             guard fd >= 0 else { lastError = errno; continue }
             var address = storage
-            setTimeout(fd, seconds: seconds)
+            StreamSocket.setTimeout(FileDescriptor(rawValue: fd), seconds: seconds)
             let result = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, length) } }
             if result == 0 { return TCPConnection(fd: fd, peer: "\(host):\(port)") }
             lastError = errno
@@ -68,14 +71,11 @@ public final class TCPConnection: @unchecked Sendable {
                           hint: "is `stasis serve` listening there, and does the network let this host reach it?")
     }
 
-    /// Sets the time limit of every send and receive on `fd`.
-    public static func setTimeout(_ fd: Int32, seconds: Int) { StreamSocket.setTimeout(fd, seconds: seconds) }
-
     /// Every wait on the connection, and every whole `receive` (a peer that trickles a byte at a time does
     /// not keep it waiting longer), is limited to `seconds`.
     public func setTimeout(seconds: Int) {
         limit = seconds
-        Self.setTimeout(fd, seconds: seconds)
+        StreamSocket.setTimeout(fd, seconds: seconds)
     }
 
     public func send(_ bytes: [UInt8]) throws {
@@ -112,7 +112,7 @@ public final class TCPConnection: @unchecked Sendable {
 /// A listening TCP socket. Sendable: its only state is the descriptor, set once, and accept(2) may be called
 /// from any thread.
 public final class TCPListener: Sendable {
-    public let fd: Int32
+    private let fd: Int32
     public let address: String
 
     public init(_ address: String) throws {

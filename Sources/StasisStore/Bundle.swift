@@ -1,6 +1,5 @@
 import Crypto
 import Foundation
-import Glibc
 import StasisCore
 import StasisOS
 
@@ -63,7 +62,7 @@ public enum CheckpointBundle {
 
     /// Writes the checkpoint as a bundle onto `fd` (a migration's connection), leaving out the chunks in
     /// `skipping` (those the receiver has): the receiver takes them from its own store. Not closed, not synced.
-    public static func stream(directory: String, manifestData: Data, manifest: Manifest, store: ChunkStore?, to fd: Int32, name: String,
+    public static func stream(directory: String, manifestData: Data, manifest: Manifest, store: ChunkStore?, to fd: FileDescriptor, name: String,
                               skipping: Set<String>) throws -> ExportReport {
         let watch = Stopwatch()
         try checkChunkLists(manifest, name: "\(directory)/\(Manifest.fileName)", code: .manifestInvalid)
@@ -115,22 +114,22 @@ public enum CheckpointBundle {
     static func exportWholeFile(_ entry: Manifest.FileEntry, from directory: String, to output: BundleOutput,
                                 buffer: UnsafeMutableRawBufferPointer) throws {
         let path = directory + "/" + entry.path
-        let fd = retryingEINTR { open(path, O_RDONLY | O_CLOEXEC) }
-        guard fd >= 0 else {
-            if errno == ENOENT {
-                throw StasisError(.integrity, "\(path) is missing (the manifest lists it, \(entry.size) bytes)",
-                                  hint: "the checkpoint is incomplete; export another copy")
-            }
-            throw systemError("cannot open", path)
+        let fd: FileDescriptor
+        do {
+            fd = try FileDescriptor.open(path, .readOnly)
+        } catch .noSuchFileOrDirectory {
+            throw StasisError(.integrity, "\(path) is missing (the manifest lists it, \(entry.size) bytes)",
+                              hint: "the checkpoint is incomplete; export another copy")
+        } catch {
+            throw systemError("cannot open", path, error)
         }
-        defer { close(fd) }
+        defer { fd.closeQuietly() }
         try output.header(.file, name: entry.path, length: entry.size)
         var hasher = SegmentedDigest.Streaming()
         var done: UInt64 = 0
         while done < entry.size {
             let want = Int(min(UInt64(buffer.count), entry.size - done))
-            let got = retryingEINTR { read(fd, buffer.baseAddress, want) }
-            guard got >= 0 else { throw systemError("cannot read", path) }
+            let got = try attempt("cannot read", path) { try fd.readSome(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<want])) }
             guard got > 0 else {
                 throw StasisError(.integrity, "\(path) has \(done) bytes; the manifest says \(entry.size) (truncated)",
                                   hint: "the checkpoint is damaged; `stasis verify` checks it")
@@ -173,7 +172,7 @@ public enum CheckpointBundle {
         }
 
         /// A bundle arriving on `fd` (a migration's connection), named `name` in messages; `fd` stays open.
-        public convenience init(stream fd: Int32, name: String) throws {
+        public convenience init(stream fd: FileDescriptor, name: String) throws {
             try self.init(input: BundleInput(stream: fd, name: name))
         }
 
@@ -307,27 +306,23 @@ public enum CheckpointBundle {
             if entry.path.contains("/") {
                 try FileSystem.makePrivateDirectory(String(target[..<target.lastIndex(of: "/")!]))
             }
-            let fd = retryingEINTR { open(target, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600) }
-            guard fd >= 0 else { throw systemError("cannot create", target) }
-            defer { close(fd) }
+            let fd = try attempt("cannot create", target) {
+                try FileDescriptor.open(target, .writeOnly, options: [.create, .exclusiveCreate], permissions: .ownerReadWrite)
+            }
+            defer { fd.closeQuietly() }
             var hasher = SegmentedDigest.Streaming()
             var left = record.length
             while left > 0 {
                 let piece = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<Int(min(UInt64(buffer.count), left))])
                 guard try input.read(into: piece) else { throw record.truncated(in: path, at: input.offset) }
                 hasher.update(UnsafeRawBufferPointer(piece))
-                var done = 0
-                while done < piece.count {
-                    let wrote = retryingEINTR { write(fd, piece.baseAddress! + done, piece.count - done) }
-                    guard wrote > 0 else { throw systemError("cannot write", target) }
-                    done += wrote
-                }
+                try attempt("cannot write", target) { try fd.write(all: UnsafeRawBufferPointer(piece)) }
                 left -= UInt64(piece.count)
             }
             guard hasher.finish() == entry.sha256 else {
                 throw record.damaged(in: path, "its content does not match the SHA-256 the manifest gives")
             }
-            guard fdatasync(fd) == 0 else { throw systemError("cannot sync", target) }
+            try attempt("cannot sync", target) { try fd.syncData() }
         }
 
         /// The next record's header; nil when the file ends cleanly before one.
@@ -404,7 +399,8 @@ public enum CheckpointBundle {
 /// `finish` renames it into place.
 final class BundleOutput {
     let path: String
-    private let fd: Int32
+    /// The connection written to (nil for a file).
+    private let stream: FileDescriptor?
     /// The file being written (nil on a stream): it holds the descriptor and gives the bundle its name.
     private var file: AtomicFile?
     private let buffer: UnsafeMutableRawBufferPointer
@@ -414,8 +410,8 @@ final class BundleOutput {
     let isStream: Bool
 
     /// Writes onto a connection: no file, no rename, no fsync; `finish` only flushes.
-    init(stream fd: Int32, name: String) throws {
-        (path, self.fd, isStream) = (name, fd, true)
+    init(stream fd: FileDescriptor, name: String) throws {
+        (path, stream, isStream) = (name, fd, true)
         buffer = .allocate(byteCount: CheckpointBundle.ioSize, alignment: 4096)
         try CheckpointBundle.magic.withUnsafeBytes { try append($0) }
     }
@@ -423,7 +419,7 @@ final class BundleOutput {
     init(path target: String) throws {
         isStream = false
         let file = try AtomicFile(creating: target)
-        (path, fd, self.file) = (file.path, file.descriptor, file)
+        (path, stream, self.file) = (file.path, nil, file)
         buffer = .allocate(byteCount: CheckpointBundle.ioSize, alignment: 4096)
         try CheckpointBundle.magic.withUnsafeBytes { try append($0) }
     }
@@ -461,14 +457,9 @@ final class BundleOutput {
         let pending = UnsafeRawBufferPointer(start: buffer.baseAddress, count: used)
         if let file {
             try file.write(pending)
-        } else {
-            // A connection: send(2) with MSG_NOSIGNAL, so a peer that went away is an error, not SIGPIPE.
-            var done = 0
-            while done < used {
-                let sent = retryingEINTR { send(fd, pending.baseAddress! + done, used - done, Int32(MSG_NOSIGNAL)) }
-                guard sent > 0 else { throw systemError("cannot send", path) }
-                done += sent
-            }
+        } else if let stream, let failure = StreamSocket.send(stream, pending) {
+            // MSG_NOSIGNAL: a peer that went away is this error, not SIGPIPE.
+            throw StasisError(.io, "cannot send \(path): \(failure.reason)")
         }
         used = 0
     }
@@ -489,7 +480,7 @@ final class BundleOutput {
 /// The bundle being read: buffered, counting and hashing every byte handed out.
 final class BundleInput {
     let path: String
-    private let fd: Int32
+    private let fd: FileDescriptor
     private let buffer: UnsafeMutableRawBufferPointer
     private var start = 0
     private var end = 0
@@ -499,22 +490,25 @@ final class BundleInput {
     let isStream: Bool
 
     init(path: String) throws {
-        let fd = retryingEINTR { open(path, O_RDONLY | O_CLOEXEC) }
-        guard fd >= 0 else {
-            if errno == ENOENT { throw StasisError(.invalidArgument, "\(path) does not exist") }
-            throw systemError("cannot open", path)
+        let fd: FileDescriptor
+        do {
+            fd = try FileDescriptor.open(path, .readOnly)
+        } catch .noSuchFileOrDirectory {
+            throw StasisError(.invalidArgument, "\(path) does not exist")
+        } catch {
+            throw systemError("cannot open", path, error)
         }
         (self.path, self.fd, isStream) = (path, fd, false)
         buffer = .allocate(byteCount: CheckpointBundle.ioSize, alignment: 4096)
     }
 
-    init(stream fd: Int32, name: String) {
+    init(stream fd: FileDescriptor, name: String) {
         (path, self.fd, isStream) = (name, fd, true)
         buffer = .allocate(byteCount: CheckpointBundle.ioSize, alignment: 4096)
     }
 
     deinit {
-        if !isStream { close(fd) }
+        if !isStream { fd.closeQuietly() }
         buffer.deallocate()
     }
 
@@ -540,8 +534,7 @@ final class BundleInput {
     }
 
     private func refill() throws -> Bool {
-        let got = retryingEINTR { Glibc.read(fd, buffer.baseAddress, buffer.count) }
-        guard got >= 0 else { throw systemError("cannot read", path) }
+        let got = try attempt("cannot read", path) { try fd.readSome(into: buffer) }
         (start, end) = (0, got)
         return got > 0
     }

@@ -1,5 +1,4 @@
 import Foundation
-import Glibc
 import StasisCore
 import StasisOS
 
@@ -67,7 +66,7 @@ public final class ChunkIngester: @unchecked Sendable {
     private var failure: Error?
     private var files: [String: [String?]] = [:]
     private var queuedUpTo: [String: Int] = [:]  // per file: the chunks handed out so far
-    private var descriptors: [String: Int32] = [:]
+    private var descriptors: [String: FileDescriptor] = [:]
     private var running = 0
     private let followerDone = DispatchSemaphore(value: 0)
 
@@ -119,7 +118,7 @@ public final class ChunkIngester: @unchecked Sendable {
         while running > 0 { condition.wait() }
         let error = failure
         let result = files
-        for fd in descriptors.values { close(fd) }
+        for fd in descriptors.values { fd.closeQuietly() }
         descriptors = [:]
         condition.unlock()
         if let error {
@@ -147,7 +146,7 @@ public final class ChunkIngester: @unchecked Sendable {
         queue.removeAll()
         condition.broadcast()
         while running > 0 { condition.wait() }
-        for fd in descriptors.values { close(fd) }
+        for fd in descriptors.values { fd.closeQuietly() }
         descriptors = [:]
         condition.unlock()
         sink.abandon()
@@ -172,7 +171,7 @@ public final class ChunkIngester: @unchecked Sendable {
                 guard let size = FileSystem.size(directory + "/" + name) else { continue }
                 if enqueueChunks(of: name, upTo: size, final: false) > 0 { progressed = true }
             }
-            if !progressed { usleep(20_000) }
+            if !progressed { Thread.sleep(forTimeInterval: 0.02) }
         }
     }
 
@@ -229,7 +228,7 @@ public final class ChunkIngester: @unchecked Sendable {
                 let digest = try sink.put(UnsafeRawBufferPointer(bytes), scratch: scratch)
                 if releaseIngested {
                     // Best effort: a filesystem without hole punching keeps the bytes until the file is deleted.
-                    FileSystem.punchHole(fd, offset: UInt64(job.index) * UInt64(chunkSize), length: UInt64(job.length))
+                    fd.punchHole(offset: UInt64(job.index) * UInt64(chunkSize), length: UInt64(job.length))
                 }
                 condition.withLock { files[job.name]![job.index] = digest }
             } catch {
@@ -243,24 +242,18 @@ public final class ChunkIngester: @unchecked Sendable {
         }
     }
 
-    private func descriptor(_ name: String) throws -> Int32 {
+    private func descriptor(_ name: String) throws -> FileDescriptor {
         condition.lock()
         defer { condition.unlock() }
         if let fd = descriptors[name] { return fd }
         let path = directory + "/" + name
-        let fd = retryingEINTR { open(path, (releaseIngested ? O_RDWR : O_RDONLY) | O_CLOEXEC) }
-        guard fd >= 0 else { throw systemError("cannot open", path) }
+        let fd = try attempt("cannot open", path) { try FileDescriptor.open(path, releaseIngested ? .readWrite : .readOnly) }
         descriptors[name] = fd
         return fd
     }
 
-    private func readFully(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, name: String) throws {
-        var done = 0
-        while done < buffer.count {
-            let got = retryingEINTR { pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done)) }
-            if got < 0 { throw systemError("cannot read", directory + "/" + name) }
-            if got == 0 { throw StasisError(.io, "\(directory)/\(name) ended at \(offset + UInt64(done)) bytes while being cut into chunks") }
-            done += got
-        }
+    private func readFully(_ fd: FileDescriptor, into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, name: String) throws {
+        let got = try attempt("cannot read", directory + "/" + name) { try fd.read(filling: buffer, at: Int64(offset)) }
+        if got < buffer.count { throw StasisError(.io, "\(directory)/\(name) ended at \(offset + UInt64(got)) bytes while being cut into chunks") }
     }
 }

@@ -1,6 +1,5 @@
 import Crypto
 import Foundation
-import Glibc
 import StasisCore
 import StasisOS
 
@@ -95,16 +94,19 @@ public final class ChunkStore: Sendable {
             try FileSystem.syncFilesystem(of: store.path + "/tmp")
             let moves = chunks.map { (temporary: $0.value, target: store.chunkPath($0.key)) }
             for directory in Set(moves.map { String($0.target[..<$0.target.lastIndex(of: "/")!]) }) {
-                if mkdir(directory, 0o700) != 0, errno != EEXIST { throw systemError("cannot create", directory) }
+                try FileSystem.makeDirectory(directory)
             }
             // Thousands of renames (a GPU's memory): on several threads, a share each.
             let shares = min(8, max(1, moves.count / 256))
             let failure = Locked<Error?>(nil)
             DispatchQueue.concurrentPerform(iterations: shares) { share in
-                for index in stride(from: share, to: moves.count, by: shares) where rename(moves[index].temporary, moves[index].target) != 0 {
-                    let error = systemError("cannot rename \(moves[index].temporary) to", moves[index].target)
-                    failure.withLock { if $0 == nil { $0 = error } }
-                    return
+                for index in stride(from: share, to: moves.count, by: shares) {
+                    do {
+                        try FileSystem.rename(moves[index].temporary, to: moves[index].target)
+                    } catch {
+                        failure.withLock { if $0 == nil { $0 = error } }
+                        return
+                    }
                 }
             }
             if let error = failure.current { throw error }
@@ -115,7 +117,7 @@ public final class ChunkStore: Sendable {
         /// Drops the chunks not committed (the ingest failed).
         func abandon() {
             let files = lock.withLock { pending.values.filter { !$0.isEmpty } }
-            for file in files { unlink(file) }
+            for file in files { FileSystem.remove(file) }
             lock.withLock { pending = [:] }
         }
     }
@@ -173,7 +175,7 @@ public final class ChunkStore: Sendable {
 
     /// Mode that marks a chunk file as read back and checked since it was written (chunk files are written
     /// 0600): `isKnownGood` does not read it again.
-    static let checkedMode: mode_t = 0o400
+    static let checkedMode: FilePermissions = .ownerRead
 
     /// Whether the chunk file at `target` may be reused without writing it again: the only checkpoint of a job
     /// whose tree the dump then ends must not rest on a chunk that was planted or damaged. The first time a
@@ -181,12 +183,11 @@ public final class ChunkStore: Sendable {
     /// (`checkedMode`); later reuses only look at the mark. A damaged chunk, or one that another user owns, is
     /// not reused: the writer puts its own copy in its place.
     func isKnownGood(_ target: String, digest: String, plain: UnsafeRawBufferPointer? = nil) -> Bool {
-        var st = stat()
-        guard lstat(target, &st) == 0 else { return false }
-        guard (st.st_mode & S_IFMT) == S_IFREG, st.st_uid == geteuid() else { return false }
-        if st.st_mode & 0o7777 == Self.checkedMode { return true }
+        guard let status = try? FileSystem.status(target, followingLinks: false),
+              status.kind == .regular, status.ownedByThisUser else { return false }
+        if status.permissions == Self.checkedMode.rawValue { return true }
         guard (try? check(digest, against: plain)) != nil else { return false }
-        return chmod(target, Self.checkedMode) == 0
+        return (try? FileSystem.setMode(target, Self.checkedMode.rawValue)) != nil
     }
 
     static func writeHeader(into buffer: UnsafeMutableRawBufferPointer, tag: UInt8, plainLength: Int) {
@@ -201,29 +202,34 @@ public final class ChunkStore: Sendable {
     /// Writes a chunk file into tmp/ (NAME.PID.RANDOM, so gc can tell a dead writer's leftovers) and starts its
     /// writeback (the batch's syncfs finishes it); returns its path.
     func writeTemporary(_ parts: [UnsafeRawBufferPointer], digest: String) throws -> String {
-        let temporary = "\(path)/tmp/\(digest).\(getpid()).\(UInt32.random(in: 0...UInt32.max))"
-        let fd = retryingEINTR { open(temporary, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600) }
-        guard fd >= 0 else { throw Self.writeError("cannot create", temporary) }
+        let temporary = "\(path)/tmp/\(digest).\(ThisProcess.pid).\(UInt32.random(in: 0...UInt32.max))"
+        let fd: FileDescriptor
+        do {
+            fd = try FileDescriptor.open(temporary, .writeOnly, options: [.create, .exclusiveCreate], permissions: .ownerReadWrite)
+        } catch {
+            throw Self.writeError("cannot create", temporary, error)
+        }
+        defer { fd.closeQuietly() }
         var total = 0
         for bytes in parts {
-            if let failure = FileSystem.writeAll(fd, bytes) {
-                let error = Self.writeError("cannot write", temporary, errno: failure)
-                close(fd)
-                unlink(temporary)
-                throw error
+            do {
+                try fd.write(all: bytes)
+            } catch {
+                FileSystem.remove(temporary)
+                throw Self.writeError("cannot write", temporary, error)
             }
             total += bytes.count
         }
-        FileSystem.startWriteback(fd, offset: 0, length: UInt64(total))
-        close(fd)
+        fd.startWriteback(offset: 0, length: UInt64(total))
         return temporary
     }
 
-    static func writeError(_ action: String, _ subject: String, errno code: Int32 = errno) -> StasisError {
-        if code == ENOSPC || code == EDQUOT {
-            return StasisError(.noSpace, "the chunk store ran out of space (\(action) \(subject))", hint: "free space there, run `stasis gc`, or use another --store")
+    static func writeError(_ action: String, _ subject: String, _ error: Errno) -> StasisError {
+        if error.isNoSpace {
+            return StasisError(.noSpace, "the chunk store ran out of space (\(action) \(subject))", hint: "free space there, run `stasis gc`, or use another --store",
+                               cause: error)
         }
-        return systemError(action, subject, errno: code)
+        return systemError(action, subject, error)
     }
 
     // MARK: reading
@@ -252,22 +258,23 @@ public final class ChunkStore: Sendable {
     func read(_ digest: String, into output: UnsafeMutableRawBufferPointer, scratch: UnsafeMutableRawBufferPointer, place: Place,
               fileInScratch: Bool = false, checkDigest: Bool = true) throws -> Int {
         let file = chunkPath(digest)
-        let fd = retryingEINTR { open(file, O_RDONLY | O_CLOEXEC) }
-        guard fd >= 0 else {
-            if errno == ENOENT {
-                throw StasisError(.integrity, "chunk \(digest) of \(place.text) is missing from the store \(path)",
-                                  hint: "the store lost chunks (removed by hand?); restore from another copy")
-            }
-            throw systemError("cannot open", file)
+        let fd: FileDescriptor
+        do {
+            fd = try FileDescriptor.open(file, .readOnly)
+        } catch .noSuchFileOrDirectory {
+            throw StasisError(.integrity, "chunk \(digest) of \(place.text) is missing from the store \(path)",
+                              hint: "the store lost chunks (removed by hand?); restore from another copy")
+        } catch {
+            throw systemError("cannot open", file, error)
         }
-        defer { close(fd) }
+        defer { fd.closeQuietly() }
         var total = try Self.readUpTo(fd, UnsafeMutableRawBufferPointer(rebasing: scratch[0..<Self.headerSize]), file: file)
         let header = UnsafeRawBufferPointer(rebasing: scratch[0..<total])
         if !fileInScratch, Self.plainLength(ofChunkFile: header) == output.count, header[5] == 0 {
             // Stored plain (it did not compress): its bytes go straight into `output`, without a copy.
             let got = try Self.readUpTo(fd, output, file: file)
             var extra: UInt8 = 0
-            let more = retryingEINTR { Glibc.read(fd, &extra, 1) }
+            let more = try withUnsafeMutableBytes(of: &extra) { try Self.readUpTo(fd, $0, file: file) }
             guard got == output.count, more == 0 else { throw damaged(digest, place, "its none data does not decode (truncated or corrupt)") }
             guard !checkDigest || ChunkDigest.hex(UnsafeRawBufferPointer(output)) == digest else {
                 throw damaged(digest, place, "its content does not match its SHA-256")
@@ -283,15 +290,8 @@ public final class ChunkStore: Sendable {
     }
 
     /// Reads from `fd` until `buffer` is full or the file ends; returns the bytes read.
-    private static func readUpTo(_ fd: Int32, _ buffer: UnsafeMutableRawBufferPointer, file: String) throws -> Int {
-        var total = 0
-        while total < buffer.count {
-            let got = retryingEINTR { Glibc.read(fd, buffer.baseAddress! + total, buffer.count - total) }
-            if got < 0 { throw systemError("cannot read", file) }
-            if got == 0 { break }
-            total += got
-        }
-        return total
+    private static func readUpTo(_ fd: FileDescriptor, _ buffer: UnsafeMutableRawBufferPointer, file: String) throws -> Int {
+        try attempt("cannot read", file) { try fd.read(filling: buffer) }
     }
 
     private func damaged(_ digest: String, _ place: Place, _ why: String) -> StasisError {
@@ -324,12 +324,15 @@ public final class ChunkStore: Sendable {
     /// it was read, without decoding).
     public func check(_ digest: String, against plain: UnsafeRawBufferPointer? = nil) throws {
         let file = chunkPath(digest)
-        let fd = retryingEINTR { open(file, O_RDONLY | O_CLOEXEC) }
-        guard fd >= 0 else {
-            if errno == ENOENT { throw StasisError(.integrity, "chunk \(digest) is missing from the store \(path)") }
-            throw systemError("cannot open", file)
+        let fd: FileDescriptor
+        do {
+            fd = try FileDescriptor.open(file, .readOnly)
+        } catch .noSuchFileOrDirectory {
+            throw StasisError(.integrity, "chunk \(digest) is missing from the store \(path)")
+        } catch {
+            throw systemError("cannot open", file, error)
         }
-        defer { close(fd) }
+        defer { fd.closeQuietly() }
         // Two chunk-sized buffers, kept between checks: fresh ones would cost 1024 page faults a check.
         let (buffer, output) = checkBuffers.take()
         defer { checkBuffers.give(buffer, output) }
@@ -342,7 +345,7 @@ public final class ChunkStore: Sendable {
         if let plain {
             guard plain.count == length else { throw damaged("it holds \(length) bytes, not \(plain.count)") }
             if bytes[5] == 0 {
-                guard size == Self.headerSize + length, length == 0 || memcmp(plain.baseAddress!, bytes.baseAddress! + Self.headerSize, length) == 0 else {
+                guard size == Self.headerSize + length, bytesEqual(plain, UnsafeRawBufferPointer(rebasing: bytes[Self.headerSize...])) else {
                     throw damaged("its content is not the chunk's")
                 }
                 return
@@ -350,7 +353,7 @@ public final class ChunkStore: Sendable {
         }
         let decoded = UnsafeMutableRawBufferPointer(rebasing: output[0..<length])
         if let why = Self.decode(bytes, digest: plain == nil ? digest : nil, into: decoded) { throw damaged(why) }
-        if let plain, length > 0, memcmp(plain.baseAddress!, decoded.baseAddress!, length) != 0 { throw damaged("its content is not the chunk's") }
+        if let plain, !bytesEqual(plain, UnsafeRawBufferPointer(decoded)) { throw damaged("its content is not the chunk's") }
     }
 
     /// The digests of every chunk file in the store.
@@ -369,9 +372,9 @@ public final class ChunkStore: Sendable {
     /// Holds the store's lock until `release` (or the process ends). Dumps and imports hold it shared from
     /// their first chunk until their manifest is registered; gc holds it exclusive.
     public final class Lock: Sendable {
-        let fd: Int32
-        init(fd: Int32) { self.fd = fd }
-        public func release() { close(fd) }
+        let fd: FileDescriptor
+        init(fd: FileDescriptor) { self.fd = fd }
+        public func release() { fd.closeQuietly() }
     }
 
     /// The shared lock for a reader (restore, verify, resume): gc waits while it is held, so no chunk goes
@@ -381,12 +384,12 @@ public final class ChunkStore: Sendable {
 
     public func lock(exclusive: Bool) throws -> Lock {
         let file = path + "/lock"
-        let fd = retryingEINTR { open(file, O_RDWR | O_CREAT | O_CLOEXEC, 0o600) }
-        guard fd >= 0 else { throw systemError("cannot open", file) }
-        guard retryingEINTR({ flock(fd, exclusive ? LOCK_EX : LOCK_SH) }) == 0 else {
-            let error = systemError("cannot lock", file)
-            close(fd)
-            throw error
+        let fd = try attempt("cannot open", file) { try FileDescriptor.open(file, .readWrite, options: .create, permissions: .ownerReadWrite) }
+        do {
+            try fd.lock(exclusive: exclusive)
+        } catch {
+            fd.closeQuietly()
+            throw systemError("cannot lock", file, error)
         }
         return Lock(fd: fd)
     }

@@ -1,5 +1,4 @@
 import Foundation
-import Glibc
 import StasisCore
 import StasisOS
 
@@ -112,49 +111,41 @@ public enum ChunkedFiles {
     // @unchecked Sendable: workers write disjoint ranges of the mapping (one chunk each); the descriptor and mapping are set once.
     final class RebuiltFile: @unchecked Sendable {
         let path: String
-        private let fd: Int32
-        private let mapping: UnsafeMutableRawPointer?
+        private let fd: FileDescriptor
+        private let mapping: SharedMapping?
 
         init(path: String, size: UInt64) throws {
             self.path = path
-            fd = retryingEINTR { open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600) }
-            guard fd >= 0 else { throw systemError("cannot create", path) }
-            guard ftruncate(fd, off_t(size)) == 0 else {
-                let error = systemError("cannot size", path)
-                Glibc.close(fd)
-                throw error
+            fd = try attempt("cannot create", path) {
+                try FileDescriptor.open(path, .readWrite, options: [.create, .truncate], permissions: .ownerReadWrite)
             }
-            var mapped: UnsafeMutableRawPointer? = nil
-            if size > 0, let address = mmap(nil, Int(size), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), address != MAP_FAILED {
-                // One probe tells whether this kernel populates; without it the mapping is not used.
-                if madvise(address, Int(min(size, 4096)), Self.populateWrite) == 0 || errno != EINVAL {
-                    mapped = address
-                } else {
-                    munmap(address, Int(size))
-                }
+            do {
+                try fd.setSize(size)
+            } catch {
+                fd.closeQuietly()
+                throw systemError("cannot size", path, error)
             }
-            mapping = mapped
-            self.size = size
+            mapping = SharedMapping(fd, length: Int(size))
         }
-        private let size: UInt64
-
-        static let populateWrite: Int32 = 23  // MADV_POPULATE_WRITE, Linux 5.14
 
         /// Gives `decode` the bytes [offset, offset + length) of the file to fill, and makes them the file's.
         func fill(offset: UInt64, length: Int, bounce: UnsafeMutableRawBufferPointer, _ decode: (UnsafeMutableRawBufferPointer) throws -> Void) throws {
             // madvise wants a page-aligned start: chunk sizes are whole pages (a damaged manifest aside).
             if let mapping, offset % 4096 == 0 {
-                let start = mapping + Int(offset)
-                if madvise(start, length, Self.populateWrite) != 0 {
-                    throw errno == EFAULT || errno == ENOMEM || errno == ENOSPC ? noSpace() : systemError("cannot populate", path)
+                do {
+                    try mapping.populate(offset: Int(offset), count: length)
+                } catch {
+                    throw [.badAddress, .noMemory, .noSpace].contains(error) ? noSpace() : systemError("cannot populate", path, error)
                 }
-                try decode(UnsafeMutableRawBufferPointer(start: start, count: length))
+                try decode(UnsafeMutableRawBufferPointer(start: mapping.base + Int(offset), count: length))
                 return
             }
             let output = UnsafeMutableRawBufferPointer(rebasing: bounce[0..<length])
             try decode(output)
-            if let failure = FileSystem.writeAll(fd, UnsafeRawBufferPointer(output), at: off_t(offset)) {
-                throw failure == ENOSPC || failure == EDQUOT ? noSpace() : systemError("cannot write", path, errno: failure)
+            do {
+                try fd.write(all: UnsafeRawBufferPointer(output), at: Int64(offset))
+            } catch {
+                throw error.isNoSpace ? noSpace() : systemError("cannot write", path, error)
             }
         }
 
@@ -163,8 +154,8 @@ public enum ChunkedFiles {
         }
 
         func close() {
-            if let mapping { munmap(mapping, Int(size)) }
-            Glibc.close(fd)
+            mapping?.unmap()
+            fd.closeQuietly()
         }
     }
 
@@ -203,7 +194,7 @@ extension ChunkedFiles {
     /// streams hold (CRIU restores the processes of a tree at once, each reading its own image), and borrows
     /// up to 2 x `threads` - 2 more from `StreamBudget` while they are free. All streams together hold at most
     /// 2 per stream plus the budget, however many run.
-    public static func stream(_ item: Item, from store: ChunkStore, checkpoint: String, chunkSize: Int, to fd: Int32,
+    public static func stream(_ item: Item, from store: ChunkStore, checkpoint: String, chunkSize: Int, to fd: FileDescriptor,
                               threads: Int = ProcessInfo.processInfo.activeProcessorCount) throws {
         try item.checkChunkCount(chunkSize: chunkSize, checkpoint: checkpoint)
         guard !item.chunks.isEmpty else { return }
@@ -219,11 +210,14 @@ extension ChunkedFiles {
                 for index in 0..<item.chunks.count {
                     guard let decoded = window.next(index) else { return }
                     let length = item.place(index, chunkSize: chunkSize, checkpoint: checkpoint).length
-                    let failure = item.chunks[index].isEmpty && zerosBySplice
-                        ? FileSystem.vmspliceAll(fd, UnsafeRawBufferPointer(rebasing: zeroPages[0..<length]))
-                        : FileSystem.writeAll(fd, UnsafeRawBufferPointer(rebasing: decoded[0..<length]))
-                    if let failure {
-                        window.fail(systemError("cannot stream \(item.path) to CRIU", "the pipe", errno: failure))
+                    do throws(Errno) {
+                        if item.chunks[index].isEmpty && zerosBySplice {
+                            try fd.vmspliceAll(UnsafeRawBufferPointer(rebasing: zeroPages[0..<length]))
+                        } else {
+                            try fd.write(all: UnsafeRawBufferPointer(rebasing: decoded[0..<length]))
+                        }
+                    } catch {
+                        window.fail(systemError("cannot stream \(item.path) to CRIU", "the pipe", error))
                         return
                     }
                     window.written(index)

@@ -1,7 +1,7 @@
 import ArgumentParser
 import Foundation
-import Glibc
 import StasisCore
+import StasisOS
 import StasisEngine
 import StasisStore
 
@@ -44,7 +44,7 @@ enum Output {
 
     /// A progress line redrawn in place, only when standard error is a terminal.
     static func progressHandler() -> ProgressHandler? {
-        guard isatty(STDERR_FILENO) == 1 else { return nil }
+        guard FileDescriptor.standardError.isTerminal else { return nil }
         return { progress in
             var line = "\r\u{1B}[K\(progress.phase): \(Format.bytes(progress.bytes))"
             if let total = progress.totalBytes, total > 0 {
@@ -55,6 +55,6 @@ enum Output {
     }
 
     static func clearProgress() {
-        if isatty(STDERR_FILENO) == 1 { FileHandle.standardError.write(Data("\r\u{1B}[K".utf8)) }
+        if FileDescriptor.standardError.isTerminal { FileHandle.standardError.write(Data("\r\u{1B}[K".utf8)) }
     }
 }

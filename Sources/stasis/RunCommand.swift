@@ -1,7 +1,7 @@
 import ArgumentParser
 import Foundation
-import Glibc
 import StasisCore
+import StasisOS
 
 struct RunCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -53,17 +53,13 @@ struct RunCommand: ParsableCommand {
         try Output.run(json: false) {
             let library = try Self.locateAgent(agent)
             let preload = ProcessInfo.processInfo.environment["LD_PRELOAD"].map { $0.isEmpty ? library : "\(library):\($0)" } ?? library
-            setenv("LD_PRELOAD", preload, 1)
-            setenv("STASIS_AGENT_RING_MIB", String(ringMib), 1)
-            setenv("STASIS_AGENT_MIN_BACKED_MIB", String(minBackedMib), 1)
-            setenv("STASIS_AGENT_BACKING", noBacking ? "off" : "on", 1)
-            if agentLog { setenv("STASIS_AGENT_LOG", "1", 1) }
-            let argv = arguments.map { strdup($0) } + [nil]
-            execvp(arguments[0], argv)
-            let code = errno
-            FileHandle.standardError.write(Data("stasis: error: cannot run \(arguments[0]): \(String(cString: strerror(code)))\n".utf8))
+            var environment = ["LD_PRELOAD": preload, "STASIS_AGENT_RING_MIB": String(ringMib),
+                               "STASIS_AGENT_MIN_BACKED_MIB": String(minBackedMib), "STASIS_AGENT_BACKING": noBacking ? "off" : "on"]
+            if agentLog { environment["STASIS_AGENT_LOG"] = "1" }
+            let failure = Spawn.replaceProcess(with: arguments, environment: environment)
+            FileHandle.standardError.write(Data("stasis: error: cannot run \(arguments[0]): \(failure)\n".utf8))
             // As shells answer: 127 for a program not found, 126 for one that cannot be run.
-            throw ExitCode(code == ENOENT ? 127 : 126)
+            throw ExitCode(failure == .noSuchFileOrDirectory ? 127 : 126)
         }
     }
 

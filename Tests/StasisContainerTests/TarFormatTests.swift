@@ -14,16 +14,16 @@ import Testing
         let path = directory + "/a.tar"
         let long = "checkpoint/" + String(repeating: "x", count: 140) + ".img"
         let contents: [(String, Data)] = [("config.dump", Data("{}".utf8)), (long, Data((0..<1500).map { UInt8($0 % 251) })), ("empty", Data())]
-        let fd = open(path, O_WRONLY | O_CREAT | O_EXCL, 0o600)
+        let fd = try FileDescriptor.open(path, .writeOnly, options: [.create, .exclusiveCreate], permissions: .ownerReadWrite)
         var writer = Tar.Writer(fd: fd, path: path)
         try writer.directory("checkpoint/")
         for (name, data) in contents { try writer.file(name, contents: data) }
         try writer.finish()
-        close(fd)
+        fd.closeQuietly()
         let listing = try Harness.run("/bin/tar", ["-tf", path]).stdout.split(separator: "\n").map(String.init)
         #expect(listing == ["checkpoint/"] + contents.map(\.0))
-        let readFD = open(path, O_RDONLY)
-        defer { close(readFD) }
+        let readFD = try FileDescriptor.open(path, .readOnly)
+        defer { readFD.closeQuietly() }
         let reader = Tar.Reader(fd: readFD, path: path)
         var read: [(String, Data)] = []
         while let entry = try reader.next() {
@@ -37,8 +37,8 @@ import Testing
         let longFile = String(repeating: "y", count: 150) + ".img"
         try Data("long".utf8).write(to: URL(fileURLWithPath: source + "/" + longFile))
         #expect(try Harness.run("/bin/tar", ["--format=gnu", "-cf", directory + "/gnu.tar", "-C", source, longFile]).succeeded)
-        let gnuFD = open(directory + "/gnu.tar", O_RDONLY)
-        defer { close(gnuFD) }
+        let gnuFD = try FileDescriptor.open(directory + "/gnu.tar", .readOnly)
+        defer { gnuFD.closeQuietly() }
         let gnuReader = Tar.Reader(fd: gnuFD, path: directory + "/gnu.tar")
         let gnuEntry = try #require(try gnuReader.next())
         let gnuContents = try gnuReader.readAll()
@@ -48,8 +48,8 @@ import Testing
         let bytes = NSMutableData(contentsOfFile: path)!
         bytes.mutableBytes.storeBytes(of: UInt8(ascii: "Z"), toByteOffset: 2, as: UInt8.self)
         bytes.write(toFile: path, atomically: true)
-        let again = open(path, O_RDONLY)
-        defer { close(again) }
+        let again = try FileDescriptor.open(path, .readOnly)
+        defer { again.closeQuietly() }
         #expect(throws: StasisError.self) { _ = try Tar.Reader(fd: again, path: path).next() }
     }
 }

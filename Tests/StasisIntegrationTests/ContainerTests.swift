@@ -304,26 +304,12 @@ struct Container {
         while !FileManager.default.fileExists(atPath: ready), Date() < deadline { usleep(20_000) }
         // unshare execs python3: the listener is the same PID.
         let pid = process.processIdentifier
-        func connect(_ fd: Int32) -> Int32 {
-            var address = sockaddr_un()
-            address.sun_family = sa_family_t(AF_UNIX)
-            let bytes = Array(name.utf8)
-            withUnsafeMutableBytes(of: &address.sun_path) { path in
-                path[0] = 0
-                for (index, byte) in bytes.enumerated() { path[index + 1] = byte }
-            }
-            let length = socklen_t(MemoryLayout<sa_family_t>.size + 1 + bytes.count)
-            return withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, length) } }
-        }
-        let outside = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-        defer { close(outside) }
-        #expect(connect(outside) != 0, "the name must not be visible from this network namespace")
-        let inside = SocketPeer.unixSocket(inNetworkNamespaceOf: pid)
-        #expect(inside >= 0)
-        defer { close(inside) }
-        #expect(connect(inside) == 0, "errno \(errno)")
+        #expect(try UnixSocket.connect(abstract: name, inNetworkNamespaceOf: getpid()) == nil,
+                "the name must not be visible from this network namespace")
+        let inside = try #require(try UnixSocket.connect(abstract: name, inNetworkNamespaceOf: pid))
+        defer { inside.closeQuietly() }
         var reply = [UInt8](repeating: 0, count: 5)
-        #expect(recv(inside, &reply, 5, Int32(MSG_WAITALL)) == 5 && reply == Array("hello".utf8))
-        #expect(SocketPeer.pid(inside) == pid)
+        #expect(try reply.withUnsafeMutableBytes { try inside.read(filling: $0) } == 5 && reply == Array("hello".utf8))
+        #expect(UnixSocket.peerPID(inside) == pid)
     }
 }

@@ -44,4 +44,9 @@ int stasis_unix_socket_in_netns_of(int pid);
 /// new listener off that port, SO_REUSEADDR or not, for a minute. Returns how many were destroyed, or -errno.
 int stasis_destroy_time_wait(int family, const uint8_t *address, uint16_t port);
 
+/// pipe2(O_CLOEXEC) and accept4(SOCK_CLOEXEC): a descriptor that is close-on-exec from its first instant, so
+/// that no child started meanwhile by another thread inherits it. Glibc declares both only under _GNU_SOURCE.
+int stasis_pipe_cloexec(int ends[2]);
+int stasis_accept_cloexec(int listener);
+
 #endif

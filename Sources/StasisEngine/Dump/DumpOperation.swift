@@ -1,5 +1,4 @@
 import Foundation
-import Glibc
 import StasisCRIU
 import StasisContainer
 import StasisCore
@@ -159,9 +158,9 @@ private final class DumpRun {
     /// thaws it with --leave-running); if anything here fails, it thaws it.
     func dumpTree(_ pid: Int32) throws {
         let imagesFD = try FileSystem.openDirectory(staging.path)
-        defer { close(imagesFD) }
+        defer { imagesFD.closeQuietly() }
         let workFD = try FileSystem.openDirectory(staging.workPath)
-        defer { close(workFD) }
+        defer { workFD.closeQuietly() }
         let ticker = progressTicker()
         defer { ticker?.stop() }
         let watch = Stopwatch()

@@ -1,5 +1,4 @@
 import Foundation
-import Glibc
 import StasisContainer
 import StasisCore
 import StasisImage

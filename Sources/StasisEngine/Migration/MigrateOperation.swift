@@ -1,6 +1,5 @@
 import Crypto
 import Foundation
-import Glibc
 import StasisCRIU
 import StasisCore
 import StasisGPU
@@ -121,7 +120,7 @@ public struct MigrateOperation {
             guard outcome.current != nil else {
                 throw StasisError.wrapping(error, as: .io).prefixed("migration of PID \(options.pid) to \(options.to) failed")
             }
-            for process in ProcFS.tree(root: options.pid).reversed() { kill(process.pid, SIGKILL) }
+            for process in ProcFS.tree(root: options.pid).reversed() { Signals.kill(process.pid) }
         }
         let total = downtime.seconds
         guard let done = outcome.current else {

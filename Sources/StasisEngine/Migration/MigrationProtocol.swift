@@ -1,6 +1,5 @@
 import Crypto
 import Foundation
-import Glibc
 import StasisCore
 import StasisOS
 
@@ -48,16 +47,14 @@ public enum Migration {
     /// The shared secret, from a file of this user's that no one else can read (not a symbolic link; at least
     /// 16 bytes; surrounding whitespace dropped).
     public static func readToken(_ path: String) throws -> SymmetricKey {
-        let fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
-        guard fd >= 0 else { throw systemError("cannot read the token file", path) }
-        defer { close(fd) }
-        var info = stat()
-        guard fstat(fd, &info) == 0 else { throw systemError("cannot read the token file", path) }
-        guard info.st_uid == geteuid(), info.st_mode & 0o077 == 0 else {
-            throw StasisError(.permission, "the token file \(path) must belong to this user and be readable by no one else (mode \(String(info.st_mode & 0o777, radix: 8)), owner \(info.st_uid))",
+        let fd = try attempt("cannot read the token file", path) { try FileDescriptor.open(path, .readOnly, options: .noFollow) }
+        defer { fd.closeQuietly() }
+        let info = try attempt("cannot read the token file", path) { try fd.status() }
+        guard info.ownedByThisUser, info.permissions & 0o077 == 0 else {
+            throw StasisError(.permission, "the token file \(path) must belong to this user and be readable by no one else (mode \(String(info.permissions & 0o777, radix: 8)), owner \(info.owner))",
                               hint: "chown $(id -u) \(path); chmod 600 \(path)")
         }
-        let text = try FileHandle(fileDescriptor: fd, closeOnDealloc: false).readToEnd() ?? Data()
+        let text = try FileHandle(fileDescriptor: fd.rawValue, closeOnDealloc: false).readToEnd() ?? Data()
         let token = String(decoding: text, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
         guard token.utf8.count >= 16 else {
             throw StasisError(.invalidArgument, "the token in \(path) is \(token.utf8.count) bytes; at least 16 are needed",

@@ -1,6 +1,5 @@
 import Crypto
 import Foundation
-import Glibc
 import StasisCRIU
 import StasisCore
 import StasisGPU
@@ -53,7 +52,7 @@ public struct ServeOperation: Sendable {
         let serve = self
         Thread.detachNewThread {
             while true {
-                guard let connection = try? listener.accept() else { sleep(1); continue }
+                guard let connection = try? listener.accept() else { Thread.sleep(forTimeInterval: 1); continue }
                 let ticket = doorway.enter(connection)
                 Thread.detachNewThread {
                     var answered = false
@@ -98,7 +97,7 @@ public struct ServeOperation: Sendable {
                 state.next += 1
                 state.entries.append((state.next, connection))
                 if state.entries.count > limit {
-                    shutdown(state.entries.removeFirst().connection.fd, Int32(SHUT_RDWR))
+                    state.entries.removeFirst().connection.shutdown()
                 }
                 return state.next
             }
@@ -129,10 +128,7 @@ public struct ServeOperation: Sendable {
     /// orphans, to reap a failed restore's tasks): a long-running receiver reaps it when it exits, so that
     /// no zombie keeps its PID. Nothing happens for a process that is not its child.
     static func reapWhenItEnds(_ pid: Int32) {
-        Thread.detachNewThread {
-            var status: Int32 = 0
-            while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
-        }
+        Thread.detachNewThread { Spawn.wait(pid) }
     }
 
     /// One authenticated migration: the chunks sent during the source's dump, its offer, the rest of the

@@ -1,5 +1,5 @@
 import Foundation
-import Glibc
+import StasisCore
 
 /// Switches for reaching failure paths in tests: STASIS_FAULT=point[,point...]. Each named point throws
 /// where `FaultInjection.check` is called with it. Points: "post-dump" (inside CRIU's post-dump step, while
@@ -21,7 +21,7 @@ public enum FaultInjection {
     public static func die(_ point: String) {
         let points = (ProcessInfo.processInfo.environment["STASIS_FAULT"] ?? "").split(separator: ",")
         guard points.contains(Substring(point + "-kill")) else { return }
-        kill(getpid(), SIGKILL)
+        Signals.killSelf()
     }
 
     /// Stops here for good when STASIS_FAULT names `point`-stall, saying so first: how tests kill a

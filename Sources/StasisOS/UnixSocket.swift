@@ -1,0 +1,149 @@
+import CStasisLinux
+import Foundation
+import Glibc
+import StasisCore
+
+/// Unix-domain sockets: a listener at a path (CRIU's image streamer), a connection to an abstract name in
+/// another network namespace (an agent's), a SOCK_SEQPACKET pair (`criu swrk`), descriptors passed with
+/// SCM_RIGHTS, and the peer's PID as the kernel vouches for it. Whole-buffer sends and receives on a
+/// connected stream are `StreamSocket`'s.
+public enum UnixSocket {
+    /// Listens at `path` (backlog `backlog`); the caller unlinks the path when done.
+    public static func listen(at path: String, backlog: Int32 = 1) throws -> FileDescriptor {
+        let bytes = Array(path.utf8)
+        guard var address = socketAddress(bytes, abstract: false) else {
+            throw StasisError(.invalidArgument, "the socket path \(path) is too long for a Unix socket")
+        }
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw systemError("cannot create a socket for", path) }
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard bound == 0, Glibc.listen(fd, backlog) == 0 else {
+            let error = systemError("cannot listen on", path)
+            close(fd)
+            unlink(path)
+            throw error
+        }
+        return FileDescriptor(rawValue: fd)
+    }
+
+    /// The next connection on `listener` (close-on-exec); an error once the listener is shut down.
+    public static func accept(_ listener: FileDescriptor) throws(Errno) -> FileDescriptor {
+        let fd = retryingEINTR { stasis_accept_cloexec(listener.rawValue) }
+        guard fd >= 0 else { throw Errno(rawValue: errno) }
+        return FileDescriptor(rawValue: fd)
+    }
+
+    /// Connects to the abstract name `name` as seen from the network namespace of `pid` (abstract names live
+    /// per network namespace: a container's agent listens in the container's). A namespace this process may
+    /// not enter (stasis itself in a container) holds nothing it could reach: the connect is then tried from
+    /// here. nil when nothing listens there.
+    public static func connect(abstract name: String, inNetworkNamespaceOf pid: Int32) throws -> FileDescriptor? {
+        var fd = stasis_unix_socket_in_netns_of(pid)
+        if fd < 0, errno == EPERM || errno == EACCES || errno == ENOENT {
+            fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        }
+        guard fd >= 0 else { throw systemError("cannot create a socket to reach", "@\(name)") }
+        let bytes = Array(name.utf8)
+        guard var address = socketAddress(bytes, abstract: true) else {
+            close(fd)
+            throw StasisError(.invalidArgument, "the socket name \(name) is too long for a Unix socket")
+        }
+        let length = socklen_t(MemoryLayout<sa_family_t>.size + 1 + bytes.count)
+        let connected = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, length) }
+        }
+        guard connected == 0 else {
+            close(fd)
+            return nil
+        }
+        return FileDescriptor(rawValue: fd)
+    }
+
+    /// A connected SOCK_SEQPACKET pair, both ends close-on-exec.
+    public static func packetPair() throws(Errno) -> (FileDescriptor, FileDescriptor) {
+        var ends: [Int32] = [-1, -1]
+        guard socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &ends) == 0 else {
+            throw Errno(rawValue: errno)
+        }
+        return (FileDescriptor(rawValue: ends[0]), FileDescriptor(rawValue: ends[1]))
+    }
+
+    /// Sends one packet whole (MSG_NOSIGNAL: a peer that went away is an error, not SIGPIPE).
+    public static func sendPacket(_ fd: FileDescriptor, _ bytes: [UInt8]) throws(Errno) {
+        let sent = bytes.withUnsafeBytes { raw in retryingEINTR { Glibc.send(fd.rawValue, raw.baseAddress, raw.count, Int32(MSG_NOSIGNAL)) } }
+        if sent < 0 { throw Errno(rawValue: errno) }
+        if sent != bytes.count { throw Errno.messageTooLong }
+    }
+
+    /// Receives one packet whole (its size is peeked first, so none is cut); nil when the peer closed its end.
+    public static func receivePacket(_ fd: FileDescriptor) throws(Errno) -> [UInt8]? {
+        let size = retryingEINTR { recv(fd.rawValue, nil, 0, Int32(MSG_PEEK | MSG_TRUNC)) }
+        if size < 0 { throw Errno(rawValue: errno) }
+        if size == 0 { return nil }
+        var buffer = [UInt8](repeating: 0, count: size)
+        let got = buffer.withUnsafeMutableBytes { raw in retryingEINTR { recv(fd.rawValue, raw.baseAddress, size, 0) } }
+        if got < 0 { throw Errno(rawValue: errno) }
+        guard got == size else { throw Errno.ioError }
+        return buffer
+    }
+
+    /// Receives one byte of data carrying one descriptor (SCM_RIGHTS; close-on-exec here); nil when none came.
+    public static func receiveDescriptor(_ fd: FileDescriptor) -> FileDescriptor? {
+        var byte: UInt8 = 0
+        let controlLength = descriptorControlSpace
+        let control = UnsafeMutableRawPointer.allocate(byteCount: controlLength, alignment: 8)
+        defer { control.deallocate() }
+        control.initializeMemory(as: UInt8.self, repeating: 0, count: controlLength)
+        return withUnsafeMutablePointer(to: &byte) { bytePointer -> FileDescriptor? in
+            var vector = iovec(iov_base: UnsafeMutableRawPointer(bytePointer), iov_len: 1)
+            return withUnsafeMutablePointer(to: &vector) { vectorPointer -> FileDescriptor? in
+                var message = msghdr()
+                message.msg_iov = vectorPointer
+                message.msg_iovlen = 1
+                message.msg_control = control
+                message.msg_controllen = controlLength
+                guard retryingEINTR({ recvmsg(fd.rawValue, &message, Int32(MSG_CMSG_CLOEXEC)) }) == 1 else { return nil }
+                let header = control.assumingMemoryBound(to: cmsghdr.self)
+                guard message.msg_controllen >= MemoryLayout<cmsghdr>.size, header.pointee.cmsg_level == SOL_SOCKET,
+                      header.pointee.cmsg_type == Int32(SCM_RIGHTS) else { return nil }
+                return FileDescriptor(rawValue: (control + MemoryLayout<cmsghdr>.size).load(as: Int32.self))
+            }
+        }
+    }
+
+    /// The PID of the process at the other end of `fd`, nil when the kernel cannot say.
+    public static func peerPID(_ fd: FileDescriptor) -> Int32? {
+        let pid = stasis_socket_peer_pid(fd.rawValue)
+        return pid > 0 ? pid : nil
+    }
+
+    /// CMSG_SPACE(sizeof(int)) on 64-bit Linux: a 16-byte header and the int padded to 8.
+    private static let descriptorControlSpace = MemoryLayout<cmsghdr>.size + 8
+
+    private static func socketAddress(_ bytes: [UInt8], abstract: Bool) -> sockaddr_un? {
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        let offset = abstract ? 1 : 0
+        guard bytes.count + offset < MemoryLayout.size(ofValue: address.sun_path) else { return nil }
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            for (index, byte) in bytes.enumerated() { raw[index + offset] = byte }
+        }
+        return address
+    }
+}
+
+extension FileDescriptor {
+    public enum ShutdownDirection: Sendable { case reading, writing, both }
+
+    /// Ends a socket's connection one way or both (a thread blocked on it returns), keeping the descriptor.
+    public func shutdown(_ direction: ShutdownDirection = .both) {
+        let how = switch direction {
+        case .reading: Int32(SHUT_RD)
+        case .writing: Int32(SHUT_WR)
+        case .both: Int32(SHUT_RDWR)
+        }
+        _ = Glibc.shutdown(rawValue, how)
+    }
+}

@@ -43,12 +43,9 @@ struct ListCommand: ParsableCommand {
                     imageBytes: entry.manifest.memory.imageBytes, addedBytes: entry.manifest.store?.storedBytes ?? 0)
             }
             let usage = catalog.usage()
-            if output.json { return Output.json(Listing(store: catalog.store.path, checkpoints: rows, chunks: usage.chunks, chunkBytes: usage.bytes)) }
-            let formatter = ISO8601DateFormatter()
-            for row in rows {
-                print("\(formatter.string(from: row.createdAt))  \(row.id)  PID \(row.rootPID)  \(Format.bytes(row.imageBytes)) image, \(Format.bytes(row.addedBytes)) added  \(row.directory)\(row.present ? "" : "  (directory missing)")")
-            }
-            print("\(rows.count) checkpoint\(rows.count == 1 ? "" : "s"); \(usage.chunks) chunks, \(Format.bytes(usage.bytes)) in \(catalog.store.path)")
+            let listing = Listing(store: catalog.store.path, checkpoints: rows, chunks: usage.chunks, chunkBytes: usage.bytes)
+            if output.json { return Output.json(listing) }
+            for line in listing.textLines { print(line) }
         }
     }
 }

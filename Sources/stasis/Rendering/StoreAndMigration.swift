@@ -26,3 +26,15 @@ extension StoreCatalog.CollectReport {
         return "\(dryRun ? "would remove" : "removed") \(removed.joined(separator: ", ")); kept \(keptChunks) chunks of \(checkpoints) checkpoints"
     }
 }
+
+extension ListCommand.Listing {
+    /// A checkpoint per line (when, id, root PID, sizes, where), then the store's totals.
+    var textLines: [String] {
+        let formatter = ISO8601DateFormatter()
+        return checkpoints.map { row in
+            let sizes = "\(Format.bytes(row.imageBytes)) image, \(Format.bytes(row.addedBytes)) added"
+            return "\(formatter.string(from: row.createdAt))  \(row.id)  PID \(row.rootPID)  \(sizes)  \(row.directory)"
+                + (row.present ? "" : "  (directory missing)")
+        } + ["\(plural(checkpoints.count, "checkpoint", "checkpoints")); \(chunks) chunks, \(Format.bytes(chunkBytes)) in \(store)"]
+    }
+}

@@ -1,5 +1,7 @@
 #define _GNU_SOURCE
 #include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <linux/kcmp.h>
 #include "CStasisLinux.h"
 
 #include <fcntl.h>
@@ -190,4 +192,8 @@ int stasis_pipe_cloexec(int ends[2]) {
 
 int stasis_accept_cloexec(int listener) {
     return accept4(listener, NULL, NULL, SOCK_CLOEXEC);
+}
+
+int stasis_same_file(int pid1, int fd1, int pid2, int fd2) {
+    return (int)syscall(SYS_kcmp, pid1, pid2, KCMP_FILE, fd1, fd2);
 }

@@ -86,8 +86,11 @@ HIDDEN CUresult memory_multicast_bind(CUmemGenericAllocationHandle group, CUdevi
 
 typedef struct {
     uint64_t id;
-    uint64_t bytes;
+    uint64_t bytes;  // to copy out: 0 for memory imported from another process
     int device;
+    uint32_t share_flags;  // STASIS_AGENT_SHARE_EXPORTED, STASIS_AGENT_SHARE_IMPORTED
+    int share_count;
+    int share_fds[8];      // duplicates of the descriptors it is shared through (STASIS_AGENT_MAX_SHARE_FDS)
 } memory_entry;
 /// The allocations to evacuate, in a stable order; returns the count (entries malloc'd into *out).
 HIDDEN size_t memory_table(memory_entry **out, uint64_t *tracked, uint64_t *driver_path);
@@ -103,7 +106,17 @@ HIDDEN CUresult memory_use_device(int device);
 /// Why the memory cannot be evacuated (CUDA IPC), or NULL.
 HIDDEN const char *memory_refusal(void);
 HIDDEN CUresult memory_release_all(char *why, size_t length);
+/// Re-creates the process's own memory and maps it where it was; imported memory waits for
+/// memory_import_again. Mappings still missing keep memory_released() true.
 HIDDEN CUresult memory_reback_all(char *why, size_t length);
+/// A new POSIX descriptor for own allocation `id` (the caller passes it on and closes it).
+HIDDEN CUresult memory_export_again(uint64_t id, int *fd, char *why, size_t length);
+/// Imports `fd` (the owner's new export) in place of imported allocation `id` and maps it where it was.
+HIDDEN CUresult memory_import_again(uint64_t id, int fd, char *why, size_t length);
+/// Imported allocation `id` becomes this process's own (its exporter is gone); *bytes: its size.
+HIDDEN CUresult memory_adopt(uint64_t id, uint64_t *bytes, char *why, size_t length);
+/// How many mappings are not in place.
+HIDDEN int memory_unmapped(void);
 HIDDEN int memory_released(void);
 /// The pinned staging ring (allocated at the first backed allocation, never at checkpoint time).
 HIDDEN void *memory_ring(void);

@@ -42,14 +42,63 @@ static int send_message(int fd, stasis_agent_message *message) {
     return 0;
 }
 
+/// A descriptor that came with the last message (SCM_RIGHTS; IMPORT's), or -1. Whoever uses it closes it;
+/// the next receive closes one nobody took.
+static int passed_fd = -1;
+
 static int receive_message(int fd, stasis_agent_message *message) {
+    if (passed_fd >= 0) { close(passed_fd); passed_fd = -1; }
     char *bytes = (char *)message;
     size_t done = 0;
     while (done < sizeof *message) {
-        ssize_t got = recv(fd, bytes + done, sizeof *message - done, 0);
+        struct iovec vector = {bytes + done, sizeof *message - done};
+        union { struct cmsghdr header; char space[CMSG_SPACE(sizeof(int))]; } control;
+        struct msghdr header = {0};
+        header.msg_iov = &vector;
+        header.msg_iovlen = 1;
+        header.msg_control = control.space;
+        header.msg_controllen = sizeof control.space;
+        ssize_t got = recvmsg(fd, &header, MSG_CMSG_CLOEXEC);
         if (got < 0 && errno == EINTR) continue;
         if (got <= 0) return -1;
+        struct cmsghdr *passed = CMSG_FIRSTHDR(&header);
+        if (passed && passed->cmsg_level == SOL_SOCKET && passed->cmsg_type == SCM_RIGHTS) {
+            int received;
+            memcpy(&received, CMSG_DATA(passed), sizeof received);
+            if (passed_fd >= 0) close(passed_fd);
+            passed_fd = received;
+        }
         done += (size_t)got;
+    }
+    return 0;
+}
+
+/// Sends `message` with descriptor `fd` attached (SCM_RIGHTS, on its first byte).
+static int send_message_with_fd(int fd, stasis_agent_message *message, int passed) {
+    struct iovec vector = {message, sizeof *message};
+    union { struct cmsghdr header; char space[CMSG_SPACE(sizeof(int))]; } control;
+    memset(&control, 0, sizeof control);
+    struct msghdr header = {0};
+    header.msg_iov = &vector;
+    header.msg_iovlen = 1;
+    header.msg_control = control.space;
+    header.msg_controllen = sizeof control.space;
+    struct cmsghdr *attached = CMSG_FIRSTHDR(&header);
+    attached->cmsg_level = SOL_SOCKET;
+    attached->cmsg_type = SCM_RIGHTS;
+    attached->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(attached), &passed, sizeof passed);
+    ssize_t sent;
+    do { sent = sendmsg(fd, &header, MSG_NOSIGNAL); } while (sent < 0 && errno == EINTR);
+    if (sent <= 0) return -1;
+    if ((size_t)sent == sizeof *message) return 0;
+    // The rest of the message, without the descriptor (it went with the first byte).
+    const char *bytes = (const char *)message;
+    for (size_t done = (size_t)sent; done < sizeof *message;) {
+        ssize_t more = send(fd, bytes + done, sizeof *message - done, MSG_NOSIGNAL);
+        if (more < 0 && errno == EINTR) continue;
+        if (more <= 0) return -1;
+        done += (size_t)more;
     }
     return 0;
 }
@@ -196,6 +245,7 @@ static size_t plan_chunks(planned_chunk **out, char *why, size_t length) {
     planned_chunk *plan = calloc(chunks ? chunks : 1, sizeof *plan);
     size_t n = 0;
     for (size_t i = 0; plan && i < count; i++) {
+        if (entries[i].bytes == 0) continue;  // imported: its owner moves it
         CUdeviceptr view;
         int device;
         size_t size;
@@ -425,6 +475,10 @@ static void quiesce(int fd, unsigned timeout_ms) {
         message.id = entries[i].id;
         message.length = entries[i].bytes;
         message.device = entries[i].device;
+        message.chunk_flags = entries[i].share_flags;
+        message.share_count = (uint32_t)entries[i].share_count;
+        message.slot = entries[i].share_count > 0 ? entries[i].share_fds[0] : -1;
+        memcpy(message.digest, entries[i].share_fds, sizeof entries[i].share_fds);
         if (send_message(fd, &message) != 0) break;
     }
     free(entries);
@@ -549,8 +603,51 @@ static void serve(int fd) {
                 return;
             }
             break;
+        case STASIS_AGENT_EXPORT: {
+            int exported = -1;
+            if (state != STASIS_AGENT_HELD) { reply(fd, STASIS_AGENT_ERROR, 0, "not held: reback first"); break; }
+            if (memory_export_again(message.id, &exported, why, sizeof why) != CUDA_SUCCESS) { reply(fd, STASIS_AGENT_ERROR, 0, "%s", why); break; }
+            stasis_agent_message answer;
+            memset(&answer, 0, sizeof answer);
+            answer.op = STASIS_AGENT_OK;
+            answer.id = message.id;
+            send_message_with_fd(fd, &answer, exported);
+            close(exported);
+            break;
+        }
+        case STASIS_AGENT_IMPORT: {
+            int imported = passed_fd;
+            passed_fd = -1;
+            if (state != STASIS_AGENT_HELD || imported < 0) {
+                if (imported >= 0) close(imported);
+                reply(fd, STASIS_AGENT_ERROR, 0, imported < 0 ? "IMPORT came without a descriptor" : "not held: reback first");
+                break;
+            }
+            CUresult result = memory_import_again(message.id, imported, why, sizeof why);
+            close(imported);
+            if (result != CUDA_SUCCESS) reply(fd, STASIS_AGENT_ERROR, result, "%s", why);
+            else reply(fd, STASIS_AGENT_OK, 0, NULL);
+            break;
+        }
+        case STASIS_AGENT_ADOPT:
+            if (state != STASIS_AGENT_HELD || evacuated) { reply(fd, STASIS_AGENT_ERROR, 0, "adopt between QUIESCE and EVACUATE"); break; }
+        {
+            uint64_t bytes = 0;
+            if (memory_adopt(message.id, &bytes, why, sizeof why) != CUDA_SUCCESS) { reply(fd, STASIS_AGENT_ERROR, 0, "%s", why); break; }
+            stasis_agent_message answer;
+            memset(&answer, 0, sizeof answer);
+            answer.op = STASIS_AGENT_OK;
+            answer.id = message.id;
+            answer.length = bytes;  // its size: now this agent's to copy out
+            send_message(fd, &answer);
+            break;
+        }
         case STASIS_AGENT_RESUME:
             if (state == STASIS_AGENT_RELEASED) { reply(fd, STASIS_AGENT_ERROR, 0, "device memory is released: reback and refill first"); break; }
+            if (memory_unmapped() > 0) {
+                reply(fd, STASIS_AGENT_ERROR, 0, "%d mapping(s) of device memory are not back yet (imported memory waits for IMPORT)", memory_unmapped());
+                break;
+            }
             // Copies still running into the device finish before any program thread goes on.
             if (flush_writes(fd, why, sizeof why) != 0) { reply(fd, STASIS_AGENT_ERROR, 0, "%s", why); break; }
             state = STASIS_AGENT_RUNNING;

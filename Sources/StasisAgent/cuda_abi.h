@@ -59,6 +59,9 @@ _Static_assert(sizeof(cu_mem_access_desc) == 12, "CUmemAccessDesc is 12 bytes");
 #define CU_MEM_LOCATION_TYPE_DEVICE 1
 #define CU_MEM_ALLOCATION_TYPE_PINNED 1
 #define CU_MEM_ACCESS_FLAGS_PROT_READWRITE 3
+// CUmemAllocationHandleType: the shareable handles of cuMemExportToShareableHandle.
+#define CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR 1
+#define CU_MEM_HANDLE_TYPE_FABRIC 8
 #define CU_MEM_ALLOC_GRANULARITY_RECOMMENDED 1
 #define CU_MEMHOSTALLOC_PORTABLE 1
 #define CU_STREAM_NON_BLOCKING 1

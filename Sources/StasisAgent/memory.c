@@ -5,6 +5,7 @@
 // addresses stay valid.
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
 #include <time.h>
@@ -12,8 +13,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <stdio.h>
+#include <unistd.h>
 
 #include "agent.h"
+#include "stasis_agent_protocol.h"
 
 #define MAX_ACCESS 16
 // Handles the program sees; far from any small integer a program might pass by mistake.
@@ -26,9 +29,14 @@ typedef struct {
     cu_mem_allocation_prop prop;
     int references;     // the program's: one from create, one per retain; 0 once it released them all
     int internal;       // backs a cuMemAlloc
-    int exported;       // shared with another process: cannot be evacuated
+    int exported;       // shared with other processes through POSIX descriptors
     int multicast;      // bound to a multicast object: cannot be evacuated
-    int imported;       // another process's memory: cannot be evacuated
+    int imported;       // another process's memory: its owner's agent moves it, this one maps it again
+    int unshareable;    // exported or imported as a handle other than a POSIX descriptor (fabric): refused
+    // Duplicates of the descriptors it was exported as or imported from, kept while it lives so that stasis
+    // can pair every import with its export (kcmp); closed at RELEASE and when the memory goes.
+    int share_fds[STASIS_AGENT_MAX_SHARE_FDS];
+    int share_count;
     CUdeviceptr view;   // an address covering it all, during an evacuation or a refill
     int temporary_view;
 } handle_record;
@@ -104,9 +112,25 @@ static void remove_handle(handle_record *handle) {
     }
 }
 
+/// Keeps a duplicate of `fd` (close-on-exec) as one of the descriptors `handle` is shared through.
+static void keep_share_fd(handle_record *handle, int fd) {
+    if (handle->share_count >= STASIS_AGENT_MAX_SHARE_FDS) {
+        agent_log("more than %d exports of one allocation: the others cannot be paired with their imports", STASIS_AGENT_MAX_SHARE_FDS);
+        return;
+    }
+    int kept = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+    if (kept >= 0) handle->share_fds[handle->share_count++] = kept;
+}
+
+static void close_share_fds(handle_record *handle) {
+    for (int i = 0; i < handle->share_count; i++) close(handle->share_fds[i]);
+    handle->share_count = 0;
+}
+
 /// Drops a handle the program no longer holds and nothing maps (the driver frees its memory then).
 static void forget_if_unused(handle_record *handle) {
     if (handle->references > 0 || mapped_anywhere(handle)) return;
+    close_share_fds(handle);
     if (handle->driver) real.cuMemRelease(handle->driver);
     remove_handle(handle);
     free(handle);
@@ -348,6 +372,8 @@ HIDDEN CUresult memory_map(CUdeviceptr address, size_t size, size_t offset, CUme
         mapping->offset = offset;
         mapping->handle = handle;
         mapping->mapped = 1;
+        // The driver does not say how large imported memory is; its mappings do.
+        if (handle->imported && offset + size > handle->size) handle->size = offset + size;
     }
     pthread_mutex_unlock(&tables);
     return result;
@@ -424,7 +450,11 @@ HIDDEN CUresult memory_export(void *shareable, CUmemGenericAllocationHandle id, 
     pthread_mutex_lock(&tables);
     handle_record *handle = find_handle(id);
     CUresult result = real.cuMemExportToShareableHandle(shareable, handle ? handle->driver : id, type, flags);
-    if (handle && result == CUDA_SUCCESS) handle->exported = 1;
+    if (handle && result == CUDA_SUCCESS) {
+        handle->exported = 1;
+        if (type == CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR) keep_share_fd(handle, *(int *)shareable);
+        else handle->unshareable = type;
+    }
     pthread_mutex_unlock(&tables);
     return result;
 }
@@ -462,7 +492,11 @@ HIDDEN CUresult memory_import(CUmemGenericAllocationHandle *out, void *os_handle
     real.cuMemGetAllocationPropertiesFromHandle(&prop, driver);
     pthread_mutex_lock(&tables);
     handle_record *handle = add_handle(driver, 0, &prop, 0);
-    if (handle) handle->imported = 1;
+    if (handle) {
+        handle->imported = 1;
+        if (type == CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR) keep_share_fd(handle, (int)(intptr_t)os_handle);
+        else handle->unshareable = type;
+    }
     pthread_mutex_unlock(&tables);
     if (!handle) {
         real.cuMemRelease(driver);
@@ -480,11 +514,16 @@ HIDDEN size_t memory_table(memory_entry **out, uint64_t *tracked, uint64_t *driv
     size_t count = 0;
     uint64_t bytes = 0;
     for (size_t i = 0; entries && i < handle_count; i++) {
-        entries[count].id = handles[i]->id;
-        entries[count].bytes = handles[i]->size;
-        entries[count].device = device_of(&handles[i]->prop);
-        bytes += handles[i]->size;
-        count++;
+        const handle_record *handle = handles[i];
+        memory_entry *entry = &entries[count++];
+        entry->id = handle->id;
+        // Imported memory is its owner's to move: nothing of it is copied here.
+        entry->bytes = handle->imported ? 0 : handle->size;
+        entry->device = device_of(&handle->prop);
+        entry->share_flags = (handle->exported ? STASIS_AGENT_SHARE_EXPORTED : 0) | (handle->imported ? STASIS_AGENT_SHARE_IMPORTED : 0);
+        entry->share_count = handle->share_count;
+        memcpy(entry->share_fds, handle->share_fds, sizeof entry->share_fds);
+        bytes += entry->bytes;
     }
     pthread_mutex_unlock(&tables);
     // Oldest first: the order the memory was allocated in, stable from one checkpoint to the next.
@@ -505,10 +544,9 @@ HIDDEN const char *memory_refusal(void) {
     const char *why = NULL;
     pthread_mutex_lock(&tables);
     for (size_t i = 0; i < handle_count && !why; i++) {
-        // The driver (580) checkpoints such memory but its restore then answers CUDA_ERROR_NOT_SUPPORTED
-        // (NCCL's peer-to-peer buffers, seen on two H200s): refused before anything is touched instead.
-        if (handles[i]->imported) why = "memory imported from another process (cuMemImportFromShareableHandle, NCCL P2P): the driver cannot restore it";
-        else if (handles[i]->exported) why = "memory exported to another process (cuMemExportToShareableHandle, NCCL P2P): the driver cannot restore it";
+        // Memory shared through POSIX descriptors is carried by the agents (the driver's own restore of it
+        // answers CUDA_ERROR_NOT_SUPPORTED, seen on two H200s); a fabric handle names memory across machines.
+        if (handles[i]->unshareable) why = "device memory shared as a fabric handle (cuMemExportToShareableHandle type FABRIC): only POSIX descriptors are carried";
         else if (handles[i]->multicast) why = "the program bound device memory to a multicast object (cuMulticastBindMem)";
         else if (device_of(&handles[i]->prop) < 0) why = "the program holds VMM memory that is not on a GPU";
     }
@@ -691,6 +729,8 @@ HIDDEN CUresult memory_release_all(char *why, size_t length) {
         else snprintf(why, length, "cuMemUnmap of %#llx failed: %s", mappings[i].address, driver_error_name(result));
     }
     for (size_t i = 0; i < handle_count && result == CUDA_SUCCESS; i++) {
+        // The duplicates go too: no descriptor of the driver's may be left for CRIU to find.
+        close_share_fds(handles[i]);
         if (!handles[i]->driver) continue;
         result = real.cuMemRelease(handles[i]->driver);
         if (result == CUDA_SUCCESS) handles[i]->driver = 0;
@@ -701,12 +741,33 @@ HIDDEN CUresult memory_release_all(char *why, size_t length) {
     return result;
 }
 
+/// Mappings not in place (released, or imported memory not imported again yet). Under the tables' lock.
+static int unmapped_count(void) {
+    int count = 0;
+    for (size_t i = 0; i < mapping_count; i++) count += !mappings[i].mapped;
+    return count;
+}
+
+/// Maps `mapping` again at its address with its rights. Under the tables' lock.
+static CUresult map_again(mapping_record *mapping, char *why, size_t length) {
+    CUresult result = real.cuMemMap(mapping->address, mapping->size, mapping->offset, mapping->handle->driver, 0);
+    if (result == CUDA_SUCCESS && mapping->access_count) {
+        result = real.cuMemSetAccess(mapping->address, mapping->size, mapping->access, (size_t)mapping->access_count);
+        // Unmapped again, so that a retry maps it with its rights.
+        if (result != CUDA_SUCCESS) real.cuMemUnmap(mapping->address, mapping->size);
+    }
+    if (result == CUDA_SUCCESS) mapping->mapped = 1;
+    else snprintf(why, length, "cannot map device memory again at %#llx: %s", mapping->address, driver_error_name(result));
+    return result;
+}
+
 HIDDEN CUresult memory_reback_all(char *why, size_t length) {
     pthread_mutex_lock(&tables);
     CUresult result = CUDA_SUCCESS;
     for (size_t i = 0; i < handle_count && result == CUDA_SUCCESS; i++) {
         handle_record *handle = handles[i];
-        if (handle->driver) continue;
+        // Imported memory comes back with IMPORT, from its owner's new export.
+        if (handle->driver || handle->imported) continue;
         result = real.cuMemCreate(&handle->driver, handle->size, &handle->prop, 0);
         if (result != CUDA_SUCCESS) {
             handle->driver = 0;
@@ -715,22 +776,74 @@ HIDDEN CUresult memory_reback_all(char *why, size_t length) {
         }
     }
     for (size_t i = 0; i < mapping_count && result == CUDA_SUCCESS; i++) {
-        mapping_record *mapping = &mappings[i];
-        if (mapping->mapped) continue;
-        result = real.cuMemMap(mapping->address, mapping->size, mapping->offset, mapping->handle->driver, 0);
-        if (result == CUDA_SUCCESS && mapping->access_count) {
-            result = real.cuMemSetAccess(mapping->address, mapping->size, mapping->access, (size_t)mapping->access_count);
-            // Unmapped again, so that a retried REBACK maps it with its rights.
-            if (result != CUDA_SUCCESS) real.cuMemUnmap(mapping->address, mapping->size);
-        }
-        if (result == CUDA_SUCCESS) mapping->mapped = 1;
-        if (result != CUDA_SUCCESS) {
-            snprintf(why, length, "cannot map device memory again at %#llx: %s", mapping->address, driver_error_name(result));
-        }
+        if (!mappings[i].mapped && mappings[i].handle->driver) result = map_again(&mappings[i], why, length);
     }
-    if (result == CUDA_SUCCESS) released = 0;
+    if (result == CUDA_SUCCESS) released = unmapped_count() > 0;
     pthread_mutex_unlock(&tables);
     return result;
+}
+
+HIDDEN CUresult memory_export_again(uint64_t id, int *fd, char *why, size_t length) {
+    pthread_mutex_lock(&tables);
+    handle_record *handle = find_handle(id);
+    CUresult result = handle && handle->driver && !handle->imported ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
+    if (result != CUDA_SUCCESS) snprintf(why, length, "no memory of this process's own as %#llx to export", (unsigned long long)id);
+    if (result == CUDA_SUCCESS) {
+        result = real.cuMemExportToShareableHandle(fd, handle->driver, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0);
+        if (result == CUDA_SUCCESS) {
+            handle->exported = 1;
+            keep_share_fd(handle, *fd);
+        } else {
+            snprintf(why, length, "cannot export %#llx again: %s", (unsigned long long)id, driver_error_name(result));
+        }
+    }
+    pthread_mutex_unlock(&tables);
+    return result;
+}
+
+HIDDEN CUresult memory_import_again(uint64_t id, int fd, char *why, size_t length) {
+    pthread_mutex_lock(&tables);
+    handle_record *handle = find_handle(id);
+    CUresult result = handle && handle->imported && !handle->driver ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
+    if (result != CUDA_SUCCESS) snprintf(why, length, "no released imported memory %#llx to import", (unsigned long long)id);
+    if (result == CUDA_SUCCESS) {
+        result = real.cuMemImportFromShareableHandle(&handle->driver, (void *)(intptr_t)fd, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR);
+        if (result != CUDA_SUCCESS) {
+            handle->driver = 0;
+            snprintf(why, length, "cannot import %#llx again: %s", (unsigned long long)id, driver_error_name(result));
+        } else {
+            keep_share_fd(handle, fd);
+        }
+    }
+    for (size_t i = 0; i < mapping_count && result == CUDA_SUCCESS; i++) {
+        if (mappings[i].handle == handle && !mappings[i].mapped) result = map_again(&mappings[i], why, length);
+    }
+    if (result == CUDA_SUCCESS) released = unmapped_count() > 0;
+    pthread_mutex_unlock(&tables);
+    return result;
+}
+
+HIDDEN CUresult memory_adopt(uint64_t id, uint64_t *bytes, char *why, size_t length) {
+    pthread_mutex_lock(&tables);
+    handle_record *handle = find_handle(id);
+    CUresult result = handle && handle->imported && handle->driver && handle->size ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
+    if (result == CUDA_SUCCESS) {
+        // From now on this process owns it: copied out here, re-created here, exported from here.
+        handle->imported = 0;
+        handle->exported = 1;
+        *bytes = handle->size;
+    } else {
+        snprintf(why, length, "no imported memory %#llx to adopt", (unsigned long long)id);
+    }
+    pthread_mutex_unlock(&tables);
+    return result;
+}
+
+HIDDEN int memory_unmapped(void) {
+    pthread_mutex_lock(&tables);
+    int count = unmapped_count();
+    pthread_mutex_unlock(&tables);
+    return count;
 }
 
 // After fork the child has one thread and no CUDA: the tables' lock starts free.

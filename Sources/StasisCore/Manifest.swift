@@ -11,7 +11,10 @@ public struct Manifest: Codable, Sendable, Equatable {
     /// still written as version 2.
     /// 4: a container checkpointed through its runtime (`container`); an older stasis would restore its
     /// processes with plain CRIU, outside the container. Written only for containers.
-    public static let currentVersion = 4
+    /// 5: device memory shared between processes (`AgentMemory.imports`); an older stasis would leave the
+    /// importers without it and their CUDA calls held. Written only when a process imports memory.
+    public static let currentVersion = 5
+    public static let versionWithSharedMemory = 5
     public static let versionWithContainer = 4
     public static let versionWithAgents = 3
     public static let versionWithoutAgents = 2
@@ -278,6 +281,9 @@ public struct Manifest: Codable, Sendable, Equatable {
         public var evacuateCPUSeconds: Double?
         /// The GPU hashed the chunks (the agent's digest kernel); nil or false: stasis hashed them on its CPUs.
         public var hashedOnGPU: Bool?
+        /// Device memory this process maps but another process of the tree owns (moved once, by its owner):
+        /// at restore the owner exports it again and this process imports it where it was.
+        public var imports: [AgentImport]?
         public init(allocations: [AgentAllocation], evacuatedBytes: UInt64, driverPathBytes: UInt64, ringBytes: UInt64,
                     quiesceSeconds: Double, evacuateSeconds: Double, releaseSeconds: Double) {
             self.allocations = allocations
@@ -287,6 +293,20 @@ public struct Manifest: Codable, Sendable, Equatable {
             self.quiesceSeconds = quiesceSeconds
             self.evacuateSeconds = evacuateSeconds
             self.releaseSeconds = releaseSeconds
+        }
+    }
+
+    /// An allocation a process imported from another process of the tree (cuMemImportFromShareableHandle).
+    public struct AgentImport: Codable, Sendable, Equatable {
+        /// The importer's agent handle for it.
+        public var id: UInt64
+        /// The process that owns it, and that process's handle for it (one of its `allocations`).
+        public var ownerPID: Int32
+        public var ownerID: UInt64
+        public init(id: UInt64, ownerPID: Int32, ownerID: UInt64) {
+            self.id = id
+            self.ownerPID = ownerPID
+            self.ownerID = ownerID
         }
     }
 

@@ -112,6 +112,12 @@ extension Manifest {
                 }
                 guard allocation.device >= 0 else { return "allocation \(allocation.id) of PID \(process.pid) is on device \(allocation.device)" }
             }
+            for shared in agent.imports ?? [] {
+                let owner = gpu.processes.first { $0.pid == shared.ownerPID && $0.pid != process.pid }
+                guard owner?.agent?.allocations.contains(where: { $0.id == shared.ownerID }) == true else {
+                    return "PID \(process.pid) imports allocation \(shared.ownerID) of PID \(shared.ownerPID), which the checkpoint does not hold"
+                }
+            }
         }
         for device in gpu.devices where device.index < 0 || device.index > 4096 {
             return "GPU index \(device.index) is not a device index"

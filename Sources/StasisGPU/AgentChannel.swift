@@ -67,6 +67,29 @@ final class AgentChannel: @unchecked Sendable {
         }
     }
 
+    /// Sends `op` about allocation `id` with `descriptor` attached (IMPORT).
+    func send(_ op: stasis_agent_op, id: UInt64, passing descriptor: FileDescriptor) throws {
+        var message = Message()
+        message.op = op.rawValue
+        message.id = id
+        try sendLock.withLock {
+            if let failure = withUnsafeBytes(of: &message, { UnixSocket.send(fd, $0, passing: descriptor) }) {
+                throw StasisError(.gpu, "the agent of PID \(pid) went away (\(failure.reason))")
+            }
+        }
+    }
+
+    /// Receives a message and the descriptor that came with it (EXPORT's answer).
+    func receivePassed() throws -> (Message, FileDescriptor?) {
+        var message = Message()
+        let (failure, descriptor) = withUnsafeMutableBytes(of: &message) { UnixSocket.receive(fd, into: $0) }
+        switch failure {
+        case nil: return (message, descriptor)
+        case .timedOut?: throw StasisError(.gpu, "the agent of PID \(pid) did not answer in time")
+        case .closed?, .failed?: throw StasisError(.gpu, "the agent of PID \(pid) closed the connection")
+        }
+    }
+
     func receive() throws -> Message {
         var message = Message()
         switch withUnsafeMutableBytes(of: &message, { StreamSocket.receive(fd, into: $0) }) {

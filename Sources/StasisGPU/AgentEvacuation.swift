@@ -19,6 +19,8 @@ final class AgentEvacuation: @unchecked Sendable {
 
     private(set) var processes: [Int32: Evacuated] = [:]
     private var store: DeviceStore?
+    /// Device memory shared between the processes, by importer (`SharePlan`).
+    private var imports: [Int32: [Manifest.AgentImport]] = [:]
 
     /// The file of the checkpoint that holds allocation `id` of `pid`.
     static func file(pid: Int32, id: UInt64) -> String { "gpu/\(pid)/\(String(id, radix: 16))" }
@@ -26,8 +28,9 @@ final class AgentEvacuation: @unchecked Sendable {
     static var threads: Int { ProcessInfo.processInfo.activeProcessorCount }
 
     /// Holds, copies out and releases the device memory of every process in `pids` that has an agent.
-    /// Anything failing puts every one of them back as it was, and rethrows.
-    func evacuate(_ pids: [Int32], into store: DeviceStore, timeoutMilliseconds: UInt32) throws {
+    /// Anything failing puts every one of them back as it was, and rethrows. `tree`: every process of the
+    /// checkpointed tree (memory shared with a process outside it is refused).
+    func evacuate(_ pids: [Int32], into store: DeviceStore, timeoutMilliseconds: UInt32, tree: Set<Int32>) throws {
         self.store = store
         var sessions: [AgentSession] = []
         var quiesceSeconds: [Int32: Double] = [:]
@@ -53,7 +56,13 @@ final class AgentEvacuation: @unchecked Sendable {
                 try session.finishQuiesce()
                 quiesceSeconds[session.pid] = watch.seconds
             }
-            for session in sessions where !session.allocations.isEmpty { try session.prepareDigests() }
+            // Shared memory: every import paired with its export (or adopted, its exporter gone), before any
+            // byte moves. A refusal here lets every process run on.
+            let plan = try SharePlan.make(sessions.map { ($0.pid, $0.allocations) },
+                                          outsideHolder: { pid, fd in ProcessFiles.holder(of: fd, in: pid, excluding: tree)?.pid })
+            for adoption in plan.adoptions { try sessions.first { $0.pid == adoption.pid }!.adopt(adoption.id) }
+            imports = plan.imports
+            for session in sessions where !session.ownAllocations.isEmpty { try session.prepareDigests() }
             // One sink for all: a chunk two processes share (replicated weights) is stored once.
             let sink = ChunkSink(store: store.store, codec: store.codec, probe: true)
             var copied: [Int32: (chunks: [UInt64: [String]], seconds: Double, cpu: Double, totals: ChunkIngester.Statistics)] = [:]
@@ -68,7 +77,7 @@ final class AgentEvacuation: @unchecked Sendable {
             for session in sessions {
                 let watch = Stopwatch(), done = copied[session.pid]!
                 var memory = Manifest.AgentMemory(
-                    allocations: session.allocations.map {
+                    allocations: session.ownAllocations.map {
                         Manifest.AgentAllocation(id: $0.id, bytes: $0.bytes, device: $0.device, file: Self.file(pid: session.pid, id: $0.id))
                     },
                     evacuatedBytes: session.evacuableBytes, driverPathBytes: 0,
@@ -78,10 +87,14 @@ final class AgentEvacuation: @unchecked Sendable {
                 memory.zeroBytes = UInt64(done.totals.zeroChunks) * UInt64(ChunkStore.chunkSize)
                 memory.evacuateCPUSeconds = done.cpu
                 memory.hashedOnGPU = session.hashesOnGPU
+                memory.imports = imports[session.pid]
                 processes[session.pid] = Evacuated(session: session, chunks: done.chunks, memory: memory)
                 // Listed in the store's catalog before the memory goes, so that gc keeps it and `stasis
                 // resume` finds it should putting it back fail (or stasis die) before the dump completes.
-                try Self.writeRescue(pid: session.pid, memory: memory, chunks: done.chunks, store: store.store)
+                // A rescue entry stands alone: what it imports comes back only with its owner (a restore).
+                var alone = memory
+                alone.imports = nil
+                try Self.writeRescue(pid: session.pid, memory: alone, chunks: done.chunks, store: store.store)
                 try session.release()
                 processes[session.pid]!.memory.releaseSeconds = watch.seconds
             }
@@ -90,6 +103,7 @@ final class AgentEvacuation: @unchecked Sendable {
         } catch {
             let problems = putBack(sessions)
             processes = [:]
+            imports = [:]
             guard problems.isEmpty else {
                 throw StasisError(.gpu, "\(error); putting device memory back also failed: \(problems.joined(separator: "; "))")
             }
@@ -115,28 +129,51 @@ final class AgentEvacuation: @unchecked Sendable {
     func putBackAll(except skipped: Set<Int32> = []) -> [String] {
         let problems = putBack(processes.values.map(\.session).filter { !skipped.contains($0.pid) })
         processes = [:]
+        imports = [:]
         return problems
     }
 
+    /// In three steps, so that shared memory finds its owner's copy: every released process gets its own
+    /// memory back; every importer maps its owner's memory again; then every process goes on.
     private func putBack(_ sessions: [AgentSession]) -> [String] {
         var problems: [String] = []
-        for session in sessions {
+        var failed = Set<Int32>()
+        func note(_ session: AgentSession, _ error: Error) {
+            failed.insert(session.pid)
+            let kept = session.released ? store.map { Self.rescueID(pid: session.pid, in: $0.store) } ?? nil : nil
+            problems.append("\(error)" + (kept.map { "; its device memory is kept in the store as \($0): run `stasis resume \(session.pid)` once the GPU has room" } ?? ""))
+        }
+        // Both ends of a shared allocation must come back from the same copy: an importer still mapping the
+        // old memory of an owner that released and re-creates it would part from it. Such importers release too.
+        let byPID = Dictionary(sessions.map { ($0.pid, $0) }, uniquingKeysWith: { first, _ in first })
+        for (pid, list) in imports {
+            guard let importer = byPID[pid], !importer.released,
+                  list.contains(where: { byPID[$0.ownerPID]?.released == true }) else { continue }
+            do { try importer.release() } catch { note(importer, error) }
+        }
+        let released = sessions.filter(\.released)
+        for session in sessions where session.released && !failed.contains(session.pid) {
             do {
-                defer { session.disconnect() }
-                if session.released {
-                    guard let store, let evacuated = processes[session.pid] else {
-                        throw StasisError(.gpu, "PID \(session.pid) gave its device memory back before its copy was complete")
-                    }
-                    try session.refill(allocations: session.allocations, from: store.store, chunks: evacuated.chunks,
-                                       checkpoint: store.checkpoint, threads: Self.threads)
+                guard let store, let evacuated = processes[session.pid] else {
+                    throw StasisError(.gpu, "PID \(session.pid) gave its device memory back before its copy was complete")
                 }
+                try session.refill(allocations: session.ownAllocations, from: store.store, chunks: evacuated.chunks,
+                                   checkpoint: store.checkpoint, threads: Self.threads)
+            } catch { note(session, error) }
+        }
+        let reconnecting = imports.filter { pid, _ in released.contains { $0.pid == pid } && !failed.contains(pid) }
+        do {
+            try SharePlan.reconnect(reconnecting, sessions: byPID.filter { !failed.contains($0.key) })
+        } catch {
+            problems.append("\(error)")
+        }
+        for session in sessions where !failed.contains(session.pid) {
+            do {
                 try session.resume()
                 if let store { Self.forgetRescue(pid: session.pid, store: store.store) }
-            } catch {
-                let kept = session.released ? store.map { Self.rescueID(pid: session.pid, in: $0.store) } ?? nil : nil
-                problems.append("\(error)" + (kept.map { "; its device memory is kept in the store as \($0): run `stasis resume \(session.pid)` once the GPU has room" } ?? ""))
-            }
+            } catch { note(session, error) }
         }
+        for session in sessions { session.disconnect() }
         return problems
     }
 
@@ -207,12 +244,15 @@ final class AgentEvacuation: @unchecked Sendable {
         let longestCheck = Locked<Double?>(nil)
         let chunksByPath = Dictionary(files.compactMap { entry in entry.chunks.map { (entry.path, $0) } }, uniquingKeysWith: { first, _ in first })
         let processes = section.processes.filter { $0.agent != nil }
+        // Every process's own memory first (in parallel), then what they share, then every process goes on.
+        let sessions = Locked<[Int32: AgentSession]>([:])
+        defer { for session in sessions.current.values { session.disconnect() } }
         try WorkerGroup.run(processes.count, name: "stasis-agent-refill") { index, _ in
             let process = processes[index], memory = process.agent!
             guard let session = try AgentSession.open(pid: process.pid) else {
                 throw StasisError(.gpu, "PID \(process.pid) was checkpointed with its agent, but no agent answers in the restored process")
             }
-            defer { session.disconnect() }
+            sessions.withLock { $0[process.pid] = session }
             let expected = memory.allocations.reduce(0) { $0 + $1.bytes }
             guard session.trackedBytes == expected else {
                 throw StasisError(.gpu, "the agent of restored PID \(process.pid) holds \(Format.bytes(session.trackedBytes)) of device memory; the checkpoint has \(Format.bytes(expected)) for it")
@@ -227,8 +267,11 @@ final class AgentEvacuation: @unchecked Sendable {
             try session.refill(allocations: memory.allocations.map { .init(id: $0.id, bytes: $0.bytes, device: $0.device) },
                                from: store.store, chunks: chunks, checkpoint: store.checkpoint, threads: max(1, threads / processes.count))
             if let seconds = session.gpuCheckSeconds { longestCheck.withLock { $0 = max($0 ?? 0, seconds) } }
-            try session.resume()
         }
+        let all = sessions.current
+        try SharePlan.reconnect(Dictionary(processes.map { ($0.pid, $0.agent!.imports ?? []) }, uniquingKeysWith: { first, _ in first }),
+                                sessions: all)
+        for process in processes { try all[process.pid]!.resume() }
         return (watch.seconds, longestCheck.current)
     }
 }

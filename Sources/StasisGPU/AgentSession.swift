@@ -20,8 +20,19 @@ import StasisStore
 public final class AgentSession: @unchecked Sendable {
     public struct Allocation: Sendable {
         public var id: UInt64
+        /// Bytes to copy out: 0 for memory imported from another process (its owner moves it).
         public var bytes: UInt64
         public var device: Int32
+        /// Shared with other processes through POSIX descriptors: exported (this process owns it) or imported.
+        public var exported = false
+        public var imported = false
+        /// The agent's duplicates of the descriptors it is shared through, as numbers in the process's table.
+        public var shareDescriptors: [Int32] = []
+        public init(id: UInt64, bytes: UInt64, device: Int32) {
+            self.id = id
+            self.bytes = bytes
+            self.device = device
+        }
     }
 
     public let pid: Int32
@@ -133,7 +144,14 @@ public final class AgentSession: @unchecked Sendable {
                 let message = try channel.receive()
                 switch message.op {
                 case STASIS_AGENT_TABLE_ENTRY.rawValue:
-                    table.append(Allocation(id: message.id, bytes: message.length, device: message.device))
+                    var allocation = Allocation(id: message.id, bytes: message.length, device: message.device)
+                    allocation.exported = message.chunk_flags & UInt32(STASIS_AGENT_SHARE_EXPORTED.rawValue) != 0
+                    allocation.imported = message.chunk_flags & UInt32(STASIS_AGENT_SHARE_IMPORTED.rawValue) != 0
+                    let count = min(Int(message.share_count), Int(STASIS_AGENT_MAX_SHARE_FDS))
+                    allocation.shareDescriptors = withUnsafeBytes(of: message.digest) { bytes in
+                        (0..<count).map { bytes.load(fromByteOffset: $0 * 4, as: Int32.self) }
+                    }
+                    table.append(allocation)
                 case STASIS_AGENT_TABLE_END.rawValue:
                     adopt(message)
                     allocations = table
@@ -151,6 +169,48 @@ public final class AgentSession: @unchecked Sendable {
     }
 
     public var evacuableBytes: UInt64 { allocations.reduce(0) { $0 + $1.bytes } }
+
+    /// The allocations this process owns (moved by this agent), and those it imported from others.
+    public var ownAllocations: [Allocation] { allocations.filter { !$0.imported } }
+    public var importedAllocations: [Allocation] { allocations.filter(\.imported) }
+
+    /// Makes imported allocation `id` this process's own (its exporter is gone): this agent then moves,
+    /// re-creates and exports it. Between QUIESCE and EVACUATE only.
+    public func adopt(_ id: UInt64) throws {
+        let bytes = try onChannel { channel -> UInt64 in
+            try channel.send(STASIS_AGENT_ADOPT, id: id)
+            return try channel.expect(STASIS_AGENT_OK, doing: "adopt imported memory \(String(id, radix: 16))").length
+        }
+        guard let index = allocations.firstIndex(where: { $0.id == id }) else { return }
+        allocations[index].imported = false
+        allocations[index].exported = true
+        allocations[index].bytes = bytes
+    }
+
+    /// A new POSIX descriptor for own allocation `id`, re-created by a refill (for its importers).
+    public func exportAgain(_ id: UInt64) throws -> FileDescriptor {
+        try onChannel { channel in
+            try channel.send(STASIS_AGENT_EXPORT, id: id)
+            let (answer, descriptor) = try channel.receivePassed()
+            if answer.op == STASIS_AGENT_ERROR.rawValue {
+                descriptor?.closeQuietly()
+                throw AgentChannel.error(answer, pid: pid, doing: "export its allocation \(String(id, radix: 16)) again")
+            }
+            guard answer.op == STASIS_AGENT_OK.rawValue, let descriptor else {
+                descriptor?.closeQuietly()
+                throw StasisError(.gpu, "the agent of PID \(pid) answered EXPORT without a descriptor")
+            }
+            return descriptor
+        }
+    }
+
+    /// Imports `descriptor` (the owner's new export) in place of imported allocation `id`, mapped where it was.
+    public func importAgain(_ id: UInt64, from descriptor: FileDescriptor) throws {
+        try onChannel { channel in
+            try channel.send(STASIS_AGENT_IMPORT, id: id, passing: descriptor)
+            try channel.expect(STASIS_AGENT_OK, doing: "map imported memory \(String(id, radix: 16)) again")
+        }
+    }
 
     /// Asks the agent to load its chunk-digest kernel on its GPUs (held or released-and-rebacked only). An
     /// agent that cannot is no failure: stasis then hashes on its CPUs, and `noGPUHashing` says why.
@@ -172,7 +232,7 @@ public final class AgentSession: @unchecked Sendable {
 
     private func evacuate(_ channel: AgentChannel, into sink: ChunkSink, threads: Int) throws -> [UInt64: [String]] {
         let chunk = ChunkStore.chunkSize
-        let digests = DigestTable(allocations, chunkSize: chunk)
+        let digests = DigestTable(ownAllocations, chunkSize: chunk)
         let filled = BlockingQueue<AgentChannel.Message>()
         let failure = FirstFailure()
         try channel.send(STASIS_AGENT_EVACUATE, length: hashesOnGPU ? 1 : 0)

@@ -158,7 +158,7 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
         }
         let inventory = GPUInventory.read()
         let timeout = lockTimeoutMilliseconds
-        try agents.evacuate(users, into: store, timeoutMilliseconds: timeout)
+        try agents.evacuate(users, into: store, timeoutMilliseconds: timeout, tree: Set(pids))
         let lockWatch = Stopwatch()
         var errors = Self.parallel(users) { try CheckpointDriver.lock($0, timeoutMilliseconds: timeout) }
         let lockSeconds = lockWatch.seconds

@@ -93,7 +93,8 @@ public enum CheckpointWriter {
                           imageBytes: files.reduce(0) { $0 + $1.size }),
             timings: timings, gpu: contents.gpu, files: files)
         manifest.container = contents.container
-        manifest.formatVersion = contents.container != nil ? Manifest.versionWithContainer
+        manifest.formatVersion = contents.gpu.processes.contains(where: { !($0.agent?.imports ?? []).isEmpty }) ? Manifest.versionWithSharedMemory
+            : contents.container != nil ? Manifest.versionWithContainer
             : contents.gpu.processes.contains(where: { $0.agent != nil }) ? Manifest.versionWithAgents : Manifest.versionWithoutAgents
         // What this checkpoint added to the store: CRIU's images and the device memory agents moved.
         let added = images.statistics + contents.deviceStatistics

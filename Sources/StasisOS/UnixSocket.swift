@@ -113,6 +113,61 @@ public enum UnixSocket {
         }
     }
 
+    /// Sends all of `bytes` on a stream socket with `descriptor` attached to the first byte (SCM_RIGHTS).
+    public static func send(_ fd: FileDescriptor, _ bytes: UnsafeRawBufferPointer, passing descriptor: FileDescriptor) -> StreamSocket.Failure? {
+        let control = UnsafeMutableRawPointer.allocate(byteCount: descriptorControlSpace, alignment: 8)
+        defer { control.deallocate() }
+        control.initializeMemory(as: UInt8.self, repeating: 0, count: descriptorControlSpace)
+        let header = control.assumingMemoryBound(to: cmsghdr.self)
+        header.pointee.cmsg_level = SOL_SOCKET
+        header.pointee.cmsg_type = Int32(SCM_RIGHTS)
+        header.pointee.cmsg_len = MemoryLayout<cmsghdr>.size + MemoryLayout<Int32>.size
+        (control + MemoryLayout<cmsghdr>.size).storeBytes(of: descriptor.rawValue, as: Int32.self)
+        var vector = iovec(iov_base: UnsafeMutableRawPointer(mutating: bytes.baseAddress), iov_len: bytes.count)
+        let sent = withUnsafeMutablePointer(to: &vector) { vectorPointer -> Int in
+            var message = msghdr()
+            message.msg_iov = vectorPointer
+            message.msg_iovlen = 1
+            message.msg_control = control
+            message.msg_controllen = descriptorControlSpace
+            return retryingEINTR { sendmsg(fd.rawValue, &message, Int32(MSG_NOSIGNAL)) }
+        }
+        if sent < 0 { return errno == EPIPE || errno == ECONNRESET ? .closed : .failed(errno: errno) }
+        if sent == 0 { return .closed }
+        // The rest without the descriptor: it went with the first byte.
+        return StreamSocket.send(fd, UnsafeRawBufferPointer(rebasing: bytes[sent...]))
+    }
+
+    /// Fills all of `buffer` from a stream socket and returns the descriptor that came with it, if one did
+    /// (SCM_RIGHTS, close-on-exec here).
+    public static func receive(_ fd: FileDescriptor, into buffer: UnsafeMutableRawBufferPointer) -> (failure: StreamSocket.Failure?, descriptor: FileDescriptor?) {
+        let control = UnsafeMutableRawPointer.allocate(byteCount: descriptorControlSpace, alignment: 8)
+        defer { control.deallocate() }
+        control.initializeMemory(as: UInt8.self, repeating: 0, count: descriptorControlSpace)
+        var vector = iovec(iov_base: buffer.baseAddress, iov_len: buffer.count)
+        var controlLength = 0
+        let got = withUnsafeMutablePointer(to: &vector) { vectorPointer -> Int in
+            var message = msghdr()
+            message.msg_iov = vectorPointer
+            message.msg_iovlen = 1
+            message.msg_control = control
+            message.msg_controllen = descriptorControlSpace
+            let got = retryingEINTR { recvmsg(fd.rawValue, &message, Int32(MSG_CMSG_CLOEXEC)) }
+            controlLength = message.msg_controllen
+            return got
+        }
+        if got == 0 { return (.closed, nil) }
+        if got < 0 { return (errno == EAGAIN || errno == EWOULDBLOCK ? .timedOut : .failed(errno: errno), nil) }
+        var descriptor: FileDescriptor?
+        let header = control.assumingMemoryBound(to: cmsghdr.self)
+        if controlLength >= MemoryLayout<cmsghdr>.size, header.pointee.cmsg_level == SOL_SOCKET, header.pointee.cmsg_type == Int32(SCM_RIGHTS) {
+            descriptor = FileDescriptor(rawValue: (control + MemoryLayout<cmsghdr>.size).load(as: Int32.self))
+        }
+        let rest = got < buffer.count ? StreamSocket.receive(fd, into: UnsafeMutableRawBufferPointer(rebasing: buffer[got...])) : nil
+        if rest != nil { descriptor?.closeQuietly(); return (rest, nil) }
+        return (nil, descriptor)
+    }
+
     /// The PID of the process at the other end of `fd`, nil when the kernel cannot say.
     public static func peerPID(_ fd: FileDescriptor) -> Int32? {
         let pid = stasis_socket_peer_pid(fd.rawValue)

@@ -2,6 +2,7 @@ import CStasisAgentProtocol
 import Foundation
 import Glibc
 import StasisCore
+import StasisOS
 import StasisStore
 
 /// A stand-in for the other end of the agent's control channel, for tests and benchmarks without a GPU: it
@@ -32,6 +33,12 @@ public final class ProtocolPeer: @unchecked Sendable {
     public var written: [UInt64: [UInt8]] { lock.withLock { _written.mapValues { [UInt8]($0) } } }
     public var released: Bool { lock.withLock { _released } }
     public var zeroRequests: Int { lock.withLock { _zeroRequests } }
+    /// The descriptors EXPORT handed out and IMPORT received, by allocation (kept open until `stop`).
+    private var _exports: [UInt64: Int32] = [:], _imports: [UInt64: Int32] = [:]
+    public var exports: [UInt64: Int32] { lock.withLock { _exports } }
+    public var imports: [UInt64: Int32] { lock.withLock { _imports } }
+    /// The descriptor that came with the last message, if any.
+    private var passed: FileDescriptor?
 
     /// `hashes`: answers DIGESTS with yes and hashes chunks as the agent's GPU kernel does. `damageWrites`:
     /// flips a byte of every chunk the refill writes (a device that does not hold what was sent).
@@ -63,6 +70,7 @@ public final class ProtocolPeer: @unchecked Sendable {
         done.wait()
         ring.deallocate()
         for buffer in _written.values { buffer.deallocate() }
+        for fd in Array(_exports.values) + Array(_imports.values) { close(fd) }
     }
 
     private func serve() {
@@ -90,8 +98,10 @@ public final class ProtocolPeer: @unchecked Sendable {
 
     private func receive(_ fd: Int32) -> Message? {
         var message = Message()
-        let got = withUnsafeMutableBytes(of: &message) { recv(fd, $0.baseAddress!, $0.count, Int32(MSG_WAITALL)) }
-        return got == MemoryLayout<Message>.size ? message : nil
+        passed?.closeQuietly()
+        let (failure, descriptor) = withUnsafeMutableBytes(of: &message) { UnixSocket.receive(FileDescriptor(rawValue: fd), into: $0) }
+        passed = descriptor
+        return failure == nil ? message : nil
     }
 
     private func session(_ fd: Int32) {
@@ -153,6 +163,19 @@ public final class ProtocolPeer: @unchecked Sendable {
                 }
                 (target.baseAddress! + Int(message.offset)).initializeMemory(as: UInt8.self, repeating: 0, count: Int(message.length))
             case STASIS_AGENT_FLUSH.rawValue:
+                send(fd, STASIS_AGENT_OK)
+            case STASIS_AGENT_EXPORT.rawValue:
+                // A fresh open file stands for the driver's export.
+                let exported = open("/dev/null", O_RDONLY | O_CLOEXEC)
+                lock.withLock { _exports[message.id] = exported }
+                var answer = Message()
+                answer.op = STASIS_AGENT_OK.rawValue
+                answer.id = message.id
+                _ = withUnsafeBytes(of: &answer) { UnixSocket.send(FileDescriptor(rawValue: fd), $0, passing: FileDescriptor(rawValue: exported)) }
+            case STASIS_AGENT_IMPORT.rawValue:
+                guard let descriptor = passed else { send(fd, STASIS_AGENT_ERROR); return }
+                passed = nil
+                lock.withLock { _imports[message.id] = descriptor.rawValue }
                 send(fd, STASIS_AGENT_OK)
             case STASIS_AGENT_RESUME.rawValue:
                 lock.withLock { state = STASIS_AGENT_RUNNING.rawValue }

@@ -83,6 +83,28 @@ import Testing
         #expect(Checkpoint.criuItems(decoded).map(\.path) == ["pages-1.img"])
     }
 
+    /// Shared device memory: an import names its owner's allocation, which the checkpoint must hold.
+    @Test func anImportMustNameAnAllocationTheCheckpointHolds() throws {
+        func sharing(ownerID: UInt64) -> (inout Manifest) -> Void {
+            { manifest in
+                let owned = Manifest.AgentAllocation(id: 7, bytes: 2 << 20, device: 0, file: "gpu/42/7")
+                let owner = Manifest.AgentMemory(allocations: [owned], evacuatedBytes: 2 << 20, driverPathBytes: 0, ringBytes: 0,
+                                                 quiesceSeconds: 0, evacuateSeconds: 0, releaseSeconds: 0)
+                var importer = Manifest.AgentMemory(allocations: [], evacuatedBytes: 0, driverPathBytes: 0, ringBytes: 0,
+                                                    quiesceSeconds: 0, evacuateSeconds: 0, releaseSeconds: 0)
+                importer.imports = [.init(id: 9, ownerPID: 42, ownerID: ownerID)]
+                manifest.processTree = .init(rootPID: 42, processes: [.init(pid: 42, ppid: 1, command: "a", arguments: [], threads: 1, residentBytes: 0),
+                                                                      .init(pid: 43, ppid: 42, command: "b", arguments: [], threads: 1, residentBytes: 0)])
+                manifest.gpu = .init(processes: [.init(pid: 42, devices: [], deviceMemoryBytes: 0, agent: owner),
+                                                 .init(pid: 43, devices: [], deviceMemoryBytes: 0, agent: importer)])
+                manifest.store = .init(path: "/s", chunkSize: 2 << 20, codec: "lz4", plainBytes: 0, storedBytes: 0, newChunks: 0, reusedChunks: 0, zeroChunks: 0)
+                manifest.files = [.init(path: "gpu/42/7", size: 2 << 20, sha256: Self.digest("d"), chunks: [""])]
+            }
+        }
+        #expect(try problem(sharing(ownerID: 7)) == nil)
+        #expect(try problem(sharing(ownerID: 8))?.contains("PID 43 imports allocation 8 of PID 42") == true)
+    }
+
     @Test func truncatedIsInvalid() throws {
         let data = try Manifest.encoder().encode(sample())
         let error = #expect(throws: StasisError.self) { try Manifest.decode(data.prefix(data.count / 2), path: "m") }

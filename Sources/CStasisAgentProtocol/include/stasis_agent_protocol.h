@@ -21,6 +21,22 @@
 //   FLUSH -> (WRITTEN...) OK               every copy into the device finished
 //   VERIFY -> DIGEST... OK                 the SHA-256 of every chunk now in the device (after DIGESTS)
 //   RESUME -> OK                           held CUDA calls proceed
+//
+// Device memory shared between processes (cuMemExportToShareableHandle / cuMemImportFromShareableHandle with
+// POSIX file descriptors, as NCCL does inside a node): every agent keeps a duplicate of each descriptor it
+// exported or imported, and TABLE_ENTRY names them (chunk_flags SHARE_EXPORTED or SHARE_IMPORTED; `slot`:
+// the first such descriptor, `share_count`: how many, `digest`: up to 8 of them as int32s), so that stasis can
+// tell which export every import came from (kcmp(2) on the two processes' descriptors). An imported
+// allocation has no bytes of its own (length 0): its owner's agent moves its memory once. Then:
+//   ADOPT (id) -> OK                       an imported allocation whose exporter is gone becomes this
+//                                          process's own: moved, re-created and exported by this agent
+//   (RELEASE closes the duplicates; memory imported from others is unmapped and released too)
+//   REBACK -> OK                           re-creates and maps the process's own memory; imported memory
+//                                          stays unmapped until IMPORT
+//   EXPORT (id) -> OK + descriptor         a POSIX descriptor for the allocation, passed with SCM_RIGHTS
+//   IMPORT (id) + descriptor -> OK         imports the descriptor in place of allocation `id` and maps it
+//                                          where it was, with the access it had
+// RESUME is refused while any mapping is still missing.
 // A connection that ends while memory is held but still backed resumes the process (stasis went away before
 // anything was released); one that ends after RELEASE waits for the next connection to REBACK.
 #ifndef STASIS_AGENT_PROTOCOL_H
@@ -28,7 +44,7 @@
 
 #include <stdint.h>
 
-#define STASIS_AGENT_PROTOCOL_VERSION 2
+#define STASIS_AGENT_PROTOCOL_VERSION 3
 #define STASIS_AGENT_SOCKET_PREFIX "stasis-agent-"
 
 enum stasis_agent_op {
@@ -52,13 +68,21 @@ enum stasis_agent_op {
     STASIS_AGENT_DIGESTS = 17,     // prepare the GPU's digest kernel
     STASIS_AGENT_VERIFY = 18,      // hash every chunk in the device
     STASIS_AGENT_DIGEST = 19,      // bytes [offset, offset + length) of allocation id have `digest` (flags say)
+    STASIS_AGENT_EXPORT = 20,      // id: a shared allocation; OK carries a descriptor for it (SCM_RIGHTS)
+    STASIS_AGENT_IMPORT = 21,      // id: an imported allocation, the descriptor passed with the message
+    STASIS_AGENT_ADOPT = 22,       // id: an imported allocation this process now owns
 };
 
-// FILLED's and DIGEST's chunk_flags.
+// FILLED's, DIGEST's and TABLE_ENTRY's chunk_flags.
 enum stasis_agent_chunk_flags {
     STASIS_AGENT_CHUNK_DIGEST = 1,  // digest holds the chunk's SHA-256, computed on the GPU
     STASIS_AGENT_CHUNK_ZERO = 2,    // every byte of the chunk is zero (FILLED: nothing copied, slot -1)
+    STASIS_AGENT_SHARE_EXPORTED = 4,  // TABLE_ENTRY: exported to other processes (its descriptors follow)
+    STASIS_AGENT_SHARE_IMPORTED = 8,  // TABLE_ENTRY: imported from another process (length 0)
 };
+
+/// The most descriptors a TABLE_ENTRY names (in `digest`, as int32s).
+#define STASIS_AGENT_MAX_SHARE_FDS 8
 
 enum stasis_agent_state {
     STASIS_AGENT_RUNNING = 0,   // CUDA calls pass
@@ -86,8 +110,8 @@ typedef struct {
     uint64_t ungated_functions;  // ... and without it (the trampoline table was full): calls it cannot hold
     char text[120];          // ERROR: why; HELLO: the agent's build
     uint8_t digest[32];      // FILLED, DIGEST: the chunk's SHA-256 (with STASIS_AGENT_CHUNK_DIGEST)
-    uint32_t chunk_flags;    // FILLED, DIGEST: stasis_agent_chunk_flags
-    uint32_t reserved;
+    uint32_t chunk_flags;    // FILLED, DIGEST, TABLE_ENTRY: stasis_agent_chunk_flags
+    uint32_t share_count;    // TABLE_ENTRY: descriptors named in `digest`
 } stasis_agent_message;
 
 #endif

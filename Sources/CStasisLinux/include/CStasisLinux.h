@@ -49,4 +49,8 @@ int stasis_destroy_time_wait(int family, const uint8_t *address, uint16_t port);
 int stasis_pipe_cloexec(int ends[2]);
 int stasis_accept_cloexec(int listener);
 
+/// kcmp(2) KCMP_FILE: 0 when descriptor `fd1` of process `pid1` and `fd2` of `pid2` are the same open file,
+/// 1 or 2 when they differ (ordering), -1 with errno set when it cannot be told (a process or descriptor gone).
+int stasis_same_file(int pid1, int fd1, int pid2, int fd2);
+
 #endif

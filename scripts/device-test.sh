@@ -7,6 +7,9 @@
 #                                           all), and, only when named: agentbig (BERT-large and 64 GiB under
 #                                           the agent), container (GPU containers under runc),
 #                                           multigpu (two GPUs: a split model and NCCL; needs two),
+#                                           shared (device memory shared between processes under
+#                                           `stasis run`: two and three processes, an exporter gone, one
+#                                           outside the tree, --leave-running, 2 x 8 GiB),
 #                                           reliability (stasis killed after CRIU's exit, a damaged
 #                                           chunk not reused, bench/reuse-check.sh gpu), bertleave
 #                                           (BERT-base's --leave-running case alone),

@@ -19,6 +19,15 @@
 //   tree     the root and one child (forked before any CUDA call), each running buffers
 //   managed  64 MiB of managed memory touched from host and device (stasis is expected to refuse it)
 //   ipc      a --mem MiB buffer exported with cudaIpcGetMemHandle (stasis is expected to refuse it)
+//   share    the root and one child (forked before any CUDA call) sharing --mem MiB of VMM memory: the root
+//            creates it, exports it as a POSIX descriptor and passes that over a unix socket (NCCL's way
+//            inside a node); the child imports and maps it. Each fills its own part with a pattern and
+//            keeps bumping a counter there with a kernel; each checks both parts, and that the other's
+//            counter moves (so after a restore both still see each other's writes)
+//   share3   the same with three processes: the root, its child, and the child's child (the descriptor
+//            passed on by the middle one)
+//   share-orphan  the child creates and exports the memory, the root imports it, and the child exits: the
+//            memory lives on in the root alone
 //
 // With --daemon the workload detaches (setsid, double fork, stdio to DIR/log), prints its PID once its state
 // is built and its loop runs, and exits, leaving the workload running. It writes DIR/ready when ready. On
@@ -41,6 +50,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -49,6 +60,7 @@
 #include <algorithm>
 #include <atomic>
 #include <mutex>
+#include <thread>
 #include <vector>
 
 #include "../common/workload_protocol.h"
@@ -357,6 +369,145 @@ struct BuffersWorkload : Workload {
         size_t used = (size_t)snprintf(text, len, "intact:");
         for (const Buffer &b : buffers)
             if (used < len) used += (size_t)snprintf(text + used, len - used, "%s %s", &b == &buffers[0] ? "" : ",", b.name);
+    }
+};
+
+// ---- share, share3, share-orphan: one VMM allocation mapped by several processes ----
+
+// Sends descriptor `fd` over the unix socket `channel` (one byte of data carries it).
+static bool send_descriptor(int channel, int fd) {
+    char byte = 'f';
+    struct iovec vector = {&byte, 1};
+    union { struct cmsghdr header; char space[CMSG_SPACE(sizeof(int))]; } control;
+    memset(&control, 0, sizeof control);
+    struct msghdr message = {};
+    message.msg_iov = &vector;
+    message.msg_iovlen = 1;
+    message.msg_control = control.space;
+    message.msg_controllen = sizeof control.space;
+    struct cmsghdr *header = CMSG_FIRSTHDR(&message);
+    header->cmsg_level = SOL_SOCKET;
+    header->cmsg_type = SCM_RIGHTS;
+    header->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(header), &fd, sizeof fd);
+    if (sendmsg(channel, &message, 0) != 1) return fail("sendmsg: %s", strerror(errno));
+    return true;
+}
+
+static bool receive_descriptor(int channel, int *fd) {
+    char byte;
+    struct iovec vector = {&byte, 1};
+    union { struct cmsghdr header; char space[CMSG_SPACE(sizeof(int))]; } control;
+    struct msghdr message = {};
+    message.msg_iov = &vector;
+    message.msg_iovlen = 1;
+    message.msg_control = control.space;
+    message.msg_controllen = sizeof control.space;
+    if (recvmsg(channel, &message, MSG_CMSG_CLOEXEC) != 1) return fail("recvmsg: %s", strerror(errno));
+    struct cmsghdr *header = CMSG_FIRSTHDR(&message);
+    if (!header || header->cmsg_type != SCM_RIGHTS) return fail("no descriptor came over the socket");
+    memcpy(fd, CMSG_DATA(header), sizeof *fd);
+    return true;
+}
+
+struct SharedWorkload : Workload {
+    int part, parts;       // this process's part of the allocation, and how many there are
+    bool creates;          // creates and exports the allocation (else imports it)
+    int from = -1;         // the socket the descriptor comes over (an importer)
+    int to = -1;           // the socket it is passed on over, or -1
+    bool orphan = false;   // share-orphan's creator: exits once the root has imported
+    std::vector<bool> live;  // parts whose owner still runs (their counters must move)
+    uint64_t *base = nullptr;
+    size_t part_words = 0;
+    cudaStream_t stream;
+    unsigned long long *errors;
+    std::vector<uint64_t> seen;  // each part's counter at the last check
+
+    SharedWorkload(int part, int parts, bool creates) : part(part), parts(parts), creates(creates), live(parts, true), seen(parts, 0) {}
+
+    static uint64_t seed_of(int part) { return 5000 + (uint64_t)part; }
+    uint64_t *counter(int p) { return base + (size_t)p * part_words; }
+    uint64_t *pattern(int p) { return counter(p) + 1; }
+
+    bool setup() override {
+        TRY(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+        TRY(cudaMalloc((void **)&errors, sizeof *errors));
+        TRY(cudaMemset(errors, 0, sizeof *errors));
+        int device;
+        TRY(cudaGetDevice(&device));
+        CUmemAllocationProp prop = {};
+        prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+        prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+        prop.location.id = device;
+        prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+        size_t granularity;
+        TRY_CU(cuMemGetAllocationGranularity(&granularity, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM));
+        size_t bytes = (mem_bytes + granularity - 1) / granularity * granularity;
+        part_words = bytes / 8 / parts;
+        CUmemGenericAllocationHandle handle;
+        int fd = -1;
+        if (creates) {
+            TRY_CU(cuMemCreate(&handle, bytes, &prop, 0));
+            TRY_CU(cuMemExportToShareableHandle(&fd, handle, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0));
+        } else {
+            if (!receive_descriptor(from, &fd)) return false;
+            TRY_CU(cuMemImportFromShareableHandle(&handle, (void *)(uintptr_t)fd, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR));
+        }
+        CUdeviceptr address;
+        TRY_CU(cuMemAddressReserve(&address, bytes, 0, 0, 0));
+        TRY_CU(cuMemMap(address, bytes, 0, handle, 0));
+        CUmemAccessDesc access = {};
+        access.location = prop.location;
+        access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+        TRY_CU(cuMemSetAccess(address, bytes, &access, 1));
+        // The mapping holds the memory: the handle and the descriptor go, as NCCL lets them go.
+        TRY_CU(cuMemRelease(handle));
+        base = (uint64_t *)address;
+        TRY(cudaMemsetAsync(counter(part), 0, 8, stream));
+        TRY(launch_fill(pattern(part), part_words - 1, seed_of(part), stream));
+        TRY(cudaStreamSynchronize(stream));
+        // Passed on only once this part is filled: whoever maps it next may check it at once.
+        if (to >= 0 && !send_descriptor(to, fd)) return false;
+        close(fd);
+        if (orphan) {
+            char ack;
+            if (read(to, &ack, 1) != 1) return fail("the importer did not confirm");
+            _exit(0);  // the memory lives on in the importer
+        }
+        if (!creates && from >= 0 && to < 0 && parts == 2 && !live[1 - part]) {
+            if (write(from, "k", 1) != 1) return fail("cannot confirm the import");
+        }
+        return true;
+    }
+
+    // Bumps this part's counter and checks a slice of this part's pattern.
+    bool step(int, uint64_t n) override {
+        TRY(launch_spin(0, (unsigned long long *)counter(part), stream));
+        Buffer own = make_buffer("own part", pattern(part), (part_words - 1) * 8, seed_of(part));
+        TRY(check_slice(own, n, errors, stream));
+        TRY(cudaStreamSynchronize(stream));
+        return true;
+    }
+
+    bool check() override {
+        TRY(cudaStreamSynchronize(stream));
+        if (!no_errors_counted(errors)) return false;
+        for (int p = 0; p < parts; p++) {
+            char what[64];
+            snprintf(what, sizeof what, "part %d of the shared memory", p);
+            if (!compare_device(what, pattern(p), part_words - 1, seed_of(p))) return false;
+            uint64_t now;
+            TRY(cudaMemcpy(&now, counter(p), 8, cudaMemcpyDeviceToHost));
+            // Another process's counter must have moved since the last check: its writes reach this mapping.
+            if (p != part && live[p] && seen[p] && now <= seen[p]) return fail("the counter of part %d stays at %" PRIu64 ": its owner's writes no longer arrive", p, now);
+            seen[p] = now;
+        }
+        return true;
+    }
+
+    void summary(char *text, size_t len) override {
+        snprintf(text, len, "shared memory intact: %d parts of %zu MiB, part %d %s, counters %" PRIu64 "/%" PRIu64, parts, part_words * 8 >> 20, part,
+                 creates ? "created and exported here" : "imported", seen[0], seen[parts > 1 ? 1 : 0]);
     }
 };
 
@@ -789,9 +940,11 @@ static void verify(Workload &w, char *text, size_t len) {
 }
 
 // The tree's root: forwards the request to the child, verifies itself meanwhile, and passes only if both pass.
+static const char *child_ready = "ready-child", *child_result = "result-child";
+
 static void verify_tree(Workload &w, pid_t child, char *text, size_t len) {
     char path[4096], own[1024], theirs[1024] = "";
-    snprintf(path, sizeof path, "%s/result-child", dir);
+    snprintf(path, sizeof path, "%s/%s", dir, child_result);
     unlink(path);
     int status;
     if (waitpid(child, &status, WNOHANG) != 0 || kill(child, SIGUSR1) != 0) {
@@ -836,7 +989,7 @@ static bool start(Workload &w) {
         if (!wait_progress(loops[i].ticks, 3)) give_up(loop_failed.load() ? loop_failure : "a loop did not start");
     if (child > 0) {
         char path[4096];
-        snprintf(path, sizeof path, "%s/ready-child", dir);
+        snprintf(path, sizeof path, "%s/%s", dir, child_ready);
         for (uint64_t deadline = now_ms() + 60000; access(path, F_OK) != 0; sleep_ms(10)) {
             int status;
             if (now_ms() > deadline || waitpid(child, &status, WNOHANG) != 0) give_up("the child never became ready");
@@ -876,6 +1029,74 @@ static bool start(Workload &w) {
     serve(own, "ready", "result", pid);
 }
 
+// share and share3: the root creates; each child imports what its parent passes it, and passes it on. The
+// forks come before any CUDA call; each child's verification is forwarded by its parent.
+[[noreturn]] static void run_share(int parts) {
+    char path[4096];
+    for (const char *name : {"ready-child", "result-child", "ready-child2", "result-child2"}) {
+        snprintf(path, sizeof path, "%s/%s", dir, name);
+        unlink(path);
+    }
+    int up = -1;  // the socket to this process's parent
+    pid_t parent = getpid();
+    for (int part = 0; part < parts; part++) {
+        int pair[2] = {-1, -1};
+        pid_t child = 0;
+        if (part + 1 < parts) {
+            if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) != 0) die("socketpair");
+            child = fork();
+            if (child < 0) die("fork");
+        }
+        if (child == 0 && part + 1 < parts) {
+            // The child: the next part.
+            if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) die("prctl");
+            if (getppid() != parent) _exit(2);
+            close(pair[0]);
+            up = pair[1];
+            parent = getpid();
+            continue;
+        }
+        if (pair[1] >= 0) close(pair[1]);
+        static SharedWorkload *own;
+        own = new SharedWorkload(part, parts, part == 0);
+        own->from = up;
+        own->to = pair[0];
+        // Names: the root answers in "result", its child in "result-child", that one's child in "result-child2".
+        const char *ready = part == 0 ? "ready" : part == 1 ? "ready-child" : "ready-child2";
+        const char *result = part == 0 ? "result" : part == 1 ? "result-child" : "result-child2";
+        child_ready = part == 0 ? "ready-child" : "ready-child2";
+        child_result = part == 0 ? "result-child" : "result-child2";
+        serve(*own, ready, result, child);
+    }
+    _exit(2);
+}
+
+// share-orphan: the child creates the memory and passes it to the root, which imports it; then the child
+// exits and the root serves alone.
+[[noreturn]] static void run_share_orphan(void) {
+    int pair[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) != 0) die("socketpair");
+    pid_t root = getpid(), child = fork();
+    if (child < 0) die("fork");
+    if (child == 0) {
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) die("prctl");
+        if (getppid() != root) _exit(2);
+        close(pair[0]);
+        static SharedWorkload creator(0, 2, true);
+        creator.to = pair[1];
+        creator.orphan = true;
+        if (!start(creator)) give_up(failure_text);
+        _exit(0);
+    }
+    close(pair[1]);
+    static SharedWorkload importer(1, 2, false);
+    importer.from = pair[0];
+    importer.live[0] = false;
+    std::thread reaper([child] { int status; waitpid(child, &status, 0); });
+    reaper.detach();
+    serve(importer, "ready", "result", 0);
+}
+
 static Workload *workload_for(const char *mode) {
     if (!strcmp(mode, "buffers")) return new BuffersWorkload(Memory::device, 1);
     if (!strcmp(mode, "vmm")) return new BuffersWorkload(Memory::vmm, 1);
@@ -895,7 +1116,7 @@ static Workload *workload_for(const char *mode) {
 int main(int argc, char **argv) {
     program_name = "cuda-workload";
     if (argc < 2) {
-        fprintf(stderr, "usage: cuda-workload buffers|streams|events|graph|vmm|pool|pinned|threads|tree|managed|ipc --dir DIR [--daemon] [--mem MIB] [--count N]\n");
+        fprintf(stderr, "usage: cuda-workload buffers|streams|events|graph|vmm|pool|pinned|threads|tree|managed|ipc|share|share3|share-orphan --dir DIR [--daemon] [--mem MIB] [--count N]\n");
         return 2;
     }
     const char *mode = argv[1];
@@ -913,8 +1134,13 @@ int main(int argc, char **argv) {
     if (mem_bytes < ((size_t)1 << 20)) mem_bytes = (size_t)1 << 20;
     if (count < 1 || count > MAX_LOOPS) { fprintf(stderr, "--count must be 1..%d\n", MAX_LOOPS); return 2; }
     // Decided before detaching, so that a bad mode is reported to the caller. Constructing touches no CUDA.
-    Workload *workload = strcmp(mode, "tree") ? workload_for(mode) : NULL;
-    if (strcmp(mode, "tree") && !workload) { fprintf(stderr, "unknown mode %s\n", mode); return 2; }
+    bool forks = !strcmp(mode, "tree") || !strncmp(mode, "share", 5);
+    Workload *workload = forks ? NULL : workload_for(mode);
+    if (!forks && !workload) { fprintf(stderr, "unknown mode %s\n", mode); return 2; }
+    if (forks && strcmp(mode, "tree") && strcmp(mode, "share") && strcmp(mode, "share3") && strcmp(mode, "share-orphan")) {
+        fprintf(stderr, "unknown mode %s\n", mode);
+        return 2;
+    }
     char resolved[4096];
     if (!realpath(dir, resolved)) die(dir);
     dir = strdup(resolved);
@@ -922,6 +1148,9 @@ int main(int argc, char **argv) {
 
     listen_for_verify_requests();
 
+    if (!strcmp(mode, "share")) run_share(2);
+    if (!strcmp(mode, "share3")) run_share(3);
+    if (!strcmp(mode, "share-orphan")) run_share_orphan();
     if (!workload) run_tree();
     serve(*workload, "ready", "result", 0);
 }

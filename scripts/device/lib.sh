@@ -100,12 +100,12 @@ agent_line() { grep -h 'agent:' "$1" 2>/dev/null | sed 's/^ *//' | head -n 1; }
 
 keep_logs() { cp "$1"/*.txt "$LOGS/" 2>/dev/null; for f in "$1"/*.txt; do [[ -e $f ]] && mv "$LOGS/$(basename "$f")" "$LOGS/$2-$(basename "$f")"; done; cp "$1/log" "$LOGS/$2-workload.log" 2>/dev/null; true; }
 
-# A CUDA program (started through LAUNCHER) checkpointed twice with --leave-running, verified each time,
-# then each checkpoint restored and verified: LABEL names the results.
-leave_running_twice() {
-    local label=$1 launcher=$2
+# A CUDA program (started through LAUNCHER; cuda-workload MODE, buffers by default) checkpointed twice with
+# --leave-running, verified each time, then each checkpoint restored and verified: LABEL names the results.
+leave_running_twice() {  # LABEL LAUNCHER [MODE]
+    local label=$1 launcher=$2 mode=${3:-buffers}
     local dir; dir=$(mktemp -d /tmp/stasis-$label-leave.XXXXXX)
-    local pid; pid=$($launcher /opt/stasis/bin/cuda-workload buffers --dir "$dir" --daemon --mem 1024)
+    local pid; pid=$($launcher /opt/stasis/bin/cuda-workload "$mode" --dir "$dir" --daemon --mem 1024)
     if $STASIS dump "$pid" -D "$dir/one" --leave-running >"$dir/dump1.txt" 2>&1 && [[ $(verify "$pid" "$dir") == PASS* ]] \
         && $STASIS dump "$pid" -D "$dir/two" --leave-running >"$dir/dump2.txt" 2>&1 && [[ $(verify "$pid" "$dir") == PASS* ]]; then
         pass "$label --leave-running twice, process keeps running $(agent_line "$dir/dump2.txt")"

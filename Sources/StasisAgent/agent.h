@@ -123,6 +123,19 @@ HIDDEN void *memory_ring(void);
 HIDDEN void memory_ensure_ring(void);
 HIDDEN void memory_after_fork_child(void);
 
+/// Legacy CUDA IPC of memory the agent backs: a POSIX descriptor for the allocation holding `pointer`
+/// (exported once, kept until RELEASE), its id, and where `pointer` lies in it. CUDA_ERROR_NOT_FOUND for
+/// memory the agent does not hold.
+HIDDEN CUresult memory_ipc_export(CUdeviceptr pointer, uint64_t *id, uint64_t *offset, uint64_t *size);
+/// A duplicate of allocation `id`'s IPC descriptor (the caller closes it), exporting it again after a
+/// restore; -1 when there is none.
+HIDDEN int memory_ipc_fd(uint64_t id);
+
+// ---- ipc.c: legacy CUDA IPC (cuIpcGetMemHandle / cuIpcOpenMemHandle) on memory the agent backs
+HIDDEN CUresult ipc_get_mem_handle(cu_ipc_mem_handle *handle, CUdeviceptr pointer);
+HIDDEN CUresult ipc_open_mem_handle(CUdeviceptr *pointer, cu_ipc_mem_handle handle, unsigned int flags);
+HIDDEN CUresult ipc_close_mem_handle(CUdeviceptr pointer);
+
 // ---- digest.c: the SHA-256 of chunks, computed on the GPU
 typedef struct {
     CUdeviceptr address;  // 16-byte aligned

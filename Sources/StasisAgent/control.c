@@ -642,6 +642,19 @@ static void serve(int fd) {
             send_message(fd, &answer);
             break;
         }
+        case STASIS_AGENT_IPC_FD: {
+            // Another process's agent opening this process's memory (legacy CUDA IPC), at any time but while
+            // the memory is released.
+            int exported = state == STASIS_AGENT_RELEASED ? -1 : memory_ipc_fd(message.id);
+            if (exported < 0) { reply(fd, STASIS_AGENT_ERROR, 0, "no IPC export of %#llx here now", (unsigned long long)message.id); return; }
+            stasis_agent_message answer;
+            memset(&answer, 0, sizeof answer);
+            answer.op = STASIS_AGENT_OK;
+            answer.id = message.id;
+            send_message_with_fd(fd, &answer, exported);
+            close(exported);
+            return;  // one request per connection
+        }
         case STASIS_AGENT_RESUME:
             if (state == STASIS_AGENT_RELEASED) { reply(fd, STASIS_AGENT_ERROR, 0, "device memory is released: reback and refill first"); break; }
             if (memory_unmapped() > 0) {

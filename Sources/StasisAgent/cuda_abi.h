@@ -53,6 +53,11 @@ typedef struct {
     int flags;  // CU_MEM_ACCESS_FLAGS_PROT_READWRITE = 3
 } cu_mem_access_desc;
 
+/// CUipcMemHandle: 64 opaque bytes, passed by value.
+typedef struct {
+    char reserved[64];
+} cu_ipc_mem_handle;
+
 _Static_assert(sizeof(cu_mem_allocation_prop) == 32, "CUmemAllocationProp is 32 bytes");
 _Static_assert(sizeof(cu_mem_access_desc) == 12, "CUmemAccessDesc is 12 bytes");
 
@@ -114,6 +119,10 @@ typedef struct {
     CUresult (*cuMemHostGetDevicePointer_v2)(CUdeviceptr *, void *, unsigned int);
     CUresult (*cuModuleLoadData)(CUmodule *, const void *);
     CUresult (*cuModuleGetFunction)(CUfunction *, CUmodule, const char *);
+    // Legacy CUDA IPC (ipc.c serves it for the memory the agent backs).
+    CUresult (*cuIpcGetMemHandle)(cu_ipc_mem_handle *, CUdeviceptr);
+    CUresult (*cuIpcOpenMemHandle_v2)(CUdeviceptr *, cu_ipc_mem_handle, unsigned int);
+    CUresult (*cuIpcCloseMemHandle)(CUdeviceptr);
     CUresult (*cuLaunchKernel)(CUfunction, unsigned int, unsigned int, unsigned int, unsigned int, unsigned int, unsigned int,
                                unsigned int, CUstream, void **, void **);
 } cuda_driver;

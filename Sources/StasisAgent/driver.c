@@ -142,6 +142,9 @@ static void resolve(void) {
     RESOLVE(cuModuleLoadData);
     RESOLVE(cuModuleGetFunction);
     RESOLVE(cuLaunchKernel);
+    RESOLVE(cuIpcGetMemHandle);
+    RESOLVE(cuIpcOpenMemHandle_v2);
+    RESOLVE(cuIpcCloseMemHandle);
     // Without any one of these the agent stays a pass-through: it never half-tracks memory.
     void **all = (void **)&real;
     for (size_t i = 0; i < sizeof real / sizeof(void *); i++) {

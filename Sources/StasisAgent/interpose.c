@@ -101,6 +101,21 @@ CUresult cuMulticastBindAddr(CUmemGenericAllocationHandle group, CUdevice device
     GATED(memory_multicast_bind_address(group, device, group_offset, address, size, flags));
 }
 
+CUresult cuIpcGetMemHandle(cu_ipc_mem_handle *handle, CUdeviceptr pointer) {
+    PASS(cuIpcGetMemHandle, handle, pointer);
+    GATED(ipc_get_mem_handle(handle, pointer));
+}
+
+CUresult cuIpcOpenMemHandle_v2(CUdeviceptr *pointer, cu_ipc_mem_handle handle, unsigned int flags) {
+    PASS(cuIpcOpenMemHandle_v2, pointer, handle, flags);
+    GATED(ipc_open_mem_handle(pointer, handle, flags));
+}
+
+CUresult cuIpcCloseMemHandle(CUdeviceptr pointer) {
+    PASS(cuIpcCloseMemHandle, pointer);
+    GATED(ipc_close_mem_handle(pointer));
+}
+
 CUresult cuCtxDestroy_v2(CUcontext context) {
     PASS(cuCtxDestroy_v2, context);
     gate_enter();
@@ -160,6 +175,9 @@ static const replacement replacements[] = {
     REPLACE(cuMulticastBindMem, cuMulticastBindMem, 0),
     REPLACE(cuMulticastBindAddr, cuMulticastBindAddr, 0),
     REPLACE(cuCtxDestroy, cuCtxDestroy_v2, 4000),
+    REPLACE(cuIpcGetMemHandle, cuIpcGetMemHandle, 0),
+    REPLACE(cuIpcOpenMemHandle, cuIpcOpenMemHandle_v2, 11000),
+    REPLACE(cuIpcCloseMemHandle, cuIpcCloseMemHandle, 0),
 };
 
 #define COUNT (sizeof replacements / sizeof replacements[0])

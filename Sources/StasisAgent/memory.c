@@ -37,6 +37,8 @@ typedef struct {
     // can pair every import with its export (kcmp); closed at RELEASE and when the memory goes.
     int share_fds[STASIS_AGENT_MAX_SHARE_FDS];
     int share_count;
+    int ipc_fd;         // legacy CUDA IPC: its POSIX export, handed to importers' agents (valid with has_ipc_fd)
+    int has_ipc_fd;
     CUdeviceptr view;   // an address covering it all, during an evacuation or a refill
     int temporary_view;
 } handle_record;
@@ -125,6 +127,8 @@ static void keep_share_fd(handle_record *handle, int fd) {
 static void close_share_fds(handle_record *handle) {
     for (int i = 0; i < handle->share_count; i++) close(handle->share_fds[i]);
     handle->share_count = 0;
+    if (handle->has_ipc_fd) close(handle->ipc_fd);
+    handle->has_ipc_fd = 0;
 }
 
 /// Drops a handle the program no longer holds and nothing maps (the driver frees its memory then).
@@ -233,6 +237,8 @@ HIDDEN CUresult memory_alloc(CUdeviceptr *pointer, size_t bytes) {
     cu_mem_allocation_prop prop;
     memset(&prop, 0, sizeof prop);
     prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+    // Exportable as a POSIX descriptor: how legacy CUDA IPC (cudaIpcGetMemHandle) of it is served (ipc.c).
+    prop.requested_handle_types = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
     prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
     prop.location.id = device;
     pthread_mutex_lock(&tables);
@@ -457,6 +463,46 @@ HIDDEN CUresult memory_export(void *shareable, CUmemGenericAllocationHandle id, 
     }
     pthread_mutex_unlock(&tables);
     return result;
+}
+
+/// Exports `handle` as its IPC descriptor, once. Under the tables' lock.
+static CUresult ensure_ipc_fd(handle_record *handle) {
+    if (handle->has_ipc_fd) return CUDA_SUCCESS;
+    if (!handle->driver) return CUDA_ERROR_INVALID_HANDLE;
+    int fd = -1;
+    CUresult result = real.cuMemExportToShareableHandle(&fd, handle->driver, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0);
+    if (result != CUDA_SUCCESS) return result;
+    handle->ipc_fd = fd;
+    handle->has_ipc_fd = 1;
+    handle->exported = 1;
+    keep_share_fd(handle, fd);
+    return CUDA_SUCCESS;
+}
+
+HIDDEN CUresult memory_ipc_export(CUdeviceptr pointer, uint64_t *id, uint64_t *offset, uint64_t *size) {
+    pthread_mutex_lock(&tables);
+    CUresult result = CUDA_ERROR_NOT_FOUND;
+    for (size_t i = 0; i < mapping_count; i++) {
+        mapping_record *mapping = &mappings[i];
+        if (pointer < mapping->address || pointer >= mapping->address + mapping->size || mapping->handle->imported) continue;
+        result = ensure_ipc_fd(mapping->handle);
+        if (result == CUDA_SUCCESS) {
+            *id = mapping->handle->id;
+            *offset = mapping->offset + (pointer - mapping->address);
+            *size = mapping->handle->size;
+        }
+        break;
+    }
+    pthread_mutex_unlock(&tables);
+    return result;
+}
+
+HIDDEN int memory_ipc_fd(uint64_t id) {
+    pthread_mutex_lock(&tables);
+    handle_record *handle = find_handle(id);
+    int fd = handle && !handle->imported && ensure_ipc_fd(handle) == CUDA_SUCCESS ? fcntl(handle->ipc_fd, F_DUPFD_CLOEXEC, 3) : -1;
+    pthread_mutex_unlock(&tables);
+    return fd;
 }
 
 HIDDEN CUresult memory_multicast_bind(CUmemGenericAllocationHandle group, CUdevice device, size_t group_offset,

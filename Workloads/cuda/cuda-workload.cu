@@ -28,6 +28,10 @@
 //            passed on by the middle one)
 //   share-orphan  the child creates and exports the memory, the root imports it, and the child exits: the
 //            memory lives on in the root alone
+//   ipc-share  share through legacy CUDA IPC: the root's cudaMalloc buffer, cudaIpcGetMemHandle, the child's
+//            cudaIpcOpenMemHandle
+//   ipc-share-event  the same, plus an interprocess event (cudaIpcGetEventHandle / cudaIpcOpenEventHandle)
+//            that the root records after each of its steps and the child's stream waits for
 //
 // With --daemon the workload detaches (setsid, double fork, stdio to DIR/log), prints its PID once its state
 // is built and its loop runs, and exits, leaving the workload running. It writes DIR/ready when ready. On
@@ -410,6 +414,24 @@ static bool receive_descriptor(int channel, int *fd) {
     return true;
 }
 
+// ipc-share, ipc-share-event: legacy CUDA IPC instead of cuMem export and import (and an IPC event).
+static bool share_legacy = false, share_event = false;
+
+static bool send_bytes(int channel, const void *bytes, size_t length) {
+    if (write(channel, bytes, length) != (ssize_t)length) return fail("cannot pass %zu bytes on: %s", length, strerror(errno));
+    return true;
+}
+
+static bool receive_bytes(int channel, void *bytes, size_t length) {
+    size_t done = 0;
+    while (done < length) {
+        ssize_t got = read(channel, (char *)bytes + done, length - done);
+        if (got <= 0) return fail("the handle did not come over the socket");
+        done += (size_t)got;
+    }
+    return true;
+}
+
 struct SharedWorkload : Workload {
     int part, parts;       // this process's part of the allocation, and how many there are
     bool creates;          // creates and exports the allocation (else imports it)
@@ -422,6 +444,7 @@ struct SharedWorkload : Workload {
     cudaStream_t stream;
     unsigned long long *errors;
     std::vector<uint64_t> seen;  // each part's counter at the last check
+    cudaEvent_t event = nullptr;  // ipc-share-event: recorded by the creator, waited for by the importer
 
     SharedWorkload(int part, int parts, bool creates) : part(part), parts(parts), creates(creates), live(parts, true), seen(parts, 0) {}
 
@@ -444,31 +467,56 @@ struct SharedWorkload : Workload {
         TRY_CU(cuMemGetAllocationGranularity(&granularity, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM));
         size_t bytes = (mem_bytes + granularity - 1) / granularity * granularity;
         part_words = bytes / 8 / parts;
-        CUmemGenericAllocationHandle handle;
+        CUmemGenericAllocationHandle handle = 0;
         int fd = -1;
-        if (creates) {
+        cudaIpcMemHandle_t ipc_handle;
+        cudaIpcEventHandle_t event_handle;
+        if (share_legacy) {
+            if (creates) {
+                TRY(cudaMalloc((void **)&base, bytes));
+                TRY(cudaIpcGetMemHandle(&ipc_handle, base));
+                if (share_event) {
+                    TRY(cudaEventCreateWithFlags(&event, cudaEventDisableTiming | cudaEventInterprocess));
+                    TRY(cudaIpcGetEventHandle(&event_handle, event));
+                }
+            } else {
+                if (!receive_bytes(from, &ipc_handle, sizeof ipc_handle)) return false;
+                TRY(cudaIpcOpenMemHandle((void **)&base, ipc_handle, cudaIpcMemLazyEnablePeerAccess));
+                if (share_event) {
+                    if (!receive_bytes(from, &event_handle, sizeof event_handle)) return false;
+                    TRY(cudaIpcOpenEventHandle(&event, event_handle));
+                }
+            }
+        } else if (creates) {
             TRY_CU(cuMemCreate(&handle, bytes, &prop, 0));
             TRY_CU(cuMemExportToShareableHandle(&fd, handle, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0));
         } else {
             if (!receive_descriptor(from, &fd)) return false;
             TRY_CU(cuMemImportFromShareableHandle(&handle, (void *)(uintptr_t)fd, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR));
         }
-        CUdeviceptr address;
-        TRY_CU(cuMemAddressReserve(&address, bytes, 0, 0, 0));
-        TRY_CU(cuMemMap(address, bytes, 0, handle, 0));
-        CUmemAccessDesc access = {};
-        access.location = prop.location;
-        access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
-        TRY_CU(cuMemSetAccess(address, bytes, &access, 1));
-        // The mapping holds the memory: the handle and the descriptor go, as NCCL lets them go.
-        TRY_CU(cuMemRelease(handle));
-        base = (uint64_t *)address;
+        if (!share_legacy) {
+            CUdeviceptr address;
+            TRY_CU(cuMemAddressReserve(&address, bytes, 0, 0, 0));
+            TRY_CU(cuMemMap(address, bytes, 0, handle, 0));
+            CUmemAccessDesc access = {};
+            access.location = prop.location;
+            access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+            TRY_CU(cuMemSetAccess(address, bytes, &access, 1));
+            // The mapping holds the memory: the handle and the descriptor go, as NCCL lets them go.
+            TRY_CU(cuMemRelease(handle));
+            base = (uint64_t *)address;
+        }
         TRY(cudaMemsetAsync(counter(part), 0, 8, stream));
         TRY(launch_fill(pattern(part), part_words - 1, seed_of(part), stream));
         TRY(cudaStreamSynchronize(stream));
         // Passed on only once this part is filled: whoever maps it next may check it at once.
-        if (to >= 0 && !send_descriptor(to, fd)) return false;
-        close(fd);
+        if (to >= 0 && share_legacy) {
+            if (!send_bytes(to, &ipc_handle, sizeof ipc_handle)) return false;
+            if (share_event && !send_bytes(to, &event_handle, sizeof event_handle)) return false;
+        } else if (to >= 0 && !send_descriptor(to, fd)) {
+            return false;
+        }
+        if (fd >= 0) close(fd);
         if (orphan) {
             char ack;
             if (read(to, &ack, 1) != 1) return fail("the importer did not confirm");
@@ -482,7 +530,9 @@ struct SharedWorkload : Workload {
 
     // Bumps this part's counter and checks a slice of this part's pattern.
     bool step(int, uint64_t n) override {
+        if (event && !creates) TRY(cudaStreamWaitEvent(stream, event, 0));
         TRY(launch_spin(0, (unsigned long long *)counter(part), stream));
+        if (event && creates) TRY(cudaEventRecord(event, stream));
         Buffer own = make_buffer("own part", pattern(part), (part_words - 1) * 8, seed_of(part));
         TRY(check_slice(own, n, errors, stream));
         TRY(cudaStreamSynchronize(stream));
@@ -1116,7 +1166,7 @@ static Workload *workload_for(const char *mode) {
 int main(int argc, char **argv) {
     program_name = "cuda-workload";
     if (argc < 2) {
-        fprintf(stderr, "usage: cuda-workload buffers|streams|events|graph|vmm|pool|pinned|threads|tree|managed|ipc|share|share3|share-orphan --dir DIR [--daemon] [--mem MIB] [--count N]\n");
+        fprintf(stderr, "usage: cuda-workload buffers|streams|events|graph|vmm|pool|pinned|threads|tree|managed|ipc|share|share3|share-orphan|ipc-share|ipc-share-event --dir DIR [--daemon] [--mem MIB] [--count N]\n");
         return 2;
     }
     const char *mode = argv[1];
@@ -1134,10 +1184,11 @@ int main(int argc, char **argv) {
     if (mem_bytes < ((size_t)1 << 20)) mem_bytes = (size_t)1 << 20;
     if (count < 1 || count > MAX_LOOPS) { fprintf(stderr, "--count must be 1..%d\n", MAX_LOOPS); return 2; }
     // Decided before detaching, so that a bad mode is reported to the caller. Constructing touches no CUDA.
-    bool forks = !strcmp(mode, "tree") || !strncmp(mode, "share", 5);
+    bool forks = !strcmp(mode, "tree") || !strncmp(mode, "share", 5) || !strncmp(mode, "ipc-share", 9);
     Workload *workload = forks ? NULL : workload_for(mode);
     if (!forks && !workload) { fprintf(stderr, "unknown mode %s\n", mode); return 2; }
-    if (forks && strcmp(mode, "tree") && strcmp(mode, "share") && strcmp(mode, "share3") && strcmp(mode, "share-orphan")) {
+    if (forks && strcmp(mode, "tree") && strcmp(mode, "share") && strcmp(mode, "share3") && strcmp(mode, "share-orphan") &&
+        strcmp(mode, "ipc-share") && strcmp(mode, "ipc-share-event")) {
         fprintf(stderr, "unknown mode %s\n", mode);
         return 2;
     }
@@ -1148,7 +1199,9 @@ int main(int argc, char **argv) {
 
     listen_for_verify_requests();
 
-    if (!strcmp(mode, "share")) run_share(2);
+    share_legacy = !strncmp(mode, "ipc-share", 9);
+    share_event = !strcmp(mode, "ipc-share-event");
+    if (!strcmp(mode, "share") || share_legacy) run_share(2);
     if (!strcmp(mode, "share3")) run_share(3);
     if (!strcmp(mode, "share-orphan")) run_share_orphan();
     if (!workload) run_tree();

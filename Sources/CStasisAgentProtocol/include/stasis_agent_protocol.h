@@ -37,6 +37,11 @@
 //   IMPORT (id) + descriptor -> OK         imports the descriptor in place of allocation `id` and maps it
 //                                          where it was, with the access it had
 // RESUME is refused while any mapping is still missing.
+//
+// Legacy CUDA IPC (cuIpcGetMemHandle / cuIpcOpenMemHandle) of memory the agent backs is served by the agents
+// themselves: the exporter's handle names its PID and allocation (ipc.c), and the importer's agent asks the
+// exporter's for the descriptor (IPC_FD, on this same socket, in any state), imports it and maps it; from
+// then on it is shared memory as above.
 // A connection that ends while memory is held but still backed resumes the process (stasis went away before
 // anything was released); one that ends after RELEASE waits for the next connection to REBACK.
 #ifndef STASIS_AGENT_PROTOCOL_H
@@ -71,6 +76,8 @@ enum stasis_agent_op {
     STASIS_AGENT_EXPORT = 20,      // id: a shared allocation; OK carries a descriptor for it (SCM_RIGHTS)
     STASIS_AGENT_IMPORT = 21,      // id: an imported allocation, the descriptor passed with the message
     STASIS_AGENT_ADOPT = 22,       // id: an imported allocation this process now owns
+    STASIS_AGENT_IPC_FD = 23,      // id: asked by another process's agent (legacy CUDA IPC): OK carries
+                                   // the allocation's POSIX descriptor (SCM_RIGHTS)
 };
 
 // FILLED's, DIGEST's and TABLE_ENTRY's chunk_flags.

@@ -54,6 +54,11 @@ extension CRIUService {
         request.opts = Self.baseOptions(options, imagesDirectoryFD: imagesDirectory, logFile: Self.dumpLogName)
         request.opts.workDirFd = workDirectory.rawValue
         request.opts.pid = pid
+        // Files deleted but still linked under another name, as glibc's sem_open leaves its temporary name
+        // mapped (Python multiprocessing's locks and queues, PyTorch's DataLoader, vLLM): CRIU dumps them only
+        // through a hard link it makes beside them ("link_remap.N"), which the restore (or, with
+        // --leave-running, the dump itself) removes again.
+        request.opts.linkRemap = true
         request.opts.leaveRunning = leaveRunning
         return CRIUOutcome(try call(request, onNotify: onNotify))
     }

@@ -445,6 +445,11 @@ struct SharedWorkload : Workload {
     unsigned long long *errors;
     std::vector<uint64_t> seen;  // each part's counter at the last check
     cudaEvent_t event = nullptr;  // ipc-share-event: recorded by the creator, waited for by the importer
+    // This part's counter is bumped by a thread of its own, never paused by check(): another process
+    // checking that it moves must not wait on this process's own check.
+    cudaStream_t bump_stream;
+    std::atomic<bool> bump_failed{false};
+    char bump_failure[256] = "";
 
     SharedWorkload(int part, int parts, bool creates) : part(part), parts(parts), creates(creates), live(parts, true), seen(parts, 0) {}
 
@@ -517,6 +522,21 @@ struct SharedWorkload : Workload {
             return false;
         }
         if (fd >= 0) close(fd);
+        TRY(cudaStreamCreateWithFlags(&bump_stream, cudaStreamNonBlocking));
+        if (!orphan) {
+            std::thread([this] {
+                for (;;) {
+                    cudaError_t error = launch_spin(0, (unsigned long long *)counter(part), bump_stream);
+                    if (error == cudaSuccess) error = cudaStreamSynchronize(bump_stream);
+                    if (error != cudaSuccess) {
+                        snprintf(bump_failure, sizeof bump_failure, "bumping the counter: %s", cudaGetErrorName(error));
+                        bump_failed.store(true);
+                        return;
+                    }
+                    sleep_ms(1);
+                }
+            }).detach();
+        }
         if (orphan) {
             char ack;
             if (read(to, &ack, 1) != 1) return fail("the importer did not confirm");
@@ -528,10 +548,10 @@ struct SharedWorkload : Workload {
         return true;
     }
 
-    // Bumps this part's counter and checks a slice of this part's pattern.
+    // Checks a slice of this part's pattern (and records or waits for the IPC event).
     bool step(int, uint64_t n) override {
         if (event && !creates) TRY(cudaStreamWaitEvent(stream, event, 0));
-        TRY(launch_spin(0, (unsigned long long *)counter(part), stream));
+        TRY(launch_spin(0, nullptr, stream));
         if (event && creates) TRY(cudaEventRecord(event, stream));
         Buffer own = make_buffer("own part", pattern(part), (part_words - 1) * 8, seed_of(part));
         TRY(check_slice(own, n, errors, stream));
@@ -542,14 +562,18 @@ struct SharedWorkload : Workload {
     bool check() override {
         TRY(cudaStreamSynchronize(stream));
         if (!no_errors_counted(errors)) return false;
+        if (bump_failed.load()) return fail("%s", bump_failure);
         for (int p = 0; p < parts; p++) {
             char what[64];
             snprintf(what, sizeof what, "part %d of the shared memory", p);
             if (!compare_device(what, pattern(p), part_words - 1, seed_of(p))) return false;
             uint64_t now;
             TRY(cudaMemcpy(&now, counter(p), 8, cudaMemcpyDeviceToHost));
-            // Another process's counter must have moved since the last check: its writes reach this mapping.
-            if (p != part && live[p] && seen[p] && now <= seen[p]) return fail("the counter of part %d stays at %" PRIu64 ": its owner's writes no longer arrive", p, now);
+            // Another process's counter must move past what the last check saw: its writes reach this mapping.
+            for (uint64_t deadline = now_ms() + PROGRESS_TIMEOUT_MS; p != part && live[p] && seen[p] && now <= seen[p]; sleep_ms(10)) {
+                if (now_ms() > deadline) return fail("the counter of part %d stays at %" PRIu64 ": its owner's writes no longer arrive", p, now);
+                TRY(cudaMemcpy(&now, counter(p), 8, cudaMemcpyDeviceToHost));
+            }
             seen[p] = now;
         }
         return true;

@@ -18,8 +18,9 @@ struct RunCommand: ParsableCommand {
         the same addresses, fills it back, and the GPU checks it against the checkpoint before any held call \
         goes on. STASIS_AGENT_GPU_DIGESTS=off in the program's environment leaves the hashing to stasis's CPUs \
         (for a store shared with programs you do not trust: see docs/AGENT.md). Programs not started this way are \
-        checkpointed through the driver alone. Device memory shared with other processes through the VMM API is \
-        refused at dump time; legacy CUDA IPC (cudaIpcGetMemHandle) needs --no-backing. See docs/AGENT.md.
+        checkpointed through the driver alone. Device memory shared between processes of the tree (cuMem \
+        export/import as POSIX descriptors, legacy CUDA IPC, torch.multiprocessing) is carried by the agents when \
+        every process that maps it runs this way. See docs/AGENT.md.
         """)
 
     @Option(name: .long, help: "The agent library (default: $STASIS_AGENT_LIBRARY, else libstasis-agent.so beside the stasis binary or in ../lib/stasis).")

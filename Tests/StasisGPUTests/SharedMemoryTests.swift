@@ -83,6 +83,19 @@ import Testing
         #expect(ProcessFiles.same(getpid(), shared.readEnd.rawValue, getpid(), shared.writeEnd.rawValue) == false)
     }
 
+    /// A restore that cannot reconnect shared memory names the allocation, both processes and the step.
+    @Test func aReconnectionThatCannotHappenSaysWhatAndWhere() throws {
+        let peer = try ProtocolPeer(memory: [0x10: [UInt8](repeating: 1, count: 4096)], slots: 2)
+        defer { peer.stop() }
+        let session = try #require(try AgentSession.open(pid: getpid()))
+        defer { session.disconnect() }
+        let error = #expect(throws: StasisError.self) {
+            try SharePlan.reconnect([getpid(): [.init(id: 0x11, ownerPID: 4242, ownerID: 0x7)]], sessions: [getpid(): session])
+        }
+        #expect(error?.message == "cannot restore allocation 7 of PID 4242, shared with PID \(getpid()) (its 11): its owner has no agent session",
+                "\(String(describing: error))")
+    }
+
     /// EXPORT's descriptor comes back over the agent's socket, and IMPORT's reaches the agent: the same open
     /// file at both ends.
     @Test func descriptorsTravelToAndFromAnAgent() throws {

@@ -73,7 +73,8 @@ public enum ArchiveOperation {
     }
 
     /// Writes the container checkpoint in `directory` as a checkpoint archive `file` (0600, complete or absent).
-    public static func export(_ directory: String, to file: String, store explicit: String?) throws -> ExportReport {
+    public static func export(_ directory: String, to file: String, store explicit: String?,
+                              progress: ProgressHandler? = nil) throws -> ExportReport {
         let watch = Stopwatch()
         let directory = URL(fileURLWithPath: directory).standardizedFileURL.path
         let manifest = try Checkpoint.readManifest(directory)
@@ -92,6 +93,9 @@ public enum ArchiveOperation {
         _ = try Checkpoint.verify(directory, manifest: manifest, store: store, chunks: false)
         // Hidden beside the target until complete; published without replacing anything that appeared meanwhile.
         let output = try AtomicFile(creating: file)
+        let partial = output.temporaryPath
+        let ticker = ProgressTicker.reporting(progress, phase: "exporting") { FileSystem.size(partial) ?? 0 }
+        defer { ticker?.stop() }
         var tar = Tar.Writer(fd: output.descriptor, path: file)
         do {
             try tar.directory(checkpointDirectory)
@@ -180,10 +184,16 @@ public enum ArchiveOperation {
     /// store (`explicit`, else STASIS_STORE, else the default). The archive's bundle is not known: restore it
     /// with `stasis restore --bundle`. The engine's own files (rootfs-diff.tar and the like) are kept as they
     /// are, under archive/.
-    public static func importArchive(_ file: String, into destination: String, store explicit: String?) throws -> ImportReport {
+    public static func importArchive(_ file: String, into destination: String, store explicit: String?,
+                                     progress: ProgressHandler? = nil) throws -> ImportReport {
         let watch = Stopwatch()
         let fd = try attempt("cannot open", file) { try FileDescriptor.open(file, .readOnly) }
         defer { fd.closeQuietly() }
+        // How far the reader is: the descriptor's position (an archive is read front to back).
+        let ticker = ProgressTicker.reporting(progress, phase: "importing", total: FileSystem.size(file)) {
+            UInt64((try? fd.seek(offset: 0, from: .current)) ?? 0)
+        }
+        defer { ticker?.stop() }
         try StagingDirectory.check(destination: destination)
         let store = try ChunkStore(path: ChunkStore.resolve(explicit, recorded: nil), create: true)
         let staging = try StagingDirectory(destination: destination, store: store)

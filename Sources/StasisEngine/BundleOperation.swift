@@ -9,15 +9,19 @@ import StasisStore
 public enum BundleOperation {
     /// Writes the checkpoint in `directory` to a new bundle file. The store (`explicit`, else the manifest's)
     /// is held shared meanwhile, so gc cannot remove a chunk while it is being copied.
-    public static func export(_ directory: String, to bundle: String, store explicit: String?) throws -> CheckpointBundle.ExportReport {
+    public static func export(_ directory: String, to bundle: String, store explicit: String?,
+                              progress: ProgressHandler? = nil) throws -> CheckpointBundle.ExportReport {
         let directory = URL(fileURLWithPath: directory).standardizedFileURL.path
         let manifest = try Checkpoint.readManifest(directory)
         let data = try FileSystem.readFile(directory + "/" + Manifest.fileName)
         let store = try Checkpoint.store(for: manifest, explicit: explicit)
         let lock = try store?.lock(exclusive: false)
         defer { lock?.release() }
+        let written = Locked<UInt64>(0)
+        let ticker = ProgressTicker.reporting(progress, phase: "exporting") { written.current }
+        defer { ticker?.stop() }
         do {
-            return try CheckpointBundle.export(directory: directory, manifestData: data, manifest: manifest, store: store, to: bundle)
+            return try CheckpointBundle.export(directory: directory, manifestData: data, manifest: manifest, store: store, to: bundle, meter: written)
         } catch let error as StasisError {
             throw error.prefixed("export of \(directory) failed")
         }
@@ -36,7 +40,8 @@ public enum BundleOperation {
     /// Recreates the checkpoint of `bundle` in `destination` (missing or an empty directory), its chunks in the
     /// store `explicit` (else STASIS_STORE, else the default; the bundle's own store path belongs to the machine
     /// it came from). Everything is checked before the directory appears, under its final name, complete.
-    public static func importBundle(_ bundle: String, into destination: String, store explicit: String?) throws -> ImportReport {
+    public static func importBundle(_ bundle: String, into destination: String, store explicit: String?,
+                                    progress: ProgressHandler? = nil) throws -> ImportReport {
         let reader: CheckpointBundle.Reader
         let staging: StagingDirectory
         do {
@@ -48,6 +53,10 @@ public enum BundleOperation {
         } catch let error as StasisError {
             throw error.prefixed("import of \(bundle) failed")
         }
+        let read = Locked<UInt64>(0)
+        reader.meter = read
+        let ticker = ProgressTicker.reporting(progress, phase: "importing", total: FileSystem.size(bundle)) { read.current }
+        defer { ticker?.stop() }
         return try importBundle(reader, staging: staging, store: explicit)
     }
 

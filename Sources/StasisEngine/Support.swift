@@ -14,6 +14,16 @@ public struct Progress: Sendable {
 
 public typealias ProgressHandler = @Sendable (Progress) -> Void
 
+extension ProgressTicker {
+    /// Reports `phase` with the bytes `count` says so far, against `total`, until stopped; nil without `progress`.
+    static func reporting(_ progress: ProgressHandler?, phase: String, total: UInt64? = nil,
+                          _ count: @escaping @Sendable () -> UInt64) -> ProgressTicker? {
+        ProgressTicker(progress.map { report in
+            { @Sendable in report(Progress(phase: phase, bytes: count(), totalBytes: total)) }
+        })
+    }
+}
+
 /// Calls `report` every `interval` seconds on its own thread until stopped.
 // @unchecked Sendable: `running` is reached only under its lock; the rest is set once.
 final class ProgressTicker: @unchecked Sendable {

@@ -48,8 +48,9 @@ public enum CheckpointBundle {
     /// `bundlePath`, reading its chunks from `store`. Every whole file is checked against the manifest and every
     /// chunk against its digest on the way, so a damaged checkpoint is refused here rather than on the other
     /// machine. The file appears complete or not at all (an AtomicFile), mode 0600.
+    /// `meter` counts the bytes written, for a progress display.
     public static func export(directory: String, manifestData: Data, manifest: Manifest, store: ChunkStore?,
-                              to bundlePath: String) throws -> ExportReport {
+                              to bundlePath: String, meter: Locked<UInt64>? = nil) throws -> ExportReport {
         let watch = Stopwatch()
         try checkChunkLists(manifest, name: "\(directory)/\(Manifest.fileName)", code: .manifestInvalid)
         let chunked = manifest.files.filter { $0.chunks != nil }
@@ -57,17 +58,20 @@ public enum CheckpointBundle {
             throw StasisError(.invalidArgument, "\(directory) keeps its memory in a chunk store; name it with --store")
         }
         let output = try BundleOutput(path: bundlePath)
+        output.meter = meter
         return try writeBundle(directory: directory, manifestData: manifestData, manifest: manifest, store: store, to: output, skipping: [], started: watch)
     }
 
     /// Writes the checkpoint as a bundle onto `fd` (a migration's connection), leaving out the chunks in
     /// `skipping` (those the receiver has): the receiver takes them from its own store. Not closed, not synced.
     public static func stream(directory: String, manifestData: Data, manifest: Manifest, store: ChunkStore?, to fd: FileDescriptor, name: String,
-                              skipping: Set<String>) throws -> ExportReport {
+                              skipping: Set<String>, meter: Locked<UInt64>? = nil) throws -> ExportReport {
         let watch = Stopwatch()
         try checkChunkLists(manifest, name: "\(directory)/\(Manifest.fileName)", code: .manifestInvalid)
+        let output = try BundleOutput(stream: fd, name: name)
+        output.meter = meter
         return try writeBundle(directory: directory, manifestData: manifestData, manifest: manifest, store: store,
-                         to: try BundleOutput(stream: fd, name: name), skipping: skipping, started: watch)
+                         to: output, skipping: skipping, started: watch)
     }
 
     static func writeBundle(directory: String, manifestData: Data, manifest: Manifest, store: ChunkStore?, to output: BundleOutput,
@@ -166,6 +170,11 @@ public enum CheckpointBundle {
         public let manifest: Manifest
         private let input: BundleInput
         private var records = 0
+        /// Counts the bytes read from here on, for a progress display.
+        public var meter: Locked<UInt64>? {
+            get { input.meter }
+            set { input.meter = newValue }
+        }
 
         public convenience init(path: String) throws {
             try self.init(input: try BundleInput(path: URL(fileURLWithPath: path).standardizedFileURL.path))
@@ -408,6 +417,8 @@ final class BundleOutput {
     private var hasher = SHA256()
     private(set) var written: UInt64 = 0
     let isStream: Bool
+    /// Counts the bytes that left, as they leave (a progress display reads it from another thread).
+    var meter: Locked<UInt64>?
 
     /// Writes onto a connection: no file, no rename, no fsync; `finish` only flushes.
     init(stream fd: FileDescriptor, name: String) throws {
@@ -455,6 +466,7 @@ final class BundleOutput {
 
     private func flush() throws {
         let pending = UnsafeRawBufferPointer(start: buffer.baseAddress, count: used)
+        defer { meter?.withLock { $0 += UInt64(pending.count) } }
         if let file {
             try file.write(pending)
         } else if let stream, let failure = StreamSocket.send(stream, pending) {
@@ -488,6 +500,8 @@ final class BundleInput {
     private(set) var hasher = SHA256()
     /// A connection, not a file: not closed here, and the end record need not be the last byte.
     let isStream: Bool
+    /// Counts the bytes read, as they arrive (a progress display reads it from another thread).
+    var meter: Locked<UInt64>?
 
     init(path: String) throws {
         let fd: FileDescriptor
@@ -535,6 +549,7 @@ final class BundleInput {
 
     private func refill() throws -> Bool {
         let got = try attempt("cannot read", path) { try fd.readSome(into: buffer) }
+        meter?.withLock { $0 += UInt64(got) }
         (start, end) = (0, got)
         return got > 0
     }

@@ -72,7 +72,7 @@ struct DumpCommand: ParsableCommand {
             options.process = .init(tcpEstablished: tcpEstablished, shellJob: shellJob, logLevel: logLevel, ghostLimitBytes: ghostLimit << 20)
             options.store = store.store
             options.codec = try Codec(parsing: compress)
-            options.progress = output.json ? nil : Output.progressHandler()
+            options.progress = Output.progressHandler(json: output.json)
             let device = CUDADeviceStep(lockTimeoutMilliseconds: UInt32(lockTimeout * 1000))
             let report = try DumpOperation(options, device: device).run()
             Output.clearProgress()

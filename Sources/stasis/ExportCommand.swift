@@ -31,12 +31,14 @@ struct ExportCommand: ParsableCommand {
     func run() throws {
         try Output.run(json: output.json) {
             if archive {
-                let report = try ArchiveOperation.export(directory, to: file, store: store.store)
+                let report = try ArchiveOperation.export(directory, to: file, store: store.store, progress: Output.progressHandler(json: output.json))
+                Output.clearProgress()
                 if output.json { return Output.json(report) }
                 print(report.textLine)
                 return
             }
-            let report = try BundleOperation.export(directory, to: file, store: store.store)
+            let report = try BundleOperation.export(directory, to: file, store: store.store, progress: Output.progressHandler(json: output.json))
+            Output.clearProgress()
             if output.json { return Output.json(report) }
             for line in report.textLines { print(line) }
         }

@@ -28,12 +28,15 @@ struct ImportCommand: ParsableCommand {
     func run() throws {
         try Output.run(json: output.json) {
             if ArchiveOperation.isArchive(file) {
-                let report = try ArchiveOperation.importArchive(file, into: directory, store: store.store)
+                let report = try ArchiveOperation.importArchive(file, into: directory, store: store.store,
+                                                                progress: Output.progressHandler(json: output.json))
+                Output.clearProgress()
                 if output.json { return Output.json(report) }
                 for line in report.textLines { print(line) }
                 return
             }
-            let report = try BundleOperation.importBundle(file, into: directory, store: store.store)
+            let report = try BundleOperation.importBundle(file, into: directory, store: store.store, progress: Output.progressHandler(json: output.json))
+            Output.clearProgress()
             if output.json { return Output.json(report) }
             for line in report.textLines { print(line) }
         }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import Foundation
 import StasisCRIU
 import StasisCore
 import StasisEngine
@@ -56,7 +57,9 @@ struct MigrateCommand: ParsableCommand {
             options.codec = try Codec(parsing: compress)
             options.process = .init(tcpEstablished: tcpEstablished)
             options.spool = spool
+            options.progress = Output.progressHandler(json: output.json)
             let report = try MigrateOperation(options, device: CUDADeviceStep(lockTimeoutMilliseconds: UInt32(lockTimeout * 1000))).run()
+            Output.clearProgress()
             if output.json { return Output.json(report) }
             for line in report.textLines { print(line) }
         }
@@ -96,6 +99,12 @@ struct ServeCommand: ParsableCommand {
             options.store = store.store
             options.root = directory
             options.once = once
+            options.progress = Output.progressHandler()
+            // A migration's line replaces its progress line rather than following it.
+            options.log = { line in
+                Output.clearProgress()
+                FileHandle.standardOutput.write(Data((line + "\n").utf8))
+            }
             failures = try ServeOperation(options, device: { CUDADeviceStep() }).run()
         }
         if failures > 0 { throw ExitCode.failure }

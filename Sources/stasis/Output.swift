@@ -37,24 +37,43 @@ enum Output {
                 Output.json(Failure(error: error.message, code: error.code.rawValue, hint: error.hint,
                                     log: error.logExcerpt, logFile: error.logPath))
             }
+            clearProgress()
             FileHandle.standardError.write(Data("stasis: error: \(error.description)\n".utf8))
             throw ExitCode.failure
         }
     }
 
-    /// A progress line redrawn in place, only when standard error is a terminal.
-    static func progressHandler() -> ProgressHandler? {
-        guard FileDescriptor.standardError.isTerminal else { return nil }
+    /// A progress line redrawn in place on standard error (phase, bytes moved, of how many, rate since the
+    /// phase began), only when standard error is a terminal and the output is not JSON: a pipe or a log file
+    /// gets nothing.
+    static func progressHandler(json: Bool = false) -> ProgressHandler? {
+        guard !json, FileDescriptor.standardError.isTerminal else { return nil }
+        let phase = Locked<(name: String, started: Date, bytes: UInt64)?>(nil)
         return { progress in
+            let now = Date()
+            let start = phase.withLock { current -> (started: Date, bytes: UInt64) in
+                if current?.name != progress.phase { current = (progress.phase, now, progress.bytes) }
+                return (current!.started, current!.bytes)
+            }
             var line = "\r\u{1B}[K\(progress.phase): \(Format.bytes(progress.bytes))"
             if let total = progress.totalBytes, total > 0 {
                 line += String(format: " of %@ (%.0f%%)", Format.bytes(total), Double(progress.bytes) * 100 / Double(total))
             }
+            let seconds = now.timeIntervalSince(start.started)
+            if seconds > 0.2, progress.bytes >= start.bytes {
+                line += ", " + Format.throughput(bytes: progress.bytes - start.bytes, seconds: seconds)
+            }
+            drawn.withLock { $0 = true }
             FileHandle.standardError.write(Data(line.utf8))
         }
     }
 
+    /// Whether a progress line is on the terminal now.
+    private static let drawn = Locked(false)
+
+    /// Erases the progress line, if one is drawn (before a report, an error or a log line).
     static func clearProgress() {
-        if FileDescriptor.standardError.isTerminal { FileHandle.standardError.write(Data("\r\u{1B}[K".utf8)) }
+        guard drawn.withLock({ was in defer { was = false }; return was }) else { return }
+        FileHandle.standardError.write(Data("\r\u{1B}[K".utf8))
     }
 }

@@ -74,7 +74,7 @@ struct RestoreCommand: ParsableCommand {
             options.containerID = container
             options.bundle = bundle
             options.logLevel = logLevel
-            options.progress = output.json ? nil : Output.progressHandler()
+            options.progress = Output.progressHandler(json: output.json)
             let device = CUDADeviceStep(gpuMap: try parsedGPUMap())
             let report = try RestoreOperation(options, device: device).run()
             Output.clearProgress()

@@ -21,6 +21,8 @@ public struct MigrateOperation {
         public var spool: String?
         /// Seconds to wait for the receiver's answer after the last byte (its restore).
         public var restoreTimeout = 600
+        /// Bytes sent, for a terminal (nil: none shown).
+        public var progress: ProgressHandler?
         public init(pid: Int32, to: String, tokenFile: String) { (self.pid, self.to, self.tokenFile) = (pid, to, tokenFile) }
     }
 
@@ -64,6 +66,7 @@ public struct MigrateOperation {
         defer { _ = try? preloader.finish() }
         let downtime = Stopwatch()
         let restoreTimeout = options.restoreTimeout
+        let progress = options.progress
         var dump = DumpOperation.Options(pid: options.pid, directory: spool)
         dump.process = options.process
         dump.store = options.store
@@ -83,8 +86,14 @@ public struct MigrateOperation {
             let notSent = skipping.subtracting(early.digests)
             let skippedBytes = notSent.reduce(UInt64(0)) { total, digest in total + (store.map { FileSystem.size($0.chunkPath(digest)) ?? 0 } ?? 0) }
             connection.setTimeout(seconds: 120)
-            let sent = try CheckpointBundle.stream(directory: directory, manifestData: manifestData, manifest: manifest, store: store,
-                                                   to: connection.fd, name: "the connection to \(connection.peer)", skipping: skipping)
+            let meter = Locked<UInt64>(0)
+            let ticker = ProgressTicker.reporting(progress, phase: "sending to \(connection.peer)") { meter.current }
+            let sent: CheckpointBundle.ExportReport
+            do {
+                defer { ticker?.stop() }
+                sent = try CheckpointBundle.stream(directory: directory, manifestData: manifestData, manifest: manifest, store: store,
+                                                   to: connection.fd, name: "the connection to \(connection.peer)", skipping: skipping, meter: meter)
+            }
             let transferDone = downtime.seconds
             connection.setTimeout(seconds: restoreTimeout)
             let answer = try Migration.receive(connection, .result)

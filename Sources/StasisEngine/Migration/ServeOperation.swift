@@ -19,6 +19,8 @@ public struct ServeOperation: Sendable {
         /// Stop after one migration (whatever its outcome).
         public var once = false
         public var log: @Sendable (String) -> Void = { FileHandle.standardOutput.write(Data(($0 + "\n").utf8)) }
+        /// Bytes received during each migration, for a terminal (nil: none shown).
+        public var progress: ProgressHandler?
         public init(listen: String, tokenFile: String) { (self.listen, self.tokenFile) = (listen, tokenFile) }
     }
 
@@ -192,7 +194,14 @@ public struct ServeOperation: Sendable {
             FaultInjection.stall("receive", say: options.log)
             let staging = try StagingDirectory(destination: options.root + "/" + manifest.id, store: store)
             let watch = Stopwatch()
-            let imported = try BundleOperation.importBundle(reader, staging: staging, store: store.path, chunksMayBeInStore: true)
+            let received = Locked<UInt64>(0)
+            reader.meter = received
+            let ticker = ProgressTicker.reporting(options.progress, phase: "receiving from \(connection.peer)") { received.current }
+            let imported: BundleOperation.ImportReport
+            do {
+                defer { ticker?.stop() }
+                imported = try BundleOperation.importBundle(reader, staging: staging, store: store.path, chunksMayBeInStore: true)
+            }
             let importSeconds = watch.seconds
             var restore = RestoreOperation.Options(directory: imported.directory)
             restore.store = store.path

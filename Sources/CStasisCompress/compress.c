@@ -49,3 +49,18 @@ int stasis_decompress(int codec, const void *src, size_t size, void *dst, size_t
     default: return -1;
     }
 }
+
+void *stasis_zstd_decoder_new(void) { return ZSTD_createDStream(); }
+
+void stasis_zstd_decoder_free(void *decoder) { ZSTD_freeDStream((ZSTD_DStream *)decoder); }
+
+int stasis_zstd_decode(void *decoder, const void *input, size_t input_size, size_t *consumed, void *output, size_t output_size,
+                       size_t *produced) {
+    ZSTD_inBuffer in = {input, input_size, 0};
+    ZSTD_outBuffer out = {output, output_size, 0};
+    size_t left = ZSTD_decompressStream((ZSTD_DStream *)decoder, &out, &in);
+    *consumed = in.pos;
+    *produced = out.pos;
+    if (ZSTD_isError(left)) return -1;
+    return left == 0 ? 1 : 0;
+}

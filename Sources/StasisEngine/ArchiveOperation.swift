@@ -56,12 +56,16 @@ public enum ArchiveOperation {
         }
     }
 
-    /// True when `path` is a tar archive (ustar magic), as checkpoint archives are.
+    /// True when `path` is a tar archive (ustar magic), as checkpoint archives are, plain or compressed
+    /// (zstd, gzip).
     public static func isArchive(_ path: String) -> Bool {
-        guard let handle = FileHandle(forReadingAtPath: path) else { return false }
-        defer { try? handle.close() }
-        guard let head = try? handle.read(upToCount: 262), head.count == 262 else { return false }
-        return Array(head[257..<262]) == Array("ustar".utf8)
+        // Compressed: an archive (stasis bundles never are); a damaged one is then refused as such, by its decoder.
+        if let compression = ArchiveInput.compression(of: path), compression != .none { return true }
+        guard let input = try? ArchiveInput(path) else { return false }
+        var head = [UInt8](repeating: 0, count: 262)
+        let got = (try? head.withUnsafeMutableBytes { try input.tar.read(filling: $0) }) ?? 0
+        try? input.finish()
+        return got == head.count && Array(head[257..<262]) == Array("ustar".utf8)
     }
 
     public struct ExportReport: Codable, Sendable {
@@ -187,20 +191,31 @@ public enum ArchiveOperation {
     public static func importArchive(_ file: String, into destination: String, store explicit: String?,
                                      progress: ProgressHandler? = nil) throws -> ImportReport {
         let watch = Stopwatch()
-        let fd = try attempt("cannot open", file) { try FileDescriptor.open(file, .readOnly) }
-        defer { fd.closeQuietly() }
-        // How far the reader is: the descriptor's position (an archive is read front to back).
+        try StagingDirectory.check(destination: destination)
+        do {
+            return try ArchiveInput.reading(file) { input in
+                try importArchive(input, into: destination, store: explicit, progress: progress, started: watch)
+            }
+        } catch let error as StasisError where !error.message.hasPrefix("import of") {
+            throw error.prefixed("import of \(file) failed")
+        }
+    }
+
+    private static func importArchive(_ input: ArchiveInput, into destination: String, store explicit: String?,
+                                      progress: ProgressHandler?, started watch: Stopwatch) throws -> ImportReport {
+        let file = input.path
+        // How far the reader is: the archive file's position (read front to back, by the decoder if compressed).
+        let position = input.file
         let ticker = ProgressTicker.reporting(progress, phase: "importing", total: FileSystem.size(file)) {
-            UInt64((try? fd.seek(offset: 0, from: .current)) ?? 0)
+            UInt64((try? position.seek(offset: 0, from: .current)) ?? 0)
         }
         defer { ticker?.stop() }
-        try StagingDirectory.check(destination: destination)
         let store = try ChunkStore(path: ChunkStore.resolve(explicit, recorded: nil), create: true)
         let staging = try StagingDirectory(destination: destination, store: store)
         do {
             let lock = try store.lock(exclusive: false)
             defer { lock.release() }
-            let reader = Tar.Reader(fd: fd, path: file)
+            let reader = Tar.Reader(fd: input.tar, path: file)
             var config: ConfigDump?
             var spec: Data?
             var files = 0
@@ -258,6 +273,8 @@ public enum ArchiveOperation {
                 container: .init(runtime: config.runtime ?? "runc", id: config.id, bundle: "", spec: CheckpointWriter.containerSpecName),
                 codec: Codec.standard.description)
             contents.createdAt = config.created
+            // A compressed archive's decoder must have found its stream whole before anything is published.
+            try input.finish()
             let statistics = try CheckpointWriter.write(contents, staging: staging, ingester: ingester, store: store).images
             try staging.publish()
             return ImportReport(archive: file, directory: staging.destination, container: config.id, engine: engine, files: files,
@@ -300,9 +317,12 @@ public enum ArchiveOperation {
     }
 
     public static func summarize(_ file: String) throws -> Summary {
-        let fd = try attempt("cannot open", file) { try FileDescriptor.open(file, .readOnly) }
-        defer { fd.closeQuietly() }
-        let reader = Tar.Reader(fd: fd, path: file)
+        try ArchiveInput.reading(file) { input in try summarize(input) }
+    }
+
+    private static func summarize(_ input: ArchiveInput) throws -> Summary {
+        let file = input.path
+        let reader = Tar.Reader(fd: input.tar, path: file)
         var config: ConfigDump?
         var engine = "unknown"
         var checkpointBytes: UInt64 = 0, pagesBytes: UInt64 = 0

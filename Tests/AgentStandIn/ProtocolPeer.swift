@@ -42,7 +42,12 @@ public final class ProtocolPeer: @unchecked Sendable {
 
     /// `hashes`: answers DIGESTS with yes and hashes chunks as the agent's GPU kernel does. `damageWrites`:
     /// flips a byte of every chunk the refill writes (a device that does not hold what was sent).
+    /// One peer at a time in a process: they all listen on the same name (this PID's). Suites that run in
+    /// parallel wait here for each other.
+    private static let turn = DispatchSemaphore(value: 1)
+
     public init(memory: [UInt64: [UInt8]], slots: Int, failAfter: Int? = nil, hashes: Bool = false, damageWrites: Bool = false) throws {
+        Self.turn.wait()
         self.memory = memory
         self.slots = slots
         self.failAfter = failAfter
@@ -59,7 +64,13 @@ public final class ProtocolPeer: @unchecked Sendable {
         }
         let length = socklen_t(MemoryLayout<sa_family_t>.size + 1 + name.count)
         let bound = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, length) } }
-        guard bound == 0, listen(listener, 4) == 0 else { throw StasisError(.io, "the protocol peer cannot listen: \(String(cString: strerror(errno)))") }
+        guard bound == 0, listen(listener, 4) == 0 else {
+            let reason = String(cString: strerror(errno))
+            close(listener)
+            ring.deallocate()
+            Self.turn.signal()
+            throw StasisError(.io, "the protocol peer cannot listen: \(reason)")
+        }
         let thread = Thread { [self] in serve() }
         thread.start()
     }
@@ -71,6 +82,7 @@ public final class ProtocolPeer: @unchecked Sendable {
         ring.deallocate()
         for buffer in _written.values { buffer.deallocate() }
         for fd in Array(_exports.values) + Array(_imports.values) { close(fd) }
+        Self.turn.signal()
     }
 
     private func serve() {

@@ -46,11 +46,14 @@ public enum ProcFS {
         return stat.state != "Z" && stat.state != "X"
     }
 
+    /// The process's open descriptors, in order (empty when they cannot be read).
+    public static func descriptors(_ pid: Int32) -> [Int32] {
+        ((try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []).compactMap { Int32($0) }.sorted()
+    }
+
     /// What each of the process's descriptors points at ("/dev/nvidia0", "socket:[4242]", "pipe:[17]", ...).
     public static func descriptorTargets(_ pid: Int32) -> [String] {
-        let directory = "/proc/\(pid)/fd"
-        let names = (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []
-        return names.compactMap { try? FileManager.default.destinationOfSymbolicLink(atPath: directory + "/" + $0) }
+        descriptors(pid).compactMap { try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\($0)") }
     }
 
     /// The process's environment as it was at exec ("NAME=value" each).

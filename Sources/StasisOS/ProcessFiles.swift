@@ -15,16 +15,10 @@ public enum ProcessFiles {
         }
     }
 
-    /// The descriptors process `pid` has open (nil when it cannot be read).
-    public static func descriptors(of pid: Int32) -> [Int32]? {
-        guard let names = try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd") else { return nil }
-        return names.compactMap { Int32($0) }.sorted()
-    }
-
     /// A process other than those in `excluding` that holds the open file `fd` of `pid`, and its descriptor.
     public static func holder(of fd: Int32, in pid: Int32, excluding: Set<Int32>) -> (pid: Int32, fd: Int32)? {
         for other in ProcFS.allPIDs() where !excluding.contains(other) && other != pid {
-            for candidate in descriptors(of: other) ?? [] where same(pid, fd, other, candidate) == true {
+            for candidate in ProcFS.descriptors(other) where same(pid, fd, other, candidate) == true {
                 return (other, candidate)
             }
         }

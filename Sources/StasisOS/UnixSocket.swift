@@ -92,25 +92,8 @@ public enum UnixSocket {
     /// Receives one byte of data carrying one descriptor (SCM_RIGHTS; close-on-exec here); nil when none came.
     public static func receiveDescriptor(_ fd: FileDescriptor) -> FileDescriptor? {
         var byte: UInt8 = 0
-        let controlLength = descriptorControlSpace
-        let control = UnsafeMutableRawPointer.allocate(byteCount: controlLength, alignment: 8)
-        defer { control.deallocate() }
-        control.initializeMemory(as: UInt8.self, repeating: 0, count: controlLength)
-        return withUnsafeMutablePointer(to: &byte) { bytePointer -> FileDescriptor? in
-            var vector = iovec(iov_base: UnsafeMutableRawPointer(bytePointer), iov_len: 1)
-            return withUnsafeMutablePointer(to: &vector) { vectorPointer -> FileDescriptor? in
-                var message = msghdr()
-                message.msg_iov = vectorPointer
-                message.msg_iovlen = 1
-                message.msg_control = control
-                message.msg_controllen = controlLength
-                guard retryingEINTR({ recvmsg(fd.rawValue, &message, Int32(MSG_CMSG_CLOEXEC)) }) == 1 else { return nil }
-                let header = control.assumingMemoryBound(to: cmsghdr.self)
-                guard message.msg_controllen >= MemoryLayout<cmsghdr>.size, header.pointee.cmsg_level == SOL_SOCKET,
-                      header.pointee.cmsg_type == Int32(SCM_RIGHTS) else { return nil }
-                return FileDescriptor(rawValue: (control + MemoryLayout<cmsghdr>.size).load(as: Int32.self))
-            }
-        }
+        let (failure, descriptor) = withUnsafeMutableBytes(of: &byte) { receive(fd, into: $0) }
+        return failure == nil ? descriptor : nil
     }
 
     /// Sends all of `bytes` on a stream socket with `descriptor` attached to the first byte (SCM_RIGHTS).

@@ -166,7 +166,6 @@ public struct FileStatus: Sendable {
     /// The permission bits, with set-user-ID, set-group-ID and sticky (mode & 0o7777).
     public let permissions: UInt32
     public let size: UInt64
-    public let modified: Date
 
     init(_ st: Glibc.stat) {
         switch st.st_mode & S_IFMT {
@@ -178,7 +177,6 @@ public struct FileStatus: Sendable {
         owner = st.st_uid
         permissions = st.st_mode & 0o7777
         size = UInt64(st.st_size)
-        modified = Date(timeIntervalSince1970: Double(st.st_mtim.tv_sec) + Double(st.st_mtim.tv_nsec) / 1e9)
     }
 
     /// Whether this user owns it (the effective user ID).

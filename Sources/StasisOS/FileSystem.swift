@@ -80,10 +80,6 @@ public enum FileSystem {
         guard Glibc.link(source, destination) == 0 else { throw Errno(rawValue: errno) }
     }
 
-    public static func symlink(_ target: String, at path: String) throws(Errno) {
-        guard Glibc.symlink(target, path) == 0 else { throw Errno(rawValue: errno) }
-    }
-
     /// Renames `source` to `destination` (one filesystem), replacing a file there.
     public static func rename(_ source: String, to destination: String) throws {
         guard Glibc.rename(source, destination) == 0 else { throw systemError("cannot rename \(source) to", destination) }

@@ -13,17 +13,9 @@ public enum Signals {
         while true { pause() }
     }
 
-    /// Runs `body` with SIGPIPE ignored, so that writing to a pipe whose reader went away (CRIU failing, a
-    /// consumer of an archive exiting) is EPIPE, an error stasis reports, not a signal that kills it.
-    /// Each use puts back the handler it found, so uses may nest.
-    public static func ignoringBrokenPipe<T>(_ body: () throws -> T) rethrows -> T {
-        let token = ignoreBrokenPipe()
-        defer { restoreBrokenPipe(token) }
-        return try body()
-    }
-
-    /// The start of `ignoringBrokenPipe` for an ignoring that ends elsewhere (an object's lifetime); pass
-    /// what it returns to `restoreBrokenPipe`.
+    /// Ignores SIGPIPE until `restoreBrokenPipe` gets what this returns, so that writing to a pipe whose
+    /// reader went away (CRIU failing, a consumer of an archive exiting) is EPIPE, an error stasis reports,
+    /// not a signal that kills it. Each use puts back the handler it found, so uses may nest.
     public static func ignoreBrokenPipe() -> BrokenPipeHandler {
         BrokenPipeHandler(previous: signal(SIGPIPE, SIG_IGN))
     }
@@ -40,8 +32,6 @@ public enum Signals {
 /// Who this process is.
 public enum ThisProcess {
     public static var pid: Int32 { getpid() }
-    /// The effective user ID: whose files stasis may trust.
-    public static var effectiveUser: UInt32 { geteuid() }
     public static var isRoot: Bool { geteuid() == 0 }
 }
 

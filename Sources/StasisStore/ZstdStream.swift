@@ -29,6 +29,8 @@ public final class ZstdStreamDecoder {
             if produced > 0 { try deliver(UnsafeRawBufferPointer(rebasing: scratch[0..<produced])) }
             // Input all taken and the output not full: the decoder holds nothing more for now.
             if offset == input.count && produced < scratch.count { return }
+            // Neither read nor wrote: it wants input that is not there (never loop on a crafted stream).
+            if consumed == 0 && produced == 0 { throw StasisError(.integrity, "the zstd stream does not advance") }
         } while true
     }
 }

@@ -11,6 +11,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <sched.h>
+#include <spawn.h>
 #include <stdio.h>
 #include <unistd.h>
 
@@ -188,6 +189,10 @@ int stasis_destroy_time_wait(int family, const uint8_t *address, uint16_t port) 
 
 int stasis_pipe_cloexec(int ends[2]) {
     return pipe2(ends, O_CLOEXEC);
+}
+
+int stasis_spawn_close_from(void *actions, int lowest) {
+    return posix_spawn_file_actions_addclosefrom_np((posix_spawn_file_actions_t *)actions, lowest);
 }
 
 int stasis_accept_cloexec(int listener) {

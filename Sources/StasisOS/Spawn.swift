@@ -6,7 +6,9 @@ import StasisCore
 /// Starting and reaping child processes.
 public enum Spawn {
     /// Starts `executable` with `arguments`. `descriptors` maps a descriptor of ours to the number it gets in
-    /// the child (dup2 clears close-on-exec there); everything else of ours stays close-on-exec as opened.
+    /// the child (dup2 clears close-on-exec there); every other descriptor is closed in the child, even one
+    /// that a library opened without close-on-exec (Foundation's pipes): a daemon the child leaves behind
+    /// (podman's conmon, a container's shim) must not hold a pipe of ours open.
     public static func start(_ executable: String, _ arguments: [String], descriptors: [FileDescriptor: Int32] = [:],
                              environment: [String: String]? = nil) throws -> pid_t {
         var actions = posix_spawn_file_actions_t()
@@ -15,6 +17,7 @@ public enum Spawn {
         for (ours, theirs) in descriptors.sorted(by: { $0.key.rawValue < $1.key.rawValue }) {
             posix_spawn_file_actions_adddup2(&actions, ours.rawValue, theirs)
         }
+        _ = stasis_spawn_close_from(&actions, max(3, (descriptors.values.max() ?? 0) + 1))
         let argv = ([executable] + arguments).map { strdup($0) } + [nil]
         defer { argv.forEach { free($0) } }
         let env = environment.map { $0.map { strdup("\($0.key)=\($0.value)") } + [nil] }

@@ -48,6 +48,9 @@ int stasis_destroy_time_wait(int family, const uint8_t *address, uint16_t port);
 /// that no child started meanwhile by another thread inherits it. Glibc declares both only under _GNU_SOURCE.
 int stasis_pipe_cloexec(int ends[2]);
 int stasis_accept_cloexec(int listener);
+/// posix_spawn_file_actions_addclosefrom_np (glibc >= 2.34; Swift's Glibc module does not declare it).
+/// `actions` is a posix_spawn_file_actions_t.
+int stasis_spawn_close_from(void *actions, int lowest);
 
 /// kcmp(2) KCMP_FILE: 0 when descriptor `fd1` of process `pid1` and `fd2` of `pid2` are the same open file,
 /// 1 or 2 when they differ (ordering), -1 with errno set when it cannot be told (a process or descriptor gone).

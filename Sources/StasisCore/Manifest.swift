@@ -49,11 +49,27 @@ public struct Manifest: Codable, Sendable, Equatable {
         public var bundle: String
         /// The bundle's config.json as it was, kept in the checkpoint (a whole file).
         public var spec: String
-        public init(runtime: String, id: String, bundle: String, spec: String) {
+        /// What the engine that made the container (podman) knows of it, when stasis found it: what a
+        /// checkpoint archive needs for that engine to restore it. Optional, ignored by an older stasis.
+        public var engine: Engine?
+        public init(runtime: String, id: String, bundle: String, spec: String, engine: Engine? = nil) {
             self.runtime = runtime
             self.id = id
             self.bundle = bundle
             self.spec = spec
+            self.engine = engine
+        }
+
+        public struct Engine: Codable, Sendable, Equatable {
+            /// As the spec's io.container.manager annotation says ("libpod" for podman).
+            public var name: String
+            /// The container's name there, and the image its root filesystem was made from.
+            public var containerName: String
+            public var imageID: String
+            public var imageName: String
+            public init(name: String, containerName: String, imageID: String, imageName: String) {
+                (self.name, self.containerName, self.imageID, self.imageName) = (name, containerName, imageID, imageName)
+            }
         }
     }
 

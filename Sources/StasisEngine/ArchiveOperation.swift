@@ -122,10 +122,18 @@ public enum ArchiveOperation {
             }
             try tar.file(specDump, contents: try FileSystem.readFile(directory + "/" + container.spec))
             // An imported archive's own config.dump went back above, unchanged; else stasis writes its part.
+            // For a container podman made, the keys podman needs to restore it too.
             if !manifest.files.contains(where: { $0.path == engineFiles + configDump }) {
-                let config = ConfigDump(id: container.id, name: container.id, runtime: container.runtime,
-                                        createdTime: ISO8601DateFormatter().string(from: manifest.createdAt), rootfsImageName: nil)
-                try tar.file(configDump, contents: try JSONEncoder().encode(config))
+                let created = ISO8601DateFormatter().string(from: manifest.createdAt)
+                let contents: Data
+                if let engine = container.engine, engine.name == Podman.manager {
+                    contents = try Podman.configDump(engine: engine, id: container.id, runtime: container.runtime, created: created,
+                                                     spec: try FileSystem.readFile(directory + "/" + container.spec))
+                } else {
+                    contents = try JSONEncoder().encode(ConfigDump(id: container.id, name: container.id, runtime: container.runtime,
+                                                                   createdTime: created, rootfsImageName: nil))
+                }
+                try tar.file(configDump, contents: contents)
             }
             try tar.finish()
             try output.publish()

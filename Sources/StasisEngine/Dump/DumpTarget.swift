@@ -80,10 +80,12 @@ enum DumpTarget {
         }
     }
 
-    /// Copies the container's config.json into the checkpoint and says what the container is.
+    /// Copies the container's config.json into the checkpoint and says what the container is (and, for one
+    /// podman made, what podman knows of it: `stasis export --archive` writes it for podman).
     static func keepSpec(of state: Runc.State, in directory: String) throws -> Manifest.Container {
         let spec = try FileSystem.readFile(state.bundle + "/config.json")
         try FileSystem.writeAtomically(spec, to: directory + "/" + CheckpointWriter.containerSpecName)
-        return Manifest.Container(runtime: "runc", id: state.id, bundle: state.bundle, spec: CheckpointWriter.containerSpecName)
+        return Manifest.Container(runtime: "runc", id: state.id, bundle: state.bundle, spec: CheckpointWriter.containerSpecName,
+                                  engine: Podman.engine(of: state.id, bundle: state.bundle, spec: spec))
     }
 }

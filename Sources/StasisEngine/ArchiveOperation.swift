@@ -23,6 +23,14 @@ public enum ArchiveOperation {
     static let statsDump = "stats-dump"
     /// Where an imported archive's other files (rootfs-diff.tar, deleted.files, ...) are kept.
     static let engineFiles = "archive/"
+    /// The other files podman and CRI-O write beside checkpoint/, config.dump and spec.dump (libpod's and
+    /// CRI-O's checkpoint metadata names); an archive holding anything else is refused, since stasis would
+    /// carry it into a checkpoint and back to an engine without knowing what it is.
+    static let knownEngineFiles: Set<String> = [
+        "rootfs-diff.tar", "deleted.files", "network.status", "devshm-checkpoint.tar", "ctr.log", "pod.options",
+        "pod.dump", "bind.mounts", "status.dump",
+    ]
+    static let knownEngineDirectories = ["artifacts/", "volumes/"]
 
     /// The part of config.dump stasis writes and reads (engines write more; only these keys matter here).
     struct ConfigDump: Codable {

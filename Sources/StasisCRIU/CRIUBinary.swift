@@ -32,6 +32,33 @@ public struct CRIUBinary: Sendable {
         return CRIUBinary(path: path, version: version)
     }
 
+    /// The CRIU version a dump log names ("(00.000034) Version: 4.2.1 (gitid 0)" gives "4.2.1"): how an
+    /// engine's archive tells which CRIU wrote its images.
+    public static func version(inLog text: String) -> String? {
+        for line in text.split(separator: "\n").prefix(20) {
+            guard let range = line.range(of: "Version: ") else { continue }
+            let version = line[range.upperBound...].prefix { $0.isNumber || $0 == "." }
+            if !version.isEmpty { return String(version) }
+        }
+        return nil
+    }
+
+    /// Refuses images written by a newer CRIU than this one: CRIU reads the images of its earlier versions,
+    /// not those of later ones (which may hold what it does not know). A version that is not numbers
+    /// ("unknown") is not judged.
+    public func checkRestores(imagesOf writer: String) throws {
+        func numbers(_ text: String) -> [Int]? {
+            let parts = text.split(separator: ".").map { Int($0) }
+            return parts.isEmpty || parts.contains(nil) ? nil : parts.map { $0! }
+        }
+        guard let theirs = numbers(writer), let ours = numbers(version) else { return }
+        let width = max(theirs.count, ours.count)
+        let padded = { (list: [Int]) in list + Array(repeating: 0, count: width - list.count) }
+        if padded(theirs).lexicographicallyPrecedes(padded(ours)) || padded(theirs) == padded(ours) { return }
+        throw StasisError(.criuTooOld, "the checkpoint's images were written by CRIU \(writer), newer than this host's CRIU \(version) at \(path)",
+                          hint: "install CRIU \(writer) or newer here (scripts/install-criu.sh), or checkpoint with the CRIU this host has")
+    }
+
     /// Runs `criu --version` and returns "4.1.1" from "Version: 4.1.1".
     static func version(of path: String) throws -> String {
         let output: Data

@@ -1,4 +1,5 @@
 import Foundation
+import StasisCRIU
 import StasisContainer
 import StasisCore
 import StasisImage
@@ -264,8 +265,11 @@ public enum ArchiveOperation {
                         sawCheckpoint = true
                     } else if name == statsDump {
                         target = statsDump
-                    } else {
+                    } else if knownEngineFiles.contains(name) || knownEngineDirectories.contains(where: { name.hasPrefix($0) }) {
                         target = engineFiles + name
+                    } else {
+                        throw StasisError(.integrity, "\(file) holds \(name), which neither podman, CRI-O nor stasis writes in a checkpoint archive",
+                                          hint: "was the archive changed after it was written? Only checkpoint/, config.dump, spec.dump, stats-dump and the engines' own files belong there")
                     }
                     guard !target.isEmpty, !target.contains("/") || target.hasPrefix(engineFiles) else {
                         throw StasisError(.integrity, "\(file) holds \(name): checkpoint/ in an archive is flat")
@@ -280,10 +284,13 @@ public enum ArchiveOperation {
             try FileSystem.writeAtomically(spec, to: staging.path + "/" + CheckpointWriter.containerSpecName)
             let engine = (try? JSONSerialization.jsonObject(with: spec) as? [String: Any])
                 .flatMap { ($0["annotations"] as? [String: String])?["io.container.manager"] } ?? "stasis"
+            // The CRIU that wrote the images, as its log says: a restore refuses images of a newer CRIU than its own.
+            let criuVersion = (try? FileSystem.readFile(staging.path + "/dump.log"))
+                .flatMap { CRIUBinary.version(inLog: String(decoding: $0.prefix(4096), as: UTF8.self)) } ?? "unknown (imported from a checkpoint archive)"
             // Large images into the store, the rest kept whole, as a dump does.
             let ingester = ChunkIngester(directory: staging.path, store: store, codec: .standard, releaseIngested: true, follows: { _ in false })
             var contents = CheckpointWriter.Contents(
-                toolVersion: StasisVersion.current, criu: .init(version: "unknown (imported from a checkpoint archive)", logFile: "dump.log"),
+                toolVersion: StasisVersion.current, criu: .init(version: criuVersion, logFile: "dump.log"),
                 options: .init(leaveRunning: false, tcpEstablished: false, shellJob: false),
                 processTree: .init(rootPID: 0, processes: []), gpu: .init(), deviceFiles: [], deviceStatistics: .init(), timings: .init(),
                 container: .init(runtime: config.runtime ?? "runc", id: config.id, bundle: "", spec: CheckpointWriter.containerSpecName),

@@ -139,6 +139,7 @@ public struct RestoreOperation {
         let directory = URL(fileURLWithPath: options.directory).standardizedFileURL.path
         let manifest = try Checkpoint.readManifest(directory)
         let criu = try CRIUBinary.locate()
+        try criu.checkRestores(imagesOf: manifest.criu.version)
         if !options.skipCPUCheck { try Self.checkCPU(manifest.host) }
         try device.checkRestorable(section: manifest.gpu)
 
@@ -285,8 +286,14 @@ public struct RestoreOperation {
         }
         try FileSystem.makePrivateDirectory(workDirectory)
         let watch = Stopwatch()
-        try runc.restore(id, bundle: bundle, images: images, work: workDirectory,
-                         tcpEstablished: manifest.options.tcpEstablished, shellJob: manifest.options.shellJob)
+        do {
+            try runc.restore(id, bundle: bundle, images: images, work: workDirectory,
+                             tcpEstablished: manifest.options.tcpEstablished, shellJob: manifest.options.shellJob)
+        } catch var error as StasisError {
+            // runc says only "criu failed"; CRIU's own log says why (images of a version it does not read, say).
+            if error.logExcerpt.isEmpty, let log = error.logPath { error.logExcerpt = CRIULog.excerpt(path: log, limit: 4) }
+            throw error
+        }
         var timings = timings
         timings.criu = watch.seconds
         var deviceSteps: [String: Double] = [:]

@@ -52,6 +52,27 @@ public enum Harness {
         return Result(status: process.terminationStatus, stdout: outData.wait(), stderr: errData.wait())
     }
 
+    /// Runs a command that leaves a daemon behind (podman's conmon): Foundation's Process learns that its
+    /// child ended only when every copy of a socket it gives the child is closed, which the daemon keeps open;
+    /// this starts it with Spawn (nothing but stdin, stdout and stderr inherited), output in files.
+    public static func runLeavingDaemons(_ executable: String, _ arguments: [String], timeout: Double = 120) throws -> Result {
+        let root = scratch("output")
+        let null = try FileDescriptor.open("/dev/null", .readOnly)
+        let out = try FileDescriptor.open(root + "/out", .writeOnly, options: [.create, .truncate], permissions: .ownerReadWrite)
+        let err = try FileDescriptor.open(root + "/err", .writeOnly, options: [.create, .truncate], permissions: .ownerReadWrite)
+        let pid = try Spawn.start(executable, arguments, descriptors: [null: 0, out: 1, err: 2])
+        [null, out, err].forEach { $0.closeQuietly() }
+        let deadline = Date().addingTimeInterval(timeout)
+        var status: Int32 = 0
+        while waitpid(pid, &status, WNOHANG) == 0 {
+            if Date() > deadline { kill(pid, SIGKILL) }
+            usleep(10_000)
+        }
+        let code = status & 0x7f == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
+        return Result(status: code, stdout: (try? String(contentsOfFile: root + "/out", encoding: .utf8)) ?? "",
+                      stderr: (try? String(contentsOfFile: root + "/err", encoding: .utf8)) ?? "")
+    }
+
     public static func stasis(_ arguments: String..., environment: [String: String?] = [:]) throws -> Result {
         try stasis(arguments, environment: environment)
     }

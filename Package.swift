@@ -3,7 +3,8 @@
 //
 //   StasisCore    leaf: errors, the manifest schema and its validation, formatting, the concurrency kit, rollback
 //   StasisOS      the system boundary, the only module that imports Glibc: descriptors (swift-system's, re-exported),
-//                 files (AtomicFile), /proc, processes, signals, sockets, hashing of files (CStasisLinux: C shims)
+//                 files (AtomicFile), /proc, processes, signals, sockets, hashing of files (CStasisLinux: C shims),
+//                 TLS 1.3 (CStasisTLS: a thin layer over OpenSSL)
 //   StasisCRIU    CRIU through `criu swrk` RPC (generated protobuf code committed under Generated/)
 //   StasisGPU     the GPU driver (dlopen'd at run time) and the per-process device steps; the driver's
 //                 checkpoint steps themselves are C (CStasisCUDA), shared with the CRIU plugin
@@ -33,8 +34,10 @@ let package = Package(
     targets: [
         .target(name: "StasisCore"),
         .target(name: "CStasisLinux"),
+        // TLS for migrations: a thin layer over OpenSSL's libssl (scripts/install-build-deps.sh installs libssl-dev).
+        .target(name: "CStasisTLS", linkerSettings: [.linkedLibrary("ssl"), .linkedLibrary("crypto")]),
         .target(name: "StasisOS", dependencies: [
-            "StasisCore", "CStasisLinux",
+            "StasisCore", "CStasisLinux", "CStasisTLS",
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "SystemPackage", package: "swift-system"),
         ]),

@@ -23,6 +23,7 @@ mkdir -p .device/runc-debs && (cd .device/runc-debs && apt-get download runc lib
 # the GPU machine lacks it.
 mkdir -p .device/iproute/lib && cp /usr/sbin/ip .device/iproute/
 ldd /usr/sbin/ip | awk '/=> \// { print $3 }' | grep -v -e libc.so -e ld-linux | xargs -I{} cp -L {} .device/iproute/lib/
-# The codecs' shared libraries, in case the GPU machine lacks them (scripts/device/lib.sh puts .device/lib on the path).
-mkdir -p .device/lib && cp -L /usr/lib/x86_64-linux-gnu/libzstd.so.1 /usr/lib/x86_64-linux-gnu/liblz4.so.1 .device/lib/
+# The codecs' and OpenSSL's shared libraries, in case the GPU machine lacks them (scripts/device/lib.sh puts .device/lib on the path).
+mkdir -p .device/lib && cp -L /usr/lib/x86_64-linux-gnu/libzstd.so.1 /usr/lib/x86_64-linux-gnu/liblz4.so.1 \
+    /usr/lib/x86_64-linux-gnu/libssl.so.3 /usr/lib/x86_64-linux-gnu/libcrypto.so.3 .device/lib/
 du -sh .device

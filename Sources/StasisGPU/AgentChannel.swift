@@ -86,7 +86,7 @@ final class AgentChannel: @unchecked Sendable {
         switch failure {
         case nil: return (message, descriptor)
         case .timedOut?: throw StasisError(.gpu, "the agent of PID \(pid) did not answer in time")
-        case .closed?, .failed?: throw StasisError(.gpu, "the agent of PID \(pid) closed the connection")
+        case .closed?, .failed?, .tls?: throw StasisError(.gpu, "the agent of PID \(pid) closed the connection")
         }
     }
 
@@ -95,7 +95,7 @@ final class AgentChannel: @unchecked Sendable {
         switch withUnsafeMutableBytes(of: &message, { StreamSocket.receive(fd, into: $0) }) {
         case nil: return message
         case .timedOut?: throw StasisError(.gpu, "the agent of PID \(pid) did not answer in time")
-        case .closed?, .failed?: throw StasisError(.gpu, "the agent of PID \(pid) closed the connection")
+        case .closed?, .failed?, .tls?: throw StasisError(.gpu, "the agent of PID \(pid) closed the connection")
         }
     }
 

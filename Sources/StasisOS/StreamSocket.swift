@@ -11,12 +11,15 @@ public enum StreamSocket {
         /// A wait ran past the socket's time limit (SO_RCVTIMEO / SO_SNDTIMEO), or a whole receive past its deadline.
         case timedOut
         case failed(errno: Int32)
+        /// TLS failed: a record that does not authenticate, or the peer's alert (OpenSSL's words).
+        case tls(String)
 
         public var reason: String {
             switch self {
             case .closed: "the connection was closed"
             case .timedOut: "no answer in time"
             case .failed(let code): String(cString: strerror(code))
+            case .tls(let reason): reason
             }
         }
     }

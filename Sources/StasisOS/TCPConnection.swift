@@ -10,6 +10,13 @@ public final class TCPConnection: @unchecked Sendable {
     public let peer: String
     /// The time limit (seconds) of each whole receive, as `setTimeout` set it; 0: none.
     private var limit = 0
+    /// Once `secure` has run: every byte goes through TLS.
+    private var tls: TLSSession?
+    /// Bytes held back for the next send while a sender says more follows (`send(_:more:)`): TLS cannot cork
+    /// the socket as MSG_MORE does, so a small header waits to share a record with its payload.
+    private var corked: [UInt8] = []
+    /// The most plaintext one TLS record carries.
+    private static let corkLimit = 16 << 10
 
     init(fd: Int32, peer: String) {
         (self.fd, self.peer) = (FileDescriptor(rawValue: fd), peer)
@@ -21,6 +28,26 @@ public final class TCPConnection: @unchecked Sendable {
 
     /// Ends the connection both ways: a thread blocked on it returns.
     public func shutdown() { fd.shutdown(.both) }
+
+    /// Runs the TLS handshake (as `context`'s role) within the connection's time limit; from then on every
+    /// byte is encrypted and authenticated. Throws, saying why, when the peer does not speak TLS 1.3 or its
+    /// certificate is not one `context` accepts. `host`: the name a CA-signed peer certificate must carry.
+    public func secure(with context: TLSContext, host: String? = nil) throws {
+        do {
+            tls = try TLSSession(context, fd: fd, host: host)
+        } catch let error as StasisError {
+            throw StasisError(error.code, "TLS with \(peer) failed: \(error.message)", hint: context.server ? nil
+                              : "is `stasis serve` there running with --tls, and does its certificate match --tls-peer?")
+        }
+    }
+
+    /// "TLSv1.3 TLS_AES_256_GCM_SHA384" once secured; nil on a plain connection.
+    public var security: String? { tls?.description }
+    /// The SHA-256 fingerprint of the peer's certificate, once secured.
+    public var peerFingerprint: String? { tls?.peerFingerprint }
+
+    /// Sends TLS's close_notify, so that the peer can tell an orderly end from a cut.
+    public func closeSecurely() { tls?.close() }
 
     /// "HOST:PORT" or "[V6]:PORT" into a host and a port.
     public static func split(_ address: String) throws -> (host: String, port: UInt16) {
@@ -85,7 +112,25 @@ public final class TCPConnection: @unchecked Sendable {
     /// `more`: further bytes follow at once (MSG_MORE), so that a small header and its payload, sent
     /// without being copied together, still leave in full packets.
     public func send(_ buffer: UnsafeRawBufferPointer, more: Bool = false) throws {
-        if let failure = StreamSocket.send(fd, buffer, more: more) {
+        let failure: StreamSocket.Failure?
+        if let tls {
+            if more, corked.count + buffer.count <= Self.corkLimit {
+                corked.append(contentsOf: buffer)
+                return
+            }
+            if corked.isEmpty {
+                failure = tls.send(buffer)
+            } else {
+                // What was held back shares a record with as much of this buffer as fits in one.
+                let head = min(buffer.count, Self.corkLimit - corked.count)
+                corked.append(contentsOf: UnsafeRawBufferPointer(rebasing: buffer[0..<head]))
+                failure = corked.withUnsafeBytes { tls.send($0) } ?? tls.send(UnsafeRawBufferPointer(rebasing: buffer[head...]))
+                corked.removeAll(keepingCapacity: true)
+            }
+        } else {
+            failure = StreamSocket.send(fd, buffer, more: more)
+        }
+        if let failure {
             throw StasisError(.io, "sending to \(peer) failed: \(failure.reason)")
         }
     }
@@ -100,7 +145,7 @@ public final class TCPConnection: @unchecked Sendable {
     /// Fills `buffer` entirely; an error if the peer closes first.
     public func receive(into buffer: UnsafeMutableRawBufferPointer) throws {
         let deadline = limit > 0 ? Date().addingTimeInterval(Double(limit)) : nil
-        switch StreamSocket.receive(fd, into: buffer, deadline: deadline) {
+        switch tls.map({ $0.receive(into: buffer, deadline: deadline) }) ?? StreamSocket.receive(fd, into: buffer, deadline: deadline) {
         case nil: return
         case .closed?: throw StasisError(.io, "\(peer) closed the connection")
         case .timedOut? where deadline != nil: throw StasisError(.io, "receiving from \(peer) failed: \(buffer.count) bytes did not come within \(limit) s")

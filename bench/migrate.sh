@@ -9,7 +9,8 @@
 #                                  baseline then loads the stasis CRIU plugin, the driver's checkpoint as
 #                                  CRIU's cuda plugin does it)
 #
-# Rows: CRIU page-server; stasis migrate (driver path for GPU jobs); stasis migrate of a job under `stasis
+# Rows: CRIU page-server; stasis migrate (driver path for GPU jobs); the same over TLS 1.3 (--tls, each end
+# pinning the other's certificate); stasis migrate of a job under `stasis
 # run` (GPU only: the agent moves device memory); and the same job again into the receiver's store, which
 # then has most chunks. Each row starts a fresh job and a fresh receiver (whose store is fresh but for the
 # last row). Downtime is from the start of the dump to the receiver's restore having returned (for the
@@ -86,12 +87,21 @@ criu_row() {
     rm -rf "$work/src" "$work/dst" "$work/restored"
 }
 
-stasis_row() {  # LABEL LAUNCHER FRESH_STORE
+# TLS identities for the TLS row: each end pins the other's certificate.
+"$STASIS" serve --init-tls "$work/tls-here" >/dev/null
+"$STASIS" serve --init-tls "$work/tls-there" >/dev/null
+fingerprint() { openssl x509 -in "$1/cert.pem" -noout -fingerprint -sha256 | sed 's/.*=//'; }
+tls_here=(--tls "$work/tls-here" --tls-peer "$(fingerprint "$work/tls-there")")
+tls_there="--tls $work/tls-there --tls-peer $(fingerprint "$work/tls-here")"
+
+stasis_row() {  # LABEL LAUNCHER FRESH_STORE [tls]
     [[ $3 == fresh ]] && rm -rf "$work/store-there"
-    start_receiver "$STASIS serve --listen $there:7070 --token-file $work/token --store $work/store-there --directory $work/received"
+    local serve_tls="" migrate_tls=()
+    [[ ${4:-} == tls ]] && { serve_tls=$tls_there; migrate_tls=("${tls_here[@]}"); }
+    start_receiver "$STASIS serve --listen $there:7070 --token-file $work/token --store $work/store-there --directory $work/received $serve_tls"
     start_job "$2"
     rm -rf "$work/store-here"
-    "$STASIS" migrate "$job" --to $there:7070 --token-file "$work/token" --store "$work/store-here" --json >"$work/migrate.json" \
+    "$STASIS" migrate "$job" --to $there:7070 --token-file "$work/token" --store "$work/store-here" "${migrate_tls[@]}" --json >"$work/migrate.json" \
         || { echo "stasis migrate failed" >&2; exit 1; }
     python3 - "$1" "$work/migrate.json" <<'PY'
 import json, sys
@@ -110,5 +120,6 @@ echo "| path | downtime | sent | skipped (receiver had it) | parts |"
 echo "| --- | --- | --- | --- | --- |"
 criu_row
 stasis_row "stasis migrate" "" fresh
+stasis_row "stasis migrate over TLS 1.3 (pinned certificates)" "" fresh tls
 [[ $KIND == bert ]] && stasis_row "stasis migrate, under stasis run (agent)" "$STASIS run --" fresh
 stasis_row "stasis migrate, the same job again (receiver has its chunks)" "$([[ $KIND == bert ]] && echo "$STASIS run --")" kept

@@ -4,7 +4,30 @@ import StasisCRIU
 import StasisCore
 import StasisEngine
 import StasisGPU
+import StasisOS
 import StasisStore
+
+/// TLS 1.3 for a migration's connection, the same on both ends.
+struct TLSOptions: ParsableArguments {
+    @Option(name: .customLong("tls"), help: ArgumentHelp("Encrypt with TLS 1.3, with the key and certificate in this directory (key.pem, cert.pem; `stasis serve --init-tls DIR` makes them).", valueName: "dir"))
+    var directory: String?
+
+    @Option(name: .customLong("tls-peer"), help: ArgumentHelp("Accept the peer whose certificate has this SHA-256 fingerprint (as --init-tls printed it); repeatable.", valueName: "sha256:hex"))
+    var peers: [String] = []
+
+    @Option(name: .customLong("tls-ca"), help: ArgumentHelp("Accept a peer whose certificate chains to a CA in this PEM file (and, for the receiver, names the host in --to).", valueName: "file"))
+    var caFile: String?
+
+    func validate() throws {
+        if directory == nil && (!peers.isEmpty || caFile != nil) { throw ValidationError("--tls-peer and --tls-ca need --tls DIR") }
+        if directory != nil && peers.isEmpty && caFile == nil { throw ValidationError("--tls needs --tls-peer FINGERPRINT or --tls-ca FILE: whom to accept") }
+        for peer in peers { _ = try TLSFingerprint.parse(peer) }
+    }
+
+    var configuration: TLSConfiguration? {
+        get throws { try directory.map { try TLSConfiguration(directory: $0, pinned: peers, caFile: caFile) } }
+    }
+}
 
 struct MigrateCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -17,6 +40,10 @@ struct MigrateCommand: ParsableCommand {
         every byte, restores the job, and answers. The tree \
         here ends only once that authenticated answer says the job runs there; if anything fails before, it \
         runs on here as it was. Restored processes keep their PIDs: the receiver must have them free.
+
+        With --tls, everything goes through TLS 1.3 and the receiver must present the certificate pinned with \
+        --tls-peer (or one a --tls-ca signed); the token still authorizes. Without it, memory crosses the network \
+        in clear.
         """)
 
     @Argument(help: "The root of the process tree to move.")
@@ -40,6 +67,8 @@ struct MigrateCommand: ParsableCommand {
     @Option(name: .long, help: "Where the local checkpoint is made (default: a new directory under /var/lib/stasis/migrate); removed once the job runs there.")
     var spool: String?
 
+    @OptionGroup var tls: TLSOptions
+
     @OptionGroup var store: StoreOptions
 
     @OptionGroup var output: OutputOptions
@@ -57,6 +86,7 @@ struct MigrateCommand: ParsableCommand {
             options.codec = try Codec(parsing: compress)
             options.process = .init(tcpEstablished: tcpEstablished)
             options.spool = spool
+            options.tls = try tls.configuration
             options.progress = Output.progressHandler(json: output.json)
             let report = try MigrateOperation(options, device: CUDADeviceStep(lockTimeoutMilliseconds: UInt32(lockTimeout * 1000))).run()
             Output.clearProgress()
@@ -76,13 +106,25 @@ struct ServeCommand: ParsableCommand {
         digest, every file against the manifest, whose HMAC proves the peer sent it, and only what that \
         manifest lists is restored; the peer is told the outcome. One migration at a time; prints a line for \
         each. Restored processes keep their PIDs, which must be free here.
+
+        With --tls, a peer must speak TLS 1.3 and present the certificate pinned with --tls-peer (or one a \
+        --tls-ca signed) before anything it sends is read. `stasis serve --init-tls DIR` makes a key and a \
+        self-signed certificate in DIR and prints the fingerprint to give the other host's --tls-peer.
         """)
 
     @Option(name: .long, help: "Where to listen, ADDRESS:PORT (0.0.0.0:PORT for every IPv4 address).")
-    var listen: String
+    var listen: String?
 
     @Option(name: .long, help: "A file (mode 0600) holding the shared token, at least 16 bytes.")
-    var tokenFile: String
+    var tokenFile: String?
+
+    @Option(name: .customLong("init-tls"), help: ArgumentHelp("Make a P-256 key (key.pem, 0600) and a self-signed certificate (cert.pem, valid --tls-days) in this new directory, print its fingerprint and exit.", valueName: "dir"))
+    var initTLS: String?
+
+    @Option(name: .customLong("tls-days"), help: "How many days a certificate --init-tls makes is valid.")
+    var tlsDays = 365
+
+    @OptionGroup var tls: TLSOptions
 
     @Option(name: .long, help: "Where received checkpoints are kept, a directory each.")
     var directory = "/var/lib/stasis/received"
@@ -92,10 +134,32 @@ struct ServeCommand: ParsableCommand {
 
     @OptionGroup var store: StoreOptions
 
+    func validate() throws {
+        if initTLS != nil { return }
+        guard listen != nil, tokenFile != nil else { throw ValidationError("serve needs --listen and --token-file (or --init-tls DIR)") }
+        guard (1...36_500).contains(tlsDays) else { throw ValidationError("--tls-days must be between 1 and 36500") }
+    }
+
     func run() throws {
+        if let initTLS {
+            try Output.run(json: false) {
+                guard try FileSystem.isMissingOrEmptyDirectory(initTLS) else {
+                    throw StasisError(.invalidArgument, "\(initTLS) already exists and is not empty: --init-tls never replaces a key")
+                }
+                let now = Date()
+                let fingerprint = try TLSConfiguration.generate(in: initTLS, name: ProcessInfo.processInfo.hostName,
+                                                                validity: now.addingTimeInterval(-300)...now.addingTimeInterval(Double(tlsDays) * 86_400))
+                print("made \(initTLS)/\(TLSConfiguration.keyName) (0600) and \(initTLS)/\(TLSConfiguration.certificateName), valid \(tlsDays) days")
+                print("fingerprint: \(fingerprint)")
+                print("give it to the other host: --tls-peer \(fingerprint)")
+            }
+            return
+        }
+        guard let listen, let tokenFile else { return }
         var failures = 0
         try Output.run(json: false) {
             var options = ServeOperation.Options(listen: listen, tokenFile: tokenFile)
+            options.tls = try tls.configuration
             options.store = store.store
             options.root = directory
             options.once = once

@@ -37,10 +37,11 @@ final class ReceiverHost {
     }
 
     /// Starts `stasis serve` there; its PID namespace lives as long as the shell that is its init.
-    func serve(token: String, store: String, fault: String? = nil) throws {
+    func serve(token: String, store: String, fault: String? = nil, extra: [String] = []) throws {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: ReceiverHost.ip)
-        let serve = "\(Harness.stasis) serve --listen \(there):7070 --token-file \(token) --store \(store) --directory \(store)-received >\(log) 2>&1; sleep 100000"
+        let serve = "\(Harness.stasis) serve --listen \(there):7070 --token-file \(token) --store \(store) --directory \(store)-received "
+            + extra.joined(separator: " ") + " >\(log) 2>&1; sleep 100000"
         process.arguments = ["netns", "exec", namespace, "unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "sh", "-c", serve]
         var environment = ProcessInfo.processInfo.environment
         environment["STASIS_FAULT"] = fault
@@ -105,8 +106,8 @@ final class ReceiverHost {
 
     struct Sent: Decodable { var remotePID: Int32; var bytesSent: UInt64; var bytesSkipped: UInt64; var chunksSkipped: Int; var downtimeSeconds: Double }
 
-    func migrate(_ pid: Int32, to address: String, token: String, store: String, through nsenter: Int32? = nil) throws -> Harness.Result {
-        let arguments = ["migrate", "\(pid)", "--to", address, "--token-file", token, "--store", store, "--json"]
+    func migrate(_ pid: Int32, to address: String, token: String, store: String, through nsenter: Int32? = nil, extra: [String] = []) throws -> Harness.Result {
+        let arguments = ["migrate", "\(pid)", "--to", address, "--token-file", token, "--store", store, "--json"] + extra
         guard let nsenter else { return try Harness.stasis(arguments) }
         return try Harness.run("/usr/bin/nsenter", ["-t", "\(nsenter)", "-n", "-p", "-m", Harness.stasis] + arguments)
     }

@@ -23,6 +23,8 @@ public struct MigrateOperation {
         public var restoreTimeout = 600
         /// Bytes sent, for a terminal (nil: none shown).
         public var progress: ProgressHandler?
+        /// TLS 1.3 with these certificates; the receiver's certificate must be one they accept. nil: in clear.
+        public var tls: TLSConfiguration?
         public init(pid: Int32, to: String, tokenFile: String) { (self.pid, self.to, self.tokenFile) = (pid, to, tokenFile) }
     }
 
@@ -44,6 +46,8 @@ public struct MigrateOperation {
         public var chunksSent: Int
         public var chunksSkipped: Int
         public var gpuProcesses: Int
+        /// "TLSv1.3 TLS_AES_256_GCM_SHA384, receiver sha256:...", or "none".
+        public var encryption: String
     }
 
     let options: Options
@@ -53,9 +57,18 @@ public struct MigrateOperation {
     public func run() throws -> Report {
         let token = try Migration.readToken(options.tokenFile)
         // Reach and authenticate the receiver before anything is touched.
+        let tls = try options.tls.map { try TLSContext($0, server: false) }
         let connection = try TCPConnection.connect(to: options.to)
         connection.setTimeout(seconds: 30)
-        let session = try Self.handshake(connection, token: token)
+        if let tls { try connection.secure(with: tls, host: try TCPConnection.split(options.to).host) }
+        let session: SymmetricKey
+        do {
+            session = try Self.handshake(connection, token: token)
+        } catch let error as StasisError where tls == nil {
+            // A receiver that speaks TLS answers a plain hello with an alert and closes.
+            throw StasisError(error.code, error.message, hint: error.hint ?? "if the receiver runs `stasis serve --tls`, give --tls and --tls-peer here too")
+        }
+        let encryption = connection.security.map { "\($0), receiver \(connection.peerFingerprint ?? "?")" } ?? "none"
         let spool = options.spool ?? "/var/lib/stasis/migrate/\(Self.stamp())-\(options.pid)"
         try FileSystem.makePrivateDirectory(URL(fileURLWithPath: spool).deletingLastPathComponent().path)
 
@@ -144,7 +157,7 @@ public struct MigrateOperation {
         return Report(pid: options.pid, receiver: options.to, remotePID: done.remotePID, downtimeSeconds: total, dumpSeconds: done.dumpDone,
                       transferSeconds: done.transferDone - done.dumpDone, restoreSeconds: total - done.transferDone,
                       bytesSent: done.sent, bytesSentDuringDump: done.early, bytesSkipped: done.skipped, chunksSent: done.chunksSent, chunksSkipped: done.chunksSkipped,
-                      gpuProcesses: gpuProcesses)
+                      gpuProcesses: gpuProcesses, encryption: encryption)
     }
 
     /// Proves the token to the receiver and checks the receiver's proof; returns the session key.

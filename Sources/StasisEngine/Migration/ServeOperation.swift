@@ -21,6 +21,9 @@ public struct ServeOperation: Sendable {
         public var log: @Sendable (String) -> Void = { FileHandle.standardOutput.write(Data(($0 + "\n").utf8)) }
         /// Bytes received during each migration, for a terminal (nil: none shown).
         public var progress: ProgressHandler?
+        /// TLS 1.3 with these certificates: a peer that does not speak it, or whose certificate is not
+        /// accepted, is refused before it can send anything. nil: connections in clear.
+        public var tls: TLSConfiguration?
         public init(listen: String, tokenFile: String) { (self.listen, self.tokenFile) = (listen, tokenFile) }
     }
 
@@ -44,9 +47,11 @@ public struct ServeOperation: Sendable {
     /// or wrong.
     public func run() throws -> Int {
         let token = try Migration.readToken(options.tokenFile)
+        let tls = try options.tls.map { try TLSContext($0, server: true) }
         let listener = try TCPListener(options.listen)
         try FileSystem.makePrivateDirectory(options.root)
-        options.log("listening on \(options.listen)")
+        options.log("listening on \(options.listen)" + (options.tls.map { " (TLS 1.3, \($0.pinned.count) pinned peer certificate(s)\($0.caFile == nil ? "" : " and a CA"))" }
+            ?? " (no TLS: checkpoints cross the network in clear; see --tls)"))
         let doorway = Doorway(limit: Self.maxUnauthenticated)
         let failures = Locked(0)
         let oneMigration = NSLock()
@@ -59,6 +64,16 @@ public struct ServeOperation: Sendable {
                 Thread.detachNewThread {
                     var answered = false
                     connection.setTimeout(seconds: Self.authenticationSeconds)
+                    if let tls {
+                        // Nothing the peer sends is read before its certificate is accepted.
+                        do {
+                            try connection.secure(with: tls)
+                        } catch {
+                            serve.options.log("\(connection.peer): refused: \(error)")
+                            doorway.leave(ticket)
+                            return
+                        }
+                    }
                     do {
                         let session = try serve.authenticate(connection, token: token) {
                             answered = true

@@ -14,6 +14,7 @@ extension MigrateOperation.Report {
             "  sent:     \(Format.bytes(bytesSent)) in \(chunksSent) chunks, \(Format.bytes(bytesSentDuringDump)) of it while the dump ran; "
                 + "not sent: \(chunksSkipped) chunks, \(Format.bytes(bytesSkipped)), the receiver had them",
         ]
+        lines.append("  tls:      \(encryption == "none" ? "none: the checkpoint crossed the network in clear" : encryption)")
         if gpuProcesses > 0 { lines.append("  gpu:      \(gpuProcesses) CUDA process(es)") }
         return lines
     }

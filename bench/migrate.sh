@@ -88,11 +88,10 @@ criu_row() {
 }
 
 # TLS identities for the TLS row: each end pins the other's certificate.
-"$STASIS" serve --init-tls "$work/tls-here" >/dev/null
-"$STASIS" serve --init-tls "$work/tls-there" >/dev/null
-fingerprint() { openssl x509 -in "$1/cert.pem" -noout -fingerprint -sha256 | sed 's/.*=//'; }
-tls_here=(--tls "$work/tls-here" --tls-peer "$(fingerprint "$work/tls-there")")
-tls_there="--tls $work/tls-there --tls-peer $(fingerprint "$work/tls-here")"
+fingerprint() { "$STASIS" serve --init-tls "$1" | sed -n 's/^fingerprint: //p'; }
+print_here=$(fingerprint "$work/tls-here") print_there=$(fingerprint "$work/tls-there")
+tls_here=(--tls "$work/tls-here" --tls-peer "$print_there")
+tls_there="--tls $work/tls-there --tls-peer $print_here"
 
 stasis_row() {  # LABEL LAUNCHER FRESH_STORE [tls]
     [[ $3 == fresh ]] && rm -rf "$work/store-there"

@@ -115,14 +115,59 @@ public enum Tar {
             public var isFile: Bool { type == "0" || type == "\0" }
         }
 
-        let fd: FileDescriptor
+        /// Where the bytes come from: a descriptor (a file, which is sought in, or a pipe), or the current
+        /// entry of another reader (a tar inside a tar, as containerd's checkpoint images hold CRIU's images).
+        enum Source {
+            case descriptor(FileDescriptor)
+            case entry(Reader)
+            case bytes(Data)
+        }
+
+        let source: Source
         let path: String
+        /// How far a `.bytes` source has been read.
+        private var offset = 0
         private var left: UInt64 = 0  // bytes of the current entry not read yet, padding excluded
         private var padding: UInt64 = 0
 
         public init(fd: FileDescriptor, path: String) {
-            self.fd = fd
+            source = .descriptor(fd)
             self.path = path
+        }
+
+        /// Reads the tar that is `outer`'s current entry (`path` names it in errors).
+        public init(entryOf outer: Reader, path: String) {
+            source = .entry(outer)
+            self.path = path
+        }
+
+        /// Reads a tar held in memory (a small blob of an image).
+        public init(data: Data, path: String) {
+            source = .bytes(data)
+            self.path = path
+        }
+
+        /// Fills `buffer` unless the source ends first; returns the bytes read.
+        private func fill(_ buffer: UnsafeMutableRawBufferPointer) throws -> Int {
+            switch source {
+            case .bytes(let data):
+                let count = min(buffer.count, data.count - offset)
+                data.withUnsafeBytes { bytes in
+                    buffer.baseAddress!.copyMemory(from: bytes.baseAddress! + offset, byteCount: count)
+                }
+                offset += count
+                return count
+            case .descriptor(let fd):
+                return try attempt("cannot read", path) { try fd.read(filling: buffer) }
+            case .entry(let outer):
+                var done = 0
+                while done < buffer.count {
+                    let got = try outer.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[done...]))
+                    if got == 0 { break }
+                    done += got
+                }
+                return done
+            }
         }
 
         /// The next entry, or nil at the archive's end marker (whatever of the current one was not read is
@@ -193,7 +238,7 @@ public enum Tar {
         public func read(into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
             let want = Int(min(UInt64(buffer.count), left))
             guard want > 0 else { return 0 }
-            let got = try attempt("cannot read", path) { try fd.read(filling: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<want])) }
+            let got = try fill(UnsafeMutableRawBufferPointer(rebasing: buffer[0..<want]))
             if got < want { throw StasisError(.integrity, "\(path) ends inside an entry (truncated)") }
             left -= UInt64(got)
             return got
@@ -209,7 +254,7 @@ public enum Tar {
         }
 
         private func readExactly(_ buffer: inout [UInt8]) throws -> Bool {
-            let got = try attempt("cannot read", path) { try buffer.withUnsafeMutableBytes { try fd.read(filling: $0) } }
+            let got = try buffer.withUnsafeMutableBytes { try fill($0) }
             if got == 0 { return false }
             if got < buffer.count { throw StasisError(.integrity, "\(path) is truncated") }
             return true
@@ -218,15 +263,14 @@ public enum Tar {
         private func skip(_ count: UInt64) throws {
             guard count > 0 else { return }
             guard count <= Tar.maxEntryBytes + UInt64(Tar.block) else { throw StasisError(.integrity, "\(path): an entry of \(count) bytes") }
-            // A file seeks past it; a pipe (ESPIPE) is read through.
-            if (try? fd.seek(offset: Int64(count), from: .current)) != nil { return }
+            // A file seeks past it; a pipe (ESPIPE) or an outer entry is read through.
+            if case .descriptor(let fd) = source, (try? fd.seek(offset: Int64(count), from: .current)) != nil { return }
             var rest = count
             var scratch = [UInt8](repeating: 0, count: 65536)
             while rest > 0 {
-                let n = try scratch.withUnsafeMutableBytes {
-                    try fd.readSome(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<Int(min(UInt64($0.count), rest))]))
-                }
-                if n <= 0 { throw StasisError(.integrity, "\(path) is truncated") }
+                let want = Int(min(UInt64(scratch.count), rest))
+                let n = try scratch.withUnsafeMutableBytes { try fill(UnsafeMutableRawBufferPointer(rebasing: $0[0..<want])) }
+                if n < want { throw StasisError(.integrity, "\(path) is truncated") }
                 rest -= UInt64(n)
             }
         }

@@ -346,23 +346,31 @@ public enum ArchiveOperation {
     private static func summarize(_ input: ArchiveInput) throws -> Summary {
         let file = input.path
         let reader = Tar.Reader(fd: input.tar, path: file)
+        let first = try reader.next()
+        // An OCI image layout (oci-layout or blobs/ first) is containerd's checkpoint image.
+        if let first, first.name == "oci-layout" || first.name.hasPrefix("blobs/") {
+            return try ContainerdCheckpoint.summarize(reader, first: first, archive: file)
+        }
         var config: ConfigDump?
         var engine = "unknown"
         var checkpointBytes: UInt64 = 0, pagesBytes: UInt64 = 0
         var rootfsDiff: UInt64?
         var files: [String] = []
-        while let entry = try reader.next() {
-            guard entry.isFile else { continue }
-            files.append(entry.name)
-            if entry.name == configDump { config = try ConfigDump.read(try reader.readAll(), archive: file) }
-            if entry.name == specDump, let spec = (try? JSONSerialization.jsonObject(with: try reader.readAll())) as? [String: Any] {
-                engine = (spec["annotations"] as? [String: String])?["io.container.manager"] ?? "stasis or runc"
+        var next = first
+        while let entry = next {
+            if entry.isFile {
+                files.append(entry.name)
+                if entry.name == configDump { config = try ConfigDump.read(try reader.readAll(), archive: file) }
+                if entry.name == specDump, let spec = (try? JSONSerialization.jsonObject(with: try reader.readAll())) as? [String: Any] {
+                    engine = (spec["annotations"] as? [String: String])?["io.container.manager"] ?? "stasis or runc"
+                }
+                if entry.name.hasPrefix(checkpointDirectory) {
+                    checkpointBytes += entry.size
+                    if entry.name.hasPrefix(checkpointDirectory + "pages-") { pagesBytes += entry.size }
+                }
+                if entry.name == "rootfs-diff.tar" { rootfsDiff = entry.size }
             }
-            if entry.name.hasPrefix(checkpointDirectory) {
-                checkpointBytes += entry.size
-                if entry.name.hasPrefix(checkpointDirectory + "pages-") { pagesBytes += entry.size }
-            }
-            if entry.name == "rootfs-diff.tar" { rootfsDiff = entry.size }
+            next = try reader.next()
         }
         guard let config else { throw StasisError(.notACheckpoint, "\(file) is not a container checkpoint archive (no \(configDump))") }
         return Summary(archive: file, engine: engine, container: config.id, name: config.name, runtime: config.runtime, created: config.created,

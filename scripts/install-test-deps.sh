@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What the test suite needs beside the build: runc (the container tests drive it), a static busybox (their
 # containers' root filesystem), ip and nsenter (the migration tests' second host is a network namespace),
-# and podman and crun (the podman tests: real podman at the other end of stasis's archives). Installs
+# podman and crun, and containerd (real engines at the other end of stasis's archives). Installs
 # Debian's packages with apt when they are missing; does nothing when they are there.
 # --no-install-recommends: runc recommends Debian's CRIU 3.17, which does not work on this kernel
 # (scripts/install-criu.sh installs CRIU 4.x in /usr/local, first on the PATH).
@@ -12,6 +12,7 @@ command -v runc >/dev/null || missing+=(runc)
 [[ -x /usr/sbin/ip || -x /sbin/ip ]] || missing+=(iproute2)
 command -v nsenter >/dev/null || missing+=(util-linux)
 command -v podman >/dev/null || missing+=(podman crun)
+command -v containerd >/dev/null || missing+=(containerd)
 (( ${#missing[@]} == 0 )) && exit 0
 echo "install-test-deps: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive

@@ -5,6 +5,8 @@
 # restore` there), in the same run, on the same kind of job.
 #
 #   bench/migrate.sh cpu [MIB]     a CPU process holding MIB (default 2048) of random memory
+#   bench/migrate.sh tls [MIB] [ROUNDS]   the CPU job migrated in clear and over TLS 1.3, alternately,
+#                                  ROUNDS times (default 3): the median downtime of each and their ratio
 #   bench/migrate.sh bert          BERT-base training, paused between steps (on a GPU machine; the
 #                                  baseline then loads the stasis CRIU plugin, the driver's checkpoint as
 #                                  CRIU's cuda plugin does it)
@@ -58,7 +60,7 @@ stop_receiver() { kill -9 "$receiver" 2>/dev/null; wait "$receiver" 2>/dev/null 
 
 start_job() {  # LAUNCHER -> sets job
     local dir; dir=$(mktemp -d "$work/job.XXXXXX")
-    if [[ $KIND == cpu ]]; then
+    if [[ $KIND != bert ]]; then
         job=$($1 "$WORKLOAD" counter --dir "$dir" --daemon --mem "$MIB" --fill random)
     else
         job=$($1 python3 Workloads/torch/bert_train.py --dir "$dir" --size base --steps 1000 --pause-at 5 --daemon)
@@ -97,7 +99,7 @@ stasis_row() {  # LABEL LAUNCHER FRESH_STORE [tls]
     [[ $3 == fresh ]] && rm -rf "$work/store-there"
     local serve_tls="" migrate_tls=()
     [[ ${4:-} == tls ]] && { serve_tls=$tls_there; migrate_tls=("${tls_here[@]}"); }
-    start_receiver "$STASIS serve --listen $there:7070 --token-file $work/token --store $work/store-there --directory $work/received $serve_tls"
+    start_receiver "$STASIS serve --listen $there:7070 --token-file $work/token --store $work/store-there --directory $work/received $serve_tls >>$work/serve.log"
     start_job "$2"
     rm -rf "$work/store-here"
     "$STASIS" migrate "$job" --to $there:7070 --token-file "$work/token" --store "$work/store-here" "${migrate_tls[@]}" --json >"$work/migrate.json" \
@@ -106,6 +108,7 @@ stasis_row() {  # LABEL LAUNCHER FRESH_STORE [tls]
 import json, sys
 r = json.load(open(sys.argv[2]))
 mib = lambda b: b / 2**20
+open(sys.argv[2] + ".rows", "a").write(f"{sys.argv[1]}\t{r['downtimeSeconds']}\t{r['dumpSeconds'] + r['transferSeconds']}\n")
 print(f"| {sys.argv[1]} | {r['downtimeSeconds']:.2f} s | {mib(r['bytesSent']):.0f} MiB | {mib(r['bytesSkipped']):.0f} MiB | "
       f"checkpoint {r['dumpSeconds']:.2f} s ({mib(r.get('bytesSentDuringDump', 0)):.0f} MiB sent meanwhile), rest sent {r['transferSeconds']:.2f} s, restore {r['restoreSeconds']:.2f} s |")
 PY
@@ -113,6 +116,29 @@ PY
     job=""
 }
 
+if [[ $KIND == tls ]]; then
+    echo "cpu job, $MIB MiB of random memory, in clear and over TLS 1.3 alternately; veth link $here -> $there"
+    echo
+    echo "| path | downtime | sent | skipped (receiver had it) | parts |"
+    echo "| --- | --- | --- | --- | --- |"
+    for round in $(seq "${3:-3}"); do
+        stasis_row "in clear" "" fresh
+        stasis_row "TLS 1.3" "" fresh tls
+    done
+    python3 - "$work/migrate.json.rows" <<'PY'
+import statistics, sys
+rows = [line.split("\t") for line in open(sys.argv[1]).read().splitlines()]
+median = lambda label, column: statistics.median(float(r[column]) for r in rows if r[0] == label)
+plain, tls = median("in clear", 1), median("TLS 1.3", 1)
+print(f"\nmedian downtime: in clear {plain:.2f} s, TLS 1.3 {tls:.2f} s: {100 * (tls - plain) / plain:+.1f}%")
+# The bytes move during the checkpoint and the rest's transfer; the restore there starts once all are in and
+# is the same work either way (its spread from run to run is larger than TLS's cost).
+sending_plain, sending_tls = median("in clear", 2), median("TLS 1.3", 2)
+print(f"median checkpoint + transfer: in clear {sending_plain:.2f} s, TLS 1.3 {sending_tls:.2f} s: "
+      f"TLS adds {sending_tls - sending_plain:.2f} s, {100 * (sending_tls - sending_plain) / plain:+.1f}% of the median downtime in clear")
+PY
+    exit 0
+fi
 echo "$KIND job$([[ $KIND == cpu ]] && echo ", $MIB MiB of random memory"); veth link $here -> $there"
 echo
 echo "| path | downtime | sent | skipped (receiver had it) | parts |"

@@ -141,7 +141,10 @@ stasis_tls_context *stasis_tls_context_new(int server, const char *certificate, 
     if (!ctx) { put_error(error, error_size, "cannot make a TLS context"); return NULL; }
     char what[512];
     const char *failed = NULL;
-    if (SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION) != 1) {
+    // AES-128-GCM first: as strong as a migration needs and the fastest where AES-NI is (the transfer
+    // shares its cores with the dump and the restore).
+    if (SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION) != 1
+        || SSL_CTX_set_ciphersuites(ctx, "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256") != 1) {
         failed = "cannot require TLS 1.3";
     } else if (SSL_CTX_use_certificate_chain_file(ctx, certificate) != 1) {
         snprintf(what, sizeof what, "cannot use the certificate %s", certificate);

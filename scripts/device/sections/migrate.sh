@@ -11,18 +11,28 @@ section_migrate() {
     local token=/tmp/stasis-migrate-token
     head -c 32 /dev/urandom | base64 >$token && chmod 600 $token
     local ref; ref=$(bert_reference base "") || { fail "migrate reference run" "did not finish"; return; }
-    local label launcher
-    for label in driver agent; do
-        launcher=""; [[ $label == agent ]] && launcher=$RUN
+    # TLS identities for the agent-tls case: each end pins the other's certificate.
+    rm -rf /tmp/stasis-tls-here /tmp/stasis-tls-there
+    local print_here print_there
+    print_here=$($STASIS serve --init-tls /tmp/stasis-tls-here | sed -n 's/^fingerprint: //p')
+    print_there=$($STASIS serve --init-tls /tmp/stasis-tls-there | sed -n 's/^fingerprint: //p')
+    local label launcher serve_tls migrate_tls
+    for label in driver agent agent-tls; do
+        launcher=""; [[ $label == agent* ]] && launcher=$RUN
+        serve_tls=""; migrate_tls=()
+        if [[ $label == agent-tls ]]; then
+            serve_tls="--tls /tmp/stasis-tls-there --tls-peer $print_here"
+            migrate_tls=(--tls /tmp/stasis-tls-here --tls-peer "$print_there")
+        fi
         local run; run=$(mktemp -d /tmp/stasis-migrate-$label.XXXXXX)
         rm -rf /dev/shm/stasis-mig-there /dev/shm/stasis-mig-here
         ip netns exec $ns unshare --pid --fork --kill-child --mount-proc sh -c \
-            "/opt/stasis/bin/stasis serve --listen $there:7070 --token-file $token --store /dev/shm/stasis-mig-there --directory /dev/shm/stasis-mig-received >$run/serve.txt 2>&1; sleep 100000" &
+            "/opt/stasis/bin/stasis serve --listen $there:7070 --token-file $token --store /dev/shm/stasis-mig-there --directory /dev/shm/stasis-mig-received $serve_tls >$run/serve.txt 2>&1; sleep 100000" &
         local receiver=$!
         sleep 1
         local pid; pid=$($launcher python3 Workloads/torch/bert_train.py --dir "$run" --size base --steps 30 --pause-at 15 --daemon) \
             || { fail "migrate ($label)" "did not start: $(tail -n 5 "$run/log")"; kill -9 $receiver; continue; }
-        if $STASIS migrate "$pid" --to $there:7070 --token-file $token --store /dev/shm/stasis-mig-here >"$run/migrate.txt" 2>&1 && wait_gone "$pid"; then
+        if $STASIS migrate "$pid" --to $there:7070 --token-file $token --store /dev/shm/stasis-mig-here "${migrate_tls[@]}" >"$run/migrate.txt" 2>&1 && wait_gone "$pid"; then
             touch "$run/go"
             for _ in $(seq 1200); do [[ -e $run/done ]] && break; sleep 0.1; done
             if cmp -s "$ref/losses.txt" "$run/losses.txt"; then

@@ -135,9 +135,9 @@ struct ServeCommand: ParsableCommand {
     @OptionGroup var store: StoreOptions
 
     func validate() throws {
+        guard (1...36_500).contains(tlsDays) else { throw ValidationError("--tls-days must be between 1 and 36500") }
         if initTLS != nil { return }
         guard listen != nil, tokenFile != nil else { throw ValidationError("serve needs --listen and --token-file (or --init-tls DIR)") }
-        guard (1...36_500).contains(tlsDays) else { throw ValidationError("--tls-days must be between 1 and 36500") }
     }
 
     func run() throws {

@@ -50,8 +50,11 @@ public struct ServeOperation: Sendable {
         let tls = try options.tls.map { try TLSContext($0, server: true) }
         let listener = try TCPListener(options.listen)
         try FileSystem.makePrivateDirectory(options.root)
-        options.log("listening on \(options.listen)" + (options.tls.map { " (TLS 1.3, \($0.pinned.count) pinned peer certificate(s)\($0.caFile == nil ? "" : " and a CA"))" }
-            ?? " (no TLS: checkpoints cross the network in clear; see --tls)"))
+        options.log("listening on \(options.listen)" + (options.tls.map { tls in
+            let accepted = (tls.pinned.isEmpty ? [] : ["\(tls.pinned.count) pinned certificate(s)"])
+                + (tls.caFile.map { ["certificates signed by the CA in \($0)"] } ?? [])
+            return " (TLS 1.3; accepting \(accepted.joined(separator: " and ")))"
+        } ?? " (no TLS: checkpoints cross the network in clear; see --tls)"))
         let doorway = Doorway(limit: Self.maxUnauthenticated)
         let failures = Locked(0)
         let oneMigration = NSLock()

@@ -59,6 +59,33 @@ extension Integration {
         return rootfs
     }
 
+    /// A counting container (`counting`) of a fresh image, and a scratch directory; `remove` takes the
+    /// container and the image away.
+    struct Fixture {
+        let image: String
+        let name: String
+        let rootfs: String
+        let root: String
+
+        init(_ label: String, memory: Int = 0) throws {
+            image = try Podman.image()
+            name = "stasis-test-podman-\(label)-\(getpid())"
+            root = Harness.scratch("podman-\(label)")
+            do {
+                rootfs = try Podman.counting(image, name: name, memory: memory)
+            } catch {
+                Podman.remove(name)
+                _ = try? Podman.run(["rmi", "-f", image])
+                throw error
+            }
+        }
+
+        func remove() {
+            Podman.remove(name)
+            _ = try? Podman.run(["rmi", "-f", image])
+        }
+    }
+
     static func mountpoint(_ name: String) throws -> String {
         let mount = try run(["mount", name])
         try #require(mount.succeeded, "\(mount.stderr)")
@@ -111,12 +138,9 @@ extension Integration {
 
     @Test(arguments: ["zstd", "gzip"])
     func aContainerPodmanCheckpointedRestoresUnderStasis(compression: String) throws {
-        let image = try Self.image()
-        defer { _ = try? Self.run(["rmi", "-f", image]) }
-        let name = "stasis-test-podman-\(compression)-\(getpid())"
-        defer { Self.remove(name) }
-        let rootfs = try Self.counting(image, name: name)
-        let root = Harness.scratch("podman-\(compression)")
+        let fixture = try Fixture("\(compression)")
+        defer { fixture.remove() }
+        let (name, rootfs, root) = (fixture.name, fixture.rootfs, fixture.root)
         let archive = root + "/checkpoint.tar"
         let checkpoint = try Self.run(["container", "checkpoint", "--compress", compression, "--export=" + archive, name])
         try #require(checkpoint.succeeded, "\(checkpoint.stderr)")
@@ -146,14 +170,11 @@ extension Integration {
     /// config.dump made from what containers/storage knows of it), and a podman archive that went through
     /// stasis's store and came out as stasis's own tar.
     @Test func podmanRestoresTheArchivesStasisWrites() throws {
-        let image = try Self.image()
-        defer { _ = try? Self.run(["rmi", "-f", image]) }
-        let name = "stasis-test-podman-back-\(getpid())"
-        defer { Self.remove(name) }
-        let rootfs = try Self.counting(image, name: name)
+        let fixture = try Fixture("back")
+        defer { fixture.remove() }
+        let (name, rootfs, root) = (fixture.name, fixture.rootfs, fixture.root)
         let idResult = try Self.run(["inspect", "--format", "{{.ID}}", name])
         let id = idResult.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
-        let root = Harness.scratch("podman-back")
         let environment = ["STASIS_STORE": root + "/store"]
 
         // 1. stasis checkpoints podman's container through runc, and writes an archive for podman.
@@ -186,12 +207,9 @@ extension Integration {
     /// The same container checkpointed twice by podman (the first time left running): the second archive's
     /// import adds to the store only the chunks that changed, not the 24 MiB its shell holds.
     @Test func aContainerCheckpointedTwiceAddsOnlyWhatChanged() throws {
-        let image = try Self.image()
-        defer { _ = try? Self.run(["rmi", "-f", image]) }
-        let name = "stasis-test-podman-twice-\(getpid())"
-        defer { Self.remove(name) }
-        let rootfs = try Self.counting(image, name: name, memory: 24)
-        let root = Harness.scratch("podman-twice")
+        let fixture = try Fixture("twice", memory: 24)
+        defer { fixture.remove() }
+        let (name, rootfs, root) = (fixture.name, fixture.rootfs, fixture.root)
         let environment = ["STASIS_STORE": root + "/store"]
         let first = try Self.run(["container", "checkpoint", "--leave-running", "--export=" + root + "/first.tar", name])
         try #require(first.succeeded, "\(first.stderr)")
@@ -216,12 +234,9 @@ extension Integration {
     /// than this host's (refused by restore before anything runs), and an inventory image of an image
     /// version this CRIU does not read (refused by CRIU; nothing is left restored).
     @Test func archivesThatMustNotBeRestoredAreRefused() throws {
-        let image = try Self.image()
-        defer { _ = try? Self.run(["rmi", "-f", image]) }
-        let name = "stasis-test-podman-damaged-\(getpid())"
-        defer { Self.remove(name) }
-        let rootfs = try Self.counting(image, name: name)
-        let root = Harness.scratch("podman-damaged")
+        let fixture = try Fixture("damaged")
+        defer { fixture.remove() }
+        let (name, rootfs, root) = (fixture.name, fixture.rootfs, fixture.root)
         let archive = root + "/checkpoint.tar"
         let checkpoint = try Self.run(["container", "checkpoint", "--export=" + archive, name])
         try #require(checkpoint.succeeded, "\(checkpoint.stderr)")

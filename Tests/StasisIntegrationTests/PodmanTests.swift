@@ -183,11 +183,7 @@ extension Integration {
         let frozenAt = try #require(Self.count(rootfs))
         let export = try Harness.stasis(["export", root + "/dumped", "-o", root + "/stasis.tar", "--archive"], environment: environment)
         try #require(export.succeeded, "\(export.stderr)")
-        Self.remove(name)
-        let restored = try Self.run(["container", "restore", "--import=" + root + "/stasis.tar"])
-        try #require(restored.succeeded, "podman could not restore stasis's archive: \(restored.stderr)")
-        let first = Self.firstCount(try Self.mountpoint(name))
-        #expect((first ?? 0) >= frozenAt, "podman's restore of stasis's archive counts from \(String(describing: first)), not from \(frozenAt)")
+        try Self.expectPodmanRestores(root + "/stasis.tar", replacing: name, past: frozenAt)
 
         // 2. podman's own archive of it, imported into stasis's store and exported again by stasis.
         let checkpoint = try Self.run(["container", "checkpoint", "--export=" + root + "/podman.tar", name])
@@ -197,11 +193,17 @@ extension Integration {
         try #require(imported.succeeded, "\(imported.stderr)")
         let reexport = try Harness.stasis(["export", root + "/imported", "-o", root + "/through-stasis.tar", "--archive"], environment: environment)
         try #require(reexport.succeeded, "\(reexport.stderr)")
-        Self.remove(name)
-        let restoredAgain = try Self.run(["container", "restore", "--import=" + root + "/through-stasis.tar"])
-        try #require(restoredAgain.succeeded, "podman could not restore its archive after stasis: \(restoredAgain.stderr)")
-        let firstAgain = Self.firstCount(try Self.mountpoint(name))
-        #expect((firstAgain ?? 0) >= again, "counts from \(String(describing: firstAgain)), not from \(again)")
+        try Self.expectPodmanRestores(root + "/through-stasis.tar", replacing: name, past: again)
+    }
+
+    /// The container `name` removed, podman restores `archive` in its place; the restored shell's first count
+    /// must be past `frozenAt` (its memory came back).
+    static func expectPodmanRestores(_ archive: String, replacing name: String, past frozenAt: Int) throws {
+        remove(name)
+        let restored = try run(["container", "restore", "--import=" + archive])
+        try #require(restored.succeeded, "podman could not restore \(archive): \(restored.stderr)")
+        let first = firstCount(try mountpoint(name))
+        #expect((first ?? 0) >= frozenAt, "podman's restore of \(archive) counts from \(String(describing: first)), not from \(frozenAt)")
     }
 
     /// The same container checkpointed twice by podman (the first time left running): the second archive's

@@ -16,6 +16,9 @@
 #                                           migrate (BERT moved by stasis migrate between namespaces, and
 #                                           bench/migrate.sh bert), ncclrefuse (one part of multigpu, for a
 #                                           short call),
+#                                           serve8b (an 8B Llama-architecture server: cold start against
+#                                           restores from a disk store, warm and cold page cache, agent
+#                                           and driver path; about 6 minutes, 40 GB of disk),
 #                                           export and import (restore on another machine: export on one,
 #                                           bring the pieces back from $OUT into .device/import/, import on
 #                                           a new one). The benchmarks are apart: scripts/device-bench.sh.

@@ -191,6 +191,13 @@ int stasis_pipe_cloexec(int ends[2]) {
     return pipe2(ends, O_CLOEXEC);
 }
 
+int stasis_start_is_cached(int fd) {
+    char bytes[512];
+    struct iovec vector = { bytes, sizeof bytes };
+    if (preadv2(fd, &vector, 1, 0, RWF_NOWAIT) >= 0) return 1;
+    return errno == EAGAIN ? 0 : -1;
+}
+
 int stasis_spawn_close_from(void *actions, int lowest) {
     return posix_spawn_file_actions_addclosefrom_np((posix_spawn_file_actions_t *)actions, lowest);
 }

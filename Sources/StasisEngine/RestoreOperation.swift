@@ -33,6 +33,8 @@ public struct RestoreOperation {
         /// it); nil streams them to CRIU instead.
         public var rebuildRoot: String?
         public var skipCPUCheck = false
+        /// Read the chunks ahead into the page cache while CRIU and the driver work (`ChunkPrefetcher`).
+        public var prefetch = true
         /// How long to wait for a checkpointed PID that is still exiting (a zombie, or reaped slowly by init).
         public var pidWaitSeconds = 5.0
         public var logLevel: Int32 = 4
@@ -94,6 +96,14 @@ public struct RestoreOperation {
         let total = Stopwatch()
         let checked = try check()
         defer { checked.release() }
+        // From a cold disk, the chunks are read ahead (CRIU's first, then the agents' device memory) while CRIU
+        // and the driver do their part; the refill then finds them in memory.
+        let prefetcher = checked.store.flatMap { store in options.prefetch ? store : nil }.map { store in
+            ChunkPrefetcher(store: store, items: Checkpoint.criuItems(checked.manifest)
+                + Checkpoint.chunkedItems(checked.manifest).filter { Checkpoint.isDeviceMemory($0.path) })
+        }
+        prefetcher?.start()
+        defer { prefetcher?.stop() }
         if let runc = checked.runc, let container = checked.manifest.container, let workDirectory = checked.containerWork {
             return try restoreContainer(container, runc: runc, images: checked.rebuilt ?? checked.directory, workDirectory: workDirectory,
                                         manifest: checked.manifest, store: checked.store, directory: checked.directory,

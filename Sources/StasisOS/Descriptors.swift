@@ -81,6 +81,16 @@ extension FileDescriptor {
     }
 
     /// fsync(2): the file's data and metadata are durable.
+    /// Whether the file's first bytes are in the page cache (nil: cannot be told): a read of a file that is
+    /// would not wait for the disk.
+    public func startIsCached() -> Bool? {
+        switch stasis_start_is_cached(rawValue) {
+        case 1: true
+        case 0: false
+        default: nil
+        }
+    }
+
     public func sync() throws(Errno) {
         guard Glibc.fsync(rawValue) == 0 else { throw Errno(rawValue: errno) }
     }

@@ -31,6 +31,14 @@ public enum HostFacts {
                              pageSize: Int(sysconf(Int32(_SC_PAGESIZE))))
     }
 
+    /// MemAvailable of /proc/meminfo: what can be taken without swapping (page cache that can go included).
+    public static func availableMemoryBytes() -> UInt64? {
+        guard let text = try? String(contentsOfFile: "/proc/meminfo", encoding: .utf8),
+              let line = text.split(separator: "\n").first(where: { $0.hasPrefix("MemAvailable:") }),
+              let kilobytes = UInt64(line.split(separator: " ", omittingEmptySubsequences: true).dropFirst().first ?? "") else { return nil }
+        return kilobytes * 1024
+    }
+
     /// The CPU model name and the flags of the first processor in /proc/cpuinfo.
     static func cpuInfo() -> (String, Set<String>) {
         guard let text = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8) else { return ("unknown", []) }

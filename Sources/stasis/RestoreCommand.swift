@@ -31,6 +31,9 @@ struct RestoreCommand: ParsableCommand {
     @Flag(name: .long, help: "Restore even when this CPU lacks instruction-set extensions the checkpoint's host had.")
     var skipCPUCheck = false
 
+    @Flag(name: .long, help: "Do not read the store's chunks ahead into the page cache while CRIU restores (they are by default: it keeps a cold disk busy).")
+    var noPrefetch = false
+
     @Option(name: .long, help: "CRIU log level, 0-4.")
     var logLevel: Int32 = 4
 
@@ -71,6 +74,7 @@ struct RestoreCommand: ParsableCommand {
             options.store = store.store
             options.rebuildRoot = rebuildDir
             options.skipCPUCheck = skipCPUCheck
+            options.prefetch = !noPrefetch
             options.containerID = container
             options.bundle = bundle
             options.logLevel = logLevel

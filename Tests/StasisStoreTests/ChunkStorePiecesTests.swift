@@ -61,3 +61,49 @@ import Testing
         }
     }
 }
+
+/// The prefetcher reads into the page cache the chunks that are not there, in order, and skips those that are.
+@Suite struct ChunkPrefetching {
+    @Test func chunksOutOfThePageCacheAreReadAndCachedOnesSkipped() throws {
+        // On the disk (tmpfs keeps everything in memory, and nothing could be evicted there).
+        let root = "/var/tmp/stasis-prefetch-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        let store = try ChunkStore(path: root, create: true)
+        var digests: [String] = []
+        for index in 0..<6 {
+            let digest = String(format: "%064x", index + 1)
+            let path = store.chunkPath(digest)
+            try FileManager.default.createDirectory(atPath: (path as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+            try Data(repeating: UInt8(index), count: 1 << 20).write(to: URL(fileURLWithPath: path))
+            digests.append(digest)
+        }
+        // Written, synced, then dropped from the page cache (clean pages go with DONTNEED).
+        for digest in digests {
+            let fd = open(store.chunkPath(digest), O_RDONLY)
+            fsync(fd)
+            posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)
+            close(fd)
+        }
+        let item = ChunkedFiles.Item(path: "pages-1.img", size: UInt64(digests.count) << 20, chunks: digests + ["", digests[0]])
+        func cached() throws -> [Bool] {
+            try digests.map { digest in
+                let fd = try FileDescriptor.open(store.chunkPath(digest), .readOnly)
+                defer { fd.closeQuietly() }
+                return fd.startIsCached() == true
+            }
+        }
+        let first = ChunkPrefetcher(store: store, items: [item], budget: 1 << 30)
+        first.start(threads: 2)
+        let deadline = Date().addingTimeInterval(10)
+        while try cached().contains(false), Date() < deadline { usleep(10_000) }
+        let read = first.stop()
+        #expect(try cached() == Array(repeating: true, count: digests.count), "not all chunks are in the page cache after the prefetch")
+        // What the kernel really dropped was read back (all of it, where DONTNEED evicts), each chunk once.
+        #expect(read <= UInt64(digests.count) << 20 && read % (1 << 20) == 0, "\(read)")
+        // Everything is cached now: a second prefetcher reads nothing.
+        let second = ChunkPrefetcher(store: store, items: [item], budget: 1 << 30)
+        second.start(threads: 2)
+        usleep(200_000)
+        #expect(second.stop() == 0)
+    }
+}

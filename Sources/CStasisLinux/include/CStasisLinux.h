@@ -48,6 +48,9 @@ int stasis_destroy_time_wait(int family, const uint8_t *address, uint16_t port);
 /// that no child started meanwhile by another thread inherits it. Glibc declares both only under _GNU_SOURCE.
 int stasis_pipe_cloexec(int ends[2]);
 int stasis_accept_cloexec(int listener);
+/// 1 when the file's first bytes are in the page cache (a read of them would not wait: preadv2 with
+/// RWF_NOWAIT), 0 when they are not, -1 when that cannot be told.
+int stasis_start_is_cached(int fd);
 /// posix_spawn_file_actions_addclosefrom_np (glibc >= 2.34; Swift's Glibc module does not declare it).
 /// `actions` is a posix_spawn_file_actions_t.
 int stasis_spawn_close_from(void *actions, int lowest);

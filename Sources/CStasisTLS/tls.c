@@ -283,14 +283,6 @@ int stasis_tls_write(stasis_tls_session *session, const void *buffer, size_t siz
     return 0;
 }
 
-int stasis_tls_pending(stasis_tls_session *session) { return SSL_pending(session->ssl); }
-
-void stasis_tls_close(stasis_tls_session *session) {
-    ERR_clear_error();
-    (void)SSL_shutdown(session->ssl);
-    ERR_clear_error();
-}
-
 static int add_extension(X509 *certificate, int nid, const char *value) {
     X509V3_CTX v3;
     X509V3_set_ctx_nodb(&v3);

@@ -46,9 +46,6 @@ public final class TCPConnection: @unchecked Sendable {
     /// The SHA-256 fingerprint of the peer's certificate, once secured.
     public var peerFingerprint: String? { tls?.peerFingerprint }
 
-    /// Sends TLS's close_notify, so that the peer can tell an orderly end from a cut.
-    public func closeSecurely() { tls?.close() }
-
     /// "HOST:PORT" or "[V6]:PORT" into a host and a port.
     public static func split(_ address: String) throws -> (host: String, port: UInt16) {
         guard let colon = address.lastIndex(of: ":"), let port = UInt16(address[address.index(after: colon)...]), port > 0 else {

@@ -130,10 +130,6 @@ final class TLSSession {
 
     deinit { stasis_tls_session_free(pointer) }
 
-    func close() { stasis_tls_close(pointer) }
-
-    var pending: Int { Int(stasis_tls_pending(pointer)) }
-
     /// All of `buffer`; nil when it went.
     func send(_ buffer: UnsafeRawBufferPointer) -> StreamSocket.Failure? {
         guard let base = buffer.baseAddress, !buffer.isEmpty else { return nil }

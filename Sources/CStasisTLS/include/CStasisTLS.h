@@ -38,10 +38,6 @@ enum { STASIS_TLS_CLOSED = -1, STASIS_TLS_TIMED_OUT = -2, STASIS_TLS_FAILED = -3
 long stasis_tls_read(stasis_tls_session *session, void *buffer, size_t size, char *error, size_t error_size);
 /// All `size` bytes: 0, or one of the results above.
 int stasis_tls_write(stasis_tls_session *session, const void *buffer, size_t size, char *error, size_t error_size);
-/// Bytes already decrypted and waiting to be read.
-int stasis_tls_pending(stasis_tls_session *session);
-/// Sends close_notify (best effort).
-void stasis_tls_close(stasis_tls_session *session);
 
 /// Makes a P-256 key (`key_path`, created 0600, never replaced) and a self-signed certificate for it
 /// (`certificate_path`), valid from now + `not_before` to now + `not_after` seconds, named `common_name`.

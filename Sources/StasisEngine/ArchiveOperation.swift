@@ -249,6 +249,10 @@ public enum ArchiveOperation {
                 guard !name.contains(".."), !name.hasPrefix("/") else {
                     throw StasisError(.integrity, "\(file) names \(name), outside the archive")
                 }
+                if name == "oci-layout" || name.hasPrefix("blobs/") {
+                    throw StasisError(.notACheckpoint, "\(file) is an OCI image (containerd's checkpoint image, say), not a checkpoint archive of podman or CRI-O",
+                                      hint: "`stasis inspect` describes it; containerd restores it (`ctr containers restore`)")
+                }
                 if name == configDump {
                     // Kept as the engine wrote it too, for an export back to it.
                     let data = try reader.readAll()

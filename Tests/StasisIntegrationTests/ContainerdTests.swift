@@ -108,6 +108,9 @@ extension Integration {
         #expect((summary["pagesBytes"] as? Int ?? 0) > 0 && (summary["checkpointBytes"] as? Int ?? 0) > (summary["pagesBytes"] as? Int ?? 0), "\(summary)")
         #expect((summary["files"] as? [String] ?? []).contains("checkpoint/inventory.img"), "\(summary)")
         #expect(summary["rootfsDiffBytes"] as? Int != nil, "the writable layer (--rw) is described: \(summary)")
+        let importing = try Harness.stasis(["import", exported, "-D", daemon.root + "/imported"])
+        #expect(!importing.succeeded && importing.stderr.contains("is an OCI image"), "\(importing.stderr)")
+        #expect(!FileSystem.exists(daemon.root + "/imported"))
 
         // containerd restores it, the plugin loaded again; the shell counts on from the checkpoint.
         daemon.removeContainer(id)

@@ -85,12 +85,21 @@ import Testing
             close(fd)
         }
         let item = ChunkedFiles.Item(path: "pages-1.img", size: UInt64(digests.count) << 20, chunks: digests + ["", digests[0]])
-        func cached() throws -> [Bool] {
+        func residency() throws -> [Bool?] {
             try digests.map { digest in
                 let fd = try FileDescriptor.open(store.chunkPath(digest), .readOnly)
                 defer { fd.closeQuietly() }
-                return fd.startIsCached() == true
+                return fd.startIsCached()
             }
+        }
+        func cached() throws -> [Bool] { try residency().map { $0 == true } }
+        // A filesystem that cannot tell (no RWF_NOWAIT, as tmpfs): the prefetcher takes every chunk as cached.
+        if try residency().contains(where: { $0 == nil }) {
+            let prefetcher = ChunkPrefetcher(store: store, items: [item], budget: 1 << 30)
+            prefetcher.start(threads: 2)
+            usleep(200_000)
+            #expect(prefetcher.stop() == 0)
+            return
         }
         let first = ChunkPrefetcher(store: store, items: [item], budget: 1 << 30)
         first.start(threads: 2)

@@ -23,7 +23,7 @@ import re
 import sys
 import time
 
-from workload_protocol import daemonize, deterministic_torch, write_file
+from workload_protocol import clear_signals, daemonize, deterministic_torch, write_file
 
 VOCAB = 30522
 MAX_TOKENS = 512  # BERT's position embeddings
@@ -51,10 +51,7 @@ def serve(args):
     responses = os.path.join(args.dir, "responses")
     os.makedirs(requests, exist_ok=True)
     os.makedirs(responses, exist_ok=True)
-    try:
-        os.unlink(os.path.join(args.dir, "ready"))  # an earlier run's would be taken for this one's
-    except FileNotFoundError:
-        pass
+    clear_signals(args.dir, ("ready",))  # an earlier run's would be taken for this one's
     if args.daemon:
         # Before torch is imported: forking a process that has started CUDA or torch's threads is unsafe.
         daemonize(args.dir, ("ready",), "infer_server", READY_TIMEOUT_S)

@@ -26,7 +26,7 @@ import sys
 import time
 import urllib.request
 
-from workload_protocol import daemonize, write_file
+from workload_protocol import clear_signals, daemonize, write_file
 
 SEED = 0
 DEFAULT_PORT = 18080
@@ -89,10 +89,7 @@ def prepare(args):
 
 def serve(args):
     os.makedirs(args.dir, exist_ok=True)
-    try:
-        os.unlink(os.path.join(args.dir, "ready"))  # an earlier run's would be taken for this one's
-    except FileNotFoundError:
-        pass
+    clear_signals(args.dir, ("ready",))  # an earlier run's would be taken for this one's
     if args.daemon:
         # Before torch is imported: forking a process that has started CUDA or torch's threads is unsafe.
         daemonize(args.dir, ("ready",), "llm_server", READY_TIMEOUT_S)

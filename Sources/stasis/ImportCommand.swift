@@ -11,8 +11,10 @@ struct ImportCommand: ParsableCommand {
         Every record of the bundle is checked (files against the manifest, chunks against their SHA-256, the \
         bundle against its trailing SHA-256) before the checkpoint directory appears. A damaged or truncated \
         bundle is refused, naming the record; chunks it had already added to the store are left for gc. A \
-        container checkpoint archive (podman, CRI-O, or stasis export --archive) is recognised too: its images go \
-        into the store, and `stasis restore --bundle` restores the container through runc.
+        container checkpoint archive (podman, CRI-O, or stasis export --archive; plain, zstd or gzip) is \
+        recognised too: its images go into the store, and `stasis restore --bundle` restores the container \
+        through runc. An archive holding a file no engine writes is refused; containerd's checkpoint images \
+        are for containerd to restore.
         """)
 
     @Argument(help: "The bundle file.")

@@ -9,7 +9,7 @@ struct InspectCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "inspect",
         abstract: "Describe a checkpoint: when and where it was taken, its process tree, memory, size and GPU section.",
-        discussion: "Also describes a container checkpoint archive (podman, CRI-O, stasis export --archive) without unpacking it.")
+        discussion: "Also describes, without unpacking it, a container checkpoint archive (podman, CRI-O, stasis export --archive) or a containerd checkpoint image (ctr image export --skip-manifest-json).")
 
     @Argument(help: "The checkpoint directory.")
     var directory: String

@@ -15,8 +15,9 @@ struct Stasis: ParsableCommand {
         checkpoint API (driver >= 570); programs started with `stasis run` carry an agent that moves their device \
         memory itself, straight into the chunk store, and leaves the driver only the rest. runc containers are \
         checkpointed through runc (dump --container), and exchanged with podman and CRI-O as checkpoint \
-        archives (export --archive, import). `stasis migrate` moves a running job to a host that runs `stasis \
-        serve`, sending only the chunks that host lacks. Run as root.
+        archives (export --archive, import; plain, zstd or gzip); inspect also reads containerd's checkpoint \
+        images. `stasis migrate` moves a running job to a host that runs `stasis serve`, sending only the chunks \
+        that host lacks, over TLS 1.3 with --tls. Run as root.
         """,
         version: StasisVersion.current,
         subcommands: [RunCommand.self, CheckCommand.self, DumpCommand.self, RestoreCommand.self, ResumeCommand.self, InspectCommand.self, VerifyCommand.self,

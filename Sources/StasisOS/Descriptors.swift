@@ -191,4 +191,12 @@ public struct FileStatus: Sendable {
 
     /// Whether this user owns it (the effective user ID).
     public var ownedByThisUser: Bool { owner == geteuid() }
+
+    /// Refuses a secret (a token, a private key) at `path` that is not this user's or that others may read.
+    public func requireSecret(_ path: String, what: String) throws {
+        guard ownedByThisUser, permissions & 0o077 == 0 else {
+            throw StasisError(.permission, "\(what) \(path) must belong to this user and be readable by no one else (mode \(String(permissions & 0o777, radix: 8)), owner \(owner))",
+                              hint: "chown $(id -u) \(path); chmod 600 \(path)")
+        }
+    }
 }

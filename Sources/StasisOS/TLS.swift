@@ -32,10 +32,7 @@ public struct TLSConfiguration: Sendable {
             throw StasisError(.invalidArgument, "\(file) does not exist", hint: "make a key and certificate with `stasis serve --init-tls \(directory)`")
         }
         let info = try attempt("cannot read the TLS key", key) { try FileSystem.status(key) }
-        guard let info, info.ownedByThisUser, info.permissions & 0o077 == 0 else {
-            throw StasisError(.permission, "the TLS key \(key) must belong to this user and be readable by no one else",
-                              hint: "chown $(id -u) \(key); chmod 600 \(key)")
-        }
+        try info?.requireSecret(key, what: "the TLS key")
     }
 
     /// Makes `directory` (0700) with a new P-256 key (key.pem, 0600) and a self-signed certificate for it

@@ -50,10 +50,7 @@ public enum Migration {
         let fd = try attempt("cannot read the token file", path) { try FileDescriptor.open(path, .readOnly, options: .noFollow) }
         defer { fd.closeQuietly() }
         let info = try attempt("cannot read the token file", path) { try fd.status() }
-        guard info.ownedByThisUser, info.permissions & 0o077 == 0 else {
-            throw StasisError(.permission, "the token file \(path) must belong to this user and be readable by no one else (mode \(String(info.permissions & 0o777, radix: 8)), owner \(info.owner))",
-                              hint: "chown $(id -u) \(path); chmod 600 \(path)")
-        }
+        try info.requireSecret(path, what: "the token file")
         let text = try FileHandle(fileDescriptor: fd.rawValue, closeOnDealloc: false).readToEnd() ?? Data()
         let token = String(decoding: text, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
         guard token.utf8.count >= 16 else {

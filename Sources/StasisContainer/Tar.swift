@@ -152,6 +152,7 @@ public enum Tar {
             switch source {
             case .bytes(let data):
                 let count = min(buffer.count, data.count - offset)
+                guard count > 0 else { return 0 }
                 data.withUnsafeBytes { bytes in
                     buffer.baseAddress!.copyMemory(from: bytes.baseAddress! + offset, byteCount: count)
                 }

@@ -13,12 +13,13 @@ import StasisOS
 /// to 7.4 s and the whole restore gained nothing). A chunk it did not reach is read as before, and it stops at
 /// `budget` bytes (half the memory available, by default), so that it never pushes out what the restore needs.
 public final class ChunkPrefetcher: @unchecked Sendable {
-    // @unchecked Sendable: `next`, `read` and `stopped` are behind `state`'s lock; the rest is set once.
+    // @unchecked Sendable: what changes is behind `state`'s lock; the rest is set once.
     private let store: ChunkStore
     private let digests: [String]
     private let budget: UInt64
-    private let state = Locked<(next: Int, read: UInt64, stopped: Bool)>((0, 0, false))
-    private let workers = DispatchGroup()
+    private let state = Locked<(next: Int, read: UInt64, stopped: Bool, started: Bool)>((0, 0, false, false))
+    /// Signalled when the workers are done (started or not).
+    private let finished = DispatchSemaphore(value: 0)
 
     /// The chunks of `items` in order, each once, zero chunks (empty digests) left out.
     public init(store: ChunkStore, items: [ChunkedFiles.Item], budget: UInt64? = nil) {
@@ -28,27 +29,27 @@ public final class ChunkPrefetcher: @unchecked Sendable {
         self.budget = budget ?? (HostFacts.availableMemoryBytes() ?? 0) / 2
     }
 
-    /// Starts `threads` workers; returns at once.
+    /// Starts `threads` workers (the store's `WorkerGroup`, run from a thread of its own); returns at once.
     public func start(threads: Int = 8) {
-        for _ in 0..<max(1, threads) {
-            workers.enter()
-            Thread.detachNewThread { [self] in
-                defer { workers.leave() }
-                let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
-                defer { buffer.deallocate() }
-                while let digest = take() {
-                    guard let fd = try? FileDescriptor.open(store.chunkPath(digest), .readOnly) else { continue }
-                    // In memory already (a warm page cache, a store on tmpfs): nothing to read ahead.
-                    if fd.startIsCached() != false {
-                        fd.closeQuietly()
-                        continue
-                    }
-                    var read: UInt64 = 0
-                    while let got = try? fd.readSome(into: buffer), got > 0 { read += UInt64(got) }
-                    fd.closeQuietly()
-                    state.withLock { $0.read += read }
-                }
-            }
+        guard state.withLock({ state in defer { state.started = true }; return !state.started }) else { return }
+        Thread.detachNewThread { [self] in
+            WorkerGroup.run(threads, name: "stasis-prefetch") { _ in self.readAhead() }
+            finished.signal()
+        }
+    }
+
+    /// One worker: takes the next chunk and reads it to its end, unless it is cached already.
+    private func readAhead() {
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+        defer { buffer.deallocate() }
+        while let digest = take() {
+            guard let fd = try? FileDescriptor.open(store.chunkPath(digest), .readOnly) else { continue }
+            defer { fd.closeQuietly() }
+            // In memory already (a warm page cache, a store on tmpfs): nothing to read ahead.
+            if fd.startIsCached() != false { continue }
+            var read: UInt64 = 0
+            while let got = try? fd.readSome(into: buffer), got > 0 { read += UInt64(got) }
+            state.withLock { $0.read += read }
         }
     }
 
@@ -64,8 +65,7 @@ public final class ChunkPrefetcher: @unchecked Sendable {
     /// bytes read.
     @discardableResult
     public func stop() -> UInt64 {
-        state.withLock { $0.stopped = true }
-        workers.wait()
+        if state.withLock({ state in state.stopped = true; return state.started }) { finished.wait() }
         return state.withLock { $0.read }
     }
 }

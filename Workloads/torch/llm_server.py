@@ -134,7 +134,10 @@ def serve(args):
             try:
                 if self.path != "/generate":
                     raise ValueError(f"no {self.path}: POST /generate")
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+                length = int(self.headers.get("Content-Length", "0"))
+                if not 0 < length <= 1 << 20:
+                    raise ValueError("a JSON body of 1 byte to 1 MiB (Content-Length) is needed")
+                body = json.loads(self.rfile.read(length))
                 tokens, new = [int(t) for t in body["tokens"]], int(body.get("new", 16))
                 if not 1 <= len(tokens) <= 4096 or not all(0 <= t < config.vocab_size for t in tokens) or not 1 <= new <= 512:
                     raise ValueError("tokens: 1 to 4096 ids below the vocabulary size; new: 1 to 512")

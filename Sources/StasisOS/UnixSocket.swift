@@ -98,24 +98,18 @@ public enum UnixSocket {
 
     /// Sends all of `bytes` on a stream socket with `descriptor` attached to the first byte (SCM_RIGHTS).
     public static func send(_ fd: FileDescriptor, _ bytes: UnsafeRawBufferPointer, passing descriptor: FileDescriptor) -> StreamSocket.Failure? {
-        let control = UnsafeMutableRawPointer.allocate(byteCount: descriptorControlSpace, alignment: 8)
-        defer { control.deallocate() }
-        control.initializeMemory(as: UInt8.self, repeating: 0, count: descriptorControlSpace)
-        let header = control.assumingMemoryBound(to: cmsghdr.self)
-        header.pointee.cmsg_level = SOL_SOCKET
-        header.pointee.cmsg_type = Int32(SCM_RIGHTS)
-        header.pointee.cmsg_len = MemoryLayout<cmsghdr>.size + MemoryLayout<Int32>.size
-        (control + MemoryLayout<cmsghdr>.size).storeBytes(of: descriptor.rawValue, as: Int32.self)
-        var vector = iovec(iov_base: UnsafeMutableRawPointer(mutating: bytes.baseAddress), iov_len: bytes.count)
-        let sent = withUnsafeMutablePointer(to: &vector) { vectorPointer -> Int in
-            var message = msghdr()
-            message.msg_iov = vectorPointer
-            message.msg_iovlen = 1
-            message.msg_control = control
-            message.msg_controllen = descriptorControlSpace
-            return retryingEINTR { sendmsg(fd.rawValue, &message, Int32(MSG_NOSIGNAL)) }
+        var code: Int32 = 0  // errno, read before the control buffer is freed
+        let sent = withDescriptorMessage(UnsafeMutableRawPointer(mutating: bytes.baseAddress), bytes.count) { message, control in
+            let header = control.assumingMemoryBound(to: cmsghdr.self)
+            header.pointee.cmsg_level = SOL_SOCKET
+            header.pointee.cmsg_type = Int32(SCM_RIGHTS)
+            header.pointee.cmsg_len = MemoryLayout<cmsghdr>.size + MemoryLayout<Int32>.size
+            (control + MemoryLayout<cmsghdr>.size).storeBytes(of: descriptor.rawValue, as: Int32.self)
+            let sent = retryingEINTR { sendmsg(fd.rawValue, &message, Int32(MSG_NOSIGNAL)) }
+            code = errno
+            return sent
         }
-        if sent < 0 { return errno == EPIPE || errno == ECONNRESET ? .closed : .failed(errno: errno) }
+        if sent < 0 { return code == EPIPE || code == ECONNRESET ? .closed : .failed(errno: code) }
         if sent == 0 { return .closed }
         // The rest without the descriptor: it went with the first byte.
         return StreamSocket.send(fd, UnsafeRawBufferPointer(rebasing: bytes[sent...]))
@@ -124,28 +118,20 @@ public enum UnixSocket {
     /// Fills all of `buffer` from a stream socket and returns the descriptor that came with it, if one did
     /// (SCM_RIGHTS, close-on-exec here).
     public static func receive(_ fd: FileDescriptor, into buffer: UnsafeMutableRawBufferPointer) -> (failure: StreamSocket.Failure?, descriptor: FileDescriptor?) {
-        let control = UnsafeMutableRawPointer.allocate(byteCount: descriptorControlSpace, alignment: 8)
-        defer { control.deallocate() }
-        control.initializeMemory(as: UInt8.self, repeating: 0, count: descriptorControlSpace)
-        var vector = iovec(iov_base: buffer.baseAddress, iov_len: buffer.count)
-        var controlLength = 0
-        let got = withUnsafeMutablePointer(to: &vector) { vectorPointer -> Int in
-            var message = msghdr()
-            message.msg_iov = vectorPointer
-            message.msg_iovlen = 1
-            message.msg_control = control
-            message.msg_controllen = descriptorControlSpace
+        var descriptor: FileDescriptor?
+        var code: Int32 = 0  // errno, read before the control buffer is freed
+        let got = withDescriptorMessage(buffer.baseAddress, buffer.count) { message, control in
             let got = retryingEINTR { recvmsg(fd.rawValue, &message, Int32(MSG_CMSG_CLOEXEC)) }
-            controlLength = message.msg_controllen
+            code = errno
+            let header = control.assumingMemoryBound(to: cmsghdr.self)
+            if got > 0, message.msg_controllen >= MemoryLayout<cmsghdr>.size, header.pointee.cmsg_level == SOL_SOCKET,
+               header.pointee.cmsg_type == Int32(SCM_RIGHTS) {
+                descriptor = FileDescriptor(rawValue: (control + MemoryLayout<cmsghdr>.size).load(as: Int32.self))
+            }
             return got
         }
         if got == 0 { return (.closed, nil) }
-        if got < 0 { return (errno == EAGAIN || errno == EWOULDBLOCK ? .timedOut : .failed(errno: errno), nil) }
-        var descriptor: FileDescriptor?
-        let header = control.assumingMemoryBound(to: cmsghdr.self)
-        if controlLength >= MemoryLayout<cmsghdr>.size, header.pointee.cmsg_level == SOL_SOCKET, header.pointee.cmsg_type == Int32(SCM_RIGHTS) {
-            descriptor = FileDescriptor(rawValue: (control + MemoryLayout<cmsghdr>.size).load(as: Int32.self))
-        }
+        if got < 0 { return (code == EAGAIN || code == EWOULDBLOCK ? .timedOut : .failed(errno: code), nil) }
         let rest = got < buffer.count ? StreamSocket.receive(fd, into: UnsafeMutableRawBufferPointer(rebasing: buffer[got...])) : nil
         if rest != nil { descriptor?.closeQuietly(); return (rest, nil) }
         return (nil, descriptor)
@@ -159,6 +145,24 @@ public enum UnixSocket {
 
     /// CMSG_SPACE(sizeof(int)) on 64-bit Linux: a 16-byte header and the int padded to 8.
     private static let descriptorControlSpace = MemoryLayout<cmsghdr>.size + 8
+
+    /// Runs `body` with a message over the `count` bytes at `base` and a zeroed control buffer with room for
+    /// one descriptor: what sending and receiving one share.
+    private static func withDescriptorMessage(_ base: UnsafeMutableRawPointer?, _ count: Int,
+                                              _ body: (inout msghdr, UnsafeMutableRawPointer) -> Int) -> Int {
+        let control = UnsafeMutableRawPointer.allocate(byteCount: descriptorControlSpace, alignment: 8)
+        defer { control.deallocate() }
+        control.initializeMemory(as: UInt8.self, repeating: 0, count: descriptorControlSpace)
+        var vector = iovec(iov_base: base, iov_len: count)
+        return withUnsafeMutablePointer(to: &vector) { pointer in
+            var message = msghdr()
+            message.msg_iov = pointer
+            message.msg_iovlen = 1
+            message.msg_control = control
+            message.msg_controllen = descriptorControlSpace
+            return body(&message, control)
+        }
+    }
 
     private static func socketAddress(_ bytes: [UInt8], abstract: Bool) -> sockaddr_un? {
         var address = sockaddr_un()

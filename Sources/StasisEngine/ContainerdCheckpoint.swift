@@ -26,20 +26,30 @@ enum ContainerdCheckpoint {
         var tarFiles: [(name: String, size: UInt64)]?
     }
 
-    static let smallBlob: UInt64 = 1 << 20
+    /// Blobs this small are kept whole (the indexes are JSON of a few hundred bytes); larger ones are only
+    /// listed as they pass. What is kept in all is bounded, so that a crafted image cannot fill memory.
+    static let smallBlob: UInt64 = 64 << 10
+    static let keptLimit = 16 << 20
 
     /// Summarizes the OCI layout `reader` is reading (`first` its first entry, already taken).
     static func summarize(_ reader: Tar.Reader, first: Tar.Reader.Entry?, archive: String) throws -> ArchiveOperation.Summary {
         var blobs: [String: Blob] = [:]
         var index: Data?
+        var kept = 0
         var entry = first
         while let current = entry {
             if current.isFile {
                 if current.name == "index.json" {
                     index = try reader.readAll()
+                    kept += index?.count ?? 0
                 } else if current.name.hasPrefix("blobs/sha256/") {
                     let digest = "sha256:" + current.name.dropFirst("blobs/sha256/".count)
-                    blobs[digest] = try blob(reader, current, archive: archive)
+                    let blob = try blob(reader, current, archive: archive)
+                    kept += blob.contents?.count ?? 0
+                    blobs[digest] = blob
+                }
+                guard kept <= keptLimit else {
+                    throw StasisError(.integrity, "\(archive) holds more than \(keptLimit >> 20) MiB of small blobs: not a checkpoint image containerd wrote")
                 }
             }
             entry = try reader.next()
@@ -75,7 +85,7 @@ enum ContainerdCheckpoint {
             let data = try reader.readAll()
             return Blob(size: entry.size, contents: data, tarFiles: tarListing(of: data, archive: archive + ":" + entry.name))
         }
-        // A large one can only be CRIU's tar or a layer: listed if it is a tar, else passed over.
+        // A larger one is CRIU's tar or a layer: listed if it is a tar, else passed over.
         let inner = Tar.Reader(entryOf: reader, path: archive + ":" + entry.name)
         var files: [(String, UInt64)] = []
         do {

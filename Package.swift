@@ -73,7 +73,7 @@ let package = Package(
         // bench/store-throughput.sh's driver: the chunk store's ingest and rebuild on N threads.
         .executableTarget(name: "stasis-store-bench", dependencies: ["StasisStore", "StasisCore", "StasisOS"], path: "bench/StoreBench"),
         // The other end of the agent's control channel, without a GPU: for the tests and stasis-agent-bench.
-        .target(name: "StasisAgentStandIn", dependencies: ["CStasisAgentProtocol", "StasisCore", "StasisOS", "StasisStore"], path: "Tests/AgentStandIn"),
+        .target(name: "StasisAgentStandIn", dependencies: ["CStasisAgentProtocol", "CStasisLinux", "StasisCore", "StasisOS", "StasisStore"], path: "Tests/AgentStandIn"),
         // bench/agent-cpu.sh's driver: stasis's side of an evacuation and a refill against the stand-in.
         .executableTarget(name: "stasis-agent-bench", dependencies: ["StasisGPU", "StasisStore", "StasisCore", "StasisOS", "StasisAgentStandIn"],
                           path: "bench/AgentBench"),

@@ -5,6 +5,7 @@
 #include "CStasisLinux.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <sys/stat.h>
@@ -14,6 +15,8 @@
 #include <spawn.h>
 #include <stdio.h>
 #include <unistd.h>
+
+int stasis_memfd(const char *name) { return memfd_create(name, MFD_CLOEXEC); }
 
 int stasis_punch_hole(int fd, int64_t offset, int64_t length) {
     return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length);

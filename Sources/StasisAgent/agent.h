@@ -33,6 +33,8 @@ typedef struct {
     unsigned streams;         // copy streams per device
     int verbose;              // STASIS_AGENT_LOG=1
     int gpu_digests;          // STASIS_AGENT_GPU_DIGESTS=off leaves hashing to stasis's CPUs (to compare the two)
+    int shared_ring;          // STASIS_AGENT_SHARED_RING=off pins the driver's memory as the ring, which stasis
+                              // then copies with process_vm_readv/writev (to compare one CPU copy with two)
 } agent_settings;
 HIDDEN extern agent_settings settings;
 
@@ -121,6 +123,9 @@ HIDDEN int memory_released(void);
 /// The pinned staging ring (allocated at the first backed allocation, never at checkpoint time).
 HIDDEN void *memory_ring(void);
 HIDDEN void memory_ensure_ring(void);
+/// The shared ring unpinned while the device memory is released, and pinned again before it is re-created.
+HIDDEN CUresult memory_ring_unpin(char *why, size_t length);
+HIDDEN CUresult memory_ring_pin(char *why, size_t length);
 HIDDEN void memory_after_fork_child(void);
 
 /// Legacy CUDA IPC of memory the agent backs: a POSIX descriptor for the allocation holding `pointer`

@@ -551,12 +551,18 @@ static void serve(int fd) {
             if (state != STASIS_AGENT_HELD || !evacuated) { reply(fd, STASIS_AGENT_ERROR, 0, "nothing evacuated: quiesce and evacuate first"); break; }
             state = STASIS_AGENT_RELEASED;
             contents_lost = 1;
-            if (memory_release_all(why, sizeof why) != CUDA_SUCCESS) reply(fd, STASIS_AGENT_ERROR, 0, "%s", why);
-            else reply(fd, STASIS_AGENT_OK, 0, NULL);
+            if (memory_release_all(why, sizeof why) != CUDA_SUCCESS || memory_ring_unpin(why, sizeof why) != CUDA_SUCCESS) {
+                reply(fd, STASIS_AGENT_ERROR, 0, "%s", why);
+            } else {
+                reply(fd, STASIS_AGENT_OK, 0, NULL);
+            }
             break;
         case STASIS_AGENT_REBACK:
             if (state == STASIS_AGENT_RUNNING) { reply(fd, STASIS_AGENT_ERROR, 0, "not held"); break; }
-            if (memory_reback_all(why, sizeof why) != CUDA_SUCCESS) { reply(fd, STASIS_AGENT_ERROR, 0, "%s", why); break; }
+            if (memory_ring_pin(why, sizeof why) != CUDA_SUCCESS || memory_reback_all(why, sizeof why) != CUDA_SUCCESS) {
+                reply(fd, STASIS_AGENT_ERROR, 0, "%s", why);
+                break;
+            }
             state = STASIS_AGENT_HELD;
             reply(fd, STASIS_AGENT_OK, 0, NULL);
             break;

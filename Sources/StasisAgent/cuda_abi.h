@@ -69,6 +69,7 @@ _Static_assert(sizeof(cu_mem_access_desc) == 12, "CUmemAccessDesc is 12 bytes");
 #define CU_MEM_HANDLE_TYPE_FABRIC 8
 #define CU_MEM_ALLOC_GRANULARITY_RECOMMENDED 1
 #define CU_MEMHOSTALLOC_PORTABLE 1
+#define CU_MEMHOSTREGISTER_PORTABLE 1
 #define CU_STREAM_NON_BLOCKING 1
 #define CU_EVENT_DISABLE_TIMING 2
 
@@ -108,6 +109,9 @@ typedef struct {
     CUresult (*cuMemcpyHtoDAsync_v2)(CUdeviceptr, const void *, size_t, CUstream);
     CUresult (*cuMemsetD8Async)(CUdeviceptr, unsigned char, size_t, CUstream);
     CUresult (*cuMemHostAlloc)(void **, size_t, unsigned int);
+    // The staging ring as a memfd mapping the agent pins itself (memory.c).
+    CUresult (*cuMemHostRegister_v2)(void *, size_t, unsigned int);
+    CUresult (*cuMemHostUnregister)(void *);
     CUresult (*cuGetErrorName)(CUresult, const char **);
     // Optional (drivers of CUDA 12.1 and later): binds VMM memory to a multicast object (NVLink SHARP).
     CUresult (*cuMulticastBindMem)(CUmemGenericAllocationHandle, CUdevice, size_t, CUmemGenericAllocationHandle, size_t, size_t,

@@ -56,6 +56,7 @@ __attribute__((constructor)) static void agent_init(void) {
     settings.enabled = !off("STASIS_AGENT");
     settings.back_allocations = !off("STASIS_AGENT_BACKING");
     settings.gpu_digests = !off("STASIS_AGENT_GPU_DIGESTS");
+    settings.shared_ring = !off("STASIS_AGENT_SHARED_RING");
     settings.min_backed_bytes = mib_setting("STASIS_AGENT_MIN_BACKED_MIB", 2u << 20);
     settings.slot_bytes = 2u << 20;  // ChunkStore.chunkSize: a slot is one chunk
     size_t ring = mib_setting("STASIS_AGENT_RING_MIB", 64u << 20);
@@ -133,6 +134,8 @@ static void resolve(void) {
     RESOLVE(cuMemcpyHtoDAsync_v2);
     RESOLVE(cuMemsetD8Async);
     RESOLVE(cuMemHostAlloc);
+    RESOLVE(cuMemHostRegister_v2);
+    RESOLVE(cuMemHostUnregister);
     RESOLVE(cuGetErrorName);
     RESOLVE(cuMulticastBindMem);
     RESOLVE(cuMulticastBindAddr);

@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <stdio.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include "agent.h"
@@ -63,6 +64,9 @@ static uint64_t next_id = FIRST_ID;
 static CUcontext device_contexts[MAX_DEVICES];
 static size_t granularity[MAX_DEVICES];
 static void *ring;
+static int ring_shared;        // a memfd mapping the agent pins itself (else the driver's pinned memory)
+static int ring_pinned;
+static CUcontext ring_context; // the context it was pinned in (a primary context: it lives as long as the process)
 static int released;
 static atomic_ullong driver_path_bytes;
 
@@ -204,18 +208,73 @@ static void ensure_ring_on(int device) {
     real.cuCtxSetCurrent(previous);
 }
 
+/// The ring as a memfd mapped shared, so that stasis can map the same pages and copy a chunk once on the CPU
+/// (between the slot and the store's file) instead of twice (process_vm_readv, then write). Not inherited by
+/// children (DataLoader workers carry no ring, as with the driver's pinned memory).
+static void *map_shared_ring(size_t bytes) {
+    int fd = memfd_create(STASIS_AGENT_RING_NAME, MFD_CLOEXEC);
+    if (fd < 0) return NULL;
+    void *address = MAP_FAILED;
+    if (ftruncate(fd, (off_t)bytes) == 0) address = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
+    close(fd);
+    if (address == MAP_FAILED) return NULL;
+    madvise(address, bytes, MADV_DONTFORK);
+    return address;
+}
+
 HIDDEN void memory_ensure_ring(void) {
     if (ring) return;
-    void *pinned = NULL;
-    CUresult result = real.cuMemHostAlloc(&pinned, settings.slot_bytes * settings.slot_count, CU_MEMHOSTALLOC_PORTABLE);
-    if (result == CUDA_SUCCESS) {
-        ring = pinned;
-        agent_log("pinned staging ring: %u slots of %zu bytes", settings.slot_count, settings.slot_bytes);
+    size_t bytes = settings.slot_bytes * settings.slot_count;
+    void *shared = settings.shared_ring ? map_shared_ring(bytes) : NULL;
+    CUresult result = CUDA_ERROR_NOT_SUPPORTED;
+    if (shared && real.cuMemHostRegister_v2 && real.cuMemHostUnregister &&
+        (result = real.cuMemHostRegister_v2(shared, bytes, CU_MEMHOSTREGISTER_PORTABLE)) == CUDA_SUCCESS) {
+        ring = shared;
+        ring_shared = ring_pinned = 1;
+        real.cuCtxGetCurrent(&ring_context);
+    } else {
+        if (shared) {
+            agent_log("cannot pin a shared staging ring (%s): the driver's pinned memory instead", driver_error_name(result));
+            munmap(shared, bytes);
+        }
+        void *pinned = NULL;
+        result = real.cuMemHostAlloc(&pinned, bytes, CU_MEMHOSTALLOC_PORTABLE);
+        if (result == CUDA_SUCCESS) ring = pinned;
+    }
+    if (ring) {
+        agent_log("pinned %sstaging ring: %u slots of %zu bytes", ring_shared ? "shared " : "", settings.slot_count, settings.slot_bytes);
         digest_pin_area();
     } else {
         agent_log("cannot pin the staging ring: %s", driver_error_name(result));
     }
 }
+
+/// Runs `pin` (1) or unpin (0) of the shared ring in the context it was pinned in.
+static CUresult ring_pin_state(int pin, char *why, size_t length) {
+    if (!ring_shared || ring_pinned == pin) return CUDA_SUCCESS;
+    size_t bytes = settings.slot_bytes * settings.slot_count;
+    CUcontext previous = NULL;
+    CUresult result = real.cuCtxGetCurrent(&previous);
+    if (result == CUDA_SUCCESS) result = real.cuCtxSetCurrent(ring_context);
+    if (result == CUDA_SUCCESS) {
+        result = pin ? real.cuMemHostRegister_v2(ring, bytes, CU_MEMHOSTREGISTER_PORTABLE) : real.cuMemHostUnregister(ring);
+        real.cuCtxSetCurrent(previous);
+    }
+    if (result != CUDA_SUCCESS) {
+        snprintf(why, length, "cannot %s the staging ring: %s", pin ? "pin" : "unpin", driver_error_name(result));
+        return result;
+    }
+    ring_pinned = pin;
+    // Unpinned, its pages go: the checkpoint need not carry 64 MiB of stale slots. Pinning again faults them in.
+    if (!pin) madvise(ring, bytes, MADV_REMOVE);
+    return CUDA_SUCCESS;
+}
+
+/// The shared ring is the agent's own memory, which the driver's checkpoint need not know as pinned: it is
+/// unpinned while the device memory is released (across the driver's checkpoint, CRIU and a restore) and
+/// pinned again before the memory is re-created.
+HIDDEN CUresult memory_ring_unpin(char *why, size_t length) { return ring_pin_state(0, why, length); }
+HIDDEN CUresult memory_ring_pin(char *why, size_t length) { return ring_pin_state(1, why, length); }
 
 HIDDEN void *memory_ring(void) { return ring; }
 HIDDEN int memory_released(void) { return released; }

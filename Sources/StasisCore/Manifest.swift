@@ -214,6 +214,10 @@ public struct Manifest: Codable, Sendable, Equatable {
         /// fsync of every image before the checkpoint counts as taken.
         public var sync: Double
         public var total: Double
+        /// With --leave-running: how long the job was held (its CUDA calls from the agents' hold or the
+        /// driver's lock, then CRIU's freeze) until it ran again. The checkpoint is made durable and published
+        /// after that, within `total`.
+        public var stalled: Double?
         public init(freeze: Double = 0, frozen: Double = 0, memoryDump: Double = 0, memoryWrite: Double = 0,
                     criu: Double = 0, devices: Double = 0, hash: Double = 0, sync: Double = 0, total: Double = 0) {
             self.freeze = freeze
@@ -297,6 +301,9 @@ public struct Manifest: Codable, Sendable, Equatable {
         public var evacuateCPUSeconds: Double?
         /// The GPU hashed the chunks (the agent's digest kernel); nil or false: stasis hashed them on its CPUs.
         public var hashedOnGPU: Bool?
+        /// stasis mapped the agent's ring and stored each chunk from its slot (one CPU copy); nil or false:
+        /// it copied each slot out first (process_vm_readv).
+        public var ringMapped: Bool?
         /// Device memory this process maps but another process of the tree owns (moved once, by its owner):
         /// at restore the owner exports it again and this process imports it where it was.
         public var imports: [AgentImport]?

@@ -87,6 +87,7 @@ final class AgentEvacuation: @unchecked Sendable {
                 memory.zeroBytes = UInt64(done.totals.zeroChunks) * UInt64(ChunkStore.chunkSize)
                 memory.evacuateCPUSeconds = done.cpu
                 memory.hashedOnGPU = session.hashesOnGPU
+                memory.ringMapped = session.ringMapped
                 memory.imports = imports[session.pid]
                 processes[session.pid] = Evacuated(session: session, chunks: done.chunks, memory: memory)
                 // Listed in the store's catalog before the memory goes, so that gc keeps it and `stasis

@@ -9,10 +9,13 @@ import StasisStore
 /// memory back; and later re-create that memory at the same addresses, fill it from the store, and let the
 /// calls go on.
 ///
-/// The ring is the agent's (pinned once, when the program first allocates); stasis reads and writes its slots
-/// with process_vm_readv/writev, a slot (one 2 MiB chunk) at a time, on every core: a slot is given back as
-/// soon as it is read, so the agent's copies, stasis's hashing and compression, and the store's writes overlap.
-/// Host memory stays bounded by the ring plus two chunk buffers per worker.
+/// The ring is the agent's (pinned once, when the program first allocates), a slot a 2 MiB chunk, worked on
+/// every core so that the agent's copies, stasis's compression and the store's writes overlap. It is a memfd
+/// the agent maps shared, and stasis maps the same pages (`ForeignMapping`): a chunk goes from its slot
+/// straight into the store's file and back, one copy on the CPU, the slot given back once that copy is done.
+/// A ring stasis cannot map (the driver's pinned memory, where the agent could not make a memfd) is read and
+/// written with process_vm_readv/writev through a buffer, the slot given back as soon as it is read. Host
+/// memory stays bounded by the ring plus two chunk buffers per worker.
 ///
 /// One thread drives a session (its methods are not safe to call concurrently); they use threads of their own.
 /// Any failure of the connection drops it, so the next call starts from a fresh connection and a HELLO.
@@ -57,6 +60,10 @@ public final class AgentSession: @unchecked Sendable {
     public private(set) var noGPUHashing: String?
     /// How long the last refill's check on the GPU took (nil: the chunks were checked on the CPUs as read).
     public private(set) var gpuCheckSeconds: Double?
+    /// The ring mapped here (nil: not mapped yet, or not mappable).
+    private var mappedRing: ForeignMapping?
+    /// The last transfer worked on the ring in place (one CPU copy), not through process_vm_readv/writev.
+    public private(set) var ringMapped = false
 
     private init(pid: Int32, channel: AgentChannel) {
         self.pid = pid
@@ -106,6 +113,16 @@ public final class AgentSession: @unchecked Sendable {
     public func disconnect() {
         channel?.closeAndWait()
         channel = nil
+        mappedRing = nil
+    }
+
+    /// The ring's first byte in this process, when it can be mapped here; set up once a session.
+    private func ringHere() -> UnsafeMutableRawPointer? {
+        if mappedRing == nil, ringAddress != 0, slotBytes > 0, slotCount > 0 {
+            mappedRing = ForeignMapping(pid: pid, address: ringAddress, length: slotBytes * slotCount, memfd: STASIS_AGENT_RING_NAME)
+        }
+        ringMapped = mappedRing != nil
+        return mappedRing?.base
     }
 
     /// Runs `body` on the connection; a failure drops it, so that a late answer is never taken for the next
@@ -237,6 +254,7 @@ public final class AgentSession: @unchecked Sendable {
         let failure = FirstFailure()
         try channel.send(STASIS_AGENT_EVACUATE, length: hashesOnGPU ? 1 : 0)
         let pid = self.pid, ring = ringAddress, slotBytes = self.slotBytes, slotCount = self.slotCount
+        let here = RingHere(ringHere())
         let sizes = Dictionary(allocations.map { ($0.id, $0.bytes) }, uniquingKeysWith: { first, _ in first })
         WorkerGroup.run(max(1, threads) + 1, name: "stasis-evacuate") { worker in
             if worker == 0 {
@@ -270,23 +288,32 @@ public final class AgentSession: @unchecked Sendable {
                         throw StasisError(.gpu, "the agent of PID \(pid) reported slot \(message.slot) of \(slotCount)")
                     }
                     let length = try Self.checkChunk(message, sizes: sizes, chunk: chunk, pid: pid)
-                    let bytes = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<length])
-                    let slot = ring + UInt64(message.slot) * UInt64(slotBytes)
+                    let free = { Self.send(channel, failure, { try $0.send(STASIS_AGENT_FREE, slot: message.slot) }) }
+                    // The chunk's bytes: the slot itself where the ring is mapped here (given back once stored),
+                    // else a copy (the slot given back at once).
+                    let take = { () throws -> UnsafeRawBufferPointer? in
+                        if let base = here.pointer {
+                            return UnsafeRawBufferPointer(start: base + Int(message.slot) * slotBytes, count: length)
+                        }
+                        let bytes = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<length])
+                        try ProcessMemory.read(pid: pid, address: ring + UInt64(message.slot) * UInt64(slotBytes), into: bytes)
+                        return free() ? UnsafeRawBufferPointer(bytes) : nil
+                    }
                     let digest: String
                     if message.chunk_flags & UInt32(STASIS_AGENT_CHUNK_DIGEST.rawValue) != 0 {
                         // Hashed by the GPU: a chunk the store has already is not even read.
                         digest = Self.hex(message)
                         if sink.needs(digest, length: length) {
-                            try ProcessMemory.read(pid: pid, address: slot, into: bytes)
-                            guard Self.send(channel, failure, { try $0.send(STASIS_AGENT_FREE, slot: message.slot) }) else { continue }
-                            try sink.putHashed(UnsafeRawBufferPointer(bytes), digest: digest, scratch: scratch)
+                            guard let bytes = try take() else { continue }
+                            try sink.putHashed(bytes, digest: digest, scratch: scratch)
+                            if here.pointer != nil { guard free() else { continue } }
                         } else {
-                            guard Self.send(channel, failure, { try $0.send(STASIS_AGENT_FREE, slot: message.slot) }) else { continue }
+                            guard free() else { continue }
                         }
                     } else {
-                        try ProcessMemory.read(pid: pid, address: slot, into: bytes)
-                        guard Self.send(channel, failure, { try $0.send(STASIS_AGENT_FREE, slot: message.slot) }) else { continue }
-                        digest = try sink.put(UnsafeRawBufferPointer(bytes), scratch: scratch)
+                        guard let bytes = try take() else { continue }
+                        digest = try sink.put(bytes, scratch: scratch)
+                        if here.pointer != nil { guard free() else { continue } }
                     }
                     try digests.set(id: message.id, offset: message.offset, digest: digest, pid: pid)
                 } catch {
@@ -377,6 +404,7 @@ public final class AgentSession: @unchecked Sendable {
         let next = Locked(0), finished = Locked(0)
         let failure = FirstFailure()
         let pid = self.pid, ring = ringAddress, slotBytes = self.slotBytes
+        let here = RingHere(ringHere())
         let workers = max(1, threads)
         WorkerGroup.run(workers + 1, name: "stasis-refill") { worker in
             if worker == 0 {
@@ -401,12 +429,21 @@ public final class AgentSession: @unchecked Sendable {
             }) {
                 let job = work[index]
                 do {
-                    let bytes = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<job.length])
-                    try store.readChunk(job.digest, into: bytes, scratch: scratch,
-                                        place: .init(checkpoint: checkpoint, file: job.file, offset: job.offset, length: job.length),
-                                        checkDigest: !checkOnGPU)
-                    guard let slot = slots.pop(draining: false) else { break }
-                    try ProcessMemory.write(pid: pid, address: ring + UInt64(slot) * UInt64(slotBytes), from: UnsafeRawBufferPointer(bytes))
+                    let place = ChunkStore.Place(checkpoint: checkpoint, file: job.file, offset: job.offset, length: job.length)
+                    let slot: Int32
+                    if let base = here.pointer {
+                        // Read (and decompressed) straight into the slot.
+                        guard let free = slots.pop(draining: false) else { break }
+                        slot = free
+                        let bytes = UnsafeMutableRawBufferPointer(start: base + Int(slot) * slotBytes, count: job.length)
+                        try store.readChunk(job.digest, into: bytes, scratch: scratch, place: place, checkDigest: !checkOnGPU)
+                    } else {
+                        let bytes = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<job.length])
+                        try store.readChunk(job.digest, into: bytes, scratch: scratch, place: place, checkDigest: !checkOnGPU)
+                        guard let free = slots.pop(draining: false) else { break }
+                        slot = free
+                        try ProcessMemory.write(pid: pid, address: ring + UInt64(slot) * UInt64(slotBytes), from: UnsafeRawBufferPointer(bytes))
+                    }
                     guard Self.send(channel, failure, { try $0.send(STASIS_AGENT_WRITE, slot: slot, id: job.id, offset: job.offset, length: UInt64(job.length)) }) else { break }
                 } catch {
                     failure.set(error)
@@ -507,6 +544,12 @@ public final class AgentSession: @unchecked Sendable {
 }
 
 // MARK: small synchronised helpers
+
+/// The ring's address here, handed to the transfer's threads (set before they start, never changed).
+private struct RingHere: @unchecked Sendable {
+    let pointer: UnsafeMutableRawPointer?
+    init(_ pointer: UnsafeMutableRawPointer?) { self.pointer = pointer }
+}
 
 /// Each allocation's digests, filled in by the workers as chunks are stored.
 // @unchecked Sendable: `table` is reached only under its lock.

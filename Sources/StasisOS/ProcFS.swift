@@ -96,11 +96,14 @@ public enum ProcFS {
         public var start: UInt64
         public var end: UInt64
         public var path: String
+        /// Mapped MAP_SHARED (the permissions' "s").
+        public var shared = false
         public var bytes: UInt64 { end - start }
-        public init(start: UInt64, end: UInt64, path: String) {
+        public init(start: UInt64, end: UInt64, path: String, shared: Bool = false) {
             self.start = start
             self.end = end
             self.path = path
+            self.shared = shared
         }
     }
 
@@ -117,7 +120,7 @@ public enum ProcFS {
             let range = fields[0].split(separator: "-")
             guard range.count == 2, let start = UInt64(range[0], radix: 16), let end = UInt64(range[1], radix: 16) else { return nil }
             let path = fields.count == 6 ? fields[5].trimmingCharacters(in: .whitespaces) : ""
-            return Mapping(start: start, end: end, path: path)
+            return Mapping(start: start, end: end, path: path, shared: fields[1].hasSuffix("s"))
         }
     }
 

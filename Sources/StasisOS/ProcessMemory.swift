@@ -30,3 +30,28 @@ public enum ProcessMemory {
         }
     }
 }
+
+/// A shared mapping of another process's (a memfd it mapped MAP_SHARED), mapped here too through
+/// /proc/PID/map_files: the same pages, read and written in place, with no copy between the processes. How
+/// stasis reaches a GPU process's staging ring where the agent made it shareable; opening map_files needs
+/// CAP_SYS_ADMIN, as CRIU does.
+// @unchecked Sendable: the address is set once; which bytes are touched when is the callers' to divide.
+public final class ForeignMapping: @unchecked Sendable {
+    public let base: UnsafeMutableRawPointer
+    public let length: Int
+
+    /// Maps the `length` bytes at `address` of `pid` when a shared mapping of the memfd named `memfd` starts
+    /// there; nil when none does or it cannot be mapped (the caller copies with process_vm_readv/writev).
+    public init?(pid: Int32, address: UInt64, length: Int, memfd: String) {
+        guard length > 0, let mapping = ProcFS.mappings(pid).first(where: { $0.start == address }), mapping.shared,
+              mapping.path.hasPrefix("/memfd:\(memfd)"), mapping.bytes >= UInt64(length) else { return nil }
+        let name = "/proc/\(pid)/map_files/\(String(mapping.start, radix: 16))-\(String(mapping.end, radix: 16))"
+        let fd = open(name, O_RDWR | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        guard let address = mmap(nil, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0), address != MAP_FAILED else { return nil }
+        (base, self.length) = (address, length)
+    }
+
+    deinit { munmap(base, length) }
+}

@@ -1,4 +1,5 @@
 import CStasisAgentProtocol
+import CStasisLinux
 import Foundation
 import Glibc
 import StasisCore
@@ -7,8 +8,9 @@ import StasisStore
 
 /// A stand-in for the other end of the agent's control channel, for tests and benchmarks without a GPU: it
 /// answers as libstasis-agent.so does (stasis_agent_protocol.h), on the same socket name with this process's
-/// PID, with its "device memory" in host buffers and its ring in this process's memory. stasis's side of an
-/// evacuation or a refill (AgentSession: its threads, slots, process_vm_readv/writev, the chunk store) then
+/// PID, with its "device memory" in host buffers and its ring in this process's memory (a shared memfd as the
+/// agent's, or with `sharedRing: false` plain memory as where the agent cannot make one). stasis's side of an
+/// evacuation or a refill (AgentSession: its threads, slots, the ring mapped or process_vm_readv/writev, the chunk store) then
 /// runs for real; only the GPU copies become memcpy, and with `hashes` the GPU's digest kernel becomes
 /// SHA-256 on this CPU. The agent itself is tested on the GPU machine.
 /// Answers the control protocol on "@stasis-agent-<this PID>" from a thread of its own.
@@ -18,6 +20,7 @@ public final class ProtocolPeer: @unchecked Sendable {
     private let listener: Int32
     private let memory: [UInt64: [UInt8]]
     private let ring: UnsafeMutableRawBufferPointer
+    private let sharedRing: Bool
     private let slots: Int
     private let failAfter: Int?
     private let hashes: Bool
@@ -46,14 +49,16 @@ public final class ProtocolPeer: @unchecked Sendable {
     /// parallel wait here for each other.
     private static let turn = DispatchSemaphore(value: 1)
 
-    public init(memory: [UInt64: [UInt8]], slots: Int, failAfter: Int? = nil, hashes: Bool = false, damageWrites: Bool = false) throws {
+    public init(memory: [UInt64: [UInt8]], slots: Int, failAfter: Int? = nil, hashes: Bool = false, damageWrites: Bool = false,
+                sharedRing: Bool = true) throws {
         Self.turn.wait()
         self.memory = memory
         self.slots = slots
         self.failAfter = failAfter
         self.hashes = hashes
         self.damageWrites = damageWrites
-        ring = .allocate(byteCount: slots * ChunkStore.chunkSize, alignment: 4096)
+        self.sharedRing = sharedRing
+        ring = sharedRing ? Self.sharedRing(bytes: slots * ChunkStore.chunkSize) : .allocate(byteCount: slots * ChunkStore.chunkSize, alignment: 4096)
         listener = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         var address = sockaddr_un()
         address.sun_family = sa_family_t(AF_UNIX)
@@ -67,7 +72,7 @@ public final class ProtocolPeer: @unchecked Sendable {
         guard bound == 0, listen(listener, 4) == 0 else {
             let reason = String(cString: strerror(errno))
             close(listener)
-            ring.deallocate()
+            freeRing()
             Self.turn.signal()
             throw StasisError(.io, "the protocol peer cannot listen: \(reason)")
         }
@@ -79,10 +84,24 @@ public final class ProtocolPeer: @unchecked Sendable {
         shutdown(listener, Int32(SHUT_RDWR))
         close(listener)
         done.wait()
-        ring.deallocate()
+        freeRing()
         for buffer in _written.values { buffer.deallocate() }
         for fd in Array(_exports.values) + Array(_imports.values) { close(fd) }
         Self.turn.signal()
+    }
+
+    /// A memfd named as the agent's ring, mapped shared.
+    private static func sharedRing(bytes: Int) -> UnsafeMutableRawBufferPointer {
+        let fd = stasis_memfd(STASIS_AGENT_RING_NAME)
+        precondition(fd >= 0 && ftruncate(fd, off_t(bytes)) == 0, "memfd_create: \(String(cString: strerror(errno)))")
+        defer { close(fd) }
+        let address = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+        precondition(address != MAP_FAILED, "mmap: \(String(cString: strerror(errno)))")
+        return UnsafeMutableRawBufferPointer(start: address, count: bytes)
+    }
+
+    private func freeRing() {
+        if sharedRing { munmap(ring.baseAddress, ring.count) } else { ring.deallocate() }
     }
 
     private func serve() {

@@ -12,7 +12,8 @@ import Testing
 /// host buffers and its ring in this process's memory, so that AgentSession's evacuation, release and refill
 /// (its threads, slots and messages) run for real against it. The agent itself runs on the GPU machine.
 @Suite(.serialized) struct AgentProtocolTests {
-    @Test func evacuationAndRefillGiveTheSameBytesBack() throws {
+    /// Both ways to the ring: mapped here (one copy: the agent's memfd) and through process_vm_readv/writev.
+    @Test(arguments: [true, false]) func evacuationAndRefillGiveTheSameBytesBack(sharedRing: Bool) throws {
         let chunk = ChunkStore.chunkSize
         var random = SystemRandomNumberGenerator()
         let memory: [UInt64: [UInt8]] = [
@@ -20,7 +21,7 @@ import Testing
             0x11: [UInt8](repeating: 0, count: 2 * chunk),                                        // zeros: ZERO, no slot
             0x12: (0..<(3 * chunk)).map { UInt8(truncatingIfNeeded: $0 / 4096) },                  // compressible
         ]
-        let peer = try ProtocolPeer(memory: memory, slots: 4)
+        let peer = try ProtocolPeer(memory: memory, slots: 4, sharedRing: sharedRing)
         defer { peer.stop() }
         let directory = Harness.scratch("agent-protocol")
         let store = try ChunkStore(path: directory + "/store", create: true)
@@ -30,6 +31,7 @@ import Testing
         #expect(session.allocations.map(\.id).sorted() == [0x10, 0x11, 0x12])
         let sink = ChunkSink(store: store, codec: .lz4, probe: true)
         let chunks = try session.evacuate(into: sink, threads: 3)
+        #expect(session.ringMapped == sharedRing)
         try sink.commit()
         #expect(chunks[0x11] == ["", ""])
         #expect(chunks[0x10]?.count == 3 && chunks[0x12]?.count == 3)

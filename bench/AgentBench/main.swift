@@ -4,7 +4,12 @@
 // core, which bounds the agent's throughput there (docs/BENCHMARKS.md).
 //
 //   stasis-agent-bench --mib N --store DIR [--threads T] [--codec C] [--fill random|weights|zero] [--slots S]
-//                      [--pause SECONDS]
+//                      [--pause SECONDS] [--ring shared|copied] [--gpu-digests]
+//
+// --ring: the stand-in's ring as a shared memfd that stasis maps (one CPU copy, as the agent makes it; the
+// default) or as plain memory read and written with process_vm_readv/writev (the agent's fallback).
+// --gpu-digests: the stand-in reports each chunk's SHA-256 as the GPU does (computed on this CPU, by the
+// stand-in's thread), so stasis stores chunks without hashing them.
 //
 // Prints one JSON line: bytes, seconds and GB/s of the evacuation (with commit) and of the refill, and the CPU
 // seconds of each.
@@ -28,6 +33,8 @@ let threads = Int(argument("--threads", String(ProcessInfo.processInfo.activePro
 let codec = try Codec(parsing: argument("--codec", "lz4"))
 let fill = argument("--fill", "weights")
 let slots = Int(argument("--slots", "32"))!
+let sharedRing = argument("--ring", "shared") == "shared"
+let gpuDigests = CommandLine.arguments.contains("--gpu-digests")
 
 // "Device memory" in allocations of 64 MiB (PyTorch-like segments).
 var generator = SplitMix(state: 42)
@@ -54,7 +61,7 @@ let total = memory.values.reduce(0) { $0 + $1.count }
 
 try? FileManager.default.removeItem(atPath: storePath)
 let store = try ChunkStore(path: storePath, create: true)
-let peer = try ProtocolPeer(memory: memory, slots: slots)
+let peer = try ProtocolPeer(memory: memory, slots: slots, hashes: gpuDigests, sharedRing: sharedRing)
 defer { peer.stop() }
 let session = try AgentSession.open(pid: getpid())!
 try session.startQuiesce(timeoutMilliseconds: 10_000)
@@ -68,6 +75,7 @@ if let pause = Double(argument("--pause", "0")), pause > 0 {
 var watch = Stopwatch()
 var cpu = ProcessCPU.seconds
 let sink = ChunkSink(store: store, codec: codec, probe: true)
+if gpuDigests { try session.prepareDigests() }
 let chunks = try session.evacuate(into: sink, threads: threads)
 try sink.commit()
 let evacuation = (seconds: watch.seconds, cpu: ProcessCPU.seconds - cpu)
@@ -84,7 +92,7 @@ guard peer.written == memory else {
     exit(1)
 }
 let report: [String: Any] = [
-    "bytes": total, "threads": threads, "codec": codec.description, "fill": fill, "slots": slots,
+    "bytes": total, "threads": threads, "codec": codec.description, "fill": fill, "slots": slots, "ringMapped": session.ringMapped, "gpuDigests": gpuDigests,
     "storedBytes": sink.totals.storedBytes,
     "evacuateSeconds": evacuation.seconds, "evacuateGBps": Double(total) / 1e9 / evacuation.seconds, "evacuateCPUSeconds": evacuation.cpu,
     "refillSeconds": refill.seconds, "refillGBps": Double(total) / 1e9 / refill.seconds, "refillCPUSeconds": refill.cpu,

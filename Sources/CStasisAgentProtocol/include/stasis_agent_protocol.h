@@ -51,6 +51,10 @@
 
 #define STASIS_AGENT_PROTOCOL_VERSION 3
 #define STASIS_AGENT_SOCKET_PREFIX "stasis-agent-"
+// The staging ring is a memfd of this name, mapped shared: stasis maps the same pages (through
+// /proc/PID/map_files) and reads and writes the slots in place. A ring of any other kind (the driver's pinned
+// memory, where memfd_create is refused) is reached with process_vm_readv/writev instead.
+#define STASIS_AGENT_RING_NAME "stasis-ring"
 
 enum stasis_agent_op {
     STASIS_AGENT_OK = 0,

@@ -18,7 +18,8 @@ extension DumpOperation.Report {
         }
         let criu = ["freeze \(Format.seconds(t.freeze))", "memory dump \(Format.seconds(t.memoryDump))", "memory write \(Format.seconds(t.memoryWrite))",
                     "frozen \(Format.seconds(t.frozen))"]
-        lines.append("  time:   \(criu.joined(separator: ", ")); chunking tail \(Format.seconds(t.hash)), sync \(Format.seconds(t.sync)); total \(Format.seconds(t.total))")
+        lines.append("  time:   \(criu.joined(separator: ", ")); chunking tail \(Format.seconds(t.hash)), sync \(Format.seconds(t.sync)); total \(Format.seconds(t.total))"
+            + (t.stalled.map { "; the job stalled \(Format.seconds($0)), then ran while the checkpoint was made durable" } ?? ""))
         if !gpu.processes.isEmpty {
             let bytes = gpu.processes.reduce(0) { $0 + $1.deviceMemoryBytes }
             lines.append("  gpu:    \(gpu.processes.count) CUDA process(es), \(Format.bytes(bytes)) device memory; "
@@ -29,7 +30,8 @@ extension DumpOperation.Report {
             let cores = String(format: "%.1f", (agent.evacuateCPUSeconds ?? 0) / max(agent.evacuateSeconds, 1e-9))
             let copied = [Format.throughput(bytes: agent.evacuatedBytes, seconds: agent.evacuateSeconds), "\(cores) cores busy",
                           "\(Format.bytes(agent.storedBytes ?? 0)) stored", "\(Format.bytes(agent.zeroBytes ?? 0)) zero",
-                          "hashed on the \(agent.hashedOnGPU == true ? "GPU" : "CPUs")"]
+                          "hashed on the \(agent.hashedOnGPU == true ? "GPU" : "CPUs")",
+                          agent.ringMapped == true ? "stored from its ring in place" : "copied out of its ring"]
             lines.append("  agent:  PID \(process.pid): \(Format.bytes(agent.evacuatedBytes)) in \(agent.allocations.count) allocation(s) copied out by its agent "
                 + "in \(Format.seconds(agent.evacuateSeconds)) (\(copied.joined(separator: ", "))); calls held in \(Format.seconds(agent.quiesceSeconds)), "
                 + "memory released in \(Format.seconds(agent.releaseSeconds)); the driver carried \(Format.bytes(agent.driverPathBytes))")

@@ -158,12 +158,15 @@ extension Integration {
         #expect(workload.verify().hasPrefix("PASS"))
     }
 
-    @Test(arguments: ["post-dump", "publish"])
-    func failureInsideTheDumpLeavesTheJobRunning(point: String) throws {
+    /// Also with --leave-running, whose checkpoint is published after the job runs again: a failure there
+    /// costs the checkpoint, never the job.
+    @Test(arguments: [("post-dump", false), ("publish", false), ("publish", true)])
+    func failureInsideTheDumpLeavesTheJobRunning(point: String, leaveRunning: Bool) throws {
         let workload = try Workload("tree", ["--count", "2"])
         defer { workload.stop() }
         let checkpoint = Harness.scratch("bad") + "/image"
-        let result = try Harness.stasis("dump", "\(workload.pid)", "-D", checkpoint, environment: ["STASIS_FAULT": point])
+        let result = try Harness.stasis(["dump", "\(workload.pid)", "-D", checkpoint] + (leaveRunning ? ["--leave-running"] : []),
+                                        environment: ["STASIS_FAULT": point])
         #expect(result.status == 1)
         #expect(result.stderr.contains("fault injected at \(point)"))
         #expect(result.stderr.contains("still running"))

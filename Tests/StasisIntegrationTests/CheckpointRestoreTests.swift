@@ -98,6 +98,11 @@ extension Integration {
         let dump = try Harness.stasis("dump", "\(workload.pid)", "-D", checkpoint, "--leave-running", "--json")
         #expect(dump.succeeded, "\(dump.stderr)")
         #expect(dump.stdout.contains("\"leaveRunning\" : true"))
+        // The stall is reported apart: the checkpoint is made durable and published after the job runs again.
+        let report = try #require(try JSONSerialization.jsonObject(with: Data(dump.stdout.utf8)) as? [String: Any])
+        let timings = try #require(report["timings"] as? [String: Any])
+        let stalled = try #require(timings["stalled"] as? Double), total = try #require(timings["total"] as? Double)
+        #expect(stalled > 0 && stalled <= total)
         #expect(workload.isLive)
         #expect(workload.verify().hasPrefix("PASS"), "the original keeps running")
 

@@ -14,7 +14,10 @@ import StasisStore
 /// The tree must never be lost: CRIU kills it (without --leave-running) only after its post-dump step, and
 /// that step is ours. In it, while the tree is still frozen, the images are completed in the chunk store,
 /// synced and the checkpoint published. If anything fails before that point CRIU thaws the tree and it runs
-/// on as it was.
+/// on as it was. With --leave-running nothing is lost by letting the job run first: CRIU thaws it, the GPU
+/// is given back, and only then are the images completed, synced and published, so that the job's stall
+/// does not include writing its memory to disk (a migration, which must hand over the checkpoint while the
+/// tree is frozen, still publishes inside the freeze).
 ///
 /// CRIU's memory images (pages-*.img, and any image of at least a chunk) are cut into chunks and put in the
 /// store while CRIU still writes them (`ChunkIngester`); they leave the checkpoint directory, which keeps the
@@ -113,6 +116,13 @@ private final class DumpRun {
     var deviceStatistics = ChunkIngester.Statistics()
     var ingester: ChunkIngester?
     var published: Manifest?
+    /// From the hold of the job's devices (or CRIU's freeze) until it runs again, with --leave-running.
+    let stall = Stopwatch()
+    /// Publish after the job runs again (--leave-running of a process tree, no migration waiting on the freeze).
+    var publishesAfterThaw: Bool {
+        guard options.leaveRunning, options.whilePublished == nil, case .process = target else { return false }
+        return true
+    }
     /// Where the rollback kept CRIU's log of a failed dump.
     var keptLog: String?
 
@@ -169,6 +179,7 @@ private final class DumpRun {
             guard note.script == "post-dump" else { return }
             FaultInjection.die("post-dump")
             try FaultInjection.check("post-dump")
+            guard !publishesAfterThaw else { return }
             try publish()
             FaultInjection.die("published")
             try options.whilePublished?(published!, destination)
@@ -178,7 +189,7 @@ private final class DumpRun {
             throw outcome.failure("CRIU could not dump PID \(pid)", log: staging.workPath + "/" + CRIUService.dumpLogName)
         }
         // CRIU never sent post-dump (it always does in 4.x): publish now rather than lose the images.
-        if published == nil { try publish() }
+        if published == nil && !publishesAfterThaw { try publish() }
     }
 
     /// runc offers no step inside its freeze, so stasis freezes the container itself (`runc pause`), has runc
@@ -235,17 +246,28 @@ private final class DumpRun {
     /// is no file of the checkpoint's: `Checkpoint.unlistedLogs`).
     func complete(started total: Stopwatch) throws -> DumpOperation.Report {
         FaultInjection.die("criu-exited")
-        var manifest = published!
-        if let stats = CRIUStats.read(staging.workPath + "/stats-dump")?.dump {
+        let stats = CRIUStats.read(staging.workPath + "/stats-dump")?.dump
+        if let stats {
             timings.freeze = Double(stats.freezingTime) / 1e6
             timings.frozen = Double(stats.frozenTime) / 1e6
             timings.memoryDump = Double(stats.memdumpTime) / 1e6
             timings.memoryWrite = Double(stats.memwriteTime) / 1e6
-            manifest.memory.dumpedBytes = stats.pagesWritten * UInt64(manifest.host.pageSize)
         }
         let deviceWatch = Stopwatch()
-        try operation.device.afterDump(section: gpu, leaveRunning: options.leaveRunning)
+        var deviceFailure: Error?
+        do { try operation.device.afterDump(section: gpu, leaveRunning: options.leaveRunning) } catch { deviceFailure = error }
         timings.devices += deviceWatch.seconds
+        if options.leaveRunning { timings.stalled = stall.seconds }
+        if published == nil {
+            // CRIU has thawed the job (--leave-running) and the GPU is given back: nothing on the GPU to undo,
+            // and a failure from here on costs the checkpoint, not the job. Published even when giving the GPU
+            // back failed: it is then the way to the job's state.
+            rollback.forget("devices")
+            do { try publish() } catch { throw fail(error) }
+        }
+        if let deviceFailure { throw deviceFailure }
+        var manifest = published!
+        if let stats { manifest.memory.dumpedBytes = stats.pagesWritten * UInt64(manifest.host.pageSize) }
         timings.hash = manifest.timings.hash
         timings.sync = manifest.timings.sync
         timings.total = total.seconds

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Builds what a device run needs into .device/ (ignored by git, carried by the device tool): a stasis built
 # with the Swift runtime linked in (the GPU machine has no Swift), xz-compressed to fit the carry limit; the
-# C workloads; a CRIU 4.2 binary built here; and the CRIU library packages from ../shared/device/criu-debs.
+# C workloads; a CRIU 4.2 binary built here, with CRIU's own cuda plugin and NVIDIA's cuda-checkpoint (the
+# benchmarks' baseline); and the CRIU library packages from ../shared/device/criu-debs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/install-criu.sh
+CRIU_UPSTREAM_CUDA_PLUGIN=1 ./scripts/install-criu.sh
 ./scripts/install-build-deps.sh
 swift build -c release --static-swift-stdlib --scratch-path .build-static 2>&1 | tail -n 1
 rm -rf .device && mkdir -p .device/criu-debs
@@ -16,6 +17,9 @@ cp .build-static/release/stasis-workload .device/
 ./scripts/build-criu-plugin.sh .device/criu-plugins >/dev/null
 ./scripts/build-agent.sh .device >/dev/null
 cp "$(command -v criu)" .device/criu
+# The benchmarks' baseline: CRIU's own cuda plugin and NVIDIA's cuda-checkpoint, which it runs.
+mkdir -p .device/criu-cuda-plugin && cp /usr/local/lib/criu/cuda_plugin.so .device/criu-cuda-plugin/
+cp ../shared/device/cuda-checkpoint/cuda-checkpoint .device/
 cp ../shared/device/criu-debs/*.deb .device/criu-debs/
 # runc for the container section (Debian's, with the libseccomp it links), unpacked there with dpkg -x.
 mkdir -p .device/runc-debs && (cd .device/runc-debs && apt-get download runc libseccomp2 >/dev/null 2>&1)

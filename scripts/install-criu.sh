@@ -11,6 +11,10 @@
 #   3. a build of Debian's source package (forky carries 4.2.1) with build dependencies from the
 #      distribution, installed into /usr/local/sbin; about 30 s on 2 cores.
 # Debian 12's criu 3.17.1 fails on recent kernels ("kerndat_vdso_fill_symtable failed"), hence 3.
+#
+# CRIU_UPSTREAM_CUDA_PLUGIN=1 also wants CRIU's own cuda plugin (plugins/cuda of the same source, driving
+# NVIDIA's cuda-checkpoint) in $PREFIX/lib/criu/cuda_plugin.so: the benchmarks' baseline (bench/), never
+# used by stasis itself. Without it at hand, CRIU is built from source (3.).
 set -euo pipefail
 
 WANT_VERSION=${CRIU_WANT_VERSION:-4.2}
@@ -18,6 +22,8 @@ PREFIX=${CRIU_PREFIX:-/usr/local}
 WORK=${CRIU_BUILD_DIR:-/var/tmp/stasis-criu-build}
 SRC_SUITE=${CRIU_SRC_SUITE:-forky}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+CUDA_PLUGIN=$PREFIX/lib/criu/cuda_plugin.so
+want_plugin() { [[ ${CRIU_UPSTREAM_CUDA_PLUGIN:-0} == 1 && ! -f $CUDA_PLUGIN ]]; }
 
 log() { printf 'install-criu: %s\n' "$*" >&2; }
 
@@ -31,7 +37,7 @@ is_new_enough() {
 }
 
 for candidate in "$(command -v criu 2>/dev/null || true)" "$PREFIX/sbin/criu"; do
-    if [[ -n "$candidate" && -x "$candidate" ]] && is_new_enough "$candidate"; then
+    if [[ -n "$candidate" && -x "$candidate" ]] && is_new_enough "$candidate" && ! want_plugin; then
         log "found $("$candidate" --version | head -n1) at $candidate"
         exit 0
     fi
@@ -55,7 +61,7 @@ apt_update_once() {
 # 2. The distribution's own package, when new enough.
 apt_update_once
 candidate_version=$(apt-cache policy criu 2>/dev/null | sed -n 's/^ *Candidate: *\([0-9.]*\).*/\1/p')
-if version_ok "$candidate_version"; then
+if version_ok "$candidate_version" && ! want_plugin; then
     log "installing the distribution's criu package"
     apt-get install -y -qq criu
     exit 0
@@ -87,4 +93,9 @@ make -j"$(nproc)" criu >build.log 2>&1 || { tail -n 30 build.log >&2; log "CRIU 
 install -D -m 0755 criu/criu "$PREFIX/sbin/criu"
 # The plugin header is public ABI; the stasis plugin carries its own declarations, this copy is for reference.
 install -D -m 0644 criu/include/criu-plugin.h "$PREFIX/include/criu/criu-plugin.h"
+if [[ ${CRIU_UPSTREAM_CUDA_PLUGIN:-0} == 1 ]]; then
+    make cuda_plugin >>build.log 2>&1 || { tail -n 30 build.log >&2; log "CRIU's cuda plugin did not build (log: $WORK/src/build.log)"; exit 1; }
+    install -D -m 0755 plugins/cuda/cuda_plugin.so "$CUDA_PLUGIN"
+    log "installed CRIU's own cuda plugin at $CUDA_PLUGIN"
+fi
 log "installed $("$PREFIX/sbin/criu" --version | head -n1) at $PREFIX/sbin/criu"

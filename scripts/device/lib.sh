@@ -29,6 +29,12 @@ setup() {
     # Beside the binary, where `stasis run` finds it.
     cp .device/libstasis-agent.so /opt/stasis/bin/
     mkdir -p /opt/stasis/criu-plugins && cp .device/criu-plugins/*.so /opt/stasis/criu-plugins/
+    # The baseline of bench/: CRIU's own cuda plugin (in a directory of its own: CRIU loads every plugin of
+    # its -L directory) and the cuda-checkpoint it runs from PATH.
+    if [[ -f .device/criu-cuda-plugin/cuda_plugin.so ]]; then
+        mkdir -p /opt/criu-cuda-plugin && cp .device/criu-cuda-plugin/cuda_plugin.so /opt/criu-cuda-plugin/
+        install -m 0755 .device/cuda-checkpoint /opt/stasis/bin/cuda-checkpoint
+    fi
     # Every stasis call is bounded, so a hang shows as a failure instead of eating the run.
     STASIS="timeout 300 /opt/stasis/bin/stasis"
     criu --version | head -n 1

@@ -101,7 +101,35 @@ section_serve8b() {
     else
         fail "serve8b driver-path checkpoint" "$(tail -n 5 "$run/dump-driver.txt")"; stop "$pid"
     fi
+    rm -rf "$store"
+
+    # Baseline: CRIU 4.2 with its own cuda plugin and NVIDIA's cuda-checkpoint, images on the same disk (after
+    # the store is gone: the disk holds one copy at a time), page cache warm.
+    if [[ -f /opt/criu-cuda-plugin/cuda_plugin.so ]]; then
+        local images=$run/criu-images plugin=/opt/criu-cuda-plugin
+        mkdir -p "$images"
+        pid=$(python3 $srv serve --weights "$weights" --dir "$run/criu" --port $port --daemon) \
+            || { fail "serve8b CRIU cuda plugin" "$(tail -n 5 "$run/criu/log")"; return; }
+        t=$(now)
+        if criu dump -t "$pid" -D "$images" -L $plugin -v4 -o dump.log >/dev/null 2>&1 && wait_gone "$pid"; then
+            local dumped; dumped=$(since "$t")
+            sync
+            t=$(now)
+            if criu restore -D "$images" -d -L $plugin -v4 -o restore.log >/dev/null 2>&1 && answer=$(ask); then
+                local took; took=$(since "$t")
+                [[ $answer == "$reference" ]] && pass "serve8b CRIU + cuda plugin restore to first answer, page cache warm: $took s; same answer" \
+                    || fail "serve8b CRIU + cuda plugin restore" "answer differs"
+                note "CRIU 4.2 + its cuda plugin + cuda-checkpoint, images on the disk: checkpoint $dumped s ($(du -sh "$images" | cut -f1)), restore to first answer (page cache warm) $took s"
+                stop "$pid"
+            else
+                fail "serve8b CRIU + cuda plugin restore" "$(grep -h 'Error' "$images/restore.log" | tail -n 3)"; stop "$pid"
+            fi
+        else
+            fail "serve8b CRIU + cuda plugin checkpoint" "$(grep -h 'Error' "$images/dump.log" | tail -n 3)"; stop "$pid"
+        fi
+        cp "$images"/*.log "$LOGS/" 2>/dev/null
+    fi
     keep_logs "$run" "serve8b"
     cp "$run"/*/log "$LOGS/" 2>/dev/null
-    rm -rf "$run" "$store"
+    rm -rf "$run"
 }

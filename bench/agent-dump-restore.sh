@@ -11,7 +11,10 @@
 #   3. The agent's steady-state overhead: BERT-base training step time, cudaMalloc/cudaFree latency and an
 #      inference request, each with and without the agent.
 #
-#   bench/agent-dump-restore.sh [speed] [memory] [overhead] [interleaved]
+#   4. The stall of a --leave-running checkpoint of BERT-large into a store on the local disk (/var/tmp): how
+#      long the job was held, against the time until the checkpoint was durable and published.
+#
+#   bench/agent-dump-restore.sh [speed] [memory] [overhead] [interleaved] [leave]
 #       (default: speed memory overhead; speed fits one device call, memory and overhead another;
 #        interleaved: the training step, three runs with and three without the agent, taking turns)
 #     speed: part 1, plus a 64 GiB cuda-workload under the agent, restored and verified
@@ -199,6 +202,32 @@ done
 echo "| kernel | on the driver's cudaMalloc memory | on VMM memory, as the agent backs it | ratio |"
 echo "| --- | --- | --- | --- |"
 nvcc -O2 -o /opt/stasis/bin/vmm-kernel bench/vmm-kernel.cu -lcuda && /opt/stasis/bin/vmm-kernel
+fi
+
+if [[ $PARTS == *" leave "* ]]; then
+echo "== 4. --leave-running checkpoint of BERT-large into a store on the local disk"
+leave_rows=()
+for run in plain agent; do
+    dir=$(mktemp -d); launcher=""; [[ $run == agent ]] && launcher=$RUN
+    label="stasis, driver path"; [[ $run == agent ]] && label="stasis with the agent"
+    pid=$(CUBLAS_WORKSPACE_CONFIG=:4096:8 $launcher python3 Workloads/torch/bert_train.py --dir "$dir" --size large --steps 8 --pause-at 4 --daemon)
+    store=/var/tmp/stasis-leave-store; rm -rf $store /var/tmp/stasis-leave-ckpt
+    sync
+    if $STASIS dump "$pid" -D /var/tmp/stasis-leave-ckpt --store $store --leave-running --json >/tmp/agentbench-leave.json 2>/tmp/agentbench-leave.err; then
+        d=/tmp/agentbench-leave.json
+        leave_rows+=("| BERT-large, store on disk | $label | $(json $d "'%.2f' % timings['stalled']") | $(json $d "'%.2f' % timings['total']") | devices $(json $d "'%.2f' % timings['devices']"), CRIU $(json $d "'%.2f' % timings['criu']") (frozen $(json $d "'%.2f' % timings['frozen']")), chunking tail $(json $d "'%.2f' % timings['hash']"), sync $(json $d "'%.2f' % timings['sync']") | $(json $d "'%.2f GiB' % (store['plainBytes'] / 2**30)") |")
+    else
+        echo "leave-running dump failed ($run): $(tail -n 3 /tmp/agentbench-leave.err)"
+    fi
+    touch "$dir/go"
+    for _ in $(seq 600); do [[ -e $dir/done ]] && break; sleep 0.1; done
+    [[ -e $dir/done ]] && echo "$label: the job finished its steps after the checkpoint" || echo "$label: the job did not finish after the checkpoint"
+    kill -9 "$pid" 2>/dev/null; wait_gone "$pid"
+    rm -rf $store /var/tmp/stasis-leave-ckpt "$dir"
+done
+echo "| workload | path | job stalled (s) | durable and published (s) | of which | checkpoint size |"
+echo "| --- | --- | --- | --- | --- | --- |"
+printf '%s\n' "${leave_rows[@]}"
 fi
 
 if [[ $PARTS == *" interleaved "* ]]; then

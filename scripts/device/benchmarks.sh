@@ -12,7 +12,7 @@ section_bench() {
 
 # Not a test: the agent's benchmark (bench/agent-dump-restore.sh), when asked for by name.
 section_agentbench() {
-    STASIS=/opt/stasis/bin/stasis bench/agent-dump-restore.sh speed 2>&1 | tee "$OUT/agentbench.txt"
+    STASIS=/opt/stasis/bin/stasis bench/agent-dump-restore.sh ${AGENTBENCH_PARTS:-speed} 2>&1 | tee "$OUT/agentbench.txt"
 }
 section_agentcost() {
     STASIS=/opt/stasis/bin/stasis bench/agent-dump-restore.sh ${AGENTCOST_PARTS:-memory overhead} 2>&1 | tee "$OUT/agentcost.txt"

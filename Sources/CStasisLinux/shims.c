@@ -6,6 +6,8 @@
 
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/vfs.h>
+#include <linux/magic.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <sys/stat.h>
@@ -15,6 +17,12 @@
 #include <spawn.h>
 #include <stdio.h>
 #include <unistd.h>
+
+int stasis_is_in_memory(const char *path) {
+    struct statfs info;
+    if (statfs(path, &info) != 0) return -1;
+    return info.f_type == TMPFS_MAGIC || info.f_type == RAMFS_MAGIC;
+}
 
 int stasis_memfd(const char *name) { return memfd_create(name, MFD_CLOEXEC); }
 

@@ -18,7 +18,10 @@ final class AgentEvacuation: @unchecked Sendable {
     }
 
     private(set) var processes: [Int32: Evacuated] = [:]
+    /// Where the device memory went: the checkpoint's store, or a stage in memory (`MemoryStage`).
     private var store: DeviceStore?
+    /// The stage in memory, when the memory went there (until `settle` or `dropStage`).
+    private var stage: ChunkStore?
     /// Device memory shared between the processes, by importer (`SharePlan`).
     private var imports: [Int32: [Manifest.AgentImport]] = [:]
 
@@ -30,7 +33,8 @@ final class AgentEvacuation: @unchecked Sendable {
     /// Holds, copies out and releases the device memory of every process in `pids` that has an agent.
     /// Anything failing puts every one of them back as it was, and rethrows. `tree`: every process of the
     /// checkpointed tree (memory shared with a process outside it is refused).
-    func evacuate(_ pids: [Int32], into store: DeviceStore, timeoutMilliseconds: UInt32, tree: Set<Int32>) throws {
+    func evacuate(_ pids: [Int32], into destination: DeviceStore, timeoutMilliseconds: UInt32, tree: Set<Int32>) throws {
+        var store = destination
         self.store = store
         var sessions: [AgentSession] = []
         var quiesceSeconds: [Int32: Double] = [:]
@@ -50,6 +54,11 @@ final class AgentEvacuation: @unchecked Sendable {
                 sessions.append(session)
             }
             guard !sessions.isEmpty else { return }
+            if store.stageInMemory, let stage = MemoryStage.make(bytes: sessions.reduce(0) { $0 + $1.trackedBytes }, beside: store.store) {
+                self.stage = stage
+                store.store = stage
+                self.store = store
+            }
             let watch = Stopwatch()
             for session in sessions { try session.startQuiesce(timeoutMilliseconds: timeoutMilliseconds) }
             for session in sessions {
@@ -105,6 +114,7 @@ final class AgentEvacuation: @unchecked Sendable {
             let problems = putBack(sessions)
             processes = [:]
             imports = [:]
+            dropStage()
             guard problems.isEmpty else {
                 throw StasisError(.gpu, "\(error); putting device memory back also failed: \(problems.joined(separator: "; "))")
             }
@@ -112,8 +122,28 @@ final class AgentEvacuation: @unchecked Sendable {
         }
     }
 
-    /// What the evacuation added to the store.
+    /// What the evacuation added to the store (to the stage, when it went there).
     private(set) var statistics = ChunkIngester.Statistics()
+
+    /// Copies the chunks of `files` from the stage into `store`, durable there, and removes the stage (unless
+    /// it holds a rescue entry: memory that could not be put back, which `stasis resume` takes from there).
+    /// Returns what the copy added to `store`; nil when nothing was staged.
+    func settle(files: [Manifest.FileEntry], into store: ChunkStore) throws -> ChunkIngester.Statistics? {
+        guard let stage else { return nil }
+        defer { dropStage() }
+        let copied = try store.copyChunks(files.flatMap { $0.chunks ?? [] }, from: stage, threads: Self.threads)
+        var settled = statistics
+        settled.reusedChunks += settled.newChunks - copied.newChunks
+        settled.newChunks = copied.newChunks
+        settled.storedBytes = copied.storedBytes
+        return settled
+    }
+
+    /// The stage goes (unless it holds a rescue entry).
+    func dropStage() {
+        if let stage { MemoryStage.removeUnlessRescuing(stage) }
+        stage = nil
+    }
 
     /// The chunked files for the manifest.
     var files: [Manifest.FileEntry] {
@@ -290,7 +320,11 @@ public enum AgentRescue {
     }
 
     /// Lets the driver and then the agent of `pid` go on, refilling its memory from its rescue entry in `store`.
-    public static func resume(pid: Int32, store: ChunkStore) throws -> Report {
+    public static func resume(pid: Int32, store given: ChunkStore) throws -> Report {
+        // A --leave-running dump's rescue entry may be in its stage in memory rather than in the store.
+        let store = AgentEvacuation.rescue(pid: pid, in: given) != nil ? given
+            : MemoryStage.all().first { AgentEvacuation.rescue(pid: pid, in: $0) != nil } ?? given
+        defer { MemoryStage.removeUnlessRescuing(store) }
         guard pid > 0, ProcFS.isLive(pid) else {
             throw StasisError(.processNotFound, "no running process with PID \(pid)",
                               hint: AgentEvacuation.rescueID(pid: pid, in: store).map { "its rescue entry \($0) is no longer needed: `stasis rm \($0)`" })

@@ -1,6 +1,7 @@
 import Foundation
 import StasisCore
 import StasisOS
+import StasisStore
 
 /// The device step for CUDA processes, through the driver's process checkpoint API and, for processes
 /// started by `stasis run`, their agents.
@@ -216,11 +217,16 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
         putBackEverything(section.processes.map(\.pid))
     }
 
+    public func settle(files: [Manifest.FileEntry], into store: ChunkStore) throws -> ChunkIngester.Statistics? {
+        try agents.settle(files: files, into: store)
+    }
+
     /// The driver first (an agent needs a running CUDA to put its memory back), then the agents of the
     /// processes the driver let go: an agent whose process is still locked would wait on the driver.
-    /// Returns what could not be put back.
+    /// Returns what could not be put back. A stage in memory goes with it (unless it holds a rescue entry).
     func putBackEverything(_ pids: [Int32]) -> [String] {
         let errors = Self.parallel(pids) { try CheckpointDriver.resume($0) }
+        defer { agents.dropStage() }
         return Self.describeEach(errors) + agents.putBackAll(except: Set(errors.keys))
     }
 

@@ -13,6 +13,10 @@ public protocol DeviceStep: Sendable {
     /// of device memory moved into `store` on the way (by agents, see `AgentSession`).
     func beforeFreeze(pids: [Int32], store: DeviceStore) throws -> FrozenDevices
     func afterDump(section: Manifest.GPUSection, leaveRunning: Bool) throws
+    /// Once a --leave-running dump's tree runs again: moves device memory staged in memory (see
+    /// `DeviceStore.stageInMemory`) into `store`, durable there, for the checkpoint's `files`. Returns what it
+    /// added to the store, or nil when nothing was staged.
+    func settle(files: [Manifest.FileEntry], into store: ChunkStore) throws -> ChunkIngester.Statistics?
     /// Returns what could not be put back (empty when every process runs as before).
     func rollback(section: Manifest.GPUSection) -> [String]
     /// Checked before anything is restored: can this machine take the checkpoint's devices?
@@ -28,10 +32,14 @@ public struct DeviceStore: Sendable {
     public var codec: Codec
     /// The checkpoint directory, for error messages.
     public var checkpoint: String
-    public init(store: ChunkStore, codec: Codec = .standard, checkpoint: String) {
+    /// A dump whose tree runs on (--leave-running) and publishes after it does: device memory may go to a
+    /// store in memory first (`MemoryStage`), so that the job does not wait for the disk; `settle` moves it.
+    public var stageInMemory: Bool
+    public init(store: ChunkStore, codec: Codec = .standard, checkpoint: String, stageInMemory: Bool = false) {
         self.store = store
         self.codec = codec
         self.checkpoint = checkpoint
+        self.stageInMemory = stageInMemory
     }
 }
 
@@ -55,6 +63,7 @@ public struct NoDeviceStep: DeviceStep {
     public var name: String { "none" }
     public func beforeFreeze(pids: [Int32], store: DeviceStore) throws -> FrozenDevices { FrozenDevices() }
     public func afterDump(section: Manifest.GPUSection, leaveRunning: Bool) throws {}
+    public func settle(files: [Manifest.FileEntry], into store: ChunkStore) throws -> ChunkIngester.Statistics? { nil }
     public func rollback(section: Manifest.GPUSection) -> [String] { [] }
     public func checkRestorable(section: Manifest.GPUSection) throws {
         guard section.processes.isEmpty else {

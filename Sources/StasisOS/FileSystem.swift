@@ -182,6 +182,11 @@ public enum FileSystem {
         return UInt64(info.f_bavail) * UInt64(info.f_frsize)
     }
 
+    /// Whether `path` is on a filesystem held in memory (tmpfs, ramfs).
+    public static func isInMemory(_ path: String) -> Bool {
+        stasis_is_in_memory(path) == 1
+    }
+
     /// Writes the whole of the file at `path` to `fd` (a pipe or a socket), in 1 MiB reads.
     public static func copy(_ path: String, to fd: FileDescriptor) throws {
         let input = try attempt("cannot open", path) { try FileDescriptor.open(path, .readOnly) }

@@ -289,6 +289,42 @@ public final class ChunkStore: Sendable {
         return total
     }
 
+    /// Copies the chunk files `digests` ("" skipped) from `source` into this store as they are (header and
+    /// payload), skipping those it has: how a --leave-running dump moves the device memory it staged in memory
+    /// into the store once the job runs again. The chunks were checked where they landed (the refill's check),
+    /// so they are not decoded again. Durable and visible when it returns; nothing is, if it throws.
+    public func copyChunks(_ digests: [String], from source: ChunkStore, threads: Int) throws -> (newChunks: Int, storedBytes: UInt64) {
+        let unique = Array(Set(digests.filter { !$0.isEmpty }))
+        let batch = Batch(store: self)
+        let next = Locked(0), totals = Locked((newChunks: 0, storedBytes: UInt64(0)))
+        do {
+            try WorkerGroup.run(max(1, min(threads, unique.count)), name: "stasis-copy-chunks") { _, failure in
+                let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.scratchSize(Self.chunkSize), alignment: 4096)
+                defer { buffer.deallocate() }
+                while failure.error == nil, let index = next.withLock({ index -> Int? in
+                    guard index < unique.count else { return nil }
+                    index += 1
+                    return index - 1
+                }) {
+                    let digest = unique[index], file = source.chunkPath(digest)
+                    let fd = try attempt("cannot open", file) { try FileDescriptor.open(file, .readOnly) }
+                    defer { fd.closeQuietly() }
+                    let length = try Self.readUpTo(fd, buffer, file: file)
+                    guard length < buffer.count, Self.plainLength(ofChunkFile: UnsafeRawBufferPointer(rebasing: buffer[0..<length])) != nil else {
+                        throw StasisError(.integrity, "\(file) is not a chunk file")
+                    }
+                    let put = try self.putFile(UnsafeRawBufferPointer(rebasing: buffer[0..<length]), digest: digest, batch: batch)
+                    if put.isNew { totals.withLock { $0.newChunks += 1; $0.storedBytes += put.storedBytes } }
+                }
+            }
+            try batch.commit()
+        } catch {
+            batch.abandon()
+            throw error
+        }
+        return totals.current
+    }
+
     /// Reads from `fd` until `buffer` is full or the file ends; returns the bytes read.
     private static func readUpTo(_ fd: FileDescriptor, _ buffer: UnsafeMutableRawBufferPointer, file: String) throws -> Int {
         try attempt("cannot read", file) { try fd.read(filling: buffer) }

@@ -2,6 +2,7 @@ import Foundation
 import Glibc
 import StasisCore
 @testable import StasisGPU
+import StasisOS
 import StasisStore
 import StasisAgentStandIn
 import StasisTestSupport
@@ -111,6 +112,40 @@ import Testing
         let chunks = try session.evacuate(into: sink, threads: 2)
         try sink.commit()
         return (session, chunks, sink.totals)
+    }
+
+    /// A --leave-running dump into a store on disk: the device memory goes to a stage in memory, the job's
+    /// memory comes back from there, and only then are the chunks copied into the store and the stage removed.
+    @Test func aLeaveRunningDumpStagesDeviceMemoryInMemoryFirst() throws {
+        let chunk = ChunkStore.chunkSize
+        var random = SystemRandomNumberGenerator()
+        let memory: [UInt64: [UInt8]] = [
+            0x40: (0..<(3 * chunk)).map { _ in UInt8.random(in: 0...255, using: &random) },
+            0x41: [UInt8](repeating: 0, count: chunk),
+        ]
+        let peer = try ProtocolPeer(memory: memory, slots: 4)
+        defer { peer.stop() }
+        let directory = Harness.scratch("agent-stage")
+        let store = try ChunkStore(path: directory + "/store", create: true)
+        try #require(!FileSystem.isInMemory(store.path), "the test needs its scratch directory on a disk")
+        let stagesBefore = Set(MemoryStage.all().map(\.path))
+        let agents = AgentEvacuation()
+        try agents.evacuate([getpid()], into: DeviceStore(store: store, codec: .lz4, checkpoint: directory, stageInMemory: true),
+                            timeoutMilliseconds: 1000, tree: [getpid()])
+        let files = agents.files
+        let stages = MemoryStage.all().filter { !stagesBefore.contains($0.path) }
+        try #require(stages.count == 1, "one stage in memory for this dump")
+        let digests = files.flatMap { $0.chunks ?? [] }.filter { !$0.isEmpty }
+        #expect(digests.count == 3)
+        #expect(digests.allSatisfy { stages[0].has($0) && !store.has($0) }, "the chunks are staged, not yet in the store")
+        #expect(peer.released)
+        // The job gets its memory back from the stage (as after CRIU and the driver), then the stage settles.
+        #expect(agents.putBackAll().isEmpty)
+        #expect(peer.written == memory)
+        let settled = try #require(try agents.settle(files: files, into: store))
+        #expect(settled.newChunks == 3 && settled.zeroChunks == 1)
+        #expect(digests.allSatisfy { store.has($0) })
+        #expect(!FileSystem.exists(stages[0].path), "the stage is removed")
     }
 
     /// A process left held after its memory was released (a put-back that failed) is put back by `stasis resume`

@@ -30,6 +30,9 @@ long stasis_process_read(int pid, void *local, uint64_t remote, unsigned long le
 /// Copies `length` bytes from `local` to address `remote` of process `pid`: process_vm_writev(2).
 long stasis_process_write(int pid, const void *local, uint64_t remote, unsigned long length);
 
+/// 1 when `path` is on a filesystem held in memory (tmpfs, ramfs), 0 when not, -1 with errno set: statfs(2).
+int stasis_is_in_memory(const char *path);
+
 /// An anonymous memory file named `name`, close-on-exec: memfd_create(2). Returns its descriptor, or -1 with errno set.
 int stasis_memfd(const char *name);
 

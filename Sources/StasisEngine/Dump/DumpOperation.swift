@@ -146,7 +146,8 @@ private final class DumpRun {
     func freezeDevices() throws {
         let watch = Stopwatch()
         let frozen = try operation.device.beforeFreeze(pids: processes.map(\.pid),
-                                                       store: DeviceStore(store: store, codec: options.codec, checkpoint: destination))
+                                                       store: DeviceStore(store: store, codec: options.codec, checkpoint: destination,
+                                                                          stageInMemory: publishesAfterThaw))
         (gpu, deviceFiles, deviceStatistics) = (frozen.section, frozen.files, frozen.statistics)
         timings.devices = watch.seconds
         rollback.onFailure(of: "devices") { [unowned self] in
@@ -260,10 +261,18 @@ private final class DumpRun {
         if options.leaveRunning { timings.stalled = stall.seconds }
         if published == nil {
             // CRIU has thawed the job (--leave-running) and the GPU is given back: nothing on the GPU to undo,
-            // and a failure from here on costs the checkpoint, not the job. Published even when giving the GPU
-            // back failed: it is then the way to the job's state.
+            // and a failure from here on costs the checkpoint, not the job. Device memory staged in memory goes
+            // into the store first. Published even when giving the GPU back failed: it is then the way to the
+            // job's state.
             rollback.forget("devices")
-            do { try publish() } catch { throw fail(error) }
+            do {
+                let settleWatch = Stopwatch()
+                if let settled = try operation.device.settle(files: deviceFiles, into: store) {
+                    deviceStatistics = settled
+                    timings.sync += settleWatch.seconds
+                }
+                try publish()
+            } catch { throw fail(error) }
         }
         if let deviceFailure { throw deviceFailure }
         var manifest = published!

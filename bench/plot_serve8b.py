@@ -41,6 +41,9 @@ def bars(path):
             parts.append(("other", max(0.0, total - sum(p[1] for p in parts))))
             parts.append(("first answer", answer - total))
             rows.append((name, parts))
+        elif line.startswith("CRIU 4.2 + its cuda plugin"):
+            answer = float(re.search(r"restore to first answer \(page cache warm\) ([0-9.]+) s", line).group(1))
+            rows.append(("CRIU + its cuda plugin, page cache warm", [("CRIU restore with its plugin, then first answer", answer)]))
     return rows
 
 
@@ -49,7 +52,8 @@ def main():
         sys.exit(__doc__)
     rows = bars(sys.argv[1])
     colors = {"torch, CUDA, weights onto the GPU": "#9e9e9e", "warm-up": "#bdbdbd", "check": "#8c564b", "CRIU": "#1f77b4",
-              "driver": "#ff7f0e", "GPU check": "#d62728", "refill": "#2ca02c", "other": "#c7c7c7", "first answer": "#9467bd"}
+              "driver": "#ff7f0e", "GPU check": "#d62728", "refill": "#2ca02c", "other": "#c7c7c7", "first answer": "#9467bd",
+              "CRIU restore with its plugin, then first answer": "#17becf"}
     figure, axes = plt.subplots(figsize=(12, 0.7 * len(rows) + 1.5))
     shown = set()
     longest = max(sum(width for _, width in parts) for _, parts in rows)

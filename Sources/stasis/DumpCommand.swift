@@ -11,7 +11,9 @@ struct DumpCommand: ParsableCommand {
         abstract: "Checkpoint the process tree rooted at PID, or a runc container, into a new directory.",
         discussion: """
         Without --leave-running the tree is gone afterwards, as with `criu dump`. If any step fails, the tree \
-        keeps running as it was and no checkpoint directory appears. With --container, runc checkpoints the \
+        keeps running as it was and no checkpoint directory appears. With --leave-running the tree runs again \
+        before the checkpoint is made durable and published (the report gives the stall apart); GPU memory \
+        moved by `stasis run`'s agent waits in memory (/dev/shm) meanwhile when the store is on a disk. With --container, runc checkpoints the \
         container (it knows its mounts, namespaces and cgroups) and stasis puts the images in the store; \
         `stasis restore` then has runc restore it, and the GPU steps find its processes under their new PIDs \
         (docs/CONTAINERS.md).

@@ -116,6 +116,8 @@ private final class DumpRun {
     var deviceStatistics = ChunkIngester.Statistics()
     var ingester: ChunkIngester?
     var published: Manifest?
+    /// Moving device memory staged in memory into the store (--leave-running into a disk store).
+    var settleSeconds = 0.0
     /// From the hold of the job's devices (or CRIU's freeze) until it runs again, with --leave-running.
     let stall = Stopwatch()
     /// Publish after the job runs again (--leave-running of a process tree, no migration waiting on the freeze).
@@ -269,7 +271,7 @@ private final class DumpRun {
                 let settleWatch = Stopwatch()
                 if let settled = try operation.device.settle(files: deviceFiles, into: store) {
                     deviceStatistics = settled
-                    timings.sync += settleWatch.seconds
+                    settleSeconds = settleWatch.seconds
                 }
                 try publish()
             } catch { throw fail(error) }
@@ -278,7 +280,8 @@ private final class DumpRun {
         var manifest = published!
         if let stats { manifest.memory.dumpedBytes = stats.pagesWritten * UInt64(manifest.host.pageSize) }
         timings.hash = manifest.timings.hash
-        timings.sync = manifest.timings.sync
+        // Copying staged device memory into the store counts as making the checkpoint durable.
+        timings.sync = manifest.timings.sync + settleSeconds
         timings.total = total.seconds
         manifest.timings = timings
         try? FileSystem.writeAtomically(try Manifest.encoder().encode(manifest), to: destination + "/" + Manifest.fileName,

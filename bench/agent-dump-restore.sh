@@ -11,10 +11,11 @@
 #   3. The agent's steady-state overhead: BERT-base training step time, cudaMalloc/cudaFree latency and an
 #      inference request, each with and without the agent.
 #
+#   5. (ring) The staging ring's size: 32 GiB under the agent with a ring of 64 MiB (the default) and of 256 MiB.
 #   4. The stall of a --leave-running checkpoint of BERT-large into a store on the local disk (/var/tmp): how
 #      long the job was held, against the time until the checkpoint was durable and published.
 #
-#   bench/agent-dump-restore.sh [speed] [memory] [overhead] [interleaved] [leave]
+#   bench/agent-dump-restore.sh [speed] [memory] [overhead] [interleaved] [leave] [ring]
 #       (default: speed memory overhead; speed fits one device call, memory and overhead another;
 #        interleaved: the training step, three runs with and three without the agent, taking turns)
 #     speed: part 1, plus a 64 GiB cuda-workload under the agent, restored and verified
@@ -228,6 +229,20 @@ done
 echo "| workload | path | job stalled (s) | durable and published (s) | of which | checkpoint size |"
 echo "| --- | --- | --- | --- | --- | --- |"
 printf '%s\n' "${leave_rows[@]}"
+fi
+
+if [[ $PARTS == *" ring "* ]]; then
+echo "== 5. the staging ring's size, 32 GiB under the agent, /dev/shm"
+rows=()
+for mib in 64 256; do
+    dir=$(mktemp -d)
+    pid=$($STASIS run --ring-mib $mib -- /opt/stasis/bin/cuda-workload buffers --dir "$dir" --daemon --mem 32768)
+    stasis_path "buffers 32 GiB" "$pid" "stasis with the agent, ring $mib MiB" || echo "ring $mib MiB failed"
+    kill -9 "$pid" 2>/dev/null; wait_gone "$pid"; rm -rf "$dir"
+done
+echo "| workload | path | checkpoint (s) | of which | restore (s) | of which | evacuation | refill |"
+echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
+printf '%s\n' "${rows[@]}"
 fi
 
 if [[ $PARTS == *" interleaved "* ]]; then

@@ -12,7 +12,9 @@
 #                                           outside the tree, --leave-running, 2 x 8 GiB),
 #                                           reliability (stasis killed after CRIU's exit, a damaged
 #                                           chunk not reused, bench/reuse-check.sh gpu), bertleave
-#                                           (BERT-base's --leave-running case alone),
+#                                           (BERT-base's --leave-running case alone), leavedisk
+#                                           (--leave-running into a store on the disk under the agent:
+#                                           the stage in memory, one and two processes, BERT-base),
 #                                           migrate (BERT moved by stasis migrate between namespaces, and
 #                                           bench/migrate.sh bert), ncclrefuse (one part of multigpu, for a
 #                                           short call),

@@ -182,10 +182,10 @@ agent_bert() {
 # BERT-base checkpointed twice with --leave-running: it trains on to the same losses; then the first checkpoint,
 # restored (with the files it writes, losses.txt and step-times.txt, put back as they were then: files outside
 # a checkpoint are the user's, and CRIU refuses open files whose size changed), trains to the same losses again.
-bert_leave_running() {
-    local ref=$1 steps=$2 pause=$3
+bert_leave_running() {  # REF STEPS PAUSE [LAUNCHER]
+    local ref=$1 steps=$2 pause=$3 launcher=${4:-}
     local run; run=$(mktemp -d /tmp/stasis-bert-leave.XXXXXX)
-    local pid; pid=$(CUBLAS_WORKSPACE_CONFIG=:4096:8 python3 Workloads/torch/bert_train.py --dir "$run" --size base --steps $steps --pause-at $pause --daemon) \
+    local pid; pid=$(CUBLAS_WORKSPACE_CONFIG=:4096:8 $launcher python3 Workloads/torch/bert_train.py --dir "$run" --size base --steps $steps --pause-at $pause --daemon) \
         || { fail "bert-base --leave-running" "did not start: $(tail -n 5 "$run/log")"; return; }
     if $STASIS dump "$pid" -D "$run/one" --leave-running >"$run/dump1.txt" 2>&1 && $STASIS dump "$pid" -D "$run/two" --leave-running >"$run/dump2.txt" 2>&1; then
         # The files it writes, as they were at the checkpoint (CRIU refuses a restore whose open files changed size).
@@ -193,7 +193,7 @@ bert_leave_running() {
         touch "$run/go"
         for _ in $(seq 1200); do [[ -e $run/done ]] && break; sleep 0.1; done
         if cmp -s "$ref/losses.txt" "$run/losses.txt"; then
-            pass "bert-base --leave-running twice: trains on to the same losses"
+            pass "bert-base --leave-running twice${launcher:+ (agent)}: trains on to the same losses; $(grep -ho 'the job stalled [0-9.]* m*s' "$run/dump1.txt")"
             wait_gone "$pid"
             cp "$run"/at-checkpoint/*.txt "$run/"; rm -f "$run/done"
             if $STASIS restore -D "$run/one" >"$run/restore1.txt" 2>&1; then

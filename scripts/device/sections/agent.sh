@@ -2,6 +2,7 @@
 # gpus=N (at least N GPUs), torch (PyTorch), runc, ip.
 needs_agent="gpus=1 torch"
 needs_agentbig="gpus=1 torch"
+needs_leavedisk="gpus=1 torch"
 
 section_agent() {
     # The store on tmpfs: the 64 GiB case does not fit the disk.
@@ -95,6 +96,26 @@ section_agentbig() {
         keep_logs "$dir" "agent-big"
         kill_tree "$pid"
     fi
+    rm -rf $STASIS_STORE
+    unset STASIS_STORE
+}
+
+# --leave-running into a store on the disk: the device memory the agents move waits in a stage in memory
+# (/dev/shm) while the job gets it back, then goes into the store. Each checkpoint must restore, BERT must
+# train on to the same losses, and no stage may be left behind.
+section_leavedisk() {
+    export STASIS_STORE=/var/tmp/stasis-leavedisk-store
+    rm -rf $STASIS_STORE
+    leave_running_twice agent-disk "$RUN"
+    leave_running_twice shared-disk "$RUN" share
+    local ref; ref=$(mktemp -d /tmp/stasis-bert-ref-base.XXXXXX)
+    if CUBLAS_WORKSPACE_CONFIG=:4096:8 timeout 300 python3 Workloads/torch/bert_train.py --dir "$ref" --size base --steps 30 >"$ref/out.txt" 2>&1; then
+        bert_leave_running "$ref" 30 15 "$RUN"
+    else
+        fail "bert-base reference run" "$(tail -n 5 "$ref/out.txt")"
+    fi
+    local stages; stages=$(ls -d /dev/shm/stasis-stage-* 2>/dev/null | tr '\n' ' ')
+    [[ -z $stages ]] && pass "leavedisk: no stage left in /dev/shm" || fail "leavedisk: stages left behind" "$stages"
     rm -rf $STASIS_STORE
     unset STASIS_STORE
 }

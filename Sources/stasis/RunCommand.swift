@@ -13,7 +13,8 @@ struct RunCommand: ParsableCommand {
         (libstasis-agent.so) interposes the CUDA driver API. It backs cudaMalloc/cuMemAlloc of --min-backed-mib \
         and more with the driver's virtual memory API and tracks the program's own VMM allocations (PyTorch's \
         expandable segments). On `stasis dump` it holds new CUDA calls, hashes that memory on the GPU, copies it \
-        out through a pinned ring of --ring-mib into the chunk store, and gives the physical memory back before \
+        out through a pinned ring of --ring-mib (which stasis maps: one CPU copy) into the chunk store, and \
+        gives the physical memory back before \
         the driver's checkpoint, which then carries only the rest. After a restore it re-creates the memory at \
         the same addresses, fills it back, and the GPU checks it against the checkpoint before any held call \
         goes on. STASIS_AGENT_GPU_DIGESTS=off in the program's environment leaves the hashing to stasis's CPUs \
@@ -26,7 +27,7 @@ struct RunCommand: ParsableCommand {
     @Option(name: .long, help: "The agent library (default: $STASIS_AGENT_LIBRARY, else libstasis-agent.so beside the stasis binary or in ../lib/stasis).")
     var agent: String?
 
-    @Option(name: .long, help: "Size of the agent's pinned staging ring, pinned once when the program first allocates.")
+    @Option(name: .long, help: "Size of the agent's pinned staging ring, pinned when the program first allocates and again after each checkpoint gave the device memory back (256 moves tens of GiB faster).")
     var ringMib: Int = 64
 
     @Option(name: .long, help: "cuMemAlloc requests smaller than this stay with the driver.")

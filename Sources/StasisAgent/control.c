@@ -231,6 +231,16 @@ static int finish_oldest(int fd, uint32_t op, char *why, size_t length) {
     return 0;
 }
 
+/// Tells stasis with `op` of every copy that has finished already, oldest first, without waiting: slots go
+/// back as soon as their copies end, not only once the ring is full or stasis pauses.
+static int finish_done(int fd, uint32_t op, char *why, size_t length) {
+    while (flight_count > 0 && real.cuEventQuery(events[flight[flight_head].device][flight[flight_head].slot]) != CUDA_ERROR_NOT_READY) {
+        // Finished, or failed: finish_oldest tells which.
+        if (finish_oldest(fd, op, why, length) != 0) return -1;
+    }
+    return 0;
+}
+
 static int readable(int fd) {
     struct pollfd poller = {fd, POLLIN, 0};
     return poll(&poller, 1, 0) > 0;
@@ -520,7 +530,12 @@ static void serve(int fd) {
     char why[160];
     flight_head = flight_count = 0;
     for (;;) {
-        // Copies into the device finish while stasis sends more; report them when it pauses.
+        // Copies into the device finish while stasis sends more: report those that have ended, and when it
+        // pauses, wait for the oldest.
+        if (flight_count > 0 && finish_done(fd, STASIS_AGENT_WRITTEN, why, sizeof why) != 0) {
+            reply(fd, STASIS_AGENT_ERROR, 0, "%s", why);
+            return;
+        }
         if (flight_count > 0 && !readable(fd)) {
             if (finish_oldest(fd, STASIS_AGENT_WRITTEN, why, sizeof why) != 0) { reply(fd, STASIS_AGENT_ERROR, 0, "%s", why); return; }
             continue;

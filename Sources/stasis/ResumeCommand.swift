@@ -10,8 +10,9 @@ struct ResumeCommand: ParsableCommand {
         discussion: """
         For the rare dump that fails after an agent gave its process's device memory back and cannot put it \
         back either (another process took the GPU memory in between), or a stasis that died at that moment: \
-        the memory is in the store under a rescue entry (listed by `stasis ls`, kept by gc), and the process \
-        waits with its CUDA calls held. `stasis resume PID` resumes the driver's state if needed, re-creates \
+        the memory is in the store under a rescue entry (listed by `stasis ls`, kept by gc), or, for a \
+        --leave-running dump into a store on a disk, in that dump's stage in memory (/dev/shm/stasis-stage-*, \
+        looked up too), and the process waits with its CUDA calls held. `stasis resume PID` resumes the driver's state if needed, re-creates \
         and refills the memory, lets the calls go on and drops the rescue entry.
         """)
 

@@ -148,6 +148,28 @@ import Testing
         #expect(!FileSystem.exists(stages[0].path), "the stage is removed")
     }
 
+    /// A --leave-running dump that could not put the memory back (or a stasis that died) leaves the rescue
+    /// entry in its stage: `stasis resume` finds it there, puts the memory back, and the stage goes.
+    @Test func stasisResumeFindsARescueEntryInAStage() throws {
+        let chunk = ChunkStore.chunkSize
+        let memory: [UInt64: [UInt8]] = [0x50: (0..<(2 * chunk)).map { UInt8(truncatingIfNeeded: $0 &* 13 / 5) }]
+        let peer = try ProtocolPeer(memory: memory, slots: 4)
+        defer { peer.stop() }
+        let directory = Harness.scratch("agent-stage-rescue")
+        let store = try ChunkStore(path: directory + "/store", create: true)
+        let stagesBefore = Set(MemoryStage.all().map(\.path))
+        let agents = AgentEvacuation()
+        try agents.evacuate([getpid()], into: DeviceStore(store: store, codec: .lz4, checkpoint: directory, stageInMemory: true),
+                            timeoutMilliseconds: 1000, tree: [getpid()])
+        let stage = try #require(MemoryStage.all().first { !stagesBefore.contains($0.path) })
+        #expect(AgentEvacuation.rescue(pid: getpid(), in: stage) != nil && AgentEvacuation.rescue(pid: getpid(), in: store) == nil)
+        // As if this stasis had died here: the memory is released and only the stage has it.
+        let resumed = try Harness.stasis("resume", String(getpid()), "--store", store.path)
+        #expect(resumed.succeeded, "\(resumed.stderr)")
+        #expect(peer.written == memory)
+        #expect(!FileSystem.exists(stage.path), "the stage goes once its rescue entry is used")
+    }
+
     /// A process left held after its memory was released (a put-back that failed) is put back by `stasis resume`
     /// from the rescue entry the evacuation wrote; the entry then goes.
     @Test func stasisResumePutsBackWhatARescueEntryHolds() throws {

@@ -89,6 +89,13 @@ stasis_path() {  # NAME PID LABEL
     unset STASIS_STORE
 }
 
+# The rows stasis_path, baseline and criu_cuda_plugin collected, as a table.
+speed_table() {
+    echo "| workload | path | checkpoint (s) | of which | restore (s) | of which | evacuation | refill |"
+    echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
+    printf '%s\n' "${rows[@]}"
+}
+
 # WARM_GIB=N: write and delete N GiB on /dev/shm first. These machines are fresh VMs, and memory the guest has
 # not touched yet is 2-3x slower to write (docs/BENCHMARKS.md); warming puts every path on touched memory.
 if (( ${WARM_GIB:-0} > 0 )); then
@@ -134,9 +141,7 @@ for _ in $(seq 3000); do [[ -e $dir/result ]] && break; sleep 0.1; done
 echo "buffers 64 GiB after the agent's restore: $(cat "$dir/result" 2>/dev/null || echo "FAIL no answer in 300 s")"
 kill -9 "$pid" 2>/dev/null; wait_gone "$pid"
 fi
-echo "| workload | path | checkpoint (s) | of which | restore (s) | of which | evacuation | refill |"
-echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
-printf '%s\n' "${rows[@]}"
+speed_table
 fi
 
 if [[ $PARTS == *" memory "* ]]; then
@@ -240,9 +245,7 @@ for mib in 64 256; do
     stasis_path "buffers 32 GiB" "$pid" "stasis with the agent, ring $mib MiB" || echo "ring $mib MiB failed"
     kill -9 "$pid" 2>/dev/null; wait_gone "$pid"; rm -rf "$dir"
 done
-echo "| workload | path | checkpoint (s) | of which | restore (s) | of which | evacuation | refill |"
-echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
-printf '%s\n' "${rows[@]}"
+speed_table
 fi
 
 if [[ $PARTS == *" interleaved "* ]]; then

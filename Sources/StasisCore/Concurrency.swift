@@ -25,6 +25,18 @@ extension Locked where Value: BinaryInteger {
     public func add(_ amount: Value) { withLock { $0 += amount } }
 }
 
+extension Locked where Value == Int {
+    /// The next index below `count` for whichever worker asks first (nil once all are taken): how workers
+    /// share a list of jobs.
+    public func takeNext(below count: Int) -> Int? {
+        withLock { next in
+            guard next < count else { return nil }
+            defer { next += 1 }
+            return next
+        }
+    }
+}
+
 /// A first-in first-out queue between threads: `push` waits while it is full (when it has a capacity), `pop`
 /// waits while it is empty; once closed, `pop` drains what is left and then returns nil, and `push` drops.
 public final class BlockingQueue<Element>: @unchecked Sendable {

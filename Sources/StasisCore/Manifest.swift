@@ -211,7 +211,8 @@ public struct Manifest: Codable, Sendable, Equatable {
         /// Finishing the chunking of the memory images after CRIU wrote them (most is done while it writes),
         /// and hashing the small images.
         public var hash: Double
-        /// fsync of every image before the checkpoint counts as taken.
+        /// fsync of every image before the checkpoint counts as taken (with --leave-running into a disk store,
+        /// also copying the device memory staged in memory into the store).
         public var sync: Double
         public var total: Double
         /// With --leave-running: how long the job was held (its CUDA calls from the agents' hold or the

@@ -289,31 +289,29 @@ public final class AgentSession: @unchecked Sendable {
                     }
                     let length = try Self.checkChunk(message, sizes: sizes, chunk: chunk, pid: pid)
                     let free = { Self.send(channel, failure, { try $0.send(STASIS_AGENT_FREE, slot: message.slot) }) }
-                    // The chunk's bytes: the slot itself where the ring is mapped here (given back once stored),
-                    // else a copy (the slot given back at once).
-                    let take = { () throws -> UnsafeRawBufferPointer? in
+                    // Runs `store` on the chunk's bytes and gives the slot back: the slot itself where the ring is
+                    // mapped here (given back once stored), else a copy (given back at once). False when the
+                    // agent has gone (the receiver reports why).
+                    func storing(_ store: (UnsafeRawBufferPointer) throws -> Void) throws -> Bool {
                         if let base = here.pointer {
-                            return UnsafeRawBufferPointer(start: base + Int(message.slot) * slotBytes, count: length)
+                            try store(UnsafeRawBufferPointer(start: base + Int(message.slot) * slotBytes, count: length))
+                            return free()
                         }
                         let bytes = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<length])
                         try ProcessMemory.read(pid: pid, address: ring + UInt64(message.slot) * UInt64(slotBytes), into: bytes)
-                        return free() ? UnsafeRawBufferPointer(bytes) : nil
+                        guard free() else { return false }
+                        try store(UnsafeRawBufferPointer(bytes))
+                        return true
                     }
-                    let digest: String
+                    var digest = ""
                     if message.chunk_flags & UInt32(STASIS_AGENT_CHUNK_DIGEST.rawValue) != 0 {
                         // Hashed by the GPU: a chunk the store has already is not even read.
                         digest = Self.hex(message)
-                        if sink.needs(digest, length: length) {
-                            guard let bytes = try take() else { continue }
-                            try sink.putHashed(bytes, digest: digest, scratch: scratch)
-                            if here.pointer != nil { guard free() else { continue } }
-                        } else {
-                            guard free() else { continue }
-                        }
+                        let stored = sink.needs(digest, length: length)
+                            ? try storing { try sink.putHashed($0, digest: digest, scratch: scratch) } : free()
+                        guard stored else { continue }
                     } else {
-                        guard let bytes = try take() else { continue }
-                        digest = try sink.put(bytes, scratch: scratch)
-                        if here.pointer != nil { guard free() else { continue } }
+                        guard try storing({ digest = try sink.put($0, scratch: scratch) }) else { continue }
                     }
                     try digests.set(id: message.id, offset: message.offset, digest: digest, pid: pid)
                 } catch {
@@ -422,11 +420,7 @@ public final class AgentSession: @unchecked Sendable {
             let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
             let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: ChunkSink.scratchSize(), alignment: 4096)
             defer { buffer.deallocate(); scratch.deallocate() }
-            while failure.error == nil, let index = next.withLock({ index -> Int? in
-                guard index < work.count else { return nil }
-                index += 1
-                return index - 1
-            }) {
+            while failure.error == nil, let index = next.takeNext(below: work.count) {
                 let job = work[index]
                 do {
                     let place = ChunkStore.Place(checkpoint: checkpoint, file: job.file, offset: job.offset, length: job.length)

@@ -80,7 +80,6 @@ extension FileDescriptor {
         if let failure { throw failure }
     }
 
-    /// fsync(2): the file's data and metadata are durable.
     /// Whether the file's first bytes are in the page cache (nil: cannot be told): a read of a file that is
     /// would not wait for the disk.
     public func startIsCached() -> Bool? {
@@ -91,6 +90,7 @@ extension FileDescriptor {
         }
     }
 
+    /// fsync(2): the file's data and metadata are durable.
     public func sync() throws(Errno) {
         guard Glibc.fsync(rawValue) == 0 else { throw Errno(rawValue: errno) }
     }

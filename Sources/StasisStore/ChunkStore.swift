@@ -301,11 +301,7 @@ public final class ChunkStore: Sendable {
             try WorkerGroup.run(max(1, min(threads, unique.count)), name: "stasis-copy-chunks") { _, failure in
                 let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.scratchSize(Self.chunkSize), alignment: 4096)
                 defer { buffer.deallocate() }
-                while failure.error == nil, let index = next.withLock({ index -> Int? in
-                    guard index < unique.count else { return nil }
-                    index += 1
-                    return index - 1
-                }) {
+                while failure.error == nil, let index = next.takeNext(below: unique.count) {
                     let digest = unique[index], file = source.chunkPath(digest)
                     let fd = try attempt("cannot open", file) { try FileDescriptor.open(file, .readOnly) }
                     defer { fd.closeQuietly() }

@@ -82,7 +82,7 @@ let package = Package(
         // processes through real CRIU, runc and network namespaces (root), and their shared support.
         .target(name: "StasisTestSupport", dependencies: ["StasisCore", "StasisOS", "StasisStore"], path: "Tests/Support"),
         .testTarget(name: "StasisCoreTests", dependencies: ["StasisCore", "StasisImage"]),
-        .testTarget(name: "StasisOSTests", dependencies: ["StasisCore", "StasisOS", "StasisTestSupport"]),
+        .testTarget(name: "StasisOSTests", dependencies: ["CStasisLinux", "StasisCore", "StasisOS", "StasisTestSupport"]),
         .testTarget(name: "StasisCRIUTests", dependencies: ["StasisCRIU"]),
         .testTarget(name: "StasisImageTests", dependencies: ["StasisCore", "StasisOS", "StasisImage", "StasisTestSupport"]),
         .testTarget(name: "StasisStoreTests", dependencies: ["StasisCore", "StasisOS", "StasisStore", "StasisTestSupport"]),

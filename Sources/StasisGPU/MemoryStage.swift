@@ -26,10 +26,15 @@ public enum MemoryStage {
         return try? ChunkStore(path: path, create: true)
     }
 
-    /// Every stage on this machine.
+    /// Every stage on this machine: directories of this user's (ChunkStore refuses others'), never a link
+    /// someone else left in the world-writable /dev/shm to lead stasis elsewhere.
     public static func all() -> [ChunkStore] {
         let names = (try? FileManager.default.contentsOfDirectory(atPath: root)) ?? []
-        return names.filter { $0.hasPrefix(prefix) }.sorted().compactMap { try? ChunkStore(path: "\(root)/\($0)", create: false) }
+        return names.filter { $0.hasPrefix(prefix) }.sorted().compactMap { name in
+            let path = "\(root)/\(name)"
+            guard (try? FileManager.default.attributesOfItem(atPath: path)[.type] as? FileAttributeType) == .typeDirectory else { return nil }
+            return try? ChunkStore(path: path, create: false)
+        }
     }
 
     /// Whether `store` is a stage (and not a store of the user's).

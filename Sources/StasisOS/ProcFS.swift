@@ -98,12 +98,15 @@ public enum ProcFS {
         public var path: String
         /// Mapped MAP_SHARED (the permissions' "s").
         public var shared = false
+        /// Where in the file the mapping starts.
+        public var fileOffset: UInt64 = 0
         public var bytes: UInt64 { end - start }
-        public init(start: UInt64, end: UInt64, path: String, shared: Bool = false) {
+        public init(start: UInt64, end: UInt64, path: String, shared: Bool = false, fileOffset: UInt64 = 0) {
             self.start = start
             self.end = end
             self.path = path
             self.shared = shared
+            self.fileOffset = fileOffset
         }
     }
 
@@ -120,7 +123,7 @@ public enum ProcFS {
             let range = fields[0].split(separator: "-")
             guard range.count == 2, let start = UInt64(range[0], radix: 16), let end = UInt64(range[1], radix: 16) else { return nil }
             let path = fields.count == 6 ? fields[5].trimmingCharacters(in: .whitespaces) : ""
-            return Mapping(start: start, end: end, path: path, shared: fields[1].hasSuffix("s"))
+            return Mapping(start: start, end: end, path: path, shared: fields[1].hasSuffix("s"), fileOffset: UInt64(fields[2], radix: 16) ?? 0)
         }
     }
 

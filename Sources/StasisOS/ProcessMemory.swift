@@ -40,15 +40,19 @@ public final class ForeignMapping: @unchecked Sendable {
     public let base: UnsafeMutableRawPointer
     public let length: Int
 
-    /// Maps the `length` bytes at `address` of `pid` when a shared mapping of the memfd named `memfd` starts
-    /// there; nil when none does or it cannot be mapped (the caller copies with process_vm_readv/writev).
+    /// Maps the `length` bytes at `address` of `pid` when a shared mapping of the start of a memfd named
+    /// `memfd`, at least that long, starts there; nil when none does or it cannot be mapped (the caller copies
+    /// with process_vm_readv/writev). The process must not shrink the file while it is mapped here (stasis
+    /// would fault on the pages it lost).
     public init?(pid: Int32, address: UInt64, length: Int, memfd: String) {
         guard length > 0, let mapping = ProcFS.mappings(pid).first(where: { $0.start == address }), mapping.shared,
-              mapping.path.hasPrefix("/memfd:\(memfd)"), mapping.bytes >= UInt64(length) else { return nil }
+              mapping.fileOffset == 0, mapping.path.hasPrefix("/memfd:\(memfd)"), mapping.bytes >= UInt64(length) else { return nil }
         let name = "/proc/\(pid)/map_files/\(String(mapping.start, radix: 16))-\(String(mapping.end, radix: 16))"
         let fd = open(name, O_RDWR | O_CLOEXEC)
         guard fd >= 0 else { return nil }
         defer { close(fd) }
+        var info = stat()
+        guard fstat(fd, &info) == 0, (info.st_mode & S_IFMT) == S_IFREG, info.st_size >= length else { return nil }
         guard let address = mmap(nil, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0), address != MAP_FAILED else { return nil }
         (base, self.length) = (address, length)
     }

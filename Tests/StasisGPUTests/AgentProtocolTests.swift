@@ -148,6 +148,18 @@ import Testing
         #expect(!FileSystem.exists(stages[0].path), "the stage is removed")
     }
 
+    /// /dev/shm is anyone's: a link named like a stage is not taken for one, and removing stale stages leaves
+    /// what it points to alone.
+    @Test func aLinkNamedLikeAStageIsNotAStage() throws {
+        let target = try ChunkStore(path: Harness.scratch("not-a-stage") + "/store", create: true)
+        let link = "/dev/shm/stasis-stage-1-link\(UInt32.random(in: 0...UInt32.max))"
+        try FileManager.default.createSymbolicLink(atPath: link, withDestinationPath: target.path)
+        defer { unlink(link) }
+        #expect(!MemoryStage.all().contains { $0.path == link })
+        MemoryStage.removeStale()
+        #expect(FileSystem.isDirectory(target.path + "/chunks"), "the link's target is untouched")
+    }
+
     /// A --leave-running dump that could not put the memory back (or a stasis that died) leaves the rescue
     /// entry in its stage: `stasis resume` finds it there, puts the memory back, and the stage goes.
     @Test func stasisResumeFindsARescueEntryInAStage() throws {

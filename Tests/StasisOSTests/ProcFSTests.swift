@@ -1,3 +1,4 @@
+import CStasisLinux
 import Foundation
 import Glibc
 import StasisCore
@@ -46,5 +47,32 @@ import Testing
         }
         #expect(TCPListeners.Endpoint("nonsense") == nil)
         #expect(TCPListeners.Endpoint("1.2.3.4:99999") == nil)
+    }
+}
+
+/// Another process's memfd mapped here (how stasis reaches an agent's ring), tried on this process's own: the
+/// same pages when the mapping is the start of a memfd of that name and at least as long as asked, else
+/// nothing (the caller then copies).
+@Suite struct ForeignMappings {
+    @Test func onlyTheStartOfANamedMemfdLongEnoughIsMapped() throws {
+        let bytes = 4 << 20
+        let fd = stasis_memfd("stasis-test-ring")
+        try #require(fd >= 0 && ftruncate(fd, off_t(bytes)) == 0)
+        defer { close(fd) }
+        let whole = try #require(mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0))
+        defer { munmap(whole, bytes) }
+        let tail = try #require(mmap(nil, bytes / 2, PROT_READ | PROT_WRITE, MAP_SHARED, fd, off_t(bytes / 2)))
+        defer { munmap(tail, bytes / 2) }
+        let address = { (pointer: UnsafeMutableRawPointer) in UInt64(UInt(bitPattern: pointer)) }
+
+        let here = try #require(ForeignMapping(pid: getpid(), address: address(whole), length: bytes, memfd: "stasis-test-ring"))
+        whole.storeBytes(of: 0x5eed, toByteOffset: 4096, as: UInt64.self)
+        #expect(here.base.load(fromByteOffset: 4096, as: UInt64.self) == 0x5eed, "the same pages")
+        here.base.storeBytes(of: 0xbeef, toByteOffset: 8192, as: UInt64.self)
+        #expect(whole.load(fromByteOffset: 8192, as: UInt64.self) == 0xbeef)
+
+        #expect(ForeignMapping(pid: getpid(), address: address(tail), length: bytes / 2, memfd: "stasis-test-ring") == nil, "not the file's start")
+        #expect(ForeignMapping(pid: getpid(), address: address(whole), length: 2 * bytes, memfd: "stasis-test-ring") == nil, "longer than the file")
+        #expect(ForeignMapping(pid: getpid(), address: address(whole), length: bytes, memfd: "another-name") == nil, "another memfd")
     }
 }

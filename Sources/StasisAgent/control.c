@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "agent.h"
+#include "include/stasis_agent.h"
 #include "stasis_agent_protocol.h"
 
 
@@ -429,6 +430,7 @@ static void hello(int fd) {
     message.ring_address = (uint64_t)(uintptr_t)memory_ring();
     message.slot_bytes = (uint32_t)settings.slot_bytes;
     message.slot_count = settings.slot_count > MAX_SLOTS ? MAX_SLOTS : settings.slot_count;
+    message.chunk_flags = STASIS_AGENT_CAN_RESUME_ITSELF;
     memory_entry *entries = NULL;
     memory_table(&entries, &message.tracked_bytes, &message.driver_bytes);
     free(entries);
@@ -569,8 +571,12 @@ static void serve(int fd) {
             if (memory_release_all(why, sizeof why) != CUDA_SUCCESS || memory_ring_unpin(why, sizeof why) != CUDA_SUCCESS) {
                 reply(fd, STASIS_AGENT_ERROR, 0, "%s", why);
             } else {
+                stasis_agent_orphan_released(fd);
                 reply(fd, STASIS_AGENT_OK, 0, NULL);
             }
+            break;
+        case STASIS_AGENT_RESCUE_STORE:
+            stasis_agent_orphan_store_piece(&message);
             break;
         case STASIS_AGENT_REBACK:
             if (state == STASIS_AGENT_RUNNING) { reply(fd, STASIS_AGENT_ERROR, 0, "not held"); break; }
@@ -686,6 +692,7 @@ static void serve(int fd) {
             if (flush_writes(fd, why, sizeof why) != 0) { reply(fd, STASIS_AGENT_ERROR, 0, "%s", why); break; }
             state = STASIS_AGENT_RUNNING;
             contents_lost = 0;
+            stasis_agent_orphan_resumed();
             gate_open();
             reply(fd, STASIS_AGENT_OK, 0, NULL);
             break;
@@ -706,6 +713,10 @@ static int allowed(int fd) {
 static void *control_thread(void *unused) {
     (void)unused;
     for (;;) {
+        // While memory is released, wait in turns: the stasis that released it may die (orphan.c).
+        int turn = stasis_agent_orphan_step(contents_lost);
+        struct pollfd waiting = {listener, POLLIN, 0};
+        if (turn >= 0 && poll(&waiting, 1, turn) == 0) continue;
         int fd = accept4(listener, NULL, NULL, SOCK_CLOEXEC);
         if (fd < 0) {
             if (errno != EINTR && errno != ECONNABORTED) {
@@ -736,6 +747,7 @@ static void after_fork_child(void) {
     started = 0;
     state = STASIS_AGENT_RUNNING;
     contents_lost = 0;
+    stasis_agent_orphan_after_fork_child();
     pthread_mutex_init(&start_mutex, NULL);
     gate_after_fork_child();
     memory_after_fork_child();

@@ -49,6 +49,13 @@ final class AgentChannel: @unchecked Sendable {
         return nil
     }
 
+    /// A channel over a connection already made to the agent of `pid`.
+    static func adopting(pid: Int32, fd: FileDescriptor, timeoutSeconds: Int = 120) -> AgentChannel {
+        let channel = AgentChannel(pid: pid, fd: fd)
+        channel.setTimeout(seconds: timeoutSeconds)
+        return channel
+    }
+
     /// How long a receive or a send may wait; requests that may take long (QUIESCE waits for the program's
     /// threads) set it first.
     func setTimeout(seconds: Int) { StreamSocket.setTimeout(fd, seconds: seconds) }
@@ -63,6 +70,27 @@ final class AgentChannel: @unchecked Sendable {
         try sendLock.withLock {
             if let failure = withUnsafeBytes(of: &message, { StreamSocket.send(fd, $0) }) {
                 throw StasisError(.gpu, "the agent of PID \(pid) went away (\(failure.reason))")
+            }
+        }
+    }
+
+    /// Sends `text` with `op` in pieces that fit a message's text (RESCUE_STORE): each names the whole
+    /// length (id) and where it goes (offset, length); the agent answers none of them.
+    func sendText(_ op: stasis_agent_op, _ text: String) throws {
+        let bytes = Array(text.utf8)
+        let piece = MemoryLayout.size(ofValue: Message().text)
+        for start in stride(from: 0, to: max(bytes.count, 1), by: piece) {
+            var message = Message()
+            message.op = op.rawValue
+            message.id = UInt64(bytes.count)
+            message.offset = UInt64(start)
+            let part = bytes[start..<min(bytes.count, start + piece)]
+            message.length = UInt64(part.count)
+            withUnsafeMutableBytes(of: &message.text) { $0.copyBytes(from: part) }
+            try sendLock.withLock {
+                if let failure = withUnsafeBytes(of: &message, { StreamSocket.send(fd, $0) }) {
+                    throw StasisError(.gpu, "the agent of PID \(pid) went away (\(failure.reason))")
+                }
             }
         }
     }

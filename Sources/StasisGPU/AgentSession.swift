@@ -52,6 +52,8 @@ public final class AgentSession: @unchecked Sendable {
     public private(set) var agentState: UInt32 = 0
     /// Driver entry points the agent had to hand out without its gate (its trampoline table was full).
     public private(set) var ungatedFunctions: UInt64 = 0
+    /// The agent takes RESCUE_STORE and puts its memory back itself should this stasis die after RELEASE.
+    public private(set) var resumesItself = false
     /// QUIESCE was sent and its answer not read yet.
     private var quiescing = false
     /// The agent hashes chunks on the GPU (`prepareDigests` said so): stasis then does not hash them on its CPUs.
@@ -78,6 +80,14 @@ public final class AgentSession: @unchecked Sendable {
         return session
     }
 
+    /// A session over a connection made by another process (a test's controller, whose death the agent
+    /// must notice: its SO_PEERCRED names that process).
+    static func open(pid: Int32, connection: FileDescriptor) throws -> AgentSession {
+        let session = AgentSession(pid: pid, channel: AgentChannel.adopting(pid: pid, fd: connection))
+        try session.hello()
+        return session
+    }
+
     private func connected() throws -> AgentChannel {
         if let channel { return channel }
         guard let fresh = try AgentChannel.connect(pid: pid) else {
@@ -98,6 +108,7 @@ public final class AgentSession: @unchecked Sendable {
         }
         adopt(answer)
         ungatedFunctions = answer.ungated_functions
+        resumesItself = answer.chunk_flags & UInt32(STASIS_AGENT_CAN_RESUME_ITSELF.rawValue) != 0
     }
 
     private func adopt(_ facts: AgentChannel.Message) {
@@ -340,10 +351,13 @@ public final class AgentSession: @unchecked Sendable {
         withUnsafeBytes(of: message.digest) { SegmentedDigest.hex($0) }
     }
 
-    /// Gives the physical memory back to the driver (the addresses stay reserved).
-    public func release() throws {
+    /// Gives the physical memory back to the driver (the addresses stay reserved). `rescueStore`: the store
+    /// holding the process's rescue entry, told to an agent that runs `stasis resume` itself should this
+    /// stasis die before the memory is back (docs/AGENT.md, "Rescue").
+    public func release(rescueStore: String? = nil) throws {
         released = true
         try onChannel { channel in
+            if let rescueStore, resumesItself { try channel.sendText(STASIS_AGENT_RESCUE_STORE, rescueStore) }
             try channel.send(STASIS_AGENT_RELEASE)
             try channel.expect(STASIS_AGENT_OK, doing: "give its device memory back")
         }

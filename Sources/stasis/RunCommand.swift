@@ -21,7 +21,10 @@ struct RunCommand: ParsableCommand {
         (for a store shared with programs you do not trust: see docs/AGENT.md). Programs not started this way are \
         checkpointed through the driver alone. Device memory shared between processes of the tree (cuMem \
         export/import as POSIX descriptors, legacy CUDA IPC, torch.multiprocessing) is carried by the agents when \
-        every process that maps it runs this way. See docs/AGENT.md.
+        every process that maps it runs this way. Should the stasis that checkpoints the program die after the \
+        agent gave the device memory back, the agent runs this binary's `stasis resume` on itself once \
+        STASIS_AGENT_ORPHAN_GRACE seconds pass (5; off: never), and says so on the program's standard error. \
+        See docs/AGENT.md.
         """)
 
     @Option(name: .long, help: "The agent library (default: $STASIS_AGENT_LIBRARY, else libstasis-agent.so beside the stasis binary or in ../lib/stasis).")
@@ -58,6 +61,8 @@ struct RunCommand: ParsableCommand {
             var environment = ["LD_PRELOAD": preload, "STASIS_AGENT_RING_MIB": String(ringMib),
                                "STASIS_AGENT_MIN_BACKED_MIB": String(minBackedMib), "STASIS_AGENT_BACKING": noBacking ? "off" : "on"]
             if agentLog { environment["STASIS_AGENT_LOG"] = "1" }
+            // Should a stasis die after the agent released the memory, the agent runs this binary's `resume`.
+            if let binary = Self.ownBinary() { environment["STASIS_AGENT_STASIS"] = binary }
             let failure = Spawn.replaceProcess(with: arguments, environment: environment)
             FileHandle.standardError.write(Data("stasis: error: cannot run \(arguments[0]): \(failure)\n".utf8))
             // As shells answer: 127 for a program not found, 126 for one that cannot be run.
@@ -65,10 +70,16 @@ struct RunCommand: ParsableCommand {
         }
     }
 
+    /// This binary's own path, whichever way it was started (through PATH, a symlink, a relative path).
+    static func ownBinary() -> String? {
+        let executable = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        let path = URL(fileURLWithPath: executable).resolvingSymlinksInPath().path
+        return FileManager.default.isExecutableFile(atPath: path) ? path : nil
+    }
+
     /// The agent library: the option, $STASIS_AGENT_LIBRARY, then beside the binary or in ../lib/stasis.
     static func locateAgent(_ explicit: String?) throws -> String {
-        // The binary's own path, whichever way it was started (through PATH, a symlink, a relative path).
-        let executable = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        let executable = ownBinary() ?? CommandLine.arguments[0]
         let binary = URL(fileURLWithPath: executable).resolvingSymlinksInPath().deletingLastPathComponent()
         let candidates = [explicit, ProcessInfo.processInfo.environment["STASIS_AGENT_LIBRARY"]].compactMap { $0 }
         for path in candidates {

@@ -25,7 +25,12 @@ public final class ProtocolPeer: @unchecked Sendable {
     private let failAfter: Int?
     private let hashes: Bool
     private let damageWrites: Bool
+    private let orphanWatch: OrphanWatch?
     private let lock = NSLock()
+    /// Released and not refilled yet (RELEASE until RESUME): only a refill can let the program go on.
+    private var _contentsLost = false
+    public var contentsLost: Bool { lock.withLock { _contentsLost } }
+    public var running: Bool { lock.withLock { state == STASIS_AGENT_RUNNING.rawValue } }
     // What the refill wrote, per allocation (the "device memory" after REBACK), in buffers of their own.
     private var _written: [UInt64: UnsafeMutableRawBufferPointer] = [:]
     private var _released = false
@@ -49,9 +54,28 @@ public final class ProtocolPeer: @unchecked Sendable {
     /// parallel wait here for each other.
     private static let turn = DispatchSemaphore(value: 1)
 
+    /// The agent's watch for a stasis that died after RELEASE (orphan.c), as the real agent's functions (a test
+    /// dlopens libstasis-agent.so for them): the stand-in calls them where the agent's control thread does,
+    /// and says in HELLO that it can resume by itself.
+    public struct OrphanWatch: Sendable {
+        public var released: @Sendable (Int32) -> Void
+        public var storePiece: @Sendable (UnsafeRawPointer) -> Void
+        public var resumed: @Sendable () -> Void
+        /// Given whether the contents are lost, how long to wait for a connection before the next call (-1: no limit).
+        public var step: @Sendable (Bool) -> Int32
+        public init(released: @escaping @Sendable (Int32) -> Void, storePiece: @escaping @Sendable (UnsafeRawPointer) -> Void,
+                    resumed: @escaping @Sendable () -> Void, step: @escaping @Sendable (Bool) -> Int32) {
+            self.released = released
+            self.storePiece = storePiece
+            self.resumed = resumed
+            self.step = step
+        }
+    }
+
     public init(memory: [UInt64: [UInt8]], slots: Int, failAfter: Int? = nil, hashes: Bool = false, damageWrites: Bool = false,
-                sharedRing: Bool = true) throws {
+                sharedRing: Bool = true, orphanWatch: OrphanWatch? = nil) throws {
         Self.turn.wait()
+        self.orphanWatch = orphanWatch
         self.memory = memory
         self.slots = slots
         self.failAfter = failAfter
@@ -107,6 +131,12 @@ public final class ProtocolPeer: @unchecked Sendable {
     private func serve() {
         defer { done.signal() }
         while true {
+            // As the agent's control thread: while the contents are lost, wait for a connection in turns.
+            if let orphanWatch {
+                let turn = orphanWatch.step(contentsLost)
+                var waiting = pollfd(fd: listener, events: Int16(POLLIN), revents: 0)
+                if turn >= 0 && poll(&waiting, 1, turn) == 0 { continue }
+            }
             let fd = accept(listener, nil, nil)
             guard fd >= 0 else { return }
             session(fd)
@@ -140,7 +170,10 @@ public final class ProtocolPeer: @unchecked Sendable {
         while let message = receive(fd) {
             switch message.op {
             case STASIS_AGENT_HELLO.rawValue:
-                send(fd, STASIS_AGENT_HELLO)
+                send(fd, STASIS_AGENT_HELLO) { $0.chunk_flags = self.orphanWatch == nil ? 0 : UInt32(STASIS_AGENT_CAN_RESUME_ITSELF.rawValue) }
+            case STASIS_AGENT_RESCUE_STORE.rawValue:
+                var piece = message
+                withUnsafePointer(to: &piece) { orphanWatch?.storePiece(UnsafeRawPointer($0)) }
             case STASIS_AGENT_QUIESCE.rawValue:
                 lock.withLock { state = STASIS_AGENT_HELD.rawValue }
                 for id in ids { send(fd, STASIS_AGENT_TABLE_ENTRY) { $0.id = id; $0.length = UInt64(self.memory[id]!.count) } }
@@ -168,7 +201,8 @@ public final class ProtocolPeer: @unchecked Sendable {
                 }
                 send(fd, STASIS_AGENT_OK)
             case STASIS_AGENT_RELEASE.rawValue:
-                lock.withLock { _released = true; state = STASIS_AGENT_RELEASED.rawValue }
+                lock.withLock { _released = true; _contentsLost = true; state = STASIS_AGENT_RELEASED.rawValue }
+                orphanWatch?.released(fd)
                 send(fd, STASIS_AGENT_OK)
             case STASIS_AGENT_REBACK.rawValue:
                 lock.withLock {
@@ -209,7 +243,8 @@ public final class ProtocolPeer: @unchecked Sendable {
                 lock.withLock { _imports[message.id] = descriptor.rawValue }
                 send(fd, STASIS_AGENT_OK)
             case STASIS_AGENT_RESUME.rawValue:
-                lock.withLock { state = STASIS_AGENT_RUNNING.rawValue }
+                lock.withLock { state = STASIS_AGENT_RUNNING.rawValue; _contentsLost = false }
+                orphanWatch?.resumed()
                 send(fd, STASIS_AGENT_OK)
             default:
                 send(fd, STASIS_AGENT_ERROR)

@@ -44,6 +44,11 @@
 // then on it is shared memory as above.
 // A connection that ends while memory is held but still backed resumes the process (stasis went away before
 // anything was released); one that ends after RELEASE waits for the next connection to REBACK.
+//
+// A stasis that dies after RELEASE (orphan.c): the agent remembers who sent RELEASE (SO_PEERCRED), and where
+// the rescue entry is (RESCUE_STORE, sent before RELEASE by a stasis whose HELLO answer had
+// STASIS_AGENT_CAN_RESUME_ITSELF). Once that stasis is gone for a grace period with the memory still not put
+// back, the agent starts `stasis resume <its PID> --store <that store>` itself.
 #ifndef STASIS_AGENT_PROTOCOL_H
 #define STASIS_AGENT_PROTOCOL_H
 
@@ -82,6 +87,14 @@ enum stasis_agent_op {
     STASIS_AGENT_ADOPT = 22,       // id: an imported allocation this process now owns
     STASIS_AGENT_IPC_FD = 23,      // id: asked by another process's agent (legacy CUDA IPC): OK carries
                                    // the allocation's POSIX descriptor (SCM_RIGHTS)
+    STASIS_AGENT_RESCUE_STORE = 24,  // a piece of the path of the store holding this process's rescue entry:
+                                     // bytes [offset, offset + length) of a path of id bytes, in text; no
+                                     // answer. Sent only to agents that can resume by themselves (below)
+};
+
+// HELLO's answer, chunk_flags: what this agent can do beyond its protocol version (older agents send 0).
+enum stasis_agent_features {
+    STASIS_AGENT_CAN_RESUME_ITSELF = 1,  // takes RESCUE_STORE, and runs `stasis resume` when its stasis died
 };
 
 // FILLED's, DIGEST's and TABLE_ENTRY's chunk_flags.

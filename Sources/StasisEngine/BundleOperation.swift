@@ -17,6 +17,8 @@ public enum BundleOperation {
         let store = try Checkpoint.store(for: manifest, explicit: explicit)
         let lock = try store?.lock(exclusive: false)
         defer { lock?.release() }
+        let writer = try recordPartials(of: bundle, in: store ?? defaultStore(explicit))
+        defer { writer?.release() }
         let written = Locked<UInt64>(0)
         let ticker = ProgressTicker.reporting(progress, phase: "exporting") { written.current }
         defer { ticker?.stop() }
@@ -25,6 +27,38 @@ public enum BundleOperation {
         } catch let error as StasisError {
             throw error.prefixed("export of \(directory) failed")
         }
+    }
+
+    /// Runs `body`, which writes `output` as an AtomicFile (a checkpoint archive), with the hidden file it
+    /// makes recorded first in the store of the checkpoint in `directory` (else the default one), so that
+    /// `stasis gc` removes it should this process die. A checkpoint that cannot be read is left for `body`
+    /// to refuse.
+    public static func recordingPartials<Result>(of output: String, checkpoint directory: String, store explicit: String?,
+                                                 _ body: () throws -> Result) throws -> Result {
+        var store: ChunkStore?
+        if let manifest = try? Checkpoint.readManifest(URL(fileURLWithPath: directory).standardizedFileURL.path) {
+            store = (try? Checkpoint.store(for: manifest, explicit: explicit)) ?? defaultStore(explicit)
+        }
+        let writer = try recordPartials(of: output, in: store)
+        defer { writer?.release() }
+        return try body()
+    }
+
+    /// Records the hidden `.NAME.partial-PID-*` file that writing `output` makes, before it is made; nil
+    /// without a store (then only the next writer of the same name removes what a killed one left).
+    static func recordPartials(of output: String, in store: ChunkStore?) throws -> StoreWriter? {
+        guard let store else { return nil }
+        do {
+            return try StoreWriter(store: store, partialsOf: output)
+        } catch let error as StasisError {
+            throw error.prefixed("cannot record \(output) in the store \(store.path)")
+        }
+    }
+
+    /// The store a command names or the environment gives, when it exists: where the partials of a checkpoint
+    /// without chunks are recorded.
+    static func defaultStore(_ explicit: String?) -> ChunkStore? {
+        try? ChunkStore(path: ChunkStore.resolve(explicit, recorded: nil), create: false)
     }
 
     public struct ImportReport: Codable, Sendable {
@@ -53,6 +87,8 @@ public enum BundleOperation {
         } catch let error as StasisError {
             throw error.prefixed("import of \(bundle) failed")
         }
+        // Tests kill an import here, its staging directories made (STASIS_FAULT=import-staged-stall).
+        FaultInjection.stall("import-staged") { FileHandle.standardError.write(Data(($0 + "\n").utf8)) }
         let read = Locked<UInt64>(0)
         reader.meter = read
         let ticker = ProgressTicker.reporting(progress, phase: "importing", total: FileSystem.size(bundle)) { read.current }

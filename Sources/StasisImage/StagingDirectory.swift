@@ -17,27 +17,29 @@ public final class StagingDirectory {
     public private(set) var published = false
     /// The id of the manifest being written here, once known (a failed dump unlists it from the store).
     public var manifestID: String?
-    /// The store's record of the two directories, so `stasis gc` finds them should this process die.
+    /// The store's record of the two directories (written before they are made), so `stasis gc` finds them
+    /// should this process die.
     private let writer: StoreWriter?
 
     /// Refuses a destination that exists and is not an empty directory, or whose parent does not exist (as
     /// mkdir without -p: a mistyped path is not created); clears leftovers of dumps that died (their owner PID
     /// is in the name), and creates the staging and work directories, recorded in `store`.
     public init(destination: String, store: ChunkStore? = nil) throws {
-        self.destination = try Self.check(destination: destination)
-        FileSystem.removeAbandonedPartials(of: self.destination)
-        let staging = try FileSystem.makeStagingSibling(of: self.destination, owner: ProcessInfo.processInfo.processIdentifier)
-        var work: String?
+        let destination = try Self.check(destination: destination)
+        self.destination = destination
+        FileSystem.removeAbandonedPartials(of: destination)
+        // Recorded before they exist: a writer killed at any instant leaves nothing gc cannot find.
+        writer = try store.map { try StoreWriter(store: $0, partialsOf: destination) }
+        var staging: String?, work: String?
         do {
-            let made = try FileSystem.makeStagingSibling(of: self.destination, owner: ProcessInfo.processInfo.processIdentifier)
-            work = made
-            writer = try store.map { try StoreWriter(store: $0, partials: [staging, made]) }
+            staging = try FileSystem.makeStagingSibling(of: destination, owner: ProcessInfo.processInfo.processIdentifier)
+            work = try FileSystem.makeStagingSibling(of: destination, owner: ProcessInfo.processInfo.processIdentifier)
         } catch {
-            FileSystem.removeTree(staging)
-            if let work { FileSystem.removeTree(work) }
+            for made in [staging, work].compactMap({ $0 }) { FileSystem.removeTree(made) }
+            writer?.release()
             throw error
         }
-        (path, workPath) = (staging, work!)
+        (path, workPath) = (staging!, work!)
     }
 
     /// The destination, made absolute, once it is known to be a place a checkpoint can go: missing or an

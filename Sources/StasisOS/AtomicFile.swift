@@ -4,8 +4,9 @@ import StasisCore
 
 /// A new file written under a hidden name beside its destination (`.NAME.partial-PID-RANDOM`, mode 0600) and
 /// given its name only once complete and durable: readers see all of it or nothing, a writer that dies
-/// leaves only the hidden file (removed by the next writer of the same name), and `publish` never replaces
-/// a file: link(2) fails on one that appeared meanwhile. What bundles and checkpoint archives are written as.
+/// leaves only the hidden file (removed by the next writer of the same name, or by `stasis gc` where the writer
+/// recorded `.NAME.partial-PID-*` in a store first: `StoreWriter`), and `publish` never replaces a file:
+/// link(2) fails on one that appeared meanwhile. What bundles and checkpoint archives are written as.
 public final class AtomicFile {
     public let path: String
     public let temporaryPath: String
@@ -38,6 +39,8 @@ public final class AtomicFile {
     public func write(_ bytes: UnsafeRawBufferPointer) throws {
         guard isOpen else { throw StasisError(.io, "\(temporaryPath) was written after it was closed") }
         try attempt("cannot write", temporaryPath) { try descriptor.write(all: bytes) }
+        // Tests kill a writer here, its hidden file on disk and partly written (STASIS_FAULT=partial-written-stall).
+        FaultInjection.stall("partial-written") { FileHandle.standardError.write(Data(($0 + "\n").utf8)) }
     }
 
     /// Makes the file durable and gives it its name; an existing file of that name is left alone (an error).

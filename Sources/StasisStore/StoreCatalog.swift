@@ -5,10 +5,11 @@ import StasisOS
 /// The store's list of checkpoints (STORE/checkpoints/ID.json, each a copy of the checkpoint's manifest and
 /// where it was written) and the operations over it: ls, rm, gc.
 ///
-/// gc keeps every chunk that a listed manifest names, whether or not the checkpoint directory still exists
-/// (a directory may have been moved); `stasis rm` is what drops a checkpoint from the list. gc holds the
+/// gc keeps every chunk that a listed manifest names, unless the entry is stale: its checkpoint directory is
+/// gone (a dump killed between its listing and its publish, a directory deleted by hand instead of with
+/// `stasis rm`); gc then drops the entry, saying so, and its chunks go like any unused ones. gc holds the
 /// store's lock exclusively, so it waits for running dumps and imports (which hold it shared until their
-/// manifest is listed), and it spares chunks younger than its grace period.
+/// manifest is listed, and their checkpoint published), and it spares chunks younger than its grace period.
 public struct StoreCatalog {
     public struct Entry: Codable, Sendable {
         public var directory: String
@@ -57,6 +58,24 @@ public struct StoreCatalog {
         return entries.sorted { $0.manifest.createdAt < $1.manifest.createdAt }
     }
 
+    /// Whether `entry` names a checkpoint that is gone: its directory is an absolute path (not a rescue
+    /// entry's description) where no manifest is, or where the manifest of another checkpoint is. A manifest
+    /// that cannot be read or parsed is not taken for a missing one: that checkpoint stays listed.
+    public static func isStale(_ entry: Entry) -> Bool {
+        guard entry.directory.hasPrefix("/") else { return false }
+        let manifestPath = entry.directory + "/" + Manifest.fileName
+        let found: FileStatus?
+        do {
+            found = try FileSystem.status(manifestPath, followingLinks: false)
+        } catch {
+            return false  // it could not be looked at (permissions): not known to be gone
+        }
+        guard let status = found else { return true }
+        guard status.kind == .regular, let data = try? FileSystem.readFile(manifestPath),
+              let manifest = try? Manifest.decode(data, path: manifestPath) else { return false }
+        return manifest.id != entry.manifest.id
+    }
+
     // MARK: rm
 
     /// Removes the checkpoint in `directory` (or with that manifest id) from the list and deletes its directory.
@@ -91,21 +110,43 @@ public struct StoreCatalog {
         public var removedTemporaryFiles: Int
         /// Hidden `.NAME.partial-PID-*` directories of dumps and imports that died before they finished.
         public var removedPartialDirectories: Int
+        /// Hidden `.NAME.partial-PID-*` files of exports that died before they finished.
+        public var removedPartialFiles: Int
+        /// Records in writers/ of writers that are gone (leftovers of writing one included).
+        public var removedWriterRecords: Int
+        /// Stale entries dropped from the list (their directory is gone): their chunks went with the others.
+        public var droppedCheckpoints: [DroppedCheckpoint]
         public var dryRun: Bool
     }
 
-    /// Removes chunks no listed manifest names, leftovers in tmp/ of dead writers and the partial directories
-    /// they recorded (`StoreWriter`), sparing chunks modified in the last `graceSeconds`.
+    public struct DroppedCheckpoint: Codable, Sendable, Equatable {
+        public var id: String
+        public var directory: String
+    }
+
+    /// Removes chunks no listed manifest names, leftovers in tmp/ of dead writers and the partials they
+    /// recorded (`StoreWriter`), sparing chunks modified in the last `graceSeconds`; drops stale entries
+    /// (`isStale`) first, so their chunks count as unused.
     public func collect(dryRun: Bool = false, graceSeconds: Double = 60) throws -> CollectReport {
+        guard graceSeconds.isFinite, graceSeconds >= 0 else {
+            throw StasisError(.invalidArgument, "the grace period \(graceSeconds) is not a number of seconds (0 or more)",
+                              hint: "give --grace a number such as 60")
+        }
         let lock = try store.lock(exclusive: true)
         defer { lock.release() }
         let listed = try entries()
+        let stale = listed.filter(Self.isStale)
+        let staleIDs = Set(stale.map(\.manifest.id))
+        let kept = listed.filter { !staleIDs.contains($0.manifest.id) }
         var referenced = Set<String>()
-        for entry in listed {
+        for entry in kept {
             for file in entry.manifest.files { for chunk in file.chunks ?? [] where !chunk.isEmpty { referenced.insert(chunk) } }
         }
-        var report = CollectReport(checkpoints: listed.count, keptChunks: 0, removedChunks: 0, removedBytes: 0, removedTemporaryFiles: 0,
-                                   removedPartialDirectories: 0, dryRun: dryRun)
+        if !dryRun { for entry in stale { unregister(id: entry.manifest.id) } }
+        var report = CollectReport(checkpoints: kept.count, keptChunks: 0, removedChunks: 0, removedBytes: 0, removedTemporaryFiles: 0,
+                                   removedPartialDirectories: 0, removedPartialFiles: 0, removedWriterRecords: 0,
+                                   droppedCheckpoints: stale.map { DroppedCheckpoint(id: $0.manifest.id, directory: $0.directory) },
+                                   dryRun: dryRun)
         for name in store.allChunks() {
             if referenced.contains(name) {
                 report.keptChunks += 1
@@ -125,7 +166,10 @@ public struct StoreCatalog {
             report.removedTemporaryFiles += 1
             if !dryRun { FileSystem.remove(temporary + "/" + name) }
         }
-        report.removedPartialDirectories = StoreWriter.collectDead(in: store, dryRun: dryRun)
+        let partials = StoreWriter.collectDead(in: store, dryRun: dryRun)
+        report.removedPartialDirectories = partials.directories
+        report.removedPartialFiles = partials.files
+        report.removedWriterRecords = partials.records
         return report
     }
 

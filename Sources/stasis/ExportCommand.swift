@@ -9,7 +9,8 @@ struct ExportCommand: ParsableCommand {
         abstract: "Write a checkpoint, its chunks included, into one file for moving it to another machine.",
         discussion: """
         Every file and chunk is checked on the way, so a damaged checkpoint is refused here. The bundle appears \
-        complete or not at all (mode 0600: it holds process memory). `stasis import` reads it. With --archive, \
+        complete or not at all (mode 0600: it holds process memory); the hidden file an export killed midway \
+        leaves is recorded in the store, and `stasis gc` removes it. `stasis import` reads it. With --archive, \
         a container's checkpoint (stasis dump --container) is written as a container checkpoint archive instead: \
         the tar layout podman and CRI-O write and checkpointctl reads (checkpoint/, config.dump, spec.dump, \
         stats-dump); see docs/CONTAINERS.md.
@@ -31,7 +32,10 @@ struct ExportCommand: ParsableCommand {
     func run() throws {
         try Output.run(json: output.json) {
             if archive {
-                let report = try ArchiveOperation.export(directory, to: file, store: store.store, progress: Output.progressHandler(json: output.json))
+                // Its hidden file recorded in the store first, as a bundle's is, so gc finds it should stasis die.
+                let report = try BundleOperation.recordingPartials(of: file, checkpoint: directory, store: store.store) {
+                    try ArchiveOperation.export(directory, to: file, store: store.store, progress: Output.progressHandler(json: output.json))
+                }
                 Output.clearProgress()
                 if output.json { return Output.json(report) }
                 print(report.textLine)

@@ -20,6 +20,8 @@ struct ListCommand: ParsableCommand {
         var id: String
         var directory: String
         var present: Bool
+        /// The checkpoint is gone (`StoreCatalog.isStale`): the next gc drops it and frees its chunks.
+        var stale: Bool
         var createdAt: Date
         var rootPID: Int32
         var imageBytes: UInt64
@@ -38,7 +40,7 @@ struct ListCommand: ParsableCommand {
             let catalog = StoreCatalog(store: try openStore(store))
             let rows = try catalog.entries().map { entry in
                 Row(id: entry.manifest.id, directory: entry.directory,
-                    present: FileManager.default.fileExists(atPath: entry.directory + "/" + Manifest.fileName),
+                    present: FileManager.default.fileExists(atPath: entry.directory + "/" + Manifest.fileName), stale: StoreCatalog.isStale(entry),
                     createdAt: entry.manifest.createdAt, rootPID: entry.manifest.processTree.rootPID,
                     imageBytes: entry.manifest.memory.imageBytes, addedBytes: entry.manifest.store?.storedBytes ?? 0)
             }
@@ -86,7 +88,9 @@ struct CollectCommand: ParsableCommand {
         discussion: """
         Safe while dumps run: gc waits for running dumps and imports to list their checkpoint, and for \
         restores and verifies reading from the store, and spares chunks written in the last --grace seconds. \
-        It also removes the hidden partial directories of dumps and imports whose process is gone.
+        It also removes the hidden partial directories and files of dumps, imports and exports whose process \
+        is gone, and drops (saying so) listed checkpoints whose directory is gone, which `stasis ls` shows as \
+        stale: their chunks go with the others.
         """)
 
     @Flag(name: .long, help: "Only report what would be removed.")
@@ -98,12 +102,16 @@ struct CollectCommand: ParsableCommand {
     @OptionGroup var store: StoreOptions
     @OptionGroup var output: OutputOptions
 
+    func validate() throws {
+        guard grace.isFinite, grace >= 0 else { throw ValidationError("--grace must be a number of seconds, 0 or more (not \(grace))") }
+    }
+
     func run() throws {
         try Output.run(json: output.json) {
             let catalog = StoreCatalog(store: try openStore(store))
             let report = try catalog.collect(dryRun: dryRun, graceSeconds: grace)
             if output.json { return Output.json(report) }
-            print(report.textLine)
+            for line in report.textLines { print(line) }
         }
     }
 }

@@ -239,6 +239,7 @@ private final class DumpRun {
         }
         let manifest = try CheckpointWriter.write(contents, staging: staging, ingester: ingester!, store: store,
                                                   skipping: [CRIUService.dumpLogName]) { try FaultInjection.check("publish") }.manifest
+        FaultInjection.die("listed")
         try staging.publish()
         published = manifest
     }

@@ -21,10 +21,14 @@ extension MigrateOperation.Report {
 }
 
 extension StoreCatalog.CollectReport {
-    var textLine: String {
+    /// A line per stale checkpoint dropped, then what was removed and kept.
+    var textLines: [String] {
+        let verb = dryRun ? "would drop" : "dropped"
+        let dropped = droppedCheckpoints.map { "\(verb) \($0.id): its directory \($0.directory) is gone (its chunks are no longer kept)" }
         let removed = ["\(removedChunks) chunks (\(Format.bytes(removedBytes)))", "\(removedTemporaryFiles) leftover files",
-                       "\(removedPartialDirectories) unfinished checkpoint directories of dead dumps"]
-        return "\(dryRun ? "would remove" : "removed") \(removed.joined(separator: ", ")); kept \(keptChunks) chunks of \(checkpoints) checkpoints"
+                       "\(removedPartialDirectories) unfinished checkpoint directories and \(removedPartialFiles) unfinished export files of dead writers",
+                       "\(removedWriterRecords) records of dead writers"]
+        return dropped + ["\(dryRun ? "would remove" : "removed") \(removed.joined(separator: ", ")); kept \(keptChunks) chunks of \(checkpoints) checkpoints"]
     }
 }
 
@@ -35,7 +39,7 @@ extension ListCommand.Listing {
         return checkpoints.map { row in
             let sizes = "\(Format.bytes(row.imageBytes)) image, \(Format.bytes(row.addedBytes)) added"
             return "\(formatter.string(from: row.createdAt))  \(row.id)  PID \(row.rootPID)  \(sizes)  \(row.directory)"
-                + (row.present ? "" : "  (directory missing)")
+                + (row.stale ? "  (stale: directory missing; the next gc drops it)" : row.present ? "" : "  (directory missing)")
         } + ["\(plural(checkpoints.count, "checkpoint", "checkpoints")); \(chunks) chunks, \(Format.bytes(chunkBytes)) in \(store)"]
     }
 }

@@ -33,6 +33,11 @@ public final class ChunkStore: Sendable {
 
     /// Opens the store at `path`; `create` makes it (0700) when missing, else a missing store is an error.
     public init(path: String, create: Bool) throws {
+        // URL would take "" for the current directory, which would silently become a store.
+        guard !path.isEmpty else {
+            throw StasisError(.invalidArgument, "the chunk store's path is empty",
+                              hint: "name a directory with --store or STASIS_STORE, or leave both unset for \(Self.defaultPath)")
+        }
         self.path = URL(fileURLWithPath: path).standardizedFileURL.path
         if !FileSystem.isDirectory(self.path + "/chunks") {
             guard create else {
@@ -45,8 +50,18 @@ public final class ChunkStore: Sendable {
                 try FileSystem.makePrivateDirectory(self.path + sub)
             }
         }
-        // Chunks already in the store are reused unread by a dump: the store must be this user's alone.
-        for sub in ["", "/chunks"] { try FileSystem.requireOwnedAndPrivate(self.path + sub, what: "chunk store") }
+        try requirePrivateLevels()
+    }
+
+    /// Chunks already in the store are reused unread by a dump, its list decides what gc keeps, its records
+    /// what gc removes: every level stasis reads or writes must be this user's alone (a chunks/XX that others
+    /// may write lets them plant or swap chunks as well as a chunks/ would).
+    private func requirePrivateLevels() throws {
+        var levels = ["", "/chunks", "/checkpoints", "/tmp", "/writers", "/lock"].map { path + $0 }
+        levels += ((try? FileManager.default.contentsOfDirectory(atPath: path + "/chunks")) ?? []).sorted().map { "\(path)/chunks/\($0)" }
+        for level in levels where level == path || FileSystem.exists(level) {
+            try FileSystem.requireOwnedAndPrivate(level, what: "chunk store")
+        }
     }
 
     /// The store named on the command line, else the one the manifest recorded, else the default.

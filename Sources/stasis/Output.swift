@@ -15,6 +15,10 @@ struct OutputOptions: ParsableArguments {
 struct StoreOptions: ParsableArguments {
     @Option(name: .long, help: "The chunk store (default: the one the checkpoint names; for new checkpoints $STASIS_STORE, else \(ChunkStore.defaultPath)).")
     var store: String?
+
+    func validate() throws {
+        if store?.isEmpty == true { throw ValidationError("--store is empty: name the store's directory (an empty path would make the current directory one)") }
+    }
 }
 
 enum Output {

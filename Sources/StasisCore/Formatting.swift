@@ -22,6 +22,40 @@ public enum Format {
         guard seconds > 0 else { return "-" }
         return String(format: "%.2f GB/s", Double(bytes) / seconds / 1e9)
     }
+
+    /// `text` with every character a terminal would act on written out instead: C0 controls (newline and
+    /// tab included), DEL, C1 controls, and the bidirectional overrides and isolates that reorder what
+    /// follows them. Names stasis prints come from manifests, archives, peers and the command line; one
+    /// holding an escape sequence or an RTL override must not rewrite the screen or disguise itself.
+    /// "\n", "\r" and "\t" as such, the others as "\u{1B}".
+    public static func printable(_ text: String) -> String {
+        guard text.unicodeScalars.contains(where: isHostile) else { return text }
+        var escaped = ""
+        for scalar in text.unicodeScalars {
+            switch scalar {
+            case "\n": escaped += "\\n"
+            case "\r": escaped += "\\r"
+            case "\t": escaped += "\\t"
+            case _ where isHostile(scalar): escaped += "\\u{\(String(scalar.value, radix: 16, uppercase: true))}"
+            default: escaped.unicodeScalars.append(scalar)
+            }
+        }
+        return escaped
+    }
+
+    /// Whether a terminal would act on `scalar` rather than show it: a control character (C0, DEL, C1) or a
+    /// bidirectional embedding, override or isolate (U+202A-U+202E, U+2066-U+2069).
+    public static func isHostile(_ scalar: Unicode.Scalar) -> Bool {
+        switch scalar.value {
+        case 0x00...0x1F, 0x7F...0x9F, 0x202A...0x202E, 0x2066...0x2069: true
+        default: false
+        }
+    }
+
+    /// The first character of `text` that a terminal would act on, if any (see `printable`).
+    public static func firstHostileCharacter(in text: String) -> Unicode.Scalar? {
+        text.unicodeScalars.first(where: isHostile)
+    }
 }
 
 /// A monotonic stopwatch (CLOCK_MONOTONIC through DispatchTime).

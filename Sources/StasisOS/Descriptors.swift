@@ -184,10 +184,23 @@ public struct FileStatus: Sendable {
         case S_IFLNK: kind = .symbolicLink
         default: kind = .other
         }
+        kindName = switch st.st_mode & S_IFMT {
+        case S_IFREG: "a regular file"
+        case S_IFDIR: "a directory"
+        case S_IFLNK: "a symbolic link"
+        case S_IFIFO: "a FIFO"
+        case S_IFSOCK: "a socket"
+        case S_IFCHR: "a character device"
+        case S_IFBLK: "a block device"
+        default: "not a regular file"
+        }
         owner = st.st_uid
         permissions = st.st_mode & 0o7777
         size = UInt64(st.st_size)
     }
+
+    /// What it is, for messages: "a regular file", "a FIFO", "a socket", "a character device", ...
+    public let kindName: String
 
     /// Whether this user owns it (the effective user ID).
     public var ownedByThisUser: Bool { owner == geteuid() }

@@ -37,15 +37,68 @@ public enum FileSystem {
     }
 
     /// The contents of `path` (not followed if it is a link): nil when it is missing; any other failure (permission
-    /// denied) is thrown as it is, not taken for "missing".
+    /// denied) is thrown as it is, not taken for "missing". What is not a regular file (a FIFO someone put
+    /// there) is refused, never waited on.
     public static func readFileIfPresent(_ path: String) throws -> Data? {
-        let fd = retryingEINTR { open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW) }
-        guard fd >= 0 else {
-            if errno == ENOENT { return nil }
-            throw systemError("cannot read", path)
-        }
-        let handle = FileHandle(fileDescriptor: fd, closeOnDealloc: true)
+        guard let fd = try openInputIfPresent(path, what: "a regular file", followingLinks: false) else { return nil }
+        let handle = FileHandle(fileDescriptor: fd.rawValue, closeOnDealloc: true)
         do { return try handle.readToEnd() ?? Data() } catch { throw systemError("cannot read", path) }
+    }
+
+    /// Opens a file the user named (a bundle, an archive, a token file) to read it, refusing at once what is
+    /// not a regular file: opening a FIFO blocks until a writer comes, and reading a device or a directory
+    /// either never ends or fails obscurely. The open is O_NONBLOCK, so it returns whatever `path` is; fstat
+    /// then decides; O_NONBLOCK is cleared again on a file kept. `what` ("a bundle") names what was expected in
+    /// the refusal ("X is a FIFO, not a bundle"); `directoryAllowed`: a directory is kept too (a checkpoint);
+    /// `followingLinks: false` for secrets, which are never read through a link.
+    public static func openInput(_ path: String, what: String, directoryAllowed: Bool = false, followingLinks: Bool = true) throws -> FileDescriptor {
+        guard let fd = try openInputIfPresent(path, what: what, directoryAllowed: directoryAllowed, followingLinks: followingLinks) else {
+            throw StasisError(.invalidArgument, "\(path) does not exist")
+        }
+        return fd
+    }
+
+    /// Checks that `path` is what `openInput` would keep, without keeping it open.
+    public static func requireInput(_ path: String, what: String, directoryAllowed: Bool = false) throws {
+        try openInput(path, what: what, directoryAllowed: directoryAllowed).closeQuietly()
+    }
+
+    /// `openInput`, but nil when nothing is at `path`.
+    public static func openInputIfPresent(_ path: String, what: String, directoryAllowed: Bool = false,
+                                          followingLinks: Bool = true) throws -> FileDescriptor? {
+        let fd = retryingEINTR { open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | (followingLinks ? 0 : O_NOFOLLOW)) }
+        guard fd >= 0 else {
+            switch errno {
+            case ENOENT: return nil
+            case ELOOP where !followingLinks:
+                throw StasisError(.invalidArgument, "\(path) is a symbolic link, not \(what)", hint: "name the file itself: it is not read through a link")
+            case ENXIO, EOPNOTSUPP:  // a socket, or a device without a driver: there is nothing to open
+                throw notAFile(path, kind: (try? status(path, followingLinks: followingLinks))??.kindName ?? "not a regular file", what: what)
+            default:
+                throw systemError("cannot open", path)
+            }
+        }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else {
+            let failure = systemError("cannot examine", path)
+            close(fd)
+            throw failure
+        }
+        let kind = st.st_mode & S_IFMT
+        guard kind == S_IFREG || (directoryAllowed && kind == S_IFDIR) else {
+            close(fd)
+            throw notAFile(path, kind: FileStatus(st).kindName, what: what)
+        }
+        guard fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) == 0 else {
+            let failure = systemError("cannot open", path)
+            close(fd)
+            throw failure
+        }
+        return FileDescriptor(rawValue: fd)
+    }
+
+    private static func notAFile(_ path: String, kind: String, what: String) -> StasisError {
+        StasisError(.invalidArgument, "\(path) is \(kind), not \(what)", hint: "give the path of \(what) itself: a FIFO, socket or device is never read")
     }
 
     /// A file's size and how many seconds ago it was last modified, without following a link; nil when it is
@@ -128,6 +181,40 @@ public enum FileSystem {
             if mkdir(prefix, 0o700) != 0 && errno != EEXIST { throw systemError("cannot create directory", prefix) }
         }
         guard isDirectory(path) else { throw StasisError(.io, "\(path) exists and is not a directory") }
+    }
+
+    /// Makes `path` a directory for secrets (a private key, received checkpoints): created fresh with mode
+    /// 0700 (missing parents too, 0700), or, when it is there already, a directory itself (not a link to
+    /// one) that belongs to this user, then made 0700 before anything is put in it; `mustBeEmpty`: and
+    /// holding nothing (checked after the chmod, when no one else can add to it). Another user's directory is
+    /// refused: its owner could read or replace what stasis writes there, whatever its mode.
+    public static func makeSecretDirectory(_ path: String, mustBeEmpty: Bool) throws {
+        let parent = (path as NSString).deletingLastPathComponent
+        if !parent.isEmpty, parent != "/" { try makePrivateDirectory(parent) }
+        if mkdir(path, 0o700) == 0 { return }
+        guard errno == EEXIST else { throw systemError("cannot create directory", path) }
+        let fd = retryingEINTR { open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC) }
+        guard fd >= 0 else {
+            if errno == ELOOP || errno == ENOTDIR {
+                let kind = (try? status(path, followingLinks: false))??.kindName ?? "not a directory"
+                throw StasisError(.invalidArgument, "\(path) is \(kind), not a directory: stasis keeps secrets only in a directory itself",
+                                  hint: "name a new directory (stasis creates it, mode 0700)")
+            }
+            throw systemError("cannot open directory", path)
+        }
+        defer { close(fd) }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw systemError("cannot examine", path) }
+        guard st.st_uid == geteuid() else {
+            throw StasisError(.permission, "\(path) belongs to user \(st.st_uid), not to this user (\(geteuid())): stasis does not keep secrets in another user's directory",
+                              hint: "name a new directory (stasis creates it, mode 0700), or one of your own")
+        }
+        if st.st_mode & 0o7777 != 0o700 {
+            guard fchmod(fd, 0o700) == 0 else { throw systemError("cannot set mode 0700 on", path) }
+        }
+        if mustBeEmpty, !(try isMissingOrEmptyDirectory(path)) {
+            throw StasisError(.invalidArgument, "\(path) already exists and is not empty", hint: "name a new or empty directory")
+        }
     }
 
     /// A fresh 0700 directory next to `path`, named so that nobody takes it for a finished checkpoint.

@@ -36,10 +36,11 @@ public struct TLSConfiguration: Sendable {
     }
 
     /// Makes `directory` (0700) with a new P-256 key (key.pem, 0600) and a self-signed certificate for it
-    /// (cert.pem) named `name`, valid over `validity`; returns the certificate's fingerprint.
+    /// (cert.pem) named `name`, valid over `validity`; returns the certificate's fingerprint. The directory is
+    /// created, or one that is there must be empty, this user's and not a link; it is made 0700 first.
     @discardableResult
     public static func generate(in directory: String, name: String, validity: ClosedRange<Date>) throws -> String {
-        try FileSystem.makePrivateDirectory(directory)
+        try FileSystem.makeSecretDirectory(directory, mustBeEmpty: true)
         var error = [CChar](repeating: 0, count: 512)
         let now = Date()
         let result = stasis_tls_generate(directory + "/" + certificateName, directory + "/" + keyName, name,

@@ -23,7 +23,8 @@ final class ArchiveInput {
 
     /// What the first bytes of a file say it is compressed with.
     static func compression(of path: String) -> Compression? {
-        guard let handle = FileHandle(forReadingAtPath: path) else { return nil }
+        guard let fd = try? FileSystem.openInput(path, what: "a checkpoint archive") else { return nil }
+        let handle = FileHandle(fileDescriptor: fd.rawValue, closeOnDealloc: true)
         defer { try? handle.close() }
         guard let head = try? handle.read(upToCount: 4), head.count == 4 else { return nil }
         if Array(head) == [0x28, 0xB5, 0x2F, 0xFD] { return .zstd }
@@ -33,7 +34,7 @@ final class ArchiveInput {
 
     init(_ path: String) throws {
         self.path = path
-        file = try attempt("cannot open", path) { try FileDescriptor.open(path, .readOnly) }
+        file = try FileSystem.openInput(path, what: "a checkpoint archive")
         compression = Self.compression(of: path) ?? .none
         guard compression != .none else {
             (tar, brokenPipe) = (file, nil)

@@ -504,14 +504,7 @@ final class BundleInput {
     var meter: Locked<UInt64>?
 
     init(path: String) throws {
-        let fd: FileDescriptor
-        do {
-            fd = try FileDescriptor.open(path, .readOnly)
-        } catch .noSuchFileOrDirectory {
-            throw StasisError(.invalidArgument, "\(path) does not exist")
-        } catch {
-            throw systemError("cannot open", path, error)
-        }
+        let fd = try FileSystem.openInput(path, what: "a bundle")
         (self.path, self.fd, isStream) = (path, fd, false)
         buffer = .allocate(byteCount: CheckpointBundle.ioSize, alignment: 4096)
     }

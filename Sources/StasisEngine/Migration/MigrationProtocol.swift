@@ -47,7 +47,7 @@ public enum Migration {
     /// The shared secret, from a file of this user's that no one else can read (not a symbolic link; at least
     /// 16 bytes; surrounding whitespace dropped).
     public static func readToken(_ path: String) throws -> SymmetricKey {
-        let fd = try attempt("cannot read the token file", path) { try FileDescriptor.open(path, .readOnly, options: .noFollow) }
+        let fd = try FileSystem.openInput(path, what: "a token file", followingLinks: false)
         defer { fd.closeQuietly() }
         let info = try attempt("cannot read the token file", path) { try fd.status() }
         try info.requireSecret(path, what: "the token file")

@@ -54,6 +54,7 @@ struct DumpCommand: ParsableCommand {
     @OptionGroup var output: OutputOptions
 
     func validate() throws {
+        try Arguments.requireCreatableName(directory, option: "-D")
         _ = try Codec(parsing: compress)
         switch (pid, container) {
         case (nil, nil): throw ValidationError("give a PID or --container ID")

@@ -29,6 +29,8 @@ struct ExportCommand: ParsableCommand {
 
     @OptionGroup var output: OutputOptions
 
+    func validate() throws { try Arguments.requireCreatableName(file, option: "-o") }
+
     func run() throws {
         try Output.run(json: output.json) {
             if archive {

@@ -27,6 +27,8 @@ struct ImportCommand: ParsableCommand {
 
     @OptionGroup var output: OutputOptions
 
+    func validate() throws { try Arguments.requireCreatableName(directory, option: "-D") }
+
     func run() throws {
         try Output.run(json: output.json) {
             if ArchiveOperation.isArchive(file) {

@@ -18,6 +18,7 @@ struct InspectCommand: ParsableCommand {
 
     func run() throws {
         try Output.run(json: output.json) {
+            try FileSystem.requireInput(directory, what: "a checkpoint directory or archive", directoryAllowed: true)
             if !FileSystem.isDirectory(directory), ArchiveOperation.isArchive(directory) {
                 let summary = try ArchiveOperation.summarize(directory)
                 if output.json { return Output.json(summary) }

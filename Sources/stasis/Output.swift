@@ -21,12 +21,48 @@ struct StoreOptions: ParsableArguments {
     }
 }
 
+/// Every line of text the command prints goes through here: this `print` shadows the standard library's
+/// in this module, so no report, listing or message can reach the terminal with a control character or a
+/// bidirectional override in it (a container ID with a newline, a manifest's hostname with an escape
+/// sequence): they are written out (`Format.printable`). JSON goes through `Output.json` instead.
+func print(_ line: String) {
+    Swift.print(Format.printable(line))
+}
+
 enum Output {
     static func json<T: Encodable>(_ value: T) {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
         encoder.dateEncodingStrategy = .iso8601
-        if let data = try? encoder.encode(value) { print(String(decoding: data, as: UTF8.self)) }
+        if let data = try? encoder.encode(value) { Swift.print(escapingTerminalControls(json: String(decoding: data, as: UTF8.self))) }
+    }
+
+    /// JSON text with DEL, the C1 controls and the bidirectional overrides written as \uXXXX escapes: the
+    /// encoder escapes only what JSON requires (C0 controls inside strings, quotes, backslashes), and these
+    /// can occur only inside strings, where the escape means the same character. The document is unchanged;
+    /// a terminal showing it is safe. (The C0 left are the layout's newlines, outside strings.)
+    static func escapingTerminalControls(json text: String) -> String {
+        let escapedHere = { (scalar: Unicode.Scalar) in scalar.value >= 0x7F && Format.isHostile(scalar) }
+        guard text.unicodeScalars.contains(where: escapedHere) else { return text }
+        var escaped = ""
+        for scalar in text.unicodeScalars {
+            if escapedHere(scalar) {
+                escaped += String(format: "\\u%04x", scalar.value)
+            } else {
+                escaped.unicodeScalars.append(scalar)
+            }
+        }
+        return escaped
+    }
+
+    /// An error as the terminal shows it: its message, CRIU's log lines, the log's path and the hint, each
+    /// made printable (they may quote names from a manifest, an archive or a peer) and one per line.
+    static func text(of error: StasisError) -> String {
+        var lines = [Format.printable(error.message)]
+        lines += error.logExcerpt.map { "  | " + Format.printable($0) }
+        if let path = error.logPath { lines.append("  full log: " + Format.printable(path)) }
+        if let hint = error.hint { lines.append("  hint: " + Format.printable(hint)) }
+        return lines.joined(separator: "\n")
     }
 
     /// Runs a command body; a StasisError becomes a clear message (or a JSON error object) and exit code 1.
@@ -42,7 +78,7 @@ enum Output {
                                     log: error.logExcerpt, logFile: error.logPath))
             }
             clearProgress()
-            FileHandle.standardError.write(Data("stasis: error: \(error.description)\n".utf8))
+            FileHandle.standardError.write(Data("stasis: error: \(text(of: error))\n".utf8))
             throw ExitCode.failure
         }
     }

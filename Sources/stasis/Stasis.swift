@@ -1,4 +1,5 @@
 import ArgumentParser
+import StasisCore
 import StasisEngine
 
 @main
@@ -24,4 +25,16 @@ struct Stasis: ParsableCommand {
                       ListCommand.self, RemoveCommand.self, CollectCommand.self, ExportCommand.self, ImportCommand.self,
                       MigrateCommand.self, ServeCommand.self]
     )
+
+    /// Parses and runs the command, once every argument is known to be text (`Arguments.requireUTF8`).
+    static func main() {
+        do {
+            try Output.run(json: CommandLine.arguments.contains("--json")) {
+                try Arguments.requireUTF8(CommandLine.unsafeArgv, count: CommandLine.argc)
+            }
+        } catch {
+            exit(withError: error)
+        }
+        main(nil)
+    }
 }

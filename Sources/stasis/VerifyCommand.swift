@@ -2,6 +2,7 @@ import ArgumentParser
 import StasisCore
 import StasisEngine
 import StasisImage
+import StasisOS
 
 struct VerifyCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -17,6 +18,7 @@ struct VerifyCommand: ParsableCommand {
 
     func run() throws {
         try Output.run(json: output.json) {
+            try FileSystem.requireInput(directory, what: "a checkpoint directory", directoryAllowed: true)
             let manifest = try Checkpoint.readManifest(directory)
             let chunks = try Checkpoint.store(for: manifest, explicit: store.store)
             let storeLock = chunks?.readerLock()

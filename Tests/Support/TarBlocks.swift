@@ -29,4 +29,27 @@ public enum TarBlocks {
     }
 
     public static func padded(_ data: Data) -> Data { data + Data(count: (512 - data.count % 512) % 512) }
+
+    /// One pax record, "LENGTH KEY=VALUE\n", LENGTH counting the whole record.
+    public static func paxRecord(_ key: String, _ value: Data) -> Data {
+        let body = Data(" \(key)=".utf8) + value + Data("\n".utf8)
+        var length = body.count + 1
+        while String(length).utf8.count + body.count > length { length += 1 }
+        return Data(String(length).utf8) + body
+    }
+
+    public static func paxRecord(_ key: String, _ value: String) -> Data { paxRecord(key, Data(value.utf8)) }
+
+    /// A pax header ('x') holding `records`, padded.
+    public static func paxHeader(_ records: Data, type: Character = "x") -> Data {
+        header(name: "PaxHeaders/entry", size: .octal(UInt64(records.count)), type: type) + padded(records)
+    }
+
+    /// A regular file entry, padded.
+    public static func file(_ name: String, _ contents: Data) -> Data {
+        header(name: name, size: .octal(UInt64(contents.count)), type: "0") + padded(contents)
+    }
+
+    /// The two blocks of zeros that end an archive.
+    public static let end = Data(count: 1024)
 }

@@ -1,4 +1,5 @@
 import Foundation
+import StasisContainer
 import StasisCore
 import StasisOS
 import StasisStore
@@ -62,6 +63,8 @@ final class ArchiveInput {
                 defer { writeEnd.closeQuietly(); finished.signal() }
                 do {
                     try Self.decodeZstd(from: file, to: writeEnd, path: path)
+                } catch is ReaderClosed {
+                    // The reader stopped (an error of its own, or too much after the tar's end): its outcome says why.
                 } catch {
                     failure.withLock { $0 = error }
                 }
@@ -79,7 +82,11 @@ final class ArchiveInput {
             if got == 0 { break }
             do {
                 try decoder.decode(UnsafeRawBufferPointer(rebasing: input[0..<got]), scratch: output) { piece in
-                    try attempt("cannot decompress", path) { try pipe.write(all: piece) }
+                    do {
+                        try pipe.write(all: piece)
+                    } catch let error as Errno {
+                        throw error == .brokenPipe ? ReaderClosed() : systemError("cannot decompress", path, error)
+                    }
                 }
             } catch let error as StasisError where error.code == .integrity {
                 throw error.prefixed("\(path) does not decompress")
@@ -88,10 +95,16 @@ final class ArchiveInput {
         guard decoder.atFrameEnd else { throw StasisError(.integrity, "\(path) is truncated: its zstd stream stops inside a frame") }
     }
 
+    /// The decoder's write failed because the reader closed its end of the pipe.
+    private struct ReaderClosed: Error {}
+
     /// Closes the archive and waits for its decoder; throws what the decoder met (corrupt or truncated
-    /// compressed data). Once: later calls give the same outcome.
-    func finish() throws {
+    /// compressed data). `draining` (the reader took the whole tar): what follows the tar's end is read
+    /// first, so that the decoder goes through all of its stream (every frame) and checks it. Once: later
+    /// calls give the same outcome.
+    func finish(draining: Bool = false) throws {
         if outcome == nil {
+            let trailing: Error? = draining ? { do { try drainTrailing(); return nil } catch { return error } }() : nil
             if tar != file { tar.closeQuietly() }
             finished.wait()
             let status = decoderPID.map { Spawn.wait($0) } ?? 0
@@ -99,9 +112,11 @@ final class ArchiveInput {
             if let brokenPipe { Signals.restoreBrokenPipe(brokenPipe) }
             if let error = failure.current {
                 outcome = .failure(error)
+            } else if let trailing {
+                outcome = .failure(trailing)
             } else if status != 0 {
-                // Not an integrity error: gzip also fails when the reader stopped early and closed the pipe.
-                outcome = .failure(StasisError(.io, "\(path) did not decompress (gzip exited with status \(status))"))
+                // Drained to its end, gzip failing is the stream's fault; stopped early, gzip also fails on the closed pipe.
+                outcome = .failure(StasisError(draining ? .integrity : .io, "\(path) did not decompress (gzip exited with status \(status))"))
             } else {
                 outcome = .success(())
             }
@@ -109,12 +124,34 @@ final class ArchiveInput {
         try outcome!.get()
     }
 
+    /// Reads the decompressed stream after the tar's end to its end: padding, or further frames of a
+    /// concatenated stream, ignored. More than `Tar.Limits.trailingBytes` is refused, so that a stream that
+    /// expands without end after a small archive does not keep its reader busy.
+    private func drainTrailing() throws {
+        guard tar != file else { return }
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 16, alignment: 4096)
+        defer { buffer.deallocate() }
+        var total: UInt64 = 0
+        while true {
+            let got = try attempt("cannot read", path) { try tar.readSome(into: buffer) }
+            if got == 0 { return }
+            total += UInt64(got)
+            guard total <= Tar.Limits.trailingBytes else {
+                throw StasisError(.integrity, "\(path) holds more than \(Tar.Limits.trailingBytes >> 20) MiB after the end of its tar archive",
+                                  hint: "a checkpoint archive is one tar; this stream goes on after it (a second archive appended, or a crafted file)")
+            }
+        }
+    }
+
     /// Opens `path`, runs `body` on it and finishes it. A decoder's integrity failure (corrupt or truncated
     /// compressed data) is thrown in place of the reader's "truncated" that follows from it.
     static func reading<T>(_ path: String, _ body: (ArchiveInput) throws -> T) throws -> T {
         let input = try ArchiveInput(path)
         let result = Result { try body(input) }
-        let decoding: Error? = { do { try input.finish(); return nil } catch { return error } }()
+        let decoding: Error? = {
+            let whole: Bool = { if case .success = result { return true } else { return false } }()
+            do { try input.finish(draining: whole); return nil } catch { return error }
+        }()
         switch result {
         case .success(let value):
             if let decoding { throw decoding }

@@ -37,8 +37,9 @@ public enum ArchiveOperation {
     struct ConfigDump: Codable {
         /// The engine's config.dump of `archive`, or a clear error naming what is wrong with it.
         static func read(_ data: Data, archive: String) throws -> ConfigDump {
+            let config: ConfigDump
             do {
-                return try JSONDecoder().decode(ConfigDump.self, from: data)
+                config = try JSONDecoder().decode(ConfigDump.self, from: data)
             } catch let DecodingError.keyNotFound(key, _) {
                 throw StasisError(.integrity, "\(archive): its \(ArchiveOperation.configDump) lacks '\(key.stringValue)'",
                                   hint: "the archive is damaged, or was not written by podman, CRI-O or stasis")
@@ -46,6 +47,13 @@ public enum ArchiveOperation {
                 throw StasisError(.integrity, "\(archive): its \(ArchiveOperation.configDump) is not the JSON a container engine writes",
                                   hint: "the archive is damaged, or was not written by podman, CRI-O or stasis")
             }
+            // The id names the container to runc and in the checkpoint; the rest is printed.
+            try ArchiveText.checkContainerID(config.id, archive: archive)
+            for (key, value) in [("name", config.name), ("runtime", config.runtime), ("createdTime", config.createdTime),
+                                 ("rootfsImageName", config.rootfsImageName)] {
+                if let value { try checkPrintable(value, "its \(ArchiveOperation.configDump)'s \(key)", archive: archive) }
+            }
+            return config
         }
 
         var id: String
@@ -63,6 +71,14 @@ public enum ArchiveOperation {
             formatter.formatOptions = [.withInternetDateTime]
             return formatter.date(from: createdTime)
         }
+    }
+
+    /// Refuses `value` (`what` of `archive`, printed by inspect and import) when it holds a control character
+    /// or a bidi override, which would reach the terminal as they are.
+    static func checkPrintable(_ value: String, _ what: String, archive: String) throws {
+        guard ArchiveText.hasHostileCharacters(value) else { return }
+        throw StasisError(.integrity, "\(archive): \(what) holds a control character or a bidi override, \(ArchiveText.quoted(value))",
+                          hint: "the archive is damaged or crafted: no container engine writes this")
     }
 
     /// True when `path` is a tar archive (ustar magic), as checkpoint archives are, plain or compressed
@@ -241,13 +257,18 @@ public enum ArchiveOperation {
                 guard entry.isFile else {
                     // Directories are implied; links, devices and sparse files have no place in a checkpoint.
                     guard entry.type == "5" else {
-                        throw StasisError(.integrity, "\(file) holds \(entry.name) of tar type \(entry.type), which a checkpoint archive does not have")
+                        throw StasisError(.integrity, "\(file) holds \(ArchiveText.quoted(entry.name)) of tar type \(ArchiveText.quoted(String(entry.type))), which a checkpoint archive does not have")
                     }
                     continue
                 }
                 let name = entry.name
                 guard !name.contains(".."), !name.hasPrefix("/") else {
-                    throw StasisError(.integrity, "\(file) names \(name), outside the archive")
+                    throw StasisError(.integrity, "\(file) names \(ArchiveText.quoted(name)), outside the archive")
+                }
+                // Its name becomes a file's: one that prints as another name is not taken.
+                guard !ArchiveText.hasHostileCharacters(name) else {
+                    throw StasisError(.integrity, "\(file) names \(ArchiveText.quoted(name)), holding a control character or a bidi override",
+                                      hint: "no container engine writes such a name: the archive is damaged or crafted")
                 }
                 if name == "oci-layout" || name.hasPrefix("blobs/") {
                     throw StasisError(.notACheckpoint, "\(file) is an OCI image (containerd's checkpoint image, say), not a checkpoint archive of podman or CRI-O",
@@ -272,11 +293,11 @@ public enum ArchiveOperation {
                     } else if knownEngineFiles.contains(name) || knownEngineDirectories.contains(where: { name.hasPrefix($0) }) {
                         target = engineFiles + name
                     } else {
-                        throw StasisError(.integrity, "\(file) holds \(name), which neither podman, CRI-O nor stasis writes in a checkpoint archive",
+                        throw StasisError(.integrity, "\(file) holds \(ArchiveText.quoted(name)), which neither podman, CRI-O nor stasis writes in a checkpoint archive",
                                           hint: "was the archive changed after it was written? Only checkpoint/, config.dump, spec.dump, stats-dump and the engines' own files belong there")
                     }
                     guard !target.isEmpty, !target.contains("/") || target.hasPrefix(engineFiles) else {
-                        throw StasisError(.integrity, "\(file) holds \(name): checkpoint/ in an archive is flat")
+                        throw StasisError(.integrity, "\(file) holds \(ArchiveText.quoted(name)): checkpoint/ in an archive is flat")
                     }
                     try extract(reader, to: staging.path + "/" + target)
                     files += 1
@@ -288,6 +309,7 @@ public enum ArchiveOperation {
             try FileSystem.writeAtomically(spec, to: staging.path + "/" + CheckpointWriter.containerSpecName)
             let engine = (try? JSONSerialization.jsonObject(with: spec) as? [String: Any])
                 .flatMap { ($0["annotations"] as? [String: String])?["io.container.manager"] } ?? "stasis"
+            try checkPrintable(engine, "its \(specDump)'s io.container.manager", archive: file)
             // The CRIU that wrote the images, as its log says: a restore refuses images of a newer CRIU than its own.
             let criuVersion = (try? FileSystem.readFile(staging.path + "/dump.log"))
                 .flatMap { CRIUBinary.version(inLog: String(decoding: $0.prefix(4096), as: UTF8.self)) } ?? "unknown (imported from a checkpoint archive)"
@@ -301,7 +323,7 @@ public enum ArchiveOperation {
                 codec: Codec.standard.description)
             contents.createdAt = config.created
             // A compressed archive's decoder must have found its stream whole before anything is published.
-            try input.finish()
+            try input.finish(draining: true)
             let statistics = try CheckpointWriter.write(contents, staging: staging, ingester: ingester, store: store).images
             try staging.publish()
             return ImportReport(archive: file, directory: staging.destination, container: config.id, engine: engine, files: files,
@@ -340,8 +362,14 @@ public enum ArchiveOperation {
         public var checkpointBytes: UInt64
         public var pagesBytes: UInt64
         public var rootfsDiffBytes: UInt64?
+        /// The first `listedFiles` files' names (an archive's names are the writer's: all of them could take
+        /// gigabytes), and how many there are.
         public var files: [String]
+        public var fileCount: Int
     }
+
+    /// The most file names a summary lists.
+    static let listedFiles = 1000
 
     public static func summarize(_ file: String) throws -> Summary {
         try ArchiveInput.reading(file) { input in try summarize(input) }
@@ -360,13 +388,16 @@ public enum ArchiveOperation {
         var checkpointBytes: UInt64 = 0, pagesBytes: UInt64 = 0
         var rootfsDiff: UInt64?
         var files: [String] = []
+        var fileCount = 0
         var next = first
         while let entry = next {
             if entry.isFile {
-                files.append(entry.name)
+                fileCount += 1
+                if files.count < listedFiles { files.append(entry.name) }
                 if entry.name == configDump { config = try ConfigDump.read(try reader.readAll(), archive: file) }
                 if entry.name == specDump, let spec = (try? JSONSerialization.jsonObject(with: try reader.readAll())) as? [String: Any] {
                     engine = (spec["annotations"] as? [String: String])?["io.container.manager"] ?? "stasis or runc"
+                    try checkPrintable(engine, "its \(specDump)'s io.container.manager", archive: file)
                 }
                 if entry.name.hasPrefix(checkpointDirectory) {
                     checkpointBytes += entry.size
@@ -378,6 +409,6 @@ public enum ArchiveOperation {
         }
         guard let config else { throw StasisError(.notACheckpoint, "\(file) is not a container checkpoint archive (no \(configDump))") }
         return Summary(archive: file, engine: engine, container: config.id, name: config.name, runtime: config.runtime, created: config.created,
-                       checkpointBytes: checkpointBytes, pagesBytes: pagesBytes, rootfsDiffBytes: rootfsDiff, files: files)
+                       checkpointBytes: checkpointBytes, pagesBytes: pagesBytes, rootfsDiffBytes: rootfsDiff, files: files, fileCount: fileCount)
     }
 }

@@ -18,16 +18,32 @@ enum ContainerdCheckpoint {
     static let criuMediaType = "application/vnd.containerd.container.criu.checkpoint.criu.tar"
     static let layerMediaType = "application/vnd.oci.image.layer.v1.tar+gzip"
 
-    /// What a blob holds, as far as a summary needs: its size, its bytes when small (JSON), and the files
-    /// of a tar inside it.
+    /// What a blob holds, as far as a summary needs: its size, its bytes when small (JSON), and what a tar
+    /// inside it lists.
     struct Blob {
         var size: UInt64
         var contents: Data?
-        var tarFiles: [(name: String, size: UInt64)]?
+        var listing: Listing?
+    }
+
+    /// The files of a tar in a blob: how many, the bytes of CRIU's memory pages among them, and the first
+    /// `ArchiveOperation.listedFiles` names (with their sizes).
+    struct Listing {
+        var count = 0
+        var pagesBytes: UInt64 = 0
+        var names: [String] = []
+        var nameBytes: Int { names.reduce(0) { $0 + $1.utf8.count } }
+
+        mutating func add(_ file: Tar.Reader.Entry) {
+            count += 1
+            if (file.name as NSString).lastPathComponent.hasPrefix("pages-") { pagesBytes += file.size }
+            if names.count < ArchiveOperation.listedFiles { names.append(file.name) }
+        }
     }
 
     /// Blobs this small are kept whole (the indexes are JSON of a few hundred bytes); larger ones are only
-    /// listed as they pass. What is kept in all is bounded, so that a crafted image cannot fill memory.
+    /// listed as they pass. What is kept in all (blobs, their digests and listings) is bounded, so that a
+    /// crafted image cannot fill memory.
     static let smallBlob: UInt64 = 64 << 10
     static let keptLimit = 16 << 20
 
@@ -40,16 +56,17 @@ enum ContainerdCheckpoint {
         while let current = entry {
             if current.isFile {
                 if current.name == "index.json" {
-                    index = try reader.readAll()
-                    kept += index?.count ?? 0
+                    let data = try reader.readAll()
+                    kept += data.count
+                    index = data
                 } else if current.name.hasPrefix("blobs/sha256/") {
                     let digest = "sha256:" + current.name.dropFirst("blobs/sha256/".count)
                     let blob = try blob(reader, current, archive: archive)
-                    kept += blob.contents?.count ?? 0
+                    kept += digest.utf8.count + (blob.contents?.count ?? 0) + (blob.listing?.nameBytes ?? 0)
                     blobs[digest] = blob
                 }
                 guard kept <= keptLimit else {
-                    throw StasisError(.integrity, "\(archive) holds more than \(keptLimit >> 20) MiB of small blobs: not a checkpoint image containerd wrote")
+                    throw StasisError(.integrity, "\(archive) holds more than \(keptLimit >> 20) MiB of indexes, small blobs and names: not a checkpoint image containerd wrote")
                 }
             }
             entry = try reader.next()
@@ -66,42 +83,52 @@ enum ContainerdCheckpoint {
         func part(_ mediaType: String) -> Blob? {
             (parts.first { $0["mediaType"] as? String == mediaType }?["digest"] as? String).flatMap { blobs[$0] }
         }
-        guard let criu = part(criuMediaType), let files = criu.tarFiles else {
+        guard let criu = part(criuMediaType), let files = criu.listing else {
             throw StasisError(.notACheckpoint, "\(archive) is an OCI image layout without CRIU's images (\(criuMediaType))",
                               hint: "an image of a container, not of its checkpoint? `ctr containers checkpoint --task` makes one with them")
         }
-        let name = (top["annotations"] as? [String: String])?["io.containerd.image.name"] ?? "?"
-        let pages = files.filter { ($0.name as NSString).lastPathComponent.hasPrefix("pages-") }.reduce(0) { $0 + $1.size }
+        // What is printed comes from the image's writer: one with control characters or bidi overrides is refused.
+        func printable(_ value: String?, _ what: String) throws -> String {
+            guard let value else { return "?" }
+            try ArchiveOperation.checkPrintable(value, what, archive: archive)
+            return ArchiveText.quotedLimit < value.count ? String(value.prefix(ArchiveText.quotedLimit)) + "..." : value
+        }
+        let name = try printable((top["annotations"] as? [String: String])?["io.containerd.image.name"], "its image name")
+        let image = try printable(annotations["org.opencontainers.image.ref.name"], "its image reference")
+        let snapshotter = try printable(annotations["io.containerd.checkpoint.snapshotter"], "its snapshotter")
+        let runtime = try annotations["io.containerd.checkpoint.runtime"].map { try printable($0, "its runtime") }
         return ArchiveOperation.Summary(
-            archive: archive, engine: "containerd (image \(annotations["org.opencontainers.image.ref.name"] ?? "?"), snapshotter \(annotations["io.containerd.checkpoint.snapshotter"] ?? "?"))",
-            container: name, name: name, runtime: annotations["io.containerd.checkpoint.runtime"], created: nil,
-            checkpointBytes: criu.size, pagesBytes: pages, rootfsDiffBytes: part(layerMediaType)?.size,
-            files: files.map { "checkpoint/" + $0.name })
+            archive: archive, engine: "containerd (image \(image), snapshotter \(snapshotter))",
+            container: name, name: name, runtime: runtime, created: nil,
+            checkpointBytes: criu.size, pagesBytes: files.pagesBytes, rootfsDiffBytes: part(layerMediaType)?.size,
+            files: files.names.map { "checkpoint/" + $0 }, fileCount: files.count)
     }
 
     /// A blob as it passes: small ones kept whole, a tar listed.
     private static func blob(_ reader: Tar.Reader, _ entry: Tar.Reader.Entry, archive: String) throws -> Blob {
         if entry.size <= smallBlob {
             let data = try reader.readAll()
-            return Blob(size: entry.size, contents: data, tarFiles: tarListing(of: data, archive: archive + ":" + entry.name))
+            return Blob(size: entry.size, contents: data, listing: tarListing(of: data, within: reader, archive: archive + ":" + entry.name))
         }
-        // A larger one is CRIU's tar or a layer: listed if it is a tar, else passed over.
+        // A larger one is CRIU's tar or a layer: listed if it is a tar, else passed over. Its entries count
+        // against the image's limits.
         let inner = Tar.Reader(entryOf: reader, path: archive + ":" + entry.name)
-        var files: [(String, UInt64)] = []
+        var listing = Listing()
         do {
-            while let file = try inner.next() { if file.isFile { files.append((file.name, file.size)) } }
-        } catch let error as StasisError where error.code == .notACheckpoint && files.isEmpty {
-            return Blob(size: entry.size, contents: nil, tarFiles: nil)
+            while let file = try inner.next() { if file.isFile { listing.add(file) } }
+        } catch let error as StasisError where error.code == .notACheckpoint && listing.count == 0 {
+            return Blob(size: entry.size, contents: nil, listing: nil)
         }
-        return Blob(size: entry.size, contents: nil, tarFiles: files)
+        return Blob(size: entry.size, contents: nil, listing: listing)
     }
 
-    /// The files of a small blob that is a tar; nil for any other blob.
-    private static func tarListing(of data: Data, archive: String) -> [(name: String, size: UInt64)]? {
+    /// The files of a small blob that is a tar (nil for any other blob), as far as it reads. Its entries
+    /// count against the image's limits, so an image past them is refused at the outer reader's next entry.
+    private static func tarListing(of data: Data, within reader: Tar.Reader, archive: String) -> Listing? {
         guard data.count >= 512, data[data.startIndex + 257..<data.startIndex + 262].elementsEqual("ustar".utf8) else { return nil }
-        let reader = Tar.Reader(data: data, path: archive)
-        var files: [(String, UInt64)] = []
-        while let file = try? reader.next() { if file.isFile { files.append((file.name, file.size)) } }
-        return files
+        let inner = Tar.Reader(data: data, path: archive, within: reader)
+        var listing = Listing()
+        while let file = try? inner.next() { if file.isFile { listing.add(file) } }
+        return listing
     }
 }

@@ -47,7 +47,7 @@ extension ArchiveOperation.Summary {
             "container checkpoint archive \(archive), written by \(engine)",
             "  container: \(container) (\(name)), runtime \(runtime ?? "?")\(created)",
             "  checkpoint: \(Format.bytes(checkpointBytes)) of CRIU images, \(Format.bytes(pagesBytes)) of them memory pages\(rootfs)",
-            "  files: \(files.count)",
+            "  files: \(fileCount)",
         ]
     }
 }

@@ -97,7 +97,7 @@ tls_there="--tls $work/tls-there --tls-peer $print_here"
 
 stasis_row() {  # LABEL LAUNCHER FRESH_STORE [tls]
     [[ $3 == fresh ]] && rm -rf "$work/store-there"
-    local serve_tls="" migrate_tls=()
+    local serve_tls="--insecure" migrate_tls=(--insecure)
     [[ ${4:-} == tls ]] && { serve_tls=$tls_there; migrate_tls=("${tls_here[@]}"); }
     start_receiver "$STASIS serve --listen $there:7070 --token-file $work/token --store $work/store-there --directory $work/received $serve_tls >>$work/serve.log"
     start_job "$2"

@@ -25,12 +25,13 @@ public final class CRIUService {
     /// Starts CRIU with `arguments`, the same way for every call: CRIU's stdout (where `check` prints "Looks
     /// good.") goes to our stderr, keeping --json output clean, and the stasis CRIU plugin, if installed in
     /// CRIU's plugin directory, stands aside (stasis drives the GPU itself).
-    func start(_ arguments: [String], passing descriptors: [FileDescriptor: Int32] = [:]) throws -> Int32 {
+    /// `ownProcessGroup`: out of the terminal's reach (a dump: only stasis decides when it stops, see `call`).
+    func start(_ arguments: [String], passing descriptors: [FileDescriptor: Int32] = [:], ownProcessGroup: Bool = false) throws -> Int32 {
         var environment = ProcessInfo.processInfo.environment
         environment["STASIS_CRIU_PLUGIN"] = "off"
         do {
             return try Spawn.start(binary.path, arguments, descriptors: descriptors.merging([.standardError: 1]) { $1 },
-                                   environment: environment)
+                                   environment: environment, ownProcessGroup: ownProcessGroup)
         } catch {
             throw StasisError(.criuMissing, "cannot start \(binary.path) \(arguments.first ?? ""): \(error)", hint: CRIUBinary.installHint)
         }
@@ -43,7 +44,9 @@ public final class CRIUService {
         let pid: Int32
         do {
             defer { theirs.closeQuietly() }
-            pid = try start(["swrk", "3"], passing: [theirs: 3])
+            // A dump's CRIU must not get the terminal's Ctrl-C itself: after a migration's commit, a CRIU that
+            // died would thaw the job here while it runs there too. stasis handles the signal instead.
+            pid = try start(["swrk", "3"], passing: [theirs: 3], ownProcessGroup: request.type == .dump)
         }
         defer { Spawn.wait(pid) }
 

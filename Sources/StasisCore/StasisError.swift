@@ -26,6 +26,8 @@ public struct StasisError: Error, Sendable, CustomStringConvertible {
         public static let io = Code(rawValue: "io")
         public static let gpu = Code(rawValue: "gpu")
         public static let interrupted = Code(rawValue: "interrupted")
+        /// The job was in a state that cannot be checkpointed just now (its tree kept changing); nothing was touched.
+        public static let busy = Code(rawValue: "busy")
         /// A container runtime (runc) is missing or refused.
         public static let runtime = Code(rawValue: "runtime")
         /// A migration's receiver could not restore the job (it runs on at the source).
@@ -68,6 +70,13 @@ public struct StasisError: Error, Sendable, CustomStringConvertible {
         if let logPath { text += "\n  full log: \(logPath)" }
         if let hint { text += "\n  hint: \(hint)" }
         return text
+    }
+
+    /// The same error with more said after its message.
+    public func appending(_ more: String) -> StasisError {
+        var copy = self
+        copy.message += more
+        return copy
     }
 
     /// The same error with more context in front of its message ("dump of PID 42: ...").

@@ -24,6 +24,15 @@ public enum FaultInjection {
         Signals.killSelf()
     }
 
+    /// Waits here 3 s when STASIS_FAULT names `point`-pause, saying so first: how tests hold an answer back
+    /// long enough to send a signal in the middle of a migration.
+    public static func pause(_ point: String, say: (String) -> Void) {
+        let points = (ProcessInfo.processInfo.environment["STASIS_FAULT"] ?? "").split(separator: ",")
+        guard points.contains(Substring(point + "-pause")) else { return }
+        say("paused at \(point) (STASIS_FAULT)")
+        sleep(3)
+    }
+
     /// Stops here for good when STASIS_FAULT names `point`-stall, saying so first: how tests kill a
     /// process at a known step (a receiver in the middle of a migration).
     public static func stall(_ point: String, say: (String) -> Void) {

@@ -9,8 +9,10 @@ public enum Spawn {
     /// the child (dup2 clears close-on-exec there); every other descriptor is closed in the child, even one
     /// that a library opened without close-on-exec (Foundation's pipes): a daemon the child leaves behind
     /// (podman's conmon, a container's shim) must not hold a pipe of ours open.
+    /// `ownProcessGroup`: the child leads a process group of its own, so that a terminal's SIGINT or SIGHUP,
+    /// sent to the foreground group, reaches stasis alone, which decides what to do with it.
     public static func start(_ executable: String, _ arguments: [String], descriptors: [FileDescriptor: Int32] = [:],
-                             environment: [String: String]? = nil) throws -> pid_t {
+                             environment: [String: String]? = nil, ownProcessGroup: Bool = false) throws -> pid_t {
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
@@ -22,9 +24,16 @@ public enum Spawn {
         defer { argv.forEach { free($0) } }
         let env = environment.map { $0.map { strdup("\($0.key)=\($0.value)") } + [nil] }
         defer { env?.forEach { free($0) } }
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        if ownProcessGroup {
+            posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETPGROUP))
+            posix_spawnattr_setpgroup(&attributes, 0)
+        }
         var pid: pid_t = 0
-        let result: Int32 = env.map { envp in posix_spawn(&pid, executable, &actions, nil, argv, envp) }
-            ?? posix_spawn(&pid, executable, &actions, nil, argv, environ)
+        let result: Int32 = env.map { envp in posix_spawn(&pid, executable, &actions, &attributes, argv, envp) }
+            ?? posix_spawn(&pid, executable, &actions, &attributes, argv, environ)
         guard result == 0 else { throw systemError("cannot start", executable, errno: result) }
         return pid
     }

@@ -59,6 +59,15 @@ public enum StreamSocket {
         return nil
     }
 
+    /// What one recv(2) gives: at least one byte, or 0 when the peer closed.
+    public static func receiveSome(_ fd: FileDescriptor, into buffer: UnsafeMutableRawBufferPointer) -> Result<Int, Failure> {
+        while true {
+            let got = recv(fd.rawValue, buffer.baseAddress!, buffer.count, 0)
+            if got < 0 && errno == EINTR { continue }
+            return got >= 0 ? .success(got) : .failure(failure())
+        }
+    }
+
     /// Waits until the peer has closed its end too (reading and dropping what it still sends), or the
     /// socket's time limit passes: how a connection is ended when the peer must be gone before what comes next.
     public static func drainUntilClosed(_ fd: FileDescriptor) {

@@ -77,6 +77,27 @@ public final class TCPConnection: @unchecked Sendable {
         return found
     }
 
+    /// True when every address `address` ("HOST:PORT") resolves to is a loopback one (127.0.0.0/8, ::1):
+    /// bytes sent there never leave this machine.
+    public static func isLoopback(_ address: String) throws -> Bool {
+        let (host, port) = try split(address)
+        let found = try resolve(host, port, passive: false)
+        return !found.isEmpty && found.allSatisfy { entry in
+            var storage = entry.address
+            return withUnsafePointer(to: &storage) { pointer in
+                switch entry.family {
+                case AF_INET:
+                    pointer.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { UInt32(bigEndian: $0.pointee.sin_addr.s_addr) >> 24 == 127 }
+                case AF_INET6:
+                    pointer.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { address in
+                        withUnsafeBytes(of: address.pointee.sin6_addr) { bytes in bytes.prefix(15).allSatisfy { $0 == 0 } && bytes[15] == 1 }
+                    }
+                default: false
+                }
+            }
+        }
+    }
+
     /// Connects to `address` ("HOST:PORT") within `seconds`.
     public static func connect(to address: String, seconds: Int = 10) throws -> TCPConnection {
         let (host, port) = try split(address)
@@ -129,6 +150,25 @@ public final class TCPConnection: @unchecked Sendable {
         }
         if let failure {
             throw StasisError(.io, "sending to \(peer) failed: \(failure.reason)")
+        }
+    }
+
+    /// Whatever has arrived, at least one byte and at most `buffer.count` (waiting within the connection's time
+    /// limit); 0 once the peer has closed. Through TLS when the connection is secured: a bundle streamed over a
+    /// migration reads its records this way.
+    public func receiveSome(into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
+        guard !buffer.isEmpty else { return 0 }
+        let outcome: Result<Int, StreamSocket.Failure>
+        if let tls {
+            outcome = tls.receiveSome(into: buffer)
+        } else {
+            outcome = StreamSocket.receiveSome(fd, into: buffer)
+        }
+        switch outcome {
+        case .success(let got): return got
+        case .failure(.closed): return 0
+        case .failure(.timedOut): throw StasisError(.io, "receiving from \(peer) failed: nothing came within \(limit) s")
+        case .failure(let failure): throw StasisError(.io, "receiving from \(peer) failed: \(failure.reason)")
         }
     }
 

@@ -148,6 +148,17 @@ final class TLSSession {
         return nil
     }
 
+    /// What one TLS read gives: at least one byte, or 0 when the peer closed.
+    func receiveSome(into buffer: UnsafeMutableRawBufferPointer) -> Result<Int, StreamSocket.Failure> {
+        var error = [CChar](repeating: 0, count: 512)
+        let got = stasis_tls_read(pointer, buffer.baseAddress!, buffer.count, &error, error.count)
+        if got > 0 { return .success(got) }
+        switch failure(got, error) {
+        case nil, .closed?: return .success(0)
+        case let other?: return .failure(other)
+        }
+    }
+
     private func failure(_ code: Int, _ error: [CChar]) -> StreamSocket.Failure? {
         switch Int32(code) {
         case 0: nil

@@ -62,13 +62,14 @@ public enum CheckpointBundle {
         return try writeBundle(directory: directory, manifestData: manifestData, manifest: manifest, store: store, to: output, skipping: [], started: watch)
     }
 
-    /// Writes the checkpoint as a bundle onto `fd` (a migration's connection), leaving out the chunks in
-    /// `skipping` (those the receiver has): the receiver takes them from its own store. Not closed, not synced.
-    public static func stream(directory: String, manifestData: Data, manifest: Manifest, store: ChunkStore?, to fd: FileDescriptor, name: String,
+    /// Writes the checkpoint as a bundle onto `connection` (a migration's: through its TLS when it is
+    /// secured, never around it), leaving out the chunks in `skipping` (those the receiver has): the receiver
+    /// takes them from its own store. Not closed.
+    public static func stream(directory: String, manifestData: Data, manifest: Manifest, store: ChunkStore?, to connection: TCPConnection,
                               skipping: Set<String>, meter: Locked<UInt64>? = nil) throws -> ExportReport {
         let watch = Stopwatch()
         try checkChunkLists(manifest, name: "\(directory)/\(Manifest.fileName)", code: .manifestInvalid)
-        let output = try BundleOutput(stream: fd, name: name)
+        let output = try BundleOutput(stream: connection)
         output.meter = meter
         return try writeBundle(directory: directory, manifestData: manifestData, manifest: manifest, store: store,
                          to: output, skipping: skipping, started: watch)
@@ -180,9 +181,10 @@ public enum CheckpointBundle {
             try self.init(input: try BundleInput(path: URL(fileURLWithPath: path).standardizedFileURL.path))
         }
 
-        /// A bundle arriving on `fd` (a migration's connection), named `name` in messages; `fd` stays open.
-        public convenience init(stream fd: FileDescriptor, name: String) throws {
-            try self.init(input: BundleInput(stream: fd, name: name))
+        /// A bundle arriving on a migration's connection (through its TLS when it is secured), named `name`
+        /// in messages; the connection stays open.
+        public convenience init(stream connection: TCPConnection, name: String) throws {
+            try self.init(input: BundleInput(stream: connection, name: name))
         }
 
         init(input: BundleInput) throws {
@@ -409,7 +411,7 @@ public enum CheckpointBundle {
 final class BundleOutput {
     let path: String
     /// The connection written to (nil for a file).
-    private let stream: FileDescriptor?
+    private let stream: TCPConnection?
     /// The file being written (nil on a stream): it holds the descriptor and gives the bundle its name.
     private var file: AtomicFile?
     private let buffer: UnsafeMutableRawBufferPointer
@@ -421,8 +423,8 @@ final class BundleOutput {
     var meter: Locked<UInt64>?
 
     /// Writes onto a connection: no file, no rename, no fsync; `finish` only flushes.
-    init(stream fd: FileDescriptor, name: String) throws {
-        (path, stream, isStream) = (name, fd, true)
+    init(stream connection: TCPConnection) throws {
+        (path, stream, isStream) = ("the connection to \(connection.peer)", connection, true)
         buffer = .allocate(byteCount: CheckpointBundle.ioSize, alignment: 4096)
         try CheckpointBundle.magic.withUnsafeBytes { try append($0) }
     }
@@ -469,9 +471,8 @@ final class BundleOutput {
         defer { meter?.withLock { $0 += UInt64(pending.count) } }
         if let file {
             try file.write(pending)
-        } else if let stream, let failure = StreamSocket.send(stream, pending) {
-            // MSG_NOSIGNAL: a peer that went away is this error, not SIGPIPE.
-            throw StasisError(.io, "cannot send \(path): \(failure.reason)")
+        } else if let stream {
+            try stream.send(pending)
         }
         used = 0
     }
@@ -492,7 +493,9 @@ final class BundleOutput {
 /// The bundle being read: buffered, counting and hashing every byte handed out.
 final class BundleInput {
     let path: String
-    private let fd: FileDescriptor
+    /// The file read (nil on a connection).
+    private let fd: FileDescriptor?
+    private let connection: TCPConnection?
     private let buffer: UnsafeMutableRawBufferPointer
     private var start = 0
     private var end = 0
@@ -505,17 +508,17 @@ final class BundleInput {
 
     init(path: String) throws {
         let fd = try FileSystem.openInput(path, what: "a bundle")
-        (self.path, self.fd, isStream) = (path, fd, false)
+        (self.path, self.fd, connection, isStream) = (path, fd, nil, false)
         buffer = .allocate(byteCount: CheckpointBundle.ioSize, alignment: 4096)
     }
 
-    init(stream fd: FileDescriptor, name: String) {
-        (path, self.fd, isStream) = (name, fd, true)
+    init(stream connection: TCPConnection, name: String) {
+        (path, fd, self.connection, isStream) = (name, nil, connection, true)
         buffer = .allocate(byteCount: CheckpointBundle.ioSize, alignment: 4096)
     }
 
     deinit {
-        if !isStream { fd.closeQuietly() }
+        fd?.closeQuietly()
         buffer.deallocate()
     }
 
@@ -541,7 +544,12 @@ final class BundleInput {
     }
 
     private func refill() throws -> Bool {
-        let got = try attempt("cannot read", path) { try fd.readSome(into: buffer) }
+        let got: Int
+        if let connection {
+            got = try connection.receiveSome(into: buffer)
+        } else {
+            got = try attempt("cannot read", path) { try fd!.readSome(into: buffer) }
+        }
         meter?.withLock { $0 += UInt64(got) }
         (start, end) = (0, got)
         return got > 0

@@ -41,9 +41,13 @@ struct MigrateCommand: ParsableCommand {
         here ends only once that authenticated answer says the job runs there; if anything fails before, it \
         runs on here as it was. Restored processes keep their PIDs: the receiver must have them free.
 
-        With --tls, everything goes through TLS 1.3 and the receiver must present the certificate pinned with \
-        --tls-peer (or one a --tls-ca signed); the token still authorizes. Without it, memory crosses the network \
-        in clear.
+        With --tls, every byte (the handshake, the chunks, the checkpoint itself) goes through TLS 1.3 and the \
+        receiver must present the certificate pinned with --tls-peer (or one a --tls-ca signed); the token still \
+        authorizes. Without --tls the job's memory crosses the network in clear: that needs --insecure, unless \
+        the receiver is on a loopback address.
+
+        SIGINT, SIGTERM or SIGHUP before the commit abandon the migration (the job runs on here); once the \
+        commit is sent they wait until the outcome is settled, so the job never runs on both hosts.
         """)
 
     @Argument(help: "The root of the process tree to move.")
@@ -69,11 +73,15 @@ struct MigrateCommand: ParsableCommand {
 
     @OptionGroup var tls: TLSOptions
 
+    @Flag(name: .long, help: "Send the job's memory in clear (no --tls) to a receiver that is not on a loopback address.")
+    var insecure = false
+
     @OptionGroup var store: StoreOptions
 
     @OptionGroup var output: OutputOptions
 
     func validate() throws {
+        if insecure && tls.directory != nil { throw ValidationError("--insecure and --tls exclude each other") }
         _ = try Codec(parsing: compress)
         guard pid > 0 else { throw ValidationError("PID must be a positive number") }
         guard lockTimeout > 0, lockTimeout < 86_400 else { throw ValidationError("--lock-timeout must be between 0 and 86400 seconds") }
@@ -87,9 +95,13 @@ struct MigrateCommand: ParsableCommand {
             options.process = .init(tcpEstablished: tcpEstablished)
             options.spool = spool
             options.tls = try tls.configuration
+            options.insecure = insecure
             options.progress = Output.progressHandler(json: output.json)
             let report = try MigrateOperation(options, device: CUDADeviceStep(lockTimeoutMilliseconds: UInt32(lockTimeout * 1000))).run()
             Output.clearProgress()
+            if let signal = report.deferredSignal {
+                FileHandle.standardError.write(Data("stasis: \(signal) came after the commit was sent; it waited until the migration was settled: the job runs on \(report.receiver)\n".utf8))
+            }
             if output.json { return Output.json(report) }
             for line in report.textLines { print(line) }
         }
@@ -108,8 +120,13 @@ struct ServeCommand: ParsableCommand {
         each. Restored processes keep their PIDs, which must be free here.
 
         With --tls, a peer must speak TLS 1.3 and present the certificate pinned with --tls-peer (or one a \
-        --tls-ca signed) before anything it sends is read. `stasis serve --init-tls DIR` makes a key and a \
-        self-signed certificate in DIR and prints the fingerprint to give the other host's --tls-peer.
+        --tls-ca signed) before anything it sends is read, and every byte after is encrypted. `stasis serve \
+        --init-tls DIR` makes a key and a self-signed certificate in DIR and prints the fingerprint to give the \
+        other host's --tls-peer. Without --tls, listening on an address other than a loopback one needs \
+        --insecure.
+
+        SIGINT, SIGTERM or SIGHUP end the receiver at once between migrations; during one, they abandon it \
+        before the restore, and after that wait until its outcome is settled.
         """)
 
     @Option(name: .long, help: "Where to listen, ADDRESS:PORT (0.0.0.0:PORT for every IPv4 address).")
@@ -132,11 +149,15 @@ struct ServeCommand: ParsableCommand {
     @Flag(name: .long, help: "Exit after one migration; the status says whether it was restored.")
     var once = false
 
+    @Flag(name: .long, help: "Receive jobs' memory in clear (no --tls) on an address that is not a loopback one.")
+    var insecure = false
+
     @OptionGroup var store: StoreOptions
 
     func validate() throws {
         guard (1...36_500).contains(tlsDays) else { throw ValidationError("--tls-days must be between 1 and 36500") }
         if initTLS != nil { return }
+        if insecure && tls.directory != nil { throw ValidationError("--insecure and --tls exclude each other") }
         guard listen != nil, tokenFile != nil else { throw ValidationError("serve needs --listen and --token-file (or --init-tls DIR)") }
     }
 
@@ -160,6 +181,7 @@ struct ServeCommand: ParsableCommand {
         try Output.run(json: false) {
             var options = ServeOperation.Options(listen: listen, tokenFile: tokenFile)
             options.tls = try tls.configuration
+            options.insecure = insecure
             options.store = store.store
             options.root = directory
             options.once = once

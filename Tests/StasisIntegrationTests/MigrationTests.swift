@@ -40,8 +40,10 @@ final class ReceiverHost {
     func serve(token: String, store: String, fault: String? = nil, extra: [String] = []) throws {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: ReceiverHost.ip)
+        // In clear only where the test says nothing of TLS: --insecure, as the receiver is not on loopback.
+        let clear = extra.contains("--tls") ? [] : ["--insecure"]
         let serve = "\(Harness.stasis) serve --listen \(there):7070 --token-file \(token) --store \(store) --directory \(store)-received "
-            + extra.joined(separator: " ") + " >\(log) 2>&1; sleep 100000"
+            + (clear + extra).joined(separator: " ") + " >\(log) 2>&1; sleep 100000"
         process.arguments = ["netns", "exec", namespace, "unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "sh", "-c", serve]
         var environment = ProcessInfo.processInfo.environment
         environment["STASIS_FAULT"] = fault
@@ -107,7 +109,8 @@ final class ReceiverHost {
     struct Sent: Decodable { var remotePID: Int32; var bytesSent: UInt64; var bytesSkipped: UInt64; var chunksSkipped: Int; var downtimeSeconds: Double }
 
     func migrate(_ pid: Int32, to address: String, token: String, store: String, through nsenter: Int32? = nil, extra: [String] = []) throws -> Harness.Result {
-        let arguments = ["migrate", "\(pid)", "--to", address, "--token-file", token, "--store", store, "--json"] + extra
+        let arguments = ["migrate", "\(pid)", "--to", address, "--token-file", token, "--store", store, "--json"]
+            + (extra.contains("--tls") ? [] : ["--insecure"]) + extra
         guard let nsenter else { return try Harness.stasis(arguments) }
         return try Harness.run("/usr/bin/nsenter", ["-t", "\(nsenter)", "-n", "-p", "-m", Harness.stasis] + arguments)
     }
@@ -136,7 +139,7 @@ final class ReceiverHost {
         let back = Process()
         back.executableURL = URL(fileURLWithPath: Harness.stasis)
         back.arguments = ["serve", "--listen", "\(host.here):7071", "--token-file", token, "--store", storeHere,
-                          "--directory", storeHere + "-received", "--once"]
+                          "--directory", storeHere + "-received", "--once", "--insecure"]
         try back.run()
         defer { if back.isRunning { back.terminate() } }
         usleep(300_000)
@@ -210,7 +213,7 @@ final class ReceiverHost {
         defer { workload.stop() }
         let source = Process()
         source.executableURL = URL(fileURLWithPath: Harness.stasis)
-        source.arguments = ["migrate", "\(workload.pid)", "--to", "\(host.there):7070", "--token-file", token, "--store", Harness.scratch("mig-store-f-\(point)") + "/store"]
+        source.arguments = ["migrate", "\(workload.pid)", "--to", "\(host.there):7070", "--token-file", token, "--store", Harness.scratch("mig-store-f-\(point)") + "/store", "--insecure"]
         let errors = Pipe()
         source.standardError = errors
         source.standardOutput = FileHandle.nullDevice
@@ -235,7 +238,7 @@ final class ReceiverHost {
         defer { workload.stop() }
         let source = Process()
         source.executableURL = URL(fileURLWithPath: Harness.stasis)
-        source.arguments = ["migrate", "\(workload.pid)", "--to", "\(host.there):7070", "--token-file", token, "--store", Harness.scratch("mig-store-h") + "/store"]
+        source.arguments = ["migrate", "\(workload.pid)", "--to", "\(host.there):7070", "--token-file", token, "--store", Harness.scratch("mig-store-h") + "/store", "--insecure"]
         var environment = ProcessInfo.processInfo.environment
         environment["STASIS_FAULT"] = "commit-stall"
         source.environment = environment

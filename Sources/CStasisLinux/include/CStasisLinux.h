@@ -65,4 +65,15 @@ int stasis_spawn_close_from(void *actions, int lowest);
 /// 1 or 2 when they differ (ordering), -1 with errno set when it cannot be told (a process or descriptor gone).
 int stasis_same_file(int pid1, int fd1, int pid2, int fd2);
 
+/// SIGINT, SIGTERM and SIGHUP while an operation must settle before stasis stops (interruption.c). After
+/// `install`, the state decides what a signal does: idle, the process exits at once (128 + the signal);
+/// armed with a connection, the first signal is recorded and the connection shut down, so the operation
+/// fails where it stands and undoes what it did; deferring, the signal is only recorded. `defer` returns the
+/// signal recorded so far (0: none), read after the switch, so a signal is either seen there or deferred.
+int stasis_interruption_install(void);
+void stasis_interruption_idle(void);
+void stasis_interruption_arm(int fd);
+int stasis_interruption_defer(void);
+int stasis_interruption_caught(void);
+
 #endif

@@ -23,8 +23,11 @@ public struct MigrateOperation {
         public var restoreTimeout = 600
         /// Bytes sent, for a terminal (nil: none shown).
         public var progress: ProgressHandler?
-        /// TLS 1.3 with these certificates; the receiver's certificate must be one they accept. nil: in clear.
+        /// TLS 1.3 with these certificates; the receiver's certificate must be one they accept. nil: in clear,
+        /// which needs `insecure` unless the receiver is on a loopback address.
         public var tls: TLSConfiguration?
+        /// The job's memory may cross a network in clear (--insecure).
+        public var insecure = false
         public init(pid: Int32, to: String, tokenFile: String) { (self.pid, self.to, self.tokenFile) = (pid, to, tokenFile) }
     }
 
@@ -48,6 +51,9 @@ public struct MigrateOperation {
         public var gpuProcesses: Int
         /// "TLSv1.3 TLS_AES_256_GCM_SHA384, receiver sha256:...", or "none".
         public var encryption: String
+        /// A signal (SIGINT, SIGTERM, SIGHUP) that came after the commit was sent: it waited until the
+        /// migration was settled, and the job runs there.
+        public var deferredSignal: String?
     }
 
     let options: Options
@@ -56,9 +62,16 @@ public struct MigrateOperation {
 
     public func run() throws -> Report {
         let token = try Migration.readToken(options.tokenFile)
-        // Reach and authenticate the receiver before anything is touched.
+        if try options.tls == nil && !options.insecure && !TCPConnection.isLoopback(options.to) {
+            throw StasisError(.invalidArgument, "without --tls the job's memory would cross the network to \(options.to) in clear; nothing was touched",
+                              hint: "give --tls DIR --tls-peer FINGERPRINT (docs/MIGRATION.md), or --insecure on a network you trust")
+        }
+        // Reach and authenticate the receiver before anything is touched. From here a signal abandons the
+        // migration (the connection is shut down: the dump fails and the job runs on here), until the commit.
+        Interruption.install()
         let tls = try options.tls.map { try TLSContext($0, server: false) }
         let connection = try TCPConnection.connect(to: options.to)
+        Interruption.abortable(connection)
         connection.setTimeout(seconds: 30)
         if let tls { try connection.secure(with: tls, host: try TCPConnection.split(options.to).host) }
         let session: SymmetricKey
@@ -70,6 +83,7 @@ public struct MigrateOperation {
         }
         let encryption = connection.security.map { "\($0), receiver \(connection.peerFingerprint ?? "?")" } ?? "none"
         let spool = options.spool ?? "/var/lib/stasis/migrate/\(Self.stamp())-\(options.pid)"
+        if let signal = Interruption.caught { throw Self.interrupted(signal, pid: options.pid) }
         try FileSystem.makePrivateDirectory(URL(fileURLWithPath: spool).deletingLastPathComponent().path)
 
         let outcome = Locked<(remotePID: Int32, sent: UInt64, early: UInt64, skipped: UInt64, chunksSent: Int, chunksSkipped: Int,
@@ -79,6 +93,7 @@ public struct MigrateOperation {
         defer { _ = try? preloader.finish() }
         let downtime = Stopwatch()
         let restoreTimeout = options.restoreTimeout
+        let pid = options.pid
         let progress = options.progress
         var dump = DumpOperation.Options(pid: options.pid, directory: spool)
         dump.process = options.process
@@ -105,7 +120,7 @@ public struct MigrateOperation {
             do {
                 defer { ticker?.stop() }
                 sent = try CheckpointBundle.stream(directory: directory, manifestData: manifestData, manifest: manifest, store: store,
-                                                   to: connection.fd, name: "the connection to \(connection.peer)", skipping: skipping, meter: meter)
+                                                   to: connection, skipping: skipping, meter: meter)
             }
             let transferDone = downtime.seconds
             connection.setTimeout(seconds: restoreTimeout)
@@ -120,7 +135,11 @@ public struct MigrateOperation {
                 throw StasisError(.migrationFailed, "the receiver \(connection.peer) could not restore the job: \(words)")
             }
             // The job runs there: commit, and only once the receiver acknowledges let CRIU end the tree here.
+            // A signal from here on waits until that is settled: stopping half-way would leave the job
+            // running on both hosts (CRIU thaws the tree here when stasis dies).
+            FaultInjection.pause("commit") { FileHandle.standardError.write(Data(($0 + "\n").utf8)) }
             FaultInjection.stall("commit") { FileHandle.standardError.write(Data(($0 + "\n").utf8)) }
+            if let signal = Interruption.deferSignals() { throw Self.interrupted(signal, pid: pid) }
             connection.setTimeout(seconds: 30)
             do {
                 try Migration.send(connection, .commit, Migration.mac(session, Array("commit".utf8)))
@@ -140,7 +159,10 @@ public struct MigrateOperation {
             // Committed: the job runs there, whatever failed here after (CRIU's last steps, the report).
             // It must not run here too.
             guard outcome.current != nil else {
-                throw StasisError.wrapping(error, as: .io).prefixed("migration of PID \(options.pid) to \(options.to) failed")
+                let kept = discardFailed(spool: spool)
+                if let signal = Interruption.caught { throw Self.interrupted(signal, pid: options.pid, kept: kept) }
+                let failure = StasisError.wrapping(error, as: .io).prefixed("migration of PID \(options.pid) to \(options.to) failed")
+                throw kept.map { failure.appending("; the checkpoint made for it stays in \($0)") } ?? failure
             }
             for process in ProcFS.tree(root: options.pid).reversed() { Signals.kill(process.pid) }
         }
@@ -157,7 +179,25 @@ public struct MigrateOperation {
         return Report(pid: options.pid, receiver: options.to, remotePID: done.remotePID, downtimeSeconds: total, dumpSeconds: done.dumpDone,
                       transferSeconds: done.transferDone - done.dumpDone, restoreSeconds: total - done.transferDone,
                       bytesSent: done.sent, bytesSentDuringDump: done.early, bytesSkipped: done.skipped, chunksSent: done.chunksSent, chunksSkipped: done.chunksSkipped,
-                      gpuProcesses: gpuProcesses, encryption: encryption)
+                      gpuProcesses: gpuProcesses, encryption: encryption, deferredSignal: Interruption.caught.map(Interruption.name))
+    }
+
+    /// A migration that failed before its commit leaves no checkpoint behind in the default spool: its catalog
+    /// entry goes (gc may then take the chunks nothing else uses) and so does the directory. One the user placed
+    /// with --spool stays; returns its path then.
+    func discardFailed(spool: String) -> String? {
+        guard let manifest = try? Checkpoint.readManifest(spool) else { return nil }  // nothing was published
+        guard options.spool == nil else { return spool }
+        if let store = try? ChunkStore(path: ChunkStore.resolve(options.store, recorded: nil), create: false) {
+            StoreCatalog(store: store).unregister(id: manifest.id)
+        }
+        FileSystem.removeTree(spool)
+        return nil
+    }
+
+    static func interrupted(_ signal: Int32, pid: Int32, kept: String? = nil) -> StasisError {
+        StasisError(.interrupted, "\(Interruption.name(signal)) came before the commit: the migration of PID \(pid) was abandoned and the job runs on here"
+                    + (kept.map { "; the checkpoint made for it stays in \($0)" } ?? ""))
     }
 
     /// Proves the token to the receiver and checks the receiver's proof; returns the session key.

@@ -22,8 +22,11 @@ public struct ServeOperation: Sendable {
         /// Bytes received during each migration, for a terminal (nil: none shown).
         public var progress: ProgressHandler?
         /// TLS 1.3 with these certificates: a peer that does not speak it, or whose certificate is not
-        /// accepted, is refused before it can send anything. nil: connections in clear.
+        /// accepted, is refused before it can send anything. nil: connections in clear, which needs
+        /// `insecure` unless `listen` is a loopback address.
         public var tls: TLSConfiguration?
+        /// Jobs' memory may cross a network in clear (--insecure).
+        public var insecure = false
         public init(listen: String, tokenFile: String) { (self.listen, self.tokenFile) = (listen, tokenFile) }
     }
 
@@ -47,7 +50,14 @@ public struct ServeOperation: Sendable {
     /// or wrong.
     public func run() throws -> Int {
         let token = try Migration.readToken(options.tokenFile)
+        if try options.tls == nil && !options.insecure && !TCPConnection.isLoopback(options.listen) {
+            throw StasisError(.invalidArgument, "without --tls, jobs' memory would cross the network to \(options.listen) in clear",
+                              hint: "give --tls DIR --tls-peer FINGERPRINT (docs/MIGRATION.md), or --insecure on a network you trust")
+        }
         let tls = try options.tls.map { try TLSContext($0, server: true) }
+        // A signal ends the receiver at once while no migration is under way; during one, it abandons the
+        // migration before the restore, or waits until the outcome is settled (see `receive`).
+        Interruption.install()
         let listener = try TCPListener(options.listen)
         try FileSystem.makePrivateDirectory(options.root)
         options.log("listening on \(options.listen)" + (options.tls.map { tls in
@@ -82,14 +92,16 @@ public struct ServeOperation: Sendable {
                             answered = true
                             doorway.leave(ticket)
                         }
-                        let pid = try oneMigration.withLock { try serve.receive(connection, session: session) }
+                        let pid = try oneMigration.withLock { try serve.settled { try serve.receive(connection, session: session) } }
                         serve.options.log("\(connection.peer): restored, root PID \(pid)")
                         Self.reapWhenItEnds(pid)
+                        serve.stopIfSignalled()
                         finished.signal()
                     } catch {
                         // A peer that never answered the challenge is no migration: it neither fails nor ends `once`.
                         if answered {
                             serve.options.log("\(connection.peer): \(error)")
+                            serve.stopIfSignalled()
                             failures.withLock { $0 += 1 }
                             finished.signal()
                         } else {
@@ -144,6 +156,19 @@ public struct ServeOperation: Sendable {
         return Migration.sessionKey(token, receiver: mine, source: theirs)
     }
 
+    /// Runs one migration with signals guarded, and back to ending at once after it.
+    func settled<T>(_ body: () throws -> T) rethrows -> T {
+        defer { if Interruption.caught == nil { Interruption.idle() } }
+        return try body()
+    }
+
+    /// Ends the receiver once a migration is settled, when a signal came during it.
+    func stopIfSignalled() {
+        guard let signal = Interruption.caught else { return }
+        options.log("\(Interruption.name(signal)) came during the migration; it is settled: stopping")
+        exit(128 + signal)
+    }
+
     /// A restored tree's root can end up this process's child (CRIU's restore runs while stasis adopts
     /// orphans, to reap a failed restore's tasks): a long-running receiver reaps it when it exits, so that
     /// no zombie keeps its PID. Nothing happens for a process that is not its child.
@@ -154,6 +179,9 @@ public struct ServeOperation: Sendable {
     /// One authenticated migration: the chunks sent during the source's dump, its offer, the rest of the
     /// checkpoint, the restore and the commit. Returns the restored root PID.
     func receive(_ connection: TCPConnection, session: SymmetricKey) throws -> Int32 {
+        // Until the restore a signal abandons the migration: the connection is shut down, the source's dump
+        // fails and its job runs on there.
+        Interruption.abortable(connection)
         connection.setTimeout(seconds: 120)
         // The source now freezes and checkpoints: its offer may take as long as its dump. Meanwhile it asks
         // which of its new chunks this store lacks, and sends those. The store's lock, shared, from the first
@@ -207,8 +235,9 @@ public struct ServeOperation: Sendable {
         var text: String
         var restored: Int32 = 0
         do {
-            let reader = try CheckpointBundle.Reader(stream: connection.fd, name: "the migration from \(connection.peer)")
+            let reader = try CheckpointBundle.Reader(stream: connection, name: "the migration from \(connection.peer)")
             guard reader.manifest == manifest else { throw StasisError(.integrity, "the bundle's manifest is not the one offered; refused") }
+            FaultInjection.pause("receive", say: options.log)
             FaultInjection.stall("receive", say: options.log)
             let staging = try StagingDirectory(destination: options.root + "/" + manifest.id, store: store)
             let watch = Stopwatch()
@@ -223,6 +252,10 @@ public struct ServeOperation: Sendable {
             let importSeconds = watch.seconds
             var restore = RestoreOperation.Options(directory: imported.directory)
             restore.store = store.path
+            // From the restore on, the job may end up running here: a signal waits until that is settled.
+            if let signal = Interruption.deferSignals() {
+                throw StasisError(.interrupted, "\(Interruption.name(signal)) came before the restore: the migration was abandoned and the job runs on at the source")
+            }
             let report = try RestoreOperation(restore, device: device()).run()
             restored = report.rootPID
             text = "running \(report.rootPID)"
@@ -248,6 +281,7 @@ public struct ServeOperation: Sendable {
             Self.reapWhenItEnds(restored)
             throw StasisError(.migrationFailed, "restored as PID \(restored), but the source did not commit (\(error)); the copy here was stopped and the job runs on there")
         }
+        FaultInjection.pause("committed", say: options.log)
         try? Migration.send(connection, .committed, Migration.mac(session, Array("committed".utf8)))
         return restored
     }

@@ -19,7 +19,7 @@ section_migrate() {
     local label launcher serve_tls migrate_tls
     for label in driver agent agent-tls; do
         launcher=""; [[ $label == agent* ]] && launcher=$RUN
-        serve_tls=""; migrate_tls=()
+        serve_tls="--insecure"; migrate_tls=(--insecure)
         if [[ $label == agent-tls ]]; then
             serve_tls="--tls /tmp/stasis-tls-there --tls-peer $print_here"
             migrate_tls=(--tls /tmp/stasis-tls-here --tls-peer "$print_there")

@@ -32,7 +32,7 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
     static func nvidiaDescriptors(_ pid: Int32) -> [String] { ProcFS.descriptorTargets(pid).filter { $0.hasPrefix("/dev/nvidia") } }
 
     /// True when the process holds a /dev/nvidia* descriptor.
-    static func usesNvidiaDevice(_ pid: Int32) -> Bool { !nvidiaDescriptors(pid).isEmpty }
+    public static func usesNvidiaDevice(_ pid: Int32) -> Bool { !nvidiaDescriptors(pid).isEmpty }
 
     /// A process on a MIG instance holds the capability files of its GPU and compute instance
     /// (/dev/nvidia-caps/nvidia-capN, N listed as `gpu0/gi1/access`, `gpu0/gi1/ci0/access` in the driver's

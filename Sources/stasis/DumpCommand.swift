@@ -76,6 +76,7 @@ struct DumpCommand: ParsableCommand {
             options.store = store.store
             options.codec = try Codec(parsing: compress)
             options.progress = Output.progressHandler(json: output.json)
+            options.settleSeconds = lockTimeout
             let device = CUDADeviceStep(lockTimeoutMilliseconds: UInt32(lockTimeout * 1000))
             let report = try DumpOperation(options, device: device).run()
             Output.clearProgress()

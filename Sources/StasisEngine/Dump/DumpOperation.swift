@@ -45,6 +45,9 @@ public struct DumpOperation {
         /// migration sends it and waits for the receiver's restore here. If it throws, the dump fails and the
         /// tree runs on; the published checkpoint stays.
         public var whilePublished: (@Sendable (Manifest, String) throws -> Void)?
+        /// How long a GPU job's tree may take to hold still (no compiler running, the same processes) before the
+        /// dump touches it (`TreeSettling`); the CLI passes --lock-timeout.
+        public var settleSeconds: Double = 10
         /// Told of every new chunk as the dump writes it (ChunkStore.observe): a migration sends them at once.
         public var chunkObserver: ChunkStore.ChunkObserver?
         public init(pid: Int32, directory: String) { self.pid = pid; self.directory = directory }
@@ -84,6 +87,9 @@ public struct DumpOperation {
         defer { store.observe(nil) }
         let storeLock = try store.lock(exclusive: false)
         defer { storeLock.release() }
+        if case .process(let pid) = target, ProcFS.tree(root: pid).contains(where: { CUDADeviceStep.usesNvidiaDevice($0.pid) }) {
+            try TreeSettling.await(root: pid, seconds: options.settleSeconds)
+        }
 
         let dump = try DumpRun(self, target: target, criu: criu, store: store)
         do {
@@ -155,6 +161,13 @@ private final class DumpRun {
         rollback.onFailure(of: "devices") { [unowned self] in
             let leftBehind = operation.device.rollback(section: gpu)
             return leftBehind.isEmpty ? nil : "giving the GPU back also failed: \(leftBehind.joined(separator: "; "))"
+        }
+        // CRIU must find the tree the driver checkpointed: a process that came or went in between (a
+        // compiler the job started) would fail CRIU's seize half-way. Give the GPU back and stop instead.
+        if !gpu.processes.isEmpty, case .process(let root) = target,
+           let change = TreeSettling.change(root: root, expected: processes.map(\.pid)) {
+            throw StasisError(.busy, "the tree of PID \(root) changed while its GPU state was checkpointed (\(change)); nothing was dumped and every process runs on",
+                              hint: "try again; a job that keeps starting processes is best checkpointed between its steps")
         }
     }
 

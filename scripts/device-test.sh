@@ -18,6 +18,9 @@
 #                                           migrate (BERT moved by stasis migrate between namespaces, and
 #                                           bench/migrate.sh bert), ncclrefuse (one part of multigpu, for a
 #                                           short call),
+#                                           jax (a JAX job that keeps compiling, dumped with
+#                                           --leave-running three times from its start, then dumped and
+#                                           restored, through the driver and under the agent),
 #                                           serve8b (an 8B Llama-architecture server: cold start against
 #                                           restores from a disk store, warm and cold page cache, agent
 #                                           and driver path; about 6 minutes, 40 GB of disk),

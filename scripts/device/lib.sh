@@ -311,6 +311,7 @@ unmet_needs() {
         case $need in
             gpus=*) (( $(gpu_count) >= ${need#gpus=} )) || echo "needs ${need#gpus=} GPUs, this machine has $(gpu_count)" ;;
             torch) python3 -c 'import torch' 2>/dev/null || echo "needs PyTorch" ;;
+            jax) python3 -c 'import jax' 2>/dev/null || echo "needs JAX" ;;
             runc) [[ -n $(ls .device/runc-debs/*.deb 2>/dev/null) ]] || command -v runc >/dev/null || echo "needs runc" ;;
             ip) [[ -x .device/iproute/ip ]] || command -v ip >/dev/null || echo "needs ip (iproute2)" ;;
         esac

@@ -1,0 +1,63 @@
+# Sourced by scripts/device-test.sh. A JAX training job that keeps compiling (XLA runs ptxas as a child for
+# every new shape), checkpointed while it runs: three --leave-running dumps from its very start (the first
+# during its first compilation), then a dump that ends it and a restore; its losses must equal an
+# uninterrupted run's, and it must never die under a checkpoint. Through the driver (as started, with
+# XLA_PYTHON_CLIENT_MEM_FRACTION as the run that lost a JAX job had it) and under `stasis run` (the agent).
+needs_jax="gpus=1 jax"
+
+# Why a job died, from what it and the kernel left.
+jax_death() {  # DIR
+    echo "job log: $(tail -n 8 "$1/log" 2>/dev/null | tr '\n' ' '); dmesg: $(dmesg 2>/dev/null | tail -n 3 | tr '\n' ' ')"
+}
+
+section_jax() {
+    export XLA_PYTHON_CLIENT_MEM_FRACTION=0.05 XLA_FLAGS=--xla_gpu_deterministic_ops=true
+    local ref; ref=$(mktemp -d /tmp/stasis-jax-ref.XXXXXX)
+    timeout 300 python3 Workloads/jax/jax_train.py --dir "$ref" --steps 3000 >"$ref/out.txt" 2>&1 \
+        || { fail "jax reference run" "$(tail -n 5 "$ref/out.txt")"; return; }
+    local label launcher
+    for label in driver agent; do
+        launcher=""; [[ $label == agent ]] && launcher=$RUN
+        local run; run=$(mktemp -d /tmp/stasis-jax-$label.XXXXXX)
+        local store=/dev/shm/stasis-jax-store
+        rm -rf "$store"
+        local pid; pid=$($launcher python3 Workloads/jax/jax_train.py --dir "$run" --steps 3000 --step-sleep 0.01 --daemon) \
+            || { fail "jax ($label)" "did not start: $(tail -n 5 "$run/log")"; continue; }
+        local ok=1 round
+        for round in 1 2 3; do
+            local threads children
+            threads=$(ls /proc/$pid/task 2>/dev/null | wc -l); children=$(ps -o comm= --ppid "$pid" 2>/dev/null | tr '\n' ',')
+            if ! $STASIS dump "$pid" -D "$run/leave$round" --leave-running --store "$store" >"$run/dump$round.txt" 2>&1; then
+                # A refusal that touched nothing (the tree kept compiling) is no loss; anything else is.
+                if grep -q "nothing was touched\|nothing was dumped" "$run/dump$round.txt" && kill -0 "$pid" 2>/dev/null; then
+                    echo "jax ($label) dump $round refused, job running: $(tail -n 2 "$run/dump$round.txt" | tr '\n' ' ')"
+                else
+                    fail "jax ($label) --leave-running dump $round ($threads threads, children: $children)" "$(tail -n 6 "$run/dump$round.txt" | tr '\n' ' ')"
+                    ok=0
+                fi
+            fi
+            kill -0 "$pid" 2>/dev/null || { fail "jax ($label) job died at dump $round" "$(jax_death "$run")"; ok=0; break; }
+            echo "jax ($label) dump $round: $threads threads, children: ${children:-none}; $(grep -h 'time:' "$run/dump$round.txt" | sed 's/^ *//')"
+        done
+        if (( ok )); then
+            if $STASIS dump "$pid" -D "$run/final" --store "$store" >"$run/final.txt" 2>&1 && wait_gone "$pid" \
+                && $STASIS restore -D "$run/final" --store "$store" >"$run/restore.txt" 2>&1; then
+                sleep 3
+                touch "$run/stop"
+                for _ in $(seq 600); do [[ -e $run/done ]] && break; sleep 0.1; done
+                local lines; lines=$(wc -l <"$run/losses.txt")
+                if [[ -e $run/done ]] && (( lines > 10 )) && cmp -s "$run/losses.txt" <(head -n "$lines" "$ref/losses.txt"); then
+                    pass "jax ($label): 3 --leave-running dumps while it compiled and trained, then dump + restore; $lines losses identical to an uninterrupted run; $(grep -h 'gpu:\|time:' "$run/final.txt" | sed 's/^ *//' | tr '\n' ' ')"
+                else
+                    fail "jax ($label)" "losses differ or the run did not finish ($lines lines): $(diff "$run/losses.txt" <(head -n "$lines" "$ref/losses.txt") | head -n 4 | tr '\n' ' '); $(jax_death "$run")"
+                fi
+            else
+                fail "jax ($label) final dump/restore" "$(tail -n 6 "$run/final.txt" "$run/restore.txt" 2>/dev/null | tr '\n' ' '); $(jax_death "$run")"
+            fi
+        fi
+        keep_logs "$run" "jax-$label"
+        [[ -e /proc/$pid ]] && kill_tree "$pid"
+        rm -rf "$store" "$run"/leave* "$run/final"
+    done
+    unset XLA_PYTHON_CLIENT_MEM_FRACTION XLA_FLAGS
+}

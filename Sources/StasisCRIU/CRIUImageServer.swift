@@ -35,7 +35,7 @@ public final class CRIUImageServer: @unchecked Sendable {
     public init(directory: String, provider: @escaping Provider) throws {
         self.directory = directory
         self.provider = provider
-        try FileSystem.makePrivateDirectory(directory)
+        try FileSystem.makeSecretDirectory(directory, mustBeEmpty: false)
         do {
             listener = try UnixSocket.listen(at: directory + "/" + Self.socketName)
         } catch {

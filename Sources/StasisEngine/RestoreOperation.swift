@@ -215,7 +215,7 @@ public struct RestoreOperation {
         let clearedTimeWait = Self.clearListeningPorts(manifest.processTree)
 
         let workDirectory = try options.workDirectory ?? Self.makeWorkDirectory()
-        try FileSystem.makePrivateDirectory(workDirectory)
+        try FileSystem.makeSecretDirectory(workDirectory, mustBeEmpty: false)
         let logPath = workDirectory + "/" + CRIUService.restoreLogName
         let processOptions = CRIUService.ProcessOptions(tcpEstablished: manifest.options.tcpEstablished,
                                                         shellJob: manifest.options.shellJob, logLevel: options.logLevel)
@@ -294,7 +294,7 @@ public struct RestoreOperation {
             throw StasisError(.invalidArgument, "restore refused: the bundle \(bundle) of container \(id) has no config.json",
                               hint: "give the container's OCI bundle with --bundle")
         }
-        try FileSystem.makePrivateDirectory(workDirectory)
+        try FileSystem.makeSecretDirectory(workDirectory, mustBeEmpty: false)
         let watch = Stopwatch()
         do {
             try runc.restore(id, bundle: bundle, images: images, work: workDirectory,

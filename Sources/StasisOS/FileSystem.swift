@@ -183,11 +183,13 @@ public enum FileSystem {
         guard isDirectory(path) else { throw StasisError(.io, "\(path) exists and is not a directory") }
     }
 
-    /// Makes `path` a directory for secrets (a private key, received checkpoints): created fresh with mode
-    /// 0700 (missing parents too, 0700), or, when it is there already, a directory itself (not a link to
-    /// one) that belongs to this user, then made 0700 before anything is put in it; `mustBeEmpty`: and
-    /// holding nothing (checked after the chmod, when no one else can add to it). Another user's directory is
-    /// refused: its owner could read or replace what stasis writes there, whatever its mode.
+    /// Makes `path` a directory for secrets (a private key, a restore's work): created fresh with mode 0700
+    /// (missing parents too, 0700), or, when it is there already, a directory itself (not a link to one)
+    /// that belongs to this user. Another user's directory is refused: its owner could read or replace what
+    /// stasis writes there, whatever its mode. `mustBeEmpty` (a key's): it must hold nothing, and is made
+    /// 0700 before anything is put in it (emptiness checked again after the chmod, when no one else can add
+    /// to it). Otherwise one that others may write to is refused rather than changed (it may be shared on
+    /// purpose, as /tmp is).
     public static func makeSecretDirectory(_ path: String, mustBeEmpty: Bool) throws {
         let parent = (path as NSString).deletingLastPathComponent
         if !parent.isEmpty, parent != "/" { try makePrivateDirectory(parent) }
@@ -209,11 +211,22 @@ public enum FileSystem {
             throw StasisError(.permission, "\(path) belongs to user \(st.st_uid), not to this user (\(geteuid())): stasis does not keep secrets in another user's directory",
                               hint: "name a new directory (stasis creates it, mode 0700), or one of your own")
         }
+        guard mustBeEmpty else {
+            guard st.st_mode & 0o022 == 0 else {
+                throw StasisError(.permission, "\(path) can be written by other users (mode \(String(st.st_mode & 0o777, radix: 8))): stasis does not keep secrets there",
+                                  hint: "chmod 700 \(path), or name a new directory (stasis creates it, mode 0700)")
+            }
+            return
+        }
+        let requireEmpty = {
+            guard try isMissingOrEmptyDirectory(path) else {
+                throw StasisError(.invalidArgument, "\(path) already exists and is not empty", hint: "name a new or empty directory")
+            }
+        }
+        try requireEmpty()
         if st.st_mode & 0o7777 != 0o700 {
             guard fchmod(fd, 0o700) == 0 else { throw systemError("cannot set mode 0700 on", path) }
-        }
-        if mustBeEmpty, !(try isMissingOrEmptyDirectory(path)) {
-            throw StasisError(.invalidArgument, "\(path) already exists and is not empty", hint: "name a new or empty directory")
+            try requireEmpty()
         }
     }
 

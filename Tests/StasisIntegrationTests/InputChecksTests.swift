@@ -122,6 +122,18 @@ extension Integration {
         #expect(linked.status == 1, "\(linked.stdout)")
     }
 
+    /// A restore's work directory (CRIU's log, the socket CRIU reads the images from) is never another
+    /// user's: its owner could put a socket of their own in CRIU's way and feed it memory.
+    @Test func restoreRefusesAnotherUsersWorkDirectory() throws {
+        let sample = try SampleCheckpoint.make()
+        let foreign = Harness.scratch("work") + "/foreign"
+        #expect(mkdir(foreign, 0o777) == 0 && chmod(foreign, 0o777) == 0 && chown(foreign, 65534, 65534) == 0)
+        let result = try Harness.stasis("restore", "-D", sample.checkpoint, "-W", foreign, "--store", sample.store.path)
+        #expect(result.status == 1)
+        #expect(result.stderr.contains("\(foreign) belongs to user 65534"), "\(result.stderr)")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: foreign).isEmpty)
+    }
+
     /// A manifest's hostname with a terminal escape sequence and an RTL override is printed written out by
     /// `inspect`; its JSON keeps the same string (escaped as JSON).
     @Test func aHostileHostnameIsPrintedEscaped() throws {

@@ -74,6 +74,17 @@ import Testing
         #expect(try mode(path) == 0o700)
     }
 
+    /// A shared directory (as /tmp is) is refused, never made private under its other users.
+    @Test func aDirectoryOthersWriteIsRefusedNotChanged() throws {
+        let root = Harness.scratch("secret")
+        let shared = root + "/shared"
+        #expect(mkdir(shared, 0o777) == 0 && chmod(shared, 0o1777) == 0)
+        try Data().write(to: URL(fileURLWithPath: shared + "/someone's"))
+        #expect(throws: StasisError.self) { try FileSystem.makeSecretDirectory(shared, mustBeEmpty: true) }
+        #expect(throws: StasisError.self) { try FileSystem.makeSecretDirectory(shared, mustBeEmpty: false) }
+        #expect(try mode(shared) == 0o1777)
+    }
+
     @Test func anotherUsersDirectoryIsRefusedAndLeftAlone() throws {
         let path = Harness.scratch("secret") + "/tls"
         #expect(mkdir(path, 0o777) == 0 && chmod(path, 0o777) == 0 && chown(path, 65534, 65534) == 0)
@@ -93,6 +104,7 @@ import Testing
         #expect(throws: StasisError.self) { try FileSystem.makeSecretDirectory(root + "/real", mustBeEmpty: true) }
         try FileSystem.makeSecretDirectory(root + "/real", mustBeEmpty: false)
         try Data().write(to: URL(fileURLWithPath: root + "/file"))
+        #expect(throws: StasisError.self) { try FileSystem.makeSecretDirectory(root + "/file", mustBeEmpty: true) }
         #expect(throws: StasisError.self) { try FileSystem.makeSecretDirectory(root + "/file", mustBeEmpty: false) }
     }
 }

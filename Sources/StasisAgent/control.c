@@ -713,10 +713,11 @@ static int allowed(int fd) {
 static void *control_thread(void *unused) {
     (void)unused;
     for (;;) {
-        // While memory is released, wait in turns: the stasis that released it may die (orphan.c).
+        // While memory is released, wait in turns: the stasis that released it may die (orphan.c). A poll
+        // interrupted (CRIU seized and let go of this thread) is a turn too, never a blocking accept.
         int turn = stasis_agent_orphan_step(contents_lost);
         struct pollfd waiting = {listener, POLLIN, 0};
-        if (turn >= 0 && poll(&waiting, 1, turn) == 0) continue;
+        if (turn >= 0 && poll(&waiting, 1, turn) <= 0) continue;
         int fd = accept4(listener, NULL, NULL, SOCK_CLOEXEC);
         if (fd < 0) {
             if (errno != EINTR && errno != ECONNABORTED) {

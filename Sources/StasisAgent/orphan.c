@@ -210,7 +210,7 @@ static void reap(int contents_lost) {
     pid_t pid = resumer;
     resumer = 0;
     if (!contents_lost) {
-        say("the device memory of PID %d is back; its CUDA calls go on", (int)getpid());
+        say("`stasis resume %d` (PID %d) put the device memory back; CUDA calls go on", (int)getpid(), (int)pid);
         return;
     }
     char how[64] = "it ended";

@@ -13,7 +13,9 @@ struct ResumeCommand: ParsableCommand {
         the memory is in the store under a rescue entry (listed by `stasis ls`, kept by gc), or, for a \
         --leave-running dump into a store on a disk, in that dump's stage in memory (/dev/shm/stasis-stage-*, \
         looked up too), and the process waits with its CUDA calls held. `stasis resume PID` resumes the driver's state if needed, re-creates \
-        and refills the memory, lets the calls go on and drops the rescue entry.
+        and refills the memory, lets the calls go on and drops the rescue entry. A process started by `stasis run` \
+        runs this itself once the stasis that released its memory has been gone for STASIS_AGENT_ORPHAN_GRACE \
+        seconds (5), and says so on its standard error; by hand it is needed only where that failed.
         """)
 
     @Argument(help: "The process whose agent holds its memory.")

@@ -135,7 +135,7 @@ public final class ProtocolPeer: @unchecked Sendable {
             if let orphanWatch {
                 let turn = orphanWatch.step(contentsLost)
                 var waiting = pollfd(fd: listener, events: Int16(POLLIN), revents: 0)
-                if turn >= 0 && poll(&waiting, 1, turn) == 0 { continue }
+                if turn >= 0 && poll(&waiting, 1, turn) <= 0 { continue }
             }
             let fd = accept(listener, nil, nil)
             guard fd >= 0 else { return }

@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import StasisGPU
+import StasisOS
 import StasisTestSupport
 import Testing
 
@@ -22,6 +23,15 @@ extension Integration {
             #expect(restore.succeeded, "\(restore.stderr)")
             #expect(workload.verify().hasPrefix("PASS"))
             #expect(maps().contains("libstasis-agent.so"))
+        }
+
+        /// The agent knows which stasis to run should the one checkpointing its process die (orphan.c).
+        @Test func runTellsTheAgentWhereStasisIs() throws {
+            let workload = try Workload("threads", ["--count", "1"], underAgent: true)
+            defer { workload.stop() }
+            let environment = ProcFS.environment(workload.pid)
+            let stasis = URL(fileURLWithPath: Harness.stasis).resolvingSymlinksInPath().path
+            #expect(environment.contains("STASIS_AGENT_STASIS=\(stasis)"), "\(environment.filter { $0.hasPrefix("STASIS") })")
         }
 
         @Test func runRefusesAMissingAgentAndAMissingProgram() throws {

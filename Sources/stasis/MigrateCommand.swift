@@ -85,6 +85,7 @@ struct MigrateCommand: ParsableCommand {
         _ = try Codec(parsing: compress)
         guard pid > 0 else { throw ValidationError("PID must be a positive number") }
         guard lockTimeout > 0, lockTimeout < 86_400 else { throw ValidationError("--lock-timeout must be between 0 and 86400 seconds") }
+        if let spool { try Arguments.requireCreatableName(spool, option: "--spool") }
     }
 
     func run() throws {
@@ -189,7 +190,8 @@ struct ServeCommand: ParsableCommand {
             // A migration's line replaces its progress line rather than following it.
             options.log = { line in
                 Output.clearProgress()
-                FileHandle.standardOutput.write(Data((line + "\n").utf8))
+                // Lines name what the peer sent (its manifest's names): escaped like every other text output.
+                FileHandle.standardOutput.write(Data((Format.printable(line) + "\n").utf8))
             }
             failures = try ServeOperation(options, device: { CUDADeviceStep() }).run()
         }

@@ -59,7 +59,8 @@ public struct ServeOperation: Sendable {
         // migration before the restore, or waits until the outcome is settled (see `receive`).
         Interruption.install()
         let listener = try TCPListener(options.listen)
-        try FileSystem.makePrivateDirectory(options.root)
+        // Received checkpoints hold jobs' memory: the root must be this user's alone.
+        try FileSystem.makeSecretDirectory(options.root, mustBeEmpty: false)
         options.log("listening on \(options.listen)" + (options.tls.map { tls in
             let accepted = (tls.pinned.isEmpty ? [] : ["\(tls.pinned.count) pinned certificate(s)"])
                 + (tls.caFile.map { ["certificates signed by the CA in \($0)"] } ?? [])

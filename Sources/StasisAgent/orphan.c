@@ -216,8 +216,8 @@ static void reap(int contents_lost) {
     char how[64] = "it ended";
     if (ended == pid && WIFEXITED(status)) snprintf(how, sizeof how, "it exited with status %d", WEXITSTATUS(status));
     else if (ended == pid && WIFSIGNALED(status)) snprintf(how, sizeof how, "it was killed by signal %d", WTERMSIG(status));
-    say("`stasis resume %d` (PID %d) could not put the device memory back (%s); CUDA calls stay held: run `stasis resume %d` once "
-        "the cause is fixed (the rescue entry is kept)", (int)getpid(), (int)pid, how, (int)getpid());
+    say("`stasis resume %d` (PID %d) could not put the device memory back (%s); CUDA calls stay held: run `stasis resume %d%s%s` once "
+        "the cause is fixed (the rescue entry is kept)", (int)getpid(), (int)pid, how, (int)getpid(), store[0] ? " --store " : "", store);
 }
 
 int stasis_agent_orphan_step(int contents_lost) {

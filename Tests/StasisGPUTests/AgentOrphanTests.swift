@@ -46,6 +46,20 @@ import Testing
         #expect(job.messages().isEmpty)
     }
 
+    /// A resume that fails (here a "stasis" that only exits 1): the job stays held, and the agent says
+    /// what to run by hand; it tries once.
+    @Test func aResumeThatFailsLeavesTheJobHeldAndSaysWhatToRun() throws {
+        let job = try OrphanJob(stasis: "/bin/false")
+        defer { job.stop() }
+        try job.dumpUntilRelease()
+        job.controller.kill()
+        let said = job.waitFor("CUDA calls stay held", seconds: AgentOrphanTests.grace + 10)
+        #expect(said.contains("could not put the device memory back (it exited with status 1); CUDA calls stay held: run `stasis resume \(getpid()) --store \(job.store.path)`"), "\(said)")
+        Thread.sleep(forTimeInterval: Self.grace + 1)
+        #expect(!job.messages().contains("putting device memory back"), "one try per release")
+        #expect(job.peer.contentsLost && AgentEvacuation.rescue(pid: getpid(), in: job.store) != nil)
+    }
+
     /// Without a stasis binary to run, the job stays held, says so, and the rescue entry stays for a
     /// `stasis resume` by hand.
     @Test func withoutAStasisToRunTheJobStaysHeldAndSaysSo() throws {

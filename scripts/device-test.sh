@@ -18,6 +18,8 @@
 #                                           migrate (BERT moved by stasis migrate between namespaces, and
 #                                           bench/migrate.sh bert), ncclrefuse (one part of multigpu, for a
 #                                           short call),
+#                                           orphan (stasis killed mid-dump under the agent: the job
+#                                           puts its device memory back by itself, no resume run),
 #                                           jax (a JAX job that keeps compiling, dumped with
 #                                           --leave-running three times from its start, then dumped and
 #                                           restored, through the driver and under the agent),

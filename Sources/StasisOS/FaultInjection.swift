@@ -5,9 +5,12 @@ import StasisCore
 /// where `FaultInjection.check` is called with it. Points: "post-dump" (inside CRIU's post-dump step, while
 /// the tree is frozen), "publish" (the same step, after the images were hashed and synced, before the
 /// manifest is written), "after-restore" (after CRIU restored the tree, before it is handed over).
-/// `point`-kill kills stasis there instead (`die`): "post-dump" (the tree frozen, nothing published),
+/// `point`-kill kills stasis there instead (`die`): "released" (agents released their device memory),
+/// "listed" (the catalog entry written, nothing published), "post-dump" (the tree frozen, nothing published),
 /// "published" (inside post-dump, just after the rename), "criu-exited", "manifest-rewritten" and "log-moved"
-/// (the steps after CRIU's exit, in that order).
+/// (the steps after CRIU's exit, in that order). `point`-stall stops there for good (`stall`): "chunk",
+/// "receive" (a migration's receiver), "commit" (its source), "partial-written" (an export's file),
+/// "import-staged". `point`-pause waits 3 s there (`pause`): "receive", "commit", "committed".
 public enum FaultInjection {
     public static func check(_ point: String) throws {
         let points = (ProcessInfo.processInfo.environment["STASIS_FAULT"] ?? "").split(separator: ",")

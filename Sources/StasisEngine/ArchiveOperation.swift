@@ -73,6 +73,24 @@ public enum ArchiveOperation {
         }
     }
 
+    /// The annotations of an OCI runtime spec (spec.dump), decoded leniently: JSONSerialization would build
+    /// the whole spec in objects, many times its size for a crafted one.
+    struct SpecAnnotations: Decodable {
+        var annotations: [String: String]?
+
+        init(from decoder: Decoder) throws {
+            annotations = try? decoder.container(keyedBy: CodingKeys.self).decodeIfPresent([String: String].self, forKey: .annotations)
+        }
+
+        enum CodingKeys: String, CodingKey { case annotations }
+
+        /// The spec's annotations; nil when it is not a JSON object.
+        static func decoded(_ spec: Data) -> SpecAnnotations? { try? JSONDecoder().decode(SpecAnnotations.self, from: spec) }
+
+        /// io.container.manager: the engine that wrote the spec.
+        var manager: String? { annotations?["io.container.manager"] }
+    }
+
     /// Refuses `value` (`what` of `archive`, printed by inspect and import) when it holds a control character
     /// or a bidi override, which would reach the terminal as they are.
     static func checkPrintable(_ value: String, _ what: String, archive: String) throws {
@@ -307,8 +325,7 @@ public enum ArchiveOperation {
                 throw StasisError(.notACheckpoint, "\(file) is not a container checkpoint archive (it lacks \(config == nil ? configDump : spec == nil ? specDump : "checkpoint/"))")
             }
             try FileSystem.writeAtomically(spec, to: staging.path + "/" + CheckpointWriter.containerSpecName)
-            let engine = (try? JSONSerialization.jsonObject(with: spec) as? [String: Any])
-                .flatMap { ($0["annotations"] as? [String: String])?["io.container.manager"] } ?? "stasis"
+            let engine = SpecAnnotations.decoded(spec)?.manager ?? "stasis"
             try checkPrintable(engine, "its \(specDump)'s io.container.manager", archive: file)
             // The CRIU that wrote the images, as its log says: a restore refuses images of a newer CRIU than its own.
             let criuVersion = (try? FileSystem.readFile(staging.path + "/dump.log"))
@@ -395,8 +412,8 @@ public enum ArchiveOperation {
                 fileCount += 1
                 if files.count < listedFiles { files.append(entry.name) }
                 if entry.name == configDump { config = try ConfigDump.read(try reader.readAll(), archive: file) }
-                if entry.name == specDump, let spec = (try? JSONSerialization.jsonObject(with: try reader.readAll())) as? [String: Any] {
-                    engine = (spec["annotations"] as? [String: String])?["io.container.manager"] ?? "stasis or runc"
+                if entry.name == specDump, let spec = SpecAnnotations.decoded(try reader.readAll()) {
+                    engine = spec.manager ?? "stasis or runc"
                     try checkPrintable(engine, "its \(specDump)'s io.container.manager", archive: file)
                 }
                 if entry.name.hasPrefix(checkpointDirectory) {

@@ -10,7 +10,8 @@ import StasisTestSupport
 import Testing
 
 /// Random and mutated inputs against everything that reads files from elsewhere: manifests (inspect, verify,
-/// restore), bundles (import) and checkpoint archives' tar headers (inspect, import). Every case must end in
+/// restore), bundles (import), checkpoint archives' tar headers and pax records (inspect, import) and
+/// containerd images' OCI index JSON (inspect). Every case must end in
 /// a StasisError or a success, never a trap (which would end this test process) or another error type, and
 /// a failed import must leave nothing behind. Seeded (STASIS_FUZZ_SEED, printed on failure) and bounded by
 /// time (STASIS_FUZZ_SECONDS per target), so CI runs thousands of cases in a fixed budget.
@@ -237,5 +238,193 @@ import Testing
             #expect(left.isEmpty, "tar case \(index) left \(left)")
         }
         #expect(cases >= 1000)
+    }
+
+    // MARK: pax records
+
+    /// The bounds a reader keeps, whatever it is given (Tar.Limits and ArchiveOperation.listedFiles): a
+    /// name of PATH_MAX, 1000 names listed, 256 MiB at the peak of a stasis that reads an archive.
+    static let nameBytes = 4096
+    static let listedFiles = 1000
+    static let memoryBound: UInt64 = 256 << 20
+
+    /// Every `every`th case (and the first) also runs the built `stasis inspect` on the case's file, and its
+    /// peak memory is held to `memoryBound`: what is bounded must show in the process that reads.
+    static func expectBoundedInspect(_ archive: String, _ what: String) throws {
+        let run = try Harness.measuredStasis(["inspect", archive])
+        #expect(run.status == 0 || run.status == 1, "\(what) (seed \(seed)): stasis inspect ended with \(run.status): \(run.stderr.prefix(500))")
+        #expect(run.peakBytes < memoryBound, "\(what) (seed \(seed)): stasis inspect peaked at \(run.peakMiB) MiB")
+        #expect(run.stderr.utf8.count < 4000, "\(what) (seed \(seed)): an error of \(run.stderr.utf8.count) bytes")
+    }
+
+    /// Whether `text` would reach a terminal as something else (a control character or a bidi override).
+    static func isHostile(_ text: String) -> Bool {
+        text.unicodeScalars.contains { (0...0x1F).contains($0.value) || (0x7F...0x9F).contains($0.value) || (0x202A...0x202E).contains($0.value)
+            || (0x2066...0x2069).contains($0.value) }
+    }
+
+    static let paxKeys = ["path", "size", "mtime", "linkpath", "comment", "SCHILY.xattr.security.selinux", "GNU.sparse.size", "path", "size"]
+    static let paxValues: [Data] = [
+        Data("checkpoint/pages-1.img".utf8), Data("config.dump".utf8), Data("../../etc/passwd".utf8), Data("12".utf8), Data("-1".utf8),
+        Data("99999999999999999999999".utf8), Data("1.5".utf8), Data("".utf8), Data("a\u{0}b".utf8), Data("x\ny".utf8), Data("é\u{202E}gpj".utf8),
+        Data(repeating: UInt8(ascii: "n"), count: 4095), Data(repeating: UInt8(ascii: "n"), count: 4096), Data(repeating: UInt8(ascii: "n"), count: 4097),
+        Data(repeating: UInt8(ascii: "v"), count: 100_000), Data([0xff, 0xfe, 0x80]),
+    ]
+
+    /// The records of one pax header: well-formed, or with a length off, a newline missing, NULs after, raw damage.
+    static func randomPaxRecords(_ random: inout Generator) -> Data {
+        var records = Data()
+        for _ in 0..<Int.random(in: 1...4, using: &random) {
+            let key = paxKeys.randomElement(using: &random)!
+            let value = paxValues.randomElement(using: &random)!
+            var record = TarBlocks.paxRecord(key, value)
+            switch Int.random(in: 0..<10, using: &random) {
+            case 0:  // a length off by a little, or far
+                let body = record.drop { $0 != UInt8(ascii: " ") }
+                let length = [record.count - 1, record.count + 1, 0, 9_999_999, Int(Int32.max)].randomElement(using: &random)!
+                record = Data(String(length).utf8) + body
+            case 1: record.removeLast()  // no newline
+            case 2: record = Data(record.drop { $0 != UInt8(ascii: " ") })  // no length
+            default: break
+            }
+            records += record
+        }
+        switch Int.random(in: 0..<6, using: &random) {
+        case 0: records += Data(count: Int.random(in: 1...600, using: &random))
+        case 1: records = damage(records, &random)
+        default: break
+        }
+        return records
+    }
+
+    /// Archives whose entries are led by random pax headers (one to six in a row, pax, global or GNU long
+    /// names): inspect and import end in a StasisError or a success that keeps the bounds, and the built
+    /// `stasis inspect` stays within `memoryBound` on them.
+    @Test func paxRecords() throws {
+        let root = Harness.scratch("fuzz-pax")
+        let store = root + "/store"
+        var measured = 0
+        let cases = try Self.run("pax", minimum: 400) { index, random in
+            var data = Data()
+            for _ in 0..<Int.random(in: 1...3, using: &random) {
+                for _ in 0..<Int.random(in: 1...6, using: &random) {
+                    let type: Character = ["x", "x", "x", "g", "L"].randomElement(using: &random)!
+                    data += TarBlocks.paxHeader(Self.randomPaxRecords(&random), type: type)
+                }
+                let name = ["checkpoint/inventory.img", "checkpoint/pages-1.img", "rootfs-diff.tar", "x"].randomElement(using: &random)!
+                data += TarBlocks.file(name, Data(count: Int.random(in: 0...3, using: &random) * 100))
+            }
+            let config = Data(#"{"id":"0123456789abcdef","name":"fuzz"}"#.utf8)
+            data += TarBlocks.file("config.dump", config) + TarBlocks.file("spec.dump", Data("{}".utf8)) + TarBlocks.end
+            let archive = root + "/case.tar"
+            unlink(archive)
+            try? data.write(to: URL(fileURLWithPath: archive))
+            Self.expectClean("pax case \(index) summarize") {
+                let summary = try ArchiveOperation.summarize(archive)
+                #expect(summary.files.count <= Self.listedFiles && summary.files.allSatisfy { $0.utf8.count <= Self.nameBytes && !$0.utf8.contains(0) },
+                        "pax case \(index) (seed \(Self.seed)): a name beyond the bounds was listed")
+            }
+            let destination = root + "/imported"
+            var imported = false
+            Self.expectClean("pax case \(index) import") {
+                _ = try ArchiveOperation.importArchive(archive, into: destination, store: store)
+                imported = true
+            }
+            if imported { FileSystem.removeTree(destination) }
+            let left = ((try? FileManager.default.contentsOfDirectory(atPath: root)) ?? []).filter { $0 != "case.tar" && $0 != "store" }
+            #expect(left.isEmpty, "pax case \(index) (seed \(Self.seed)) left \(left)")
+            if index % 100 == 0 {
+                try Self.expectBoundedInspect(archive, "pax case \(index)")
+                measured += 1
+            }
+        }
+        #expect(cases >= 400 && measured >= 4)
+    }
+
+    // MARK: OCI index JSON (containerd's checkpoint images)
+
+    /// A containerd checkpoint image as `ctr image export` writes it (an OCI layout), from its two indexes:
+    /// the checkpoint's own (its parts, by media type) and index.json (naming it).
+    static func ociImage(index: Data, checkpoint: Data, criu: Data) -> Data {
+        let checkpointDigest = String(repeating: "c", count: 64), criuDigest = String(repeating: "a", count: 64)
+        return TarBlocks.file("oci-layout", Data(#"{"imageLayoutVersion":"1.0.0"}"#.utf8))
+            + TarBlocks.header(name: "blobs/", size: .octal(0), type: "5") + TarBlocks.header(name: "blobs/sha256/", size: .octal(0), type: "5")
+            + TarBlocks.file("blobs/sha256/" + criuDigest, criu) + TarBlocks.file("blobs/sha256/" + checkpointDigest, checkpoint)
+            + TarBlocks.file("index.json", index) + TarBlocks.end
+    }
+
+    static let hostileAnnotations: [String] = ["docker.io/library/busybox:latest", "io.containerd.runc.v2", "overlayfs", "a\nb", "evil\u{202E}gpj",
+                                               "\u{1B}[2J", String(repeating: "r", count: 5000), "", "\u{0}"]
+
+    /// The two indexes, mutated: their JSON values (Fuzz.mutate), raw damage, hostile annotations, a part
+    /// listed tens of thousands of times, deep nesting.
+    static func ociIndexes(_ random: inout Generator) -> (index: Data, checkpoint: Data) {
+        let criuType = "application/vnd.containerd.container.criu.checkpoint.criu.tar"
+        var checkpoint: [String: Any] = [
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [["mediaType": criuType, "digest": "sha256:" + String(repeating: "a", count: 64), "size": 3072],
+                          ["mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": "sha256:" + String(repeating: "b", count: 64), "size": 10]],
+            "annotations": ["io.containerd.checkpoint.runtime": "io.containerd.runc.v2", "io.containerd.checkpoint.snapshotter": "overlayfs",
+                            "org.opencontainers.image.ref.name": "docker.io/library/busybox:latest"],
+        ]
+        var index: [String: Any] = [
+            "schemaVersion": 2,
+            "manifests": [["mediaType": "application/vnd.oci.image.index.v1+json", "digest": "sha256:" + String(repeating: "c", count: 64), "size": 500,
+                           "annotations": ["io.containerd.image.name": "checkpoint/fuzz:1"]]],
+        ]
+        switch Int.random(in: 0..<8, using: &random) {
+        case 0:
+            var annotations = checkpoint["annotations"] as! [String: Any]
+            annotations[annotations.keys.sorted().randomElement(using: &random)!] = hostileAnnotations.randomElement(using: &random)!
+            checkpoint["annotations"] = annotations
+        case 1:
+            index["manifests"] = [["digest": "sha256:" + String(repeating: "c", count: 64),
+                                   "annotations": ["io.containerd.image.name": hostileAnnotations.randomElement(using: &random)!]]]
+        case 2:
+            let parts = checkpoint["manifests"] as! [Any]
+            checkpoint["manifests"] = Array(repeating: parts[1], count: Int.random(in: 1_000...5_000, using: &random)) + parts
+        default:
+            for _ in 0..<Int.random(in: 1...3, using: &random) {
+                if Bool.random(using: &random) { checkpoint = mutate(checkpoint, &random) as? [String: Any] ?? [:] } else { index = mutate(index, &random) as? [String: Any] ?? [:] }
+            }
+        }
+        var indexData = (try? JSONSerialization.data(withJSONObject: index)) ?? Data("{}".utf8)
+        // The checkpoint's index is a small blob (at most 64 KiB are kept): past that, it is not read at all.
+        var checkpointData = (try? JSONSerialization.data(withJSONObject: checkpoint)) ?? Data("{}".utf8)
+        switch Int.random(in: 0..<10, using: &random) {
+        case 0: indexData = damage(indexData, &random)
+        case 1: checkpointData = damage(checkpointData, &random)
+        case 2: indexData = Data(repeating: UInt8(ascii: "["), count: 200_000) + Data(repeating: UInt8(ascii: "]"), count: 200_000)
+        case 3: indexData = Data((#"{"manifests":["# + String(repeating: #"{"a":[1,2,3]},"#, count: 70_000) + "{}]}").utf8)
+        default: break
+        }
+        return (indexData, checkpointData)
+    }
+
+    /// containerd images with mutated indexes: inspect ends in a StasisError or a summary that prints nothing
+    /// hostile and lists at most 1000 files, and the built `stasis inspect` stays within `memoryBound`.
+    @Test func ociIndexJSON() throws {
+        let root = Harness.scratch("fuzz-oci")
+        var criu = Data()
+        for name in ["inventory.img", "core-1.img", "pages-1.img", "pagemap-1.img"] { criu += TarBlocks.file(name, Data(count: 100)) }
+        criu += TarBlocks.end
+        var measured = 0
+        let cases = try Self.run("oci", minimum: 200) { index, random in
+            let (indexData, checkpointData) = Self.ociIndexes(&random)
+            let archive = root + "/case.tar"
+            unlink(archive)
+            try? Self.ociImage(index: indexData, checkpoint: checkpointData, criu: criu).write(to: URL(fileURLWithPath: archive))
+            Self.expectClean("oci case \(index) summarize") {
+                let summary = try ArchiveOperation.summarize(archive)
+                let printed = [summary.engine, summary.container, summary.name, summary.runtime ?? ""] + summary.files
+                #expect(!printed.contains(where: Self.isHostile) && summary.files.count <= Self.listedFiles,
+                        "oci case \(index) (seed \(Self.seed)): \(printed.map { $0.prefix(80) })")
+            }
+            if index % 75 == 0 || indexData.count > 500_000 && measured < 8 {
+                try Self.expectBoundedInspect(archive, "oci case \(index)")
+                measured += 1
+            }
+        }
+        #expect(cases >= 200 && measured >= 3)
     }
 }

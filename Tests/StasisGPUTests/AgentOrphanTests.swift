@@ -204,15 +204,7 @@ private final class OrphanJob {
     func dumpUntilRelease() throws {
         let session = try AgentSession.open(pid: getpid(), connection: controller.connection)
         #expect(session.resumesItself)
-        try session.startQuiesce(timeoutMilliseconds: 1000)
-        try session.finishQuiesce()
-        let sink = ChunkSink(store: store, codec: .lz4, probe: true)
-        let chunks = try session.evacuate(into: sink, threads: 2)
-        try sink.commit()
-        let record = Manifest.AgentMemory(
-            allocations: session.allocations.map { .init(id: $0.id, bytes: $0.bytes, device: $0.device, file: AgentEvacuation.file(pid: getpid(), id: $0.id)) },
-            evacuatedBytes: session.evacuableBytes, driverPathBytes: 0, ringBytes: 0, quiesceSeconds: 0, evacuateSeconds: 0, releaseSeconds: 0)
-        try AgentEvacuation.writeRescue(pid: getpid(), memory: record, chunks: chunks, store: store)
+        _ = try evacuateIntoRescue(session, store: store)
         try session.release(rescueStore: store.path)
         session.disconnect()
     }

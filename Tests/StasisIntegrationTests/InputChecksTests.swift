@@ -32,15 +32,8 @@ extension Integration {
         defer { environment.forEach { free($0) } }
         var pid: pid_t = 0
         #expect(posix_spawn(&pid, Harness.stasis, &actions, nil, argv, environment) == 0)
-        let deadline = Date().addingTimeInterval(timeout)
-        var status: Int32 = 0
-        while waitpid(pid, &status, WNOHANG) == 0 {
-            if Date() > deadline { kill(pid, SIGKILL) }
-            usleep(10_000)
-        }
-        let code = status & 0x7f == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
-        return (status: code, stdout: (try? String(contentsOfFile: root + "/out", encoding: .utf8)) ?? "",
-                stderr: (try? String(contentsOfFile: root + "/err", encoding: .utf8)) ?? "")
+        let result = Harness.collect(pid, timeout: timeout, outputIn: root)
+        return (result.status, result.stdout, result.stderr)
     }
 
     /// A path with bytes that are not UTF-8 would be renamed by the argument parser (to U+FFFD); it is

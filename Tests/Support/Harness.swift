@@ -62,6 +62,12 @@ public enum Harness {
         let err = try FileDescriptor.open(root + "/err", .writeOnly, options: [.create, .truncate], permissions: .ownerReadWrite)
         let pid = try Spawn.start(executable, arguments, descriptors: [null: 0, out: 1, err: 2])
         [null, out, err].forEach { $0.closeQuietly() }
+        return collect(pid, timeout: timeout, outputIn: root)
+    }
+
+    /// Waits for child `pid` (killed once `timeout` has passed) whose stdout and stderr went to the files
+    /// `out` and `err` in `root`; its exit status (128+signal when killed) and what it wrote.
+    public static func collect(_ pid: pid_t, timeout: Double, outputIn root: String) -> Result {
         let deadline = Date().addingTimeInterval(timeout)
         var status: Int32 = 0
         while waitpid(pid, &status, WNOHANG) == 0 {
@@ -119,6 +125,10 @@ public final class ReadAll: @unchecked Sendable {
     public init(_ handle: FileHandle) {
         Thread { [self] in
             data = handle.readDataToEndOfFile()
+            // Closed here, not when the handle is released: Foundation keeps a finished Thread (and so what its
+            // block holds) alive, and a suite of a few hundred runs then leaked past 1024 descriptors, where a
+            // child's inherited descriptors are no longer all closed and a daemon kept a test's pipe open.
+            try? handle.close()
             done.signal()
         }.start()
     }

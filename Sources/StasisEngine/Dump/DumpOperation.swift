@@ -169,6 +169,15 @@ private final class DumpRun {
             throw StasisError(.busy, "the tree of PID \(root) changed while its GPU state was checkpointed (\(change)); nothing was dumped and every process runs on",
                               hint: "try again; a job that keeps starting processes is best checkpointed between its steps")
         }
+        // A process that opened the GPU after the device step looked (a job still starting CUDA, seen with JAX
+        // on the H100) would reach CRIU with a device mapping no one handles: stop here, clearly, instead.
+        if case .process = target {
+            let handled = Set(gpu.processes.map(\.pid))
+            if let newcomer = processes.map(\.pid).first(where: { !handled.contains($0) && CUDADeviceStep.usesNvidiaDevice($0) }) {
+                throw StasisError(.busy, "PID \(newcomer) started using the GPU while the dump began; nothing was dumped and every process runs on",
+                                  hint: "try again once the job has set up CUDA (after its first step)")
+            }
+        }
     }
 
     /// Memory images are cut into chunks while CRIU writes them. Undone by stopping the chunking.

@@ -16,15 +16,19 @@ section_jax() {
     timeout 300 python3 Workloads/jax/jax_train.py --dir "$ref" --steps 3000 >"$ref/out.txt" 2>&1 \
         || { fail "jax reference run" "$(tail -n 5 "$ref/out.txt")"; return; }
     local label launcher
-    for label in driver agent; do
+    # JAX_LABELS: driver, agent, and driver-nographs (XLA's command buffers, its CUDA graphs, off); JAX_DUMPS:
+    # how many --leave-running dumps.
+    for label in ${JAX_LABELS:-driver agent}; do
         launcher=""; [[ $label == agent ]] && launcher=$RUN
+        local flags=--xla_gpu_deterministic_ops=true
+        [[ $label == driver-nographs ]] && flags="$flags --xla_gpu_enable_command_buffer="
         local run; run=$(mktemp -d /tmp/stasis-jax-$label.XXXXXX)
         local store=/dev/shm/stasis-jax-store
         rm -rf "$store"
-        local pid; pid=$($launcher python3 Workloads/jax/jax_train.py --dir "$run" --steps 3000 --step-sleep 0.01 --daemon) \
+        local pid; pid=$(XLA_FLAGS="$flags" $launcher python3 Workloads/jax/jax_train.py --dir "$run" --steps 3000 --step-sleep 0.01 --daemon) \
             || { fail "jax ($label)" "did not start: $(tail -n 5 "$run/log")"; continue; }
         local ok=1 round
-        for round in 1 2 3; do
+        for round in $(seq "${JAX_DUMPS:-3}"); do
             local threads children
             threads=$(ls /proc/$pid/task 2>/dev/null | wc -l); children=$(ps -o comm= --ppid "$pid" 2>/dev/null | tr '\n' ',')
             if ! $STASIS dump "$pid" -D "$run/leave$round" --leave-running --store "$store" >"$run/dump$round.txt" 2>&1; then
@@ -32,7 +36,8 @@ section_jax() {
                 if grep -q "nothing was touched\|nothing was dumped" "$run/dump$round.txt" && kill -0 "$pid" 2>/dev/null; then
                     echo "jax ($label) dump $round refused, job running: $(tail -n 2 "$run/dump$round.txt" | tr '\n' ' ')"
                 else
-                    fail "jax ($label) --leave-running dump $round ($threads threads, children: $children)" "$(tail -n 6 "$run/dump$round.txt" | tr '\n' ' ')"
+                    local alive="the job runs on"; kill -0 "$pid" 2>/dev/null || alive="the job is gone"
+                    fail "jax ($label) --leave-running dump $round ($threads threads, children: $children; $alive)" "$(tail -n 6 "$run/dump$round.txt" | tr '\n' ' ')"
                     ok=0
                 fi
             fi
@@ -47,7 +52,7 @@ section_jax() {
                 for _ in $(seq 600); do [[ -e $run/done ]] && break; sleep 0.1; done
                 local lines; lines=$(wc -l <"$run/losses.txt")
                 if [[ -e $run/done ]] && (( lines > 10 )) && cmp -s "$run/losses.txt" <(head -n "$lines" "$ref/losses.txt"); then
-                    pass "jax ($label): 3 --leave-running dumps while it compiled and trained, then dump + restore; $lines losses identical to an uninterrupted run; $(grep -h 'gpu:\|time:' "$run/final.txt" | sed 's/^ *//' | tr '\n' ' ')"
+                    pass "jax ($label): ${JAX_DUMPS:-3} --leave-running dumps while it compiled and trained, then dump + restore; $lines losses identical to an uninterrupted run; $(grep -h 'gpu:\|time:' "$run/final.txt" | sed 's/^ *//' | tr '\n' ' ')"
                 else
                     fail "jax ($label)" "losses differ or the run did not finish ($lines lines): $(diff "$run/losses.txt" <(head -n "$lines" "$ref/losses.txt") | head -n 4 | tr '\n' ' '); $(jax_death "$run")"
                 fi

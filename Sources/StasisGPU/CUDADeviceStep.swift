@@ -76,6 +76,20 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
         return "PIDs \(ranks.map { String($0.pid) }.joined(separator: ", ")) run NCCL with its peer-to-peer transport, whose shared device memory the driver checkpoints but cannot restore (CUDA_ERROR_NOT_SUPPORTED)"
     }
 
+    /// JAX (XLA's GPU runtime) on the driver path alone: on driver 580 (H100, 2026-12-07) a JAX job's
+    /// `--leave-running` dump ended with the driver's restore answering CUDA_ERROR_NOT_INITIALIZED and the job
+    /// dying of a segmentation fault, and a plain dump once lost the job before CRIU could seize it (issue 32).
+    /// Its threads run on while the driver holds the process checkpointed, which is the window the driver path
+    /// cannot close from outside. Under `stasis run` the agent holds every thread's calls itself. The sign is
+    /// XLA's GPU plugin or jaxlib mapped without the agent; STASIS_ALLOW_XLA_DRIVER_PATH=1 lets it through
+    /// (the GPU suite uses it to keep measuring).
+    static func xlaDriverPathProblem(pid: Int32, mappings: [ProcFS.Mapping]) -> String? {
+        guard !mappings.contains(where: { $0.path.hasSuffix("/libstasis-agent.so") }),
+              let library = mappings.first(where: { $0.path.contains("/xla_cuda_plugin") || $0.path.contains("/jaxlib/") })?.path,
+              ProcessInfo.processInfo.environment["STASIS_ALLOW_XLA_DRIVER_PATH"] != "1" else { return nil }
+        return "PID \(pid) runs XLA's GPU runtime (it maps \(library)), which the driver's checkpoint alone has lost (its restore answered CUDA_ERROR_NOT_INITIALIZED and the job crashed)"
+    }
+
     /// MPS clients talk to a daemon whose state the driver's checkpoint cannot carry.
     static func mpsProblem(_ pid: Int32) -> String? {
         let environment = ProcFS.environment(pid)
@@ -141,9 +155,14 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
                 throw StasisError(.gpu, "cannot checkpoint: \(problem); MIG is not supported yet; nothing was touched",
                                   hint: "run the job on a GPU without MIG partitions")
             }
-            if let problem = Self.managedMemoryProblem(pid: pid, mappings: ProcFS.mappings(pid)) {
+            let mappings = ProcFS.mappings(pid)
+            if let problem = Self.managedMemoryProblem(pid: pid, mappings: mappings) {
                 throw StasisError(.gpu, "cannot checkpoint: \(problem); the driver cannot checkpoint managed memory; nothing was touched",
                                   hint: "allocate with cudaMalloc instead of cudaMallocManaged")
+            }
+            if let problem = Self.xlaDriverPathProblem(pid: pid, mappings: mappings) {
+                throw StasisError(.gpu, "cannot checkpoint: \(problem); nothing was touched",
+                                  hint: "start the job under `stasis run` (its agent moves the device memory and the job stays held until it is back)")
             }
             guard let state = CheckpointDriver.state(pid) else {
                 throw StasisError(.gpu, "PID \(pid) (\(ProcFS.stat(pid)?.command ?? "?")) holds NVIDIA device files but the CUDA driver does not know it as a CUDA process",

@@ -149,3 +149,20 @@ import Testing
         #expect(CUDADeviceStep.ncclPeerToPeerProblem(seen) != nil, "\(seen.map { $0.1.filter { $0.path.contains("nccl") }.count })")
     }
 }
+
+/// JAX on the driver path alone is refused before anything is touched (issue 32); under the agent it is not.
+@Suite struct XLADriverPathDetection {
+    let cuda = "7f1000000000-7f1000010000 r-xp 00000000 08:01 99 /usr/lib/x86_64-linux-gnu/libcuda.so.580.159.04\n"
+    let plugin = "7f3000000000-7f3100000000 r-xp 00000000 08:01 77 /opt/torch/.venv/lib/python3.12/site-packages/jax_plugins/xla_cuda13/xla_cuda_plugin.so\n"
+    let agent = "7f4000000000-7f4000100000 r-xp 00000000 08:01 55 /opt/stasis/bin/libstasis-agent.so\n"
+
+    @Test func aJAXProcessWithoutTheAgentIsNamed() throws {
+        let problem = try #require(CUDADeviceStep.xlaDriverPathProblem(pid: 9, mappings: ProcFS.parseMappings(cuda + plugin)))
+        #expect(problem.contains("PID 9 runs XLA") && problem.contains("xla_cuda_plugin.so"), "\(problem)")
+    }
+
+    @Test func underTheAgentOrWithoutXLAItPasses() {
+        #expect(CUDADeviceStep.xlaDriverPathProblem(pid: 9, mappings: ProcFS.parseMappings(cuda + plugin + agent)) == nil)
+        #expect(CUDADeviceStep.xlaDriverPathProblem(pid: 9, mappings: ProcFS.parseMappings(cuda)) == nil)
+    }
+}

@@ -1,8 +1,9 @@
 # Sourced by scripts/device-test.sh. A JAX training job that keeps compiling (XLA runs ptxas as a child for
 # every new shape), checkpointed while it runs: three --leave-running dumps from its very start (the first
 # during its first compilation), then a dump that ends it and a restore; its losses must equal an
-# uninterrupted run's, and it must never die under a checkpoint. Through the driver (as started, with
-# XLA_PYTHON_CLIENT_MEM_FRACTION as the run that lost a JAX job had it) and under `stasis run` (the agent).
+# uninterrupted run's, and it must never die under a checkpoint. Under `stasis run` (the agent), and through
+# the driver alone (with XLA_PYTHON_CLIENT_MEM_FRACTION as the run that lost a JAX job had it): stasis refuses
+# that path for JAX (checked first), and STASIS_ALLOW_XLA_DRIVER_PATH=1 lets the section measure it anyway.
 needs_jax="gpus=1 jax"
 
 # Why a job died, from what it and the kernel left.
@@ -28,6 +29,19 @@ section_jax() {
         local pid; pid=$(XLA_FLAGS="$flags" $launcher python3 Workloads/jax/jax_train.py --dir "$run" --steps 3000 --step-sleep 0.01 --daemon) \
             || { fail "jax ($label)" "did not start: $(tail -n 5 "$run/log")"; continue; }
         local ok=1 round
+        if [[ $label == driver* ]]; then
+            # stasis refuses JAX on the driver path alone, before anything is touched; the override then lets
+            # the section keep measuring that path.
+            for _ in $(seq 600); do [[ -s $run/losses.txt ]] && break; sleep 0.1; done  # XLA's GPU plugin loaded
+            if $STASIS dump "$pid" -D "$run/refused" --leave-running --store "$store" >"$run/refusal.txt" 2>&1; then
+                fail "jax ($label) refusal" "the driver path took a JAX job"
+            elif grep -q "runs XLA's GPU runtime" "$run/refusal.txt" && kill -0 "$pid" 2>/dev/null; then
+                pass "jax ($label): refused on the driver path alone, nothing touched, the job runs on"
+            else
+                fail "jax ($label) refusal" "$(tail -n 3 "$run/refusal.txt" | tr '\n' ' ')"
+            fi
+            export STASIS_ALLOW_XLA_DRIVER_PATH=1
+        fi
         for round in $(seq "${JAX_DUMPS:-3}"); do
             local threads children
             threads=$(ls /proc/$pid/task 2>/dev/null | wc -l); children=$(ps -o comm= --ppid "$pid" 2>/dev/null | tr '\n' ',')
@@ -60,6 +74,7 @@ section_jax() {
                 fail "jax ($label) final dump/restore" "$(tail -n 6 "$run/final.txt" "$run/restore.txt" 2>/dev/null | tr '\n' ' '); $(jax_death "$run")"
             fi
         fi
+        unset STASIS_ALLOW_XLA_DRIVER_PATH
         keep_logs "$run" "jax-$label"
         [[ -e /proc/$pid ]] && kill_tree "$pid"
         rm -rf "$store" "$run"/leave* "$run/final"

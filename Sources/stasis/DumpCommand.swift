@@ -40,7 +40,7 @@ struct DumpCommand: ParsableCommand {
     @Option(name: .long, help: "CRIU log level, 0-4.")
     var logLevel: Int32 = 4
 
-    @Option(name: .long, help: "Seconds to wait for each CUDA process to reach a point where it can be locked.")
+    @Option(name: .long, help: "Seconds to wait for each CUDA process to reach a point where it can be locked, and for a GPU job's tree to hold still (no compiler running in it).")
     var lockTimeout: Double = 10
 
     @Option(name: .long, help: "The largest deleted but still open file (a shared-memory segment in /dev/shm, say) to carry, in MiB; CRIU refuses the dump if one is bigger.")

@@ -62,7 +62,7 @@ struct MigrateCommand: ParsableCommand {
     @Flag(name: .long, help: "Carry established TCP connections (the network must then reach the receiver's host at the same addresses).")
     var tcpEstablished = false
 
-    @Option(name: .long, help: "Seconds to wait for each CUDA process to reach a point where it can be locked.")
+    @Option(name: .long, help: "Seconds to wait for each CUDA process to reach a point where it can be locked, and for a GPU job's tree to hold still (no compiler running in it).")
     var lockTimeout: Double = 10
 
     @Option(name: .long, help: "How new chunks are compressed: lz4 (default), zstd, zstd:LEVEL (1-19) or none.")
@@ -97,6 +97,7 @@ struct MigrateCommand: ParsableCommand {
             options.spool = spool
             options.tls = try tls.configuration
             options.insecure = insecure
+            options.settleSeconds = lockTimeout
             options.progress = Output.progressHandler(json: output.json)
             let report = try MigrateOperation(options, device: CUDADeviceStep(lockTimeoutMilliseconds: UInt32(lockTimeout * 1000))).run()
             Output.clearProgress()

@@ -28,6 +28,8 @@ public struct MigrateOperation {
         public var tls: TLSConfiguration?
         /// The job's memory may cross a network in clear (--insecure).
         public var insecure = false
+        /// How long a GPU job's tree may take to hold still before the dump touches it (--lock-timeout).
+        public var settleSeconds: Double = 10
         public init(pid: Int32, to: String, tokenFile: String) { (self.pid, self.to, self.tokenFile) = (pid, to, tokenFile) }
     }
 
@@ -99,6 +101,7 @@ public struct MigrateOperation {
         dump.process = options.process
         dump.store = options.store
         dump.codec = options.codec
+        dump.settleSeconds = options.settleSeconds
         dump.chunkObserver = { digest, file in preloader.offer(digest, file) }
         dump.whilePublished = { manifest, directory in
             let early = try preloader.finish()

@@ -178,21 +178,15 @@ public struct FileStatus: Sendable {
     public let size: UInt64
 
     init(_ st: Glibc.stat) {
-        switch st.st_mode & S_IFMT {
-        case S_IFDIR: kind = .directory
-        case S_IFREG: kind = .regular
-        case S_IFLNK: kind = .symbolicLink
-        default: kind = .other
-        }
-        kindName = switch st.st_mode & S_IFMT {
-        case S_IFREG: "a regular file"
-        case S_IFDIR: "a directory"
-        case S_IFLNK: "a symbolic link"
-        case S_IFIFO: "a FIFO"
-        case S_IFSOCK: "a socket"
-        case S_IFCHR: "a character device"
-        case S_IFBLK: "a block device"
-        default: "not a regular file"
+        (kind, kindName) = switch st.st_mode & S_IFMT {
+        case S_IFREG: (.regular, "a regular file")
+        case S_IFDIR: (.directory, "a directory")
+        case S_IFLNK: (.symbolicLink, "a symbolic link")
+        case S_IFIFO: (.other, "a FIFO")
+        case S_IFSOCK: (.other, "a socket")
+        case S_IFCHR: (.other, "a character device")
+        case S_IFBLK: (.other, "a block device")
+        default: (.other, "not a regular file")
         }
         owner = st.st_uid
         permissions = st.st_mode & 0o7777

@@ -13,6 +13,8 @@ public enum ProcFS {
         public var ppid: Int32
         /// The kernel's PF_* flags.
         public var flags: UInt32
+        /// When it started, in clock ticks since boot (field 22): with the PID, what names this very process.
+        public var startTime: UInt64?
         /// A kernel thread (PF_KTHREAD): no user memory, nothing CRIU can dump.
         public var isKernelThread: Bool { flags & 0x0020_0000 != 0 }
     }
@@ -25,7 +27,8 @@ public enum ProcFS {
         let command = String(text[text.index(after: open)..<close])
         let rest = text[text.index(close, offsetBy: 2)...].split(separator: " ")
         guard rest.count > 6, let state = rest[0].first, let ppid = Int32(rest[1]) else { return nil }
-        return Stat(pid: pid, command: command, state: state, ppid: ppid, flags: UInt32(rest[6]) ?? 0)
+        return Stat(pid: pid, command: command, state: state, ppid: ppid, flags: UInt32(rest[6]) ?? 0,
+                    startTime: rest.count > 19 ? UInt64(rest[19]) : nil)
     }
 
     /// A /proc file's text. Decoded leniently: file names in maps and commands in stat may hold bytes that

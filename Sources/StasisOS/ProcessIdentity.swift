@@ -26,10 +26,5 @@ public struct ProcessIdentity: Sendable, Equatable {
     }
 
     /// When `pid` started, in clock ticks since boot; nil for a process that is gone.
-    public static func startTime(of pid: Int32) -> UInt64? {
-        guard let text = ProcFS.text("/proc/\(pid)/stat"), let close = text.lastIndex(of: ")") else { return nil }
-        // After "PID (command) ": state is field 3, so starttime (field 22) is the 20th of the rest.
-        let rest = text[text.index(after: close)...].split(separator: " ")
-        return rest.count > 19 ? UInt64(rest[19]) : nil
-    }
+    public static func startTime(of pid: Int32) -> UInt64? { ProcFS.stat(pid)?.startTime }
 }

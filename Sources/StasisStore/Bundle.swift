@@ -418,19 +418,18 @@ final class BundleOutput {
     private var used = 0
     private var hasher = SHA256()
     private(set) var written: UInt64 = 0
-    let isStream: Bool
+    var isStream: Bool { stream != nil }
     /// Counts the bytes that left, as they leave (a progress display reads it from another thread).
     var meter: Locked<UInt64>?
 
     /// Writes onto a connection: no file, no rename, no fsync; `finish` only flushes.
     init(stream connection: TCPConnection) throws {
-        (path, stream, isStream) = ("the connection to \(connection.peer)", connection, true)
+        (path, stream) = ("the connection to \(connection.peer)", connection)
         buffer = .allocate(byteCount: CheckpointBundle.ioSize, alignment: 4096)
         try CheckpointBundle.magic.withUnsafeBytes { try append($0) }
     }
 
     init(path target: String) throws {
-        isStream = false
         let file = try AtomicFile(creating: target)
         (path, stream, self.file) = (file.path, nil, file)
         buffer = .allocate(byteCount: CheckpointBundle.ioSize, alignment: 4096)
@@ -502,18 +501,18 @@ final class BundleInput {
     private(set) var offset: UInt64 = 0
     private(set) var hasher = SHA256()
     /// A connection, not a file: not closed here, and the end record need not be the last byte.
-    let isStream: Bool
+    var isStream: Bool { connection != nil }
     /// Counts the bytes read, as they arrive (a progress display reads it from another thread).
     var meter: Locked<UInt64>?
 
     init(path: String) throws {
         let fd = try FileSystem.openInput(path, what: "a bundle")
-        (self.path, self.fd, connection, isStream) = (path, fd, nil, false)
+        (self.path, self.fd, connection) = (path, fd, nil)
         buffer = .allocate(byteCount: CheckpointBundle.ioSize, alignment: 4096)
     }
 
     init(stream connection: TCPConnection, name: String) {
-        (path, fd, self.connection, isStream) = (name, nil, connection, true)
+        (path, fd, self.connection) = (name, nil, connection)
         buffer = .allocate(byteCount: CheckpointBundle.ioSize, alignment: 4096)
     }
 

@@ -183,6 +183,9 @@ private final class OrphanJob {
     let peer: ProtocolPeer
     let store: ChunkStore
     let controller: Controller
+    /// The controller's connection went to a session, which closes it: closing it here too would close a
+    /// descriptor number some other test may have been given since (seen: EBADF in a parallel test).
+    private var connectionHandedOver = false
     private let messagesRead: FileDescriptor, messagesWritten: FileDescriptor
 
     init(stasis: String) throws {
@@ -202,6 +205,7 @@ private final class OrphanJob {
 
     /// What stasis does up to RELEASE, through the controller's connection: the memory is then only in the store.
     func dumpUntilRelease() throws {
+        connectionHandedOver = true
         let session = try AgentSession.open(pid: getpid(), connection: controller.connection)
         #expect(session.resumesItself)
         _ = try evacuateIntoRescue(session, store: store)
@@ -236,7 +240,7 @@ private final class OrphanJob {
         watch.configure(nil, -1, 2)
         watch.resumed()
         if controller.process.isRunning { controller.kill() }
-        controller.connection.closeQuietly()
+        if !connectionHandedOver { controller.connection.closeQuietly() }
         peer.stop()
         messagesRead.closeQuietly()
         messagesWritten.closeQuietly()

@@ -20,6 +20,21 @@ public final class Locked<Value>: @unchecked Sendable {
     public var current: Value { withLock { $0 } }
 }
 
+/// A section of code that one thread at a time runs, guarding no value of its own: what must not interleave
+/// is an action on something outside (messages sent on one socket, lines written to one log). Where there
+/// is a value to guard, `Locked` holds it instead.
+public final class CriticalSection: @unchecked Sendable {
+    private let lock = NSLock()
+
+    public init() {}
+
+    public func run<T>(_ body: () throws -> T) rethrows -> T {
+        lock.lock()
+        defer { lock.unlock() }
+        return try body()
+    }
+}
+
 extension Locked where Value: BinaryInteger {
     /// Adds to a counter (bytes moved, for a progress display).
     public func add(_ amount: Value) { withLock { $0 += amount } }

@@ -1,0 +1,64 @@
+import Foundation
+import Glibc
+import StasisCore
+import StasisOS
+import StasisTestSupport
+import Testing
+
+/// Listing, links, copies and access checks: what the modules above StasisOS once asked FileManager.
+@Suite struct FileSystemQueries {
+    func message(_ body: () throws -> Void) -> String {
+        do { try body() } catch let error as StasisError { return error.message } catch { return "\(error)" }
+        return ""
+    }
+
+    @Test func namesListEveryEntryButDotAndDotDot() throws {
+        let root = Harness.scratch("names")
+        try FileSystem.makeDirectory(root + "/sub")
+        try Data().write(to: URL(fileURLWithPath: root + "/file"))
+        #expect(symlink("nowhere", root + "/link") == 0)
+        #expect(try FileSystem.names(in: root).sorted() == ["file", "link", "sub"])
+        #expect(try FileSystem.names(in: root + "/sub") == [])
+    }
+
+    /// Missing is empty only where asked; what cannot be listed for another reason is an error naming it.
+    @Test func aMissingDirectoryIsEmptyOnlyWhereAsked() throws {
+        let root = Harness.scratch("names")
+        let missing = root + "/missing"
+        #expect(try FileSystem.namesIfPresent(in: missing) == nil)
+        #expect(try FileSystem.namesOrNone(in: missing) == [])
+        #expect(message { _ = try FileSystem.names(in: missing) } == "cannot read directory \(missing): No such file or directory")
+        try Data().write(to: URL(fileURLWithPath: root + "/file"))
+        #expect(message { _ = try FileSystem.namesOrNone(in: root + "/file") } == "cannot read directory \(root)/file: Not a directory")
+    }
+
+    @Test func aLinkTargetIsReadAsWritten() throws {
+        let root = Harness.scratch("link")
+        #expect(symlink("../somewhere/else", root + "/link") == 0)
+        #expect(try FileSystem.symlinkTarget(root + "/link") == "../somewhere/else")
+        #expect(try FileSystem.symlinkTarget("/proc/self/exe").hasPrefix("/"))
+        #expect(message { _ = try FileSystem.symlinkTarget(root + "/none") }.hasPrefix("cannot read the link \(root)/none"))
+    }
+
+    @Test func aCopyKeepsContentAndModeAndNeverReplaces() throws {
+        let root = Harness.scratch("copy")
+        let content = Data((0..<3_000_000).map { UInt8(truncatingIfNeeded: $0 &* 31) })
+        try content.write(to: URL(fileURLWithPath: root + "/source"))
+        try FileSystem.setMode(root + "/source", 0o640)
+        try FileSystem.copyFile(root + "/source", to: root + "/copy")
+        #expect(try FileSystem.readFile(root + "/copy") == content)
+        #expect(try FileSystem.status(root + "/copy")?.permissions == 0o640)
+        #expect(message { try FileSystem.copyFile(root + "/source", to: root + "/copy") }.hasPrefix("cannot create \(root)/copy: File exists"))
+        #expect(message { try FileSystem.copyFile(root + "/none", to: root + "/other") } == "\(root)/none does not exist")
+        #expect(!FileSystem.exists(root + "/other"))
+    }
+
+    @Test func accessChecks() throws {
+        let root = Harness.scratch("access")
+        try Data().write(to: URL(fileURLWithPath: root + "/file"))
+        #expect(FileSystem.isReadable(root + "/file"))
+        #expect(!FileSystem.isReadable(root + "/none"))
+        #expect(FileSystem.isExecutable("/bin/sh"))
+        #expect(!FileSystem.isExecutable(root + "/none"))
+    }
+}

@@ -7,10 +7,11 @@
 #include <stdint.h>
 
 #include "cuda_abi.h"
+#include "stasis_agent_protocol.h"
 
 #define HIDDEN __attribute__((visibility("hidden")))
 #define MAX_DEVICES 64
-/// The most slots the staging ring has (control.c keeps an event per slot and device).
+/// The most slots the staging ring has (ring.c keeps an event per slot and device).
 #define MAX_SLOTS 1024
 
 // ---- driver.c: the real driver, settings, logging
@@ -67,9 +68,12 @@ HIDDEN void gate_after_fork_child(void);
 /// with `version`, or as a symbol when version < 0), or a gated trampoline, or NULL for "leave it".
 HIDDEN void *interpose(const char *name, void *real_pointer, int version);
 
-// ---- memory.c: device memory the agent can evacuate
+// ---- device memory the agent can evacuate: its tables (tables.h) and the files that keep them
+// alloc.c: cuMemAlloc backed by the VMM API
 HIDDEN CUresult memory_alloc(CUdeviceptr *pointer, size_t bytes);
 HIDDEN CUresult memory_free(CUdeviceptr pointer);
+
+// vmm.c: the program's own VMM calls, on the agent's handles
 HIDDEN CUresult memory_create(CUmemGenericAllocationHandle *handle, size_t size, const cu_mem_allocation_prop *prop, unsigned long long flags);
 HIDDEN CUresult memory_release(CUmemGenericAllocationHandle handle);
 HIDDEN CUresult memory_map(CUdeviceptr pointer, size_t size, size_t offset, CUmemGenericAllocationHandle handle, unsigned long long flags);
@@ -77,15 +81,38 @@ HIDDEN CUresult memory_unmap(CUdeviceptr pointer, size_t size);
 HIDDEN CUresult memory_set_access(CUdeviceptr pointer, size_t size, const cu_mem_access_desc *desc, size_t count);
 HIDDEN CUresult memory_properties(cu_mem_allocation_prop *prop, CUmemGenericAllocationHandle handle);
 HIDDEN CUresult memory_retain(CUmemGenericAllocationHandle *handle, void *address);
-HIDDEN CUresult memory_export(void *shareable, CUmemGenericAllocationHandle handle, int type, unsigned long long flags);
-HIDDEN CUresult memory_import(CUmemGenericAllocationHandle *handle, void *os_handle, int type);
 HIDDEN CUresult memory_multicast_bind_address(CUmemGenericAllocationHandle group, CUdevice device, size_t group_offset, CUdeviceptr address,
                                              size_t size, unsigned long long flags);
-/// The program destroyed `context`: it is no longer synchronised at checkpoints.
-HIDDEN void memory_context_destroyed(CUcontext context);
 HIDDEN CUresult memory_multicast_bind(CUmemGenericAllocationHandle group, CUdevice device, size_t group_offset,
                                      CUmemGenericAllocationHandle handle, size_t offset, size_t size, unsigned long long flags);
 
+// shared.c: memory shared between processes through POSIX descriptors
+HIDDEN CUresult memory_export(void *shareable, CUmemGenericAllocationHandle handle, int type, unsigned long long flags);
+HIDDEN CUresult memory_import(CUmemGenericAllocationHandle *handle, void *os_handle, int type);
+/// A new POSIX descriptor for own allocation `id` (the caller passes it on and closes it).
+HIDDEN CUresult memory_export_again(uint64_t id, int *fd, char *why, size_t length);
+/// Imports `fd` (the owner's new export) in place of imported allocation `id` and maps it where it was.
+HIDDEN CUresult memory_import_again(uint64_t id, int fd, char *why, size_t length);
+/// Imported allocation `id` becomes this process's own (its exporter is gone); *bytes: its size.
+HIDDEN CUresult memory_adopt(uint64_t id, uint64_t *bytes, char *why, size_t length);
+/// Legacy CUDA IPC of memory the agent backs: a POSIX descriptor for the allocation holding `pointer`
+/// (exported once, kept until RELEASE), its id, and where `pointer` lies in it. CUDA_ERROR_NOT_FOUND for
+/// memory the agent does not hold.
+HIDDEN CUresult memory_ipc_export(CUdeviceptr pointer, uint64_t *id, uint64_t *offset, uint64_t *size);
+/// A duplicate of allocation `id`'s IPC descriptor (the caller closes it), exporting it again after a
+/// restore; -1 when there is none.
+HIDDEN int memory_ipc_fd(uint64_t id);
+
+// contexts.c: the primary contexts the agent works in, the program's own it synchronises
+/// The program destroyed `context`: it is no longer synchronised at checkpoints.
+HIDDEN void memory_context_destroyed(CUcontext context);
+/// Synchronises the contexts of every GPU the agent has memory on, giving up after `timeout_ms` (the
+/// synchronisation goes on by itself); a CUresult, CUDA_ERROR_TIMEOUT on time-out.
+HIDDEN CUresult memory_synchronize(unsigned timeout_ms, char *why, size_t length);
+/// The context for copies on `device`, current on the calling thread afterwards.
+HIDDEN CUresult memory_use_device(int device);
+
+// tables.c: what the control channel reads of the tables
 typedef struct {
     uint64_t id;
     uint64_t bytes;  // to copy out: 0 for memory imported from another process
@@ -96,45 +123,22 @@ typedef struct {
 } memory_entry;
 /// The allocations to evacuate, in a stable order; returns the count (entries malloc'd into *out).
 HIDDEN size_t memory_table(memory_entry **out, uint64_t *tracked, uint64_t *driver_path);
-/// Synchronises the contexts of every GPU the agent has memory on, giving up after `timeout_ms` (the
-/// synchronisation goes on by itself); a CUresult, CUDA_ERROR_TIMEOUT on time-out.
-HIDDEN CUresult memory_synchronize(unsigned timeout_ms, char *why, size_t length);
+/// Why the memory cannot be evacuated (CUDA IPC), or NULL.
+HIDDEN const char *memory_refusal(void);
+/// How many mappings are not in place.
+HIDDEN int memory_unmapped(void);
+HIDDEN int memory_released(void);
+HIDDEN void memory_after_fork_child(void);
+
+// release.c: the physical memory taken away and put back while the gate is closed
 /// A device address covering all of allocation `id`, and its size (mapping it temporarily where the program
 /// has not mapped it whole with read-write access for its device).
 HIDDEN CUresult memory_view(uint64_t id, CUdeviceptr *address, int *device, size_t *size);
 HIDDEN void memory_drop_views(void);
-/// The context for copies on `device`, current on the calling thread afterwards.
-HIDDEN CUresult memory_use_device(int device);
-/// Why the memory cannot be evacuated (CUDA IPC), or NULL.
-HIDDEN const char *memory_refusal(void);
 HIDDEN CUresult memory_release_all(char *why, size_t length);
 /// Re-creates the process's own memory and maps it where it was; imported memory waits for
 /// memory_import_again. Mappings still missing keep memory_released() true.
 HIDDEN CUresult memory_reback_all(char *why, size_t length);
-/// A new POSIX descriptor for own allocation `id` (the caller passes it on and closes it).
-HIDDEN CUresult memory_export_again(uint64_t id, int *fd, char *why, size_t length);
-/// Imports `fd` (the owner's new export) in place of imported allocation `id` and maps it where it was.
-HIDDEN CUresult memory_import_again(uint64_t id, int fd, char *why, size_t length);
-/// Imported allocation `id` becomes this process's own (its exporter is gone); *bytes: its size.
-HIDDEN CUresult memory_adopt(uint64_t id, uint64_t *bytes, char *why, size_t length);
-/// How many mappings are not in place.
-HIDDEN int memory_unmapped(void);
-HIDDEN int memory_released(void);
-/// The pinned staging ring (allocated at the first backed allocation, never at checkpoint time).
-HIDDEN void *memory_ring(void);
-HIDDEN void memory_ensure_ring(void);
-/// The shared ring unpinned while the device memory is released, and pinned again before it is re-created.
-HIDDEN CUresult memory_ring_unpin(char *why, size_t length);
-HIDDEN CUresult memory_ring_pin(char *why, size_t length);
-HIDDEN void memory_after_fork_child(void);
-
-/// Legacy CUDA IPC of memory the agent backs: a POSIX descriptor for the allocation holding `pointer`
-/// (exported once, kept until RELEASE), its id, and where `pointer` lies in it. CUDA_ERROR_NOT_FOUND for
-/// memory the agent does not hold.
-HIDDEN CUresult memory_ipc_export(CUdeviceptr pointer, uint64_t *id, uint64_t *offset, uint64_t *size);
-/// A duplicate of allocation `id`'s IPC descriptor (the caller closes it), exporting it again after a
-/// restore; -1 when there is none.
-HIDDEN int memory_ipc_fd(uint64_t id);
 
 // ---- ipc.c: legacy CUDA IPC (cuIpcGetMemHandle / cuIpcOpenMemHandle) on memory the agent backs
 HIDDEN CUresult ipc_get_mem_handle(cu_ipc_mem_handle *handle, CUdeviceptr pointer);
@@ -160,7 +164,67 @@ HIDDEN CUresult digest_prepare(int device, char *why, size_t length);
 /// Hashes every job on its device, all devices at once; a CUresult, with `why` on failure.
 HIDDEN CUresult digest_chunks(const digest_job *jobs, size_t count, digest_out *out, char *why, size_t length);
 
+// ---- message.c: one protocol message over a stream socket, the one send and receive path of every message
+/// Sends `message` whole, with descriptor `passed` attached (SCM_RIGHTS, on its first byte) unless it is -1;
+/// 0, or -1 when the peer is gone.
+HIDDEN int message_send(int fd, const stasis_agent_message *message, int passed);
+/// Receives a message whole; a descriptor that comes with it goes to *passed (closing one already there from
+/// the same message), which the caller closes, even on failure. 0, or -1 when the peer is gone.
+HIDDEN int message_receive(int fd, stasis_agent_message *message, int *passed);
+/// Whether a message is waiting (without blocking).
+HIDDEN int message_waiting(int fd);
+
+// ---- ring.c: the pinned staging ring and the copies through its slots
+/// The pinned staging ring (allocated at the first backed allocation, never at checkpoint time), or NULL.
+HIDDEN void *ring_address(void);
+/// Pins the ring in the current context, when it is not pinned yet.
+HIDDEN void ring_ensure(void);
+/// Pins the ring in `device`'s primary context, leaving the calling thread's current context as it was.
+HIDDEN void ring_ensure_on(int device);
+/// The shared ring unpinned while the device memory is released, and pinned again before it is re-created.
+HIDDEN CUresult ring_unpin(char *why, size_t length);
+HIDDEN CUresult ring_pin(char *why, size_t length);
+
+// One chunk of an evacuation: where it is and, when the GPU hashed it, its digest.
+typedef struct {
+    uint64_t id, offset, length;
+    CUdeviceptr address;
+    int device;
+    int hashed;  // digest is the GPU's
+    digest_out sum;
+} planned_chunk;
+
+/// Forgets the copies in flight (a new connection, a new evacuation).
+HIDDEN void ring_copies_reset(void);
+HIDDEN unsigned ring_copies_in_flight(void);
+/// Starts a copy between slot `slot` of the ring and bytes [offset, offset + length) of allocation `id`: out
+/// of the device (`out`) or into it; `chunk`: an evacuation's, what FILLED tells stasis of it.
+HIDDEN CUresult ring_copy_start(int out, int slot, uint64_t id, uint64_t offset, uint64_t length, const planned_chunk *chunk, char *why,
+                                size_t why_length);
+/// Waits for the oldest copy and tells stasis about it with `op`; `lent_slots` (an evacuation's FILLED):
+/// the slots stasis holds, its slot marked. 0, or -1 with `why`.
+HIDDEN int ring_finish_oldest(int fd, uint32_t op, char *lent_slots, char *why, size_t length);
+/// Tells stasis with `op` of every copy that has finished already, oldest first, without waiting: slots go
+/// back as soon as their copies end, not only once the ring is full or stasis pauses.
+HIDDEN int ring_finish_done(int fd, uint32_t op, char *why, size_t length);
+/// Waits for every copy in flight and tells stasis nothing (an evacuation that failed).
+HIDDEN void ring_copies_abandon(void);
+/// Fills bytes [offset, offset + length) of allocation `id` with zeros, on a copy stream.
+HIDDEN CUresult ring_zero(uint64_t id, uint64_t offset, uint64_t length, char *why, size_t why_length);
+/// Finishes every copy into the device and waits for the zero fills; 0, or -1 with `why`.
+HIDDEN int ring_flush_writes(int fd, char *why, size_t length);
+
+// ---- evacuate.c: every allocation chunk by chunk, copied out or hashed
+/// Copies every allocation out through the ring: a FILLED per slot, and stasis gives each slot back with
+/// FREE once it has read it. With `with_digests`, the GPU hashes every chunk first: FILLED then carries the
+/// digest, and chunks of zeros are not copied at all. Returns 0, or -1 with `why`.
+HIDDEN int evacuate(int fd, int with_digests, uint64_t *copied, char *why, size_t length);
+/// Hashes every chunk now in the device and sends a DIGEST each; 0, or -1 with `why`.
+HIDDEN int verify(int fd, char *why, size_t length);
+
 // ---- control.c: the channel to stasis
 HIDDEN void control_start(void);
+/// Receives the next message from stasis, keeping a descriptor that came with it for IMPORT.
+HIDDEN int control_receive(int fd, stasis_agent_message *message);
 
 #endif

@@ -109,7 +109,7 @@ typedef struct {
     CUresult (*cuMemcpyHtoDAsync_v2)(CUdeviceptr, const void *, size_t, CUstream);
     CUresult (*cuMemsetD8Async)(CUdeviceptr, unsigned char, size_t, CUstream);
     CUresult (*cuMemHostAlloc)(void **, size_t, unsigned int);
-    // The staging ring as a memfd mapping the agent pins itself (memory.c).
+    // The staging ring as a memfd mapping the agent pins itself (ring.c).
     CUresult (*cuMemHostRegister_v2)(void *, size_t, unsigned int);
     CUresult (*cuMemHostUnregister)(void *);
     CUresult (*cuGetErrorName)(CUresult, const char **);

@@ -60,7 +60,7 @@ __attribute__((constructor)) static void agent_init(void) {
     settings.min_backed_bytes = mib_setting("STASIS_AGENT_MIN_BACKED_MIB", 2u << 20);
     settings.slot_bytes = 2u << 20;  // ChunkStore.chunkSize: a slot is one chunk
     size_t ring = mib_setting("STASIS_AGENT_RING_MIB", 64u << 20);
-    // Between 4 slots and MAX_SLOTS (control.c's tables): 8 MiB to 2 GiB.
+    // Between 4 slots and MAX_SLOTS (ring.c's tables): 8 MiB to 2 GiB.
     if (ring < 4 * settings.slot_bytes) ring = 4 * settings.slot_bytes;
     if (ring > (size_t)MAX_SLOTS * settings.slot_bytes) ring = (size_t)MAX_SLOTS * settings.slot_bytes;
     settings.slot_count = (unsigned)(ring / settings.slot_bytes);

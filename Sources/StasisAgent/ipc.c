@@ -7,7 +7,6 @@
 // descriptor, which checkpoints carry (see stasis_agent_protocol.h). Memory the agent does not back keeps
 // the driver's IPC.
 #define _GNU_SOURCE
-#include <errno.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <string.h>
@@ -74,25 +73,8 @@ static int descriptor_from(int32_t pid, uint64_t id) {
     message.id = id;
     int received = -1;
     if (connect(fd, (struct sockaddr *)&address, (socklen_t)(sizeof(sa_family_t) + 1 + (size_t)length)) == 0 &&
-        send(fd, &message, sizeof message, MSG_NOSIGNAL) == (ssize_t)sizeof message) {
-        char *bytes = (char *)&message;
-        size_t done = 0;
-        while (done < sizeof message) {
-            struct iovec vector = {bytes + done, sizeof message - done};
-            union { struct cmsghdr header; char space[CMSG_SPACE(sizeof(int))]; } control;
-            struct msghdr header = {0};
-            header.msg_iov = &vector;
-            header.msg_iovlen = 1;
-            header.msg_control = control.space;
-            header.msg_controllen = sizeof control.space;
-            ssize_t got = recvmsg(fd, &header, MSG_CMSG_CLOEXEC);
-            if (got < 0 && errno == EINTR) continue;
-            if (got <= 0) break;
-            struct cmsghdr *passed = CMSG_FIRSTHDR(&header);
-            if (passed && passed->cmsg_level == SOL_SOCKET && passed->cmsg_type == SCM_RIGHTS) memcpy(&received, CMSG_DATA(passed), sizeof received);
-            done += (size_t)got;
-        }
-        if (done < sizeof message || message.op != STASIS_AGENT_OK) {
+        message_send(fd, &message, -1) == 0) {
+        if (message_receive(fd, &message, &received) != 0 || message.op != STASIS_AGENT_OK) {
             if (received >= 0) close(received);
             received = -1;
             agent_log("the agent of PID %d did not give allocation %#llx: %.*s", pid, (unsigned long long)id, (int)sizeof message.text, message.text);

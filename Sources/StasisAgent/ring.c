@@ -1,0 +1,244 @@
+// The staging ring: pinned host memory of slots, one chunk of the store each, that every copy between the
+// device and stasis passes through; and the copies themselves, asynchronous on a few streams per device,
+// each told to stasis (FILLED, WRITTEN) once it has finished, oldest first.
+#define _GNU_SOURCE
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "agent.h"
+#include "stasis_agent_protocol.h"
+
+// ---- the ring's memory
+
+static void *ring;
+static int ring_shared;        // a memfd mapping the agent pins itself (else the driver's pinned memory)
+static int ring_pinned;
+static CUcontext ring_context; // the context it was pinned in (a primary context: it lives as long as the process)
+
+/// The ring as a memfd mapped shared, so that stasis can map the same pages and copy a chunk once on the CPU
+/// (between the slot and the store's file) instead of twice (process_vm_readv, then write). Not inherited by
+/// children (DataLoader workers carry no ring, as with the driver's pinned memory).
+static void *map_shared_ring(size_t bytes) {
+    int fd = memfd_create(STASIS_AGENT_RING_NAME, MFD_CLOEXEC);
+    if (fd < 0) return NULL;
+    void *address = MAP_FAILED;
+    if (ftruncate(fd, (off_t)bytes) == 0) address = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
+    close(fd);
+    if (address == MAP_FAILED) return NULL;
+    madvise(address, bytes, MADV_DONTFORK);
+    return address;
+}
+
+HIDDEN void ring_ensure(void) {
+    if (ring) return;
+    size_t bytes = settings.slot_bytes * settings.slot_count;
+    void *shared = settings.shared_ring ? map_shared_ring(bytes) : NULL;
+    CUresult result = CUDA_ERROR_NOT_SUPPORTED;
+    if (shared && real.cuMemHostRegister_v2 && real.cuMemHostUnregister &&
+        (result = real.cuMemHostRegister_v2(shared, bytes, CU_MEMHOSTREGISTER_PORTABLE)) == CUDA_SUCCESS) {
+        ring = shared;
+        ring_shared = ring_pinned = 1;
+        real.cuCtxGetCurrent(&ring_context);
+    } else {
+        if (shared) {
+            agent_log("cannot pin a shared staging ring (%s): the driver's pinned memory instead", driver_error_name(result));
+            munmap(shared, bytes);
+        }
+        void *pinned = NULL;
+        result = real.cuMemHostAlloc(&pinned, bytes, CU_MEMHOSTALLOC_PORTABLE);
+        if (result == CUDA_SUCCESS) ring = pinned;
+    }
+    if (ring) {
+        agent_log("pinned %sstaging ring: %u slots of %zu bytes", ring_shared ? "shared " : "", settings.slot_count, settings.slot_bytes);
+        digest_pin_area();
+    } else {
+        agent_log("cannot pin the staging ring: %s", driver_error_name(result));
+    }
+}
+
+/// Pins the ring in `device`'s primary context, leaving the calling thread's current context as it was.
+HIDDEN void ring_ensure_on(int device) {
+    if (ring) return;
+    CUcontext previous = NULL;
+    if (real.cuCtxGetCurrent(&previous) != CUDA_SUCCESS || memory_use_device(device) != CUDA_SUCCESS) return;
+    ring_ensure();
+    real.cuCtxSetCurrent(previous);
+}
+
+/// Runs `pin` (1) or unpin (0) of the shared ring in the context it was pinned in.
+static CUresult ring_pin_state(int pin, char *why, size_t length) {
+    if (!ring_shared || ring_pinned == pin) return CUDA_SUCCESS;
+    size_t bytes = settings.slot_bytes * settings.slot_count;
+    CUcontext previous = NULL;
+    CUresult result = real.cuCtxGetCurrent(&previous);
+    if (result == CUDA_SUCCESS) result = real.cuCtxSetCurrent(ring_context);
+    if (result == CUDA_SUCCESS) {
+        result = pin ? real.cuMemHostRegister_v2(ring, bytes, CU_MEMHOSTREGISTER_PORTABLE) : real.cuMemHostUnregister(ring);
+        real.cuCtxSetCurrent(previous);
+    }
+    if (result != CUDA_SUCCESS) {
+        snprintf(why, length, "cannot %s the staging ring: %s", pin ? "pin" : "unpin", driver_error_name(result));
+        return result;
+    }
+    ring_pinned = pin;
+    // Unpinned, its pages go: the checkpoint need not carry 64 MiB of stale slots. Pinning again faults them in.
+    if (!pin) madvise(ring, bytes, MADV_REMOVE);
+    return CUDA_SUCCESS;
+}
+
+/// The shared ring is the agent's own memory, which the driver's checkpoint need not know as pinned: it is
+/// unpinned while the device memory is released (across the driver's checkpoint, CRIU and a restore) and
+/// pinned again before the memory is re-created.
+HIDDEN CUresult ring_unpin(char *why, size_t length) { return ring_pin_state(0, why, length); }
+HIDDEN CUresult ring_pin(char *why, size_t length) { return ring_pin_state(1, why, length); }
+
+HIDDEN void *ring_address(void) { return ring; }
+
+// ---- copies through the ring
+
+static CUstream streams[MAX_DEVICES][8];
+static CUevent events[MAX_DEVICES][MAX_SLOTS];
+static unsigned stream_turn;
+
+typedef struct {
+    int slot;
+    int device;
+    uint64_t id, offset, length;
+    const planned_chunk *chunk;  // an evacuation's: what FILLED tells stasis of it
+} copy;
+
+// The copies in flight, oldest first.
+static copy flight[MAX_SLOTS];
+static unsigned flight_head, flight_count;
+
+static CUresult prepare_device(int device, char *why, size_t length) {
+    CUresult result = memory_use_device(device);
+    for (unsigned s = 0; result == CUDA_SUCCESS && s < settings.streams; s++) {
+        if (!streams[device][s]) result = real.cuStreamCreate(&streams[device][s], CU_STREAM_NON_BLOCKING);
+    }
+    if (result != CUDA_SUCCESS) snprintf(why, length, "cannot use GPU %d for copies: %s", device, driver_error_name(result));
+    return result;
+}
+
+static CUresult slot_event(int device, int slot, CUevent *event) {
+    if (!events[device][slot]) {
+        CUresult result = real.cuEventCreate(&events[device][slot], CU_EVENT_DISABLE_TIMING);
+        if (result != CUDA_SUCCESS) return result;
+    }
+    *event = events[device][slot];
+    return CUDA_SUCCESS;
+}
+
+HIDDEN void ring_copies_reset(void) { flight_head = flight_count = 0; }
+HIDDEN unsigned ring_copies_in_flight(void) { return flight_count; }
+
+HIDDEN CUresult ring_copy_start(int out, int slot, uint64_t id, uint64_t offset, uint64_t length, const planned_chunk *chunk, char *why,
+                                size_t why_length) {
+    CUdeviceptr view;
+    int device;
+    size_t size;
+    CUresult result = memory_view(id, &view, &device, &size);
+    if (result != CUDA_SUCCESS) {
+        snprintf(why, why_length, "no device memory %#llx to copy: %s", (unsigned long long)id, driver_error_name(result));
+        return result;
+    }
+    if (offset > size || length > size - offset || length > settings.slot_bytes) {
+        snprintf(why, why_length, "bytes %llu..%llu are outside allocation %#llx (%zu bytes)", (unsigned long long)offset,
+                 (unsigned long long)(offset + length), (unsigned long long)id, size);
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    if ((result = prepare_device(device, why, why_length)) != CUDA_SUCCESS) return result;
+    CUstream stream = streams[device][stream_turn++ % settings.streams];
+    char *host = (char *)ring_address() + (size_t)slot * settings.slot_bytes;
+    CUevent event = NULL;
+    result = out ? real.cuMemcpyDtoHAsync_v2(host, view + offset, length, stream)
+                 : real.cuMemcpyHtoDAsync_v2(view + offset, host, length, stream);
+    if (result == CUDA_SUCCESS) result = slot_event(device, slot, &event);
+    if (result == CUDA_SUCCESS) result = real.cuEventRecord(event, stream);
+    if (result != CUDA_SUCCESS) {
+        snprintf(why, why_length, "copy %s GPU %d failed: %s", out ? "from" : "to", device, driver_error_name(result));
+        return result;
+    }
+    copy *entry = &flight[(flight_head + flight_count++) % MAX_SLOTS];
+    *entry = (copy){slot, device, id, offset, length, chunk};
+    return CUDA_SUCCESS;
+}
+
+HIDDEN int ring_finish_oldest(int fd, uint32_t op, char *lent_slots, char *why, size_t length) {
+    copy *entry = &flight[flight_head];
+    CUresult result = real.cuEventSynchronize(events[entry->device][entry->slot]);
+    flight_head = (flight_head + 1) % MAX_SLOTS;
+    flight_count--;
+    if (result != CUDA_SUCCESS) {
+        snprintf(why, length, "copy of %#llx at %llu failed: %s", (unsigned long long)entry->id, (unsigned long long)entry->offset,
+                 driver_error_name(result));
+        return -1;
+    }
+    stasis_agent_message message;
+    memset(&message, 0, sizeof message);
+    message.op = op;
+    message.slot = entry->slot;
+    message.id = entry->id;
+    message.offset = entry->offset;
+    message.length = entry->length;
+    message.device = entry->device;
+    if (entry->chunk && entry->chunk->hashed) {
+        memcpy(message.digest, entry->chunk->sum.digest, sizeof message.digest);
+        message.chunk_flags = STASIS_AGENT_CHUNK_DIGEST;
+    }
+    if (op == STASIS_AGENT_FILLED && lent_slots) lent_slots[entry->slot] = 1;
+    if (message_send(fd, &message, -1) != 0) {
+        snprintf(why, length, "stasis went away during the copy");
+        return -1;
+    }
+    return 0;
+}
+
+HIDDEN int ring_finish_done(int fd, uint32_t op, char *why, size_t length) {
+    while (flight_count > 0 && real.cuEventQuery(events[flight[flight_head].device][flight[flight_head].slot]) != CUDA_ERROR_NOT_READY) {
+        // Finished, or failed: ring_finish_oldest tells which.
+        if (ring_finish_oldest(fd, op, NULL, why, length) != 0) return -1;
+    }
+    return 0;
+}
+
+HIDDEN void ring_copies_abandon(void) {
+    while (flight_count > 0) {
+        real.cuEventSynchronize(events[flight[flight_head].device][flight[flight_head].slot]);
+        flight_head = (flight_head + 1) % MAX_SLOTS;
+        flight_count--;
+    }
+}
+
+HIDDEN CUresult ring_zero(uint64_t id, uint64_t offset, uint64_t length, char *why, size_t why_length) {
+    CUdeviceptr view;
+    int device;
+    size_t size = 0;
+    CUresult result = memory_view(id, &view, &device, &size);
+    if (result == CUDA_SUCCESS && (offset > size || length > size - offset)) result = CUDA_ERROR_INVALID_VALUE;
+    if (result == CUDA_SUCCESS && prepare_device(device, why, why_length) == CUDA_SUCCESS) {
+        result = real.cuMemsetD8Async(view + offset, 0, length, streams[device][stream_turn++ % settings.streams]);
+    }
+    return result;
+}
+
+HIDDEN int ring_flush_writes(int fd, char *why, size_t length) {
+    while (flight_count > 0) {
+        if (ring_finish_oldest(fd, STASIS_AGENT_WRITTEN, NULL, why, length) != 0) return -1;
+    }
+    for (int device = 0; device < MAX_DEVICES; device++) {
+        for (unsigned s = 0; s < settings.streams; s++) {
+            if (!streams[device][s]) continue;
+            CUresult result = memory_use_device(device);
+            if (result == CUDA_SUCCESS) result = real.cuStreamSynchronize(streams[device][s]);
+            if (result != CUDA_SUCCESS) {
+                snprintf(why, length, "writing GPU %d failed: %s", device, driver_error_name(result));
+                return -1;
+            }
+        }
+    }
+    memory_drop_views();
+    return 0;
+}

@@ -11,7 +11,7 @@ import StasisOS
 /// file from the other end and takes EOF as its end. CRIU opens each image once and reads pages files in order.
 /// stasis uses it to decode chunks straight into CRIU instead of rebuilding the images on tmpfs first.
 /// The two messages have a single field each, so they are encoded here by hand.
-// @unchecked Sendable: `failures` and `connection` are reached only under `lock`; the listener and provider are set once.
+// @unchecked Sendable: `failures` and `connection` are `Locked`; the listener and provider are set once.
 public final class CRIUImageServer: @unchecked Sendable {
     /// Writes one image into the pipe it is given (the server closes the pipe afterwards).
     public typealias Writer = @Sendable (FileDescriptor) throws -> Void
@@ -24,9 +24,8 @@ public final class CRIUImageServer: @unchecked Sendable {
     public let directory: String
     private let listener: FileDescriptor
     private let provider: Provider
-    private let lock = NSLock()
-    private var failures: [Error] = []
-    private var connection: FileDescriptor?
+    private let failures = Locked<[Error]>([])
+    private let connection = Locked<FileDescriptor?>(nil)
     private let writers = DispatchGroup()
     private let accepting = DispatchGroup()
     private let brokenPipe: Signals.BrokenPipeHandler
@@ -58,24 +57,24 @@ public final class CRIUImageServer: @unchecked Sendable {
     /// the problems met, first first.
     public func finish() -> [Error] {
         listener.shutdown()
-        lock.withLock { connection?.shutdown() }
+        connection.withLock { $0?.shutdown() }
         accepting.wait()
         writers.wait()
         listener.closeQuietly()
         FileSystem.remove(directory + "/" + Self.socketName)
         FileSystem.removeEmptyDirectory(directory)
         Signals.restoreBrokenPipe(brokenPipe)
-        return lock.withLock { failures }
+        return failures.current
     }
 
-    private func record(_ error: Error) { lock.withLock { failures.append(error) } }
+    private func record(_ error: Error) { failures.withLock { $0.append(error) } }
 
     private func serve() {
         // An error here: shut down before CRIU connected.
         guard let connection = try? UnixSocket.accept(listener) else { return }
-        lock.withLock { self.connection = connection }
+        self.connection.withLock { $0 = connection }
         defer {
-            lock.withLock { self.connection = nil }
+            self.connection.withLock { $0 = nil }
             connection.closeQuietly()
         }
         while let name = readRequest(connection) {

@@ -143,39 +143,32 @@ private struct WorkItem {
 }
 
 /// Work queue and results shared by the hashing threads.
-// @unchecked Sendable: its cursor and results are reached only under its lock.
-private final class HashState: @unchecked Sendable {
-    private let lock = NSLock()
-    private var plans: [FilePlan]
+private final class HashState: Sendable {
+    private let plans: Locked<[FilePlan]>
     private let items: [WorkItem]
-    private var nextIndex = 0
-    private var failure: StasisError?
+    private let nextIndex = Locked(0)
+    private let failure = FirstFailure()
 
     init(plans: [FilePlan], items: [WorkItem]) {
-        self.plans = plans
+        self.plans = Locked(plans)
         self.items = items
     }
 
     func next() -> WorkItem? {
-        lock.withLock {
-            guard failure == nil, nextIndex < items.count else { return nil }
-            defer { nextIndex += 1 }
-            return items[nextIndex]
-        }
+        guard failure.error == nil, let index = nextIndex.takeNext(below: items.count) else { return nil }
+        return items[index]
     }
 
-    func plan(_ index: Int) -> FilePlan { lock.withLock { plans[index] } }
-    func store(_ item: WorkItem, digest: SHA256.Digest) { lock.withLock { plans[item.file].digests[item.segment] = digest } }
-    func fail(_ error: StasisError) { lock.withLock { if failure == nil { failure = error } } }
+    func plan(_ index: Int) -> FilePlan { plans.withLock { $0[index] } }
+    func store(_ item: WorkItem, digest: SHA256.Digest) { plans.withLock { $0[item.file].digests[item.segment] = digest } }
+    func fail(_ error: StasisError) { failure.set(error) }
 
     func results() throws -> [ParallelHasher.Result] {
-        try lock.withLock {
-            if let failure { throw failure }
-            return plans.map { plan in
-                let digests = plan.digests.map { $0! }
-                return ParallelHasher.Result(path: plan.relative, size: plan.size, sha256: SegmentedDigest.combine(digests),
-                                             segments: digests.count > 1 ? digests.map { SegmentedDigest.hex($0) } : nil)
-            }.sorted { $0.path < $1.path }
-        }
+        try failure.check()
+        return plans.current.map { plan in
+            let digests = plan.digests.map { $0! }
+            return ParallelHasher.Result(path: plan.relative, size: plan.size, sha256: SegmentedDigest.combine(digests),
+                                         segments: digests.count > 1 ? digests.map { SegmentedDigest.hex($0) } : nil)
+        }.sorted { $0.path < $1.path }
     }
 }

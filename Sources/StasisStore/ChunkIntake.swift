@@ -14,28 +14,27 @@ extension CheckpointBundle.ImportStatistics {
 /// threads while the reader goes on reading the next ones: one thread hashing a migration's chunks was its
 /// bottleneck (0.3 GB/s). A bounded set of buffers keeps memory fixed and makes the reader wait when all
 /// are in use; the first failure stops the intake.
-// @unchecked Sendable: its free buffers, statistics and failure are reached only under its locks; a buffer belongs to one thread at a time.
+// @unchecked Sendable: its free buffers and statistics are `Locked`, its failure a `FirstFailure`; a buffer belongs to one thread at a time.
 final class ChunkIntake: @unchecked Sendable {
     private let store: ChunkStore
-    private let batch: ChunkStore.Batch
+    private let batch: any ChunkBatch
     private let files: [UnsafeMutableRawBufferPointer]
     private let plains: [UnsafeMutableRawBufferPointer]
     private let available: DispatchSemaphore
     private let group = DispatchGroup()
     private let queue = DispatchQueue(label: "stasis.chunk-intake", attributes: .concurrent)
-    private let lock = NSLock()
-    private var free: [Int]
-    private var failure: Error?
-    private var statistics = CheckpointBundle.ImportStatistics()
-    private var finished = false
+    private let free: Locked<[Int]>
+    private let failure = FirstFailure()
+    /// What was stored so far; `finished` once `finish` has handed it out.
+    private let totals = Locked((statistics: CheckpointBundle.ImportStatistics(), finished: false))
 
-    init(store: ChunkStore, batch: ChunkStore.Batch, chunkSize: Int) {
+    init(store: ChunkStore, batch: any ChunkBatch, chunkSize: Int) {
         let count = max(2, min(16, ProcessInfo.processInfo.activeProcessorCount))
         (self.store, self.batch) = (store, batch)
-        files = (0..<count).map { _ in .allocate(byteCount: ChunkStore.scratchSize(chunkSize), alignment: 4096) }
+        files = (0..<count).map { _ in .allocate(byteCount: ChunkFormat.scratchSize(chunkSize), alignment: 4096) }
         plains = (0..<count).map { _ in .allocate(byteCount: chunkSize, alignment: 4096) }
         available = DispatchSemaphore(value: count)
-        free = Array(0..<count)
+        free = Locked(Array(0..<count))
     }
 
     deinit {
@@ -51,48 +50,48 @@ final class ChunkIntake: @unchecked Sendable {
     func submit(length: Int, plainLength: Int?, digest: String, damaged: StasisError,
                 fill: (UnsafeMutableRawBufferPointer) throws -> Void) throws {
         available.wait()
-        let index: Int = lock.withLock { free.removeLast() }
-        if let failure = lock.withLock({ self.failure }) { release(index); throw failure }
+        let index = free.withLock { $0.removeLast() }
+        if let failure = failure.error { release(index); throw failure }
         do { try fill(UnsafeMutableRawBufferPointer(rebasing: files[index][0..<length])) } catch { release(index); throw error }
         queue.async(group: group) { [self] in
             defer { release(index) }
             let bytes = UnsafeRawBufferPointer(rebasing: files[index][0..<length])
-            let expected = plainLength ?? min(ChunkStore.plainLength(ofChunkFile: bytes) ?? 0, plains[index].count)
+            let expected = plainLength ?? min(ChunkFormat.plainLength(ofChunkFile: bytes) ?? 0, plains[index].count)
             let output = UnsafeMutableRawBufferPointer(rebasing: plains[index][0..<expected])
             do {
-                if let why = ChunkStore.decode(bytes, digest: digest, into: output) {
+                if let why = ChunkFormat.decode(bytes, digest: digest, into: output) {
                     var error = damaged
                     error.message = error.message.replacingOccurrences(of: "{why}", with: why)
                     throw error
                 }
-                let put = try store.putFile(bytes, digest: digest, batch: batch)
-                lock.withLock {
-                    statistics.chunks += 1
+                let put = try batch.putFile(bytes, digest: digest)
+                totals.withLock { totals in
+                    totals.statistics.chunks += 1
                     if put.isNew {
-                        statistics.newChunks += 1
-                        statistics.storedBytes += put.storedBytes
+                        totals.statistics.newChunks += 1
+                        totals.statistics.storedBytes += put.storedBytes
                     } else {
-                        statistics.reusedChunks += 1
+                        totals.statistics.reusedChunks += 1
                     }
                 }
             } catch {
-                lock.withLock { if self.failure == nil { self.failure = error } }
+                failure.set(error)
             }
         }
     }
 
     private func release(_ index: Int) {
-        lock.withLock { free.append(index) }
+        free.withLock { $0.append(index) }
         available.signal()
     }
 
     /// Waits for every chunk submitted; their statistics, or the first failure.
     func finish() throws -> CheckpointBundle.ImportStatistics {
         group.wait()
-        return try lock.withLock {
-            if let failure { throw failure }
-            defer { finished = true; statistics = .init() }
-            return finished ? .init() : statistics
+        try failure.check()
+        return totals.withLock { totals in
+            defer { totals = (.init(), true) }
+            return totals.finished ? .init() : totals.statistics
         }
     }
 }
@@ -102,20 +101,20 @@ final class ChunkIntake: @unchecked Sendable {
 /// their names.
 // @unchecked Sendable: as ChunkIntake, which it wraps.
 public final class ChunkReceiver: @unchecked Sendable {
-    private let batch: ChunkStore.Batch
+    private let batch: any ChunkBatch
     private let intake: ChunkIntake
     private let plainLength = Locked<[String: Int]>([:])
 
     public init(store: ChunkStore) {
-        batch = ChunkStore.Batch(store: store)
-        intake = ChunkIntake(store: store, batch: batch, chunkSize: ChunkStore.chunkSize)
+        batch = store.makeBatch()
+        intake = ChunkIntake(store: store, batch: batch, chunkSize: ChunkFormat.chunkSize)
     }
 
     /// Checks and stores one chunk file of `length` bytes (header and payload, as a store keeps it), which
     /// `fill` reads straight into the intake's buffer (from the connection: no copy in between); `from` names
     /// its sender.
     public func submit(digest: String, length: Int, from: String, fill: (UnsafeMutableRawBufferPointer) throws -> Void) throws {
-        guard length > 0, length < ChunkStore.scratchSize(ChunkStore.chunkSize) else {
+        guard length > 0, length < ChunkFormat.scratchSize(ChunkFormat.chunkSize) else {
             throw StasisError(.integrity, "chunk \(digest) from \(from) claims \(length) bytes, not a chunk file's")
         }
         let damaged = StasisError(.integrity, "chunk \(digest) from \(from) is damaged: {why}")

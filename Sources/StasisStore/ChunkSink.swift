@@ -5,36 +5,35 @@ import StasisCore
 /// other is hashed and, unless the store has it, compressed and written into one batch. Nothing is visible
 /// under its name before `commit`. Used by the ingester (chunks read from CRIU's files) and by the agent
 /// transfer (chunks read from a GPU process's staging ring).
-// @unchecked Sendable: `statistics` is reached only under its lock; the store and batch are Sendable.
+// @unchecked Sendable: its one mutable value, `statistics`, is `Locked`; the store and batch are Sendable.
 public final class ChunkSink: @unchecked Sendable {
     public let store: ChunkStore
     public let codec: Codec
     /// Probe each chunk's first 64 KiB before compressing it all (see `Codec.probeBytes`).
     public let probe: Bool
-    private let batch: ChunkStore.Batch
-    private let lock = NSLock()
-    private var statistics = ChunkIngester.Statistics()
+    private let batch: any ChunkBatch
+    private let statistics = Locked(ChunkIngester.Statistics())
 
     public init(store: ChunkStore, codec: Codec, probe: Bool = false) {
         self.store = store
         self.codec = codec
         self.probe = probe
-        self.batch = ChunkStore.Batch(store: store)
+        self.batch = store.makeBatch()
     }
 
     /// Bytes each caller's scratch buffer must hold for chunks of `chunkSize`.
-    public static func scratchSize(chunkSize: Int = ChunkStore.chunkSize) -> Int { ChunkStore.scratchSize(chunkSize) }
+    public static func scratchSize(chunkSize: Int = ChunkFormat.chunkSize) -> Int { ChunkFormat.scratchSize(chunkSize) }
 
     /// Stores one chunk; returns its digest, "" for a chunk of zeros.
     public func put(_ bytes: UnsafeRawBufferPointer, scratch: UnsafeMutableRawBufferPointer) throws -> String {
         let zero = ChunkDigest.isZero(bytes)
         var digest = ""
-        var put = ChunkStore.PutResult(isNew: false, storedBytes: 0)
+        var put = ChunkPutResult(isNew: false, storedBytes: 0)
         if !zero {
             digest = ChunkDigest.hex(bytes)
-            put = try store.put(bytes, digest: digest, codec: codec, scratch: scratch, batch: batch, probe: probe)
+            put = try batch.put(bytes, digest: digest, codec: codec, scratch: scratch, probe: probe, claimed: false)
         }
-        lock.withLock {
+        statistics.withLock { statistics in
             statistics.plainBytes += UInt64(bytes.count)
             statistics.storedBytes += put.storedBytes
             if zero { statistics.zeroChunks += 1 } else if put.isNew { statistics.newChunks += 1 } else { statistics.reusedChunks += 1 }
@@ -46,8 +45,8 @@ public final class ChunkSink: @unchecked Sendable {
     /// are needed, and they are then this caller's to `putHashed`; false when the store or this batch has it
     /// (counted as reused, nothing to read).
     public func needs(_ digest: String, length: Int) -> Bool {
-        if store.claim(digest, batch: batch) { return true }
-        lock.withLock {
+        if batch.claim(digest) { return true }
+        statistics.withLock { statistics in
             statistics.plainBytes += UInt64(length)
             statistics.reusedChunks += 1
         }
@@ -56,8 +55,8 @@ public final class ChunkSink: @unchecked Sendable {
 
     /// Stores the bytes of a chunk that `needs` asked for, under its known digest, without hashing them again.
     public func putHashed(_ bytes: UnsafeRawBufferPointer, digest: String, scratch: UnsafeMutableRawBufferPointer) throws {
-        let put = try store.put(bytes, digest: digest, codec: codec, scratch: scratch, batch: batch, probe: probe, claimed: true)
-        lock.withLock {
+        let put = try batch.put(bytes, digest: digest, codec: codec, scratch: scratch, probe: probe, claimed: true)
+        statistics.withLock { statistics in
             statistics.plainBytes += UInt64(bytes.count)
             statistics.storedBytes += put.storedBytes
             statistics.newChunks += 1
@@ -66,13 +65,13 @@ public final class ChunkSink: @unchecked Sendable {
 
     /// Counts a chunk of zeros that was never copied (the GPU found it zero).
     public func countZero(length: Int) {
-        lock.withLock {
+        statistics.withLock { statistics in
             statistics.plainBytes += UInt64(length)
             statistics.zeroChunks += 1
         }
     }
 
-    public var totals: ChunkIngester.Statistics { lock.withLock { statistics } }
+    public var totals: ChunkIngester.Statistics { statistics.current }
 
     /// Makes every chunk put so far durable and visible (one syncfs, renames, one syncfs).
     public func commit() throws {
@@ -93,7 +92,7 @@ extension ChunkStore {
     /// `checkDigest` is false (the caller checks where the bytes end up); `scratch` holds
     /// `ChunkSink.scratchSize` bytes. `place` names it in errors.
     public func readChunk(_ digest: String, into output: UnsafeMutableRawBufferPointer, scratch: UnsafeMutableRawBufferPointer,
-                          place: Place, checkDigest: Bool = true) throws {
-        try read(digest, into: output, scratch: scratch, place: place, checkDigest: checkDigest)
+                          place: ChunkPlace, checkDigest: Bool = true) throws {
+        try read(digest, into: output, scratch: scratch, place: place, fileInScratch: false, checkDigest: checkDigest)
     }
 }

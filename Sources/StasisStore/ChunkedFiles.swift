@@ -29,9 +29,9 @@ public enum ChunkedFiles {
         }
 
         /// Where chunk `index` lies in the file.
-        func place(_ index: Int, chunkSize: Int, checkpoint: String) -> ChunkStore.Place {
+        func place(_ index: Int, chunkSize: Int, checkpoint: String) -> ChunkPlace {
             let offset = UInt64(index) * UInt64(chunkSize)
-            return ChunkStore.Place(checkpoint: checkpoint, file: path, offset: offset, length: Int(min(UInt64(chunkSize), size - offset)))
+            return ChunkPlace(checkpoint: checkpoint, file: path, offset: offset, length: Int(min(UInt64(chunkSize), size - offset)))
         }
     }
 
@@ -47,7 +47,7 @@ public enum ChunkedFiles {
     /// restore can make before CRIU starts without reading every chunk.
     public static func requirePresent(_ items: [Item], in store: ChunkStore, checkpoint: String, chunkSize: Int) throws {
         for item in items {
-            for (index, digest) in item.chunks.enumerated() where !digest.isEmpty && !FileSystem.exists(store.chunkPath(digest)) {
+            for (index, digest) in item.chunks.enumerated() where !digest.isEmpty && !store.contains(digest) {
                 throw StasisError(.integrity, "chunk \(digest) of \(item.place(index, chunkSize: chunkSize, checkpoint: checkpoint).text) is missing from the store \(store.path)",
                                   hint: "the store lost chunks (removed by hand?); restore from another copy")
             }
@@ -73,14 +73,15 @@ public enum ChunkedFiles {
         for (file, item) in items.enumerated() {
             for (index, digest) in item.chunks.enumerated() where !digest.isEmpty { jobs.append((file, index)) }
         }
-        let state = ReadState(count: jobs.count)
+        let nextJob = Locked(0)
+        let failure = FirstFailure()  // the first problem found is named
         let (allJobs, files) = (jobs, outputs)
         let workers = max(1, min(threads, jobs.count))
         WorkerGroup.run(workers, name: "stasis-read") { _ in
             let plain = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkSize, alignment: 4096)
-            let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: ChunkStore.scratchSize(chunkSize), alignment: 4096)
+            let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: ChunkFormat.scratchSize(chunkSize), alignment: 4096)
             defer { plain.deallocate(); scratch.deallocate() }
-            while let next = state.next() {
+            while failure.error == nil, let next = nextJob.takeNext(below: allJobs.count) {
                 let (file, index) = allJobs[next]
                 let item = items[file]
                 let place = item.place(index, chunkSize: chunkSize, checkpoint: checkpoint)
@@ -94,11 +95,11 @@ public enum ChunkedFiles {
                     }
                     progress?(UInt64(place.length))
                 } catch {
-                    state.fail(error)
+                    failure.set(error)
                 }
             }
         }
-        if let error = state.failure { throw error }
+        try failure.check()
         return items.reduce(0) { $0 + $1.size }
     }
 
@@ -159,27 +160,6 @@ public enum ChunkedFiles {
         }
     }
 
-    // @unchecked Sendable: its cursor and failure are reached only under its lock.
-    private final class ReadState: @unchecked Sendable {
-        private let lock = NSLock()
-        private var cursor = 0
-        private let count: Int
-        private(set) var failure: Error?
-        init(count: Int) { self.count = count }
-        func next() -> Int? {
-            lock.withLock {
-                guard failure == nil, cursor < count else { return nil }
-                defer { cursor += 1 }
-                return cursor
-            }
-        }
-        func fail(_ error: Error) {
-            lock.withLock {
-                // Report the earliest problem in file order would need sorting; the first one found is named.
-                if failure == nil { failure = error }
-            }
-        }
-    }
 }
 
 // MARK: - streaming
@@ -224,7 +204,7 @@ extension ChunkedFiles {
                 }
                 return
             }
-            let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: ChunkStore.scratchSize(chunkSize), alignment: 4096)
+            let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: ChunkFormat.scratchSize(chunkSize), alignment: 4096)
             defer { scratch.deallocate() }
             while let (index, buffer) = window.claim() {
                 let place = item.place(index, chunkSize: chunkSize, checkpoint: checkpoint)
@@ -245,28 +225,26 @@ extension ChunkedFiles {
     }
 
     /// Chunk buffers that streams may borrow beyond their own two: 64 MiB, or 4 per core if that is more.
-    // @unchecked Sendable: its count is reached only under its condition's lock.
-    final class StreamBudget: @unchecked Sendable {
-        static let shared = StreamBudget(bytes: max(64 << 20, 4 * ProcessInfo.processInfo.activeProcessorCount * ChunkStore.chunkSize))
-        private let lock = NSLock()
-        private var free: Int
-        init(bytes: Int) { free = bytes }
+    final class StreamBudget: Sendable {
+        static let shared = StreamBudget(bytes: max(64 << 20, 4 * ProcessInfo.processInfo.activeProcessorCount * ChunkFormat.chunkSize))
+        private let free: Locked<Int>
+        init(bytes: Int) { free = Locked(bytes) }
 
         /// Takes up to `count` buffers of `chunkSize` bytes without waiting; returns how many it took.
         func take(upTo count: Int, chunkSize: Int) -> Int {
-            lock.withLock {
+            free.withLock { free in
                 let taken = max(0, min(count, free / chunkSize))
                 free -= taken * chunkSize
                 return taken
             }
         }
 
-        func give(_ count: Int, chunkSize: Int) { lock.withLock { free += count * chunkSize } }
+        func give(_ count: Int, chunkSize: Int) { free.withLock { $0 += count * chunkSize } }
     }
 
     /// Zeros for zero chunks, handed to pipes by reference: allocated once, never written after.
     nonisolated(unsafe) static let zeroPages: UnsafeMutableRawBufferPointer = {
-        let pages = UnsafeMutableRawBufferPointer.allocate(byteCount: ChunkStore.chunkSize, alignment: 4096)
+        let pages = UnsafeMutableRawBufferPointer.allocate(byteCount: ChunkFormat.chunkSize, alignment: 4096)
         pages.initializeMemory(as: UInt8.self, repeating: 0)
         return pages
     }()

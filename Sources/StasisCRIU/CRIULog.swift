@@ -1,5 +1,6 @@
 import Foundation
 import StasisCore
+import StasisOS
 
 /// Picks the lines of a CRIU log that explain a failure, for quoting in error messages.
 public enum CRIULog {
@@ -10,7 +11,8 @@ public enum CRIULog {
     /// The error lines of the log (CRIU marks them "Error (file:line)"), at most `limit`, with the line
     /// before the first one for context; when there are none, the log's last lines.
     public static func excerpt(path: String, limit: Int = 8) -> [String] {
-        guard let data = FileManager.default.contents(atPath: path) else { return [] }
+        // A log that cannot be read quotes nothing: the failure being explained is reported all the same.
+        guard let data = try? FileSystem.readFileIfPresent(path) else { return [] }
         let lines = String(decoding: data, as: UTF8.self).split(separator: "\n", omittingEmptySubsequences: true)
             .map(String.init).filter { line in !harmless.contains { line.contains($0) } }
         let errorIndices = lines.indices.filter { lines[$0].contains("Error (") || lines[$0].contains("Error: ") }

@@ -15,7 +15,8 @@ public enum CheckpointWriter {
 
     /// Bytes of memory images in `directory` so far (a dump's progress).
     public static func pageBytes(in directory: String) -> UInt64 {
-        let names = (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []
+        // Progress only: a directory that cannot be listed shows no bytes yet, and the dump reports its own errors.
+        let names = (try? FileSystem.namesOrNone(in: directory)) ?? []
         return names.filter { $0.hasPrefix("pages-") }.reduce(0) { $0 + (FileSystem.size(directory + "/" + $1) ?? 0) }
     }
 
@@ -33,7 +34,7 @@ public enum CheckpointWriter {
     public static func completeImages(in directory: String, ingester: ChunkIngester, except skipped: Set<String> = []) throws -> Images {
         let watch = Stopwatch()
         let names = try FileSystem.regularFiles(under: directory).filter { !skipped.contains($0) }
-        let large = names.filter { isMemoryImage($0) || (FileSystem.size(directory + "/" + $0) ?? 0) >= UInt64(ChunkStore.chunkSize) }
+        let large = names.filter { isMemoryImage($0) || (FileSystem.size(directory + "/" + $0) ?? 0) >= UInt64(ChunkFormat.chunkSize) }
         let (chunked, statistics) = try ingester.finish(alsoIngest: large)
         let whole = names.filter { chunked[$0] == nil }
         let hashed = try ParallelHasher.hash(whole, under: directory)
@@ -98,7 +99,7 @@ public enum CheckpointWriter {
             : contents.gpu.processes.contains(where: { $0.agent != nil }) ? Manifest.versionWithAgents : Manifest.versionWithoutAgents
         // What this checkpoint added to the store: CRIU's images and the device memory agents moved.
         let added = images.statistics + contents.deviceStatistics
-        manifest.store = .init(path: store.path, chunkSize: ChunkStore.chunkSize, codec: contents.codec,
+        manifest.store = .init(path: store.path, chunkSize: ChunkFormat.chunkSize, codec: contents.codec,
                                plainBytes: added.plainBytes, storedBytes: added.storedBytes, newChunks: added.newChunks,
                                reusedChunks: added.reusedChunks, zeroChunks: added.zeroChunks)
         try manifest.validate(name: "the manifest of \(staging.destination)")

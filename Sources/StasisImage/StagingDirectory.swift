@@ -95,9 +95,12 @@ public final class StagingDirectory {
             return logName.map { destination + "/" + $0 }.flatMap { FileSystem.exists($0) ? $0 : nil }
         }
         var kept: String?
+        // The log is kept on a best-effort basis: discarding runs after a failure, which is what gets reported;
+        // a log that cannot be read or copied is only not kept (nil says so).
         if let logName,
-           let data = FileManager.default.contents(atPath: workPath + "/" + logName) ?? FileManager.default.contents(atPath: path + "/" + logName) {
+           let data = (try? FileSystem.readFileIfPresent(workPath + "/" + logName)) ?? (try? FileSystem.readFileIfPresent(path + "/" + logName)) {
             for target in [destination + ".dump-failed.log", NSTemporaryDirectory() + "stasis-dump-failed-\(ProcessInfo.processInfo.processIdentifier).log"] {
+                // A full or read-only filesystem here: the next target is tried.
                 if (try? FileSystem.writeAtomically(data, to: target)) != nil { kept = target; break }
             }
         }

@@ -6,7 +6,7 @@ import StasisOS
 /// writing them front to back: a chunk is taken as soon as its bytes exist, so when the writer finishes only
 /// the tails are left. Reading, hashing, compressing and writing overlap across the workers; memory stays
 /// bounded at two chunk-sized buffers per worker. New chunks become visible in the store at `finish`, all
-/// made durable by one syncfs (see `ChunkStore.Batch`).
+/// made durable by one syncfs (see `any ChunkBatch`).
 // @unchecked Sendable: its queue, offsets and results are reached only under its condition's lock; buffers belong to one worker each.
 public final class ChunkIngester: @unchecked Sendable {
     /// A file as chunks: `chunks[i]` is the digest of bytes [i * chunkSize, ...), "" for a chunk of zeros.
@@ -74,7 +74,7 @@ public final class ChunkIngester: @unchecked Sendable {
     /// With `releaseIngested`, each chunk's bytes are punched out of its file once stored (the files are
     /// scratch, deleted afterwards): the disk holds at most what is not yet chunked, and CRIU's pages are
     /// mostly dropped from the page cache before they are ever written back.
-    public init(directory: String, store: ChunkStore, codec: Codec, chunkSize: Int = ChunkStore.chunkSize,
+    public init(directory: String, store: ChunkStore, codec: Codec, chunkSize: Int = ChunkFormat.chunkSize,
                 threads: Int = ProcessInfo.processInfo.activeProcessorCount, releaseIngested: Bool = false,
                 follows: @escaping @Sendable (String) -> Bool) {
         self.releaseIngested = releaseIngested
@@ -165,7 +165,9 @@ public final class ChunkIngester: @unchecked Sendable {
     private func follow() {
         defer { followerDone.signal() }
         while condition.withLock({ following && failure == nil }) {
-            let names = (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []
+            // Polling while CRIU writes: a listing that fails is tried again at the next poll, and `finish`
+            // lists the directory once more and throws what it cannot read.
+            let names = (try? FileSystem.namesOrNone(in: directory)) ?? []
             var progressed = false
             for name in names where follows(name) {
                 guard let size = FileSystem.size(directory + "/" + name) else { continue }

@@ -42,7 +42,7 @@ public struct StoreCatalog {
     /// not run on a list it cannot read.
     public func entries() throws -> [Entry] {
         let directory = store.path + "/checkpoints"
-        let names = (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []
+        let names = try FileSystem.namesOrNone(in: directory)  // a store with no checkpoints yet has none
         var entries: [Entry] = []
         for name in names where name.hasSuffix(".json") {
             let path = directory + "/" + name
@@ -152,7 +152,7 @@ public struct StoreCatalog {
                 report.keptChunks += 1
                 continue
             }
-            let path = store.chunkPath(name)
+            let path = store.chunkFileName(name)  // gc is the directory store's: its chunk files
             guard let file = FileSystem.sizeAndAge(path), file.seconds >= graceSeconds else { report.keptChunks += 1; continue }
             report.removedChunks += 1
             report.removedBytes += file.size
@@ -160,7 +160,9 @@ public struct StoreCatalog {
         }
         // tmp/NAME.PID.RANDOM: a writer that died left it; one still running keeps its own.
         let temporary = store.path + "/tmp"
-        for name in (try? FileManager.default.contentsOfDirectory(atPath: temporary)) ?? [] {
+        // Best effort, as the partials below: a leftover not seen now is removed by a later gc, and the
+        // chunks gc exists for are already collected.
+        for name in (try? FileSystem.namesOrNone(in: temporary)) ?? [] {
             let parts = name.split(separator: ".")
             guard parts.count == 3, let owner = Int32(parts[1]), !ProcFS.isLive(owner) else { continue }
             report.removedTemporaryFiles += 1
@@ -176,6 +178,6 @@ public struct StoreCatalog {
     /// Bytes of chunk files in the store, and how many.
     public func usage() -> (chunks: Int, bytes: UInt64) {
         let names = store.allChunks()
-        return (names.count, names.reduce(0) { $0 + (FileSystem.size(store.chunkPath($1)) ?? 0) })
+        return (names.count, names.reduce(0) { $0 + (store.storedSize($1) ?? 0) })
     }
 }

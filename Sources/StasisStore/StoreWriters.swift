@@ -60,7 +60,9 @@ public final class StoreWriter: Sendable {
     static func collectDead(in store: ChunkStore, dryRun: Bool) -> Collected {
         let directory = store.path + "/writers"
         var collected = Collected()
-        for name in (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? [] {
+        // Cleanup is best effort: a store whose writers/ cannot be listed keeps its leftovers until a later gc,
+        // which is no reason to fail the gc (or dump) that tidies up on the way.
+        for name in (try? FileSystem.namesOrNone(in: directory)) ?? [] {
             guard let writer = writer(ofRecordNamed: name), !writer.isLive else { continue }
             let path = directory + "/" + name
             if !name.contains(".tmp-") {
@@ -97,7 +99,8 @@ public final class StoreWriter: Sendable {
         if line.hasSuffix("*") {
             let parent = String(line[..<line.lastIndex(of: "/")!])
             let prefix = String(line[line.index(after: line.lastIndex(of: "/")!)...].dropLast())
-            let names = (try? FileManager.default.contentsOfDirectory(atPath: parent.isEmpty ? "/" : parent)) ?? []
+            // The partial's directory may be gone or unreadable by now: then there is nothing to remove there.
+            let names = (try? FileSystem.namesOrNone(in: parent.isEmpty ? "/" : parent)) ?? []
             paths = names.filter { $0.hasPrefix(prefix) }.map { parent + "/" + $0 }
         }
         for path in paths {

@@ -73,6 +73,7 @@ public enum FileSystem {
             case ELOOP where !followingLinks:
                 throw StasisError(.invalidArgument, "\(path) is a symbolic link, not \(what)", hint: "name the file itself: it is not read through a link")
             case ENXIO, EOPNOTSUPP:  // a socket, or a device without a driver: there is nothing to open
+                // The refusal stands whatever the kind; failing to name it only makes the message vaguer.
                 throw notAFile(path, kind: (try? status(path, followingLinks: followingLinks))??.kindName ?? "not a regular file", what: what)
             default:
                 throw systemError("cannot open", path)
@@ -161,10 +162,7 @@ public enum FileSystem {
     public static func isMissingOrEmptyDirectory(_ path: String) throws -> Bool {
         guard exists(path) else { return true }
         guard isDirectory(path) else { return false }
-        guard let entries = try? FileManager.default.contentsOfDirectory(atPath: path) else {
-            throw systemError("cannot read directory", path)
-        }
-        return entries.isEmpty
+        return try names(in: path).isEmpty
     }
 
     public static func size(_ path: String) -> UInt64? {
@@ -198,7 +196,7 @@ public enum FileSystem {
         let fd = retryingEINTR { open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC) }
         guard fd >= 0 else {
             if errno == ELOOP || errno == ENOTDIR {
-                let kind = (try? status(path, followingLinks: false))??.kindName ?? "not a directory"
+                let kind = (try? status(path, followingLinks: false))??.kindName ?? "not a directory"  // only names it in the refusal
                 throw StasisError(.invalidArgument, "\(path) is \(kind), not a directory: stasis keeps secrets only in a directory itself",
                                   hint: "name a new directory (stasis creates it, mode 0700)")
             }
@@ -257,7 +255,8 @@ public enum FileSystem {
         let url = URL(fileURLWithPath: destination).standardizedFileURL
         let parent = url.deletingLastPathComponent().path
         let prefix = ".\(url.lastPathComponent).partial-"
-        guard let names = try? FileManager.default.contentsOfDirectory(atPath: parent) else { return }
+        // Tidying on the way: a parent that cannot be listed leaves its leftovers for a later run (and gc).
+        guard let names = try? FileSystem.names(in: parent) else { return }
         for name in names where name.hasPrefix(prefix) {
             let owner = name.dropFirst(prefix.count).split(separator: "-").first.flatMap { Int32($0) }
             if let owner, !ProcFS.isLive(owner) { removeTree(parent + "/" + name) }
@@ -334,30 +333,40 @@ public enum FileSystem {
         try fsync(path: URL(fileURLWithPath: destination).deletingLastPathComponent().path)
     }
 
-    /// Regular files below `root`, as sorted paths relative to it.
+    /// Regular files below `root`, as sorted paths relative to it. A directory below it that cannot be
+    /// read is an error naming it, not a directory without files.
     public static func regularFiles(under root: String) throws -> [String] {
-        guard let walker = FileManager.default.enumerator(atPath: root) else {
-            throw systemError("cannot read directory", root)
-        }
         var files: [String] = []
-        while let relative = walker.nextObject() as? String {
-            var st = stat()
-            if lstat(root + "/" + relative, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG {
-                files.append(relative)
+        try walk(root) { relative, kind in if kind == S_IFREG { files.append(relative) } }
+        return files.sorted()
+    }
+
+    /// Calls `visit` with the path relative to `root` and the type (S_IFMT bits) of everything below it, a
+    /// directory before what it holds; links are not followed. Throws what cannot be listed or examined.
+    private static func walk(_ root: String, _ visit: (String, mode_t) throws -> Void) throws {
+        var pending = [""]
+        while let relative = pending.popLast() {
+            let directory = relative.isEmpty ? root : root + "/" + relative
+            for name in try names(in: directory) {
+                let child = relative.isEmpty ? name : relative + "/" + name
+                var st = stat()
+                guard lstat(root + "/" + child, &st) == 0 else {
+                    if errno == ENOENT { continue }  // removed since it was listed
+                    throw systemError("cannot examine", root + "/" + child)
+                }
+                let kind = st.st_mode & S_IFMT
+                try visit(child, kind)
+                if kind == S_IFDIR { pending.append(child) }
             }
         }
-        return files.sorted()
     }
 
     /// Makes every directory below and including `root` 0700 and every file 0600.
     public static func makePrivate(tree root: String) throws {
         guard chmod(root, 0o700) == 0 else { throw systemError("cannot set mode 0700 on", root) }
-        guard let walker = FileManager.default.enumerator(atPath: root) else { return }
-        while let relative = walker.nextObject() as? String {
+        try walk(root) { relative, kind in
             let path = root + "/" + relative
-            var st = stat()
-            guard lstat(path, &st) == 0 else { continue }
-            switch st.st_mode & S_IFMT {
+            switch kind {
             case S_IFDIR: if chmod(path, 0o700) != 0 { throw systemError("cannot set mode 0700 on", path) }
             case S_IFREG: if chmod(path, 0o600) != 0 { throw systemError("cannot set mode 0600 on", path) }
             default: break
@@ -375,13 +384,24 @@ public enum FileSystem {
     /// Removes a directory if it is empty (rmdir(2)); anything in it keeps it.
     public static func removeEmptyDirectory(_ path: String) { rmdir(path) }
 
+    /// Removes `path` and, if it is a directory, everything in it (links are removed, never followed). Best
+    /// effort, for discarding what stasis made (staging, partials): what cannot be removed stays, and the
+    /// caller's own outcome is what is reported.
     public static func removeTree(_ path: String) {
-        try? FileManager.default.removeItem(atPath: path)
+        var st = stat()
+        guard lstat(path, &st) == 0 else { return }
+        if (st.st_mode & S_IFMT) == S_IFDIR {
+            // A directory that cannot be listed is left as it is (see above); rmdir then fails too.
+            for name in (try? names(in: path)) ?? [] { removeTree(path + "/" + name) }
+            rmdir(path)
+        } else {
+            unlink(path)
+        }
     }
 
     public static func readFile(_ path: String) throws -> Data {
         guard let handle = FileHandle(forReadingAtPath: path) else { throw systemError("cannot open", path) }
-        defer { try? handle.close() }
+        defer { try? handle.close() }  // a read-only descriptor: closing it loses nothing
         do { return try handle.readToEnd() ?? Data() } catch { throw systemError("cannot read", path) }
     }
 }

@@ -33,6 +33,7 @@ public enum HostFacts {
 
     /// MemAvailable of /proc/meminfo: what can be taken without swapping (page cache that can go included).
     public static func availableMemoryBytes() -> UInt64? {
+        // nil is "not known", which callers allow for; /proc is there wherever CRIU runs.
         guard let text = try? String(contentsOfFile: "/proc/meminfo", encoding: .utf8),
               let line = text.split(separator: "\n").first(where: { $0.hasPrefix("MemAvailable:") }),
               let kilobytes = UInt64(line.split(separator: " ", omittingEmptySubsequences: true).dropFirst().first ?? "") else { return nil }
@@ -41,6 +42,7 @@ public enum HostFacts {
 
     /// The CPU model name and the flags of the first processor in /proc/cpuinfo.
     static func cpuInfo() -> (String, Set<String>) {
+        // Without /proc (never where CRIU runs) the host is described as unknown, as one that lists no model is.
         guard let text = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8) else { return ("unknown", []) }
         var model = "unknown"
         var flags: Set<String> = []

@@ -32,9 +32,10 @@ public enum ProcFS {
     }
 
     /// A /proc file's text. Decoded leniently: file names in maps and commands in stat may hold bytes that
-    /// are not UTF-8 (a PyTorch rank's maps did), which must not make the whole file unreadable.
+    /// are not UTF-8 (a PyTorch rank's maps did), which must not make the whole file unreadable. nil when it
+    /// cannot be read: the process ended (or is another user's), which callers take as "no such process".
     public static func text(_ path: String) -> String? {
-        guard let data = try? FileSystem.readFile(path) else { return nil }
+        guard let data = try? FileSystem.readFile(path) else { return nil }  // gone or not ours: nil (above)
         return String(decoding: data, as: UTF8.self)
     }
 
@@ -49,23 +50,27 @@ public enum ProcFS {
         return stat.state != "Z" && stat.state != "X"
     }
 
-    /// The process's open descriptors, in order (empty when they cannot be read).
+    /// The process's open descriptors, in order (empty when they cannot be read: the process ended, or it is
+    /// another user's, which is how every caller means it).
     public static func descriptors(_ pid: Int32) -> [Int32] {
-        ((try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []).compactMap { Int32($0) }.sorted()
+        ((try? FileSystem.namesOrNone(in: "/proc/\(pid)/fd")) ?? []).compactMap { Int32($0) }.sorted()  // unreadable: none (above)
     }
 
     /// What each of the process's descriptors points at ("/dev/nvidia0", "socket:[4242]", "pipe:[17]", ...).
     public static func descriptorTargets(_ pid: Int32) -> [String] {
-        descriptors(pid).compactMap { try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\($0)") }
+        // A descriptor closed since it was listed has no target, and is no longer the process's.
+        descriptors(pid).compactMap { try? FileSystem.symlinkTarget("/proc/\(pid)/fd/\($0)") }
     }
 
     /// The process's environment as it was at exec ("NAME=value" each).
     public static func environment(_ pid: Int32) -> [String] {
+        // A process that ended, or one not ours to read, has none to give (as `arguments`).
         ((try? FileSystem.readFile("/proc/\(pid)/environ")) ?? Data()).split(separator: 0).map { String(decoding: $0, as: UTF8.self) }
     }
 
     public static func arguments(_ pid: Int32) -> [String] {
-        guard let data = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") else { return [] }
+        // A process that ended (or a kernel thread) has no arguments to give.
+        guard let data = try? FileSystem.readFile("/proc/\(pid)/cmdline") else { return [] }
         return data.split(separator: 0, omittingEmptySubsequences: true).map { String(decoding: $0, as: UTF8.self) }
     }
 
@@ -131,7 +136,8 @@ public enum ProcFS {
     }
 
     public static func allPIDs() -> [Int32] {
-        guard let names = try? FileManager.default.contentsOfDirectory(atPath: "/proc") else { return [] }
+        // /proc is always there on Linux; without it there are no processes stasis could find anyway.
+        guard let names = try? FileSystem.names(in: "/proc") else { return [] }
         return names.compactMap { Int32($0) }
     }
 

@@ -25,18 +25,16 @@ extension ProgressTicker {
 }
 
 /// Calls `report` every `interval` seconds on its own thread until stopped.
-// @unchecked Sendable: `running` is reached only under its lock; the rest is set once.
-final class ProgressTicker: @unchecked Sendable {
-    private let lock = NSLock()
-    private var running = true
+final class ProgressTicker: Sendable {
+    private let running = Locked(true)
     private let done = DispatchSemaphore(value: 0)
 
     init?(interval: Double = 0.5, _ report: (@Sendable () -> Void)?) {
         guard let report else { return nil }
         let thread = Thread { [self] in
-            while lock.withLock({ running }) {
+            while running.current {
                 Thread.sleep(forTimeInterval: interval)
-                if lock.withLock({ running }) { report() }
+                if running.current { report() }
             }
             done.signal()
         }
@@ -44,7 +42,7 @@ final class ProgressTicker: @unchecked Sendable {
     }
 
     func stop() {
-        lock.withLock { running = false }
+        running.withLock { $0 = false }
         done.wait()
     }
 }

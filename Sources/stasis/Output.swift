@@ -13,7 +13,7 @@ struct OutputOptions: ParsableArguments {
 
 /// --store, for every command that reads or writes chunks.
 struct StoreOptions: ParsableArguments {
-    @Option(name: .long, help: "The chunk store (default: the one the checkpoint names; for new checkpoints $STASIS_STORE, else \(ChunkStore.defaultPath)).")
+    @Option(name: .long, help: "The chunk store (default: the one the checkpoint names; for new checkpoints $STASIS_STORE, else \(StoreLocation.defaultPath)).")
     var store: String?
 
     func validate() throws {
@@ -34,7 +34,13 @@ enum Output {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
         encoder.dateEncodingStrategy = .iso8601
-        if let data = try? encoder.encode(value) { Swift.print(escapingTerminalControls(json: String(decoding: data, as: UTF8.self))) }
+        do {
+            let data = try encoder.encode(value)
+            Swift.print(escapingTerminalControls(json: String(decoding: data, as: UTF8.self)))
+        } catch {
+            // Not silently nothing: a value JSON cannot hold (a number that is not finite) is named on stderr.
+            FileHandle.standardError.write(Data("stasis: error: cannot write the output as JSON: \(error)\n".utf8))
+        }
     }
 
     /// JSON text with DEL, the C1 controls and the bidirectional overrides written as \uXXXX escapes: the

@@ -72,9 +72,10 @@ struct RunCommand: ParsableCommand {
 
     /// This binary's own path, whichever way it was started (through PATH, a symlink, a relative path).
     static func ownBinary() -> String? {
-        let executable = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        // Without /proc (a minimal chroot), the name this binary was started by is the next best answer.
+        let executable = (try? FileSystem.symlinkTarget("/proc/self/exe")) ?? CommandLine.arguments[0]
         let path = URL(fileURLWithPath: executable).resolvingSymlinksInPath().path
-        return FileManager.default.isExecutableFile(atPath: path) ? path : nil
+        return FileSystem.isExecutable(path) ? path : nil
     }
 
     /// The agent library: the option, $STASIS_AGENT_LIBRARY, then beside the binary or in ../lib/stasis.
@@ -83,7 +84,7 @@ struct RunCommand: ParsableCommand {
         let binary = URL(fileURLWithPath: executable).resolvingSymlinksInPath().deletingLastPathComponent()
         let candidates = [explicit, ProcessInfo.processInfo.environment["STASIS_AGENT_LIBRARY"]].compactMap { $0 }
         for path in candidates {
-            guard FileManager.default.isReadableFile(atPath: path) else {
+            guard FileSystem.isReadable(path) else {
                 throw StasisError(.invalidArgument, "the agent library \(path) does not exist or cannot be read")
             }
             return URL(fileURLWithPath: path).standardizedFileURL.path
@@ -93,7 +94,7 @@ struct RunCommand: ParsableCommand {
         for path in [binary.appendingPathComponent("libstasis-agent.so").path,
                      binary.appendingPathComponent("../lib/stasis/libstasis-agent.so").standardizedFileURL.path,
                      binary.appendingPathComponent("../../agent/libstasis-agent.so").standardizedFileURL.path]
-        where FileManager.default.isReadableFile(atPath: path) {
+        where FileSystem.isReadable(path) {
             return path
         }
         throw StasisError(.invalidArgument, "cannot find libstasis-agent.so beside \(binary.path) or in \(binary.appendingPathComponent("../lib/stasis").standardizedFileURL.path)",

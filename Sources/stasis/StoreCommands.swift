@@ -1,12 +1,18 @@
 import ArgumentParser
 import Foundation
 import StasisCore
+import StasisEngine
+import StasisOS
 import StasisStore
 
 /// The store a store command works on: --store, else $STASIS_STORE, else the default.
 private func openStore(_ options: StoreOptions) throws -> ChunkStore {
-    try ChunkStore(path: ChunkStore.resolve(options.store, recorded: nil), create: false)
+    try Backends().openStore(options.store, create: false)
 }
+
+/// Whether the file at `path` is there (a listed checkpoint's manifest). One that cannot be examined
+/// (its directory unreadable) shows as absent: `ls` reports, it does not stop at one entry.
+private func isPresent(_ path: String) -> Bool { ((try? FileSystem.type(of: path)) ?? nil) != nil }
 
 struct ListCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -40,7 +46,7 @@ struct ListCommand: ParsableCommand {
             let catalog = StoreCatalog(store: try openStore(store))
             let rows = try catalog.entries().map { entry in
                 Row(id: entry.manifest.id, directory: entry.directory,
-                    present: FileManager.default.fileExists(atPath: entry.directory + "/" + Manifest.fileName), stale: StoreCatalog.isStale(entry),
+                    present: isPresent(entry.directory + "/" + Manifest.fileName), stale: StoreCatalog.isStale(entry),
                     createdAt: entry.manifest.createdAt, rootPID: entry.manifest.processTree.rootPID,
                     imageBytes: entry.manifest.memory.imageBytes, addedBytes: entry.manifest.store?.storedBytes ?? 0)
             }

@@ -100,6 +100,7 @@ public final class CRIUImageServer: @unchecked Sendable {
 
     private func readExactly(_ fd: FileDescriptor, _ count: Int) -> [UInt8]? {
         var buffer = [UInt8](repeating: 0, count: count)
+        // A read that fails ends the connection as its end does: CRIU, the peer, reports why it stopped.
         let got = try? buffer.withUnsafeMutableBytes { try fd.read(filling: $0) }
         return got == count ? buffer : nil
     }
@@ -125,6 +126,7 @@ public final class CRIUImageServer: @unchecked Sendable {
 
     /// `img_streamer_reply_entry { required bool exists = 1; }`, framed.
     private func writeReply(_ fd: FileDescriptor, exists: Bool) -> Bool {
+        // false ends serving: CRIU went away, and its own outcome says why.
         (try? fd.write(all: [2, 0, 0, 0, 0x08, exists ? 1 : 0])) != nil
     }
 }

@@ -94,6 +94,7 @@ extension CRIUService {
         defer { Spawn.adoptOrphans(false) }
         let status = Spawn.wait(try start(arguments))
         if status != 0 { Spawn.reap(pids) }
+        // No PID file, or an unreadable one, is reported below as no root PID reported.
         let reported = (try? FileSystem.readFile(pidFile)).flatMap { Int32(String(decoding: $0, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)) }
         if status == 0, let reported, reported > 1 { return CRIUOutcome(succeeded: true, rootPID: reported, problem: "") }
         return CRIUOutcome(succeeded: false, rootPID: nil,

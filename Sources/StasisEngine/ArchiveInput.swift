@@ -24,9 +24,11 @@ final class ArchiveInput {
 
     /// What the first bytes of a file say it is compressed with.
     static func compression(of path: String) -> Compression? {
+        // A sniff only: nil ("cannot tell"), and the open that follows reports what is wrong with the file.
         guard let fd = try? FileSystem.openInput(path, what: "a checkpoint archive") else { return nil }
         let handle = FileHandle(fileDescriptor: fd.rawValue, closeOnDealloc: true)
-        defer { try? handle.close() }
+        defer { try? handle.close() }  // read-only: closing it loses nothing
+        // Unreadable or shorter than a magic: not compressed, as far as a sniff can tell (see above).
         guard let head = try? handle.read(upToCount: 4), head.count == 4 else { return nil }
         if Array(head) == [0x28, 0xB5, 0x2F, 0xFD] { return .zstd }
         if head[0] == 0x1F && head[1] == 0x8B { return .gzip }

@@ -79,6 +79,7 @@ public enum ArchiveOperation {
         var annotations: [String: String]?
 
         init(from decoder: Decoder) throws {
+            // Lenient on purpose: a spec whose annotations are not strings has none that stasis reads.
             annotations = try? decoder.container(keyedBy: CodingKeys.self).decodeIfPresent([String: String].self, forKey: .annotations)
         }
 
@@ -104,9 +105,12 @@ public enum ArchiveOperation {
     public static func isArchive(_ path: String) -> Bool {
         // Compressed: an archive (stasis bundles never are); a damaged one is then refused as such, by its decoder.
         if let compression = ArchiveInput.compression(of: path), compression != .none { return true }
+        // A question, not an import: a file that cannot be opened as an archive is not one, and the caller's own open says why.
         guard let input = try? ArchiveInput(path) else { return false }
         var head = [UInt8](repeating: 0, count: 262)
+        // A short or failing read is not a tar header (false), as above.
         let got = (try? head.withUnsafeMutableBytes { try input.tar.read(filling: $0) }) ?? 0
+        // Only 262 bytes were wanted: the decoder's complaint about the rest is not this question's.
         try? input.finish()
         return got == head.count && Array(head[257..<262]) == Array("ustar".utf8)
     }
@@ -258,10 +262,11 @@ public enum ArchiveOperation {
         // How far the reader is: the archive file's position (read front to back, by the decoder if compressed).
         let position = input.file
         let ticker = ProgressTicker.reporting(progress, phase: "importing", total: FileSystem.size(file)) {
+            // Progress only: a position that cannot be asked shows 0, the import goes on.
             UInt64((try? position.seek(offset: 0, from: .current)) ?? 0)
         }
         defer { ticker?.stop() }
-        let store = try ChunkStore(path: ChunkStore.resolve(explicit, recorded: nil), create: true)
+        let store = try Backends().openStore(explicit, create: true)
         let staging = try StagingDirectory(destination: destination, store: store)
         do {
             let lock = try store.lock(exclusive: false)

@@ -36,8 +36,9 @@ public enum BundleOperation {
     public static func recordingPartials<Result>(of output: String, checkpoint directory: String, store explicit: String?,
                                                  _ body: () throws -> Result) throws -> Result {
         var store: ChunkStore?
+        // Unreadable: left for `body` to refuse (see above); a store the manifest names but that is gone: the default one.
         if let manifest = try? Checkpoint.readManifest(URL(fileURLWithPath: directory).standardizedFileURL.path) {
-            store = (try? Checkpoint.store(for: manifest, explicit: explicit)) ?? defaultStore(explicit)
+            store = (try? Checkpoint.store(for: manifest, explicit: explicit)) ?? defaultStore(explicit)  // as above
         }
         let writer = try recordPartials(of: output, in: store)
         defer { writer?.release() }
@@ -58,7 +59,8 @@ public enum BundleOperation {
     /// The store a command names or the environment gives, when it exists: where the partials of a checkpoint
     /// without chunks are recorded.
     static func defaultStore(_ explicit: String?) -> ChunkStore? {
-        try? ChunkStore(path: ChunkStore.resolve(explicit, recorded: nil), create: false)
+        // No such store: nothing to record in (the doc above); the export itself does not need one.
+        try? Backends().openStore(explicit, create: false)
     }
 
     public struct ImportReport: Codable, Sendable {
@@ -82,7 +84,7 @@ public enum BundleOperation {
             reader = try CheckpointBundle.Reader(path: bundle)
             try StagingDirectory.check(destination: destination)
             // The store records the staging directory, so that gc finds it should this import be killed.
-            let store = try reader.manifest.store.map { _ in try ChunkStore(path: ChunkStore.resolve(explicit, recorded: nil), create: true) }
+            let store = try reader.manifest.store.map { _ in try Backends().openStore(explicit, create: true) }
             staging = try StagingDirectory(destination: destination, store: store)
         } catch let error as StasisError {
             throw error.prefixed("import of \(bundle) failed")
@@ -105,11 +107,11 @@ public enum BundleOperation {
         var catalog: StoreCatalog?
         do {
             var store: ChunkStore?
-            var lock: ChunkStore.Lock?
+            var lock: StoreLock?
             // Shared from the first chunk written until the manifest is listed: gc must see it or wait.
             defer { lock?.release() }
             if manifest.store != nil {
-                let opened = try ChunkStore(path: ChunkStore.resolve(explicit, recorded: nil), create: true)
+                let opened = try Backends().openStore(explicit, create: true)
                 lock = try opened.lock(exclusive: false)
                 store = opened
                 // One catalog entry per id: a second copy listed over the first would let `stasis rm` of either

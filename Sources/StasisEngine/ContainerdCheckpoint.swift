@@ -29,9 +29,10 @@ enum ContainerdCheckpoint {
 
             init(from decoder: Decoder) throws {
                 let fields = try decoder.container(keyedBy: CodingKeys.self)
+                // containerd's JSON, read leniently: a field of another type counts as absent, and what is then missing is refused by name.
                 mediaType = try? fields.decodeIfPresent(String.self, forKey: .mediaType)
-                digest = try? fields.decodeIfPresent(String.self, forKey: .digest)
-                annotations = try? fields.decodeIfPresent([String: String].self, forKey: .annotations)
+                digest = try? fields.decodeIfPresent(String.self, forKey: .digest)  // lenient, as above
+                annotations = try? fields.decodeIfPresent([String: String].self, forKey: .annotations)  // lenient, as above
             }
 
             enum CodingKeys: String, CodingKey { case mediaType, digest, annotations }
@@ -42,8 +43,9 @@ enum ContainerdCheckpoint {
 
         init(from decoder: Decoder) throws {
             let fields = try decoder.container(keyedBy: CodingKeys.self)
+            // Lenient, as Descriptor's fields above.
             manifests = try? fields.decodeIfPresent([Descriptor].self, forKey: .manifests)
-            annotations = try? fields.decodeIfPresent([String: String].self, forKey: .annotations)
+            annotations = try? fields.decodeIfPresent([String: String].self, forKey: .annotations)  // lenient, as above
         }
 
         enum CodingKeys: String, CodingKey { case manifests, annotations }
@@ -158,6 +160,7 @@ enum ContainerdCheckpoint {
         guard data.count >= 512, data[data.startIndex + 257..<data.startIndex + 262].elementsEqual("ustar".utf8) else { return nil }
         let inner = Tar.Reader(data: data, path: archive, within: reader)
         var listing = Listing()
+        // "As far as it reads": an inner tar that goes bad ends its listing; the limits still hold.
         while let file = try? inner.next() { if file.isFile { listing.add(file) } }
         return listing
     }

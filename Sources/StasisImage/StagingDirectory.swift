@@ -77,8 +77,9 @@ public final class StagingDirectory {
     /// the checkpoint's verified content (see `Checkpoint.unlistedLogs`).
     public func finishWork(keeping logName: String?) {
         if let logName, FileSystem.exists(workPath + "/" + logName) {
+            // The checkpoint is published already: a log that cannot be moved in goes with the work directory, which costs only its diagnosis.
             try? FileSystem.setMode(workPath + "/" + logName, 0o600)
-            try? FileSystem.rename(workPath + "/" + logName, to: destination + "/" + logName)
+            try? FileSystem.rename(workPath + "/" + logName, to: destination + "/" + logName)  // best effort, as above
         }
         FileSystem.removeTree(workPath)
         writer?.release()
@@ -98,7 +99,7 @@ public final class StagingDirectory {
         // The log is kept on a best-effort basis: discarding runs after a failure, which is what gets reported;
         // a log that cannot be read or copied is only not kept (nil says so).
         if let logName,
-           let data = (try? FileSystem.readFileIfPresent(workPath + "/" + logName)) ?? (try? FileSystem.readFileIfPresent(path + "/" + logName)) {
+           let data = (try? FileSystem.readFileIfPresent(workPath + "/" + logName)) ?? (try? FileSystem.readFileIfPresent(path + "/" + logName)) {  // unreadable: not kept (above)
             for target in [destination + ".dump-failed.log", NSTemporaryDirectory() + "stasis-dump-failed-\(ProcessInfo.processInfo.processIdentifier).log"] {
                 // A full or read-only filesystem here: the next target is tried.
                 if (try? FileSystem.writeAtomically(data, to: target)) != nil { kept = target; break }

@@ -78,7 +78,7 @@ public enum CheckpointBundle {
     static func writeBundle(directory: String, manifestData: Data, manifest: Manifest, store: ChunkStore?, to output: BundleOutput,
                       skipping: Set<String>, started watch: Stopwatch) throws -> ExportReport {
         let chunked = manifest.files.filter { $0.chunks != nil }
-        let chunkSize = manifest.store?.chunkSize ?? ChunkStore.chunkSize
+        let chunkSize = manifest.store?.chunkSize ?? ChunkFormat.chunkSize
         var chunks = 0
         do {
             try manifestData.withUnsafeBytes { try output.record(.manifest, name: Manifest.fileName, payload: $0) }
@@ -89,7 +89,7 @@ public enum CheckpointBundle {
             }
             if let store {
                 let plain = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkSize, alignment: 4096)
-                let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: ChunkStore.scratchSize(chunkSize), alignment: 4096)
+                let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: ChunkFormat.scratchSize(chunkSize), alignment: 4096)
                 defer { plain.deallocate(); scratch.deallocate() }
                 var seen = Set<String>()
                 for entry in chunked {
@@ -223,8 +223,8 @@ public enum CheckpointBundle {
         /// only what the receiver lacks).
         public func extract(into directory: String, store: ChunkStore?, chunksMayBeInStore: Bool = false) throws -> ImportStatistics {
             let whole = Dictionary(manifest.files.filter { $0.chunks == nil }.map { ($0.path, $0) }, uniquingKeysWith: { a, _ in a })
-            let chunkSize = manifest.store?.chunkSize ?? ChunkStore.chunkSize
-            var places: [String: ChunkStore.Place] = [:]
+            let chunkSize = manifest.store?.chunkSize ?? ChunkFormat.chunkSize
+            var places: [String: ChunkPlace] = [:]
             for entry in manifest.files {
                 for (index, digest) in (entry.chunks ?? []).enumerated() where !digest.isEmpty && places[digest] == nil {
                     places[digest] = ChunkedFiles.Item(entry)!.place(index, chunkSize: chunkSize, checkpoint: path)
@@ -235,15 +235,16 @@ public enum CheckpointBundle {
             }
             let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: ioSize, alignment: 4096)
             let plain = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkSize, alignment: 4096)
-            let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: ChunkStore.scratchSize(chunkSize), alignment: 4096)
+            let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: ChunkFormat.scratchSize(chunkSize), alignment: 4096)
             defer { buffer.deallocate(); plain.deallocate(); scratch.deallocate() }
             var statistics = ImportStatistics()
             var seenFiles = Set<String>(), seenChunks = Set<String>()
             // The chunks get their names together once all is checked, after one syncfs, as a dump's do.
-            let batch = store.map { ChunkStore.Batch(store: $0) }
+            let batch = store.map { $0.makeBatch() }
             var committed = false
             var intake: ChunkIntake?
             defer {
+                // Waits for chunks in flight on a failure already being thrown (after a success it was finished already).
                 _ = try? intake?.finish()
                 if !committed { batch?.abandon() }
             }
@@ -306,7 +307,7 @@ public enum CheckpointBundle {
         }
 
         /// A chunk's first use, named by the checkpoint's file rather than the staging directory it is written to.
-        private static func describe(_ place: ChunkStore.Place) -> String {
+        private static func describe(_ place: ChunkPlace) -> String {
             "\(place.file) bytes \(place.offset)..<\(place.offset + UInt64(place.length))"
         }
 

@@ -33,6 +33,7 @@ public struct StoreCatalog {
 
     /// The listed checkpoint with this id, if any (an entry that does not parse counts as none).
     public func entry(id: String) -> Entry? {
+        // Counts as none, as said above; `entries()` is the reader that reports a damaged list.
         guard let data = try? FileSystem.readFile(entryPath(id)), let entry = try? Manifest.decoder().decode(Entry.self, from: data),
               entry.manifest.problem() == nil else { return nil }
         return entry
@@ -71,8 +72,9 @@ public struct StoreCatalog {
             return false  // it could not be looked at (permissions): not known to be gone
         }
         guard let status = found else { return true }
+        // Unreadable or unparsable: not known to be gone (above), so false.
         guard status.kind == .regular, let data = try? FileSystem.readFile(manifestPath),
-              let manifest = try? Manifest.decode(data, path: manifestPath) else { return false }
+              let manifest = try? Manifest.decode(data, path: manifestPath) else { return false }  // as above
         return manifest.id != entry.manifest.id
     }
 
@@ -92,6 +94,7 @@ public struct StoreCatalog {
         if FileSystem.isDirectory(entry.directory) {
             // Only a directory holding this very checkpoint is deleted.
             let manifestPath = entry.directory + "/" + Manifest.fileName
+            // A manifest that cannot be read does not prove it is this checkpoint's: the directory is kept.
             if let data = try? FileSystem.readFile(manifestPath), let found = try? Manifest.decode(data, path: manifestPath), found.id == entry.manifest.id {
                 FileSystem.removeTree(entry.directory)
             }

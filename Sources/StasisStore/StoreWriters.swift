@@ -66,6 +66,7 @@ public final class StoreWriter: Sendable {
             guard let writer = writer(ofRecordNamed: name), !writer.isLive else { continue }
             let path = directory + "/" + name
             if !name.contains(".tmp-") {
+                // A record that cannot be read names nothing to remove; it is dropped all the same (best effort, above).
                 let text = (try? FileSystem.readFile(path)).map { String(decoding: $0, as: UTF8.self) } ?? ""
                 for line in text.split(separator: "\n").map(String.init) {
                     removePartials(named: line, of: writer.pid, dryRun: dryRun, into: &collected)
@@ -104,6 +105,7 @@ public final class StoreWriter: Sendable {
             paths = names.filter { $0.hasPrefix(prefix) }.map { parent + "/" + $0 }
         }
         for path in paths {
+            // What cannot be examined is not removed.
             guard let status = try? FileSystem.status(path, followingLinks: false) else { continue }
             if status.kind == .directory {
                 collected.directories += 1

@@ -89,8 +89,21 @@ public struct Manifest: Codable, Sendable, Equatable {
     }
 
     /// Where the chunks are and how this checkpoint wrote them.
+    /// The kinds of chunk store a manifest may name (`StoreInfo.kind`).
+    public enum StoreKind: String, Codable, Sendable, CaseIterable {
+        /// A directory of chunk files on this machine, at `StoreInfo.path`.
+        case directory
+    }
+
     public struct StoreInfo: Codable, Sendable, Equatable {
-        /// The store the checkpoint was written to (restore looks there unless told otherwise).
+        /// What kind of store holds the chunks (a `StoreKind`'s name), written by every new dump. Absent from
+        /// manifests written before stasis recorded it: those stores are all directories. Kept as text so that
+        /// a kind this build does not know is refused by name (`storeKind()`), not as an undecodable manifest.
+        /// No format bump: an older stasis ignores the key and reads `path`, which is all a directory store is.
+        /// A store of another kind will need one (an older stasis would take its `path` for a directory).
+        public var kind: String?
+        /// The store the checkpoint was written to (restore looks there unless told otherwise): for a
+        /// directory store, its directory. Still written beside `kind`, so older stasis builds read new manifests.
         public var path: String
         public var chunkSize: Int
         /// The codec new chunks were compressed with ("lz4", "zstd:3", "none").
@@ -101,8 +114,9 @@ public struct Manifest: Codable, Sendable, Equatable {
         public var newChunks: Int
         public var reusedChunks: Int
         public var zeroChunks: Int
-        public init(path: String, chunkSize: Int, codec: String, plainBytes: UInt64, storedBytes: UInt64,
+        public init(kind: StoreKind = .directory, path: String, chunkSize: Int, codec: String, plainBytes: UInt64, storedBytes: UInt64,
                     newChunks: Int, reusedChunks: Int, zeroChunks: Int) {
+            self.kind = kind.rawValue
             self.path = path
             self.chunkSize = chunkSize
             self.codec = codec
@@ -111,6 +125,16 @@ public struct Manifest: Codable, Sendable, Equatable {
             self.newChunks = newChunks
             self.reusedChunks = reusedChunks
             self.zeroChunks = zeroChunks
+        }
+
+        /// The kind of store this names: a directory when the manifest names none (written before kinds were).
+        public func storeKind() throws -> StoreKind {
+            guard let kind else { return .directory }
+            guard let known = StoreKind(rawValue: kind) else {
+                throw StasisError(.manifestVersion, "the checkpoint's chunks are in a store of kind \"\(kind)\", which this stasis does not know",
+                                  hint: "use the stasis that wrote the checkpoint, or a newer one")
+            }
+            return known
         }
     }
 

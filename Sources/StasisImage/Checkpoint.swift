@@ -36,7 +36,7 @@ public enum Checkpoint {
     /// The store a checkpoint's chunks are in: `explicit` (--store), else the one its manifest names.
     public static func store(for manifest: Manifest, explicit: String?) throws -> ChunkStore? {
         guard let info = manifest.store else { return nil }
-        return try ChunkStore(path: ChunkStore.resolve(explicit, recorded: info.path), create: false)
+        return try ChunkStores.open(for: info, explicit: explicit)
     }
 
     /// The chunked files of a manifest, as the store reads them.

@@ -43,12 +43,7 @@ public final class ChunkPrefetcher: @unchecked Sendable {
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
         defer { buffer.deallocate() }
         while let digest = take() {
-            guard let fd = try? FileDescriptor.open(store.chunkPath(digest), .readOnly) else { continue }
-            defer { fd.closeQuietly() }
-            // In memory already (a warm page cache, a store on tmpfs): nothing to read ahead.
-            if fd.startIsCached() != false { continue }
-            var read: UInt64 = 0
-            while let got = try? fd.readSome(into: buffer), got > 0 { read += UInt64(got) }
+            let read = store.readAhead(digest, buffer: buffer)
             state.withLock { $0.read += read }
         }
     }

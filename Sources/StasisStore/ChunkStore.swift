@@ -14,18 +14,10 @@ import StasisOS
 /// UInt32) and the payload. It is written to tmp/, made durable (one syncfs for all the chunks of a dump or
 /// an import, see `Batch`) and only then renamed into place, so a chunk that exists under its name is
 /// complete; readers still check its SHA-256, so damage is found, never restored.
-public final class ChunkStore: Sendable {
-    public static let defaultPath = "/var/lib/stasis/store"
-    /// Chunks cut from a file are this long (the last one shorter). Part of each manifest, so it may change.
-    public static let chunkSize = 2 << 20
-    static let magic: [UInt8] = Array("STCK".utf8)
-    static let headerSize = 12
-
+public final class DirectoryChunkStore: ChunkStore {
     public let path: String
+    public var kind: Manifest.StoreKind { .directory }
 
-    /// Told of every new chunk a writer of this store instance puts (its digest and its file's bytes, header
-    /// included), on the writer's thread: how a migration sends chunks while its dump still produces them.
-    public typealias ChunkObserver = @Sendable (_ digest: String, _ file: Data) -> Void
     private let observer = Locked<ChunkObserver?>(nil)
     private let checkBuffers = BufferPairs()
 
@@ -36,7 +28,7 @@ public final class ChunkStore: Sendable {
         // URL would take "" for the current directory, which would silently become a store.
         guard !path.isEmpty else {
             throw StasisError(.invalidArgument, "the chunk store's path is empty",
-                              hint: "name a directory with --store or STASIS_STORE, or leave both unset for \(Self.defaultPath)")
+                              hint: "name a directory with --store or STASIS_STORE, or leave both unset for \(StoreLocation.defaultPath)")
         }
         self.path = URL(fileURLWithPath: path).standardizedFileURL.path
         if !FileSystem.isDirectory(self.path + "/chunks") {
@@ -64,47 +56,47 @@ public final class ChunkStore: Sendable {
         }
     }
 
-    /// The store named on the command line, else the one the manifest recorded, else the default.
-    public static func resolve(_ explicit: String?, recorded: String?) -> String {
-        explicit ?? recorded ?? ProcessInfo.processInfo.environment["STASIS_STORE"] ?? defaultPath
-    }
-
     public func chunkPath(_ digest: String) -> String { "\(path)/chunks/\(digest.prefix(2))/\(digest)" }
 
     // MARK: writing
 
-    public struct PutResult: Sendable {
-        public var isNew: Bool
-        /// Bytes of the chunk file written (0 when the chunk was already there).
-        public var storedBytes: UInt64
-    }
+    public func makeBatch() -> any ChunkBatch { Batch(store: self) }
 
     /// New chunks of one ingest, written to tmp/ and given their names together by `commit`: one syncfs for
     /// all of them instead of an fdatasync each (which on a VM's disk made ingest latency-bound), and still
     /// no chunk under its name before its bytes are durable. Until then the batch answers for its own chunks.
-    // @unchecked Sendable: `pending` is reached only under its lock.
-    final class Batch: @unchecked Sendable {
-        let store: ChunkStore
-        private let lock = NSLock()
-        private var pending: [String: String] = [:]  // digest -> temporary file
+    final class Batch: ChunkBatch {
+        let store: DirectoryChunkStore
+        private let pending = Locked<[String: String]>([:])  // digest -> temporary file
 
-        init(store: ChunkStore) { self.store = store }
+        init(store: DirectoryChunkStore) { self.store = store }
+
+        func claim(_ digest: String, plain: UnsafeRawBufferPointer?) -> Bool { store.claim(digest, batch: self, plain: plain) }
+
+        func put(_ plain: UnsafeRawBufferPointer, digest: String, codec: Codec, scratch: UnsafeMutableRawBufferPointer,
+                 probe: Bool, claimed: Bool) throws -> ChunkPutResult {
+            try store.put(plain, digest: digest, codec: codec, scratch: scratch, batch: self, probe: probe, claimed: claimed)
+        }
+
+        func putFile(_ bytes: UnsafeRawBufferPointer, digest: String) throws -> ChunkPutResult {
+            try store.putFile(bytes, digest: digest, batch: self)
+        }
 
         /// Claims `digest` for this batch; false when the batch already has it.
         func claim(_ digest: String) -> Bool {
-            lock.withLock {
+            pending.withLock { pending in
                 guard pending[digest] == nil else { return false }
                 pending[digest] = ""  // claimed; its file follows in `written`
                 return true
             }
         }
 
-        func written(_ digest: String, at temporary: String) { lock.withLock { pending[digest] = temporary } }
+        func written(_ digest: String, at temporary: String) { pending.withLock { $0[digest] = temporary } }
 
         /// Syncs the store's filesystem, renames every chunk into place, and syncs it again for the renames
         /// (one syncfs instead of an fsync per prefix directory: up to 257 of them, one after another).
         func commit() throws {
-            let chunks = lock.withLock { pending.filter { !$0.value.isEmpty } }
+            let chunks = pending.withLock { $0.filter { !$0.value.isEmpty } }
             guard !chunks.isEmpty else { return }
             try FileSystem.syncFilesystem(of: store.path + "/tmp")
             let moves = chunks.map { (temporary: $0.value, target: store.chunkPath($0.key)) }
@@ -125,15 +117,15 @@ public final class ChunkStore: Sendable {
                 }
             }
             if let error = failure.current { throw error }
-            lock.withLock { pending = [:] }
+            pending.withLock { $0 = [:] }
             try FileSystem.syncFilesystem(of: store.path + "/chunks")
         }
 
         /// Drops the chunks not committed (the ingest failed).
         func abandon() {
-            let files = lock.withLock { pending.values.filter { !$0.isEmpty } }
+            let files = pending.withLock { $0.values.filter { !$0.isEmpty } }
             for file in files { FileSystem.remove(file) }
-            lock.withLock { pending = [:] }
+            pending.withLock { $0 = [:] }
         }
     }
 
@@ -141,17 +133,17 @@ public final class ChunkStore: Sendable {
     /// already. `scratch` must hold `headerSize + codec.bound(plain.count)` bytes.
     /// `claimed`: the caller has claimed it already (`claim`).
     func put(_ plain: UnsafeRawBufferPointer, digest: String, codec: Codec, scratch: UnsafeMutableRawBufferPointer,
-             batch: Batch, probe: Bool = false, claimed: Bool = false) throws -> PutResult {
-        guard claimed || claim(digest, batch: batch, plain: plain) else { return PutResult(isNew: false, storedBytes: 0) }
-        let payload = UnsafeMutableRawBufferPointer(rebasing: scratch[Self.headerSize...])
-        let header = UnsafeRawBufferPointer(rebasing: scratch[0..<Self.headerSize])
+             batch: Batch, probe: Bool = false, claimed: Bool = false) throws -> ChunkPutResult {
+        guard claimed || claim(digest, batch: batch, plain: plain) else { return ChunkPutResult(isNew: false, storedBytes: 0) }
+        let payload = UnsafeMutableRawBufferPointer(rebasing: scratch[ChunkFormat.headerSize...])
+        let header = UnsafeRawBufferPointer(rebasing: scratch[0..<ChunkFormat.headerSize])
         // A chunk that does not shrink is written from `plain` itself after its header: no copy.
         let parts: [UnsafeRawBufferPointer]
         if let compressed = codec.compress(plain, into: payload, probe: probe) {
-            Self.writeHeader(into: scratch, tag: codec.tag, plainLength: plain.count)
-            parts = [UnsafeRawBufferPointer(rebasing: scratch[0..<(Self.headerSize + compressed)])]
+            ChunkFormat.writeHeader(into: scratch, tag: codec.tag, plainLength: plain.count)
+            parts = [UnsafeRawBufferPointer(rebasing: scratch[0..<(ChunkFormat.headerSize + compressed)])]
         } else {
-            Self.writeHeader(into: scratch, tag: 0, plainLength: plain.count)
+            ChunkFormat.writeHeader(into: scratch, tag: 0, plainLength: plain.count)
             parts = [header, plain]
         }
         batch.written(digest, at: try writeTemporary(parts, digest: digest))
@@ -160,15 +152,15 @@ public final class ChunkStore: Sendable {
             for part in parts { file.append(contentsOf: part) }
             observer(digest, file)
         }
-        return PutResult(isNew: true, storedBytes: UInt64(parts.reduce(0) { $0 + $1.count }))
+        return ChunkPutResult(isNew: true, storedBytes: UInt64(parts.reduce(0) { $0 + $1.count }))
     }
 
     /// Stores a complete chunk file (header and payload, checked by the caller) under `digest` unless the
     /// store or `batch` has it already: how imports add the chunks a bundle carries.
-    func putFile(_ bytes: UnsafeRawBufferPointer, digest: String, batch: Batch) throws -> PutResult {
-        guard claim(digest, batch: batch) else { return PutResult(isNew: false, storedBytes: 0) }
+    func putFile(_ bytes: UnsafeRawBufferPointer, digest: String, batch: Batch) throws -> ChunkPutResult {
+        guard claim(digest, batch: batch) else { return ChunkPutResult(isNew: false, storedBytes: 0) }
         batch.written(digest, at: try writeTemporary([bytes], digest: digest))
-        return PutResult(isNew: true, storedBytes: UInt64(bytes.count))
+        return ChunkPutResult(isNew: true, storedBytes: UInt64(bytes.count))
     }
 
     /// True when `digest` is this writer's to write: the store lacks a known-good copy and `batch` has not
@@ -203,15 +195,6 @@ public final class ChunkStore: Sendable {
         if status.permissions == Self.checkedMode.rawValue { return true }
         guard (try? check(digest, against: plain)) != nil else { return false }
         return (try? FileSystem.setMode(target, Self.checkedMode.rawValue)) != nil
-    }
-
-    static func writeHeader(into buffer: UnsafeMutableRawBufferPointer, tag: UInt8, plainLength: Int) {
-        for (index, byte) in magic.enumerated() { buffer[index] = byte }
-        buffer[4] = 1
-        buffer[5] = tag
-        buffer[6] = 0
-        buffer[7] = 0
-        withUnsafeBytes(of: UInt32(plainLength).littleEndian) { for index in 0..<4 { buffer[8 + index] = $0[index] } }
     }
 
     /// Writes a chunk file into tmp/ (NAME.PID.RANDOM, so gc can tell a dead writer's leftovers) and starts its
@@ -249,29 +232,14 @@ public final class ChunkStore: Sendable {
 
     // MARK: reading
 
-    /// Where a chunk belongs, for error messages: the checkpoint, the file and the byte range.
-    public struct Place: Sendable {
-        public var checkpoint: String
-        public var file: String
-        public var offset: UInt64
-        public var length: Int
-        public init(checkpoint: String, file: String, offset: UInt64, length: Int) {
-            self.checkpoint = checkpoint
-            self.file = file
-            self.offset = offset
-            self.length = length
-        }
-        var text: String { "\(checkpoint)/\(file) bytes \(offset)..<\(offset + UInt64(length))" }
-    }
-
     /// Reads chunk `digest` into `output` (exactly its plain length), checking it (`decode`). `scratch` holds
     /// the chunk file while it is decoded (headerSize + bound bytes); returns the chunk file's size. A chunk
     /// stored plain is read straight into `output` unless `fileInScratch` asks for the whole chunk file to be
     /// left in `scratch` (export copies it as it is). `checkDigest: false` leaves the SHA-256 to a reader that
     /// checks it elsewhere (an agent refill that the GPU hashes where the bytes land).
     @discardableResult
-    func read(_ digest: String, into output: UnsafeMutableRawBufferPointer, scratch: UnsafeMutableRawBufferPointer, place: Place,
-              fileInScratch: Bool = false, checkDigest: Bool = true) throws -> Int {
+    public func read(_ digest: String, into output: UnsafeMutableRawBufferPointer, scratch: UnsafeMutableRawBufferPointer, place: ChunkPlace,
+                     fileInScratch: Bool, checkDigest: Bool) throws -> Int {
         let file = chunkPath(digest)
         let fd: FileDescriptor
         do {
@@ -283,9 +251,9 @@ public final class ChunkStore: Sendable {
             throw systemError("cannot open", file, error)
         }
         defer { fd.closeQuietly() }
-        var total = try Self.readUpTo(fd, UnsafeMutableRawBufferPointer(rebasing: scratch[0..<Self.headerSize]), file: file)
+        var total = try Self.readUpTo(fd, UnsafeMutableRawBufferPointer(rebasing: scratch[0..<ChunkFormat.headerSize]), file: file)
         let header = UnsafeRawBufferPointer(rebasing: scratch[0..<total])
-        if !fileInScratch, Self.plainLength(ofChunkFile: header) == output.count, header[5] == 0 {
+        if !fileInScratch, ChunkFormat.plainLength(ofChunkFile: header) == output.count, header[5] == 0 {
             // Stored plain (it did not compress): its bytes go straight into `output`, without a copy.
             let got = try Self.readUpTo(fd, output, file: file)
             var extra: UInt8 = 0
@@ -298,7 +266,7 @@ public final class ChunkStore: Sendable {
         }
         total += try Self.readUpTo(fd, UnsafeMutableRawBufferPointer(rebasing: scratch[total...]), file: file)
         guard total < scratch.count else { throw damaged(digest, place, "longer than any valid chunk") }
-        if let why = Self.decode(UnsafeRawBufferPointer(rebasing: scratch[0..<total]), digest: checkDigest ? digest : nil, into: output) {
+        if let why = ChunkFormat.decode(UnsafeRawBufferPointer(rebasing: scratch[0..<total]), digest: checkDigest ? digest : nil, into: output) {
             throw damaged(digest, place, why)
         }
         return total
@@ -308,21 +276,19 @@ public final class ChunkStore: Sendable {
     /// payload), skipping those it has: how a --leave-running dump moves the device memory it staged in memory
     /// into the store once the job runs again. The chunks were checked where they landed (the refill's check),
     /// so they are not decoded again. Durable and visible when it returns; nothing is, if it throws.
-    public func copyChunks(_ digests: [String], from source: ChunkStore, threads: Int) throws -> (newChunks: Int, storedBytes: UInt64) {
+    public func copyChunks(_ digests: [String], from source: any ChunkStore, threads: Int) throws -> (newChunks: Int, storedBytes: UInt64) {
         let unique = Array(Set(digests.filter { !$0.isEmpty }))
         let batch = Batch(store: self)
         let next = Locked(0), totals = Locked((newChunks: 0, storedBytes: UInt64(0)))
         do {
             try WorkerGroup.run(max(1, min(threads, unique.count)), name: "stasis-copy-chunks") { _, failure in
-                let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.scratchSize(Self.chunkSize), alignment: 4096)
+                let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: ChunkFormat.scratchSize(ChunkFormat.chunkSize), alignment: 4096)
                 defer { buffer.deallocate() }
                 while failure.error == nil, let index = next.takeNext(below: unique.count) {
-                    let digest = unique[index], file = source.chunkPath(digest)
-                    let fd = try attempt("cannot open", file) { try FileDescriptor.open(file, .readOnly) }
-                    defer { fd.closeQuietly() }
-                    let length = try Self.readUpTo(fd, buffer, file: file)
-                    guard length < buffer.count, Self.plainLength(ofChunkFile: UnsafeRawBufferPointer(rebasing: buffer[0..<length])) != nil else {
-                        throw StasisError(.integrity, "\(file) is not a chunk file")
+                    let digest = unique[index]
+                    let length = try source.readChunkFile(digest, into: buffer)
+                    guard length < buffer.count, ChunkFormat.plainLength(ofChunkFile: UnsafeRawBufferPointer(rebasing: buffer[0..<length])) != nil else {
+                        throw StasisError(.integrity, "\(source.chunkFileName(digest)) is not a chunk file")
                     }
                     let put = try self.putFile(UnsafeRawBufferPointer(rebasing: buffer[0..<length]), digest: digest, batch: batch)
                     if put.isNew { totals.withLock { $0.newChunks += 1; $0.storedBytes += put.storedBytes } }
@@ -336,33 +302,39 @@ public final class ChunkStore: Sendable {
         return totals.current
     }
 
+    public func readChunkFile(_ digest: String, into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
+        let file = chunkPath(digest)
+        let fd = try attempt("cannot open", file) { try FileDescriptor.open(file, .readOnly) }
+        defer { fd.closeQuietly() }
+        return try Self.readUpTo(fd, buffer, file: file)
+    }
+
+    public func chunkFileName(_ digest: String) -> String { chunkPath(digest) }
+
+    public func contains(_ digest: String) -> Bool { FileSystem.exists(chunkPath(digest)) }
+
+    public func storedSize(_ digest: String) -> UInt64? { FileSystem.size(chunkPath(digest)) }
+
+    public func readAhead(_ digest: String, buffer: UnsafeMutableRawBufferPointer) -> UInt64 {
+        // A chunk that cannot be opened or read now is skipped: read-ahead only warms the page cache, and the
+        // restore's own read of the chunk reports what is wrong with it.
+        guard let fd = try? FileDescriptor.open(chunkPath(digest), .readOnly) else { return 0 }
+        defer { fd.closeQuietly() }
+        // In memory already (a warm page cache, a store on tmpfs): nothing to read ahead.
+        if fd.startIsCached() != false { return 0 }
+        var read: UInt64 = 0
+        while let got = try? fd.readSome(into: buffer), got > 0 { read += UInt64(got) }
+        return read
+    }
+
     /// Reads from `fd` until `buffer` is full or the file ends; returns the bytes read.
     private static func readUpTo(_ fd: FileDescriptor, _ buffer: UnsafeMutableRawBufferPointer, file: String) throws -> Int {
         try attempt("cannot read", file) { try fd.read(filling: buffer) }
     }
 
-    private func damaged(_ digest: String, _ place: Place, _ why: String) -> StasisError {
+    private func damaged(_ digest: String, _ place: ChunkPlace, _ why: String) -> StasisError {
         StasisError(.integrity, "chunk \(digest) of \(place.text) is damaged in the store \(path): \(why)",
                     hint: "restore from another copy of the checkpoint")
-    }
-
-    /// The plain length a chunk file's header gives, or nil when `file` does not start with a chunk header.
-    static func plainLength(ofChunkFile file: UnsafeRawBufferPointer) -> Int? {
-        guard file.count >= headerSize, Array(file[0..<4]) == magic, file[4] == 1 else { return nil }
-        return Int(UInt32(file[8]) | UInt32(file[9]) << 8 | UInt32(file[10]) << 16 | UInt32(file[11]) << 24)
-    }
-
-    /// Checks a whole chunk file held in memory (header, plain length, decoding, SHA-256 unless `digest` is
-    /// nil), decoding it into `output` (exactly the expected plain length). Returns what is wrong, or nil.
-    /// Every reader of chunks (restore, verify, export, import) goes through it.
-    static func decode(_ file: UnsafeRawBufferPointer, digest: String?, into output: UnsafeMutableRawBufferPointer) -> String? {
-        guard let plainLength = plainLength(ofChunkFile: file) else { return "no chunk header" }
-        guard plainLength == output.count else { return "it holds \(plainLength) bytes, the manifest expects \(output.count)" }
-        guard Codec.decompress(tag: file[5], UnsafeRawBufferPointer(rebasing: file[headerSize...]), into: output) else {
-            return "its \(Codec.name(tag: file[5])) data does not decode (truncated or corrupt)"
-        }
-        guard let digest else { return nil }
-        return ChunkDigest.hex(UnsafeRawBufferPointer(output)) == digest ? nil : "its content does not match its SHA-256"
     }
 
     /// Checks one chunk file on its own (decodes it and compares its SHA-256 with its name), for audits of a
@@ -386,20 +358,20 @@ public final class ChunkStore: Sendable {
         let size = try Self.readUpTo(fd, buffer, file: file)
         let bytes = UnsafeRawBufferPointer(rebasing: buffer[0..<size])
         func damaged(_ why: String) -> StasisError { StasisError(.integrity, "chunk \(digest) in the store \(path) is damaged: \(why)") }
-        guard size < buffer.count, let length = Self.plainLength(ofChunkFile: bytes), length <= Self.chunkSize else {
+        guard size < buffer.count, let length = ChunkFormat.plainLength(ofChunkFile: bytes), length <= ChunkFormat.chunkSize else {
             throw damaged("no chunk header, or longer than any chunk")
         }
         if let plain {
             guard plain.count == length else { throw damaged("it holds \(length) bytes, not \(plain.count)") }
             if bytes[5] == 0 {
-                guard size == Self.headerSize + length, bytesEqual(plain, UnsafeRawBufferPointer(rebasing: bytes[Self.headerSize...])) else {
+                guard size == ChunkFormat.headerSize + length, bytesEqual(plain, UnsafeRawBufferPointer(rebasing: bytes[ChunkFormat.headerSize...])) else {
                     throw damaged("its content is not the chunk's")
                 }
                 return
             }
         }
         let decoded = UnsafeMutableRawBufferPointer(rebasing: output[0..<length])
-        if let why = Self.decode(bytes, digest: plain == nil ? digest : nil, into: decoded) { throw damaged(why) }
+        if let why = ChunkFormat.decode(bytes, digest: plain == nil ? digest : nil, into: decoded) { throw damaged(why) }
         if let plain, !bytesEqual(plain, UnsafeRawBufferPointer(decoded)) { throw damaged("its content is not the chunk's") }
     }
 
@@ -411,25 +383,14 @@ public final class ChunkStore: Sendable {
         }
     }
 
-    /// Buffers for `put` and `read` of chunks up to `chunkSize`.
-    static func scratchSize(_ chunk: Int = chunkSize) -> Int { headerSize + max(chunk, Codec.zstd(level: 1).bound(chunk), Codec.lz4.bound(chunk)) + 1 }
-
     // MARK: locking
-
-    /// Holds the store's lock until `release` (or the process ends). Dumps and imports hold it shared from
-    /// their first chunk until their manifest is registered; gc holds it exclusive.
-    public final class Lock: Sendable {
-        let fd: FileDescriptor
-        init(fd: FileDescriptor) { self.fd = fd }
-        public func release() { fd.closeQuietly() }
-    }
 
     /// The shared lock for a reader (restore, verify, resume): gc waits while it is held, so no chunk goes
     /// while it is being read, listed or not. nil when the store cannot be locked (read-only): then reading
     /// goes on without it, as gc cannot run there either.
-    public func readerLock() -> Lock? { try? lock(exclusive: false) }
+    public func readerLock() -> StoreLock? { try? lock(exclusive: false) }
 
-    public func lock(exclusive: Bool) throws -> Lock {
+    public func lock(exclusive: Bool) throws -> StoreLock {
         let file = path + "/lock"
         let fd = try attempt("cannot open", file) { try FileDescriptor.open(file, .readWrite, options: .create, permissions: .ownerReadWrite) }
         do {
@@ -438,9 +399,95 @@ public final class ChunkStore: Sendable {
             fd.closeQuietly()
             throw systemError("cannot lock", file, error)
         }
-        return Lock(fd: fd)
+        return StoreLock(fd: fd)
     }
 }
+
+/// The chunk file format, the same for every kind of store: a 12-byte header ("STCK", format 1, codec, 2
+/// reserved bytes, plain length as little-endian UInt32) and the payload.
+public enum ChunkFormat {
+    /// Chunks cut from a file are this long (the last one shorter). Part of each manifest, so it may change.
+    public static let chunkSize = 2 << 20
+    static let magic: [UInt8] = Array("STCK".utf8)
+    static let headerSize = 12
+
+    static func writeHeader(into buffer: UnsafeMutableRawBufferPointer, tag: UInt8, plainLength: Int) {
+        for (index, byte) in magic.enumerated() { buffer[index] = byte }
+        buffer[4] = 1
+        buffer[5] = tag
+        buffer[6] = 0
+        buffer[7] = 0
+        withUnsafeBytes(of: UInt32(plainLength).littleEndian) { for index in 0..<4 { buffer[8 + index] = $0[index] } }
+    }
+
+    /// The plain length a chunk file's header gives, or nil when `file` does not start with a chunk header.
+    static func plainLength(ofChunkFile file: UnsafeRawBufferPointer) -> Int? {
+        guard file.count >= headerSize, Array(file[0..<4]) == magic, file[4] == 1 else { return nil }
+        return Int(UInt32(file[8]) | UInt32(file[9]) << 8 | UInt32(file[10]) << 16 | UInt32(file[11]) << 24)
+    }
+
+    /// Checks a whole chunk file held in memory (header, plain length, decoding, SHA-256 unless `digest` is
+    /// nil), decoding it into `output` (exactly the expected plain length). Returns what is wrong, or nil.
+    /// Every reader of chunks (restore, verify, export, import) goes through it.
+    static func decode(_ file: UnsafeRawBufferPointer, digest: String?, into output: UnsafeMutableRawBufferPointer) -> String? {
+        guard let plainLength = plainLength(ofChunkFile: file) else { return "no chunk header" }
+        guard plainLength == output.count else { return "it holds \(plainLength) bytes, the manifest expects \(output.count)" }
+        guard Codec.decompress(tag: file[5], UnsafeRawBufferPointer(rebasing: file[headerSize...]), into: output) else {
+            return "its \(Codec.name(tag: file[5])) data does not decode (truncated or corrupt)"
+        }
+        guard let digest else { return nil }
+        return ChunkDigest.hex(UnsafeRawBufferPointer(output)) == digest ? nil : "its content does not match its SHA-256"
+    }
+
+    /// Buffers for `put` and `read` of chunks up to `chunkSize`.
+    static func scratchSize(_ chunk: Int = chunkSize) -> Int { headerSize + max(chunk, Codec.zstd(level: 1).bound(chunk), Codec.lz4.bound(chunk)) + 1 }
+}
+
+/// Where the chunk store is when nothing else says so.
+public enum StoreLocation {
+    public static let defaultPath = "/var/lib/stasis/store"
+
+    /// The store named on the command line, else the one the manifest recorded, else the default.
+    public static func resolve(_ explicit: String?, recorded: String?) -> String {
+        explicit ?? recorded ?? ProcessInfo.processInfo.environment["STASIS_STORE"] ?? defaultPath
+    }
+}
+
+/// Where a chunk belongs, for error messages: the checkpoint, the file and the byte range.
+public struct ChunkPlace: Sendable {
+    public var checkpoint: String
+    public var file: String
+    public var offset: UInt64
+    public var length: Int
+    public init(checkpoint: String, file: String, offset: UInt64, length: Int) {
+        self.checkpoint = checkpoint
+        self.file = file
+        self.offset = offset
+        self.length = length
+    }
+    var text: String { "\(checkpoint)/\(file) bytes \(offset)..<\(offset + UInt64(length))" }
+}
+
+
+/// What putting one chunk did.
+public struct ChunkPutResult: Sendable {
+    public var isNew: Bool
+    /// Bytes of the chunk file written (0 when the chunk was already there).
+    public var storedBytes: UInt64
+    public init(isNew: Bool, storedBytes: UInt64) {
+        self.isNew = isNew
+        self.storedBytes = storedBytes
+    }
+}
+
+/// Holds the store's lock until `release` (or the process ends). Dumps and imports hold it shared from
+/// their first chunk until their manifest is registered; gc holds it exclusive.
+public final class StoreLock: Sendable {
+    let fd: FileDescriptor
+    init(fd: FileDescriptor) { self.fd = fd }
+    public func release() { fd.closeQuietly() }
+}
+
 
 /// SHA-256 of chunk contents, as lowercase hex.
 public enum ChunkDigest {
@@ -477,7 +524,7 @@ public enum ChunkDigest {
     }
 }
 
-/// Pairs of buffers (a chunk file, a decoded chunk) that `ChunkStore.check` takes and gives back, so that the
+/// Pairs of buffers (a chunk file, a decoded chunk) that `DirectoryChunkStore.check` takes and gives back, so that the
 /// checks of a dump's first reuses, on every ingest thread, do not map and fault in fresh memory each time.
 final class BufferPairs: Sendable {
     typealias Pair = (file: UnsafeMutableRawBufferPointer, plain: UnsafeMutableRawBufferPointer)
@@ -486,7 +533,7 @@ final class BufferPairs: Sendable {
 
     func take() -> Pair {
         if let pair = free.withLock({ $0.popLast() }) { return pair }
-        return (.allocate(byteCount: ChunkStore.scratchSize(), alignment: 4096), .allocate(byteCount: ChunkStore.chunkSize, alignment: 4096))
+        return (.allocate(byteCount: ChunkFormat.scratchSize(), alignment: 4096), .allocate(byteCount: ChunkFormat.chunkSize, alignment: 4096))
     }
 
     func give(_ file: UnsafeMutableRawBufferPointer, _ plain: UnsafeMutableRawBufferPointer) { free.withLock { $0.append((file, plain)) } }

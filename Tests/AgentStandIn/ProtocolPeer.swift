@@ -82,7 +82,7 @@ public final class ProtocolPeer: @unchecked Sendable {
         self.hashes = hashes
         self.damageWrites = damageWrites
         self.sharedRing = sharedRing
-        ring = sharedRing ? Self.sharedRing(bytes: slots * ChunkStore.chunkSize) : .allocate(byteCount: slots * ChunkStore.chunkSize, alignment: 4096)
+        ring = sharedRing ? Self.sharedRing(bytes: slots * ChunkFormat.chunkSize) : .allocate(byteCount: slots * ChunkFormat.chunkSize, alignment: 4096)
         listener = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         var address = sockaddr_un()
         address.sun_family = sa_family_t(AF_UNIX)
@@ -149,7 +149,7 @@ public final class ProtocolPeer: @unchecked Sendable {
         message.op = op.rawValue
         message.version = UInt32(STASIS_AGENT_PROTOCOL_VERSION)
         message.ring_address = UInt64(UInt(bitPattern: ring.baseAddress!))
-        message.slot_bytes = UInt32(ChunkStore.chunkSize)
+        message.slot_bytes = UInt32(ChunkFormat.chunkSize)
         message.slot_count = UInt32(slots)
         message.tracked_bytes = memory.values.reduce(0) { $0 + UInt64($1.count) }
         message.state = lock.withLock { state }
@@ -186,7 +186,7 @@ public final class ProtocolPeer: @unchecked Sendable {
             case STASIS_AGENT_EVACUATE.rawValue:
                 guard evacuate(fd, ids, withDigests: hashes && message.length == 1) else { return }
             case STASIS_AGENT_VERIFY.rawValue:
-                let chunk = ChunkStore.chunkSize
+                let chunk = ChunkFormat.chunkSize
                 for id in ids {
                     let contents = lock.withLock { _written[id]! }
                     for offset in stride(from: 0, to: contents.count, by: chunk) {
@@ -216,7 +216,7 @@ public final class ProtocolPeer: @unchecked Sendable {
                 }
                 send(fd, STASIS_AGENT_OK)
             case STASIS_AGENT_WRITE.rawValue:
-                let slot = ring.baseAddress! + Int(message.slot) * ChunkStore.chunkSize
+                let slot = ring.baseAddress! + Int(message.slot) * ChunkFormat.chunkSize
                 let target = lock.withLock { _written[message.id]! }
                 (target.baseAddress! + Int(message.offset)).copyMemory(from: slot, byteCount: Int(message.length))
                 if damageWrites { target[Int(message.offset)] ^= 0x5A }
@@ -272,7 +272,7 @@ public final class ProtocolPeer: @unchecked Sendable {
     /// Copies every allocation through the ring as the agent does: FILLED per slot, FREE back, EVACUATED;
     /// `withDigests`: each chunk hashed first, zeros reported without a slot.
     private func evacuate(_ fd: Int32, _ ids: [UInt64], withDigests: Bool) -> Bool {
-        let chunk = ChunkStore.chunkSize
+        let chunk = ChunkFormat.chunkSize
         var free = Array(0..<slots)
         var filled = 0
         for id in ids {

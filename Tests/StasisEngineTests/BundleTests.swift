@@ -64,7 +64,7 @@ import Testing
         #expect(manifest == sample.manifest)
         #expect(mode(destination) == 0o700)
         for name in try FileManager.default.contentsOfDirectory(atPath: destination) { #expect(mode(destination + "/" + name) == 0o600, "\(name)") }
-        let target = try ChunkStore(path: storeB, create: false)
+        let target = try DirectoryChunkStore(path: storeB, create: false)
         #expect(StoreCatalog(store: target).entry(id: manifest.id)?.directory == destination)
         #expect(try rebuild(destination, store: target) == sample.contents)
 

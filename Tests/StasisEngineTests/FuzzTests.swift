@@ -171,7 +171,7 @@ import Testing
                 imported = true
             }
             if imported {
-                _ = try? StoreCatalog(store: try ChunkStore(path: store, create: false)).remove(destination)
+                _ = try? StoreCatalog(store: try DirectoryChunkStore(path: store, create: false)).remove(destination)
             } else {
                 #expect(!FileSystem.exists(destination), "bundle case \(index): a failed import left its directory")
             }

@@ -177,8 +177,8 @@ private final class Controller {
 
 /// The job: the stand-in with the agent's watch, device memory to move, a store, and its controller.
 private final class OrphanJob {
-    let memory: [UInt64: [UInt8]] = [0x70: (0..<(3 * ChunkStore.chunkSize)).map { UInt8(truncatingIfNeeded: $0 &* 29 / 11) },
-                                     0x71: [UInt8](repeating: 0, count: ChunkStore.chunkSize)]
+    let memory: [UInt64: [UInt8]] = [0x70: (0..<(3 * ChunkFormat.chunkSize)).map { UInt8(truncatingIfNeeded: $0 &* 29 / 11) },
+                                     0x71: [UInt8](repeating: 0, count: ChunkFormat.chunkSize)]
     let watch: AgentWatch
     let peer: ProtocolPeer
     let store: ChunkStore
@@ -199,7 +199,7 @@ private final class OrphanJob {
         watch.configure(stasis, AgentOrphanTests.grace, ends[1])
         peer = try ProtocolPeer(memory: memory, slots: 4, orphanWatch: watch.hooks)
         // Longer than a message's text: the agent gets the path in pieces.
-        store = try ChunkStore(path: Harness.scratch("agent-orphan") + "/" + String(repeating: "a-long-store-path-", count: 8) + "store", create: true)
+        store = try DirectoryChunkStore(path: Harness.scratch("agent-orphan") + "/" + String(repeating: "a-long-store-path-", count: 8) + "store", create: true)
         controller = try Controller()
     }
 

@@ -15,7 +15,7 @@ import Testing
 @Suite(.serialized) struct AgentProtocolTests {
     /// Both ways to the ring: mapped here (one copy: the agent's memfd) and through process_vm_readv/writev.
     @Test(arguments: [true, false]) func evacuationAndRefillGiveTheSameBytesBack(sharedRing: Bool) throws {
-        let chunk = ChunkStore.chunkSize
+        let chunk = ChunkFormat.chunkSize
         var random = SystemRandomNumberGenerator()
         let memory: [UInt64: [UInt8]] = [
             0x10: (0..<(5 * chunk / 2)).map { _ in UInt8.random(in: 0...255, using: &random) },  // 2.5 chunks
@@ -25,7 +25,7 @@ import Testing
         let peer = try ProtocolPeer(memory: memory, slots: 4, sharedRing: sharedRing)
         defer { peer.stop() }
         let directory = Harness.scratch("agent-protocol")
-        let store = try ChunkStore(path: directory + "/store", create: true)
+        let store = try DirectoryChunkStore(path: directory + "/store", create: true)
         let session = try #require(try AgentSession.open(pid: getpid()))
         try session.startQuiesce(timeoutMilliseconds: 1000)
         try session.finishQuiesce()
@@ -49,7 +49,7 @@ import Testing
     /// under the same names without hashing them, skips reading chunks the store has, never copies zeros, and
     /// checks the refill by the digests of what landed in the device.
     @Test func chunksHashedOnTheGPUAreTheSameChunks() throws {
-        let chunk = ChunkStore.chunkSize
+        let chunk = ChunkFormat.chunkSize
         var random = SystemRandomNumberGenerator()
         let memory: [UInt64: [UInt8]] = [
             0x40: (0..<(5 * chunk / 2)).map { _ in UInt8.random(in: 0...255, using: &random) },
@@ -57,7 +57,7 @@ import Testing
             0x42: (0..<(3 * chunk)).map { UInt8(truncatingIfNeeded: $0 / 4096) },
         ]
         let directory = Harness.scratch("agent-gpu-digests")
-        let store = try ChunkStore(path: directory + "/store", create: true)
+        let store = try DirectoryChunkStore(path: directory + "/store", create: true)
         func evacuate(hashes: Bool) throws -> (chunks: [UInt64: [String]], totals: ChunkIngester.Statistics, onGPU: Bool, peer: ProtocolPeer, session: AgentSession) {
             let peer = try ProtocolPeer(memory: memory, slots: 3, hashes: hashes)
             let (session, chunks, totals) = try Self.holdAndEvacuate(into: store)
@@ -87,12 +87,12 @@ import Testing
 
     /// Bytes that reach the device wrong are caught by the GPU's digests, though the store's copy was not hashed on read.
     @Test func aRefillTheGPUDoesNotConfirmFails() throws {
-        let chunk = ChunkStore.chunkSize
+        let chunk = ChunkFormat.chunkSize
         let memory: [UInt64: [UInt8]] = [0x50: (0..<(2 * chunk)).map { UInt8(truncatingIfNeeded: $0 &* 7 / 3) }]
         let peer = try ProtocolPeer(memory: memory, slots: 2, hashes: true, damageWrites: true)
         defer { peer.stop() }
         let directory = Harness.scratch("agent-gpu-verify")
-        let store = try ChunkStore(path: directory + "/store", create: true)
+        let store = try DirectoryChunkStore(path: directory + "/store", create: true)
         let (session, chunks, _) = try Self.holdAndEvacuate(into: store)
         try session.release()
         let error = #expect(throws: StasisError.self) {
@@ -117,7 +117,7 @@ import Testing
     /// A --leave-running dump into a store on disk: the device memory goes to a stage in memory, the job's
     /// memory comes back from there, and only then are the chunks copied into the store and the stage removed.
     @Test func aLeaveRunningDumpStagesDeviceMemoryInMemoryFirst() throws {
-        let chunk = ChunkStore.chunkSize
+        let chunk = ChunkFormat.chunkSize
         var random = SystemRandomNumberGenerator()
         let memory: [UInt64: [UInt8]] = [
             0x40: (0..<(3 * chunk)).map { _ in UInt8.random(in: 0...255, using: &random) },
@@ -126,7 +126,7 @@ import Testing
         let peer = try ProtocolPeer(memory: memory, slots: 4)
         defer { peer.stop() }
         let directory = Harness.scratch("agent-stage")
-        let store = try ChunkStore(path: directory + "/store", create: true)
+        let store = try DirectoryChunkStore(path: directory + "/store", create: true)
         try #require(!FileSystem.isInMemory(store.path), "the test needs its scratch directory on a disk")
         let stagesBefore = Set(MemoryStage.all().map(\.path))
         let agents = AgentEvacuation()
@@ -151,7 +151,7 @@ import Testing
     /// /dev/shm is anyone's: a link named like a stage is not taken for one, and removing stale stages leaves
     /// what it points to alone.
     @Test func aLinkNamedLikeAStageIsNotAStage() throws {
-        let target = try ChunkStore(path: Harness.scratch("not-a-stage") + "/store", create: true)
+        let target = try DirectoryChunkStore(path: Harness.scratch("not-a-stage") + "/store", create: true)
         let link = "/dev/shm/stasis-stage-1-link\(UInt32.random(in: 0...UInt32.max))"
         try FileManager.default.createSymbolicLink(atPath: link, withDestinationPath: target.path)
         defer { unlink(link) }
@@ -163,12 +163,12 @@ import Testing
     /// A --leave-running dump that could not put the memory back (or a stasis that died) leaves the rescue
     /// entry in its stage: `stasis resume` finds it there, puts the memory back, and the stage goes.
     @Test func stasisResumeFindsARescueEntryInAStage() throws {
-        let chunk = ChunkStore.chunkSize
+        let chunk = ChunkFormat.chunkSize
         let memory: [UInt64: [UInt8]] = [0x50: (0..<(2 * chunk)).map { UInt8(truncatingIfNeeded: $0 &* 13 / 5) }]
         let peer = try ProtocolPeer(memory: memory, slots: 4)
         defer { peer.stop() }
         let directory = Harness.scratch("agent-stage-rescue")
-        let store = try ChunkStore(path: directory + "/store", create: true)
+        let store = try DirectoryChunkStore(path: directory + "/store", create: true)
         let stagesBefore = Set(MemoryStage.all().map(\.path))
         let agents = AgentEvacuation()
         try agents.evacuate([getpid()], into: DeviceStore(store: store, codec: .lz4, checkpoint: directory, stageInMemory: true),
@@ -185,12 +185,12 @@ import Testing
     /// A process left held after its memory was released (a put-back that failed) is put back by `stasis resume`
     /// from the rescue entry the evacuation wrote; the entry then goes.
     @Test func stasisResumePutsBackWhatARescueEntryHolds() throws {
-        let chunk = ChunkStore.chunkSize
+        let chunk = ChunkFormat.chunkSize
         let memory: [UInt64: [UInt8]] = [0x30: (0..<(3 * chunk)).map { UInt8(truncatingIfNeeded: $0 &* 31 / 7) }, 0x31: [UInt8](repeating: 0, count: chunk)]
         let peer = try ProtocolPeer(memory: memory, slots: 4)
         defer { peer.stop() }
         let storePath = Harness.scratch("agent-rescue") + "/store"
-        let store = try ChunkStore(path: storePath, create: true)
+        let store = try DirectoryChunkStore(path: storePath, create: true)
         let session = try #require(try AgentSession.open(pid: getpid()))
         let (record, chunks) = try evacuateIntoRescue(session, store: store)
         try session.release()
@@ -212,10 +212,10 @@ import Testing
     }
 
     @Test func anAgentErrorDuringTheEvacuationIsReportedWithItsWords() throws {
-        let chunk = ChunkStore.chunkSize
+        let chunk = ChunkFormat.chunkSize
         let peer = try ProtocolPeer(memory: [0x20: [UInt8](repeating: 7, count: 6 * chunk)], slots: 2, failAfter: 3)
         defer { peer.stop() }
-        let store = try ChunkStore(path: Harness.scratch("agent-protocol-error") + "/store", create: true)
+        let store = try DirectoryChunkStore(path: Harness.scratch("agent-protocol-error") + "/store", create: true)
         let session = try #require(try AgentSession.open(pid: getpid()))
         try session.startQuiesce(timeoutMilliseconds: 1000)
         try session.finishQuiesce()

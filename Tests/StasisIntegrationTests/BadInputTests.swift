@@ -45,7 +45,7 @@ extension Integration {
         let manifest = try Manifest.decode(try FileSystem.readFile(checkpoint + "/manifest.json"), path: checkpoint)
         let pages = try #require(manifest.files.first { $0.path.hasPrefix("pages-") && $0.chunks != nil })
         let digest = try #require(pages.chunks?.first { !$0.isEmpty })
-        return (pages.path, digest, try ChunkStore(path: Harness.store, create: false).chunkPath(digest))
+        return (pages.path, digest, try DirectoryChunkStore(path: Harness.store, create: false).chunkPath(digest))
     }
 
     /// verify and restore both refuse, naming `expected` pieces; nothing is started.
@@ -224,7 +224,7 @@ extension Integration {
         let verify = try Harness.stasis(["verify", checkpoint], environment: ["STASIS_STORE": store])
         let restore = try Harness.stasis(["restore", "-D", checkpoint], environment: ["STASIS_STORE": store])
         // Whatever chunks the killed dump left under their names are whole (half-written ones stay in tmp/).
-        let chunks = try ChunkStore(path: store, create: false)
+        let chunks = try DirectoryChunkStore(path: store, create: false)
         for digest in chunks.allChunks() { #expect(throws: Never.self) { try chunks.check(digest) } }
         if FileSystem.exists(checkpoint + "/manifest.json") {
             // stasis was killed after publishing: then the checkpoint is whole.

@@ -256,7 +256,7 @@ extension Integration {
         let pages = try #require(manifest.files.first { $0.path.hasPrefix("pages-") && $0.chunks != nil })
         // The pattern buffer's chunks do not change between the dumps: the second reuses them.
         let digest = try #require(pages.chunks?.filter { !$0.isEmpty }.dropFirst().first)
-        let chunk = try ChunkStore(path: store, create: false).chunkPath(digest)
+        let chunk = try DirectoryChunkStore(path: store, create: false).chunkPath(digest)
         let original = try FileSystem.readFile(chunk)
         var bad = original
         bad[bad.count / 2] ^= 0x5a

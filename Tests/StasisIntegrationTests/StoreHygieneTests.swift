@@ -108,7 +108,7 @@ extension Integration {
         let id = try #require(rows.first?["id"] as? String)
         let text = try Harness.stasis(["ls", "--store", store])
         #expect(text.stdout.contains("\(id)") && text.stdout.contains("stale"), "\(text.stdout)")
-        let chunks = try ChunkStore(path: store, create: false).allChunks()
+        let chunks = try DirectoryChunkStore(path: store, create: false).allChunks()
         #expect(!chunks.isEmpty)
 
         let preview = try Harness.stasis(["gc", "--dry-run", "--grace", "0", "--store", store])
@@ -118,7 +118,7 @@ extension Integration {
         #expect(dropped.count == 1 && dropped.first?["id"] as? String == id && dropped.first?["directory"] as? String == root + "/image", "\(report)")
         #expect(report["removedChunks"] as? Int == chunks.count && report["checkpoints"] as? Int == 0, "\(report)")
         #expect(report["removedPartialDirectories"] as? Int == 2, "the dead dump's staging and work directories: \(report)")
-        #expect(try ChunkStore(path: store, create: false).allChunks().isEmpty, "its chunks are freed")
+        #expect(try DirectoryChunkStore(path: store, create: false).allChunks().isEmpty, "its chunks are freed")
         #expect(partials(in: root).isEmpty)
         let after = try Harness.stasis(["ls", "--store", store])
         #expect(after.stdout.contains("0 checkpoints"), "\(after.stdout)")
@@ -156,7 +156,7 @@ extension Integration {
         #expect(fromEnvironment.status == 1 && fromEnvironment.stderr.contains("path is empty"), "\(fromEnvironment.stderr)")
         #expect(try FileManager.default.contentsOfDirectory(atPath: cwd).isEmpty, "nothing was made a store")
         let store = Harness.scratch("grace") + "/store"
-        _ = try ChunkStore(path: store, create: true)
+        _ = try DirectoryChunkStore(path: store, create: true)
         for grace in ["nan", "inf", "-1", "-nan"] {
             let result = try Harness.stasis(["gc", "--grace=\(grace)", "--store", store])
             #expect(!result.succeeded && result.stderr.contains("--grace must be a number of seconds"), "\(grace): \(result.stderr)")

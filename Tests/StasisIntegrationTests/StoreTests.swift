@@ -14,12 +14,12 @@ extension Integration {
     func manifest(_ checkpoint: String) throws -> Manifest { try Checkpoint.readManifest(checkpoint) }
 
     func chunkFiles(_ store: String) -> Set<String> {
-        Set((try? ChunkStore(path: store, create: false))?.allChunks() ?? [])
+        Set((try? DirectoryChunkStore(path: store, create: false))?.allChunks() ?? [])
     }
 
     /// The codec tags (byte 5 of each chunk file's header) of the chunks a checkpoint lists.
     func codecTags(_ checkpoint: String, store: String) throws -> Set<UInt8> {
-        let chunks = try ChunkStore(path: store, create: false)
+        let chunks = try DirectoryChunkStore(path: store, create: false)
         let digests = Set(try manifest(checkpoint).files.flatMap { $0.chunks ?? [] }.filter { !$0.isEmpty })
         return Set(try digests.map { try #require(FileManager.default.contents(atPath: chunks.chunkPath($0)))[5] })
     }

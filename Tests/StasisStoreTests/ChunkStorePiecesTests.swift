@@ -18,7 +18,7 @@ import Testing
         defer { try? FileManager.default.removeItem(atPath: root) }
         let images = root + "/images"
         try FileManager.default.createDirectory(atPath: images, withIntermediateDirectories: true)
-        let store = try ChunkStore(path: root + "/store", create: true)
+        let store = try DirectoryChunkStore(path: root + "/store", create: true)
         let path = images + "/pages-1.img"
         FileManager.default.createFile(atPath: path, contents: nil)
         let ingester = ChunkIngester(directory: images, store: store, codec: .lz4, threads: 2) { $0.hasPrefix("pages-") }
@@ -34,14 +34,14 @@ import Testing
         let (files, statistics) = try ingester.finish()
         let file = try #require(files["pages-1.img"])
         #expect(file.size == UInt64(expected.count))
-        #expect(file.chunks.count == (expected.count + ChunkStore.chunkSize - 1) / ChunkStore.chunkSize)
+        #expect(file.chunks.count == (expected.count + ChunkFormat.chunkSize - 1) / ChunkFormat.chunkSize)
         #expect(statistics.zeroChunks >= 1)
         #expect(statistics.plainBytes == UInt64(expected.count))
 
         let rebuilt = root + "/rebuilt"
         try FileManager.default.createDirectory(atPath: rebuilt, withIntermediateDirectories: true)
         try ChunkedFiles.read([.init(path: "pages-1.img", size: file.size, chunks: file.chunks)], from: store, checkpoint: root,
-                              chunkSize: ChunkStore.chunkSize, into: rebuilt)
+                              chunkSize: ChunkFormat.chunkSize, into: rebuilt)
         #expect(try Data(contentsOf: URL(fileURLWithPath: rebuilt + "/pages-1.img")) == expected)
 
         // The same content again: nothing new is written.
@@ -68,7 +68,7 @@ import Testing
         // On the disk (tmpfs keeps everything in memory, and nothing could be evicted there).
         let root = "/var/tmp/stasis-prefetch-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         defer { try? FileManager.default.removeItem(atPath: root) }
-        let store = try ChunkStore(path: root, create: true)
+        let store = try DirectoryChunkStore(path: root, create: true)
         var digests: [String] = []
         for index in 0..<6 {
             let digest = String(format: "%064x", index + 1)

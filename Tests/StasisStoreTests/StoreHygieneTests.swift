@@ -16,7 +16,7 @@ import Testing
 
     func makeStore(_ name: String) throws -> (root: String, store: ChunkStore) {
         let root = Harness.scratch(name)
-        return (root, try ChunkStore(path: root + "/store", create: true))
+        return (root, try DirectoryChunkStore(path: root + "/store", create: true))
     }
 
     func write(_ text: String, to path: String) throws {
@@ -144,18 +144,18 @@ import Testing
         let path = sample.store.path + "/" + (level == "chunks/XX" ? "chunks/" + sample.store.allChunks()[0].prefix(2) : level)
         try FileSystem.makePrivateDirectory(path)
         #expect(chmod(path, 0o777) == 0)
-        let open = #expect(throws: StasisError.self) { try ChunkStore(path: sample.store.path, create: false) }
+        let open = #expect(throws: StasisError.self) { try DirectoryChunkStore(path: sample.store.path, create: false) }
         #expect(open?.code == .permission && open?.message.contains(path + " can be written by other users") == true, "\(String(describing: open))")
         #expect(chmod(path, 0o700) == 0)
-        _ = try ChunkStore(path: sample.store.path, create: false)
+        _ = try DirectoryChunkStore(path: sample.store.path, create: false)
         guard geteuid() == 0 else { return }
         #expect(chown(path, 65534, 65534) == 0)
-        let foreign = #expect(throws: StasisError.self) { try ChunkStore(path: sample.store.path, create: true) }
+        let foreign = #expect(throws: StasisError.self) { try DirectoryChunkStore(path: sample.store.path, create: true) }
         #expect(foreign?.message.contains(path + " belongs to user 65534") == true, "\(String(describing: foreign))")
     }
 
     @Test func anEmptyStorePathAndABadGraceAreRefused() throws {
-        let empty = #expect(throws: StasisError.self) { try ChunkStore(path: "", create: true) }
+        let empty = #expect(throws: StasisError.self) { try DirectoryChunkStore(path: "", create: true) }
         #expect(empty?.message.contains("path is empty") == true)
         let (_, store) = try makeStore("grace")
         for grace in [Double.nan, .infinity, -1] {

@@ -8,7 +8,7 @@ import StasisStore
 public struct SampleCheckpoint {
     public var root: String
     public var checkpoint: String
-    public var store: ChunkStore
+    public var store: DirectoryChunkStore
     public var manifest: Manifest
     /// The plain content of every file, by path.
     public var contents: [String: Data]
@@ -31,7 +31,7 @@ public struct SampleCheckpoint {
         let source = root + "/source", checkpoint = root + "/ckpt"
         try FileSystem.makePrivateDirectory(source)
         try FileSystem.makePrivateDirectory(checkpoint)
-        let chunk = ChunkStore.chunkSize
+        let chunk = ChunkFormat.chunkSize
         let pattern = Data((0..<chunk).map { UInt8(truncatingIfNeeded: $0 / 4096) })
         var contents: [String: Data] = [
             "core-1.img": noise(3000, seed: 7),
@@ -42,7 +42,7 @@ public struct SampleCheckpoint {
         if largeWholeFile { contents["big.img"] = Data(count: Int(SegmentedDigest.segmentSize) + 5) + Data([1, 2, 3]) }
         for (name, data) in contents { try data.write(to: URL(fileURLWithPath: source + "/" + name)) }
 
-        let store = try ChunkStore(path: root + "/store-a", create: true)
+        let store = try DirectoryChunkStore(path: root + "/store-a", create: true)
         var chunkedFiles: [String: ChunkIngester.File] = [:]
         var statistics = ChunkIngester.Statistics()
         if chunked {

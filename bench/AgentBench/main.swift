@@ -60,7 +60,7 @@ for index in 0..<max(1, (mib << 20) / allocation) {
 let total = memory.values.reduce(0) { $0 + $1.count }
 
 try? FileManager.default.removeItem(atPath: storePath)
-let store = try ChunkStore(path: storePath, create: true)
+let store = try DirectoryChunkStore(path: storePath, create: true)
 let peer = try ProtocolPeer(memory: memory, slots: slots, hashes: gpuDigests, sharedRing: sharedRing)
 defer { peer.stop() }
 let session = try AgentSession.open(pid: getpid())!

@@ -246,7 +246,7 @@ func ingest(_ arguments: Arguments) throws {
     let storePath = URL(fileURLWithPath: try arguments.required("--store")).standardizedFileURL.path
     let codec = try Codec(parsing: arguments.values["--compress"] ?? "lz4")
     let threads = try arguments.integer("--threads", default: ProcessInfo.processInfo.activeProcessorCount)
-    let chunkSize = try arguments.integer("--chunk-size", default: ChunkStore.chunkSize)
+    let chunkSize = try arguments.integer("--chunk-size", default: ChunkFormat.chunkSize)
     let cache = try arguments.cache(default: "warm")
 
     // A fresh store every run: only an earlier bench store (or an empty or missing directory) is removed.
@@ -257,7 +257,7 @@ func ingest(_ arguments: Arguments) throws {
         }
         FileSystem.removeTree(storePath)
     }
-    let store = try ChunkStore(path: storePath, create: true)
+    let store = try DirectoryChunkStore(path: storePath, create: true)
     let names = try regularFiles(in: images)
     guard !names.isEmpty else { throw BenchError("no files in \(images)") }
     try prepare(cache: cache, inputs: names.map { images + "/" + $0 })
@@ -332,7 +332,7 @@ func rebuild(_ arguments: Arguments) throws {
     let target = arguments.values["--into"].map { URL(fileURLWithPath: $0).standardizedFileURL.path }
 
     let index = try JSONDecoder().decode(Index.self, from: try FileSystem.readFile(Index.path(store: storePath)))
-    let store = try ChunkStore(path: storePath, create: false)
+    let store = try DirectoryChunkStore(path: storePath, create: false)
     let items = index.files.map { ChunkedFiles.Item(path: $0.name, size: $0.size, chunks: $0.chunks) }
     let distinct = Set(index.files.flatMap { $0.chunks }.filter { !$0.isEmpty }).sorted()
     let chunkPaths = distinct.map { store.chunkPath($0) }

@@ -10,15 +10,11 @@ import StasisOS
 /// runc runs with STASIS_CRIU_PLUGIN=off, so that a stasis CRIU plugin in CRIU's plugin directory stands aside
 /// while stasis drives the GPU itself. Its own messages go to a log (`--log`); the restored container's stdio
 /// is /dev/null, since CRIU cannot carry a descriptor of a file outside the container.
-public struct Runc: Sendable {
+public struct Runc: ContainerRuntime {
     public let path: String
+    public var name: String { "runc" }
 
-    public struct State: Sendable {
-        public var id: String
-        public var pid: Int32
-        public var status: String
-        public var bundle: String
-    }
+    public typealias State = ContainerState
 
     public static func locate() throws -> Runc {
         guard let path = Spawn.which("runc") else {
@@ -51,7 +47,7 @@ public struct Runc: Sendable {
 
     /// Checkpoints the container into `images` (CRIU's images and runc's descriptors.json; CRIU's log in
     /// `work`). Without `leaveRunning`, runc removes the container once its images are complete.
-    public func checkpoint(_ id: String, images: String, work: String, leaveRunning: Bool, tcpEstablished: Bool = false, shellJob: Bool = false) throws {
+    public func checkpoint(_ id: String, images: String, work: String, leaveRunning: Bool, tcpEstablished: Bool, shellJob: Bool) throws {
         var arguments = ["checkpoint", "--image-path", images, "--work-path", work]
         if leaveRunning { arguments.append("--leave-running") }
         arguments += Self.flags(tcpEstablished: tcpEstablished, shellJob: shellJob)
@@ -60,7 +56,7 @@ public struct Runc: Sendable {
     }
 
     /// Restores container `id` from `images` with the bundle `bundle`, detached.
-    public func restore(_ id: String, bundle: String, images: String, work: String, tcpEstablished: Bool = false, shellJob: Bool = false) throws {
+    public func restore(_ id: String, bundle: String, images: String, work: String, tcpEstablished: Bool, shellJob: Bool) throws {
         let arguments = ["restore", "--detach", "--image-path", images, "--work-path", work, "--bundle", bundle]
             + Self.flags(tcpEstablished: tcpEstablished, shellJob: shellJob)
         let (status, _, log) = try run(arguments + [id], logIn: work)

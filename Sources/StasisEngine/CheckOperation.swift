@@ -81,17 +81,20 @@ public struct CheckOperation {
         if root == false, criu.problem == nil {
             criu.hint = "run stasis as root: CRIU needs CAP_SYS_ADMIN"
         }
+        // No runtime is a report line ("not found"), not a failure: only containers need one.
         return Report(kernel: host.kernel, root: root, criu: criu, gpu: GPUReport.probe(), store: Self.storeReport(),
-                      runc: (try? Runc.locate()).map(\.path), ready: criu.found && criu.kernelCheck == true && root)
+                      runc: (try? Backends().containerRuntime()).map(\.path), ready: criu.found && criu.kernelCheck == true && root)
     }
 
     static func storeReport() -> Report.Store {
-        let path = ChunkStore.resolve(nil, recorded: nil)
+        let path = StoreLocation.resolve(nil, recorded: nil)
         var report = Report.Store(path: path, exists: false)
-        if let store = try? ChunkStore(path: path, create: false) {
+        // A store that cannot be opened is reported as not there yet: the first dump creates it.
+        if let store = try? Backends().openStore(path, create: false) {
             let catalog = StoreCatalog(store: store)
             let usage = catalog.usage()
             report.exists = true
+            // An unreadable catalog leaves the count out of the report; the rest of it still stands.
             report.checkpoints = (try? catalog.entries())?.count
             (report.chunks, report.chunkBytes) = (usage.chunks, usage.bytes)
         }

@@ -77,8 +77,9 @@ struct DumpCommand: ParsableCommand {
             options.codec = try Codec(parsing: compress)
             options.progress = Output.progressHandler(json: output.json)
             options.settleSeconds = lockTimeout
-            let device = CUDADeviceStep(lockTimeoutMilliseconds: UInt32(lockTimeout * 1000))
-            let report = try DumpOperation(options, device: device).run()
+            let backends = Backends(lockTimeoutSeconds: lockTimeout)
+            options.backends = backends
+            let report = try DumpOperation(options, device: backends.deviceStep()).run()
             Output.clearProgress()
             if output.json { return Output.json(report) }
             for line in report.textLines { print(line) }

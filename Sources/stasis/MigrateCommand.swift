@@ -99,7 +99,7 @@ struct MigrateCommand: ParsableCommand {
             options.insecure = insecure
             options.settleSeconds = lockTimeout
             options.progress = Output.progressHandler(json: output.json)
-            let report = try MigrateOperation(options, device: CUDADeviceStep(lockTimeoutMilliseconds: UInt32(lockTimeout * 1000))).run()
+            let report = try MigrateOperation(options, device: Backends(lockTimeoutSeconds: lockTimeout).deviceStep()).run()
             Output.clearProgress()
             if let signal = report.deferredSignal {
                 FileHandle.standardError.write(Data("stasis: \(signal) came after the commit was sent; it waited until the migration was settled: the job runs on \(report.receiver)\n".utf8))
@@ -194,7 +194,7 @@ struct ServeCommand: ParsableCommand {
                 // Lines name what the peer sent (its manifest's names): escaped like every other text output.
                 FileHandle.standardOutput.write(Data((Format.printable(line) + "\n").utf8))
             }
-            failures = try ServeOperation(options, device: { CUDADeviceStep() }).run()
+            failures = try ServeOperation(options, device: { Backends().deviceStep() }).run()
         }
         if failures > 0 { throw ExitCode.failure }
     }

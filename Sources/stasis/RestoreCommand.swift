@@ -79,8 +79,9 @@ struct RestoreCommand: ParsableCommand {
             options.bundle = bundle
             options.logLevel = logLevel
             options.progress = Output.progressHandler(json: output.json)
-            let device = CUDADeviceStep(gpuMap: try parsedGPUMap())
-            let report = try RestoreOperation(options, device: device).run()
+            let backends = Backends(gpuMap: try parsedGPUMap())
+            options.backends = backends
+            let report = try RestoreOperation(options, device: backends.deviceStep()).run()
             Output.clearProgress()
             if output.json { return Output.json(report) }
             for line in report.textLines { print(line) }

@@ -1,5 +1,6 @@
 import ArgumentParser
 import StasisCore
+import StasisEngine
 import StasisGPU
 import StasisStore
 
@@ -27,7 +28,7 @@ struct ResumeCommand: ParsableCommand {
 
     func run() throws {
         try Output.run(json: output.json) {
-            let chunks = try ChunkStore(path: ChunkStore.resolve(store.store, recorded: nil), create: false)
+            let chunks = try Backends().openStore(store.store, create: false)
             let report = try AgentRescue.resume(pid: pid, store: chunks)
             if output.json { return Output.json(report) }
             print("resumed PID \(report.pid): \(Format.bytes(report.bytes)) of device memory put back from \(report.rescue) in \(Format.seconds(report.seconds))")

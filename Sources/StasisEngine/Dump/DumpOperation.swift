@@ -35,7 +35,7 @@ public struct DumpOperation {
         public var directory: String
         public var leaveRunning = false
         public var process = CRIUService.ProcessOptions()
-        /// The chunk store (default: STASIS_STORE, else ChunkStore.defaultPath) and how new chunks are compressed.
+        /// The chunk store (default: STASIS_STORE, else StoreLocation.defaultPath) and how new chunks are compressed.
         public var store: String?
         public var codec = Codec.standard
         public var progress: ProgressHandler?
@@ -48,8 +48,10 @@ public struct DumpOperation {
         /// How long a GPU job's tree may take to hold still (no compiler running, the same processes) before the
         /// dump touches it (`TreeSettling`); the CLI passes --lock-timeout.
         public var settleSeconds: Double = 10
-        /// Told of every new chunk as the dump writes it (ChunkStore.observe): a migration sends them at once.
-        public var chunkObserver: ChunkStore.ChunkObserver?
+        /// Told of every new chunk as the dump writes it (`ChunkStore.observe`): a migration sends them at once.
+        public var chunkObserver: ChunkObserver?
+        /// Where the container runtime and the chunk store come from (the CLI's; the defaults otherwise).
+        public var backends = Backends()
         public init(pid: Int32, directory: String) { self.pid = pid; self.directory = directory }
     }
 
@@ -82,7 +84,7 @@ public struct DumpOperation {
         let target = try DumpTarget(options)
         let criu = try CRIUBinary.locate()
         try StagingDirectory.check(destination: options.directory)
-        let store = try ChunkStore(path: ChunkStore.resolve(options.store, recorded: nil), create: true)
+        let store = try options.backends.openStore(options.store, create: true)
         store.observe(options.chunkObserver)
         defer { store.observe(nil) }
         let storeLock = try store.lock(exclusive: false)
@@ -97,7 +99,7 @@ public struct DumpOperation {
             try dump.startChunking()
             switch target {
             case .process(let pid): try dump.dumpTree(pid)
-            case .container(let runc, let state, _): try dump.checkpointContainer(runc, state)
+            case .container(let runtime, let state, _): try dump.checkpointContainer(runtime, state)
             }
         } catch {
             throw dump.fail(error)
@@ -220,25 +222,25 @@ private final class DumpRun {
     /// runc offers no step inside its freeze, so stasis freezes the container itself (`runc pause`), has runc
     /// checkpoint it leaving it there, publishes, and only then removes it (or resumes it, --leave-running).
     /// Undone by resuming the container; should stasis die in between, it waits paused (`runc resume`).
-    func checkpointContainer(_ runc: Runc, _ state: Runc.State) throws {
-        let kept = try DumpTarget.keepSpec(of: state, in: staging.path)
+    func checkpointContainer(_ runtime: any ContainerRuntime, _ state: ContainerState) throws {
+        let kept = try DumpTarget.keepSpec(of: state, runtime: runtime, in: staging.path)
         let ticker = progressTicker()
         defer { ticker?.stop() }
         let watch = Stopwatch()
-        try runc.pause(state.id)
+        try runtime.pause(state.id)
         rollback.onFailure(of: "pause") {
-            do { try runc.resume(state.id) } catch { return "resuming the paused container also failed: \(error) (`runc resume \(state.id)`)" }
+            do { try runtime.resume(state.id) } catch { return "resuming the paused container also failed: \(error) (`\(runtime.name) resume \(state.id)`)" }
             return nil
         }
-        try runc.checkpoint(state.id, images: staging.path, work: staging.path, leaveRunning: true,
-                            tcpEstablished: options.process.tcpEstablished, shellJob: options.process.shellJob)
+        try runtime.checkpoint(state.id, images: staging.path, work: staging.path, leaveRunning: true,
+                               tcpEstablished: options.process.tcpEstablished, shellJob: options.process.shellJob)
         timings.criu = watch.seconds
         try FaultInjection.check("post-dump")
         try publish(container: kept)
         if options.leaveRunning {
-            try runc.resume(state.id)
+            try runtime.resume(state.id)
         } else {
-            do { try runc.remove(state.id) } catch {
+            do { try runtime.remove(state.id) } catch {
                 // Paused still: the rollback resumes it, and the checkpoint stays.
                 throw StasisError(.runtime, "the checkpoint is complete in \(destination), but the container could not be removed (\(error)); it was resumed instead")
             }

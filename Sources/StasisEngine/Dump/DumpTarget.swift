@@ -9,18 +9,18 @@ import StasisOS
 /// checkpoints.
 enum DumpTarget {
     case process(pid: Int32)
-    case container(runc: Runc, state: Runc.State, pids: [Int32])
+    case container(runtime: any ContainerRuntime, state: ContainerState, pids: [Int32])
 
     /// The target of `options`, once it is known to be one stasis can dump (refused otherwise, nothing touched).
     init(_ options: DumpOperation.Options) throws {
         if let id = options.container {
-            let runc = try Runc.locate()
-            let state = try runc.state(id)
+            let runtime = try options.backends.containerRuntime()
+            let state = try runtime.state(id)
             guard state.status == "running" else {
                 throw StasisError(.processNotFound, "container \(state.id) is \(state.status), not running")
             }
             try Self.refuseTerminal(state)
-            self = .container(runc: runc, state: state, pids: try runc.processes(state.id))
+            self = .container(runtime: runtime, state: state, pids: try runtime.processes(state.id))
         } else {
             self = .process(pid: options.pid)
         }
@@ -72,7 +72,7 @@ enum DumpTarget {
 
     /// A container with a terminal cannot be restored detached by runc without a console socket: refused
     /// before anything is touched.
-    static func refuseTerminal(_ state: Runc.State) throws {
+    static func refuseTerminal(_ state: ContainerState) throws {
         let spec = try? JSONSerialization.jsonObject(with: FileSystem.readFile(state.bundle + "/config.json")) as? [String: Any]
         if (spec?["process"] as? [String: Any])?["terminal"] as? Bool == true {
             throw StasisError(.invalidArgument, "container \(state.id) has a terminal (process.terminal in its config.json); stasis restores containers detached, without one",
@@ -82,10 +82,10 @@ enum DumpTarget {
 
     /// Copies the container's config.json into the checkpoint and says what the container is (and, for one
     /// podman made, what podman knows of it: `stasis export --archive` writes it for podman).
-    static func keepSpec(of state: Runc.State, in directory: String) throws -> Manifest.Container {
+    static func keepSpec(of state: ContainerState, runtime: any ContainerRuntime, in directory: String) throws -> Manifest.Container {
         let spec = try FileSystem.readFile(state.bundle + "/config.json")
         try FileSystem.writeAtomically(spec, to: directory + "/" + CheckpointWriter.containerSpecName)
-        return Manifest.Container(runtime: "runc", id: state.id, bundle: state.bundle, spec: CheckpointWriter.containerSpecName,
+        return Manifest.Container(runtime: runtime.name, id: state.id, bundle: state.bundle, spec: CheckpointWriter.containerSpecName,
                                   engine: Podman.engine(of: state.id, bundle: state.bundle, spec: spec))
     }
 }

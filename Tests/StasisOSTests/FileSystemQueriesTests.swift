@@ -61,4 +61,23 @@ import Testing
         #expect(FileSystem.isExecutable("/bin/sh"))
         #expect(!FileSystem.isExecutable(root + "/none"))
     }
+
+    /// The walker behind regularFiles, makePrivate and removeTree: every level, links never followed.
+    @Test func treesAreWalkedAndRemovedWithoutFollowingLinks() throws {
+        let root = Harness.scratch("tree")
+        let outside = Harness.scratch("outside")
+        try Data("keep".utf8).write(to: URL(fileURLWithPath: outside + "/kept"))
+        try FileSystem.makePrivateDirectory(root + "/tree/a/b")
+        try Data("1".utf8).write(to: URL(fileURLWithPath: root + "/tree/top"))
+        try Data("2".utf8).write(to: URL(fileURLWithPath: root + "/tree/a/b/deep"))
+        #expect(symlink(outside, root + "/tree/a/link") == 0)
+        #expect(try FileSystem.regularFiles(under: root + "/tree") == ["a/b/deep", "top"])
+        try FileSystem.setMode(root + "/tree/a/b/deep", 0o644)
+        try FileSystem.makePrivate(tree: root + "/tree")
+        #expect(try FileSystem.status(root + "/tree/a/b/deep")?.permissions == 0o600)
+        #expect(try FileSystem.status(root + "/tree/a/b")?.permissions == 0o700)
+        FileSystem.removeTree(root + "/tree")
+        #expect(!FileSystem.exists(root + "/tree"))
+        #expect(try FileSystem.readFile(outside + "/kept") == Data("keep".utf8), "a link's target is never removed")
+    }
 }

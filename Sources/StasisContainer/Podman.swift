@@ -17,14 +17,19 @@ public enum Podman {
 
     /// The engine's view of container `id` whose bundle is `bundle`, when podman made it and
     /// containers/storage lists it; nil for any other container (plain runc, CRI-O, containerd).
+    /// Every failure below means "not podman's, as far as stasis can tell": the record is optional, and the
+    /// checkpoint is restored through runc without it.
     public static func engine(of id: String, bundle: String, spec: Data) -> Manifest.Container.Engine? {
+        // A spec that is not JSON names no engine (runc's own checkpoint reports a broken spec).
         guard let object = try? JSONSerialization.jsonObject(with: spec) as? [String: Any],
               (object["annotations"] as? [String: String])?["io.container.manager"] == manager else { return nil }
         let containers = URL(fileURLWithPath: bundle).deletingLastPathComponent().deletingLastPathComponent()
             .appendingPathComponent("containers.json").path
+        // No containers.json, or one stasis cannot read: not a podman container (above).
         guard let data = try? FileSystem.readFile(containers),
-              let list = try? JSONSerialization.jsonObject(with: data) as? [[String: Any]],
+              let list = try? JSONSerialization.jsonObject(with: data) as? [[String: Any]],  // not listed: not podman's (above)
               let entry = list.first(where: { $0["id"] as? String == id }),
+              // Metadata that is not JSON: no engine record (above).
               let metadata = (entry["metadata"] as? String).flatMap({ try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }),
               let imageID = metadata["image-id"] as? String ?? entry["image"] as? String,
               let imageName = metadata["image-name"] as? String else { return nil }

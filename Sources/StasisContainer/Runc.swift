@@ -29,6 +29,7 @@ public struct Runc: ContainerRuntime {
         guard status == 0 else {
             throw StasisError(.processNotFound, "runc knows no container \(id): \(log)", hint: "`runc list` shows the containers")
         }
+        // An answer that is not JSON is reported by the else below, naming the command.
         guard let object = try? JSONSerialization.jsonObject(with: output) as? [String: Any],
               let pid = object["pid"] as? Int, let state = object["status"] as? String, let bundle = object["bundle"] as? String else {
             throw StasisError(.io, "runc state \(id) gave an answer stasis cannot read")
@@ -39,6 +40,7 @@ public struct Runc: ContainerRuntime {
     /// Every process of the container, those started by `runc exec` too (which are not its init's descendants).
     public func processes(_ id: String) throws -> [Int32] {
         let (status, output, log) = try run(["ps", "--format", "json", id], logIn: nil)
+        // An answer that is not JSON is reported by the else below, with runc's log.
         guard status == 0, let pids = try? JSONSerialization.jsonObject(with: output) as? [Int] else {
             throw StasisError(.runtime, "runc could not list the processes of container \(id): \(log)")
         }
@@ -120,9 +122,11 @@ public struct Runc: ContainerRuntime {
         }
         let output = FileHandle(fileDescriptor: readEnd.rawValue, closeOnDealloc: true).readDataToEndOfFile()
         let status = Spawn.wait(pid)
-        let log = ((try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "").split(separator: "\n").suffix(3)
+        // No log (runc died before writing it) is no message: its status still says whether it failed.
+        let log = ((try? FileSystem.readFile(logPath)).map { String(decoding: $0, as: UTF8.self) } ?? "").split(separator: "\n").suffix(3)
             .map { line -> String in
                 // runc logs JSON lines: keep their message.
+                // runc logs JSON lines: keep their message (a line that is not JSON is kept as it is).
                 if let data = line.data(using: .utf8), let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any],
                    let message = object["msg"] as? String { return message }
                 return String(line)

@@ -82,8 +82,9 @@ public struct CheckOperation {
             criu.hint = "run stasis as root: CRIU needs CAP_SYS_ADMIN"
         }
         // No runtime is a report line ("not found"), not a failure: only containers need one.
+        let runtime = try? Backends().containerRuntime()
         return Report(kernel: host.kernel, root: root, criu: criu, gpu: GPUReport.probe(), store: Self.storeReport(),
-                      runc: (try? Backends().containerRuntime()).map(\.path), ready: criu.found && criu.kernelCheck == true && root)
+                      runc: runtime.map(\.path), ready: criu.found && criu.kernelCheck == true && root)
     }
 
     static func storeReport() -> Report.Store {

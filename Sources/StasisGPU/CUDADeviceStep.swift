@@ -19,8 +19,7 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
     let lockTimeoutMilliseconds: UInt32
     /// --gpu-map: checkpoint GPU (UUID or index) to this machine's GPU (UUID or index).
     let gpuMap: [String: String]
-    private let lock = NSLock()
-    private var remapping: [(old: [UInt8], new: [UInt8])] = []
+    private let remapping = Locked<[(old: [UInt8], new: [UInt8])]>([])
     private let agents = AgentEvacuation()
 
     public init(lockTimeoutMilliseconds: UInt32 = 10_000, gpuMap: [String: String] = [:]) {
@@ -258,7 +257,7 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
         guard !section.processes.isEmpty else { return }
         try CheckpointDriver.load()
         let pairs = try Self.remapping(for: section, on: GPUInventory.read().gpus, map: gpuMap)
-        lock.withLock { remapping = pairs }
+        remapping.withLock { $0 = pairs }
     }
 
     /// The (old UUID, new UUID) table for the driver's restore: --gpu-map first, then the same UUID, then the
@@ -305,7 +304,7 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
 
     public func afterRestore(section: Manifest.GPUSection, store: DeviceStore?, files: [Manifest.FileEntry]) throws -> [String: Double] {
         guard !section.processes.isEmpty else { return [:] }
-        let pairs = lock.withLock { remapping }
+        let pairs = remapping.current
         let watch = Stopwatch()
         let errors = Self.parallel(section.processes.map(\.pid)) { pid in
             try CheckpointDriver.restore(pid, remapping: pairs)

@@ -39,6 +39,7 @@ public struct GPUInventory: Sendable {
     }
 
     static func query(_ smi: String, _ arguments: [String]) -> [[String]] {
+        // nvidia-smi that cannot be run or fails lists no GPU: the machine is then one without (as without it).
         guard let (status, data) = try? Spawn.output(smi, arguments), status == 0 else { return [] }
         return String(decoding: data, as: UTF8.self).split(separator: "\n").map {
             $0.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }

@@ -49,10 +49,14 @@ public final class DirectoryChunkStore: ChunkStore {
     /// what gc removes: every level stasis reads or writes must be this user's alone (a chunks/XX that others
     /// may write lets them plant or swap chunks as well as a chunks/ would).
     private func requirePrivateLevels() throws {
-        var levels = ["", "/chunks", "/checkpoints", "/tmp", "/writers", "/lock"].map { path + $0 }
-        levels += ((try? FileManager.default.contentsOfDirectory(atPath: path + "/chunks")) ?? []).sorted().map { "\(path)/chunks/\($0)" }
+        let levels = ["", "/chunks", "/checkpoints", "/tmp", "/writers", "/lock"].map { path + $0 }
         for level in levels where level == path || FileSystem.exists(level) {
             try FileSystem.requireOwnedAndPrivate(level, what: "chunk store")
+        }
+        // Listed once the levels above are known to be this user's: a chunks/ that cannot be read is an error
+        // naming it, not a store taken as empty.
+        for prefix in try FileSystem.namesOrNone(in: path + "/chunks").sorted() {
+            try FileSystem.requireOwnedAndPrivate("\(path)/chunks/\(prefix)", what: "chunk store")
         }
     }
 
@@ -189,11 +193,14 @@ public final class DirectoryChunkStore: ChunkStore {
     /// chunk is reused it is read and checked (decoded, its SHA-256 compared with its name) and then marked
     /// (`checkedMode`); later reuses only look at the mark. A damaged chunk, or one that another user owns, is
     /// not reused: the writer puts its own copy in its place.
+    /// Each error below only means "do not reuse it": the writer then puts its own copy, which reports its own.
     func isKnownGood(_ target: String, digest: String, plain: UnsafeRawBufferPointer? = nil) -> Bool {
+        // Missing or not examinable: not reused.
         guard let status = try? FileSystem.status(target, followingLinks: false),
               status.kind == .regular, status.ownedByThisUser else { return false }
         if status.permissions == Self.checkedMode.rawValue { return true }
-        guard (try? check(digest, against: plain)) != nil else { return false }
+        guard (try? check(digest, against: plain)) != nil else { return false }  // damaged: not reused
+        // A mark that cannot be set: not reused this time (it would be trusted unread next time).
         return (try? FileSystem.setMode(target, Self.checkedMode.rawValue)) != nil
     }
 
@@ -323,7 +330,7 @@ public final class DirectoryChunkStore: ChunkStore {
         // In memory already (a warm page cache, a store on tmpfs): nothing to read ahead.
         if fd.startIsCached() != false { return 0 }
         var read: UInt64 = 0
-        while let got = try? fd.readSome(into: buffer), got > 0 { read += UInt64(got) }
+        while let got = try? fd.readSome(into: buffer), got > 0 { read += UInt64(got) }  // a failed read ends read-ahead (above)
         return read
     }
 
@@ -375,11 +382,13 @@ public final class DirectoryChunkStore: ChunkStore {
         if let plain, !bytesEqual(plain, UnsafeRawBufferPointer(decoded)) { throw damaged("its content is not the chunk's") }
     }
 
-    /// The digests of every chunk file in the store.
+    /// The digests of every chunk file in the store. A directory that cannot be listed lists none: gc then
+    /// removes nothing from it, and `ls` counts what it could read (opening the store checked every level).
     public func allChunks() -> [String] {
         let chunks = path + "/chunks"
-        return ((try? FileManager.default.contentsOfDirectory(atPath: chunks)) ?? []).flatMap { prefix in
-            (try? FileManager.default.contentsOfDirectory(atPath: chunks + "/" + prefix)) ?? []
+        // Unreadable: none (above).
+        return ((try? FileSystem.namesOrNone(in: chunks)) ?? []).flatMap { prefix in
+            (try? FileSystem.namesOrNone(in: chunks + "/" + prefix)) ?? []  // unreadable: none (above)
         }
     }
 

@@ -309,6 +309,7 @@ private final class DumpRun {
         timings.sync = manifest.timings.sync + settleSeconds
         timings.total = total.seconds
         manifest.timings = timings
+        // The published manifest is complete already; this rewrite only adds the timings, so a failure keeps it.
         try? FileSystem.writeAtomically(try Manifest.encoder().encode(manifest), to: destination + "/" + Manifest.fileName,
                                         temporaryDirectory: staging.workPath)
         FaultInjection.die("manifest-rewritten")

@@ -73,6 +73,7 @@ enum DumpTarget {
     /// A container with a terminal cannot be restored detached by runc without a console socket: refused
     /// before anything is touched.
     static func refuseTerminal(_ state: ContainerState) throws {
+        // A config.json that cannot be read is not refused here: the runtime's own checkpoint reports it.
         let spec = try? JSONSerialization.jsonObject(with: FileSystem.readFile(state.bundle + "/config.json")) as? [String: Any]
         if (spec?["process"] as? [String: Any])?["terminal"] as? Bool == true {
             throw StasisError(.invalidArgument, "container \(state.id) has a terminal (process.terminal in its config.json); stasis restores containers detached, without one",

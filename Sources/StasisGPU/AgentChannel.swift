@@ -6,15 +6,13 @@ import StasisOS
 /// One connection to the agent preloaded into a GPU process (libstasis-agent.so): fixed-size messages over
 /// its abstract unix socket, "@stasis-agent-<pid>" (see stasis_agent_protocol.h). Sends may come from any
 /// thread; one thread receives.
-// @unchecked Sendable: sends are serialised by `sendLock` (each send(2) a whole message), `closed` is reached only under
-// `closeLock`, and one thread receives.
-final class AgentChannel: @unchecked Sendable {
+final class AgentChannel: Sendable {
     typealias Message = stasis_agent_message
     let pid: Int32
     private let fd: FileDescriptor
-    private let sendLock = NSLock()
-    private let closeLock = NSLock()
-    private var closed = false
+    /// One message at a time goes out, whole, whichever thread sends it.
+    private let sending = CriticalSection()
+    private let closed = Locked(false)
 
     private init(pid: Int32, fd: FileDescriptor) {
         self.pid = pid
@@ -67,7 +65,7 @@ final class AgentChannel: @unchecked Sendable {
         message.id = id
         message.offset = offset
         message.length = length
-        try sendLock.withLock {
+        try sending.run {
             if let failure = withUnsafeBytes(of: &message, { StreamSocket.send(fd, $0) }) {
                 throw StasisError(.gpu, "the agent of PID \(pid) went away (\(failure.reason))")
             }
@@ -87,7 +85,7 @@ final class AgentChannel: @unchecked Sendable {
             let part = bytes[start..<min(bytes.count, start + piece)]
             message.length = UInt64(part.count)
             withUnsafeMutableBytes(of: &message.text) { $0.copyBytes(from: part) }
-            try sendLock.withLock {
+            try sending.run {
                 if let failure = withUnsafeBytes(of: &message, { StreamSocket.send(fd, $0) }) {
                     throw StasisError(.gpu, "the agent of PID \(pid) went away (\(failure.reason))")
                 }
@@ -100,7 +98,7 @@ final class AgentChannel: @unchecked Sendable {
         var message = Message()
         message.op = op.rawValue
         message.id = id
-        try sendLock.withLock {
+        try sending.run {
             if let failure = withUnsafeBytes(of: &message, { UnixSocket.send(fd, $0, passing: descriptor) }) {
                 throw StasisError(.gpu, "the agent of PID \(pid) went away (\(failure.reason))")
             }
@@ -164,7 +162,7 @@ final class AgentChannel: @unchecked Sendable {
     }
 
     func close() {
-        closeLock.withLock {
+        closed.withLock { closed in
             guard !closed else { return }
             closed = true
             fd.closeQuietly()

@@ -93,7 +93,7 @@ final class AgentEvacuation: @unchecked Sendable {
                     ringBytes: UInt64(session.slotBytes * session.slotCount),
                     quiesceSeconds: quiesceSeconds[session.pid] ?? 0, evacuateSeconds: done.seconds, releaseSeconds: 0)
                 memory.storedBytes = done.totals.storedBytes
-                memory.zeroBytes = UInt64(done.totals.zeroChunks) * UInt64(ChunkStore.chunkSize)
+                memory.zeroBytes = UInt64(done.totals.zeroChunks) * UInt64(ChunkFormat.chunkSize)
                 memory.evacuateCPUSeconds = done.cpu
                 memory.hashedOnGPU = session.hashesOnGPU
                 memory.ringMapped = session.ringMapped
@@ -241,13 +241,14 @@ final class AgentEvacuation: @unchecked Sendable {
             memory: .init(residentBytes: 0, dumpedBytes: 0, imageBytes: memory.evacuatedBytes),
             timings: .init(), gpu: .init(processes: [.init(pid: pid, devices: [], deviceMemoryBytes: memory.evacuatedBytes, agent: memory)]),
             files: files)
-        manifest.store = .init(path: store.path, chunkSize: ChunkStore.chunkSize, codec: "", plainBytes: memory.evacuatedBytes,
+        manifest.store = .init(path: store.path, chunkSize: ChunkFormat.chunkSize, codec: "", plainBytes: memory.evacuatedBytes,
                                storedBytes: memory.storedBytes ?? 0, newChunks: 0, reusedChunks: 0, zeroChunks: 0)
         try StoreCatalog(store: store).register(manifest, directory: "(device memory of PID \(pid), held by its agent)")
     }
 
     /// The newest rescue entry of `pid` in `store`, if any.
     public static func rescue(pid: Int32, in store: ChunkStore) -> StoreCatalog.Entry? {
+        // A catalog that cannot be read holds no entry that could be used.
         ((try? StoreCatalog(store: store).entries()) ?? [])
             .filter { $0.manifest.id.hasPrefix(rescuePrefix) && $0.manifest.processTree.rootPID == pid }.last
     }
@@ -264,6 +265,7 @@ final class AgentEvacuation: @unchecked Sendable {
 
     public static func forgetRescue(pid: Int32, store: ChunkStore) {
         let catalog = StoreCatalog(store: store)
+        // Best effort: a catalog that cannot be read has no entry to forget.
         for entry in (try? catalog.entries()) ?? [] where entry.manifest.id.hasPrefix(rescuePrefix) && entry.manifest.processTree.rootPID == pid {
             catalog.unregister(id: entry.manifest.id)
         }
@@ -349,6 +351,7 @@ public enum AgentRescue {
         let storeLock = store.readerLock()
         defer { storeLock?.release() }
         // The driver first: an agent cannot re-create memory in a process the driver still holds.
+        // No driver library (the error is not needed): no driver checkpoint to resume.
         if (try? CheckpointDriver.load()) != nil, let state = CheckpointDriver.state(pid), state != .running {
             try CheckpointDriver.resume(pid)
         }

@@ -23,17 +23,21 @@ public enum MemoryStage {
               min(available, room) > bytes + bytes / 8 + headroom else { return nil }
         removeStale()
         let path = "\(root)/\(prefix)\(ThisProcess.pid)-\(UUID().uuidString.prefix(8).lowercased())"
-        return try? ChunkStore(path: path, create: true)
+        // A stage is only a speed-up: one that cannot be made sends the memory straight into `store`.
+        return try? DirectoryChunkStore(path: path, create: true)
     }
 
     /// Every stage on this machine: directories of this user's (ChunkStore refuses others'), never a link
     /// someone else left in the world-writable /dev/shm to lead stasis elsewhere.
     public static func all() -> [ChunkStore] {
-        let names = (try? FileManager.default.contentsOfDirectory(atPath: root)) ?? []
+        // Best effort: a /dev/shm that cannot be read holds no stage this stasis could use.
+        let names = (try? FileSystem.namesOrNone(in: root)) ?? []
         return names.filter { $0.hasPrefix(prefix) }.sorted().compactMap { name in
             let path = "\(root)/\(name)"
-            guard (try? FileManager.default.attributesOfItem(atPath: path)[.type] as? FileAttributeType) == .typeDirectory else { return nil }
-            return try? ChunkStore(path: path, create: false)
+            // Not followed: a link is no stage, and neither is what cannot be examined.
+            guard (try? FileSystem.status(path, followingLinks: false))??.kind == .directory else { return nil }
+            // A directory the store refuses (another user's) is no stage of ours.
+            return try? DirectoryChunkStore(path: path, create: false)
         }
     }
 
@@ -49,6 +53,7 @@ public enum MemoryStage {
     }
 
     static func holdsRescue(_ stage: ChunkStore) -> Bool {
+        // A catalog that cannot be read holds no rescue entry `stasis resume` could use.
         ((try? StoreCatalog(store: stage).entries()) ?? []).contains { $0.manifest.id.hasPrefix(AgentEvacuation.rescuePrefix) }
     }
 

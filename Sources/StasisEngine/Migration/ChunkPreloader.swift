@@ -1,89 +1,78 @@
 import Foundation
+import StasisCore
 import StasisOS
 
 /// The source's side of sending chunks during the dump: the dump's writers hand each new chunk over
 /// (`offer`, on their threads; they wait when 32 are queued, so memory stays bounded), and one thread asks the
 /// receiver which of a few it lacks and sends those. A failure stops the sending and is thrown by `finish`;
 /// the writers are never left waiting.
-// @unchecked Sendable: its queue and failure are reached only under its condition's lock.
-final class ChunkPreloader: @unchecked Sendable {
+final class ChunkPreloader: Sendable {
     private let connection: TCPConnection
-    private let condition = NSCondition()
-    private var queue: [(digest: String, file: Data)] = []
-    private var closed = false
-    private var failure: Error?
-    private var asked = Set<String>()
-    private var sent = Set<String>()
-    private var bytes: UInt64 = 0
-    private let done = DispatchSemaphore(value: 0)
-    private var finished = false
+    private let queue = BlockingQueue<(digest: String, file: Data)>(capacity: ChunkPreloader.capacity)
+    private let failure = FirstFailure()
+    /// The chunks sent and their bytes (the sending thread's, read once it has ended).
+    private let sent = Locked<(digests: Set<String>, bytes: UInt64)>(([], 0))
+    private let done = DispatchGroup()
     static let capacity = 32, batch = 16
 
     init(_ connection: TCPConnection) {
         self.connection = connection
+        done.enter()
         let thread = Thread { [self] in
             run()
-            done.signal()
+            done.leave()
         }
         thread.name = "stasis-migrate-send"
         thread.start()
     }
 
+    /// Queues a new chunk, waiting while 32 are; dropped once the sending has stopped (failed, or finished).
     func offer(_ digest: String, _ file: Data) {
-        condition.lock()
-        defer { condition.unlock() }
-        while queue.count >= Self.capacity && !closed && failure == nil { condition.wait() }
-        if !closed && failure == nil { queue.append((digest, file)) }
-        condition.broadcast()
+        queue.push((digest, file))
     }
 
     private func run() {
-        while true {
-            condition.lock()
-            while queue.isEmpty && !closed { condition.wait() }
-            if queue.isEmpty && closed {
-                condition.unlock()
-                return
-            }
-            let next = Array(queue.prefix(Self.batch))
-            queue.removeFirst(next.count)
-            let skip = failure != nil
-            condition.broadcast()
-            condition.unlock()
-            if skip { continue }
+        var asked = Set<String>()
+        while let first = queue.pop() {
+            // Whatever else is queued goes with it (only this thread pops: a count above 0 is there to take).
+            var next = [first]
+            while next.count < Self.batch, queue.count > 0, let more = queue.pop() { next.append(more) }
             do {
                 let fresh = next.filter { asked.insert($0.digest).inserted }
                 guard !fresh.isEmpty else { continue }
-                try Migration.send(connection, .query, Array(fresh.map(\.digest).joined(separator: "\n").utf8))
-                let lacking = Set(String(decoding: try Migration.receive(connection, .need), as: UTF8.self).split(separator: "\n").map(String.init))
-                for chunk in fresh where lacking.contains(chunk.digest) {
-                    let digest = Array(chunk.digest.utf8)
-                    try digest.withUnsafeBytes { name in
-                        try chunk.file.withUnsafeBytes { file in try Migration.send(connection, .chunk, parts: [name, file]) }
-                    }
-                    bytes += UInt64(chunk.file.count)
-                    sent.insert(chunk.digest)
-                }
+                try send(fresh)
             } catch {
-                condition.lock()
-                failure = error
-                queue.removeAll()
-                condition.broadcast()
-                condition.unlock()
+                // Stop: what is queued and the writers' next chunks are dropped (the queue is closed), and
+                // `finish` throws.
+                failure.set(error)
+                queue.close()
+                return
             }
         }
     }
 
-    /// Sends what is queued, stops, and says what went: the chunks sent and their bytes.
+    /// Asks the receiver which of `chunks` it lacks, and sends those.
+    private func send(_ chunks: [(digest: String, file: Data)]) throws {
+        try Migration.send(connection, .query, Array(chunks.map(\.digest).joined(separator: "\n").utf8))
+        let lacking = Set(String(decoding: try Migration.receive(connection, .need), as: UTF8.self).split(separator: "\n").map(String.init))
+        for chunk in chunks where lacking.contains(chunk.digest) {
+            let digest = Array(chunk.digest.utf8)
+            try digest.withUnsafeBytes { name in
+                try chunk.file.withUnsafeBytes { file in try Migration.send(connection, .chunk, parts: [name, file]) }
+            }
+            sent.withLock {
+                $0.bytes += UInt64(chunk.file.count)
+                $0.digests.insert(chunk.digest)
+            }
+        }
+    }
+
+    /// Sends what is queued, stops, and says what went: the chunks sent and their bytes. Called again, it
+    /// answers the same.
     func finish() throws -> (digests: Set<String>, bytes: UInt64) {
-        condition.lock()
-        closed = true
-        condition.broadcast()
-        let wait = !finished
-        finished = true
-        condition.unlock()
-        if wait { done.wait() }
-        if let failure { throw failure }
-        return (sent, bytes)
+        queue.close()
+        done.wait()
+        try failure.check()
+        return sent.current
     }
 }

@@ -8,7 +8,9 @@ import StasisOS
 import StasisStore
 
 /// `stasis migrate`: checkpoints the tree rooted at `pid` into the local store, sends what the receiver lacks,
-/// and ends the tree once the receiver runs it.
+/// and ends the tree once the receiver runs it. `run` is the list of steps: reach and authenticate the receiver
+/// (nothing touched yet), then `MigrateRun` (the dump, its hand-over inside the freeze by `MigrationHandOver`,
+/// and the one rollback of what a failed migration made here).
 public struct MigrateOperation {
     public struct Options: Sendable {
         public var pid: Int32
@@ -64,13 +66,35 @@ public struct MigrateOperation {
 
     public func run() throws -> Report {
         let token = try Migration.readToken(options.tokenFile)
+        try refuseClearText()
+        // Reach and authenticate the receiver before anything is touched. From here a signal abandons the
+        // migration (the connection is shut down: the dump fails and the job runs on here), until the commit.
+        Interruption.install()
+        let receiver = try connect(token: token)
+        if let signal = Interruption.caught { throw Self.interrupted(signal, pid: options.pid) }
+        let migration = try MigrateRun(self, receiver: receiver)
+        try migration.dumpAndHandOver()
+        return try migration.finish()
+    }
+
+    /// The receiver, reached and authenticated: the connection, the session key, and how it is encrypted.
+    struct Receiver {
+        let connection: TCPConnection
+        let session: SymmetricKey
+        /// "TLSv1.3 ..., receiver sha256:...", or "none".
+        let encryption: String
+    }
+
+    /// The job's memory crosses a network in clear only with --insecure (or to a loopback address).
+    func refuseClearText() throws {
         if try options.tls == nil && !options.insecure && !TCPConnection.isLoopback(options.to) {
             throw StasisError(.invalidArgument, "without --tls the job's memory would cross the network to \(options.to) in clear; nothing was touched",
                               hint: "give --tls DIR --tls-peer FINGERPRINT (docs/MIGRATION.md), or --insecure on a network you trust")
         }
-        // Reach and authenticate the receiver before anything is touched. From here a signal abandons the
-        // migration (the connection is shut down: the dump fails and the job runs on here), until the commit.
-        Interruption.install()
+    }
+
+    /// Connects (TLS when asked) and proves the token both ways; the connection is abortable by a signal.
+    func connect(token: SymmetricKey) throws -> Receiver {
         let tls = try options.tls.map { try TLSContext($0, server: false) }
         let connection = try TCPConnection.connect(to: options.to)
         Interruption.abortable(connection)
@@ -84,123 +108,17 @@ public struct MigrateOperation {
             throw StasisError(error.code, error.message, hint: error.hint ?? "if the receiver runs `stasis serve --tls`, give --tls and --tls-peer here too")
         }
         let encryption = connection.security.map { "\($0), receiver \(connection.peerFingerprint ?? "?")" } ?? "none"
-        let spool = options.spool ?? "/var/lib/stasis/migrate/\(Self.stamp())-\(options.pid)"
-        if let signal = Interruption.caught { throw Self.interrupted(signal, pid: options.pid) }
-        try FileSystem.makePrivateDirectory(URL(fileURLWithPath: spool).deletingLastPathComponent().path)
-
-        let outcome = Locked<(remotePID: Int32, sent: UInt64, early: UInt64, skipped: UInt64, chunksSent: Int, chunksSkipped: Int,
-                               dumpDone: Double, transferDone: Double)?>(nil)
-        // New chunks go to the receiver while the dump still writes the rest.
-        let preloader = ChunkPreloader(connection)
-        defer { _ = try? preloader.finish() }
-        let downtime = Stopwatch()
-        let restoreTimeout = options.restoreTimeout
-        let pid = options.pid
-        let progress = options.progress
-        var dump = DumpOperation.Options(pid: options.pid, directory: spool)
-        dump.process = options.process
-        dump.store = options.store
-        dump.codec = options.codec
-        dump.settleSeconds = options.settleSeconds
-        dump.chunkObserver = { digest, file in preloader.offer(digest, file) }
-        dump.whilePublished = { manifest, directory in
-            let early = try preloader.finish()
-            let dumpDone = downtime.seconds
-            let manifestData = try FileSystem.readFile(directory + "/" + Manifest.fileName)
-            // The receiver first commits the chunks sent during the dump (two syncfs over them): give it time.
-            connection.setTimeout(seconds: 600)
-            try Migration.send(connection, .offer, Array(manifestData) + Migration.mac(session, Array(manifestData)))
-            let lacking = Set(String(decoding: try Migration.receive(connection, .need), as: UTF8.self).split(separator: "\n").map(String.init))
-            let store = try Checkpoint.store(for: manifest, explicit: nil)
-            let all = Set(manifest.files.flatMap { $0.chunks ?? [] }.filter { !$0.isEmpty })
-            let skipping = all.subtracting(lacking)
-            let notSent = skipping.subtracting(early.digests)
-            let skippedBytes = notSent.reduce(UInt64(0)) { total, digest in total + (store.map { FileSystem.size($0.chunkPath(digest)) ?? 0 } ?? 0) }
-            connection.setTimeout(seconds: 120)
-            let meter = Locked<UInt64>(0)
-            let ticker = ProgressTicker.reporting(progress, phase: "sending to \(connection.peer)") { meter.current }
-            let sent: CheckpointBundle.ExportReport
-            do {
-                defer { ticker?.stop() }
-                sent = try CheckpointBundle.stream(directory: directory, manifestData: manifestData, manifest: manifest, store: store,
-                                                   to: connection, skipping: skipping, meter: meter)
-            }
-            let transferDone = downtime.seconds
-            connection.setTimeout(seconds: restoreTimeout)
-            let answer = try Migration.receive(connection, .result)
-            guard answer.count >= 32 else { throw StasisError(.io, "\(connection.peer) sent a short answer") }
-            let text = Array(answer.dropLast(32))
-            guard Migration.same(Migration.mac(session, Array("result".utf8), text), Array(answer.suffix(32))) else {
-                throw StasisError(.permission, "\(connection.peer)'s answer does not carry the session's HMAC; the job stays here")
-            }
-            let words = String(decoding: text, as: UTF8.self)
-            guard words.hasPrefix("running "), let remote = Int32(words.dropFirst("running ".count)) else {
-                throw StasisError(.migrationFailed, "the receiver \(connection.peer) could not restore the job: \(words)")
-            }
-            // The job runs there: commit, and only once the receiver acknowledges let CRIU end the tree here.
-            // A signal from here on waits until that is settled: stopping half-way would leave the job
-            // running on both hosts (CRIU thaws the tree here when stasis dies).
-            FaultInjection.pause("commit") { FileHandle.standardError.write(Data(($0 + "\n").utf8)) }
-            FaultInjection.stall("commit") { FileHandle.standardError.write(Data(($0 + "\n").utf8)) }
-            if let signal = Interruption.deferSignals() { throw Self.interrupted(signal, pid: pid) }
-            connection.setTimeout(seconds: 30)
-            do {
-                try Migration.send(connection, .commit, Migration.mac(session, Array("commit".utf8)))
-                let acknowledged = try Migration.receive(connection, .committed, max: 32)
-                guard Migration.same(acknowledged, Migration.mac(session, Array("committed".utf8))) else {
-                    throw StasisError(.permission, "the acknowledgement does not carry the session's HMAC")
-                }
-            } catch {
-                throw StasisError(.migrationFailed, "the job was restored on \(connection.peer) as PID \(remote), but its commit was not acknowledged (\(error)); the job runs on here, and the receiver stops its copy unless the commit reached it: check PID \(remote) there")
-            }
-            outcome.withLock { $0 = (remote, sent.bundleBytes + early.bytes, early.bytes, skippedBytes, sent.chunks + early.digests.count, notSent.count, dumpDone, transferDone) }
-        }
-        var gpuProcesses = 0
-        do {
-            gpuProcesses = try DumpOperation(dump, device: device).run().gpu.processes.count
-        } catch {
-            // Committed: the job runs there, whatever failed here after (CRIU's last steps, the report).
-            // It must not run here too.
-            guard outcome.current != nil else {
-                let kept = discardFailed(spool: spool)
-                if let signal = Interruption.caught { throw Self.interrupted(signal, pid: options.pid, kept: kept) }
-                let failure = StasisError.wrapping(error, as: .io).prefixed("migration of PID \(options.pid) to \(options.to) failed")
-                throw kept.map { failure.appending("; the checkpoint made for it stays in \($0)") } ?? failure
-            }
-            for process in ProcFS.tree(root: options.pid).reversed() { Signals.kill(process.pid) }
-        }
-        let total = downtime.seconds
-        guard let done = outcome.current else {
-            throw StasisError(.io, "migration of PID \(options.pid): CRIU ended without its post-dump step; the checkpoint is in \(spool)")
-        }
-        // Sent and running there: the local copy is not needed (its chunks stay in the store for the next time).
-        if let store = try? ChunkStore(path: ChunkStore.resolve(options.store, recorded: nil), create: false),
-           let manifest = try? Checkpoint.readManifest(spool) {
-            StoreCatalog(store: store).unregister(id: manifest.id)
-        }
-        FileSystem.removeTree(spool)
-        return Report(pid: options.pid, receiver: options.to, remotePID: done.remotePID, downtimeSeconds: total, dumpSeconds: done.dumpDone,
-                      transferSeconds: done.transferDone - done.dumpDone, restoreSeconds: total - done.transferDone,
-                      bytesSent: done.sent, bytesSentDuringDump: done.early, bytesSkipped: done.skipped, chunksSent: done.chunksSent, chunksSkipped: done.chunksSkipped,
-                      gpuProcesses: gpuProcesses, encryption: encryption, deferredSignal: Interruption.caught.map(Interruption.name))
+        return Receiver(connection: connection, session: session, encryption: encryption)
     }
 
-    /// A migration that failed before its commit leaves no checkpoint behind in the default spool: its catalog
-    /// entry goes (gc may then take the chunks nothing else uses) and so does the directory. One the user placed
-    /// with --spool stays; returns its path then.
-    func discardFailed(spool: String) -> String? {
-        guard let manifest = try? Checkpoint.readManifest(spool) else { return nil }  // nothing was published
-        guard options.spool == nil else { return spool }
-        if let store = try? ChunkStore(path: ChunkStore.resolve(options.store, recorded: nil), create: false) {
-            StoreCatalog(store: store).unregister(id: manifest.id)
-        }
-        FileSystem.removeTree(spool)
-        return nil
+    /// The local store, to unlist a spooled checkpoint.
+    func openStore() throws -> ChunkStore {
+        try Backends().openStore(options.store, create: false)
     }
 
-    static func interrupted(_ signal: Int32, pid: Int32, kept: String? = nil) -> StasisError {
+    static func interrupted(_ signal: Int32, pid: Int32, leftBehind: [String] = []) -> StasisError {
         StasisError(.interrupted, "\(Interruption.name(signal)) came before the commit: the migration of PID \(pid) was abandoned and the job runs on here"
-                    + (kept.map { "; the checkpoint made for it stays in \($0)" } ?? ""))
+                    + leftBehind.map { "; " + $0 }.joined())
     }
 
     /// Proves the token to the receiver and checks the receiver's proof; returns the session key.

@@ -218,7 +218,10 @@ HIDDEN CUresult ring_zero(uint64_t id, uint64_t offset, uint64_t length, char *w
     size_t size = 0;
     CUresult result = memory_view(id, &view, &device, &size);
     if (result == CUDA_SUCCESS && (offset > size || length > size - offset)) result = CUDA_ERROR_INVALID_VALUE;
-    if (result == CUDA_SUCCESS && prepare_device(device, why, why_length) == CUDA_SUCCESS) {
+    // A device that cannot be prepared fails the request: skipping the fill would leave stale bytes where the
+    // checkpoint holds zeros, and the refill would report success.
+    if (result == CUDA_SUCCESS) result = prepare_device(device, why, why_length);
+    if (result == CUDA_SUCCESS) {
         result = real.cuMemsetD8Async(view + offset, 0, length, streams[device][stream_turn++ % settings.streams]);
     }
     return result;

@@ -33,6 +33,8 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
     /// True when the process holds a /dev/nvidia* descriptor.
     public static func usesNvidiaDevice(_ pid: Int32) -> Bool { !nvidiaDescriptors(pid).isEmpty }
 
+    public func usesDevice(_ pid: Int32) -> Bool { Self.usesNvidiaDevice(pid) }
+
     /// A process on a MIG instance holds the capability files of its GPU and compute instance
     /// (/dev/nvidia-caps/nvidia-capN, N listed as `gpu0/gi1/access`, `gpu0/gi1/ci0/access` in the driver's
     /// /proc/driver/nvidia-caps/mig-minors). Any process that asks NVML about MIG (PyTorch does) also holds

@@ -9,6 +9,9 @@ import StasisStore
 /// `afterRestore` for the restored PIDs.
 public protocol DeviceStep: Sendable {
     var name: String { get }
+    /// Whether process `pid` holds this backend's device open: a tree with one must hold still before the dump
+    /// touches it, and one that opens it after `beforeFreeze` looked stops the dump.
+    func usesDevice(_ pid: Int32) -> Bool
     /// Prepares the tree's devices for the freeze: returns the manifest's GPU section and the chunked files
     /// of device memory moved into `store` on the way (by agents, see `AgentSession`).
     func beforeFreeze(pids: [Int32], store: DeviceStore) throws -> FrozenDevices
@@ -61,6 +64,7 @@ public struct FrozenDevices: Sendable {
 public struct NoDeviceStep: DeviceStep {
     public init() {}
     public var name: String { "none" }
+    public func usesDevice(_ pid: Int32) -> Bool { false }
     public func beforeFreeze(pids: [Int32], store: DeviceStore) throws -> FrozenDevices { FrozenDevices() }
     public func afterDump(section: Manifest.GPUSection, leaveRunning: Bool) throws {}
     public func settle(files: [Manifest.FileEntry], into store: ChunkStore) throws -> ChunkIngester.Statistics? { nil }

@@ -2,7 +2,6 @@ import ArgumentParser
 import StasisCore
 import StasisCRIU
 import StasisEngine
-import StasisGPU
 import StasisStore
 
 struct DumpCommand: ParsableCommand {

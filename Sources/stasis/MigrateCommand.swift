@@ -3,7 +3,6 @@ import Foundation
 import StasisCRIU
 import StasisCore
 import StasisEngine
-import StasisGPU
 import StasisOS
 import StasisStore
 

@@ -1,7 +1,6 @@
 import ArgumentParser
 import StasisCore
 import StasisEngine
-import StasisGPU
 
 struct RestoreCommand: ParsableCommand {
     static let configuration = CommandConfiguration(

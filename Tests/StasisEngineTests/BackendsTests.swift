@@ -34,6 +34,7 @@ import Testing
         let store = try Backends().openStore(root + "/store", create: true)
         let frozen = try Backends().deviceStep().beforeFreeze(pids: [ThisProcess.pid], store: DeviceStore(store: store, checkpoint: root))
         #expect(frozen.section.processes.isEmpty && frozen.files.isEmpty)
+        #expect(!Backends().deviceStep().usesDevice(ThisProcess.pid) && !NoDeviceStep().usesDevice(ThisProcess.pid))
         #expect(try NoDeviceStep().settle(files: [], into: store) == nil)
     }
 

@@ -89,7 +89,7 @@ public struct DumpOperation {
         defer { store.observe(nil) }
         let storeLock = try store.lock(exclusive: false)
         defer { storeLock.release() }
-        if case .process(let pid) = target, ProcFS.tree(root: pid).contains(where: { CUDADeviceStep.usesNvidiaDevice($0.pid) }) {
+        if case .process(let pid) = target, ProcFS.tree(root: pid).contains(where: { device.usesDevice($0.pid) }) {
             try TreeSettling.await(root: pid, seconds: options.settleSeconds)
         }
 
@@ -175,7 +175,7 @@ private final class DumpRun {
         // on the H100) would reach CRIU with a device mapping no one handles: stop here, clearly, instead.
         if case .process = target {
             let handled = Set(gpu.processes.map(\.pid))
-            if let newcomer = processes.map(\.pid).first(where: { !handled.contains($0) && CUDADeviceStep.usesNvidiaDevice($0) }) {
+            if let newcomer = processes.map(\.pid).first(where: { !handled.contains($0) && operation.device.usesDevice($0) }) {
                 throw StasisError(.busy, "PID \(newcomer) started using the GPU while the dump began; nothing was dumped and every process runs on",
                                   hint: "try again once the job has set up CUDA (after its first step)")
             }

@@ -3,7 +3,7 @@ import Foundation
 import StasisCore
 import StasisOS
 
-/// A directory of content-addressed chunks shared by many checkpoints.
+/// The `directory` kind of `ChunkStore`: a directory of content-addressed chunks shared by many checkpoints.
 ///
 ///     STORE/chunks/ab/abcdef...   one chunk, named by the SHA-256 of its plain content (64 hex digits)
 ///     STORE/checkpoints/ID.json   the manifest of every checkpoint that uses the store (what gc keeps)

@@ -342,8 +342,12 @@ public enum FileSystem {
     }
 
     /// Calls `visit` with the path relative to `root` and the type (S_IFMT bits) of everything below it, a
-    /// directory before what it holds; links are not followed. Throws what cannot be listed or examined.
+    /// directory before what it holds; links are not followed, and nothing on another filesystem (a mount
+    /// below `root`) is entered, as FileManager's walk (fts with FTS_XDEV) did. Throws what cannot be listed or
+    /// examined, and a name that is not UTF-8 (it could not be named again to open it).
     private static func walk(_ root: String, _ visit: (String, mode_t) throws -> Void) throws {
+        var top = stat()
+        guard lstat(root, &top) == 0 else { throw systemError("cannot examine", root) }
         var pending = [""]
         while let relative = pending.popLast() {
             let directory = relative.isEmpty ? root : root + "/" + relative
@@ -351,12 +355,15 @@ public enum FileSystem {
                 let child = relative.isEmpty ? name : relative + "/" + name
                 var st = stat()
                 guard lstat(root + "/" + child, &st) == 0 else {
+                    if errno == ENOENT && name.contains("\u{FFFD}") {
+                        throw StasisError(.io, "cannot handle a file name that is not UTF-8 in \(Format.printable(directory))")
+                    }
                     if errno == ENOENT { continue }  // removed since it was listed
                     throw systemError("cannot examine", root + "/" + child)
                 }
                 let kind = st.st_mode & S_IFMT
                 try visit(child, kind)
-                if kind == S_IFDIR { pending.append(child) }
+                if kind == S_IFDIR && st.st_dev == top.st_dev { pending.append(child) }
             }
         }
     }
@@ -386,16 +393,43 @@ public enum FileSystem {
 
     /// Removes `path` and, if it is a directory, everything in it (links are removed, never followed). Best
     /// effort, for discarding what stasis made (staging, partials): what cannot be removed stays, and the
-    /// caller's own outcome is what is reported.
+    /// caller's own outcome is what is reported. It works from each directory's descriptor and the names' raw
+    /// bytes, so a name that is not UTF-8 goes too, and it leaves alone whatever is mounted below `path` (as
+    /// FileManager's removal, through fts with FTS_XDEV, did): a bind mount in a scratch directory keeps its files.
     public static func removeTree(_ path: String) {
         var st = stat()
         guard lstat(path, &st) == 0 else { return }
-        if (st.st_mode & S_IFMT) == S_IFDIR {
-            // A directory that cannot be listed is left as it is (see above); rmdir then fails too.
-            for name in (try? names(in: path)) ?? [] { removeTree(path + "/" + name) }
-            rmdir(path)
-        } else {
+        guard (st.st_mode & S_IFMT) == S_IFDIR else {
             unlink(path)
+            return
+        }
+        let fd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+        guard fd >= 0 else { return }  // cannot be listed: left as it is, and rmdir then fails too
+        emptyDirectory(fd, device: st.st_dev)
+        rmdir(path)
+    }
+
+    /// Removes everything in the directory open as `fd` that is on `device`, and closes `fd`.
+    private static func emptyDirectory(_ fd: Int32, device: dev_t) {
+        guard let stream = fdopendir(fd) else {
+            close(fd)
+            return
+        }
+        defer { closedir(stream) }
+        while let entry = readdir(stream) {
+            withUnsafeBytes(of: entry.pointee.d_name) { raw in
+                let name = raw.baseAddress!.assumingMemoryBound(to: CChar.self)
+                if strcmp(name, ".") == 0 || strcmp(name, "..") == 0 { return }
+                var st = stat()
+                guard fstatat(fd, name, &st, AT_SYMLINK_NOFOLLOW) == 0, st.st_dev == device else { return }
+                if (st.st_mode & S_IFMT) == S_IFDIR {
+                    let child = openat(fd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+                    if child >= 0 { emptyDirectory(child, device: device) }
+                    unlinkat(fd, name, AT_REMOVEDIR)
+                } else {
+                    unlinkat(fd, name, 0)
+                }
+            }
         }
     }
 

@@ -80,4 +80,34 @@ import Testing
         #expect(!FileSystem.exists(root + "/tree"))
         #expect(try FileSystem.readFile(outside + "/kept") == Data("keep".utf8), "a link's target is never removed")
     }
+
+    /// A filesystem mounted below a tree is neither entered nor emptied (FileManager's fts walk had FTS_XDEV).
+    @Test func aMountBelowATreeIsLeftAlone() throws {
+        let root = Harness.scratch("mounted")
+        try FileSystem.makePrivateDirectory(root + "/tree/mnt")
+        guard mount("tmpfs", root + "/tree/mnt", "tmpfs", 0, nil) == 0 else {
+            Issue.record("cannot mount a tmpfs (errno \(errno)): these tests run as root")
+            return
+        }
+        defer { umount2(root + "/tree/mnt", Int32(MNT_DETACH)) }
+        try Data("theirs".utf8).write(to: URL(fileURLWithPath: root + "/tree/mnt/data"))
+        try Data("ours".utf8).write(to: URL(fileURLWithPath: root + "/tree/file"))
+        #expect(try FileSystem.regularFiles(under: root + "/tree") == ["file"])
+        FileSystem.removeTree(root + "/tree")
+        #expect(!FileSystem.exists(root + "/tree/file"))
+        #expect(try FileSystem.readFile(root + "/tree/mnt/data") == Data("theirs".utf8), "a mounted file was removed")
+    }
+
+    /// A name that is not UTF-8 is removed with its directory, and a walk that must name it says so.
+    @Test func aNameThatIsNotUTF8() throws {
+        let root = Harness.scratch("bytes")
+        try FileSystem.makePrivateDirectory(root + "/tree/sub")
+        let name: [CChar] = Array((root + "/tree/sub/").utf8CString.dropLast()) + [0x66, CChar(bitPattern: 0xFF), 0]
+        let fd = open(name, O_CREAT | O_WRONLY | O_CLOEXEC, 0o600)
+        #expect(fd >= 0)
+        close(fd)
+        #expect(message { _ = try FileSystem.regularFiles(under: root + "/tree") }.contains("not UTF-8"))
+        FileSystem.removeTree(root + "/tree")
+        #expect(!FileSystem.exists(root + "/tree"))
+    }
 }

@@ -53,8 +53,9 @@ extension FileSystem {
     public static func isReadable(_ path: String) -> Bool { access(path, R_OK) == 0 }
 
     /// Copies the regular file `source` to `destination`, which must not exist yet, with the source's mode
-    /// (as `cp` without `-p` would, but never more than the source allows), and makes the copy durable.
-    public static func copyFile(_ source: String, to destination: String) throws {
+    /// (as `cp` without `-p` would, but never more than the source allows); `durable` syncs the copy (not
+    /// wanted for scratch copies removed within the operation, such as a restore's rebuilt images).
+    public static func copyFile(_ source: String, to destination: String, durable: Bool = true) throws {
         let input = try openInput(source, what: "a regular file")
         defer { input.closeQuietly() }
         var st = stat()
@@ -66,7 +67,7 @@ extension FileSystem {
         do {
             defer { output.closeQuietly() }
             try copy(source, to: output)
-            try attempt("cannot fsync", destination) { try output.sync() }
+            if durable { try attempt("cannot fsync", destination) { try output.sync() } }
         } catch {
             remove(destination)
             throw error

@@ -114,7 +114,8 @@ final class RestoreRun {
         self.rebuilt = rebuilt
         rollback.onFailure(of: "rebuilt images") { FileSystem.removeTree(rebuilt); return nil }
         for entry in manifest.files where entry.chunks == nil && Checkpoint.isForCRIU(entry.path) {
-            try FileSystem.copyFile(directory + "/" + entry.path, to: rebuilt + "/" + entry.path)
+            // Scratch, removed when the restore ends: no fsync on the downtime path (FileManager's copy had none).
+            try FileSystem.copyFile(directory + "/" + entry.path, to: rebuilt + "/" + entry.path, durable: false)
         }
         try ChunkedFiles.read(criuItems, from: store, checkpoint: directory, chunkSize: chunkSize, into: rebuilt, progress: progress)
         try ChunkedFiles.requirePresent(Checkpoint.chunkedItems(manifest).filter { Checkpoint.isDeviceMemory($0.path) }, in: store,

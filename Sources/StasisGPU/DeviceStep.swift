@@ -59,8 +59,9 @@ public struct FrozenDevices: Sendable {
     }
 }
 
-/// The device step for trees that use no device: CPU-only processes, and every process until the GPU
-/// steps land.
+/// The device step for builds and callers without a device backend. It sees no device in any process, so a
+/// dump with it skips what only a device step can judge (a GPU job's tree settling, a process that opened the
+/// GPU as the dump began); the command line always uses `Backends.deviceStep()` instead.
 public struct NoDeviceStep: DeviceStep {
     public init() {}
     public var name: String { "none" }

@@ -16,7 +16,7 @@ extension Integration {
     /// Starts stasis with STASIS_FAULT=`fault`, waits until it says it stalled there, and kills it (SIGKILL).
     func killStalled(_ arguments: [String], fault: String, store: String) throws {
         let errors = Harness.scratch("stalled") + "/stderr"
-        FileManager.default.createFile(atPath: errors, contents: nil)
+        _ = FileManager.default.createFile(atPath: errors, contents: nil)
         let process = Process()
         process.executableURL = URL(fileURLWithPath: Harness.stasis)
         process.arguments = arguments

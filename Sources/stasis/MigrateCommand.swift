@@ -98,7 +98,8 @@ struct MigrateCommand: ParsableCommand {
             options.insecure = insecure
             options.settleSeconds = lockTimeout
             options.progress = Output.progressHandler(json: output.json)
-            let report = try MigrateOperation(options, device: Backends(lockTimeoutSeconds: lockTimeout).deviceStep()).run()
+            options.backends = Backends(lockTimeoutSeconds: lockTimeout)
+            let report = try MigrateOperation(options, device: options.backends.deviceStep()).run()
             Output.clearProgress()
             if let signal = report.deferredSignal {
                 FileHandle.standardError.write(Data("stasis: \(signal) came after the commit was sent; it waited until the migration was settled: the job runs on \(report.receiver)\n".utf8))
@@ -193,7 +194,8 @@ struct ServeCommand: ParsableCommand {
                 // Lines name what the peer sent (its manifest's names): escaped like every other text output.
                 FileHandle.standardOutput.write(Data((Format.printable(line) + "\n").utf8))
             }
-            failures = try ServeOperation(options, device: { Backends().deviceStep() }).run()
+            let backends = options.backends
+            failures = try ServeOperation(options, device: { backends.deviceStep() }).run()
         }
         if failures > 0 { throw ExitCode.failure }
     }

@@ -32,6 +32,8 @@ public struct MigrateOperation {
         public var insecure = false
         /// How long a GPU job's tree may take to hold still before the dump touches it (--lock-timeout).
         public var settleSeconds: Double = 10
+        /// The store and container runtime, as the command line chose them (`Backends`).
+        public var backends = Backends()
         public init(pid: Int32, to: String, tokenFile: String) { (self.pid, self.to, self.tokenFile) = (pid, to, tokenFile) }
     }
 
@@ -113,7 +115,7 @@ public struct MigrateOperation {
 
     /// The local store, to unlist a spooled checkpoint.
     func openStore() throws -> ChunkStore {
-        try Backends().openStore(options.store, create: false)
+        try options.backends.openStore(options.store, create: false)
     }
 
     static func interrupted(_ signal: Int32, pid: Int32, leftBehind: [String] = []) -> StasisError {

@@ -61,6 +61,7 @@ final class MigrateRun {
         dump.store = options.store
         dump.codec = options.codec
         dump.settleSeconds = options.settleSeconds
+        dump.backends = options.backends
         let (sender, handOver) = (handOver.sender, handOver)
         dump.chunkObserver = { digest, file in sender.offer(digest, file) }
         dump.whilePublished = { manifest, directory in try handOver.run(manifest, directory: directory) }

@@ -27,7 +27,7 @@ final class ReceiveRun {
         // fails and its job runs on there.
         Interruption.abortable(connection)
         connection.setTimeout(seconds: 120)
-        store = try Backends().openStore(serve.options.store, create: true)
+        store = try serve.options.backends.openStore(serve.options.store, create: true)
     }
 
     func run() throws -> Int32 {
@@ -149,6 +149,7 @@ final class ReceiveRun {
         let importSeconds = watch.seconds
         var restore = RestoreOperation.Options(directory: imported.directory)
         restore.store = store.path
+        restore.backends = serve.options.backends
         // From the restore on, the job may end up running here: a signal waits until that is settled.
         if let signal = Interruption.deferSignals() {
             throw StasisError(.interrupted, "\(Interruption.name(signal)) came before the restore: the migration was abandoned and the job runs on at the source")

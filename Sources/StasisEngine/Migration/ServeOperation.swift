@@ -28,6 +28,8 @@ public struct ServeOperation: Sendable {
         public var tls: TLSConfiguration?
         /// Jobs' memory may cross a network in clear (--insecure).
         public var insecure = false
+        /// The store and container runtime, as the command line chose them (`Backends`).
+        public var backends = Backends()
         public init(listen: String, tokenFile: String) { (self.listen, self.tokenFile) = (listen, tokenFile) }
     }
 

@@ -92,6 +92,8 @@ extension Integration {
         return mount.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
     }
 
+    /// The count the shell last wrote, or nil when the file is missing or empty: the shell's `echo $i >
+    /// /tmp/count` truncates before it writes, and a checkpoint can freeze it between the two.
     static func count(_ rootfs: String) -> Int? {
         (try? String(contentsOfFile: rootfs + "/tmp/count", encoding: .utf8)).flatMap { Int($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
     }
@@ -103,6 +105,15 @@ extension Integration {
             Thread.sleep(forTimeInterval: 0.05)
         }
         return false
+    }
+
+    /// What the running shell has counted to (an empty file between its truncate and write is waited out).
+    /// Tests read it just before a checkpoint, a lower bound of the count the checkpoint holds, never after:
+    /// the checkpoint may have frozen the shell between truncating and writing (the file then stays empty),
+    /// and podman's cleanup of the stopped container may unmount `rootfs` (CI, 2026-12-07: nil read after
+    /// `stasis dump --container`).
+    static func countNow(_ rootfs: String) throws -> Int {
+        try #require(firstCount(rootfs), "the shell in \(rootfs) wrote no count")
     }
 
     /// The first count a restored container writes: its memory came back when it goes on from `frozenAt`
@@ -142,9 +153,9 @@ extension Integration {
         defer { fixture.remove() }
         let (name, rootfs, root) = (fixture.name, fixture.rootfs, fixture.root)
         let archive = root + "/checkpoint.tar"
+        let frozenAt = try Self.countNow(rootfs)
         let checkpoint = try Self.run(["container", "checkpoint", "--compress", compression, "--export=" + archive, name])
         try #require(checkpoint.succeeded, "\(checkpoint.stderr)")
-        let frozenAt = try #require(Self.count(rootfs))
 
         let inspect = try Harness.stasis(["inspect", archive])
         #expect(inspect.succeeded && inspect.stdout.contains("libpod"), "\(inspect.stdout)\(inspect.stderr)")
@@ -178,17 +189,17 @@ extension Integration {
         let environment = ["STASIS_STORE": root + "/store"]
 
         // 1. stasis checkpoints podman's container through runc, and writes an archive for podman.
+        let frozenAt = try Self.countNow(rootfs)
         let dump = try Harness.stasis(["dump", "--container", id, "-D", root + "/dumped"], environment: environment)
         try #require(dump.succeeded, "\(dump.stderr)")
-        let frozenAt = try #require(Self.count(rootfs))
         let export = try Harness.stasis(["export", root + "/dumped", "-o", root + "/stasis.tar", "--archive"], environment: environment)
         try #require(export.succeeded, "\(export.stderr)")
         try Self.expectPodmanRestores(root + "/stasis.tar", replacing: name, past: frozenAt)
 
         // 2. podman's own archive of it, imported into stasis's store and exported again by stasis.
+        let again = try Self.countNow(try Self.mountpoint(name))
         let checkpoint = try Self.run(["container", "checkpoint", "--export=" + root + "/podman.tar", name])
         try #require(checkpoint.succeeded, "\(checkpoint.stderr)")
-        let again = try #require(Self.count(try Self.mountpoint(name)))
         let imported = try Harness.stasis(["import", root + "/podman.tar", "-D", root + "/imported"], environment: environment)
         try #require(imported.succeeded, "\(imported.stderr)")
         let reexport = try Harness.stasis(["export", root + "/imported", "-o", root + "/through-stasis.tar", "--archive"], environment: environment)
@@ -215,7 +226,7 @@ extension Integration {
         let environment = ["STASIS_STORE": root + "/store"]
         let first = try Self.run(["container", "checkpoint", "--leave-running", "--export=" + root + "/first.tar", name])
         try #require(first.succeeded, "\(first.stderr)")
-        let at = try #require(Self.count(rootfs))
+        let at = try Self.countNow(rootfs)
         #expect(Self.waitForCount(rootfs, atLeast: at + 10), "the container stopped counting after a --leave-running checkpoint")
         let second = try Self.run(["container", "checkpoint", "--export=" + root + "/second.tar", name])
         try #require(second.succeeded, "\(second.stderr)")

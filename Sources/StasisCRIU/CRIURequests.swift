@@ -47,8 +47,10 @@ extension CRIUService {
 
     /// Dumps the tree rooted at `pid` into the directory open as `imagesDirectory`; CRIU's log and statistics
     /// go to `workDirectory` (it writes them after its post-dump step, when the images may be published).
+    /// With `pageServer` (the CRIU end of a `CRIUPageServer`, closed here), CRIU sends the memory pages there
+    /// instead of writing pages-*.img and pagemap-*.img.
     public func dump(pid: Int32, imagesDirectory: FileDescriptor, workDirectory: FileDescriptor, options: ProcessOptions, leaveRunning: Bool,
-                     onNotify: (Notification) throws -> Void) throws -> CRIUOutcome {
+                     pageServer: FileDescriptor? = nil, onNotify: (Notification) throws -> Void) throws -> CRIUOutcome {
         var request = criu_req()
         request.type = .dump
         request.opts = Self.baseOptions(options, imagesDirectoryFD: imagesDirectory, logFile: Self.dumpLogName)
@@ -60,8 +62,16 @@ extension CRIUService {
         // --leave-running, the dump itself) removes again.
         request.opts.linkRemap = true
         request.opts.leaveRunning = leaveRunning
-        return CRIUOutcome(try call(request, onNotify: onNotify))
+        var handing: [FileDescriptor: Int32] = [:]
+        if let pageServer {
+            request.opts.ps.fd = Self.pageServerDescriptor
+            handing[pageServer] = Self.pageServerDescriptor
+        }
+        return CRIUOutcome(try call(request, handing: handing, onNotify: onNotify))
     }
+
+    /// The number CRIU's end of the page server's socket has in `criu swrk` (after its RPC socket, 3).
+    static let pageServerDescriptor: Int32 = 4
 
     /// Restores from `imagesDirectory`; CRIU's log and statistics go to `workDirectory`.
     public func restore(imagesDirectory: FileDescriptor, workDirectory: FileDescriptor, options: ProcessOptions,

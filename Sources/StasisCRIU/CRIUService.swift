@@ -37,16 +37,22 @@ public final class CRIUService {
         }
     }
 
-    /// Sends `request` and returns CRIU's final response.
-    func call(_ request: criu_req, onNotify: (Notification) throws -> Void = { _ in }) throws -> criu_resp {
+    /// Sends `request` and returns CRIU's final response. `handing` are descriptors CRIU gets under the
+    /// numbers given (above 3, its RPC socket's); they are closed here once CRIU has them, so that only
+    /// CRIU holds them from then on.
+    func call(_ request: criu_req, handing descriptors: [FileDescriptor: Int32] = [:], onNotify: (Notification) throws -> Void = { _ in }) throws -> criu_resp {
+        defer { for fd in descriptors.keys { fd.closeQuietly() } }
         let (ours, theirs) = try attempt("cannot create a socket pair for", "criu swrk") { try UnixSocket.packetPair() }
         defer { ours.closeQuietly() }
         let pid: Int32
         do {
-            defer { theirs.closeQuietly() }
+            defer {
+                theirs.closeQuietly()
+                for fd in descriptors.keys { fd.closeQuietly() }
+            }
             // A dump's CRIU must not get the terminal's Ctrl-C itself: after a migration's commit, a CRIU that
             // died would thaw the job here while it runs there too. stasis handles the signal instead.
-            pid = try start(["swrk", "3"], passing: [theirs: 3], ownProcessGroup: request.type == .dump)
+            pid = try start(["swrk", "3"], passing: descriptors.merging([theirs: 3]) { $1 }, ownProcessGroup: request.type == .dump)
         }
         defer { Spawn.wait(pid) }
 

@@ -7,7 +7,12 @@ import StasisOS
 /// the tails are left. Reading, hashing, compressing and writing overlap across the workers; memory stays
 /// bounded at two chunk-sized buffers per worker. New chunks become visible in the store at `finish`, all
 /// made durable by one syncfs (see `any ChunkBatch`).
-// @unchecked Sendable: its queue, offsets and results are reached only under its condition's lock; buffers belong to one worker each.
+///
+/// A file may also arrive as a stream instead of in `directory` (`receive`, `endStream`: CRIU's pages through
+/// its page-server protocol): its bytes are read once, into chunk buffers the workers take as they are, and
+/// the file never exists on disk.
+// @unchecked Sendable: its queue, offsets, streams and results are reached only under its condition's lock;
+// buffers belong to one worker (or the one receiving thread of a stream) at a time.
 public final class ChunkIngester: @unchecked Sendable {
     /// A file as chunks: `chunks[i]` is the digest of bytes [i * chunkSize, ...), "" for a chunk of zeros.
     public struct File: Sendable {
@@ -50,6 +55,17 @@ public final class ChunkIngester: @unchecked Sendable {
         var name: String
         var index: Int
         var length: Int
+        /// A streamed file's chunk, already in memory (the worker gives the buffer back); nil: read it from the file.
+        var bytes: UnsafeMutableRawBufferPointer?
+    }
+
+    /// A file arriving through `receive`: the chunk being filled, and how far it has come.
+    private struct Stream {
+        var buffer: UnsafeMutableRawBufferPointer?
+        var filled = 0
+        var index = 0
+        var size: UInt64 = 0
+        var ended = false
     }
 
     private let directory: String
@@ -69,6 +85,9 @@ public final class ChunkIngester: @unchecked Sendable {
     private var descriptors: [String: FileDescriptor] = [:]
     private var running = 0
     private let followerDone = DispatchSemaphore(value: 0)
+    private var streams: [String: Stream] = [:]
+    /// Chunk buffers of streamed files that workers gave back, for the next chunk to fill.
+    private var spareBuffers: [UnsafeMutableRawBufferPointer] = []
 
     /// Starts `threads` workers and a follower of the files in `directory` whose names satisfy `follows`.
     /// With `releaseIngested`, each chunk's bytes are punched out of its file once stored (the files are
@@ -100,9 +119,14 @@ public final class ChunkIngester: @unchecked Sendable {
     public func finish(alsoIngest: [String] = []) throws -> (files: [String: File], statistics: Statistics) {
         stopFollowing()
         condition.lock()
-        let followed = Array(files.keys)
+        let followed = files.keys.filter { streams[$0] == nil }
+        let unended = streams.filter { !$0.value.ended }.keys.sorted()
+        var sizes = streams.mapValues(\.size)
         condition.unlock()
-        var sizes: [String: UInt64] = [:]
+        if let name = unended.first {
+            cancel()
+            throw StasisError(.io, "\(directory)/\(name): its stream of bytes never ended")
+        }
         for name in Set(followed + alsoIngest) {
             guard let size = FileSystem.size(directory + "/" + name) else {
                 let error = systemError("cannot stat", directory + "/" + name)
@@ -120,6 +144,7 @@ public final class ChunkIngester: @unchecked Sendable {
         let result = files
         for fd in descriptors.values { fd.closeQuietly() }
         descriptors = [:]
+        releaseBuffers()
         condition.unlock()
         if let error {
             sink.abandon()
@@ -143,13 +168,97 @@ public final class ChunkIngester: @unchecked Sendable {
         stopFollowing()
         condition.lock()
         closed = true
-        queue.removeAll()
+        dropQueue()
         condition.broadcast()
         while running > 0 { condition.wait() }
         for fd in descriptors.values { fd.closeQuietly() }
         descriptors = [:]
+        releaseBuffers()
         condition.unlock()
         sink.abandon()
+    }
+
+    deinit {
+        for job in queue { job.bytes?.deallocate() }
+        for buffer in spareBuffers + streams.values.compactMap(\.buffer) { buffer.deallocate() }
+    }
+
+    // MARK: streamed files
+
+    /// Reads `count` more bytes of file `name` from `source` (a socket) and queues each chunk as it fills.
+    /// Throws when `source` ends first, cannot be read, or the ingester has failed or been cancelled.
+    public func receive(_ name: String, from source: FileDescriptor, count: Int) throws {
+        var state = try condition.withLock {
+            if let failure { throw failure }
+            if closed { throw StasisError(.interrupted, "\(directory)/\(name): the chunking was stopped") }
+            if files[name] == nil { files[name] = [] }
+            return streams.removeValue(forKey: name) ?? Stream()
+        }
+        // Kept out of `streams` while bytes are read into its buffer; put back on every exit.
+        defer { condition.withLock { streams[name] = state } }
+        var left = count
+        while left > 0 {
+            let buffer = try state.buffer ?? takeBuffer()
+            state.buffer = buffer
+            let part = UnsafeMutableRawBufferPointer(rebasing: buffer[state.filled..<min(chunkSize, state.filled + left)])
+            let got = try attempt("cannot read the stream of", directory + "/" + name) { try source.read(filling: part) }
+            state.filled += got
+            state.size += UInt64(got)
+            left -= got
+            if got < part.count {
+                throw StasisError(.io, "\(directory)/\(name): its stream ended \(left) bytes early")
+            }
+            if state.filled == chunkSize { try queueStreamed(name, &state) }
+        }
+    }
+
+    /// File `name` is complete: its last, shorter chunk is queued.
+    public func endStream(_ name: String) throws {
+        var state = condition.withLock {
+            if files[name] == nil { files[name] = [] }
+            return streams.removeValue(forKey: name) ?? Stream()
+        }
+        defer { condition.withLock { streams[name] = state } }
+        if state.filled > 0 { try queueStreamed(name, &state) }
+        state.ended = true
+    }
+
+    /// Bytes received by `receive` so far, over every streamed file.
+    public var streamedBytes: UInt64 { condition.withLock { streams.values.reduce(0) { $0 + $1.size } } }
+
+    /// Queues the filled part of `state`'s buffer as its next chunk; waits while the queue is full.
+    private func queueStreamed(_ name: String, _ state: inout Stream) throws {
+        condition.lock()
+        defer { condition.unlock() }
+        while queue.count >= running * 2 && failure == nil && !closed { condition.wait() }
+        if let failure { throw failure }
+        if closed { throw StasisError(.interrupted, "\(directory)/\(name): the chunking was stopped") }
+        queue.append(Job(name: name, index: state.index, length: state.filled, bytes: state.buffer))
+        files[name]!.append(nil)
+        (state.buffer, state.filled, state.index) = (nil, 0, state.index + 1)
+        condition.broadcast()
+    }
+
+    private func takeBuffer() throws -> UnsafeMutableRawBufferPointer {
+        if let spare = condition.withLock({ spareBuffers.popLast() }) { return spare }
+        return UnsafeMutableRawBufferPointer.allocate(byteCount: chunkSize, alignment: 4096)
+    }
+
+    /// Empties the queue, freeing the buffers its streamed chunks hold. Called with the lock held.
+    private func dropQueue() {
+        for job in queue { job.bytes?.deallocate() }
+        queue.removeAll()
+    }
+
+    /// Frees the spare buffers and those of streams left half-filled. Called with the lock held, workers gone.
+    private func releaseBuffers() {
+        for buffer in spareBuffers { buffer.deallocate() }
+        spareBuffers = []
+        for name in streams.keys {
+            streams[name]?.buffer?.deallocate()
+            streams[name]?.buffer = nil
+            streams[name]?.filled = 0
+        }
     }
 
     private func stopFollowing() {
@@ -224,19 +333,25 @@ public final class ChunkIngester: @unchecked Sendable {
             condition.broadcast()
             condition.unlock()
             do {
-                let fd = try descriptor(job.name)
-                let bytes = UnsafeMutableRawBufferPointer(rebasing: plain[0..<job.length])
-                try readFully(fd, into: bytes, at: UInt64(job.index) * UInt64(chunkSize), name: job.name)
-                let digest = try sink.put(UnsafeRawBufferPointer(bytes), scratch: scratch)
-                if releaseIngested {
-                    // Best effort: a filesystem without hole punching keeps the bytes until the file is deleted.
-                    fd.punchHole(offset: UInt64(job.index) * UInt64(chunkSize), length: UInt64(job.length))
+                let digest: String
+                if let streamed = job.bytes {
+                    defer { condition.withLock { spareBuffers.append(streamed) } }
+                    digest = try sink.put(UnsafeRawBufferPointer(rebasing: streamed[0..<job.length]), scratch: scratch)
+                } else {
+                    let fd = try descriptor(job.name)
+                    let bytes = UnsafeMutableRawBufferPointer(rebasing: plain[0..<job.length])
+                    try readFully(fd, into: bytes, at: UInt64(job.index) * UInt64(chunkSize), name: job.name)
+                    digest = try sink.put(UnsafeRawBufferPointer(bytes), scratch: scratch)
+                    if releaseIngested {
+                        // Best effort: a filesystem without hole punching keeps the bytes until the file is deleted.
+                        fd.punchHole(offset: UInt64(job.index) * UInt64(chunkSize), length: UInt64(job.length))
+                    }
                 }
                 condition.withLock { files[job.name]![job.index] = digest }
             } catch {
                 condition.lock()
                 if failure == nil { failure = error }
-                queue.removeAll()
+                dropQueue()
                 condition.broadcast()
                 condition.unlock()
                 return

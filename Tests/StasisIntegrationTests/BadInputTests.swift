@@ -160,7 +160,8 @@ extension Integration {
 
     /// Also with --leave-running, whose checkpoint is published after the job runs again: a failure there
     /// costs the checkpoint, never the job.
-    @Test(arguments: [("post-dump", false), ("publish", false), ("publish", true)])
+    /// `pages`: the page server fails while CRIU sends it the tree's memory.
+    @Test(arguments: [("pages", false), ("pages", true), ("post-dump", false), ("publish", false), ("publish", true)])
     func failureInsideTheDumpLeavesTheJobRunning(point: String, leaveRunning: Bool) throws {
         let workload = try Workload("tree", ["--count", "2"])
         defer { workload.stop() }
@@ -206,18 +207,16 @@ extension Integration {
         process.standardOutput = FileHandle.nullDevice
         process.standardError = FileHandle.nullDevice
         try process.run()
-        // Kill stasis while CRIU is writing memory.
+        // Kill stasis while CRIU sends it memory: once the first of the 768 MiB's chunks is being written.
         let parent = (checkpoint as NSString).deletingLastPathComponent
         let deadline = Date().addingTimeInterval(20)
         var sawPages = false
         while !sawPages, Date() < deadline {
-            // The staging directory is one of two partial siblings (the other is CRIU's work directory).
-            let partials = ((try? FileManager.default.contentsOfDirectory(atPath: parent)) ?? []).filter { $0.contains(".partial-") }
-            sawPages = partials.contains { (try? FileManager.default.contentsOfDirectory(atPath: parent + "/" + $0))?.contains { $0.hasPrefix("pages-") } == true }
+            sawPages = ((try? FileManager.default.contentsOfDirectory(atPath: store + "/tmp")) ?? []).isEmpty == false
             if !sawPages { usleep(2_000) }
         }
         kill(process.processIdentifier, SIGKILL)
-        #expect(sawPages, "stasis was to be killed while CRIU wrote memory, but no pages image appeared")
+        #expect(sawPages, "stasis was to be killed while CRIU sent memory, but no chunk was being written")
         process.waitUntilExit()
         usleep(500_000)
 
@@ -292,17 +291,26 @@ extension Integration {
 
 extension Integration {
     @Suite struct NoSpace {
-        /// A checkpoint directory on a filesystem too small for the images: a clear error, the job runs on.
+        /// A checkpoint directory on a filesystem too small for CRIU's images (4 MiB, 32 MiB of memory, the
+        /// store elsewhere): with the pages through files (STASIS_DUMP_PAGES=files) a clear error and the job
+        /// runs on; with the page server the pages never touch that filesystem, and the dump succeeds.
         @Test func fullFilesystemIsReportedAndTheJobRunsOn() throws {
             let (mountPoint, unmount) = try tinyFilesystem("tiny")
             defer { unmount() }
             let workload = try Workload("counter", ["--mem", "32"])
             defer { workload.stop() }
-            let result = try Harness.stasis("dump", "\(workload.pid)", "-D", mountPoint + "/image")
+            let result = try Harness.stasis(["dump", "\(workload.pid)", "-D", mountPoint + "/image"], environment: ["STASIS_DUMP_PAGES": "files"])
             #expect(result.status == 1)
             #expect(result.stderr.contains("ran out of space") && result.stderr.contains("No space left on device"), "\(result.stderr)")
             #expect(result.stderr.contains("full log: "))
             #expect(!FileSystem.exists(mountPoint + "/image"))
+            #expect(workload.verify().hasPrefix("PASS"))
+
+            let dump = try Harness.stasis("dump", "\(workload.pid)", "-D", mountPoint + "/image")
+            #expect(dump.succeeded, "\(dump.stderr)")
+            #expect(Harness.waitGone(workload.pid))
+            let restore = try Harness.stasis("restore", "-D", mountPoint + "/image")
+            #expect(restore.succeeded, "\(restore.stderr)")
             #expect(workload.verify().hasPrefix("PASS"))
         }
 

@@ -50,6 +50,31 @@ extension Integration {
         #expect(workload.verify().hasPrefix("PASS"))
     }
 
+    /// CRIU's pages reach the store once, through the page server: CRIU's log says it sent them down the
+    /// socket stasis handed it, the pagemap images stasis wrote for it are in the checkpoint, and the pages
+    /// image the manifest lists (as chunks) restores a job that verifies its memory. The same checkpoint
+    /// comes from the file path (STASIS_DUMP_PAGES=files: CRIU writes pages-*.img, stasis follows it).
+    @Test(arguments: ["page server", "files"])
+    func pagesReachTheStoreThroughThePageServer(path: String) throws {
+        let workload = try Workload("counter", ["--mem", "32"])
+        defer { workload.stop() }
+        let root = Harness.scratch("page-server")
+        var env = ["STASIS_STORE": root + "/store"]
+        if path == "files" { env["STASIS_DUMP_PAGES"] = "files" }
+        let dump = try Harness.stasis(["dump", "\(workload.pid)", "-D", root + "/image"], environment: env)
+        try #require(dump.succeeded, "\(dump.stderr)")
+        let log = try String(contentsOfFile: root + "/image/criu-dump.log", encoding: .utf8)
+        #expect(log.contains("Reusing ps socket") == (path == "page server"), "CRIU's log says otherwise of the \(path) path")
+        let files = try manifest(root + "/image").files
+        let pages = files.filter { $0.path.hasPrefix("pages-") }
+        #expect(pages.count == 1 && pages.allSatisfy { $0.chunks != nil && $0.size >= 32 << 20 }, "\(pages.map(\.path))")
+        #expect(files.contains { $0.path == "pagemap-\(workload.pid).img" && $0.chunks == nil })
+        #expect(Harness.waitGone(workload.pid))
+        let restore = try Harness.stasis(["restore", "-D", root + "/image"], environment: env)
+        #expect(restore.succeeded, "\(restore.stderr)")
+        #expect(workload.verify().hasPrefix("PASS"))
+    }
+
     /// The counter's pattern-filled buffer compresses: its chunks carry the codec asked for.
     @Test(arguments: ["zstd", "zstd:9", "none"])
     func everyCodecRestores(codec: String) throws {

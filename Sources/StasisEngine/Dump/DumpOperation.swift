@@ -19,15 +19,18 @@ import StasisStore
 /// does not include writing its memory to disk (a migration, which must hand over the checkpoint while the
 /// tree is frozen, still publishes inside the freeze).
 ///
-/// CRIU's memory images (pages-*.img, and any image of at least a chunk) are cut into chunks and put in the
-/// store while CRIU still writes them (`ChunkIngester`); they leave the checkpoint directory, which keeps the
-/// manifest and the small images. The store lock is held shared from the first chunk until the manifest is
-/// in the store's catalog, so gc never takes a chunk this dump is about to reference.
+/// CRIU's memory reaches the store with one copy: CRIU sends the pages it drains through its page-server
+/// protocol to stasis (`CRIUPageServer`), which cuts them into chunks as they arrive (`ChunkIngester`); no
+/// pages-*.img is written and read back. Any other image of at least a chunk is chunked at the publish. The
+/// checkpoint directory keeps the manifest and the small images. The store lock is held shared from the
+/// first chunk until the manifest is in the store's catalog, so gc never takes a chunk this dump is about
+/// to reference.
 ///
 /// A container (`Options.container`) is checkpointed by its runtime, runc, which knows how it was made and
 /// drives CRIU for it. runc offers no step inside the freeze, so stasis freezes the container itself (`runc
 /// pause`), has runc checkpoint it leaving it there, publishes the checkpoint, and only then removes the
-/// container (or resumes it, with --leave-running). If anything fails, the container is resumed as it was;
+/// container (or resumes it, with --leave-running). runc has CRIU write pages-*.img (it can name a page
+/// server only by address), which the ingester follows while they grow. If anything fails, the container is resumed as it was;
 /// should stasis itself die in between, the container waits, paused (`runc resume` lets it go on).
 public struct DumpOperation {
     public struct Options: Sendable {
@@ -182,27 +185,43 @@ private final class DumpRun {
         }
     }
 
-    /// Memory images are cut into chunks while CRIU writes them. Undone by stopping the chunking.
+    /// CRIU's pages come through the page server, unless runc drives CRIU or STASIS_DUMP_PAGES=files asks
+    /// for CRIU's own pages-*.img (benchmarks compare the two; docs/GUIDE.md).
+    var pagesThroughPageServer: Bool {
+        guard case .process = target else { return false }
+        return ProcessInfo.processInfo.environment["STASIS_DUMP_PAGES"] != "files"
+    }
+
+    /// Memory is cut into chunks while CRIU sends it (or writes it: `pagesThroughPageServer`). Undone by
+    /// stopping the chunking.
     func startChunking() throws {
-        let chunker = ChunkIngester(directory: staging.path, store: store, codec: options.codec,
-                                    releaseIngested: true, follows: CheckpointWriter.isMemoryImage)
+        let followsFiles = !pagesThroughPageServer
+        let follows: @Sendable (String) -> Bool = { followsFiles && CheckpointWriter.isMemoryImage($0) }
+        let chunker = ChunkIngester(directory: staging.path, store: store, codec: options.codec, releaseIngested: true, follows: follows)
         ingester = chunker
         rollback.onFailure(of: "chunking") { chunker.cancel(); return nil }
     }
 
-    /// CRIU freezes and dumps the tree; inside its post-dump notification (the tree still frozen) the
-    /// checkpoint is completed and published, and a migration hands it over. CRIU then ends the tree (or
-    /// thaws it with --leave-running); if anything here fails, it thaws it.
+    /// CRIU freezes and dumps the tree, its pages through the page server into the chunk store; inside its
+    /// post-dump notification (the tree still frozen) the checkpoint is completed and published, and a
+    /// migration hands it over. CRIU then ends the tree (or thaws it with --leave-running); if anything here
+    /// fails, it thaws it: a page server that fails breaks CRIU's session, and CRIU then fails the dump.
     func dumpTree(_ pid: Int32) throws {
         let imagesFD = try FileSystem.openDirectory(staging.path)
         defer { imagesFD.closeQuietly() }
         let workFD = try FileSystem.openDirectory(staging.workPath)
         defer { workFD.closeQuietly() }
+        let chunker = ingester!
+        let pages = try pagesThroughPageServer ? CRIUPageServer(imagesDirectory: staging.path, sink: .init(
+            receive: { name, source, count in try chunker.receive(name, from: source, count: count) },
+            end: { name in try chunker.endStream(name) })) : nil
+        var pagesFinished = false
+        defer { if !pagesFinished { _ = pages?.finish() } }
         let ticker = progressTicker()
         defer { ticker?.stop() }
         let watch = Stopwatch()
         let outcome = try CRIUService(binary: criu).dump(pid: pid, imagesDirectory: imagesFD, workDirectory: workFD, options: options.process,
-                                                         leaveRunning: options.leaveRunning) { note in
+                                                         leaveRunning: options.leaveRunning, pageServer: pages?.descriptorForCRIU()) { note in
             guard note.script == "post-dump" else { return }
             FaultInjection.die("post-dump")
             try FaultInjection.check("post-dump")
@@ -212,6 +231,9 @@ private final class DumpRun {
             try options.whilePublished?(published!, destination)
         }
         timings.criu = watch.seconds
+        pagesFinished = true
+        // What broke the page server's session (a chunk that could not be stored) is why CRIU failed.
+        if let failure = pages?.finish().first { throw failure }
         guard outcome.succeeded else {
             throw outcome.failure("CRIU could not dump PID \(pid)", log: staging.workPath + "/" + CRIUService.dumpLogName)
         }
@@ -341,9 +363,12 @@ private final class DumpRun {
     }
 
     private func progressTicker() -> ProgressTicker? {
-        let stagingPath = staging.path, resident = processes.reduce(0) { $0 + $1.residentBytes }
+        let stagingPath = staging.path, resident = processes.reduce(0) { $0 + $1.residentBytes }, chunker = ingester
         return ProgressTicker(options.progress.map { report in
-            { @Sendable in report(Progress(phase: "dumping memory", bytes: CheckpointWriter.pageBytes(in: stagingPath), totalBytes: resident)) }
+            { @Sendable in
+                let bytes = CheckpointWriter.pageBytes(in: stagingPath) + (chunker?.streamedBytes ?? 0)
+                report(Progress(phase: "dumping memory", bytes: bytes, totalBytes: resident))
+            }
         })
     }
 }

@@ -6,7 +6,7 @@
 #
 # For each size and fill, one workload process is started and then checkpointed and restored in turn by
 # plain `criu dump` / `criu restore -d` and by `stasis dump` / `stasis restore`, alternating, ROUNDS times
-# each, after one uncounted plain-CRIU warm-up round (the first dump of freshly written memory is slower
+# each (and stasis dumping with its pages through files, the path before the page server), after one uncounted plain-CRIU warm-up round (the first dump of freshly written memory is slower
 # for everyone). Both log at level 4; images (and stasis's chunk store, fresh each round) go to $BENCH_DIR
 # (default /var/tmp, a disk) and are read back from the page cache; stasis streams CRIU its images from the store. The workload verifies its memory after the last restore. Prints a Markdown table.
 set -euo pipefail
@@ -40,11 +40,21 @@ criu_round() {
     rm -rf "$work/img"
 }
 
+# stasis_round [files]: with "files", CRIU writes pages-*.img and stasis follows it (STASIS_DUMP_PAGES=files,
+# the path before the page server); the restore is the same either way and counted only for the default.
 stasis_round() {
     # A fresh chunk store each round: every chunk is written, as on a job's first checkpoint.
     export STASIS_STORE="$work/store"
     rm -rf "$work/ckpt" "$STASIS_STORE"
     local t; t=$(now)
+    if [[ ${1:-} == files ]]; then
+        STASIS_DUMP_PAGES=files "$BIN/stasis" dump "$pid" -D "$work/ckpt" --json >"$work/dump.json"
+        files_dump+=("$(elapsed "$t")")
+        wait_gone "$pid"
+        "$BIN/stasis" restore -D "$work/ckpt" -W "$work/restore-work" --json >"$work/restore.json"
+        rm -rf "$work/ckpt" "$work/restore-work" "$STASIS_STORE"
+        return
+    fi
     "$BIN/stasis" dump "$pid" -D "$work/ckpt" --json >"$work/dump.json"
     stasis_dump+=("$(elapsed "$t")")
     stasis_hash+=("$(python3 -c 'import json,sys; t=json.load(open(sys.argv[1]))["timings"]; print(t["hash"] + t["sync"])' "$work/dump.json")")
@@ -57,25 +67,25 @@ stasis_round() {
     rm -rf "$work/ckpt" "$work/restore-work" "$STASIS_STORE"
 }
 
-echo "| memory | fill | criu dump | stasis dump (chunking tail+sync) | dump ratio | criu restore | stasis restore (verify) | restore ratio | criu image | stasis stored |"
-echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+echo "| memory | fill | criu dump | stasis dump (chunking tail+sync) | dump ratio | stasis dump, pages through files (ratio) | criu restore | stasis restore (verify) | restore ratio | criu image | stasis stored |"
+echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 for gib in "${SIZES[@]}"; do
     for fill in random zero; do
-        criu_dump=(); criu_restore=(); stasis_dump=(); stasis_restore=(); stasis_hash=(); stasis_verify=()
+        criu_dump=(); criu_restore=(); stasis_dump=(); stasis_restore=(); stasis_hash=(); stasis_verify=(); files_dump=()
         pid=$("$BIN/stasis-workload" memory --dir "$work" --daemon --mem $((gib * 1024)) --fill "$fill")
         criu_round; criu_dump=(); criu_restore=()   # warm-up, not counted
-        for _ in $(seq "$ROUNDS"); do criu_round; stasis_round; done
+        for _ in $(seq "$ROUNDS"); do criu_round; stasis_round files; stasis_round; done
         rm -f "$work/result"; kill -USR1 "$pid"
         for _ in $(seq 600); do [[ -e $work/result ]] && break; sleep 0.1; done
         verdict=$(cat "$work/result" 2>/dev/null || echo "FAIL no answer")
         [[ $verdict == PASS* ]] || { echo "workload check failed after the last restore: $verdict" >&2; exit 1; }
         kill -9 "$pid"; wait_gone "$pid"; pid=""
-        cd_=$(avg "${criu_dump[@]}"); sd=$(avg "${stasis_dump[@]}"); sh=$(avg "${stasis_hash[@]}")
+        cd_=$(avg "${criu_dump[@]}"); sd=$(avg "${stasis_dump[@]}"); sh=$(avg "${stasis_hash[@]}"); fd=$(avg "${files_dump[@]}")
         cr=$(avg "${criu_restore[@]}"); sr=$(avg "${stasis_restore[@]}"); sv=$(avg "${stasis_verify[@]}")
         gbps() { echo "$gib * 1.073741824 / $1" | bc -l | xargs printf '%.2f'; }
         mib() { echo "$1 / 1048576" | bc -l | xargs printf '%.0f MiB'; }
-        printf '| %d GiB | %s | %s s (%s GB/s) | %s s (%s s) (%s GB/s) | %.2fx | %s s (%s GB/s) | %s s (%s s) (%s GB/s) | %.2fx | %s | %s |\n' \
-            "$gib" "$fill" "$cd_" "$(gbps "$cd_")" "$sd" "$sh" "$(gbps "$sd")" "$(echo "$sd / $cd_" | bc -l)" \
+        printf '| %d GiB | %s | %s s (%s GB/s) | %s s (%s s) (%s GB/s) | %.2fx | %s s (%.2fx) | %s s (%s GB/s) | %s s (%s s) (%s GB/s) | %.2fx | %s | %s |\n' \
+            "$gib" "$fill" "$cd_" "$(gbps "$cd_")" "$sd" "$sh" "$(gbps "$sd")" "$(echo "$sd / $cd_" | bc -l)" "$fd" "$(echo "$fd / $cd_" | bc -l)" \
             "$cr" "$(gbps "$cr")" "$sr" "$sv" "$(gbps "$sr")" "$(echo "$sr / $cr" | bc -l)" "$(mib "$image_bytes")" "$(mib "$stored_bytes")"
     done
 done

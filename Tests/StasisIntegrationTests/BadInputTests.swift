@@ -160,8 +160,9 @@ extension Integration {
 
     /// Also with --leave-running, whose checkpoint is published after the job runs again: a failure there
     /// costs the checkpoint, never the job.
-    /// `pages`: the page server fails while CRIU sends it the tree's memory.
-    @Test(arguments: [("pages", false), ("pages", true), ("post-dump", false), ("publish", false), ("publish", true)])
+    /// `pages`: the page server fails while CRIU sends it the tree's memory (a dump without --leave-running:
+    /// with it, CRIU writes its pages to files).
+    @Test(arguments: [("pages", false), ("post-dump", false), ("publish", false), ("publish", true)])
     func failureInsideTheDumpLeavesTheJobRunning(point: String, leaveRunning: Bool) throws {
         let workload = try Workload("tree", ["--count", "2"])
         defer { workload.stop() }

@@ -19,9 +19,11 @@ import StasisStore
 /// does not include writing its memory to disk (a migration, which must hand over the checkpoint while the
 /// tree is frozen, still publishes inside the freeze).
 ///
-/// CRIU's memory reaches the store with one copy: CRIU sends the pages it drains through its page-server
-/// protocol to stasis (`CRIUPageServer`), which cuts them into chunks as they arrive (`ChunkIngester`); no
-/// pages-*.img is written and read back. Any other image of at least a chunk is chunked at the publish. The
+/// CRIU's memory reaches the store with one copy while the tree is frozen: CRIU sends the pages it drains
+/// through its page-server protocol to stasis (`CRIUPageServer`), which cuts them into chunks as they arrive
+/// (`ChunkIngester`); no pages-*.img is written and read back. With --leave-running, CRIU writes pages-*.img
+/// (the job waits only for that) and the ingester follows it while it grows and after the thaw
+/// (`pagesThroughPageServer` says why). Any other image of at least a chunk is chunked at the publish. The
 /// checkpoint directory keeps the manifest and the small images. The store lock is held shared from the
 /// first chunk until the manifest is in the store's catalog, so gc never takes a chunk this dump is about
 /// to reference.
@@ -185,10 +187,15 @@ private final class DumpRun {
         }
     }
 
-    /// CRIU's pages come through the page server, unless runc drives CRIU or STASIS_DUMP_PAGES=files asks
-    /// for CRIU's own pages-*.img (benchmarks compare the two; docs/GUIDE.md).
+    /// CRIU's pages come through the page server when the tree stays frozen until the publish anyway: the
+    /// page server makes CRIU wait for the chunking (the socket's back-pressure), and saves the write and the
+    /// read back. Not with --leave-running (publishing after the thaw): there CRIU's write of pages-*.img into
+    /// the page cache is what the job waits for, and the chunking goes on after it runs again (on a 2-core VM,
+    /// 1 GiB: stalled 0.50-0.65 s through files, 0.93-1.11 s through the page server). Not under runc (it can
+    /// name a page server only by address), nor with STASIS_DUMP_PAGES=files (benchmarks compare the two;
+    /// docs/GUIDE.md).
     var pagesThroughPageServer: Bool {
-        guard case .process = target else { return false }
+        guard case .process = target, !publishesAfterThaw else { return false }
         return ProcessInfo.processInfo.environment["STASIS_DUMP_PAGES"] != "files"
     }
 

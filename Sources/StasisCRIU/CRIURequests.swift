@@ -13,6 +13,8 @@ extension CRIUService {
         /// 1 MiB, refuses NCCL's 32 MiB segments.
         public var ghostLimitBytes: UInt32 = Self.defaultGhostLimitBytes
         public static let defaultGhostLimitBytes: UInt32 = 1 << 30
+        /// A restore leaves the tree stopped (SIGSTOP, CRIU's --leave-stopped): a prepared restore.
+        public var leaveStopped = false
         public init(tcpEstablished: Bool = false, shellJob: Bool = false, logLevel: Int32 = 4, ghostLimitBytes: UInt32 = Self.defaultGhostLimitBytes) {
             self.tcpEstablished = tcpEstablished
             self.shellJob = shellJob
@@ -80,6 +82,7 @@ extension CRIUService {
         request.type = .restore
         request.opts = Self.baseOptions(options, imagesDirectoryFD: imagesDirectory, logFile: Self.restoreLogName)
         request.opts.workDirFd = workDirectory.rawValue
+        if options.leaveStopped { request.opts.leaveStopped = true }
         return CRIUOutcome(try call(request, onNotify: onNotify))
     }
 
@@ -100,6 +103,7 @@ extension CRIUService {
         if options.tcpEstablished {
             arguments += ["--tcp-established", "--network-lock", Self.networkLock() == .iptables ? "iptables" : "nftables"]
         }
+        if options.leaveStopped { arguments.append("--leave-stopped") }
         Spawn.adoptOrphans(true)
         defer { Spawn.adoptOrphans(false) }
         let status = Spawn.wait(try start(arguments))

@@ -13,7 +13,9 @@ struct RestoreCommand: ParsableCommand {
         With --rebuild-dir they are rebuilt as files first, every chunk checked before CRIU starts. Restored \
         processes keep their PIDs, so the original tree must be gone. The restored tree does not depend on stasis. \
         A container's checkpoint (stasis dump --container) is restored by runc from images rebuilt from the \
-        store, as the container it was, or as --container from --bundle.
+        store, as the container it was, or as --container from --bundle. \
+        With --prepare the tree is restored ahead of demand and left stopped, its memory in place; \
+        `stasis activate ROOT_PID` lets it run (not yet for checkpoints with GPU state, nor containers).
         """)
 
     @Option(name: [.customShort("D"), .customLong("images-dir")], help: "The checkpoint directory.")
@@ -44,6 +46,9 @@ struct RestoreCommand: ParsableCommand {
 
     @Option(name: .long, help: "A container's checkpoint: the OCI bundle to restore it from (default: the one it ran from).")
     var bundle: String?
+
+    @Flag(name: .long, help: "Restore the tree and leave it stopped; `stasis activate ROOT_PID` lets it run.")
+    var prepare = false
 
     @OptionGroup var output: OutputOptions
 
@@ -77,6 +82,7 @@ struct RestoreCommand: ParsableCommand {
             options.containerID = container
             options.bundle = bundle
             options.logLevel = logLevel
+            options.prepare = prepare
             options.progress = Output.progressHandler(json: output.json)
             let backends = Backends(gpuMap: try parsedGPUMap())
             options.backends = backends

@@ -21,7 +21,7 @@ struct Stasis: ParsableCommand {
         that host lacks, over TLS 1.3 with --tls. Run as root.
         """,
         version: StasisVersion.current,
-        subcommands: [RunCommand.self, CheckCommand.self, DumpCommand.self, RestoreCommand.self, ResumeCommand.self, InspectCommand.self, VerifyCommand.self,
+        subcommands: [RunCommand.self, CheckCommand.self, DumpCommand.self, RestoreCommand.self, ActivateCommand.self, ResumeCommand.self, InspectCommand.self, VerifyCommand.self,
                       ListCommand.self, RemoveCommand.self, CollectCommand.self, ExportCommand.self, ImportCommand.self,
                       MigrateCommand.self, ServeCommand.self]
     )

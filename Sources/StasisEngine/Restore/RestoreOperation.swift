@@ -18,6 +18,7 @@ import StasisOS
 ///   tasks it created; stasis names the chunk.
 /// - rebuilt (`rebuildRoot` set): rebuilt as files there first, every chunk checked, then CRIU reads them.
 /// After CRIU, a failing device step kills the restored tree, so no half-restored process is left behind.
+/// With `prepare`, CRIU leaves the tree stopped and its record is written instead (`PreparedRestore`).
 ///
 /// A container's checkpoint (`manifest.container`) is restored by its runtime, runc, from images rebuilt from
 /// the store, as the container it was (or under `Options.containerID`, from `Options.bundle`).
@@ -43,6 +44,8 @@ public struct RestoreOperation {
         public var bundle: String?
         /// Where the container runtime comes from (the CLI's; the default otherwise).
         public var backends = Backends()
+        /// Leave the restored tree stopped, to be let go by `PreparedRestore.activate` (`stasis activate`).
+        public var prepare = false
         public init(directory: String) { self.directory = directory }
     }
 
@@ -59,6 +62,8 @@ public struct RestoreOperation {
         public var container: String?
         /// TIME_WAIT sockets destroyed so that the checkpoint's listeners could bind their ports again.
         public var clearedTimeWaitSockets = 0
+        /// The tree was left stopped (--prepare): `stasis activate ROOT` lets it run.
+        public var prepared = false
     }
 
     /// How CRIU got the memory images.
@@ -107,7 +112,11 @@ public struct RestoreOperation {
                 try restore.freeTheTreesPIDs()
                 try restore.restoreTree()
             }
-            try restore.restoreDevices()
+            if options.prepare {
+                try restore.recordPrepared()
+            } else {
+                try restore.restoreDevices()
+            }
         } catch {
             throw restore.fail(error)
         }

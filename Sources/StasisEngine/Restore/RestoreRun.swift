@@ -54,6 +54,7 @@ final class RestoreRun {
         try criu.checkRestores(imagesOf: manifest.criu.version)
         if !options.skipCPUCheck { try RestoreOperation.checkCPU(manifest.host) }
         try operation.device.checkRestorable(section: manifest.gpu)
+        if options.prepare, let refusal = PreparedRestore.refusal(manifest) { throw StasisError(.invalidArgument, "restore --prepare refused: \(refusal)") }
         store = try Checkpoint.store(for: manifest, explicit: options.store)
         criuItems = Checkpoint.criuItems(manifest)
     }
@@ -144,8 +145,9 @@ final class RestoreRun {
         workDirectory = try options.workDirectory ?? RestoreOperation.makeWorkDirectory()
         try FileSystem.makeSecretDirectory(workDirectory, mustBeEmpty: false)
         let logPath = workDirectory + "/" + CRIUService.restoreLogName
-        let processOptions = CRIUService.ProcessOptions(tcpEstablished: manifest.options.tcpEstablished,
+        var processOptions = CRIUService.ProcessOptions(tcpEstablished: manifest.options.tcpEstablished,
                                                         shellJob: manifest.options.shellJob, logLevel: options.logLevel)
+        processOptions.leaveStopped = options.prepare
         let watch = Stopwatch()
         let (response, streamFailures) = try criuRestores(processOptions)
         timings.criu = watch.seconds
@@ -252,6 +254,13 @@ final class RestoreRun {
         timings.devices = watch.seconds
     }
 
+    /// A prepared restore: the stopped tree is recorded for `stasis activate` (if that fails, the rollback
+    /// stops the tree, as for any failure once CRIU restored it).
+    func recordPrepared() throws {
+        try PreparedRestore.record(root: rootPID, checkpoint: directory, manifestID: manifest.id,
+                                   logFile: workDirectory + "/" + CRIUService.restoreLogName)
+    }
+
     /// The restore worked: what runs is the user's now (no rollback stops it), CRIU's statistics complete the
     /// timings, and what the restore held (the read-ahead, the rebuilt images, the store's lock) is let go, the
     /// last taken first, as a failure would.
@@ -267,7 +276,7 @@ final class RestoreRun {
         let report = RestoreOperation.Report(
             directory: directory, rootPID: rootPID, processes: manifest.processTree.processes.count,
             logFile: workDirectory + "/" + CRIUService.restoreLogName, images: container == nil ? images : .rebuilt, timings: timings,
-            deviceSteps: deviceSteps, container: containerID, clearedTimeWaitSockets: clearedTimeWait)
+            deviceSteps: deviceSteps, container: containerID, clearedTimeWaitSockets: clearedTimeWait, prepared: options.prepare)
         // What is left holds nothing the user sees, and none of its undos can fail.
         _ = rollback.undo()
         return report

@@ -44,7 +44,8 @@ extension DumpOperation.Report {
 extension RestoreOperation.Report {
     var textLines: [String] {
         let t = timings
-        var lines = ["restored \(directory)\(container.map { " as container \($0)" } ?? ""): root PID \(rootPID) (\(plural(processes, "process", "processes")))"]
+        var lines = ["\(prepared ? "prepared" : "restored") \(directory)\(container.map { " as container \($0)" } ?? ""): root PID \(rootPID) (\(plural(processes, "process", "processes")))"
+            + (prepared ? ", stopped; `stasis activate \(rootPID)` lets it run" : "")]
         let images = self.images == .rebuilt ? "rebuild \(Format.seconds(t.rebuild))" : "images \(self.images.rawValue)"
         let steps = deviceSteps.isEmpty ? "" : " (" + deviceSteps.sorted { $0.key < $1.key }.map { "\($0.key) \(Format.seconds($0.value))" }.joined(separator: ", ") + ")"
         lines.append("  time: verify \(Format.seconds(t.verify)), \(images), CRIU \(Format.seconds(t.criu)) (forking \(Format.seconds(t.forking)), "
@@ -54,6 +55,12 @@ extension RestoreOperation.Report {
         }
         lines.append("  log:  \(logFile)")
         return lines
+    }
+}
+
+extension PreparedRestore.ActivationReport {
+    var textLines: [String] {
+        ["activated PID \(rootPID) (\(plural(processes, "process", "processes"))) in \(Format.seconds(seconds)), prepared from \(checkpoint) \(Format.seconds(preparedSeconds)) before"]
     }
 }
 

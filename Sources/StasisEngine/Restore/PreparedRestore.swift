@@ -1,0 +1,101 @@
+import Foundation
+import StasisCore
+import StasisOS
+
+/// A prepared restore (`stasis restore --prepare`): CRIU restored the tree ahead of demand and left it
+/// stopped (SIGSTOP), its memory in place; `activate` lets it run, which is all the time it takes to serve.
+/// The record of what was prepared (`directory/ROOT.json`, private) names each process by PID and start
+/// time, so that activation never signals a process that only reuses a PID, and says where the checkpoint
+/// and CRIU's log are.
+///
+/// A checkpoint with GPU state, or a container's, is refused before anything starts: activation would have
+/// to bring the devices back (the agents refill only while the process runs), which is not built yet.
+public enum PreparedRestore {
+    public static let directory = "/var/lib/stasis/prepared"
+
+    public struct Record: Codable, Sendable {
+        public struct Process: Codable, Sendable {
+            public var pid: Int32
+            public var startTime: UInt64
+        }
+        public var checkpoint: String
+        public var manifestID: String
+        public var rootPID: Int32
+        public var processes: [Process]
+        public var logFile: String
+        public var preparedAt: Date
+    }
+
+    public struct ActivationReport: Codable, Sendable {
+        public var rootPID: Int32
+        public var processes: Int
+        public var checkpoint: String
+        /// From the command's start until every process was let go.
+        public var seconds: Double
+        /// How long the tree waited, prepared.
+        public var preparedSeconds: Double
+    }
+
+    static func path(_ root: Int32) -> String { "\(directory)/\(root).json" }
+
+    /// Why a checkpoint cannot be prepared, or nil.
+    static func refusal(_ manifest: Manifest) -> String? {
+        if manifest.container != nil { return "a container's checkpoint cannot be prepared: runc restores containers, and it cannot leave one stopped" }
+        if !manifest.gpu.processes.isEmpty {
+            return "a checkpoint with GPU state cannot be prepared yet: its devices would have to come back at activation"
+        }
+        return nil
+    }
+
+    /// Records the stopped tree of `root`; throws if it is not there, stopped, as CRIU left it.
+    static func record(root: Int32, checkpoint: String, manifestID: String, logFile: String) throws {
+        let tree = ProcFS.tree(root: root)
+        var processes: [Record.Process] = []
+        for process in tree {
+            guard process.state == "T", let startTime = process.startTime else {
+                throw StasisError(.criuFailed, "CRIU was to leave PID \(process.pid) stopped, and it is in state \(process.state)")
+            }
+            processes.append(.init(pid: process.pid, startTime: startTime))
+        }
+        guard !processes.isEmpty else { throw StasisError(.processNotFound, "the prepared tree of PID \(root) is gone") }
+        let record = Record(checkpoint: checkpoint, manifestID: manifestID, rootPID: root, processes: processes, logFile: logFile, preparedAt: Date())
+        try FileSystem.makePrivateDirectory(directory)
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        encoder.dateEncodingStrategy = .iso8601
+        try FileSystem.writeAtomically(try encoder.encode(record), to: path(root))
+    }
+
+    /// Lets the prepared tree of `root` run: every process recorded must still be the same process (PID and
+    /// start time) and stopped; then each gets SIGCONT and the record goes. Nothing is signalled otherwise.
+    public static func activate(root: Int32) throws -> ActivationReport {
+        let watch = Stopwatch()
+        guard let data = try FileSystem.readFileIfPresent(path(root)) else {
+            throw StasisError(.processNotFound, "PID \(root) is not a prepared restore (no record in \(directory))",
+                              hint: "prepare one with `stasis restore --prepare -D CHECKPOINT`")
+        }
+        let decoder = JSONDecoder()
+        decoder.dateDecodingStrategy = .iso8601
+        let record: Record
+        do { record = try decoder.decode(Record.self, from: data) } catch {
+            throw StasisError(.manifestInvalid, "the record \(path(root)) of a prepared restore cannot be read: \(error)")
+        }
+        for process in record.processes {
+            // A zombie is gone too (killed while its stopped parent cannot reap it).
+            guard let now = ProcFS.stat(process.pid), now.startTime == process.startTime, now.state != "Z", now.state != "X" else {
+                FileSystem.remove(path(root))
+                throw StasisError(.processNotFound, "PID \(process.pid) of the tree prepared from \(record.checkpoint) is gone; nothing was activated",
+                                  hint: "stop what is left of it (`kill -KILL \(record.processes.map { String($0.pid) }.joined(separator: " "))`) and prepare again")
+            }
+            guard now.state == "T" else {
+                FileSystem.remove(path(root))
+                throw StasisError(.busy, "PID \(process.pid) of the tree prepared from \(record.checkpoint) is not stopped (state \(now.state)): something let it run already")
+            }
+        }
+        // Children first: the root, once running, finds its tree running.
+        for process in record.processes.reversed() { _ = Glibc.kill(process.pid, SIGCONT) }
+        FileSystem.remove(path(root))
+        return ActivationReport(rootPID: root, processes: record.processes.count, checkpoint: record.checkpoint, seconds: watch.seconds,
+                                preparedSeconds: Date().timeIntervalSince(record.preparedAt))
+    }
+}

@@ -21,4 +21,33 @@ public enum CRIULog {
         if first > 0, picked.first == first, picked.count < limit { picked.insert(first - 1, at: 0) }
         return picked.map { lines[$0] }
     }
+
+    /// stasis's next step for a failure CRIU explains in its log, or nil: the first rule whose every marker
+    /// is on one line of the log. Each rule is provoked by a test (Integration.CRIUAdvice).
+    public static func advice(path: String) -> String? {
+        // A log that cannot be read gives no advice; the failure is reported all the same.
+        guard let data = try? FileSystem.readFileIfPresent(path) else { return nil }
+        let lines = String(decoding: data, as: UTF8.self).split(separator: "\n")
+        return rules.first { rule in lines.contains { line in rule.markers.allSatisfy { line.contains($0) } } }?.hint
+    }
+
+    struct Rule {
+        let markers: [String]
+        let hint: String
+    }
+
+    static let rules: [Rule] = [
+        Rule(markers: ["Found dangling tty"],
+             hint: "the job uses the terminal it was started from: dump it with --shell-job, or start it detached from the terminal (setsid, nohup, a service)"),
+        Rule(markers: ["is not a session leader"],
+             hint: "the job shares the session of what started it (a shell, a supervisor): dump it with --shell-job, or start it in a session of its own (setsid)"),
+        Rule(markers: ["Connected TCP socket, consider using"],
+             hint: "the job has established TCP connections: dump it with --tcp-established (they come back with it, where the same addresses exist), or when they are closed"),
+        Rule(markers: ["External socket is used"],
+             hint: "the job is connected through a Unix socket to a process outside its tree (a logging daemon, D-Bus, a supervisor): dump the tree that holds both ends, or close that connection first"),
+        Rule(markers: ["Can't open file", "on restore"],
+             hint: "a file the job had open is no longer where it was: CRIU reopens files by path, so put it back there (or restore where it exists); the log line names it"),
+        Rule(markers: ["Can't dump nested", "namespace"],
+             hint: "part of the job runs in namespaces of its own (unshare, a container inside it): checkpoint that container (stasis dump --container ID), or dump from the first process in those namespaces"),
+    ]
 }

@@ -171,14 +171,15 @@ public struct CRIUOutcome: Sendable {
         problem = response.success ? "" : CRIUService.describe(response)
     }
 
-    /// The failure as an error: `what` failed, with the relevant lines of CRIU's log at `log` quoted; a full
-    /// filesystem gets its own code and hint.
+    /// The failure as an error: `what` failed, with the relevant lines of CRIU's log at `log` quoted and, for
+    /// what CRIU explains there, stasis's next step (`CRIULog.advice`); a full filesystem gets its own code
+    /// and hint.
     public func failure(_ what: String, log: String) -> StasisError {
         let excerpt = CRIULog.excerpt(path: log)
         if excerpt.contains(where: { $0.contains("No space left on device") }) {
             return StasisError(.noSpace, "\(what): the filesystem ran out of space", hint: "free space there or write the checkpoint elsewhere",
                                logExcerpt: excerpt, logPath: log)
         }
-        return StasisError(.criuFailed, "\(what): \(problem)", logExcerpt: excerpt, logPath: log)
+        return StasisError(.criuFailed, "\(what): \(problem)", hint: CRIULog.advice(path: log), logExcerpt: excerpt, logPath: log)
     }
 }

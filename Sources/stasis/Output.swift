@@ -13,7 +13,7 @@ struct OutputOptions: ParsableArguments {
 
 /// --store, for every command that reads or writes chunks.
 struct StoreOptions: ParsableArguments {
-    @Option(name: .long, help: "The chunk store (default: the one the checkpoint names; for new checkpoints $STASIS_STORE, else \(StoreLocation.defaultPath)).")
+    @Option(name: .long, help: "The chunk store (default: where a checkpoint is read, the store it names; otherwise $STASIS_STORE, else \(StoreLocation.defaultPath)).")
     var store: String?
 
     func validate() throws {

@@ -18,8 +18,13 @@ struct RestoreCommand: ParsableCommand {
         `stasis activate ROOT_PID` lets it run (not yet for checkpoints with GPU state, nor containers).
         """)
 
-    @Option(name: [.customShort("D"), .customLong("images-dir")], help: "The checkpoint directory.")
-    var directory: String
+    @Argument(help: "The checkpoint directory (or give it with -D, as dump and import take theirs).")
+    var checkpoint: String?
+
+    @Option(name: [.customShort("D"), .customLong("images-dir")], help: "The checkpoint directory, when not given as the argument.")
+    var imagesDir: String?
+
+    var directory: String { checkpoint ?? imagesDir ?? "" }
 
     @Option(name: [.customShort("W"), .customLong("work-dir")], help: "Where CRIU's restore log goes (default: a new directory under \(RestoreOperation.defaultWorkRoot)).")
     var workDirectory: String?
@@ -53,6 +58,12 @@ struct RestoreCommand: ParsableCommand {
     @OptionGroup var output: OutputOptions
 
     func validate() throws {
+        switch (checkpoint, imagesDir) {
+        case (nil, nil): throw ValidationError("name the checkpoint directory: stasis restore DIR (or -D DIR)")
+        case (let argument?, let option?) where argument != option:
+            throw ValidationError("two checkpoint directories given (\(argument) and -D \(option)): name one")
+        default: break
+        }
         guard (0...4).contains(logLevel) else { throw ValidationError("--log-level must be between 0 and 4") }
         _ = try parsedGPUMap()
     }

@@ -9,8 +9,9 @@ import Testing
 /// Serialized: restores reuse PIDs and share the machine's two cores.
 extension Integration {
 @Suite struct CheckpointRestore {
-    /// Dumps the workload (which ends it), restores it, and returns the checkpoint directory.
-    func roundTrip(_ workload: Workload, dumpArguments: [String] = []) throws -> String {
+    /// Dumps the workload (which ends it), restores it, and returns the checkpoint directory. `restoreByArgument`:
+    /// `stasis restore DIR` instead of `-D DIR`.
+    func roundTrip(_ workload: Workload, dumpArguments: [String] = [], restoreByArgument: Bool = false) throws -> String {
         let checkpoint = Harness.scratch("ckpt") + "/image"
         let pidsBefore = workload.treePIDs
         let descriptorsBefore = workload.descriptorSignature
@@ -20,7 +21,7 @@ extension Integration {
         #expect(dump.succeeded, "dump failed: \(dump.stderr)")
         #expect(Harness.waitGone(workload.pid), "without --leave-running the tree is gone after the dump")
 
-        let restore = try Harness.stasis(["restore", "-D", checkpoint])
+        let restore = try Harness.stasis(["restore"] + (restoreByArgument ? [checkpoint] : ["-D", checkpoint]))
         #expect(restore.succeeded, "restore failed: \(restore.stderr)")
         #expect(restore.stdout.contains("root PID \(workload.pid)"))
         #expect(workload.isLive)
@@ -68,7 +69,7 @@ extension Integration {
         let workload = try Workload("tree", ["--count", "3"])
         defer { workload.stop() }
         #expect(workload.treePIDs.count == 4)
-        let checkpoint = try roundTrip(workload)
+        let checkpoint = try roundTrip(workload, restoreByArgument: true)
         let manifest = try Manifest.decode(try Data(contentsOf: URL(fileURLWithPath: checkpoint + "/manifest.json")), path: "m")
         #expect(manifest.processTree.processes.map(\.pid) == workload.treePIDs)
     }

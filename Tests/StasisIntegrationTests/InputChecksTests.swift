@@ -38,6 +38,14 @@ extension Integration {
 
     /// A path with bytes that are not UTF-8 would be renamed by the argument parser (to U+FFFD); it is
     /// refused before parsing, naming the argument.
+    /// restore takes the checkpoint directory as its argument or with -D, one of them.
+    @Test func restoreNamesOneCheckpointDirectory() throws {
+        let none = try Harness.stasis("restore")
+        #expect(none.status == 64 && none.stderr.contains("name the checkpoint directory"), "\(none.stderr)")
+        let two = try Harness.stasis("restore", "/tmp/a", "-D", "/tmp/b")
+        #expect(two.status == 64 && two.stderr.contains("two checkpoint directories"), "\(two.stderr)")
+    }
+
     @Test func anArgumentThatIsNotUTF8IsRefused() throws {
         let parent = Harness.scratch("utf8")
         let bad = Array((parent + "/ckpt").utf8) + [0xFF, 0xFE]

@@ -13,11 +13,14 @@ public enum Checkpoint {
         case .directory?: break
         default: throw StasisError(.notACheckpoint, "\(directory) is not a directory")
         }
-        try FileSystem.requireOwnedAndPrivate(directory, what: "checkpoint directory")
         let path = directory + "/" + Manifest.fileName
-        guard let data = try FileSystem.readFileIfPresent(path) else {
-            throw StasisError(.notACheckpoint, "\(directory) has no \(Manifest.fileName): it is not a stasis checkpoint, or one that never finished")
-        }
+        let notACheckpoint = StasisError(.notACheckpoint, "\(directory) has no \(Manifest.fileName): it is not a stasis checkpoint, or one that never finished")
+        // A directory without a manifest is no checkpoint, whatever its modes (`stasis inspect /tmp`); one
+        // that cannot be looked into says so (the stat throws), and a manifest is read only from a directory
+        // no one else controls.
+        guard try FileSystem.type(of: path) != nil else { throw notACheckpoint }
+        try FileSystem.requireOwnedAndPrivate(directory, what: "checkpoint directory")
+        guard let data = try FileSystem.readFileIfPresent(path) else { throw notACheckpoint }
         return try Manifest.decode(data, path: path)
     }
 

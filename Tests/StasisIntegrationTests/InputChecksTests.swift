@@ -38,6 +38,16 @@ extension Integration {
 
     /// A path with bytes that are not UTF-8 would be renamed by the argument parser (to U+FFFD); it is
     /// refused before parsing, naming the argument.
+    /// A directory without a manifest (/tmp, say) is "not a checkpoint", before anything about its modes.
+    @Test func aDirectoryWithoutAManifestIsNotACheckpointWhateverItsModes() throws {
+        let directory = Harness.scratch("not-a-checkpoint")
+        #expect(chmod(directory, 0o777) == 0)
+        for command in [["inspect", directory], ["verify", directory], ["restore", directory]] {
+            let result = try Harness.stasis(command)
+            #expect(result.status == 1 && result.stderr.contains("has no manifest.json"), "\(command[0]): \(result.stderr)")
+        }
+    }
+
     /// restore takes the checkpoint directory as its argument or with -D, one of them.
     @Test func restoreNamesOneCheckpointDirectory() throws {
         let none = try Harness.stasis("restore")

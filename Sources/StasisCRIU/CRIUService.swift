@@ -22,15 +22,18 @@ public final class CRIUService {
         public var pid: Int32
     }
 
-    /// Starts CRIU with `arguments`, the same way for every call: CRIU's stdout (where `check` prints "Looks
-    /// good.") goes to our stderr, keeping --json output clean, and the stasis CRIU plugin, if installed in
+    /// Starts CRIU with `arguments`, the same way for every call: CRIU's stdout goes to our stderr, keeping
+    /// --json output clean, and the stasis CRIU plugin, if installed in
     /// CRIU's plugin directory, stands aside (stasis drives the GPU itself).
     /// `ownProcessGroup`: out of the terminal's reach (a dump: only stasis decides when it stops, see `call`).
-    func start(_ arguments: [String], passing descriptors: [FileDescriptor: Int32] = [:], ownProcessGroup: Bool = false) throws -> Int32 {
+    /// `quiet`: CRIU's stdout goes nowhere (`check`'s "Looks good.": stasis reports the check itself).
+    func start(_ arguments: [String], passing descriptors: [FileDescriptor: Int32] = [:], ownProcessGroup: Bool = false, quiet: Bool = false) throws -> Int32 {
         var environment = ProcessInfo.processInfo.environment
         environment["STASIS_CRIU_PLUGIN"] = "off"
+        let null = quiet ? try FileDescriptor.open("/dev/null", .writeOnly) : nil
+        defer { null?.closeQuietly() }
         do {
-            return try Spawn.start(binary.path, arguments, descriptors: descriptors.merging([.standardError: 1]) { $1 },
+            return try Spawn.start(binary.path, arguments, descriptors: descriptors.merging([null ?? .standardError: 1]) { $1 },
                                    environment: environment, ownProcessGroup: ownProcessGroup)
         } catch {
             throw StasisError(.criuMissing, "cannot start \(binary.path) \(arguments.first ?? ""): \(error)", hint: CRIUBinary.installHint)
@@ -52,7 +55,8 @@ public final class CRIUService {
             }
             // A dump's CRIU must not get the terminal's Ctrl-C itself: after a migration's commit, a CRIU that
             // died would thaw the job here while it runs there too. stasis handles the signal instead.
-            pid = try start(["swrk", "3"], passing: descriptors.merging([theirs: 3]) { $1 }, ownProcessGroup: request.type == .dump)
+            pid = try start(["swrk", "3"], passing: descriptors.merging([theirs: 3]) { $1 }, ownProcessGroup: request.type == .dump,
+                            quiet: request.type == .check)
         }
         defer { Spawn.wait(pid) }
 

@@ -30,7 +30,7 @@ extension RestoreOperation {
             if let stat = ProcFS.stat(process.pid) {
                 let state = stat.state == "Z" ? "a zombie not yet reaped" : "'\(ProcFS.arguments(process.pid).joined(separator: " ").prefix(120))'"
                 throw StasisError(.pidInUse, "restore refused: PID \(process.pid) (\(process.command) in the checkpoint) is in use by \(state)",
-                                  hint: "restored processes keep their PIDs; stop PID \(process.pid) first (if it is the original, it may still be running: use --leave-running dumps only after it exits)")
+                                  hint: "restored processes keep their PIDs: stop PID \(process.pid) first (if it is the original, still running after a --leave-running dump, restore once it exits), or restore in a PID namespace of its own (unshare --pid --fork --mount-proc stasis restore ...; a same-host migration's receiver: docs/MIGRATION.md)")
             }
         }
     }

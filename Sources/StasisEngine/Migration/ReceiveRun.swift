@@ -116,10 +116,12 @@ final class ReceiveRun {
         do {
             restored = try importAndRestore(manifest)
         } catch {
-            let text = "failed: \(error)"
+            // One line for the source (which shows a peer's text escaped): the message and its hint.
+            let failure = StasisError.wrapping(error)
+            let text = "failed: \(failure.message)" + (failure.hint.map { " (hint: \($0))" } ?? "")
             // The source learns of the failure from the connection's end if this answer cannot reach it.
             try? sendResult(text)
-            throw StasisError(.migrationFailed, text)
+            throw StasisError(.migrationFailed, text, logExcerpt: failure.logExcerpt, logPath: failure.logPath)
         }
         do {
             try sendResult("running \(restored)")

@@ -173,9 +173,11 @@ extension ChunkedFiles {
     /// Memory: every stream has two chunk buffers of its own, so it always makes progress whatever other
     /// streams hold (CRIU restores the processes of a tree at once, each reading its own image), and borrows
     /// up to 2 x `threads` - 2 more from `StreamBudget` while they are free. All streams together hold at most
-    /// 2 per stream plus the budget, however many run.
+    /// 2 per stream plus the budget, however many run. `written` is told the length of each chunk once it
+    /// is in the pipe (a restore's progress).
     public static func stream(_ item: Item, from store: ChunkStore, checkpoint: String, chunkSize: Int, to fd: FileDescriptor,
-                              threads: Int = ProcessInfo.processInfo.activeProcessorCount) throws {
+                              threads: Int = ProcessInfo.processInfo.activeProcessorCount,
+                              written: (@Sendable (Int) -> Void)? = nil) throws {
         try item.checkChunkCount(chunkSize: chunkSize, checkpoint: checkpoint)
         guard !item.chunks.isEmpty else { return }
         let borrowed = StreamBudget.shared.take(upTo: min(2 * threads, item.chunks.count) - 2, chunkSize: chunkSize)
@@ -201,6 +203,7 @@ extension ChunkedFiles {
                         return
                     }
                     window.written(index)
+                    written?(length)
                 }
                 return
             }

@@ -2,7 +2,8 @@ import Foundation
 import StasisTestSupport
 import Testing
 
-/// Long operations show their progress on a terminal (phase, bytes, of how many, rate) and nothing on a pipe.
+/// Long operations (export, import, restore, dump) show their progress on a terminal (phase, bytes, of how
+/// many, rate) and nothing on a pipe.
 extension Integration {
 @Suite struct ProgressDisplay {
     @Test func exportAndImportShowProgressOnATerminalOnly() throws {
@@ -30,6 +31,17 @@ extension Integration {
         let imported = try onTerminal(["import", root + "/tty.stasis", "-D", root + "/imported", "--store", root + "/store-b"])
         #expect(imported.contains("\r\u{1B}[Kimporting: ") && imported.contains("%"), "\(imported.suffix(400))")
         #expect(imported.contains("imported"), "\(imported.suffix(400))")
+
+        // A restore shows the memory streamed to CRIU; a dump's bytes never go back.
+        let restored = try onTerminal(["restore", root + "/ckpt"])
+        #expect(restored.contains("\r\u{1B}[Krestoring memory: ") && restored.contains("%"), "\(restored.suffix(400))")
+        #expect(restored.contains("restored"), "\(restored.suffix(400))")
+        let again = try onTerminal(["dump", "\(workload.pid)", "-D", root + "/ckpt2", "--leave-running"])
+        let frames = again.components(separatedBy: "\r\u{1B}[K").compactMap { frame -> Double? in
+            guard frame.hasPrefix("dumping memory: "), let open = frame.firstIndex(of: "("), let close = frame.firstIndex(of: "%") else { return nil }
+            return Double(frame[frame.index(after: open)..<close])
+        }
+        #expect(frames == frames.sorted(), "the dump's progress went back: \(frames)")
     }
 }
 }

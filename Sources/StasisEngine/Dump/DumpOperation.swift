@@ -371,9 +371,12 @@ private final class DumpRun {
 
     private func progressTicker() -> ProgressTicker? {
         let stagingPath = staging.path, resident = processes.reduce(0) { $0 + $1.residentBytes }, chunker = ingester
+        // Never backwards: CRIU's pages files leave the staging directory once chunked.
+        let shown = Locked<UInt64>(0)
         return ProgressTicker(options.progress.map { report in
             { @Sendable in
-                let bytes = CheckpointWriter.pageBytes(in: stagingPath) + (chunker?.streamedBytes ?? 0)
+                let now = CheckpointWriter.pageBytes(in: stagingPath) + (chunker?.streamedBytes ?? 0)
+                let bytes = shown.withLock { shown in shown = max(shown, now); return shown }
                 report(Progress(phase: "dumping memory", bytes: bytes, totalBytes: resident))
             }
         })

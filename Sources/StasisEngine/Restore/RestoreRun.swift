@@ -149,7 +149,13 @@ final class RestoreRun {
                                                         shellJob: manifest.options.shellJob, logLevel: options.logLevel)
         processOptions.leaveStopped = options.prepare
         let watch = Stopwatch()
-        let (response, streamFailures) = try criuRestores(processOptions)
+        let streamed = Locked<UInt64>(0)
+        let ticker = images == .streamed
+            ? ProgressTicker.reporting(options.progress, phase: "restoring memory", total: criuItems.reduce(0) { $0 + $1.size }) { streamed.current }
+            : nil
+        let outcome = Result { try criuRestores(processOptions) { bytes in streamed.withLock { $0 += UInt64(bytes) } } }
+        ticker?.stop()
+        let (response, streamFailures) = try outcome.get()
         timings.criu = watch.seconds
         // An image that failed on the way (a damaged chunk, an unreadable file) is why CRIU stopped: name it,
         // not CRIU's EOF.
@@ -175,12 +181,13 @@ final class RestoreRun {
 
     /// CRIU's restore proper: through the image server (which returns the images that failed on the way), or
     /// from the rebuilt files (or the checkpoint's own, without a store).
-    private func criuRestores(_ processOptions: CRIUService.ProcessOptions) throws -> (CRIUOutcome, [Error]) {
+    private func criuRestores(_ processOptions: CRIUService.ProcessOptions,
+                              streamed: @escaping @Sendable (Int) -> Void) throws -> (CRIUOutcome, [Error]) {
         if images == .streamed, let store, let info = manifest.store {
             // CRIU finds the server's socket in the directory it is given as its images directory.
             let server = try CRIUImageServer(directory: workDirectory + "/images",
                                              provider: Self.imageProvider(manifest, items: criuItems, directory: directory, store: store,
-                                                                          chunkSize: info.chunkSize))
+                                                                          chunkSize: info.chunkSize, streamed: streamed))
             let restored = Result {
                 try CRIUService(binary: criu).restoreStreaming(imagesDirectory: server.directory, workDirectory: workDirectory,
                                                                options: processOptions, pids: manifest.processTree.processes.map(\.pid))
@@ -300,12 +307,12 @@ final class RestoreRun {
     /// What the image server gives CRIU for each name: a chunked image decoded from the store, a whole one
     /// copied from the checkpoint directory; nil for names the checkpoint does not have.
     static func imageProvider(_ manifest: Manifest, items: [ChunkedFiles.Item], directory: String, store: ChunkStore,
-                              chunkSize: Int) -> CRIUImageServer.Provider {
+                              chunkSize: Int, streamed: (@Sendable (Int) -> Void)? = nil) -> CRIUImageServer.Provider {
         let chunked = Dictionary(uniqueKeysWithValues: items.map { ($0.path, $0) })
         let whole = Set(manifest.files.filter { $0.chunks == nil }.map(\.path))
         return { name in
             if let item = chunked[name] {
-                return { pipe in try ChunkedFiles.stream(item, from: store, checkpoint: directory, chunkSize: chunkSize, to: pipe) }
+                return { pipe in try ChunkedFiles.stream(item, from: store, checkpoint: directory, chunkSize: chunkSize, to: pipe, written: streamed) }
             }
             guard whole.contains(name) else { return nil }
             return { pipe in try FileSystem.copy(directory + "/" + name, to: pipe) }

@@ -145,7 +145,9 @@ public enum ArchiveOperation {
         // Hidden beside the target until complete; published without replacing anything that appeared meanwhile.
         let output = try AtomicFile(creating: file)
         let partial = output.temporaryPath
-        let ticker = ProgressTicker.reporting(progress, phase: "exporting") { FileSystem.size(partial) ?? 0 }
+        // Of the images' plain bytes, which the tar holds (with its headers: held at 100 % until it ends).
+        let total = manifest.files.reduce(0) { $0 + $1.size }
+        let ticker = ProgressTicker.reporting(progress, phase: "exporting", total: total) { min(FileSystem.size(partial) ?? 0, total) }
         defer { ticker?.stop() }
         var tar = Tar.Writer(fd: output.descriptor, path: file)
         do {

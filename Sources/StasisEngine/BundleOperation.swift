@@ -19,11 +19,12 @@ public enum BundleOperation {
         defer { lock?.release() }
         let writer = try recordPartials(of: bundle, in: store ?? defaultStore(explicit))
         defer { writer?.release() }
-        let written = Locked<UInt64>(0)
-        let ticker = ProgressTicker.reporting(progress, phase: "exporting") { written.current }
+        // Progress in the checkpoint's plain bytes, of all of them: the bundle's own size is not known ahead.
+        let done = Locked<UInt64>(0)
+        let ticker = ProgressTicker.reporting(progress, phase: "exporting", total: manifest.files.reduce(0) { $0 + $1.size }) { done.current }
         defer { ticker?.stop() }
         do {
-            return try CheckpointBundle.export(directory: directory, manifestData: data, manifest: manifest, store: store, to: bundle, meter: written)
+            return try CheckpointBundle.export(directory: directory, manifestData: data, manifest: manifest, store: store, to: bundle, done: done)
         } catch let error as StasisError {
             throw error.prefixed("export of \(directory) failed")
         }

@@ -48,9 +48,10 @@ public enum CheckpointBundle {
     /// `bundlePath`, reading its chunks from `store`. Every whole file is checked against the manifest and every
     /// chunk against its digest on the way, so a damaged checkpoint is refused here rather than on the other
     /// machine. The file appears complete or not at all (an AtomicFile), mode 0600.
-    /// `meter` counts the bytes written, for a progress display.
+    /// `meter` counts the bytes written; `done`, the checkpoint's plain bytes taken care of (of all its files'
+    /// sizes), for a progress display.
     public static func export(directory: String, manifestData: Data, manifest: Manifest, store: ChunkStore?,
-                              to bundlePath: String, meter: Locked<UInt64>? = nil) throws -> ExportReport {
+                              to bundlePath: String, meter: Locked<UInt64>? = nil, done: Locked<UInt64>? = nil) throws -> ExportReport {
         let watch = Stopwatch()
         try checkChunkLists(manifest, name: "\(directory)/\(Manifest.fileName)", code: .manifestInvalid)
         let chunked = manifest.files.filter { $0.chunks != nil }
@@ -59,7 +60,8 @@ public enum CheckpointBundle {
         }
         let output = try BundleOutput(path: bundlePath)
         output.meter = meter
-        return try writeBundle(directory: directory, manifestData: manifestData, manifest: manifest, store: store, to: output, skipping: [], started: watch)
+        return try writeBundle(directory: directory, manifestData: manifestData, manifest: manifest, store: store, to: output, skipping: [],
+                               started: watch, done: done)
     }
 
     /// Writes the checkpoint as a bundle onto `connection` (a migration's: through its TLS when it is
@@ -76,7 +78,7 @@ public enum CheckpointBundle {
     }
 
     static func writeBundle(directory: String, manifestData: Data, manifest: Manifest, store: ChunkStore?, to output: BundleOutput,
-                      skipping: Set<String>, started watch: Stopwatch) throws -> ExportReport {
+                      skipping: Set<String>, started watch: Stopwatch, done: Locked<UInt64>? = nil) throws -> ExportReport {
         let chunked = manifest.files.filter { $0.chunks != nil }
         let chunkSize = manifest.store?.chunkSize ?? ChunkFormat.chunkSize
         var chunks = 0
@@ -86,6 +88,7 @@ public enum CheckpointBundle {
             defer { buffer.deallocate() }
             for entry in manifest.files where entry.chunks == nil {
                 try exportWholeFile(entry, from: directory, to: output, buffer: buffer)
+                done?.withLock { $0 += entry.size }
             }
             if let store {
                 let plain = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkSize, alignment: 4096)
@@ -93,8 +96,11 @@ public enum CheckpointBundle {
                 defer { plain.deallocate(); scratch.deallocate() }
                 var seen = Set<String>()
                 for entry in chunked {
-                    for (index, digest) in entry.chunks!.enumerated() where !digest.isEmpty && !skipping.contains(digest) && seen.insert(digest).inserted {
+                    for (index, digest) in entry.chunks!.enumerated() {
                         let place = ChunkedFiles.Item(entry)!.place(index, chunkSize: chunkSize, checkpoint: directory)
+                        // Counted whether written or not (zeros, repeats, what the receiver has): all of it is taken care of.
+                        defer { done?.withLock { $0 += UInt64(place.length) } }
+                        guard !digest.isEmpty, !skipping.contains(digest), seen.insert(digest).inserted else { continue }
                         // read checks header, length, decoding and SHA-256, and leaves the chunk file in scratch.
                         // A stream's receiver checks every chunk itself (they are this dump's, just written): not twice.
                         let stored = try store.read(digest, into: UnsafeMutableRawBufferPointer(rebasing: plain[0..<place.length]),

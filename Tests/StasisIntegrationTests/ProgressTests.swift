@@ -28,6 +28,7 @@ extension Integration {
         }
         let exported = try onTerminal(["export", root + "/ckpt", "-o", root + "/tty.stasis"])
         #expect(exported.contains("\r\u{1B}[Kexporting: ") && exported.contains("B/s"), "\(exported.suffix(400))")
+        #expect(exported.contains(" of 1.00 GiB ("), "an export says how much of how much: \(exported.suffix(400))")
         let imported = try onTerminal(["import", root + "/tty.stasis", "-D", root + "/imported", "--store", root + "/store-b"])
         #expect(imported.contains("\r\u{1B}[Kimporting: ") && imported.contains("%"), "\(imported.suffix(400))")
         #expect(imported.contains("imported"), "\(imported.suffix(400))")

@@ -11,8 +11,18 @@ MEM_MIB=${1:-512}
 ./scripts/install-criu.sh
 ./scripts/install-build-deps.sh
 export PATH="/usr/local/sbin:$PATH:/usr/local/cuda/bin"
-echo "== building stasis (release)"
-swift build -c release 2>&1 | tail -n 1
+echo "== building stasis (release: several minutes on 2 cores the first time)"
+# What it builds, as it builds it: a line at every tenth of the compiler's steps, its full log kept.
+build_log=$(mktemp /tmp/stasis-demo-build.XXXXXX)
+if ! swift build -c release 2>&1 | tee "$build_log" | awk '
+    /^\[[0-9]+\/[0-9]+\]/ { split(substr($1, 2), n, "/"); step = int(n[1] * 10 / n[2])
+                             if (step > shown) { shown = step; printf "   %3d%%  %s %s\n", step * 10, $2, $3; fflush() } }
+    /^Build complete/      { print "   " $0; fflush() }'; then
+    tail -n 30 "$build_log" >&2
+    echo "the build failed (its log: $build_log)" >&2
+    exit 1
+fi
+rm -f "$build_log"
 BIN=$(swift build -c release --show-bin-path)
 STASIS=$BIN/stasis
 export STASIS_AGENT_LIBRARY=$(./scripts/build-agent.sh)

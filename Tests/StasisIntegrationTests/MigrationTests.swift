@@ -106,7 +106,10 @@ final class ReceiverHost {
         return path
     }
 
-    struct Sent: Decodable { var remotePID: Int32; var bytesSent: UInt64; var bytesSkipped: UInt64; var chunksSkipped: Int; var downtimeSeconds: Double }
+    struct Sent: Decodable {
+        var remotePID: Int32; var bytesSent: UInt64; var bytesSkipped: UInt64; var chunksSkipped: Int; var downtimeSeconds: Double
+        var restoreSeconds: Double; var receiverReceiveSeconds: Double?; var receiverRestoreSeconds: Double?
+    }
 
     func migrate(_ pid: Int32, to address: String, token: String, store: String, through nsenter: Int32? = nil, extra: [String] = []) throws -> Harness.Result {
         let arguments = ["migrate", "\(pid)", "--to", address, "--token-file", token, "--store", store, "--json"]
@@ -129,6 +132,9 @@ final class ReceiverHost {
         let first = try migrate(workload.pid, to: "\(host.there):7070", token: token, store: storeHere)
         #expect(first.succeeded, "\(first.stderr)")
         let there = try JSONDecoder().decode(Sent.self, from: Data(first.stdout.utf8))
+        // The receiver's own restore figure, the one its log prints, comes back inside the source's interval.
+        let restoredThere = try #require(there.receiverRestoreSeconds, "the receiver gives its figures")
+        #expect(there.receiverReceiveSeconds != nil && restoredThere > 0 && restoredThere <= there.restoreSeconds, "\(first.stdout)")
         #expect(Harness.waitGone(workload.pid), "the source ends once the job runs there")
         let remote = try #require(host.hostPID(of: there.remotePID), "the job runs in the receiver's PID namespace")
         defer { kill(remote, SIGKILL) }

@@ -46,7 +46,12 @@ public struct MigrateOperation {
         public var downtimeSeconds: Double
         public var dumpSeconds: Double
         public var transferSeconds: Double
+        /// From the last byte sent to the receiver's answer.
         public var restoreSeconds: Double
+        /// The receiver's own figures for its part of `restoreSeconds` (nil from a receiver that does not say):
+        /// receiving the rest of the checkpoint, and restoring it; its log prints the same two.
+        public var receiverReceiveSeconds: Double?
+        public var receiverRestoreSeconds: Double?
         /// Bytes on the wire (the bundle), and stored chunk bytes not sent because the receiver had them.
         public var bytesSent: UInt64
         /// Of `bytesSent`, what went while the dump was still writing the checkpoint.

@@ -81,6 +81,7 @@ final class MigrateRun {
         removeSpool(listedAs: (try? Checkpoint.readManifest(spool))?.id)
         return .init(pid: options.pid, receiver: options.to, remotePID: done.remotePID, downtimeSeconds: total, dumpSeconds: done.dumpDone,
                      transferSeconds: done.transferDone - done.dumpDone, restoreSeconds: total - done.transferDone,
+                     receiverReceiveSeconds: done.receiverTimes?.received, receiverRestoreSeconds: done.receiverTimes?.restored,
                      bytesSent: done.sent, bytesSentDuringDump: done.early, bytesSkipped: done.skipped, chunksSent: done.chunksSent,
                      chunksSkipped: done.chunksSkipped, gpuProcesses: gpuProcesses, encryption: receiver.encryption,
                      deferredSignal: Interruption.caught.map(Interruption.name))

@@ -16,6 +16,9 @@ final class MigrationHandOver: Sendable {
         var chunksSent: Int, chunksSkipped: Int
         /// Seconds since `downtime` began when the dump was done, and when the last byte was sent.
         var dumpDone: Double, transferDone: Double
+        /// The receiver's own seconds to receive the rest of the checkpoint and to restore it (nil from a
+        /// receiver that does not say).
+        var receiverTimes: (received: Double, restored: Double)?
     }
 
     /// What goes in the bundle: the local store, and the chunks the receiver has (those not sent during the
@@ -47,12 +50,12 @@ final class MigrationHandOver: Sendable {
         let plan = try offer(manifest, manifestData: manifestData, early: early.digests)
         let sent = try sendCheckpoint(manifest, directory: directory, manifestData: manifestData, plan: plan)
         let transferDone = downtime.seconds
-        let remote = try awaitRestore()
+        let (remote, receiverTimes) = try awaitRestore()
         try commit(remote: remote)
         outcome.withLock {
             $0 = Outcome(remotePID: remote, sent: sent.bundleBytes + early.bytes, early: early.bytes, skipped: plan.skippedBytes,
                          chunksSent: sent.chunks + early.digests.count, chunksSkipped: plan.notSent.count, dumpDone: dumpDone,
-                         transferDone: transferDone)
+                         transferDone: transferDone, receiverTimes: receiverTimes)
         }
     }
 
@@ -82,7 +85,8 @@ final class MigrationHandOver: Sendable {
     }
 
     /// The receiver's authenticated answer: the root PID it restored, or why it could not.
-    private func awaitRestore() throws -> Int32 {
+    /// "running PID [RECEIVED RESTORED]": the root PID there, and the receiver's own seconds when it gives them.
+    private func awaitRestore() throws -> (Int32, (received: Double, restored: Double)?) {
         connection.setTimeout(seconds: options.restoreTimeout)
         let answer = try Migration.receive(connection, .result)
         guard answer.count >= 32 else { throw StasisError(.io, "\(connection.peer) sent a short answer") }
@@ -91,10 +95,12 @@ final class MigrationHandOver: Sendable {
             throw StasisError(.permission, "\(connection.peer)'s answer does not carry the session's HMAC; the job stays here")
         }
         let words = String(decoding: text, as: UTF8.self)
-        guard words.hasPrefix("running "), let remote = Int32(words.dropFirst("running ".count)) else {
+        let fields = words.split(separator: " ")
+        guard fields.first == "running", fields.count == 2 || fields.count == 4, let remote = Int32(fields[1]) else {
             throw StasisError(.migrationFailed, "the receiver \(connection.peer) could not restore the job: \(words)")
         }
-        return remote
+        guard fields.count == 4, let received = Double(fields[2]), let restored = Double(fields[3]) else { return (remote, nil) }
+        return (remote, (received, restored))
     }
 
     /// The job runs there: commit, and only once the receiver acknowledges let CRIU end the tree here. A

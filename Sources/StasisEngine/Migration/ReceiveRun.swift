@@ -109,12 +109,13 @@ final class ReceiveRun {
         return manifest
     }
 
-    /// Imports and restores the checkpoint, and tells the source: "running PID", or why not (its job then runs
-    /// on there, and this migration has failed).
+    /// Imports and restores the checkpoint, and tells the source: "running PID RECEIVED RESTORED" (the seconds
+    /// this end took to receive the rest of the checkpoint and to restore it, so that both ends report the same
+    /// figures), or why not (its job then runs on there, and this migration has failed).
     private func restoreOrSayWhyNot(_ manifest: Manifest) throws -> Int32 {
-        let restored: Int32
+        let restored: Int32, receivedSeconds: Double, restoredSeconds: Double
         do {
-            restored = try importAndRestore(manifest)
+            (restored, receivedSeconds, restoredSeconds) = try importAndRestore(manifest)
         } catch {
             // One line for the source (which shows a peer's text escaped): the message and its hint.
             let failure = StasisError.wrapping(error)
@@ -124,7 +125,7 @@ final class ReceiveRun {
             throw StasisError(.migrationFailed, text, logExcerpt: failure.logExcerpt, logPath: failure.logPath)
         }
         do {
-            try sendResult("running \(restored)")
+            try sendResult("running \(restored) " + String(format: "%.6f %.6f", receivedSeconds, restoredSeconds))
         } catch {
             throw notCommitted(restored, error)
         }
@@ -133,7 +134,7 @@ final class ReceiveRun {
 
     /// The rest of the checkpoint, as a bundle, into the received root; then the restore, after which the
     /// copy here is the rollback's to stop until the source commits.
-    private func importAndRestore(_ manifest: Manifest) throws -> Int32 {
+    private func importAndRestore(_ manifest: Manifest) throws -> (pid: Int32, received: Double, restored: Double) {
         let reader = try CheckpointBundle.Reader(stream: connection, name: "the migration from \(connection.peer)")
         guard reader.manifest == manifest else { throw StasisError(.integrity, "the bundle's manifest is not the one offered; refused") }
         FaultInjection.pause("receive", say: options.log)
@@ -164,8 +165,8 @@ final class ReceiveRun {
             ServeOperation.reapWhenItEnds(restored)
             return nil
         }
-        options.log("\(connection.peer): the rest of the checkpoint in \(Format.seconds(importSeconds)), restored in \(Format.seconds(report.timings.total)) (CRIU \(Format.seconds(report.timings.criu)), devices \(Format.seconds(report.timings.devices)))")
-        return restored
+        options.log("\(connection.peer): the rest of the checkpoint received in \(Format.seconds(importSeconds)), restored in \(Format.seconds(report.timings.total)) (CRIU \(Format.seconds(report.timings.criu)), devices \(Format.seconds(report.timings.devices)))")
+        return (restored, importSeconds, report.timings.total)
     }
 
     /// The source's commit (with the session's HMAC): from then on the job runs here, and only here.

@@ -10,7 +10,9 @@ extension MigrateOperation.Report {
         var lines = [
             "migrated PID \(pid) to \(receiver): running there as root PID \(remotePID)",
             "  downtime: \(Format.seconds(downtimeSeconds)) (checkpoint, sending its new chunks meanwhile, \(Format.seconds(dumpSeconds)); "
-                + "the rest sent in \(Format.seconds(transferSeconds)); restore there \(Format.seconds(restoreSeconds)))",
+                + "the rest sent in \(Format.seconds(transferSeconds)); restore there \(Format.seconds(restoreSeconds))"
+                + (receiverReceiveSeconds.flatMap { received in receiverRestoreSeconds.map { restored in
+                    ": the receiver received the rest in \(Format.seconds(received)) and restored in \(Format.seconds(restored))" } } ?? "") + ")",
             "  sent:     \(Format.bytes(bytesSent)) in \(chunksSent) chunks, \(Format.bytes(bytesSentDuringDump)) of it while the dump ran; "
                 + "not sent: \(chunksSkipped) chunks, \(Format.bytes(bytesSkipped)), the receiver had them",
         ]

@@ -177,12 +177,27 @@ extension Integration {
 
             let gzipped = try Harness.stasis("import", root + "/podman.tar.gz", "-D", root + "/gzipped", "--store", root + "/store-gz")
             #expect(gzipped.succeeded && gzipped.stdout.contains("written by libpod"), "\(gzipped.stdout)\(gzipped.stderr)")
-            var damaged = try Data(contentsOf: URL(fileURLWithPath: root + "/podman.tar"))
-            damaged[damaged.count / 2] ^= 0xFF
-            try damaged.write(to: URL(fileURLWithPath: root + "/damaged.tar"))
-            let refused = try Harness.stasis("import", root + "/damaged.tar", "-D", root + "/damaged", "--store", root + "/store-damaged")
-            #expect(!refused.succeeded && refused.stderr.contains("import of"), "\(refused.stderr)")
-            #expect(!FileManager.default.fileExists(atPath: root + "/damaged"))
+            // One byte flipped at a time, anywhere past zstd's frame header (the quarters, and places drawn
+            // from a seed printed on failure): zstd's checksum covers every byte, and import reads the stream
+            // to its end, so each must be refused.
+            let original = try Data(contentsOf: URL(fileURLWithPath: root + "/podman.tar"))
+            let seed = UInt64.random(in: 1...UInt64.max)
+            var state = seed
+            var places = [original.count / 4, original.count / 2, original.count * 3 / 4, original.count - 1]
+            for _ in 0..<4 {
+                state ^= state << 13; state ^= state >> 7; state ^= state << 17
+                places.append(16 + Int(state % UInt64(original.count - 16)))
+            }
+            for (number, place) in places.enumerated() {
+                var damaged = original
+                damaged[place] ^= 0xFF
+                try damaged.write(to: URL(fileURLWithPath: root + "/damaged.tar"))
+                let target = root + "/damaged-\(number)"
+                let refused = try Harness.stasis("import", root + "/damaged.tar", "-D", target, "--store", root + "/store-damaged")
+                #expect(!refused.succeeded && refused.stderr.contains("import of"),
+                        "byte \(place) of \(original.count) flipped (seed \(seed)) was imported: \(refused.stdout)\(refused.stderr)")
+                #expect(!FileManager.default.fileExists(atPath: target))
+            }
         }
 
         @Test func aContainerRuncDoesNotKnowIsAClearError() throws {

@@ -10,11 +10,24 @@ public enum CRIULog {
 
     /// The error lines of the log (CRIU marks them "Error (file:line)"), at most `limit`, with the line
     /// before the first one for context; when there are none, the log's last lines.
-    public static func excerpt(path: String, limit: Int = 8) -> [String] {
-        // A log that cannot be read quotes nothing: the failure being explained is reported all the same.
+    public static func excerpt(path: String, limit: Int = 8) -> [String] { excerpt(lines(path), limit: limit) }
+
+    /// The log's excerpt and stasis's advice for it, from one read of the log.
+    public static func explain(path: String, limit: Int = 8) -> (excerpt: [String], advice: String?) {
+        let lines = lines(path)
+        return (excerpt(lines, limit: limit), advice(lines))
+    }
+
+    /// The log's lines but the harmless ones; none when it cannot be read (the failure being explained is
+    /// reported all the same).
+    static func lines(_ path: String) -> [String] {
+        // See above: an unreadable log quotes nothing.
         guard let data = try? FileSystem.readFileIfPresent(path) else { return [] }
-        let lines = String(decoding: data, as: UTF8.self).split(separator: "\n", omittingEmptySubsequences: true)
+        return String(decoding: data, as: UTF8.self).split(separator: "\n", omittingEmptySubsequences: true)
             .map(String.init).filter { line in !harmless.contains { line.contains($0) } }
+    }
+
+    static func excerpt(_ lines: [String], limit: Int) -> [String] {
         let errorIndices = lines.indices.filter { lines[$0].contains("Error (") || lines[$0].contains("Error: ") }
         guard let first = errorIndices.first else { return Array(lines.suffix(min(limit, 5))) }
         var picked = Array(errorIndices.suffix(limit))
@@ -24,11 +37,8 @@ public enum CRIULog {
 
     /// stasis's next step for a failure CRIU explains in its log, or nil: the first rule whose every marker
     /// is on one line of the log. Each rule is provoked by a test (Integration.CRIUAdvice).
-    public static func advice(path: String) -> String? {
-        // A log that cannot be read gives no advice; the failure is reported all the same.
-        guard let data = try? FileSystem.readFileIfPresent(path) else { return nil }
-        let lines = String(decoding: data, as: UTF8.self).split(separator: "\n")
-        return rules.first { rule in lines.contains { line in rule.markers.allSatisfy { line.contains($0) } } }?.hint
+    static func advice(_ lines: [String]) -> String? {
+        rules.first { rule in lines.contains { line in rule.markers.allSatisfy { line.contains($0) } } }?.hint
     }
 
     struct Rule {

@@ -175,11 +175,11 @@ public struct CRIUOutcome: Sendable {
     /// what CRIU explains there, stasis's next step (`CRIULog.advice`); a full filesystem gets its own code
     /// and hint.
     public func failure(_ what: String, log: String) -> StasisError {
-        let excerpt = CRIULog.excerpt(path: log)
+        let (excerpt, advice) = CRIULog.explain(path: log)
         if excerpt.contains(where: { $0.contains("No space left on device") }) {
             return StasisError(.noSpace, "\(what): the filesystem ran out of space", hint: "free space there or write the checkpoint elsewhere",
                                logExcerpt: excerpt, logPath: log)
         }
-        return StasisError(.criuFailed, "\(what): \(problem)", hint: CRIULog.advice(path: log), logExcerpt: excerpt, logPath: log)
+        return StasisError(.criuFailed, "\(what): \(problem)", hint: advice, logExcerpt: excerpt, logPath: log)
     }
 }

@@ -62,20 +62,14 @@ public enum UnixSocket {
     }
 
     /// A connected SOCK_STREAM pair, both ends close-on-exec.
-    public static func streamPair() throws(Errno) -> (FileDescriptor, FileDescriptor) {
-        var ends: [Int32] = [-1, -1]
-        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &ends) == 0 else {
-            throw Errno(rawValue: errno)
-        }
-        return (FileDescriptor(rawValue: ends[0]), FileDescriptor(rawValue: ends[1]))
-    }
+    public static func streamPair() throws(Errno) -> (FileDescriptor, FileDescriptor) { try pair(Int32(SOCK_STREAM.rawValue)) }
 
     /// A connected SOCK_SEQPACKET pair, both ends close-on-exec.
-    public static func packetPair() throws(Errno) -> (FileDescriptor, FileDescriptor) {
+    public static func packetPair() throws(Errno) -> (FileDescriptor, FileDescriptor) { try pair(Int32(SOCK_SEQPACKET.rawValue)) }
+
+    private static func pair(_ type: Int32) throws(Errno) -> (FileDescriptor, FileDescriptor) {
         var ends: [Int32] = [-1, -1]
-        guard socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &ends) == 0 else {
-            throw Errno(rawValue: errno)
-        }
+        guard socketpair(AF_UNIX, type | Int32(SOCK_CLOEXEC.rawValue), 0, &ends) == 0 else { throw Errno(rawValue: errno) }
         return (FileDescriptor(rawValue: ends[0]), FileDescriptor(rawValue: ends[1]))
     }
 

@@ -46,6 +46,11 @@ extension Integration {
             }
         }
 
+        /// The python line that writes `expression` (a PID) into the helper's PID file, whole or not at all.
+        static func reportPID(_ expression: String) -> String {
+            #"open(sys.argv[-1] + ".tmp", "w").write(f"{"# + expression + #"}\n"); os.rename(sys.argv[-1] + ".tmp", sys.argv[-1])"#
+        }
+
         func expectAdvice(dumping pid: Int32, _ advice: String) throws {
             let checkpoint = Harness.scratch("advice") + "/image"
             let dump = try Harness.stasis("dump", "\(pid)", "-D", checkpoint)
@@ -72,7 +77,7 @@ extension Integration {
             if child == 0:
                 time.sleep(300)
                 os._exit(0)
-            open(sys.argv[-1] + ".tmp", "w").write(f"{child}\\n"); os.rename(sys.argv[-1] + ".tmp", sys.argv[-1])
+            \(Self.reportPID("child"))
             time.sleep(300)
             """)
             defer { helper.stop() }
@@ -88,7 +93,7 @@ extension Integration {
                 os.setsid()
                 listener = socket.socket(); listener.bind(("127.0.0.1", 0)); listener.listen(1)
                 client = socket.create_connection(listener.getsockname()); server, _ = listener.accept()
-                open(sys.argv[-1] + ".tmp", "w").write(f"{os.getpid()}\\n"); os.rename(sys.argv[-1] + ".tmp", sys.argv[-1])
+                \(Self.reportPID("os.getpid()"))
                 time.sleep(300)
                 os._exit(0)
             time.sleep(300)
@@ -109,7 +114,7 @@ extension Integration {
                 time.sleep(300)
                 os._exit(0)
             b.close()
-            open(sys.argv[-1] + ".tmp", "w").write(f"{child}\\n"); os.rename(sys.argv[-1] + ".tmp", sys.argv[-1])
+            \(Self.reportPID("child"))
             time.sleep(300)
             """)
             defer { helper.stop() }

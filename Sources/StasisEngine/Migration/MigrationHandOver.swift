@@ -99,7 +99,9 @@ final class MigrationHandOver: Sendable {
         guard fields.first == "running", fields.count == 2 || fields.count == 4, let remote = Int32(fields[1]) else {
             throw StasisError(.migrationFailed, "the receiver \(connection.peer) could not restore the job: \(words)")
         }
-        guard fields.count == 4, let received = Double(fields[2]), let restored = Double(fields[3]) else { return (remote, nil) }
+        // Figures only for the report: any that are not a number of seconds (nan, inf, negative) are left out.
+        guard fields.count == 4, let received = Double(fields[2]), let restored = Double(fields[3]),
+              received.isFinite, restored.isFinite, received >= 0, restored >= 0 else { return (remote, nil) }
         return (remote, (received, restored))
     }
 

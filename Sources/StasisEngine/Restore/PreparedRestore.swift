@@ -70,6 +70,8 @@ public enum PreparedRestore {
     /// start time) and stopped; then each gets SIGCONT and the record goes. Nothing is signalled otherwise.
     public static func activate(root: Int32) throws -> ActivationReport {
         let watch = Stopwatch()
+        // A record is trusted only in a directory no one else controls (it names processes to signal).
+        if FileSystem.exists(directory) { try FileSystem.requireOwnedAndPrivate(directory, what: "the prepared restores' directory") }
         guard let data = try FileSystem.readFileIfPresent(path(root)) else {
             throw StasisError(.processNotFound, "PID \(root) is not a prepared restore (no record in \(directory))",
                               hint: "prepare one with `stasis restore --prepare -D CHECKPOINT`")

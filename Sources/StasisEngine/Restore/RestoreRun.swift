@@ -224,7 +224,11 @@ final class RestoreRun {
                                        tcpEstablished: manifest.options.tcpEstablished, shellJob: manifest.options.shellJob)
         } catch var error as StasisError {
             // runc says only "criu failed"; CRIU's own log says why (images of a version it does not read, say).
-            if error.logExcerpt.isEmpty, let log = error.logPath { error.logExcerpt = CRIULog.excerpt(path: log, limit: 4) }
+            if error.logExcerpt.isEmpty, let log = error.logPath {
+                let (excerpt, advice) = CRIULog.explain(path: log, limit: 4)
+                error.logExcerpt = excerpt
+                if error.hint == nil { error.hint = advice }
+            }
             throw error
         }
         timings.criu = watch.seconds

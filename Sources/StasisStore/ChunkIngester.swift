@@ -10,7 +10,8 @@ import StasisOS
 ///
 /// A file may also arrive as a stream instead of in `directory` (`receive`, `endStream`: CRIU's pages through
 /// its page-server protocol): its bytes are read once, into chunk buffers the workers take as they are, and
-/// the file never exists on disk.
+/// the file never exists on disk. Those buffers are bounded too: the queue's two per worker, one per worker
+/// at work, and the one being filled, reused rather than freed until the end.
 // @unchecked Sendable: its queue, offsets, streams and results are reached only under its condition's lock;
 // buffers belong to one worker (or the one receiving thread of a stream) at a time.
 public final class ChunkIngester: @unchecked Sendable {

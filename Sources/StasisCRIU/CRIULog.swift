@@ -51,6 +51,10 @@ public enum CRIULog {
              hint: "the job uses the terminal it was started from: dump it with --shell-job, or start it detached from the terminal (setsid, nohup, a service)"),
         Rule(markers: ["is not a session leader"],
              hint: "the job shares the session of what started it (a shell, a supervisor): dump it with --shell-job, or start it in a session of its own (setsid)"),
+        // Seen where the caller runs in a PID namespace whose session leader lives outside it (a CI
+        // container): CRIU refuses before it looks at --shell-job, so the only way out is a new session.
+        Rule(markers: ["A session leader of", "is outside of its pid namespace"],
+             hint: "the job's session began outside its PID namespace (it was started from a container's entry point or a process outside): start it in a session of its own (setsid); --shell-job does not help here"),
         Rule(markers: ["Connected TCP socket, consider using"],
              hint: "the job has established TCP connections: dump it with --tcp-established (they come back with it, where the same addresses exist), or when they are closed"),
         Rule(markers: ["External socket is used"],

@@ -26,8 +26,11 @@ struct RestoreCommand: ParsableCommand {
 
     var directory: String { checkpoint ?? imagesDir ?? "" }
 
-    @Option(name: [.customShort("W"), .customLong("work-dir")], help: "Where CRIU's restore log goes (default: a new directory under \(RestoreOperation.defaultWorkRoot)).")
+    @Option(name: [.customShort("W"), .customLong("work-dir")], help: "Where CRIU's restore log goes, kept (default: a new directory under \(RestoreOperation.defaultWorkRoot), removed after a restore that worked).")
     var workDirectory: String?
+
+    @Flag(name: .long, help: "Keep CRIU's restore log (under \(RestoreOperation.defaultWorkRoot)) after a restore that worked; failed restores always keep theirs.")
+    var keepLog = false
 
     @Option(name: .long, help: "Rebuild CRIU's memory images from the chunk store as files in this directory (for example /dev/shm) before CRIU starts, instead of streaming them to CRIU; removed afterwards.")
     var rebuildDir: String?
@@ -86,6 +89,7 @@ struct RestoreCommand: ParsableCommand {
         try Output.run(json: output.json) {
             var options = RestoreOperation.Options(directory: directory)
             options.workDirectory = workDirectory
+            options.keepLog = keepLog
             options.store = store.store
             options.rebuildRoot = rebuildDir
             options.skipCPUCheck = skipCPUCheck

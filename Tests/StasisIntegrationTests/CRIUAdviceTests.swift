@@ -149,6 +149,9 @@ extension Integration {
             #expect(restore.status == 1)
             #expect(restore.stderr.contains("hint: a file the job had open is no longer where it was"), "\(restore.stderr)")
             #expect(!ProcFS.isLive(workload.pid), "nothing was restored")
+            // A failed restore keeps the log its error names.
+            let named = restore.stderr.components(separatedBy: "full log: ").last?.split(separator: "\n").first.map(String.init)
+            #expect(named.map(FileSystem.exists) == true, "the log named: \(named ?? "none")")
         }
     }
 }

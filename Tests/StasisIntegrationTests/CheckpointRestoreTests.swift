@@ -134,6 +134,33 @@ extension Integration {
         usleep(300_000)
         #expect(workload.verify().hasPrefix("PASS"))
     }
+
+    /// A restore that worked leaves nothing under the work root unless asked to keep its log; --keep-log and
+    /// --work-dir keep it.
+    @Test func aRestoreThatWorkedRemovesItsWorkDirectory() throws {
+        let root = "/var/lib/stasis/restore"
+        func entries() -> Set<String> { Set((try? FileSystem.names(in: root)) ?? []) }
+        for keep in [false, true] {
+            let workload = try Workload("counter")
+            defer { workload.stop() }
+            let checkpoint = Harness.scratch("ckpt") + "/image"
+            #expect(try Harness.stasis("dump", "\(workload.pid)", "-D", checkpoint).succeeded)
+            #expect(Harness.waitGone(workload.pid))
+            let before = entries()
+            let restore = try Harness.stasis(["restore", checkpoint, "--json"] + (keep ? ["--keep-log"] : []))
+            #expect(restore.succeeded, "\(restore.stderr)")
+            let report = try JSONSerialization.jsonObject(with: Data(restore.stdout.utf8)) as? [String: Any]
+            let logFile = report?["logFile"] as? String
+            let added = entries().subtracting(before)
+            if keep {
+                #expect(added.count == 1 && logFile.map(FileSystem.exists) == true, "kept: \(added) \(logFile ?? "no log")")
+                if let name = added.first { FileSystem.removeTree(root + "/" + name) }
+            } else {
+                #expect(added.isEmpty && logFile == nil, "left behind: \(added) \(logFile ?? "")")
+            }
+            #expect(workload.verify().hasPrefix("PASS"))
+        }
+    }
 }
 }
 

@@ -29,6 +29,9 @@ extension Integration {
             defer { workload.stop() }
             let prepared = try Harness.stasis(["restore", "--prepare", "-D", checkpoint], environment: env)
             try #require(prepared.succeeded, "\(prepared.stderr)")
+            // CRIU's log stays while the tree waits (the record names it), and goes with the activation.
+            let log = try #require(prepared.stdout.components(separatedBy: "log:  ").last?.split(separator: "\n").first.map(String.init))
+            #expect(FileSystem.exists(log), "\(prepared.stdout)")
             #expect(prepared.stdout.contains("stasis activate \(workload.pid)"), "\(prepared.stdout)")
             let pids = workload.treePIDs
             #expect(pids.count == 3)
@@ -41,6 +44,7 @@ extension Integration {
             #expect(report["processes"] as? Int == 3)
             #expect(Self.states(pids).allSatisfy { $0 != "T" }, "\(Self.states(pids))")
             #expect(workload.verify().hasPrefix("PASS"))
+            #expect(!FileSystem.exists(log), "the prepared restore's log goes once it is activated")
             // Activated once: the record is gone.
             let again = try Harness.stasis("activate", "\(workload.pid)")
             #expect(again.status == 1 && again.stderr.contains("is not a prepared restore"), "\(again.stderr)")

@@ -23,6 +23,9 @@ public enum PreparedRestore {
         public var rootPID: Int32
         public var processes: [Process]
         public var logFile: String
+        /// The log's directory is stasis's own (under `RestoreOperation.defaultWorkRoot`, no --keep-log):
+        /// removed once the tree is activated, as a plain restore's is when it worked.
+        public var removeLogAtActivation: Bool?
         public var preparedAt: Date
     }
 
@@ -48,7 +51,7 @@ public enum PreparedRestore {
     }
 
     /// Records the stopped tree of `root`; throws if it is not there, stopped, as CRIU left it.
-    static func record(root: Int32, checkpoint: String, manifestID: String, logFile: String) throws {
+    static func record(root: Int32, checkpoint: String, manifestID: String, logFile: String, removeLogAtActivation: Bool) throws {
         let tree = ProcFS.tree(root: root)
         var processes: [Record.Process] = []
         for process in tree {
@@ -58,7 +61,8 @@ public enum PreparedRestore {
             processes.append(.init(pid: process.pid, startTime: startTime))
         }
         guard !processes.isEmpty else { throw StasisError(.processNotFound, "the prepared tree of PID \(root) is gone") }
-        let record = Record(checkpoint: checkpoint, manifestID: manifestID, rootPID: root, processes: processes, logFile: logFile, preparedAt: Date())
+        let record = Record(checkpoint: checkpoint, manifestID: manifestID, rootPID: root, processes: processes, logFile: logFile,
+                            removeLogAtActivation: removeLogAtActivation, preparedAt: Date())
         try FileSystem.makePrivateDirectory(directory)
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
@@ -97,6 +101,10 @@ public enum PreparedRestore {
         // Children first: the root, once running, finds its tree running.
         for process in record.processes.reversed() { _ = Glibc.kill(process.pid, SIGCONT) }
         FileSystem.remove(path(root))
+        let workDirectory = (record.logFile as NSString).deletingLastPathComponent
+        if record.removeLogAtActivation == true, (workDirectory as NSString).deletingLastPathComponent == RestoreOperation.defaultWorkRoot {
+            FileSystem.removeTree(workDirectory)
+        }
         return ActivationReport(rootPID: root, processes: record.processes.count, checkpoint: record.checkpoint, seconds: watch.seconds,
                                 preparedSeconds: Date().timeIntervalSince(record.preparedAt))
     }

@@ -2,10 +2,11 @@ import Foundation
 import StasisCore
 import StasisOS
 
-/// Where a restore writes: CRIU's work directory (its log and statistics, kept after the restore) and the
-/// private directory its images are rebuilt in (removed at the end).
+/// Where a restore writes: CRIU's work directory (its log and statistics: kept after a failure, removed after
+/// a restore that worked unless --keep-log) and the private directory its images are rebuilt in (removed at
+/// the end).
 extension RestoreOperation {
-    /// How many restores' work directories (CRIU's restore log and statistics) the default root keeps.
+    /// How many restores' work directories (failed restores', kept logs) the default root keeps.
     public static let keptWorkDirectories = 16
 
     /// A new work directory under `defaultWorkRoot`, named by time and PID; the oldest ones beyond

@@ -25,8 +25,11 @@ import StasisOS
 public struct RestoreOperation {
     public struct Options: Sendable {
         public var directory: String
-        /// Where CRIU's restore log and statistics go (default: a new directory under /var/lib/stasis/restore).
+        /// Where CRIU's restore log and statistics go, kept (default: a new directory under
+        /// /var/lib/stasis/restore, removed once the restore worked unless `keepLog`).
         public var workDirectory: String?
+        /// Keep the default work directory (CRIU's restore log) after a restore that worked.
+        public var keepLog = false
         /// The chunk store (default: the one the manifest names).
         public var store: String?
         /// Where CRIU's images are rebuilt from the store (a private directory is made and removed inside
@@ -53,7 +56,8 @@ public struct RestoreOperation {
         public var directory: String
         public var rootPID: Int32
         public var processes: Int
-        public var logFile: String
+        /// CRIU's restore log; nil where it was removed with its work directory after the restore worked.
+        public var logFile: String?
         public var images: Images
         public var timings: Timings
         /// The device step's phases in seconds: "driver" (its restore and unlock), "refill" (agents).

@@ -10,8 +10,9 @@ import StasisStore
 /// One restore's shared state, its steps and its one rollback. Each acquisition records its undo where it is
 /// made: the store's lock, the rebuilt images, the read-ahead and, once CRIU (or runc) has restored it, the
 /// tree (or container) that runs. A failure runs them all, the last first (`fail`); a restore that worked
-/// hands the tree on and lets go of the rest the same way (`finish`). The work directory is never undone: it
-/// keeps CRIU's log, which the error points at (old ones are pruned, `pruneWorkDirectories`).
+/// hands the tree on and lets go of the rest the same way (`finish`). The work directory is not a rollback
+/// step: a failure keeps CRIU's log, which the error points at (old ones are pruned, `pruneWorkDirectories`);
+/// a restore that worked removes a default one (`finish`), unless told to keep it.
 final class RestoreRun {
     /// A container's checkpoint: its runtime, and the work directory its images are rebuilt in.
     struct Container {
@@ -269,7 +270,8 @@ final class RestoreRun {
     /// stops the tree, as for any failure once CRIU restored it).
     func recordPrepared() throws {
         try PreparedRestore.record(root: rootPID, checkpoint: directory, manifestID: manifest.id,
-                                   logFile: workDirectory + "/" + CRIUService.restoreLogName)
+                                   logFile: workDirectory + "/" + CRIUService.restoreLogName,
+                                   removeLogAtActivation: options.workDirectory == nil && !options.keepLog)
     }
 
     /// The restore worked: what runs is the user's now (no rollback stops it), CRIU's statistics complete the
@@ -284,9 +286,14 @@ final class RestoreRun {
         // The work directory is 0700 already (makeSecretDirectory): its files are private whatever their modes,
         // and the job runs: a mode left as CRIU set it is no reason to stop it.
         _ = try? FileSystem.makePrivate(tree: workDirectory)
+        // A work directory of stasis's own choosing goes once the restore worked: what it holds (CRIU's log
+        // and statistics, read above) explains failures, and failed restores keep theirs. A prepared tree's
+        // goes at its activation (its record names the log).
+        let removeWork = options.workDirectory == nil && !options.keepLog && !options.prepare
+        if removeWork { FileSystem.removeTree(workDirectory) }
         let report = RestoreOperation.Report(
             directory: directory, rootPID: rootPID, processes: manifest.processTree.processes.count,
-            logFile: workDirectory + "/" + CRIUService.restoreLogName, images: container == nil ? images : .rebuilt, timings: timings,
+            logFile: removeWork ? nil : workDirectory + "/" + CRIUService.restoreLogName, images: container == nil ? images : .rebuilt, timings: timings,
             deviceSteps: deviceSteps, container: containerID, clearedTimeWaitSockets: clearedTimeWait, prepared: options.prepare)
         // What is left holds nothing the user sees, and none of its undos can fail.
         _ = rollback.undo()

@@ -53,7 +53,7 @@ extension RestoreOperation.Report {
         if clearedTimeWaitSockets > 0 {
             lines.append("  net:  \(clearedTimeWaitSockets) TIME_WAIT socket(s) destroyed to free the checkpoint's listening ports")
         }
-        lines.append("  log:  \(logFile)")
+        if let logFile { lines.append("  log:  \(logFile)") }
         return lines
     }
 }

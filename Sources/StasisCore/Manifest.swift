@@ -13,7 +13,10 @@ public struct Manifest: Codable, Sendable, Equatable {
     /// processes with plain CRIU, outside the container. Written only for containers.
     /// 5: device memory shared between processes (`AgentMemory.imports`); an older stasis would leave the
     /// importers without it and their CUDA calls held. Written only when a process imports memory.
-    public static let currentVersion = 5
+    /// 6: content-defined chunks (`files[].chunkLengths`); an older stasis would refuse the chunk count, or
+    /// place the chunks at fixed offsets. Written only when a file has them.
+    public static let currentVersion = 6
+    public static let versionWithContentDefinedChunks = 6
     public static let versionWithSharedMemory = 5
     public static let versionWithContainer = 4
     public static let versionWithAgents = 3
@@ -381,15 +384,19 @@ public struct Manifest: Codable, Sendable, Equatable {
         /// A whole file: its SHA-256 (see `segments`). A chunked file: the SHA-256 of its chunks' digests.
         public var sha256: String
         public var segments: [String]?
-        /// A chunked file: the SHA-256 of each `store.chunkSize` piece in order, "" for a piece of zeros
-        /// (not stored). The file is not in the checkpoint directory.
+        /// A chunked file: the SHA-256 of each chunk in order, "" for a chunk of zeros (not stored). The file
+        /// is not in the checkpoint directory.
         public var chunks: [String]?
-        public init(path: String, size: UInt64, sha256: String, segments: [String]? = nil, chunks: [String]? = nil) {
+        /// Content-defined chunks: each chunk's length in bytes, in order. Absent: every chunk but the last is
+        /// `store.chunkSize` long.
+        public var chunkLengths: [Int]?
+        public init(path: String, size: UInt64, sha256: String, segments: [String]? = nil, chunks: [String]? = nil, chunkLengths: [Int]? = nil) {
             self.path = path
             self.size = size
             self.sha256 = sha256
             self.segments = segments
             self.chunks = chunks
+            self.chunkLengths = chunkLengths
         }
     }
 }

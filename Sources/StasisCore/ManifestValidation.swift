@@ -88,11 +88,20 @@ extension Manifest {
             }
             if let chunks = entry.chunks {
                 guard let store else { return "\(entry.path) has chunks but the manifest names no store" }
-                let size = UInt64(store.chunkSize)
-                guard UInt64(chunks.count) == (entry.size + size - 1) / size else {
-                    return "the manifest lists \(chunks.count) chunks for the \(entry.size) bytes of \(entry.path)"
+                if let lengths = entry.chunkLengths {
+                    guard lengths.count == chunks.count, lengths.allSatisfy({ (1...store.chunkSize).contains($0) }),
+                          lengths.reduce(UInt64(0), { $0 + UInt64($1) }) == entry.size else {
+                        return "the chunk lengths of \(entry.path) do not fit its \(chunks.count) chunks and \(entry.size) bytes"
+                    }
+                } else {
+                    let size = UInt64(store.chunkSize)
+                    guard UInt64(chunks.count) == (entry.size + size - 1) / size else {
+                        return "the manifest lists \(chunks.count) chunks for the \(entry.size) bytes of \(entry.path)"
+                    }
                 }
                 guard chunks.allSatisfy({ $0.isEmpty || Self.isDigest($0) }) else { return "a chunk of \(entry.path) is not named by a SHA-256" }
+            } else if entry.chunkLengths != nil {
+                return "\(entry.path) has chunk lengths but no chunks"
             }
         }
         return nil
@@ -107,8 +116,10 @@ extension Manifest {
             }
             guard let agent = process.agent else { continue }
             for allocation in agent.allocations {
-                guard let file = files.first(where: { $0.path == allocation.file }), file.chunks != nil, file.size == allocation.bytes else {
-                    return "allocation \(allocation.id) of PID \(process.pid) names no chunked file of \(allocation.bytes) bytes"
+                // The agents refill device memory in fixed chunks, the ones the GPU hashed.
+                guard let file = files.first(where: { $0.path == allocation.file }), file.chunks != nil, file.chunkLengths == nil,
+                      file.size == allocation.bytes else {
+                    return "allocation \(allocation.id) of PID \(process.pid) names no file of \(allocation.bytes) bytes in fixed chunks"
                 }
                 guard allocation.device >= 0 else { return "allocation \(allocation.id) of PID \(process.pid) is on device \(allocation.device)" }
             }

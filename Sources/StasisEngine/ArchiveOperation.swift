@@ -338,7 +338,8 @@ public enum ArchiveOperation {
             let criuVersion = (try? FileSystem.readFile(staging.path + "/dump.log"))
                 .flatMap { CRIUBinary.version(inLog: String(decoding: $0.prefix(4096), as: UTF8.self)) } ?? "unknown (imported from a checkpoint archive)"
             // Large images into the store, the rest kept whole, as a dump does.
-            let ingester = ChunkIngester(directory: staging.path, store: store, codec: .standard, releaseIngested: true, follows: { _ in false })
+            let ingester = ChunkIngester(directory: staging.path, store: store, codec: .standard, contentDefined: .standard,
+                                         releaseIngested: true, follows: { _ in false })
             var contents = CheckpointWriter.Contents(
                 toolVersion: StasisVersion.current, criu: .init(version: criuVersion, logFile: "dump.log"),
                 options: .init(leaveRunning: false, tcpEstablished: false, shellJob: false),

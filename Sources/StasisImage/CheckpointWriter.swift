@@ -42,7 +42,8 @@ public enum CheckpointWriter {
         let syncWatch = Stopwatch()
         for name in whole { try FileSystem.fsync(path: directory + "/" + name) }
         let files = hashed.map { Manifest.FileEntry(path: $0.path, size: $0.size, sha256: $0.sha256, segments: $0.segments) }
-            + chunked.map { Manifest.FileEntry(path: $0.key, size: $0.value.size, sha256: ChunkDigest.ofFile(chunks: $0.value.chunks), chunks: $0.value.chunks) }
+            + chunked.map { Manifest.FileEntry(path: $0.key, size: $0.value.size, sha256: ChunkDigest.ofFile(chunks: $0.value.chunks),
+                                               chunks: $0.value.chunks, chunkLengths: $0.value.lengths) }
         return Images(files: files, chunked: chunked, statistics: statistics, hashSeconds: hashSeconds, syncSeconds: syncWatch.seconds)
     }
 
@@ -94,7 +95,8 @@ public enum CheckpointWriter {
                           imageBytes: files.reduce(0) { $0 + $1.size }),
             timings: timings, gpu: contents.gpu, files: files)
         manifest.container = contents.container
-        manifest.formatVersion = contents.gpu.processes.contains(where: { !($0.agent?.imports ?? []).isEmpty }) ? Manifest.versionWithSharedMemory
+        manifest.formatVersion = files.contains(where: { $0.chunkLengths != nil }) ? Manifest.versionWithContentDefinedChunks
+            : contents.gpu.processes.contains(where: { !($0.agent?.imports ?? []).isEmpty }) ? Manifest.versionWithSharedMemory
             : contents.container != nil ? Manifest.versionWithContainer
             : contents.gpu.processes.contains(where: { $0.agent != nil }) ? Manifest.versionWithAgents : Manifest.versionWithoutAgents
         // What this checkpoint added to the store: CRIU's images and the device memory agents moved.

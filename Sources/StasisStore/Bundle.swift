@@ -96,8 +96,9 @@ public enum CheckpointBundle {
                 defer { plain.deallocate(); scratch.deallocate() }
                 var seen = Set<String>()
                 for entry in chunked {
-                    for (index, digest) in entry.chunks!.enumerated() {
-                        let place = ChunkedFiles.Item(entry)!.place(index, chunkSize: chunkSize, checkpoint: directory)
+                    let item = ChunkedFiles.Item(entry)!
+                    for (index, digest) in item.chunks.enumerated() {
+                        let place = item.place(index, chunkSize: chunkSize, checkpoint: directory)
                         // Counted whether written or not (zeros, repeats, what the receiver has): all of it is taken care of.
                         defer { done?.withLock { $0 += UInt64(place.length) } }
                         guard !digest.isEmpty, !skipping.contains(digest), seen.insert(digest).inserted else { continue }
@@ -231,9 +232,9 @@ public enum CheckpointBundle {
             let whole = Dictionary(manifest.files.filter { $0.chunks == nil }.map { ($0.path, $0) }, uniquingKeysWith: { a, _ in a })
             let chunkSize = manifest.store?.chunkSize ?? ChunkFormat.chunkSize
             var places: [String: ChunkPlace] = [:]
-            for entry in manifest.files {
-                for (index, digest) in (entry.chunks ?? []).enumerated() where !digest.isEmpty && places[digest] == nil {
-                    places[digest] = ChunkedFiles.Item(entry)!.place(index, chunkSize: chunkSize, checkpoint: path)
+            for item in manifest.files.compactMap(ChunkedFiles.Item.init) {
+                for (index, digest) in item.chunks.enumerated() where !digest.isEmpty && places[digest] == nil {
+                    places[digest] = item.place(index, chunkSize: chunkSize, checkpoint: path)
                 }
             }
             if !places.isEmpty && store == nil {

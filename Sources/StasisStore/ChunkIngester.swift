@@ -15,10 +15,12 @@ import StasisOS
 // @unchecked Sendable: its queue, offsets, streams and results are reached only under its condition's lock;
 // buffers belong to one worker (or the one receiving thread of a stream) at a time.
 public final class ChunkIngester: @unchecked Sendable {
-    /// A file as chunks: `chunks[i]` is the digest of bytes [i * chunkSize, ...), "" for a chunk of zeros.
+    /// A file as chunks: `chunks[i]` is the digest of its i-th chunk, "" for a chunk of zeros. Fixed chunks
+    /// (`lengths` nil) hold bytes [i * chunkSize, ...); content-defined ones are `lengths[i]` long, in order.
     public struct File: Sendable {
         public var size: UInt64
         public var chunks: [String]
+        public var lengths: [Int]?
     }
 
     public struct Statistics: Codable, Sendable, Equatable {
@@ -55,6 +57,7 @@ public final class ChunkIngester: @unchecked Sendable {
     private struct Job {
         var name: String
         var index: Int
+        var offset: UInt64
         var length: Int
         /// A streamed file's chunk, already in memory (the worker gives the buffer back); nil: read it from the file.
         var bytes: UnsafeMutableRawBufferPointer?
@@ -64,9 +67,20 @@ public final class ChunkIngester: @unchecked Sendable {
     private struct Stream {
         var buffer: UnsafeMutableRawBufferPointer?
         var filled = 0
+        /// Content-defined: the bytes of `buffer` the cutter has seen (whole pages), all without a cut.
+        var scanned = 0
         var index = 0
         var size: UInt64 = 0
+        /// Bytes of the file in chunks queued so far (where the next one starts).
+        var queued: UInt64 = 0
         var ended = false
+    }
+
+    /// A followed file's content-defined cutting: how far it was read and where the current chunk began.
+    /// Touched only by whoever queues the file's chunks: the follower, then `finish` once it has stopped.
+    private struct FollowedCut {
+        var scanned: UInt64 = 0
+        var chunkStart: UInt64 = 0
     }
 
     private let directory: String
@@ -74,6 +88,13 @@ public final class ChunkIngester: @unchecked Sendable {
     private let codec: Codec
     private let follows: @Sendable (String) -> Bool
     private let chunkSize: Int
+    /// Content-defined chunk boundaries, or nil for fixed `chunkSize` pieces.
+    private let cuts: ContentDefinedChunking?
+    private var followedCuts: [String: FollowedCut] = [:]
+    /// What the follower reads followed files into to find their content-defined cuts.
+    private let cutBuffer: UnsafeMutableRawBufferPointer?
+    /// Content-defined: the plain length of each queued chunk, beside `files`.
+    private var lengths: [String: [Int]] = [:]
     private let releaseIngested: Bool
     private let sink: ChunkSink
     private let condition = NSCondition()
@@ -93,10 +114,16 @@ public final class ChunkIngester: @unchecked Sendable {
     /// Starts `threads` workers and a follower of the files in `directory` whose names satisfy `follows`.
     /// With `releaseIngested`, each chunk's bytes are punched out of its file once stored (the files are
     /// scratch, deleted afterwards): the disk holds at most what is not yet chunked, and CRIU's pages are
-    /// mostly dropped from the page cache before they are ever written back.
+    /// mostly dropped from the page cache before they are ever written back. With `contentDefined`, chunks
+    /// end where the content says (`ContentDefinedChunking`), at most `chunkSize` long; else every chunk but a
+    /// file's last is `chunkSize` long.
     public init(directory: String, store: ChunkStore, codec: Codec, chunkSize: Int = ChunkFormat.chunkSize,
+                contentDefined: ContentDefinedChunking? = nil,
                 threads: Int = ProcessInfo.processInfo.activeProcessorCount, releaseIngested: Bool = false,
                 follows: @escaping @Sendable (String) -> Bool) {
+        precondition(contentDefined.map { $0.maximum <= chunkSize } ?? true, "content-defined chunks must fit a chunk buffer")
+        self.cuts = contentDefined
+        cutBuffer = contentDefined == nil ? nil : .allocate(byteCount: 1 << 20, alignment: 4096)
         self.releaseIngested = releaseIngested
         self.sink = ChunkSink(store: store, codec: codec)
         self.directory = directory
@@ -143,6 +170,7 @@ public final class ChunkIngester: @unchecked Sendable {
         while running > 0 { condition.wait() }
         let error = failure
         let result = files
+        let cutLengths = lengths
         for fd in descriptors.values { fd.closeQuietly() }
         descriptors = [:]
         releaseBuffers()
@@ -159,7 +187,7 @@ public final class ChunkIngester: @unchecked Sendable {
             guard digests.count == chunks.count, let size = sizes[name] else {
                 throw StasisError(.io, "\(directory)/\(name): \(chunks.count - digests.count) chunk(s) were never stored")
             }
-            out[name] = File(size: size, chunks: digests)
+            out[name] = File(size: size, chunks: digests, lengths: cuts == nil ? nil : cutLengths[name] ?? [])
         }
         return (out, sink.totals)
     }
@@ -180,6 +208,7 @@ public final class ChunkIngester: @unchecked Sendable {
     }
 
     deinit {
+        cutBuffer?.deallocate()
         for job in queue { job.bytes?.deallocate() }
         for buffer in spareBuffers + streams.values.compactMap(\.buffer) { buffer.deallocate() }
     }
@@ -201,7 +230,9 @@ public final class ChunkIngester: @unchecked Sendable {
         while left > 0 {
             let buffer = try state.buffer ?? takeBuffer()
             state.buffer = buffer
-            let part = UnsafeMutableRawBufferPointer(rebasing: buffer[state.filled..<min(chunkSize, state.filled + left)])
+            // Content-defined: read in steps, so that what follows a cut (copied to the next buffer) is short.
+            let step = min(chunkSize - state.filled, left, cuts == nil ? Int.max : Self.cutReadStep)
+            let part = UnsafeMutableRawBufferPointer(rebasing: buffer[state.filled..<state.filled + step])
             let got = try attempt("cannot read the stream of", directory + "/" + name) { try source.read(filling: part) }
             state.filled += got
             state.size += UInt64(got)
@@ -209,7 +240,28 @@ public final class ChunkIngester: @unchecked Sendable {
             if got < part.count {
                 throw StasisError(.io, "\(directory)/\(name): its stream ended \(left) bytes early")
             }
-            if state.filled == chunkSize { try queueStreamed(name, &state) }
+            if let cuts {
+                try cutStreamed(name, &state, cuts)
+            } else if state.filled == chunkSize {
+                try queueStreamed(name, &state)
+            }
+        }
+    }
+
+    static let cutReadStep = 128 << 10
+
+    /// Queues every chunk that the bytes just received end; what follows a cut moves to a fresh buffer.
+    private func cutStreamed(_ name: String, _ state: inout Stream, _ cuts: ContentDefinedChunking) throws {
+        while let buffer = state.buffer {
+            let (consumed, cut) = cuts.scan(UnsafeRawBufferPointer(rebasing: buffer[state.scanned..<state.filled]), chunkLength: state.scanned)
+            state.scanned += consumed
+            guard cut else { return }
+            let rest = state.filled - state.scanned
+            let next = rest > 0 ? try takeBuffer() : nil
+            next?.copyMemory(from: UnsafeRawBufferPointer(rebasing: buffer[state.scanned..<state.filled]))
+            state.filled = state.scanned
+            do { try queueStreamed(name, &state) } catch { next?.deallocate(); throw error }
+            (state.buffer, state.filled) = (next, rest)
         }
     }
 
@@ -234,9 +286,11 @@ public final class ChunkIngester: @unchecked Sendable {
         while queue.count >= running * 2 && failure == nil && !closed { condition.wait() }
         if let failure { throw failure }
         if closed { throw StasisError(.interrupted, "\(directory)/\(name): the chunking was stopped") }
-        queue.append(Job(name: name, index: state.index, length: state.filled, bytes: state.buffer))
+        queue.append(Job(name: name, index: state.index, offset: state.queued, length: state.filled, bytes: state.buffer))
         files[name]!.append(nil)
-        (state.buffer, state.filled, state.index) = (nil, 0, state.index + 1)
+        lengths[name, default: []].append(state.filled)
+        state.queued += UInt64(state.filled)
+        (state.buffer, state.filled, state.scanned, state.index) = (nil, 0, 0, state.index + 1)
         condition.broadcast()
     }
 
@@ -259,6 +313,7 @@ public final class ChunkIngester: @unchecked Sendable {
             streams[name]?.buffer?.deallocate()
             streams[name]?.buffer = nil
             streams[name]?.filled = 0
+            streams[name]?.scanned = 0
         }
     }
 
@@ -291,6 +346,7 @@ public final class ChunkIngester: @unchecked Sendable {
     /// while the queue is full, which bounds memory. Returns how many were queued.
     @discardableResult
     private func enqueueChunks(of name: String, upTo size: UInt64, final: Bool) -> Int {
+        if let cuts { return enqueueCuts(of: name, upTo: size, final: final, cuts) }
         condition.lock()
         defer { condition.unlock() }
         let start = queuedUpTo[name] ?? 0
@@ -302,12 +358,67 @@ public final class ChunkIngester: @unchecked Sendable {
             while queue.count >= running * 2 && failure == nil && !closed { condition.wait() }
             if failure != nil || (closed && !final) { return index - start }
             let length = Int(min(UInt64(chunkSize), size - UInt64(index) * UInt64(chunkSize)))
-            queue.append(Job(name: name, index: index, length: length))
+            queue.append(Job(name: name, index: index, offset: UInt64(index) * UInt64(chunkSize), length: length))
             if files[name]!.count < end { files[name]!.append(contentsOf: [String?](repeating: nil, count: end - files[name]!.count)) }
             queuedUpTo[name] = index + 1
             condition.broadcast()
         }
         return end - start
+    }
+
+    /// `enqueueChunks` for content-defined chunks: reads the whole pages of `name` below `size` not read yet
+    /// (with `final`, up to `size`), and queues each chunk they end (with `final`, the rest as the last one).
+    /// A read that fails fails the ingester, as a worker's would.
+    private func enqueueCuts(of name: String, upTo size: UInt64, final: Bool, _ cuts: ContentDefinedChunking) -> Int {
+        condition.withLock { if files[name] == nil { files[name] = [] } }
+        var cut = followedCuts[name] ?? FollowedCut()
+        defer { followedCuts[name] = cut }
+        let page = UInt64(ContentDefinedChunking.pageSize)
+        let limit = final ? size : size / page * page
+        var queued = 0
+        do {
+            while cut.scanned < limit, let buffer = cutBuffer {
+                let count = Int(min(UInt64(buffer.count), limit - cut.scanned))
+                let bytes = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<count])
+                try readFully(try descriptor(name), into: bytes, at: cut.scanned, name: name)
+                var at = 0
+                while at < count {
+                    let (consumed, ended) = cuts.scan(UnsafeRawBufferPointer(rebasing: bytes[at...]), chunkLength: Int(cut.scanned + UInt64(at) - cut.chunkStart))
+                    at += consumed
+                    guard ended else { break }
+                    let end = cut.scanned + UInt64(at)
+                    guard queueCut(name, offset: cut.chunkStart, length: Int(end - cut.chunkStart), final: final) else { return queued }
+                    (cut.chunkStart, queued) = (end, queued + 1)
+                }
+                // Only a partial page at the end of a final read is left unscanned: it ends the last chunk.
+                cut.scanned += UInt64(count)
+            }
+        } catch {
+            condition.withLock {
+                if failure == nil { failure = error }
+                dropQueue()
+                condition.broadcast()
+            }
+            return queued
+        }
+        if final && size > cut.chunkStart, queueCut(name, offset: cut.chunkStart, length: Int(size - cut.chunkStart), final: true) {
+            (cut.chunkStart, queued) = (size, queued + 1)
+        }
+        return queued
+    }
+
+    /// Queues one content-defined chunk of a followed file; waits while the queue is full. False when the
+    /// ingester failed or was stopped.
+    private func queueCut(_ name: String, offset: UInt64, length: Int, final: Bool) -> Bool {
+        condition.lock()
+        defer { condition.unlock() }
+        while queue.count >= running * 2 && failure == nil && !closed { condition.wait() }
+        if failure != nil || (closed && !final) { return false }
+        queue.append(Job(name: name, index: files[name]!.count, offset: offset, length: length))
+        files[name]!.append(nil)
+        lengths[name, default: []].append(length)
+        condition.broadcast()
+        return true
     }
 
     // MARK: workers
@@ -341,11 +452,11 @@ public final class ChunkIngester: @unchecked Sendable {
                 } else {
                     let fd = try descriptor(job.name)
                     let bytes = UnsafeMutableRawBufferPointer(rebasing: plain[0..<job.length])
-                    try readFully(fd, into: bytes, at: UInt64(job.index) * UInt64(chunkSize), name: job.name)
+                    try readFully(fd, into: bytes, at: job.offset, name: job.name)
                     digest = try sink.put(UnsafeRawBufferPointer(bytes), scratch: scratch)
                     if releaseIngested {
                         // Best effort: a filesystem without hole punching keeps the bytes until the file is deleted.
-                        fd.punchHole(offset: UInt64(job.index) * UInt64(chunkSize), length: UInt64(job.length))
+                        fd.punchHole(offset: job.offset, length: UInt64(job.length))
                     }
                 }
                 condition.withLock { files[job.name]![job.index] = digest }

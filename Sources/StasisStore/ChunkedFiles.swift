@@ -8,21 +8,29 @@ public enum ChunkedFiles {
         public var path: String
         public var size: UInt64
         public var chunks: [String]
-        public init(path: String, size: UInt64, chunks: [String]) {
+        /// Content-defined chunks: where each begins in the file, and where the file ends (one more than
+        /// `chunks`); nil for fixed ones, at multiples of the store's chunk size.
+        private var offsets: [UInt64]?
+
+        /// `lengths`: content-defined chunks' lengths (`Manifest.FileEntry.chunkLengths`); nil for fixed ones.
+        public init(path: String, size: UInt64, chunks: [String], lengths: [Int]? = nil) {
             self.path = path
             self.size = size
             self.chunks = chunks
+            offsets = lengths.map { lengths in lengths.reduce(into: [0]) { $0.append($0.last! + UInt64($1)) } }
         }
 
         /// A manifest entry's chunks; nil for a whole file.
         public init?(_ entry: Manifest.FileEntry) {
             guard let chunks = entry.chunks else { return nil }
-            self.init(path: entry.path, size: entry.size, chunks: chunks)
+            self.init(path: entry.path, size: entry.size, chunks: chunks, lengths: entry.chunkLengths)
         }
 
         /// Refuses a chunk list whose length does not fit the file's size (a damaged manifest).
         func checkChunkCount(chunkSize: Int, checkpoint: String) throws {
-            guard UInt64(chunks.count) == (size + UInt64(chunkSize) - 1) / UInt64(chunkSize) else {
+            let fits = offsets.map { $0.count == chunks.count + 1 && $0.last == size }
+                ?? (UInt64(chunks.count) == (size + UInt64(chunkSize) - 1) / UInt64(chunkSize))
+            guard fits else {
                 throw StasisError(.integrity, "\(checkpoint)/\(path): the manifest lists \(chunks.count) chunks for \(size) bytes",
                                   hint: "the manifest is damaged")
             }
@@ -30,6 +38,9 @@ public enum ChunkedFiles {
 
         /// Where chunk `index` lies in the file.
         func place(_ index: Int, chunkSize: Int, checkpoint: String) -> ChunkPlace {
+            if let offsets {
+                return ChunkPlace(checkpoint: checkpoint, file: path, offset: offsets[index], length: Int(offsets[index + 1] - offsets[index]))
+            }
             let offset = UInt64(index) * UInt64(chunkSize)
             return ChunkPlace(checkpoint: checkpoint, file: path, offset: offset, length: Int(min(UInt64(chunkSize), size - offset)))
         }

@@ -48,6 +48,9 @@ struct DumpCommand: ParsableCommand {
     @Option(name: .long, help: "How new chunks are compressed: lz4 (default), zstd, zstd:LEVEL (1-19) or none.")
     var compress = Codec.standard.description
 
+    @Flag(name: .long, help: "Cut the memory images into fixed 2 MiB chunks instead of by their content (128 KiB to 2 MiB): fewer chunk files, but memory that moved since the last checkpoint is stored again.")
+    var fixedChunks = false
+
     @OptionGroup var store: StoreOptions
 
     @OptionGroup var output: OutputOptions
@@ -74,6 +77,7 @@ struct DumpCommand: ParsableCommand {
             options.process = .init(tcpEstablished: tcpEstablished, shellJob: shellJob, logLevel: logLevel, ghostLimitBytes: ghostLimit << 20)
             options.store = store.store
             options.codec = try Codec(parsing: compress)
+            options.contentDefinedChunks = fixedChunks ? nil : .standard
             options.progress = Output.progressHandler(json: output.json)
             options.settleSeconds = lockTimeout
             let backends = Backends(lockTimeoutSeconds: lockTimeout)

@@ -24,7 +24,7 @@ import Testing
         for entry in manifest.files where entry.chunks == nil { out[entry.path] = try FileSystem.readFile(directory + "/" + entry.path) }
         if let store, let info = manifest.store {
             let target = Harness.scratch("rebuilt")
-            let items = manifest.files.compactMap { entry in entry.chunks.map { ChunkedFiles.Item(path: entry.path, size: entry.size, chunks: $0) } }
+            let items = manifest.files.compactMap(ChunkedFiles.Item.init)
             try ChunkedFiles.read(items, from: store, checkpoint: directory, chunkSize: info.chunkSize, into: target)
             for item in items { out[item.path] = try FileSystem.readFile(target + "/" + item.path) }
         }

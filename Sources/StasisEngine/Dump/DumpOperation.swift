@@ -43,6 +43,9 @@ public struct DumpOperation {
         /// The chunk store (default: STASIS_STORE, else StoreLocation.defaultPath) and how new chunks are compressed.
         public var store: String?
         public var codec = Codec.standard
+        /// Where CRIU's memory images are cut into chunks: by their content (the default: memory that moved
+        /// between two checkpoints still shares chunks), or nil for fixed `ChunkFormat.chunkSize` pieces.
+        public var contentDefinedChunks: ContentDefinedChunking? = .standard
         public var progress: ProgressHandler?
         /// A runc container's ID: checkpoint it through runc (`pid` is then its init's, found by runc).
         public var container: String?
@@ -204,7 +207,8 @@ private final class DumpRun {
     func startChunking() throws {
         let followsFiles = !pagesThroughPageServer
         let follows: @Sendable (String) -> Bool = { followsFiles && CheckpointWriter.isMemoryImage($0) }
-        let chunker = ChunkIngester(directory: staging.path, store: store, codec: options.codec, releaseIngested: true, follows: follows)
+        let chunker = ChunkIngester(directory: staging.path, store: store, codec: options.codec, contentDefined: options.contentDefinedChunks,
+                                    releaseIngested: true, follows: follows)
         ingester = chunker
         rollback.onFailure(of: "chunking") { chunker.cancel(); return nil }
     }

@@ -19,8 +19,12 @@ extension Manifest {
         lines.append("  memory:   \(Format.bytes(memory.residentBytes)) resident, \(Format.bytes(memory.dumpedBytes)) dumped")
         lines.append("  image:    \(Format.bytes(memory.imageBytes)) in \(files.count) files")
         if let info = store {
-            let chunked = files.filter { $0.chunks != nil }.count
-            lines.append("  store:    \(info.path): \(chunked) files in \(info.chunkSize >> 20) MiB chunks (\(info.codec)); this checkpoint added "
+            let chunked = files.filter { $0.chunks != nil }
+            let contentDefined = chunked.filter { $0.chunkLengths != nil }.count
+            let kinds = contentDefined == 0 ? "\(info.chunkSize >> 20) MiB chunks"
+                : contentDefined == chunked.count ? "content-defined chunks of up to \(info.chunkSize >> 20) MiB"
+                : "\(info.chunkSize >> 20) MiB chunks (\(contentDefined) of them content-defined)"
+            lines.append("  store:    \(info.path): \(chunked.count) files in \(kinds) (\(info.codec)); this checkpoint added "
                 + "\(Format.bytes(info.storedBytes)) (\(info.newChunks) new chunks, \(info.reusedChunks) shared, \(info.zeroChunks) zero)")
         }
         let t = timings

@@ -38,13 +38,13 @@ import Testing
         let lengths = bytes.withUnsafeBytes { cuts.lengths(of: $0) }
         #expect(lengths.reduce(0, +) == bytes.count)
         #expect(lengths.dropLast().allSatisfy { (cuts.minimum...cuts.maximum).contains($0) && $0 % Self.page == 0 }, "\(lengths)")
-        // One cut every 64 pages past 32: about 96 pages a chunk.
+        // One cut every 128 pages past 128: about 256 pages (1 MiB) a chunk, more with the zero run's.
         let average = bytes.count / lengths.count
-        #expect((64 * Self.page...160 * Self.page).contains(average), "average \(average)")
+        #expect((160 * Self.page...360 * Self.page).contains(average), "average \(average)")
         // A page of zeros never ends a chunk: a run of them (8 MiB here) is cut at the maximum.
         #expect([UInt8](repeating: 0, count: Self.page).withUnsafeBytes { ContentDefinedChunking.hash($0) } == 0)
         let zeroChunks = chunks(of: bytes).filter { $0.allSatisfy { $0 == 0 } }
-        #expect(zeroChunks.count >= 3 && zeroChunks.allSatisfy { $0.count == cuts.maximum }, "\(zeroChunks.map(\.count))")
+        #expect(zeroChunks.count >= 2 && zeroChunks.allSatisfy { $0.count == cuts.maximum }, "\(zeroChunks.map(\.count))")
         // A tail shorter than a page ends the last chunk.
         let tail = bytes + [1, 2, 3]
         let tailLengths = tail.withUnsafeBytes { cuts.lengths(of: $0) }
@@ -55,11 +55,12 @@ import Testing
     /// ones before it; fixed pieces would share none.
     @Test func memoryThatMovedByWholePagesSharesItsChunks() {
         let seed = UInt64.random(in: 1...UInt64.max)
-        let first = Self.pages(4096, seed: seed)
-        let second = Self.pages(3, seed: seed ^ 0xFF) + first[0..<(2000 * Self.page)] + first[(2010 * Self.page)...]
+        let first = Self.pages(8192, seed: seed)
+        let second = Self.pages(3, seed: seed ^ 0xFF) + first[0..<(4000 * Self.page)] + first[(4010 * Self.page)...]
         let known = Set(chunks(of: first))
         let shared = chunks(of: second).filter { known.contains($0) }.reduce(0) { $0 + $1.count }
-        #expect(Double(shared) > 0.9 * Double(second.count), "seed \(seed): \(shared) of \(second.count) bytes shared")
+        // What is lost: the chunk each change lands in, and the one after it (about 1 MiB each of 32).
+        #expect(Double(shared) > 0.8 * Double(second.count), "seed \(seed): \(shared) of \(second.count) bytes shared")
         let fixed = Set(stride(from: 0, to: first.count, by: ChunkFormat.chunkSize).map { first[$0..<min($0 + ChunkFormat.chunkSize, first.count)] })
         let fixedShared = stride(from: 0, to: second.count, by: ChunkFormat.chunkSize).filter {
             fixed.contains(second[$0..<min($0 + ChunkFormat.chunkSize, second.count)])

@@ -60,13 +60,17 @@ let package = Package(
             .product(name: "Crypto", package: "swift-crypto"),
         ]),
         .target(name: "StasisImage", dependencies: ["StasisCore", "StasisOS", "StasisStore"]),
+        .target(name: "StasisRegistry", dependencies: [
+            "StasisCore", "StasisOS",
+            .product(name: "Crypto", package: "swift-crypto"),
+        ]),
         .target(name: "StasisContainer", dependencies: ["StasisCore", "StasisOS"]),
         .target(name: "StasisEngine", dependencies: [
-            "StasisCore", "StasisOS", "StasisCRIU", "StasisGPU", "StasisImage", "StasisStore", "StasisContainer",
+            "StasisCore", "StasisOS", "StasisCRIU", "StasisGPU", "StasisImage", "StasisStore", "StasisContainer", "StasisRegistry",
             .product(name: "Crypto", package: "swift-crypto"),
         ]),
         .executableTarget(name: "stasis", dependencies: [
-            "StasisEngine", "StasisCore", "StasisOS", "StasisStore", "StasisImage", "StasisCRIU", "StasisGPU",
+            "StasisEngine", "StasisCore", "StasisOS", "StasisStore", "StasisImage", "StasisCRIU", "StasisGPU", "StasisRegistry",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "stasis-workload", path: "Workloads/cpu"),
@@ -86,11 +90,12 @@ let package = Package(
         .testTarget(name: "StasisCRIUTests", dependencies: ["StasisCRIU"]),
         .testTarget(name: "StasisImageTests", dependencies: ["StasisCore", "StasisOS", "StasisImage", "StasisTestSupport"]),
         .testTarget(name: "StasisStoreTests", dependencies: ["StasisCore", "StasisOS", "StasisStore", "StasisTestSupport"]),
+        .testTarget(name: "StasisRegistryTests", dependencies: ["StasisCore", "StasisRegistry"]),
         .testTarget(name: "StasisContainerTests", dependencies: ["StasisCore", "StasisOS", "StasisContainer", "StasisTestSupport"]),
         .testTarget(name: "StasisGPUTests", dependencies: ["StasisCore", "StasisOS", "StasisStore", "StasisGPU", "StasisAgentStandIn", "StasisTestSupport"]),
         .testTarget(name: "StasisEngineTests", dependencies: ["StasisCore", "StasisOS", "StasisStore", "StasisImage", "StasisEngine", "StasisAgentStandIn",
                                                              "StasisTestSupport"]),
         .testTarget(name: "StasisIntegrationTests", dependencies: ["StasisCore", "StasisOS", "StasisStore", "StasisImage", "StasisEngine", "StasisCRIU",
-                                                                  "StasisGPU", "StasisContainer", "StasisTestSupport"]),
+                                                                  "StasisGPU", "StasisContainer", "StasisRegistry", "StasisTestSupport"]),
     ]
 )

@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <arpa/inet.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -25,6 +26,8 @@ struct stasis_tls_context {
     uint8_t *pins;
     size_t pin_count;
     int has_ca;
+    // A web client: OpenSSL's own chain verification, the host sent as SNI and checked as a name or address.
+    int web;
 };
 
 struct stasis_tls_session {
@@ -181,6 +184,34 @@ stasis_tls_context *stasis_tls_context_new(int server, const char *certificate, 
     return context;
 }
 
+stasis_tls_context *stasis_tls_web_context_new(const char *ca_file, char *error, size_t error_size) {
+    pthread_once(&once, initialize);
+    SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
+    if (!ctx) { put_error(error, error_size, "cannot make a TLS context"); return NULL; }
+    char what[512];
+    const char *failed = NULL;
+    if (SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) != 1) {
+        failed = "cannot require TLS 1.2";
+    } else if (SSL_CTX_set_default_verify_paths(ctx) != 1) {
+        failed = "cannot load the system's CA certificates";
+    } else if (ca_file && SSL_CTX_load_verify_locations(ctx, ca_file, NULL) != 1) {
+        snprintf(what, sizeof what, "cannot use the CA certificates in %s", ca_file);
+        failed = what;
+    }
+    if (failed) {
+        put_error(error, error_size, failed);
+        SSL_CTX_free(ctx);
+        return NULL;
+    }
+    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
+    stasis_tls_context *context = calloc(1, sizeof *context);
+    if (!context) { SSL_CTX_free(ctx); snprintf(error, error_size, "out of memory"); return NULL; }
+    context->ctx = ctx;
+    context->has_ca = 1;
+    context->web = 1;
+    return context;
+}
+
 void stasis_tls_context_free(stasis_tls_context *context) {
     if (!context) return;
     SSL_CTX_free(context->ctx);
@@ -203,14 +234,31 @@ stasis_tls_session *stasis_tls_handshake(stasis_tls_context *context, int fd, co
     session->ssl = ssl;
     session->context = context;
     SSL_set_ex_data(ssl, session_index, session);
-    if (host && context->has_ca && !context->server) SSL_set1_host(ssl, host);
+    if (host && context->web) {
+        // An address is checked against the certificate's IP entries, a name against its DNS names (and sent
+        // as SNI, which addresses are not).
+        unsigned char address[16];
+        int numeric = inet_pton(AF_INET, host, address) == 1 || inet_pton(AF_INET6, host, address) == 1;
+        if (numeric) {
+            X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl), host);
+        } else {
+            SSL_set_tlsext_host_name(ssl, host);
+            SSL_set1_host(ssl, host);
+        }
+    } else if (host && context->has_ca && !context->server) {
+        SSL_set1_host(ssl, host);
+    }
     ERR_clear_error();
     errno = 0;
     int result = context->server ? SSL_accept(ssl) : SSL_connect(ssl);
     if (result == 1) return session;
     int saved = errno;
     int kind = SSL_get_error(ssl, result);
-    if (session->refusal[0]) {
+    long verdict = SSL_get_verify_result(ssl);
+    if (context->web && verdict != X509_V_OK) {
+        ERR_clear_error();
+        snprintf(error, error_size, "the server's certificate is refused: %s", X509_verify_cert_error_string(verdict));
+    } else if (session->refusal[0]) {
         ERR_clear_error();
         snprintf(error, error_size, "the peer's certificate is refused: %s", session->refusal);
     } else if (kind == SSL_ERROR_SYSCALL && (saved == EAGAIN || saved == EWOULDBLOCK)) {

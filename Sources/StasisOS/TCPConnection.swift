@@ -32,12 +32,13 @@ public final class TCPConnection: @unchecked Sendable {
     /// Runs the TLS handshake (as `context`'s role) within the connection's time limit; from then on every
     /// byte is encrypted and authenticated. Throws, saying why, when the peer does not speak TLS 1.3 or its
     /// certificate is not one `context` accepts. `host`: the name a CA-signed peer certificate must carry.
-    public func secure(with context: TLSContext, host: String? = nil) throws {
+    /// `hint`: what to do when it fails (default: a migration's).
+    public func secure(with context: TLSContext, host: String? = nil, hint: String? = nil) throws {
         do {
             tls = try TLSSession(context, fd: fd, host: host)
         } catch let error as StasisError {
             throw StasisError(error.code, "TLS with \(peer) failed: \(error.message)", hint: context.server ? nil
-                              : "is `stasis serve` there running with --tls, and does its certificate match --tls-peer?")
+                              : hint ?? "is `stasis serve` there running with --tls, and does its certificate match --tls-peer?")
         }
     }
 
@@ -98,8 +99,9 @@ public final class TCPConnection: @unchecked Sendable {
         }
     }
 
-    /// Connects to `address` ("HOST:PORT") within `seconds`.
-    public static func connect(to address: String, seconds: Int = 10) throws -> TCPConnection {
+    /// Connects to `address` ("HOST:PORT") within `seconds`; `hint`: what to do when it fails (default: a
+    /// migration's).
+    public static func connect(to address: String, seconds: Int = 10, hint: String? = nil) throws -> TCPConnection {
         let (host, port) = try split(address)
         var lastError = ECONNREFUSED
         for (family, storage, length) in try resolve(host, port, passive: false) {
@@ -113,7 +115,7 @@ public final class TCPConnection: @unchecked Sendable {
             close(fd)
         }
         throw StasisError(.io, "cannot connect to \(address): \(String(cString: strerror(lastError)))",
-                          hint: "is `stasis serve` listening there, and does the network let this host reach it?")
+                          hint: hint ?? "is `stasis serve` listening there, and does the network let this host reach it?")
     }
 
     /// Every wait on the connection, and every whole `receive` (a peer that trickles a byte at a time does

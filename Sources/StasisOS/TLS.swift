@@ -103,6 +103,17 @@ public final class TLSContext: @unchecked Sendable {
         self.server = server
     }
 
+    /// A client of servers on the web (an OCI registry): TLS 1.2 or newer, the server's certificate checked
+    /// against the system's CAs and `caFile`'s, and against the host name given to `TCPConnection.secure`.
+    public init(webCA caFile: String?) throws {
+        var error = [CChar](repeating: 0, count: 512)
+        guard let made = stasis_tls_web_context_new(caFile, &error, error.count) else {
+            throw StasisError(.invalidArgument, String(nulTerminated: error))
+        }
+        pointer = made
+        server = false
+    }
+
     deinit { stasis_tls_context_free(pointer) }
 }
 

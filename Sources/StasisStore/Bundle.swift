@@ -405,7 +405,7 @@ public enum CheckpointBundle {
     /// Refuses a manifest whose chunk lists disagree with its files' digests. Everything else that could make
     /// an import write outside its directory or store was refused when the manifest was decoded
     /// (`Manifest.validate`); the bundle's manifest comes from another machine.
-    static func checkChunkLists(_ manifest: Manifest, name: String, code: StasisError.Code) throws {
+    public static func checkChunkLists(_ manifest: Manifest, name: String, code: StasisError.Code) throws {
         for entry in manifest.files {
             if let problem = ChunkedFiles.problem(with: entry) {
                 throw StasisError(code, "\(name): \(problem)", hint: "the manifest is damaged")

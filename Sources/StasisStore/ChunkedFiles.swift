@@ -37,7 +37,7 @@ public enum ChunkedFiles {
         }
 
         /// Where chunk `index` lies in the file.
-        func place(_ index: Int, chunkSize: Int, checkpoint: String) -> ChunkPlace {
+        public func place(_ index: Int, chunkSize: Int, checkpoint: String) -> ChunkPlace {
             if let offsets {
                 return ChunkPlace(checkpoint: checkpoint, file: path, offset: offsets[index], length: Int(offsets[index + 1] - offsets[index]))
             }

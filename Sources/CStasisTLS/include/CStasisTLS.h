@@ -19,6 +19,11 @@ stasis_tls_context *stasis_tls_context_new(int server, const char *certificate, 
                                            char *error, size_t error_size);
 void stasis_tls_context_free(stasis_tls_context *context);
 
+/// A client context for servers on the web (an OCI registry): TLS 1.2 or newer, no certificate of ours, the
+/// server's chain verified against the system's CAs and those in `ca_file` (NULL: none), and its name against
+/// the host given to the handshake (which is also sent as SNI). NULL on failure.
+stasis_tls_context *stasis_tls_web_context_new(const char *ca_file, char *error, size_t error_size);
+
 /// The handshake over connected socket `fd` (blocking; its timeouts apply). `host`: for a client with a CA,
 /// the name the peer's certificate must carry (NULL: not checked). NULL on failure, `error` saying why (the
 /// peer's certificate refused, no TLS spoken, ...).

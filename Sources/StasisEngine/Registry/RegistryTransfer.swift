@@ -1,0 +1,258 @@
+import Crypto
+import Foundation
+import StasisCore
+import StasisImage
+import StasisOS
+import StasisRegistry
+import StasisStore
+
+/// `stasis push` and `stasis pull`: a checkpoint to and from an OCI registry (`CheckpointArtifact` says how it
+/// lies there). Push sends only the blobs the registry lacks (HEAD first), many at once, and the manifest
+/// last, so a tag never names a blob that is not there; a push stopped half-way and run again sends only what
+/// is still missing. Pull fetches only the chunks the local store lacks, checks every blob against its digest
+/// and every chunk against its content's, and publishes the checkpoint directory as an import does: complete,
+/// listed in the store, or not at all.
+public enum RegistryTransfer {
+    public struct Options: Sendable {
+        public var reference: RegistryReference
+        public var plainHTTP = false
+        public var caFile: String?
+        /// The local chunk store (default: the checkpoint's for push, STASIS_STORE or the default for pull).
+        public var store: String?
+        /// Blobs in flight at once.
+        public var threads = 8
+        public init(reference: RegistryReference) { self.reference = reference }
+
+        func client() throws -> RegistryClient {
+            try RegistryClient(reference, plainHTTP: plainHTTP, caFile: caFile, credentials: try RegistryCredentials.lookup(reference.registry))
+        }
+    }
+
+    public struct PushReport: Codable, Sendable {
+        public var reference: String
+        public var digest: String
+        public var blobs: Int
+        public var sentBlobs: Int
+        public var sentBytes: UInt64
+        public var presentBlobs: Int
+        public var presentBytes: UInt64
+        public var seconds: Double
+    }
+
+    public struct PullReport: Codable, Sendable {
+        public var reference: String
+        public var digest: String
+        public var directory: String
+        public var store: String?
+        public var fetchedBlobs: Int
+        public var fetchedBytes: UInt64
+        /// Chunks the local store had already: not fetched.
+        public var presentChunks: Int
+        public var seconds: Double
+    }
+
+    /// What one layer is made of, before it is hashed and sent.
+    private enum Source: Sendable {
+        case file(Manifest.FileEntry)
+        case chunk(String, ChunkPlace)
+    }
+
+    // MARK: push
+
+    public static func push(_ directory: String, _ options: Options) throws -> PushReport {
+        let watch = Stopwatch()
+        guard options.reference.digest == nil else {
+            throw StasisError(.invalidArgument, "push needs a tag, not a digest: \(options.reference)", hint: "name it REPOSITORY:TAG")
+        }
+        let manifest = try Checkpoint.readManifest(directory)
+        let manifestData = try FileSystem.readFile(directory + "/" + Manifest.fileName)
+        let store = try Checkpoint.store(for: manifest, explicit: options.store)
+        var collected: [Source] = manifest.files.filter { $0.chunks == nil }.map { .file($0) }
+        var seen = Set<String>()
+        let chunkSize = manifest.store?.chunkSize ?? ChunkFormat.chunkSize
+        for item in Checkpoint.chunkedItems(manifest) {
+            for (index, digest) in item.chunks.enumerated() where !digest.isEmpty && seen.insert(digest).inserted {
+                collected.append(.chunk(digest, item.place(index, chunkSize: chunkSize, checkpoint: directory)))
+            }
+        }
+        // About 250 bytes of manifest a layer: refused before anything is sent when it cannot fit.
+        guard collected.count * 260 < RegistryClient.maxManifestBytes else {
+            throw StasisError(.invalidArgument, "\(directory) has \(collected.count) files and chunks: its registry manifest would exceed \(RegistryClient.maxManifestBytes >> 20) MiB, which registries refuse",
+                              hint: "checkpoints of up to about 16,000 chunks fit; packing chunks into larger blobs is not built yet")
+        }
+        let client = try options.client()
+        let sources = collected
+        let layers = Locked([CheckpointArtifact.Descriptor?](repeating: nil, count: sources.count))
+        let totals = Locked((sent: 0, sentBytes: UInt64(0), present: 0, presentBytes: UInt64(0)))
+        let next = Locked(0)
+        try WorkerGroup.run(min(options.threads, max(1, sources.count)), name: "stasis-push") { _, failure in
+            let session = client.session()
+            let plain = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkSize, alignment: 4096)
+            let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: ChunkSink.scratchSize(chunkSize: chunkSize), alignment: 4096)
+            defer { plain.deallocate(); scratch.deallocate() }
+            while failure.error == nil, let index = next.takeNext(below: sources.count) {
+                let descriptor: CheckpointArtifact.Descriptor
+                let bytes: UnsafeRawBufferPointer
+                var data = Data()
+                switch sources[index] {
+                case .file(let entry):
+                    data = try FileSystem.readFile(directory + "/" + entry.path)
+                    guard UInt64(data.count) == entry.size else {
+                        throw StasisError(.integrity, "\(directory)/\(entry.path) holds \(data.count) bytes, the manifest says \(entry.size)",
+                                          hint: "run `stasis verify \(directory)`")
+                    }
+                    descriptor = .init(mediaType: CheckpointArtifact.fileMediaType, digest: digest(of: data), size: data.count,
+                                       annotations: [CheckpointArtifact.titleAnnotation: entry.path])
+                    bytes = UnsafeRawBufferPointer(start: nil, count: 0)
+                case .chunk(let chunk, let place):
+                    // Read whole and checked: a damaged chunk is never pushed.
+                    let stored = try store!.read(chunk, into: UnsafeMutableRawBufferPointer(rebasing: plain[0..<place.length]),
+                                                 scratch: scratch, place: place, fileInScratch: true)
+                    bytes = UnsafeRawBufferPointer(rebasing: scratch[0..<stored])
+                    descriptor = .init(mediaType: CheckpointArtifact.chunkMediaType, digest: digest(of: bytes), size: stored,
+                                       annotations: [CheckpointArtifact.chunkAnnotation: chunk])
+                }
+                if try session.hasBlob(descriptor.digest) {
+                    totals.withLock { $0.present += 1; $0.presentBytes += UInt64(descriptor.size) }
+                } else {
+                    if data.isEmpty {
+                        try session.pushBlob(bytes, digest: descriptor.digest)
+                    } else {
+                        try data.withUnsafeBytes { try session.pushBlob($0, digest: descriptor.digest) }
+                    }
+                    totals.withLock { $0.sent += 1; $0.sentBytes += UInt64(descriptor.size) }
+                }
+                layers.withLock { $0[index] = descriptor }
+            }
+        }
+        let session = client.session()
+        let configDigest = digest(of: manifestData)
+        if try !session.hasBlob(configDigest) {
+            try manifestData.withUnsafeBytes { try session.pushBlob($0, digest: configDigest) }
+        }
+        let image = CheckpointArtifact.ImageManifest(
+            config: .init(mediaType: CheckpointArtifact.configMediaType, digest: configDigest, size: manifestData.count),
+            layers: layers.withLock { $0.compactMap { $0 } }, annotations: CheckpointArtifact.annotations(for: manifest))
+        let encoded = try CheckpointArtifact.encode(image)
+        guard encoded.count <= RegistryClient.maxManifestBytes else {
+            throw StasisError(.invalidArgument, "the registry manifest of \(directory) would be \(encoded.count) bytes, more than the \(RegistryClient.maxManifestBytes) registries take")
+        }
+        let tag = options.reference.tag ?? "latest"
+        let manifestDigest = try session.putManifest(encoded, mediaType: CheckpointArtifact.manifestMediaType, reference: tag)
+        let sent = totals.withLock { $0 }
+        return PushReport(reference: options.reference.description, digest: manifestDigest, blobs: sources.count + 1, sentBlobs: sent.sent,
+                          sentBytes: sent.sentBytes, presentBlobs: sent.present, presentBytes: sent.presentBytes, seconds: watch.seconds)
+    }
+
+    static func digest(of data: Data) -> String { "sha256:" + SHA256.hash(data: data).map { String(format: "%02x", $0) }.joined() }
+    static func digest(of bytes: UnsafeRawBufferPointer) -> String { "sha256:" + SHA256.hash(data: bytes).map { String(format: "%02x", $0) }.joined() }
+
+    // MARK: pull
+
+    public static func pull(_ options: Options, into destination: String) throws -> PullReport {
+        let watch = Stopwatch()
+        let client = try options.client()
+        let session = client.session()
+        let reference = options.reference.description
+        let (bytes, _, manifestDigest) = try session.manifest(options.reference.reference, accept: [CheckpointArtifact.manifestMediaType])
+        let image = try CheckpointArtifact.decode(bytes, reference: reference)
+        let configBytes = try session.blob(image.config.digest, maxBytes: 64 << 20)
+        var manifest = try Manifest.decode(Data(configBytes), path: "the checkpoint manifest of \(reference)")
+        try CheckpointBundle.checkChunkLists(manifest, name: reference, code: .manifestInvalid)
+        // Every file and chunk the stasis manifest lists must be a layer: the registry's manifest is only a map.
+        var fileLayers: [String: CheckpointArtifact.Descriptor] = [:]
+        var chunkLayers: [String: CheckpointArtifact.Descriptor] = [:]
+        for layer in image.layers {
+            if layer.mediaType == CheckpointArtifact.fileMediaType, let path = layer.annotations?[CheckpointArtifact.titleAnnotation] {
+                fileLayers[path] = layer
+            } else if layer.mediaType == CheckpointArtifact.chunkMediaType, let chunk = layer.annotations?[CheckpointArtifact.chunkAnnotation] {
+                chunkLayers[chunk] = layer
+            }
+        }
+        try StagingDirectory.check(destination: destination)
+        let store = try manifest.store.map { _ in try Backends().openStore(options.store, create: true) }
+        let staging = try StagingDirectory(destination: destination, store: store)
+        var catalog: StoreCatalog?
+        do {
+            let lock = try store?.lock(exclusive: false)
+            defer { lock?.release() }
+            if let store, let listed = StoreCatalog(store: store).entry(id: manifest.id), FileSystem.exists(listed.directory + "/" + Manifest.fileName) {
+                throw StasisError(.invalidArgument, "checkpoint \(manifest.id) is already in the store \(store.path), at \(listed.directory)",
+                                  hint: "use that copy, or `stasis rm` it first, or pull into another --store")
+            }
+            let wholeFiles = manifest.files.filter { $0.chunks == nil }
+            var missing: [(String, CheckpointArtifact.Descriptor)] = []
+            var present = 0
+            var seen = Set<String>()
+            for item in Checkpoint.chunkedItems(manifest) {
+                for chunk in item.chunks where !chunk.isEmpty && seen.insert(chunk).inserted {
+                    if store!.has(chunk) { present += 1; continue }
+                    guard let layer = chunkLayers[chunk] else {
+                        throw StasisError(.manifestInvalid, "\(reference) lists chunk \(chunk) of \(item.path) but has no blob for it")
+                    }
+                    missing.append((chunk, layer))
+                }
+            }
+            for entry in wholeFiles where fileLayers[entry.path] == nil {
+                throw StasisError(.manifestInvalid, "\(reference) lists the file \(entry.path) but has no blob for it")
+            }
+            let receiver = store.map { ChunkReceiver(store: $0) }
+            let (lacking, layerOfFile, stagingPath) = (missing, fileLayers, staging.path)
+            let totals = Locked((blobs: 1, bytes: UInt64(configBytes.count)))
+            let jobs = wholeFiles.count + lacking.count
+            let next = Locked(0)
+            try WorkerGroup.run(min(options.threads, max(1, jobs)), name: "stasis-pull") { _, failure in
+                let session = client.session()
+                while failure.error == nil, let index = next.takeNext(below: jobs) {
+                    if index < wholeFiles.count {
+                        let entry = wholeFiles[index]
+                        let layer = layerOfFile[entry.path]!
+                        let data = try session.blob(layer.digest, maxBytes: Int(min(entry.size, UInt64(Int.max))))
+                        try writeFile(data, entry, into: stagingPath, from: reference)
+                        totals.withLock { $0.blobs += 1; $0.bytes += UInt64(data.count) }
+                    } else {
+                        let (chunk, layer) = lacking[index - wholeFiles.count]
+                        let data = try session.blob(layer.digest, maxBytes: ChunkSink.scratchSize())
+                        try receiver!.submit(digest: chunk, length: data.count, from: reference) { buffer in
+                            data.withUnsafeBytes { buffer.copyMemory(from: $0) }
+                        }
+                        totals.withLock { $0.blobs += 1; $0.bytes += UInt64(data.count) }
+                    }
+                }
+            }
+            _ = try receiver?.finish()
+            if let store { manifest.store!.path = store.path }
+            try FileSystem.writeAtomically(try Manifest.encoder().encode(manifest), to: staging.path + "/" + Manifest.fileName)
+            if let store {
+                // Listed before the directory appears, so that from then on gc keeps its chunks.
+                catalog = StoreCatalog(store: store)
+                try catalog!.register(manifest, directory: staging.destination)
+            }
+            try staging.publish()
+            let fetched = totals.withLock { $0 }
+            return PullReport(reference: reference, digest: manifestDigest, directory: staging.destination, store: store?.path,
+                              fetchedBlobs: fetched.blobs, fetchedBytes: fetched.bytes, presentChunks: present, seconds: watch.seconds)
+        } catch {
+            if !staging.published { catalog?.unregister(id: manifest.id) }
+            staging.discard()
+            throw StasisError.wrapping(error, as: .io).prefixed("pull of \(reference) failed")
+        }
+    }
+
+    /// Writes one whole file of the checkpoint, checked against the manifest's SHA-256, private and synced.
+    private static func writeFile(_ data: [UInt8], _ entry: Manifest.FileEntry, into directory: String, from reference: String) throws {
+        var hasher = SegmentedDigest.Streaming()
+        data.withUnsafeBytes { hasher.update($0) }
+        guard UInt64(data.count) == entry.size, hasher.finish() == entry.sha256 else {
+            throw StasisError(.integrity, "the file \(entry.path) from \(reference) does not match the checkpoint's manifest")
+        }
+        let target = directory + "/" + entry.path
+        if let slash = target.lastIndex(of: "/"), entry.path.contains("/") { try FileSystem.makePrivateDirectory(String(target[..<slash])) }
+        let fd = try attempt("cannot create", target) {
+            try FileDescriptor.open(target, .writeOnly, options: [.create, .exclusiveCreate], permissions: .ownerReadWrite)
+        }
+        defer { fd.closeQuietly() }
+        try data.withUnsafeBytes { bytes in try attempt("cannot write", target) { try fd.write(all: bytes) } }
+        try attempt("cannot sync", target) { try fd.syncData() }
+    }
+}

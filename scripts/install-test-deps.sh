@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # What the test suite needs beside the build: runc (the container tests drive it), a static busybox (their
 # containers' root filesystem), ip and nsenter (the migration tests' second host is a network namespace),
-# podman and crun, and containerd (real engines at the other end of stasis's archives). Installs
+# podman and crun, and containerd (real engines at the other end of stasis's archives), and CNCF
+# distribution (docker-registry), htpasswd and skopeo (the registry tests' registry, its users, and a second
+# reader of what stasis pushes). Installs
 # Debian's packages with apt when they are missing; does nothing when they are there.
 # --no-install-recommends: runc recommends Debian's CRIU 3.17, which does not work on this kernel
 # (scripts/install-criu.sh installs CRIU 4.x in /usr/local, first on the PATH).
@@ -13,6 +15,9 @@ command -v runc >/dev/null || missing+=(runc)
 command -v nsenter >/dev/null || missing+=(util-linux)
 command -v podman >/dev/null || missing+=(podman crun)
 command -v containerd >/dev/null || missing+=(containerd)
+command -v docker-registry >/dev/null || missing+=(docker-registry)
+command -v htpasswd >/dev/null || missing+=(apache2-utils)
+command -v skopeo >/dev/null || missing+=(skopeo)
 (( ${#missing[@]} == 0 )) && exit 0
 echo "install-test-deps: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive

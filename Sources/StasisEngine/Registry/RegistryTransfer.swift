@@ -121,14 +121,19 @@ public enum RegistryTransfer {
                         try data.withUnsafeBytes { try session.pushBlob($0, digest: descriptor.digest) }
                     }
                     totals.withLock { $0.sent += 1; $0.sentBytes += UInt64(descriptor.size) }
+                    // Tests end a push here, some blobs sent and no manifest (STASIS_FAULT=push-blob-kill).
+                    FaultInjection.die("push-blob")
                 }
                 layers.withLock { $0[index] = descriptor }
             }
         }
         let session = client.session()
         let configDigest = digest(of: manifestData)
-        if try !session.hasBlob(configDigest) {
+        if try session.hasBlob(configDigest) {
+            totals.withLock { $0.present += 1; $0.presentBytes += UInt64(manifestData.count) }
+        } else {
             try manifestData.withUnsafeBytes { try session.pushBlob($0, digest: configDigest) }
+            totals.withLock { $0.sent += 1; $0.sentBytes += UInt64(manifestData.count) }
         }
         let image = CheckpointArtifact.ImageManifest(
             config: .init(mediaType: CheckpointArtifact.configMediaType, digest: configDigest, size: manifestData.count),

@@ -1,0 +1,187 @@
+import Foundation
+import Glibc
+import StasisCore
+import StasisOS
+import StasisTestSupport
+import Testing
+
+/// A real registry (Debian's docker-registry, CNCF distribution 2.8) on the loopback address, with TLS (a
+/// certificate the test makes, for localhost and 127.0.0.1) and htpasswd users, its storage in the test's
+/// scratch; an auth.json for stasis as `podman login` writes one.
+final class TestRegistry {
+    let root: String
+    let port: UInt16
+    let process: Process
+    let authFile: String
+    var host: String { "localhost:\(port)" }
+    var ca: String { root + "/cert.pem" }
+
+    init() throws {
+        root = Harness.scratch("registry")
+        // A port nothing listens on: bound once here and let go, for the registry to bind next.
+        var free: UInt16?
+        for _ in 0..<50 where free == nil {
+            let candidate = UInt16.random(in: 20_000...60_000)
+            if (try? TCPListener("127.0.0.1:\(candidate)")) != nil { free = candidate }
+        }
+        port = try #require(free)
+        let openssl = try Harness.run("/usr/bin/openssl", ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                                                           "-keyout", root + "/key.pem", "-out", root + "/cert.pem", "-days", "2", "-subj", "/CN=localhost",
+                                                           "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        try #require(openssl.succeeded, "openssl: \(openssl.stderr)")
+        let users = try Harness.run("/usr/bin/htpasswd", ["-Bbn", "stasis", "s3cret"])
+        try #require(users.succeeded, "htpasswd: \(users.stderr)")
+        try users.stdout.write(toFile: root + "/htpasswd", atomically: true, encoding: .utf8)
+        // skopeo takes CA certificates from a directory, as NAME.crt.
+        try FileManager.default.createDirectory(atPath: root + "/certs", withIntermediateDirectories: true)
+        try FileManager.default.copyItem(atPath: root + "/cert.pem", toPath: root + "/certs/ca.crt")
+        try """
+        version: 0.1
+        log:
+          level: warn
+        storage:
+          filesystem:
+            rootdirectory: \(root)/data
+        http:
+          addr: 127.0.0.1:\(port)
+          tls:
+            certificate: \(root)/cert.pem
+            key: \(root)/key.pem
+        auth:
+          htpasswd:
+            realm: stasis-test
+            path: \(root)/htpasswd
+        """.write(toFile: root + "/config.yml", atomically: true, encoding: .utf8)
+        authFile = root + "/auth.json"
+        let basic = Data("stasis:s3cret".utf8).base64EncodedString()
+        try #"{"auths": {"localhost:\#(port)": {"auth": "\#(basic)"}}}"#.write(toFile: authFile, atomically: true, encoding: .utf8)
+        process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/docker-registry")
+        process.arguments = ["serve", root + "/config.yml"]
+        process.standardOutput = FileHandle(forWritingAtPath: "/dev/null")
+        process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: { FileManager.default.createFile(atPath: root + "/log", contents: nil); return root + "/log" }()))
+        try process.run()
+        let deadline = Date().addingTimeInterval(20)
+        while Date() < deadline {
+            if (try? TCPConnection.connect(to: "127.0.0.1:\(port)", seconds: 1)) != nil { return }
+            usleep(100_000)
+        }
+        stop()
+        Issue.record("the registry did not start: \((try? String(contentsOfFile: root + "/log", encoding: .utf8)) ?? "")")
+        throw StasisError(.io, "no registry")
+    }
+
+    func stop() {
+        kill(process.processIdentifier, SIGKILL)
+        process.waitUntilExit()
+    }
+
+    /// stasis with this registry's credentials and CA.
+    func stasis(_ arguments: [String], store: String? = nil, environment: [String: String?] = [:]) throws -> Harness.Result {
+        var environment = environment
+        if environment["REGISTRY_AUTH_FILE"] == nil { environment["REGISTRY_AUTH_FILE"] = authFile }
+        if let store { environment["STASIS_STORE"] = store }
+        return try Harness.stasis(arguments + ["--ca", ca], environment: environment)
+    }
+
+    func json(_ result: Harness.Result) throws -> [String: Any] {
+        try #require(try JSONSerialization.jsonObject(with: Data(result.stdout.utf8)) as? [String: Any], "\(result.stdout) \(result.stderr)")
+    }
+}
+
+extension Integration {
+    /// Checkpoints between two "nodes" (two stores) through a registry, as a fleet would.
+    @Suite struct Registry {
+        @Test func aCheckpointPushedFromOneStoreRestoresFromAnother() throws {
+            let registry = try TestRegistry()
+            defer { registry.stop() }
+            let workload = try Workload("counter", ["--mem", "24"])
+            defer { workload.stop() }
+            let first = Harness.scratch("node-a") + "/first"
+            #expect(try Harness.stasis("dump", "\(workload.pid)", "-D", first, "--leave-running").succeeded)
+            let reference = "\(registry.host)/jobs/counter:first"
+            let push = try registry.stasis(["push", first, reference, "--json"])
+            try #require(push.succeeded, "\(push.stderr)")
+            let pushed = try registry.json(push)
+            let blobs = try #require(pushed["blobs"] as? Int)
+            #expect(pushed["sentBlobs"] as? Int == blobs && pushed["presentBlobs"] as? Int == 0)
+
+            // skopeo, a second reader, sees a valid OCI artifact.
+            let inspect = try Harness.run("/usr/bin/skopeo", ["inspect", "--raw", "--cert-dir", registry.root + "/certs", "--creds", "stasis:s3cret", "docker://\(reference)"])
+            #expect(inspect.succeeded && inspect.stdout.contains("application/vnd.stasis.checkpoint.v1"), "\(inspect.stderr)")
+
+            // A second checkpoint of the same process sends only what changed.
+            usleep(300_000)
+            let second = Harness.scratch("node-a") + "/second"
+            #expect(try Harness.stasis("dump", "\(workload.pid)", "-D", second, "--leave-running").succeeded)
+            let again = try registry.json(try registry.stasis(["push", second, "\(registry.host)/jobs/counter:second", "--json"]))
+            let sentAgain = try #require(again["sentBlobs"] as? Int), presentAgain = try #require(again["presentBlobs"] as? Int)
+            #expect(presentAgain > 0 && sentAgain < presentAgain, "second push: \(again)")
+            #expect((again["sentBytes"] as? Int ?? .max) < (pushed["sentBytes"] as? Int ?? 0) / 2, "second push: \(again)")
+
+            // Node B: an empty store pulls the first whole, then only what the second adds.
+            let storeB = Harness.scratch("node-b") + "/store"
+            let pulledFirst = Harness.scratch("node-b") + "/first"
+            let pull = try registry.json(try registry.stasis(["pull", reference, "-D", pulledFirst, "--json"], store: storeB))
+            #expect(pull["presentChunks"] as? Int == 0)
+            let pulledSecond = Harness.scratch("node-b") + "/second"
+            let pullSecond = try registry.json(try registry.stasis(["pull", "\(registry.host)/jobs/counter:second", "-D", pulledSecond, "--json"], store: storeB))
+            #expect((pullSecond["presentChunks"] as? Int ?? 0) > 0 && (pullSecond["fetchedBytes"] as? Int ?? .max) < (pull["fetchedBytes"] as? Int ?? 0) / 2,
+                    "second pull: \(pullSecond)")
+            #expect(try Harness.stasis(["verify", pulledSecond], environment: ["STASIS_STORE": storeB]).succeeded)
+
+            // The original goes; node B restores the latest checkpoint, and the workload checks itself.
+            kill(workload.pid, SIGKILL)
+            #expect(Harness.waitGone(workload.pid))
+            let restore = try Harness.stasis(["restore", pulledSecond], environment: ["STASIS_STORE": storeB])
+            #expect(restore.succeeded, "\(restore.stderr)")
+            #expect(workload.verify().hasPrefix("PASS"))
+        }
+
+        /// A push killed after some blobs left no tag; run again, it sends only what is still missing.
+        @Test func aPushKilledMidwayResumesWithoutResendingAndNeverTagsMissingBlobs() throws {
+            let registry = try TestRegistry()
+            defer { registry.stop() }
+            let workload = try Workload("counter", ["--mem", "24"])
+            defer { workload.stop() }
+            let checkpoint = Harness.scratch("resume") + "/ckpt"
+            #expect(try Harness.stasis("dump", "\(workload.pid)", "-D", checkpoint, "--leave-running").succeeded)
+            let reference = "\(registry.host)/jobs/resume:one"
+            let killed = try registry.stasis(["push", checkpoint, reference], environment: ["STASIS_FAULT": "push-blob-kill"])
+            #expect(killed.status == 128 + SIGKILL || killed.status == -SIGKILL || !killed.succeeded)
+            let pull = try registry.stasis(["pull", reference, "-D", Harness.scratch("resume") + "/pulled"], store: Harness.scratch("resume") + "/store")
+            #expect(pull.status == 1 && pull.stderr.contains("404"), "no tag before the manifest: \(pull.stderr)")
+            let rerun = try registry.json(try registry.stasis(["push", checkpoint, reference, "--json"]))
+            #expect((rerun["presentBlobs"] as? Int ?? 0) >= 1, "the blob sent before the kill is not sent again: \(rerun)")
+            #expect((rerun["sentBlobs"] as? Int ?? 0) + (rerun["presentBlobs"] as? Int ?? 0) == rerun["blobs"] as? Int)
+        }
+
+        /// Refusals name what failed and what to do: no credentials, a tag that is not there, a certificate
+        /// no CA vouches for, plain HTTP to a TLS registry, a reference that is none.
+        @Test func whatTheRegistryRefusesIsSaidClearly() throws {
+            let registry = try TestRegistry()
+            defer { registry.stop() }
+            let workload = try Workload("counter", ["--mem", "4"])
+            defer { workload.stop() }
+            let checkpoint = Harness.scratch("refused") + "/ckpt"
+            #expect(try Harness.stasis("dump", "\(workload.pid)", "-D", checkpoint, "--leave-running").succeeded)
+            let reference = "\(registry.host)/jobs/refused:one"
+
+            let anonymous = try registry.stasis(["push", checkpoint, reference], environment: ["REGISTRY_AUTH_FILE": registry.root + "/none.json", "HOME": registry.root])
+            #expect(anonymous.status == 1 && anonymous.stderr.contains("refused access (401)") && anonymous.stderr.contains("podman login"), "\(anonymous.stderr)")
+
+            let missing = try registry.stasis(["pull", "\(registry.host)/jobs/refused:nothing", "-D", Harness.scratch("refused") + "/none"])
+            #expect(missing.status == 1 && missing.stderr.contains("is not in the registry (404"), "\(missing.stderr)")
+            #expect(!FileSystem.exists(Harness.scratch("refused") + "/none"))
+
+            let untrusted = try Harness.stasis(["push", checkpoint, reference], environment: ["REGISTRY_AUTH_FILE": registry.authFile])
+            #expect(untrusted.status == 1 && untrusted.stderr.contains("certificate is refused") && untrusted.stderr.contains("--ca"), "\(untrusted.stderr)")
+
+            let plain = try Harness.stasis(["push", checkpoint, reference, "--plain-http"], environment: ["REGISTRY_AUTH_FILE": registry.authFile])
+            #expect(plain.status == 1 && !plain.stderr.contains("Fatal"), "\(plain.stderr)")
+
+            let notAReference = try registry.stasis(["push", checkpoint, "counter:latest"])
+            #expect(notAReference.status == 1 && notAReference.stderr.contains("not a registry reference"), "\(notAReference.stderr)")
+        }
+    }
+}

@@ -136,6 +136,20 @@ static int verify_peer(int verified, X509_STORE_CTX *store) {
     return verified;
 }
 
+// A context set up as far as `failed` says (NULL: all of it) into ours, or NULL with `error` when it failed
+// (the SSL_CTX freed) or memory ran out.
+static stasis_tls_context *wrap_context(SSL_CTX *ctx, const char *failed, char *error, size_t error_size) {
+    if (failed) {
+        put_error(error, error_size, failed);
+        SSL_CTX_free(ctx);
+        return NULL;
+    }
+    stasis_tls_context *context = calloc(1, sizeof *context);
+    if (!context) { SSL_CTX_free(ctx); snprintf(error, error_size, "out of memory"); return NULL; }
+    context->ctx = ctx;
+    return context;
+}
+
 stasis_tls_context *stasis_tls_context_new(int server, const char *certificate, const char *key,
                                            const uint8_t *pins, size_t pin_count, const char *ca_file,
                                            char *error, size_t error_size) {
@@ -162,17 +176,13 @@ stasis_tls_context *stasis_tls_context_new(int server, const char *certificate, 
         snprintf(what, sizeof what, "cannot use the CA certificates in %s", ca_file);
         failed = what;
     }
-    if (failed) {
-        put_error(error, error_size, failed);
-        SSL_CTX_free(ctx);
-        return NULL;
-    }
     // Both ends prove who they are; no session tickets (each migration is one connection).
-    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, verify_peer);
-    SSL_CTX_set_num_tickets(ctx, 0);
-    stasis_tls_context *context = calloc(1, sizeof *context);
-    if (!context) { SSL_CTX_free(ctx); snprintf(error, error_size, "out of memory"); return NULL; }
-    context->ctx = ctx;
+    if (!failed) {
+        SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, verify_peer);
+        SSL_CTX_set_num_tickets(ctx, 0);
+    }
+    stasis_tls_context *context = wrap_context(ctx, failed, error, error_size);
+    if (!context) return NULL;
     context->server = server;
     context->has_ca = ca_file != NULL;
     if (pin_count > 0) {
@@ -198,15 +208,9 @@ stasis_tls_context *stasis_tls_web_context_new(const char *ca_file, char *error,
         snprintf(what, sizeof what, "cannot use the CA certificates in %s", ca_file);
         failed = what;
     }
-    if (failed) {
-        put_error(error, error_size, failed);
-        SSL_CTX_free(ctx);
-        return NULL;
-    }
-    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
-    stasis_tls_context *context = calloc(1, sizeof *context);
-    if (!context) { SSL_CTX_free(ctx); snprintf(error, error_size, "out of memory"); return NULL; }
-    context->ctx = ctx;
+    if (!failed) SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
+    stasis_tls_context *context = wrap_context(ctx, failed, error, error_size);
+    if (!context) return NULL;
     context->has_ca = 1;
     context->web = 1;
     return context;

@@ -48,6 +48,29 @@ public enum BundleOperation {
 
     /// Records the hidden `.NAME.partial-PID-*` file that writing `output` makes, before it is made; nil
     /// without a store (then only the next writer of the same name removes what a killed one left).
+    /// One catalog entry per id: a second copy listed over the first would let `stasis rm` of either unlist
+    /// the chunks both use. `verb`: what the user ran ("import", "pull").
+    static func refuseListedTwice(_ id: String, in store: ChunkStore, verb: String) throws {
+        if let listed = StoreCatalog(store: store).entry(id: id), FileSystem.exists(listed.directory + "/" + Manifest.fileName) {
+            throw StasisError(.invalidArgument, "checkpoint \(id) is already in the store \(store.path), at \(listed.directory)",
+                              hint: "use that copy, or `stasis rm` it first, or \(verb) into another --store")
+        }
+    }
+
+    /// The end of every import (a bundle, a migration's, a registry's pull): the manifest written naming the
+    /// store its chunks are now in, listed in that store's catalog before the directory appears (from then
+    /// on gc keeps its chunks), and the directory published. `catalog` is set once listed, for the caller's
+    /// undo should the publish fail.
+    static func publishImported(_ manifest: inout Manifest, store: ChunkStore?, staging: StagingDirectory, catalog: inout StoreCatalog?) throws {
+        if let store { manifest.store!.path = store.path }
+        try FileSystem.writeAtomically(try Manifest.encoder().encode(manifest), to: staging.path + "/" + Manifest.fileName)
+        if let store {
+            catalog = StoreCatalog(store: store)
+            try catalog!.register(manifest, directory: staging.destination)
+        }
+        try staging.publish()
+    }
+
     static func recordPartials(of output: String, in store: ChunkStore?) throws -> StoreWriter? {
         guard let store else { return nil }
         do {
@@ -115,22 +138,10 @@ public enum BundleOperation {
                 let opened = try Backends().openStore(explicit, create: true)
                 lock = try opened.lock(exclusive: false)
                 store = opened
-                // One catalog entry per id: a second copy listed over the first would let `stasis rm` of either
-                // unlist the chunks both use.
-                if let listed = StoreCatalog(store: opened).entry(id: manifest.id), FileSystem.exists(listed.directory + "/" + Manifest.fileName) {
-                    throw StasisError(.invalidArgument, "checkpoint \(manifest.id) is already in the store \(opened.path), at \(listed.directory)",
-                                      hint: "use that copy, or `stasis rm` it first, or import into another --store")
-                }
+                try refuseListedTwice(manifest.id, in: opened, verb: "import")
             }
             let statistics = try reader.extract(into: staging.path, store: store, chunksMayBeInStore: chunksMayBeInStore)
-            if let store { manifest.store!.path = store.path }
-            try FileSystem.writeAtomically(try Manifest.encoder().encode(manifest), to: staging.path + "/" + Manifest.fileName)
-            if let store {
-                // Listed before the directory appears, so that from then on gc keeps its chunks.
-                catalog = StoreCatalog(store: store)
-                try catalog!.register(manifest, directory: staging.destination)
-            }
-            try staging.publish()
+            try publishImported(&manifest, store: store, staging: staging, catalog: &catalog)
             return ImportReport(directory: staging.destination, bundle: reader.path, id: manifest.id, store: store?.path,
                                 statistics: statistics, seconds: watch.seconds)
         } catch {

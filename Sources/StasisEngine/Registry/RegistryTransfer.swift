@@ -181,10 +181,7 @@ public enum RegistryTransfer {
         do {
             let lock = try store?.lock(exclusive: false)
             defer { lock?.release() }
-            if let store, let listed = StoreCatalog(store: store).entry(id: manifest.id), FileSystem.exists(listed.directory + "/" + Manifest.fileName) {
-                throw StasisError(.invalidArgument, "checkpoint \(manifest.id) is already in the store \(store.path), at \(listed.directory)",
-                                  hint: "use that copy, or `stasis rm` it first, or pull into another --store")
-            }
+            if let store { try BundleOperation.refuseListedTwice(manifest.id, in: store, verb: "pull") }
             let wholeFiles = manifest.files.filter { $0.chunks == nil }
             var missing: [(String, CheckpointArtifact.Descriptor)] = []
             var present = 0
@@ -226,14 +223,7 @@ public enum RegistryTransfer {
                 }
             }
             _ = try receiver?.finish()
-            if let store { manifest.store!.path = store.path }
-            try FileSystem.writeAtomically(try Manifest.encoder().encode(manifest), to: staging.path + "/" + Manifest.fileName)
-            if let store {
-                // Listed before the directory appears, so that from then on gc keeps its chunks.
-                catalog = StoreCatalog(store: store)
-                try catalog!.register(manifest, directory: staging.destination)
-            }
-            try staging.publish()
+            try BundleOperation.publishImported(&manifest, store: store, staging: staging, catalog: &catalog)
             let fetched = totals.withLock { $0 }
             return PullReport(reference: reference, digest: manifestDigest, directory: staging.destination, store: store?.path,
                               fetchedBlobs: fetched.blobs, fetchedBytes: fetched.bytes, presentChunks: present, seconds: watch.seconds)

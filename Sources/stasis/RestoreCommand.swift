@@ -1,4 +1,5 @@
 import ArgumentParser
+import StasisRegistry
 import StasisCore
 import StasisEngine
 
@@ -18,7 +19,7 @@ struct RestoreCommand: ParsableCommand {
         `stasis activate ROOT_PID` lets it run (not yet for checkpoints with GPU state, nor containers).
         """)
 
-    @Argument(help: "The checkpoint directory (or give it with -D, as dump and import take theirs).")
+    @Argument(help: "The checkpoint directory (or give it with -D, as dump and import take theirs), or a registry reference HOST[:PORT]/REPOSITORY[:TAG] to pull first (docs/REGISTRY.md).")
     var checkpoint: String?
 
     @Option(name: [.customShort("D"), .customLong("images-dir")], help: "The checkpoint directory, when not given as the argument.")
@@ -58,6 +59,8 @@ struct RestoreCommand: ParsableCommand {
     @Flag(name: .long, help: "Restore the tree and leave it stopped; `stasis activate ROOT_PID` lets it run.")
     var prepare = false
 
+    @OptionGroup var registry: RegistryOptions
+
     @OptionGroup var output: OutputOptions
 
     func validate() throws {
@@ -88,6 +91,15 @@ struct RestoreCommand: ParsableCommand {
     func run() throws {
         try Output.run(json: output.json) {
             var options = RestoreOperation.Options(directory: directory)
+            if let checkpoint, RegistryReference.looksLikeReference(checkpoint) {
+                // A local copy first: the one the store lists already, else one pulled now.
+                let (local, pulled) = try RegistryTransfer.localCopy(try registry.options(checkpoint, store: store.store))
+                if let pulled, !output.json {
+                    print("pulled \(pulled.reference) into \(local): \(pulled.fetchedBlobs) blobs (\(Format.bytes(pulled.fetchedBytes))), "
+                        + "\(pulled.presentChunks) chunks already here; \(Format.seconds(pulled.seconds))")
+                }
+                options.directory = local
+            }
             options.workDirectory = workDirectory
             options.keepLog = keepLog
             options.store = store.store

@@ -138,6 +138,94 @@ extension Integration {
             #expect(workload.verify().hasPrefix("PASS"))
         }
 
+        /// `stasis restore REF`: pulled into /var/lib/stasis/pulled/ID on first use, then restored from there
+        /// again without fetching anything.
+        @Test func aReferenceRestoresAndIsPulledOnlyOnce() throws {
+            let registry = try TestRegistry()
+            defer { registry.stop() }
+            let workload = try Workload("counter", ["--mem", "8"])
+            defer { workload.stop() }
+            let checkpoint = Harness.scratch("byref") + "/ckpt"
+            #expect(try Harness.stasis("dump", "\(workload.pid)", "-D", checkpoint, "--leave-running").succeeded)
+            let reference = "\(registry.host)/jobs/byref:one"
+            #expect(try registry.stasis(["push", checkpoint, reference]).succeeded)
+            let store = Harness.scratch("byref") + "/node-b-store"
+            var pulledDirectory = ""
+            defer { if !pulledDirectory.isEmpty { _ = try? Harness.stasis(["rm", pulledDirectory], environment: ["STASIS_STORE": store]) } }
+            for round in 0..<2 {
+                kill(workload.pid, SIGKILL)
+                #expect(Harness.waitGone(workload.pid))
+                let restore = try registry.stasis(["restore", reference], store: store)
+                #expect(restore.succeeded, "\(restore.stderr)")
+                #expect(restore.stdout.contains("pulled ") == (round == 0), "round \(round): \(restore.stdout)")
+                let restored = try #require(restore.stdout.split(separator: "\n").first { $0.hasPrefix("restored ") })
+                pulledDirectory = String(restored.dropFirst("restored ".count).prefix { $0 != ":" })
+                #expect(pulledDirectory.hasPrefix("/var/lib/stasis/pulled/"), "\(restore.stdout)")
+                #expect(workload.verify().hasPrefix("PASS"))
+            }
+        }
+
+        /// A registry that misbehaves (an answer of 500, a manifest over 4 MiB, a blob that is not what its
+        /// digest says): each is a clear error, and nothing is published on either side.
+        @Test func aRegistryThatMisbehavesIsRefusedAndNothingIsHalfPublished() throws {
+            let root = Harness.scratch("bad-registry")
+            let script = root + "/server.py"
+            try #"""
+            import hashlib, http.server, json, os, sys
+            config = b'{"not": "what its digest says"}'
+            claimed = "sha256:" + hashlib.sha256(b"something else").hexdigest()
+            mismatch = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.stasis.checkpoint.manifest.v1+json", "digest": claimed, "size": len(config)},
+                "layers": []}).encode()
+            class Handler(http.server.BaseHTTPRequestHandler):
+                protocol_version = "HTTP/1.1"
+                def log_message(self, *args): pass
+                def answer(self, status, body=b"", length=None):
+                    self.send_response(status)
+                    self.send_header("Content-Length", str(len(body) if length is None else length))
+                    self.end_headers()
+                    if self.command != "HEAD": self.wfile.write(body)
+                def do_HEAD(self): self.answer(404)
+                def do_POST(self): self.answer(500, json.dumps({"errors": [{"code": "UNKNOWN", "message": "disk on fire"}]}).encode())
+                def do_GET(self):
+                    if self.path.endswith("/manifests/big"): self.answer(200, b" " * (5 << 20))
+                    elif self.path.endswith("/manifests/mismatch"): self.answer(200, mismatch)
+                    elif "/blobs/" in self.path: self.answer(200, config)
+                    else: self.answer(404)
+            server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+            open(sys.argv[1] + ".tmp", "w").write(str(server.server_address[1]))
+            os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+            server.serve_forever()
+            """#.write(toFile: script, atomically: true, encoding: .utf8)
+            let server = Process()
+            server.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+            server.arguments = [script, root + "/port"]
+            try server.run()
+            defer { kill(server.processIdentifier, SIGKILL); server.waitUntilExit() }
+            var port = ""
+            for _ in 0..<100 where port.isEmpty {
+                port = (try? String(contentsOfFile: root + "/port", encoding: .utf8)) ?? ""
+                if port.isEmpty { usleep(50_000) }
+            }
+            let host = "127.0.0.1:\(port)"
+
+            let workload = try Workload("counter", ["--mem", "4"])
+            defer { workload.stop() }
+            let checkpoint = root + "/ckpt"
+            #expect(try Harness.stasis("dump", "\(workload.pid)", "-D", checkpoint, "--leave-running").succeeded)
+            let push = try Harness.stasis("push", checkpoint, "\(host)/jobs/x:one", "--plain-http")
+            #expect(push.status == 1 && push.stderr.contains("answered 500") && push.stderr.contains("disk on fire") && push.stderr.contains("try again"),
+                    "\(push.stderr)")
+
+            let store = root + "/store"
+            for (tag, why) in [("big", "more than the \(4 << 20) allowed"), ("mismatch", "does not match its digest")] {
+                let target = root + "/pulled-" + tag
+                let pull = try Harness.stasis(["pull", "\(host)/jobs/bad:\(tag)", "-D", target, "--plain-http"], environment: ["STASIS_STORE": store])
+                #expect(pull.status == 1 && pull.stderr.contains(why), "\(tag): \(pull.stderr)")
+                #expect(!FileSystem.exists(target), "\(tag): nothing published")
+            }
+        }
+
         /// A push killed after some blobs left no tag; run again, it sends only what is still missing.
         @Test func aPushKilledMidwayResumesWithoutResendingAndNeverTagsMissingBlobs() throws {
             let registry = try TestRegistry()

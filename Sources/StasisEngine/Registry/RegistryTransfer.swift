@@ -154,6 +154,28 @@ public enum RegistryTransfer {
 
     // MARK: pull
 
+    /// Where `stasis restore REF` puts what it pulls: a directory per checkpoint id.
+    public static let pulledRoot = "/var/lib/stasis/pulled"
+
+    /// A local copy of the checkpoint `options.reference` names, for a restore: the one the local store lists
+    /// already (by the checkpoint's id; nothing is fetched again), else one pulled into `pulledRoot`/ID.
+    public static func localCopy(_ options: Options) throws -> (directory: String, pulled: PullReport?) {
+        let session = try options.client().session()
+        let reference = options.reference.description
+        let (bytes, _, _) = try session.manifest(options.reference.reference, accept: [CheckpointArtifact.manifestMediaType])
+        let image = try CheckpointArtifact.decode(bytes, reference: reference)
+        let manifest = try Manifest.decode(Data(try session.blob(image.config.digest, maxBytes: 64 << 20)), path: "the checkpoint manifest of \(reference)")
+        if manifest.store != nil {
+            let store = try Backends().openStore(options.store, create: true)
+            if let listed = StoreCatalog(store: store).entry(id: manifest.id), FileSystem.exists(listed.directory + "/" + Manifest.fileName) {
+                return (listed.directory, nil)
+            }
+        }
+        try FileSystem.makePrivateDirectory(pulledRoot)
+        let directory = pulledRoot + "/" + manifest.id
+        return (directory, try pull(options, into: directory))
+    }
+
     public static func pull(_ options: Options, into destination: String) throws -> PullReport {
         let watch = Stopwatch()
         let client = try options.client()

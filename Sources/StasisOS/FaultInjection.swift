@@ -8,7 +8,7 @@ import StasisCore
 /// `point`-kill kills stasis there instead (`die`): "released" (agents released their device memory),
 /// "listed" (the catalog entry written, nothing published), "post-dump" (the tree frozen, nothing published),
 /// "published" (inside post-dump, just after the rename), "criu-exited", "manifest-rewritten" and "log-moved"
-/// (the steps after CRIU's exit, in that order), "push-blob" (a blob sent, the manifest not). `point`-stall stops there for good (`stall`): "chunk",
+/// (the steps after CRIU's exit, in that order), "push-blob" (a blob sent, the manifest not), "pull-round" (a round of chunks stored, nothing published). `point`-stall stops there for good (`stall`): "chunk",
 /// "receive" (a migration's receiver), "commit" (its source), "partial-written" (an export's file),
 /// "import-staged". `point`-pause waits 3 s there (`pause`): "receive", "commit", "committed".
 public enum FaultInjection {

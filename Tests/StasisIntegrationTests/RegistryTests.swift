@@ -226,6 +226,24 @@ extension Integration {
             }
         }
 
+        /// A pull killed after a round of chunks publishes nothing; run again, it fetches only the rest.
+        @Test func aPullKilledMidwayResumesWithTheChunksItStored() throws {
+            let registry = try TestRegistry()
+            defer { registry.stop() }
+            let workload = try Workload("counter", ["--mem", "160"])
+            defer { workload.stop() }
+            let checkpoint = Harness.scratch("pull-resume") + "/ckpt"
+            #expect(try Harness.stasis("dump", "\(workload.pid)", "-D", checkpoint, "--leave-running").succeeded)
+            let reference = "\(registry.host)/jobs/pull-resume:one"
+            #expect(try registry.stasis(["push", checkpoint, reference]).succeeded)
+            let store = Harness.scratch("pull-resume") + "/store", target = Harness.scratch("pull-resume") + "/pulled"
+            let killed = try registry.stasis(["pull", reference, "-D", target], store: store, environment: ["STASIS_FAULT": "pull-round-kill"])
+            #expect(!killed.succeeded && !FileSystem.exists(target), "nothing published: \(killed.stderr)")
+            let rerun = try registry.json(try registry.stasis(["pull", reference, "-D", target, "--json"], store: store))
+            #expect((rerun["presentChunks"] as? Int ?? 0) >= 64, "the first round is not fetched again: \(rerun)")
+            #expect(try Harness.stasis(["verify", target], environment: ["STASIS_STORE": store]).succeeded)
+        }
+
         /// A push killed after some blobs left no tag; run again, it sends only what is still missing.
         @Test func aPushKilledMidwayResumesWithoutResendingAndNeverTagsMissingBlobs() throws {
             let registry = try TestRegistry()

@@ -154,6 +154,9 @@ public enum RegistryTransfer {
 
     // MARK: pull
 
+    /// Chunks a pull fetches before it makes them durable and visible in the store (a round).
+    static let pullRound = 64
+
     /// Where `stasis restore REF` puts what it pulls: a directory per checkpoint id.
     public static let pulledRoot = "/var/lib/stasis/pulled"
 
@@ -220,31 +223,42 @@ public enum RegistryTransfer {
             for entry in wholeFiles where fileLayers[entry.path] == nil {
                 throw StasisError(.manifestInvalid, "\(reference) lists the file \(entry.path) but has no blob for it")
             }
-            let receiver = store.map { ChunkReceiver(store: $0) }
             let (lacking, layerOfFile, stagingPath) = (missing, fileLayers, staging.path)
             let totals = Locked((blobs: 1, bytes: UInt64(configBytes.count)))
-            let jobs = wholeFiles.count + lacking.count
-            let next = Locked(0)
-            try WorkerGroup.run(min(options.threads, max(1, jobs)), name: "stasis-pull") { _, failure in
-                let session = client.session()
-                while failure.error == nil, let index = next.takeNext(below: jobs) {
-                    if index < wholeFiles.count {
-                        let entry = wholeFiles[index]
-                        let layer = layerOfFile[entry.path]!
-                        let data = try session.blob(layer.digest, maxBytes: Int(min(entry.size, UInt64(Int.max))))
-                        try writeFile(data, entry, into: stagingPath, from: reference)
-                        totals.withLock { $0.blobs += 1; $0.bytes += UInt64(data.count) }
-                    } else {
-                        let (chunk, layer) = lacking[index - wholeFiles.count]
-                        let data = try session.blob(layer.digest, maxBytes: ChunkSink.scratchSize())
-                        try receiver!.submit(digest: chunk, length: data.count, from: reference) { buffer in
-                            data.withUnsafeBytes { buffer.copyMemory(from: $0) }
+            // The chunks arrive in rounds, each made durable and visible in the store as it ends: a pull that
+            // stops (killed, the network gone) keeps the rounds it finished, and run again fetches only the rest.
+            // The whole files come in the first round; they go to the staging directory, published at the end.
+            var start = 0
+            repeat {
+                let round = Array(lacking[start..<min(lacking.count, start + pullRound)])
+                let files = start == 0 ? wholeFiles : []
+                let receiver = store.map { ChunkReceiver(store: $0) }
+                let jobs = files.count + round.count
+                let next = Locked(0)
+                try WorkerGroup.run(min(options.threads, max(1, jobs)), name: "stasis-pull") { _, failure in
+                    let session = client.session()
+                    while failure.error == nil, let index = next.takeNext(below: jobs) {
+                        if index < files.count {
+                            let entry = files[index]
+                            let layer = layerOfFile[entry.path]!
+                            let data = try session.blob(layer.digest, maxBytes: Int(min(entry.size, UInt64(Int.max))))
+                            try writeFile(data, entry, into: stagingPath, from: reference)
+                            totals.withLock { $0.blobs += 1; $0.bytes += UInt64(data.count) }
+                        } else {
+                            let (chunk, layer) = round[index - files.count]
+                            let data = try session.blob(layer.digest, maxBytes: ChunkSink.scratchSize())
+                            try receiver!.submit(digest: chunk, length: data.count, from: reference) { buffer in
+                                data.withUnsafeBytes { buffer.copyMemory(from: $0) }
+                            }
+                            totals.withLock { $0.blobs += 1; $0.bytes += UInt64(data.count) }
                         }
-                        totals.withLock { $0.blobs += 1; $0.bytes += UInt64(data.count) }
                     }
                 }
-            }
-            _ = try receiver?.finish()
+                _ = try receiver?.finish()
+                start += round.count
+                // Tests end a pull here, a round of chunks stored and nothing published (STASIS_FAULT=pull-round-kill).
+                if !round.isEmpty { FaultInjection.die("pull-round") }
+            } while start < lacking.count
             try BundleOperation.publishImported(&manifest, store: store, staging: staging, catalog: &catalog)
             let fetched = totals.withLock { $0 }
             return PullReport(reference: reference, digest: manifestDigest, directory: staging.destination, store: store?.path,

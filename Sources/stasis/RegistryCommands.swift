@@ -47,6 +47,9 @@ struct PushCommand: ParsableCommand {
     @Argument(help: "Where to push it: HOST[:PORT]/REPOSITORY[:TAG].")
     var reference: String
 
+    @Flag(name: .long, help: "A container's checkpoint as the checkpoint image podman and CRI-O restore from (one layer: the archive `stasis export --archive` writes), instead of stasis's own artifact.")
+    var archive = false
+
     @OptionGroup var registry: RegistryOptions
 
     @OptionGroup var store: StoreOptions
@@ -55,7 +58,8 @@ struct PushCommand: ParsableCommand {
 
     func run() throws {
         try Output.run(json: output.json) {
-            let report = try RegistryTransfer.push(directory, try registry.options(reference, store: store.store))
+            let options = try registry.options(reference, store: store.store)
+            let report = try archive ? RegistryTransfer.pushArchive(directory, options) : RegistryTransfer.push(directory, options)
             if output.json { return Output.json(report) }
             print("pushed \(directory) as \(report.reference)@\(report.digest)")
             print("  blobs: \(report.sentBlobs) sent (\(Format.bytes(report.sentBytes))), \(report.presentBlobs) already there "

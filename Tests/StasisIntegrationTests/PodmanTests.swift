@@ -207,6 +207,32 @@ extension Integration {
         try Self.expectPodmanRestores(root + "/through-stasis.tar", replacing: name, past: again)
     }
 
+    /// stasis pushes a container's checkpoint as a checkpoint image (`push --archive`); podman pulls it from
+    /// the registry and restores the container from it, counting on from where it was.
+    @Test func podmanRestoresTheCheckpointImageStasisPushes() throws {
+        let registry = try TestRegistry()
+        defer { registry.stop() }
+        let fixture = try Fixture("image")
+        defer { fixture.remove() }
+        let (name, rootfs, root) = (fixture.name, fixture.rootfs, fixture.root)
+        let id = try Self.run(["inspect", "--format", "{{.ID}}", name]).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        let frozenAt = try Self.countNow(rootfs)
+        let dump = try Harness.stasis(["dump", "--container", id, "-D", root + "/dumped"], environment: ["STASIS_STORE": root + "/store"])
+        try #require(dump.succeeded, "\(dump.stderr)")
+        let reference = "\(registry.host)/jobs/\(name):one"
+        let push = try registry.stasis(["push", "--archive", root + "/dumped", reference], store: root + "/store")
+        try #require(push.succeeded, "\(push.stderr)")
+        let pull = try Self.run(["pull", "--tls-verify=false", "--creds", "stasis:s3cret", reference])
+        try #require(pull.succeeded, "\(pull.stderr)")
+        defer { _ = try? Self.run(["rmi", "-f", reference]) }
+        Self.remove(name)
+        // podman restores a checkpoint image only under the runtime it names, checked against its default.
+        let restored = try Self.run(["--runtime", "runc", "container", "restore", reference])
+        try #require(restored.succeeded, "podman could not restore the checkpoint image: \(restored.stderr)")
+        let first = Self.firstCount(try Self.mountpoint(name))
+        #expect((first ?? 0) >= frozenAt, "podman's restore counts from \(String(describing: first)), not from \(frozenAt)")
+    }
+
     /// The container `name` removed, podman restores `archive` in its place; the restored shell's first count
     /// must be past `frozenAt` (its memory came back).
     static func expectPodmanRestores(_ archive: String, replacing name: String, past frozenAt: Int) throws {

@@ -149,6 +149,65 @@ public enum RegistryTransfer {
                           sentBytes: sent.sentBytes, presentBlobs: sent.present, presentBytes: sent.presentBytes, seconds: watch.seconds)
     }
 
+    /// `stasis push --archive`: a container's checkpoint as the checkpoint image podman and CRI-O restore
+    /// from: an OCI image of one uncompressed layer, the checkpoint archive `stasis export --archive` writes,
+    /// annotated with the container's name under both engines' keys. Its blobs are sent as any push sends
+    /// them (only those the registry lacks; the manifest last).
+    public static func pushArchive(_ directory: String, _ options: Options) throws -> PushReport {
+        let watch = Stopwatch()
+        guard options.reference.digest == nil else {
+            throw StasisError(.invalidArgument, "push needs a tag, not a digest: \(options.reference)", hint: "name it REPOSITORY:TAG")
+        }
+        let manifest = try Checkpoint.readManifest(directory)
+        guard let container = manifest.container else {
+            throw StasisError(.invalidArgument, "\(directory) is a checkpoint of a process tree: a checkpoint image holds a container's",
+                              hint: "push it without --archive")
+        }
+        try FileSystem.makePrivateDirectory(archiveScratch)
+        let scratch = try FileSystem.makeTemporaryDirectory(in: archiveScratch, prefix: "push")
+        defer { FileSystem.removeTree(scratch) }
+        _ = try ArchiveOperation.export(directory, to: scratch + "/checkpoint.tar", store: options.store)
+        let layer = try FileSystem.readFile(scratch + "/checkpoint.tar")
+        let layerDigest = digest(of: layer)
+        let created = ISO8601DateFormatter().string(from: manifest.createdAt)
+        let config = try JSONSerialization.data(withJSONObject: [
+            "architecture": "amd64", "os": "linux", "created": created,
+            "rootfs": ["type": "layers", "diff_ids": [layerDigest]], "config": [String: String](),
+        ], options: [.sortedKeys, .withoutEscapingSlashes])
+        let session = try options.client().session()
+        var totals = (sent: 0, sentBytes: UInt64(0), present: 0, presentBytes: UInt64(0))
+        for blob in [layer, config] {
+            let blobDigest = digest(of: blob)
+            if try session.hasBlob(blobDigest) {
+                (totals.present, totals.presentBytes) = (totals.present + 1, totals.presentBytes + UInt64(blob.count))
+            } else {
+                try blob.withUnsafeBytes { try session.pushBlob($0, digest: blobDigest) }
+                (totals.sent, totals.sentBytes) = (totals.sent + 1, totals.sentBytes + UInt64(blob.count))
+            }
+        }
+        var annotations = CheckpointArtifact.annotations(for: manifest)
+        // The keys podman 4 reads (it restores only an image naming the runtime it runs), the newer
+        // org.criu.checkpoint ones, and CRI-O's name.
+        for prefix in ["io.podman.annotations.checkpoint.", "org.criu.checkpoint."] {
+            annotations[prefix + "name"] = container.id
+            annotations[prefix + "runtime.name"] = container.runtime
+            annotations[prefix + "criu.version"] = manifest.criu.version
+        }
+        annotations["io.kubernetes.cri-o.annotations.checkpoint.name"] = container.id
+        var image = CheckpointArtifact.ImageManifest(
+            config: .init(mediaType: "application/vnd.oci.image.config.v1+json", digest: digest(of: config), size: config.count),
+            layers: [.init(mediaType: "application/vnd.oci.image.layer.v1.tar", digest: layerDigest, size: layer.count)],
+            annotations: annotations)
+        image.artifactType = nil
+        let manifestDigest = try session.putManifest(try CheckpointArtifact.encode(image), mediaType: CheckpointArtifact.manifestMediaType,
+                                                     reference: options.reference.tag ?? "latest")
+        return PushReport(reference: options.reference.description, digest: manifestDigest, blobs: 2, sentBlobs: totals.sent,
+                          sentBytes: totals.sentBytes, presentBlobs: totals.present, presentBytes: totals.presentBytes, seconds: watch.seconds)
+    }
+
+    /// Where `pushArchive` writes the archive it sends (private, removed after).
+    static let archiveScratch = "/var/lib/stasis/push"
+
     static func digest(of data: Data) -> String { "sha256:" + SHA256.hash(data: data).map { String(format: "%02x", $0) }.joined() }
     static func digest(of bytes: UnsafeRawBufferPointer) -> String { "sha256:" + SHA256.hash(data: bytes).map { String(format: "%02x", $0) }.joined() }
 

@@ -11,6 +11,9 @@ public enum ProcFS {
         /// R, S, D, Z, T, ...
         public var state: Character
         public var ppid: Int32
+        /// Its process group and session (fields 5 and 6).
+        public var pgrp: Int32 = 0
+        public var session: Int32 = 0
         /// The kernel's PF_* flags.
         public var flags: UInt32
         /// When it started, in clock ticks since boot (field 22): with the PID, what names this very process.
@@ -27,8 +30,8 @@ public enum ProcFS {
         let command = String(text[text.index(after: open)..<close])
         let rest = text[text.index(close, offsetBy: 2)...].split(separator: " ")
         guard rest.count > 6, let state = rest[0].first, let ppid = Int32(rest[1]) else { return nil }
-        return Stat(pid: pid, command: command, state: state, ppid: ppid, flags: UInt32(rest[6]) ?? 0,
-                    startTime: rest.count > 19 ? UInt64(rest[19]) : nil)
+        return Stat(pid: pid, command: command, state: state, ppid: ppid, pgrp: Int32(rest[2]) ?? 0, session: Int32(rest[3]) ?? 0,
+                    flags: UInt32(rest[6]) ?? 0, startTime: rest.count > 19 ? UInt64(rest[19]) : nil)
     }
 
     /// A /proc file's text. Decoded leniently: file names in maps and commands in stat may hold bytes that

@@ -137,6 +137,40 @@ extension Integration {
             try expectAdvice(dumping: helper.pids[0], "part of the job runs in namespaces of its own")
         }
 
+        /// A process outside the dumped tree still in the session its root led keeps the root's PID taken
+        /// (without a process of that PID): the restore says so instead of CRIU's "Can't fork: File exists".
+        @Test func aRestoreWhosePIDStillNamesASession() throws {
+            // The root leads its own session; a grandchild leaves the tree (its parent exits) but keeps the session.
+            let helper = try Helper(python: """
+            import os, signal, sys, time
+            if os.fork() == 0:
+                os.closerange(3, 4096)
+                os.setsid()
+                if os.fork() == 0:
+                    if os.fork() == 0:
+                        os.execv("/bin/sleep", ["sleep", "300"])
+                    os._exit(0)
+                os.wait()
+                \(Self.reportPID("os.getpid()"))
+                os.execv("/bin/sleep", ["sleep", "301"])
+            signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # its child, ended by the dump, is reaped at once
+            time.sleep(300)
+            """)
+            let root = helper.pids[0]
+            defer {
+                for pid in ProcFS.allPIDs() where ProcFS.stat(pid)?.session == root { kill(pid, SIGKILL) }
+                helper.stop()
+            }
+            let checkpoint = Harness.scratch("advice-session") + "/image"
+            let dump = try Harness.stasis("dump", "\(root)", "-D", checkpoint)
+            try #require(dump.succeeded, "\(dump.stderr)")
+            #expect(Harness.waitGone(root))
+            let restore = try Harness.stasis("restore", checkpoint)
+            #expect(restore.status == 1)
+            #expect(restore.stderr.contains("PID \(root) is still the session of PID") && !restore.stderr.contains("File exists"), "\(restore.stderr)")
+            #expect(!ProcFS.isLive(root), "nothing was restored")
+        }
+
         @Test func aRestoreWhoseOpenFileWasRemoved() throws {
             let workload = try Workload("counter", ["--mem", "4"])
             defer { workload.stop() }

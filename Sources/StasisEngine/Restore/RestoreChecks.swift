@@ -33,6 +33,30 @@ extension RestoreOperation {
                                   hint: "restored processes keep their PIDs: stop PID \(process.pid) first (if it is the original, still running after a --leave-running dump, restore once it exits), or restore in a PID namespace of its own (unshare --pid --fork --mount-proc stasis restore ...; a same-host migration's receiver: docs/MIGRATION.md)")
             }
         }
+        try waitForFreeGroups(tree, seconds: seconds)
+    }
+
+    /// A PID also stays taken while another process has it as its process group or session: the original
+    /// tree's children, killed with it and not yet reaped by init (zombies), keep the session and group its
+    /// root led, and CRIU's fork of the root then fails with "File exists" though no process has that PID
+    /// (seen on a VM whose init reaps orphans slowly). Waits for such zombies; refuses when one runs.
+    static func waitForFreeGroups(_ tree: Manifest.ProcessTree, seconds: Double) throws {
+        let pids = Set(tree.processes.map(\.pid))
+        let deadline = Stopwatch()
+        while true {
+            let holders = ProcFS.allPIDs().filter { !pids.contains($0) }.compactMap(ProcFS.stat)
+                .filter { pids.contains($0.pgrp) || pids.contains($0.session) }
+            guard let holder = holders.first(where: { $0.state != "Z" && $0.state != "X" }) ?? holders.first else { return }
+            let zombie = holder.state == "Z" || holder.state == "X"
+            if zombie && deadline.seconds < seconds {
+                Thread.sleep(forTimeInterval: 0.02)
+                continue
+            }
+            let held = pids.contains(holder.session) ? holder.session : holder.pgrp
+            let what = zombie ? "a zombie not yet reaped" : "'\(ProcFS.arguments(holder.pid).joined(separator: " ").prefix(120))', which runs"
+            throw StasisError(.pidInUse, "restore refused: PID \(held) is still the \(held == holder.session ? "session" : "process group") of PID \(holder.pid), \(what)",
+                              hint: "restored processes keep their PIDs, and a PID stays taken while it names a session or group: stop PID \(holder.pid) first, or restore in a PID namespace of its own (unshare --pid --fork --mount-proc stasis restore ...)")
+        }
     }
 
     /// CRIU binds the checkpoint's listening sockets again; TIME_WAIT sockets on their addresses (connections

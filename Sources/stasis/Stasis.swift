@@ -18,7 +18,8 @@ struct Stasis: ParsableCommand {
         checkpointed through runc (dump --container), and exchanged with podman and CRI-O as checkpoint \
         archives (export --archive, import; plain, zstd or gzip); inspect also reads containerd's checkpoint \
         images. `stasis migrate` moves a running job to a host that runs `stasis serve`, sending only the chunks \
-        that host lacks, over TLS 1.3 with --tls. Run as root.
+        that host lacks, over TLS 1.3 with --tls. `stasis push` and `stasis pull` move checkpoints through an OCI \
+        registry, and `stasis restore` takes a registry reference too. Run as root.
         """,
         version: StasisVersion.current,
         subcommands: [RunCommand.self, CheckCommand.self, DumpCommand.self, RestoreCommand.self, ActivateCommand.self, ResumeCommand.self, InspectCommand.self, VerifyCommand.self,

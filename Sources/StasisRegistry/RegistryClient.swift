@@ -110,15 +110,23 @@ public final class RegistrySession {
 
     // MARK: the exchange: authentication, redirects
 
+    /// How often a request the registry answers 429 or 503 (too busy) is sent again, and the first pause
+    /// (doubled each time, or the registry's Retry-After in seconds, up to `maxBackOff`).
+    static let busyRetries = 5
+    static let firstBackOff = 0.5
+    static let maxBackOff = 10.0
+
     /// One request to the registry, authenticated as the registry asks (once per 401 challenge), following
-    /// redirects (GET and HEAD) without the registry's credentials to another host.
+    /// redirects (GET and HEAD) without the registry's credentials to another host, and backing off while
+    /// the registry says it is too busy (429, 503): a fleet pulling at once must slow down, not fail.
     private func send(_ method: String, _ target: String, headers: [(String, String)] = [], body: UnsafeRawBufferPointer? = nil,
                       maxBody: Int, what: String) throws -> HTTPResponse {
         var endpoint = client.endpoint
         var target = target
         if let absolute = HTTPEndpoint.parse(url: target) { (endpoint, target) = absolute }
         var challenged = false
-        for _ in 0..<6 {
+        var busy = 0
+        for _ in 0..<(6 + Self.busyRetries) {
             var all = headers
             if endpoint == client.endpoint, let authorization = client.authorization.withLock({ $0 }) { all.append(("Authorization", authorization)) }
             let response = try connection(endpoint).exchange(method, target, headers: all, body: body, maxBody: maxBody)
@@ -135,6 +143,12 @@ public final class RegistrySession {
                 } else {
                     throw StasisError(.io, "\(what): the registry redirected to \(Format.printable(location)), which stasis cannot follow")
                 }
+                continue
+            }
+            if response.status == 429 || response.status == 503, busy < Self.busyRetries {
+                let asked = response.header("retry-after").flatMap(Double.init)
+                Thread.sleep(forTimeInterval: min(Self.maxBackOff, asked ?? Self.firstBackOff * Double(1 << busy)))
+                busy += 1
                 continue
             }
             return response

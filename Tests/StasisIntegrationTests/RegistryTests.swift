@@ -187,8 +187,19 @@ extension Integration {
                     if self.command != "HEAD": self.wfile.write(body)
                 def do_HEAD(self): self.answer(404)
                 def do_POST(self): self.answer(500, json.dumps({"errors": [{"code": "UNKNOWN", "message": "disk on fire"}]}).encode())
+                busy = 0
                 def do_GET(self):
-                    if self.path.endswith("/manifests/big"): self.answer(200, b" " * (5 << 20))
+                    if self.path.endswith("/manifests/busy"):
+                        # Too busy twice (the second time with a Retry-After), then missing: a client that backs off gets the 404.
+                        Handler.busy += 1
+                        if Handler.busy <= 2:
+                            self.send_response(429 if Handler.busy == 1 else 503)
+                            if Handler.busy == 2: self.send_header("Retry-After", "1")
+                            self.send_header("Content-Length", "0")
+                            self.end_headers()
+                        else:
+                            self.answer(404)
+                    elif self.path.endswith("/manifests/big"): self.answer(200, b" " * (5 << 20))
                     elif self.path.endswith("/manifests/mismatch"): self.answer(200, mismatch)
                     elif "/blobs/" in self.path: self.answer(200, config)
                     else: self.answer(404)
@@ -218,6 +229,11 @@ extension Integration {
                     "\(push.stderr)")
 
             let store = root + "/store"
+            // A registry too busy (429, then 503 with Retry-After: 1) is waited for, not failed on.
+            let watch = Date()
+            let busy = try Harness.stasis(["pull", "\(host)/jobs/bad:busy", "-D", root + "/pulled-busy", "--plain-http"], environment: ["STASIS_STORE": store])
+            #expect(busy.status == 1 && busy.stderr.contains("404"), "backed off, then the registry's answer: \(busy.stderr)")
+            #expect(Date().timeIntervalSince(watch) >= 1.4, "waited 0.5 s, then the 1 s the registry asked for")
             for (tag, why) in [("big", "more than the \(4 << 20) allowed"), ("mismatch", "does not match its digest")] {
                 let target = root + "/pulled-" + tag
                 let pull = try Harness.stasis(["pull", "\(host)/jobs/bad:\(tag)", "-D", target, "--plain-http"], environment: ["STASIS_STORE": store])

@@ -2,8 +2,8 @@
 # What the test suite needs beside the build: runc (the container tests drive it), a static busybox (their
 # containers' root filesystem), ip and nsenter (the migration tests' second host is a network namespace),
 # podman and crun, and containerd (real engines at the other end of stasis's archives), and CNCF
-# distribution (docker-registry), htpasswd and skopeo (the registry tests' registry, its users, and a second
-# reader of what stasis pushes). Installs
+# distribution (docker-registry), htpasswd, skopeo and openssl (the registry tests' registry, its users, a
+# second reader of what stasis pushes, and its certificate). Installs
 # Debian's packages with apt when they are missing; does nothing when they are there.
 # --no-install-recommends: runc recommends Debian's CRIU 3.17, which does not work on this kernel
 # (scripts/install-criu.sh installs CRIU 4.x in /usr/local, first on the PATH).
@@ -18,6 +18,7 @@ command -v containerd >/dev/null || missing+=(containerd)
 command -v docker-registry >/dev/null || missing+=(docker-registry)
 command -v htpasswd >/dev/null || missing+=(apache2-utils)
 command -v skopeo >/dev/null || missing+=(skopeo)
+command -v openssl >/dev/null || missing+=(openssl)
 (( ${#missing[@]} == 0 )) && exit 0
 echo "install-test-deps: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive

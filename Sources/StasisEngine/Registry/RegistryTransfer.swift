@@ -90,41 +90,37 @@ public enum RegistryTransfer {
             let plain = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkSize, alignment: 4096)
             let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: ChunkSink.scratchSize(chunkSize: chunkSize), alignment: 4096)
             defer { plain.deallocate(); scratch.deallocate() }
-            while failure.error == nil, let index = next.takeNext(below: sources.count) {
-                let descriptor: CheckpointArtifact.Descriptor
-                let bytes: UnsafeRawBufferPointer
-                var data = Data()
-                switch sources[index] {
-                case .file(let entry):
-                    data = try FileSystem.readFile(directory + "/" + entry.path)
-                    guard UInt64(data.count) == entry.size else {
-                        throw StasisError(.integrity, "\(directory)/\(entry.path) holds \(data.count) bytes, the manifest says \(entry.size)",
-                                          hint: "run `stasis verify \(directory)`")
-                    }
-                    descriptor = .init(mediaType: CheckpointArtifact.fileMediaType, digest: digest(of: data), size: data.count,
-                                       annotations: [CheckpointArtifact.titleAnnotation: entry.path])
-                    bytes = UnsafeRawBufferPointer(start: nil, count: 0)
-                case .chunk(let chunk, let place):
-                    // Read whole and checked: a damaged chunk is never pushed.
-                    let stored = try store!.read(chunk, into: UnsafeMutableRawBufferPointer(rebasing: plain[0..<place.length]),
-                                                 scratch: scratch, place: place, fileInScratch: true)
-                    bytes = UnsafeRawBufferPointer(rebasing: scratch[0..<stored])
-                    descriptor = .init(mediaType: CheckpointArtifact.chunkMediaType, digest: digest(of: bytes), size: stored,
-                                       annotations: [CheckpointArtifact.chunkAnnotation: chunk])
-                }
+            /// Sends one layer's bytes unless the registry has them; records its descriptor at `index`.
+            func send(_ bytes: UnsafeRawBufferPointer, mediaType: String, annotations: [String: String], index: Int) throws {
+                let descriptor = CheckpointArtifact.Descriptor(mediaType: mediaType, digest: digest(of: bytes), size: bytes.count, annotations: annotations)
                 if try session.hasBlob(descriptor.digest) {
-                    totals.withLock { $0.present += 1; $0.presentBytes += UInt64(descriptor.size) }
+                    totals.withLock { $0.present += 1; $0.presentBytes += UInt64(bytes.count) }
                 } else {
-                    if data.isEmpty {
-                        try session.pushBlob(bytes, digest: descriptor.digest)
-                    } else {
-                        try data.withUnsafeBytes { try session.pushBlob($0, digest: descriptor.digest) }
-                    }
-                    totals.withLock { $0.sent += 1; $0.sentBytes += UInt64(descriptor.size) }
+                    try session.pushBlob(bytes, digest: descriptor.digest)
+                    totals.withLock { $0.sent += 1; $0.sentBytes += UInt64(bytes.count) }
                     // Tests end a push here, some blobs sent and no manifest (STASIS_FAULT=push-blob-kill).
                     FaultInjection.die("push-blob")
                 }
                 layers.withLock { $0[index] = descriptor }
+            }
+            while failure.error == nil, let index = next.takeNext(below: sources.count) {
+                switch sources[index] {
+                case .file(let entry):
+                    let data = try FileSystem.readFile(directory + "/" + entry.path)
+                    guard UInt64(data.count) == entry.size else {
+                        throw StasisError(.integrity, "\(directory)/\(entry.path) holds \(data.count) bytes, the manifest says \(entry.size)",
+                                          hint: "run `stasis verify \(directory)`")
+                    }
+                    try data.withUnsafeBytes {
+                        try send($0, mediaType: CheckpointArtifact.fileMediaType, annotations: [CheckpointArtifact.titleAnnotation: entry.path], index: index)
+                    }
+                case .chunk(let chunk, let place):
+                    // Read whole and checked: a damaged chunk is never pushed.
+                    let stored = try store!.read(chunk, into: UnsafeMutableRawBufferPointer(rebasing: plain[0..<place.length]),
+                                                 scratch: scratch, place: place, fileInScratch: true)
+                    try send(UnsafeRawBufferPointer(rebasing: scratch[0..<stored]), mediaType: CheckpointArtifact.chunkMediaType,
+                             annotations: [CheckpointArtifact.chunkAnnotation: chunk], index: index)
+                }
             }
         }
         let session = client.session()

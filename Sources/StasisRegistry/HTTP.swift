@@ -95,7 +95,11 @@ final class HTTPConnection {
         if !noBody {
             if response.header("transfer-encoding")?.lowercased().contains("chunked") == true {
                 response.body = try readChunked(connection, maxBody: maxBody)
-            } else if let length = response.header("content-length").flatMap(Int.init) {
+            } else if let text = response.header("content-length") {
+                guard let length = Int(text), length >= 0 else {
+                    close()
+                    throw StasisError(.io, "\(method) \(target) at \(endpoint.authority): the answer's Content-Length \(Format.printable(String(text.prefix(40)))) is not a length")
+                }
                 guard length <= maxBody else {
                     close()
                     throw StasisError(.io, "\(method) \(target) at \(endpoint.authority): the answer holds \(length) bytes, more than the \(maxBody) allowed")
@@ -176,7 +180,7 @@ final class HTTPConnection {
                 while !(try readLine(connection)).isEmpty {}  // trailers
                 return body
             }
-            guard body.count + size <= maxBody else {
+            guard size <= maxBody - body.count else {
                 close()
                 throw StasisError(.io, "\(endpoint.authority) sent an answer larger than the \(maxBody) bytes allowed")
             }

@@ -199,6 +199,13 @@ extension Integration {
                             self.end_headers()
                         else:
                             self.answer(404)
+                    elif self.path.endswith("/manifests/negative"): self.answer(200, b"{}", length=-5)
+                    elif self.path.endswith("/manifests/hugechunk"):
+                        self.send_response(200)
+                        self.send_header("Transfer-Encoding", "chunked")
+                        self.end_headers()
+                        self.wfile.write(b"7fffffffffffffff\r\n{}")
+                        self.close_connection = True
                     elif self.path.endswith("/manifests/big"): self.answer(200, b" " * (5 << 20))
                     elif self.path.endswith("/manifests/mismatch"): self.answer(200, mismatch)
                     elif "/blobs/" in self.path: self.answer(200, config)
@@ -234,7 +241,8 @@ extension Integration {
             let busy = try Harness.stasis(["pull", "\(host)/jobs/bad:busy", "-D", root + "/pulled-busy", "--plain-http"], environment: ["STASIS_STORE": store])
             #expect(busy.status == 1 && busy.stderr.contains("404"), "backed off, then the registry's answer: \(busy.stderr)")
             #expect(Date().timeIntervalSince(watch) >= 1.4, "waited 0.5 s, then the 1 s the registry asked for")
-            for (tag, why) in [("big", "more than the \(4 << 20) allowed"), ("mismatch", "does not match its digest")] {
+            for (tag, why) in [("big", "more than the \(4 << 20) allowed"), ("mismatch", "does not match its digest"),
+                               ("negative", "is not a length"), ("hugechunk", "larger than the \(4 << 20) bytes allowed")] {
                 let target = root + "/pulled-" + tag
                 let pull = try Harness.stasis(["pull", "\(host)/jobs/bad:\(tag)", "-D", target, "--plain-http"], environment: ["STASIS_STORE": store])
                 #expect(pull.status == 1 && pull.stderr.contains(why), "\(tag): \(pull.stderr)")

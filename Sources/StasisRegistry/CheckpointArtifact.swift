@@ -1,5 +1,18 @@
+import Crypto
 import Foundation
 import StasisCore
+import StasisOS
+
+/// An OCI blob's name: "sha256:" and the SHA-256 of its bytes in lowercase hex.
+public enum BlobDigest {
+    public static func of(_ bytes: UnsafeRawBufferPointer) -> String { "sha256:" + SegmentedDigest.hex(SHA256.hash(data: bytes)) }
+    public static func of<Bytes: ContiguousBytes>(_ bytes: Bytes) -> String { bytes.withUnsafeBytes { of($0) } }
+
+    /// Whether `text` is such a name (anything else a registry or a reference gives is refused).
+    public static func isValid(_ text: String) -> Bool {
+        text.hasPrefix("sha256:") && text.count == 71 && text.dropFirst(7).allSatisfy { $0.isHexDigit && !$0.isUppercase }
+    }
+}
 
 /// How a checkpoint lies in a registry: one OCI image manifest (artifact type `artifactType`) whose config
 /// is the checkpoint's manifest.json and whose layers are its blobs: each whole file, and each stored chunk
@@ -76,13 +89,9 @@ public enum CheckpointArtifact {
             throw StasisError(.manifestInvalid, "\(reference) is not a stasis checkpoint (its config is \(Format.printable(manifest.config.mediaType)))",
                               hint: "a container image? stasis pulls what `stasis push` pushed")
         }
-        for layer in manifest.layers + [manifest.config] where !isDigest(layer.digest) || layer.size < 0 {
+        for layer in manifest.layers + [manifest.config] where !BlobDigest.isValid(layer.digest) || layer.size < 0 {
             throw StasisError(.manifestInvalid, "the manifest of \(reference) names a blob \(Format.printable(layer.digest)) that is not a SHA-256 digest")
         }
         return manifest
-    }
-
-    static func isDigest(_ text: String) -> Bool {
-        text.hasPrefix("sha256:") && text.count == 71 && text.dropFirst(7).allSatisfy { $0.isHexDigit && !$0.isUppercase }
     }
 }

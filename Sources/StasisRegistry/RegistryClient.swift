@@ -62,11 +62,19 @@ public final class RegistrySession {
         guard put.status == 201 else { throw failure(put, "uploading blob \(digest) (\(bytes.count) bytes)") }
     }
 
+    /// Uploads the blob unless the repository has it already; true when it was sent.
+    @discardableResult
+    public func pushBlobIfMissing(_ bytes: UnsafeRawBufferPointer, digest: String) throws -> Bool {
+        if try hasBlob(digest) { return false }
+        try pushBlob(bytes, digest: digest)
+        return true
+    }
+
     /// A blob's bytes, checked against its digest; at most `maxBytes`.
     public func blob(_ digest: String, maxBytes: Int) throws -> [UInt8] {
         let response = try send("GET", "/v2/\(repository)/blobs/\(digest)", maxBody: maxBytes, what: "fetching blob \(digest)")
         guard response.status == 200 else { throw failure(response, "fetching blob \(digest)") }
-        let actual = "sha256:" + SHA256.hash(data: response.body).map { String(format: "%02x", $0) }.joined()
+        let actual = BlobDigest.of(response.body)
         guard actual == digest else {
             throw StasisError(.integrity, "blob \(digest) from \(client.reference.registry)/\(repository) does not match its digest (it hashes to \(actual))",
                               hint: "the registry's copy is damaged, or something between changed it; nothing was used")
@@ -84,7 +92,7 @@ public final class RegistrySession {
                      what: "putting the manifest \(reference)")
         }
         guard response.status == 201 else { throw failure(response, "putting the manifest \(client.reference.registry)/\(repository):\(reference)") }
-        return response.header("docker-content-digest") ?? Self.digest(bytes)
+        return response.header("docker-content-digest") ?? BlobDigest.of(bytes)
     }
 
     /// The manifest named by `reference` (a tag or a digest): its bytes, media type and digest. A digest
@@ -99,14 +107,13 @@ public final class RegistrySession {
             }
             throw failure(response, "fetching the manifest \(client.reference)")
         }
-        let digest = Self.digest(response.body)
+        let digest = BlobDigest.of(response.body)
         if reference.hasPrefix("sha256:"), digest != reference {
             throw StasisError(.integrity, "the manifest of \(client.reference) hashes to \(digest), not \(reference)")
         }
         return (response.body, response.header("content-type") ?? "", digest)
     }
 
-    static func digest(_ bytes: [UInt8]) -> String { "sha256:" + SHA256.hash(data: bytes).map { String(format: "%02x", $0) }.joined() }
 
     // MARK: the exchange: authentication, redirects
 

@@ -34,7 +34,7 @@ public struct RegistryReference: Sendable, Equatable, CustomStringConvertible {
         var rest = Substring(text)
         if let at = rest.firstIndex(of: "@") {
             let digest = String(rest[rest.index(after: at)...])
-            guard digest.hasPrefix("sha256:"), digest.count == 71, digest.dropFirst(7).allSatisfy({ $0.isHexDigit && !$0.isUppercase }) else {
+            guard BlobDigest.isValid(digest) else {
                 throw refuse("the digest must be sha256: and 64 lowercase hex digits")
             }
             self.digest = digest

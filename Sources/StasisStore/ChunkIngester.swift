@@ -57,6 +57,7 @@ public final class ChunkIngester: @unchecked Sendable {
     private struct Job {
         var name: String
         var index: Int
+        /// Where a job read from its file starts in it.
         var offset: UInt64
         var length: Int
         /// A streamed file's chunk, already in memory (the worker gives the buffer back); nil: read it from the file.
@@ -71,8 +72,6 @@ public final class ChunkIngester: @unchecked Sendable {
         var scanned = 0
         var index = 0
         var size: UInt64 = 0
-        /// Bytes of the file in chunks queued so far (where the next one starts).
-        var queued: UInt64 = 0
         var ended = false
         /// A file in `directory` read as a stream (content-defined chunks), not bytes from a socket.
         var followed = false
@@ -295,10 +294,10 @@ public final class ChunkIngester: @unchecked Sendable {
         while queue.count >= running * 2 && failure == nil && !closed { condition.wait() }
         if let failure { throw failure }
         if closed { throw StasisError(.interrupted, "\(directory)/\(name): the chunking was stopped") }
-        queue.append(Job(name: name, index: state.index, offset: state.queued, length: state.filled, bytes: state.buffer))
+        // In memory: the job reads no file, so it has no offset to read at.
+        queue.append(Job(name: name, index: state.index, offset: 0, length: state.filled, bytes: state.buffer))
         files[name]!.append(nil)
         lengths[name, default: []].append(state.filled)
-        state.queued += UInt64(state.filled)
         (state.buffer, state.filled, state.scanned, state.index) = (nil, 0, 0, state.index + 1)
         condition.broadcast()
     }

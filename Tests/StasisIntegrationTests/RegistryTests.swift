@@ -92,6 +92,16 @@ final class TestRegistry {
 extension Integration {
     /// Checkpoints between two "nodes" (two stores) through a registry, as a fleet would.
     @Suite struct Registry {
+        /// A counting workload holding `memory` MiB, and a checkpoint of it taken with --leave-running.
+        static func checkpointedWorkload(_ label: String, memory: Int) throws -> (Workload, String) {
+            let workload = try Workload("counter", ["--mem", "\(memory)"])
+            let checkpoint = Harness.scratch(label) + "/ckpt"
+            let dump = try Harness.stasis("dump", "\(workload.pid)", "-D", checkpoint, "--leave-running")
+            if !dump.succeeded { workload.stop() }
+            try #require(dump.succeeded, "\(dump.stderr)")
+            return (workload, checkpoint)
+        }
+
         @Test func aCheckpointPushedFromOneStoreRestoresFromAnother() throws {
             let registry = try TestRegistry()
             defer { registry.stop() }
@@ -143,10 +153,8 @@ extension Integration {
         @Test func aReferenceRestoresAndIsPulledOnlyOnce() throws {
             let registry = try TestRegistry()
             defer { registry.stop() }
-            let workload = try Workload("counter", ["--mem", "8"])
+            let (workload, checkpoint) = try Self.checkpointedWorkload("byref", memory: 8)
             defer { workload.stop() }
-            let checkpoint = Harness.scratch("byref") + "/ckpt"
-            #expect(try Harness.stasis("dump", "\(workload.pid)", "-D", checkpoint, "--leave-running").succeeded)
             let reference = "\(registry.host)/jobs/byref:one"
             #expect(try registry.stasis(["push", checkpoint, reference]).succeeded)
             let store = Harness.scratch("byref") + "/node-b-store"
@@ -254,10 +262,8 @@ extension Integration {
         @Test func aPullKilledMidwayResumesWithTheChunksItStored() throws {
             let registry = try TestRegistry()
             defer { registry.stop() }
-            let workload = try Workload("counter", ["--mem", "160"])
+            let (workload, checkpoint) = try Self.checkpointedWorkload("pull-resume", memory: 160)
             defer { workload.stop() }
-            let checkpoint = Harness.scratch("pull-resume") + "/ckpt"
-            #expect(try Harness.stasis("dump", "\(workload.pid)", "-D", checkpoint, "--leave-running").succeeded)
             let reference = "\(registry.host)/jobs/pull-resume:one"
             #expect(try registry.stasis(["push", checkpoint, reference]).succeeded)
             let store = Harness.scratch("pull-resume") + "/store", target = Harness.scratch("pull-resume") + "/pulled"
@@ -272,10 +278,8 @@ extension Integration {
         @Test func aPushKilledMidwayResumesWithoutResendingAndNeverTagsMissingBlobs() throws {
             let registry = try TestRegistry()
             defer { registry.stop() }
-            let workload = try Workload("counter", ["--mem", "24"])
+            let (workload, checkpoint) = try Self.checkpointedWorkload("resume", memory: 24)
             defer { workload.stop() }
-            let checkpoint = Harness.scratch("resume") + "/ckpt"
-            #expect(try Harness.stasis("dump", "\(workload.pid)", "-D", checkpoint, "--leave-running").succeeded)
             let reference = "\(registry.host)/jobs/resume:one"
             let killed = try registry.stasis(["push", checkpoint, reference], environment: ["STASIS_FAULT": "push-blob-kill"])
             #expect(killed.status == 128 + SIGKILL || killed.status == -SIGKILL || !killed.succeeded)
@@ -291,10 +295,8 @@ extension Integration {
         @Test func whatTheRegistryRefusesIsSaidClearly() throws {
             let registry = try TestRegistry()
             defer { registry.stop() }
-            let workload = try Workload("counter", ["--mem", "4"])
+            let (workload, checkpoint) = try Self.checkpointedWorkload("refused", memory: 4)
             defer { workload.stop() }
-            let checkpoint = Harness.scratch("refused") + "/ckpt"
-            #expect(try Harness.stasis("dump", "\(workload.pid)", "-D", checkpoint, "--leave-running").succeeded)
             let reference = "\(registry.host)/jobs/refused:one"
 
             let anonymous = try registry.stasis(["push", checkpoint, reference], environment: ["REGISTRY_AUTH_FILE": registry.root + "/none.json", "HOME": registry.root])

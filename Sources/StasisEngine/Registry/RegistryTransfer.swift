@@ -1,4 +1,3 @@
-import Crypto
 import Foundation
 import StasisCore
 import StasisImage
@@ -51,6 +50,26 @@ public enum RegistryTransfer {
         public var seconds: Double
     }
 
+    /// Blobs a push sent, and those the registry had.
+    struct Tally {
+        var sent = 0, sentBytes: UInt64 = 0, present = 0, presentBytes: UInt64 = 0
+        mutating func add(_ bytes: Int, sent wasSent: Bool) {
+            if wasSent { (sent, sentBytes) = (sent + 1, sentBytes + UInt64(bytes)) } else { (present, presentBytes) = (present + 1, presentBytes + UInt64(bytes)) }
+        }
+        func report(_ reference: RegistryReference, digest: String, blobs: Int, since watch: Stopwatch) -> PushReport {
+            PushReport(reference: reference.description, digest: digest, blobs: blobs, sentBlobs: sent, sentBytes: sentBytes,
+                       presentBlobs: present, presentBytes: presentBytes, seconds: watch.seconds)
+        }
+    }
+
+    /// The tag a push puts its manifest under; a reference by digest cannot be pushed to.
+    static func tag(of reference: RegistryReference) throws -> String {
+        guard reference.digest == nil else {
+            throw StasisError(.invalidArgument, "push needs a tag, not a digest: \(reference)", hint: "name it REPOSITORY:TAG")
+        }
+        return reference.tag ?? "latest"
+    }
+
     /// What one layer is made of, before it is hashed and sent.
     private enum Source: Sendable {
         case file(Manifest.FileEntry)
@@ -61,9 +80,7 @@ public enum RegistryTransfer {
 
     public static func push(_ directory: String, _ options: Options) throws -> PushReport {
         let watch = Stopwatch()
-        guard options.reference.digest == nil else {
-            throw StasisError(.invalidArgument, "push needs a tag, not a digest: \(options.reference)", hint: "name it REPOSITORY:TAG")
-        }
+        let tag = try tag(of: options.reference)
         let manifest = try Checkpoint.readManifest(directory)
         let manifestData = try FileSystem.readFile(directory + "/" + Manifest.fileName)
         let store = try Checkpoint.store(for: manifest, explicit: options.store)
@@ -83,7 +100,7 @@ public enum RegistryTransfer {
         let client = try options.client()
         let sources = collected
         let layers = Locked([CheckpointArtifact.Descriptor?](repeating: nil, count: sources.count))
-        let totals = Locked((sent: 0, sentBytes: UInt64(0), present: 0, presentBytes: UInt64(0)))
+        let totals = Locked(Tally())
         let next = Locked(0)
         try WorkerGroup.run(min(options.threads, max(1, sources.count)), name: "stasis-push") { _, failure in
             let session = client.session()
@@ -92,15 +109,11 @@ public enum RegistryTransfer {
             defer { plain.deallocate(); scratch.deallocate() }
             /// Sends one layer's bytes unless the registry has them; records its descriptor at `index`.
             func send(_ bytes: UnsafeRawBufferPointer, mediaType: String, annotations: [String: String], index: Int) throws {
-                let descriptor = CheckpointArtifact.Descriptor(mediaType: mediaType, digest: digest(of: bytes), size: bytes.count, annotations: annotations)
-                if try session.hasBlob(descriptor.digest) {
-                    totals.withLock { $0.present += 1; $0.presentBytes += UInt64(bytes.count) }
-                } else {
-                    try session.pushBlob(bytes, digest: descriptor.digest)
-                    totals.withLock { $0.sent += 1; $0.sentBytes += UInt64(bytes.count) }
-                    // Tests end a push here, some blobs sent and no manifest (STASIS_FAULT=push-blob-kill).
-                    FaultInjection.die("push-blob")
-                }
+                let descriptor = CheckpointArtifact.Descriptor(mediaType: mediaType, digest: BlobDigest.of(bytes), size: bytes.count, annotations: annotations)
+                let sent = try session.pushBlobIfMissing(bytes, digest: descriptor.digest)
+                totals.withLock { $0.add(bytes.count, sent: sent) }
+                // Tests end a push here, some blobs sent and no manifest (STASIS_FAULT=push-blob-kill).
+                if sent { FaultInjection.die("push-blob") }
                 layers.withLock { $0[index] = descriptor }
             }
             while failure.error == nil, let index = next.takeNext(below: sources.count) {
@@ -124,13 +137,9 @@ public enum RegistryTransfer {
             }
         }
         let session = client.session()
-        let configDigest = digest(of: manifestData)
-        if try session.hasBlob(configDigest) {
-            totals.withLock { $0.present += 1; $0.presentBytes += UInt64(manifestData.count) }
-        } else {
-            try manifestData.withUnsafeBytes { try session.pushBlob($0, digest: configDigest) }
-            totals.withLock { $0.sent += 1; $0.sentBytes += UInt64(manifestData.count) }
-        }
+        let configDigest = BlobDigest.of(manifestData)
+        let configSent = try manifestData.withUnsafeBytes { try session.pushBlobIfMissing($0, digest: configDigest) }
+        totals.withLock { $0.add(manifestData.count, sent: configSent) }
         let image = CheckpointArtifact.ImageManifest(
             config: .init(mediaType: CheckpointArtifact.configMediaType, digest: configDigest, size: manifestData.count),
             layers: layers.withLock { $0.compactMap { $0 } }, annotations: CheckpointArtifact.annotations(for: manifest))
@@ -138,11 +147,8 @@ public enum RegistryTransfer {
         guard encoded.count <= RegistryClient.maxManifestBytes else {
             throw StasisError(.invalidArgument, "the registry manifest of \(directory) would be \(encoded.count) bytes, more than the \(RegistryClient.maxManifestBytes) registries take")
         }
-        let tag = options.reference.tag ?? "latest"
         let manifestDigest = try session.putManifest(encoded, mediaType: CheckpointArtifact.manifestMediaType, reference: tag)
-        let sent = totals.withLock { $0 }
-        return PushReport(reference: options.reference.description, digest: manifestDigest, blobs: sources.count + 1, sentBlobs: sent.sent,
-                          sentBytes: sent.sentBytes, presentBlobs: sent.present, presentBytes: sent.presentBytes, seconds: watch.seconds)
+        return totals.withLock { $0 }.report(options.reference, digest: manifestDigest, blobs: sources.count + 1, since: watch)
     }
 
     /// `stasis push --archive`: a container's checkpoint as the checkpoint image podman and CRI-O restore
@@ -151,9 +157,7 @@ public enum RegistryTransfer {
     /// them (only those the registry lacks; the manifest last).
     public static func pushArchive(_ directory: String, _ options: Options) throws -> PushReport {
         let watch = Stopwatch()
-        guard options.reference.digest == nil else {
-            throw StasisError(.invalidArgument, "push needs a tag, not a digest: \(options.reference)", hint: "name it REPOSITORY:TAG")
-        }
+        let tag = try tag(of: options.reference)
         let manifest = try Checkpoint.readManifest(directory)
         guard let container = manifest.container else {
             throw StasisError(.invalidArgument, "\(directory) is a checkpoint of a process tree: a checkpoint image holds a container's",
@@ -164,22 +168,16 @@ public enum RegistryTransfer {
         defer { FileSystem.removeTree(scratch) }
         _ = try ArchiveOperation.export(directory, to: scratch + "/checkpoint.tar", store: options.store)
         let layer = try FileSystem.readFile(scratch + "/checkpoint.tar")
-        let layerDigest = digest(of: layer)
+        let layerDigest = BlobDigest.of(layer)
         let created = ISO8601DateFormatter().string(from: manifest.createdAt)
         let config = try JSONSerialization.data(withJSONObject: [
             "architecture": "amd64", "os": "linux", "created": created,
             "rootfs": ["type": "layers", "diff_ids": [layerDigest]], "config": [String: String](),
         ], options: [.sortedKeys, .withoutEscapingSlashes])
         let session = try options.client().session()
-        var totals = (sent: 0, sentBytes: UInt64(0), present: 0, presentBytes: UInt64(0))
+        var totals = Tally()
         for blob in [layer, config] {
-            let blobDigest = digest(of: blob)
-            if try session.hasBlob(blobDigest) {
-                (totals.present, totals.presentBytes) = (totals.present + 1, totals.presentBytes + UInt64(blob.count))
-            } else {
-                try blob.withUnsafeBytes { try session.pushBlob($0, digest: blobDigest) }
-                (totals.sent, totals.sentBytes) = (totals.sent + 1, totals.sentBytes + UInt64(blob.count))
-            }
+            totals.add(blob.count, sent: try blob.withUnsafeBytes { try session.pushBlobIfMissing($0, digest: BlobDigest.of($0)) })
         }
         var annotations = CheckpointArtifact.annotations(for: manifest)
         // The keys podman 4 reads (it restores only an image naming the runtime it runs), the newer
@@ -191,21 +189,17 @@ public enum RegistryTransfer {
         }
         annotations["io.kubernetes.cri-o.annotations.checkpoint.name"] = container.id
         var image = CheckpointArtifact.ImageManifest(
-            config: .init(mediaType: "application/vnd.oci.image.config.v1+json", digest: digest(of: config), size: config.count),
+            config: .init(mediaType: "application/vnd.oci.image.config.v1+json", digest: BlobDigest.of(config), size: config.count),
             layers: [.init(mediaType: "application/vnd.oci.image.layer.v1.tar", digest: layerDigest, size: layer.count)],
             annotations: annotations)
         image.artifactType = nil
-        let manifestDigest = try session.putManifest(try CheckpointArtifact.encode(image), mediaType: CheckpointArtifact.manifestMediaType,
-                                                     reference: options.reference.tag ?? "latest")
-        return PushReport(reference: options.reference.description, digest: manifestDigest, blobs: 2, sentBlobs: totals.sent,
-                          sentBytes: totals.sentBytes, presentBlobs: totals.present, presentBytes: totals.presentBytes, seconds: watch.seconds)
+        let manifestDigest = try session.putManifest(try CheckpointArtifact.encode(image), mediaType: CheckpointArtifact.manifestMediaType, reference: tag)
+        return totals.report(options.reference, digest: manifestDigest, blobs: 2, since: watch)
     }
 
     /// Where `pushArchive` writes the archive it sends (private, removed after).
     static let archiveScratch = "/var/lib/stasis/push"
 
-    static func digest(of data: Data) -> String { "sha256:" + SHA256.hash(data: data).map { String(format: "%02x", $0) }.joined() }
-    static func digest(of bytes: UnsafeRawBufferPointer) -> String { "sha256:" + SHA256.hash(data: bytes).map { String(format: "%02x", $0) }.joined() }
 
     // MARK: pull
 

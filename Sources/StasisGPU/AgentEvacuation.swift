@@ -274,7 +274,10 @@ final class AgentEvacuation: @unchecked Sendable {
     /// After a restore: re-creates and refills the memory of every process the checkpoint has agent memory
     /// for, then lets its calls go on; in parallel across processes.
     /// Returns the refill's seconds, and the longest check on a GPU (nil where the CPUs checked the chunks).
-    static func refill(_ section: Manifest.GPUSection, store: DeviceStore, files: [Manifest.FileEntry]) throws -> (seconds: Double, gpuCheck: Double?) {
+    /// Without `resume`, every agent keeps its program's CUDA calls held once its memory is back and checked
+    /// (a prepared restore); a later connection's RESUME lets them go. A restored agent never lets them go by
+    /// itself: its contents were released at the checkpoint, and only a RESUME says they are back (control.c).
+    static func refill(_ section: Manifest.GPUSection, store: DeviceStore, files: [Manifest.FileEntry], resume: Bool = true) throws -> (seconds: Double, gpuCheck: Double?) {
         let watch = Stopwatch()
         let longestCheck = Locked<Double?>(nil)
         let chunksByPath = Dictionary(files.compactMap { entry in entry.chunks.map { (entry.path, $0) } }, uniquingKeysWith: { first, _ in first })
@@ -306,7 +309,7 @@ final class AgentEvacuation: @unchecked Sendable {
         let all = sessions.current
         try SharePlan.reconnect(Dictionary(processes.map { ($0.pid, $0.agent!.imports ?? []) }, uniquingKeysWith: { first, _ in first }),
                                 sessions: all)
-        for process in processes { try all[process.pid]!.resume() }
+        if resume { for process in processes { try all[process.pid]!.resume() } }
         return (watch.seconds, longestCheck.current)
     }
 }

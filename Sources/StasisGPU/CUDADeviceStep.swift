@@ -304,7 +304,7 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
         return pairs
     }
 
-    public func afterRestore(section: Manifest.GPUSection, store: DeviceStore?, files: [Manifest.FileEntry]) throws -> [String: Double] {
+    public func afterRestore(section: Manifest.GPUSection, store: DeviceStore?, files: [Manifest.FileEntry], holdCalls: Bool) throws -> [String: Double] {
         guard !section.processes.isEmpty else { return [:] }
         let pairs = remapping.current
         let watch = Stopwatch()
@@ -316,8 +316,27 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
         let driver = watch.seconds
         guard section.processes.contains(where: { $0.agent != nil }) else { return ["driver": driver] }
         guard let store else { throw StasisError(.gpu, "the checkpoint holds device memory moved by agents, but no store to read it from") }
-        let refill = try AgentEvacuation.refill(section, store: store, files: files)
+        let refill = try AgentEvacuation.refill(section, store: store, files: files, resume: !holdCalls)
         // "gpu check" is part of "refill": hashing what landed in the device, where the GPU did it.
         return ["driver": driver, "refill": refill.seconds].merging(refill.gpuCheck.map { ["gpu check": $0] } ?? [:]) { first, _ in first }
+    }
+
+    /// Only agents hold a program's CUDA calls: a process restored through the driver alone would run on its
+    /// GPU as soon as the driver unlocks it.
+    public func refusesHolding(section: Manifest.GPUSection) -> String? {
+        guard let process = section.processes.first(where: { $0.agent == nil }) else { return nil }
+        return "GPU process \(process.pid) was checkpointed through the driver, and nothing would hold its CUDA calls until the activation"
+            + " (run the job under `stasis run` so that its agent does)"
+    }
+
+    public func letGo(pids: [Int32]) throws {
+        let errors = Self.parallel(pids) { pid in
+            guard let session = try AgentSession.open(pid: pid) else {
+                throw StasisError(.gpu, "the agent of PID \(pid) does not answer")
+            }
+            defer { session.disconnect() }
+            try session.resume()
+        }
+        guard errors.isEmpty else { throw StasisError(.gpu, "letting the CUDA calls go on failed: \(Self.describe(errors))") }
     }
 }

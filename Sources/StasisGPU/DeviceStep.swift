@@ -24,8 +24,13 @@ public protocol DeviceStep: Sendable {
     func rollback(section: Manifest.GPUSection) -> [String]
     /// Checked before anything is restored: can this machine take the checkpoint's devices?
     func checkRestorable(section: Manifest.GPUSection) throws
-    /// Returns the seconds of its phases by name (for the restore report).
-    func afterRestore(section: Manifest.GPUSection, store: DeviceStore?, files: [Manifest.FileEntry]) throws -> [String: Double]
+    /// Returns the seconds of its phases by name (for the restore report). `holdCalls` (a prepared restore):
+    /// the devices come back and are checked, but the processes' device calls stay held until `letGo`.
+    func afterRestore(section: Manifest.GPUSection, store: DeviceStore?, files: [Manifest.FileEntry], holdCalls: Bool) throws -> [String: Double]
+    /// Why the devices of `section` cannot come back ahead of demand with their calls held, or nil.
+    func refusesHolding(section: Manifest.GPUSection) -> String?
+    /// Lets the device calls of processes restored with `holdCalls` go on (`stasis activate`).
+    func letGo(pids: [Int32]) throws
 }
 
 /// Where device memory goes on dump and comes from on restore: the checkpoint's store.
@@ -75,5 +80,9 @@ public struct NoDeviceStep: DeviceStep {
             throw StasisError(.gpu, "the checkpoint holds GPU state for \(section.processes.count) process(es), which this build cannot restore")
         }
     }
-    public func afterRestore(section: Manifest.GPUSection, store: DeviceStore?, files: [Manifest.FileEntry]) throws -> [String: Double] { [:] }
+    public func afterRestore(section: Manifest.GPUSection, store: DeviceStore?, files: [Manifest.FileEntry], holdCalls: Bool) throws -> [String: Double] { [:] }
+    public func refusesHolding(section: Manifest.GPUSection) -> String? {
+        section.processes.isEmpty ? nil : "this build has no device backend"
+    }
+    public func letGo(pids: [Int32]) throws {}
 }

@@ -34,6 +34,16 @@ public enum ProcFS {
                     flags: UInt32(rest[6]) ?? 0, startTime: rest.count > 19 ? UInt64(rest[19]) : nil)
     }
 
+    /// The state letter of each thread of `pid` (/proc/PID/task/TID/stat); empty when it is gone.
+    public static func threadStates(_ pid: Int32) -> [Character] {
+        // Unreadable: the process is gone, which the empty answer says.
+        let tids = ((try? FileSystem.namesOrNone(in: "/proc/\(pid)/task")) ?? []).compactMap { Int32($0) }
+        return tids.compactMap { tid in
+            guard let text = text("/proc/\(pid)/task/\(tid)/stat"), let close = text.lastIndex(of: ")") else { return nil }
+            return text[text.index(close, offsetBy: 2)...].first
+        }
+    }
+
     /// A /proc file's text. Decoded leniently: file names in maps and commands in stat may hold bytes that
     /// are not UTF-8 (a PyTorch rank's maps did), which must not make the whole file unreadable. nil when it
     /// cannot be read: the process ended (or is another user's), which callers take as "no such process".

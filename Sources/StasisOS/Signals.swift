@@ -7,6 +7,11 @@ public enum Signals {
     /// a rolled-back dump's leftovers). Errors (the process is gone already) are of no interest.
     public static func kill(_ pid: Int32) { _ = Glibc.kill(pid, SIGKILL) }
 
+    /// SIGSTOP / SIGCONT to `pid`: a prepared restore's tree waits stopped until its activation. Errors (the
+    /// process is gone) show when its state is read next, which every caller does.
+    public static func stop(_ pid: Int32) { _ = Glibc.kill(pid, SIGSTOP) }
+    public static func resume(_ pid: Int32) { _ = Glibc.kill(pid, SIGCONT) }
+
     /// SIGKILL to this process, at once: how a test reaches "stasis died right here".
     public static func killSelf() -> Never {
         _ = Glibc.kill(getpid(), SIGKILL)

@@ -16,7 +16,9 @@ struct RestoreCommand: ParsableCommand {
         A container's checkpoint (stasis dump --container) is restored by runc from images rebuilt from the \
         store, as the container it was, or as --container from --bundle. \
         With --prepare the tree is restored ahead of demand and left stopped, its memory in place; \
-        `stasis activate ROOT_PID` lets it run (not yet for checkpoints with GPU state, nor containers).
+        `stasis activate ROOT_PID` lets it run. GPU processes (under `stasis run`) get their device memory back \
+        during the prepare, their CUDA calls held until the activation; not for containers, nor for GPU \
+        processes checkpointed through the driver alone.
         """)
 
     @Argument(help: "The checkpoint directory (or give it with -D, as dump and import take theirs), or a registry reference HOST[:PORT]/REPOSITORY[:TAG] to pull first (docs/REGISTRY.md).")

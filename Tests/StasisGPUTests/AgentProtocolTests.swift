@@ -45,6 +45,30 @@ import Testing
         #expect(peer.zeroRequests == 2)
     }
 
+    /// A prepared restore refills and checks device memory but keeps the program's CUDA calls held after
+    /// stasis disconnects; `stasis activate` lets them go later, over a connection of its own.
+    @Test func aRefillCanLeaveTheCallsHeldUntilALaterConnectionLetsThemGo() throws {
+        let chunk = ChunkFormat.chunkSize
+        let memory: [UInt64: [UInt8]] = [0x20: (0..<(3 * chunk / 2)).map { UInt8(truncatingIfNeeded: $0 &* 7 / 4096) }]
+        let peer = try ProtocolPeer(memory: memory, slots: 4, sharedRing: true)
+        defer { peer.stop() }
+        let directory = Harness.scratch("agent-held")
+        let store = try DirectoryChunkStore(path: directory + "/store", create: true)
+        let session = try #require(try AgentSession.open(pid: getpid()))
+        try session.startQuiesce(timeoutMilliseconds: 1000)
+        try session.finishQuiesce()
+        let sink = ChunkSink(store: store, codec: .lz4, probe: true)
+        let chunks = try session.evacuate(into: sink, threads: 2)
+        try sink.commit()
+        try session.release()
+        try session.refill(allocations: session.allocations, from: store, chunks: chunks, checkpoint: directory, threads: 2)
+        session.disconnect()
+        #expect(peer.written == memory)
+        #expect(!peer.running, "the calls stay held once the refilling stasis is gone")
+        try CUDADeviceStep(lockTimeoutMilliseconds: 1000, gpuMap: [:]).letGo(pids: [getpid()])
+        #expect(peer.running)
+    }
+
     /// With the agent's digest kernel (the stand-in hashes as the GPU does), stasis stores the same chunks
     /// under the same names without hashing them, skips reading chunks the store has, never copies zeros, and
     /// checks the refill by the digests of what landed in the device.

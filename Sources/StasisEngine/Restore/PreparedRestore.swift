@@ -1,5 +1,6 @@
 import Foundation
 import StasisCore
+import StasisGPU
 import StasisOS
 
 /// A prepared restore (`stasis restore --prepare`): CRIU restored the tree ahead of demand and left it
@@ -8,8 +9,12 @@ import StasisOS
 /// time, so that activation never signals a process that only reuses a PID, and says where the checkpoint
 /// and CRIU's log are.
 ///
-/// A checkpoint with GPU state, or a container's, is refused before anything starts: activation would have
-/// to bring the devices back (the agents refill only while the process runs), which is not built yet.
+/// GPU processes come back during the prepare too, so that activation costs no device work: the driver
+/// restores them and their agents refill and check their device memory while the rest of the tree stays
+/// stopped; their CUDA calls stay held at the agents' gates, and they are stopped again (`stopAgain`).
+/// Activation lets them run, then tells each agent to let its calls go (`DeviceStep.letGo`). That needs an
+/// agent in every GPU process (`stasis run`): a process restored by the driver alone would run on its GPU at
+/// once. Such a checkpoint, or a container's, is refused before anything starts.
 public enum PreparedRestore {
     public static let directory = "/var/lib/stasis/prepared"
 
@@ -27,6 +32,8 @@ public enum PreparedRestore {
         /// removed once the tree is activated, as a plain restore's is when it worked.
         public var removeLogAtActivation: Bool?
         public var preparedAt: Date
+        /// GPU processes whose device calls are held until the activation lets them go.
+        public var heldDevices: [Int32]?
     }
 
     public struct ActivationReport: Codable, Sendable {
@@ -37,21 +44,39 @@ public enum PreparedRestore {
         public var seconds: Double
         /// How long the tree waited, prepared.
         public var preparedSeconds: Double
+        /// GPU processes whose device calls were let go.
+        public var devices: Int
     }
 
     static func path(_ root: Int32) -> String { "\(directory)/\(root).json" }
 
     /// Why a checkpoint cannot be prepared, or nil.
-    static func refusal(_ manifest: Manifest) -> String? {
+    static func refusal(_ manifest: Manifest, device: DeviceStep) -> String? {
         if manifest.container != nil { return "a container's checkpoint cannot be prepared: runc restores containers, and it cannot leave one stopped" }
-        if !manifest.gpu.processes.isEmpty {
-            return "a checkpoint with GPU state cannot be prepared yet: its devices would have to come back at activation"
+        return device.refusesHolding(section: manifest.gpu)
+    }
+
+    /// Stops `pids` again (they ran while their devices came back) and waits until every thread of each is
+    /// stopped, up to `seconds`.
+    static func stopAgain(_ pids: [Int32], seconds: Double = 5) throws {
+        for pid in pids { Signals.stop(pid) }
+        let watch = Stopwatch()
+        for pid in pids {
+            while true {
+                let states = ProcFS.threadStates(pid)
+                guard !states.isEmpty else { throw StasisError(.processNotFound, "restored GPU process \(pid) ended while its devices came back") }
+                if states.allSatisfy({ $0 == "T" || $0 == "t" }) { break }
+                guard watch.seconds < seconds else {
+                    throw StasisError(.busy, "restored GPU process \(pid) did not stop within \(Int(seconds)) s of SIGSTOP (thread states \(String(states)))")
+                }
+                usleep(1000)
+            }
         }
-        return nil
     }
 
     /// Records the stopped tree of `root`; throws if it is not there, stopped, as CRIU left it.
-    static func record(root: Int32, checkpoint: String, manifestID: String, logFile: String, removeLogAtActivation: Bool) throws {
+    static func record(root: Int32, checkpoint: String, manifestID: String, logFile: String, removeLogAtActivation: Bool,
+                       heldDevices: [Int32]) throws {
         let tree = ProcFS.tree(root: root)
         var processes: [Record.Process] = []
         for process in tree {
@@ -62,7 +87,7 @@ public enum PreparedRestore {
         }
         guard !processes.isEmpty else { throw StasisError(.processNotFound, "the prepared tree of PID \(root) is gone") }
         let record = Record(checkpoint: checkpoint, manifestID: manifestID, rootPID: root, processes: processes, logFile: logFile,
-                            removeLogAtActivation: removeLogAtActivation, preparedAt: Date())
+                            removeLogAtActivation: removeLogAtActivation, preparedAt: Date(), heldDevices: heldDevices.isEmpty ? nil : heldDevices)
         try FileSystem.makePrivateDirectory(directory)
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
@@ -71,8 +96,10 @@ public enum PreparedRestore {
     }
 
     /// Lets the prepared tree of `root` run: every process recorded must still be the same process (PID and
-    /// start time) and stopped; then each gets SIGCONT and the record goes. Nothing is signalled otherwise.
-    public static func activate(root: Int32) throws -> ActivationReport {
+    /// start time) and stopped; then each gets SIGCONT, the record goes, and `device` lets the held device calls
+    /// go on. Nothing is signalled otherwise. If the devices cannot be let go, the tree is killed (its CUDA
+    /// calls would wait forever): the checkpoint is untouched, and a new prepare or restore starts from it.
+    public static func activate(root: Int32, device: DeviceStep) throws -> ActivationReport {
         let watch = Stopwatch()
         // A record is trusted only in a directory no one else controls (it names processes to signal).
         if FileSystem.exists(directory) { try FileSystem.requireOwnedAndPrivate(directory, what: "the prepared restores' directory") }
@@ -99,13 +126,21 @@ public enum PreparedRestore {
             }
         }
         // Children first: the root, once running, finds its tree running.
-        for process in record.processes.reversed() { _ = Glibc.kill(process.pid, SIGCONT) }
+        for process in record.processes.reversed() { Signals.resume(process.pid) }
         FileSystem.remove(path(root))
+        let held = record.heldDevices ?? []
+        do {
+            try device.letGo(pids: held)
+        } catch {
+            for process in record.processes.reversed() { Signals.kill(process.pid) }
+            throw StasisError.wrapping(error, as: .gpu).prefixed("activation of the tree prepared from \(record.checkpoint) failed")
+                .appending("; the tree was killed, and the checkpoint is intact: prepare or restore it again")
+        }
         let workDirectory = (record.logFile as NSString).deletingLastPathComponent
         if record.removeLogAtActivation == true, (workDirectory as NSString).deletingLastPathComponent == RestoreOperation.defaultWorkRoot {
             FileSystem.removeTree(workDirectory)
         }
         return ActivationReport(rootPID: root, processes: record.processes.count, checkpoint: record.checkpoint, seconds: watch.seconds,
-                                preparedSeconds: Date().timeIntervalSince(record.preparedAt))
+                                preparedSeconds: Date().timeIntervalSince(record.preparedAt), devices: held.count)
     }
 }

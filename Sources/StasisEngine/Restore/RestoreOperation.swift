@@ -18,7 +18,8 @@ import StasisOS
 ///   tasks it created; stasis names the chunk.
 /// - rebuilt (`rebuildRoot` set): rebuilt as files there first, every chunk checked, then CRIU reads them.
 /// After CRIU, a failing device step kills the restored tree, so no half-restored process is left behind.
-/// With `prepare`, CRIU leaves the tree stopped and its record is written instead (`PreparedRestore`).
+/// With `prepare`, CRIU leaves the tree stopped, GPU processes get their devices back with their calls held,
+/// and the tree's record is written (`PreparedRestore`).
 ///
 /// A container's checkpoint (`manifest.container`) is restored by its runtime, runc, from images rebuilt from
 /// the store, as the container it was (or under `Options.containerID`, from `Options.bundle`).
@@ -117,6 +118,7 @@ public struct RestoreOperation {
                 try restore.restoreTree()
             }
             if options.prepare {
+                try restore.restoreDevicesHeld()
                 try restore.recordPrepared()
             } else {
                 try restore.restoreDevices()

@@ -40,6 +40,8 @@ final class RestoreRun {
     private var rootPID: Int32 = 0
     private var containerID: String?
     private var deviceSteps: [String: Double] = [:]
+    /// A prepared restore's GPU processes, their device calls held until the activation.
+    private var heldDevices: [Int32] = []
     /// What runs once restored, for a failure's message: what restored it, and how the rollback stops it.
     private var running: (what: String, undone: String)?
     /// The rollback's step for what runs (the restored tree or container): forgotten once it is the user's.
@@ -55,7 +57,7 @@ final class RestoreRun {
         try criu.checkRestores(imagesOf: manifest.criu.version)
         if !options.skipCPUCheck { try RestoreOperation.checkCPU(manifest.host) }
         try operation.device.checkRestorable(section: manifest.gpu)
-        if options.prepare, let refusal = PreparedRestore.refusal(manifest) { throw StasisError(.invalidArgument, "restore --prepare refused: \(refusal)") }
+        if options.prepare, let refusal = PreparedRestore.refusal(manifest, device: operation.device) { throw StasisError(.invalidArgument, "restore --prepare refused: \(refusal)") }
         store = try Checkpoint.store(for: manifest, explicit: options.store)
         criuItems = Checkpoint.criuItems(manifest)
     }
@@ -249,7 +251,7 @@ final class RestoreRun {
     /// The driver restores and unlocks each CUDA process, agents refill their memory, shared memory is
     /// reconnected. A container's processes are found by their new PIDs (`ContainerPIDs`); a container without
     /// GPU processes has nothing here.
-    func restoreDevices() throws {
+    func restoreDevices(holdCalls: Bool = false) throws {
         if container != nil && manifest.gpu.processes.isEmpty { return }
         let watch = Stopwatch()
         do {
@@ -259,11 +261,23 @@ final class RestoreRun {
                 section = try ContainerPIDs.remap(manifest.gpu, processes: manifest.processTree.processes, restored: try container.runtime.processes(id))
             }
             deviceSteps = try operation.device.afterRestore(section: section, store: store.map { DeviceStore(store: $0, checkpoint: directory) },
-                                                            files: manifest.files)
+                                                            files: manifest.files, holdCalls: holdCalls)
         } catch {
             throw StasisError.wrapping(error, as: .gpu)
         }
         timings.devices = watch.seconds
+    }
+
+    /// A prepared restore's GPU processes: CRIU left them stopped, and the driver and the agents work only in
+    /// a process that runs, so each runs while its devices come back (its CUDA calls held at its agent's gate;
+    /// the tree's other processes stay stopped), then is stopped again.
+    func restoreDevicesHeld() throws {
+        let pids = manifest.gpu.processes.map(\.pid)
+        guard !pids.isEmpty else { return }
+        for pid in pids { Signals.resume(pid) }
+        try restoreDevices(holdCalls: true)
+        try PreparedRestore.stopAgain(pids)
+        heldDevices = pids
     }
 
     /// A prepared restore: the stopped tree is recorded for `stasis activate` (if that fails, the rollback
@@ -271,7 +285,7 @@ final class RestoreRun {
     func recordPrepared() throws {
         try PreparedRestore.record(root: rootPID, checkpoint: directory, manifestID: manifest.id,
                                    logFile: workDirectory + "/" + CRIUService.restoreLogName,
-                                   removeLogAtActivation: options.workDirectory == nil && !options.keepLog)
+                                   removeLogAtActivation: options.workDirectory == nil && !options.keepLog, heldDevices: heldDevices)
     }
 
     /// The restore worked: what runs is the user's now (no rollback stops it), CRIU's statistics complete the

@@ -60,7 +60,7 @@ extension RestoreOperation.Report {
 
 extension PreparedRestore.ActivationReport {
     var textLines: [String] {
-        ["activated PID \(rootPID) (\(plural(processes, "process", "processes"))) in \(Format.seconds(seconds)), prepared from \(checkpoint) \(Format.seconds(preparedSeconds)) before"]
+        ["activated PID \(rootPID) (\(plural(processes, "process", "processes"))\(devices > 0 ? ", the CUDA calls of \(devices) let go" : "")) in \(Format.seconds(seconds)), prepared from \(checkpoint) \(Format.seconds(preparedSeconds)) before"]
     }
 }
 

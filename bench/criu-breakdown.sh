@@ -103,6 +103,8 @@ kill -9 "$pid"; wait_gone "$pid"; pid=""
 
 python3 - "$runs" "$MIB" <<'PY'
 import json, os, re, statistics, sys
+sys.path.insert(0, "bench")
+import criu_log  # the phases, cut where CRIU's own log says (bench/criu_log.py)
 runs, mib = sys.argv[1], int(sys.argv[2])
 page = os.sysconf("SC_PAGE_SIZE")
 
@@ -135,20 +137,6 @@ def stats(path, which):
             return {names[f]: v for f, v in varints(value) if f in names}
     return {}
 
-stamp = re.compile(r"^\((\d+\.\d+)\)")
-def log(path):
-    lines = []
-    for line in open(path, errors="replace"):
-        m = stamp.match(line)
-        if m: lines.append((float(m.group(1)), line))
-    return lines
-def first(lines, pattern):
-    r = re.compile(pattern)
-    return next(t for t, l in lines if r.search(l))
-def last(lines, pattern):
-    r = re.compile(pattern)
-    return [t for t, l in lines if r.search(l)][-1]
-
 def cpu(path, target):
     """CPU seconds by who spent them. stasis's threads are told apart as main thread and the others (on Linux
     they all show as "stasis"): in a dump the others are the chunking (ChunkIngester), in a restore the image
@@ -162,14 +150,12 @@ def cpu(path, target):
     return groups
 
 def dump_run(d, tool):
-    L = log(d + "/dump.log")
+    L = criu_log.read(d + "/dump.log")
     wall = float(open(d + "/wall").read())
     target = int(re.search(r"Dumping processes \(pid: (\d+)", "".join(l for _, l in L)).group(1))
-    seize, pages0 = first(L, r"Seized task"), first(L, r"Dumping pages")
-    pages1, post = last(L, r"page-xfer:|Pagemap generated"), first(L, r"Running post-dump scripts")
-    unfreeze, end = first(L, r"Unfreezing tasks"), L[-1][0]
-    r = {"total": wall, "startup": seize, "seize": pages0 - seize, "pages": pages1 - pages0,
-         "images": post - pages1, "postdump": unfreeze - post, "unfreeze": end - unfreeze}
+    r = criu_log.dump_phases(L)
+    r["total"] = wall
+    end = L[-1][0]
     if tool == "stasis":
         t = json.load(open(d + "/report.json"))["timings"]
         r["chunktail"], r["sync"] = t["hash"], t["sync"]
@@ -186,23 +172,12 @@ def dump_run(d, tool):
     return r
 
 def restore_run(d, tool):
-    L = log(d + "/restore.log")
+    L = criu_log.read(d + "/restore.log")
     wall = float(open(d + "/wall").read())
-    text = "".join(l for _, l in L)
-    fork = first(L, r"Forking task with")
-    target = int(re.search(r"Forking task with (\d+) pid", text).group(1))
-    counted = first(L, r"nr_restored_pages")
-    restored, end = last(L, r"pie: \d+: \d+: Restored"), L[-1][0]
-    # Pages come two ways: read by the restoring task before the restorer blob (streamed images: one read per
-    # pagemap entry from the pipe, "prN-M Read"), or queued and read by the restorer with preadv from the
-    # pages file ("Preadv ... returned", files). Both are memory restore.
-    try: before = counted - first(L, r"pr\d+-\d+ Read ")
-    except StopIteration: before = 0.0
-    starts = [t for t, l in L if re.search(r"pie: \d+: Preadv", l)]
-    ends = [t for t, l in L if re.search(r"pie: \d+: +`- returned", l)]
-    inside = sum(e - s for s, e in zip(starts, ends))
-    r = {"total": wall, "startup": fork, "prepare": counted - fork - before, "pages": before + inside,
-         "restorer": restored - counted - inside, "finish": end - restored}
+    target = int(re.search(r"Forking task with (\d+) pid", "".join(l for _, l in L)).group(1))
+    r = criu_log.restore_phases(L)
+    r["total"] = wall
+    end = L[-1][0]
     st = stats(d + "/stats-restore", "restore")
     pages = st.get("pages_restored") or int(re.search(r"nr_restored_pages:\s+(\d+)", "".join(l for _, l in L)).group(1))
     r["gbps"] = pages * page / r["pages"] / 1e9

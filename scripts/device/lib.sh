@@ -162,8 +162,12 @@ agent_bert() {
     local run; run=$(mktemp -d /tmp/stasis-agent-bert.XXXXXX)
     local pid; pid=$(env $env CUBLAS_WORKSPACE_CONFIG=:4096:8 $RUN python3 Workloads/torch/bert_train.py --dir "$run" --size "$size" --steps 30 --pause-at 15 --daemon) \
         || { fail "$label" "did not start: $(tail -n 5 "$run/log")"; return; }
-    if $STASIS dump "$pid" -D "$run/ckpt" >"$run/dump.txt" 2>&1 && wait_gone "$pid" && $STASIS restore -D "$run/ckpt" >"$run/restore.txt" 2>&1; then
+    if $STASIS dump "$pid" -D "$run/ckpt" >"$run/dump.txt" 2>&1 && wait_gone "$pid" && $STASIS restore -D "$run/ckpt" -W "$run/restore-work" >"$run/restore.txt" 2>&1; then
         touch "$run/go"
+        # Where CRIU's part of each went, from its own logs (bench/criu_log.py; issue 28's step 1).
+        { echo "CRIU's dump of $label:"; python3 bench/criu_log.py dump "$run/ckpt/criu-dump.log"
+          echo "CRIU's restore of $label:"; python3 bench/criu_log.py restore "$run/restore-work/criu-restore.log"; } >"$run/criu-split.txt" 2>&1
+        cat "$run/criu-split.txt"
         for _ in $(seq 1200); do [[ -e $run/done ]] && break; sleep 0.1; done
         if cmp -s "$ref/losses.txt" "$run/losses.txt" && grep -q 'agent:' "$run/dump.txt"; then
             pass "$label: 30 losses identical; $(agent_line "$run/dump.txt"); $(grep -h 'time:' "$run/dump.txt" | sed 's/^ *//'); restore $(grep -h 'time:' "$run/restore.txt" | sed 's/^ *//')"

@@ -4,9 +4,11 @@
 # $BENCH_DIR (default /var/tmp, a disk).
 #
 #   bench/registry.sh [MEMORY_MIB]     (default: 1024; needs root, CRIU, docker-registry, skopeo, a release build)
+#   CHECKPOINT=DIR STORE=S bench/registry.sh     a checkpoint made elsewhere (the GPU suite's BERT-large),
+#                                                pulled and not restored: its caller restores it (PULLED=DIR)
 #
-# A stasis-workload process with MEMORY_MIB of random memory is checkpointed; then, each into a repository
-# of its own (a registry answers HEAD per repository, so nothing counts as already there):
+# A stasis-workload process with MEMORY_MIB of random memory is checkpointed (or CHECKPOINT is taken); then,
+# each into a repository of its own (a registry answers HEAD per repository, so nothing counts as already there):
 #   stasis push            the checkpoint to repository a
 #   skopeo copy (pull)     repository a to an OCI layout directory (the same blobs, downloaded)
 #   stasis pull            repository a into an empty store, then restored (the workload checks its memory)
@@ -17,15 +19,15 @@ cd "$(dirname "$0")/.."
 export PATH="/usr/local/sbin:$PATH"
 MEMORY_MIB=${1:-1024}
 BENCH_DIR=${BENCH_DIR:-/var/tmp}
-BIN=$(swift build -c release --show-bin-path)
+BIN=${BIN:-$(swift build -c release --show-bin-path)}
 [[ -x $BIN/stasis ]] || { echo "build first: swift build -c release" >&2; exit 1; }
 work=$(mktemp -d "$BENCH_DIR/stasis-registry.XXXXXX")
 pid=""; registry=""
 trap '[[ -n "$pid" ]] && kill -9 $pid 2>/dev/null; [[ -n "$registry" ]] && kill -9 $registry 2>/dev/null; rm -rf "$work"' EXIT
 
 now() { date +%s.%N; }
-elapsed() { echo "$(now) - $1" | bc -l; }
-rate() { echo "$1 / $2 / 1000000000" | bc -l; }
+elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }'; }
+rate() { awk -v b="$1" -v s="$2" 'BEGIN { printf "%.3f", b / s / 1e9 }'; }
 
 port=$((20000 + RANDOM % 20000))
 cat >"$work/registry.yml" <<EOF
@@ -40,27 +42,40 @@ http:
 EOF
 docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
 registry=$!
-for _ in $(seq 100); do curl -fs "http://127.0.0.1:$port/v2/" >/dev/null && break; sleep 0.1; done
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
 host="127.0.0.1:$port"
 
-export STASIS_STORE="$work/store-a"
-pid=$("$BIN/stasis-workload" memory --dir "$work" --daemon --mem "$MEMORY_MIB" --fill random)
-"$BIN/stasis" dump "$pid" -D "$work/ckpt" --json >"$work/dump.json"
-for _ in $(seq 500); do [[ -e /proc/$pid ]] || break; sleep 0.01; done
+if [[ -n ${CHECKPOINT:-} ]]; then
+    export STASIS_STORE=$STORE
+    checkpoint=$CHECKPOINT
+    what="the checkpoint $(basename "$CHECKPOINT")"
+else
+    export STASIS_STORE="$work/store-a"
+    checkpoint=$work/ckpt
+    what="$MEMORY_MIB MiB random"
+    pid=$("$BIN/stasis-workload" memory --dir "$work" --daemon --mem "$MEMORY_MIB" --fill random)
+    "$BIN/stasis" dump "$pid" -D "$checkpoint" --json >"$work/dump.json"
+    for _ in $(seq 500); do [[ -e /proc/$pid ]] || break; sleep 0.01; done
+fi
 
-t=$(now); "$BIN/stasis" push "$work/ckpt" "$host/bench/a:one" --plain-http --json >"$work/push.json"; push_s=$(elapsed "$t")
+t=$(now); "$BIN/stasis" push "$checkpoint" "$host/bench/a:one" --plain-http --json >"$work/push.json"; push_s=$(elapsed "$t")
 bytes=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["sentBytes"])' "$work/push.json")
 blobs=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["sentBlobs"])' "$work/push.json")
-t=$(now); skopeo copy -q --src-tls-verify=false "docker://$host/bench/a:one" "oci:$work/layout:one"; skopeo_pull_s=$(elapsed "$t")
-t=$(now); "$BIN/stasis" pull "$host/bench/a:one" -D "$work/pulled" --plain-http --store "$work/store-b" --json >"$work/pull.json"; pull_s=$(elapsed "$t")
-t=$(now); skopeo copy -q --dest-tls-verify=false "oci:$work/layout:one" "docker://$host/bench/c:one"; skopeo_push_s=$(elapsed "$t")
+# --insecure-policy: no /etc/containers/policy.json is needed (the GPU machine has none).
+t=$(now); skopeo --insecure-policy copy -q --src-tls-verify=false "docker://$host/bench/a:one" "oci:$work/layout:one"; skopeo_pull_s=$(elapsed "$t")
+pulled=${PULLED:-$work/pulled}
+t=$(now); "$BIN/stasis" pull "$host/bench/a:one" -D "$pulled" --plain-http --store "${PULLED_STORE:-$work/store-b}" --json >"$work/pull.json"; pull_s=$(elapsed "$t")
+t=$(now); skopeo --insecure-policy copy -q --dest-tls-verify=false "oci:$work/layout:one" "docker://$host/bench/c:one"; skopeo_push_s=$(elapsed "$t")
 
-STASIS_STORE="$work/store-b" "$BIN/stasis" restore "$work/pulled" --json >/dev/null
-rm -f "$work/result"; kill -USR1 "$pid"
-for _ in $(seq 600); do [[ -e $work/result ]] && break; sleep 0.1; done
-verdict=$(cat "$work/result" 2>/dev/null || echo "FAIL no answer")
+verdict="not restored here (the caller restores $pulled)"
+if [[ -z ${CHECKPOINT:-} ]]; then
+    STASIS_STORE="$work/store-b" "$BIN/stasis" restore "$work/pulled" --json >/dev/null
+    rm -f "$work/result"; kill -USR1 "$pid"
+    for _ in $(seq 600); do [[ -e $work/result ]] && break; sleep 0.1; done
+    verdict=$(cat "$work/result" 2>/dev/null || echo "FAIL no answer")
+fi
 
-echo "| $MEMORY_MIB MiB random, $blobs blobs, $(echo "$bytes / 1048576" | bc) MiB | seconds | GB/s |"
+echo "| $what, $blobs blobs, $((bytes / 1048576)) MiB | seconds | GB/s |"
 echo "| --- | --- | --- |"
 printf '| stasis push | %.2f | %.2f |\n' "$push_s" "$(rate "$bytes" "$push_s")"
 printf '| skopeo copy, the same blobs up (OCI layout to registry) | %.2f | %.2f |\n' "$skopeo_push_s" "$(rate "$bytes" "$skopeo_push_s")"
@@ -68,4 +83,4 @@ printf '| stasis pull (into an empty store) | %.2f | %.2f |\n' "$pull_s" "$(rate
 printf '| skopeo copy, the same blobs down (registry to OCI layout) | %.2f | %.2f |\n' "$skopeo_pull_s" "$(rate "$bytes" "$skopeo_pull_s")"
 echo
 echo "restored from the pulled checkpoint: $verdict"
-[[ $verdict == PASS* ]]
+[[ $verdict == PASS* || -n ${CHECKPOINT:-} ]]

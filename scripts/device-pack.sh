@@ -11,9 +11,13 @@ swift build -c release --static-swift-stdlib --scratch-path .build-static 2>&1 |
 rm -rf .device && mkdir -p .device/criu-debs
 strip -o .device/stasis .build-static/release/stasis
 xz -T0 -3 -f .device/stasis
-strip -o .device/stasis-store-bench .build-static/release/stasis-store-bench
-xz -T0 -3 -f .device/stasis-store-bench
-cp .build-static/release/stasis-workload .device/
+# The store bench only when asked for (STORE_BENCH=1): the carry is bounded (64 MiB).
+if [[ ${STORE_BENCH:-} == 1 ]]; then
+    strip -o .device/stasis-store-bench .build-static/release/stasis-store-bench
+    xz -T0 -3 -f .device/stasis-store-bench
+fi
+strip -o .device/stasis-workload .build-static/release/stasis-workload
+xz -T0 -3 -f .device/stasis-workload
 ./scripts/build-criu-plugin.sh .device/criu-plugins >/dev/null
 ./scripts/build-agent.sh .device >/dev/null
 cp "$(command -v criu)" .device/criu
@@ -30,4 +34,12 @@ ldd /usr/sbin/ip | awk '/=> \// { print $3 }' | grep -v -e libc.so -e ld-linux |
 # The codecs' and OpenSSL's shared libraries, in case the GPU machine lacks them (scripts/device/lib.sh puts .device/lib on the path).
 mkdir -p .device/lib && cp -L /usr/lib/x86_64-linux-gnu/libzstd.so.1 /usr/lib/x86_64-linux-gnu/liblz4.so.1 \
     /usr/lib/x86_64-linux-gnu/libssl.so.3 /usr/lib/x86_64-linux-gnu/libcrypto.so.3 .device/lib/
+# The registry bench's tools (issue 30): Debian's docker-registry (static) and skopeo, with the libraries
+# skopeo links beyond libc in a directory of their own (not on every program's path), behind a wrapper.
+if command -v docker-registry >/dev/null && command -v skopeo >/dev/null; then
+    xz -T0 -3 -c "$(command -v docker-registry)" >.device/docker-registry.xz
+    xz -T0 -3 -c "$(command -v skopeo)" >.device/skopeo.xz
+    mkdir -p .device/skopeo-lib
+    ldd "$(command -v skopeo)" | awk '/=> \// { print $3 }' | grep -v -e libc.so -e libm.so -e ld-linux | xargs -I{} cp -L {} .device/skopeo-lib/
+fi
 du -sh .device

@@ -28,7 +28,12 @@
 #                                           and driver path; about 6 minutes, 40 GB of disk),
 #                                           export and import (restore on another machine: export on one,
 #                                           bring the pieces back from $OUT into .device/import/, import on
-#                                           a new one). The benchmarks are apart: scripts/device-bench.sh.
+#                                           a new one), prepared (GPU restores prepared ahead of demand,
+#                                           then activated), serve8bhost (the 8B server restored streamed,
+#                                           rebuilt on /dev/shm, prepared, and from a registry; CRIU's
+#                                           logs split), registrybench (BERT-large through a registry
+#                                           beside skopeo; needs docker-registry and skopeo packed).
+#                                           The benchmarks are apart: scripts/device-bench.sh.
 #
 # cuda..bert take about 6 minutes on the H200 and agent about 3.5 (the device tool allows 10 per call: run
 # them in two calls); agentbig about 2.5, bench about 5, agentbench about 5.

@@ -21,6 +21,7 @@ section_agentcost() {
 # Not a test: the chunk store's throughput on this machine's cores with a BERT-large checkpoint
 # (bench/store-device.sh), when asked for by name.
 section_storebench() {
+    [[ -f .device/stasis-store-bench.xz ]] || { fail "storebench" "not packed: STORE_BENCH=1 scripts/device-pack.sh"; return; }
     xz -dc .device/stasis-store-bench.xz >/opt/stasis/bin/stasis-store-bench && chmod +x /opt/stasis/bin/stasis-store-bench
     OUT=$OUT bench/store-device.sh 2>&1 | tee "$OUT/storebench.txt"
 }

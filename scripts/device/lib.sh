@@ -25,7 +25,7 @@ setup() {
     fi
     export PATH="/opt/stasis/bin:$PATH"
     xz -dc .device/stasis.xz >/opt/stasis/bin/stasis && chmod +x /opt/stasis/bin/stasis
-    cp .device/stasis-workload /opt/stasis/bin/
+    xz -dc .device/stasis-workload.xz >/opt/stasis/bin/stasis-workload && chmod +x /opt/stasis/bin/stasis-workload
     # Beside the binary, where `stasis run` finds it.
     cp .device/libstasis-agent.so /opt/stasis/bin/
     mkdir -p /opt/stasis/criu-plugins && cp .device/criu-plugins/*.so /opt/stasis/criu-plugins/

@@ -119,3 +119,13 @@ section_leavedisk() {
     rm -rf $STASIS_STORE
     unset STASIS_STORE
 }
+
+# BERT-large alone under the agent (agentbig's first case), with CRIU's dump and restore split from their logs.
+needs_bertlarge="gpus=1 torch"
+section_bertlarge() {
+    export STASIS_STORE=/dev/shm/stasis-agent-store
+    rm -rf $STASIS_STORE
+    agent_bert large "" "agent bert-large"
+    rm -rf $STASIS_STORE
+    unset STASIS_STORE
+}

@@ -138,6 +138,35 @@ section_serve8bhost() {
             stop "$pid"
         done
     done
+
+    # From a registry (issue 30): the checkpoint pushed to a loopback registry (on /dev/shm: the disk holds the
+    # weights and two stores), then `stasis restore REF` into an empty store, to the first answer.
+    local why
+    if why=$(ensure_registry_tools); then
+        local registry=/dev/shm/stasis-registry-8b rport=15000 rpid image_ref=127.0.0.1:15000/serve/llm:8b
+        rpid=$(start_registry "$registry" $rport)
+        t=$(now)
+        if timeout 150 /opt/stasis/bin/stasis push "$run/ckpt" $image_ref --plain-http --store "$store" >"$run/push.txt" 2>&1; then
+            note "pushed to the registry: $(since "$t") s; $(tail -n 1 "$run/push.txt")"
+            t=$(now)
+            if timeout 200 /opt/stasis/bin/stasis restore $image_ref --plain-http --store "$disk/store-pulled" >"$run/restore-registry.txt" 2>&1 && answer=$(ask); then
+                took=$(since "$t")
+                pid=$(grep -o 'root PID [0-9]*' "$run/restore-registry.txt" | grep -o '[0-9]*$')
+                note "restore from the registry (pulled into an empty store) to first answer: $took s; $(grep -h 'pulled\|time:' "$run/restore-registry.txt" | sed 's/^ *//' | tr '\n' ' ')"
+                [[ $answer == "$reference" ]] && pass "serve8bhost restore REF from a registry into an empty store: $took s to first answer; same answer" \
+                    || fail "serve8bhost registry restore" "answer differs"
+                stop "$pid"
+            else
+                fail "serve8bhost registry restore" "$(tail -n 5 "$run/restore-registry.txt")"
+            fi
+        else
+            fail "serve8bhost push" "$(tail -n 5 "$run/push.txt")"
+        fi
+        kill -9 "$rpid" 2>/dev/null
+        rm -rf "$registry" "$disk/store-pulled"
+    else
+        note "registry case skipped: $why"
+    fi
     cat "$report" >"$LOGS/serve8bhost.txt"
     keep_logs "$run" "serve8bhost"
     rm -rf "$run" "$store" /dev/shm/stasis-rebuild

@@ -108,6 +108,49 @@ public final class BlockingQueue<Element>: @unchecked Sendable {
     public var count: Int { condition.withLock { items.count - head } }
 }
 
+/// Names still to come from a producer on another thread (chunks a pull fetches while a restore already reads
+/// them): `wait(for:)` blocks while a name is pending and throws once the producer has failed, so a reader
+/// never waits for what will not come.
+public final class PendingNames: @unchecked Sendable {
+    private let condition = NSCondition()
+    private var pending: Set<String>
+    private var failure: Error?
+
+    public init(_ names: Set<String>) { pending = names }
+
+    /// Whether `name` is still to come.
+    public func isPending(_ name: String) -> Bool { condition.withLock { pending.contains(name) } }
+
+    public var remaining: Int { condition.withLock { pending.count } }
+
+    /// `names` are here: their readers go on.
+    public func arrived<Names: Sequence>(_ names: Names) where Names.Element == String {
+        condition.withLock {
+            for name in names { pending.remove(name) }
+            condition.broadcast()
+        }
+    }
+
+    /// Nothing more will come: every reader waiting, and every later one, gets `error`.
+    public func fail(_ error: Error) {
+        condition.withLock {
+            if failure == nil { failure = error }
+            condition.broadcast()
+        }
+    }
+
+    /// Returns once `name` is not pending (at once for a name never promised); throws the producer's failure
+    /// if it is still pending when the producer fails.
+    public func wait(for name: String) throws {
+        try condition.withLock {
+            while pending.contains(name) {
+                if let failure { throw failure }
+                condition.wait()
+            }
+        }
+    }
+}
+
 /// The first failure among threads that work together. A cause (an error the work itself found: a damaged
 /// chunk, a full disk, a peer's own error message) wins over a symptom (a connection that ended because another
 /// thread shut it down), whichever came first.

@@ -4,7 +4,8 @@ import StasisCore
 /// Switches for reaching failure paths in tests: STASIS_FAULT=point[,point...]. Each named point throws
 /// where `FaultInjection.check` is called with it. Points: "post-dump" (inside CRIU's post-dump step, while
 /// the tree is frozen), "publish" (the same step, after the images were hashed and synced, before the
-/// manifest is written), "after-restore" (after CRIU restored the tree, before it is handed over).
+/// manifest is written), "after-restore" (after CRIU restored the tree, before it is handed over),
+/// "pull-later-round" (a pull's rounds of chunks after its first).
 /// `point`-kill kills stasis there instead (`die`): "released" (agents released their device memory),
 /// "listed" (the catalog entry written, nothing published), "post-dump" (the tree frozen, nothing published),
 /// "published" (inside post-dump, just after the rename), "criu-exited", "manifest-rewritten" and "log-moved"

@@ -1,3 +1,4 @@
+import Foundation
 import ArgumentParser
 import StasisRegistry
 import StasisCore
@@ -21,7 +22,7 @@ struct RestoreCommand: ParsableCommand {
         processes checkpointed through the driver alone.
         """)
 
-    @Argument(help: "The checkpoint directory (or give it with -D, as dump and import take theirs), or a registry reference HOST[:PORT]/REPOSITORY[:TAG] to pull first (docs/REGISTRY.md).")
+    @Argument(help: "The checkpoint directory (or give it with -D, as dump and import take theirs), or a registry reference HOST[:PORT]/REPOSITORY[:TAG], restored while it is pulled (docs/REGISTRY.md).")
     var checkpoint: String?
 
     @Option(name: [.customShort("D"), .customLong("images-dir")], help: "The checkpoint directory, when not given as the argument.")
@@ -93,14 +94,17 @@ struct RestoreCommand: ParsableCommand {
     func run() throws {
         try Output.run(json: output.json) {
             var options = RestoreOperation.Options(directory: directory)
+            // From a registry: the copy the store lists already, else a pull that goes on while the restore
+            // reads what has arrived.
+            var arriving: RegistryPull?
             if let checkpoint, RegistryReference.looksLikeReference(checkpoint) {
-                // A local copy first: the one the store lists already, else one pulled now.
-                let (local, pulled) = try RegistryTransfer.localCopy(try registry.options(checkpoint, store: store.store))
-                if let pulled, !output.json {
-                    print("pulled \(pulled.reference) into \(local): \(pulled.fetchedBlobs) blobs (\(Format.bytes(pulled.fetchedBytes))), "
-                        + "\(pulled.presentChunks) chunks already here; \(Format.seconds(pulled.seconds))")
+                switch try RegistryTransfer.forRestore(try registry.options(checkpoint, store: store.store)) {
+                case .local(let local): options.directory = local
+                case .arriving(let pull):
+                    arriving = pull
+                    options.directory = pull.directory
+                    options.chunkStore = pull.arrivingStore
                 }
-                options.directory = local
             }
             options.workDirectory = workDirectory
             options.keepLog = keepLog
@@ -115,7 +119,26 @@ struct RestoreCommand: ParsableCommand {
             options.progress = Output.progressHandler(json: output.json)
             let backends = Backends(gpuMap: try parsedGPUMap())
             options.backends = backends
-            let report = try RestoreOperation(options, device: backends.deviceStep()).run()
+            var report: RestoreOperation.Report
+            do {
+                report = try RestoreOperation(options, device: backends.deviceStep()).run()
+            } catch {
+                // Nothing of the pull is published (its rounds stay in the store for the next one); the error
+                // names what failed, a blob that did not come included.
+                _ = arriving?.discard(error)
+                throw error
+            }
+            if let arriving {
+                // The tree runs (every chunk it read had arrived); what is left of the pull is its publish, for
+                // the next restore. Its failure leaves the tree running: a warning, not an error.
+                do {
+                    let pulled = try arriving.finish()
+                    report.directory = pulled.directory
+                    report.pulled = pulled
+                } catch {
+                    FileHandle.standardError.write(Data("stasis: warning: the restored tree runs, but the pulled checkpoint was not kept: \(error)\n".utf8))
+                }
+            }
             Output.clearProgress()
             if output.json { return Output.json(report) }
             for line in report.textLines { print(line) }

@@ -54,7 +54,7 @@ import Testing
         #expect(outside.isEmpty, "FileManager outside StasisOS (use FileSystem):\n\(outside.joined(separator: "\n"))")
     }
 
-    /// Threads share state through the kit (Locked, CriticalSection, BlockingQueue, FirstFailure), not locks of their own.
+    /// Threads share state through the kit (Locked, CriticalSection, BlockingQueue, PendingNames, FirstFailure), not locks of their own.
     @Test func everyLockIsTheKits() throws {
         let own = try Self.uses(of: "NSLock") { $0 != "Sources/StasisCore/Concurrency.swift" }
         #expect(own.isEmpty, "NSLock outside the concurrency kit (use Locked or CriticalSection):\n\(own.joined(separator: "\n"))")

@@ -165,12 +165,40 @@ extension Integration {
                 #expect(Harness.waitGone(workload.pid))
                 let restore = try registry.stasis(["restore", reference], store: store)
                 #expect(restore.succeeded, "\(restore.stderr)")
-                #expect(restore.stdout.contains("pulled ") == (round == 0), "round \(round): \(restore.stdout)")
+                #expect(restore.stdout.contains("  pull: ") == (round == 0), "round \(round): \(restore.stdout)")
                 let restored = try #require(restore.stdout.split(separator: "\n").first { $0.hasPrefix("restored ") })
                 pulledDirectory = String(restored.dropFirst("restored ".count).prefix { $0 != ":" })
                 #expect(pulledDirectory.hasPrefix("/var/lib/stasis/pulled/"), "\(restore.stdout)")
                 #expect(workload.verify().hasPrefix("PASS"))
             }
+        }
+
+        /// `stasis restore REF` restores while the pull goes on; a pull that fails midway (after its first round
+        /// of chunks, STASIS_FAULT=pull-later-round) fails the restore with nothing left running and nothing
+        /// published, and the next restore fetches only what the first did not store.
+        @Test func aRestoreOverlappingItsPullNeverRunsOnWhatDidNotArrive() throws {
+            let registry = try TestRegistry()
+            defer { registry.stop() }
+            let (workload, checkpoint) = try Self.checkpointedWorkload("overlap", memory: 96)
+            defer { workload.stop() }
+            let reference = "\(registry.host)/jobs/overlap:one"
+            #expect(try registry.stasis(["push", checkpoint, reference]).succeeded)
+            kill(workload.pid, SIGKILL)
+            #expect(Harness.waitGone(workload.pid))
+            let store = Harness.scratch("overlap") + "/node-b-store"
+            let failed = try registry.stasis(["restore", reference], store: store, environment: ["STASIS_FAULT": "pull-later-round"])
+            #expect(!failed.succeeded && failed.stderr.contains("pull-later-round"), "\(failed.stdout)\n\(failed.stderr)")
+            #expect(!ProcFS.isLive(workload.pid), "nothing restored runs")
+            let pulled = (try? FileSystem.names(in: "/var/lib/stasis/pulled")) ?? []
+            let manifestID = try #require(try JSONSerialization.jsonObject(with: Data(try FileSystem.readFile(checkpoint + "/manifest.json"))) as? [String: Any])["id"] as? String
+            #expect(!pulled.contains { $0.hasPrefix(manifestID ?? "-") }, "nothing published: \(pulled)")
+            let restore = try registry.stasis(["restore", reference, "--json"], store: store)
+            #expect(restore.succeeded, "\(restore.stderr)")
+            let report = try registry.json(restore)
+            let pull = try #require(report["pulled"] as? [String: Any])
+            #expect((pull["presentChunks"] as? Int ?? 0) >= 16, "the first round is not fetched again: \(pull)")
+            #expect(workload.verify().hasPrefix("PASS"))
+            if let directory = pull["directory"] as? String { _ = try? Harness.stasis(["rm", directory], environment: ["STASIS_STORE": store]) }
         }
 
         /// A registry that misbehaves (an answer of 500, a manifest over 4 MiB, a blob that is not what its

@@ -203,15 +203,23 @@ public enum RegistryTransfer {
 
     // MARK: pull
 
-    /// Chunks a pull fetches before it makes them durable and visible in the store (a round).
+    /// Chunks a pull fetches before it makes them durable and visible in the store (a round); smaller while
+    /// a restore waits for them.
     static let pullRound = 64
+    static let overlappedPullRound = 16
 
     /// Where `stasis restore REF` puts what it pulls: a directory per checkpoint id.
     public static let pulledRoot = "/var/lib/stasis/pulled"
 
-    /// A local copy of the checkpoint `options.reference` names, for a restore: the one the local store lists
-    /// already (by the checkpoint's id; nothing is fetched again), else one pulled into `pulledRoot`/ID.
-    public static func localCopy(_ options: Options) throws -> (directory: String, pulled: PullReport?) {
+    /// The checkpoint `options.reference` names, for a restore: the copy the local store lists already (by the
+    /// checkpoint's id; nothing is fetched again), else a pull into `pulledRoot`/ID that goes on while the
+    /// restore reads what has arrived (`RegistryPull.startOverlapped`).
+    public enum ForRestore {
+        case local(String)
+        case arriving(RegistryPull)
+    }
+
+    public static func forRestore(_ options: Options) throws -> ForRestore {
         let session = try options.client().session()
         let reference = options.reference.description
         let (bytes, _, _) = try session.manifest(options.reference.reference, accept: [CheckpointArtifact.manifestMediaType])
@@ -220,107 +228,25 @@ public enum RegistryTransfer {
         if manifest.store != nil {
             let store = try Backends().openStore(options.store, create: true)
             if let listed = StoreCatalog(store: store).entry(id: manifest.id), FileSystem.exists(listed.directory + "/" + Manifest.fileName) {
-                return (listed.directory, nil)
+                return .local(listed.directory)
             }
         }
         try FileSystem.makePrivateDirectory(pulledRoot)
-        let directory = pulledRoot + "/" + manifest.id
-        return (directory, try pull(options, into: directory))
+        return .arriving(try RegistryPull.startOverlapped(options, into: pulledRoot + "/" + manifest.id))
     }
 
     public static func pull(_ options: Options, into destination: String) throws -> PullReport {
-        let watch = Stopwatch()
-        let client = try options.client()
-        let session = client.session()
-        let reference = options.reference.description
-        let (bytes, _, manifestDigest) = try session.manifest(options.reference.reference, accept: [CheckpointArtifact.manifestMediaType])
-        let image = try CheckpointArtifact.decode(bytes, reference: reference)
-        let configBytes = try session.blob(image.config.digest, maxBytes: 64 << 20)
-        var manifest = try Manifest.decode(Data(configBytes), path: "the checkpoint manifest of \(reference)")
-        try CheckpointBundle.checkChunkLists(manifest, name: reference, code: .manifestInvalid)
-        // Every file and chunk the stasis manifest lists must be a layer: the registry's manifest is only a map.
-        var fileLayers: [String: CheckpointArtifact.Descriptor] = [:]
-        var chunkLayers: [String: CheckpointArtifact.Descriptor] = [:]
-        for layer in image.layers {
-            if layer.mediaType == CheckpointArtifact.fileMediaType, let path = layer.annotations?[CheckpointArtifact.titleAnnotation] {
-                fileLayers[path] = layer
-            } else if layer.mediaType == CheckpointArtifact.chunkMediaType, let chunk = layer.annotations?[CheckpointArtifact.chunkAnnotation] {
-                chunkLayers[chunk] = layer
-            }
-        }
-        try StagingDirectory.check(destination: destination)
-        let store = try manifest.store.map { _ in try Backends().openStore(options.store, create: true) }
-        let staging = try StagingDirectory(destination: destination, store: store)
-        var catalog: StoreCatalog?
+        let pull = try RegistryPull(options, into: destination, round: pullRound)
         do {
-            let lock = try store?.lock(exclusive: false)
-            defer { lock?.release() }
-            if let store { try BundleOperation.refuseListedTwice(manifest.id, in: store, verb: "pull") }
-            let wholeFiles = manifest.files.filter { $0.chunks == nil }
-            var missing: [(String, CheckpointArtifact.Descriptor)] = []
-            var present = 0
-            var seen = Set<String>()
-            for item in Checkpoint.chunkedItems(manifest) {
-                for chunk in item.chunks where !chunk.isEmpty && seen.insert(chunk).inserted {
-                    if store!.has(chunk) { present += 1; continue }
-                    guard let layer = chunkLayers[chunk] else {
-                        throw StasisError(.manifestInvalid, "\(reference) lists chunk \(chunk) of \(item.path) but has no blob for it")
-                    }
-                    missing.append((chunk, layer))
-                }
-            }
-            for entry in wholeFiles where fileLayers[entry.path] == nil {
-                throw StasisError(.manifestInvalid, "\(reference) lists the file \(entry.path) but has no blob for it")
-            }
-            let (lacking, layerOfFile, stagingPath) = (missing, fileLayers, staging.path)
-            let totals = Locked((blobs: 1, bytes: UInt64(configBytes.count)))
-            // The chunks arrive in rounds, each made durable and visible in the store as it ends: a pull that
-            // stops (killed, the network gone) keeps the rounds it finished, and run again fetches only the rest.
-            // The whole files come in the first round; they go to the staging directory, published at the end.
-            var start = 0
-            repeat {
-                let round = Array(lacking[start..<min(lacking.count, start + pullRound)])
-                let files = start == 0 ? wholeFiles : []
-                let receiver = store.map { ChunkReceiver(store: $0) }
-                let jobs = files.count + round.count
-                let next = Locked(0)
-                try WorkerGroup.run(min(options.threads, max(1, jobs)), name: "stasis-pull") { _, failure in
-                    let session = client.session()
-                    while failure.error == nil, let index = next.takeNext(below: jobs) {
-                        if index < files.count {
-                            let entry = files[index]
-                            let layer = layerOfFile[entry.path]!
-                            let data = try session.blob(layer.digest, maxBytes: Int(min(entry.size, UInt64(Int.max))))
-                            try writeFile(data, entry, into: stagingPath, from: reference)
-                            totals.withLock { $0.blobs += 1; $0.bytes += UInt64(data.count) }
-                        } else {
-                            let (chunk, layer) = round[index - files.count]
-                            let data = try session.blob(layer.digest, maxBytes: ChunkSink.scratchSize())
-                            try receiver!.submit(digest: chunk, length: data.count, from: reference) { buffer in
-                                data.withUnsafeBytes { buffer.copyMemory(from: $0) }
-                            }
-                            totals.withLock { $0.blobs += 1; $0.bytes += UInt64(data.count) }
-                        }
-                    }
-                }
-                _ = try receiver?.finish()
-                start += round.count
-                // Tests end a pull here, a round of chunks stored and nothing published (STASIS_FAULT=pull-round-kill).
-                if !round.isEmpty { FaultInjection.die("pull-round") }
-            } while start < lacking.count
-            try BundleOperation.publishImported(&manifest, store: store, staging: staging, catalog: &catalog)
-            let fetched = totals.withLock { $0 }
-            return PullReport(reference: reference, digest: manifestDigest, directory: staging.destination, store: store?.path,
-                              fetchedBlobs: fetched.blobs, fetchedBytes: fetched.bytes, presentChunks: present, seconds: watch.seconds)
+            try pull.fetchWholeFiles()
+            try pull.fetchChunks()
+            return try pull.publish()
         } catch {
-            if !staging.published { catalog?.unregister(id: manifest.id) }
-            staging.discard()
-            throw StasisError.wrapping(error, as: .io).prefixed("pull of \(reference) failed")
+            throw pull.discard(error)
         }
     }
-
     /// Writes one whole file of the checkpoint, checked against the manifest's SHA-256, private and synced.
-    private static func writeFile(_ data: [UInt8], _ entry: Manifest.FileEntry, into directory: String, from reference: String) throws {
+    static func writeFile(_ data: [UInt8], _ entry: Manifest.FileEntry, into directory: String, from reference: String) throws {
         var hasher = SegmentedDigest.Streaming()
         data.withUnsafeBytes { hasher.update($0) }
         guard UInt64(data.count) == entry.size, hasher.finish() == entry.sha256 else {

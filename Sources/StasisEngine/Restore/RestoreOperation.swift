@@ -3,6 +3,7 @@ import StasisCRIU
 import StasisCore
 import StasisGPU
 import StasisOS
+import StasisStore
 
 /// `stasis restore`: bring a checkpointed tree back, with the same PIDs, detached from stasis. `run` is the list
 /// of steps; `RestoreRun` holds what they share and their one rollback. The sequence and what rolls back:
@@ -33,6 +34,8 @@ public struct RestoreOperation {
         public var keepLog = false
         /// The chunk store (default: the one the manifest names).
         public var store: String?
+        /// A store to read from instead of opening one (a pull from a registry that is still arriving).
+        public var chunkStore: (any ChunkStore)?
         /// Where CRIU's images are rebuilt from the store (a private directory is made and removed inside
         /// it); nil streams them to CRIU instead.
         public var rebuildRoot: String?
@@ -69,6 +72,8 @@ public struct RestoreOperation {
         public var clearedTimeWaitSockets = 0
         /// The tree was left stopped (--prepare): `stasis activate ROOT` lets it run.
         public var prepared = false
+        /// `stasis restore REF`: the pull the restore overlapped, published once the tree ran.
+        public var pulled: RegistryTransfer.PullReport?
     }
 
     /// How CRIU got the memory images.

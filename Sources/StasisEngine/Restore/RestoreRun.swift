@@ -58,7 +58,7 @@ final class RestoreRun {
         if !options.skipCPUCheck { try RestoreOperation.checkCPU(manifest.host) }
         try operation.device.checkRestorable(section: manifest.gpu)
         if options.prepare, let refusal = PreparedRestore.refusal(manifest, device: operation.device) { throw StasisError(.invalidArgument, "restore --prepare refused: \(refusal)") }
-        store = try Checkpoint.store(for: manifest, explicit: options.store)
+        store = manifest.store == nil ? nil : try options.chunkStore ?? Checkpoint.store(for: manifest, explicit: options.store)
         criuItems = Checkpoint.criuItems(manifest)
     }
 

@@ -53,6 +53,10 @@ extension RestoreOperation.Report {
         if clearedTimeWaitSockets > 0 {
             lines.append("  net:  \(clearedTimeWaitSockets) TIME_WAIT socket(s) destroyed to free the checkpoint's listening ports")
         }
+        if let pulled {
+            lines.append("  pull: \(pulled.reference), \(pulled.fetchedBlobs) blobs (\(Format.bytes(pulled.fetchedBytes))) while restoring, "
+                + "\(pulled.presentChunks) chunks already here; \(Format.seconds(pulled.seconds)), kept in \(pulled.directory)")
+        }
         if let logFile { lines.append("  log:  \(logFile)") }
         return lines
     }

@@ -101,6 +101,18 @@ PY
     echo "maps of $1: $(tr '\n' ';' <"$LOGS/maps-$1.txt")"
 }
 
+# The 8B server's helpers (sections serve8b and serve8bhost): its script, its port, timing, its first answer,
+# stopping it (and waiting for its port), and its weights made once on the disk.
+LLM_SERVER=Workloads/torch/llm_server.py
+LLM_PORT=18080
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
+llm_ask() { timeout 180 python3 $LLM_SERVER ask --port $LLM_PORT; }
+llm_stop() { [[ -n ${1:-} && -e /proc/$1 ]] && kill_tree "$1"; for _ in $(seq 100); do ss -ltn 2>/dev/null | grep -q ":$LLM_PORT " || break; sleep 0.1; done; }
+llm_weights() {  # WEIGHTS LOG -> fails when they cannot be made
+    [[ -s $1/model.safetensors ]] || python3 $LLM_SERVER prepare --weights "$1" >"$2" 2>&1
+}
+
 # The dump's line about what an agent moved, if any.
 agent_line() { grep -h 'agent:' "$1" 2>/dev/null | sed 's/^ *//' | head -n 1; }
 

@@ -75,34 +75,27 @@ section_prepared() {
 # and prepared (`restore --prepare` ahead of demand, then `stasis activate`: timed from the activation). CRIU's
 # log of each streamed and rebuilt restore is split by bench/criu_log.py. Figures go to $OUT/serve8bhost.txt.
 section_serve8bhost() {
-    local disk=/var/tmp/stasis-serve8b srv=Workloads/torch/llm_server.py port=18080
+    local disk=/var/tmp/stasis-serve8b srv=$LLM_SERVER port=$LLM_PORT
     local weights=$disk/weights store=$disk/store run
     mkdir -p "$disk" && run=$(mktemp -d "$disk/run.XXXXXX")
     local report=$OUT/serve8bhost.txt
     : >"$report"
     note() { echo "$1" | tee -a "$report"; }
-    now() { date +%s.%N; }
-    since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
-    ask() { timeout 180 python3 $srv ask --port $port; }
-    stop() { [[ -n ${1:-} && -e /proc/$1 ]] && kill_tree "$1"; for _ in $(seq 100); do ss -ltn 2>/dev/null | grep -q ":$port " || break; sleep 0.1; done; }
 
-    if [[ ! -s $weights/model.safetensors ]]; then
-        python3 $srv prepare --weights "$weights" >"$run/prepare.txt" 2>&1 \
-            || { fail "serve8bhost weights" "$(tail -n 5 "$run/prepare.txt")"; return; }
-    fi
+    llm_weights "$weights" "$run/prepare.txt" || { fail "serve8bhost weights" "$(tail -n 5 "$run/prepare.txt")"; return; }
     local t pid reference answer
     t=$(now)
     pid=$(python3 $srv serve --weights "$weights" --dir "$run/cold" --port $port --daemon) \
         || { fail "serve8bhost cold start" "$(tail -n 5 "$run/cold/log")"; return; }
-    reference=$(ask) || { fail "serve8bhost cold start" "no answer"; stop "$pid"; return; }
+    reference=$(llm_ask) || { fail "serve8bhost cold start" "no answer"; llm_stop "$pid"; return; }
     note "cold start (process start to first answer, weights in the page cache): $(since "$t") s"
-    stop "$pid"
+    llm_stop "$pid"
 
     pid=$($RUN python3 $srv serve --weights "$weights" --dir "$run/agent" --port $port --daemon) \
         || { fail "serve8bhost under stasis run" "$(tail -n 5 "$run/agent/log")"; return; }
-    answer=$(ask)
+    answer=$(llm_ask)
     if ! $STASIS dump "$pid" -D "$run/ckpt" --store "$store" >"$run/dump.txt" 2>&1 || ! wait_gone "$pid"; then
-        fail "serve8bhost checkpoint" "$(tail -n 5 "$run/dump.txt")"; stop "$pid"; return
+        fail "serve8bhost checkpoint" "$(tail -n 5 "$run/dump.txt")"; llm_stop "$pid"; return
     fi
     note "agent checkpoint into the disk store: $(grep -h 'time:' "$run/dump.txt" | sed 's/^ *//')"
     { echo "CRIU's dump of the 8B server:"; python3 bench/criu_log.py dump "$run/ckpt/criu-dump.log"; } >>"$report" 2>&1
@@ -120,13 +113,13 @@ section_serve8bhost() {
                 note "prepared (round $round): $(grep -h 'time:' "$out" | sed 's/^ *//')"
                 sleep 2
                 t=$(now)
-                $STASIS activate "$pid" >"$run/activate-$round.txt" 2>&1 && answer=$(ask) || { fail "serve8bhost activate" "$(tail -n 3 "$run/activate-$round.txt")"; stop "$pid"; continue; }
+                $STASIS activate "$pid" >"$run/activate-$round.txt" 2>&1 && answer=$(llm_ask) || { fail "serve8bhost activate" "$(tail -n 3 "$run/activate-$round.txt")"; llm_stop "$pid"; continue; }
                 took=$(since "$t")
                 note "  activation to first answer: $took s; $(head -n 1 "$run/activate-$round.txt")"
             else
                 t=$(now)
-                if ! $STASIS restore "$run/ckpt" --store "$store" "${flags[@]}" >"$out" 2>&1 || ! answer=$(ask); then
-                    fail "serve8bhost $way restore" "$(tail -n 5 "$out")"; stop "$(grep -o 'root PID [0-9]*' "$out" | grep -o '[0-9]*$')"; continue
+                if ! $STASIS restore "$run/ckpt" --store "$store" "${flags[@]}" >"$out" 2>&1 || ! answer=$(llm_ask); then
+                    fail "serve8bhost $way restore" "$(tail -n 5 "$out")"; llm_stop "$(grep -o 'root PID [0-9]*' "$out" | grep -o '[0-9]*$')"; continue
                 fi
                 took=$(since "$t")
                 pid=$(grep -o 'root PID [0-9]*' "$out" | grep -o '[0-9]*$')
@@ -135,7 +128,7 @@ section_serve8bhost() {
             fi
             [[ $answer == "$reference" ]] && pass "serve8bhost $way restore (round $round): $took s to first answer$([[ $way == prepared ]] && echo ' from the activation'); same answer" \
                 || fail "serve8bhost $way restore (round $round)" "answer '$answer' differs from '$reference'"
-            stop "$pid"
+            llm_stop "$pid"
         done
     done
 
@@ -149,13 +142,13 @@ section_serve8bhost() {
         if timeout 150 /opt/stasis/bin/stasis push "$run/ckpt" $image_ref --plain-http --store "$store" >"$run/push.txt" 2>&1; then
             note "pushed to the registry: $(since "$t") s; $(tail -n 1 "$run/push.txt")"
             t=$(now)
-            if timeout 200 /opt/stasis/bin/stasis restore $image_ref --plain-http --store "$disk/store-pulled" >"$run/restore-registry.txt" 2>&1 && answer=$(ask); then
+            if timeout 200 /opt/stasis/bin/stasis restore $image_ref --plain-http --store "$disk/store-pulled" >"$run/restore-registry.txt" 2>&1 && answer=$(llm_ask); then
                 took=$(since "$t")
                 pid=$(grep -o 'root PID [0-9]*' "$run/restore-registry.txt" | grep -o '[0-9]*$')
                 note "restore from the registry (pulled into an empty store) to first answer: $took s; $(grep -h 'pulled\|time:' "$run/restore-registry.txt" | sed 's/^ *//' | tr '\n' ' ')"
                 [[ $answer == "$reference" ]] && pass "serve8bhost restore REF from a registry into an empty store: $took s to first answer; same answer" \
                     || fail "serve8bhost registry restore" "answer differs"
-                stop "$pid"
+                llm_stop "$pid"
             else
                 fail "serve8bhost registry restore" "$(tail -n 5 "$run/restore-registry.txt")"
             fi

@@ -7,21 +7,14 @@ needs_serve8b="gpus=1 torch"
 # cache warm and dropped, under the agent and (the baseline) through the driver. Every restored server must give
 # the uninterrupted server's answer. Figures go to $OUT/serve8b.txt as well.
 section_serve8b() {
-    local disk=/var/tmp/stasis-serve8b srv=Workloads/torch/llm_server.py port=18080
+    local disk=/var/tmp/stasis-serve8b srv=$LLM_SERVER port=$LLM_PORT
     local weights=$disk/weights store=$disk/store run
     mkdir -p "$disk" && run=$(mktemp -d "$disk/run.XXXXXX")
     local report=$OUT/serve8b.txt
     : >"$report"
     note() { echo "$1" | tee -a "$report"; }
-    now() { date +%s.%N; }
-    since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
-    ask() { timeout 180 python3 $srv ask --port $port; }
-    stop() { [[ -n ${1:-} && -e /proc/$1 ]] && kill_tree "$1"; for _ in $(seq 100); do ss -ltn 2>/dev/null | grep -q ":$port " || break; sleep 0.1; done; }
 
-    if [[ ! -s $weights/model.safetensors ]]; then
-        python3 $srv prepare --weights "$weights" >"$run/prepare.txt" 2>&1 \
-            || { fail "serve8b weights" "$(tail -n 5 "$run/prepare.txt")"; return; }
-    fi
+    llm_weights "$weights" "$run/prepare.txt" || { fail "serve8b weights" "$(tail -n 5 "$run/prepare.txt")"; return; }
     note "weights: $(tail -n 1 "$run/prepare.txt" 2>/dev/null) ($(du -sh "$weights" | cut -f1) on $(df --output=source "$disk" | tail -n 1))"
 
     # Cold start, page cache warm (the weights were just written or read): process start to first answer.
@@ -29,10 +22,10 @@ section_serve8b() {
     t=$(now)
     pid=$(python3 $srv serve --weights "$weights" --dir "$run/cold" --port $port --daemon) \
         || { fail "serve8b cold start" "$(tail -n 5 "$run/cold/log")"; return; }
-    reference=$(ask) || { fail "serve8b cold start" "no answer: $(tail -n 3 "$run/cold/log")"; stop "$pid"; return; }
+    reference=$(llm_ask) || { fail "serve8b cold start" "no answer: $(tail -n 3 "$run/cold/log")"; llm_stop "$pid"; return; }
     local cold; cold=$(since "$t")
     note "cold start (process start to first answer, weights in the page cache): $cold s; $(grep -h 'loaded in' "$run/cold/log")"
-    stop "$pid"
+    llm_stop "$pid"
 
     # The disk's sequential read speed, from a cold page cache: the 16 GB weights file.
     local readspeed="unknown"
@@ -47,10 +40,10 @@ section_serve8b() {
     # Under the agent: checkpoint into the disk store, then restore to the first answer, warm and cold.
     pid=$($RUN python3 $srv serve --weights "$weights" --dir "$run/agent" --port $port --daemon) \
         || { fail "serve8b under stasis run" "$(tail -n 5 "$run/agent/log")"; return; }
-    answer=$(ask)
+    answer=$(llm_ask)
     [[ $answer == "$reference" ]] || fail "serve8b under stasis run" "answer '$answer' differs from the cold start's '$reference'"
     if ! $STASIS dump "$pid" -D "$run/ckpt-agent" --store "$store" >"$run/dump-agent.txt" 2>&1 || ! wait_gone "$pid"; then
-        fail "serve8b agent checkpoint" "$(tail -n 5 "$run/dump-agent.txt")"; stop "$pid"; return
+        fail "serve8b agent checkpoint" "$(tail -n 5 "$run/dump-agent.txt")"; llm_stop "$pid"; return
     fi
     note "agent checkpoint into the disk store: $(grep -h 'time:' "$run/dump-agent.txt" | sed 's/^ *//'); $(agent_line "$run/dump-agent.txt")"
     sync
@@ -62,7 +55,7 @@ section_serve8b() {
             sync && echo 3 >/proc/sys/vm/drop_caches
         fi
         t=$(now)
-        if $STASIS restore -D "$run/ckpt-agent" $flags >"$run/restore-agent-$case.txt" 2>&1 && answer=$(ask); then
+        if $STASIS restore -D "$run/ckpt-agent" $flags >"$run/restore-agent-$case.txt" 2>&1 && answer=$(llm_ask); then
             local took; took=$(since "$t")
             pid=$(grep -o 'root PID [0-9]*' "$run/restore-agent-$case.txt" | grep -o '[0-9]*$')
             if [[ $answer == "$reference" ]]; then
@@ -71,7 +64,7 @@ section_serve8b() {
                 fail "serve8b agent restore ($case)" "answer '$answer' differs from '$reference'"
             fi
             note "agent restore, page cache $case: $took s to first answer; $(grep -h 'time:' "$run/restore-agent-$case.txt" | sed 's/^ *//')"
-            stop "$pid"
+            llm_stop "$pid"
         else
             fail "serve8b agent restore ($case)" "$(tail -n 5 "$run/restore-agent-$case.txt")"
         fi
@@ -88,18 +81,18 @@ section_serve8b() {
         note "driver checkpoint into the disk store: $(grep -h 'time:' "$run/dump-driver.txt" | sed 's/^ *//')"
         sync
         t=$(now)
-        if $STASIS restore -D "$run/ckpt-driver" >"$run/restore-driver.txt" 2>&1 && answer=$(ask); then
+        if $STASIS restore -D "$run/ckpt-driver" >"$run/restore-driver.txt" 2>&1 && answer=$(llm_ask); then
             local took; took=$(since "$t")
             pid=$(grep -o 'root PID [0-9]*' "$run/restore-driver.txt" | grep -o '[0-9]*$')
             [[ $answer == "$reference" ]] && pass "serve8b driver-path restore to first answer, page cache warm: $took s; same answer" \
                 || fail "serve8b driver-path restore" "answer differs"
             note "driver-path restore, page cache warm: $took s to first answer; $(grep -h 'time:' "$run/restore-driver.txt" | sed 's/^ *//')"
-            stop "$pid"
+            llm_stop "$pid"
         else
             fail "serve8b driver-path restore" "$(tail -n 5 "$run/restore-driver.txt")"
         fi
     else
-        fail "serve8b driver-path checkpoint" "$(tail -n 5 "$run/dump-driver.txt")"; stop "$pid"
+        fail "serve8b driver-path checkpoint" "$(tail -n 5 "$run/dump-driver.txt")"; llm_stop "$pid"
     fi
     rm -rf "$store"
 
@@ -115,17 +108,17 @@ section_serve8b() {
             local dumped; dumped=$(since "$t")
             sync
             t=$(now)
-            if criu restore -D "$images" -d -L $plugin -v4 -o restore.log >/dev/null 2>&1 && answer=$(ask); then
+            if criu restore -D "$images" -d -L $plugin -v4 -o restore.log >/dev/null 2>&1 && answer=$(llm_ask); then
                 local took; took=$(since "$t")
                 [[ $answer == "$reference" ]] && pass "serve8b CRIU + cuda plugin restore to first answer, page cache warm: $took s; same answer" \
                     || fail "serve8b CRIU + cuda plugin restore" "answer differs"
                 note "CRIU 4.2 + its cuda plugin + cuda-checkpoint, images on the disk: checkpoint $dumped s ($(du -sh "$images" | cut -f1)), restore to first answer (page cache warm) $took s"
-                stop "$pid"
+                llm_stop "$pid"
             else
-                fail "serve8b CRIU + cuda plugin restore" "$(grep -h 'Error' "$images/restore.log" | tail -n 3)"; stop "$pid"
+                fail "serve8b CRIU + cuda plugin restore" "$(grep -h 'Error' "$images/restore.log" | tail -n 3)"; llm_stop "$pid"
             fi
         else
-            fail "serve8b CRIU + cuda plugin checkpoint" "$(grep -h 'Error' "$images/dump.log" | tail -n 3)"; stop "$pid"
+            fail "serve8b CRIU + cuda plugin checkpoint" "$(grep -h 'Error' "$images/dump.log" | tail -n 3)"; llm_stop "$pid"
         fi
         cp "$images"/*.log "$LOGS/" 2>/dev/null
     fi

@@ -88,7 +88,7 @@ section_serve8bhost() {
     pid=$(python3 $srv serve --weights "$weights" --dir "$run/cold" --port $port --daemon) \
         || { fail "serve8bhost cold start" "$(tail -n 5 "$run/cold/log")"; return; }
     reference=$(llm_ask) || { fail "serve8bhost cold start" "no answer"; llm_stop "$pid"; return; }
-    note "cold start (process start to first answer, weights in the page cache): $(since "$t") s"
+    note "cold start (process start to first answer, weights in the page cache): $(since "$t") s; $(grep -h 'loaded in' "$run/cold/log")"
     llm_stop "$pid"
 
     pid=$($RUN python3 $srv serve --weights "$weights" --dir "$run/agent" --port $port --daemon) \

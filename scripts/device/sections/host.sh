@@ -139,10 +139,10 @@ section_serve8bhost() {
         local registry=/dev/shm/stasis-registry-8b rport=15000 rpid image_ref=127.0.0.1:15000/serve/llm:8b
         rpid=$(start_registry "$registry" $rport)
         t=$(now)
-        if timeout 150 /opt/stasis/bin/stasis push "$run/ckpt" $image_ref --plain-http --store "$store" >"$run/push.txt" 2>&1; then
+        if timeout 120 /opt/stasis/bin/stasis push "$run/ckpt" $image_ref --plain-http --store "$store" >"$run/push.txt" 2>&1; then
             note "pushed to the registry: $(since "$t") s; $(tail -n 1 "$run/push.txt")"
             t=$(now)
-            if timeout 200 /opt/stasis/bin/stasis restore $image_ref --plain-http --store "$disk/store-pulled" >"$run/restore-registry.txt" 2>&1 && answer=$(llm_ask); then
+            if timeout 150 /opt/stasis/bin/stasis restore $image_ref --plain-http --store "$disk/store-pulled" >"$run/restore-registry.txt" 2>&1 && answer=$(llm_ask); then
                 took=$(since "$t")
                 pid=$(grep -o 'root PID [0-9]*' "$run/restore-registry.txt" | grep -o '[0-9]*$')
                 note "restore from the registry (pulled into an empty store) to first answer: $took s; $(grep -h 'pulled\|time:' "$run/restore-registry.txt" | sed 's/^ *//' | tr '\n' ' ')"

@@ -51,23 +51,32 @@ public final class RegistrySession {
         }
     }
 
+    /// How a blob got into the repository.
+    public enum BlobPush: Sendable { case present, mounted, sent }
+
     /// Uploads one blob whole (a POST for an upload, then one PUT with its digest, which the registry checks).
-    public func pushBlob(_ bytes: UnsafeRawBufferPointer, digest: String) throws {
-        let start = try send("POST", "/v2/\(repository)/blobs/uploads/", body: UnsafeRawBufferPointer(start: nil, count: 0), maxBody: 1 << 16,
+    /// With `mountFrom`, the POST first asks the registry to mount the blob from that repository of its own
+    /// (cross-repository mount: nothing is sent when it has it there); a registry that cannot answers with an
+    /// upload, which then takes the bytes.
+    @discardableResult
+    public func pushBlob(_ bytes: UnsafeRawBufferPointer, digest: String, mountFrom: String? = nil) throws -> BlobPush {
+        let query = mountFrom.map { "?mount=\(digest)&from=\($0)" } ?? ""
+        let start = try send("POST", "/v2/\(repository)/blobs/uploads/\(query)", body: UnsafeRawBufferPointer(start: nil, count: 0), maxBody: 1 << 16,
                              what: "starting the upload of blob \(digest)")
+        if mountFrom != nil, start.status == 201 { return .mounted }
         guard start.status == 202, let location = start.header("location") else { throw failure(start, "starting the upload of blob \(digest)") }
         let target = location + (location.contains("?") ? "&" : "?") + "digest=" + digest
         let put = try send("PUT", target, headers: [("Content-Type", "application/octet-stream")], body: bytes, maxBody: 1 << 16,
                            what: "uploading blob \(digest)")
         guard put.status == 201 else { throw failure(put, "uploading blob \(digest) (\(bytes.count) bytes)") }
+        return .sent
     }
 
-    /// Uploads the blob unless the repository has it already; true when it was sent.
+    /// Uploads the blob unless the repository has it already (or it can be mounted from `mountFrom`).
     @discardableResult
-    public func pushBlobIfMissing(_ bytes: UnsafeRawBufferPointer, digest: String) throws -> Bool {
-        if try hasBlob(digest) { return false }
-        try pushBlob(bytes, digest: digest)
-        return true
+    public func pushBlobIfMissing(_ bytes: UnsafeRawBufferPointer, digest: String, mountFrom: String? = nil) throws -> BlobPush {
+        if try hasBlob(digest) { return .present }
+        return try pushBlob(bytes, digest: digest, mountFrom: mountFrom)
     }
 
     /// A blob's bytes, checked against its digest; at most `maxBytes`.

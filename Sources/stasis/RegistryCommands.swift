@@ -63,7 +63,9 @@ struct PushCommand: ParsableCommand {
             if output.json { return Output.json(report) }
             print("pushed \(directory) as \(report.reference)@\(report.digest)")
             print("  blobs: \(report.sentBlobs) sent (\(Format.bytes(report.sentBytes))), \(report.presentBlobs) already there "
-                + "(\(Format.bytes(report.presentBytes))); \(Format.seconds(report.seconds))")
+                + "(\(Format.bytes(report.presentBytes)))"
+                + (report.mountedBlobs > 0 ? ", \(report.mountedBlobs) mounted from another repository (\(Format.bytes(report.mountedBytes)))" : "")
+                + "; \(Format.seconds(report.seconds))")
         }
     }
 }

@@ -173,6 +173,23 @@ extension Integration {
             }
         }
 
+        /// A checkpoint pushed to a second repository of the same registry is mounted from the first, blob by
+        /// blob (cross-repository mount): nothing is sent, and it pulls and verifies from the second.
+        @Test func aSecondRepositoryMountsWhatTheFirstHas() throws {
+            let registry = try TestRegistry()
+            defer { registry.stop() }
+            let (workload, checkpoint) = try Self.checkpointedWorkload("mount", memory: 8)
+            defer { workload.stop() }
+            let first = try registry.json(try registry.stasis(["push", checkpoint, "\(registry.host)/team-a/job:one", "--json"]))
+            #expect(first["mountedBlobs"] as? Int == 0)
+            let second = try registry.json(try registry.stasis(["push", checkpoint, "\(registry.host)/team-b/job:one", "--json"]))
+            #expect(second["sentBlobs"] as? Int == 0 && second["mountedBlobs"] as? Int == second["blobs"] as? Int, "\(second)")
+            let pulled = Harness.scratch("mount") + "/pulled"
+            let pull = try registry.stasis(["pull", "\(registry.host)/team-b/job:one", "-D", pulled], store: Harness.scratch("mount") + "/store-b")
+            #expect(pull.succeeded, "\(pull.stderr)")
+            #expect(try Harness.stasis(["verify", pulled], environment: ["STASIS_STORE": Harness.scratch("mount") + "/store-b"]).succeeded)
+        }
+
         /// `stasis restore REF` restores while the pull goes on; a pull that fails midway (after its first round
         /// of chunks, STASIS_FAULT=pull-later-round) fails the restore with nothing left running and nothing
         /// published, and the next restore fetches only what the first did not store.

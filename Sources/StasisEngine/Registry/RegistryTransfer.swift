@@ -35,6 +35,9 @@ public enum RegistryTransfer {
         public var sentBytes: UInt64
         public var presentBlobs: Int
         public var presentBytes: UInt64
+        /// Blobs the registry mounted from another of its repositories (`PushHistory`): not sent either.
+        public var mountedBlobs: Int
+        public var mountedBytes: UInt64
         public var seconds: Double
     }
 
@@ -50,15 +53,19 @@ public enum RegistryTransfer {
         public var seconds: Double
     }
 
-    /// Blobs a push sent, and those the registry had.
+    /// Blobs a push sent, those the registry had, and those it mounted from another repository.
     struct Tally {
-        var sent = 0, sentBytes: UInt64 = 0, present = 0, presentBytes: UInt64 = 0
-        mutating func add(_ bytes: Int, sent wasSent: Bool) {
-            if wasSent { (sent, sentBytes) = (sent + 1, sentBytes + UInt64(bytes)) } else { (present, presentBytes) = (present + 1, presentBytes + UInt64(bytes)) }
+        var sent = 0, sentBytes: UInt64 = 0, present = 0, presentBytes: UInt64 = 0, mounted = 0, mountedBytes: UInt64 = 0
+        mutating func add(_ bytes: Int, _ outcome: RegistrySession.BlobPush) {
+            switch outcome {
+            case .sent: (sent, sentBytes) = (sent + 1, sentBytes + UInt64(bytes))
+            case .present: (present, presentBytes) = (present + 1, presentBytes + UInt64(bytes))
+            case .mounted: (mounted, mountedBytes) = (mounted + 1, mountedBytes + UInt64(bytes))
+            }
         }
         func report(_ reference: RegistryReference, digest: String, blobs: Int, since watch: Stopwatch) -> PushReport {
             PushReport(reference: reference.description, digest: digest, blobs: blobs, sentBlobs: sent, sentBytes: sentBytes,
-                       presentBlobs: present, presentBytes: presentBytes, seconds: watch.seconds)
+                       presentBlobs: present, presentBytes: presentBytes, mountedBlobs: mounted, mountedBytes: mountedBytes, seconds: watch.seconds)
         }
     }
 
@@ -98,6 +105,7 @@ public enum RegistryTransfer {
                               hint: "checkpoints of up to about 16,000 chunks fit; packing chunks into larger blobs is not built yet")
         }
         let client = try options.client()
+        let mountFrom = PushHistory.mountSource(store, registry: options.reference.registry, repository: options.reference.repository)
         let sources = collected
         let layers = Locked([CheckpointArtifact.Descriptor?](repeating: nil, count: sources.count))
         let totals = Locked(Tally())
@@ -110,10 +118,10 @@ public enum RegistryTransfer {
             /// Sends one layer's bytes unless the registry has them; records its descriptor at `index`.
             func send(_ bytes: UnsafeRawBufferPointer, mediaType: String, annotations: [String: String], index: Int) throws {
                 let descriptor = CheckpointArtifact.Descriptor(mediaType: mediaType, digest: BlobDigest.of(bytes), size: bytes.count, annotations: annotations)
-                let sent = try session.pushBlobIfMissing(bytes, digest: descriptor.digest)
-                totals.withLock { $0.add(bytes.count, sent: sent) }
+                let outcome = try session.pushBlobIfMissing(bytes, digest: descriptor.digest, mountFrom: mountFrom)
+                totals.withLock { $0.add(bytes.count, outcome) }
                 // Tests end a push here, some blobs sent and no manifest (STASIS_FAULT=push-blob-kill).
-                if sent { FaultInjection.die("push-blob") }
+                if outcome == .sent { FaultInjection.die("push-blob") }
                 layers.withLock { $0[index] = descriptor }
             }
             while failure.error == nil, let index = next.takeNext(below: sources.count) {
@@ -138,8 +146,8 @@ public enum RegistryTransfer {
         }
         let session = client.session()
         let configDigest = BlobDigest.of(manifestData)
-        let configSent = try manifestData.withUnsafeBytes { try session.pushBlobIfMissing($0, digest: configDigest) }
-        totals.withLock { $0.add(manifestData.count, sent: configSent) }
+        let configOutcome = try manifestData.withUnsafeBytes { try session.pushBlobIfMissing($0, digest: configDigest, mountFrom: mountFrom) }
+        totals.withLock { $0.add(manifestData.count, configOutcome) }
         let image = CheckpointArtifact.ImageManifest(
             config: .init(mediaType: CheckpointArtifact.configMediaType, digest: configDigest, size: manifestData.count),
             layers: layers.withLock { $0.compactMap { $0 } }, annotations: CheckpointArtifact.annotations(for: manifest))
@@ -148,6 +156,7 @@ public enum RegistryTransfer {
             throw StasisError(.invalidArgument, "the registry manifest of \(directory) would be \(encoded.count) bytes, more than the \(RegistryClient.maxManifestBytes) registries take")
         }
         let manifestDigest = try session.putManifest(encoded, mediaType: CheckpointArtifact.manifestMediaType, reference: tag)
+        PushHistory.record(store, registry: options.reference.registry, repository: options.reference.repository)
         return totals.withLock { $0 }.report(options.reference, digest: manifestDigest, blobs: sources.count + 1, since: watch)
     }
 
@@ -177,7 +186,7 @@ public enum RegistryTransfer {
         let session = try options.client().session()
         var totals = Tally()
         for blob in [layer, config] {
-            totals.add(blob.count, sent: try blob.withUnsafeBytes { try session.pushBlobIfMissing($0, digest: BlobDigest.of($0)) })
+            totals.add(blob.count, try blob.withUnsafeBytes { try session.pushBlobIfMissing($0, digest: BlobDigest.of($0)) })
         }
         var annotations = CheckpointArtifact.annotations(for: manifest)
         // The keys podman 4 reads (it restores only an image naming the runtime it runs), the newer

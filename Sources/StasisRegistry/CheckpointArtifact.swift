@@ -21,14 +21,58 @@ public enum BlobDigest {
 /// the name the manifest and every store use. Chunks are blobs of their own rather than packs: the same
 /// chunk in two checkpoints is then one blob the registry already has (nothing is sent twice), and a pull
 /// fetches exactly the chunks its store lacks. The cost is the manifest's size, a layer of about 250 bytes a
-/// chunk: within distribution's 4 MiB for checkpoints up to about 16,000 chunks (16-32 GiB); larger ones are
-/// refused with that reason before anything is sent.
+/// chunk: within distribution's 4 MiB for checkpoints up to about 16,000 chunks (16-32 GiB). Past that, the
+/// chunks go in packs (`packMediaType`: stored chunk files one after another, a few per pack, in the order a
+/// restore reads them) and one more layer, the pack index (`packIndexMediaType`), says which chunk lies where.
 public enum CheckpointArtifact {
     public static let artifactType = "application/vnd.stasis.checkpoint.v1"
     public static let manifestMediaType = "application/vnd.oci.image.manifest.v1+json"
     public static let configMediaType = "application/vnd.stasis.checkpoint.manifest.v1+json"
     public static let fileMediaType = "application/vnd.stasis.checkpoint.file.v1"
     public static let chunkMediaType = "application/vnd.stasis.chunk.v1"
+    public static let packMediaType = "application/vnd.stasis.chunk-pack.v1"
+    public static let packIndexMediaType = "application/vnd.stasis.chunk-pack-index.v1+json"
+    /// Layers a manifest may have before its chunks go in packs (about 250 bytes each, within 4 MiB).
+    public static let maxLayers = 15_000
+    /// Packs a manifest holds at most: a pack holds as many chunks as that takes.
+    public static let maxPacks = 12_000
+
+    /// Where each chunk of a packed checkpoint lies: its pack (a layer's digest), and its stored bytes there.
+    public struct PackIndex: Codable, Sendable, Equatable {
+        public struct Member: Codable, Sendable, Equatable {
+            /// The chunk's name (the SHA-256 of its plain content), its offset and length in the pack.
+            public var chunk: String
+            public var offset: Int
+            public var length: Int
+            public init(chunk: String, offset: Int, length: Int) { (self.chunk, self.offset, self.length) = (chunk, offset, length) }
+        }
+        public struct Pack: Codable, Sendable, Equatable {
+            public var digest: String
+            public var members: [Member]
+            public init(digest: String, members: [Member]) { (self.digest, self.members) = (digest, members) }
+        }
+        public var packs: [Pack]
+        public init(packs: [Pack]) { self.packs = packs }
+
+        /// Refuses an index whose members do not lie inside their packs, one after another.
+        public func check(layers: [String: Int], reference: String) throws {
+            for pack in packs {
+                guard let size = layers[pack.digest] else {
+                    throw StasisError(.manifestInvalid, "the pack index of \(reference) names a pack \(Format.printable(pack.digest)) that is not a layer")
+                }
+                var end = 0
+                for member in pack.members {
+                    guard member.offset == end, member.length > 0, member.offset + member.length <= size else {
+                        throw StasisError(.manifestInvalid, "the pack index of \(reference) places chunk \(Format.printable(member.chunk)) outside its pack")
+                    }
+                    end += member.length
+                }
+            }
+        }
+    }
+
+    /// Chunks a pack holds so that `chunks` fit in `maxPacks` packs.
+    public static func chunksPerPack(_ chunks: Int) -> Int { max(1, (chunks + maxPacks - 1) / maxPacks) }
     public static let titleAnnotation = "org.opencontainers.image.title"
     public static let chunkAnnotation = "dev.stasis.chunk"
 

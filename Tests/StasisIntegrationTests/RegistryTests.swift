@@ -190,6 +190,33 @@ extension Integration {
             #expect(try Harness.stasis(["verify", pulled], environment: ["STASIS_STORE": Harness.scratch("mount") + "/store-b"]).succeeded)
         }
 
+        /// A checkpoint with more chunks than a manifest can list goes in packs of chunks with an index (the
+        /// limit lowered here so that a small checkpoint reaches it): skopeo still reads it, a restore from it
+        /// into an empty store verifies, and pushed again it sends nothing.
+        @Test func aCheckpointPastTheLayerLimitGoesInPacks() throws {
+            let registry = try TestRegistry()
+            defer { registry.stop() }
+            let (workload, checkpoint) = try Self.checkpointedWorkload("packs", memory: 24)
+            defer { workload.stop() }
+            let reference = "\(registry.host)/jobs/packed:one"
+            let packing: [String: String?] = ["STASIS_REGISTRY_PACK_ABOVE": "1", "STASIS_REGISTRY_PACK_CHUNKS": "5"]
+            let push = try registry.json(try registry.stasis(["push", checkpoint, reference, "--json"], environment: packing))
+            let inspect = try Harness.run("/usr/bin/skopeo", ["inspect", "--raw", "--cert-dir", registry.root + "/certs", "--creds", "stasis:s3cret", "docker://\(reference)"])
+            #expect(inspect.succeeded && inspect.stdout.contains("application/vnd.stasis.chunk-pack.v1")
+                    && inspect.stdout.contains("application/vnd.stasis.chunk-pack-index.v1+json") && !inspect.stdout.contains("application/vnd.stasis.chunk.v1"),
+                    "\(inspect.stdout.prefix(600))")
+            let again = try registry.json(try registry.stasis(["push", checkpoint, reference, "--json"], environment: packing))
+            #expect(again["sentBlobs"] as? Int == 0 && again["blobs"] as? Int == push["blobs"] as? Int, "\(push)\n\(again)")
+            kill(workload.pid, SIGKILL)
+            #expect(Harness.waitGone(workload.pid))
+            let restore = try registry.stasis(["restore", reference, "--json"], store: Harness.scratch("packs") + "/node-b-store")
+            #expect(restore.succeeded, "\(restore.stderr)")
+            #expect(workload.verify().hasPrefix("PASS"))
+            if let pulled = (try? registry.json(restore))?["pulled"] as? [String: Any], let directory = pulled["directory"] as? String {
+                _ = try? Harness.stasis(["rm", directory], environment: ["STASIS_STORE": Harness.scratch("packs") + "/node-b-store"])
+            }
+        }
+
         /// `stasis restore REF` restores while the pull goes on; a pull that fails midway (after its first round
         /// of chunks, STASIS_FAULT=pull-later-round) fails the restore with nothing left running and nothing
         /// published, and the next restore fetches only what the first did not store.

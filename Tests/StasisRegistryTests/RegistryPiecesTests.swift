@@ -48,6 +48,21 @@ import Testing
         #expect(HTTPEndpoint.parse(url: "/v2/relative") == nil && HTTPEndpoint.parse(url: "ftp://x/y") == nil)
     }
 
+    /// A pack index is trusted only when each member lies inside its pack, right after the one before.
+    @Test func aPackIndexMustPlaceEveryChunkInsideItsPack() throws {
+        typealias Index = CheckpointArtifact.PackIndex
+        let pack = "sha256:" + String(repeating: "a", count: 64)
+        let good = Index(packs: [.init(digest: pack, members: [.init(chunk: "c1", offset: 0, length: 10), .init(chunk: "c2", offset: 10, length: 5)])])
+        try good.check(layers: [pack: 15], reference: "r")
+        #expect(throws: StasisError.self) { try good.check(layers: [pack: 14], reference: "r") }  // past the pack's end
+        #expect(throws: StasisError.self) { try good.check(layers: [:], reference: "r") }         // no such layer
+        let gap = Index(packs: [.init(digest: pack, members: [.init(chunk: "c1", offset: 0, length: 10), .init(chunk: "c2", offset: 11, length: 4)])])
+        #expect(throws: StasisError.self) { try gap.check(layers: [pack: 15], reference: "r") }
+        let empty = Index(packs: [.init(digest: pack, members: [.init(chunk: "c1", offset: 0, length: 0)])])
+        #expect(throws: StasisError.self) { try empty.check(layers: [pack: 15], reference: "r") }
+        #expect(CheckpointArtifact.chunksPerPack(100) == 1 && CheckpointArtifact.chunksPerPack(70_000) == 6)
+    }
+
     @Test func onlyStasisCheckpointsAreTakenFromARegistry() throws {
         let digest = "sha256:" + String(repeating: "0", count: 64)
         let image = #"{"schemaVersion":2,"config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"\#(digest)","size":2},"layers":[]}"#

@@ -27,8 +27,14 @@ public final class RegistryPull: @unchecked Sendable {
     private var lock: StoreLock?
     private var catalog: StoreCatalog?
     private let fileLayers: [String: CheckpointArtifact.Descriptor]
-    /// The chunks to fetch, in the order a restore reads them.
-    private let missing: [(chunk: String, layer: CheckpointArtifact.Descriptor)]
+    /// What a pull fetches: a layer, and the chunks it stores from it (a chunk's own layer, or a pack's
+    /// members the store lacks, each at its offset and length in the pack).
+    struct FetchUnit {
+        var layer: CheckpointArtifact.Descriptor
+        var members: [CheckpointArtifact.PackIndex.Member]
+    }
+    /// The layers to fetch, in the order a restore reads their chunks.
+    private let missing: [FetchUnit]
     private let present: Int
     private let round: Int
     private let totals: Locked<(blobs: Int, bytes: UInt64)>
@@ -57,12 +63,31 @@ public final class RegistryPull: @unchecked Sendable {
         try CheckpointBundle.checkChunkLists(manifest, name: reference, code: .manifestInvalid)
         // Every file and chunk the stasis manifest lists must be a layer: the registry's manifest is only a map.
         var fileLayers: [String: CheckpointArtifact.Descriptor] = [:]
-        var chunkLayers: [String: CheckpointArtifact.Descriptor] = [:]
+        // Where each chunk lies: its own layer, or a member of a pack (the pack index says where).
+        var chunkSources: [String: (layer: CheckpointArtifact.Descriptor, member: CheckpointArtifact.PackIndex.Member)] = [:]
+        var packLayers: [String: CheckpointArtifact.Descriptor] = [:]
+        var indexLayer: CheckpointArtifact.Descriptor?
         for layer in image.layers {
             if layer.mediaType == CheckpointArtifact.fileMediaType, let path = layer.annotations?[CheckpointArtifact.titleAnnotation] {
                 fileLayers[path] = layer
             } else if layer.mediaType == CheckpointArtifact.chunkMediaType, let chunk = layer.annotations?[CheckpointArtifact.chunkAnnotation] {
-                chunkLayers[chunk] = layer
+                chunkSources[chunk] = (layer, .init(chunk: chunk, offset: 0, length: layer.size))
+            } else if layer.mediaType == CheckpointArtifact.packMediaType {
+                packLayers[layer.digest] = layer
+            } else if layer.mediaType == CheckpointArtifact.packIndexMediaType {
+                indexLayer = layer
+            }
+        }
+        if let indexLayer {
+            let bytes = try session.blob(indexLayer.digest, maxBytes: 256 << 20)
+            totals.withLock { $0.blobs += 1; $0.bytes += UInt64(bytes.count) }
+            let index: CheckpointArtifact.PackIndex
+            do { index = try JSONDecoder().decode(CheckpointArtifact.PackIndex.self, from: Data(bytes)) } catch {
+                throw StasisError(.manifestInvalid, "the pack index of \(reference) cannot be read: \(error)")
+            }
+            try index.check(layers: packLayers.mapValues(\.size), reference: reference)
+            for pack in index.packs {
+                for member in pack.members { chunkSources[member.chunk] = (packLayers[pack.digest]!, member) }
             }
         }
         for entry in manifest.files where entry.chunks == nil && fileLayers[entry.path] == nil {
@@ -72,22 +97,29 @@ public final class RegistryPull: @unchecked Sendable {
         try StagingDirectory.check(destination: destination)
         let store = try manifest.store.map { _ in try Backends().openStore(options.store, create: true) }
         self.store = store
-        var missing: [(chunk: String, layer: CheckpointArtifact.Descriptor)] = []
+        var missing: [FetchUnit] = []
+        var unitOfLayer: [String: Int] = [:]
         var present = 0
         var seen = Set<String>()
         let items = Checkpoint.chunkedItems(manifest)
         for item in items.filter({ !Checkpoint.isDeviceMemory($0.path) }) + items.filter({ Checkpoint.isDeviceMemory($0.path) }) {
             for chunk in item.chunks where !chunk.isEmpty && seen.insert(chunk).inserted {
                 if store!.has(chunk) { present += 1; continue }
-                guard let layer = chunkLayers[chunk] else {
+                guard let source = chunkSources[chunk] else {
                     throw StasisError(.manifestInvalid, "\(reference) lists chunk \(chunk) of \(item.path) but has no blob for it")
                 }
-                missing.append((chunk, layer))
+                // A pack is fetched once, for every member the store lacks.
+                if let unit = unitOfLayer[source.layer.digest] {
+                    missing[unit].members.append(source.member)
+                } else {
+                    unitOfLayer[source.layer.digest] = missing.count
+                    missing.append(FetchUnit(layer: source.layer, members: [source.member]))
+                }
             }
         }
         self.missing = missing
         self.present = present
-        arrivals = PendingNames(Set(missing.map(\.chunk)))
+        arrivals = PendingNames(Set(missing.flatMap { $0.members.map(\.chunk) }))
         staging = try StagingDirectory(destination: destination, store: store)
         do {
             lock = try store?.lock(exclusive: false)
@@ -98,6 +130,9 @@ public final class RegistryPull: @unchecked Sendable {
             throw StasisError.wrapping(error, as: .io).prefixed("pull of \(reference) failed")
         }
     }
+
+    /// The largest layer a pull takes (a pack of chunks, each at most a stored chunk file's size).
+    static let maxPackBytes = 1 << 30
 
     /// Starts a pull whose chunks keep arriving while a restore reads `directory` through `arrivingStore`: the
     /// whole files and the manifest are in place when it returns. `finish` publishes it, `discard` drops it.
@@ -163,23 +198,35 @@ public final class RegistryPull: @unchecked Sendable {
             // Tests fail a pull after its first round (STASIS_FAULT=pull-later-round): an overlapped restore is
             // then reading what arrived and waiting for the rest.
             if start > 0 { try FaultInjection.check("pull-later-round") }
-            let round = Array(missing[start..<min(missing.count, start + self.round)])
+            // A round: layers until it holds `round` chunks (a pack may hold several).
+            var end = start, chunks = 0
+            while end < missing.count && (chunks < self.round || end == start) { chunks += missing[end].members.count; end += 1 }
+            let round = Array(missing[start..<end])
             let receiver = ChunkReceiver(store: store)
             let next = Locked(0)
             try WorkerGroup.run(min(options.threads, round.count), name: "stasis-pull") { _, failure in
                 let session = client.session()
                 while failure.error == nil, let index = next.takeNext(below: round.count) {
-                    let (chunk, layer) = round[index]
-                    let data = try session.blob(layer.digest, maxBytes: ChunkSink.scratchSize())
-                    try receiver.submit(digest: chunk, length: data.count, from: reference) { buffer in
-                        data.withUnsafeBytes { buffer.copyMemory(from: $0) }
+                    let unit = round[index]
+                    // A chunk's layer is at most a stored chunk file; a pack, its members (the index was checked
+                    // against its size). The blob is checked against its digest, its size against the manifest.
+                    let packed = unit.layer.mediaType == CheckpointArtifact.packMediaType
+                    let data = try session.blob(unit.layer.digest, maxBytes: packed ? min(unit.layer.size, Self.maxPackBytes) : ChunkSink.scratchSize())
+                    guard !packed || data.count == unit.layer.size else {
+                        throw StasisError(.integrity, "pack \(unit.layer.digest) of \(reference) holds \(data.count) bytes, its manifest says \(unit.layer.size)")
+                    }
+                    for member in unit.members {
+                        let member = packed ? member : .init(chunk: member.chunk, offset: 0, length: data.count)
+                        try receiver.submit(digest: member.chunk, length: member.length, from: reference) { buffer in
+                            data.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[member.offset..<member.offset + member.length])) }
+                        }
                     }
                     totals.withLock { $0.blobs += 1; $0.bytes += UInt64(data.count) }
                 }
             }
             _ = try receiver.finish()
-            arrivals.arrived(round.map(\.chunk))
-            start += round.count
+            arrivals.arrived(round.flatMap { $0.members.map(\.chunk) })
+            start = end
             // Tests end a pull here, a round of chunks stored and nothing published (STASIS_FAULT=pull-round-kill).
             FaultInjection.die("pull-round")
         }

@@ -81,6 +81,15 @@ public enum RegistryTransfer {
     private enum Source: Sendable {
         case file(Manifest.FileEntry)
         case chunk(String, ChunkPlace)
+        case pack([(String, ChunkPlace)])
+    }
+
+    /// Layers above which a push packs its chunks (`CheckpointArtifact.maxLayers`; STASIS_REGISTRY_PACK_ABOVE
+    /// lowers it, and STASIS_REGISTRY_PACK_CHUNKS sets the chunks a pack holds, so that tests reach packs
+    /// with small checkpoints).
+    static var packAbove: Int { Int(ProcessInfo.processInfo.environment["STASIS_REGISTRY_PACK_ABOVE"] ?? "") ?? CheckpointArtifact.maxLayers }
+    static func chunksPerPack(_ chunks: Int) -> Int {
+        Int(ProcessInfo.processInfo.environment["STASIS_REGISTRY_PACK_CHUNKS"] ?? "").map { max(1, $0) } ?? CheckpointArtifact.chunksPerPack(chunks)
     }
 
     // MARK: push
@@ -94,20 +103,27 @@ public enum RegistryTransfer {
         var collected: [Source] = manifest.files.filter { $0.chunks == nil }.map { .file($0) }
         var seen = Set<String>()
         let chunkSize = manifest.store?.chunkSize ?? ChunkFormat.chunkSize
-        for item in Checkpoint.chunkedItems(manifest) {
+        var chunks: [(String, ChunkPlace)] = []
+        // In the order a restore reads them (CRIU's images, then device memory), as a pull fetches them.
+        let items = Checkpoint.chunkedItems(manifest)
+        for item in items.filter({ !Checkpoint.isDeviceMemory($0.path) }) + items.filter({ Checkpoint.isDeviceMemory($0.path) }) {
             for (index, digest) in item.chunks.enumerated() where !digest.isEmpty && seen.insert(digest).inserted {
-                collected.append(.chunk(digest, item.place(index, chunkSize: chunkSize, checkpoint: directory)))
+                chunks.append((digest, item.place(index, chunkSize: chunkSize, checkpoint: directory)))
             }
         }
-        // About 250 bytes of manifest a layer: refused before anything is sent when it cannot fit.
-        guard collected.count * 260 < RegistryClient.maxManifestBytes else {
-            throw StasisError(.invalidArgument, "\(directory) has \(collected.count) files and chunks: its registry manifest would exceed \(RegistryClient.maxManifestBytes >> 20) MiB, which registries refuse",
-                              hint: "checkpoints of up to about 16,000 chunks fit; packing chunks into larger blobs is not built yet")
+        // A layer a chunk while the manifest stays within what registries take; past that, packs of chunks.
+        let packed = collected.count + chunks.count > packAbove
+        if packed {
+            let perPack = chunksPerPack(chunks.count)
+            collected += stride(from: 0, to: chunks.count, by: perPack).map { .pack(Array(chunks[$0..<min(chunks.count, $0 + perPack)])) }
+        } else {
+            collected += chunks.map { .chunk($0.0, $0.1) }
         }
         let client = try options.client()
         let mountFrom = PushHistory.mountSource(store, registry: options.reference.registry, repository: options.reference.repository)
         let sources = collected
         let layers = Locked([CheckpointArtifact.Descriptor?](repeating: nil, count: sources.count))
+        let packIndex = Locked([CheckpointArtifact.PackIndex.Pack?](repeating: nil, count: sources.count))
         let totals = Locked(Tally())
         let next = Locked(0)
         try WorkerGroup.run(min(options.threads, max(1, sources.count)), name: "stasis-push") { _, failure in
@@ -117,7 +133,8 @@ public enum RegistryTransfer {
             defer { plain.deallocate(); scratch.deallocate() }
             /// Sends one layer's bytes unless the registry has them; records its descriptor at `index`.
             func send(_ bytes: UnsafeRawBufferPointer, mediaType: String, annotations: [String: String], index: Int) throws {
-                let descriptor = CheckpointArtifact.Descriptor(mediaType: mediaType, digest: BlobDigest.of(bytes), size: bytes.count, annotations: annotations)
+                let descriptor = CheckpointArtifact.Descriptor(mediaType: mediaType, digest: BlobDigest.of(bytes), size: bytes.count,
+                                                               annotations: annotations.isEmpty ? nil : annotations)
                 let outcome = try session.pushBlobIfMissing(bytes, digest: descriptor.digest, mountFrom: mountFrom)
                 totals.withLock { $0.add(bytes.count, outcome) }
                 // Tests end a push here, some blobs sent and no manifest (STASIS_FAULT=push-blob-kill).
@@ -141,23 +158,48 @@ public enum RegistryTransfer {
                                                  scratch: scratch, place: place, fileInScratch: true)
                     try send(UnsafeRawBufferPointer(rebasing: scratch[0..<stored]), mediaType: CheckpointArtifact.chunkMediaType,
                              annotations: [CheckpointArtifact.chunkAnnotation: chunk], index: index)
+                case .pack(let members):
+                    // The stored chunk files one after another, each read whole and checked first.
+                    var pack: [UInt8] = []
+                    var placed: [CheckpointArtifact.PackIndex.Member] = []
+                    for (chunk, place) in members {
+                        let stored = try store!.read(chunk, into: UnsafeMutableRawBufferPointer(rebasing: plain[0..<place.length]),
+                                                     scratch: scratch, place: place, fileInScratch: true)
+                        placed.append(.init(chunk: chunk, offset: pack.count, length: stored))
+                        pack += UnsafeRawBufferPointer(rebasing: scratch[0..<stored])
+                    }
+                    try pack.withUnsafeBytes { try send($0, mediaType: CheckpointArtifact.packMediaType, annotations: [:], index: index) }
+                    let digest = layers.withLock { $0[index]!.digest }
+                    packIndex.withLock { $0[index] = .init(digest: digest, members: placed) }
                 }
             }
         }
         let session = client.session()
+        var allLayers = layers.withLock { $0.compactMap { $0 } }
+        if packed {
+            // The pack index, a layer of its own: which chunk lies where.
+            // Sorted keys: the same checkpoint gives the same bytes, a blob the registry has already.
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.sortedKeys]
+            let index = try encoder.encode(CheckpointArtifact.PackIndex(packs: packIndex.withLock { $0.compactMap { $0 } }))
+            let digest = BlobDigest.of(index)
+            let outcome = try index.withUnsafeBytes { try session.pushBlobIfMissing($0, digest: digest, mountFrom: mountFrom) }
+            totals.withLock { $0.add(index.count, outcome) }
+            allLayers.append(.init(mediaType: CheckpointArtifact.packIndexMediaType, digest: digest, size: index.count))
+        }
         let configDigest = BlobDigest.of(manifestData)
         let configOutcome = try manifestData.withUnsafeBytes { try session.pushBlobIfMissing($0, digest: configDigest, mountFrom: mountFrom) }
         totals.withLock { $0.add(manifestData.count, configOutcome) }
         let image = CheckpointArtifact.ImageManifest(
             config: .init(mediaType: CheckpointArtifact.configMediaType, digest: configDigest, size: manifestData.count),
-            layers: layers.withLock { $0.compactMap { $0 } }, annotations: CheckpointArtifact.annotations(for: manifest))
+            layers: allLayers, annotations: CheckpointArtifact.annotations(for: manifest))
         let encoded = try CheckpointArtifact.encode(image)
         guard encoded.count <= RegistryClient.maxManifestBytes else {
             throw StasisError(.invalidArgument, "the registry manifest of \(directory) would be \(encoded.count) bytes, more than the \(RegistryClient.maxManifestBytes) registries take")
         }
         let manifestDigest = try session.putManifest(encoded, mediaType: CheckpointArtifact.manifestMediaType, reference: tag)
         PushHistory.record(store, registry: options.reference.registry, repository: options.reference.repository)
-        return totals.withLock { $0 }.report(options.reference, digest: manifestDigest, blobs: sources.count + 1, since: watch)
+        return totals.withLock { $0 }.report(options.reference, digest: manifestDigest, blobs: allLayers.count + 1, since: watch)
     }
 
     /// `stasis push --archive`: a container's checkpoint as the checkpoint image podman and CRI-O restore

@@ -61,11 +61,19 @@ fi
 t=$(now); "$BIN/stasis" push "$checkpoint" "$host/bench/a:one" --plain-http --json >"$work/push.json"; push_s=$(elapsed "$t")
 bytes=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["sentBytes"])' "$work/push.json")
 blobs=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["sentBlobs"])' "$work/push.json")
+# Each row as soon as it is measured: a bench cut short by a time limit still says what it measured.
+echo "| $what, $blobs blobs, $((bytes / 1048576)) MiB | seconds | GB/s |"
+echo "| --- | --- | --- |"
+row() { printf '| %s | %.2f | %.2f |\n' "$1" "$2" "$(rate "$bytes" "$2")"; }
+row "stasis push" "$push_s"
 # --insecure-policy: no /etc/containers/policy.json is needed (the GPU machine has none).
 t=$(now); skopeo --insecure-policy copy -q --src-tls-verify=false "docker://$host/bench/a:one" "oci:$work/layout:one"; skopeo_pull_s=$(elapsed "$t")
+row "skopeo copy, the same blobs down (registry to OCI layout)" "$skopeo_pull_s"
 pulled=${PULLED:-$work/pulled}
 t=$(now); "$BIN/stasis" pull "$host/bench/a:one" -D "$pulled" --plain-http --store "${PULLED_STORE:-$work/store-b}" --json >"$work/pull.json"; pull_s=$(elapsed "$t")
+row "stasis pull (into an empty store)" "$pull_s"
 t=$(now); skopeo --insecure-policy copy -q --dest-tls-verify=false "oci:$work/layout:one" "docker://$host/bench/c:one"; skopeo_push_s=$(elapsed "$t")
+row "skopeo copy, the same blobs up (OCI layout to registry)" "$skopeo_push_s"
 
 # The workload restored twice, each time until it runs: from the pulled copy (after the pull above), and by
 # `stasis restore REF` into another empty store (the restore reading while the pull goes on).
@@ -85,12 +93,6 @@ if [[ -z ${CHECKPOINT:-} ]]; then
     "$BIN/stasis" rm "$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["directory"])' "$work/restore-ref.json")" --store "$work/store-c" >/dev/null
 fi
 
-echo "| $what, $blobs blobs, $((bytes / 1048576)) MiB | seconds | GB/s |"
-echo "| --- | --- | --- |"
-printf '| stasis push | %.2f | %.2f |\n' "$push_s" "$(rate "$bytes" "$push_s")"
-printf '| skopeo copy, the same blobs up (OCI layout to registry) | %.2f | %.2f |\n' "$skopeo_push_s" "$(rate "$bytes" "$skopeo_push_s")"
-printf '| stasis pull (into an empty store) | %.2f | %.2f |\n' "$pull_s" "$(rate "$bytes" "$pull_s")"
-printf '| skopeo copy, the same blobs down (registry to OCI layout) | %.2f | %.2f |\n' "$skopeo_pull_s" "$(rate "$bytes" "$skopeo_pull_s")"
 if [[ -z ${CHECKPOINT:-} ]]; then
     printf '| stasis pull, then stasis restore of the pulled copy, until it runs | %.2f + %.2f = %.2f | |\n' "$pull_s" "$restore_local_s" \
         "$(awk -v a="$pull_s" -v b="$restore_local_s" 'BEGIN { print a + b }')"

@@ -50,6 +50,29 @@ extension Integration {
             #expect(again.status == 1 && again.stderr.contains("is not a prepared restore"), "\(again.stderr)")
         }
 
+        /// A prepared GPU tree whose agent no longer answers at activation (here: a record naming a held
+        /// process that has no agent) cannot be let go: its CUDA calls would wait forever, so the tree is
+        /// killed, the error says so, and the checkpoint is untouched (a plain restore of it then verifies).
+        @Test func anActivationWhoseAgentsCannotBeLetGoKillsTheTree() throws {
+            let (workload, checkpoint, env) = try Self.checkpointedTree("prepared-agentless")
+            defer { workload.stop() }
+            let prepared = try Harness.stasis(["restore", "--prepare", "-D", checkpoint], environment: env)
+            try #require(prepared.succeeded, "\(prepared.stderr)")
+            let pids = workload.treePIDs
+            let record = PreparedRestore.directory + "/\(workload.pid).json"
+            var fields = try #require(try JSONSerialization.jsonObject(with: try FileSystem.readFile(record)) as? [String: Any])
+            fields["heldDevices"] = [Int(workload.pid)]
+            try FileSystem.writeAtomically(try JSONSerialization.data(withJSONObject: fields), to: record)
+            let activated = try Harness.stasis("activate", "\(workload.pid)")
+            #expect(activated.status == 1 && activated.stderr.contains("does not answer") && activated.stderr.contains("the tree was killed"),
+                    "\(activated.stderr)")
+            for pid in pids { #expect(Harness.waitGone(pid), "PID \(pid) of the tree was killed") }
+            #expect(!FileSystem.exists(record))
+            let restored = try Harness.stasis(["restore", "-D", checkpoint], environment: env)
+            #expect(restored.succeeded, "\(restored.stderr)")
+            #expect(workload.verify().hasPrefix("PASS"))
+        }
+
         /// Nothing prepared, a prepared tree that something else let run, one that was killed: refused, and no
         /// process is signalled (the running workload runs on).
         @Test func activationRefusesWhatIsNotAPreparedTree() throws {

@@ -39,7 +39,7 @@ section_registrybench() {
         fail "registry bert-large checkpoint" "$(tail -n 5 "$run/dump.txt")"; kill_tree "$pid"; return
     fi
     if BIN=/opt/stasis/bin BENCH_DIR=/var/tmp CHECKPOINT=$run/ckpt STORE=$STASIS_STORE PULLED=$run/pulled PULLED_STORE=$pulled_store \
-        timeout 420 bench/registry.sh >"$run/registry.txt" 2>&1; then
+        timeout 500 bench/registry.sh >"$run/registry.txt" 2>&1; then
         cat "$run/registry.txt" | tee "$OUT/registry-bert-large.txt"
         if $STASIS restore "$run/pulled" --store $pulled_store >"$run/restore.txt" 2>&1; then
             touch "$run/go"

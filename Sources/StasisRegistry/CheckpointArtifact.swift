@@ -36,6 +36,9 @@ public enum CheckpointArtifact {
     public static let maxLayers = 15_000
     /// Packs a manifest holds at most: a pack holds as many chunks as that takes.
     public static let maxPacks = 12_000
+    /// The largest pack and pack index a pull takes (a push refuses to make larger ones).
+    public static let maxPackBytes = 1 << 30
+    public static let maxPackIndexBytes = 256 << 20
 
     /// Where each chunk of a packed checkpoint lies: its pack (a layer's digest), and its stored bytes there.
     public struct PackIndex: Codable, Sendable, Equatable {
@@ -62,7 +65,7 @@ public enum CheckpointArtifact {
                 }
                 var end = 0
                 for member in pack.members {
-                    guard member.offset == end, member.length > 0, member.offset + member.length <= size else {
+                    guard member.offset == end, member.length > 0, member.length <= size - member.offset else {
                         throw StasisError(.manifestInvalid, "the pack index of \(reference) places chunk \(Format.printable(member.chunk)) outside its pack")
                     }
                     end += member.length

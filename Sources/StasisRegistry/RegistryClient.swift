@@ -64,6 +64,9 @@ public final class RegistrySession {
         let start = try send("POST", "/v2/\(repository)/blobs/uploads/\(query)", body: UnsafeRawBufferPointer(start: nil, count: 0), maxBody: 1 << 16,
                              what: "starting the upload of blob \(digest)")
         if mountFrom != nil, start.status == 201 { return .mounted }
+        // A mount the registry refuses outright (no pull access to that repository, or it is gone) is no reason
+        // to fail the push: the blob is uploaded as without one.
+        if mountFrom != nil, start.status != 202 { return try pushBlob(bytes, digest: digest, mountFrom: nil) }
         guard start.status == 202, let location = start.header("location") else { throw failure(start, "starting the upload of blob \(digest)") }
         let target = location + (location.contains("?") ? "&" : "?") + "digest=" + digest
         let put = try send("PUT", target, headers: [("Content-Type", "application/octet-stream")], body: bytes, maxBody: 1 << 16,

@@ -104,6 +104,7 @@ struct RestoreCommand: ParsableCommand {
                     arriving = pull
                     options.directory = pull.directory
                     options.chunkStore = pull.arrivingStore
+                    options.checkpointName = pull.destination
                 }
             }
             options.workDirectory = workDirectory
@@ -132,9 +133,7 @@ struct RestoreCommand: ParsableCommand {
                 // The tree runs (every chunk it read had arrived); what is left of the pull is its publish, for
                 // the next restore. Its failure leaves the tree running: a warning, not an error.
                 do {
-                    let pulled = try arriving.finish()
-                    report.directory = pulled.directory
-                    report.pulled = pulled
+                    report.pulled = try arriving.finish()
                 } catch {
                     FileHandle.standardError.write(Data("stasis: warning: the restored tree runs, but the pulled checkpoint was not kept: \(error)\n".utf8))
                 }

@@ -60,6 +60,8 @@ import Testing
         #expect(throws: StasisError.self) { try gap.check(layers: [pack: 15], reference: "r") }
         let empty = Index(packs: [.init(digest: pack, members: [.init(chunk: "c1", offset: 0, length: 0)])])
         #expect(throws: StasisError.self) { try empty.check(layers: [pack: 15], reference: "r") }
+        let huge = Index(packs: [.init(digest: pack, members: [.init(chunk: "c1", offset: 0, length: 10), .init(chunk: "c2", offset: 10, length: Int.max)])])
+        #expect(throws: StasisError.self) { try huge.check(layers: [pack: 15], reference: "r") }  // refused, not an overflow
         #expect(CheckpointArtifact.chunksPerPack(100) == 1 && CheckpointArtifact.chunksPerPack(70_000) == 6)
     }
 

@@ -79,7 +79,7 @@ public final class RegistryPull: @unchecked Sendable {
             }
         }
         if let indexLayer {
-            let bytes = try session.blob(indexLayer.digest, maxBytes: 256 << 20)
+            let bytes = try session.blob(indexLayer.digest, maxBytes: CheckpointArtifact.maxPackIndexBytes)
             totals.withLock { $0.blobs += 1; $0.bytes += UInt64(bytes.count) }
             let index: CheckpointArtifact.PackIndex
             do { index = try JSONDecoder().decode(CheckpointArtifact.PackIndex.self, from: Data(bytes)) } catch {
@@ -97,42 +97,49 @@ public final class RegistryPull: @unchecked Sendable {
         try StagingDirectory.check(destination: destination)
         let store = try manifest.store.map { _ in try Backends().openStore(options.store, create: true) }
         self.store = store
-        var missing: [FetchUnit] = []
-        var unitOfLayer: [String: Int] = [:]
-        var present = 0
-        var seen = Set<String>()
-        let items = Checkpoint.chunkedItems(manifest)
-        for item in items.filter({ !Checkpoint.isDeviceMemory($0.path) }) + items.filter({ Checkpoint.isDeviceMemory($0.path) }) {
-            for chunk in item.chunks where !chunk.isEmpty && seen.insert(chunk).inserted {
-                if store!.has(chunk) { present += 1; continue }
-                guard let source = chunkSources[chunk] else {
-                    throw StasisError(.manifestInvalid, "\(reference) lists chunk \(chunk) of \(item.path) but has no blob for it")
-                }
-                // A pack is fetched once, for every member the store lacks.
-                if let unit = unitOfLayer[source.layer.digest] {
-                    missing[unit].members.append(source.member)
-                } else {
-                    unitOfLayer[source.layer.digest] = missing.count
-                    missing.append(FetchUnit(layer: source.layer, members: [source.member]))
-                }
-            }
-        }
-        self.missing = missing
-        self.present = present
-        arrivals = PendingNames(Set(missing.flatMap { $0.members.map(\.chunk) }))
-        staging = try StagingDirectory(destination: destination, store: store)
-        do {
-            lock = try store?.lock(exclusive: false)
-            if let store { try BundleOperation.refuseListedTwice(manifest.id, in: store, verb: "pull") }
-        } catch {
-            lock?.release()
-            staging.discard()
+        // The store's lock (shared) before any chunk is judged present: gc, holding it exclusive, may be removing
+        // chunks no checkpoint lists (an interrupted pull's rounds among them).
+        let lock: StoreLock?
+        do { lock = try store?.lock(exclusive: false) } catch {
             throw StasisError.wrapping(error, as: .io).prefixed("pull of \(reference) failed")
         }
+        var missing: [FetchUnit] = []
+        var present = 0
+        let staging: StagingDirectory
+        do {
+            if let store { try BundleOperation.refuseListedTwice(manifest.id, in: store, verb: "pull") }
+            // A layer is fetched once, for every chunk in it the store lacks (a pack's members). Keyed by media
+            // type too: a chunk's layer and a pack are never one unit, whatever their digests.
+            var unitOfLayer: [String: Int] = [:]
+            var seen = Set<String>()
+            let items = Checkpoint.chunkedItems(manifest)
+            for item in items.filter({ !Checkpoint.isDeviceMemory($0.path) }) + items.filter({ Checkpoint.isDeviceMemory($0.path) }) {
+                for chunk in item.chunks where !chunk.isEmpty && seen.insert(chunk).inserted {
+                    if store!.has(chunk) { present += 1; continue }
+                    guard let source = chunkSources[chunk] else {
+                        throw StasisError(.manifestInvalid, "\(reference) lists chunk \(chunk) of \(item.path) but has no blob for it")
+                    }
+                    let key = source.layer.mediaType + " " + source.layer.digest
+                    if let unit = unitOfLayer[key] {
+                        missing[unit].members.append(source.member)
+                    } else {
+                        unitOfLayer[key] = missing.count
+                        missing.append(FetchUnit(layer: source.layer, members: [source.member]))
+                    }
+                }
+            }
+            staging = try StagingDirectory(destination: destination, store: store)
+        } catch {
+            lock?.release()
+            throw StasisError.wrapping(error, as: .io).prefixed("pull of \(reference) failed")
+        }
+        self.lock = lock
+        self.missing = missing
+        self.present = present
+        self.staging = staging
+        arrivals = PendingNames(Set(missing.flatMap { $0.members.map(\.chunk) }))
     }
 
-    /// The largest layer a pull takes (a pack of chunks, each at most a stored chunk file's size).
-    static let maxPackBytes = 1 << 30
 
     /// Starts a pull whose chunks keep arriving while a restore reads `directory` through `arrivingStore`: the
     /// whole files and the manifest are in place when it returns. `finish` publishes it, `discard` drops it.
@@ -206,17 +213,20 @@ public final class RegistryPull: @unchecked Sendable {
             let next = Locked(0)
             try WorkerGroup.run(min(options.threads, round.count), name: "stasis-pull") { _, failure in
                 let session = client.session()
-                while failure.error == nil, let index = next.takeNext(below: round.count) {
+                while failure.error == nil, !self.stopping.current, let index = next.takeNext(below: round.count) {
                     let unit = round[index]
                     // A chunk's layer is at most a stored chunk file; a pack, its members (the index was checked
                     // against its size). The blob is checked against its digest, its size against the manifest.
                     let packed = unit.layer.mediaType == CheckpointArtifact.packMediaType
-                    let data = try session.blob(unit.layer.digest, maxBytes: packed ? min(unit.layer.size, Self.maxPackBytes) : ChunkSink.scratchSize())
+                    let data = try session.blob(unit.layer.digest, maxBytes: packed ? min(unit.layer.size, CheckpointArtifact.maxPackBytes) : ChunkSink.scratchSize())
                     guard !packed || data.count == unit.layer.size else {
                         throw StasisError(.integrity, "pack \(unit.layer.digest) of \(reference) holds \(data.count) bytes, its manifest says \(unit.layer.size)")
                     }
                     for member in unit.members {
                         let member = packed ? member : .init(chunk: member.chunk, offset: 0, length: data.count)
+                        guard member.offset >= 0, member.length >= 0, member.length <= data.count - member.offset else {
+                            throw StasisError(.integrity, "chunk \(member.chunk) lies outside blob \(unit.layer.digest) of \(reference)")
+                        }
                         try receiver.submit(digest: member.chunk, length: member.length, from: reference) { buffer in
                             data.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[member.offset..<member.offset + member.length])) }
                         }
@@ -224,6 +234,9 @@ public final class RegistryPull: @unchecked Sendable {
                     totals.withLock { $0.blobs += 1; $0.bytes += UInt64(data.count) }
                 }
             }
+            // Stopped midway (the restore failed): what the round stored is kept if it can be (its failure to
+            // commit matters less than the stop, which is what is reported); not all of the round came.
+            guard !stopping.current else { _ = try? receiver.finish(); throw StasisError(.interrupted, "the pull was stopped") }
             _ = try receiver.finish()
             arrivals.arrived(round.flatMap { $0.members.map(\.chunk) })
             start = end

@@ -115,6 +115,11 @@ public enum RegistryTransfer {
         let packed = collected.count + chunks.count > packAbove
         if packed {
             let perPack = chunksPerPack(chunks.count)
+            // What a pull refuses is not made: a pack and the index past the sizes a pull takes.
+            guard perPack * ChunkSink.scratchSize(chunkSize: chunkSize) <= CheckpointArtifact.maxPackBytes,
+                  chunks.count * 160 <= CheckpointArtifact.maxPackIndexBytes else {
+                throw StasisError(.invalidArgument, "\(directory) has \(chunks.count) chunks: more than a registry checkpoint holds (packs of at most \(CheckpointArtifact.maxPackBytes >> 20) MiB, an index of \(CheckpointArtifact.maxPackIndexBytes >> 20) MiB)")
+            }
             collected += stride(from: 0, to: chunks.count, by: perPack).map { .pack(Array(chunks[$0..<min(chunks.count, $0 + perPack)])) }
         } else {
             collected += chunks.map { .chunk($0.0, $0.1) }

@@ -36,6 +36,9 @@ public struct RestoreOperation {
         public var store: String?
         /// A store to read from instead of opening one (a pull from a registry that is still arriving).
         public var chunkStore: (any ChunkStore)?
+        /// How the report, errors and a prepared restore's record name the checkpoint, when not by `directory`
+        /// (a pull's destination, while the checkpoint is still arriving in its staging directory).
+        public var checkpointName: String?
         /// Where CRIU's images are rebuilt from the store (a private directory is made and removed inside
         /// it); nil streams them to CRIU instead.
         public var rebuildRoot: String?

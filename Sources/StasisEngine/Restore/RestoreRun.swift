@@ -283,7 +283,7 @@ final class RestoreRun {
     /// A prepared restore: the stopped tree is recorded for `stasis activate` (if that fails, the rollback
     /// stops the tree, as for any failure once CRIU restored it).
     func recordPrepared() throws {
-        try PreparedRestore.record(root: rootPID, checkpoint: directory, manifestID: manifest.id,
+        try PreparedRestore.record(root: rootPID, checkpoint: options.checkpointName ?? directory, manifestID: manifest.id,
                                    logFile: workDirectory + "/" + CRIUService.restoreLogName,
                                    removeLogAtActivation: options.workDirectory == nil && !options.keepLog, heldDevices: heldDevices)
     }
@@ -306,7 +306,7 @@ final class RestoreRun {
         let removeWork = options.workDirectory == nil && !options.keepLog && !options.prepare
         if removeWork { FileSystem.removeTree(workDirectory) }
         let report = RestoreOperation.Report(
-            directory: directory, rootPID: rootPID, processes: manifest.processTree.processes.count,
+            directory: options.checkpointName ?? directory, rootPID: rootPID, processes: manifest.processTree.processes.count,
             logFile: removeWork ? nil : workDirectory + "/" + CRIUService.restoreLogName, images: container == nil ? images : .rebuilt, timings: timings,
             deviceSteps: deviceSteps, container: containerID, clearedTimeWaitSockets: clearedTimeWait, prepared: options.prepare)
         // What is left holds nothing the user sees, and none of its undos can fail.
@@ -326,7 +326,7 @@ final class RestoreRun {
             return StasisError.wrapping(error).appending("; " + leftBehind.joined(separator: "; "))
         }
         let outcome = leftBehind.isEmpty ? running.undone : leftBehind.joined(separator: "; ")
-        return StasisError.wrapping(error).prefixed("restore of \(directory) failed after \(running.what); \(outcome)")
+        return StasisError.wrapping(error).prefixed("restore of \(options.checkpointName ?? directory) failed after \(running.what); \(outcome)")
     }
 
     /// What the image server gives CRIU for each name: a chunked image decoded from the store, a whole one

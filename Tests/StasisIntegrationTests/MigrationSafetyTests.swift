@@ -143,13 +143,17 @@ extension Migration {
             source.standardOutput = output
             let stderr = ReadAll(errors.fileHandleForReading), stdout = ReadAll(output.fileHandleForReading)
             let pausesBefore = host.logText.components(separatedBy: "paused at \(point)").count
+            // This round's restore, not an earlier round's line (each round's signal must come after it).
+            let restoresBefore = host.logText.components(separatedBy: "restored in").count
             try source.run()
             if onReceiver {
                 let deadline = Date().addingTimeInterval(30)
                 while Date() < deadline, host.logText.components(separatedBy: "paused at \(point)").count == pausesBefore { usleep(20_000) }
             } else {
                 // The source says so on its stderr, read to the end only once it exits: wait for the receiver's restore.
-                #expect(host.waitFor("restored in"), "\(what): the receiver restored it: \(host.logText)")
+                let deadline = Date().addingTimeInterval(30)
+                while Date() < deadline, host.logText.components(separatedBy: "restored in").count == restoresBefore { usleep(20_000) }
+                #expect(host.logText.components(separatedBy: "restored in").count > restoresBefore, "\(what): the receiver restored it: \(host.logText)")
                 usleep(300_000)
             }
             kill(source.processIdentifier, signal)

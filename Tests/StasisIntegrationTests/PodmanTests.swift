@@ -228,9 +228,19 @@ extension Integration {
         Self.remove(name)
         // podman restores a checkpoint image only under the runtime it names, checked against its default.
         let restored = try Self.run(["--runtime", "runc", "container", "restore", reference])
-        try #require(restored.succeeded, "podman could not restore the checkpoint image: \(restored.stderr)")
+        try #require(restored.succeeded, "podman could not restore the checkpoint image: \(restored.stderr)\n\(Self.criuLogTail(restored.stderr))")
         let first = Self.firstCount(try Self.mountpoint(name))
         #expect((first ?? 0) >= frozenAt, "podman's restore counts from \(String(describing: first)), not from \(frozenAt)")
+    }
+
+    /// The end of the CRIU log that podman's error names ("log file: PATH"), read before the container goes:
+    /// what CRIU said when a restore failed.
+    static func criuLogTail(_ stderr: String) -> String {
+        guard let range = stderr.range(of: "log file: ") else { return "" }
+        let path = String(stderr[range.upperBound...].prefix { !$0.isWhitespace })
+        // Gone or unreadable: the message says so instead.
+        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return "(\(path) could not be read)" }
+        return "the end of \(path):\n" + text.split(separator: "\n").suffix(25).joined(separator: "\n")
     }
 
     /// The container `name` removed, podman restores `archive` in its place; the restored shell's first count
@@ -238,7 +248,7 @@ extension Integration {
     static func expectPodmanRestores(_ archive: String, replacing name: String, past frozenAt: Int) throws {
         remove(name)
         let restored = try run(["container", "restore", "--import=" + archive])
-        try #require(restored.succeeded, "podman could not restore \(archive): \(restored.stderr)")
+        try #require(restored.succeeded, "podman could not restore \(archive): \(restored.stderr)\n\(criuLogTail(restored.stderr))")
         let first = firstCount(try mountpoint(name))
         #expect((first ?? 0) >= frozenAt, "podman's restore of \(archive) counts from \(String(describing: first)), not from \(frozenAt)")
     }

@@ -47,6 +47,14 @@ public enum Checkpoint {
         manifest.files.compactMap(ChunkedFiles.Item.init)
     }
 
+    /// The chunked files in the order a restore reads them: CRIU's images, then the agents' device memory, then
+    /// the rest (what a pull fetches first, and a push packs first).
+    public static func chunkedItemsInReadOrder(_ manifest: Manifest) -> [ChunkedFiles.Item] {
+        let items = chunkedItems(manifest)
+        return items.filter { isForCRIU($0.path) } + items.filter { isDeviceMemory($0.path) }
+            + items.filter { !isForCRIU($0.path) && !isDeviceMemory($0.path) }
+    }
+
     /// Files under gpu/ hold device memory that an agent moved (see Manifest.AgentMemory); CRIU never reads them.
     public static func isDeviceMemory(_ path: String) -> Bool { path.hasPrefix("gpu/") }
 

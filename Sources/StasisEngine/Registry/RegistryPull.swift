@@ -112,8 +112,7 @@ public final class RegistryPull: @unchecked Sendable {
             // type too: a chunk's layer and a pack are never one unit, whatever their digests.
             var unitOfLayer: [String: Int] = [:]
             var seen = Set<String>()
-            let items = Checkpoint.chunkedItems(manifest)
-            for item in items.filter({ !Checkpoint.isDeviceMemory($0.path) }) + items.filter({ Checkpoint.isDeviceMemory($0.path) }) {
+            for item in Checkpoint.chunkedItemsInReadOrder(manifest) {
                 for chunk in item.chunks where !chunk.isEmpty && seen.insert(chunk).inserted {
                     if store!.has(chunk) { present += 1; continue }
                     guard let source = chunkSources[chunk] else {

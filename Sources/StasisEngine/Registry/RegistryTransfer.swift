@@ -105,8 +105,7 @@ public enum RegistryTransfer {
         let chunkSize = manifest.store?.chunkSize ?? ChunkFormat.chunkSize
         var chunks: [(String, ChunkPlace)] = []
         // In the order a restore reads them (CRIU's images, then device memory), as a pull fetches them.
-        let items = Checkpoint.chunkedItems(manifest)
-        for item in items.filter({ !Checkpoint.isDeviceMemory($0.path) }) + items.filter({ Checkpoint.isDeviceMemory($0.path) }) {
+        for item in Checkpoint.chunkedItemsInReadOrder(manifest) {
             for (index, digest) in item.chunks.enumerated() where !digest.isEmpty && seen.insert(digest).inserted {
                 chunks.append((digest, item.place(index, chunkSize: chunkSize, checkpoint: directory)))
             }

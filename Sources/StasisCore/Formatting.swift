@@ -2,6 +2,25 @@ import Foundation
 
 /// Human-readable sizes and durations for summaries. JSON output always carries the raw numbers.
 public enum Format {
+    /// A size as a person writes it: a whole number of bytes, or one with a binary unit (K, M, G, T, with or
+    /// without "iB"/"B": "32G", "512MiB"); nil when it is not one or does not fit.
+    public static func parseBytes(_ text: String) -> UInt64? {
+        var digits = Substring(text.trimmingCharacters(in: .whitespaces))
+        for suffix in ["iB", "B"] where digits.count > suffix.count && digits.uppercased().hasSuffix(suffix.uppercased()) {
+            digits = digits.dropLast(suffix.count)
+            break
+        }
+        let shifts: [Character: UInt64] = ["K": 10, "M": 20, "G": 30, "T": 40]
+        var shift: UInt64 = 0
+        if let last = digits.last?.uppercased().first, let found = shifts[last] {
+            shift = found
+            digits = digits.dropLast()
+        }
+        guard !digits.isEmpty, digits.allSatisfy({ $0.isASCII && $0.isNumber }), let value = UInt64(digits) else { return nil }
+        let (result, overflow) = value.multipliedReportingOverflow(by: 1 << shift)
+        return overflow ? nil : result
+    }
+
     public static func bytes(_ value: UInt64) -> String {
         let units = ["B", "KiB", "MiB", "GiB", "TiB"]
         var amount = Double(value)

@@ -281,6 +281,13 @@ public enum FileSystem {
         return UInt64(info.f_bavail) * UInt64(info.f_frsize)
     }
 
+    /// When what is at `path` last changed (st_ctim: for a directory, an entry added, removed or renamed);
+    /// nil when nothing is there or it cannot be examined.
+    public static func changeTime(_ path: String) -> timespec? {
+        var st = stat()
+        return stat(path, &st) == 0 ? st.st_ctim : nil
+    }
+
     /// Whether `path` is on a filesystem held in memory (tmpfs, ramfs).
     public static func isInMemory(_ path: String) -> Bool {
         stasis_is_in_memory(path) == 1

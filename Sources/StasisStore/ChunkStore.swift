@@ -9,6 +9,7 @@ import StasisOS
 ///     STORE/checkpoints/ID.json   the manifest of every checkpoint that uses the store (what gc keeps)
 ///     STORE/tmp/                  chunks being written
 ///     STORE/lock                  flock: dumps and imports hold it shared, gc exclusive
+///     STORE/reserve/              blank chunk files to write into, for a store in memory (`ChunkReserve`)
 ///
 /// A chunk file is a 12-byte header ("STCK", format 1, codec, 2 reserved bytes, plain length as little-endian
 /// UInt32) and the payload. It is written to tmp/, made durable (one syncfs for all the chunks of a dump or
@@ -20,6 +21,8 @@ public final class DirectoryChunkStore: ChunkStore {
 
     private let observer = Locked<ChunkObserver?>(nil)
     private let checkBuffers = BufferPairs()
+    /// Pages ready to be written (empty unless `stasis reserve` made some).
+    public let reserve: ChunkReserve
 
     public func observe(_ body: ChunkObserver?) { observer.withLock { $0 = body } }
 
@@ -31,6 +34,7 @@ public final class DirectoryChunkStore: ChunkStore {
                               hint: "name a directory with --store or STASIS_STORE, or leave both unset for \(StoreLocation.defaultPath)")
         }
         self.path = URL(fileURLWithPath: path).standardizedFileURL.path
+        reserve = ChunkReserve(storePath: self.path)
         if !FileSystem.isDirectory(self.path + "/chunks") {
             guard create else {
                 throw StasisError(.notACheckpoint, "\(self.path) is not a stasis chunk store (no chunks/ in it)",
@@ -49,7 +53,7 @@ public final class DirectoryChunkStore: ChunkStore {
     /// what gc removes: every level stasis reads or writes must be this user's alone (a chunks/XX that others
     /// may write lets them plant or swap chunks as well as a chunks/ would).
     private func requirePrivateLevels() throws {
-        let levels = ["", "/chunks", "/checkpoints", "/tmp", "/writers", "/lock"].map { path + $0 }
+        let levels = ["", "/chunks", "/checkpoints", "/tmp", "/writers", "/lock", "/reserve"].map { path + $0 }
         for level in levels where level == path || FileSystem.exists(level) {
             try FileSystem.requireOwnedAndPrivate(level, what: "chunk store")
         }
@@ -208,6 +212,8 @@ public final class DirectoryChunkStore: ChunkStore {
     /// writeback (the batch's syncfs finishes it); returns its path.
     func writeTemporary(_ parts: [UnsafeRawBufferPointer], digest: String) throws -> String {
         let temporary = "\(path)/tmp/\(digest).\(ThisProcess.pid).\(UInt32.random(in: 0...UInt32.max))"
+        let total = parts.reduce(0) { $0 + $1.count }
+        if writeIntoBlank(parts, total: total, at: temporary) { return temporary }
         let fd: FileDescriptor
         do {
             fd = try FileDescriptor.open(temporary, .writeOnly, options: [.create, .exclusiveCreate], permissions: .ownerReadWrite)
@@ -215,7 +221,6 @@ public final class DirectoryChunkStore: ChunkStore {
             throw Self.writeError("cannot create", temporary, error)
         }
         defer { fd.closeQuietly() }
-        var total = 0
         for bytes in parts {
             do {
                 try fd.write(all: bytes)
@@ -223,7 +228,6 @@ public final class DirectoryChunkStore: ChunkStore {
                 FileSystem.remove(temporary)
                 throw Self.writeError("cannot write", temporary, error)
             }
-            total += bytes.count
         }
         fd.startWriteback(offset: 0, length: UInt64(total))
         return temporary

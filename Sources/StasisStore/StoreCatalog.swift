@@ -110,6 +110,8 @@ public struct StoreCatalog {
         public var keptChunks: Int
         public var removedChunks: Int
         public var removedBytes: UInt64
+        /// Of the removed chunks, those given to the store's reserve as blanks (`ChunkReserve`) instead of deleted.
+        public var reservedChunks: Int = 0
         public var removedTemporaryFiles: Int
         /// Hidden `.NAME.partial-PID-*` directories of dumps and imports that died before they finished.
         public var removedPartialDirectories: Int
@@ -150,6 +152,11 @@ public struct StoreCatalog {
                                    removedPartialDirectories: 0, removedPartialFiles: 0, removedWriterRecords: 0,
                                    droppedCheckpoints: stale.map { DroppedCheckpoint(id: $0.manifest.id, directory: $0.directory) },
                                    dryRun: dryRun)
+        // A store in memory with a reserve takes removed chunk files as blanks, up to its target.
+        let reserve = (store as? DirectoryChunkStore)?.reserve
+        let reserveTarget = reserve?.targetBytes ?? 0
+        // A reserve that cannot be listed counts as full: nothing is added to it.
+        var reserveHeld = reserveTarget == 0 ? 0 : (try? reserve?.status().bytes ?? 0) ?? reserveTarget
         for name in store.allChunks() {
             if referenced.contains(name) {
                 report.keptChunks += 1
@@ -159,7 +166,12 @@ public struct StoreCatalog {
             guard let file = FileSystem.sizeAndAge(path), file.seconds >= graceSeconds else { report.keptChunks += 1; continue }
             report.removedChunks += 1
             report.removedBytes += file.size
-            if !dryRun { FileSystem.remove(path) }
+            if dryRun { continue }
+            if let reserve, reserve.recycle(path, target: reserveTarget, held: &reserveHeld) {
+                report.reservedChunks += 1
+            } else {
+                FileSystem.remove(path)
+            }
         }
         // tmp/NAME.PID.RANDOM: a writer that died left it; one still running keeps its own.
         let temporary = store.path + "/tmp"

@@ -23,7 +23,7 @@ struct Stasis: ParsableCommand {
         """,
         version: StasisVersion.current,
         subcommands: [RunCommand.self, CheckCommand.self, DumpCommand.self, RestoreCommand.self, ActivateCommand.self, ResumeCommand.self, InspectCommand.self, VerifyCommand.self,
-                      ListCommand.self, RemoveCommand.self, CollectCommand.self, ExportCommand.self, ImportCommand.self,
+                      ListCommand.self, RemoveCommand.self, CollectCommand.self, ReserveCommand.self, ExportCommand.self, ImportCommand.self,
                       PushCommand.self, PullCommand.self, MigrateCommand.self, ServeCommand.self]
     )
 

@@ -156,6 +156,36 @@ extension Integration {
         #expect(list.stdout.contains(root + "/two") && !list.stdout.contains(root + "/one"))
     }
 
+    /// `stasis reserve` on a store in memory: a dump writes into the blanks, its checkpoint restores, gc gives
+    /// the removed chunks back; a store on a disk and a size that is none are refused.
+    @Test func aReserveIsUsedByADumpAndRefilledByGc() throws {
+        let workload = try Workload("memory", ["--mem", "24", "--fill", "random"])
+        defer { workload.stop() }
+        let root = "/dev/shm/stasis-test-reserve-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        defer { FileSystem.removeTree(root) }
+        let env = ["STASIS_STORE": root + "/store"]
+        let reserve = try Harness.stasis(["reserve", "16M", "--json"], environment: env)
+        #expect(reserve.succeeded && reserve.stdout.contains("\"blanks\" : 8"), "\(reserve.stdout) \(reserve.stderr)")
+        let dump = try Harness.stasis(["dump", "\(workload.pid)", "-D", root + "/ckpt", "--compress", "none"], environment: env)
+        #expect(dump.succeeded, "\(dump.stderr)")
+        let after = try Harness.stasis(["reserve"], environment: env)
+        #expect(after.succeeded && after.stdout.contains(": 0 blank chunk files"), "\(after.stdout)")
+        let restore = try Harness.stasis(["restore", "-D", root + "/ckpt"], environment: env)
+        #expect(restore.succeeded, "\(restore.stderr)")
+        #expect(workload.verify().hasPrefix("PASS"))
+        #expect(try Harness.stasis(["rm", root + "/ckpt"], environment: env).succeeded)
+        let gc = try Harness.stasis(["gc", "--grace", "0"], environment: env)
+        #expect(gc.succeeded && gc.stdout.contains("8 of them kept as the store's reserve"), "\(gc.stdout)")
+        #expect(try Harness.stasis(["reserve", "0"], environment: env).succeeded)
+        #expect(try FileSystem.namesOrNone(in: root + "/store/reserve").filter { $0.hasPrefix("blank-") }.isEmpty)
+
+        let disk = Harness.scratch("reserve-disk")
+        let refused = try Harness.stasis(["reserve", "8M"], environment: ["STASIS_STORE": disk + "/store"])
+        #expect(!refused.succeeded && refused.stderr.contains("is not in memory"), "\(refused.stderr)")
+        let bad = try Harness.stasis(["reserve", "lots"], environment: env)
+        #expect(!bad.succeeded && bad.stderr.contains("is not a size"), "\(bad.stderr)")
+    }
+
     @Test func dumpAndGcAtOnce() throws {
         let workload = try Workload("memory", ["--mem", "256", "--fill", "random"])
         defer { workload.stop() }

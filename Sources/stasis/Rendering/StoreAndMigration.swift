@@ -27,7 +27,8 @@ extension StoreCatalog.CollectReport {
     var textLines: [String] {
         let verb = dryRun ? "would drop" : "dropped"
         let dropped = droppedCheckpoints.map { "\(verb) \($0.id): its directory \($0.directory) is gone (its chunks are no longer kept)" }
-        let removed = ["\(removedChunks) chunks (\(Format.bytes(removedBytes)))", "\(removedTemporaryFiles) leftover files",
+        let reserved = reservedChunks > 0 ? ", \(reservedChunks) of them kept as the store's reserve" : ""
+        let removed = ["\(removedChunks) chunks (\(Format.bytes(removedBytes))\(reserved))", "\(removedTemporaryFiles) leftover files",
                        "\(removedPartialDirectories) unfinished checkpoint directories and \(removedPartialFiles) unfinished export files of dead writers",
                        "\(removedWriterRecords) records of dead writers"]
         return dropped + ["\(dryRun ? "would remove" : "removed") \(removed.joined(separator: ", ")); kept \(keptChunks) chunks of \(checkpoints) checkpoints"]

@@ -1,0 +1,115 @@
+import Foundation
+import StasisCore
+import StasisOS
+@testable import StasisStore
+import StasisTestSupport
+import Testing
+
+/// A store's reserve of blank chunk files (`stasis reserve`): chunks written into blanks read back as written,
+/// use the blanks up, and gc gives removed chunk files back to the reserve up to its target; a blank that
+/// cannot hold a chunk is never mapped.
+@Suite struct ChunkReserveTests {
+    static let chunk = ChunkFormat.chunkSize
+
+    func makeStore(_ name: String) throws -> (root: String, store: DirectoryChunkStore) {
+        let root = Harness.scratch(name)
+        return (root, try DirectoryChunkStore(path: root + "/store", create: true))
+    }
+
+    /// A whole chunk that does not compress (stored as it is: the size of a blank), or a small one that does.
+    func data(_ seed: UInt64, incompressible: Bool = true) -> Data {
+        guard incompressible else { return Data(repeating: UInt8(truncatingIfNeeded: seed), count: 300_000) }
+        var state = seed &+ 0x9E37_79B9_7F4A_7C15
+        return Data((0..<Self.chunk).map { _ in
+            state = state &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
+            return UInt8(truncatingIfNeeded: state >> 33)
+        })
+    }
+
+    func put(_ chunks: [Data], into store: DirectoryChunkStore) throws -> [String] {
+        let batch = store.makeBatch()
+        let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: ChunkSink.scratchSize(), alignment: 4096)
+        defer { scratch.deallocate() }
+        let digests = try chunks.map { data in
+            try data.withUnsafeBytes { bytes in
+                let digest = ChunkDigest.hex(bytes)
+                _ = try batch.put(bytes, digest: digest, codec: .lz4, scratch: scratch, probe: true, claimed: false)
+                return digest
+            }
+        }
+        try batch.commit()
+        return digests
+    }
+
+    func readBack(_ digest: String, _ expected: Data, from store: DirectoryChunkStore) throws {
+        let output = UnsafeMutableRawBufferPointer.allocate(byteCount: expected.count, alignment: 4096)
+        let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: ChunkSink.scratchSize(), alignment: 4096)
+        defer { output.deallocate(); scratch.deallocate() }
+        try store.read(digest, into: output, scratch: scratch, place: ChunkPlace(checkpoint: "c", file: "f", offset: 0, length: expected.count))
+        #expect(Data(output) == expected)
+    }
+
+    @Test func chunksWrittenIntoBlanksReadBackAndUseThemUp() throws {
+        let (root, store) = try makeStore("reserve-use")
+        defer { FileSystem.removeTree(root) }
+        var status = try store.reserve.resize(to: UInt64(4 * Self.chunk), threads: 2)
+        #expect(status.blanks == 4 && status.bytes == UInt64(4 * Self.chunk) && status.targetBytes == UInt64(4 * Self.chunk))
+        // Three whole chunks and one that compresses (a blank cut to its length): four blanks used.
+        let chunks = [data(1), data(2), data(3), data(4, incompressible: false)]
+        let digests = try put(chunks, into: store)
+        #expect(try store.reserve.status().blanks == 0)
+        for (digest, expected) in zip(digests, chunks) { try readBack(digest, expected, from: store) }
+        #expect(store.storedSize(digests[0]) == UInt64(ChunkReserve.blankSize))
+        #expect((store.storedSize(digests[3]) ?? 0) < 100_000)
+        #expect(try FileSystem.status(store.chunkPath(digests[0]))?.permissions == 0o600)
+        // No blank left: a chunk goes into a new file, as without a reserve.
+        let more = try put([data(5)], into: store)
+        try readBack(more[0], data(5), from: store)
+        // Smaller again: the blanks over the target go.
+        _ = try store.reserve.resize(to: UInt64(2 * Self.chunk), threads: 2)
+        _ = try store.reserve.resize(to: UInt64(Self.chunk), threads: 2)
+        status = try store.reserve.status()
+        #expect(status.blanks == 1 && status.targetBytes == UInt64(Self.chunk))
+        _ = try store.reserve.resize(to: 0, threads: 1)
+        #expect(try store.reserve.status().blanks == 0)
+    }
+
+    @Test func gcGivesRemovedChunksToTheReserveUpToItsTarget() throws {
+        let (root, store) = try makeStore("reserve-gc")
+        defer { FileSystem.removeTree(root) }
+        _ = try store.reserve.resize(to: UInt64(3 * Self.chunk), threads: 2)
+        // Four chunks (three into blanks), no checkpoint names them: gc removes all four, the reserve takes
+        // three back (one compressed, extended to a blank's size) and the fourth is deleted.
+        _ = try put([data(1), data(2), data(3, incompressible: false), data(4)], into: store)
+        #expect(try store.reserve.status().blanks == 0)
+        let report = try StoreCatalog(store: store).collect(graceSeconds: 0)
+        #expect(report.removedChunks == 4 && report.reservedChunks == 3)
+        #expect(store.allChunks().isEmpty)
+        let blanks = try FileSystem.namesOrNone(in: store.reserve.directory).filter { $0.hasPrefix("blank-") }
+        #expect(blanks.count == 3)
+        for name in blanks {
+            let status = try #require(try FileSystem.status(store.reserve.directory + "/" + name))
+            #expect(status.size == UInt64(ChunkReserve.blankSize) && status.permissions == 0o600)
+        }
+        // Recycled blanks are written into like new ones.
+        let again = [data(6), data(7)]
+        for (digest, expected) in zip(try put(again, into: store), again) { try readBack(digest, expected, from: store) }
+        #expect(try store.reserve.status().blanks == 1)
+        // A dry run takes nothing.
+        let dry = try StoreCatalog(store: store).collect(dryRun: true, graceSeconds: 0)
+        #expect(dry.reservedChunks == 0 && store.allChunks().count == 2)
+    }
+
+    @Test func aBlankTooShortIsNeverMapped() throws {
+        let (root, store) = try makeStore("reserve-short")
+        defer { FileSystem.removeTree(root) }
+        try FileSystem.makePrivateDirectory(store.reserve.directory)
+        // Writing a whole chunk through a mapping of this would fault past its end: it is dropped instead.
+        try FileSystem.writeAtomically(Data(count: 100), to: store.reserve.directory + "/blank-short")
+        let chunk = data(9)
+        let digests = try put([chunk], into: store)
+        try readBack(digests[0], chunk, from: store)
+        #expect(try store.reserve.status().blanks == 0)
+        #expect(store.storedSize(digests[0]) == UInt64(ChunkReserve.blankSize))
+    }
+}

@@ -31,7 +31,8 @@ typedef struct {
     size_t min_backed_bytes;  // STASIS_AGENT_MIN_BACKED_MIB: smaller cuMemAlloc stay on the driver path
     size_t slot_bytes;        // the ring's slot: one chunk of the store
     unsigned slot_count;      // STASIS_AGENT_RING_MIB / slot_bytes
-    unsigned streams;         // copy streams per device
+    unsigned streams;         // STASIS_AGENT_STREAMS: copy streams per device (4)
+    int huge_ring;            // STASIS_AGENT_RING_HUGE=off: no transparent huge pages asked for the ring
     int verbose;              // STASIS_AGENT_LOG=1
     int gpu_digests;          // STASIS_AGENT_GPU_DIGESTS=off leaves hashing to stasis's CPUs (to compare the two)
     int shared_ring;          // STASIS_AGENT_SHARED_RING=off pins the driver's memory as the ring, which stasis

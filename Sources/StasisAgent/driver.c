@@ -64,7 +64,10 @@ __attribute__((constructor)) static void agent_init(void) {
     if (ring < 4 * settings.slot_bytes) ring = 4 * settings.slot_bytes;
     if (ring > (size_t)MAX_SLOTS * settings.slot_bytes) ring = (size_t)MAX_SLOTS * settings.slot_bytes;
     settings.slot_count = (unsigned)(ring / settings.slot_bytes);
-    settings.streams = 4;
+    // Copy streams per device (1-8, ring.c's table): copies of one chunk each, spread over them.
+    size_t streams = mib_setting("STASIS_AGENT_STREAMS", 4u << 20) >> 20;
+    settings.streams = streams < 1 ? 1 : streams > 8 ? 8 : (unsigned)streams;
+    settings.huge_ring = !off("STASIS_AGENT_RING_HUGE");
     const char *log = getenv("STASIS_AGENT_LOG");
     settings.verbose = log && *log && strcmp(log, "0");
     if (settings.verbose) atexit(report_counters);

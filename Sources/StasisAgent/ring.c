@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "agent.h"
@@ -20,21 +21,37 @@ static CUcontext ring_context; // the context it was pinned in (a primary contex
 /// The ring as a memfd mapped shared, so that stasis can map the same pages and copy a chunk once on the CPU
 /// (between the slot and the store's file) instead of twice (process_vm_readv, then write). Not inherited by
 /// children (DataLoader workers carry no ring, as with the driver's pinned memory).
+/// Huge pages are asked for before the pages exist (shmem THP, where the kernel's shmem_enabled allows
+/// "advise"): pinning walks 512 times fewer pages, and the copies cross fewer TLB entries.
 static void *map_shared_ring(size_t bytes) {
     int fd = memfd_create(STASIS_AGENT_RING_NAME, MFD_CLOEXEC);
     if (fd < 0) return NULL;
     void *address = MAP_FAILED;
-    if (ftruncate(fd, (off_t)bytes) == 0) address = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
+    if (ftruncate(fd, (off_t)bytes) == 0) address = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     close(fd);
     if (address == MAP_FAILED) return NULL;
+    if (settings.huge_ring) madvise(address, bytes, MADV_HUGEPAGE);
+    // Faulted in now (MADV_POPULATE_WRITE, Linux 5.14; else by touching every page), not inside the pin.
+    if (madvise(address, bytes, 23 /* MADV_POPULATE_WRITE */) != 0) {
+        for (size_t offset = 0; offset < bytes; offset += 4096) ((volatile char *)address)[offset] = 0;
+    }
     madvise(address, bytes, MADV_DONTFORK);
     return address;
+}
+
+static double seconds_since(const struct timespec *start) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (double)(now.tv_sec - start->tv_sec) + (double)(now.tv_nsec - start->tv_nsec) / 1e9;
 }
 
 HIDDEN void ring_ensure(void) {
     if (ring) return;
     size_t bytes = settings.slot_bytes * settings.slot_count;
+    struct timespec start;
+    clock_gettime(CLOCK_MONOTONIC, &start);
     void *shared = settings.shared_ring ? map_shared_ring(bytes) : NULL;
+    double mapped = seconds_since(&start);
     CUresult result = CUDA_ERROR_NOT_SUPPORTED;
     if (shared && real.cuMemHostRegister_v2 && real.cuMemHostUnregister &&
         (result = real.cuMemHostRegister_v2(shared, bytes, CU_MEMHOSTREGISTER_PORTABLE)) == CUDA_SUCCESS) {
@@ -51,7 +68,9 @@ HIDDEN void ring_ensure(void) {
         if (result == CUDA_SUCCESS) ring = pinned;
     }
     if (ring) {
-        agent_log("pinned %sstaging ring: %u slots of %zu bytes", ring_shared ? "shared " : "", settings.slot_count, settings.slot_bytes);
+        // The ring's start-up cost (issue 29): what `stasis run` adds before the program's first allocation.
+        agent_log("pinned %sstaging ring: %u slots of %zu bytes (mapped in %.3f s, pinned in %.3f s)", ring_shared ? "shared " : "",
+                  settings.slot_count, settings.slot_bytes, mapped, seconds_since(&start) - mapped);
         digest_pin_area();
     } else {
         agent_log("cannot pin the staging ring: %s", driver_error_name(result));

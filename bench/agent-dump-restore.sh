@@ -12,10 +12,12 @@
 #      inference request, each with and without the agent.
 #
 #   5. (ring) The staging ring's size: 32 GiB under the agent with a ring of 64 MiB (the default) and of 256 MiB.
+#   6. (link) Issue 29: 32 GiB under the agent with rings of 64, 256 and 1024 MiB, with and without the
+#      store's reserve of blank chunk files (`stasis reserve`), each restore verified; BERT-large likewise.
 #   4. The stall of a --leave-running checkpoint of BERT-large into a store on the local disk (/var/tmp): how
 #      long the job was held, against the time until the checkpoint was durable and published.
 #
-#   bench/agent-dump-restore.sh [speed] [memory] [overhead] [interleaved] [leave] [ring]
+#   bench/agent-dump-restore.sh [speed] [memory] [overhead] [interleaved] [leave] [ring] [link]
 #       (default: speed memory overhead; speed fits one device call, memory and overhead another;
 #        interleaved: the training step, three runs with and three without the agent, taking turns)
 #     speed: part 1, plus a 64 GiB cuda-workload under the agent, restored and verified
@@ -75,6 +77,12 @@ stasis_path() {  # NAME PID LABEL
     local name=$1 pid=$2 label=$3
     export STASIS_STORE=/dev/shm/stasis-agentbench-store
     rm -rf $IMG $STASIS_STORE
+    # RESERVE=SIZE: the store keeps SIZE of blank chunk files first (`stasis reserve`), timed apart.
+    if [[ -n ${RESERVE:-} ]]; then
+        local t; t=$(now)
+        $STASIS reserve "$RESERVE" >/dev/null || return 1
+        label="$label (reserve of $RESERVE made in $(since "$t") s before)"
+    fi
     $STASIS dump "$pid" -D $IMG --json >/tmp/agentbench-dump.json || return 1
     wait_gone "$pid"
     $STASIS restore -D $IMG --json >/tmp/agentbench-restore.json || return 1
@@ -246,6 +254,39 @@ for mib in 64 256; do
     kill -9 "$pid" 2>/dev/null; wait_gone "$pid"; rm -rf "$dir"
 done
 speed_table
+fi
+
+if [[ $PARTS == *" link "* ]]; then
+echo "== 6. the link's speed (issue 29): 32 GiB and BERT-large under the agent, store on /dev/shm"
+# Every ring is a process of its own (its size is fixed when it starts). Each 32 GiB restore is verified by
+# the workload (every buffer compared on the host). LINK_RESERVE: the reserve's size for the rows with one.
+rows=()
+verified=()
+reserve=${LINK_RESERVE:-34G}
+for config in "64 4 -" "64 4 $reserve" "256 4 $reserve" "1024 8 $reserve"; do
+    read -r mib streams with <<<"$config"
+    dir=$(mktemp -d)
+    pid=$(STASIS_AGENT_STREAMS=$streams STASIS_AGENT_LOG=1 $STASIS run --ring-mib "$mib" -- /opt/stasis/bin/cuda-workload buffers --dir "$dir" --daemon --mem 32768 2>"$dir/agent.log")
+    grep -o 'pinned shared staging ring.*' "$dir/agent.log" | head -n 1 | sed "s/^/ring $mib MiB: /"
+    [[ $with == - ]] && unset RESERVE || export RESERVE=$with
+    stasis_path "buffers 32 GiB" "$pid" "agent, ring $mib MiB, $streams streams$([[ $with == - ]] && echo ", no reserve")" || echo "ring $mib MiB failed"
+    unset RESERVE
+    rm -f "$dir/result"; kill -USR1 "$pid" 2>/dev/null
+    for _ in $(seq 600); do [[ -e $dir/result ]] && break; sleep 0.1; done
+    verified+=("ring $mib MiB, $streams streams, reserve $with: $(cat "$dir/result" 2>/dev/null || echo "FAIL no answer in 60 s")")
+    kill -9 "$pid" 2>/dev/null; wait_gone "$pid"; rm -rf "$dir"
+done
+for config in "64 -" "256 16G"; do
+    read -r mib with <<<"$config"
+    dir=$(mktemp -d)
+    pid=$(CUBLAS_WORKSPACE_CONFIG=:4096:8 $STASIS run --ring-mib "$mib" -- python3 Workloads/torch/bert_train.py --dir "$dir" --size large --steps 8 --pause-at 4 --daemon)
+    [[ $with == - ]] && unset RESERVE || export RESERVE=$with
+    stasis_path "BERT-large training" "$pid" "agent, ring $mib MiB$([[ $with == - ]] && echo ", no reserve")" || echo "BERT-large ring $mib MiB failed"
+    unset RESERVE
+    kill -9 "$pid" 2>/dev/null; wait_gone "$pid"; rm -rf "$dir"
+done
+speed_table
+printf '%s\n' "${verified[@]}"
 fi
 
 if [[ $PARTS == *" interleaved "* ]]; then

@@ -32,7 +32,10 @@
 #                                           then activated), serve8bhost (the 8B server restored streamed,
 #                                           rebuilt on /dev/shm, prepared, and from a registry; CRIU's
 #                                           logs split), registrybench (BERT-large through a registry
-#                                           beside skopeo; needs docker-registry and skopeo packed).
+#                                           beside skopeo; needs docker-registry and skopeo packed),
+#                                           link (issue 29: the link, the ring and pinning measured
+#                                           apart, then 32 GiB and BERT-large under the agent with
+#                                           larger rings and the store's reserve; about 7 minutes).
 #                                           The benchmarks are apart: scripts/device-bench.sh.
 #
 # cuda..bert take about 6 minutes on the H200 and agent about 3.5 (the device tool allows 10 per call: run

@@ -316,9 +316,12 @@ public final class CUDADeviceStep: DeviceStep, @unchecked Sendable {
         let driver = watch.seconds
         guard section.processes.contains(where: { $0.agent != nil }) else { return ["driver": driver] }
         guard let store else { throw StasisError(.gpu, "the checkpoint holds device memory moved by agents, but no store to read it from") }
+        let cpu = ProcessCPU.seconds
         let refill = try AgentEvacuation.refill(section, store: store, files: files, resume: !holdCalls)
-        // "gpu check" is part of "refill": hashing what landed in the device, where the GPU did it.
-        return ["driver": driver, "refill": refill.seconds].merging(refill.gpuCheck.map { ["gpu check": $0] } ?? [:]) { first, _ in first }
+        // "gpu check" is part of "refill": hashing what landed in the device, where the GPU did it. "refill cpu":
+        // the CPU seconds stasis spent meanwhile (divided by "refill": the cores the transfer kept busy).
+        return ["driver": driver, "refill": refill.seconds, "refill cpu": ProcessCPU.seconds - cpu]
+            .merging(refill.gpuCheck.map { ["gpu check": $0] } ?? [:]) { first, _ in first }
     }
 
     /// Only agents hold a program's CUDA calls: a process restored through the driver alone would run on its

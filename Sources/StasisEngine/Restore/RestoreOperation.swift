@@ -67,7 +67,8 @@ public struct RestoreOperation {
         public var logFile: String?
         public var images: Images
         public var timings: Timings
-        /// The device step's phases in seconds: "driver" (its restore and unlock), "refill" (agents).
+        /// The device step's phases in seconds: "driver" (its restore and unlock), "refill" (agents), and the
+        /// CPU seconds stasis spent during the refill ("refill cpu").
         public var deviceSteps: [String: Double]
         /// The container restored, for a container's checkpoint.
         public var container: String?

@@ -2,7 +2,7 @@ import Foundation
 
 // The concurrency kit: the few shapes stasis's threads share state through. Everything that runs on several
 // threads uses these instead of a lock of its own. Each type is `@unchecked Sendable` for one reason: its
-// mutable state is reached only while its lock (an NSLock or NSCondition) is held.
+// mutable state is reached only while its lock (an NSLock, or a Monitor's NSCondition) is held.
 
 /// A value that several threads read and change, always under its lock.
 public final class Locked<Value>: @unchecked Sendable {
@@ -52,10 +52,36 @@ extension Locked where Value == Int {
     }
 }
 
+/// A lock that threads also wait on, for state that one thread waits for another to change (a queue with room
+/// or items, a slot decoded): its owner keeps that state beside the monitor and reaches it only inside
+/// `withLock`. Where no thread waits, `Locked` is simpler.
+public final class Monitor: @unchecked Sendable {
+    private let condition = NSCondition()
+
+    public init() {}
+
+    public func withLock<T>(_ body: () throws -> T) rethrows -> T {
+        condition.lock()
+        defer { condition.unlock() }
+        return try body()
+    }
+
+    /// Only inside `withLock`'s body: gives up the lock until a `signal` or `broadcast`, then takes it back. Call
+    /// it in a loop that checks again what it waits for: a wake may be spurious, or another thread may be first.
+    public func wait() { condition.wait() }
+
+    /// Only inside `withLock`'s body, after changing what waiters check (outside it, a waiter between its check
+    /// and its `wait` would miss the wake): wakes one waiter, so only where any waiter can use the change.
+    public func signal() { condition.signal() }
+
+    /// Only inside `withLock`'s body, after changing what waiters check: wakes every waiter.
+    public func broadcast() { condition.broadcast() }
+}
+
 /// A first-in first-out queue between threads: `push` waits while it is full (when it has a capacity), `pop`
 /// waits while it is empty; once closed, `pop` drains what is left and then returns nil, and `push` drops.
 public final class BlockingQueue<Element>: @unchecked Sendable {
-    private let condition = NSCondition()
+    private let condition = Monitor()
     private var items: [Element] = []
     private var head = 0
     private var closed = false
@@ -112,7 +138,7 @@ public final class BlockingQueue<Element>: @unchecked Sendable {
 /// them): `wait(for:)` blocks while a name is pending and throws once the producer has failed, so a reader
 /// never waits for what will not come.
 public final class PendingNames: @unchecked Sendable {
-    private let condition = NSCondition()
+    private let condition = Monitor()
     private var pending: Set<String>
     private var failure: Error?
 

@@ -90,7 +90,7 @@ public final class ChunkIngester: @unchecked Sendable {
     private var lengths: [String: [Int]] = [:]
     private let releaseIngested: Bool
     private let sink: ChunkSink
-    private let condition = NSCondition()
+    private let condition = Monitor()
     private var queue: [Job] = []
     private var closed = false
     private var following = true
@@ -138,11 +138,12 @@ public final class ChunkIngester: @unchecked Sendable {
     /// directory, now complete), waits for the workers and returns every file's chunks.
     public func finish(alsoIngest: [String] = []) throws -> (files: [String: File], statistics: Statistics) {
         stopFollowing()
-        condition.lock()
-        let followed = files.keys.filter { streams[$0] == nil || streams[$0]!.followed }
-        let unended = streams.filter { !$0.value.ended && !$0.value.followed }.keys.sorted()
-        var sizes = streams.mapValues(\.size)
-        condition.unlock()
+        let (followed, unended, streamed) = condition.withLock {
+            (files.keys.filter { streams[$0] == nil || streams[$0]!.followed },
+             streams.filter { !$0.value.ended && !$0.value.followed }.keys.sorted(),
+             streams.mapValues(\.size))
+        }
+        var sizes = streamed
         if let name = unended.first {
             cancel()
             throw StasisError(.io, "\(directory)/\(name): its stream of bytes never ended")
@@ -156,17 +157,16 @@ public final class ChunkIngester: @unchecked Sendable {
             sizes[name] = size
             enqueueChunks(of: name, upTo: size, final: true)
         }
-        condition.lock()
-        closed = true
-        condition.broadcast()
-        while running > 0 { condition.wait() }
-        let error = failure
-        let result = files
-        let cutLengths = lengths
-        for fd in descriptors.values { fd.closeQuietly() }
-        descriptors = [:]
-        releaseBuffers()
-        condition.unlock()
+        let (error, result, cutLengths) = condition.withLock {
+            closed = true
+            condition.broadcast()
+            while running > 0 { condition.wait() }
+            let outcome = (failure, files, lengths)
+            for fd in descriptors.values { fd.closeQuietly() }
+            descriptors = [:]
+            releaseBuffers()
+            return outcome
+        }
         if let error {
             sink.abandon()
             throw error
@@ -187,15 +187,15 @@ public final class ChunkIngester: @unchecked Sendable {
     /// Stops everything without finishing (the dump failed); chunks already written stay for gc.
     public func cancel() {
         stopFollowing()
-        condition.lock()
-        closed = true
-        dropQueue()
-        condition.broadcast()
-        while running > 0 { condition.wait() }
-        for fd in descriptors.values { fd.closeQuietly() }
-        descriptors = [:]
-        releaseBuffers()
-        condition.unlock()
+        condition.withLock {
+            closed = true
+            dropQueue()
+            condition.broadcast()
+            while running > 0 { condition.wait() }
+            for fd in descriptors.values { fd.closeQuietly() }
+            descriptors = [:]
+            releaseBuffers()
+        }
         sink.abandon()
     }
 
@@ -289,17 +289,17 @@ public final class ChunkIngester: @unchecked Sendable {
 
     /// Queues the filled part of `state`'s buffer as its next chunk; waits while the queue is full.
     private func queueStreamed(_ name: String, _ state: inout Stream) throws {
-        condition.lock()
-        defer { condition.unlock() }
-        while queue.count >= running * 2 && failure == nil && !closed { condition.wait() }
-        if let failure { throw failure }
-        if closed { throw StasisError(.interrupted, "\(directory)/\(name): the chunking was stopped") }
-        // In memory: the job reads no file, so it has no offset to read at.
-        queue.append(Job(name: name, index: state.index, offset: 0, length: state.filled, bytes: state.buffer))
-        files[name]!.append(nil)
-        lengths[name, default: []].append(state.filled)
-        (state.buffer, state.filled, state.scanned, state.index) = (nil, 0, 0, state.index + 1)
-        condition.broadcast()
+        try condition.withLock {
+            while queue.count >= running * 2 && failure == nil && !closed { condition.wait() }
+            if let failure { throw failure }
+            if closed { throw StasisError(.interrupted, "\(directory)/\(name): the chunking was stopped") }
+            // In memory: the job reads no file, so it has no offset to read at.
+            queue.append(Job(name: name, index: state.index, offset: 0, length: state.filled, bytes: state.buffer))
+            files[name]!.append(nil)
+            lengths[name, default: []].append(state.filled)
+            (state.buffer, state.filled, state.scanned, state.index) = (nil, 0, 0, state.index + 1)
+            condition.broadcast()
+        }
     }
 
     private func takeBuffer() throws -> UnsafeMutableRawBufferPointer {
@@ -326,10 +326,11 @@ public final class ChunkIngester: @unchecked Sendable {
     }
 
     private func stopFollowing() {
-        condition.lock()
-        let was = following
-        following = false
-        condition.unlock()
+        let was = condition.withLock {
+            let was = following
+            following = false
+            return was
+        }
         if was { followerDone.wait() }
     }
 
@@ -355,23 +356,23 @@ public final class ChunkIngester: @unchecked Sendable {
     @discardableResult
     private func enqueueChunks(of name: String, upTo size: UInt64, final: Bool) -> Int {
         if cuts != nil { return enqueueCuts(of: name, upTo: size, final: final) }
-        condition.lock()
-        defer { condition.unlock() }
-        let start = queuedUpTo[name] ?? 0
-        let complete = Int(size / UInt64(chunkSize))
-        let end = final ? Int((size + UInt64(chunkSize) - 1) / UInt64(chunkSize)) : complete
-        if files[name] == nil { files[name] = [] }
-        guard end > start else { return 0 }
-        for index in start..<end {
-            while queue.count >= running * 2 && failure == nil && !closed { condition.wait() }
-            if failure != nil || (closed && !final) { return index - start }
-            let length = Int(min(UInt64(chunkSize), size - UInt64(index) * UInt64(chunkSize)))
-            queue.append(Job(name: name, index: index, offset: UInt64(index) * UInt64(chunkSize), length: length))
-            if files[name]!.count < end { files[name]!.append(contentsOf: [String?](repeating: nil, count: end - files[name]!.count)) }
-            queuedUpTo[name] = index + 1
-            condition.broadcast()
+        return condition.withLock {
+            let start = queuedUpTo[name] ?? 0
+            let complete = Int(size / UInt64(chunkSize))
+            let end = final ? Int((size + UInt64(chunkSize) - 1) / UInt64(chunkSize)) : complete
+            if files[name] == nil { files[name] = [] }
+            guard end > start else { return 0 }
+            for index in start..<end {
+                while queue.count >= running * 2 && failure == nil && !closed { condition.wait() }
+                if failure != nil || (closed && !final) { return index - start }
+                let length = Int(min(UInt64(chunkSize), size - UInt64(index) * UInt64(chunkSize)))
+                queue.append(Job(name: name, index: index, offset: UInt64(index) * UInt64(chunkSize), length: length))
+                if files[name]!.count < end { files[name]!.append(contentsOf: [String?](repeating: nil, count: end - files[name]!.count)) }
+                queuedUpTo[name] = index + 1
+                condition.broadcast()
+            }
+            return end - start
         }
-        return end - start
     }
 
     /// `enqueueChunks` for content-defined chunks: the file is read front to back as a stream, once (its
@@ -402,21 +403,12 @@ public final class ChunkIngester: @unchecked Sendable {
         defer {
             plain.deallocate()
             scratch.deallocate()
-            condition.lock()
-            running -= 1
-            condition.broadcast()
-            condition.unlock()
-        }
-        while true {
-            condition.lock()
-            while queue.isEmpty && !closed { condition.wait() }
-            if queue.isEmpty || failure != nil {
-                condition.unlock()
-                return
+            condition.withLock {
+                running -= 1
+                condition.broadcast()
             }
-            let job = queue.removeFirst()
-            condition.broadcast()
-            condition.unlock()
+        }
+        while let job = nextJob() {
             do {
                 let digest: String
                 if let streamed = job.bytes {
@@ -434,24 +426,36 @@ public final class ChunkIngester: @unchecked Sendable {
                 }
                 condition.withLock { files[job.name]![job.index] = digest }
             } catch {
-                condition.lock()
-                if failure == nil { failure = error }
-                dropQueue()
-                condition.broadcast()
-                condition.unlock()
+                condition.withLock {
+                    if failure == nil { failure = error }
+                    dropQueue()
+                    condition.broadcast()
+                }
                 return
             }
         }
     }
 
+    /// Waits for the next job and takes it; nil when the worker should stop: the queue is closed and empty,
+    /// or the ingester failed.
+    private func nextJob() -> Job? {
+        condition.withLock {
+            while queue.isEmpty && !closed { condition.wait() }
+            if queue.isEmpty || failure != nil { return nil }
+            let job = queue.removeFirst()
+            condition.broadcast()
+            return job
+        }
+    }
+
     private func descriptor(_ name: String) throws -> FileDescriptor {
-        condition.lock()
-        defer { condition.unlock() }
-        if let fd = descriptors[name] { return fd }
-        let path = directory + "/" + name
-        let fd = try attempt("cannot open", path) { try FileDescriptor.open(path, releaseIngested ? .readWrite : .readOnly) }
-        descriptors[name] = fd
-        return fd
+        try condition.withLock {
+            if let fd = descriptors[name] { return fd }
+            let path = directory + "/" + name
+            let fd = try attempt("cannot open", path) { try FileDescriptor.open(path, releaseIngested ? .readWrite : .readOnly) }
+            descriptors[name] = fd
+            return fd
+        }
     }
 
     private func readFully(_ fd: FileDescriptor, into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, name: String) throws {

@@ -267,7 +267,7 @@ extension ChunkedFiles {
     /// may claim chunk `i` only once chunk `i - slots` has been written.
     // @unchecked Sendable: its slots' states are reached only under its condition's lock; a slot's buffer belongs to the one thread that claimed it.
     private final class OrderedWindow: @unchecked Sendable {
-        private let condition = NSCondition()
+        private let condition = Monitor()
         private let buffers: [UnsafeMutableRawBufferPointer]
         private let count: Int
         private var claimed = 0        // chunks handed to workers so far
@@ -285,41 +285,41 @@ extension ChunkedFiles {
 
         /// The next chunk to decode and its buffer; nil when all are claimed or the stream failed.
         func claim() -> (Int, UnsafeMutableRawBufferPointer)? {
-            condition.lock()
-            defer { condition.unlock() }
-            while failure == nil, claimed < count, claimed >= writtenUpTo + buffers.count { condition.wait() }
-            guard failure == nil, claimed < count else { return nil }
-            defer { claimed += 1 }
-            return (claimed, buffers[claimed % buffers.count])
+            condition.withLock {
+                while failure == nil, claimed < count, claimed >= writtenUpTo + buffers.count { condition.wait() }
+                guard failure == nil, claimed < count else { return nil }
+                defer { claimed += 1 }
+                return (claimed, buffers[claimed % buffers.count])
+            }
         }
 
         func ready(_ index: Int) {
-            condition.lock()
-            isReady[index] = true
-            condition.broadcast()
-            condition.unlock()
+            condition.withLock {
+                isReady[index] = true
+                condition.broadcast()
+            }
         }
 
         /// Waits until chunk `index` is decoded; nil when the stream failed.
         func next(_ index: Int) -> UnsafeMutableRawBufferPointer? {
-            condition.lock()
-            defer { condition.unlock() }
-            while failure == nil, !isReady[index] { condition.wait() }
-            return failure == nil ? buffers[index % buffers.count] : nil
+            condition.withLock {
+                while failure == nil, !isReady[index] { condition.wait() }
+                return failure == nil ? buffers[index % buffers.count] : nil
+            }
         }
 
         func written(_ index: Int) {
-            condition.lock()
-            writtenUpTo = index + 1
-            condition.broadcast()
-            condition.unlock()
+            condition.withLock {
+                writtenUpTo = index + 1
+                condition.broadcast()
+            }
         }
 
         func fail(_ error: Error) {
-            condition.lock()
-            if failure == nil { failure = error }
-            condition.broadcast()
-            condition.unlock()
+            condition.withLock {
+                if failure == nil { failure = error }
+                condition.broadcast()
+            }
         }
     }
 }

@@ -3,7 +3,7 @@ import Testing
 
 /// Rules docs/ARCHITECTURE.md states about Sources, checked so they stay true: every `try?` says why the
 /// error it drops may be dropped, FileManager is used only inside StasisOS (the system boundary), and every
-/// lock is one of the concurrency kit's. A failure lists each offending file:line.
+/// lock or condition is one of the concurrency kit's. A failure lists each offending file:line.
 @Suite struct StatedRules {
     static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
         .deletingLastPathComponent().path
@@ -54,9 +54,11 @@ import Testing
         #expect(outside.isEmpty, "FileManager outside StasisOS (use FileSystem):\n\(outside.joined(separator: "\n"))")
     }
 
-    /// Threads share state through the kit (Locked, CriticalSection, BlockingQueue, PendingNames, FirstFailure), not locks of their own.
+    /// Threads share state through the kit (Locked, CriticalSection, Monitor, BlockingQueue, PendingNames, FirstFailure),
+    /// not locks or conditions of their own.
     @Test func everyLockIsTheKits() throws {
-        let own = try Self.uses(of: "NSLock") { $0 != "Sources/StasisCore/Concurrency.swift" }
-        #expect(own.isEmpty, "NSLock outside the concurrency kit (use Locked or CriticalSection):\n\(own.joined(separator: "\n"))")
+        let outsideKit: (String) -> Bool = { $0 != "Sources/StasisCore/Concurrency.swift" }
+        let own = try Self.uses(of: "NSLock", where: outsideKit) + Self.uses(of: "NSCondition", where: outsideKit)
+        #expect(own.isEmpty, "NSLock or NSCondition outside the concurrency kit (use Locked, CriticalSection or Monitor):\n\(own.joined(separator: "\n"))")
     }
 }

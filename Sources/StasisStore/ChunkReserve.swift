@@ -4,8 +4,9 @@ import StasisOS
 
 /// A store in memory's reserve of pages ready to be written: blank chunk files in STORE/reserve/, each as large
 /// as the largest chunk file. A chunk written into a blank costs one copy; written into a new file, the kernel
-/// first allocates every page and clears it (the cost that bounds an agent's evacuation on the CPU side,
-/// issue 29). `stasis reserve SIZE` fills it once; gc then gives it back the chunk files it removes, up to SIZE,
+/// first allocates every page (and, where it clears pages on allocation, clears it). On the H100 (issue 29)
+/// that made little difference: a 2 MiB chunk written into reused pages ran at 4.2 GB/s on one core against
+/// 3.2 into fresh ones, and at 16 threads no faster (docs/BENCHMARKS.md); the copy itself is the cost there. `stasis reserve SIZE` fills it once; gc then gives it back the chunk files it removes, up to SIZE,
 /// so a node that checkpoints again and again writes into the same pages. Only for stores in memory (tmpfs):
 /// on a disk the page cache reuses its pages anyway. The reserve holds its bytes of memory: that is the deal.
 ///
@@ -44,7 +45,7 @@ public final class ChunkReserve: Sendable {
         return Status(targetBytes: targetBytes, blanks: blanks.count, bytes: UInt64(blanks.count) * UInt64(ChunkFormat.chunkSize))
     }
 
-    /// Renames a blank to `destination` (in the same filesystem), ready to be written through a mapping; false
+    /// Renames a blank to `destination` (in the same filesystem), ready to be written into; false
     /// when none is left. Another writer may take a listed blank first: its rename fails and the next is tried.
     func take(as destination: String) -> Bool {
         while let name = next() {
@@ -88,8 +89,8 @@ public final class ChunkReserve: Sendable {
         return try status()
     }
 
-    /// Written (not fallocated): tmpfs clears a fallocated page at its first fault, so a mapping would pay the
-    /// clear when the blank is used.
+    /// Written (not fallocated): a fallocated tmpfs page is cleared when it is first used, which is the cost a
+    /// blank is there to spare.
     private static func writeBlank(_ zeros: UnsafeRawBufferPointer, into directory: String) throws {
         let path = directory + "/" + prefix + UUID().uuidString.lowercased()
         let temporary = path + ".part"
@@ -106,7 +107,7 @@ public final class ChunkReserve: Sendable {
 
     /// Gives a chunk file gc removes to the reserve when it is below its target: true when it took it (the
     /// caller then must not remove it). Its size is made a blank's (a compressed chunk is extended: written,
-    /// so that a later mapping finds its pages ready).
+    /// so that its pages are there when it is used).
     func recycle(_ file: String, target: UInt64, held: inout UInt64) -> Bool {
         guard held + UInt64(ChunkFormat.chunkSize) <= target else { return false }
         let path = directory + "/" + Self.prefix + UUID().uuidString.lowercased()
@@ -136,28 +137,23 @@ public final class ChunkReserve: Sendable {
 }
 
 extension DirectoryChunkStore {
-    /// Writes `parts` into a blank of the reserve renamed to `temporary`, through a mapping, and cuts it to
+    /// Writes `parts` into a blank of the reserve renamed to `temporary` (pwrite into its pages) and cuts it to
     /// their length; false when the reserve has no blank, or the one taken cannot be used (it is removed, and
-    /// the caller writes a new file, which reports its own errors).
+    /// the caller writes a new file, which reports its own errors). Not through a mapping: on the H100 the
+    /// mmap and munmap of every chunk serialised 16 writers on the process's address space (7 GB/s on 2 cores
+    /// against 22-28 GB/s with pwrite, docs/BENCHMARKS.md, issue 29).
     func writeIntoBlank(_ parts: [UnsafeRawBufferPointer], total: Int, at temporary: String) -> Bool {
         guard total <= ChunkReserve.blankSize, reserve.take(as: temporary) else { return false }
         do throws(Errno) {
-            let fd = try FileDescriptor.open(temporary, .readWrite)
+            let fd = try FileDescriptor.open(temporary, .writeOnly)
             defer { fd.closeQuietly() }
-            // A blank shorter than what is written would fault past its end (SIGBUS): refused, never mapped.
-            guard try fd.status().size >= UInt64(total), let mapping = SharedMapping(fd, length: total) else {
-                throw Errno.invalidArgument
-            }
-            defer { mapping.unmap() }
-            try mapping.populate(offset: 0, count: total)
-            var offset = 0
+            var offset: Int64 = 0
             for part in parts where part.count > 0 {
-                (mapping.base + offset).copyMemory(from: part.baseAddress!, byteCount: part.count)
-                offset += part.count
+                try fd.write(all: part, at: offset)
+                offset += Int64(part.count)
             }
-            if total < ChunkReserve.blankSize { try fd.setSize(UInt64(total)) }
-            // Written through a mapping, its mtime may be the blank's: gc's grace counts from now.
-            futimens(fd.rawValue, nil)
+            if try fd.status().size > UInt64(total) { try fd.setSize(UInt64(total)) }
+            fd.startWriteback(offset: 0, length: UInt64(total))
             return true
         } catch {
             FileSystem.remove(temporary)

@@ -6,8 +6,8 @@ import StasisTestSupport
 import Testing
 
 /// A store's reserve of blank chunk files (`stasis reserve`): chunks written into blanks read back as written,
-/// use the blanks up, and gc gives removed chunk files back to the reserve up to its target; a blank that
-/// cannot hold a chunk is never mapped.
+/// use the blanks up, and gc gives removed chunk files back to the reserve up to its target; a blank of the
+/// wrong size still ends up holding exactly its chunk.
 @Suite struct ChunkReserveTests {
     static let chunk = ChunkFormat.chunkSize
 
@@ -100,16 +100,18 @@ import Testing
         #expect(dry.reservedChunks == 0 && store.allChunks().count == 2)
     }
 
-    @Test func aBlankTooShortIsNeverMapped() throws {
-        let (root, store) = try makeStore("reserve-short")
+    @Test func aBlankOfAnotherSizeStillHoldsExactlyTheChunk() throws {
+        let (root, store) = try makeStore("reserve-sizes")
         defer { FileSystem.removeTree(root) }
         try FileSystem.makePrivateDirectory(store.reserve.directory)
-        // Writing a whole chunk through a mapping of this would fault past its end: it is dropped instead.
+        // Blanks someone shortened or lengthened: each chunk written into one is extended or cut to its size.
         try FileSystem.writeAtomically(Data(count: 100), to: store.reserve.directory + "/blank-short")
-        let chunk = data(9)
-        let digests = try put([chunk], into: store)
-        try readBack(digests[0], chunk, from: store)
+        try FileSystem.writeAtomically(Data(repeating: 0xAB, count: 3 << 20), to: store.reserve.directory + "/blank-long")
+        let chunks = [data(9), data(10, incompressible: false)]
+        let digests = try put(chunks, into: store)
+        for (digest, expected) in zip(digests, chunks) { try readBack(digest, expected, from: store) }
         #expect(try store.reserve.status().blanks == 0)
         #expect(store.storedSize(digests[0]) == UInt64(ChunkReserve.blankSize))
+        #expect((store.storedSize(digests[1]) ?? 0) < 100_000)
     }
 }

@@ -269,7 +269,7 @@ for config in "64 4 $reserve" "64 4 -" "256 4 $reserve" "1024 8 $reserve"; do
     read -r mib streams with <<<"$config"
     dir=$(mktemp -d)
     pid=$(STASIS_AGENT_STREAMS=$streams STASIS_AGENT_LOG=1 $STASIS run --ring-mib "$mib" -- /opt/stasis/bin/cuda-workload buffers --dir "$dir" --daemon --mem 32768 2>"$dir/agent.log")
-    grep -o 'pinned shared staging ring.*' "$dir/agent.log" | head -n 1 | sed "s/^/ring $mib MiB: /"
+    grep -ho 'pinned shared staging ring.*' "$dir/agent.log" "$dir/log" 2>/dev/null | head -n 1 | sed "s/^/ring $mib MiB: /"
     [[ $with == - ]] && unset RESERVE || export RESERVE=$with
     stasis_path "buffers 32 GiB" "$pid" "agent, ring $mib MiB, $streams streams$([[ $with == - ]] && echo ", no reserve")" || echo "ring $mib MiB failed"
     unset RESERVE

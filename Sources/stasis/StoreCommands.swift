@@ -92,8 +92,9 @@ struct ReserveCommand: ParsableCommand {
         commandName: "reserve",
         abstract: "Keep blank chunk files in a store in memory, so that checkpoints write into ready pages.",
         discussion: """
-        A chunk written into a new file on tmpfs costs the kernel a fresh page, cleared, for every 4 KiB \
-        before the copy; written into a blank of the reserve, it costs the copy alone. `stasis reserve SIZE` \
+        A chunk written into a new file on tmpfs costs the kernel a fresh page for every 4 KiB before the \
+        copy (cleared, where the kernel clears what it allocates); written into a blank of the reserve, it \
+        costs the copy alone. On an H100 that gained little (docs/BENCHMARKS.md). `stasis reserve SIZE` \
         writes blanks until the reserve holds SIZE (or removes those over it); each checkpoint's new chunks \
         use them up, and `stasis gc` gives the reserve the chunk files it removes, up to SIZE, instead of \
         deleting them. The reserve holds SIZE of memory. For a store on tmpfs only; 0 removes it. Without \

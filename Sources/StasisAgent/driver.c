@@ -35,6 +35,16 @@ static size_t mib_setting(const char *name, size_t fallback) {
     return *end ? fallback : (size_t)mib << 20;
 }
 
+/// A whole number from the environment, kept within [low, high]; `fallback` when unset or not a number.
+static unsigned count_setting(const char *name, unsigned fallback, unsigned low, unsigned high) {
+    const char *value = getenv(name);
+    if (!value || !*value) return fallback;
+    char *end;
+    unsigned long long count = strtoull(value, &end, 10);
+    if (*end) return fallback;
+    return count < low ? low : count > high ? high : (unsigned)count;
+}
+
 static int off(const char *name) {
     const char *value = getenv(name);
     return value && (!strcmp(value, "off") || !strcmp(value, "0") || !strcmp(value, "no"));
@@ -65,8 +75,7 @@ __attribute__((constructor)) static void agent_init(void) {
     if (ring > (size_t)MAX_SLOTS * settings.slot_bytes) ring = (size_t)MAX_SLOTS * settings.slot_bytes;
     settings.slot_count = (unsigned)(ring / settings.slot_bytes);
     // Copy streams per device (1-8, ring.c's table): copies of one chunk each, spread over them.
-    size_t streams = mib_setting("STASIS_AGENT_STREAMS", 4u << 20) >> 20;
-    settings.streams = streams < 1 ? 1 : streams > 8 ? 8 : (unsigned)streams;
+    settings.streams = count_setting("STASIS_AGENT_STREAMS", 4, 1, 8);
     settings.huge_ring = !off("STASIS_AGENT_RING_HUGE");
     const char *log = getenv("STASIS_AGENT_LOG");
     settings.verbose = log && *log && strcmp(log, "0");

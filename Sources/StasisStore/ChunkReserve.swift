@@ -56,9 +56,12 @@ public final class ChunkReserve: Sendable {
     }
 
     private func next() -> String? {
-        names.withLock { names in
-            if names.list.isEmpty, let changed = FileSystem.changeTime(directory),
-               names.changed.map({ $0.tv_sec != changed.tv_sec || $0.tv_nsec != changed.tv_nsec }) ?? true {
+        if let name = names.withLock({ $0.list.popLast() }) { return name }
+        // Out of listed blanks: listed again only when the directory changed since. Without a reserve that is one
+        // stat a chunk, outside the lock the writers share.
+        guard let changed = FileSystem.changeTime(directory) else { return nil }
+        return names.withLock { names in
+            if names.list.isEmpty, names.changed.map({ $0.tv_sec != changed.tv_sec || $0.tv_nsec != changed.tv_nsec }) ?? true {
                 // A reserve that cannot be listed has no blank to give: chunks go into new files, as without one.
                 names = (((try? FileSystem.namesOrNone(in: directory)) ?? []).filter { $0.hasPrefix(Self.prefix) }, changed)
             }
@@ -114,7 +117,7 @@ public final class ChunkReserve: Sendable {
         // A file that cannot be moved is removed by the caller instead, as without a reserve.
         guard (try? FileSystem.rename(file, to: path)) != nil else { return false }
         do {
-            let fd = try FileDescriptor.open(path, .writeOnly)
+            let fd = try FileDescriptor.open(path, .writeOnly, options: .noFollow)
             defer { fd.closeQuietly() }
             // A chunk gc takes may be marked checked (read-only): a blank is written again.
             try fd.setPermissions(.ownerReadWrite)
@@ -145,7 +148,8 @@ extension DirectoryChunkStore {
     func writeIntoBlank(_ parts: [UnsafeRawBufferPointer], total: Int, at temporary: String) -> Bool {
         guard total <= ChunkReserve.blankSize, reserve.take(as: temporary) else { return false }
         do throws(Errno) {
-            let fd = try FileDescriptor.open(temporary, .writeOnly)
+            // Never through a link: a blank is a file of the store's own.
+            let fd = try FileDescriptor.open(temporary, .writeOnly, options: .noFollow)
             defer { fd.closeQuietly() }
             var offset: Int64 = 0
             for part in parts where part.count > 0 {

@@ -123,7 +123,7 @@ struct ReserveCommand: ParsableCommand {
                                   hint: "put the store on /dev/shm (--store or STASIS_STORE) to use one")
             }
             // Made when missing: a reserve is set up before the first checkpoint.
-            guard let opened = try Backends().openStore(store.store, create: bytes != nil) as? DirectoryChunkStore else {
+            guard let opened = try Backends().openStore(store.store, create: (bytes ?? 0) > 0) as? DirectoryChunkStore else {
                 throw StasisError(.invalidArgument, "only a store in a directory keeps a reserve")
             }
             var status = try opened.reserve.status()

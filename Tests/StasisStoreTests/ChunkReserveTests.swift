@@ -114,4 +114,18 @@ import Testing
         #expect(store.storedSize(digests[0]) == UInt64(ChunkReserve.blankSize))
         #expect((store.storedSize(digests[1]) ?? 0) < 100_000)
     }
+
+    @Test func aBlankThatIsALinkIsNeverWrittenThrough() throws {
+        let (root, store) = try makeStore("reserve-link")
+        defer { FileSystem.removeTree(root) }
+        try FileSystem.makePrivateDirectory(store.reserve.directory)
+        let outside = root + "/outside"
+        try FileSystem.writeAtomically(Data("keep me".utf8), to: outside)
+        #expect(symlink(outside, store.reserve.directory + "/blank-link") == 0)
+        let chunk = data(11)
+        let digests = try put([chunk], into: store)
+        try readBack(digests[0], chunk, from: store)
+        #expect(try FileSystem.readFile(outside) == Data("keep me".utf8))
+        #expect(try store.reserve.status().blanks == 0)
+    }
 }

@@ -35,6 +35,8 @@ typedef struct {
     int huge_ring;            // STASIS_AGENT_RING_HUGE=off: no transparent huge pages asked for the ring
     int verbose;              // STASIS_AGENT_LOG=1
     int gpu_digests;          // STASIS_AGENT_GPU_DIGESTS=off leaves hashing to stasis's CPUs (to compare the two)
+    size_t arena_bytes;       // STASIS_AGENT_ARENA_MIB: pinned pieces of the store to evacuate into (arena.c)
+    char arena_directory[4096];  // STASIS_AGENT_ARENA_DIR: the store's reserve directory they live in
     int shared_ring;          // STASIS_AGENT_SHARED_RING=off pins the driver's memory as the ring, which stasis
                               // then copies with process_vm_readv/writev (to compare one CPU copy with two)
 } agent_settings;
@@ -186,6 +188,22 @@ HIDDEN void ring_ensure_on(int device);
 HIDDEN CUresult ring_unpin(char *why, size_t length);
 HIDDEN CUresult ring_pin(char *why, size_t length);
 
+// ---- arena.c: pinned pieces of a store in memory that an evacuation copies into (no CPU copy)
+/// Builds the arena on a thread of its own, pinned in `context` (when asked for and not there yet).
+HIDDEN void arena_start(CUcontext context);
+/// Stops a build, unpins and unmaps the arena, and gives the pieces stasis did not take back to the reserve.
+HIDDEN void arena_drop(void);
+/// How many pieces an evacuation into the store whose reserve is `directory` may use (0: none; not built yet,
+/// or another store).
+HIDDEN size_t arena_usable(const char *directory);
+/// Where piece `piece`'s chunk payload goes, and its file's name in the reserve directory.
+HIDDEN char *arena_payload(size_t piece);
+HIDDEN void arena_piece_name(size_t piece, char *out, size_t length);
+/// An evacuation used it: stasis may have taken any piece, so it is dropped and built anew before the next.
+HIDDEN void arena_mark_spent(void);
+HIDDEN int arena_spent(void);
+HIDDEN void arena_after_fork_child(void);
+
 // One chunk of an evacuation: where it is and, when the GPU hashed it, its digest.
 typedef struct {
     uint64_t id, offset, length;
@@ -204,6 +222,10 @@ HIDDEN CUresult ring_copy_start(int out, int slot, uint64_t id, uint64_t offset,
                                 size_t why_length);
 /// Waits for the oldest copy and tells stasis about it with `op`; `lent_slots` (an evacuation's FILLED):
 /// the slots stasis holds, its slot marked. 0, or -1 with `why`.
+/// Starts copying `chunk` out of the device into arena piece `piece`.
+HIDDEN CUresult ring_copy_to_arena(size_t piece, const planned_chunk *chunk, char *why, size_t why_length);
+/// Starts building the arena in the ring's context (after a checkpoint let the program run on).
+HIDDEN void ring_start_arena(void);
 HIDDEN int ring_finish_oldest(int fd, uint32_t op, char *lent_slots, char *why, size_t length);
 /// Tells stasis with `op` of every copy that has finished already, oldest first, without waiting: slots go
 /// back as soon as their copies end, not only once the ring is full or stasis pauses.
@@ -219,7 +241,7 @@ HIDDEN int ring_flush_writes(int fd, char *why, size_t length);
 /// Copies every allocation out through the ring: a FILLED per slot, and stasis gives each slot back with
 /// FREE once it has read it. With `with_digests`, the GPU hashes every chunk first: FILLED then carries the
 /// digest, and chunks of zeros are not copied at all. Returns 0, or -1 with `why`.
-HIDDEN int evacuate(int fd, int with_digests, uint64_t *copied, char *why, size_t length);
+HIDDEN int evacuate(int fd, int with_digests, const char *arena_directory, uint64_t *copied, char *why, size_t length);
 /// Hashes every chunk now in the device and sends a DIGEST each; 0, or -1 with `why`.
 HIDDEN int verify(int fd, char *why, size_t length);
 

@@ -163,6 +163,13 @@ static void quiesce(int fd, unsigned timeout_ms) {
     message_send(fd, &end, -1);
 }
 
+/// After the program goes on: an arena an evacuation used is dropped (stasis may have taken any piece), and
+/// one is built where none is (after a restore, or a RELEASE), on its own thread.
+static void renew_arena(void) {
+    if (arena_spent()) arena_drop();
+    ring_start_arena();
+}
+
 static void serve(int fd) {
     char why[160];
     ring_copies_reset();
@@ -190,7 +197,8 @@ static void serve(int fd) {
         case STASIS_AGENT_EVACUATE: {
             uint64_t copied = 0;
             if (state != STASIS_AGENT_HELD) { reply(fd, STASIS_AGENT_ERROR, 0, "not held: quiesce first"); break; }
-            if (evacuate(fd, message.length == 1, &copied, why, sizeof why) != 0) { reply(fd, STASIS_AGENT_ERROR, 0, "%s", why); break; }
+            message.text[sizeof message.text - 1] = 0;  // the store's reserve directory, when it has one
+            if (evacuate(fd, message.length == 1, message.text, &copied, why, sizeof why) != 0) { reply(fd, STASIS_AGENT_ERROR, 0, "%s", why); break; }
             evacuated = 1;
             stasis_agent_message done;
             memset(&done, 0, sizeof done);
@@ -203,6 +211,8 @@ static void serve(int fd) {
             if (state != STASIS_AGENT_HELD || !evacuated) { reply(fd, STASIS_AGENT_ERROR, 0, "nothing evacuated: quiesce and evacuate first"); break; }
             state = STASIS_AGENT_RELEASED;
             contents_lost = 1;
+            // The driver's checkpoint and CRIU must see no arena: its pieces are the store's now.
+            arena_drop();
             if (memory_release_all(why, sizeof why) != CUDA_SUCCESS || ring_unpin(why, sizeof why) != CUDA_SUCCESS) {
                 reply(fd, STASIS_AGENT_ERROR, 0, "%s", why);
             } else {
@@ -324,6 +334,7 @@ static void serve(int fd) {
             contents_lost = 0;
             stasis_agent_orphan_resumed();
             gate_open();
+            renew_arena();
             reply(fd, STASIS_AGENT_OK, 0, NULL);
             break;
         default:
@@ -363,6 +374,7 @@ static void *control_thread(void *unused) {
                 memory_drop_views();
                 state = STASIS_AGENT_RUNNING;
                 gate_open();
+                renew_arena();
                 agent_log("the checkpoint was abandoned; CUDA calls proceed");
             }
         }
@@ -382,6 +394,7 @@ static void after_fork_child(void) {
     pthread_mutex_init(&start_mutex, NULL);
     gate_after_fork_child();
     memory_after_fork_child();
+    arena_after_fork_child();
 }
 
 HIDDEN void control_start(void) {

@@ -1,6 +1,6 @@
 // An evacuation and a verification, chunk by chunk: every allocation cut into chunks of one slot, copied out
-// through the ring (EVACUATE: a FILLED per slot, stasis gives each back with FREE), or hashed on the GPU after
-// a refill (VERIFY: a DIGEST per chunk).
+// through the ring (EVACUATE: a FILLED per slot, stasis gives each back with FREE) or into the arena's pieces
+// (a FILLED per piece, nothing given back), or hashed on the GPU after a refill (VERIFY: a DIGEST per chunk).
 #define _GNU_SOURCE
 #include <stdio.h>
 #include <stdlib.h>
@@ -77,13 +77,62 @@ static int send_chunk(int fd, uint32_t op, const planned_chunk *chunk, uint32_t 
     return message_send(fd, &message, -1);
 }
 
-HIDDEN int evacuate(int fd, int with_digests, uint64_t *copied, char *why, size_t length) {
+/// Whether the arena can take this evacuation: every chunk hashed (stasis takes a piece by its digest, never
+/// reading it) and a piece for every chunk that is not zero.
+static int arena_fits(const planned_chunk *plan, size_t count, size_t pieces) {
+    size_t needed = 0;
+    for (size_t i = 0; i < count; i++) {
+        if (!plan[i].hashed) return 0;
+        if (!plan[i].sum.zero) needed++;
+    }
+    return pieces > 0 && needed <= pieces;
+}
+
+/// Copies every chunk that is not zero into a piece of its own, as fast as the copy engines go: a window of
+/// copies in flight, each told to stasis (FILLED with CHUNK_ARENA) once done, oldest first.
+static int evacuate_into_arena(int fd, const planned_chunk *plan, size_t count, uint64_t *copied, char *why, size_t length) {
+    unsigned window = settings.slot_count < 32 ? 32 : settings.slot_count;
+    if (window > MAX_SLOTS) window = MAX_SLOTS;
+    size_t piece = 0;
+    int status = 0;
+    ring_copies_reset();
+    for (size_t i = 0; i < count && status == 0; i++) {
+        if (plan[i].sum.zero) {
+            if (send_chunk(fd, STASIS_AGENT_FILLED, &plan[i], STASIS_AGENT_CHUNK_ZERO) != 0) {
+                snprintf(why, length, "stasis went away during the evacuation");
+                status = -1;
+            }
+            continue;
+        }
+        while (status == 0 && ring_copies_in_flight() >= window) status = ring_finish_oldest(fd, STASIS_AGENT_FILLED, NULL, why, length);
+        if (status != 0) break;
+        if (ring_copy_to_arena(piece++, &plan[i], why, length) != CUDA_SUCCESS) {
+            status = -1;
+            break;
+        }
+        *copied += plan[i].length;
+        status = ring_finish_done(fd, STASIS_AGENT_FILLED, why, length);
+    }
+    while (status == 0 && ring_copies_in_flight() > 0) status = ring_finish_oldest(fd, STASIS_AGENT_FILLED, NULL, why, length);
+    ring_copies_abandon();
+    return status;
+}
+
+HIDDEN int evacuate(int fd, int with_digests, const char *arena_directory, uint64_t *copied, char *why, size_t length) {
     planned_chunk *plan = NULL;
     size_t count = plan_chunks(&plan, why, length);
     if (!plan) return -1;
     if (with_digests) {
         char reason[120] = "";
         if (hash_plan(plan, count, reason, sizeof reason) != CUDA_SUCCESS) agent_log("%s; stasis hashes on its CPUs", reason);
+    }
+    *copied = 0;
+    if (with_digests && arena_fits(plan, count, arena_usable(arena_directory))) {
+        // Spent from here on, whatever happens: stasis may have taken any piece.
+        arena_mark_spent();
+        int status = evacuate_into_arena(fd, plan, count, copied, why, length);
+        free(plan);
+        return status;
     }
     int free_slots[MAX_SLOTS];
     char lent[MAX_SLOTS] = {0};  // slots stasis holds: a FREE for any other is refused

@@ -65,13 +65,17 @@ HIDDEN void ring_ensure(void) {
         }
         void *pinned = NULL;
         result = real.cuMemHostAlloc(&pinned, bytes, CU_MEMHOSTALLOC_PORTABLE);
-        if (result == CUDA_SUCCESS) ring = pinned;
+        if (result == CUDA_SUCCESS) {
+            ring = pinned;
+            real.cuCtxGetCurrent(&ring_context);
+        }
     }
     if (ring) {
         // The ring's start-up cost (issue 29): what `stasis run` adds before the program's first allocation.
         agent_log("pinned %sstaging ring: %u slots of %zu bytes (mapped in %.3f s, pinned in %.3f s)", ring_shared ? "shared " : "",
                   settings.slot_count, settings.slot_bytes, mapped, seconds_since(&start) - mapped);
         digest_pin_area();
+        arena_start(ring_context);
     } else {
         agent_log("cannot pin the staging ring: %s", driver_error_name(result));
     }
@@ -115,6 +119,10 @@ HIDDEN CUresult ring_pin(char *why, size_t length) { return ring_pin_state(1, wh
 
 HIDDEN void *ring_address(void) { return ring; }
 
+HIDDEN void ring_start_arena(void) {
+    if (ring) arena_start(ring_context);
+}
+
 // ---- copies through the ring
 
 static CUstream streams[MAX_DEVICES][8];
@@ -122,7 +130,8 @@ static CUevent events[MAX_DEVICES][MAX_SLOTS];
 static unsigned stream_turn;
 
 typedef struct {
-    int slot;
+    int slot;       // the ring's slot, or for an arena piece the event it uses (piece % MAX_SLOTS)
+    long piece;     // the arena piece copied into, or -1
     int device;
     uint64_t id, offset, length;
     const planned_chunk *chunk;  // an evacuation's: what FILLED tells stasis of it
@@ -153,8 +162,10 @@ static CUresult slot_event(int device, int slot, CUevent *event) {
 HIDDEN void ring_copies_reset(void) { flight_head = flight_count = 0; }
 HIDDEN unsigned ring_copies_in_flight(void) { return flight_count; }
 
-HIDDEN CUresult ring_copy_start(int out, int slot, uint64_t id, uint64_t offset, uint64_t length, const planned_chunk *chunk, char *why,
-                                size_t why_length) {
+/// Starts one copy between `host` and bytes [offset, offset + length) of allocation `id`, recorded on event
+/// `slot` (the ring's slot, or an arena piece's: piece % MAX_SLOTS).
+static CUresult copy_start(int out, char *host, int slot, long piece, uint64_t id, uint64_t offset, uint64_t length, const planned_chunk *chunk,
+                           char *why, size_t why_length) {
     CUdeviceptr view;
     int device;
     size_t size;
@@ -170,7 +181,6 @@ HIDDEN CUresult ring_copy_start(int out, int slot, uint64_t id, uint64_t offset,
     }
     if ((result = prepare_device(device, why, why_length)) != CUDA_SUCCESS) return result;
     CUstream stream = streams[device][stream_turn++ % settings.streams];
-    char *host = (char *)ring_address() + (size_t)slot * settings.slot_bytes;
     CUevent event = NULL;
     result = out ? real.cuMemcpyDtoHAsync_v2(host, view + offset, length, stream)
                  : real.cuMemcpyHtoDAsync_v2(view + offset, host, length, stream);
@@ -181,8 +191,19 @@ HIDDEN CUresult ring_copy_start(int out, int slot, uint64_t id, uint64_t offset,
         return result;
     }
     copy *entry = &flight[(flight_head + flight_count++) % MAX_SLOTS];
-    *entry = (copy){slot, device, id, offset, length, chunk};
+    *entry = (copy){slot, piece, device, id, offset, length, chunk};
     return CUDA_SUCCESS;
+}
+
+HIDDEN CUresult ring_copy_start(int out, int slot, uint64_t id, uint64_t offset, uint64_t length, const planned_chunk *chunk, char *why,
+                                size_t why_length) {
+    char *host = (char *)ring_address() + (size_t)slot * settings.slot_bytes;
+    return copy_start(out, host, slot, -1, id, offset, length, chunk, why, why_length);
+}
+
+HIDDEN CUresult ring_copy_to_arena(size_t piece, const planned_chunk *chunk, char *why, size_t why_length) {
+    return copy_start(1, arena_payload(piece), (int)(piece % MAX_SLOTS), (long)piece, chunk->id, chunk->offset, chunk->length, chunk, why,
+                      why_length);
 }
 
 HIDDEN int ring_finish_oldest(int fd, uint32_t op, char *lent_slots, char *why, size_t length) {
@@ -198,7 +219,7 @@ HIDDEN int ring_finish_oldest(int fd, uint32_t op, char *lent_slots, char *why, 
     stasis_agent_message message;
     memset(&message, 0, sizeof message);
     message.op = op;
-    message.slot = entry->slot;
+    message.slot = entry->piece >= 0 ? (int32_t)entry->piece : entry->slot;
     message.id = entry->id;
     message.offset = entry->offset;
     message.length = entry->length;
@@ -207,7 +228,13 @@ HIDDEN int ring_finish_oldest(int fd, uint32_t op, char *lent_slots, char *why, 
         memcpy(message.digest, entry->chunk->sum.digest, sizeof message.digest);
         message.chunk_flags = STASIS_AGENT_CHUNK_DIGEST;
     }
-    if (op == STASIS_AGENT_FILLED && lent_slots) lent_slots[entry->slot] = 1;
+    if (entry->piece >= 0) {
+        // Stasis takes the piece's file into the store by this name: no slot to give back.
+        message.chunk_flags |= STASIS_AGENT_CHUNK_ARENA;
+        arena_piece_name((size_t)entry->piece, message.text, sizeof message.text);
+    } else if (op == STASIS_AGENT_FILLED && lent_slots) {
+        lent_slots[entry->slot] = 1;
+    }
     if (message_send(fd, &message, -1) != 0) {
         snprintf(why, length, "stasis went away during the copy");
         return -1;

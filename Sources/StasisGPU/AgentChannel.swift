@@ -58,13 +58,18 @@ final class AgentChannel: Sendable {
     /// threads) set it first.
     func setTimeout(seconds: Int) { StreamSocket.setTimeout(fd, seconds: seconds) }
 
-    func send(_ op: stasis_agent_op, slot: Int32 = 0, id: UInt64 = 0, offset: UInt64 = 0, length: UInt64 = 0) throws {
+    /// Sends `op`; `text` goes in the message's text when it fits (with its terminating zero), else none is sent.
+    func send(_ op: stasis_agent_op, slot: Int32 = 0, id: UInt64 = 0, offset: UInt64 = 0, length: UInt64 = 0, text: String = "") throws {
         var message = Message()
         message.op = op.rawValue
         message.slot = slot
         message.id = id
         message.offset = offset
         message.length = length
+        let bytes = Array(text.utf8)
+        if bytes.count < MemoryLayout.size(ofValue: message.text) {
+            withUnsafeMutableBytes(of: &message.text) { $0.copyBytes(from: bytes) }
+        }
         try sending.run {
             if let failure = withUnsafeBytes(of: &message, { StreamSocket.send(fd, $0) }) {
                 throw StasisError(.gpu, "the agent of PID \(pid) went away (\(failure.reason))")

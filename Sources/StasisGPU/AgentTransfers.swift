@@ -18,7 +18,9 @@ extension AgentSession {
         let digests = DigestTable(ownAllocations, chunkSize: chunk)
         let filled = BlockingQueue<AgentChannel.Message>()
         let failure = FirstFailure()
-        try channel.send(STASIS_AGENT_EVACUATE, length: hashesOnGPU ? 1 : 0)
+        // An agent with an arena in this store's reserve copies into its pieces, which stasis takes as they are.
+        let arena = hashesOnGPU ? sink.arenaDirectory : nil
+        try channel.send(STASIS_AGENT_EVACUATE, length: hashesOnGPU ? 1 : 0, text: arena ?? "")
         let pid = self.pid, ring = ringAddress, slotBytes = self.slotBytes, slotCount = self.slotCount
         let here = RingHere(ringHere())
         let sizes = Dictionary(allocations.map { ($0.id, $0.bytes) }, uniquingKeysWith: { first, _ in first })
@@ -37,6 +39,13 @@ extension AgentSession {
                         sink.countZero(length: length)
                         try digests.set(id: message.id, offset: message.offset, digest: "", pid: pid)
                         return false
+                    case STASIS_AGENT_FILLED.rawValue where message.chunk_flags & UInt32(STASIS_AGENT_CHUNK_ARENA.rawValue) != 0:
+                        // A piece of the arena, taken (or left) by a worker; nothing to give back.
+                        guard arena != nil, message.chunk_flags & UInt32(STASIS_AGENT_CHUNK_DIGEST.rawValue) != 0 else {
+                            throw StasisError(.gpu, "the agent of PID \(pid) copied into its arena unasked, or without a digest")
+                        }
+                        filled.push(message)
+                        return false
                     case STASIS_AGENT_FILLED.rawValue: filled.push(message); return false
                     case STASIS_AGENT_EVACUATED.rawValue: return true
                     default: throw StasisError(.gpu, "the agent of PID \(pid) sent \(message.op) during the evacuation")
@@ -50,6 +59,13 @@ extension AgentSession {
             while let message = filled.pop() {
                 guard failure.error == nil else { continue }
                 do {
+                    if message.chunk_flags & UInt32(STASIS_AGENT_CHUNK_ARENA.rawValue) != 0 {
+                        let length = try Self.checkChunk(message, sizes: sizes, chunk: chunk, pid: pid)
+                        let digest = Self.hex(message)
+                        if sink.needs(digest, length: length) { try sink.adoptPiece(AgentChannel.text(message), length: length, digest: digest) }
+                        try digests.set(id: message.id, offset: message.offset, digest: digest, pid: pid)
+                        continue
+                    }
                     guard message.slot >= 0, Int(message.slot) < slotCount else {
                         throw StasisError(.gpu, "the agent of PID \(pid) reported slot \(message.slot) of \(slotCount)")
                     }

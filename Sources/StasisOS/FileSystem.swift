@@ -288,6 +288,15 @@ public enum FileSystem {
         return stat(path, &st) == 0 ? st.st_ctim : nil
     }
 
+    /// Whether some process holds a flock(2) on the file at `path` (tried with a non-blocking exclusive lock,
+    /// let go at once); false when there is no such file.
+    public static func isFlockHeld(_ path: String) -> Bool {
+        let fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        return flock(fd, LOCK_EX | LOCK_NB) != 0 && errno == EWOULDBLOCK
+    }
+
     /// Whether `path` is on a filesystem held in memory (tmpfs, ramfs).
     public static func isInMemory(_ path: String) -> Bool {
         stasis_is_in_memory(path) == 1

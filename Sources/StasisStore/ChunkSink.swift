@@ -13,6 +13,7 @@ public final class ChunkSink: @unchecked Sendable {
     public let probe: Bool
     private let batch: any ChunkBatch
     private let statistics = Locked(ChunkIngester.Statistics())
+    private let adopted = Locked(0)
 
     public init(store: ChunkStore, codec: Codec, probe: Bool = false) {
         self.store = store
@@ -62,6 +63,23 @@ public final class ChunkSink: @unchecked Sendable {
             statistics.newChunks += 1
         }
     }
+
+    /// Takes arena piece `name` as the chunk `needs` asked for (the agent copied it there by DMA).
+    public func adoptPiece(_ name: String, length: Int, digest: String) throws {
+        let put = try batch.adoptPiece(name, length: length, digest: digest)
+        statistics.withLock { statistics in
+            statistics.plainBytes += UInt64(length)
+            statistics.storedBytes += put.storedBytes
+            statistics.newChunks += 1
+        }
+        adopted.withLock { $0 += 1 }
+    }
+
+    /// Chunks taken from arena pieces so far.
+    public var adoptedPieces: Int { adopted.current }
+
+    /// The reserve directory where agents' arenas for this sink's store live, nil for a store without one.
+    public var arenaDirectory: String? { (store as? DirectoryChunkStore)?.arenaDirectory }
 
     /// Counts a chunk of zeros that was never copied (the GPU found it zero).
     public func countZero(length: Int) {

@@ -90,6 +90,10 @@ public final class DirectoryChunkStore: ChunkStore {
             try store.putFile(bytes, digest: digest, batch: self)
         }
 
+        func adoptPiece(_ name: String, length: Int, digest: String) throws -> ChunkPutResult {
+            try store.adoptPiece(name, length: length, digest: digest, batch: self)
+        }
+
         /// Claims `digest` for this batch; false when the batch already has it.
         func claim(_ digest: String) -> Bool {
             pending.withLock { pending in

@@ -89,6 +89,10 @@ public protocol ChunkBatch: AnyObject, Sendable {
              probe: Bool, claimed: Bool) throws -> ChunkPutResult
     /// Stores a complete chunk file (header and payload, checked by the caller) under `digest`.
     func putFile(_ bytes: UnsafeRawBufferPointer, digest: String) throws -> ChunkPutResult
+    /// Takes piece `name` of an agent's arena in the store's reserve (`ArenaPieces`) as the file of chunk
+    /// `digest` (`length` plain bytes, claimed by the caller), without reading it. Only a directory store has
+    /// arenas; any other kind refuses.
+    func adoptPiece(_ name: String, length: Int, digest: String) throws -> ChunkPutResult
     func commit() throws
     func abandon()
 }

@@ -112,6 +112,8 @@ public struct StoreCatalog {
         public var removedBytes: UInt64
         /// Of the removed chunks, those given to the store's reserve as blanks (`ChunkReserve`) instead of deleted.
         public var reservedChunks: Int = 0
+        /// Pieces of arenas whose program died (`ArenaPieces`), given back to the reserve as blanks.
+        public var reclaimedArenaPieces: Int = 0
         public var removedTemporaryFiles: Int
         /// Hidden `.NAME.partial-PID-*` directories of dumps and imports that died before they finished.
         public var removedPartialDirectories: Int
@@ -183,6 +185,7 @@ public struct StoreCatalog {
             report.removedTemporaryFiles += 1
             if !dryRun { FileSystem.remove(temporary + "/" + name) }
         }
+        if !dryRun, let reserve { report.reclaimedArenaPieces = reserve.reclaimDeadArenas() }
         let partials = StoreWriter.collectDead(in: store, dryRun: dryRun)
         report.removedPartialDirectories = partials.directories
         report.removedPartialFiles = partials.files

@@ -1,7 +1,9 @@
 import ArgumentParser
 import Foundation
 import StasisCore
+import StasisEngine
 import StasisOS
+import StasisStore
 
 struct RunCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -39,6 +41,12 @@ struct RunCommand: ParsableCommand {
     @Flag(name: .long, help: "Leave cuMemAlloc to the driver; track only the program's own VMM allocations.")
     var noBacking = false
 
+    @Option(name: .long, help: "Pin SIZE (512M, 32G) of the store's memory ahead of checkpoints, for device memory to be copied straight into (a store on tmpfs only; at least the program's device memory to be used).")
+    var arena: String?
+
+    @Option(name: .long, help: "The store the arena is in (default: $STASIS_STORE, else \(StoreLocation.defaultPath)); checkpoints into it use the arena.")
+    var store: String?
+
     @Flag(name: .long, help: "The agent logs what it does to standard error, and at exit how many calls passed its gate.")
     var agentLog = false
 
@@ -50,6 +58,11 @@ struct RunCommand: ParsableCommand {
         guard !arguments.isEmpty else { throw ValidationError("give the program to run: stasis run [OPTIONS] -- PROGRAM [ARGUMENTS...]") }
         guard (8...2048).contains(ringMib) else { throw ValidationError("--ring-mib must be between 8 and 2048") }
         guard minBackedMib >= 0 else { throw ValidationError("--min-backed-mib must not be negative") }
+        if let arena, (Format.parseBytes(arena) ?? 0) < UInt64(ChunkFormat.chunkSize) {
+            throw ValidationError("--arena \(arena) is not a size of one chunk (2 MiB) or more (write it as 512M, 32G or a number of bytes)")
+        }
+        if store != nil, arena == nil { throw ValidationError("--store names the arena's store: give --arena SIZE too") }
+        if store?.isEmpty == true { throw ValidationError("--store is empty: name the store's directory") }
     }
 
     var arguments: [String] { command.first == "--" ? Array(command.dropFirst()) : command }
@@ -61,6 +74,10 @@ struct RunCommand: ParsableCommand {
             var environment = ["LD_PRELOAD": preload, "STASIS_AGENT_RING_MIB": String(ringMib),
                                "STASIS_AGENT_MIN_BACKED_MIB": String(minBackedMib), "STASIS_AGENT_BACKING": noBacking ? "off" : "on"]
             if agentLog { environment["STASIS_AGENT_LOG"] = "1" }
+            if let arena, let bytes = Format.parseBytes(arena) {
+                environment["STASIS_AGENT_ARENA_DIR"] = try Self.arenaDirectory(store: store)
+                environment["STASIS_AGENT_ARENA_MIB"] = String(bytes >> 20)
+            }
             // Should a stasis die after the agent released the memory, the agent runs this binary's `resume`.
             if let binary = Self.ownBinary() { environment["STASIS_AGENT_STASIS"] = binary }
             let failure = Spawn.replaceProcess(with: arguments, environment: environment)
@@ -68,6 +85,22 @@ struct RunCommand: ParsableCommand {
             // As shells answer: 127 for a program not found, 126 for one that cannot be run.
             throw ExitCode(failure == .noSuchFileOrDirectory ? 127 : 126)
         }
+    }
+
+    /// The reserve directory of the store in memory the arena goes into, made when missing.
+    static func arenaDirectory(store: String?) throws -> String {
+        let path = StoreLocation.resolve(store, recorded: nil)
+        var existing = URL(fileURLWithPath: path).standardizedFileURL
+        while !FileSystem.exists(existing.path), existing.path != "/" { existing.deleteLastPathComponent() }
+        guard FileSystem.isInMemory(existing.path) else {
+            throw StasisError(.invalidArgument, "the store \(path) is not in memory: an arena's pages become the store's, so it must be on tmpfs",
+                              hint: "put the store on /dev/shm (--store or STASIS_STORE)")
+        }
+        guard let opened = try Backends().openStore(store, create: true) as? DirectoryChunkStore else {
+            throw StasisError(.invalidArgument, "only a store in a directory can hold an arena")
+        }
+        try FileSystem.makePrivateDirectory(opened.arenaDirectory)
+        return opened.arenaDirectory
     }
 
     /// This binary's own path, whichever way it was started (through PATH, a symlink, a relative path).

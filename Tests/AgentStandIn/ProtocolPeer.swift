@@ -25,6 +25,11 @@ public final class ProtocolPeer: @unchecked Sendable {
     private let failAfter: Int?
     private let hashes: Bool
     private let damageWrites: Bool
+    /// Copies into arena pieces (as files in the reserve directory EVACUATE names) instead of the ring.
+    private let arena: Bool
+    /// The pieces the last evacuation made, given back as blanks at RELEASE (those stasis did not take).
+    private var arenaPieces: [String] = []
+    private var arenaDirectory = ""
     private let orphanWatch: OrphanWatch?
     private let lock = NSLock()
     /// Released and not refilled yet (RELEASE until RESUME): only a refill can let the program go on.
@@ -73,8 +78,9 @@ public final class ProtocolPeer: @unchecked Sendable {
     }
 
     public init(memory: [UInt64: [UInt8]], slots: Int, failAfter: Int? = nil, hashes: Bool = false, damageWrites: Bool = false,
-                sharedRing: Bool = true, orphanWatch: OrphanWatch? = nil) throws {
+                sharedRing: Bool = true, arena: Bool = false, orphanWatch: OrphanWatch? = nil) throws {
         Self.turn.wait()
+        self.arena = arena
         self.orphanWatch = orphanWatch
         self.memory = memory
         self.slots = slots
@@ -184,7 +190,12 @@ public final class ProtocolPeer: @unchecked Sendable {
                     if !self.hashes { Self.setText(&message, "this stand-in has no digest kernel") }
                 }
             case STASIS_AGENT_EVACUATE.rawValue:
-                guard evacuate(fd, ids, withDigests: hashes && message.length == 1) else { return }
+                let directory = withUnsafeBytes(of: message.text) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+                if arena, hashes, message.length == 1, !directory.isEmpty {
+                    guard evacuateIntoArena(fd, ids, directory: directory) else { return }
+                } else {
+                    guard evacuate(fd, ids, withDigests: hashes && message.length == 1) else { return }
+                }
             case STASIS_AGENT_VERIFY.rawValue:
                 let chunk = ChunkFormat.chunkSize
                 for id in ids {
@@ -201,6 +212,9 @@ public final class ProtocolPeer: @unchecked Sendable {
                 }
                 send(fd, STASIS_AGENT_OK)
             case STASIS_AGENT_RELEASE.rawValue:
+                // As the agent drops its arena: the pieces stasis did not take go back to the reserve.
+                for name in arenaPieces { rename(arenaDirectory + "/" + name, arenaDirectory + "/blank-" + name.dropFirst(6)) }
+                arenaPieces = []
                 lock.withLock { _released = true; _contentsLost = true; state = STASIS_AGENT_RELEASED.rawValue }
                 orphanWatch?.released(fd)
                 send(fd, STASIS_AGENT_OK)
@@ -267,6 +281,46 @@ public final class ProtocolPeer: @unchecked Sendable {
         }
         let zero = !bytes.contains { $0 != 0 }
         message.chunk_flags = UInt32(STASIS_AGENT_CHUNK_DIGEST.rawValue) | (zero ? UInt32(STASIS_AGENT_CHUNK_ZERO.rawValue) : 0)
+    }
+
+    /// Copies every chunk that is not zero into a piece of an arena in `directory` as the agent does (there by
+    /// DMA into the piece's mapping, here with pwrite after the header's room): FILLED with CHUNK_ARENA, the
+    /// piece's name in text, nothing given back; EVACUATED.
+    private func evacuateIntoArena(_ fd: Int32, _ ids: [UInt64], directory: String) -> Bool {
+        let chunk = ChunkFormat.chunkSize
+        let id = String(format: "%016llx", UInt64.random(in: 0...UInt64.max))
+        arenaDirectory = directory
+        for allocation in ids {
+            let bytes = memory[allocation]!
+            for offset in stride(from: 0, to: bytes.count, by: chunk) {
+                let length = min(chunk, bytes.count - offset)
+                var sum = Message()
+                bytes.withUnsafeBytes { Self.setDigest(&sum, of: UnsafeRawBufferPointer(rebasing: $0[offset..<(offset + length)])) }
+                if sum.chunk_flags & UInt32(STASIS_AGENT_CHUNK_ZERO.rawValue) != 0 {
+                    send(fd, STASIS_AGENT_FILLED) {
+                        $0.slot = -1; $0.id = allocation; $0.offset = UInt64(offset); $0.length = UInt64(length)
+                        $0.chunk_flags = UInt32(STASIS_AGENT_CHUNK_ZERO.rawValue)
+                    }
+                    continue
+                }
+                let name = "arena-\(id)-\(arenaPieces.count)"
+                let file = open(directory + "/" + name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+                guard file >= 0 else { return false }
+                let written = bytes.withUnsafeBytes { pwrite(file, $0.baseAddress! + offset, length, 12) }
+                let sized = ftruncate(file, off_t(12 + chunk))
+                close(file)
+                guard written == length, sized == 0 else { return false }
+                arenaPieces.append(name)
+                send(fd, STASIS_AGENT_FILLED) {
+                    $0.slot = Int32(self.arenaPieces.count - 1); $0.id = allocation; $0.offset = UInt64(offset); $0.length = UInt64(length)
+                    $0.digest = sum.digest
+                    $0.chunk_flags = sum.chunk_flags | UInt32(STASIS_AGENT_CHUNK_ARENA.rawValue)
+                    Self.setText(&$0, name)
+                }
+            }
+        }
+        send(fd, STASIS_AGENT_EVACUATED)
+        return true
     }
 
     /// Copies every allocation through the ring as the agent does: FILLED per slot, FREE back, EVACUATED;

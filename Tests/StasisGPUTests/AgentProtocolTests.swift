@@ -109,6 +109,58 @@ import Testing
         #expect(onGPU.peer.written == memory)
     }
 
+    /// An agent with an arena in the store's reserve copies into pieces there; stasis takes each piece the
+    /// store needs as a chunk file without reading it (the same chunks as through the ring, each one checks),
+    /// leaves the rest (a chunk the store has already), and after RELEASE those are the reserve's blanks again.
+    @Test func anArenaEvacuationTakesPiecesAsChunkFilesUnread() throws {
+        let chunk = ChunkFormat.chunkSize
+        var random = SystemRandomNumberGenerator()
+        let twice = (0..<chunk).map { _ in UInt8.random(in: 0...255, using: &random) }
+        let memory: [UInt64: [UInt8]] = [
+            0x60: (0..<(5 * chunk / 2)).map { _ in UInt8.random(in: 0...255, using: &random) },
+            0x61: [UInt8](repeating: 0, count: chunk) + twice + twice,   // zeros: no piece; the same chunk twice
+            0x62: (0..<(3 * chunk)).map { UInt8(truncatingIfNeeded: $0 / 4096 + $0 / chunk * 31) },  // three different chunks
+        ]
+        let directory = Harness.scratch("agent-arena")
+        let store = try DirectoryChunkStore(path: directory + "/store", create: true)
+        try FileSystem.makePrivateDirectory(store.arenaDirectory)
+        let peer = try ProtocolPeer(memory: memory, slots: 2, hashes: true, arena: true)
+        defer { peer.stop() }
+        let session = try #require(try AgentSession.open(pid: getpid()))
+        try session.startQuiesce(timeoutMilliseconds: 1000)
+        try session.finishQuiesce()
+        try session.prepareDigests()
+        let sink = ChunkSink(store: store, codec: .lz4, probe: true)
+        let chunks = try session.evacuate(into: sink, threads: 2)
+        try sink.commit()
+        // 3 + 2 + 3 chunks that are not zero, one of them twice: 7 taken, 1 piece left.
+        #expect(sink.adoptedPieces == 7 && sink.totals.newChunks == 7 && sink.totals.reusedChunks == 1 && sink.totals.zeroChunks == 1)
+        #expect(chunks[0x61]?.first == "" && chunks[0x61]?[1] == chunks[0x61]?[2])
+        for digest in Set(chunks.values.joined()) where !digest.isEmpty {
+            try store.check(digest)
+            #expect(store.storedSize(digest) == UInt64(12 + (digest == chunks[0x60]![2] ? chunk / 2 : chunk)))
+        }
+        try session.release()
+        let left = try FileSystem.namesOrNone(in: store.arenaDirectory)
+        #expect(left.count == 1 && left[0].hasPrefix("blank-"), "\(left)")
+        #expect(try store.reserve.status().blanks == 1)
+        try session.refill(allocations: session.allocations, from: store, chunks: chunks, checkpoint: directory, threads: 2)
+        try session.resume()
+        session.disconnect()
+        #expect(peer.written == memory)
+    }
+
+    /// An agent may name only a piece of its arena: a name with a path in it, or any other file, is refused and
+    /// the evacuation fails (the job then runs on, as after any failed evacuation).
+    @Test func onlyArenaPieceNamesAreTaken() {
+        #expect(ArenaPieces.isPieceName("arena-0123456789abcdef-0"))
+        #expect(ArenaPieces.isPieceName("arena-0123456789abcdef-16383"))
+        for bad in ["arena-0123456789abcdef-", "arena-0123456789abcde-1", "arena-0123456789abcdef-1/../x", "../arena-0123456789abcdef-1",
+                    "blank-0123456789abcdef-1", "arena-0123456789abcdef-1-2", "arena-0123456789abcdeg-1", "arena-0123456789abcdef.lock"] {
+            #expect(!ArenaPieces.isPieceName(bad), "\(bad)")
+        }
+    }
+
     /// Bytes that reach the device wrong are caught by the GPU's digests, though the store's copy was not hashed on read.
     @Test func aRefillTheGPUDoesNotConfirmFails() throws {
         let chunk = ChunkFormat.chunkSize

@@ -128,4 +128,48 @@ import Testing
         #expect(try FileSystem.readFile(outside) == Data("keep me".utf8))
         #expect(try store.reserve.status().blanks == 0)
     }
+
+    /// gc gives the pieces of an arena whose program died (its lock held by nobody) back to the reserve as
+    /// blanks, and leaves a live arena (its lock held) alone.
+    @Test func gcGivesBackThePiecesOfDeadArenasOnly() throws {
+        let (root, store) = try makeStore("reserve-arenas")
+        defer { FileSystem.removeTree(root) }
+        let reserve = store.reserve.directory
+        try FileSystem.makePrivateDirectory(reserve)
+        let dead = "0123456789abcdef", live = "fedcba9876543210"
+        for id in [dead, live] {
+            try FileSystem.writeAtomically(Data(), to: "\(reserve)/arena-\(id).lock")
+            for piece in 0..<3 { try FileSystem.writeAtomically(Data(count: 4096), to: "\(reserve)/arena-\(id)-\(piece)") }
+        }
+        let held = try FileDescriptor.open("\(reserve)/arena-\(live).lock", .readOnly)
+        defer { held.closeQuietly() }
+        try held.lock(exclusive: true)
+        let report = try StoreCatalog(store: store).collect(graceSeconds: 0)
+        #expect(report.reclaimedArenaPieces == 3)
+        let names = Set(try FileSystem.namesOrNone(in: reserve))
+        #expect(names == Set(["arena-\(live).lock"] + (0..<3).map { "arena-\(live)-\($0)" } + (0..<3).map { "blank-\(dead)-\($0)" }))
+        #expect(try store.reserve.status().blanks == 3)
+    }
+
+    /// A piece that is a link (or too short to hold the chunk) is never taken: the writer fails, nothing outside
+    /// the store is touched, and the batch holds no chunk for it.
+    @Test func anArenaPieceThatIsALinkIsRefused() throws {
+        let (root, store) = try makeStore("arena-link")
+        defer { FileSystem.removeTree(root) }
+        try FileSystem.makePrivateDirectory(store.reserve.directory)
+        let outside = root + "/outside"
+        try FileSystem.writeAtomically(Data("keep me".utf8), to: outside)
+        #expect(symlink(outside, store.reserve.directory + "/arena-0123456789abcdef-0") == 0)
+        try FileSystem.writeAtomically(Data(count: 100), to: store.reserve.directory + "/arena-0123456789abcdef-1")
+        let batch = store.makeBatch()
+        let digest = String(repeating: "ab", count: 32)
+        for piece in 0..<2 {
+            #expect(batch.claim(digest))
+            #expect(throws: StasisError.self) { _ = try batch.adoptPiece("arena-0123456789abcdef-\(piece)", length: Self.chunk, digest: digest) }
+            batch.abandon()
+        }
+        #expect(try FileSystem.readFile(outside) == Data("keep me".utf8))
+        try batch.commit()
+        #expect(store.allChunks().isEmpty)
+    }
 }

@@ -13,7 +13,9 @@
 //   EVACUATE -> FILLED... EVACUATED        device memory copied out through the pinned ring, a slot a message;
 //              (stasis answers each FILLED with FREE once it has read the slot; with EVACUATE's length 1,
 //              every FILLED carries the chunk's SHA-256 from the GPU, and a chunk of zeros comes as a
-//              FILLED with slot -1 and nothing copied)
+//              FILLED with slot -1 and nothing copied; EVACUATE's text may name the reserve directory of the
+//              store: an agent whose arena lives there copies into its pieces instead, FILLED with
+//              CHUNK_ARENA, and stasis takes each piece's file as the chunk's)
 //   RELEASE -> OK                          physical memory given back, address ranges kept
 //   (connection closed; the driver checkpoint and CRIU run; the agent waits in accept())
 //   REBACK -> OK                           new physical memory mapped at the same addresses
@@ -103,6 +105,9 @@ enum stasis_agent_chunk_flags {
     STASIS_AGENT_CHUNK_ZERO = 2,    // every byte of the chunk is zero (FILLED: nothing copied, slot -1)
     STASIS_AGENT_SHARE_EXPORTED = 4,  // TABLE_ENTRY: exported to other processes (its descriptors follow)
     STASIS_AGENT_SHARE_IMPORTED = 8,  // TABLE_ENTRY: imported from another process (length 0)
+    STASIS_AGENT_CHUNK_ARENA = 16,    // FILLED: copied into an arena piece (`slot`), the file named in text, in
+                                      // the reserve directory EVACUATE named: stasis writes the chunk header and
+                                      // takes the file, or leaves it; no FREE
 };
 
 /// The most descriptors a TABLE_ENTRY names (in `digest`, as int32s).

@@ -31,6 +31,7 @@ extension StoreCatalog.CollectReport {
         let removed = ["\(removedChunks) chunks (\(Format.bytes(removedBytes))\(reserved))", "\(removedTemporaryFiles) leftover files",
                        "\(removedPartialDirectories) unfinished checkpoint directories and \(removedPartialFiles) unfinished export files of dead writers",
                        "\(removedWriterRecords) records of dead writers"]
+            + (reclaimedArenaPieces > 0 ? ["\(reclaimedArenaPieces) pieces of dead programs' arenas (back in the reserve)"] : [])
         return dropped + ["\(dryRun ? "would remove" : "removed") \(removed.joined(separator: ", ")); kept \(keptChunks) chunks of \(checkpoints) checkpoints"]
     }
 }

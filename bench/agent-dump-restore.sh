@@ -12,8 +12,9 @@
 #      inference request, each with and without the agent.
 #
 #   5. (ring) The staging ring's size: 32 GiB under the agent with a ring of 64 MiB (the default) and of 256 MiB.
-#   6. (link) Issue 29: 32 GiB under the agent with rings of 64, 256 and 1024 MiB, with and without the
-#      store's reserve of blank chunk files (`stasis reserve`), each restore verified; BERT-large likewise.
+#   6. (link) Issue 29: 32 GiB under the agent with a ring of 64 MiB, with and without the store's reserve of
+#      blank chunk files (`stasis reserve`), and with an arena (`stasis run --arena`: the evacuation copies by
+#      DMA into pinned pieces the store takes), each restore verified; BERT-large likewise.
 #   4. The stall of a --leave-running checkpoint of BERT-large into a store on the local disk (/var/tmp): how
 #      long the job was held, against the time until the checkpoint was durable and published.
 #
@@ -76,7 +77,9 @@ criu_cuda_plugin() {  # NAME PID
 stasis_path() {  # NAME PID LABEL
     local name=$1 pid=$2 label=$3
     export STASIS_STORE=/dev/shm/stasis-agentbench-store
-    rm -rf $IMG $STASIS_STORE
+    # KEEP_STORE=1: the store was made before the program started (an arena lives in it).
+    [[ -n ${KEEP_STORE:-} ]] || rm -rf $STASIS_STORE
+    rm -rf $IMG
     # RESERVE=SIZE: the store keeps SIZE of blank chunk files first (`stasis reserve`), timed apart.
     if [[ -n ${RESERVE:-} ]]; then
         local t; t=$(now)
@@ -89,7 +92,7 @@ stasis_path() {  # NAME PID LABEL
     local d=/tmp/agentbench-dump.json r=/tmp/agentbench-restore.json evac="" refill=""
     local agent; agent=$(json $d "len([p for p in gpu['processes'] if p.get('agent')])")
     if [[ $agent != 0 ]]; then
-        evac=$(json $d "(lambda a: '%.1f GB/s (%.1f GiB in %.2f s, %.1f cores, %s)' % (sum(p['evacuatedBytes'] for p in a) / 1e9 / max(1e-9, sum(p['evacuateSeconds'] for p in a)), sum(p['evacuatedBytes'] for p in a) / 2**30, sum(p['evacuateSeconds'] for p in a), sum(p.get('evacuateCPUSeconds', 0) for p in a) / max(1e-9, sum(p['evacuateSeconds'] for p in a)), 'ring mapped' if all(p.get('ringMapped') for p in a) else 'ring copied'))([p['agent'] for p in gpu['processes'] if p.get('agent')])")
+        evac=$(json $d "(lambda a: '%.1f GB/s (%.1f GiB in %.2f s, %.1f cores, %s)' % (sum(p['evacuatedBytes'] for p in a) / 1e9 / max(1e-9, sum(p['evacuateSeconds'] for p in a)), sum(p['evacuatedBytes'] for p in a) / 2**30, sum(p['evacuateSeconds'] for p in a), sum(p.get('evacuateCPUSeconds', 0) for p in a) / max(1e-9, sum(p['evacuateSeconds'] for p in a)), ('%d chunks from arena pieces' % sum(p.get('arenaChunks', 0) for p in a)) if any(p.get('arenaChunks') for p in a) else 'ring mapped' if all(p.get('ringMapped') for p in a) else 'ring copied'))([p['agent'] for p in gpu['processes'] if p.get('agent')])")
         refill=$(EVAC_BYTES=$(json $d "sum(p['agent']['evacuatedBytes'] for p in gpu['processes'] if p.get('agent'))") json $r "'%.1f GB/s (%.2f s%s%s)' % (float(__import__('os').environ['EVAC_BYTES']) / 1e9 / max(1e-9, deviceSteps.get('refill', 0)), deviceSteps.get('refill', 0), ', %.1f cores' % (deviceSteps['refill cpu'] / max(1e-9, deviceSteps['refill'])) if 'refill cpu' in deviceSteps else '', ', of which GPU check %.2f s' % deviceSteps['gpu check'] if 'gpu check' in deviceSteps else '')")
     fi
     rows+=("| $name | $label | $(json $d "'%.2f' % timings['total']") | devices $(json $d "'%.2f' % timings['devices']") (driver lock $(json $d "'%.2f' % gpu['lockSeconds']"), checkpoint $(json $d "'%.2f' % gpu['checkpointSeconds']")), CRIU $(json $d "'%.2f' % timings['criu']") | $(json $r "'%.2f' % timings['total']") | CRIU $(json $r "'%.2f' % timings['criu']"), devices $(json $r "'%.2f' % timings['devices']") | $evac | $refill |")
@@ -258,34 +261,81 @@ fi
 
 if [[ $PARTS == *" link "* ]]; then
 echo "== 6. the link's speed (issue 29): 32 GiB and BERT-large under the agent, store on /dev/shm"
-# Every ring is a process of its own (its size is fixed when it starts). Each 32 GiB restore is verified by
-# the workload (every buffer compared on the host). LINK_RESERVE: the reserve's size for the rows with one.
+# Every row is a process of its own (ring and arena are fixed when it starts). Each 32 GiB restore is verified
+# by the workload (every buffer compared on the host). LINK_RESERVE: the reserve's size for the rows with one.
 rows=()
 verified=()
 reserve=${LINK_RESERVE:-34G}
-# The first row's reserve touches the memory the row without one then writes into: these machines are fresh VMs,
-# and memory the guest has not touched yet is 2-3x slower to write, which would count against whichever ran first.
-for config in "64 4 $reserve" "64 4 -" "256 4 $reserve" "1024 8 $reserve"; do
-    read -r mib streams with <<<"$config"
+# An arena row: the store and its reserve first (the arena takes the reserve's blanks), then the program under
+# `stasis run --arena`, then the checkpoint once the agent says its arena is pinned (its log: how long that took).
+# Sets KEEP_STORE for stasis_path; ARENA_LINE: the agent's line.
+arena_start() {  # SIZE RESERVE DIR
+    export STASIS_STORE=/dev/shm/stasis-agentbench-store
+    rm -rf $STASIS_STORE
+    local t; t=$(now)
+    $STASIS reserve "$2" >/dev/null || return 1
+    ARENA_RESERVE_SECONDS=$(since "$t")
+    export KEEP_STORE=1
+}
+arena_wait() {  # DIR: waits up to 180 s for the agent's arena line
+    ARENA_LINE=""
+    for _ in $(seq 1800); do
+        ARENA_LINE=$(grep -ho 'arena: [0-9]* pieces.*\|arena: cannot.*' "$1/log" "$1/agent.log" 2>/dev/null | head -n 1)
+        [[ -n $ARENA_LINE ]] && return 0
+        sleep 0.1
+    done
+    ARENA_LINE="no arena line in 180 s"
+    return 1
+}
+# The first row's reserve touches the memory the rows after it write into: these machines are fresh VMs, and
+# memory the guest has not touched yet is 2-3x slower to write, which would count against whichever ran first.
+for config in "ring $reserve" "ring -" "arena $reserve"; do
+    read -r how with <<<"$config"
     dir=$(mktemp -d)
-    pid=$(STASIS_AGENT_STREAMS=$streams STASIS_AGENT_LOG=1 $STASIS run --ring-mib "$mib" -- /opt/stasis/bin/cuda-workload buffers --dir "$dir" --daemon --mem 32768 2>"$dir/agent.log")
-    grep -ho 'pinned shared staging ring.*' "$dir/agent.log" "$dir/log" 2>/dev/null | head -n 1 | sed "s/^/ring $mib MiB: /"
-    [[ $with == - ]] && unset RESERVE || export RESERVE=$with
-    stasis_path "buffers 32 GiB" "$pid" "agent, ring $mib MiB, $streams streams$([[ $with == - ]] && echo ", no reserve")" || echo "ring $mib MiB failed"
-    unset RESERVE
+    arena=()
+    if [[ $how == arena ]]; then
+        arena_start 33G "$with" "$dir" || { echo "arena row: reserve failed"; continue; }
+        arena=(--arena 33G --store "$STASIS_STORE")
+    fi
+    pid=$(STASIS_AGENT_LOG=1 $STASIS run --ring-mib 64 "${arena[@]}" -- /opt/stasis/bin/cuda-workload buffers --dir "$dir" --daemon --mem 32768 2>"$dir/agent.log")
+    grep -ho 'pinned shared staging ring.*' "$dir/agent.log" "$dir/log" 2>/dev/null | head -n 1 | sed "s/^/$how: /"
+    label="agent, ring 64 MiB"
+    if [[ $how == arena ]]; then
+        arena_wait "$dir"
+        echo "arena 33 GiB (reserve $with made in $ARENA_RESERVE_SECONDS s before): $ARENA_LINE"
+        label="agent, arena 33 GiB (reserve $with)"
+    else
+        [[ $with == - ]] && label="$label, no reserve" || { export RESERVE=$with; label="$label, reserve"; }
+    fi
+    stasis_path "buffers 32 GiB" "$pid" "$label" || echo "$how $with failed"
+    grep -ho 'arena: dropped.*' "$dir/log" "$dir/agent.log" 2>/dev/null | head -n 1 | sed "s/^/$how: /"
+    unset RESERVE KEEP_STORE
     rm -f "$dir/result"; kill -USR1 "$pid" 2>/dev/null
     for _ in $(seq 600); do [[ -e $dir/result ]] && break; sleep 0.1; done
-    verified+=("ring $mib MiB, $streams streams, reserve $with: $(cat "$dir/result" 2>/dev/null || echo "FAIL no answer in 60 s")")
-    kill -9 "$pid" 2>/dev/null; wait_gone "$pid"; rm -rf "$dir"
+    verified+=("$how, reserve $with: $(cat "$dir/result" 2>/dev/null || echo "FAIL no answer in 60 s")")
+    kill -9 "$pid" 2>/dev/null; wait_gone "$pid"; rm -rf "$dir" /dev/shm/stasis-agentbench-store
 done
-for config in "64 -" "256 16G"; do
-    read -r mib with <<<"$config"
+for config in "ring 64 -" "ring 256 16G" "arena 64 16G"; do
+    read -r how mib with <<<"$config"
     dir=$(mktemp -d)
-    pid=$(CUBLAS_WORKSPACE_CONFIG=:4096:8 $STASIS run --ring-mib "$mib" -- python3 Workloads/torch/bert_train.py --dir "$dir" --size large --steps 8 --pause-at 4 --daemon)
-    [[ $with == - ]] && unset RESERVE || export RESERVE=$with
-    stasis_path "BERT-large training" "$pid" "agent, ring $mib MiB$([[ $with == - ]] && echo ", no reserve")" || echo "BERT-large ring $mib MiB failed"
-    unset RESERVE
-    kill -9 "$pid" 2>/dev/null; wait_gone "$pid"; rm -rf "$dir"
+    arena=()
+    if [[ $how == arena ]]; then
+        arena_start 12G "$with" "$dir" || { echo "BERT arena row: reserve failed"; continue; }
+        arena=(--arena 12G --store "$STASIS_STORE")
+    fi
+    pid=$(STASIS_AGENT_LOG=1 CUBLAS_WORKSPACE_CONFIG=:4096:8 $STASIS run --ring-mib "$mib" "${arena[@]}" -- python3 Workloads/torch/bert_train.py --dir "$dir" --size large --steps 8 --pause-at 4 --daemon 2>"$dir/agent.log")
+    label="agent, ring $mib MiB"
+    if [[ $how == arena ]]; then
+        arena_wait "$dir"
+        echo "BERT-large arena 12 GiB (reserve $with made in $ARENA_RESERVE_SECONDS s before): $ARENA_LINE"
+        label="agent, arena 12 GiB (reserve $with)"
+    else
+        [[ $with == - ]] && label="$label, no reserve" || { export RESERVE=$with; label="$label, reserve"; }
+    fi
+    stasis_path "BERT-large training" "$pid" "$label" || echo "BERT-large $how failed"
+    grep -ho 'arena: dropped.*' "$dir/log" "$dir/agent.log" 2>/dev/null | head -n 1 | sed "s/^/BERT-large $how: /"
+    unset RESERVE KEEP_STORE
+    kill -9 "$pid" 2>/dev/null; wait_gone "$pid"; rm -rf "$dir" /dev/shm/stasis-agentbench-store
 done
 speed_table
 printf '%s\n' "${verified[@]}"

@@ -332,6 +332,8 @@ public struct Manifest: Codable, Sendable, Equatable {
         /// stasis mapped the agent's ring and stored each chunk from its slot (one CPU copy); nil or false:
         /// it copied each slot out first (process_vm_readv).
         public var ringMapped: Bool?
+        /// Chunks stasis took from the agent's arena pieces (`stasis run --arena`): copied by DMA, never by a CPU.
+        public var arenaChunks: Int?
         /// Device memory this process maps but another process of the tree owns (moved once, by its owner):
         /// at restore the owner exports it again and this process imports it where it was.
         public var imports: [AgentImport]?

@@ -74,11 +74,11 @@ final class AgentEvacuation: @unchecked Sendable {
             for session in sessions where !session.ownAllocations.isEmpty { try session.prepareDigests() }
             // One sink for all: a chunk two processes share (replicated weights) is stored once.
             let sink = ChunkSink(store: store.store, codec: store.codec, probe: true)
-            var copied: [Int32: (chunks: [UInt64: [String]], seconds: Double, cpu: Double, totals: ChunkIngester.Statistics)] = [:]
+            var copied: [Int32: (chunks: [UInt64: [String]], seconds: Double, cpu: Double, totals: ChunkIngester.Statistics, pieces: Int)] = [:]
             for session in sessions {
-                let watch = Stopwatch(), cpu = ProcessCPU.seconds, before = sink.totals
+                let watch = Stopwatch(), cpu = ProcessCPU.seconds, before = sink.totals, pieces = sink.adoptedPieces
                 let chunks = try session.evacuate(into: sink, threads: Self.threads)
-                copied[session.pid] = (chunks, watch.seconds, ProcessCPU.seconds - cpu, sink.totals - before)
+                copied[session.pid] = (chunks, watch.seconds, ProcessCPU.seconds - cpu, sink.totals - before, sink.adoptedPieces - pieces)
             }
             // Durable before any physical memory goes: from here on the store holds the only copy.
             do { try sink.commit() } catch { sink.abandon(); throw error }
@@ -97,6 +97,7 @@ final class AgentEvacuation: @unchecked Sendable {
                 memory.evacuateCPUSeconds = done.cpu
                 memory.hashedOnGPU = session.hashesOnGPU
                 memory.ringMapped = session.ringMapped
+                memory.arenaChunks = done.pieces > 0 ? done.pieces : nil
                 memory.imports = imports[session.pid]
                 processes[session.pid] = Evacuated(session: session, chunks: done.chunks, memory: memory)
                 // Listed in the store's catalog before the memory goes, so that gc keeps it and `stasis

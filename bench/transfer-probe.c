@@ -5,12 +5,15 @@
 //           slots on S streams, every slot's copy in flight until the oldest ends; and larger copies
 //   pin     what pinning costs (cuMemHostRegister), by the kind of page under it: a memfd as the ring is, the
 //           same memfd asked for transparent huge pages, anonymous memory with huge pages, hugetlbfs
+//   pieces  the arena's layout (issue 29): 2 MiB copies into and out of pinned pieces 2 MiB + 4 KiB apart, the
+//           payload at +12 bytes (after a chunk header) against +0; and pinning 8 GiB a 2 MiB piece at a time
+//           on 1, 4 and 16 threads (can a refill pin the store's own pages as it goes?)
 //   host    the CPU's part: a chunk file written into fresh tmpfs pages (write(2), what the store does), into
 //           pages reused from an earlier file (pwrite, and through a mapping), and read back (pread), on 1, 8
 //           and 16 threads
 // The driver is reached through dlopen, as the agent does, so this builds with a plain C compiler:
 //   gcc -O2 -pthread -o transfer-probe bench/transfer-probe.c -ldl
-//   transfer-probe [link] [copies] [pin] [host]      (default: all four; DIR=/dev/shm/... for `host`)
+//   transfer-probe [link] [copies] [pin] [pieces] [host]      (default: all; DIR=/dev/shm/... for `host`)
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <fcntl.h>
@@ -71,6 +74,8 @@ static void check(CUresult result, const char *what) {
     }
 }
 
+static CUcontext primary;
+
 static void load(void) {
     void *cuda = dlopen("libcuda.so.1", RTLD_NOW);
     if (!cuda) {
@@ -98,6 +103,7 @@ static void load(void) {
     check(cuDeviceGet(&device, 0), "cuDeviceGet");
     check(cuDevicePrimaryCtxRetain(&context, device), "cuDevicePrimaryCtxRetain");
     check(cuCtxSetCurrent(context), "cuCtxSetCurrent");
+    primary = context;
 }
 
 /// `bytes` of a memfd mapped shared and populated, as the agent's ring is; `huge` asks for transparent huge
@@ -241,6 +247,90 @@ static void probe_pin(void) {
     }
 }
 
+// ---- the arena's layout
+
+/// Moves `total` bytes in 2 MiB copies between the device and pieces `stride` apart starting `shift` bytes in,
+/// a window of 32 copies in flight on 4 streams. GB/s.
+static double pieces_rate(CUdeviceptr device_memory, size_t device_bytes, char *host, size_t pieces, size_t stride, size_t shift, int out,
+                          size_t total) {
+    unsigned window = 32, head = 0, inflight = 0, turn = 0;
+    size_t issued = 0, offset = 0, piece = 0;
+    double start = now();
+    while (issued < total || inflight > 0) {
+        while (issued < total && inflight < window) {
+            unsigned slot = (head + inflight) % window;
+            CUstream stream = streams[turn++ % 4];
+            char *h = host + (piece++ % pieces) * stride + shift;
+            if (offset + CHUNK > device_bytes) offset = 0;
+            check(out ? cuMemcpyDtoHAsync(h, device_memory + offset, CHUNK, stream) : cuMemcpyHtoDAsync(device_memory + offset, h, CHUNK, stream),
+                  "copy");
+            check(cuEventRecord(events[slot], stream), "record");
+            offset += CHUNK;
+            issued += CHUNK;
+            inflight++;
+        }
+        check(cuEventSynchronize(events[head]), "event");
+        head = (head + 1) % window;
+        inflight--;
+    }
+    return total / (now() - start) / 1e9;
+}
+
+typedef struct {
+    char *base;
+    size_t first, count, stride;
+    int unpin;
+    int failures;
+} pin_share;
+
+static void *pin_pieces(void *argument) {
+    pin_share *share = argument;
+    cuCtxSetCurrent(primary);
+    for (size_t k = share->first; k < share->first + share->count; k++) {
+        char *piece = share->base + k * share->stride;
+        if ((share->unpin ? cuMemHostUnregister(piece) : cuMemHostRegister(piece, share->stride, 1)) != 0) share->failures++;
+    }
+    return NULL;
+}
+
+/// Pins (or unpins) every piece on `threads` threads, each a share; seconds.
+static double pin_in_pieces(char *base, size_t pieces, size_t stride, int threads, int unpin, int *failures) {
+    pthread_t workers[16];
+    pin_share shares[16];
+    double start = now();
+    for (int t = 0; t < threads; t++) {
+        size_t first = pieces * t / threads, last = pieces * (t + 1) / threads;
+        shares[t] = (pin_share){base, first, last - first, stride, unpin, 0};
+        pthread_create(&workers[t], NULL, pin_pieces, &shares[t]);
+    }
+    for (int t = 0; t < threads; t++) {
+        pthread_join(workers[t], NULL);
+        *failures += shares[t].failures;
+    }
+    return now() - start;
+}
+
+static void probe_pieces(CUdeviceptr device_memory, size_t device_bytes) {
+    size_t stride = CHUNK + 4096, pieces = 4096, bytes = pieces * stride;  // 8 GiB of payload
+    char *area = memfd_area(bytes, 0);
+    check(cuMemHostRegister(area, bytes, 1), "cuMemHostRegister");
+    for (size_t shift = 0; shift <= 12; shift += 12) {
+        double out = pieces_rate(device_memory, device_bytes, area, pieces, stride, shift, 1, 16 * GIB);
+        double in = pieces_rate(device_memory, device_bytes, area, pieces, stride, shift, 0, 16 * GIB);
+        printf("| pieces 2 MiB + 4 KiB apart, payload at +%zu, 32 copies in flight on 4 streams | %.1f GB/s out | %.1f GB/s in |\n", shift, out, in);
+    }
+    cuMemHostUnregister(area);
+    int threads[] = {1, 4, 16};
+    for (int t = 0; t < 3; t++) {
+        int failures = 0;
+        double pinned = pin_in_pieces(area, pieces, stride, threads[t], 0, &failures);
+        double unpinned = pin_in_pieces(area, pieces, stride, threads[t], 1, &failures);
+        printf("| 8 GiB pinned a 2 MiB piece at a time | %d thread(s) | pin %.3f s (%.1f GB/s), unpin %.3f s | %d failed |\n", threads[t], pinned,
+               bytes / pinned / 1e9, unpinned, failures);
+    }
+    munmap(area, bytes);
+}
+
 // ---- the CPU's part of a store in memory
 
 enum { FRESH, REUSED_PWRITE, REUSED_MAPPED, READ };
@@ -346,15 +436,16 @@ static void probe_host(void) {
 }
 
 int main(int argc, char **argv) {
-    int all = argc < 2, want_link = all, want_copies = all, want_pin = all, want_host = all;
+    int all = argc < 2, want_link = all, want_copies = all, want_pin = all, want_pieces = all, want_host = all;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "link")) want_link = 1;
         else if (!strcmp(argv[i], "copies")) want_copies = 1;
         else if (!strcmp(argv[i], "pin")) want_pin = 1;
+        else if (!strcmp(argv[i], "pieces")) want_pieces = 1;
         else if (!strcmp(argv[i], "host")) want_host = 1;
-        else { fprintf(stderr, "usage: transfer-probe [link] [copies] [pin] [host]\n"); return 2; }
+        else { fprintf(stderr, "usage: transfer-probe [link] [copies] [pin] [pieces] [host]\n"); return 2; }
     }
-    if (want_link || want_copies || want_pin) {
+    if (want_link || want_copies || want_pin || want_pieces) {
         load();
         size_t device_bytes = 4 * GIB;
         CUdeviceptr device_memory;
@@ -364,6 +455,7 @@ int main(int argc, char **argv) {
         if (want_link) probe_link(device_memory);
         if (want_copies) probe_copies(device_memory, device_bytes);
         if (want_pin) probe_pin();
+        if (want_pieces) probe_pieces(device_memory, device_bytes);
     }
     if (want_host) probe_host();
     return 0;

@@ -10,7 +10,7 @@ section_link() {
     {
         echo "date: $(date -u +%Y-%m-%dT%H:%MZ); $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader); $(nproc) cores"
         echo "THP: $(cat /sys/kernel/mm/transparent_hugepage/enabled); hugetlb pages: $(cat /proc/sys/vm/nr_hugepages)"
-        DIR=/dev/shm/stasis-transfer-probe timeout 300 /opt/stasis/bin/transfer-probe link pin
+        DIR=/dev/shm/stasis-transfer-probe timeout 300 /opt/stasis/bin/transfer-probe link pieces
     } 2>&1 | tee "$OUT/link-probe.txt"
     [[ ${PIPESTATUS[0]} == 0 ]] && pass "link probe ran" || fail "link probe" "$(tail -n 3 "$OUT/link-probe.txt")"
     STASIS=/opt/stasis/bin/stasis timeout 420 bench/agent-dump-restore.sh link 2>&1 | tee "$OUT/link-bench.txt"

@@ -133,10 +133,14 @@ public final class DirectoryChunkStore: ChunkStore {
             try FileSystem.syncFilesystem(of: store.path + "/chunks")
         }
 
-        /// Drops the chunks not committed (the ingest failed).
+        /// Drops the chunks not committed (the ingest failed). A store with a reserve takes their files back as
+        /// blanks, up to its target: a failed dump does not use the reserve up.
         func abandon() {
             let files = pending.withLock { $0.values.filter { !$0.isEmpty } }
-            for file in files { FileSystem.remove(file) }
+            let target = files.isEmpty ? 0 : store.reserve.targetBytes
+            // A reserve that cannot be listed counts as full: the files are removed, as without one.
+            var held = target == 0 ? 0 : (try? store.reserve.status().bytes) ?? target
+            for file in files where !store.reserve.recycle(file, target: target, held: &held) { FileSystem.remove(file) }
             pending.withLock { $0 = [:] }
         }
     }

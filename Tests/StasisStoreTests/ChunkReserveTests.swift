@@ -172,4 +172,24 @@ import Testing
         try batch.commit()
         #expect(store.allChunks().isEmpty)
     }
+
+    /// A batch that fails (a dump that did not finish) gives the blanks it took back to the reserve.
+    @Test func anAbandonedBatchGivesItsBlanksBack() throws {
+        let (root, store) = try makeStore("reserve-abandon")
+        defer { FileSystem.removeTree(root) }
+        _ = try store.reserve.resize(to: UInt64(2 * Self.chunk), threads: 1)
+        let batch = store.makeBatch()
+        let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: ChunkSink.scratchSize(), alignment: 4096)
+        defer { scratch.deallocate() }
+        for seed in [21, 22, 23] as [UInt64] {
+            try data(seed).withUnsafeBytes { bytes in
+                _ = try batch.put(bytes, digest: ChunkDigest.hex(bytes), codec: .lz4, scratch: scratch, probe: true, claimed: false)
+            }
+        }
+        #expect(try store.reserve.status().blanks == 0)
+        batch.abandon()
+        // Two back (its target), the third removed; nothing left in tmp/.
+        #expect(try store.reserve.status().blanks == 2)
+        #expect(try FileSystem.namesOrNone(in: store.path + "/tmp").isEmpty)
+    }
 }

@@ -308,7 +308,7 @@ for config in "ring $reserve" "ring -" "arena $reserve"; do
         [[ $with == - ]] && label="$label, no reserve" || { export RESERVE=$with; label="$label, reserve"; }
     fi
     stasis_path "buffers 32 GiB" "$pid" "$label" || echo "$how $with failed"
-    grep -ho 'arena: dropped.*' "$dir/log" "$dir/agent.log" 2>/dev/null | head -n 1 | sed "s/^/$how: /"
+    grep -ho 'arena: dropped.*\|evacuation: .*' "$dir/log" "$dir/agent.log" 2>/dev/null | head -n 2 | sed "s/^/$how $with: /"
     unset RESERVE KEEP_STORE
     rm -f "$dir/result"; kill -USR1 "$pid" 2>/dev/null
     for _ in $(seq 600); do [[ -e $dir/result ]] && break; sleep 0.1; done
@@ -333,7 +333,7 @@ for config in "ring 64 -" "ring 256 16G" "arena 64 16G"; do
         [[ $with == - ]] && label="$label, no reserve" || { export RESERVE=$with; label="$label, reserve"; }
     fi
     stasis_path "BERT-large training" "$pid" "$label" || echo "BERT-large $how failed"
-    grep -ho 'arena: dropped.*' "$dir/log" "$dir/agent.log" 2>/dev/null | head -n 1 | sed "s/^/BERT-large $how: /"
+    grep -ho 'arena: dropped.*\|evacuation: .*' "$dir/log" "$dir/agent.log" 2>/dev/null | head -n 2 | sed "s/^/BERT-large $how $with: /"
     unset RESERVE KEEP_STORE
     kill -9 "$pid" 2>/dev/null; wait_gone "$pid"; rm -rf "$dir" /dev/shm/stasis-agentbench-store
 done

@@ -287,55 +287,49 @@ arena_wait() {  # DIR: waits up to 180 s for the agent's arena line
     ARENA_LINE="no arena line in 180 s"
     return 1
 }
+# One row: the program under `stasis run` (through its ring of MIB, or with an arena of SIZE), checkpointed and
+# restored by stasis_path; WITH: the reserve's size, or - for none. Leaves the program running as PID.
+link_row() {  # NAME HOW(ring|arena) MIB WITH SIZE DIR PROGRAM...
+    local name=$1 how=$2 mib=$3 with=$4 size=$5 dir=$6; shift 6
+    local arena=() label="agent, ring $mib MiB"
+    PID=""
+    if [[ $how == arena ]]; then
+        arena_start "$size" "$with" "$dir" || { echo "$name arena row: reserve failed"; return 1; }
+        arena=(--arena "$size" --store "$STASIS_STORE")
+        label="agent, arena $size (reserve $with)"
+    elif [[ $with == - ]]; then
+        label="$label, no reserve"
+    else
+        export RESERVE=$with
+        label="$label, reserve"
+    fi
+    PID=$(STASIS_AGENT_LOG=1 CUBLAS_WORKSPACE_CONFIG=:4096:8 $STASIS run --ring-mib "$mib" "${arena[@]}" -- "$@" 2>"$dir/agent.log")
+    grep -ho 'pinned shared staging ring.*' "$dir/agent.log" "$dir/log" 2>/dev/null | head -n 1 | sed "s/^/$name, $how: /"
+    if [[ $how == arena ]]; then
+        arena_wait "$dir"
+        echo "$name, arena $size (reserve $with made in $ARENA_RESERVE_SECONDS s before): $ARENA_LINE"
+    fi
+    stasis_path "$name" "$PID" "$label" || echo "$name, $how $with failed"
+    grep -ho 'arena: dropped.*\|evacuation: .*' "$dir/log" "$dir/agent.log" 2>/dev/null | head -n 2 | sed "s/^/$name, $how $with: /"
+    unset RESERVE KEEP_STORE
+}
 # The first row's reserve touches the memory the rows after it write into: these machines are fresh VMs, and
 # memory the guest has not touched yet is 2-3x slower to write, which would count against whichever ran first.
+# The arena is 33 GiB: the workload's 64 MiB buffer is evacuated beside its 32 GiB.
 for config in "ring $reserve" "ring -" "arena $reserve"; do
     read -r how with <<<"$config"
     dir=$(mktemp -d)
-    arena=()
-    if [[ $how == arena ]]; then
-        arena_start 33G "$with" "$dir" || { echo "arena row: reserve failed"; continue; }
-        arena=(--arena 33G --store "$STASIS_STORE")
-    fi
-    pid=$(STASIS_AGENT_LOG=1 $STASIS run --ring-mib 64 "${arena[@]}" -- /opt/stasis/bin/cuda-workload buffers --dir "$dir" --daemon --mem 32768 2>"$dir/agent.log")
-    grep -ho 'pinned shared staging ring.*' "$dir/agent.log" "$dir/log" 2>/dev/null | head -n 1 | sed "s/^/$how: /"
-    label="agent, ring 64 MiB"
-    if [[ $how == arena ]]; then
-        arena_wait "$dir"
-        echo "arena 33 GiB (reserve $with made in $ARENA_RESERVE_SECONDS s before): $ARENA_LINE"
-        label="agent, arena 33 GiB (reserve $with)"
-    else
-        [[ $with == - ]] && label="$label, no reserve" || { export RESERVE=$with; label="$label, reserve"; }
-    fi
-    stasis_path "buffers 32 GiB" "$pid" "$label" || echo "$how $with failed"
-    grep -ho 'arena: dropped.*\|evacuation: .*' "$dir/log" "$dir/agent.log" 2>/dev/null | head -n 2 | sed "s/^/$how $with: /"
-    unset RESERVE KEEP_STORE
-    rm -f "$dir/result"; kill -USR1 "$pid" 2>/dev/null
+    link_row "buffers 32 GiB" "$how" 64 "$with" 33G "$dir" /opt/stasis/bin/cuda-workload buffers --dir "$dir" --daemon --mem 32768
+    rm -f "$dir/result"; kill -USR1 "$PID" 2>/dev/null
     for _ in $(seq 600); do [[ -e $dir/result ]] && break; sleep 0.1; done
     verified+=("$how, reserve $with: $(cat "$dir/result" 2>/dev/null || echo "FAIL no answer in 60 s")")
-    kill -9 "$pid" 2>/dev/null; wait_gone "$pid"; rm -rf "$dir" /dev/shm/stasis-agentbench-store
+    kill -9 "$PID" 2>/dev/null; wait_gone "$PID"; rm -rf "$dir" /dev/shm/stasis-agentbench-store
 done
 for config in "ring 64 -" "ring 256 16G" "arena 64 16G"; do
     read -r how mib with <<<"$config"
     dir=$(mktemp -d)
-    arena=()
-    if [[ $how == arena ]]; then
-        arena_start 12G "$with" "$dir" || { echo "BERT arena row: reserve failed"; continue; }
-        arena=(--arena 12G --store "$STASIS_STORE")
-    fi
-    pid=$(STASIS_AGENT_LOG=1 CUBLAS_WORKSPACE_CONFIG=:4096:8 $STASIS run --ring-mib "$mib" "${arena[@]}" -- python3 Workloads/torch/bert_train.py --dir "$dir" --size large --steps 8 --pause-at 4 --daemon 2>"$dir/agent.log")
-    label="agent, ring $mib MiB"
-    if [[ $how == arena ]]; then
-        arena_wait "$dir"
-        echo "BERT-large arena 12 GiB (reserve $with made in $ARENA_RESERVE_SECONDS s before): $ARENA_LINE"
-        label="agent, arena 12 GiB (reserve $with)"
-    else
-        [[ $with == - ]] && label="$label, no reserve" || { export RESERVE=$with; label="$label, reserve"; }
-    fi
-    stasis_path "BERT-large training" "$pid" "$label" || echo "BERT-large $how failed"
-    grep -ho 'arena: dropped.*\|evacuation: .*' "$dir/log" "$dir/agent.log" 2>/dev/null | head -n 2 | sed "s/^/BERT-large $how $with: /"
-    unset RESERVE KEEP_STORE
-    kill -9 "$pid" 2>/dev/null; wait_gone "$pid"; rm -rf "$dir" /dev/shm/stasis-agentbench-store
+    link_row "BERT-large training" "$how" "$mib" "$with" 12G "$dir" python3 Workloads/torch/bert_train.py --dir "$dir" --size large --steps 8 --pause-at 4 --daemon
+    kill -9 "$PID" 2>/dev/null; wait_gone "$PID"; rm -rf "$dir" /dev/shm/stasis-agentbench-store
 done
 speed_table
 printf '%s\n' "${verified[@]}"

@@ -119,11 +119,23 @@ static int evacuate_into_arena(int fd, const planned_chunk *plan, size_t count, 
     return status;
 }
 
+static double seconds_between(const struct timespec *from, const struct timespec *to) {
+    return (double)(to->tv_sec - from->tv_sec) + (double)(to->tv_nsec - from->tv_nsec) / 1e9;
+}
+
+/// Where an evacuation's time went (issue 29): the GPU's hashing from `start` to `hashed`, then the copies.
+static void log_times(const char *how, size_t count, uint64_t copied, const struct timespec *start, const struct timespec *hashed) {
+    struct timespec done;
+    clock_gettime(CLOCK_MONOTONIC, &done);
+    agent_log("evacuation: %zu chunks hashed in %.3f s, %llu MiB copied %s in %.3f s", count, seconds_between(start, hashed),
+              (unsigned long long)(copied >> 20), how, seconds_between(hashed, &done));
+}
+
 HIDDEN int evacuate(int fd, int with_digests, const char *arena_directory, uint64_t *copied, char *why, size_t length) {
     planned_chunk *plan = NULL;
     size_t count = plan_chunks(&plan, why, length);
     if (!plan) return -1;
-    struct timespec start, hashed, done;
+    struct timespec start, hashed;
     clock_gettime(CLOCK_MONOTONIC, &start);
     if (with_digests) {
         char reason[120] = "";
@@ -135,11 +147,7 @@ HIDDEN int evacuate(int fd, int with_digests, const char *arena_directory, uint6
         // Spent from here on, whatever happens: stasis may have taken any piece.
         arena_mark_spent();
         int status = evacuate_into_arena(fd, plan, count, copied, why, length);
-        clock_gettime(CLOCK_MONOTONIC, &done);
-        // Where the evacuation's time goes (issue 29): the GPU's hashing, then the copies.
-        agent_log("evacuation: %zu chunks hashed in %.3f s, %llu MiB copied into the arena in %.3f s", count,
-                  (double)(hashed.tv_sec - start.tv_sec) + (double)(hashed.tv_nsec - start.tv_nsec) / 1e9, (unsigned long long)(*copied >> 20),
-                  (double)(done.tv_sec - hashed.tv_sec) + (double)(done.tv_nsec - hashed.tv_nsec) / 1e9);
+        log_times("into the arena", count, *copied, &start, &hashed);
         free(plan);
         return status;
     }
@@ -193,10 +201,7 @@ HIDDEN int evacuate(int fd, int with_digests, const char *arena_directory, uint6
     }
     // On failure, let running copies end before anything else touches the ring.
     ring_copies_abandon();
-    clock_gettime(CLOCK_MONOTONIC, &done);
-    agent_log("evacuation: %zu chunks hashed in %.3f s, %llu MiB copied through the ring in %.3f s", count,
-              (double)(hashed.tv_sec - start.tv_sec) + (double)(hashed.tv_nsec - start.tv_nsec) / 1e9, (unsigned long long)(*copied >> 20),
-              (double)(done.tv_sec - hashed.tv_sec) + (double)(done.tv_nsec - hashed.tv_nsec) / 1e9);
+    log_times("through the ring", count, *copied, &start, &hashed);
     free(plan);
     return status;
 }

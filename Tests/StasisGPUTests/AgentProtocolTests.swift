@@ -84,8 +84,8 @@ import Testing
         let store = try DirectoryChunkStore(path: directory + "/store", create: true)
         func evacuate(hashes: Bool) throws -> (chunks: [UInt64: [String]], totals: ChunkIngester.Statistics, onGPU: Bool, peer: ProtocolPeer, session: AgentSession) {
             let peer = try ProtocolPeer(memory: memory, slots: 3, hashes: hashes)
-            let (session, chunks, totals) = try Self.holdAndEvacuate(into: store)
-            return (chunks, totals, session.hashesOnGPU, peer, session)
+            let (session, chunks, sink) = try Self.holdAndEvacuate(into: store)
+            return (chunks, sink.totals, session.hashesOnGPU, peer, session)
         }
         let onCPU = try evacuate(hashes: false)
         #expect(!onCPU.onGPU && onCPU.session.noGPUHashing?.contains("no digest kernel") == true)
@@ -126,13 +126,7 @@ import Testing
         try FileSystem.makePrivateDirectory(store.arenaDirectory)
         let peer = try ProtocolPeer(memory: memory, slots: 2, hashes: true, arena: true)
         defer { peer.stop() }
-        let session = try #require(try AgentSession.open(pid: getpid()))
-        try session.startQuiesce(timeoutMilliseconds: 1000)
-        try session.finishQuiesce()
-        try session.prepareDigests()
-        let sink = ChunkSink(store: store, codec: .lz4, probe: true)
-        let chunks = try session.evacuate(into: sink, threads: 2)
-        try sink.commit()
+        let (session, chunks, sink) = try Self.holdAndEvacuate(into: store)
         // 3 + 2 + 3 chunks that are not zero, one of them twice: 7 taken, 1 piece left.
         #expect(sink.adoptedPieces == 7 && sink.totals.newChunks == 7 && sink.totals.reusedChunks == 1 && sink.totals.zeroChunks == 1)
         #expect(chunks[0x61]?.first == "" && chunks[0x61]?[1] == chunks[0x61]?[2])
@@ -179,7 +173,7 @@ import Testing
     }
 
     /// A dump's first steps against the stand-in of this process: hold, load the digest kernel, evacuate, commit.
-    private static func holdAndEvacuate(into store: ChunkStore) throws -> (AgentSession, [UInt64: [String]], ChunkIngester.Statistics) {
+    private static func holdAndEvacuate(into store: ChunkStore) throws -> (AgentSession, [UInt64: [String]], ChunkSink) {
         let session = try #require(try AgentSession.open(pid: getpid()))
         try session.startQuiesce(timeoutMilliseconds: 1000)
         try session.finishQuiesce()
@@ -187,7 +181,7 @@ import Testing
         let sink = ChunkSink(store: store, codec: .lz4, probe: true)
         let chunks = try session.evacuate(into: sink, threads: 2)
         try sink.commit()
-        return (session, chunks, sink.totals)
+        return (session, chunks, sink)
     }
 
     /// A --leave-running dump into a store on disk: the device memory goes to a stage in memory, the job's

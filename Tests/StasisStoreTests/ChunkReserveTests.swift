@@ -115,13 +115,19 @@ import Testing
         #expect((store.storedSize(digests[1]) ?? 0) < 100_000)
     }
 
-    @Test func aBlankThatIsALinkIsNeverWrittenThrough() throws {
-        let (root, store) = try makeStore("reserve-link")
-        defer { FileSystem.removeTree(root) }
+    /// A file outside the store, and a link to it in the reserve named `name`; returns the file's path.
+    func plantLink(named name: String, in store: DirectoryChunkStore, root: String) throws -> String {
         try FileSystem.makePrivateDirectory(store.reserve.directory)
         let outside = root + "/outside"
         try FileSystem.writeAtomically(Data("keep me".utf8), to: outside)
-        #expect(symlink(outside, store.reserve.directory + "/blank-link") == 0)
+        #expect(symlink(outside, store.reserve.directory + "/" + name) == 0)
+        return outside
+    }
+
+    @Test func aBlankThatIsALinkIsNeverWrittenThrough() throws {
+        let (root, store) = try makeStore("reserve-link")
+        defer { FileSystem.removeTree(root) }
+        let outside = try plantLink(named: "blank-link", in: store, root: root)
         let chunk = data(11)
         let digests = try put([chunk], into: store)
         try readBack(digests[0], chunk, from: store)
@@ -156,10 +162,7 @@ import Testing
     @Test func anArenaPieceThatIsALinkIsRefused() throws {
         let (root, store) = try makeStore("arena-link")
         defer { FileSystem.removeTree(root) }
-        try FileSystem.makePrivateDirectory(store.reserve.directory)
-        let outside = root + "/outside"
-        try FileSystem.writeAtomically(Data("keep me".utf8), to: outside)
-        #expect(symlink(outside, store.reserve.directory + "/arena-0123456789abcdef-0") == 0)
+        let outside = try plantLink(named: "arena-0123456789abcdef-0", in: store, root: root)
         try FileSystem.writeAtomically(Data(count: 100), to: store.reserve.directory + "/arena-0123456789abcdef-1")
         let batch = store.makeBatch()
         let digest = String(repeating: "ab", count: 32)

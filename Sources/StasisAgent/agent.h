@@ -34,6 +34,7 @@ typedef struct {
     unsigned streams;         // STASIS_AGENT_STREAMS: copy streams per device (4)
     int huge_ring;            // STASIS_AGENT_RING_HUGE=off: no transparent huge pages asked for the ring
     int verbose;              // STASIS_AGENT_LOG=1
+    int arena_overlap;        // STASIS_AGENT_ARENA_OVERLAP=off: an evacuation into the arena hashes first, then copies
     int gpu_digests;          // STASIS_AGENT_GPU_DIGESTS=off leaves hashing to stasis's CPUs (to compare the two)
     size_t arena_bytes;       // STASIS_AGENT_ARENA_MIB: pinned pieces of the store to evacuate into (arena.c)
     char arena_directory[4096];  // STASIS_AGENT_ARENA_DIR: the store's reserve directory they live in
@@ -166,6 +167,10 @@ HIDDEN void digest_pin_area(void);
 HIDDEN CUresult digest_prepare(int device, char *why, size_t length);
 /// Hashes every job on its device, all devices at once; a CUresult, with `why` on failure.
 HIDDEN CUresult digest_chunks(const digest_job *jobs, size_t count, digest_out *out, char *why, size_t length);
+/// Starts hashing `count` jobs, all on `device` (at most one launch's worth), without waiting; then waits for
+/// them and hands their digests over, in the jobs' order.
+HIDDEN CUresult digest_start_one_device(const digest_job *jobs, size_t count, int device, char *why, size_t length);
+HIDDEN CUresult digest_finish_one_device(int device, size_t count, digest_out *out, char *why, size_t length);
 
 // ---- message.c: one protocol message over a stream socket, the one send and receive path of every message
 /// Sends `message` whole, with descriptor `passed` attached (SCM_RIGHTS, on its first byte) unless it is -1;
@@ -222,6 +227,13 @@ HIDDEN CUresult ring_copy_start(int out, int slot, uint64_t id, uint64_t offset,
                                 size_t why_length);
 /// Waits for the oldest copy and tells stasis about it with `op`; `lent_slots` (an evacuation's FILLED):
 /// the slots stasis holds, its slot marked. 0, or -1 with `why`.
+/// Starts copying every chunk of `plan` (all on `device`) into the arena, chunk i into piece i, each marked by
+/// an event of its own, without waiting for any (the host waits only where the streams' queues are full).
+HIDDEN CUresult ring_copy_plan_to_arena(const planned_chunk *plan, size_t count, int device, char *why, size_t length);
+/// Waits for the copy of chunk `index` of that plan.
+HIDDEN CUresult ring_arena_copy_wait(size_t index);
+/// Waits for every copy on `device`'s streams (after a failure, before anything touches their memory).
+HIDDEN void ring_wait_device(int device);
 /// Starts copying `chunk` out of the device into arena piece `piece`.
 HIDDEN CUresult ring_copy_to_arena(size_t piece, const planned_chunk *chunk, char *why, size_t why_length);
 /// Starts building the arena in the ring's context (after a checkpoint let the program run on).

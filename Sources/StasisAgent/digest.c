@@ -152,3 +152,28 @@ HIDDEN CUresult digest_chunks(const digest_job *jobs, size_t count, digest_out *
     }
     return CUDA_SUCCESS;
 }
+
+HIDDEN CUresult digest_start_one_device(const digest_job *jobs, size_t count, int device, char *why, size_t length) {
+    if (!jobs_area) return CUDA_ERROR_NOT_SUPPORTED;
+    if (count == 0 || count > DIGEST_CAPACITY || device < 0 || device >= MAX_DEVICES) return CUDA_ERROR_INVALID_VALUE;
+    for (size_t j = 0; j < count; j++) {
+        if (jobs[j].device != device || jobs[j].address % 16) return CUDA_ERROR_INVALID_VALUE;
+        jobs_area[j] = (kernel_job){jobs[j].address, jobs[j].length};
+        area_job[j] = j;
+    }
+    return launch(device, 0, count, why, length);
+}
+
+HIDDEN CUresult digest_finish_one_device(int device, size_t count, digest_out *out, char *why, size_t length) {
+    CUresult result = memory_use_device(device);
+    if (result == CUDA_SUCCESS) result = real.cuStreamSynchronize(digest_streams[device]);
+    if (result != CUDA_SUCCESS) {
+        snprintf(why, length, "the digest kernel failed on GPU %d: %s", device, driver_error_name(result));
+        return result;
+    }
+    for (size_t i = 0; i < count; i++) {
+        memcpy(out[i].digest, results_area[i].digest, sizeof out[i].digest);
+        out[i].zero = results_area[i].zero != 0;
+    }
+    return CUDA_SUCCESS;
+}

@@ -77,6 +77,7 @@ __attribute__((constructor)) static void agent_init(void) {
     // Copy streams per device (1-8, ring.c's table): copies of one chunk each, spread over them.
     settings.streams = count_setting("STASIS_AGENT_STREAMS", 4, 1, 8);
     settings.huge_ring = !off("STASIS_AGENT_RING_HUGE");
+    settings.arena_overlap = !off("STASIS_AGENT_ARENA_OVERLAP");
     // The arena (arena.c): whole chunks' worth, in the store's reserve directory `stasis run --arena` names.
     settings.arena_bytes = mib_setting("STASIS_AGENT_ARENA_MIB", 0) / settings.slot_bytes * settings.slot_bytes;
     const char *arena_directory = getenv("STASIS_AGENT_ARENA_DIR");

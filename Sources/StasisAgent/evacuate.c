@@ -119,6 +119,76 @@ static int evacuate_into_arena(int fd, const planned_chunk *plan, size_t count, 
     return status;
 }
 
+/// FILLED for chunk `index` of the plan, copied into piece `index`: its digest, and the piece's file name.
+static int send_piece(int fd, const planned_chunk *chunk, size_t index) {
+    stasis_agent_message message;
+    memset(&message, 0, sizeof message);
+    message.op = STASIS_AGENT_FILLED;
+    message.slot = (int32_t)index;
+    message.id = chunk->id;
+    message.offset = chunk->offset;
+    message.length = chunk->length;
+    message.device = chunk->device;
+    memcpy(message.digest, chunk->sum.digest, sizeof message.digest);
+    message.chunk_flags = STASIS_AGENT_CHUNK_DIGEST | STASIS_AGENT_CHUNK_ARENA;
+    arena_piece_name(index, message.text, sizeof message.text);
+    return message_send(fd, &message, -1);
+}
+
+/// The arena's fast way: the GPU hashes every chunk while the copy engines copy every chunk (zeros too) into
+/// piece i for chunk i; once the digests are in, each chunk is reported as its copy ends (a zero chunk without
+/// its piece, which stays the reserve's). For one GPU and one digest launch's worth of chunks, with a piece
+/// for every chunk; 1 when it does not apply (nothing touched), else 0 or -1.
+static int evacuate_overlapped(int fd, planned_chunk *plan, size_t count, uint64_t *copied, char *why, size_t length) {
+    int device = plan[0].device;
+    for (size_t i = 1; i < count; i++) {
+        if (plan[i].device != device) return 1;
+    }
+    digest_job *jobs = calloc(count, sizeof *jobs);
+    digest_out *sums = calloc(count, sizeof *sums);
+    int status = 1;
+    if (jobs && sums) {
+        for (size_t i = 0; i < count; i++) jobs[i] = (digest_job){plan[i].address, plan[i].length, device};
+        char reason[120] = "";
+        if (digest_start_one_device(jobs, count, device, reason, sizeof reason) == CUDA_SUCCESS) status = 0;
+        else agent_log("%s; the evacuation hashes, then copies", reason[0] ? reason : "no digest launch for this plan");
+    }
+    if (status == 0) {
+        // Spent from here on, whatever happens: stasis may take any piece.
+        arena_mark_spent();
+        CUresult copies = ring_copy_plan_to_arena(plan, count, device, why, length);
+        char reason[120] = "";
+        CUresult digests = digest_finish_one_device(device, count, sums, reason, sizeof reason);
+        if (copies != CUDA_SUCCESS) {
+            status = -1;
+        } else if (digests != CUDA_SUCCESS) {
+            snprintf(why, length, "%s", reason);
+            ring_wait_device(device);
+            status = -1;
+        }
+    }
+    for (size_t i = 0; status == 0 && i < count; i++) {
+        plan[i].sum = sums[i];
+        plan[i].hashed = 1;
+        CUresult result = ring_arena_copy_wait(i);
+        if (result != CUDA_SUCCESS) {
+            snprintf(why, length, "copy of %#llx at %llu failed: %s", (unsigned long long)plan[i].id, (unsigned long long)plan[i].offset,
+                     driver_error_name(result));
+            ring_wait_device(device);
+            status = -1;
+        } else if (plan[i].sum.zero ? send_chunk(fd, STASIS_AGENT_FILLED, &plan[i], STASIS_AGENT_CHUNK_ZERO) != 0 : send_piece(fd, &plan[i], i) != 0) {
+            snprintf(why, length, "stasis went away during the evacuation");
+            ring_wait_device(device);
+            status = -1;
+        } else if (!plan[i].sum.zero) {
+            *copied += plan[i].length;
+        }
+    }
+    free(jobs);
+    free(sums);
+    return status;
+}
+
 static double seconds_between(const struct timespec *from, const struct timespec *to) {
     return (double)(to->tv_sec - from->tv_sec) + (double)(to->tv_nsec - from->tv_nsec) / 1e9;
 }
@@ -137,6 +207,17 @@ HIDDEN int evacuate(int fd, int with_digests, const char *arena_directory, uint6
     if (!plan) return -1;
     struct timespec start, hashed;
     clock_gettime(CLOCK_MONOTONIC, &start);
+    *copied = 0;
+    if (with_digests && settings.arena_overlap && count > 0 && arena_usable(arena_directory) >= count) {
+        int status = evacuate_overlapped(fd, plan, count, copied, why, length);
+        if (status != 1) {
+            clock_gettime(CLOCK_MONOTONIC, &hashed);
+            agent_log("evacuation: %zu chunks hashed while %llu MiB were copied into the arena, in %.3f s", count,
+                      (unsigned long long)(*copied >> 20), seconds_between(&start, &hashed));
+            free(plan);
+            return status;
+        }
+    }
     if (with_digests) {
         char reason[120] = "";
         if (hash_plan(plan, count, reason, sizeof reason) != CUDA_SUCCESS) agent_log("%s; stasis hashes on its CPUs", reason);

@@ -3,6 +3,7 @@
 // each told to stasis (FILLED, WRITTEN) once it has finished, oldest first.
 #define _GNU_SOURCE
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <time.h>
@@ -199,6 +200,55 @@ HIDDEN CUresult ring_copy_start(int out, int slot, uint64_t id, uint64_t offset,
                                 size_t why_length) {
     char *host = (char *)ring_address() + (size_t)slot * settings.slot_bytes;
     return copy_start(out, host, slot, -1, id, offset, length, chunk, why, why_length);
+}
+
+// An evacuation into the arena that copies while the GPU hashes: an event a chunk, made once in the context of
+// the device they were first made for (kept for the next evacuation).
+static CUevent *marks;
+static size_t mark_count;
+static int mark_device = -1;
+
+HIDDEN CUresult ring_copy_plan_to_arena(const planned_chunk *plan, size_t count, int device, char *why, size_t length) {
+    CUresult result = prepare_device(device, why, length);
+    if (result != CUDA_SUCCESS) return result;
+    if (mark_device >= 0 && mark_device != device) {
+        snprintf(why, length, "the arena's copy events belong to GPU %d", mark_device);
+        return CUDA_ERROR_NOT_SUPPORTED;
+    }
+    if (mark_count < count) {
+        CUevent *grown = realloc(marks, count * sizeof *grown);
+        if (!grown) {
+            snprintf(why, length, "out of memory");
+            return CUDA_ERROR_OUT_OF_MEMORY;
+        }
+        marks = grown;
+        for (; mark_count < count; mark_count++) {
+            if ((result = real.cuEventCreate(&marks[mark_count], CU_EVENT_DISABLE_TIMING)) != CUDA_SUCCESS) {
+                snprintf(why, length, "cannot make copy events: %s", driver_error_name(result));
+                return result;
+            }
+        }
+        mark_device = device;
+    }
+    for (size_t i = 0; i < count && result == CUDA_SUCCESS; i++) {
+        CUstream stream = streams[device][i % settings.streams];
+        result = real.cuMemcpyDtoHAsync_v2(arena_payload(i), plan[i].address, plan[i].length, stream);
+        if (result == CUDA_SUCCESS) result = real.cuEventRecord(marks[i], stream);
+    }
+    if (result != CUDA_SUCCESS) {
+        snprintf(why, length, "copy from GPU %d failed: %s", device, driver_error_name(result));
+        ring_wait_device(device);
+    }
+    return result;
+}
+
+HIDDEN CUresult ring_arena_copy_wait(size_t index) { return index < mark_count ? real.cuEventSynchronize(marks[index]) : CUDA_ERROR_INVALID_VALUE; }
+
+HIDDEN void ring_wait_device(int device) {
+    if (memory_use_device(device) != CUDA_SUCCESS) return;
+    for (unsigned s = 0; s < settings.streams; s++) {
+        if (streams[device][s]) real.cuStreamSynchronize(streams[device][s]);
+    }
 }
 
 HIDDEN CUresult ring_copy_to_arena(size_t piece, const planned_chunk *chunk, char *why, size_t why_length) {

@@ -291,21 +291,23 @@ arena_wait() {  # DIR: waits up to 180 s for the agent's arena line
 # restored by stasis_path; WITH: the reserve's size, or - for none. Leaves the program running as PID.
 link_row() {  # NAME HOW(ring|arena) MIB WITH SIZE DIR PROGRAM...
     local name=$1 how=$2 mib=$3 with=$4 size=$5 dir=$6; shift 6
-    local arena=() label="agent, ring $mib MiB"
+    local arena=() label="agent, ring $mib MiB" overlap=on
     PID=""
-    if [[ $how == arena ]]; then
+    if [[ $how == arena* ]]; then
         arena_start "$size" "$with" "$dir" || { echo "$name arena row: reserve failed"; return 1; }
         arena=(--arena "$size" --store "$STASIS_STORE")
         label="agent, arena $size (reserve $with)"
+        # arena-hash-first: the GPU hashes every chunk before the copies start (STASIS_AGENT_ARENA_OVERLAP=off).
+        [[ $how == arena-hash-first ]] && { overlap=off; label="$label, hashed before the copies"; }
     elif [[ $with == - ]]; then
         label="$label, no reserve"
     else
         export RESERVE=$with
         label="$label, reserve"
     fi
-    PID=$(STASIS_AGENT_LOG=1 CUBLAS_WORKSPACE_CONFIG=:4096:8 $STASIS run --ring-mib "$mib" "${arena[@]}" -- "$@" 2>"$dir/agent.log")
+    PID=$(STASIS_AGENT_LOG=1 STASIS_AGENT_ARENA_OVERLAP=$overlap CUBLAS_WORKSPACE_CONFIG=:4096:8 $STASIS run --ring-mib "$mib" "${arena[@]}" -- "$@" 2>"$dir/agent.log")
     grep -ho 'pinned shared staging ring.*' "$dir/agent.log" "$dir/log" 2>/dev/null | head -n 1 | sed "s/^/$name, $how: /"
-    if [[ $how == arena ]]; then
+    if [[ $how == arena* ]]; then
         arena_wait "$dir"
         echo "$name, arena $size (reserve $with made in $ARENA_RESERVE_SECONDS s before): $ARENA_LINE"
     fi
@@ -325,7 +327,7 @@ for config in "ring $reserve" "ring -" "arena $reserve"; do
     verified+=("$how, reserve $with: $(cat "$dir/result" 2>/dev/null || echo "FAIL no answer in 60 s")")
     kill -9 "$PID" 2>/dev/null; wait_gone "$PID"; rm -rf "$dir" /dev/shm/stasis-agentbench-store
 done
-for config in "ring 64 -" "ring 256 16G" "arena 64 16G"; do
+for config in "ring 64 -" "ring 256 16G" "arena 64 16G" "arena-hash-first 64 16G"; do
     read -r how mib with <<<"$config"
     dir=$(mktemp -d)
     link_row "BERT-large training" "$how" "$mib" "$with" 12G "$dir" python3 Workloads/torch/bert_train.py --dir "$dir" --size large --steps 8 --pause-at 4 --daemon

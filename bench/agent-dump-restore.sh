@@ -12,7 +12,7 @@
 #      inference request, each with and without the agent.
 #
 #   5. (ring) The staging ring's size: 32 GiB under the agent with a ring of 64 MiB (the default) and of 256 MiB.
-#   6. (link) Issue 29: 32 GiB under the agent with a ring of 64 MiB, with and without the store's reserve of
+#   6. (link) Issue 29: 32 GiB under the agent with a ring of 64 MiB and the store's reserve of
 #      blank chunk files (`stasis reserve`), and with an arena (`stasis run --arena`: the evacuation copies by
 #      DMA into pinned pieces the store takes), each restore verified; BERT-large likewise.
 #   4. The stall of a --leave-running checkpoint of BERT-large into a store on the local disk (/var/tmp): how
@@ -318,7 +318,7 @@ link_row() {  # NAME HOW(ring|arena) MIB WITH SIZE DIR PROGRAM...
 # The first row's reserve touches the memory the rows after it write into: these machines are fresh VMs, and
 # memory the guest has not touched yet is 2-3x slower to write, which would count against whichever ran first.
 # The arena is 33 GiB: the workload's 64 MiB buffer is evacuated beside its 32 GiB.
-for config in "ring $reserve" "ring -" "arena $reserve"; do
+for config in "ring $reserve" "arena $reserve"; do
     read -r how with <<<"$config"
     dir=$(mktemp -d)
     link_row "buffers 32 GiB" "$how" 64 "$with" 33G "$dir" /opt/stasis/bin/cuda-workload buffers --dir "$dir" --daemon --mem 32768
@@ -327,7 +327,7 @@ for config in "ring $reserve" "ring -" "arena $reserve"; do
     verified+=("$how, reserve $with: $(cat "$dir/result" 2>/dev/null || echo "FAIL no answer in 60 s")")
     kill -9 "$PID" 2>/dev/null; wait_gone "$PID"; rm -rf "$dir" /dev/shm/stasis-agentbench-store
 done
-for config in "ring 64 -" "ring 256 16G" "arena 64 16G" "arena-hash-first 64 16G"; do
+for config in "ring 64 -" "arena 64 16G" "arena-hash-first 64 16G"; do
     read -r how mib with <<<"$config"
     dir=$(mktemp -d)
     link_row "BERT-large training" "$how" "$mib" "$with" 12G "$dir" python3 Workloads/torch/bert_train.py --dir "$dir" --size large --steps 8 --pause-at 4 --daemon

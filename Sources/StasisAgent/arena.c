@@ -143,7 +143,9 @@ static int map_piece(size_t k, char **blanks, size_t blank_count, size_t *next_b
     }
     int fd = openat(arena.directory, name, O_RDWR | O_NOFOLLOW | O_CLOEXEC | (taken ? 0 : O_CREAT | O_EXCL), 0600);
     if (fd < 0) return -1;
-    int status = ftruncate(fd, CHUNK_HEADER_BYTES + (off_t)settings.slot_bytes);
+    // Allocated here, not at first touch: a tmpfs that is full fails this call instead of sending SIGBUS to
+    // the program when a page is faulted in (a blank's pages are there already, which makes it cheap).
+    int status = fallocate(fd, 0, 0, CHUNK_HEADER_BYTES + (off_t)settings.slot_bytes);
     void *at = status == 0 ? mmap(arena.base + k * arena.stride, arena.stride, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0)
                            : MAP_FAILED;
     close(fd);
@@ -179,9 +181,15 @@ static void *build(void *unused) {
         // Not inherited by children (DataLoader workers); faulted in now (MADV_POPULATE_WRITE, Linux 5.14),
         // not inside the pin.
         madvise(arena.base, bytes, MADV_DONTFORK);
+        // The pages exist (fallocate); only a kernel without MADV_POPULATE_WRITE (EINVAL) has them touched.
         if (madvise(arena.base, bytes, 23 /* MADV_POPULATE_WRITE */) != 0) {
-            volatile char *page = arena.base;
-            for (size_t offset = 0; offset < bytes && !atomic_load(&arena.cancel); offset += PAGE_BYTES) page[offset] = page[offset];
+            if (errno == EINVAL) {
+                volatile char *page = arena.base;
+                for (size_t offset = 0; offset < bytes && !atomic_load(&arena.cancel); offset += PAGE_BYTES) page[offset] = page[offset];
+            } else {
+                agent_log("arena: cannot fault it in: %s", strerror(errno));
+                failed = 1;
+            }
         }
     }
     clock_gettime(CLOCK_MONOTONIC, &populated);

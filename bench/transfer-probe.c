@@ -8,12 +8,15 @@
 //   pieces  the arena's layout (issue 29): 2 MiB copies into and out of pinned pieces 2 MiB + 4 KiB apart, the
 //           payload at +12 bytes (after a chunk header) against +0; and pinning 8 GiB a 2 MiB piece at a time
 //           on 1, 4 and 16 threads (can a refill pin the store's own pages as it goes?)
+//   arena   what an arena (stasis run --arena) costs before its pin, without a GPU: 8 GiB of pieces in DIR taken
+//           from blanks (rename, open, fallocate, mmap at their place) then faulted in (MADV_POPULATE_WRITE),
+//           against new files; and given back (munmap, renames)
 //   host    the CPU's part: a chunk file written into fresh tmpfs pages (write(2), what the store does), into
 //           pages reused from an earlier file (pwrite, and through a mapping), and read back (pread), on 1, 8
 //           and 16 threads
 // The driver is reached through dlopen, as the agent does, so this builds with a plain C compiler:
 //   gcc -O2 -pthread -o transfer-probe bench/transfer-probe.c -ldl
-//   transfer-probe [link] [copies] [pin] [pieces] [host]      (default: all; DIR=/dev/shm/... for `host`)
+//   transfer-probe [link] [copies] [pin] [pieces] [arena] [host]   (default: all; DIR=/dev/shm/... for `arena`, `host`)
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <fcntl.h>
@@ -435,15 +438,93 @@ static void probe_host(void) {
     rmdir(dir);
 }
 
+// ---- an arena's build, before its pin
+
+/// Builds an arena of `pieces` in `dir` as the agent does (blanks first when `from_blanks`), faults it in and
+/// gives it back; prints the times.
+typedef struct {
+    char *from;
+    size_t bytes;
+} populate_share;
+
+static void *populate_share_run(void *argument) {
+    populate_share *share = argument;
+    if (madvise(share->from, share->bytes, 23 /* MADV_POPULATE_WRITE */) != 0) perror("MADV_POPULATE_WRITE");
+    return NULL;
+}
+
+/// Faults every piece in, `threads` shares of whole pieces at once.
+static void populate_in_parallel(char *base, size_t pieces, size_t stride, int threads) {
+    pthread_t workers[16];
+    populate_share shares[16];
+    for (int t = 0; t < threads; t++) {
+        size_t first = pieces * t / threads, last = pieces * (t + 1) / threads;
+        shares[t] = (populate_share){base + first * stride, (last - first) * stride};
+        pthread_create(&workers[t], NULL, populate_share_run, &shares[t]);
+    }
+    for (int t = 0; t < threads; t++) pthread_join(workers[t], NULL);
+}
+
+static void arena_row(size_t pieces, int from_blanks, int threads) {
+    size_t size = CHUNK + 12, stride = CHUNK + 4096;
+    char name[256], blank[256];
+    if (from_blanks) {
+        char *zeros = calloc(1, size);
+        for (size_t k = 0; k < pieces; k++) {
+            snprintf(blank, sizeof blank, "%s/blank-%zu", dir, k);
+            int fd = open(blank, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+            if (fd < 0 || write(fd, zeros, size) != (ssize_t)size) { perror("blank"); exit(1); }
+            close(fd);
+        }
+        free(zeros);
+    }
+    char *base = mmap(NULL, pieces * stride, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    double start = now(), cpu = cpu_seconds();
+    for (size_t k = 0; k < pieces; k++) {
+        snprintf(name, sizeof name, "%s/arena-%zu", dir, k);
+        snprintf(blank, sizeof blank, "%s/blank-%zu", dir, k);
+        int taken = from_blanks && rename(blank, name) == 0;
+        int fd = open(name, O_RDWR | (taken ? 0 : O_CREAT | O_EXCL), 0600);
+        if (fd < 0 || fallocate(fd, 0, 0, (off_t)size) != 0 ||
+            mmap(base + k * stride, stride, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0) == MAP_FAILED) { perror("piece"); exit(1); }
+        close(fd);
+    }
+    double mapped = now();
+    populate_in_parallel(base, pieces, stride, threads);
+    double populated = now(), used = cpu_seconds() - cpu;
+    munmap(base, pieces * stride);
+    for (size_t k = 0; k < pieces; k++) {
+        snprintf(name, sizeof name, "%s/arena-%zu", dir, k);
+        snprintf(blank, sizeof blank, "%s/blank-%zu", dir, k);
+        rename(name, blank);
+    }
+    double dropped = now();
+    printf("| arena of %zu GiB, pieces %s | made and mapped %.3f s | faulted in on %d thread(s) %.3f s | %.1f CPU-s | unmapped and given back %.3f s |\n",
+           pieces * CHUNK / GIB, from_blanks ? "from the reserve's blanks" : "as new files", mapped - start, threads, populated - mapped, used,
+           dropped - populated);
+    clear_dir();
+}
+
+static void probe_arena(void) {
+    dir = getenv("DIR") ? getenv("DIR") : "/dev/shm/transfer-probe";
+    mkdir(dir, 0700);
+    clear_dir();
+    arena_row(4096, 0, 1);
+    int threads[] = {1, 2, 8};
+    for (int t = 0; t < 3; t++) arena_row(4096, 1, threads[t]);
+    rmdir(dir);
+}
+
 int main(int argc, char **argv) {
-    int all = argc < 2, want_link = all, want_copies = all, want_pin = all, want_pieces = all, want_host = all;
+    int all = argc < 2, want_link = all, want_copies = all, want_pin = all, want_pieces = all, want_arena = all, want_host = all;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "link")) want_link = 1;
         else if (!strcmp(argv[i], "copies")) want_copies = 1;
         else if (!strcmp(argv[i], "pin")) want_pin = 1;
         else if (!strcmp(argv[i], "pieces")) want_pieces = 1;
+        else if (!strcmp(argv[i], "arena")) want_arena = 1;
         else if (!strcmp(argv[i], "host")) want_host = 1;
-        else { fprintf(stderr, "usage: transfer-probe [link] [copies] [pin] [pieces] [host]\n"); return 2; }
+        else { fprintf(stderr, "usage: transfer-probe [link] [copies] [pin] [pieces] [arena] [host]\n"); return 2; }
     }
     if (want_link || want_copies || want_pin || want_pieces) {
         load();
@@ -457,6 +538,7 @@ int main(int argc, char **argv) {
         if (want_pin) probe_pin();
         if (want_pieces) probe_pieces(device_memory, device_bytes);
     }
+    if (want_arena) probe_arena();
     if (want_host) probe_host();
     return 0;
 }

@@ -19,6 +19,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -157,6 +158,45 @@ static int map_piece(size_t k, char **blanks, size_t blank_count, size_t *next_b
     return 0;
 }
 
+typedef struct {
+    char *from;
+    size_t bytes;
+    int error;
+} populate_share;
+
+static void *populate_share_run(void *argument) {
+    populate_share *share = argument;
+    share->error = madvise(share->from, share->bytes, 23 /* MADV_POPULATE_WRITE */) == 0 ? 0 : errno;
+    return NULL;
+}
+
+/// Faults every piece in (MADV_POPULATE_WRITE, Linux 5.14), shares of whole pieces on up to 8 threads: on a
+/// VM it costs about 0.3 CPU-s a GiB even where the pages exist (docs/BENCHMARKS.md, issue 29), and scales
+/// with the cores. 0, or the first error.
+static int populate_in_parallel(void) {
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    int threads = cores < 1 ? 1 : cores > 8 ? 8 : (int)cores;
+    if ((size_t)threads > arena.pieces) threads = (int)arena.pieces;
+    pthread_t workers[8];
+    populate_share shares[8];
+    int started[8] = {0};
+    for (int t = 0; t < threads; t++) {
+        size_t first = arena.pieces * (size_t)t / (size_t)threads, last = arena.pieces * (size_t)(t + 1) / (size_t)threads;
+        shares[t] = (populate_share){arena.base + first * arena.stride, (last - first) * arena.stride, 0};
+        // A helper that cannot start leaves its share to this thread.
+        started[t] = t > 0 && pthread_create(&workers[t], NULL, populate_share_run, &shares[t]) == 0;
+    }
+    for (int t = 0; t < threads; t++) {
+        if (!started[t]) populate_share_run(&shares[t]);
+    }
+    int error = 0;
+    for (int t = 0; t < threads; t++) {
+        if (started[t]) pthread_join(workers[t], NULL);
+        if (!error) error = shares[t].error;
+    }
+    return error;
+}
+
 static void *build(void *unused) {
     (void)unused;
     struct timespec start, mapped, populated, pinned;
@@ -182,14 +222,13 @@ static void *build(void *unused) {
         // not inside the pin.
         madvise(arena.base, bytes, MADV_DONTFORK);
         // The pages exist (fallocate); only a kernel without MADV_POPULATE_WRITE (EINVAL) has them touched.
-        if (madvise(arena.base, bytes, 23 /* MADV_POPULATE_WRITE */) != 0) {
-            if (errno == EINVAL) {
-                volatile char *page = arena.base;
-                for (size_t offset = 0; offset < bytes && !atomic_load(&arena.cancel); offset += PAGE_BYTES) page[offset] = page[offset];
-            } else {
-                agent_log("arena: cannot fault it in: %s", strerror(errno));
-                failed = 1;
-            }
+        int error = populate_in_parallel();
+        if (error == EINVAL) {
+            volatile char *page = arena.base;
+            for (size_t offset = 0; offset < bytes && !atomic_load(&arena.cancel); offset += PAGE_BYTES) page[offset] = page[offset];
+        } else if (error != 0) {
+            agent_log("arena: cannot fault it in: %s", strerror(error));
+            failed = 1;
         }
     }
     clock_gettime(CLOCK_MONOTONIC, &populated);
@@ -268,7 +307,12 @@ HIDDEN void arena_start(CUcontext context) {
     arena.pieces = 0;
     atomic_store(&arena.cancel, 0);
     atomic_store(&arena.ready, 0);
+    // The builder (and its helpers) take none of the program's signals: they are the program's threads to get.
+    sigset_t all, previous;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &previous);
     arena.building = pthread_create(&arena.builder, NULL, build, NULL) == 0;
+    pthread_sigmask(SIG_SETMASK, &previous, NULL);
     if (!arena.building) give_back_pieces();
     pthread_mutex_unlock(&arena.lock);
 }

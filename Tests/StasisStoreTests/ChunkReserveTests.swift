@@ -26,20 +26,7 @@ import Testing
         })
     }
 
-    func put(_ chunks: [Data], into store: DirectoryChunkStore) throws -> [String] {
-        let batch = store.makeBatch()
-        let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: ChunkSink.scratchSize(), alignment: 4096)
-        defer { scratch.deallocate() }
-        let digests = try chunks.map { data in
-            try data.withUnsafeBytes { bytes in
-                let digest = ChunkDigest.hex(bytes)
-                _ = try batch.put(bytes, digest: digest, codec: .lz4, scratch: scratch, probe: true, claimed: false)
-                return digest
-            }
-        }
-        try batch.commit()
-        return digests
-    }
+    func put(_ chunks: [Data], into store: DirectoryChunkStore) throws -> [String] { try putChunks(chunks, into: store, probe: true) }
 
     func readBack(_ digest: String, _ expected: Data, from store: DirectoryChunkStore) throws {
         let output = UnsafeMutableRawBufferPointer.allocate(byteCount: expected.count, alignment: 4096)

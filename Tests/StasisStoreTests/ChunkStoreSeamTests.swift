@@ -9,23 +9,13 @@ import Testing
 @Suite struct ChunkStoreSeam {
     func chunk(_ seed: UInt8, _ count: Int = 300_000) -> Data { Data((0..<count).map { UInt8(truncatingIfNeeded: $0 &* 31) ^ seed }) }
 
-    /// Puts `chunks` through one batch and commits it; returns their digests.
+    /// Puts `chunks` through one batch and commits it; returns their digests. Each is new, and not visible under
+    /// its name before the commit.
     func put(_ chunks: [Data], into store: any ChunkStore) throws -> [String] {
-        let batch = store.makeBatch()
-        let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: ChunkSink.scratchSize(), alignment: 4096)
-        defer { scratch.deallocate() }
-        let digests = try chunks.map { data in
-            try data.withUnsafeBytes { bytes in
-                let digest = ChunkDigest.hex(bytes)
-                let result = try batch.put(bytes, digest: digest, codec: .lz4, scratch: scratch, probe: false, claimed: false)
-                #expect(result.isNew)
-                // Not visible under its name before the commit.
-                #expect(!store.contains(digest))
-                return digest
-            }
+        try putChunks(chunks, into: store, probe: false) { digest, result in
+            #expect(result.isNew)
+            #expect(!store.contains(digest))
         }
-        try batch.commit()
-        return digests
     }
 
     @Test func chunksPutThroughTheProtocolAreReadCheckedAndListed() throws {

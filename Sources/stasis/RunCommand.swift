@@ -26,7 +26,11 @@ struct RunCommand: ParsableCommand {
         every process that maps it runs this way. Should the stasis that checkpoints the program die after the \
         agent gave the device memory back, the agent runs this binary's `stasis resume` on itself once \
         STASIS_AGENT_ORPHAN_GRACE seconds pass (5; off: never), and says so on the program's standard error. \
-        See docs/AGENT.md.
+        With --arena SIZE (a store on tmpfs only), the agent takes SIZE of chunk files in the store's reserve \
+        (`stasis reserve`'s blanks first), maps and pins them on threads of its own while the program runs, and \
+        a checkpoint into that store copies device memory into them by DMA while the GPU hashes it: stasis takes \
+        them as chunk files without a CPU copying the bytes. The arena is spent by one checkpoint and built \
+        again when the program goes on; it holds SIZE of memory. See docs/AGENT.md.
         """)
 
     @Option(name: .long, help: "The agent library (default: $STASIS_AGENT_LIBRARY, else libstasis-agent.so beside the stasis binary or in ../lib/stasis).")

@@ -110,6 +110,23 @@ static CUresult launch(int device, size_t first, size_t count, char *why, size_t
     return result;
 }
 
+/// Waits for `device`'s launch to end.
+static CUresult wait_for_launch(int device, char *why, size_t length) {
+    CUresult result = memory_use_device(device);
+    if (result == CUDA_SUCCESS) result = real.cuStreamSynchronize(digest_streams[device]);
+    if (result != CUDA_SUCCESS) snprintf(why, length, "the digest kernel failed on GPU %d: %s", device, driver_error_name(result));
+    return result;
+}
+
+/// The first `used` results of the area, each to the caller's job it was for (area_job).
+static void collect_results(size_t used, digest_out *out) {
+    for (size_t i = 0; i < used; i++) {
+        digest_out *target = &out[area_job[i]];
+        memcpy(target->digest, results_area[i].digest, sizeof target->digest);
+        target->zero = results_area[i].zero != 0;
+    }
+}
+
 HIDDEN CUresult digest_chunks(const digest_job *jobs, size_t count, digest_out *out, char *why, size_t length) {
     for (size_t start = 0; start < count;) {
         size_t end = count - start > DIGEST_CAPACITY ? start + DIGEST_CAPACITY : count;
@@ -135,19 +152,10 @@ HIDDEN CUresult digest_chunks(const digest_job *jobs, size_t count, digest_out *
             if (result != CUDA_SUCCESS) return result;
         }
         for (int device = 0; device < MAX_DEVICES; device++) {
-            if (!present[device]) continue;
-            CUresult result = memory_use_device(device);
-            if (result == CUDA_SUCCESS) result = real.cuStreamSynchronize(digest_streams[device]);
-            if (result != CUDA_SUCCESS) {
-                snprintf(why, length, "the digest kernel failed on GPU %d: %s", device, driver_error_name(result));
-                return result;
-            }
+            CUresult result = present[device] ? wait_for_launch(device, why, length) : CUDA_SUCCESS;
+            if (result != CUDA_SUCCESS) return result;
         }
-        for (size_t i = 0; i < used; i++) {
-            digest_out *target = &out[area_job[i]];
-            memcpy(target->digest, results_area[i].digest, sizeof target->digest);
-            target->zero = results_area[i].zero != 0;
-        }
+        collect_results(used, out);
         start = end;
     }
     return CUDA_SUCCESS;
@@ -165,15 +173,7 @@ HIDDEN CUresult digest_start_one_device(const digest_job *jobs, size_t count, in
 }
 
 HIDDEN CUresult digest_finish_one_device(int device, size_t count, digest_out *out, char *why, size_t length) {
-    CUresult result = memory_use_device(device);
-    if (result == CUDA_SUCCESS) result = real.cuStreamSynchronize(digest_streams[device]);
-    if (result != CUDA_SUCCESS) {
-        snprintf(why, length, "the digest kernel failed on GPU %d: %s", device, driver_error_name(result));
-        return result;
-    }
-    for (size_t i = 0; i < count; i++) {
-        memcpy(out[i].digest, results_area[i].digest, sizeof out[i].digest);
-        out[i].zero = results_area[i].zero != 0;
-    }
-    return CUDA_SUCCESS;
+    CUresult result = wait_for_launch(device, why, length);
+    if (result == CUDA_SUCCESS) collect_results(count, out);
+    return result;
 }
